@@ -1,0 +1,3 @@
+from samflow_plugins.tokens.plugin import ExtraTokens
+
+__all__ = ["ExtraTokens"]

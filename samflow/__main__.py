@@ -1,0 +1,3 @@
+from samflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,6 @@
+"""Callbacks a samflow run uses by default."""
+
+from samflow.callbacks.report import ImprovementReport, MaskWriter, TestReport
+from samflow.callbacks.samples import SampleGrid, mask_grid
+
+__all__ = ["ImprovementReport", "MaskWriter", "SampleGrid", "TestReport", "mask_grid"]

@@ -1,0 +1,55 @@
+"""samflow's LightningCLI: the module, any data module, and the run's default loggers and callbacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from samflow.callbacks import ImprovementReport, MaskWriter, SampleGrid, TestReport
+from samflow.module import SamflowModule
+from samflow.plugins.registry import discover
+
+
+class SamflowCLI(LightningCLI):
+    """LightningCLI with samflow's defaults.
+
+    Runs are written to ``runs/<experiment>/version_N`` (CSV metrics, checkpoints, the resolved
+    config, sample grids) and to W&B (offline without credentials). The callbacks are configurable
+    under ``samples``, ``predictions``.
+    """
+
+    def __init__(self, run_name: str, args: list[str] | None = None, **kwargs: Any) -> None:
+        self.run_name = run_name
+        discover()  # import every working plugin so configs can name plugin classes by their short name
+        super().__init__(
+            SamflowModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(SampleGrid, "samples")
+        parser.add_lightning_class_args(MaskWriter, "predictions")
+        parser.add_lightning_class_args(ImprovementReport, "report")
+        parser.add_lightning_class_args(TestReport, "test_report")
+        name = self.run_name
+        parser.set_defaults(
+            {
+                "trainer.default_root_dir": f"runs/{name}",
+                "trainer.logger": [
+                    {
+                        "class_path": "lightning.pytorch.loggers.CSVLogger",
+                        "init_args": {"save_dir": "runs", "name": name},
+                    },
+                    {
+                        "class_path": "lightning.pytorch.loggers.WandbLogger",
+                        "init_args": {"project": "samflow", "name": name, "save_dir": "runs"},
+                    },
+                ],
+            }
+        )

@@ -1,0 +1,264 @@
+"""``SamflowModule``: a frozen SAM with plugins, as a LightningModule."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import MetricCollection
+
+from samflow.losses import build_loss
+from samflow.metrics import build_metrics
+from samflow.plugins.base import ForwardContext, SamPlugin
+from samflow.plugins.stack import PluginStack
+from samflow.sam.build import build_sam, count_parameters
+from samflow.sam.hooked import HookedSam
+from samflow.sam.output import SamOutput
+
+SAM_PREFIX = "model.sam."
+
+
+@dataclass
+class SamSpec:
+    """Which SAM to adapt.
+
+    Attributes:
+        variant: ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (random, for tests and the quickstart).
+        checkpoint: path of the official SAM checkpoint of that variant; None keeps random weights.
+        img_size: encoder input size (default: the variant's, 1024 for the real ones).
+        multimask_output: SAM's own selection: token 0 (False) or the best of tokens 1..3 by
+            predicted IoU (True).
+        seed: seed of the random initialisation when no checkpoint is given.
+    """
+
+    variant: str = "vit_b"
+    checkpoint: str | None = None
+    img_size: int | None = None
+    multimask_output: bool = False
+    seed: int = 0
+
+
+class SamflowModule(LightningModule):
+    """Train, evaluate and predict with a frozen SAM and its plugins.
+
+    Args:
+        sam: the SAM to adapt.
+        plugins: plugins keyed by the names they are known by in configs and checkpoints
+            (``model.plugins.<key>``); several can run at once.
+        losses: base loss terms on the prediction, name -> weight (or {weight, **kwargs}); names
+            ``bce``, ``soft_iou``, ``dice``, ``focal``, ``balanced_bce``.
+        metrics: metrics computed at each image's original resolution (``iou``, ``dice``, ``mae``, ...).
+        optimizer: optimizer class and arguments; plugins may set their own ``lr``/``weight_decay``.
+        scheduler: optional learning-rate scheduler, stepped per epoch.
+        threshold: probability above which a pixel is foreground in predicted masks.
+    """
+
+    def __init__(
+        self,
+        sam: SamSpec | None = None,
+        plugins: dict[str, SamPlugin] | None = None,
+        losses: dict[str, Any] | None = None,
+        metrics: list[str] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["plugins", "optimizer", "scheduler"])
+        self.sam_spec = sam or SamSpec()
+        frozen = build_sam(
+            self.sam_spec.variant, self.sam_spec.checkpoint, self.sam_spec.img_size, seed=self.sam_spec.seed
+        )
+        self.model = HookedSam(frozen, PluginStack(plugins or {}), self.sam_spec.multimask_output)
+        self._unfreeze_declared_parts()
+        self.loss = build_loss(losses if losses is not None else {"bce": 1.0, "dice": 1.0})
+        self.metric_names = list(metrics if metrics is not None else ["iou", "dice", "mae"])
+        self._metrics: dict[str, MetricCollection] = {}
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.threshold = threshold
+        self.last_val_metrics: dict[str, float] = {}
+        self.initial_val_metrics: dict[str, float] = {}
+
+    @property
+    def plugins(self) -> PluginStack:
+        return self.model.plugins
+
+    # ---- parameters ----
+    def _unfreeze_declared_parts(self) -> None:
+        for key, parts in self.plugins.trainable_sam_modules().items():
+            for part in parts:
+                try:
+                    self.model.sam.get_submodule(part).requires_grad_(True)
+                except AttributeError:
+                    raise ValueError(f"Plugin {key!r} asks to train SAM part {part!r}, which SAM lacks.") from None
+
+    def trainable_parameters(self) -> dict[str, int]:
+        """Trainable parameter count per plugin, SAM parts counted with the plugin that trains them."""
+        return {key: sum(p.numel() for p in params) for key, params in self._plugin_params().items()}
+
+    def _plugin_params(self) -> dict[str, list[torch.nn.Parameter]]:
+        seen: set[int] = set()
+        groups: dict[str, list[torch.nn.Parameter]] = {}
+        for key, plugin in self.plugins.items():
+            modules = [plugin] + [self.model.sam.get_submodule(p) for p in plugin.sam_modules_to_train()]
+            params = []
+            for module in modules:
+                for param in module.parameters():
+                    if param.requires_grad and id(param) not in seen:
+                        seen.add(id(param))
+                        params.append(param)
+            groups[key] = params
+        return groups
+
+    def configure_optimizers(self) -> Any:
+        groups = []
+        for key, params in self._plugin_params().items():
+            if not params:
+                continue
+            plugin = self.plugins[key]
+            group: dict[str, Any] = {"params": params, "name": key}
+            if plugin.lr is not None:
+                group["lr"] = plugin.lr
+            if plugin.weight_decay is not None:
+                group["weight_decay"] = plugin.weight_decay
+            groups.append(group)
+        if not groups:
+            raise ValueError(
+                "Nothing to train: no plugin has trainable parameters. Add a plugin to the experiment "
+                "(for example `decoder_tuning`), or run `samflow validate` to evaluate frozen SAM."
+            )
+        optimizer = self.optimizer(groups)
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}
+
+    def on_fit_start(self) -> None:
+        counts = self.trainable_parameters()
+        frozen = count_parameters(self.model.sam) - sum(
+            p.numel() for p in self.model.sam.parameters() if p.requires_grad
+        )
+        lines = [f"  {key:<24} {n:>12,d}" for key, n in counts.items()]
+        rank_zero_info(
+            "Trainable parameters per plugin:\n" + "\n".join(lines) + f"\n  {'frozen SAM':<24} {frozen:>12,d}"
+        )
+
+    # ---- forward ----
+    def forward(self, batch: dict[str, Any]) -> tuple[SamOutput, ForwardContext]:
+        ctx = self.model.context(batch, epoch=self.current_epoch, global_step=self.global_step)
+        return self.model(batch, ctx), ctx
+
+    def upsample(self, logits: Tensor) -> Tensor:
+        """Low-resolution logits (N, 1, h, w) -> the model's input frame (N, 1, S, S)."""
+        size = self.model.img_size
+        return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+    def compute_losses(self, out: SamOutput, batch: dict[str, Any], ctx: ForwardContext) -> dict[str, Tensor]:
+        """The experiment's losses on the prediction plus every plugin's own terms; ``total`` sums them."""
+        target = batch["mask"][out.image_index]
+        terms = self.loss(self.upsample(out.pred), target)
+        total = terms.pop("total")
+        extra = self.plugins.losses(out, batch, ctx)
+        for value in extra.values():
+            total = total + value
+        return {**terms, **extra, "total": total}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out, ctx = self(batch)
+        terms = self.compute_losses(out, batch, ctx)
+        batch_size = batch["image"].shape[0]
+        self.log_dict({f"train/loss/{k}": v for k, v in terms.items() if k != "total"}, batch_size=batch_size)
+        self.log("train/loss", terms["total"], prog_bar=True, batch_size=batch_size)
+        return terms["total"]
+
+    # ---- evaluation at the original resolution ----
+    def probabilities(self, out: SamOutput, batch: dict[str, Any]) -> list[Tensor]:
+        """Foreground probability of each prompt row at its image's original size: list of (H, W)."""
+        full = self.upsample(out.pred).float().sigmoid()
+        maps = []
+        for row, image in enumerate(out.image_index.tolist()):
+            h, w = batch["input_size"][image].tolist()
+            size = batch["original_size"][image].tolist()
+            crop = full[row : row + 1, :, :h, :w]
+            maps.append(F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0, 0])
+        return maps
+
+    def _metric_set(self, stage: str, dataloader_idx: int) -> MetricCollection:
+        name = f"{stage}/{dataloader_idx}"
+        if name not in self._metrics:
+            self._metrics[name] = build_metrics(self.metric_names).to(self.device)
+        return self._metrics[name]
+
+    def _evaluate(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        out, ctx = self(batch)
+        batch_size = batch["image"].shape[0]
+        if "mask" in batch:
+            loss = self.compute_losses(out, batch, ctx)["total"]
+            self.log(f"{stage}/loss", loss, batch_size=batch_size, add_dataloader_idx=True, sync_dist=True)
+        metrics = self._metric_set(stage, dataloader_idx)
+        for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
+            metrics.update(prob, batch["gt_original"][row])
+        return {"out": out, "probs": self.upsample(out.pred).sigmoid()}
+
+    def _finish(self, stage: str) -> dict[str, float]:
+        results: dict[str, float] = {}
+        for name in [n for n in self._metrics if n.startswith(f"{stage}/")]:
+            metrics = self._metrics[name]
+            index = int(name.split("/")[1])
+            suffix = f"/{self._dataset_name(stage, index)}" if self._num_loaders(stage) > 1 else ""
+            for key, value in metrics.compute().items():
+                results[f"{stage}/{key}{suffix}"] = float(value)
+            metrics.reset()
+        if results:
+            self.log_dict(results, sync_dist=False)  # metric states are already reduced across ranks
+        return results
+
+    def _num_loaders(self, stage: str) -> int:
+        return len([n for n in self._metrics if n.startswith(f"{stage}/")])
+
+    def _dataset_name(self, stage: str, index: int) -> str:
+        names = getattr(self.trainer.datamodule, f"{stage}_names", None) if self._trainer is not None else None
+        return names[index] if names and index < len(names) else str(index)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._evaluate("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val_metrics = self._finish("val")
+        if self._trainer is not None and self.trainer.sanity_checking:
+            self.initial_val_metrics = dict(self.last_val_metrics)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._evaluate("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._finish("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        out, _ = self(batch)
+        probs = self.probabilities(out, batch)
+        ids = [batch["id"][i] for i in out.image_index.tolist()]
+        return {"id": ids, "masks": [(p > self.threshold) for p in probs], "probs": probs}
+
+    # ---- checkpoints hold the plugins and trained SAM parts, not the frozen SAM ----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.sam.{n}" for n, p in self.model.sam.named_parameters() if p.requires_grad}
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(SAM_PREFIX) and k not in trainable]:
+            del state[key]
+        checkpoint["samflow"] = {"sam": asdict(self.sam_spec), "frozen_sam_omitted": True}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a samflow checkpoint: frozen SAM weights it omits come from ``sam.checkpoint``."""
+        state = dict(state_dict)
+        for key, value in self.state_dict().items():
+            if key.startswith(SAM_PREFIX) and key not in state:
+                state[key] = value
+        return super().load_state_dict(state, strict=strict, assign=assign)

@@ -1,0 +1,206 @@
+"""Build a frozen SAM from segment-anything's modules: the real variants and a tiny one for tests.
+
+A checkpoint is always a local path: nothing is downloaded. Loading uses ``weights_only=True`` and
+strict key checks; a wrong file fails with the missing and unexpected keys and the variant it looks like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SamVariant:
+    """The hyper-parameters that define one SAM architecture."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    img_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    iou_head_hidden_dim: int = 256
+
+
+VARIANTS: dict[str, SamVariant] = {
+    "vit_b": SamVariant(768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": SamVariant(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": SamVariant(1280, 32, 16, (7, 15, 23, 31)),
+    # A few hundred thousand parameters, 128 px: for tests and the quickstart, built in a second on a CPU.
+    "tiny": SamVariant(
+        embed_dim=64,
+        depth=4,
+        num_heads=2,
+        global_attn_indexes=(1, 3),
+        img_size=128,
+        window_size=4,
+        prompt_dim=64,
+        mask_in_chans=16,
+        decoder_mlp_dim=128,
+        decoder_heads=4,
+        iou_head_hidden_dim=64,
+    ),
+}
+
+
+class CheckpointError(ValueError):
+    """A SAM checkpoint file does not fit the requested variant."""
+
+
+def build_sam(
+    variant: str = "vit_b",
+    checkpoint: str | Path | None = None,
+    img_size: int | None = None,
+    seed: int | None = 0,
+) -> Sam:
+    """Build SAM ``variant``, load ``checkpoint`` if given, freeze it and put it in eval mode.
+
+    Args:
+        variant: one of ``vit_b``, ``vit_l``, ``vit_h``, ``tiny``.
+        checkpoint: path to a SAM state dict (e.g. ``sam_vit_b_01ec64.pth``); None keeps random weights.
+        img_size: encoder input size (default: the variant's). Position embeddings of a checkpoint are
+            resized to it; must be a multiple of the patch size.
+        seed: seed for the random initialisation, so a random SAM is the same on every rank and run.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown SAM variant {variant!r}; choose one of {sorted(VARIANTS)}.")
+    spec = VARIANTS[variant]
+    size = img_size or spec.img_size
+    if size % spec.patch_size:
+        raise ValueError(f"img_size {size} is not a multiple of the patch size {spec.patch_size}.")
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        sam = _assemble(spec, size)
+    if checkpoint is not None:
+        load_checkpoint(sam, checkpoint, variant)
+    return freeze(sam)
+
+
+def _assemble(spec: SamVariant, img_size: int) -> Sam:
+    grid = img_size // spec.patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=spec.depth,
+            embed_dim=spec.embed_dim,
+            img_size=img_size,
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=spec.num_heads,
+            patch_size=spec.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=spec.global_attn_indexes,
+            window_size=spec.window_size,
+            out_chans=spec.prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=spec.prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=spec.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=2,
+                embedding_dim=spec.prompt_dim,
+                mlp_dim=spec.decoder_mlp_dim,
+                num_heads=spec.decoder_heads,
+            ),
+            transformer_dim=spec.prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=spec.iou_head_hidden_dim,
+        ),
+    )
+
+
+def freeze(sam: Sam) -> Sam:
+    """Freeze every SAM parameter and put SAM in eval mode."""
+    sam.requires_grad_(False)
+    return sam.eval()
+
+
+def guess_variant(state_dict: dict[str, torch.Tensor]) -> str:
+    """Name the variant a state dict looks like, from its patch-embedding width and depth."""
+    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if weight is None:
+        return "not a SAM checkpoint (no image_encoder.patch_embed.proj.weight)"
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    for name, spec in VARIANTS.items():
+        if spec.embed_dim == weight.shape[0] and spec.depth == depth:
+            return name
+    return f"unknown (embed_dim {weight.shape[0]}, depth {depth})"
+
+
+def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
+    """Load a SAM state dict from ``path`` into ``sam`` with strict key and shape checks."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SAM checkpoint {str(path)!r} does not exist. Download it from the segment-anything release "
+            "page and pass its path with --model.sam.checkpoint."
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise CheckpointError(f"Cannot read SAM checkpoint {str(path)!r}: {err}") from err
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    expected = sam.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    _resize_position_tables(state, expected)
+    wrong_shape = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"SAM checkpoint {str(path)!r} does not match variant {variant!r}; the file looks like "
+            f"{guess_variant(state)}.\n"
+            f"  missing keys ({len(missing)}): {_short(missing)}\n"
+            f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}\n"
+            f"  wrong shapes ({len(wrong_shape)}): {_short(wrong_shape)}\n"
+            "Pass the matching --model.sam.variant, or the checkpoint of the variant you chose."
+        )
+    sam.load_state_dict(state, strict=True)
+
+
+def _resize_position_tables(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Interpolate absolute position embeddings and relative-position tables to a new image size."""
+    key = "image_encoder.pos_embed"
+    if key in state and key in expected and state[key].shape != expected[key].shape:
+        if state[key].shape[-1] == expected[key].shape[-1]:
+            grid = expected[key].shape[1:3]
+            table = state[key].permute(0, 3, 1, 2)
+            table = torch.nn.functional.interpolate(table, size=grid, mode="bicubic", align_corners=False)
+            state[key] = table.permute(0, 2, 3, 1)
+    for name, target in expected.items():
+        if "rel_pos" in name and name in state and state[name].shape != target.shape:
+            if state[name].shape[-1] == target.shape[-1]:
+                table = state[name].T.unsqueeze(0)
+                table = torch.nn.functional.interpolate(table, size=target.shape[0], mode="linear")
+                state[name] = table[0].T
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "") if items else "none"
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters of ``module`` (only those with ``requires_grad`` when asked)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

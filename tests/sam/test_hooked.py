@@ -1,0 +1,114 @@
+"""HookedSam equals segment-anything on the same weights, batched, and its attention equals SAM's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_batch, sam_reference
+
+from conftest import randomize
+from samflow.sam import HookedSam, build_sam
+from samflow.sam.hooked import attend
+
+# float32 on CPU; SDPA and SAM's explicit softmax differ only by rounding.
+ATOL = 1e-5
+
+
+@pytest.mark.parametrize("prompt", ["box", "points", "none", "points+box", "mask"])
+def test_tiny_matches_segment_anything(tiny_sam, prompt):
+    batch = random_batch(3, prompt="box" if "box" in prompt else "points" if prompt == "points" else "none")
+    if prompt == "points+box":
+        batch.update(random_batch(3, prompt="points"))
+        batch["boxes"] = random_batch(3, prompt="box")["boxes"]
+    if prompt == "mask":
+        batch["mask_prompt"] = torch.randn(3, 1, 32, 32)
+    ref_masks, ref_iou = sam_reference(tiny_sam, batch)
+    with torch.no_grad():
+        out = HookedSam(tiny_sam)(batch)
+    assert out.masks["sam"].shape == (3, 4, 32, 32)
+    torch.testing.assert_close(out.masks["sam"], ref_masks, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.iou_pred, ref_iou, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.pred, ref_masks[:, :1], atol=ATOL, rtol=0)
+
+
+def test_vit_b_shaped_weights_match_at_small_size():
+    sam = randomize(build_sam("vit_b", img_size=256, seed=1))
+    batch = random_batch(2, size=256, prompt="box")
+    ref_masks, ref_iou = sam_reference(sam, batch)
+    with torch.no_grad():
+        out = HookedSam(sam)(batch)
+    # 12 blocks of 768 channels accumulate more rounding than the tiny model.
+    torch.testing.assert_close(out.masks["sam"], ref_masks, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(out.iou_pred, ref_iou, atol=2e-5, rtol=1e-4)
+
+
+def test_padding_is_zero_after_normalisation_as_in_sam(tiny_sam):
+    """A 128x96 image padded to 128x128 gives SAM's result on SAM's own padded input."""
+    image = torch.rand(1, 3, 128, 96)
+    padded = torch.nn.functional.pad(image, (0, 32))
+    batch = {"image": padded, "input_size": torch.tensor([[128, 96]])}
+    with torch.no_grad():
+        ours = HookedSam(tiny_sam).encode(HookedSam(tiny_sam).context(batch))
+        theirs = tiny_sam.image_encoder(tiny_sam.preprocess(image * 255))
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+def test_several_prompt_rows_per_image_share_the_embedding(tiny_sam):
+    """image_index maps 4 prompt rows onto 2 images; each row equals its own single-image run."""
+    batch = random_batch(2, prompt="box")
+    rows = {
+        "image": batch["image"],
+        "boxes": torch.cat([batch["boxes"], batch["boxes"].flip(0)]),
+        "image_index": torch.tensor([0, 1, 0, 1]),
+    }
+    hooked = HookedSam(tiny_sam)
+    with torch.no_grad():
+        out = hooked(rows)
+        for row, image in enumerate(rows["image_index"].tolist()):
+            single = hooked({"image": batch["image"][image : image + 1], "boxes": rows["boxes"][row : row + 1]})
+            torch.testing.assert_close(out.masks["sam"][row], single.masks["sam"][0], atol=ATOL, rtol=0)
+
+
+def test_mixed_box_presence_uses_not_a_point_tokens(tiny_sam):
+    """A row without a box (has_box False) gets SAM's not-a-point embedding in place of its corners."""
+    batch = random_batch(2, prompt="box")
+    batch["has_box"] = torch.tensor([True, False])
+    hooked = HookedSam(tiny_sam)
+    sparse, _ = hooked.encode_prompts(batch, 2, torch.device("cpu"))
+    not_a_point = tiny_sam.prompt_encoder.not_a_point_embed.weight[0]
+    assert torch.equal(sparse[1], not_a_point.expand(2, -1))
+    ref, _ = tiny_sam.prompt_encoder(points=None, boxes=batch["boxes"][:1], masks=None)
+    torch.testing.assert_close(sparse[:1], ref)
+
+
+def test_encoder_attention_equals_sam_forward_and_backward(tiny_sam):
+    """SDPA with the rel-pos bias as a mask equals SAM's Attention, values and input gradients."""
+    hooked = HookedSam(tiny_sam)
+    for i, block in enumerate(tiny_sam.image_encoder.blocks):
+        size = block.window_size or 8
+        x = torch.randn(2, size, size, block.attn.qkv.in_features, requires_grad=True)
+        ours = hooked._attention(i, block.attn, x, hooked.context({"image": torch.zeros(2, 3, 8, 8)}))
+        (grad_ours,) = torch.autograd.grad(ours.square().sum(), x)
+        theirs = block.attn(x)
+        (grad_theirs,) = torch.autograd.grad(theirs.square().sum(), x)
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+        torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_attention_equals_sam_forward_and_backward(tiny_sam):
+    attn = tiny_sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image
+    q = torch.randn(2, 7, 64, requires_grad=True)
+    k = torch.randn(2, 64, 64, requires_grad=True)
+    ours = attend(attn, q, k, k)
+    theirs = attn(q=q, k=k, v=k)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    g_ours = torch.autograd.grad(ours.sum(), (q, k))
+    g_theirs = torch.autograd.grad(theirs.sum(), (q, k))
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_sam_stays_frozen_and_in_eval_mode(tiny_sam):
+    hooked = HookedSam(tiny_sam).train()
+    assert not tiny_sam.training
+    assert not any(p.requires_grad for p in tiny_sam.parameters())
