@@ -1,0 +1,256 @@
+"""Prompt samplers: draw SAM prompts from a ground-truth mask, in the original image's coordinates.
+
+Every sampler is a small callable ``sampler(mask, generator) -> dict`` that runs on the CPU inside the
+dataset. ``mask`` is a bool tensor (H, W) at the original resolution; the returned dict holds any of
+
+- ``points`` float (K, 2), pixel indices x (column) then y (row), and ``point_labels`` long (K,):
+  1 positive, 0 negative, -1 padding (a slot with nothing to point at);
+- ``box`` float (4,), xyxy with inclusive corners: the first and last column / row of the mask, as
+  segment-anything's ``batched_mask_to_box``;
+- ``mask_prompt`` bool (H, W): a low-quality mask (the dataset brings it to SAM's S/4 mask input).
+
+A sampler returns ``{}`` when it has nothing to say (``NoPrompt``; ``BoxPrompt`` on an empty mask).
+The dataset maps the coordinates into the model's input frame (``transforms.scale_coords``).
+
+All randomness comes from ``generator``, so a dataset that seeds it per sample index gets the same
+prompts every epoch (validation), and one that seeds it from the global RNG gets fresh ones (training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PromptDict = dict[str, Tensor]
+PromptSampler = Callable[[Tensor, torch.Generator], PromptDict]
+
+
+class NoPrompt:
+    """No prompt at all: SAM's prompt-free mode (the model sees only its no-mask embedding)."""
+
+    def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
+        return {}
+
+    def __repr__(self) -> str:
+        return "NoPrompt()"
+
+
+def mask_to_box(mask: Tensor) -> Tensor | None:
+    """Tight xyxy box of a bool mask (H, W) with inclusive corners, or None if the mask is empty."""
+    rows = mask.any(dim=1).nonzero()  # (n_rows, 1)
+    if rows.numel() == 0:
+        return None
+    cols = mask.any(dim=0).nonzero()
+    return torch.tensor([cols[0, 0], rows[0, 0], cols[-1, 0], rows[-1, 0]], dtype=torch.float32)
+
+
+class BoxPrompt:
+    """The tight box around the mask, optionally jittered.
+
+    Args:
+        jitter: each coordinate moves by ``U(-jitter, jitter)`` times the box's width (x) or height (y),
+            then the box is clipped to the image and its corners re-ordered. ``0`` keeps the tight box.
+        empty: what an empty mask gets. ``"absent"`` (default) returns no box, so the batch flags the row
+            with ``has_box=False``; ``"full"`` returns the whole image as the box.
+    """
+
+    def __init__(self, jitter: float = 0.0, empty: str = "absent") -> None:
+        if jitter < 0:
+            raise ValueError(f"BoxPrompt: jitter must be >= 0, got {jitter}.")
+        if empty not in ("absent", "full"):
+            raise ValueError(f"BoxPrompt: empty must be 'absent' or 'full', got {empty!r}.")
+        self.jitter = jitter
+        self.empty = empty
+
+    def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
+        h, w = mask.shape
+        box = mask_to_box(mask)
+        if box is None:
+            if self.empty == "absent":
+                return {}
+            return {"box": torch.tensor([0.0, 0.0, w - 1.0, h - 1.0])}
+        if self.jitter > 0:
+            side = (box[2:] - box[:2] + 1).repeat(2)  # (4,): w, h, w, h
+            noise = (torch.rand(4, generator=generator) * 2 - 1) * self.jitter * side
+            box = box + noise
+            box[0::2] = box[0::2].clamp(0, w - 1)
+            box[1::2] = box[1::2].clamp(0, h - 1)
+            box = torch.cat([torch.minimum(box[:2], box[2:]), torch.maximum(box[:2], box[2:])])
+        return {"box": box}
+
+    def __repr__(self) -> str:
+        return f"BoxPrompt(jitter={self.jitter}, empty={self.empty!r})"
+
+
+def _draw_pixels(region: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` uniform random pixels (with replacement) of a bool region (H, W), as float (count, 2) xy."""
+    yx = region.nonzero()  # (n, 2) row, col
+    pick = torch.randint(len(yx), (count,), generator=generator)
+    return yx[pick].flip(-1).float()
+
+
+class PointPrompt:
+    """Uniform random points (drawn with replacement): ``positive`` inside the mask, ``negative`` outside.
+
+    Always returns ``positive + negative`` slots, positives first. An empty mask has no pixel to point
+    at, so its positive slots become negatives (the whole image is background, which is the honest
+    prompt). A mask that covers the whole image has no background, so its negative slots become
+    padding (label -1, coordinates 0).
+
+    Args:
+        positive: number of points inside the mask.
+        negative: number of points outside the mask.
+    """
+
+    def __init__(self, positive: int = 1, negative: int = 0) -> None:
+        if positive < 0 or negative < 0 or positive + negative == 0:
+            raise ValueError(
+                f"PointPrompt: need positive >= 0, negative >= 0 and at least one point, "
+                f"got positive={positive}, negative={negative}."
+            )
+        self.positive = positive
+        self.negative = negative
+
+    def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
+        n_pos, n_neg = self.positive, self.negative
+        has_fg = bool(mask.any())
+        has_bg = not bool(mask.all())
+        if not has_fg:
+            n_pos, n_neg = 0, n_pos + n_neg
+        points = [torch.zeros(0, 2)]
+        labels = [torch.zeros(0, dtype=torch.long)]
+        if n_pos:
+            points.append(_draw_pixels(mask, n_pos, generator))
+            labels.append(torch.ones(n_pos, dtype=torch.long))
+        if n_neg and has_bg:
+            points.append(_draw_pixels(~mask, n_neg, generator))
+            labels.append(torch.zeros(n_neg, dtype=torch.long))
+        elif n_neg:
+            points.append(torch.zeros(n_neg, 2))
+            labels.append(torch.full((n_neg,), -1, dtype=torch.long))
+        return {"points": torch.cat(points), "point_labels": torch.cat(labels)}
+
+    def __repr__(self) -> str:
+        return f"PointPrompt(positive={self.positive}, negative={self.negative})"
+
+
+def _max_filter(x: Tensor, radius: int) -> Tensor:
+    """Separable square max filter of a float map (H, W) with window ``2 * radius + 1``."""
+    k = 2 * radius + 1
+    x = x[None, None]
+    x = F.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
+    x = F.max_pool2d(x, (k, 1), stride=1, padding=(radius, 0))
+    return x[0, 0]
+
+
+class NoisyMaskPrompt:
+    """A degraded copy of the ground truth, as HQ-SAM feeds its mask prompt during training.
+
+    Pixels in a band around the mask boundary get Gaussian noise and the result is thresholded:
+    ``noisy = (gt + std * n * band) > 0.5`` with ``n ~ N(0, 1)``, so the interior stays right and the
+    boundary turns ragged. The band is every pixel within ``band`` (a fraction of the longest image
+    side, at least one pixel) of a pixel of the other class.
+
+    Args:
+        band: half-width of the boundary band as a fraction of the longest side.
+        std: standard deviation of the noise (1.0 flips about 31% of band pixels).
+    """
+
+    def __init__(self, band: float = 0.02, std: float = 1.0) -> None:
+        if band <= 0 or std < 0:
+            raise ValueError(f"NoisyMaskPrompt: need band > 0 and std >= 0, got band={band}, std={std}.")
+        self.band = band
+        self.std = std
+
+    def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
+        radius = max(1, round(self.band * max(mask.shape)))
+        gt = mask.float()
+        dilated = _max_filter(gt, radius)
+        eroded = 1 - _max_filter(1 - gt, radius)
+        band = dilated - eroded  # (H, W): 1 near the boundary, 0 elsewhere
+        noise = torch.randn(mask.shape, generator=generator) * self.std
+        return {"mask_prompt": (gt + noise * band) > 0.5}
+
+    def __repr__(self) -> str:
+        return f"NoisyMaskPrompt(band={self.band}, std={self.std})"
+
+
+class MixedPrompt:
+    """One prompt type per image, drawn from ``samplers`` with probabilities proportional to ``weights``.
+
+    HQ-SAM trains this way with boxes, points and noisy masks.
+
+    Args:
+        samplers: the samplers to choose from (objects or ``build_prompt`` specs).
+        weights: one non-negative weight per sampler; ``None`` means equal weights.
+    """
+
+    def __init__(
+        self,
+        samplers: Sequence[PromptSampler | str | Mapping[str, Any]],
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        if not samplers:
+            raise ValueError("MixedPrompt: give at least one sampler.")
+        self.samplers = [build_prompt(s) for s in samplers]
+        weights = [1.0] * len(self.samplers) if weights is None else list(weights)
+        if len(weights) != len(self.samplers) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(
+                f"MixedPrompt: need one non-negative weight per sampler with a positive sum, got "
+                f"{len(self.samplers)} samplers and weights={weights}."
+            )
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+
+    def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
+        choice = int(torch.multinomial(self.weights, 1, generator=generator))
+        return self.samplers[choice](mask, generator)
+
+    def __repr__(self) -> str:
+        return f"MixedPrompt({self.samplers}, weights={self.weights.tolist()})"
+
+
+PROMPTS: dict[str, type] = {
+    "none": NoPrompt,
+    "box": BoxPrompt,
+    "points": PointPrompt,
+    "noisy_mask": NoisyMaskPrompt,
+    "mixed": MixedPrompt,
+}
+
+
+def build_prompt(spec: str | Mapping[str, Any] | PromptSampler | None) -> PromptSampler:
+    """Build a sampler from a name or a dict.
+
+    Args:
+        spec: a name from ``PROMPTS`` (``"none"``, ``"box"``, ``"points"``, ``"noisy_mask"``,
+            ``"mixed"``), a dict ``{"name": ..., **init_args}`` such as
+            ``{"name": "points", "positive": 2, "negative": 1}`` or
+            ``{"name": "mixed", "samplers": ["box", "points"], "weights": [0.5, 0.5]}``,
+            ``None`` (same as ``"none"``), or an already built sampler (returned as is).
+
+    Returns:
+        The sampler.
+    """
+    if spec is None:
+        return NoPrompt()
+    if callable(spec) and not isinstance(spec, (str, Mapping)):
+        return spec
+    if isinstance(spec, str):
+        name, kwargs = spec, {}
+    elif isinstance(spec, Mapping):
+        if "name" not in spec:
+            raise ValueError(f"Prompt spec {dict(spec)} has no 'name' key; choose one of {sorted(PROMPTS)}.")
+        kwargs = {k: v for k, v in spec.items() if k != "name"}
+        name = spec["name"]
+    else:
+        raise TypeError(f"Prompt spec must be a name, a dict or a sampler, got {type(spec).__name__}.")
+    if name not in PROMPTS:
+        raise ValueError(f"Unknown prompt {name!r}; choose one of {sorted(PROMPTS)}.")
+    try:
+        return PROMPTS[name](**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"Prompt {name!r}: bad arguments {kwargs} ({exc}).") from exc

@@ -1,0 +1,210 @@
+"""Geometry of SAM's input frame, and batch augmentation on the model's device.
+
+The dataset brings every image into an S x S frame (S = ``img_size``) on the CPU:
+
+- ``"longest"`` (SAM's own preprocessing): scale by ``S / max(H, W)`` so the longest side becomes S,
+  the other ``int(side * scale + 0.5)``, then zero-pad at the bottom and right;
+- ``"stretch"``: resize to S x S, ignoring the aspect ratio (as some adaptation papers do).
+
+Images are resized bilinearly with antialiasing, masks with nearest neighbour (``nearest-exact``, which
+samples pixel centres). Prompt coordinates follow segment-anything's ``ResizeLongestSide``: a point
+``(x, y)`` in pixels of the original image becomes ``(x * w / W, y * h / H)`` where ``(h, w)`` is the
+resized size before padding (``input_size``).
+
+``GpuAugment`` then augments a collated batch on the device with kornia, moving image, mask, mask
+prompt, boxes and points together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ResizeMode = Literal["longest", "stretch"]
+
+
+def longest_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) after scaling so that the longest side is ``size``, rounded as segment-anything does."""
+    scale = size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def input_shape(height: int, width: int, size: int, resize_mode: ResizeMode) -> tuple[int, int]:
+    """The resized (h, w) before padding of an (height, width) image in the given mode."""
+    if resize_mode == "longest":
+        return longest_side_shape(height, width, size)
+    if resize_mode == "stretch":
+        return size, size
+    raise ValueError(f"resize_mode must be 'longest' or 'stretch', got {resize_mode!r}.")
+
+
+def _resize(x: Tensor, shape: tuple[int, int], mode: str) -> Tensor:
+    """Resize a (C, H, W) or (B, C, H, W) tensor; bilinear gets antialiasing, masks stay in their dtype."""
+    unbatched = x.dim() == 3
+    y = x[None] if unbatched else x
+    dtype = y.dtype
+    if not y.is_floating_point():
+        y = y.float()
+    if mode == "bilinear":
+        y = F.interpolate(y, size=shape, mode="bilinear", align_corners=False, antialias=True)
+    else:
+        y = F.interpolate(y, size=shape, mode=mode)
+    y = y.to(dtype)
+    return y[0] if unbatched else y
+
+
+def resize_longest_side(x: Tensor, size: int, mode: str = "bilinear") -> Tensor:
+    """Resize (C, H, W) or (B, C, H, W) so its longest side is ``size``, keeping the aspect ratio.
+
+    Args:
+        x: the image or mask.
+        size: target length of the longest side.
+        mode: ``"bilinear"`` (antialiased, for images) or ``"nearest-exact"`` (for masks).
+
+    Returns:
+        The resized tensor, (..., h, w) with ``(h, w) = longest_side_shape(H, W, size)``.
+    """
+    return _resize(x, longest_side_shape(x.shape[-2], x.shape[-1], size), mode)
+
+
+def stretch(x: Tensor, size: int, mode: str = "bilinear") -> Tensor:
+    """Resize (C, H, W) or (B, C, H, W) to ``size x size``, ignoring the aspect ratio."""
+    return _resize(x, (size, size), mode)
+
+
+def pad_to_square(x: Tensor, size: int, value: float = 0.0) -> Tensor:
+    """Pad (..., h, w) with ``value`` at the bottom and right to (..., size, size)."""
+    h, w = x.shape[-2:]
+    if h > size or w > size:
+        raise ValueError(f"pad_to_square: input {h}x{w} is larger than {size}x{size}.")
+    return F.pad(x, (0, size - w, 0, size - h), value=value)
+
+
+def to_input_frame(
+    x: Tensor, size: int, resize_mode: ResizeMode = "longest", mode: str = "bilinear"
+) -> tuple[Tensor, tuple[int, int]]:
+    """Bring (C, H, W) into the S x S model frame; returns the result and ``input_size`` (h, w)."""
+    shape = input_shape(x.shape[-2], x.shape[-1], size, resize_mode)
+    return pad_to_square(_resize(x, shape, mode), size), shape
+
+
+def scale_coords(coords: Tensor, original_size: Sequence[int], input_size: Sequence[int]) -> Tensor:
+    """Map (..., 2) xy pixel coordinates from the original (H, W) image to the resized (h, w) one."""
+    (height, width), (h, w) = original_size, input_size
+    factor = torch.tensor([w / width, h / height], dtype=coords.dtype, device=coords.device)
+    return coords * factor
+
+
+def scale_boxes(boxes: Tensor, original_size: Sequence[int], input_size: Sequence[int]) -> Tensor:
+    """Map (..., 4) xyxy boxes from the original (H, W) image to the resized (h, w) one."""
+    corners = boxes.reshape(*boxes.shape[:-1], 2, 2)  # (..., 2 corners, xy)
+    return scale_coords(corners, original_size, input_size).reshape(boxes.shape)
+
+
+class GpuAugment(nn.Module):
+    """Augment a collated batch on its device with kornia, keeping every spatial key consistent.
+
+    Geometric steps (flips, rotation and scale jitter, in that order, one ``RandomAffine`` for the last
+    two) move ``image``, ``mask``, ``mask_prompt``, ``boxes`` and ``points`` together through one
+    ``kornia.augmentation.AugmentationSequential``; the colour step touches only the image. Large-scale
+    jitter as in HQ-SAM is ``scale=(0.1, 2.0)`` with ``translate=0.5``: the S x S frame is zoomed about its
+    centre by a random factor (same on both axes), shifted, cropped to S x S and zero-filled.
+
+    After a geometric step the batch describes the augmented S x S frame: ``input_size`` and
+    ``original_size`` become (S, S) and ``gt_original`` the augmented masks, so postprocessing and
+    metrics stay consistent. Boxes become the axis-aligned enclosure of their moved corners clipped to
+    the frame (``has_box`` turns False for a box moved out of it); points that leave the frame get label
+    -1. Inputs are not modified in place.
+
+    Args:
+        hflip: probability of a horizontal flip.
+        vflip: probability of a vertical flip.
+        rotation: maximal rotation in degrees (uniform in ``[-rotation, rotation]``).
+        scale: ``(min, max)`` zoom factor, e.g. ``(0.1, 2.0)`` for large-scale jitter; ``None`` for none.
+        translate: maximal shift as a fraction of S on each axis.
+        affine_p: probability of applying the rotation / scale / translation step.
+        color_jitter: a float ``c`` jitters brightness, contrast and saturation by up to ``c``; a tuple
+            gives (brightness, contrast, saturation, hue) as kornia's ``ColorJitter``.
+        color_p: probability of the colour step.
+    """
+
+    def __init__(
+        self,
+        hflip: float = 0.0,
+        vflip: float = 0.0,
+        rotation: float = 0.0,
+        scale: tuple[float, float] | None = None,
+        translate: float = 0.0,
+        affine_p: float = 1.0,
+        color_jitter: float | tuple[float, float, float, float] = 0.0,
+        color_p: float = 1.0,
+    ) -> None:
+        super().__init__()
+        geometric: list[nn.Module] = []
+        if hflip > 0:
+            geometric.append(K.RandomHorizontalFlip(p=hflip))
+        if vflip > 0:
+            geometric.append(K.RandomVerticalFlip(p=vflip))
+        if rotation > 0 or scale is not None or translate > 0:
+            geometric.append(
+                K.RandomAffine(
+                    degrees=rotation,
+                    translate=(translate, translate) if translate > 0 else None,
+                    scale=tuple(scale) if scale is not None else None,
+                    p=affine_p,
+                )
+            )
+        self.geometric = K.AugmentationSequential(*geometric, data_keys=None) if geometric else None
+        cj = (color_jitter,) * 3 + (0.0,) if isinstance(color_jitter, (int, float)) else tuple(color_jitter)
+        if len(cj) != 4:
+            raise ValueError(f"GpuAugment: color_jitter must be a float or 4 floats, got {color_jitter}.")
+        self.color = K.ColorJitter(*cj, p=color_p) if any(v > 0 for v in cj) else None
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Return an augmented copy of ``batch`` (the collate contract of ``samflow.data``)."""
+        batch = dict(batch)
+        if self.geometric is not None:
+            batch = self._geometric(batch)
+        if self.color is not None:
+            batch["image"] = self.color(batch["image"]).clamp(0, 1)
+        return batch
+
+    def _geometric(self, batch: dict[str, Any]) -> dict[str, Any]:
+        image = batch["image"]  # (B, 3, S, S)
+        b, _, size, _ = image.shape
+        inputs: dict[str, Tensor] = {"image": image}
+        if "mask" in batch:
+            inputs["mask"] = batch["mask"]
+        if "mask_prompt" in batch:  # (B, 1, S/4, S/4) -> S x S so it shares the image's transform
+            inputs["mask_prompt"] = F.interpolate(batch["mask_prompt"], size=(size, size), mode="nearest")
+        if "boxes" in batch:
+            inputs["bbox_xyxy"] = batch["boxes"][:, None]  # (B, 1, 4)
+        if "points" in batch:
+            inputs["keypoints"] = batch["points"]  # (B, K, 2)
+        out = self.geometric(inputs)
+        batch["image"] = out["image"]
+        if "mask" in out:
+            batch["mask"] = (out["mask"] > 0.5).to(batch["mask"].dtype)
+            batch["gt_original"] = list(batch["mask"][:, 0] > 0.5)
+        if "mask_prompt" in out:
+            low = batch["mask_prompt"].shape[-2:]
+            batch["mask_prompt"] = (F.interpolate(out["mask_prompt"], size=low, mode="area") > 0.5).float()
+        if "bbox_xyxy" in out:
+            boxes = out["bbox_xyxy"][:, 0]  # (B, 4)
+            inside = (boxes[:, 2:] >= 0).all(-1) & (boxes[:, :2] <= size - 1).all(-1)  # (B,) meets the frame
+            batch["boxes"] = boxes.clamp(0, size - 1)
+            batch["has_box"] = batch["has_box"] & inside
+        if "keypoints" in out:
+            points = out["keypoints"]
+            inside = ((points >= 0) & (points <= size - 1)).all(dim=-1)  # (B, K)
+            batch["points"] = points
+            batch["point_labels"] = torch.where(inside, batch["point_labels"], -1)
+        frame = torch.tensor([size, size], dtype=torch.long, device=image.device).expand(b, 2).clone()
+        batch["input_size"] = frame
+        batch["original_size"] = frame.clone()
+        return batch
