@@ -15,7 +15,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from samflow.losses import build_loss
-from samflow.metrics import build_metrics
+from samflow.metrics.registry import build_metrics
 from samflow.plugins.base import ForwardContext, SamPlugin
 from samflow.plugins.stack import PluginStack
 from samflow.sam.build import build_sam, count_parameters

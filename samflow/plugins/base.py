@@ -30,6 +30,8 @@ class ForwardContext:
         training: whether the model is in training mode.
         epoch, global_step: read from the trainer (0 outside a trainer).
         image_index: which image each prompt row belongs to (N,).
+        multimask_output: the model's rule for SAM's own mask: token 0 (False) or the best of
+            tokens 1..3 by predicted IoU (True); plugins that combine their masks with SAM's follow it.
         image_embeddings: the neck output (B, C, h, w), set after the encoder.
         image_pe: SAM's dense positional encoding (1, C, h, w), set before the decoder.
         state: scratch space per plugin key, emptied every forward.
@@ -42,6 +44,7 @@ class ForwardContext:
     epoch: int = 0
     global_step: int = 0
     image_index: Tensor | None = None
+    multimask_output: bool = False
     normalized: Tensor | None = None
     image_embeddings: Tensor | None = None
     image_pe: Tensor | None = None
@@ -72,6 +75,7 @@ class DecoderFeatures:
     src: Tensor  # (N, C, h, w) image tokens after the transformer
     upscaled: Tensor  # (N, C/8, 4h, 4w) SAM's upscaled mask features
     sam_masks: Tensor  # (N, 4, 4h, 4w) SAM's mask logits
+    iou_pred: Tensor  # (N, 4) SAM's predicted IoU of each of its mask tokens
 
 
 class SamPlugin(nn.Module):

@@ -55,8 +55,6 @@ def _load(ep: EntryPoint) -> PluginInfo:
         return PluginInfo(ep.name, ep.value, dist, version, None, f"{type(err).__name__}: {err}")
     if not (isinstance(cls, type) and issubclass(cls, SamPlugin)):
         return PluginInfo(ep.name, ep.value, dist, version, None, f"{ep.value} is not a SamPlugin subclass")
-    if "plugin_name" not in cls.__dict__:
-        cls.plugin_name = ep.name  # type: ignore[attr-defined]
     return PluginInfo(ep.name, ep.value, dist, version, cls, None)
 
 
@@ -98,6 +96,14 @@ def get_plugin_class(name: str) -> type[SamPlugin]:
             f"{info.error}. Reinstall or fix that package, or remove the plugin from the experiment."
         )
     return info.cls
+
+
+def plugin_name(cls: type) -> str | None:
+    """The registered name of a plugin class, or None if it is not registered."""
+    for name, info in discover().items():
+        if info.cls is cls:
+            return name
+    return None
 
 
 def create_plugin(name: str, **kwargs: Any) -> SamPlugin:

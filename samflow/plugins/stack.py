@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from samflow.plugins.base import DecoderFeatures, DecoderState, ForwardContext, SamPlugin
+from samflow.plugins.registry import plugin_name
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -66,7 +67,7 @@ class PluginStack(nn.ModuleDict):
         self._token_counts: list[tuple[SamPlugin, int]] = []
 
     def _check_conflicts(self) -> None:
-        names = {key: getattr(type(p), "plugin_name", key) for key, p in self.items()}
+        names = {key: plugin_name(type(p)) or key for key, p in self.items()}
         for key, plugin in self.items():
             for other_key, other_name in names.items():
                 if other_key != key and (other_name in plugin.conflicts or other_key in plugin.conflicts):

@@ -1,0 +1,140 @@
+"""Composition rules of PluginStack and the hook sites of HookedSam."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_batch
+from torch import Tensor, nn
+
+from samflow.plugins import DecoderState, ForwardContext, PluginConflictError, PluginStack, SamPlugin
+from samflow.sam import HookedSam
+
+
+class Recorder(SamPlugin):
+    """Records the hook calls it sees, in order, with shapes."""
+
+    def __init__(self, log: list) -> None:
+        super().__init__()
+        self.log = log
+
+    def on_image(self, image, tokens, ctx):
+        self.log.append((self.key, "on_image", tuple(image.shape), tuple(tokens.shape)))
+
+    def block_input(self, i, x, ctx):
+        self.log.append((self.key, f"block_input{i}", tuple(x.shape)))
+        return x
+
+    def block_output(self, i, x, ctx):
+        self.log.append((self.key, f"block_output{i}", tuple(x.shape)))
+        return x
+
+    def prompts(self, sparse, dense, ctx):
+        self.log.append((self.key, "prompts", tuple(sparse.shape), tuple(dense.shape)))
+        return sparse, dense
+
+    def decoder_layer(self, i, state, ctx):
+        self.log.append((self.key, f"decoder_layer{i}", tuple(state.queries.shape)))
+        return state
+
+
+class AddOne(SamPlugin):
+    """Adds ``value`` to every encoder block input: fold hooks chain."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        super().__init__()
+        self.value = value
+
+    def block_input(self, i, x, ctx):
+        return x + self.value
+
+
+class Hates(SamPlugin):
+    conflicts = ("tokens",)
+
+
+class AppendTokens(SamPlugin):
+    """Appends ``count`` zero-content tokens in decoder layer 0."""
+
+    def __init__(self, count: int = 3) -> None:
+        super().__init__()
+        self.count = count
+
+    def decoder_layer(self, i: int, state: DecoderState, ctx: ForwardContext) -> DecoderState:
+        if i != 0:
+            ctx.state[self.key]["seen"] = state.queries.shape[1]
+            return state
+        ctx.state.setdefault(self.key, {})
+        n, _, c = state.queries.shape
+        extra = state.queries.new_zeros(n, self.count, c)
+        return DecoderState(
+            torch.cat([state.queries, extra], 1),
+            state.keys,
+            torch.cat([state.query_pe, extra], 1),
+            state.key_pe,
+            torch.cat([state.attn_out, extra], 1),
+        )
+
+
+def test_every_site_is_called_in_order_with_shapes(tiny_sam):
+    log: list = []
+    stack = PluginStack({"a": Recorder(log), "b": Recorder(log)})
+    with torch.no_grad():
+        HookedSam(tiny_sam, stack)(random_batch(2, prompt="box"))
+    sites = [entry[1] for entry in log if entry[0] == "a"]
+    blocks = [s for i in range(4) for s in (f"block_input{i}", f"block_output{i}")]
+    assert sites == ["on_image", *blocks, "prompts", "decoder_layer0", "decoder_layer1"]
+    assert log[0] == ("a", "on_image", (2, 3, 128, 128), (2, 8, 8, 64))
+    assert log[1][0] == "b"  # b runs right after a at each site
+    assert ("a", "prompts", (2, 2, 64), (2, 64, 8, 8)) in log
+    assert ("a", "decoder_layer0", (2, 5 + 2, 64)) in log
+
+
+def test_fold_hooks_chain_in_order(tiny_sam):
+    batch = random_batch(1)
+    with torch.no_grad():
+        twice = HookedSam(tiny_sam, PluginStack({"x": AddOne(1.0), "y": AddOne(2.0)}))(batch)
+        once = HookedSam(tiny_sam, PluginStack({"z": AddOne(3.0)}))(batch)
+    torch.testing.assert_close(twice.masks["sam"], once.masks["sam"])
+
+
+def test_declared_conflict_names_both_plugins():
+    from samflow_plugins.tokens import ExtraTokens
+
+    with pytest.raises(PluginConflictError, match="'h' .*Hates.* conflicts with plugin 't' .*ExtraTokens"):
+        PluginStack({"h": Hates(), "t": ExtraTokens()})
+
+
+def test_bad_plugin_values_and_keys():
+    with pytest.raises(TypeError, match="Plugin 'x' is a Linear, not a SamPlugin"):
+        PluginStack({"x": nn.Linear(1, 1)})
+    with pytest.raises(ValueError, match="without '.' or '/'"):
+        PluginStack({"a.b": SamPlugin()})
+
+
+def test_plugin_tokens_appended_in_a_decoder_layer_join_later_layers(tiny_sam):
+    stack = PluginStack({"app": AppendTokens(3)})
+    hooked = HookedSam(tiny_sam, stack)
+    batch = random_batch(2)
+    ctx = hooked.context(batch)
+    with torch.no_grad():
+        out = hooked(batch, ctx)
+    assert ctx.state["app"]["seen"] == 5 + 2 + 3
+    assert out.masks["sam"].shape == (2, 4, 32, 32)
+
+
+def test_extra_tokens_are_namespaced_and_selected(tiny_sam):
+    from samflow_plugins.tokens import ExtraTokens
+
+    stack = PluginStack({"first": ExtraTokens(num_tokens=2, predict=False), "second": ExtraTokens()})
+    with torch.no_grad():
+        out = HookedSam(tiny_sam, stack)(random_batch(2))
+    assert set(out.masks) == {"sam", "first/mask0", "first/mask1", "second/mask0"}
+    assert torch.equal(out.pred, out.masks["second/mask0"])
+
+
+def test_unused_sites_are_not_called(tiny_sam):
+    stack = PluginStack({"r": AddOne()})
+    HookedSam(tiny_sam, stack)
+    assert stack.uses("block_input") and not stack.uses("decoder_layer") and not stack.uses("prompts")
+    assert not isinstance(stack.output_tokens(), Tensor)

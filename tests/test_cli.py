@@ -1,0 +1,128 @@
+"""The samflow command as a user runs it: experiments, plugins, fit, validate, predict, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from samflow.cli import main
+
+FAST = [
+    "--trainer.max_epochs", "1",
+    "--trainer.limit_train_batches", "2",
+    "--trainer.limit_val_batches", "2",
+    "--trainer.num_sanity_val_steps", "2",
+    "--data.init_args.batch_size", "4",
+]
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "samflow", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"samflow {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(scope="module")
+def quickstart_root(workdir) -> str:
+    return str(workdir / "data")
+
+
+@pytest.fixture(scope="module")
+def fitted(workdir, quickstart_root) -> Path:
+    """One short quickstart fit shared by the tests that inspect its outputs."""
+    run(["fit", "--experiment", "quickstart", *FAST, "--data.init_args.quickstart.root", quickstart_root], workdir)
+    return workdir / "runs" / "quickstart" / "version_0"
+
+
+def test_experiments_lists_quickstart_with_description(capsys):
+    assert main(["experiments"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("quickstart"))
+    assert "camouflage" in line
+
+
+def test_plugins_lists_builtins_with_status(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["name", "class", "distribution", "version", "status"]
+    tokens = next(line for line in out if line.startswith("tokens "))
+    assert tokens.split() == ["tokens", "samflow_plugins.tokens.ExtraTokens", "samflow", "0.1.0", "ok"]
+
+
+def test_unknown_experiment_is_a_clear_error(capsys):
+    assert main(["fit", "--experiment", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "No experiment named 'nope'" in err and "quickstart" in err
+
+
+def test_unknown_command(capsys):
+    assert main(["train"]) == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+
+
+def test_fit_writes_run_outputs(fitted):
+    assert (fitted / "config.yaml").is_file()
+    assert list((fitted / "checkpoints").glob("*.ckpt"))
+    rows = list(csv.DictReader((fitted / "metrics.csv").open()))
+    assert any(row.get("val/iou") for row in rows) and any(row.get("train/loss") for row in rows)
+    grid = Image.open(fitted / "samples" / "val_epoch000.png")
+    assert grid.width == 3 * 128  # image | ground truth | prediction
+    report = json.loads((fitted / "val_before_after.json").read_text())
+    assert set(report["before"]) == set(report["after"]) == {"val/iou", "val/dice", "val/mae"}
+
+
+def test_checkpoint_omits_frozen_sam(fitted):
+    import torch
+
+    ckpt = torch.load(next((fitted / "checkpoints").glob("*.ckpt")), weights_only=False)
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("model.plugins.tokens.") for k in keys)
+    assert any(k.startswith("model.sam.mask_decoder.") for k in keys)  # trained by decoder_tuning
+    assert not any(k.startswith("model.sam.image_encoder.") for k in keys)
+    assert ckpt["samflow"]["sam"]["variant"] == "tiny"
+
+
+def test_overrides_after_the_experiment_win(fitted):
+    import yaml
+
+    config = yaml.safe_load((fitted / "config.yaml").read_text())
+    assert config["trainer"]["max_epochs"] == 1
+    assert config["data"]["init_args"]["batch_size"] == 4
+    assert config["model"]["plugins"]["tokens"]["init_args"]["lr"] == 3.0e-3
+
+
+def test_predict_writes_one_mask_per_image_at_original_size(fitted, workdir, quickstart_root):
+    ckpt = next((fitted / "checkpoints").glob("*.ckpt"))
+    out = workdir / "masks"
+    images = Path(quickstart_root) / "val" / "images"
+    run(
+        [
+            "predict", "--experiment", "quickstart", "--ckpt_path", str(ckpt),
+            "--data.init_args.quickstart.root", quickstart_root,
+            "--data.init_args.predict", str(images), "--predictions.output_dir", str(out),
+        ],
+        workdir,
+    )
+    sources = sorted(images.iterdir())
+    written = sorted(out.glob("*.png"))
+    assert [p.stem for p in written] == [p.stem for p in sources]
+    for source, mask in zip(sources, written):
+        assert Image.open(mask).size == Image.open(source).size
+        assert set(np.unique(np.asarray(Image.open(mask)))) <= {0, 255}
