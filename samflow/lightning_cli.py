@@ -6,6 +6,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from samflow.callbacks import ImprovementReport, MaskWriter, SampleGrid, TestReport
 from samflow.module import SamflowModule
@@ -31,6 +32,17 @@ class SamflowCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Plain ``ddp`` becomes ``ddp_find_unused_parameters_true``.
+
+        Trained SAM parts are often partly unused by a step's loss (SAM's IoU head, the multimask
+        hypernetworks with single-mask output), which plain DDP rejects.
+        """
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and config.get("trainer.strategy") == "ddp":
+            config["trainer.strategy"] = "ddp_find_unused_parameters_true"
+            rank_zero_info("samflow: using strategy 'ddp_find_unused_parameters_true' for 'ddp'.")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(SampleGrid, "samples")

@@ -47,3 +47,13 @@ def sam_reference(sam: Sam, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             masks.append(m)
             ious.append(i)
     return torch.cat(masks), torch.cat(ious)
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Give zero-initialised tables (position embeddings, rel-pos) random values so comparisons bite."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * std * 10)
+    return module

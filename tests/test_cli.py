@@ -16,7 +16,7 @@ from PIL import Image
 from samflow.cli import main
 
 FAST = [
-    "--trainer.max_epochs", "1",
+    "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
     "--trainer.limit_train_batches", "2",
     "--trainer.limit_val_batches", "2",
     "--trainer.num_sanity_val_steps", "2",

@@ -71,7 +71,13 @@ class HookedSam(nn.Module):
         if index is None:
             index = torch.arange(image.shape[0], device=image.device)
         return ForwardContext(
-            sam=self.sam, batch=batch, image=image, training=self.training, image_index=index, **kwargs
+            sam=self.sam,
+            batch=batch,
+            image=image,
+            training=self.training,
+            image_index=index,
+            multimask_output=self.multimask_output,
+            **kwargs,
         )
 
     # ---- image encoder ----
@@ -195,7 +201,7 @@ class HookedSam(nn.Module):
         iou_pred = dec.iou_prediction_head(hs[:, 0])
 
         masks = {"sam": sam_masks}
-        feats = DecoderFeatures(tokens=hs, src=src, upscaled=upscaled, sam_masks=sam_masks)
+        feats = DecoderFeatures(tokens=hs, src=src, upscaled=upscaled, sam_masks=sam_masks, iou_pred=iou_pred)
         masks.update(stack.decode_tokens(hs[:, 1 + dec.num_mask_tokens : n_out], feats, ctx))
         out = SamOutput(masks=masks, iou_pred=iou_pred, image_index=index)
         out.pred = stack.select(out, ctx)

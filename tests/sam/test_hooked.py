@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_batch, sam_reference
+from helpers import random_batch, randomize, sam_reference
 
-from conftest import randomize
 from samflow.sam import HookedSam, build_sam
 from samflow.sam.hooked import attend
 

@@ -1,0 +1,88 @@
+"""Loss registry and the weighted sum that training optimises.
+
+A loss spec maps registered names to a weight, or to a dict of a weight and constructor
+arguments::
+
+    build_loss({"bce": 1.0, "soft_iou": 1.0})                   # SAM-Adapter, COD
+    build_loss({"balanced_bce": 1.0})                           # SAM-Adapter, shadow
+    build_loss({"bce": 1.0, "dice": {"weight": 1.0, "smooth": 1.0}})   # HQ-SAM
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from numbers import Real
+from typing import Any
+
+from torch import Tensor, nn
+
+from samflow.losses.bce import BalancedBCELoss, BCELoss
+from samflow.losses.focal import FocalLoss
+from samflow.losses.overlap import DiceLoss, SoftIoULoss
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "bce": BCELoss,
+    "soft_iou": SoftIoULoss,
+    "dice": DiceLoss,
+    "focal": FocalLoss,
+    "balanced_bce": BalancedBCELoss,
+}
+
+TOTAL = "total"
+
+
+class WeightedLoss(nn.Module):
+    """``total = Σ_k w_k · L_k(logits, target)`` over named loss terms.
+
+    ``forward`` returns ``{name: w_k · L_k, ..., "total": Σ}`` so every term can be logged;
+    optimise ``["total"]``.
+    """
+
+    def __init__(self, *, losses: Mapping[str, nn.Module], weights: Mapping[str, float]) -> None:
+        super().__init__()
+        if not losses:
+            raise ValueError("WeightedLoss needs at least one loss term.")
+        if set(losses) != set(weights):
+            raise ValueError(f"WeightedLoss: losses {sorted(losses)} and weights {sorted(weights)} differ.")
+        if TOTAL in losses:
+            raise ValueError(f"WeightedLoss: {TOTAL!r} is reserved for the sum and cannot name a term.")
+        self.losses = nn.ModuleDict(dict(losses))
+        self.weights = {name: float(weights[name]) for name in losses}
+
+    def forward(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
+        terms = {name: self.weights[name] * loss(logits, target) for name, loss in self.losses.items()}
+        terms[TOTAL] = sum(terms.values())  # type: ignore[assignment]
+        return terms
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={weight:g}" for name, weight in self.weights.items())
+
+
+def build_loss(spec: Mapping[str, float | Mapping[str, Any]]) -> WeightedLoss:
+    """Build a :class:`WeightedLoss` from ``{name: weight}`` or ``{name: {"weight": w, **kwargs}}``.
+
+    ``weight`` defaults to 1 in the dict form; the other keys go to the loss constructor.
+    Raises ``ValueError`` on an unknown name (listing the valid ones) or a bad weight, and
+    ``TypeError`` on arguments the loss does not take.
+    """
+    if not spec:
+        raise ValueError(f"Loss spec is empty; name at least one of {sorted(LOSSES)}.")
+    losses: dict[str, nn.Module] = {}
+    weights: dict[str, float] = {}
+    for name, entry in spec.items():
+        if name not in LOSSES:
+            raise ValueError(f"Unknown loss {name!r} in loss spec; valid names are {sorted(LOSSES)}.")
+        if isinstance(entry, Mapping):
+            kwargs = dict(entry)
+            weight = kwargs.pop("weight", 1.0)
+        else:
+            kwargs, weight = {}, entry
+        if isinstance(weight, bool) or not isinstance(weight, Real) or weight < 0:
+            raise ValueError(f"Loss {name!r}: weight must be a number >= 0, got {weight!r}.")
+        try:
+            losses[name] = LOSSES[name](**kwargs)
+        except TypeError as err:
+            cls_name = LOSSES[name].__name__
+            raise TypeError(f"Loss {name!r} ({cls_name}): bad arguments {kwargs}: {err}") from err
+        weights[name] = float(weight)
+    return WeightedLoss(losses=losses, weights=weights)

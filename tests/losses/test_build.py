@@ -1,0 +1,63 @@
+"""The loss registry and build_loss specs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from samflow.losses import LOSSES, BCELoss, DiceLoss, SoftIoULoss, WeightedLoss, build_loss
+
+
+def test_registry_names() -> None:
+    assert set(LOSSES) == {"bce", "soft_iou", "dice", "focal", "balanced_bce"}
+
+
+def test_weighted_terms_and_total() -> None:
+    loss = build_loss({"bce": 2.0, "dice": {"weight": 0.5, "smooth": 0.0}})
+    target = torch.ones(1, 1, 2, 2)
+    terms = loss(torch.zeros_like(target), target)
+    assert set(terms) == {"bce", "dice", "total"}
+    assert terms["bce"].item() == pytest.approx(2 * math.log(2))
+    assert terms["dice"].item() == pytest.approx(0.5 * (1 - 4 / 6))
+    torch.testing.assert_close(terms["total"], terms["bce"] + terms["dice"])
+    assert isinstance(loss.losses["dice"], DiceLoss) and loss.losses["dice"].smooth == 0.0
+
+
+def test_dict_form_weight_defaults_to_one() -> None:
+    loss = build_loss({"soft_iou": {"eps": 1.0}})
+    assert loss.weights == {"soft_iou": 1.0}
+    assert isinstance(loss.losses["soft_iou"], SoftIoULoss) and loss.losses["soft_iou"].eps == 1.0
+
+
+def test_total_is_differentiable() -> None:
+    logits = torch.randn(2, 1, 4, 4, requires_grad=True)
+    build_loss({"bce": 1.0, "soft_iou": 1.0})(logits, torch.ones(2, 1, 4, 4))["total"].backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"'iou'.*balanced_bce.*bce.*dice.*focal.*soft_iou"):
+        build_loss({"iou": 1.0})
+
+
+@pytest.mark.parametrize("weight", [-1.0, "1", True, None])
+def test_bad_weight(weight: object) -> None:
+    with pytest.raises(ValueError, match="'bce': weight"):
+        build_loss({"bce": weight})  # type: ignore[dict-item]
+
+
+def test_bad_kwargs_name_the_loss() -> None:
+    with pytest.raises(TypeError, match="'dice' \\(DiceLoss\\)"):
+        build_loss({"dice": {"weight": 1.0, "smoth": 1.0}})
+
+
+def test_empty_spec() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        build_loss({})
+
+
+def test_weighted_loss_rejects_total_as_a_name() -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        WeightedLoss(losses={"total": BCELoss()}, weights={"total": 1.0})

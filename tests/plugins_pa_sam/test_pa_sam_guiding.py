@@ -1,0 +1,94 @@
+"""Guiding branch input: edges with kornia on the device, the reference's uint8 wrap-around, shapes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import random_batch
+from pa_sam_helpers import hooked
+
+from samflow_plugins.pa_sam import PASam
+from samflow_plugins.pa_sam.guiding import canny_edges, guiding_input, sobel_edges, wrap_to_uint8
+from samflow_plugins.pa_sam.plugin import _normalized
+
+MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+
+
+def test_uint8_cast_wraps_like_c():
+    values = torch.tensor([-2.2, -1.5, -1.0, -0.99, -0.3, 0.0, 0.7, 1.9, 2.6, 255.5, 300.0])
+    assert wrap_to_uint8(values).tolist() == [254, 255, 255, 0, 0, 0, 0, 1, 2, 255, 44]
+    grid = torch.linspace(-3, 3, 601)
+    assert wrap_to_uint8(grid).tolist() == [math.trunc(v) % 256 for v in grid.tolist()]
+
+
+def _step_image(left: float, right: float, channel: int | None = None) -> torch.Tensor:
+    """(1, 3, 16, 16) in [0, 1]: a vertical step between columns 7 and 8 (in one channel, or all)."""
+    image = torch.full((1, 3, 16, 16), left)
+    if channel is None:
+        image[..., 8:] = right
+    else:
+        image[:, channel, :, 8:] = right
+    return image
+
+
+def test_canny_finds_a_step_in_any_single_channel():
+    for channel in range(3):
+        edges = canny_edges(_step_image(0.2, 0.8, channel) * 255)
+        assert edges.shape == (1, 1, 16, 16)
+        columns = edges[0, 0].sum(0)
+        assert columns[7] == 16 and columns.sum() == 16  # one full column (the left side of the step)
+    assert canny_edges(torch.full((1, 3, 16, 16), 128.0)).sum() == 0
+
+
+def test_sobel_magnitude_of_a_step():
+    image = _step_image(0.0, 1.0)
+    edges = sobel_edges(image)
+    assert edges.shape == (1, 1, 16, 16)
+    assert edges[0, 0, 4, 0] < 1e-2 and edges[0, 0, 4, 7] > 0.4 and edges[0, 0, 4, 8] > 0.4
+    assert sobel_edges(torch.full((1, 3, 16, 16), 0.5)).max() < 1e-2
+
+
+def test_reference_edges_follow_the_wrap_not_the_image():
+    """A strong step from 100 to 250 stays in [0, 2] after the cast: the reference sees no edge there,
+    but it sees one where a channel crosses mean - std (a step from 40 to 80 in every channel)."""
+    for (left, right), seen_by_reference in [((100, 250), False), ((40, 80), True)]:
+        image = _step_image(left / 255, right / 255)
+        normalized = (image * 255 - MEAN) / STD
+        ref = guiding_input(image, normalized, (16, 16), reference_edges=True)
+        clean = guiding_input(image, normalized, (16, 16), edge_filter="canny")
+        assert torch.equal(ref[:, :3], normalized) and torch.equal(clean[:, :3], normalized)
+        assert clean[:, 3].sum() == 16
+        assert (ref[:, 3].sum() > 0) == seen_by_reference
+
+
+def test_guiding_input_is_resized_to_four_times_the_grid(tiny_sam):
+    batch = random_batch(2, prompt="box")
+    model = hooked(tiny_sam, {"pa": PASam()})
+    ctx = model.context(batch)
+    ctx.image_embeddings = model.encode(ctx)
+    x = guiding_input(ctx.image, ctx.normalized, (32, 32))
+    assert x.shape == (2, 4, 32, 32)
+    assert model.plugins["pa"].guide(ctx).shape == (2, 64, 64)  # (N, h*w, C)
+
+
+def test_normalisation_fallback_equals_the_encoders(tiny_sam):
+    batch = random_batch(2, prompt="box")
+    batch["input_size"] = torch.tensor([[128, 96], [100, 128]])
+    model = hooked(tiny_sam, {"pa": PASam()})
+    ctx = model.context(batch)
+    model.encode(ctx)
+    encoder = ctx.normalized
+    ctx.normalized = None
+    torch.testing.assert_close(_normalized(ctx), encoder)
+
+
+@pytest.mark.parametrize("kwargs", [{"edge_filter": "canny"}, {"reference_edges": True}])
+def test_edge_options_run_end_to_end(tiny_sam, kwargs):
+    batch = random_batch(2, prompt="box")
+    model = hooked(tiny_sam, {"pa": PASam(**kwargs)}).eval()
+    with torch.no_grad():
+        out = model(batch)
+    assert out.pred.shape == (2, 1, 32, 32) and torch.isfinite(out.pred).all()
