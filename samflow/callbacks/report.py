@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from typing_extensions import override
 
@@ -22,8 +22,10 @@ class ImprovementReport(Callback):
     """
 
     @override
-    @rank_zero_only
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
         before = getattr(pl_module, "initial_val_metrics", {})
         after = getattr(pl_module, "last_val_metrics", {})
         if not after:
@@ -33,8 +35,8 @@ class ImprovementReport(Callback):
             old = before.get(key)
             lines.append(f"  {key:<20} {'n/a' if old is None else f'{old:.4f}':>10} {value:.4f}")
         rank_zero_info("Validation before and after training:\n" + "\n".join(lines))
-        if trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "val_before_after.json"
+        if log_dir is not None:
+            path = Path(log_dir) / "val_before_after.json"
             path.write_text(json.dumps({"before": before, "after": after}, indent=2))
 
 
@@ -42,12 +44,12 @@ class TestReport(Callback):
     """Write the test metrics of every test set to ``test_metrics.json`` in the run folder."""
 
     @override
-    @rank_zero_only
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
         results = getattr(pl_module, "test_results", {})
-        if results and trainer.log_dir is not None:
-            Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-            (Path(trainer.log_dir) / "test_metrics.json").write_text(json.dumps(results, indent=2))
+        if trainer.is_global_zero and results and log_dir is not None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            (Path(log_dir) / "test_metrics.json").write_text(json.dumps(results, indent=2))
 
 
 class MaskWriter(BasePredictionWriter):
@@ -63,11 +65,12 @@ class MaskWriter(BasePredictionWriter):
         self.output_dir = output_dir
         self.save_probabilities = save_probabilities
 
-    def folder(self, trainer: Trainer) -> Path:
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # trainer.log_dir is a collective call under DDP: every rank asks, once
         base = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
-        path = Path(base)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        self._folder = Path(base)
+        self._folder.mkdir(parents=True, exist_ok=True)
 
     @override
     def write_on_batch_end(
@@ -80,7 +83,7 @@ class MaskWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        folder = self.folder(trainer)
+        folder = self._folder
         for name, mask, prob in zip(prediction["id"], prediction["masks"], prediction["probs"]):
             Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(folder / f"{name}.png")
             if self.save_probabilities:

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torch import Tensor
 from typing_extensions import override
@@ -64,14 +63,14 @@ class SampleGrid(Callback):
         self._rows.append((batch["image"][index][take].cpu(), batch["mask"][index][take].cpu(), pred[take].cpu()))
 
     @override
-    @rank_zero_only
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._rows or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
+        if not trainer.is_global_zero or not self._rows or log_dir is None:
             return
         images, targets, preds = (torch.cat(parts) for parts in zip(*self._rows))
         grid = mask_grid(images, targets, preds)
         stage = "sanity" if trainer.sanity_checking else f"epoch{trainer.current_epoch:03d}"
-        folder = Path(trainer.log_dir) / "samples"
+        folder = Path(log_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(folder / f"val_{stage}.png")
         for logger in trainer.loggers:
