@@ -5,12 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from samflow.callbacks import ImprovementReport, MaskWriter, SampleGrid, TestReport
 from samflow.module import SamflowModule
 from samflow.plugins.registry import discover
+
+
+class SaveConfig(SaveConfigCallback):
+    """Write the resolved config to the run folder and attach it to the W&B run."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
 class SamflowCLI(LightningCLI):
@@ -28,6 +39,7 @@ class SamflowCLI(LightningCLI):
             SamflowModule,
             LightningDataModule,
             subclass_mode_data=True,
+            save_config_callback=SaveConfig,
             save_config_kwargs={"overwrite": True},
             args=args,
             **kwargs,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +24,10 @@ from samflow.sam.hooked import HookedSam
 from samflow.sam.output import SamOutput
 
 SAM_PREFIX = "model.sam."
+
+# The frozen SAM stays in eval mode on purpose (HookedSam.train keeps it there); Lightning's notice
+# about modules in eval mode at the start of training is expected and only noise here.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 @dataclass
@@ -163,9 +168,11 @@ class SamflowModule(LightningModule):
     def compute_losses(self, out: SamOutput, batch: dict[str, Any], ctx: ForwardContext) -> dict[str, Tensor]:
         """The experiment's losses on the prediction plus every plugin's own terms; ``total`` sums them."""
         target = batch["mask"][out.image_index]
-        terms = self.loss(self.upsample(out.pred), target)
+        terms = self.loss(self.upsample(out.pred), target) if len(self.loss.losses) else {"total": 0.0}
         total = terms.pop("total")
         extra = self.plugins.losses(out, batch, ctx)
+        if not terms and not extra:
+            raise ValueError("No loss terms: set model.losses (e.g. {bce: 1.0, dice: 1.0}) or add a plugin with losses.")
         for value in extra.values():
             total = total + value
         return {**terms, **extra, "total": total}

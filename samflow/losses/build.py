@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from samflow.losses.bce import BalancedBCELoss, BCELoss
@@ -40,8 +41,6 @@ class WeightedLoss(nn.Module):
 
     def __init__(self, *, losses: Mapping[str, nn.Module], weights: Mapping[str, float]) -> None:
         super().__init__()
-        if not losses:
-            raise ValueError("WeightedLoss needs at least one loss term.")
         if set(losses) != set(weights):
             raise ValueError(f"WeightedLoss: losses {sorted(losses)} and weights {sorted(weights)} differ.")
         if TOTAL in losses:
@@ -51,7 +50,7 @@ class WeightedLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         terms = {name: self.weights[name] * loss(logits, target) for name, loss in self.losses.items()}
-        terms[TOTAL] = sum(terms.values())  # type: ignore[assignment]
+        terms[TOTAL] = sum(terms.values(), logits.new_zeros((), dtype=torch.float32))
         return terms
 
     def extra_repr(self) -> str:
@@ -61,12 +60,12 @@ class WeightedLoss(nn.Module):
 def build_loss(spec: Mapping[str, float | Mapping[str, Any]]) -> WeightedLoss:
     """Build a :class:`WeightedLoss` from ``{name: weight}`` or ``{name: {"weight": w, **kwargs}}``.
 
-    ``weight`` defaults to 1 in the dict form; the other keys go to the loss constructor.
+    ``weight`` defaults to 1 in the dict form; the other keys go to the loss constructor. An empty
+    spec gives only ``total = 0`` (for plugins that bring their own losses).
     Raises ``ValueError`` on an unknown name (listing the valid ones) or a bad weight, and
     ``TypeError`` on arguments the loss does not take.
     """
-    if not spec:
-        raise ValueError(f"Loss spec is empty; name at least one of {sorted(LOSSES)}.")
+    # An empty spec is allowed: a plugin may bring all the loss terms (HQ-SAM's point-sampled loss).
     losses: dict[str, nn.Module] = {}
     weights: dict[str, float] = {}
     for name, entry in spec.items():

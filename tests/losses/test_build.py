@@ -53,10 +53,10 @@ def test_bad_kwargs_name_the_loss() -> None:
         build_loss({"dice": {"weight": 1.0, "smoth": 1.0}})
 
 
-def test_empty_spec() -> None:
-    with pytest.raises(ValueError, match="empty"):
-        build_loss({})
-
+def test_empty_spec_gives_zero_total() -> None:
+    loss = build_loss({})
+    terms = loss(torch.randn(2, 1, 4, 4), torch.ones(2, 1, 4, 4))
+    assert list(terms) == ["total"] and terms["total"].item() == 0.0
 
 def test_weighted_loss_rejects_total_as_a_name() -> None:
     with pytest.raises(ValueError, match="reserved"):
