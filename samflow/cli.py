@@ -20,6 +20,15 @@ from typing import Any
 import yaml
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from samflow.data.folder import DataError
+    from samflow.plugins.registry import PluginError
+    from samflow.plugins.stack import PluginConflictError
+    from samflow.sam.build import CheckpointError
+
+    return (DataError, CheckpointError, PluginError, PluginConflictError, ExperimentError, FileNotFoundError)
 PACKAGED = files("samflow") / "experiments"
 
 
@@ -184,7 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     # DDP children re-run sys.argv: give them the resolved config path.
     sys.argv = [sys.argv[0], *args]
     configure_wandb()
-    run_cli(args, name or "samflow")
+    try:
+        run_cli(args, name or "samflow")
+    except _user_errors() as err:
+        # Bad input (a file, key or plugin): one clear line, no traceback. SAMFLOW_DEBUG=1 shows it.
+        if os.environ.get("SAMFLOW_DEBUG"):
+            raise
+        print(f"samflow: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

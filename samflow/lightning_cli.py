@@ -6,6 +6,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -13,6 +14,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from samflow.callbacks import ImprovementReport, MaskWriter, SampleGrid, TestReport
 from samflow.module import SamflowModule
 from samflow.plugins.registry import discover
+
+
+def _several_processes(config: Any) -> bool:
+    """Whether Lightning's 'auto' strategy would start DDP (several devices or nodes)."""
+    devices = config.get("trainer.devices")
+    if isinstance(devices, str):
+        devices = int(devices) if devices.lstrip("-").isdigit() else (devices.count(",") + 1 if "," in devices else 1)
+    count = len(devices) if isinstance(devices, (list, tuple)) else devices
+    return count == -1 or (isinstance(count, int) and count > 1) or (config.get("trainer.num_nodes") or 1) > 1
 
 
 class SaveConfig(SaveConfigCallback):
@@ -29,7 +39,8 @@ class SamflowCLI(LightningCLI):
 
     Runs are written to ``runs/<experiment>/version_N`` (CSV metrics, checkpoints, the resolved
     config, sample grids) and to W&B (offline without credentials). The callbacks are configurable
-    under ``samples``, ``predictions``.
+    under ``checkpoint`` (ModelCheckpoint; ``last.ckpt`` is kept), ``samples``, ``predictions``,
+    ``report`` and ``test_report``.
     """
 
     def __init__(self, run_name: str, args: list[str] | None = None, **kwargs: Any) -> None:
@@ -52,11 +63,15 @@ class SamflowCLI(LightningCLI):
         hypernetworks with single-mask output), which plain DDP rejects.
         """
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is not None and config.get("trainer.strategy") == "ddp":
+        if config is None:
+            return
+        strategy = config.get("trainer.strategy")
+        if strategy == "ddp" or (strategy == "auto" and _several_processes(config)):
             config["trainer.strategy"] = "ddp_find_unused_parameters_true"
-            rank_zero_info("samflow: using strategy 'ddp_find_unused_parameters_true' for 'ddp'.")
+            rank_zero_info(f"samflow: using strategy 'ddp_find_unused_parameters_true' for {strategy!r}.")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(MaskWriter, "predictions")
         parser.add_lightning_class_args(ImprovementReport, "report")
@@ -65,6 +80,7 @@ class SamflowCLI(LightningCLI):
         parser.set_defaults(
             {
                 "trainer.default_root_dir": f"runs/{name}",
+                "checkpoint.save_last": True,
                 "trainer.logger": [
                     {
                         "class_path": "lightning.pytorch.loggers.CSVLogger",

@@ -234,6 +234,16 @@ class SamflowModule(LightningModule):
         names = getattr(self.trainer.datamodule, f"{stage}_names", None) if self._trainer is not None else None
         return names[index] if names and index < len(names) else str(index)
 
+    def _reset(self, stage: str) -> None:
+        for name in [n for n in self._metrics if n.startswith(f"{stage}/")]:
+            del self._metrics[name]
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset("test")
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return self._evaluate("val", batch, dataloader_idx)
 

@@ -105,7 +105,7 @@ def test_overrides_after_the_experiment_win(fitted):
     config = yaml.safe_load((fitted / "config.yaml").read_text())
     assert config["trainer"]["max_epochs"] == 1
     assert config["data"]["init_args"]["batch_size"] == 4
-    assert config["model"]["plugins"]["tokens"]["init_args"]["lr"] == 3.0e-3
+    assert config["model"]["plugins"]["tokens"]["init_args"]["lr"] == 5.0e-3
 
 
 def test_predict_writes_one_mask_per_image_at_original_size(fitted, workdir, quickstart_root):

@@ -8,6 +8,7 @@ validation, test and predict prompts are seeded per sample index, so they are th
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from samflow.data.batch import collate
-from samflow.data.folder import MaskFolderDataset
+from samflow.data.folder import DataError, MaskFolderDataset
 from samflow.data.prompts import NoPrompt, build_prompt
 from samflow.data.quickstart import MARKER, make_quickstart_data
 from samflow.data.transforms import GpuAugment, ResizeMode
@@ -27,23 +28,86 @@ SplitSpec = str | dict[str, Any] | list[str | dict[str, Any]] | None
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
+def _check_split_spec(split: str, spec: SplitSpec) -> None:
+    """Reject a dict without ``root`` early: it is most likely a mapping of named sets."""
+    if isinstance(spec, Mapping) and "root" not in spec:
+        hint = (
+            f" To evaluate on several named datasets, use data.{split}_sets: {{NAME: spec, ...}}."
+            if split in ("val", "test")
+            else ""
+        )
+        raise ValueError(
+            f"data.{split} is a mapping without a 'root' key ({dict(spec)}). A split spec is a folder, a "
+            f"dict {{root: ..., images: ..., masks: ...}}, or a list of those.{hint}"
+        )
+
+
+def _check_named_sets(
+    split: str, spec: SplitSpec, named: Mapping[str, SplitSpec] | None
+) -> dict[str, SplitSpec] | None:
+    """Check ``val_sets`` / ``test_sets``: a non-empty name -> split spec mapping, without the plain split."""
+    if named is None:
+        return None
+    key = f"data.{split}_sets"
+    if spec is not None:
+        raise ValueError(
+            f"Give data.{split} or {key}, not both (got {split}={spec!r} and {key}={dict(named)!r})."
+        )
+    if not isinstance(named, Mapping) or not named:
+        raise ValueError(f"{key} must be a non-empty mapping of dataset name -> split spec, got {named!r}.")
+    for name, value in named.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{key}: dataset names must be non-empty strings, got {name!r}.")
+        if value is None:
+            raise ValueError(
+                f"{key}.{name} has no split spec; give a folder root, a dict with 'root', or a list."
+            )
+        _check_split_spec(f"{split}_sets.{name}", value)
+    return dict(named)
+
+
 def default_quickstart_root() -> Path:
     """``$XDG_CACHE_HOME/samflow/quickstart`` (``~/.cache/samflow/quickstart`` by default)."""
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "samflow" / "quickstart"
 
 
 class SegmentationDataModule(L.LightningDataModule):
-    """Image / mask folders as train, val, test and predict splits.
+    """Image / mask folders as train, val, test and predict splits, with named evaluation sets.
+
+    A *split spec* is a dataset root (holding ``images/`` and ``masks/``), a dict
+    ``{"root": ..., "images": "Imgs", "masks": "GT", "image_suffixes": [...], "mask_suffixes": [...]}``
+    (the key ``root`` is required), or a list of those, concatenated into one dataset (e.g. the
+    HQSeg-44K parts).
+
+    **Named evaluation sets.** Benchmarks report each test dataset separately. ``val_sets`` and
+    ``test_sets`` map a dataset name to a split spec; each name gets its own data loader, in the order
+    given, and metric names get the dataset name as a suffix when there are several
+    (``test/iou/COD10K``, ``test/iou/CAMO``):
+
+    .. code-block:: yaml
+
+        test_sets:
+          COD10K: /data/COD10K/test
+          CAMO: {root: /data/CAMO/test, images: Imgs, masks: GT}
+          CHAMELEON: /data/CHAMELEON
+
+    ``test`` and ``test_sets`` (likewise ``val`` and ``val_sets``) exclude each other. The two forms
+    cannot be confused: a split spec dict always has a ``root`` key, and a ``test`` dict without one is
+    rejected with a pointer to ``test_sets``. ``val_names`` and ``test_names`` list the dataset names in
+    data-loader order (``["val"]`` / ``["test"]`` for a single unnamed split, ``[]`` when there is none);
+    ``SamflowModule`` and ``TestReport`` read them.
+
+    Paths are checked when the datasets are built (``setup``, i.e. when a run starts), not when the
+    config is parsed; a missing folder is a ``DataError`` that names the config key and the path.
 
     Args:
-        train: training split: a dataset root (holding ``images/`` and ``masks/``), a dict
-            ``{"root": ..., "images": "Imgs", "masks": "GT", "image_suffixes": [...],
-            "mask_suffixes": [...]}``,
-            or a list of those (concatenated, e.g. the HQSeg-44K parts).
-        val: validation split, same forms.
-        test: test split, same forms.
+        train: training split (a split spec).
+        val: validation split (a split spec); or use ``val_sets``.
+        test: test split (a split spec); or use ``test_sets``.
         predict: predict split, same forms; masks are optional (a root without a mask folder, or even a
             plain folder of images, predicts without ground truth and without prompts).
+        val_sets: several named validation sets, name -> split spec (one data loader each).
+        test_sets: several named test sets, name -> split spec (one data loader each).
         img_size: S, the side of the model's square input (1024 for SAM, 128 for the tiny test SAM).
         resize_mode: ``"longest"`` (SAM's: longest side to S, zero-pad bottom / right) or ``"stretch"``.
         prompt: training prompt, a ``build_prompt`` spec: ``"none"``, ``"box"``, ``"points"``,
@@ -67,6 +131,8 @@ class SegmentationDataModule(L.LightningDataModule):
         val: SplitSpec = None,
         test: SplitSpec = None,
         predict: SplitSpec = None,
+        val_sets: dict[str, SplitSpec] | None = None,
+        test_sets: dict[str, SplitSpec] | None = None,
         img_size: int = 1024,
         resize_mode: ResizeMode = "longest",
         prompt: str | dict[str, Any] = "box",
@@ -82,6 +148,12 @@ class SegmentationDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters(ignore=["augment"])
         self.splits: dict[str, SplitSpec] = {"train": train, "val": val, "test": test, "predict": predict}
+        for split, spec in self.splits.items():
+            _check_split_spec(split, spec)
+        self.named_sets: dict[str, dict[str, SplitSpec] | None] = {
+            "val": _check_named_sets("val", val, val_sets),
+            "test": _check_named_sets("test", test, test_sets),
+        }
         self.img_size = img_size
         self.resize_mode = resize_mode
         self.prompt = prompt
@@ -94,6 +166,16 @@ class SegmentationDataModule(L.LightningDataModule):
         self.quickstart = {} if quickstart is True else (dict(quickstart) if quickstart else None)
         self.pin_memory = pin_memory
         self.datasets: dict[str, MaskFolderDataset] = {}
+
+    @property
+    def val_names(self) -> list[str]:
+        """Names of the validation sets in data-loader order (``["val"]`` for a plain ``val``)."""
+        return list(self._sets("val"))
+
+    @property
+    def test_names(self) -> list[str]:
+        """Names of the test sets in data-loader order (``["test"]`` for a plain ``test``)."""
+        return list(self._sets("test"))
 
     def _quickstart_root(self) -> Path:
         assert self.quickstart is not None
@@ -111,38 +193,94 @@ class SegmentationDataModule(L.LightningDataModule):
             return str(self._quickstart_root() / ("train" if split == "train" else "val"))
         return spec
 
-    def build_dataset(self, split: str) -> MaskFolderDataset:
-        """Build the dataset of ``split`` ("train", "val", "test" or "predict")."""
+    def _sets(self, split: str) -> dict[str, SplitSpec]:
+        """Dataset name -> split spec of ``split``, in loader order; ``{}`` when the split is not set."""
+        named = self.named_sets.get(split)
+        if named is not None:
+            return dict(named)
         spec = self._spec(split)
-        if spec is None:
-            raise ValueError(f"SegmentationDataModule: no '{split}' data; set data.{split} (a folder root).")
+        return {} if spec is None else {split: spec}
+
+    def _named(self, split: str) -> bool:
+        return self.named_sets.get(split) is not None
+
+    def _default_name(self, split: str) -> str:
+        """The set a bare ``split`` refers to: the first named set, or the split itself."""
+        return next(iter(self._sets(split)), split) if self._named(split) else split
+
+    def _key(self, split: str, name: str | None = None) -> str:
+        """The ``datasets`` key of one set: the split itself, or ``split/name`` for a named set."""
+        return f"{split}/{name or self._default_name(split)}" if self._named(split) else split
+
+    def _config_key(self, split: str, name: str) -> str:
+        if self._named(split):
+            return f"data.{split}_sets.{name}"
+        if self.splits[split] is None and self.quickstart is not None:
+            return "data.quickstart"
+        return f"data.{split}"
+
+    def build_dataset(self, split: str, name: str | None = None) -> MaskFolderDataset:
+        """Build the dataset of ``split`` ("train", "val", "test" or "predict").
+
+        Args:
+            split: the split.
+            name: for ``val`` / ``test`` given as named sets, which set (default: the first).
+        """
+        sets = self._sets(split)
+        name = self._default_name(split) if name is None else name
+        if not sets:
+            alternative = f" or data.{split}_sets (named sets)" if split in self.named_sets else ""
+            raise ValueError(
+                f"SegmentationDataModule: no '{split}' data; set data.{split} (a folder root){alternative}."
+            )
+        if name not in sets:
+            raise ValueError(
+                f"SegmentationDataModule: no {split} set named {name!r}; the sets are {list(sets)}."
+            )
+        spec = sets[name]
         training = split == "train"
-        dataset = MaskFolderDataset(
-            spec,
-            prompt=self.prompt if training else self.eval_prompt,
-            img_size=self.img_size,
-            resize_mode=self.resize_mode,
-            prompt_seed=None if training else self.seed,
-            require_masks=split != "predict",
-        )
+        try:
+            dataset = MaskFolderDataset(
+                spec,
+                prompt=self.prompt if training else self.eval_prompt,
+                img_size=self.img_size,
+                resize_mode=self.resize_mode,
+                prompt_seed=None if training else self.seed,
+                require_masks=split != "predict",
+            )
+        except DataError as err:
+            raise DataError(f"{self._config_key(split, name)}: {err}") from err
         wants_prompts = not isinstance(build_prompt(self.eval_prompt), NoPrompt)
         if split == "predict" and not dataset.has_masks and wants_prompts:
             rank_zero_warn(f"The predict data {spec} has no masks, so it is predicted without prompts.")
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets the stage needs that are set (all of them when ``stage`` is None)."""
+        """Build the datasets the stage needs that are set (all of them when ``stage`` is None).
+
+        This is where dataset paths are checked: a missing folder fails here, naming the config key.
+        """
         if self.quickstart is not None and not (self._quickstart_root() / MARKER).is_file():
             self.prepare_data()  # outside a Trainer nobody called prepare_data
         for split in _STAGE_SPLITS.get(stage or "", ("train", "val", "test", "predict")):
-            if split not in self.datasets and self._spec(split) is not None:
-                self.datasets[split] = self.build_dataset(split)
+            for name in self._sets(split):
+                key = self._key(split, name)
+                if key not in self.datasets:
+                    self.datasets[key] = self.build_dataset(split, name)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            self.datasets[split] = self.build_dataset(split)
+    def _dataset(self, split: str, name: str | None = None) -> MaskFolderDataset:
+        """The (cached) dataset of one set of ``split``; ``name`` None means the split's default set."""
+        if name is not None and name not in self._sets(split):
+            sets = list(self._sets(split))
+            raise ValueError(f"SegmentationDataModule: no {split} set named {name!r}; the sets are {sets}.")
+        key = self._key(split, name)
+        if key not in self.datasets:
+            self.datasets[key] = self.build_dataset(split, name)
+        return self.datasets[key]
+
+    def _loader(self, split: str, shuffle: bool, name: str | None = None) -> DataLoader:
         return DataLoader(
-            self.datasets[split],
+            self._dataset(split, name),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -151,19 +289,27 @@ class SegmentationDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _eval_loaders(self, split: str) -> DataLoader | list[DataLoader]:
+        """One loader for a plain split, a list (one per name, in order) for named sets."""
+        if not self._named(split):
+            return self._loader(split, shuffle=False)
+        return [self._loader(split, shuffle=False, name=name) for name in self._sets(split)]
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        """Validation batches in a fixed order; an empty list (no validation) when ``val`` is not set."""
-        if "val" not in self.datasets and self._spec("val") is None:
+        """Validation batches in a fixed order: one loader, one per named set (``val_sets``), or an empty
+        list (no validation) when neither ``val`` nor ``val_sets`` is set."""
+        if not self._sets("val"):
             return []
-        return self._loader("val", shuffle=False)
+        return self._eval_loaders("val")
 
-    def test_dataloader(self) -> DataLoader:
-        """Test batches in a fixed order (the quickstart's val data when only ``quickstart`` is set)."""
-        return self._loader("test", shuffle=False)
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Test batches in a fixed order: one loader, or one per named set (``test_sets``). The
+        quickstart's val data when only ``quickstart`` is set."""
+        return self._eval_loaders("test")
 
     def predict_dataloader(self) -> DataLoader:
         """Predict batches in a fixed order."""
@@ -176,10 +322,12 @@ class SegmentationDataModule(L.LightningDataModule):
         return batch
 
     def batch_example(self, split: str = "val", size: int = 2) -> dict[str, Any]:
-        """A collated batch of the first ``size`` samples of ``split`` (for tests and logging)."""
-        if split not in self.datasets:
-            self.datasets[split] = self.build_dataset(split)
-        dataset = self.datasets[split]
+        """A collated batch of the first ``size`` samples of ``split`` (for tests and logging).
+
+        ``split`` is a split name (the first set for named sets) or ``"val/NAME"`` / ``"test/NAME"``.
+        """
+        split, _, name = split.partition("/")
+        dataset = self._dataset(split, name or None)
         return collate([dataset[i] for i in range(min(size, len(dataset)))])
 
     def __repr__(self) -> str:

@@ -11,10 +11,23 @@ from samflow.metrics.boundary_iou import BoundaryIoU
 from samflow.metrics.segmentation import BinaryDice, BinaryIoU, MeanAbsoluteError
 from samflow.metrics.sod import EMeasure, SMeasure, WeightedFMeasure
 
+
+class SodMAE(MeanAbsoluteError):
+    """The SOD benchmarks' MAE (PySODMetrics, SAM-Adapter): each prediction min-max normalised first.
+
+    ``MeanAbsoluteError(normalize=True)`` under the registry name ``mae_sod``; ``mae`` is the plain
+    MAE of the probabilities.
+    """
+
+    def __init__(self, *, normalize: bool = True, **kwargs) -> None:
+        super().__init__(normalize=normalize, **kwargs)
+
+
 METRICS: dict[str, type[Metric]] = {
     "iou": BinaryIoU,
     "dice": BinaryDice,
     "mae": MeanAbsoluteError,
+    "mae_sod": SodMAE,
     "boundary_iou": BoundaryIoU,
     "s_measure": SMeasure,
     "e_measure": EMeasure,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
-from samflow.data import GpuAugment, SegmentationDataModule
+from samflow.data import DataError, GpuAugment, SegmentationDataModule
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,99 @@ def test_trainer_augments_training_batches_only(quickstart_root: Path) -> None:
     trainer.fit(probe, datamodule=dm)
     assert all((size == 32).all() for size in probe.seen["train"])  # augmented: the S x S frame
     assert len(probe.seen["val"]) == 1 and (probe.seen["val"][0] < 32).any()  # not augmented
+
+
+# ---- named evaluation sets (val_sets / test_sets) ----
+def _sets(tmp_path: Path, pngs: SimpleNamespace, sizes: dict[str, int]) -> dict[str, str]:
+    """One root per name with ``n`` pairs each; names keep their (non-alphabetical) order."""
+    return {
+        name: str(pngs.pairs(tmp_path / name, [f"{name}{i}" for i in range(n)]))
+        for name, n in sizes.items()
+    }
+
+
+def test_named_test_sets_give_one_loader_each_in_order(tmp_path: Path, pngs: SimpleNamespace) -> None:
+    roots = _sets(tmp_path, pngs, {"Zeta": 3, "Alpha": 2})
+    dm = SegmentationDataModule(test_sets=roots, img_size=16, batch_size=2)
+    assert dm.test_names == ["Zeta", "Alpha"] and dm.val_names == []
+    dm.setup("test")
+    loaders = dm.test_dataloader()
+    assert isinstance(loaders, list) and [len(loader.dataset) for loader in loaders] == [3, 2]
+    assert next(iter(loaders[1]))["id"] == ["Alpha0", "Alpha1"]
+    assert dm.batch_example("test/Alpha")["id"] == ["Alpha0", "Alpha1"]
+    assert dm.batch_example("test")["id"] == ["Zeta0", "Zeta1"]  # a bare split means its first set
+
+
+def test_named_val_sets_and_dict_specs(tmp_path: Path, pngs: SimpleNamespace) -> None:
+    roots = _sets(tmp_path, pngs, {"B": 1, "A": 2})
+    val_sets = {"B": roots["B"], "A": {"root": roots["A"], "images": "images", "masks": "masks"}}
+    dm = SegmentationDataModule(train=roots["A"], val_sets=val_sets, img_size=16)
+    assert dm.val_names == ["B", "A"]
+    dm.setup("fit")
+    assert [len(loader.dataset) for loader in dm.val_dataloader()] == [1, 2]
+    assert set(dm.datasets) == {"train", "val/B", "val/A"}
+
+
+def test_plain_splits_are_named_after_the_split(pair_root: Path, quickstart_root: Path) -> None:
+    dm = SegmentationDataModule(val=str(pair_root), test=str(pair_root), img_size=16)
+    assert dm.val_names == ["val"] and dm.test_names == ["test"]
+    assert not isinstance(dm.test_dataloader(), list)  # one set: one loader, as before
+    assert SegmentationDataModule(train=str(pair_root)).test_names == []
+    assert _module(quickstart_root).test_names == ["test"]  # the quickstart's val stands in
+
+
+def test_named_set_forms_are_unambiguous(pair_root: Path) -> None:
+    with pytest.raises(ValueError, match="data.test or data.test_sets, not both"):
+        SegmentationDataModule(test=str(pair_root), test_sets={"A": str(pair_root)})
+    with pytest.raises(ValueError, match=r"data.test is a mapping without a 'root' key.*use data.test_sets"):
+        SegmentationDataModule(test={"COD10K": str(pair_root), "CAMO": str(pair_root)})
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        SegmentationDataModule(val_sets={})
+    with pytest.raises(ValueError, match=r"data.val_sets.A has no split spec"):
+        SegmentationDataModule(val_sets={"A": None})
+    with pytest.raises(ValueError, match=r"data.test_sets.A is a mapping without a 'root' key"):
+        SegmentationDataModule(test_sets={"A": {"images": "Imgs"}})
+
+
+def test_missing_root_fails_at_setup_naming_the_key_and_path(tmp_path: Path, pair_root: Path) -> None:
+    missing = tmp_path / "nowhere" / "CAMO" / "test"
+    dm = SegmentationDataModule(test_sets={"COD10K": str(pair_root), "CAMO": str(missing)}, img_size=16)
+    assert dm.test_names == ["COD10K", "CAMO"]  # building the module checks no path
+    with pytest.raises(DataError, match=rf"data.test_sets.CAMO: Dataset root {missing} does not exist"):
+        dm.setup("test")
+    with pytest.raises(ValueError, match=r"no test set named 'NC4K'; the sets are \['COD10K', 'CAMO'\]"):
+        dm.batch_example("test/NC4K")
+
+
+def test_named_sets_parse_like_lightning_cli(pair_root: Path) -> None:
+    parser = ArgumentParser()
+    parser.add_class_arguments(SegmentationDataModule, "data")
+    config = parser.parse_args(
+        [
+            "--data.img_size=16",
+            f"--data.test_sets={{A: {pair_root}, B: {{root: {pair_root}, images: images}}}}",
+            f"--data.test_sets.C={pair_root}",  # one set added or replaced on the command line
+        ]
+    )
+    dm = parser.instantiate_classes(config).data
+    assert dm.test_names == ["A", "B", "C"]
+    dm.setup("test")
+    assert [len(loader.dataset) for loader in dm.test_dataloader()] == [3, 3, 3]
+
+
+def test_module_suffixes_metrics_with_the_set_names(tmp_path: Path, pngs: SimpleNamespace) -> None:
+    from samflow.module import SamflowModule, SamSpec
+
+    roots = _sets(tmp_path, pngs, {"COD10K": 2, "CAMO": 1})
+    dm = SegmentationDataModule(test_sets=roots, img_size=128, batch_size=2)
+    module = SamflowModule(sam=SamSpec(variant="tiny"), metrics=["iou"])
+    trainer = L.Trainer(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=str(tmp_path),
+    )
+    trainer.test(module, datamodule=dm, verbose=False)
+    assert set(module.test_results) == {"test/iou/COD10K", "test/iou/CAMO"}
+    fresh = SamflowModule(sam=SamSpec(variant="tiny"), metrics=["iou"])
+    one = SegmentationDataModule(test_sets={"CAMO": roots["CAMO"]}, img_size=128)
+    trainer.test(fresh, datamodule=one, verbose=False)
+    assert set(fresh.test_results) == {"test/iou"}  # one set: no suffix
