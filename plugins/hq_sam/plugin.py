@@ -109,14 +109,12 @@ class HQSam(SamPlugin):
         return self.hf_token.weight  # (1, C)
 
     @override
-    def block_output(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
-        if i == self.early_block:
-            ctx.state.setdefault(self.key, {})["early"] = x  # (B, h, w, C_vit)
-        return x
+    def encoder_features(self) -> tuple[int, ...]:
+        return (self.early_block,)  # F_early: read, never changed, so the encoder stays cacheable
 
     def hq_features(self, upscaled: Tensor, ctx: ForwardContext) -> Tensor:
         """Global-local fusion F_hq (N, C/8, 4h, 4w): the image terms once per image, then per prompt row."""
-        early = ctx.state.get(self.key, {}).get("early")
+        early = ctx.encoder_features.get(self.early_block)  # (B, h, w, C_vit)
         if early is None:
             raise RuntimeError(
                 f"Plugin {self.key!r} (hq_sam): the output of encoder block {self.early_block} was not "

@@ -33,6 +33,8 @@ class ForwardContext:
         multimask_output: the model's rule for SAM's own mask: token 0 (False) or the best of
             tokens 1..3 by predicted IoU (True); plugins that combine their masks with SAM's follow it.
         image_embeddings: the neck output (B, C, h, w), set after the encoder.
+        encoder_features: outputs (B, h, w, C) of the encoder blocks that plugins ask for with
+            ``SamPlugin.encoder_features``, by block index, set after the encoder.
         image_pe: SAM's dense positional encoding (1, C, h, w), set before the decoder.
         state: scratch space per plugin key, emptied every forward.
     """
@@ -47,6 +49,7 @@ class ForwardContext:
     multimask_output: bool = False
     normalized: Tensor | None = None
     image_embeddings: Tensor | None = None
+    encoder_features: dict[int, Tensor] = field(default_factory=dict)
     image_pe: Tensor | None = None
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -106,6 +109,14 @@ class SamPlugin(nn.Module):
     def output_tokens(self) -> Tensor | None:
         """Extra decoder output tokens (T, C), placed after SAM's mask tokens."""
         return None
+
+    def encoder_features(self) -> tuple[int, ...]:
+        """Encoder blocks whose outputs this plugin reads, from ``ctx.encoder_features[i]`` (B, h, w, C).
+
+        Prefer this to overriding ``block_output`` to capture a feature: a plugin that only reads
+        the encoder leaves it a pure function of the image, so its outputs can be cached.
+        """
+        return ()
 
     # ---- forward (per batch) ----
     def on_image(self, image: Tensor, tokens: Tensor, ctx: ForwardContext) -> None:

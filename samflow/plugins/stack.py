@@ -38,6 +38,9 @@ HOOKS = (
     "output_tokens",
 )
 
+#: Hooks that run inside the image encoder; a plugin using one makes the encoder's output its own.
+ENCODER_HOOKS = ("on_image", "block_input", "attn_logits", "block_output")
+
 
 class PluginConflictError(ValueError):
     """Two plugins of an experiment cannot run together."""
@@ -86,6 +89,14 @@ class PluginStack(nn.ModuleDict):
         for plugin in self._users["output_tokens"]:
             tokens = plugin.output_tokens()
             self._token_counts.append((plugin, 0 if tokens is None else tokens.shape[0]))
+
+    def encoder_features(self) -> tuple[int, ...]:
+        """Encoder blocks whose outputs any plugin reads, sorted."""
+        return tuple(sorted({i for p in self.values() for i in p.encoder_features()}))
+
+    def encoder_hook_users(self) -> list[str]:
+        """``key (hook)`` for every plugin that changes or sees the inside of the image encoder."""
+        return [f"{p.key} ({hook})" for hook in ENCODER_HOOKS for p in self._users.get(hook, [])]
 
     def uses(self, hook: str) -> bool:
         """Whether any plugin overrides ``hook``."""

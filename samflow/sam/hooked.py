@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from samflow.plugins.base import DecoderFeatures, DecoderState, ForwardContext
 from samflow.plugins.stack import PluginStack
+from samflow.sam.cache import EncoderCache
 from samflow.sam.output import SamOutput
 
 PROMPT_KEYS = ("points", "point_labels", "boxes", "has_box", "mask_prompt", "has_mask_prompt")
@@ -34,14 +36,28 @@ class HookedSam(nn.Module):
         sam: a (frozen) segment-anything ``Sam``.
         plugins: the plugin stack; its ``setup`` runs here.
         multimask_output: SAM's selection rule: token 0 (False) or best of tokens 1..3 (True).
+        checkpoint_blocks: recompute each encoder block in the backward pass instead of keeping its
+            activations (activation checkpointing): less memory, about one more encoder forward of
+            time, and only in training when gradients flow through the encoder (e.g. SAM-Adapter).
+        encoder_cache: reuse the encoder's outputs for images seen before (see ``EncoderCache``);
+            only valid when no plugin changes the encoder, which ``check_encoder_cache`` enforces.
     """
 
-    def __init__(self, sam: Sam, plugins: PluginStack | None = None, multimask_output: bool = False) -> None:
+    def __init__(
+        self,
+        sam: Sam,
+        plugins: PluginStack | None = None,
+        multimask_output: bool = False,
+        checkpoint_blocks: bool = False,
+        encoder_cache: EncoderCache | None = None,
+    ) -> None:
         super().__init__()
         self.sam = sam
         self.plugins = plugins if plugins is not None else PluginStack()
         self.plugins.setup(sam)
         self.multimask_output = multimask_output
+        self.checkpoint_blocks = checkpoint_blocks
+        self.encoder_cache = encoder_cache
 
     @property
     def img_size(self) -> int:
@@ -94,19 +110,56 @@ class HookedSam(nn.Module):
         return x
 
     def encode(self, ctx: ForwardContext) -> Tensor:
-        """Image encoder with hook sites -> image embeddings (B, C, h, w)."""
-        enc = self.sam.image_encoder
-        stack = self.plugins
+        """Image encoder with hook sites -> image embeddings (B, C, h, w).
+
+        Sets ``ctx.normalized`` and ``ctx.encoder_features`` (the blocks plugins asked for).
+        """
         x = self.preprocess(ctx.image, ctx.batch.get("input_size"))
         ctx.normalized = x
+        if self.encoder_cache is None:
+            embeddings, ctx.encoder_features = self.run_encoder(x, ctx)
+        else:
+            self.check_encoder_cache()
+            blocks = self.plugins.encoder_features()
+            embeddings, ctx.encoder_features = self.encoder_cache.encode(
+                x, blocks, lambda sub: self.run_encoder(sub, ctx), "train" if self.training else "eval"
+            )
+        return embeddings
+
+    def run_encoder(self, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, dict[int, Tensor]]:
+        """The encoder on normalised images ``x`` -> (embeddings, {block: output}) for the blocks plugins read."""
+        enc = self.sam.image_encoder
+        stack = self.plugins
+        wanted = set(stack.encoder_features())
         tokens = enc.patch_embed(x)  # (B, h, w, C)
         stack.on_image(x, tokens, ctx)
         x = tokens + enc.pos_embed if enc.pos_embed is not None else tokens
+        features: dict[int, Tensor] = {}
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for i, block in enumerate(enc.blocks):
-            x = stack.block_input(i, x, ctx)
-            x = self._block(i, block, x, ctx)
-            x = stack.block_output(i, x, ctx)
-        return enc.neck(x.permute(0, 3, 1, 2))
+            if recompute:
+                x = checkpoint(self._hooked_block, i, block, x, ctx, use_reentrant=False)
+            else:
+                x = self._hooked_block(i, block, x, ctx)
+            if i in wanted:
+                features[i] = x
+        return enc.neck(x.permute(0, 3, 1, 2)), features
+
+    def check_encoder_cache(self) -> None:
+        """Fail when the encoder's outputs are not a pure function of the image, so a cache would be wrong."""
+        users = self.plugins.encoder_hook_users()
+        trained = [n for n, p in self.sam.image_encoder.named_parameters() if p.requires_grad]
+        if users or trained:
+            what = f"plugins {', '.join(users)} change it" if users else f"its parameters {trained[:3]} are trained"
+            raise ValueError(
+                f"encoder_cache is on, but the image encoder's output is not a fixed function of the image: {what}. "
+                "Turn the cache off (model.sam.encoder_cache: 0) for this experiment."
+            )
+
+    def _hooked_block(self, i: int, block: nn.Module, x: Tensor, ctx: ForwardContext) -> Tensor:
+        x = self.plugins.block_input(i, x, ctx)
+        x = self._block(i, block, x, ctx)
+        return self.plugins.block_output(i, x, ctx)
 
     def _block(self, i: int, block: nn.Module, x: Tensor, ctx: ForwardContext) -> Tensor:
         shortcut = x
