@@ -154,7 +154,12 @@ class MemoryProbe:
 def case_label(spec: dict[str, Any]) -> str:
     if spec["kind"] == "forward":
         return f"forward/{spec['part']}"
-    return "train_step"
+    label = "train_step"
+    if spec.get("encoder_cache"):
+        label += "+cache"
+    if spec.get("checkpoint_blocks"):
+        label += "+ckpt"
+    return label
 
 
 def _autocast(spec: dict[str, Any], device: torch.device):
@@ -203,7 +208,14 @@ def _build_train(spec: dict[str, Any], device: torch.device):
     torch.manual_seed(spec["seed"])
     plugins = {name: create_plugin(name) for name in spec["plugins"]}
     module = SamflowModule(
-        sam=SamSpec(variant=spec["variant"], img_size=spec["img_size"], seed=spec["seed"]), plugins=plugins
+        sam=SamSpec(
+            variant=spec["variant"],
+            img_size=spec["img_size"],
+            seed=spec["seed"],
+            encoder_cache=spec.get("encoder_cache", 0),
+            checkpoint_blocks=spec.get("checkpoint_blocks", False),
+        ),
+        plugins=plugins,
     ).to(device)
     module.train()
     optimizer = module.configure_optimizers()
@@ -344,6 +356,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="run each case in a fresh subprocess (auto: on CPU, where peak RSS needs it) or in-process",
     )
+    p.add_argument(
+        "--encoder-cache",
+        type=int,
+        default=0,
+        help="SamSpec.encoder_cache of the training step: >0 caches encoder outputs; the timed batch "
+        "repeats, so every timed step hits (the best case: no augmentation). Refused by encoder plugins.",
+    )
+    p.add_argument(
+        "--checkpoint-blocks",
+        action="store_true",
+        help="SamSpec.checkpoint_blocks of the training step (activation checkpointing of encoder blocks)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -361,6 +385,7 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         "seed": args.seed,
     }
     specs = []
+    train_options = {"encoder_cache": args.encoder_cache, "checkpoint_blocks": args.checkpoint_blocks}
     if args.forward:
         parts = ["full", "encoder"] if args.encoder_rows else ["full"]
         for part in parts:
@@ -370,7 +395,9 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         plugins = list(dict.fromkeys(args.plugins))  # keep order, drop repeats
         sets = [plugins] + ([[p] for p in plugins] if len(plugins) > 1 else [])
         for names in sets:
-            specs.append({**common, "kind": "train", "impl": "samflow", "part": None, "plugins": names})
+            specs.append(
+                {**common, **train_options, "kind": "train", "impl": "samflow", "part": None, "plugins": names}
+            )
     return specs
 
 

@@ -48,6 +48,8 @@ class SamSpec:
             comes back unchanged (validation every epoch; training without augmentation). 0 turns
             it off. Refused when a plugin changes the encoder. Costs C*h*w floats per image on the
             CPU (4 MiB at 1024 px).
+        encoder_cache_stages: where the cache is used: ``train`` and/or ``eval``. ``[eval]`` when
+            training images are augmented (new every time), so they do not evict validation images.
     """
 
     variant: str = "vit_b"
@@ -57,6 +59,7 @@ class SamSpec:
     seed: int = 0
     checkpoint_blocks: bool = False
     encoder_cache: int = 0
+    encoder_cache_stages: tuple[str, ...] = ("train", "eval")
 
 
 class SamflowModule(LightningModule):
@@ -91,7 +94,7 @@ class SamflowModule(LightningModule):
             self.sam_spec.variant, self.sam_spec.checkpoint, self.sam_spec.img_size, seed=self.sam_spec.seed
         )
         spec = self.sam_spec
-        cache = EncoderCache(spec.encoder_cache) if spec.encoder_cache else None
+        cache = EncoderCache(spec.encoder_cache, stages=tuple(spec.encoder_cache_stages)) if spec.encoder_cache else None
         self.model = HookedSam(frozen, PluginStack(plugins or {}), spec.multimask_output, spec.checkpoint_blocks, cache)
         self._unfreeze_declared_parts()
         if cache is not None:

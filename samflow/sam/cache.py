@@ -32,12 +32,21 @@ class EncoderCache:
     Args:
         capacity: most images kept; the oldest unused entry goes first.
         device: where entries are stored (``"cpu"`` keeps accelerator memory free).
+        stages: the tallies (``"train"``, ``"eval"``) that use the cache; the others bypass it. Use
+            ``("eval",)`` when training images are augmented: they would only evict the validation
+            images, which repeat every epoch.
     """
 
-    def __init__(self, capacity: int, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, capacity: int, device: str | torch.device = "cpu", stages: tuple[str, ...] = ("train", "eval")
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"EncoderCache capacity must be at least 1 image, got {capacity}.")
+        unknown = set(stages) - {"train", "eval"}
+        if unknown:
+            raise ValueError(f"EncoderCache stages must be 'train' and/or 'eval', got {sorted(unknown)}.")
         self.capacity = capacity
+        self.stages = tuple(stages)
         self.device = torch.device(device)
         self.counts: dict[str, list[int]] = {}  # tally -> [hits, misses]
         self._entries: OrderedDict[tuple, tuple[Tensor, dict[int, Tensor]]] = OrderedDict()
@@ -76,11 +85,13 @@ class EncoderCache:
     ) -> Encoded:
         """Encoder outputs for ``x``: cached images from the cache, the rest through ``compute``.
 
-        Hits and misses are counted under ``tally`` (the model counts training and evaluation apart).
-
         ``compute`` maps a sub-batch of ``x`` to its embedding (b, C, h, w) and block features
         ``{i: (b, h, w, C)}`` for ``blocks``; it runs once, on the images missing from the cache.
+        Hits and misses are counted under ``tally`` (the model counts training and evaluation apart);
+        a tally outside ``stages`` goes straight to ``compute``, uncounted.
         """
+        if tally not in self.stages and tally != "all":
+            return compute(x)
         keys = self.keys_of(x, blocks)
         found = {key: self._entries[key] for key in keys if key in self._entries}
         for key in found:

@@ -166,3 +166,16 @@ def test_checkpointed_blocks_give_the_same_outputs_and_gradients(tiny_sam):
     assert grads.keys() == grads_ckpt.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_stages_outside_the_cache_bypass_it():
+    cache, encoder = EncoderCache(capacity=10, stages=("eval",)), Recorder()
+    x = images(2)
+    cache.encode(x, (), encoder, tally="train")
+    cache.encode(x, (), encoder, tally="train")
+    assert encoder.calls == [2, 2] and len(cache) == 0 and "train" not in cache.counts
+    cache.encode(x, (), encoder, tally="eval")
+    cache.encode(x, (), encoder, tally="eval")
+    assert encoder.calls == [2, 2, 2] and cache.counts["eval"] == [2, 2]
+    with pytest.raises(ValueError, match="'train' and/or 'eval'"):
+        EncoderCache(4, stages=("val",))
