@@ -43,6 +43,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from samflow.plugins.base import DecoderFeatures, DecoderState, ForwardContext, SamPlugin
+from samflow.sam.hooked import normalize
 from samflow.sam.output import SamOutput
 from samflow_plugins.pa_sam.adapter import PromptAdapter
 from samflow_plugins.pa_sam.guiding import EdgeFilter, GuidingBranch, guiding_input
@@ -208,13 +209,4 @@ def _normalized(ctx: ForwardContext) -> Tensor:
     """SAM's normalised input: the encoder's (``ctx.normalized``), or recomputed as SAM does it."""
     if ctx.normalized is not None:
         return ctx.normalized
-    sam = ctx.sam
-    x = (ctx.image * 255.0 - sam.pixel_mean) / sam.pixel_std
-    input_size = ctx.batch.get("input_size")
-    if input_size is not None:
-        rows = torch.arange(x.shape[-1], device=x.device)
-        inside = (rows[None, :, None] < input_size[:, 0, None, None]) & (
-            rows[None, None, :] < input_size[:, 1, None, None]
-        )
-        x = x * inside[:, None].to(x.dtype)
-    return x
+    return normalize(ctx.sam, ctx.image, ctx.batch.get("input_size"))

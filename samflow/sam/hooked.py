@@ -99,15 +99,7 @@ class HookedSam(nn.Module):
     # ---- image encoder ----
     def preprocess(self, image: Tensor, input_size: Tensor | None) -> Tensor:
         """SAM's normalisation of a [0, 1] image; padding is zero after normalising, as in SAM."""
-        x = (image * 255.0 - self.sam.pixel_mean) / self.sam.pixel_std
-        if input_size is not None:
-            size = image.shape[-1]
-            rows = torch.arange(size, device=image.device)
-            inside = (rows[None, :, None] < input_size[:, 0, None, None]) & (
-                rows[None, None, :] < input_size[:, 1, None, None]
-            )
-            x = x * inside[:, None].to(x.dtype)
-        return x
+        return normalize(self.sam, image, input_size)
 
     def encode(self, ctx: ForwardContext) -> Tensor:
         """Image encoder with hook sites -> image embeddings (B, C, h, w).
@@ -286,6 +278,19 @@ class HookedSam(nn.Module):
             keys = layer.norm4(keys + attend(layer.cross_attn_image_to_token, k, queries + query_pe, queries))
         attn_out = attend(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
         return transformer.norm_final_attn(queries + attn_out), keys
+
+
+def normalize(sam: Sam, image: Tensor, input_size: Tensor | None) -> Tensor:
+    """SAM's input: ``(255 * image - mean) / std`` of a [0, 1] image (B, 3, S, S), zero outside ``input_size``."""
+    x = (image * 255.0 - sam.pixel_mean) / sam.pixel_std
+    if input_size is not None:
+        size = image.shape[-1]
+        rows = torch.arange(size, device=image.device)
+        inside = (rows[None, :, None] < input_size[:, 0, None, None]) & (
+            rows[None, None, :] < input_size[:, 1, None, None]
+        )
+        x = x * inside[:, None].to(x.dtype)
+    return x
 
 
 def attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
