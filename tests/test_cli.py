@@ -126,3 +126,19 @@ def test_predict_writes_one_mask_per_image_at_original_size(fitted, workdir, qui
     for source, mask in zip(sources, written):
         assert Image.open(mask).size == Image.open(source).size
         assert set(np.unique(np.asarray(Image.open(mask)))) <= {0, 255}
+
+
+def test_no_checkpointing_and_a_validation_cache_from_the_command_line(tmp_path, quickstart_root):
+    run(
+        [
+            "fit", "--experiment", "quickstart", *FAST, "--data.init_args.quickstart.root", quickstart_root,
+            "--trainer.enable_checkpointing", "false",
+            "--model.sam.encoder_cache", "64", "--model.sam.encoder_cache_stages", "[eval]",
+        ],
+        tmp_path,
+    )
+    version = tmp_path / "runs" / "quickstart" / "version_0"
+    assert not (version / "checkpoints").exists()
+    with open(version / "metrics.csv") as f:
+        rates = [row["val/encoder_cache_hit_rate"] for row in csv.DictReader(f) if row["val/encoder_cache_hit_rate"]]
+    assert rates == ["1.0"]  # the sanity check filled the cache; the epoch's validation only hit it
