@@ -7,11 +7,12 @@ import json
 import math
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "throughput.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("samflow_benchmark_throughput", SCRIPT)
+def load_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(f"samflow_benchmark_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -56,3 +57,19 @@ def test_each_plugin_alone_and_together_are_separate_cases():
     specs = bench.build_specs(args)
     assert [s["plugins"] for s in specs] == [["sam_adapter", "hq_sam"], ["sam_adapter"], ["hq_sam"]]
     assert all(s["kind"] == "train" for s in specs)
+
+
+def test_pretrain_tiny_writes_a_tiny_sam_whose_decoder_learned(tmp_path):
+    import torch
+
+    from samflow.sam import build_sam
+
+    script = load_script(BENCHMARKS / "pretrain_tiny.py")
+    out = tmp_path / "tiny.pth"
+    after = script.main(["--out", str(out), "--epochs", "1", "--quickstart-root", str(tmp_path / "data")])
+    assert {"val/iou", "val/boundary_iou"} <= set(after)
+    loaded, random = build_sam("tiny", checkpoint=out), build_sam("tiny", seed=0)
+    changed = {name for name, p in random.named_parameters() if not torch.equal(loaded.get_parameter(name), p)}
+    assert changed and all(name.startswith("mask_decoder.") for name in changed)  # only the decoder learned
+    assert "mask_decoder.output_upscaling.0.weight" in changed
+    assert "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight" in changed  # token 0: the prediction
