@@ -65,23 +65,9 @@ MIB = 2**20
 # ---------------------------------------------------------------------------------------------------
 def make_batch(batch_size: int, size: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
     """A batch in samflow's data contract: random images, one box per image and its mask."""
-    gen = torch.Generator().manual_seed(seed)
-    image = torch.rand(batch_size, 3, size, size, generator=gen)
-    mask = torch.zeros(batch_size, 1, size, size)
-    boxes = []
-    for b in range(batch_size):
-        x0, y0 = torch.randint(0, size // 2, (2,), generator=gen).tolist()
-        x1, y1 = x0 + size // 3, y0 + size // 4
-        mask[b, 0, y0:y1, x0:x1] = 1
-        boxes.append([x0, y0, x1 - 1, y1 - 1])
-    batch = {
-        "image": image,
-        "mask": mask,
-        "boxes": torch.tensor(boxes, dtype=torch.float),
-        "input_size": torch.full((batch_size, 2), size),
-        "original_size": torch.full((batch_size, 2), size),
-    }
-    return {k: v.to(device) for k, v in batch.items()}
+    from samflow.testing import random_batch, to_device
+
+    return to_device(random_batch(batch_size, size, prompt="box", seed=seed), device)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,32 +5,7 @@ from __future__ import annotations
 import torch
 from segment_anything.modeling import Sam
 
-
-def random_batch(batch_size: int = 2, size: int = 128, prompt: str = "box", seed: int = 0) -> dict:
-    """A batch in samflow's data contract with random images and square masks."""
-    gen = torch.Generator().manual_seed(seed)
-    image = torch.rand(batch_size, 3, size, size, generator=gen)
-    mask = torch.zeros(batch_size, 1, size, size)
-    boxes = []
-    for b in range(batch_size):
-        x0, y0 = (torch.randint(0, size // 2, (2,), generator=gen)).tolist()
-        x1, y1 = x0 + size // 3, y0 + size // 4
-        mask[b, 0, y0:y1, x0:x1] = 1
-        boxes.append([x0, y0, x1 - 1, y1 - 1])
-    batch = {
-        "image": image,
-        "mask": mask,
-        "input_size": torch.full((batch_size, 2), size),
-        "original_size": torch.full((batch_size, 2), size),
-        "gt_original": [m[0].bool() for m in mask],
-        "id": [f"img{b}" for b in range(batch_size)],
-    }
-    if prompt == "box":
-        batch["boxes"] = torch.tensor(boxes, dtype=torch.float)
-    elif prompt == "points":
-        batch["points"] = torch.tensor([[[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]] for b in boxes])
-        batch["point_labels"] = torch.ones(batch_size, 1, dtype=torch.long)
-    return batch
+from samflow.testing import random_batch  # noqa: F401  (re-exported for the tests)
 
 
 def sam_reference(sam: Sam, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
