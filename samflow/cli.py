@@ -24,11 +24,24 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from samflow.data.folder import DataError
+    from samflow.lightning_cli import ConfigError
     from samflow.plugins.registry import PluginError
     from samflow.plugins.stack import PluginConflictError
     from samflow.sam.build import CheckpointError
+    from samflow.sam.cache import EncoderCacheError
 
-    return (DataError, CheckpointError, PluginError, PluginConflictError, ExperimentError, FileNotFoundError)
+    return (
+        DataError,
+        CheckpointError,
+        PluginError,
+        PluginConflictError,
+        EncoderCacheError,
+        ConfigError,
+        ExperimentError,
+        FileNotFoundError,
+    )
+
+
 PACKAGED = files("samflow") / "experiments"
 
 
@@ -208,7 +221,9 @@ def run_cli(args: list[str], run_name: str) -> Any:
     """Run LightningCLI with samflow's module, defaults and callbacks."""
     from samflow.lightning_cli import SamflowCLI
 
-    return SamflowCLI(run_name=run_name, args=args)
+    # ``main`` has put ``args`` in sys.argv already (for DDP children); passing them twice only
+    # makes LightningCLI warn that it got both.
+    return SamflowCLI(run_name=run_name, args=None if args == sys.argv[1:] else args)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ def _several_processes(config: Any) -> bool:
     return count == -1 or (isinstance(count, int) and count > 1) or (config.get("trainer.num_nodes") or 1) > 1
 
 
+class ConfigError(ValueError):
+    """A class of the experiment (model, plugin, data, trainer) refused its arguments."""
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
 class SaveConfig(SaveConfigCallback):
     """Write the resolved config to the run folder and attach it to the W&B run."""
 
@@ -55,6 +65,18 @@ class SamflowCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def instantiate_classes(self) -> None:
+        """Build the model, plugins, data and trainer; an argument they refuse is one clear error.
+
+        jsonargparse wraps a constructor's ``ValueError`` / ``TypeError`` in its own union-type
+        messages; the user needs the innermost one (e.g. ``pa_sam: num_points must be at least 1``).
+        """
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            root = _root_cause(err)
+            raise ConfigError(f"{type(root).__name__}: {root}" if root is not err else str(err)) from err
 
     def before_instantiate_classes(self) -> None:
         """Plain ``ddp`` becomes ``ddp_find_unused_parameters_true``.

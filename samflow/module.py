@@ -101,6 +101,7 @@ class SamflowModule(LightningModule):
             self.model.check_encoder_cache()
         self.loss = build_loss(losses if losses is not None else {"bce": 1.0, "dice": 1.0})
         self.metric_names = list(metrics if metrics is not None else ["iou", "dice", "mae"])
+        build_metrics(self.metric_names)  # an unknown name fails now, not after the first epoch
         self._metrics: dict[str, MetricCollection] = {}
         self.optimizer = optimizer
         self.scheduler = scheduler

@@ -77,6 +77,24 @@ def test_unknown_command(capsys):
     assert "unknown command 'train'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--model.plugins.tokens.init_args.num_tokens", "0"], "tokens"),
+        (["--model.metrics", "[iou, foo]"], "Unknown metric(s) ['foo']; choose from"),
+        (["--model.sam.encoder_cache", "4", "--model.plugins", "{a: {class_path: SamAdapter}}"], "a (on_image)"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(tmp_path, quickstart_root, override, message):
+    args = ["fit", "--experiment", "quickstart", "--data.init_args.quickstart.root", quickstart_root, *override]
+    proc = run(args, tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("samflow: error:") and message in last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
 def test_fit_writes_run_outputs(fitted):
     assert (fitted / "config.yaml").is_file()
     assert list((fitted / "checkpoints").glob("*.ckpt"))

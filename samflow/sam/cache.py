@@ -26,6 +26,10 @@ from torch import Tensor
 Encoded = tuple[Tensor, dict[int, Tensor]]
 
 
+class EncoderCacheError(ValueError):
+    """The encoder cache is asked for where the encoder's output is not a function of the image alone."""
+
+
 class EncoderCache:
     """Least-recently-used store of encoder outputs per image.
 

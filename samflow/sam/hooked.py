@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from samflow.plugins.base import DecoderFeatures, DecoderState, ForwardContext
 from samflow.plugins.stack import PluginStack
-from samflow.sam.cache import EncoderCache
+from samflow.sam.cache import EncoderCache, EncoderCacheError
 from samflow.sam.output import SamOutput
 
 PROMPT_KEYS = ("points", "point_labels", "boxes", "has_box", "mask_prompt", "has_mask_prompt")
@@ -143,7 +143,7 @@ class HookedSam(nn.Module):
         trained = [n for n, p in self.sam.image_encoder.named_parameters() if p.requires_grad]
         if users or trained:
             what = f"plugins {', '.join(users)} change it" if users else f"its parameters {trained[:3]} are trained"
-            raise ValueError(
+            raise EncoderCacheError(
                 f"encoder_cache is on, but the image encoder's output is not a fixed function of the image: {what}. "
                 "Turn the cache off (model.sam.encoder_cache: 0) for this experiment."
             )
