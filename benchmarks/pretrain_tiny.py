@@ -21,12 +21,12 @@ from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-import torch  # noqa: E402
-from lightning.pytorch import Trainer, seed_everything  # noqa: E402
+import torch
+from lightning.pytorch import Trainer, seed_everything
 
-from samflow.data import GpuAugment, SegmentationDataModule  # noqa: E402
-from samflow.module import SamflowModule, SamSpec  # noqa: E402
-from samflow_plugins.decoder_tuning import DecoderTuning  # noqa: E402
+from samflow.data import GpuAugment, SegmentationDataModule
+from samflow.module import SamflowModule, SamSpec
+from samflow_plugins.decoder_tuning import DecoderTuning
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

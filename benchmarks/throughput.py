@@ -53,7 +53,7 @@ from typing import Any
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-import torch  # noqa: E402
+import torch
 
 CHILD_FLAG = "--child"
 RESULT_MARKER = "SAMFLOW_BENCH_RESULT "

@@ -9,7 +9,6 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest
 import torch
-
 from helpers import randomize
 
 from samflow.sam import build_sam

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from test_cli import run  # noqa: I001
+from test_cli import run
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 

@@ -38,7 +38,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".gif")
 _MAX_LISTED = 10
 
-FolderSpec = Union[str, Path, Mapping[str, Any], Sequence[Union[str, Path, Mapping[str, Any]]]]
+FolderSpec = Union[str, Path, Mapping[str, Any], Sequence[str | Path | Mapping[str, Any]]]
 
 
 class DataError(ValueError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sod_cases import make_sod_cases
 from torchmetrics import Metric, MetricCollection
 
 from samflow.metrics import (
@@ -17,7 +18,6 @@ from samflow.metrics import (
     SMeasure,
     WeightedFMeasure,
 )
-from sod_cases import make_sod_cases
 
 METRICS = {
     "iou": BinaryIoU,

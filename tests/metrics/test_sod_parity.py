@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from sod_cases import make_sod_cases
 
 from samflow.metrics import EMeasure, MeanAbsoluteError, SMeasure, WeightedFMeasure
 from samflow.metrics.functional import adaptive_e_measure, e_measure_curve, s_measure, weighted_f_measure
-from sod_cases import make_sod_cases
 
 py_sod_metrics = pytest.importorskip("py_sod_metrics")
 

@@ -109,5 +109,6 @@ def test_decoder_attention_equals_sam_forward_and_backward(tiny_sam):
 
 def test_sam_stays_frozen_and_in_eval_mode(tiny_sam):
     hooked = HookedSam(tiny_sam).train()
-    assert not tiny_sam.training
+    assert hooked.training and not tiny_sam.training
+    assert not any(m.training for m in tiny_sam.modules())
     assert not any(p.requires_grad for p in tiny_sam.parameters())
