@@ -111,3 +111,22 @@ def test_boxes_are_clipped_and_dropped_when_they_leave_the_frame() -> None:
     assert out["has_box"].tolist() == [True, True]
     out = GpuAugment(scale=(4.0, 4.0))(batch)  # box 0 -> x in [-38.5, -10.5]: out of the frame
     assert out["has_box"].tolist() == [False, True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_the_gpu_everything_stays_there_and_moves_together() -> None:
+    from samflow.testing import to_device
+
+    torch.manual_seed(0)
+    batch = to_device(_batch(), "cuda")
+    out = GpuAugment(hflip=1.0)(batch)
+    assert all(v.is_cuda for v in out.values() if isinstance(v, torch.Tensor))
+    torch.testing.assert_close(out["mask"], batch["mask"].flip(-1))
+    augment = GpuAugment(rotation=45, scale=(0.5, 1.5), translate=0.1, color_jitter=0.2)
+    for _ in range(5):
+        out = augment(to_device(_batch(), "cuda"))
+        assert out["image"].is_cuda and set(out["mask"].unique().tolist()) <= {0.0, 1.0}
+        for i in range(2):
+            if out["point_labels"][i, 0] == 1:  # the centre point still lies on the moved object
+                x, y = out["points"][i, 0].round().long().tolist()
+                assert out["mask"][i, 0, y, x] > 0
