@@ -163,10 +163,12 @@ def _root_entries(root: FolderSpec) -> list[dict[str, Any]]:
     return entries
 
 
-def _open(path: Path, mode: str) -> Image.Image:
+def _open(path: Path, mode: str | None) -> Image.Image:
+    """The image at ``path`` converted to ``mode`` (None: as stored)."""
     try:
         with Image.open(path) as img:
-            return img.convert(mode)
+            img.load()
+            return img if mode is None else img.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read the file ({exc}). Replace it or remove the pair.") from exc
 
@@ -178,8 +180,16 @@ def read_image(path: Path) -> Tensor:
 
 
 def read_mask(path: Path) -> Tensor:
-    """Read a mask file as bool (H, W): grayscale value > 127."""
-    return torch.from_numpy(np.asarray(_open(path, "L")) > 127)
+    """Read a mask file as bool (H, W).
+
+    Grayscale, RGB and 1-bit masks: foreground where the grayscale value is > 127. Palette masks
+    (PNG mode ``P``, as in VOC or DAVIS): foreground where the palette index is not 0, whatever
+    colour the palette gives it (a dark red index 1 would be background by brightness).
+    """
+    img = _open(path, None)
+    if img.mode == "P":
+        return torch.from_numpy(np.asarray(img) > 0)
+    return torch.from_numpy(np.asarray(img.convert("L")) > 127)
 
 
 class MaskFolderDataset(Dataset):

@@ -107,6 +107,26 @@ def test_mask_threshold_is_127(tmp_path: Path, pngs: SimpleNamespace) -> None:
     assert MaskFolderDataset(tmp_path, img_size=4)[0]["gt_original"].tolist() == [[False, True, True]]
 
 
+def test_palette_masks_use_the_index_not_the_colour(tmp_path: Path, pngs: SimpleNamespace) -> None:
+    from PIL import Image
+
+    pngs.image(tmp_path / "images" / "x.png", 1, 4)
+    (tmp_path / "masks").mkdir()
+    mask = Image.frombytes("P", (4, 1), bytes([0, 1, 2, 0]))
+    mask.putpalette([0, 0, 0, 128, 0, 0, 255, 255, 255])  # index 1: dark red (grey level 38)
+    mask.save(tmp_path / "masks" / "x.png")
+    assert MaskFolderDataset(tmp_path, img_size=4)[0]["gt_original"].tolist() == [[False, True, True, False]]
+
+
+def test_one_bit_masks(tmp_path: Path, pngs: SimpleNamespace) -> None:
+    from PIL import Image
+
+    pngs.image(tmp_path / "images" / "x.png", 1, 3)
+    (tmp_path / "masks").mkdir()
+    Image.frombytes("L", (3, 1), bytes([0, 255, 0])).convert("1").save(tmp_path / "masks" / "x.png")
+    assert MaskFolderDataset(tmp_path, img_size=4)[0]["gt_original"].tolist() == [[False, True, False]]
+
+
 def test_several_roots_with_their_own_folder_names(tmp_path: Path, pngs: SimpleNamespace) -> None:
     pngs.pairs(tmp_path / "kvasir", ["k1", "k2"])
     for stem in ["c1", "c2", "c3"]:  # COD10K names its folders Imgs / GT
