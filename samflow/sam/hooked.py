@@ -55,6 +55,14 @@ class HookedSam(nn.Module):
         self.sam = sam
         self.plugins = plugins if plugins is not None else PluginStack()
         self.plugins.setup(sam)
+        depth = len(sam.image_encoder.blocks)
+        for key, plugin in self.plugins.items():
+            wrong = [i for i in plugin.encoder_features() if not 0 <= i < depth]
+            if wrong:
+                raise ValueError(
+                    f"Plugin {key!r} asks for the output of encoder block(s) {wrong}, but the encoder "
+                    f"has blocks 0..{depth - 1}."
+                )
         self.multimask_output = multimask_output
         self.checkpoint_blocks = checkpoint_blocks
         self.encoder_cache = encoder_cache

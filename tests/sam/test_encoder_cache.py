@@ -179,3 +179,33 @@ def test_stages_outside_the_cache_bypass_it():
     assert encoder.calls == [2, 2, 2] and cache.counts["eval"] == [2, 2]
     with pytest.raises(ValueError, match="'train' and/or 'eval'"):
         EncoderCache(4, stages=("val",))
+
+
+def test_encoder_features_are_captured_and_checked(tiny_sam):
+    from samflow.plugins import SamPlugin
+
+    class Reader(SamPlugin):
+        def __init__(self, blocks):
+            super().__init__()
+            self.blocks = blocks
+
+        def encoder_features(self):
+            return self.blocks
+
+    model = HookedSam(tiny_sam, PluginStack({"r": Reader((0, 2))})).eval()
+    batch = random_batch(2)
+    ctx = model.context(batch)
+    with torch.no_grad():
+        model(batch, ctx)
+        x = model.preprocess(batch["image"], batch["input_size"])
+        enc = tiny_sam.image_encoder
+        expected = enc.patch_embed(x) + enc.pos_embed
+        outputs = []
+        for block in enc.blocks:
+            expected = block(expected)
+            outputs.append(expected)
+    assert sorted(ctx.encoder_features) == [0, 2]
+    for i in (0, 2):
+        torch.testing.assert_close(ctx.encoder_features[i], outputs[i], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Plugin 'r' asks for the output of encoder block\(s\) \[9\]"):
+        HookedSam(tiny_sam, PluginStack({"r": Reader((9,))}))
