@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 Encoded = tuple[Tensor, dict[int, Tensor]]
@@ -120,6 +121,12 @@ class EncoderCache:
         return embeddings, features
 
     def _store(self, key: tuple, entry: tuple[Tensor, dict[int, Tensor]]) -> None:
+        if not self._entries:
+            size = entry[0].nbytes + sum(f.nbytes for f in entry[1].values())
+            rank_zero_info(
+                f"Encoder cache: {size / 2**20:.2f} MiB per image on {self.device}, up to "
+                f"{self.capacity} images ({self.capacity * size / 2**30:.2f} GiB)."
+            )
         self._entries[key] = entry
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
