@@ -15,14 +15,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MetricCollection
 
+from samflow.batch import SamBatch
 from samflow.losses import build_loss
 from samflow.metrics.registry import build_metrics
-from samflow.plugins.base import ForwardContext, SamPlugin
-from samflow.plugins.stack import PluginStack
-from samflow.sam.build import build_sam, count_parameters
-from samflow.sam.cache import EncoderCache
-from samflow.sam.hooked import HookedSam
-from samflow.sam.output import SamOutput
+from samflow.plugins import DecoderContext, PluginStack, SamPlugin
+from samflow.sam import EncoderCache, HookedSam, SamOutput, build_sam, count_parameters
 
 SAM_PREFIX = "model.sam."
 
@@ -96,7 +93,6 @@ class SamflowModule(LightningModule):
         spec = self.sam_spec
         cache = EncoderCache(spec.encoder_cache, stages=tuple(spec.encoder_cache_stages)) if spec.encoder_cache else None
         self.model = HookedSam(frozen, PluginStack(plugins or {}), spec.multimask_output, spec.checkpoint_blocks, cache)
-        self._unfreeze_declared_parts()
         if cache is not None:
             self.model.check_encoder_cache()
         self.loss = build_loss(losses if losses is not None else {"bce": 1.0, "dice": 1.0})
@@ -111,38 +107,19 @@ class SamflowModule(LightningModule):
 
     @property
     def plugins(self) -> PluginStack:
-        return self.model.plugins
+        stack = self.model.plugins
+        assert isinstance(stack, PluginStack)
+        return stack
 
-    # ---- parameters ----
-    def _unfreeze_declared_parts(self) -> None:
-        for key, parts in self.plugins.trainable_sam_modules().items():
-            for part in parts:
-                try:
-                    self.model.sam.get_submodule(part).requires_grad_(True)
-                except AttributeError:
-                    raise ValueError(f"Plugin {key!r} asks to train SAM part {part!r}, which SAM lacks.") from None
-
+    # ---- parameters: the stack owns the record of what trains ----
     def trainable_parameters(self) -> dict[str, int]:
         """Trainable parameter count per plugin, SAM parts counted with the plugin that trains them."""
-        return {key: sum(p.numel() for p in params) for key, params in self._plugin_params().items()}
-
-    def _plugin_params(self) -> dict[str, list[torch.nn.Parameter]]:
-        seen: set[int] = set()
-        groups: dict[str, list[torch.nn.Parameter]] = {}
-        for key, plugin in self.plugins.items():
-            modules = [plugin] + [self.model.sam.get_submodule(p) for p in plugin.sam_modules_to_train()]
-            params = []
-            for module in modules:
-                for param in module.parameters():
-                    if param.requires_grad and id(param) not in seen:
-                        seen.add(id(param))
-                        params.append(param)
-            groups[key] = params
-        return groups
+        return self.plugins.trainable_counts()
 
     def configure_optimizers(self) -> Any:
         groups = []
-        for key, params in self._plugin_params().items():
+        for key, owned in self.plugins.owned.items():
+            params = list(owned.values())
             if not params:
                 continue
             plugin = self.plugins[key]
@@ -173,18 +150,18 @@ class SamflowModule(LightningModule):
         )
 
     # ---- forward ----
-    def forward(self, batch: dict[str, Any]) -> tuple[SamOutput, ForwardContext]:
+    def forward(self, batch: SamBatch) -> tuple[SamOutput, DecoderContext]:
         ctx = self.model.context(batch, epoch=self.current_epoch, global_step=self.global_step)
-        return self.model(batch, ctx), ctx
+        return self.model.run(batch, ctx)
 
     def upsample(self, logits: Tensor) -> Tensor:
         """Low-resolution logits (N, 1, h, w) -> the model's input frame (N, 1, S, S)."""
         size = self.model.img_size
         return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
 
-    def compute_losses(self, out: SamOutput, batch: dict[str, Any], ctx: ForwardContext) -> dict[str, Tensor]:
+    def compute_losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         """The experiment's losses on the prediction plus every plugin's own terms; ``total`` sums them."""
-        target = batch["mask"][out.image_index]
+        target = batch.row_mask
         terms = self.loss(self.upsample(out.pred), target) if len(self.loss.losses) else {"total": 0.0}
         total = terms.pop("total")
         extra = self.plugins.losses(out, batch, ctx)
@@ -194,22 +171,22 @@ class SamflowModule(LightningModule):
             total = total + value
         return {**terms, **extra, "total": total}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: SamBatch, batch_idx: int) -> Tensor:
         out, ctx = self(batch)
         terms = self.compute_losses(out, batch, ctx)
-        batch_size = batch["image"].shape[0]
+        batch_size = batch.num_images
         self.log_dict({f"train/loss/{k}": v for k, v in terms.items() if k != "total"}, batch_size=batch_size)
         self.log("train/loss", terms["total"], prog_bar=True, batch_size=batch_size)
         return terms["total"]
 
     # ---- evaluation at the original resolution ----
-    def probabilities(self, out: SamOutput, batch: dict[str, Any]) -> list[Tensor]:
+    def probabilities(self, out: SamOutput, batch: SamBatch) -> list[Tensor]:
         """Foreground probability of each prompt row at its image's original size: list of (H, W)."""
         full = self.upsample(out.pred).float().sigmoid()
         maps = []
         for row, image in enumerate(out.image_index.tolist()):
-            h, w = batch["input_size"][image].tolist()
-            size = batch["original_size"][image].tolist()
+            h, w = batch.input_size[image].tolist()
+            size = batch.original_size[image].tolist()
             crop = full[row : row + 1, :, :h, :w]
             maps.append(F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0, 0])
         return maps
@@ -220,15 +197,17 @@ class SamflowModule(LightningModule):
             self._metrics[name] = build_metrics(self.metric_names).to(self.device)
         return self._metrics[name]
 
-    def _evaluate(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+    def _evaluate(self, stage: str, batch: SamBatch, dataloader_idx: int) -> dict[str, Any]:
         out, ctx = self(batch)
-        batch_size = batch["image"].shape[0]
-        if "mask" in batch:
+        batch_size = batch.num_images
+        if batch.mask is not None:
             loss = self.compute_losses(out, batch, ctx)["total"]
             self.log(f"{stage}/loss", loss, batch_size=batch_size, add_dataloader_idx=True, sync_dist=True)
         metrics = self._metric_set(stage, dataloader_idx)
+        if batch.gt_original is None:
+            raise ValueError(f"{stage}: the batch of {batch.id[:3]} has no ground truth; {stage} needs masks.")
         for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
-            metrics.update(prob, batch["gt_original"][row])
+            metrics.update(prob, batch.gt_original[row])
         return {"out": out, "probs": self.upsample(out.pred).sigmoid()}
 
     def _finish(self, stage: str) -> dict[str, float]:
@@ -279,7 +258,7 @@ class SamflowModule(LightningModule):
     def on_test_epoch_start(self) -> None:
         self._reset("test")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def validation_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return self._evaluate("val", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
@@ -288,24 +267,23 @@ class SamflowModule(LightningModule):
         if self._trainer is not None and self.trainer.sanity_checking:
             self.initial_val_metrics = dict(self.last_val_metrics)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def test_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return self._evaluate("test", batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._finish("test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def predict_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         out, _ = self(batch)
         probs = self.probabilities(out, batch)
-        ids = [batch["id"][i] for i in out.image_index.tolist()]
+        ids = [batch.id[i] for i in out.image_index.tolist()]
         return {"id": ids, "masks": [(p > self.threshold) for p in probs], "probs": probs}
 
     # ---- checkpoints hold the plugins and trained SAM parts, not the frozen SAM ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"model.sam.{n}" for n, p in self.model.sam.named_parameters() if p.requires_grad}
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(SAM_PREFIX) and k not in trainable]:
-            del state[key]
+        for key in self.plugins.frozen_sam_keys:
+            state.pop(SAM_PREFIX + key, None)
         checkpoint["samflow"] = {"sam": asdict(self.sam_spec), "frozen_sam_omitted": True}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:

@@ -2,8 +2,8 @@
 
 For plugin authors as much as for samflow's own tests and benchmarks::
 
+    from samflow import HookedSam, PluginStack, build_sam
     from samflow.testing import random_batch
-    from samflow.sam import build_sam, HookedSam
 
     out = HookedSam(build_sam("tiny"), PluginStack({"mine": MyPlugin()}))(random_batch(2))
 """
@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from samflow.batch import SamBatch
 
-def random_batch(batch_size: int = 2, size: int = 128, prompt: str = "box", seed: int = 0) -> dict:
-    """A batch in samflow's data contract (``samflow/data/batch.py``): random images, one rectangle
+
+def random_batch(
+    batch_size: int = 2, size: int = 128, prompt: str = "box", seed: int = 0, dtype: torch.dtype = torch.float32
+) -> SamBatch:
+    """A ``SamBatch`` (``samflow/batch.py``) of random images (``dtype``), one rectangle
     mask per image and, by ``prompt``, its box (``"box"``), its centre point (``"points"``) or no
-    prompt (``"none"``). Deterministic for ``seed``; on the CPU (move tensors with ``to_device``)."""
+    prompt (``"none"``). Deterministic for ``seed``; on the CPU (move it with ``batch.to(device)``)."""
     if prompt not in ("box", "points", "none"):
         raise ValueError(f"random_batch: prompt must be 'box', 'points' or 'none', got {prompt!r}.")
     gen = torch.Generator().manual_seed(seed)
@@ -28,30 +32,22 @@ def random_batch(batch_size: int = 2, size: int = 128, prompt: str = "box", seed
         x1, y1 = x0 + size // 3, y0 + size // 4
         mask[b, 0, y0:y1, x0:x1] = 1
         boxes.append([x0, y0, x1 - 1, y1 - 1])
-    batch = {
-        "image": image,
-        "mask": mask,
-        "input_size": torch.full((batch_size, 2), size),
-        "original_size": torch.full((batch_size, 2), size),
-        "gt_original": [m[0].bool() for m in mask],
-        "id": [f"img{b}" for b in range(batch_size)],
-    }
+    batch = SamBatch(
+        image=image.to(dtype),
+        mask=mask.to(dtype),
+        input_size=torch.full((batch_size, 2), size),
+        original_size=torch.full((batch_size, 2), size),
+        gt_original=[m[0].bool() for m in mask],
+        id=[f"img{b}" for b in range(batch_size)],
+    )
     if prompt == "box":
-        batch["boxes"] = torch.tensor(boxes, dtype=torch.float)
+        batch.box = torch.tensor(boxes, dtype=dtype)
     elif prompt == "points":
-        batch["points"] = torch.tensor([[[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]] for b in boxes])
-        batch["point_labels"] = torch.ones(batch_size, 1, dtype=torch.long)
+        batch.points = torch.tensor([[[(b[0] + b[2]) / 2, (b[1] + b[3]) / 2]] for b in boxes], dtype=dtype)
+        batch.point_labels = torch.ones(batch_size, 1, dtype=torch.long)
     return batch
 
 
-def to_device(batch: dict, device: torch.device | str) -> dict:
-    """The batch with its tensors moved to ``device`` (lists of tensors too)."""
-
-    def move(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, list):
-            return [move(v) for v in value]
-        return value
-
-    return {key: move(value) for key, value in batch.items()}
+def to_device(batch: SamBatch, device: torch.device | str) -> SamBatch:
+    """The batch with its tensors moved to ``device`` (same as ``batch.to(device)``)."""
+    return batch.to(device)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from segment_anything.modeling import Sam
 from typing_extensions import override
 
-from samflow.plugins.base import SamPlugin
+from samflow.plugins import SamPlugin
 
 
 class DecoderTuning(SamPlugin):

@@ -17,16 +17,15 @@ with the highest predicted IoU (so, as in the reference, one mask comes out, not
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 from typing_extensions import override
 
-from samflow.plugins.base import DecoderFeatures, ForwardContext, SamPlugin
-from samflow.sam.output import SamOutput
+from samflow.batch import SamBatch
+from samflow.plugins import DecoderContext, DecoderFeatures, SamPlugin
+from samflow.sam import SamOutput, sam_rule
 from samflow_plugins.hq_sam.fusion import first_global_block, refine_3x3, upsample_x4
 from samflow_plugins.hq_sam.loss import point_bce_dice, sample_points
 
@@ -112,49 +111,31 @@ class HQSam(SamPlugin):
     def encoder_features(self) -> tuple[int, ...]:
         return (self.early_block,)  # F_early: read, never changed, so the encoder stays cacheable
 
-    def hq_features(self, upscaled: Tensor, ctx: ForwardContext) -> Tensor:
+    def hq_features(self, upscaled: Tensor, ctx: DecoderContext) -> Tensor:
         """Global-local fusion F_hq (N, C/8, 4h, 4w): the image terms once per image, then per prompt row."""
-        early = ctx.encoder_features.get(self.early_block)  # (B, h, w, C_vit)
-        if early is None:
-            raise RuntimeError(
-                f"Plugin {self.key!r} (hq_sam): the output of encoder block {self.early_block} was not "
-                "captured; the image encoder must run with this plugin in the stack in the same forward."
-            )
-        early = early.permute(0, 3, 1, 2)  # (B, C_vit, h, w)
+        early = ctx.encoded.features[self.early_block].permute(0, 3, 1, 2)  # (B, C_vit, h, w)
         # (B, C/8, 4h, 4w): once per image, shared by that image's prompt rows
-        per_image = self.compress_vit_feat(early) + self.embedding_encoder(ctx.image_embeddings)
+        per_image = self.compress_vit_feat(early) + self.embedding_encoder(ctx.encoded.embeddings)
         return self.embedding_maskfeature(upscaled) + per_image[ctx.image_index]
 
     @override
-    def decode_token(self, tokens: Tensor, feats: DecoderFeatures, ctx: ForwardContext) -> dict[str, Tensor]:
+    def decode_token(self, tokens: Tensor, feats: DecoderFeatures, ctx: DecoderContext) -> dict[str, Tensor]:
         fused = self.hq_features(feats.upscaled, ctx)  # (N, C/8, 4h, 4w)
         kernel = self.hf_mlp(tokens[:, 0])  # (N, C/8)
         hq = (kernel.unsqueeze(1) @ fused.flatten(2)).unflatten(-1, fused.shape[-2:])  # (N, 1, 4h, 4w)
-        return {"hq": hq, "sam_hq": sam_mask(feats.sam_masks, feats.iou_pred, ctx.multimask_output) + hq}
+        return {"hq": hq, "sam_hq": sam_rule(feats.sam_masks, feats.iou_pred, ctx.multimask_output) + hq}
 
     @override
-    def select(self, out: SamOutput, ctx: ForwardContext) -> Tensor:
+    def select(self, out: SamOutput, ctx: DecoderContext) -> Tensor:
         return out.masks[f"{self.key}/{self.output}"]
 
     @override
-    def losses(self, out: SamOutput, batch: dict[str, Any], ctx: ForwardContext) -> dict[str, Tensor]:
+    def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         if not self.point_loss:
             return {}
-        if "mask" not in batch:
-            raise KeyError(f"Plugin {self.key!r} (hq_sam): the point-sampled loss needs batch['mask'].")
         logits = out.masks[f"{self.key}/hq"]
-        target = batch["mask"][out.image_index]
+        target = batch.row_mask
         coords = sample_points(logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
         bce, dice = point_bce_dice(logits, target, coords)
         return {"point_bce": self.bce_weight * bce, "point_dice": self.dice_weight * dice}
 
-
-def sam_mask(sam_masks: Tensor, iou_pred: Tensor, multimask_output: bool) -> Tensor:
-    """SAM's mask as the reference adds it to the HQ mask: (N, 4, H, W) -> (N, 1, H, W).
-
-    Token 0 without multimask; otherwise the token among 1..3 with the highest predicted IoU.
-    """
-    if not multimask_output:
-        return sam_masks[:, :1]
-    best = iou_pred[:, 1:].argmax(dim=1) + 1  # (N,)
-    return sam_masks[torch.arange(sam_masks.shape[0], device=sam_masks.device), best].unsqueeze(1)

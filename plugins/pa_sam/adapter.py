@@ -23,7 +23,7 @@ from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor, nn
 
-from samflow.sam.hooked import attend
+from samflow.sam import attend
 
 #: Position of SAM's single-mask token among the decoder's output tokens [iou, mask_0..3, ...].
 MASK_TOKEN = 1

@@ -34,17 +34,15 @@ prediction comes from tokens the adapter does not replace.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import Tensor
 from typing_extensions import override
 
-from samflow.plugins.base import DecoderFeatures, DecoderState, ForwardContext, SamPlugin
-from samflow.sam.hooked import normalize
-from samflow.sam.output import SamOutput
+from samflow.batch import SamBatch
+from samflow.plugins import DecoderContext, DecoderFeatures, DecoderState, SamPlugin
+from samflow.sam import SamOutput
 from samflow_plugins.pa_sam.adapter import PromptAdapter
 from samflow_plugins.pa_sam.guiding import EdgeFilter, GuidingBranch, guiding_input
 from samflow_plugins.pa_sam.loss import pa_sam_losses
@@ -141,29 +139,29 @@ class PASam(SamPlugin):
     def sam_modules_to_train(self) -> list[str]:
         return list(REFERENCE_SAM_PARTS) if self.reference_trainable else []
 
-    def mining_active(self, ctx: ForwardContext) -> bool:
+    def mining_active(self, ctx: DecoderContext) -> bool:
         """Whether to mine hard points: always in evaluation, after ``mining_start_epoch`` in training."""
         return not ctx.training or ctx.epoch > self.mining_start_epoch
 
-    def guide(self, ctx: ForwardContext) -> Tensor:
+    def guide(self, ctx: DecoderContext) -> Tensor:
         """The guiding branch's output g for each prompt row, (N, hw, C)."""
-        h, w = ctx.image_embeddings.shape[-2:]
+        h, w = ctx.encoded.embeddings.shape[-2:]
         x = guiding_input(
-            ctx.image, _normalized(ctx), (4 * h, 4 * w), self.edge_filter, self.reference_edges
+            ctx.image, ctx.encoded.normalized, (4 * h, 4 * w), self.edge_filter, self.reference_edges
         )  # (B, 4, 4h, 4w)
         guide = self.guiding(x)  # (B, C, h, w)
         return guide[ctx.image_index].flatten(2).transpose(1, 2)
 
     @override
-    def decoder_layer(self, i: int, state: DecoderState, ctx: ForwardContext) -> DecoderState:
+    def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
         if i != self.layer:
             return state
-        grid = tuple(ctx.image_embeddings.shape[-2:])
+        grid = tuple(ctx.encoded.embeddings.shape[-2:])
         out = self.adapter(state.queries, state.keys, state.query_pe, state.key_pe, self.guide(ctx), grid)
         scratch = ctx.state.setdefault(self.key, {})
         scratch.update(coarse=out.coarse, refined=out.refined, uncertainty=out.uncertainty)
 
-        tokens, queries, attn_out, query_pe = out.tokens, state.queries, state.attn_out, state.query_pe
+        tokens = out.tokens
         if self.mining_active(ctx):
             probability = out.uncertainty.float().sigmoid()  # M_U
             guidance = sampling_guidance(out.coarse.float(), out.refined.float(), probability)
@@ -181,15 +179,11 @@ class PASam(SamPlugin):
             scratch.update(points=points.cells, point_labels=points.labels)
             zeros = torch.zeros_like(points.content)
             tokens = torch.cat([tokens, points.content], dim=1)
-            queries = torch.cat([queries, zeros], dim=1)
-            attn_out = torch.cat([attn_out, zeros], dim=1)
-            query_pe = torch.cat([query_pe, points.pe], dim=1)
-        attn_out = attn_out + tokens
-        keys = state.keys + out.guided
-        return dataclasses.replace(state, queries=queries, keys=keys, query_pe=query_pe, attn_out=attn_out)
+            state = state.append(queries=zeros, attn_out=zeros, query_pe=points.pe)  # visible point tokens
+        return dataclasses.replace(state, keys=state.keys + out.guided, attn_out=state.attn_out + tokens)
 
     @override
-    def decode_token(self, tokens: Tensor, feats: DecoderFeatures, ctx: ForwardContext) -> dict[str, Tensor]:
+    def decode_token(self, tokens: Tensor, feats: DecoderFeatures, ctx: DecoderContext) -> dict[str, Tensor]:
         scratch = ctx.state.get(self.key, {})
         if "coarse" not in scratch:
             raise RuntimeError(
@@ -200,13 +194,7 @@ class PASam(SamPlugin):
         return {name: F.interpolate(scratch[name], size, mode="bilinear") for name in MAPS}
 
     @override
-    def losses(self, out: SamOutput, batch: dict[str, Any], ctx: ForwardContext) -> dict[str, Tensor]:
+    def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         coarse, refined, uncertainty = (out.masks[f"{self.key}/{name}"] for name in MAPS)
-        return pa_sam_losses(coarse, refined, uncertainty, batch["mask"][out.image_index], self.band_ratio)
+        return pa_sam_losses(coarse, refined, uncertainty, batch.row_mask, self.band_ratio)
 
-
-def _normalized(ctx: ForwardContext) -> Tensor:
-    """SAM's normalised input: the encoder's (``ctx.normalized``), or recomputed as SAM does it."""
-    if ctx.normalized is not None:
-        return ctx.normalized
-    return normalize(ctx.sam, ctx.image, ctx.batch.get("input_size"))

@@ -23,7 +23,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 from typing_extensions import override
 
-from samflow.plugins.base import ForwardContext, SamPlugin
+from samflow.plugins import ForwardContext, SamPlugin
 from samflow_plugins.sam_adapter.frequency import HFC_MODES, HfcMode, high_frequency_components
 
 

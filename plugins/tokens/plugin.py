@@ -14,8 +14,8 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 from typing_extensions import override
 
-from samflow.plugins.base import DecoderFeatures, ForwardContext, SamPlugin
-from samflow.sam.output import SamOutput
+from samflow.plugins import DecoderContext, DecoderFeatures, SamPlugin
+from samflow.sam import SamOutput
 
 
 class ExtraTokens(SamPlugin):
@@ -63,11 +63,11 @@ class ExtraTokens(SamPlugin):
         return self.tokens.weight
 
     @override
-    def decode_token(self, tokens: Tensor, feats: DecoderFeatures, ctx: ForwardContext) -> dict[str, Tensor]:
+    def decode_token(self, tokens: Tensor, feats: DecoderFeatures, ctx: DecoderContext) -> dict[str, Tensor]:
         kernels = torch.stack([head(tokens[:, t]) for t, head in enumerate(self.heads)], dim=1)  # (N, T, C/8)
         masks = (kernels @ feats.upscaled.flatten(2)).unflatten(-1, feats.upscaled.shape[-2:])
         return {f"mask{t}": masks[:, t : t + 1] for t in range(self.num_tokens)}
 
     @override
-    def select(self, out: SamOutput, ctx: ForwardContext) -> Tensor | None:
+    def select(self, out: SamOutput, ctx: DecoderContext) -> Tensor | None:
         return out.masks[f"{self.key}/mask0"] if self.predict else None

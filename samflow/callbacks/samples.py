@@ -52,7 +52,7 @@ class SampleGrid(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if dataloader_idx != 0 or "mask" not in batch or not isinstance(outputs, dict):
+        if dataloader_idx != 0 or batch.mask is None or not isinstance(outputs, dict):
             return
         have = sum(r[0].shape[0] for r in self._rows)
         if have >= self.num_samples:
@@ -60,7 +60,7 @@ class SampleGrid(Callback):
         index = outputs["out"].image_index
         take = slice(0, self.num_samples - have)
         pred = (outputs["probs"] > self.threshold).float()
-        self._rows.append((batch["image"][index][take].cpu(), batch["mask"][index][take].cpu(), pred[take].cpu()))
+        self._rows.append((batch.image[index][take].cpu(), batch.mask[index][take].cpu(), pred[take].cpu()))
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

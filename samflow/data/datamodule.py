@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from samflow.batch import SamBatch
 from samflow.data.batch import collate
 from samflow.data.folder import DataError, MaskFolderDataset
 from samflow.data.prompts import NoPrompt, build_prompt
@@ -314,13 +315,13 @@ class SegmentationDataModule(L.LightningDataModule):
         """Predict batches in a fixed order."""
         return self._loader("predict", shuffle=False)
 
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+    def on_after_batch_transfer(self, batch: SamBatch, dataloader_idx: int) -> SamBatch:
         """Apply ``augment`` to training batches, on the device."""
         if self.augment is not None and self.trainer is not None and self.trainer.training:
             batch = self.augment(batch)
         return batch
 
-    def batch_example(self, split: str = "val", size: int = 2) -> dict[str, Any]:
+    def batch_example(self, split: str = "val", size: int = 2) -> SamBatch:
         """A collated batch of the first ``size`` samples of ``split`` (for tests and logging).
 
         ``split`` is a split name (the first set for named sets) or ``"val/NAME"`` / ``"test/NAME"``.

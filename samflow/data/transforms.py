@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samflow.batch import SamBatch
+
 ResizeMode = Literal["longest", "stretch"]
 
 
@@ -110,7 +112,7 @@ class GpuAugment(nn.Module):
     """Augment a collated batch on its device with kornia, keeping every spatial key consistent.
 
     Geometric steps (flips, rotation and scale jitter, in that order, one ``RandomAffine`` for the last
-    two) move ``image``, ``mask``, ``mask_prompt``, ``boxes`` and ``points`` together through one
+    two) move ``image``, ``mask``, ``mask_prompt``, ``box`` and ``points`` together through one
     ``kornia.augmentation.AugmentationSequential``; the colour step touches only the image. Large-scale
     jitter as in HQ-SAM is ``scale=(0.1, 2.0)`` with ``translate=0.5``: the S x S frame is zoomed about its
     centre by a random factor (same on both axes), shifted, cropped to S x S and zero-filled.
@@ -165,46 +167,52 @@ class GpuAugment(nn.Module):
             raise ValueError(f"GpuAugment: color_jitter must be a float or 4 floats, got {color_jitter}.")
         self.color = K.ColorJitter(*cj, p=color_p) if any(v > 0 for v in cj) else None
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Return an augmented copy of ``batch`` (the collate contract of ``samflow.data``)."""
-        batch = dict(batch)
+    def forward(self, batch: SamBatch) -> SamBatch:
+        """Return an augmented copy of ``batch`` (one prompt row per image)."""
+        if batch.num_rows != batch.num_images or not bool(
+            (batch.image_index == torch.arange(batch.num_images, device=batch.image_index.device)).all()
+        ):
+            raise ValueError(
+                "GpuAugment moves prompts with their image and needs one prompt row per image, in order; "
+                f"this batch has {batch.num_rows} rows for {batch.num_images} images."
+            )
         if self.geometric is not None:
             batch = self._geometric(batch)
         if self.color is not None:
-            batch["image"] = self.color(batch["image"]).clamp(0, 1)
+            batch = batch.replace(image=self.color(batch.image).clamp(0, 1))
         return batch
 
-    def _geometric(self, batch: dict[str, Any]) -> dict[str, Any]:
-        image = batch["image"]  # (B, 3, S, S)
+    def _geometric(self, batch: SamBatch) -> SamBatch:
+        image = batch.image  # (B, 3, S, S)
         b, _, size, _ = image.shape
         inputs: dict[str, Tensor] = {"image": image}
-        if "mask" in batch:
-            inputs["mask"] = batch["mask"]
-        if "mask_prompt" in batch:  # (B, 1, S/4, S/4) -> S x S so it shares the image's transform
-            inputs["mask_prompt"] = F.interpolate(batch["mask_prompt"], size=(size, size), mode="nearest")
-        if "boxes" in batch:
-            inputs["bbox_xyxy"] = batch["boxes"][:, None]  # (B, 1, 4)
-        if "points" in batch:
-            inputs["keypoints"] = batch["points"]  # (B, K, 2)
+        if batch.mask is not None:
+            inputs["mask"] = batch.mask
+        if batch.mask_prompt is not None:  # (B, 1, S/4, S/4) -> S x S so it shares the image's transform
+            inputs["mask_prompt"] = F.interpolate(batch.mask_prompt, size=(size, size), mode="nearest")
+        if batch.box is not None:
+            inputs["bbox_xyxy"] = batch.box[:, None]  # (B, 1, 4)
+        if batch.points is not None:
+            inputs["keypoints"] = batch.points  # (B, K, 2)
         out = self.geometric(inputs)
-        batch["image"] = out["image"]
-        if "mask" in out:
-            batch["mask"] = (out["mask"] > 0.5).to(batch["mask"].dtype)
-            batch["gt_original"] = list(batch["mask"][:, 0] > 0.5)
-        if "mask_prompt" in out:
-            low = batch["mask_prompt"].shape[-2:]
-            batch["mask_prompt"] = (F.interpolate(out["mask_prompt"], size=low, mode="area") > 0.5).float()
-        if "bbox_xyxy" in out:
+        changes: dict[str, Any] = {"image": out["image"]}
+        if batch.mask is not None:
+            mask = (out["mask"] > 0.5).to(batch.mask.dtype)
+            changes.update(mask=mask, gt_original=list(mask[:, 0] > 0.5))
+        if batch.mask_prompt is not None:
+            low = batch.mask_prompt.shape[-2:]
+            moved = F.interpolate(out["mask_prompt"], size=low, mode="area") > 0.5
+            changes["mask_prompt"] = moved.to(batch.mask_prompt.dtype)
+        if batch.box is not None:
             boxes = out["bbox_xyxy"][:, 0]  # (B, 4)
             inside = (boxes[:, 2:] >= 0).all(-1) & (boxes[:, :2] <= size - 1).all(-1)  # (B,) meets the frame
-            batch["boxes"] = boxes.clamp(0, size - 1)
-            batch["has_box"] = batch["has_box"] & inside
-        if "keypoints" in out:
+            has_box = batch.box_valid()
+            assert has_box is not None
+            changes.update(box=boxes.clamp(0, size - 1), has_box=has_box & inside)
+        if batch.points is not None and batch.point_labels is not None:
             points = out["keypoints"]
             inside = ((points >= 0) & (points <= size - 1)).all(dim=-1)  # (B, K)
-            batch["points"] = points
-            batch["point_labels"] = torch.where(inside, batch["point_labels"], -1)
+            changes.update(points=points, point_labels=torch.where(inside, batch.point_labels, -1))
         frame = torch.tensor([size, size], dtype=torch.long, device=image.device).expand(b, 2).clone()
-        batch["input_size"] = frame
-        batch["original_size"] = frame.clone()
-        return batch
+        changes.update(input_size=frame, original_size=frame.clone())
+        return batch.replace(**changes)

@@ -1,84 +1,44 @@
-"""The plugin contract: ``SamPlugin`` with no-op hooks, and the objects hooks receive.
+"""The plugin contract: ``SamPlugin`` with no-op hooks.
 
 A plugin overrides only the hooks it needs, like a Lightning ``Callback``; the stack calls only
-overridden hooks. Structural work (building parameters from SAM's dimensions) happens once in
-``setup``; data flows per batch through an explicit ``ForwardContext``, never through globals.
+overridden hooks. Structural work (building parameters from SAM's dimensions, wrapping SAM modules)
+happens once in ``setup``; data flows per batch through an explicit context, never through globals:
+encoder-side hooks receive a ``ForwardContext``, decoder-side hooks a ``DecoderContext`` whose
+``encoded`` (embeddings, block features, dense PE) is always there. The objects hooks receive are
+defined in ``samflow.sam.types`` and re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
+
+from samflow.batch import SamBatch
+from samflow.sam.types import (
+    DecoderContext,
+    DecoderFeatures,
+    DecoderState,
+    EncodedImages,
+    ForwardContext,
+    PromptEmbeddings,
+    SamOutput,
+)
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
-    from samflow.sam.output import SamOutput
-
-
-@dataclass
-class ForwardContext:
-    """What one forward pass shares between the hooked SAM and its plugins.
-
-    Attributes:
-        sam: the frozen SAM (read its modules, e.g. ``sam.prompt_encoder.pe_layer``; never keep it).
-        batch: the batch as the data module gave it, after device transforms.
-        image: the input in [0, 1], un-normalised, (B, 3, S, S); SAM's normalised input is
-            ``normalized`` once the encoder has started.
-        training: whether the model is in training mode.
-        epoch, global_step: read from the trainer (0 outside a trainer).
-        image_index: which image each prompt row belongs to (N,).
-        multimask_output: the model's rule for SAM's own mask: token 0 (False) or the best of
-            tokens 1..3 by predicted IoU (True); plugins that combine their masks with SAM's follow it.
-        image_embeddings: the neck output (B, C, h, w), set after the encoder.
-        encoder_features: outputs (B, h, w, C) of the encoder blocks that plugins ask for with
-            ``SamPlugin.encoder_features``, by block index, set after the encoder.
-        image_pe: SAM's dense positional encoding (1, C, h, w), set before the decoder.
-        state: scratch space per plugin key, emptied every forward.
-    """
-
-    sam: Sam
-    batch: dict[str, Any]
-    image: Tensor
-    training: bool = False
-    epoch: int = 0
-    global_step: int = 0
-    image_index: Tensor | None = None
-    multimask_output: bool = False
-    normalized: Tensor | None = None
-    image_embeddings: Tensor | None = None
-    encoder_features: dict[int, Tensor] = field(default_factory=dict)
-    image_pe: Tensor | None = None
-    state: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
-class DecoderState:
-    """The two-way transformer's state at the ``decoder_layer`` site (after token-to-image attention).
-
-    N prompt rows, T tokens, HW image tokens, C channels. A plugin may append tokens: extend
-    ``queries``, ``attn_out`` and ``query_pe`` by the same number of rows; they take part in every
-    later attention and are dropped before the heads.
-    """
-
-    queries: Tensor  # (N, T, C) tokens after self-attention and norm1
-    keys: Tensor  # (N, HW, C) image tokens
-    query_pe: Tensor  # (N, T, C) positional encoding of the tokens
-    key_pe: Tensor  # (N, HW, C) positional encoding of the image
-    attn_out: Tensor  # (N, T, C) token-to-image attention output, before the residual
-
-
-@dataclass
-class DecoderFeatures:
-    """What the mask decoder hands to ``decode_token`` after the two-way transformer."""
-
-    tokens: Tensor  # (N, T', C) all token outputs
-    src: Tensor  # (N, C, h, w) image tokens after the transformer
-    upscaled: Tensor  # (N, C/8, 4h, 4w) SAM's upscaled mask features
-    sam_masks: Tensor  # (N, 4, 4h, 4w) SAM's mask logits
-    iou_pred: Tensor  # (N, 4) SAM's predicted IoU of each of its mask tokens
+__all__ = [
+    "DecoderContext",
+    "DecoderFeatures",
+    "DecoderState",
+    "EncodedImages",
+    "ForwardContext",
+    "PromptEmbeddings",
+    "SamBatch",
+    "SamOutput",
+    "SamPlugin",
+]
 
 
 class SamPlugin(nn.Module):
@@ -100,7 +60,12 @@ class SamPlugin(nn.Module):
 
     # ---- setup (structural, once) ----
     def setup(self, sam: Sam) -> None:
-        """Read SAM's dimensions and build parameters. Do not store ``sam``."""
+        """Read SAM's dimensions and build parameters; may wrap or inject modules into ``sam``.
+
+        Do not store ``sam``. Parameters that appear in ``sam`` during this call (an injected or
+        wrapping module, e.g. LoRA on ``attn.qkv``) belong to this plugin and train if they require
+        grad; SAM's own parameters stay frozen unless named by ``sam_modules_to_train``.
+        """
 
     def sam_modules_to_train(self) -> list[str]:
         """Dotted names of SAM sub-modules this plugin trains (e.g. ``["mask_decoder"]``)."""
@@ -111,7 +76,7 @@ class SamPlugin(nn.Module):
         return None
 
     def encoder_features(self) -> tuple[int, ...]:
-        """Encoder blocks whose outputs this plugin reads, from ``ctx.encoder_features[i]`` (B, h, w, C).
+        """Encoder blocks whose outputs this plugin reads, from ``ctx.encoded.features[i]`` (B, h, w, C).
 
         Prefer this to overriding ``block_output`` to capture a feature: a plugin that only reads
         the encoder leaves it a pure function of the image, so its outputs can be cached.
@@ -136,22 +101,24 @@ class SamPlugin(nn.Module):
         """See or change the output (B, h, w, C) of encoder block ``i`` (e.g. capture early features)."""
         return x
 
-    def prompts(self, sparse: Tensor, dense: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
-        """Change the sparse (N, K, C) and dense (N, C, h, w) prompt embeddings."""
-        return sparse, dense
+    def prompts(self, prompts: PromptEmbeddings, ctx: DecoderContext) -> PromptEmbeddings:
+        """Change the sparse (N, K, C) and dense (N, C, h, w) prompt embeddings (``PromptEmbeddings.append``
+        adds sparse tokens with their visibility)."""
+        return prompts
 
-    def decoder_layer(self, i: int, state: DecoderState, ctx: ForwardContext) -> DecoderState:
-        """Change the two-way transformer's state in layer ``i`` after its token-to-image attention."""
+    def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
+        """Change the two-way transformer's state in layer ``i`` after its token-to-image attention
+        (``DecoderState.append`` adds tokens)."""
         return state
 
-    def decode_token(self, tokens: Tensor, feats: DecoderFeatures, ctx: ForwardContext) -> dict[str, Tensor]:
+    def decode_token(self, tokens: Tensor, feats: DecoderFeatures, ctx: DecoderContext) -> dict[str, Tensor]:
         """Turn this plugin's output tokens (N, T, C) into named mask logits (N, M, 4h, 4w)."""
         return {}
 
-    def select(self, out: SamOutput, ctx: ForwardContext) -> Tensor | None:
+    def select(self, out: SamOutput, ctx: DecoderContext) -> Tensor | None:
         """Choose the prediction (N, 1, h, w) among the outputs; None leaves the choice to others."""
         return None
 
-    def losses(self, out: SamOutput, batch: dict[str, Any], ctx: ForwardContext) -> dict[str, Tensor]:
+    def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         """Extra loss terms of this plugin; they are added to the experiment's losses."""
         return {}

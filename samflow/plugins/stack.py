@@ -5,25 +5,37 @@ Rules (docs/architecture.md):
 - fold hooks (``block_input``, ``block_output``, ``attn_logits``, ``prompts``, ``decoder_layer``)
   chain in the experiment's order; collected outputs (tokens, masks, losses) are namespaced by key;
 - ``select``: the first plugin (in order) that returns a prediction wins;
-- declared conflicts fail at build time, naming both plugins;
-- only overridden hooks are called, so an unused site costs nothing.
+- declared conflicts fail at build time, naming both plugins (entry points are read only then);
+- only overridden hooks are called, so an unused site costs nothing;
+- one owner of what trains: ``attach`` freezes SAM, sets every plugin up, and records which plugin
+  owns each trainable parameter (its own, the modules it injected into SAM, the SAM parts it
+  declares). The optimizer's groups, the counts printed at start, the slim checkpoint and the
+  encoder cache's check all read that record (``owned``, ``frozen_sam_keys``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from samflow.plugins.base import DecoderFeatures, DecoderState, ForwardContext, SamPlugin
-from samflow.plugins.registry import plugin_name
+from samflow.batch import SamBatch
+from samflow.plugins.base import SamPlugin
+from samflow.sam.build import freeze
+from samflow.sam.types import (
+    DecoderContext,
+    DecoderFeatures,
+    DecoderState,
+    ForwardContext,
+    HookSites,
+    PromptEmbeddings,
+    SamOutput,
+)
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
-
-    from samflow.sam.output import SamOutput
 
 HOOKS = (
     "on_image",
@@ -50,8 +62,12 @@ def _overrides(plugin: SamPlugin, hook: str) -> bool:
     return getattr(type(plugin), hook) is not getattr(SamPlugin, hook)
 
 
-class PluginStack(nn.ModuleDict):
-    """The plugins of one model, in order, with their hooks dispatched."""
+class PluginStack(HookSites, nn.ModuleDict):
+    """The plugins of one model, in order, with their hooks dispatched and their parameters owned.
+
+    Parameter names in the ownership record are relative to the ``HookedSam`` that holds the stack:
+    ``plugins.<key>.<name>`` for a plugin's own parameters, ``sam.<name>`` for SAM's.
+    """
 
     def __init__(self, plugins: Mapping[str, SamPlugin] | None = None) -> None:
         super().__init__()
@@ -68,8 +84,14 @@ class PluginStack(nn.ModuleDict):
         self._check_conflicts()
         self._users: dict[str, list[SamPlugin]] = {}
         self._token_counts: list[tuple[SamPlugin, int]] = []
+        self.owned: dict[str, dict[str, nn.Parameter]] = {}
+        self.frozen_sam_keys: set[str] = set()
 
     def _check_conflicts(self) -> None:
+        if not any(p.conflicts for p in self.values()):
+            return  # nothing declared: no need to read the entry points
+        from samflow.plugins.registry import plugin_name
+
         names = {key: plugin_name(type(p)) or key for key, p in self.items()}
         for key, plugin in self.items():
             for other_key, other_name in names.items():
@@ -80,15 +102,73 @@ class PluginStack(nn.ModuleDict):
                     )
 
     # ---- setup ----
-    def setup(self, sam: Sam) -> None:
-        """Set every plugin up on ``sam``, then record which plugins use which hooks."""
-        for plugin in self.values():
+    def attach(self, sam: Sam) -> None:
+        """Freeze ``sam``, set every plugin up on it, and record who owns each trainable parameter.
+
+        A plugin owns its own trainable parameters, the trainable parameters that appeared in SAM
+        during its ``setup`` (modules it injected or wrapped) and the parameters of the SAM parts it
+        names in ``sam_modules_to_train`` (the first plugin to name a part owns it). Everything else
+        in SAM is frozen. ``frozen_sam_keys``: SAM's state-dict keys that existed before any plugin and
+        do not train; the slim checkpoint leaves exactly those out.
+        """
+        freeze(sam)
+        original = {id(t) for t in sam.state_dict(keep_vars=True).values()}
+        depth = len(sam.image_encoder.blocks)
+        claimed: set[int] = set()
+        self.owned = {}
+        for key, plugin in self.items():
+            before = {id(p) for p in sam.parameters()}
             plugin.setup(sam)
+            wrong = [i for i in plugin.encoder_features() if not 0 <= i < depth]
+            if wrong:
+                raise ValueError(
+                    f"Plugin {key!r} asks for the output of encoder block(s) {wrong}, but the encoder "
+                    f"has blocks 0..{depth - 1}."
+                )
+            owned: dict[str, nn.Parameter] = {}
+            for name, param in plugin.named_parameters():
+                if param.requires_grad and id(param) not in claimed:
+                    owned[f"plugins.{key}.{name}"] = param
+            for name, param in sam.named_parameters():
+                if id(param) not in before and param.requires_grad and id(param) not in claimed:
+                    owned[f"sam.{name}"] = param
+            for part in plugin.sam_modules_to_train():
+                try:
+                    module = sam.get_submodule(part)
+                except AttributeError:
+                    raise ValueError(f"Plugin {key!r} asks to train SAM part {part!r}, which SAM lacks.") from None
+                for name, param in module.named_parameters(prefix=part):
+                    if id(param) not in claimed:
+                        param.requires_grad_(True)
+                        owned[f"sam.{name}"] = param
+            claimed.update(id(p) for p in owned.values())
+            self.owned[key] = owned
+        self.frozen_sam_keys = {
+            name for name, t in sam.state_dict(keep_vars=True).items() if id(t) in original and not t.requires_grad
+        }
         self._users = {hook: [p for p in self.values() if _overrides(p, hook)] for hook in HOOKS}
         self._token_counts = []
         for plugin in self._users["output_tokens"]:
             tokens = plugin.output_tokens()
             self._token_counts.append((plugin, 0 if tokens is None else tokens.shape[0]))
+
+    def trainable_counts(self) -> dict[str, int]:
+        """Plugin key -> number of trainable values it owns."""
+        return {key: sum(p.numel() for p in params.values()) for key, params in self.owned.items()}
+
+    def owner_of(self, name: str) -> str | None:
+        """The key of the plugin that owns parameter ``name`` (``plugins.<key>...`` or ``sam....``), or None."""
+        for key, params in self.owned.items():
+            if name in params:
+                return key
+        return None
+
+    def trained_encoder_parameters(self) -> dict[str, list[str]]:
+        return {
+            key: names
+            for key, params in self.owned.items()
+            if (names := [n for n in params if n.startswith("sam.image_encoder.")])
+        }
 
     def encoder_features(self) -> tuple[int, ...]:
         """Encoder blocks whose outputs any plugin reads, sorted."""
@@ -101,10 +181,6 @@ class PluginStack(nn.ModuleDict):
     def uses(self, hook: str) -> bool:
         """Whether any plugin overrides ``hook``."""
         return bool(self._users.get(hook))
-
-    def trainable_sam_modules(self) -> dict[str, list[str]]:
-        """Plugin key -> SAM sub-modules it trains."""
-        return {key: p.sam_modules_to_train() for key, p in self.items() if p.sam_modules_to_train()}
 
     # ---- fold hooks ----
     def on_image(self, image: Tensor, tokens: Tensor, ctx: ForwardContext) -> None:
@@ -128,14 +204,25 @@ class PluginStack(nn.ModuleDict):
             x = plugin.block_output(i, x, ctx)
         return x
 
-    def prompts(self, sparse: Tensor, dense: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
+    def prompts(self, prompts: PromptEmbeddings, ctx: DecoderContext) -> PromptEmbeddings:
         for plugin in self._users["prompts"]:
-            sparse, dense = plugin.prompts(sparse, dense, ctx)
-        return sparse, dense
+            prompts = plugin.prompts(prompts, ctx)
+            if prompts.visible.shape != prompts.sparse.shape[:2]:
+                raise RuntimeError(
+                    f"Plugin {plugin.key!r} returned {prompts.sparse.shape[1]} sparse prompt tokens but "
+                    f"visibility for {prompts.visible.shape[1]}; add tokens with PromptEmbeddings.append."
+                )
+        return prompts
 
-    def decoder_layer(self, i: int, state: DecoderState, ctx: ForwardContext) -> DecoderState:
+    def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
         for plugin in self._users["decoder_layer"]:
             state = plugin.decoder_layer(i, state, ctx)
+            sizes = {state.queries.shape[1], state.query_pe.shape[1], state.attn_out.shape[1], state.visible.shape[1]}
+            if len(sizes) > 1:
+                raise RuntimeError(
+                    f"Plugin {plugin.key!r} left the decoder state with different token counts "
+                    f"(queries, query_pe, attn_out, visible: {sorted(sizes)}); add tokens with DecoderState.append."
+                )
         return state
 
     # ---- extra output tokens ----
@@ -144,7 +231,7 @@ class PluginStack(nn.ModuleDict):
         tokens = [t for p in self._users["output_tokens"] if (t := p.output_tokens()) is not None]
         return torch.cat(tokens, dim=0) if tokens else None
 
-    def decode_tokens(self, tokens: Tensor, feats: DecoderFeatures, ctx: ForwardContext) -> dict[str, Tensor]:
+    def decode_tokens(self, tokens: Tensor, feats: DecoderFeatures, ctx: DecoderContext) -> dict[str, Tensor]:
         """Hand each plugin its slice of ``tokens`` (N, T, C); return its masks as ``key/name``."""
         masks: dict[str, Tensor] = {}
         start = 0
@@ -160,14 +247,14 @@ class PluginStack(nn.ModuleDict):
         return masks
 
     # ---- after the decoder ----
-    def select(self, out: SamOutput, ctx: ForwardContext) -> Tensor | None:
+    def select(self, out: SamOutput, ctx: DecoderContext) -> Tensor | None:
         for plugin in self._users["select"]:
             chosen = plugin.select(out, ctx)
             if chosen is not None:
                 return chosen
         return None
 
-    def losses(self, out: SamOutput, batch: dict[str, Any], ctx: ForwardContext) -> dict[str, Tensor]:
+    def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         for plugin in self._users["losses"]:
             for name, value in plugin.losses(out, batch, ctx).items():

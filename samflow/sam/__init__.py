@@ -1,8 +1,48 @@
-"""Frozen SAM: building, the hooked forward pass, and its output."""
+"""Frozen SAM: building, its public operations, the hooked forward pass and the types it hands out.
+
+Layers: ``samflow.batch`` <- ``samflow.sam`` (this package; knows no plugin) <- ``samflow.plugins``
+<- ``samflow.module`` / ``samflow.data`` / ``samflow.cli``.
+"""
 
 from samflow.sam.build import VARIANTS, CheckpointError, build_sam, count_parameters, freeze
-from samflow.sam.cache import EncoderCache
+from samflow.sam.cache import EncoderCache, EncoderCacheError
 from samflow.sam.hooked import HookedSam
-from samflow.sam.output import SamOutput
+from samflow.sam.ops import attend, decomposed_rel_pos_bias, dense_pe, embed_box, embed_points, fourier_pe, normalize
+from samflow.sam.types import (
+    DecoderContext,
+    DecoderFeatures,
+    DecoderState,
+    EncodedImages,
+    ForwardContext,
+    HookSites,
+    PromptEmbeddings,
+    SamOutput,
+    sam_rule,
+)
 
-__all__ = ["VARIANTS", "CheckpointError", "EncoderCache", "HookedSam", "SamOutput", "build_sam", "count_parameters", "freeze"]
+__all__ = [
+    "VARIANTS",
+    "CheckpointError",
+    "DecoderContext",
+    "DecoderFeatures",
+    "DecoderState",
+    "EncodedImages",
+    "EncoderCache",
+    "EncoderCacheError",
+    "ForwardContext",
+    "HookSites",
+    "HookedSam",
+    "PromptEmbeddings",
+    "SamOutput",
+    "attend",
+    "build_sam",
+    "count_parameters",
+    "decomposed_rel_pos_bias",
+    "dense_pe",
+    "embed_box",
+    "embed_points",
+    "fourier_pe",
+    "freeze",
+    "normalize",
+    "sam_rule",
+]

@@ -12,29 +12,37 @@ Hook sites, in order: ``on_image`` -> for each encoder block i: ``block_input(i)
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
-from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
+from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from samflow.plugins.base import DecoderFeatures, DecoderState, ForwardContext
-from samflow.plugins.stack import PluginStack
+from samflow.batch import SamBatch
+from samflow.sam.build import freeze
 from samflow.sam.cache import EncoderCache, EncoderCacheError
-from samflow.sam.output import SamOutput
-
-PROMPT_KEYS = ("points", "point_labels", "boxes", "has_box", "mask_prompt", "has_mask_prompt")
+from samflow.sam.ops import attend, decomposed_rel_pos_bias, dense_pe, embed_box, embed_points, normalize
+from samflow.sam.types import (
+    DecoderContext,
+    DecoderFeatures,
+    DecoderState,
+    EncodedImages,
+    ForwardContext,
+    HookSites,
+    NoHooks,
+    PromptEmbeddings,
+    SamOutput,
+)
 
 
 class HookedSam(nn.Module):
-    """A frozen SAM and the plugins that fill its hook sites.
+    """A frozen SAM and the hooks (a ``PluginStack``) that fill its sites.
 
     Args:
         sam: a (frozen) segment-anything ``Sam``.
-        plugins: the plugin stack; its ``setup`` runs here.
+        plugins: the hooks, usually a ``samflow.plugins.PluginStack``; ``attach`` runs here (plugins
+            build their parameters, may wrap SAM modules, and what trains is recorded). None: SAM alone.
         multimask_output: SAM's selection rule: token 0 (False) or best of tokens 1..3 (True).
         checkpoint_blocks: recompute each encoder block in the backward pass instead of keeping its
             activations (activation checkpointing): less memory, about one more encoder forward of
@@ -46,23 +54,15 @@ class HookedSam(nn.Module):
     def __init__(
         self,
         sam: Sam,
-        plugins: PluginStack | None = None,
+        plugins: HookSites | None = None,
         multimask_output: bool = False,
         checkpoint_blocks: bool = False,
         encoder_cache: EncoderCache | None = None,
     ) -> None:
         super().__init__()
-        self.sam = sam
-        self.plugins = plugins if plugins is not None else PluginStack()
-        self.plugins.setup(sam)
-        depth = len(sam.image_encoder.blocks)
-        for key, plugin in self.plugins.items():
-            wrong = [i for i in plugin.encoder_features() if not 0 <= i < depth]
-            if wrong:
-                raise ValueError(
-                    f"Plugin {key!r} asks for the output of encoder block(s) {wrong}, but the encoder "
-                    f"has blocks 0..{depth - 1}."
-                )
+        self.sam = freeze(sam)
+        self.plugins = plugins if plugins is not None else NoHooks()
+        self.plugins.attach(sam)
         self.multimask_output = multimask_output
         self.checkpoint_blocks = checkpoint_blocks
         self.encoder_cache = encoder_cache
@@ -77,31 +77,29 @@ class HookedSam(nn.Module):
         self.sam.eval()
         return self
 
-    def forward(self, batch: dict[str, Any], ctx: ForwardContext | None = None) -> SamOutput:
-        """Run SAM with the plugins on a batch (see samflow.data for the keys).
+    def forward(self, batch: SamBatch, ctx: ForwardContext | None = None) -> SamOutput:
+        """Run SAM with the plugins on a ``SamBatch`` -> ``SamOutput`` (see ``run``)."""
+        return self.run(batch, ctx)[0]
 
-        ``batch["image"]`` is (B, 3, S, S) in [0, 1]; ``input_size`` (B, 2) marks the unpadded part.
-        Prompts are in the S x S input frame. ``image_index`` (N,) maps prompt rows to images when
-        an image has several prompt rows (default: one row per image).
+    def run(self, batch: SamBatch, ctx: ForwardContext | None = None) -> tuple[SamOutput, DecoderContext]:
+        """The whole pass -> (output, the decoder-stage context that ``losses`` hooks receive).
+
+        ``batch.image`` is (B, 3, S, S) in [0, 1]; ``input_size`` (B, 2) marks the unpadded part.
+        Prompts are in the S x S input frame, one row per ``image_index`` entry.
         """
+        if not isinstance(batch, SamBatch):
+            raise TypeError(
+                f"HookedSam takes a samflow.batch.SamBatch, got {type(batch).__name__}; "
+                "build one with SamBatch(image=..., box=..., ...)."
+            )
         ctx = ctx or self.context(batch)
-        ctx.image_embeddings = self.encode(ctx)
-        return self.decode(ctx)
+        dctx = DecoderContext.after_encoder(ctx, self.encode(ctx))
+        return self.decode(dctx), dctx
 
-    def context(self, batch: dict[str, Any], **kwargs: Any) -> ForwardContext:
-        """A fresh ``ForwardContext`` for ``batch``."""
-        image = batch["image"]
-        index = batch.get("image_index")
-        if index is None:
-            index = torch.arange(image.shape[0], device=image.device)
+    def context(self, batch: SamBatch, **kwargs: object) -> ForwardContext:
+        """A fresh ``ForwardContext`` for ``batch`` (``epoch`` and ``global_step`` may be given)."""
         return ForwardContext(
-            sam=self.sam,
-            batch=batch,
-            image=image,
-            training=self.training,
-            image_index=index,
-            multimask_output=self.multimask_output,
-            **kwargs,
+            sam=self.sam, batch=batch, training=self.training, multimask_output=self.multimask_output, **kwargs
         )
 
     # ---- image encoder ----
@@ -109,22 +107,20 @@ class HookedSam(nn.Module):
         """SAM's normalisation of a [0, 1] image; padding is zero after normalising, as in SAM."""
         return normalize(self.sam, image, input_size)
 
-    def encode(self, ctx: ForwardContext) -> Tensor:
-        """Image encoder with hook sites -> image embeddings (B, C, h, w).
-
-        Sets ``ctx.normalized`` and ``ctx.encoder_features`` (the blocks plugins asked for).
-        """
-        x = self.preprocess(ctx.image, ctx.batch.get("input_size"))
-        ctx.normalized = x
+    def encode(self, ctx: ForwardContext) -> EncodedImages:
+        """Image encoder with hook sites -> ``EncodedImages`` (embeddings, block features, dense PE)."""
+        x = self.preprocess(ctx.image, ctx.batch.input_size)
         if self.encoder_cache is None:
-            embeddings, ctx.encoder_features = self.run_encoder(x, ctx)
+            embeddings, features = self.run_encoder(x, ctx)
         else:
             self.check_encoder_cache()
             blocks = self.plugins.encoder_features()
-            embeddings, ctx.encoder_features = self.encoder_cache.encode(
+            embeddings, features = self.encoder_cache.encode(
                 x, blocks, lambda sub: self.run_encoder(sub, ctx), "train" if self.training else "eval"
             )
-        return embeddings
+        pe = self.sam.prompt_encoder
+        image_pe = dense_pe(pe.pe_layer, pe.image_embedding_size, embeddings.dtype)
+        return EncodedImages(normalized=x, embeddings=embeddings, features=features, image_pe=image_pe)
 
     def run_encoder(self, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, dict[int, Tensor]]:
         """The encoder on normalised images ``x`` -> (embeddings, {block: output}) for the blocks plugins read."""
@@ -148,9 +144,15 @@ class HookedSam(nn.Module):
     def check_encoder_cache(self) -> None:
         """Fail when the encoder's outputs are not a pure function of the image, so a cache would be wrong."""
         users = self.plugins.encoder_hook_users()
+        owned = self.plugins.trained_encoder_parameters()
         trained = [n for n, p in self.sam.image_encoder.named_parameters() if p.requires_grad]
-        if users or trained:
-            what = f"plugins {', '.join(users)} change it" if users else f"its parameters {trained[:3]} are trained"
+        if users or owned or trained:
+            if users:
+                what = f"plugins {', '.join(users)} change it"
+            elif owned:
+                what = "; ".join(f"plugin {key!r} trains {names[:3]}" for key, names in owned.items())
+            else:
+                what = f"its parameters {trained[:3]} are trained"
             raise EncoderCacheError(
                 f"encoder_cache is on, but the image encoder's output is not a fixed function of the image: {what}. "
                 "Turn the cache off (model.sam.encoder_cache: 0) for this experiment."
@@ -189,62 +191,64 @@ class HookedSam(nn.Module):
         return attn.proj(out)
 
     # ---- prompts and mask decoder ----
-    def encode_prompts(self, batch: dict[str, Any], rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """SAM's prompt encoder, batched with per-row presence flags -> sparse (N, K, C), dense (N, C, h, w).
+    def encode_prompts(self, batch: SamBatch, dtype: torch.dtype) -> PromptEmbeddings:
+        """SAM's prompt encoder for every row at once -> sparse (N, K, C) with visibility, dense (N, C, h, w).
 
-        Rows without a box (``has_box`` False) get two not-a-point tokens in its place; rows without a
-        mask prompt get SAM's no-mask embedding. With points and no boxes one not-a-point token is
-        appended, exactly as SAM does.
+        Slots per row: the batch's K point slots, one not-a-point slot, two box corners. A row sees
+        exactly what SAM's own prompt encoder gives for its prompt: its points (label != -1), the
+        not-a-point token only when it has points and no box (as SAM pads), its box corners only
+        when it has a box; every other slot is invisible. Rows without a mask prompt get SAM's
+        no-mask embedding.
         """
         pe = self.sam.prompt_encoder
         frame = pe.input_image_size
-        sparse = [torch.empty(rows, 0, pe.embed_dim, device=device)]
-        boxes = batch.get("boxes")
-        if batch.get("points") is not None:
-            coords, labels = batch["points"].float() + 0.5, batch["point_labels"]
-            if boxes is None:
-                coords = F.pad(coords, (0, 0, 0, 1))
-                labels = F.pad(labels, (0, 1), value=-1)
+        rows = batch.num_rows
+        device = batch.image.device
+        sparse = [torch.empty(rows, 0, pe.embed_dim, device=device, dtype=dtype)]
+        visible = [torch.empty(rows, 0, dtype=torch.bool, device=device)]
+        has_box = batch.box_valid()
+        if has_box is None:
+            has_box = torch.zeros(rows, dtype=torch.bool, device=device)
+        if batch.points is not None and batch.point_labels is not None:
+            coords = F.pad(batch.points.to(dtype) + 0.5, (0, 0, 0, 1))  # + SAM's not-a-point slot
+            labels = F.pad(batch.point_labels, (0, 1), value=-1)
+            points_visible = batch.point_labels != -1  # (N, K)
+            pad_visible = points_visible.any(1) & ~has_box
             sparse.append(embed_points(pe, coords, labels, frame))
-        if boxes is not None:
-            corners = pe.pe_layer.forward_with_coords(boxes.float().reshape(-1, 2, 2) + 0.5, frame)
-            corners = corners + torch.cat([pe.point_embeddings[2].weight, pe.point_embeddings[3].weight])
-            has_box = batch.get("has_box")
-            if has_box is not None:
-                absent = pe.not_a_point_embed.weight.expand_as(corners)
-                corners = torch.where(has_box.view(-1, 1, 1), corners, absent)
-            sparse.append(corners)
+            visible += [points_visible, pad_visible[:, None]]
+        if batch.box is not None:
+            sparse.append(embed_box(pe, batch.box.to(dtype) + 0.5, frame))
+            visible.append(has_box[:, None].expand(rows, 2))
         grid = pe.image_embedding_size
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(rows, -1, *grid)
-        if batch.get("mask_prompt") is not None:
-            embedded = pe.mask_downscaling(batch["mask_prompt"].float())
-            has_mask = batch.get("has_mask_prompt")
-            dense = embedded if has_mask is None else torch.where(has_mask.view(-1, 1, 1, 1), embedded, dense)
-        return torch.cat(sparse, dim=1), dense
+        dense = pe.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1).expand(rows, -1, *grid)
+        has_mask = batch.mask_prompt_valid()
+        if batch.mask_prompt is not None and has_mask is not None:
+            embedded = pe.mask_downscaling(batch.mask_prompt.to(dtype))
+            dense = torch.where(has_mask.view(-1, 1, 1, 1), embedded, dense)
+        return PromptEmbeddings(sparse=torch.cat(sparse, 1), visible=torch.cat(visible, 1), dense=dense)
 
-    def decode(self, ctx: ForwardContext) -> SamOutput:
+    def decode(self, ctx: DecoderContext) -> SamOutput:
         """Prompt encoder, two-way transformer and heads with hook sites -> ``SamOutput``."""
         dec = self.sam.mask_decoder
         stack = self.plugins
         index = ctx.image_index
         rows = index.shape[0]
-        embeddings = ctx.image_embeddings
-        sparse, dense = self.encode_prompts(ctx.batch, rows, embeddings.device)
-        sparse, dense = stack.prompts(sparse, dense, ctx)
-        ctx.image_pe = self.sam.prompt_encoder.get_dense_pe()
+        embeddings = ctx.encoded.embeddings
+        prompts = stack.prompts(self.encode_prompts(ctx.batch, embeddings.dtype), ctx)
 
         output_tokens = [dec.iou_token.weight, dec.mask_tokens.weight]
         extra = stack.output_tokens()
         if extra is not None:
             output_tokens.append(extra)
-        output_tokens = torch.cat(output_tokens, dim=0)
-        n_out = output_tokens.shape[0]
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(rows, -1, -1), sparse.to(output_tokens.dtype)], 1)
+        out_tokens = torch.cat(output_tokens, dim=0).to(embeddings.dtype)
+        n_out = out_tokens.shape[0]
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(rows, -1, -1), prompts.sparse], 1)
+        visible = torch.cat([torch.ones(rows, n_out, dtype=torch.bool, device=tokens.device), prompts.visible], 1)
 
-        src = embeddings[index] + dense  # (N, C, h, w)
+        src = embeddings[index] + prompts.dense  # (N, C, h, w)
         b, c, h, w = src.shape
-        pos = ctx.image_pe.expand(rows, -1, -1, -1)
-        hs, keys = self._two_way(tokens, src, pos, ctx)
+        pos = ctx.encoded.image_pe.expand(rows, -1, -1, -1)
+        hs, keys = self._two_way(tokens, visible, src, pos, ctx)
         src = keys.transpose(1, 2).reshape(b, c, h, w)
 
         upscaled = dec.output_upscaling(src)  # (N, C/8, 4h, 4w)
@@ -257,80 +261,39 @@ class HookedSam(nn.Module):
         feats = DecoderFeatures(tokens=hs, src=src, upscaled=upscaled, sam_masks=sam_masks, iou_pred=iou_pred)
         masks.update(stack.decode_tokens(hs[:, 1 + dec.num_mask_tokens : n_out], feats, ctx))
         out = SamOutput(masks=masks, iou_pred=iou_pred, image_index=index)
-        out.pred = stack.select(out, ctx)
-        if out.pred is None:
-            out.pred = out.sam_default(self.multimask_output)
+        chosen = stack.select(out, ctx)
+        out.pred = chosen if chosen is not None else out.sam_default(self.multimask_output)
         return out
 
-    def _two_way(self, tokens: Tensor, src: Tensor, pos: Tensor, ctx: ForwardContext) -> tuple[Tensor, Tensor]:
-        """SAM's ``TwoWayTransformer`` with the ``decoder_layer`` site -> (tokens, image tokens)."""
+    def _two_way(
+        self, tokens: Tensor, visible: Tensor, src: Tensor, pos: Tensor, ctx: DecoderContext
+    ) -> tuple[Tensor, Tensor]:
+        """SAM's ``TwoWayTransformer`` with the ``decoder_layer`` site -> (tokens, image tokens).
+
+        ``visible`` (N, T) masks tokens out wherever tokens are keys (self-attention and
+        image-to-token attention), so invisible slots change nothing.
+        """
         transformer = self.sam.mask_decoder.transformer
         keys = src.flatten(2).transpose(1, 2)  # (N, HW, C)
         key_pe = pos.flatten(2).transpose(1, 2)
         queries, query_pe = tokens, tokens
         for i, layer in enumerate(transformer.layers):
             if layer.skip_first_layer_pe:
-                queries = attend(layer.self_attn, queries, queries, queries)
+                queries = attend(layer.self_attn, queries, queries, queries, visible)
             else:
                 q = queries + query_pe
-                queries = queries + attend(layer.self_attn, q, q, queries)
+                queries = queries + attend(layer.self_attn, q, q, queries, visible)
             queries = layer.norm1(queries)
             attn_out = attend(layer.cross_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
             if self.plugins.uses("decoder_layer"):
-                state = DecoderState(queries, keys, query_pe, key_pe, attn_out)
+                state = DecoderState(queries, keys, query_pe, key_pe, attn_out, visible)
                 state = self.plugins.decoder_layer(i, state, ctx)
-                queries, keys, query_pe, attn_out = state.queries, state.keys, state.query_pe, state.attn_out
+                queries, keys, query_pe, attn_out, visible = (
+                    state.queries, state.keys, state.query_pe, state.attn_out, state.visible
+                )
             queries = layer.norm2(queries + attn_out)
             queries = layer.norm3(queries + layer.mlp(queries))
             k = keys + key_pe
-            keys = layer.norm4(keys + attend(layer.cross_attn_image_to_token, k, queries + query_pe, queries))
+            keys = layer.norm4(keys + attend(layer.cross_attn_image_to_token, k, queries + query_pe, queries, visible))
         attn_out = attend(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
         return transformer.norm_final_attn(queries + attn_out), keys
-
-
-def normalize(sam: Sam, image: Tensor, input_size: Tensor | None) -> Tensor:
-    """SAM's input: ``(255 * image - mean) / std`` of a [0, 1] image (B, 3, S, S), zero outside ``input_size``."""
-    x = (image * 255.0 - sam.pixel_mean) / sam.pixel_std
-    if input_size is not None:
-        size = image.shape[-1]
-        rows = torch.arange(size, device=image.device)
-        inside = (rows[None, :, None] < input_size[:, 0, None, None]) & (
-            rows[None, None, :] < input_size[:, 1, None, None]
-        )
-        x = x * inside[:, None].to(x.dtype)
-    return x
-
-
-def attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """SAM's decoder ``Attention`` (projections, heads, downsampling) through SDPA."""
-    heads = attn.num_heads
-
-    def split(x: Tensor) -> Tensor:  # (N, L, D) -> (N, heads, L, D/heads)
-        return x.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(split(attn.q_proj(q)), split(attn.k_proj(k)), split(attn.v_proj(v)))
-    return attn.out_proj(out.transpose(1, 2).flatten(2))
-
-
-def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
-    """SAM's decomposed relative-position term as an additive attention mask.
-
-    bias[b, n, (i, j), (k, l)] = q[b, n, (i, j)] . R_h[i - k] + q[b, n, (i, j)] . R_w[j - l]
-    q: (B, heads, h*w, d) -> bias (B, heads, h*w, h*w).
-    """
-    h, w = size
-    r_h = get_rel_pos(h, h, rel_pos_h)  # (h, h, d)
-    r_w = get_rel_pos(w, w, rel_pos_w)  # (w, w, d)
-    r_q = q.unflatten(2, (h, w))  # (B, heads, h, w, d)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)
-    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2).flatten(2, 3)
-
-
-def embed_points(pe: nn.Module, coords: Tensor, labels: Tensor, frame: tuple[int, int]) -> Tensor:
-    """SAM's point embedding without in-place masking: coords (N, K, 2) pixel centres, labels (N, K)."""
-    enc = pe.pe_layer.forward_with_coords(coords, frame)
-    labels = labels.unsqueeze(-1)
-    enc = torch.where(labels == -1, pe.not_a_point_embed.weight, enc)
-    enc = enc + torch.where(labels == 0, pe.point_embeddings[0].weight, 0.0)
-    return enc + torch.where(labels == 1, pe.point_embeddings[1].weight, 0.0)

@@ -1,0 +1,109 @@
+"""SAM's operations that the hooked forward and plugins share: public, small, batched.
+
+- ``normalize``: SAM's input normalisation of a [0, 1] image, zero outside the unpadded part;
+- ``attend``: SAM's decoder ``Attention`` through SDPA, with an optional key mask (invisible tokens);
+- ``decomposed_rel_pos_bias``: the encoder's decomposed relative-position term as an additive mask;
+- ``fourier_pe`` / ``dense_pe``: SAM's random-Fourier positional encoding in the input's dtype;
+- ``embed_points`` / ``embed_box``: SAM's point and box embeddings without in-place writes.
+
+Unlike segment-anything's prompt encoder, nothing here casts to float32, so a float64 model runs
+end to end (parity checks at 1e-12).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.modeling.image_encoder import get_rel_pos
+from torch import Tensor, nn
+
+
+def normalize(sam: Sam, image: Tensor, input_size: Tensor | None) -> Tensor:
+    """SAM's input: ``(255 * image - mean) / std`` of a [0, 1] image (B, 3, S, S), zero outside ``input_size``."""
+    x = (image * 255.0 - sam.pixel_mean.to(image.dtype)) / sam.pixel_std.to(image.dtype)
+    if input_size is not None:
+        size = image.shape[-1]
+        rows = torch.arange(size, device=image.device)
+        inside = (rows[None, :, None] < input_size[:, 0, None, None]) & (
+            rows[None, None, :] < input_size[:, 1, None, None]
+        )
+        x = x * inside[:, None].to(x.dtype)
+    return x
+
+
+def attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+    """SAM's decoder ``Attention`` (projections, heads, downsampling) through SDPA.
+
+    q (N, Lq, C), k and v (N, Lk, C); ``key_mask`` (N, Lk) bool, False for keys no query may see
+    (padding tokens). Every row must keep at least one visible key.
+    """
+    heads = attn.num_heads
+
+    def split(x: Tensor) -> Tensor:  # (N, L, D) -> (N, heads, L, D/heads)
+        return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, Lk)
+    out = F.scaled_dot_product_attention(
+        split(attn.q_proj(q)), split(attn.k_proj(k)), split(attn.v_proj(v)), attn_mask=mask
+    )
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
+    """SAM's decomposed relative-position term as an additive attention mask.
+
+    bias[b, n, (i, j), (k, l)] = q[b, n, (i, j)] . R_h[i - k] + q[b, n, (i, j)] . R_w[j - l]
+    q: (B, heads, h*w, d) -> bias (B, heads, h*w, h*w).
+    """
+    h, w = size
+    r_h = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # (h, h, d)
+    r_w = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # (w, w, d)
+    r_q = q.unflatten(2, (h, w))  # (B, heads, h, w, d)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2).flatten(2, 3)
+
+
+def fourier_pe(pe_layer: nn.Module, coords: Tensor) -> Tensor:
+    """SAM's ``PositionEmbeddingRandom`` of coordinates in [0, 1]^2 (..., 2) -> (..., C), in their dtype."""
+    gaussian = pe_layer.positional_encoding_gaussian_matrix.to(coords.dtype)  # (2, C/2)
+    angles = 2 * math.pi * ((2 * coords - 1) @ gaussian)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def dense_pe(pe_layer: nn.Module, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """SAM's dense positional encoding of the embedding grid (1, C, h, w) (``get_dense_pe``), in ``dtype``."""
+    h, w = size
+    device = pe_layer.positional_encoding_gaussian_matrix.device
+    y = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
+    x = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+    grid = torch.stack([x[None, :].expand(h, w), y[:, None].expand(h, w)], dim=-1)  # (h, w, 2)
+    return fourier_pe(pe_layer, grid).permute(2, 0, 1).unsqueeze(0)
+
+
+def _pixel_pe(pe: nn.Module, coords: Tensor, frame: tuple[int, int]) -> Tensor:
+    """Encode pixel coordinates (..., 2) of the (H, W) ``frame`` (``forward_with_coords``)."""
+    scale = torch.tensor([frame[1], frame[0]], device=coords.device, dtype=coords.dtype)
+    return fourier_pe(pe.pe_layer, coords / scale)
+
+
+def embed_points(pe: nn.Module, coords: Tensor, labels: Tensor, frame: tuple[int, int]) -> Tensor:
+    """SAM's point embedding: coords (N, K, 2) pixel centres (SAM's coordinates + 0.5), labels (N, K).
+
+    Label 1 positive, 0 negative, -1 not-a-point (SAM's own padding token). -> (N, K, C)
+    """
+    enc = _pixel_pe(pe, coords, frame)
+    labels = labels.unsqueeze(-1)
+    enc = torch.where(labels == -1, pe.not_a_point_embed.weight.to(enc.dtype), enc)
+    enc = enc + torch.where(labels == 0, pe.point_embeddings[0].weight.to(enc.dtype), 0.0)
+    return enc + torch.where(labels == 1, pe.point_embeddings[1].weight.to(enc.dtype), 0.0)
+
+
+def embed_box(pe: nn.Module, boxes: Tensor, frame: tuple[int, int]) -> Tensor:
+    """SAM's box embedding: boxes (N, 4) xyxy pixel centres (SAM's coordinates + 0.5) -> corners (N, 2, C)."""
+    corners = _pixel_pe(pe, boxes.reshape(-1, 2, 2), frame)
+    weights = torch.cat([pe.point_embeddings[2].weight, pe.point_embeddings[3].weight])  # (2, C)
+    return corners + weights.to(corners.dtype)

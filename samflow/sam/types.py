@@ -1,0 +1,248 @@
+"""What the hooked forward pass hands to its hook sites, and what it returns.
+
+The pass has two stages, and so do the contexts:
+- ``ForwardContext``: known before the image encoder (the batch, the frozen SAM, the trainer's
+  epoch); encoder-side hooks (``on_image``, ``block_input``, ``attn_logits``, ``block_output``)
+  receive it;
+- ``DecoderContext``: the same plus ``encoded`` (``EncodedImages``: the normalised images, their
+  embeddings, the block features plugins asked for and SAM's dense positional encoding), never None;
+  decoder-side hooks (``prompts``, ``decoder_layer``, ``decode_token``, ``select``, ``losses``)
+  receive it.
+
+``HookSites`` is the interface the forward pass calls; ``samflow.plugins.PluginStack`` implements
+it with plugins. Its methods here are the no-op defaults (SAM alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from samflow.batch import SamBatch
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
+
+
+@dataclass(kw_only=True)
+class ForwardContext:
+    """What one forward pass shares with the hooks, before the image encoder has run.
+
+    Attributes:
+        sam: the frozen SAM (read its modules, e.g. ``sam.prompt_encoder.pe_layer``; never keep it).
+        batch: the ``SamBatch`` as the data module gave it, after device transforms.
+        training: whether the model is in training mode.
+        epoch, global_step: read from the trainer (0 outside a trainer).
+        multimask_output: the model's rule for SAM's own mask: token 0 (False) or the best of
+            tokens 1..3 by predicted IoU (True); plugins that combine their masks with SAM's follow it.
+        state: scratch space per plugin key, emptied every forward.
+    """
+
+    sam: Sam
+    batch: SamBatch
+    training: bool = False
+    epoch: int = 0
+    global_step: int = 0
+    multimask_output: bool = False
+    state: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Tensor:
+        """The input in [0, 1], un-normalised (B, 3, S, S)."""
+        return self.batch.image
+
+    @property
+    def image_index(self) -> Tensor:
+        """Which image each prompt row belongs to (N,)."""
+        return self.batch.image_index
+
+
+@dataclass
+class EncodedImages:
+    """What exists once the image encoder has run (B images, embedding grid h x w).
+
+    Attributes:
+        normalized: SAM's normalised input (B, 3, S, S), zero outside each image's ``input_size``.
+        embeddings: the neck output (B, C, h, w).
+        features: outputs (B, h', w', C_vit) of the encoder blocks that plugins ask for with
+            ``SamPlugin.encoder_features``, by block index.
+        image_pe: SAM's dense positional encoding of the embedding grid (1, C, h, w).
+    """
+
+    normalized: Tensor
+    embeddings: Tensor
+    features: dict[int, Tensor]
+    image_pe: Tensor
+
+
+@dataclass(kw_only=True)
+class DecoderContext(ForwardContext):
+    """``ForwardContext`` plus the encoder's results; what the decoder-side hooks receive."""
+
+    encoded: EncodedImages
+
+    @classmethod
+    def after_encoder(cls, ctx: ForwardContext, encoded: EncodedImages) -> DecoderContext:
+        """The decoder stage of ``ctx`` (sharing its ``state``)."""
+        fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ForwardContext)}
+        return cls(**fields, encoded=encoded)
+
+
+@dataclass
+class PromptEmbeddings:
+    """SAM's prompt embeddings for N rows: what the ``prompts`` hook receives and returns.
+
+    ``visible`` marks the sparse tokens that exist for a row; the others (empty point slots, the box
+    corners of a row without a box) take no part in any attention, so a row's output never depends
+    on its batch-mates. A plugin that appends sparse tokens appends to ``visible`` too (``append``).
+    """
+
+    sparse: Tensor  # (N, K, C)
+    visible: Tensor  # (N, K) bool
+    dense: Tensor  # (N, C, h, w)
+
+    def append(self, tokens: Tensor, visible: Tensor | None = None) -> PromptEmbeddings:
+        """Add sparse tokens (N, k, C), visible unless ``visible`` (N, k) says otherwise."""
+        if visible is None:
+            visible = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return dataclasses.replace(
+            self, sparse=torch.cat([self.sparse, tokens], 1), visible=torch.cat([self.visible, visible], 1)
+        )
+
+
+@dataclass
+class DecoderState:
+    """The two-way transformer's state at the ``decoder_layer`` site (after token-to-image attention).
+
+    N prompt rows, T tokens, HW image tokens, C channels. ``visible`` (N, T) marks the tokens that
+    take part in attention as keys. A plugin appends tokens with ``append``; they take part in every
+    later attention and are dropped before the heads.
+    """
+
+    queries: Tensor  # (N, T, C) tokens after self-attention and norm1
+    keys: Tensor  # (N, HW, C) image tokens
+    query_pe: Tensor  # (N, T, C) positional encoding of the tokens
+    key_pe: Tensor  # (N, HW, C) positional encoding of the image
+    attn_out: Tensor  # (N, T, C) token-to-image attention output, before the residual
+    visible: Tensor  # (N, T) bool
+
+    def append(self, queries: Tensor, attn_out: Tensor, query_pe: Tensor, visible: Tensor | None = None) -> DecoderState:
+        """Add tokens: their queries, attention outputs and positional encodings, each (N, k, C)."""
+        if visible is None:
+            visible = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)
+        return dataclasses.replace(
+            self,
+            queries=torch.cat([self.queries, queries], 1),
+            attn_out=torch.cat([self.attn_out, attn_out], 1),
+            query_pe=torch.cat([self.query_pe, query_pe], 1),
+            visible=torch.cat([self.visible, visible], 1),
+        )
+
+
+@dataclass
+class DecoderFeatures:
+    """What the mask decoder hands to ``decode_token`` after the two-way transformer."""
+
+    tokens: Tensor  # (N, T', C) all token outputs
+    src: Tensor  # (N, C, h, w) image tokens after the transformer
+    upscaled: Tensor  # (N, C/8, 4h, 4w) SAM's upscaled mask features
+    sam_masks: Tensor  # (N, 4, 4h, 4w) SAM's mask logits
+    iou_pred: Tensor  # (N, 4) SAM's predicted IoU of each of its mask tokens
+
+
+def sam_rule(sam_masks: Tensor, iou_pred: Tensor, multimask_output: bool) -> Tensor:
+    """SAM's choice among its mask tokens (N, 4, h, w) -> (N, 1, h, w).
+
+    Token 0 without multimask output; otherwise the token among 1..3 with the highest predicted IoU.
+    """
+    if not multimask_output:
+        return sam_masks[:, :1]
+    best = iou_pred[:, 1:].argmax(dim=1) + 1  # (N,)
+    return sam_masks[torch.arange(sam_masks.shape[0], device=sam_masks.device), best].unsqueeze(1)
+
+
+@dataclass
+class SamOutput:
+    """Named mask logits and everything plugins report.
+
+    Shapes use N for prompt rows (one row per image unless several prompts share an image) and
+    (h, w) for the decoder's low resolution (4x the embedding grid, 256 x 256 for SAM at 1024).
+
+    Attributes:
+        masks: name -> mask logits (N, M, h, w). ``"sam"`` holds SAM's four mask tokens (token 0 is the
+            single-mask output, 1..3 the multimask outputs); a plugin's masks are ``"<key>/<name>"``.
+        iou_pred: SAM's predicted IoU for each of its four mask tokens (N, 4).
+        image_index: which image of the batch each row belongs to (N,).
+        pred: the selected prediction (N, 1, h, w) after ``select``; losses and metrics use it.
+        extras: anything else plugins report, keyed ``"<key>/<name>"``.
+    """
+
+    masks: dict[str, Tensor]
+    iou_pred: Tensor
+    image_index: Tensor
+    pred: Tensor = None  # type: ignore[assignment]  # set by the forward pass after ``select``
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def sam_default(self, multimask_output: bool) -> Tensor:
+        """SAM's own rule (``sam_rule``) on its mask tokens."""
+        return sam_rule(self.masks["sam"], self.iou_pred, multimask_output)
+
+
+class HookSites:
+    """The hook sites the forward pass calls, as no-ops: SAM alone. ``PluginStack`` overrides them."""
+
+    def attach(self, sam: Sam) -> None:
+        """Set the hooks up on ``sam`` (once, when the model is built)."""
+
+    def encoder_features(self) -> tuple[int, ...]:
+        """Encoder blocks whose outputs the hooks read."""
+        return ()
+
+    def encoder_hook_users(self) -> list[str]:
+        """Who changes or sees the inside of the image encoder (for the encoder cache's check)."""
+        return []
+
+    def trained_encoder_parameters(self) -> dict[str, list[str]]:
+        """Owner -> names of trained parameters inside the image encoder (for the encoder cache's check)."""
+        return {}
+
+    def uses(self, hook: str) -> bool:
+        """Whether any hook fills the site ``hook``."""
+        return False
+
+    def on_image(self, image: Tensor, tokens: Tensor, ctx: ForwardContext) -> None:
+        return None
+
+    def block_input(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
+        return x
+
+    def attn_logits(
+        self, i: int, scale: float | Tensor, bias: Tensor | None, q: Tensor, ctx: ForwardContext
+    ) -> tuple[float | Tensor, Tensor | None]:
+        return scale, bias
+
+    def block_output(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
+        return x
+
+    def prompts(self, prompts: PromptEmbeddings, ctx: DecoderContext) -> PromptEmbeddings:
+        return prompts
+
+    def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
+        return state
+
+    def output_tokens(self) -> Tensor | None:
+        return None
+
+    def decode_tokens(self, tokens: Tensor, feats: DecoderFeatures, ctx: DecoderContext) -> dict[str, Tensor]:
+        return {}
+
+    def select(self, out: SamOutput, ctx: DecoderContext) -> Tensor | None:
+        return None
+
+
+class NoHooks(HookSites, nn.Module):
+    """SAM alone: every site a no-op (an ``nn.Module`` so the model's structure is the same)."""
