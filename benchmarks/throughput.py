@@ -173,13 +173,13 @@ def _build_forward(spec: dict[str, Any], device: torch.device):
     dense_pe = sam.prompt_encoder.get_dense_pe()
 
     def encoder() -> torch.Tensor:  # SAM's preprocess takes a 0..255 image
-        return sam.image_encoder(sam.preprocess(batch["image"] * 255.0))
+        return sam.image_encoder(sam.preprocess(batch.image * 255.0))
 
     def full() -> list[torch.Tensor]:
         embeddings = encoder()
         masks = []
         for b in range(embeddings.shape[0]):  # segment-anything's decoder runs one image at a time
-            sparse, dense = sam.prompt_encoder(points=None, boxes=batch["boxes"][b : b + 1], masks=None)
+            sparse, dense = sam.prompt_encoder(points=None, boxes=batch.box[b : b + 1], masks=None)
             m, _ = sam.mask_decoder.predict_masks(embeddings[b : b + 1], dense_pe, sparse, dense)
             masks.append(m)
         return masks

@@ -5,18 +5,24 @@ from __future__ import annotations
 import torch
 from segment_anything.modeling import Sam
 
+from samflow.batch import SamBatch
 from samflow.testing import random_batch  # noqa: F401  (re-exported for the tests)
 
 
-def sam_reference(sam: Sam, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """segment-anything's own modules, one image at a time -> (masks (B, 4, h, w), iou (B, 4))."""
+def sam_reference(sam: Sam, batch: SamBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment-anything's own modules, one row at a time -> (masks (N, 4, h, w), iou (N, 4)).
+
+    Every row must carry each prompt field the batch has (no padding: SAM has no notion of it).
+    """
     masks, ious = [], []
     with torch.no_grad():
-        embeddings = sam.image_encoder(sam.preprocess(batch["image"] * 255))
-        for b in range(batch["image"].shape[0]):
-            points = (batch["points"][b : b + 1], batch["point_labels"][b : b + 1]) if "points" in batch else None
-            boxes = batch["boxes"][b : b + 1] if "boxes" in batch else None
-            mask_in = batch["mask_prompt"][b : b + 1] if "mask_prompt" in batch else None
+        embeddings = sam.image_encoder(sam.preprocess(batch.image * 255))[batch.image_index]
+        for b in range(batch.num_rows):
+            points = None
+            if batch.points is not None and batch.point_labels is not None:
+                points = (batch.points[b : b + 1], batch.point_labels[b : b + 1])
+            boxes = batch.box[b : b + 1] if batch.box is not None else None
+            mask_in = batch.mask_prompt[b : b + 1] if batch.mask_prompt is not None else None
             sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_in)
             m, i = sam.mask_decoder.predict_masks(embeddings[b : b + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense)
             masks.append(m)

@@ -55,8 +55,8 @@ def test_losses_add_plugin_terms_and_need_some_term():
 def test_probabilities_are_at_the_original_size():
     module = make(tokens=ExtraTokens()).eval()
     batch = random_batch(2)
-    batch["input_size"] = torch.tensor([[128, 96], [64, 128]])
-    batch["original_size"] = torch.tensor([[300, 225], [50, 100]])
+    batch.input_size = torch.tensor([[128, 96], [64, 128]])
+    batch.original_size = torch.tensor([[300, 225], [50, 100]])
     with torch.no_grad():
         out, _ = module(batch)
         maps = module.probabilities(out, batch)
@@ -90,16 +90,16 @@ def test_validation_metrics_on_a_known_case():
 
     class Oracle(ExtraTokens):
         def select(self, out, ctx):
-            target = ctx.batch["mask"][out.image_index]
+            target = ctx.batch.row_mask
             small = torch.nn.functional.interpolate(target, size=out.masks["sam"].shape[-2:], mode="nearest")
             return (small * 2 - 1) * 50
 
     module = SamflowModule(sam=SamSpec(variant="tiny"), plugins={"o": Oracle()}, metrics=["iou", "dice", "mae"])
     batch = random_batch(2)
     # masks aligned to the 4x4 cells of the low-resolution output so upsampling reproduces them
-    batch["mask"] = torch.zeros(2, 1, 128, 128)
-    batch["mask"][:, :, 32:64, 16:80] = 1
-    batch["gt_original"] = [m[0].bool() for m in batch["mask"]]
+    batch.mask = torch.zeros(2, 1, 128, 128)
+    batch.mask[:, :, 32:64, 16:80] = 1
+    batch.gt_original = [m[0].bool() for m in batch.mask]
     module._evaluate("val", batch, 0)
     values = {k: float(v) for k, v in module._metric_set("val", 0).compute().items()}
     assert values["iou"] == pytest.approx(2044 / 2048, abs=1e-9)

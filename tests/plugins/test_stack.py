@@ -7,7 +7,7 @@ import torch
 from helpers import random_batch
 from torch import Tensor, nn
 
-from samflow.plugins import DecoderState, ForwardContext, PluginConflictError, PluginStack, SamPlugin
+from samflow.plugins import DecoderContext, DecoderState, PluginConflictError, PluginStack, SamPlugin
 from samflow.sam import HookedSam
 
 
@@ -29,9 +29,9 @@ class Recorder(SamPlugin):
         self.log.append((self.key, f"block_output{i}", tuple(x.shape)))
         return x
 
-    def prompts(self, sparse, dense, ctx):
-        self.log.append((self.key, "prompts", tuple(sparse.shape), tuple(dense.shape)))
-        return sparse, dense
+    def prompts(self, prompts, ctx):
+        self.log.append((self.key, "prompts", tuple(prompts.sparse.shape), tuple(prompts.dense.shape)))
+        return prompts
 
     def decoder_layer(self, i, state, ctx):
         self.log.append((self.key, f"decoder_layer{i}", tuple(state.queries.shape)))
@@ -60,20 +60,14 @@ class AppendTokens(SamPlugin):
         super().__init__()
         self.count = count
 
-    def decoder_layer(self, i: int, state: DecoderState, ctx: ForwardContext) -> DecoderState:
+    def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
         if i != 0:
             ctx.state[self.key]["seen"] = state.queries.shape[1]
             return state
         ctx.state.setdefault(self.key, {})
         n, _, c = state.queries.shape
         extra = state.queries.new_zeros(n, self.count, c)
-        return DecoderState(
-            torch.cat([state.queries, extra], 1),
-            state.keys,
-            torch.cat([state.query_pe, extra], 1),
-            state.key_pe,
-            torch.cat([state.attn_out, extra], 1),
-        )
+        return state.append(queries=extra, attn_out=extra, query_pe=extra)
 
 
 def test_every_site_is_called_in_order_with_shapes(tiny_sam):
@@ -138,3 +132,35 @@ def test_unused_sites_are_not_called(tiny_sam):
     HookedSam(tiny_sam, stack)
     assert stack.uses("block_input") and not stack.uses("decoder_layer") and not stack.uses("prompts")
     assert not isinstance(stack.output_tokens(), Tensor)
+
+
+class BadAppend(SamPlugin):
+    """Appends tokens to the queries only, forgetting the rest of the state."""
+
+    def decoder_layer(self, i, state, ctx):
+        extra = state.queries.new_zeros(state.queries.shape[0], 1, state.queries.shape[2])
+        return DecoderState(
+            torch.cat([state.queries, extra], 1), state.keys, state.query_pe, state.key_pe, state.attn_out, state.visible
+        )
+
+
+def test_a_plugin_that_appends_tokens_badly_is_named(tiny_sam):
+    with pytest.raises(RuntimeError, match="Plugin 'bad' left the decoder state with different token counts"):
+        with torch.no_grad():
+            HookedSam(tiny_sam, PluginStack({"bad": BadAppend()}))(random_batch(1))
+
+
+def test_building_a_stack_reads_no_entry_points_unless_a_plugin_declares_conflicts(monkeypatch):
+    from samflow.plugins import registry
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("entry points were read")
+
+    monkeypatch.setattr(registry, "entry_points", refuse)
+    registry.discover.cache_clear()
+    try:
+        PluginStack({"x": AddOne(), "y": AppendTokens()})  # no conflicts declared: no scan
+        with pytest.raises(AssertionError, match="entry points were read"):
+            PluginStack({"h": Hates()})
+    finally:
+        registry.discover.cache_clear()

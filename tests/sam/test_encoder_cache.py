@@ -122,8 +122,8 @@ def test_cache_is_refused_when_a_plugin_changes_the_encoder(tiny_sam):
 
 
 def test_cache_is_refused_when_encoder_weights_train(tiny_sam):
-    tiny_sam.image_encoder.neck.requires_grad_(True)
     model = HookedSam(tiny_sam, PluginStack({"decoder": DecoderTuning()}), encoder_cache=EncoderCache(4))
+    tiny_sam.image_encoder.neck.requires_grad_(True)  # changed behind the stack's back: still caught
     with pytest.raises(ValueError, match="neck"):
         model(random_batch(1))
 
@@ -194,18 +194,17 @@ def test_encoder_features_are_captured_and_checked(tiny_sam):
 
     model = HookedSam(tiny_sam, PluginStack({"r": Reader((0, 2))})).eval()
     batch = random_batch(2)
-    ctx = model.context(batch)
     with torch.no_grad():
-        model(batch, ctx)
-        x = model.preprocess(batch["image"], batch["input_size"])
+        _, ctx = model.run(batch)
+        x = model.preprocess(batch.image, batch.input_size)
         enc = tiny_sam.image_encoder
         expected = enc.patch_embed(x) + enc.pos_embed
         outputs = []
         for block in enc.blocks:
             expected = block(expected)
             outputs.append(expected)
-    assert sorted(ctx.encoder_features) == [0, 2]
+    assert sorted(ctx.encoded.features) == [0, 2]
     for i in (0, 2):
-        torch.testing.assert_close(ctx.encoder_features[i], outputs[i], rtol=0, atol=1e-5)
+        torch.testing.assert_close(ctx.encoded.features[i], outputs[i], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"Plugin 'r' asks for the output of encoder block\(s\) \[9\]"):
         HookedSam(tiny_sam, PluginStack({"r": Reader((9,))}))
