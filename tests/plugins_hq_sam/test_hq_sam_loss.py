@@ -14,7 +14,7 @@ def bilinear(values: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
     Zero outside the map; pixel j's centre is at (j + 0.5) / W, as grid_sample with align_corners=False.
     """
-    n, _, h, w = values.shape
+    _, _, h, w = values.shape
     u = coords[..., 0] * w - 0.5  # continuous column
     v = coords[..., 1] * h - 0.5  # continuous row
     u0, v0 = u.floor().long(), v.floor().long()

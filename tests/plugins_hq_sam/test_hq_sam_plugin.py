@@ -6,12 +6,14 @@ import pytest
 import torch
 from helpers import random_batch
 
+from samflow.batch import SamBatch
 from samflow.module import SamflowModule, SamSpec
 from samflow.plugins.stack import PluginStack
 from samflow.sam import HookedSam, build_sam
 from samflow_plugins.decoder_tuning import DecoderTuning
 from samflow_plugins.hq_sam import HQSam
 from samflow_plugins.hq_sam.fusion import first_global_block
+from samflow_plugins.sam_adapter import SamAdapter
 from samflow_plugins.tokens import ExtraTokens
 
 ATOL = 1e-5  # float32 on CPU: SDPA vs SAM's explicit softmax differ by rounding only
@@ -60,10 +62,14 @@ def test_parameter_count_and_early_block_on_real_variants(variant, block, count)
     with torch.device("meta"):
         sam = build_sam(variant, seed=None)
     plugin = HQSam()
-    PluginStack({"hq": plugin}).setup(sam)
+    stack = PluginStack({"hq": plugin})
+    stack.attach(sam)
     assert first_global_block(sam.image_encoder) == block == plugin.early_block
     assert sum(p.numel() for p in plugin.parameters() if p.requires_grad) == count
     assert sum(p.numel() for p in plugin.parameters()) == count
+    assert stack.trainable_counts() == {"hq": count}  # the stack's record: the plugin's own parameters only
+    assert set(stack.owned["hq"]) == {f"plugins.hq.{name}" for name, _ in plugin.named_parameters()}
+    assert not any(p.requires_grad for p in sam.parameters())
     # only compress_vit_feat depends on the encoder width: 1 token + head + two fusions are shared
     shared = 256 + 139_808 + 73_952 + 37_088
     assert sum(p.numel() for p in plugin.compress_vit_feat.parameters()) == count - shared
@@ -74,7 +80,11 @@ def test_early_block_of_tiny_sam_and_names_follow_the_reference(tiny_sam):
     hooked(tiny_sam, hq=plugin)
     assert plugin.early_block == 1  # tiny: global attention in blocks 1 and 3
     assert {k.split(".")[0] for k in plugin.state_dict()} == {
-        "hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature"
+        "hf_token",
+        "hf_mlp",
+        "compress_vit_feat",
+        "embedding_encoder",
+        "embedding_maskfeature",
     }
     # Sequential indices as in the reference: ConvT, LayerNorm2d, GELU, ConvT
     assert {k for k in plugin.state_dict() if k.startswith("compress_vit_feat")} == {
@@ -87,7 +97,7 @@ def test_encoder_without_global_attention_is_refused():
         window_size = 14
 
     class Encoder:
-        blocks = [Block(), Block()]
+        blocks = (Block(), Block())
 
     with pytest.raises(ValueError, match="no global-attention block"):
         first_global_block(Encoder())
@@ -112,13 +122,13 @@ def test_outputs_and_sams_own_masks_keep_their_shape(tiny_sam, prompt):
 def test_hq_mask_equals_the_reference_decoder_per_image(tiny_sam):
     """Rows on 2 images with image_index [0, 1, 0] equal the reference decoder run per image and box."""
     batch = random_batch(3, prompt="box")
-    rows = {"image": batch["image"][:2], "boxes": batch["boxes"], "image_index": torch.tensor([0, 1, 0])}
+    rows = SamBatch(image=batch.image[:2], box=batch.box, image_index=torch.tensor([0, 1, 0]))
     model = hooked(tiny_sam)
     plugin = model.plugins["hq"]
     with torch.no_grad():
         out = model(rows)
-        for row, i in enumerate(rows["image_index"].tolist()):
-            image, box, extra = rows["image"][i], rows["boxes"][row], [plugin.hf_token.weight]
+        for row, i in enumerate(rows.image_index.tolist()):
+            image, box, extra = rows.image[i], rows.box[row], [plugin.hf_token.weight]
             sam_ref, hq_ref = reference_hq(tiny_sam, plugin, image, box, extra, hq_position=5)
             torch.testing.assert_close(out.masks["hq/hq"][row, 0], hq_ref, atol=ATOL, rtol=0)
             # SAM's masks change with the HQ token in the transformer (it attends to it), as in the reference
@@ -128,13 +138,13 @@ def test_hq_mask_equals_the_reference_decoder_per_image(tiny_sam):
 
 def test_several_prompt_rows_per_image_equal_single_runs(tiny_sam):
     batch = random_batch(3, prompt="box")
-    rows = {"image": batch["image"][:2], "boxes": batch["boxes"], "image_index": torch.tensor([0, 1, 0])}
+    rows = SamBatch(image=batch.image[:2], box=batch.box, image_index=torch.tensor([0, 1, 0]))
     model = hooked(tiny_sam)
     with torch.no_grad():
         out = model(rows)
         assert out.masks["hq/hq"].shape == (3, 1, 32, 32)
-        for row, image in enumerate(rows["image_index"].tolist()):
-            single = model({"image": rows["image"][image : image + 1], "boxes": rows["boxes"][row : row + 1]})
+        for row, image in enumerate(rows.image_index.tolist()):
+            single = model(SamBatch(image=rows.image[image : image + 1], box=rows.box[row : row + 1]))
             for name in ("hq/hq", "hq/sam_hq", "sam"):
                 torch.testing.assert_close(out.masks[name][row], single.masks[name][0], atol=ATOL, rtol=0)
 
@@ -187,15 +197,13 @@ def test_plugin_loss_is_the_weighted_point_loss_of_the_hq_mask(tiny_sam):
     plugin = HQSam(num_points=500, bce_weight=2.0, dice_weight=0.5)
     model = hooked(tiny_sam, hq=plugin)
     batch = random_batch(2)
-    batch["image_index"] = torch.tensor([1, 0, 1])
-    batch["boxes"] = torch.cat([batch["boxes"], batch["boxes"][:1]])
-    ctx = model.context(batch)
-    out = model(batch, ctx)
+    batch = batch.replace(image_index=torch.tensor([1, 0, 1]), box=torch.cat([batch.box, batch.box[:1]]))
+    out, ctx = model.run(batch, model.context(batch))
     torch.manual_seed(7)
     terms = plugin.losses(out, batch, ctx)
     torch.manual_seed(7)
     coords = sample_points(out.masks["hq/hq"], 500)
-    bce, dice = point_bce_dice(out.masks["hq/hq"], batch["mask"][[1, 0, 1]], coords)
+    bce, dice = point_bce_dice(out.masks["hq/hq"], batch.mask[[1, 0, 1]], coords)
     assert torch.equal(terms["point_bce"], 2.0 * bce) and torch.equal(terms["point_dice"], 0.5 * dice)
 
 
@@ -210,7 +218,7 @@ def test_composes_with_extra_tokens(tiny_sam, order):
     with torch.no_grad():
         out = model(batch)
         for row in range(2):
-            image, box = batch["image"][row], batch["boxes"][row]
+            image, box = batch.image[row], batch.box[row]
             _, hq_ref = reference_hq(tiny_sam, hq, image, box, extra, hq_position=5 + order.index("hq"))
             torch.testing.assert_close(out.masks["hq/hq"][row, 0], hq_ref, atol=ATOL, rtol=0)
     assert out.pred is out.masks["hq/hq" if order[0] == "hq" else "tok/mask0"]  # the first plugin selects
@@ -232,10 +240,7 @@ def test_composes_with_decoder_tuning():
 
 
 def test_composes_with_sam_adapter():
-    adapter_module = pytest.importorskip("samflow_plugins.sam_adapter")
-    if not hasattr(adapter_module, "SamAdapter"):
-        pytest.skip("plugins/sam_adapter does not export SamAdapter yet (written by another engineer)")
-    plugins = {"adapter": adapter_module.SamAdapter(), "hq": HQSam()}
+    plugins = {"adapter": SamAdapter(), "hq": HQSam()}
     module = SamflowModule(sam=SamSpec(variant="tiny"), plugins=plugins).train()
     batch = random_batch(2)
     out, ctx = module(batch)
@@ -260,13 +265,13 @@ def test_a_few_steps_of_the_recipe_lower_the_loss(tiny_sam):
 
     def fixed_loss() -> float:
         with torch.no_grad():
-            return sum(point_bce_dice(model(batch).masks["hq/hq"], batch["mask"], fixed)).item()
+            return sum(point_bce_dice(model(batch).masks["hq/hq"], batch.mask, fixed)).item()
 
     before = fixed_loss()
     optimizer = torch.optim.Adam(plugin.parameters(), lr=1e-3)
     for _ in range(15):
-        ctx = model.context(batch)
-        loss = sum(plugin.losses(model(batch, ctx), batch, ctx).values())
+        out, ctx = model.run(batch)
+        loss = sum(plugin.losses(out, batch, ctx).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

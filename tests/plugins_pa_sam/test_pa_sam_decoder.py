@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from helpers import random_batch
 from pa_sam_helpers import Probe, hooked
 
+from samflow.batch import SamBatch
 from samflow_plugins.pa_sam import PASam
 
 ATOL = 1e-5
@@ -16,8 +17,7 @@ ATOL = 1e-5
 def _run(sam, batch, *, training=False, epoch=0, **kwargs):
     before, pa, after = Probe(), PASam(**kwargs), Probe()
     model = hooked(sam, {"before": before, "pa": pa, "after": after}).train(training)
-    ctx = model.context(batch, epoch=epoch)
-    out = model(batch, ctx)
+    out, ctx = model.run(batch, model.context(batch, epoch=epoch))  # ctx: the decoder-stage context
     return out, ctx, pa, before, after
 
 
@@ -47,6 +47,7 @@ def test_adapter_maps_and_write_back_follow_the_reference(tiny_sam):
         assert torch.equal(s1.queries[:, :t], s0.queries)
         assert torch.equal(s1.queries[:, t:], torch.zeros(n, 8, c))
         assert torch.equal(s1.query_pe[:, :t], s0.query_pe)
+        assert torch.equal(s1.visible, torch.ones(n, t + 8, dtype=torch.bool))  # the mined points are visible
         # the appended tokens' content is (keys + G) at the mined cells (evaluation: weight exactly 1)
         cells = maps["points"]
         content = (s0.keys + G).gather(1, cells[..., None].expand(-1, -1, c))
@@ -68,7 +69,7 @@ def test_point_tokens_use_sams_frozen_point_encodings(tiny_sam, training):
     t = before.states[1].queries.shape[1]
     cells, labels = ctx.state["pa"]["points"], ctx.state["pa"]["point_labels"]
     assert torch.equal(labels, torch.tensor([[1] * 4 + [0] * 4] * 3))
-    h, w = ctx.image_embeddings.shape[-2:]
+    h, w = ctx.encoded.embeddings.shape[-2:]
     size = tiny_sam.image_encoder.img_size
     # pixel coordinates of the cell centres; SAM's prompt encoder adds 0.5 itself
     coords = torch.stack([(cells % w + 0.5) * size / w, (cells // w + 0.5) * size / h], -1) - 0.5
@@ -89,7 +90,7 @@ def test_mining_adds_eight_tokens_only_once_started(tiny_sam, training, epoch, s
     _, ctx, _, before, after = _run(tiny_sam, batch, training=training, epoch=epoch, mining_start_epoch=start)
     base = 5 + 2  # iou + 4 mask tokens + 2 box corners
     assert before.states[1].queries.shape[1] == base
-    for field in ("queries", "query_pe", "attn_out"):
+    for field in ("queries", "query_pe", "attn_out", "visible"):
         assert getattr(after.states[1], field).shape[1] == base + added
     assert after.final_tokens == base + added
     assert ("points" in ctx.state["pa"]) == bool(added)
@@ -97,7 +98,7 @@ def test_mining_adds_eight_tokens_only_once_started(tiny_sam, training, epoch, s
 
 def test_adapter_runs_in_the_configured_layer_and_checks_it(tiny_sam):
     batch = random_batch(2, prompt="none")
-    _, ctx, _, before, after = _run(tiny_sam, batch, layer=0)
+    _, _, _, before, after = _run(tiny_sam, batch, layer=0)
     assert after.states[0].queries.shape[1] == before.states[0].queries.shape[1] + 8
     assert after.states[1].queries.shape[1] == 5 + 8  # the points stay for the later layers
     with pytest.raises(ValueError, match=r"'pa'.*layer 2 does not exist.*0\.\.1"):
@@ -106,18 +107,16 @@ def test_adapter_runs_in_the_configured_layer_and_checks_it(tiny_sam):
 
 def test_evaluation_is_deterministic_and_rows_follow_their_image(tiny_sam):
     batch = random_batch(2, prompt="box")
-    rows = {
-        "image": batch["image"],
-        "boxes": torch.cat([batch["boxes"], batch["boxes"].flip(0)]),
-        "image_index": torch.tensor([0, 1, 0, 1]),
-        "input_size": batch["input_size"],
-    }
+    rows = SamBatch(
+        image=batch.image,
+        box=torch.cat([batch.box, batch.box.flip(0)]),
+        image_index=torch.tensor([0, 1, 0, 1]),
+        input_size=batch.input_size,
+    )
     model = hooked(tiny_sam, {"pa": PASam()}).eval()
     with torch.no_grad():
         first, second = model(rows), model(rows)
-        single = model(
-            {"image": batch["image"][1:], "boxes": rows["boxes"][3:], "input_size": batch["input_size"][1:]}
-        )
+        single = model(SamBatch(image=batch.image[1:], box=rows.box[3:], input_size=batch.input_size[1:]))
     assert torch.equal(first.pred, second.pred)
     torch.testing.assert_close(first.pred[3], single.pred[0], atol=ATOL, rtol=0)
     uncertainty = first.masks["pa/uncertainty"][3]

@@ -9,9 +9,9 @@ import torch
 from helpers import random_batch
 from pa_sam_helpers import hooked
 
+from samflow.sam import DecoderContext, normalize
 from samflow_plugins.pa_sam import PASam
 from samflow_plugins.pa_sam.guiding import canny_edges, guiding_input, sobel_edges, wrap_to_uint8
-from samflow_plugins.pa_sam.plugin import _normalized
 
 MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
 STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
@@ -68,21 +68,30 @@ def test_guiding_input_is_resized_to_four_times_the_grid(tiny_sam):
     batch = random_batch(2, prompt="box")
     model = hooked(tiny_sam, {"pa": PASam()})
     ctx = model.context(batch)
-    ctx.image_embeddings = model.encode(ctx)
-    x = guiding_input(ctx.image, ctx.normalized, (32, 32))
+    ctx = DecoderContext.after_encoder(ctx, model.encode(ctx))
+    x = guiding_input(ctx.image, ctx.encoded.normalized, (32, 32))
     assert x.shape == (2, 4, 32, 32)
     assert model.plugins["pa"].guide(ctx).shape == (2, 64, 64)  # (N, h*w, C)
 
 
-def test_normalisation_fallback_equals_the_encoders(tiny_sam):
-    batch = random_batch(2, prompt="box")
-    batch["input_size"] = torch.tensor([[128, 96], [100, 128]])
+def test_guide_reads_the_encoders_normalisation(tiny_sam):
+    """The guiding branch's image channels are SAM's normalised input, zero outside each input_size:
+    the encoder's (``ctx.encoded.normalized``), equal to ``samflow.sam.normalize`` and to the formula."""
+    batch = random_batch(2, prompt="box").replace(input_size=torch.tensor([[128, 96], [100, 128]]))
     model = hooked(tiny_sam, {"pa": PASam()})
     ctx = model.context(batch)
-    model.encode(ctx)
-    encoder = ctx.normalized
-    ctx.normalized = None
-    torch.testing.assert_close(_normalized(ctx), encoder)
+    with torch.no_grad():
+        ctx = DecoderContext.after_encoder(ctx, model.encode(ctx))
+    by_hand = (batch.image * 255 - MEAN) / STD
+    by_hand[0, :, :, 96:] = 0  # image 0 is 128 x 96, image 1 is 100 x 128
+    by_hand[1, :, 100:, :] = 0
+    torch.testing.assert_close(ctx.encoded.normalized, by_hand)
+    torch.testing.assert_close(normalize(tiny_sam, batch.image, batch.input_size), by_hand)
+    plugin = model.plugins["pa"]
+    with torch.no_grad():
+        x = guiding_input(batch.image, by_hand, (32, 32), plugin.edge_filter, plugin.reference_edges)
+        expected = plugin.guiding(x)[batch.image_index].flatten(2).transpose(1, 2)
+        torch.testing.assert_close(plugin.guide(ctx), expected)
 
 
 @pytest.mark.parametrize("kwargs", [{"edge_filter": "canny"}, {"reference_edges": True}])

@@ -64,7 +64,7 @@ def test_gradients_reach_the_guidance_through_the_chosen_weights():
     torch.testing.assert_close(
         guidance, (uncertainty.sigmoid() * (refined.sigmoid() - coarse.sigmoid())).reshape(2, 64)
     )
-    cells, weight = choose_cells(guidance, 4, 1.0, sample=True)
+    _, weight = choose_cells(guidance, 4, 1.0, sample=True)
     torch.testing.assert_close(weight, torch.ones(2, 4), atol=1e-6, rtol=0)
     (weight * torch.arange(1.0, 5.0)).sum().backward()
     for tensor in (coarse, refined, uncertainty):

@@ -22,11 +22,14 @@ def test_trainable_counts_match_the_paper_and_the_reference_code(variant):
         counts = {}
         for reference in (False, True):
             plugin = PASam(reference_trainable=reference)
-            HookedSam(sam, PluginStack({"pa": plugin}))
+            stack = PluginStack({"pa": plugin})
+            HookedSam(sam, stack)
             own = sum(p.numel() for p in plugin.parameters())
             modules = [sam.get_submodule(part) for part in plugin.sam_modules_to_train()]
             parts = sum(p.numel() for module in modules for p in module.parameters())
             counts[reference] = (own, own + parts)
+            assert stack.trainable_counts() == {"pa": own + parts}  # the stack's record of what trains
+            assert sum(p.numel() for p in sam.parameters() if p.requires_grad) == parts
     assert sum(p.numel() for p in plugin.guiding.parameters()) == 133_312
     assert sum(p.numel() for p in plugin.adapter.parameters()) == 239_488
     assert counts[False] == (372_800, 372_800)  # adapter + guiding branch (the paper)
@@ -34,8 +37,8 @@ def test_trainable_counts_match_the_paper_and_the_reference_code(variant):
 
 
 def _loss(out, batch, ctx, model):
-    pred = F.interpolate(out.pred, size=batch["mask"].shape[-2:], mode="bilinear", align_corners=False)
-    loss = F.binary_cross_entropy_with_logits(pred, batch["mask"])
+    pred = F.interpolate(out.pred, size=batch.row_mask.shape[-2:], mode="bilinear", align_corners=False)
+    loss = F.binary_cross_entropy_with_logits(pred, batch.row_mask)
     return loss + sum(model.plugins.losses(out, batch, ctx).values())
 
 
@@ -45,8 +48,7 @@ def test_gradients_reach_exactly_the_trainable_set(tiny_sam, reference, epoch):
     batch = random_batch(2, prompt="box")
     plugin = PASam(reference_trainable=reference)
     model = hooked(tiny_sam, {"pa": plugin}).train()
-    ctx = model.context(batch, epoch=epoch)
-    out = model(batch, ctx)
+    out, ctx = model.run(batch, model.context(batch, epoch=epoch))
     assert set(model.plugins.losses(out, batch, ctx)) == {
         f"pa/{n}" for n in ("coarse_bce", "coarse_dice", "refined_bce", "refined_dice", "uncertainty_bce")
     }
@@ -65,6 +67,7 @@ def test_gradients_reach_exactly_the_trainable_set(tiny_sam, reference, epoch):
     assert reached == expected
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert reached <= trainable
+    assert trainable == set(model.plugins.owned["pa"])  # PA-SAM owns exactly what trains
     assert not [n for n, p in tiny_sam.named_parameters() if not p.requires_grad and p.grad is not None]
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import random_batch
 
+from samflow.batch import SamBatch
 from samflow.plugins import ForwardContext, PluginStack, SamPlugin, create_plugin
 from samflow.sam import HookedSam, build_sam
 from samflow_plugins.decoder_tuning import DecoderTuning
@@ -24,7 +25,7 @@ def adapter_on_meta(variant: str, **kwargs) -> SamAdapter:
     with torch.device("meta"):
         sam = build_sam(variant, seed=None)
     adapter = SamAdapter(**kwargs)
-    PluginStack({"adapter": adapter}).setup(sam)
+    PluginStack({"adapter": adapter}).attach(sam)
     return adapter
 
 
@@ -54,7 +55,7 @@ def test_parameter_breakdown_vit_b():
 
 def test_init_follows_the_reference(tiny_sam):
     adapter = SamAdapter(scale_factor=1)  # 64 channels on the tiny SAM: enough samples to measure the init
-    PluginStack({"adapter": adapter}).setup(tiny_sam)
+    PluginStack({"adapter": adapter}).attach(tiny_sam)
     conv = adapter.hfc_embed.weight
     fan_out = 16 * 16 * 64
     assert abs(conv.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.03 and conv.mean().abs() < 1e-3
@@ -63,7 +64,7 @@ def test_init_follows_the_reference(tiny_sam):
         assert not linear.bias.any()
     assert not adapter.hfc_embed.bias.any()
     zero = SamAdapter(zero_init_up=True)
-    PluginStack({"adapter": zero}).setup(tiny_sam)
+    PluginStack({"adapter": zero}).attach(tiny_sam)
     assert not zero.up.weight.any() and not zero.up.bias.any() and zero.pe_embed.weight.any()
 
 
@@ -123,12 +124,11 @@ def test_features_are_computed_once_per_forward(tiny_sam):
 
 def test_gradients_reach_only_the_adapter_and_the_mask_decoder(tiny_sam):
     adapter = SamAdapter()
-    model = hooked(tiny_sam, adapter=adapter)
-    for part in adapter.sam_modules_to_train():  # what SamflowModule does
-        tiny_sam.get_submodule(part).requires_grad_(True)
+    model = hooked(tiny_sam, adapter=adapter)  # attach unfreezes the mask decoder the adapter declares
+    assert all(p.requires_grad for p in tiny_sam.mask_decoder.parameters())
     batch = random_batch(2, prompt="none")
     out = model.train()(batch)
-    target = F.interpolate(batch["mask"], size=out.pred.shape[-2:], mode="nearest")
+    target = F.interpolate(batch.row_mask, size=out.pred.shape[-2:], mode="nearest")
     F.binary_cross_entropy_with_logits(out.pred, target).backward()
 
     for name, param in adapter.named_parameters():  # MLP_tune^0 is reached through every frozen block
@@ -140,6 +140,7 @@ def test_gradients_reach_only_the_adapter_and_the_mask_decoder(tiny_sam):
     assert all(p.grad is None for p in tiny_sam.prompt_encoder.parameters())
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == decoder | {id(p) for p in adapter.parameters()}
+    assert {id(p) for p in model.plugins.owned["adapter"].values()} == trainable  # one owner: the adapter
 
 
 class Spy(SamPlugin):
@@ -171,7 +172,7 @@ def test_only_selected_blocks_receive_a_prompt(tiny_sam):
 def test_block_input_without_on_image_fails_clearly(tiny_sam):
     adapter = SamAdapter()
     hooked(tiny_sam, adapter=adapter)
-    ctx = ForwardContext(sam=tiny_sam, batch={}, image=torch.zeros(1, 3, 128, 128))
+    ctx = ForwardContext(sam=tiny_sam, batch=SamBatch(image=torch.zeros(1, 3, 128, 128)))
     with pytest.raises(RuntimeError, match="'adapter'.*on_image"):
         adapter.block_input(0, torch.zeros(1, 8, 8, 64), ctx)
 
@@ -187,8 +188,13 @@ def test_composes_with_tokens_and_decoder_tuning(tiny_sam):
         )
 
     tokens_only = hooked(tiny_sam, tokens=ExtraTokens())
-    declared = stack(False).plugins.trainable_sam_modules()
+    plugins = stack(False).plugins
+    declared = {key: p.sam_modules_to_train() for key, p in plugins.items() if p.sam_modules_to_train()}
     assert declared == {"adapter": ["mask_decoder"], "decoder": ["mask_decoder"]}
+    # both declare the mask decoder; the first to name it owns it, so it is counted (and optimised) once
+    decoder = {f"sam.mask_decoder.{n}" for n, _ in tiny_sam.mask_decoder.named_parameters()}
+    assert decoder <= set(plugins.owned["adapter"]) and not decoder & set(plugins.owned["decoder"])
+    assert not decoder & set(plugins.owned["tokens"])
     for prompt in ("none", "box"):
         batch = random_batch(2, prompt=prompt)
         with torch.no_grad():
@@ -245,7 +251,7 @@ def test_bf16_autocast_keeps_the_high_pass_in_float32(tiny_sam):
 def test_runs_on_the_model_device_under_bf16(tiny_sam):
     model = hooked(tiny_sam.cuda(), adapter=SamAdapter()).cuda()
     batch = random_batch(2, prompt="none")
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = batch.to("cuda")
     ctx = model.context(batch)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(batch, ctx)

@@ -38,9 +38,9 @@ def test_token_order_option_changes_f_pe_and_nothing_else(tiny_sam):
     scrambled.load_state_dict(correct.state_dict())  # same weights: only the option differs
     ctx = model.context(random_batch(2, prompt="none"))
     with torch.no_grad():
-        model.encode(ctx)
-        tokens = tiny_sam.image_encoder.patch_embed(ctx.normalized)  # (B, h, w, C) before pos_embed
-        f_hfc = correct.hfc_embed(correct.high_frequency(ctx.normalized)).permute(0, 2, 3, 1)
+        normalized = model.encode(ctx).normalized
+        tokens = tiny_sam.image_encoder.patch_embed(normalized)  # (B, h, w, C) before pos_embed
+        f_hfc = correct.hfc_embed(correct.high_frequency(normalized)).permute(0, 2, 3, 1)
         b, h, w, c = tokens.shape
         plain = correct.pe_embed(tokens.reshape(b, h * w, c)).reshape(b, h, w, -1)
         bugged = correct.pe_embed(scrambled_by_index(tokens))
