@@ -19,7 +19,7 @@ from samflow.batch import SamBatch
 from samflow.losses import build_loss
 from samflow.metrics.registry import build_metrics
 from samflow.plugins import DecoderContext, PluginStack, SamPlugin
-from samflow.sam import EncoderCache, HookedSam, SamOutput, build_sam, count_parameters
+from samflow.sam import EncoderCache, HookedSam, SamOutput, build_sam, count_parameters, upcast
 
 SAM_PREFIX = "model.sam."
 
@@ -182,7 +182,7 @@ class SamflowModule(LightningModule):
     # ---- evaluation at the original resolution ----
     def probabilities(self, out: SamOutput, batch: SamBatch) -> list[Tensor]:
         """Foreground probability of each prompt row at its image's original size: list of (H, W)."""
-        full = self.upsample(out.pred).float().sigmoid()
+        full = upcast(self.upsample(out.pred)).sigmoid()
         maps = []
         for row, image in enumerate(out.image_index.tolist()):
             h, w = batch.input_size[image].tolist()

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from samflow.sam import upcast
+
 
 def point_sample(values: Tensor, coords: Tensor) -> Tensor:
     """Bilinear read of ``values`` (N, C, H, W) at ``coords`` (N, P, 2) -> (N, C, P).
@@ -58,7 +60,7 @@ def sample_points(
     num_uncertain = int(importance_sample_ratio * num_points)
     with torch.no_grad():
         candidates = torch.rand(rows, num_candidates, 2, generator=generator, device=device)
-        scores = uncertainty(point_sample(logits.detach().float(), candidates))[:, 0]  # (N, 3P)
+        scores = uncertainty(point_sample(upcast(logits.detach()), candidates))[:, 0]  # (N, 3P)
         top = scores.topk(num_uncertain, dim=1).indices  # (N, 0.75P)
         uncertain = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))
         uniform = torch.rand(rows, num_points - num_uncertain, 2, generator=generator, device=device)
@@ -70,9 +72,9 @@ def point_bce_dice(logits: Tensor, target: Tensor, coords: Tensor) -> tuple[Tens
 
     Both are averaged over the N masks, as HQ-SAM divides their sums by the number of masks.
     """
-    point_logits = point_sample(logits.float(), coords)[:, 0]  # (N, P)
+    point_logits = point_sample(upcast(logits), coords)[:, 0]  # (N, P)
     with torch.no_grad():
-        point_target = point_sample(target.float(), coords)[:, 0]  # (N, P), soft at target edges
+        point_target = point_sample(upcast(target), coords)[:, 0]  # (N, P), soft at target edges
     bce = F.binary_cross_entropy_with_logits(point_logits, point_target, reduction="none").mean(1).mean()
     prob = point_logits.sigmoid()
     dice = 1 - (2 * (prob * point_target).sum(1) + 1) / (prob.sum(1) + point_target.sum(1) + 1)

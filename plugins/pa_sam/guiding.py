@@ -32,6 +32,8 @@ from kornia.filters import canny, sobel
 from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
+from samflow.sam import upcast
+
 EdgeFilter = Literal["sobel", "canny"]
 
 #: Canny thresholds of the reference (``cv2.Canny(image, 10, 100)``), on the 0..255 scale.
@@ -53,13 +55,13 @@ def canny_edges(image: Tensor) -> Tensor:
     edge if it is one in any channel.
     """
     b, c, h, w = image.shape
-    _, edges = canny(image.reshape(b * c, 1, h, w).float(), CANNY_LOW, CANNY_HIGH, kernel_size=1)
+    _, edges = canny(upcast(image.reshape(b * c, 1, h, w)), CANNY_LOW, CANNY_HIGH, kernel_size=1)
     return edges.reshape(b, c, h, w).amax(dim=1, keepdim=True)
 
 
 def sobel_edges(image: Tensor) -> Tensor:
     """Sobel gradient magnitude of the grey image, (B, 3, H, W) in [0, 1] -> (B, 1, H, W)."""
-    return sobel(rgb_to_grayscale(image.float()))
+    return sobel(rgb_to_grayscale(upcast(image)))
 
 
 def guiding_input(
@@ -84,7 +86,7 @@ def guiding_input(
         if reference_edges:
             edges = canny_edges(wrap_to_uint8(rgb))
         else:
-            clean = F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False)
+            clean = F.interpolate(upcast(image), size=size, mode="bilinear", align_corners=False)
             edges = canny_edges(clean * 255.0) if edge_filter == "canny" else sobel_edges(clean)
     return torch.cat([rgb, edges.to(rgb.dtype)], dim=1)
 

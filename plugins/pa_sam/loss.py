@@ -27,6 +27,8 @@ import math
 import torch.nn.functional as F
 from torch import Tensor
 
+from samflow.sam import upcast
+
 
 def band_width(size: tuple[int, int], ratio: float = 0.005) -> int:
     """d = round(ratio · diagonal), at least 1 (7 px at 1024 x 1024)."""
@@ -39,7 +41,7 @@ def boundary_band(mask: Tensor, width: int) -> Tensor:
     fg − erode(fg) with the outside counted as background (so the image border is foreground
     boundary) plus bg − erode(bg) with the outside ignored, eroding with a (2d+1) x (2d+1) square.
     """
-    fg = (mask > 0.5).float()
+    fg = (mask > 0.5).to(upcast(mask).dtype)
     bg = 1.0 - fg
     kernel = 2 * width + 1
     fg_eroded = -F.max_pool2d(-F.pad(fg, [width] * 4, value=0.0), kernel, stride=1)
@@ -78,12 +80,12 @@ def pa_sam_losses(
         ``coarse_bce``, ``coarse_dice``, ``refined_bce``, ``refined_dice``, ``uncertainty_bce``.
     """
     # float32: the sums run over many pixels
-    coarse, refined, uncertainty = coarse.float(), refined.float(), uncertainty.float()
+    coarse, refined, uncertainty = upcast(coarse), upcast(refined), upcast(uncertainty)
     size = coarse.shape[-2:]
-    mask = mask.float()
+    mask = upcast(mask)
     target = F.interpolate(mask, size=size, mode="area")
     band = F.interpolate(boundary_band(mask, band_width(mask.shape[-2:], ratio)), size=size, mode="area")
-    certain_refined = (uncertainty.detach() >= 0).float()  # M_U >= 0.5
+    certain_refined = (uncertainty.detach() >= 0).to(uncertainty.dtype)  # M_U >= 0.5
     certain_coarse = 1.0 - certain_refined
     return {
         "coarse_bce": masked_bce(coarse, target, certain_coarse),

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from samflow.sam import fourier_pe, upcast
+
 
 def sampling_guidance(coarse: Tensor, refined: Tensor, uncertainty: Tensor) -> Tensor:
     """S = M_U ⊙ (σ(M_R) − σ(M_C)) from the three maps (N, 1, h, w) -> (N, h*w).
@@ -84,11 +86,11 @@ def choose_cells(scores: Tensor, k: int, tau: float, sample: bool) -> tuple[Tens
     return cells, torch.ones_like(cells, dtype=scores.dtype)
 
 
-def cell_centres(cells: Tensor, grid: tuple[int, int]) -> Tensor:
+def cell_centres(cells: Tensor, grid: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
     """Flat cell indices (N, k) on an h x w grid -> centres (x, y) normalised to [0, 1], (N, k, 2)."""
     h, w = grid
-    x = (cells % w).to(torch.float32) + 0.5
-    y = torch.div(cells, w, rounding_mode="floor").to(torch.float32) + 0.5
+    x = (cells % w).to(dtype) + 0.5
+    y = torch.div(cells, w, rounding_mode="floor").to(dtype) + 0.5
     return torch.stack([x / w, y / h], dim=-1)
 
 
@@ -132,7 +134,8 @@ def mine_hard_points(
 
     channels = features.shape[-1]
     content = features.gather(1, cells.unsqueeze(-1).expand(-1, -1, channels)) * weight
-    position = pe_layer._pe_encoding(cell_centres(cells, grid)).to(features.dtype)  # (N, 2k, C)
+    dtype = upcast(features).dtype
+    position = fourier_pe(pe_layer, cell_centres(cells, grid, dtype)).to(features.dtype)  # (N, 2k, C)
     sign = torch.cat(
         [point_embeddings[1].weight.expand(k, -1), point_embeddings[0].weight.expand(k, -1)], dim=0
     ).to(features.dtype)  # (2k, C)

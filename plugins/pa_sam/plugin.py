@@ -34,6 +34,7 @@ prediction comes from tokens the adapter does not replace.
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
@@ -42,7 +43,7 @@ from typing_extensions import override
 
 from samflow.batch import SamBatch
 from samflow.plugins import DecoderContext, DecoderFeatures, DecoderState, SamPlugin
-from samflow.sam import SamOutput
+from samflow.sam import SamOutput, upcast
 from samflow_plugins.pa_sam.adapter import PromptAdapter
 from samflow_plugins.pa_sam.guiding import EdgeFilter, GuidingBranch, guiding_input
 from samflow_plugins.pa_sam.loss import pa_sam_losses
@@ -163,8 +164,8 @@ class PASam(SamPlugin):
 
         tokens = out.tokens
         if self.mining_active(ctx):
-            probability = out.uncertainty.float().sigmoid()  # M_U
-            guidance = sampling_guidance(out.coarse.float(), out.refined.float(), probability)
+            probability = upcast(out.uncertainty).sigmoid()  # M_U
+            guidance = sampling_guidance(upcast(out.coarse), upcast(out.refined), probability)
             prompt_encoder = ctx.sam.prompt_encoder
             points = mine_hard_points(
                 guidance,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from samflow.plugins import ForwardContext, SamPlugin
+from samflow.sam import upcast
 from samflow_plugins.sam_adapter.frequency import HFC_MODES, HfcMode, high_frequency_components
 
 
@@ -159,7 +160,7 @@ class SamAdapter(SamPlugin):
         """F_hfc (B, 3, S, S) of the normalised image, in float32 whatever the autocast setting."""
         with torch.autocast(image.device.type, enabled=False):
             return high_frequency_components(
-                image.float(), self.hfc, self.freq_rate, self.laplacian_kernel, self.gaussian_sigma
+                upcast(image), self.hfc, self.freq_rate, self.laplacian_kernel, self.gaussian_sigma
             )
 
     def features(self, image: Tensor, tokens: Tensor) -> Tensor:

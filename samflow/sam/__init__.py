@@ -7,7 +7,16 @@ Layers: ``samflow.batch`` <- ``samflow.sam`` (this package; knows no plugin) <- 
 from samflow.sam.build import VARIANTS, CheckpointError, build_sam, count_parameters, freeze
 from samflow.sam.cache import EncoderCache, EncoderCacheError
 from samflow.sam.hooked import HookedSam
-from samflow.sam.ops import attend, decomposed_rel_pos_bias, dense_pe, embed_box, embed_points, fourier_pe, normalize
+from samflow.sam.ops import (
+    attend,
+    decomposed_rel_pos_bias,
+    dense_pe,
+    embed_box,
+    embed_points,
+    fourier_pe,
+    normalize,
+    upcast,
+)
 from samflow.sam.types import (
     DecoderContext,
     DecoderFeatures,
@@ -45,4 +54,5 @@ __all__ = [
     "freeze",
     "normalize",
     "sam_rule",
+    "upcast",
 ]

@@ -107,3 +107,12 @@ def embed_box(pe: nn.Module, boxes: Tensor, frame: tuple[int, int]) -> Tensor:
     corners = _pixel_pe(pe, boxes.reshape(-1, 2, 2), frame)
     weights = torch.cat([pe.point_embeddings[2].weight, pe.point_embeddings[3].weight])  # (2, C)
     return corners + weights.to(corners.dtype)
+
+
+def upcast(x: Tensor) -> Tensor:
+    """``x`` in at least float32: bf16/fp16 values go up to float32, float64 stays float64.
+
+    For sums, sigmoids and losses that must not run in half precision, without forcing float64
+    inputs down to float32 (``.float()`` would).
+    """
+    return x.to(torch.promote_types(x.dtype, torch.float32))
