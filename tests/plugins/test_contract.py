@@ -93,5 +93,13 @@ def test_builtins_compose(pair):
     loss = module.compute_losses(out, batch, ctx)["total"]
     loss.backward()
     assert torch.isfinite(loss)
+    owned = module.plugins.owned
+    first, second = (set(map(id, owned[key].values())) for key in pair)
+    assert not first & second, "a parameter has two owners"
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert first | second == trainable
+    assert first, f"{pair[0]} owns nothing"  # the first plugin keeps every part it declares
     for key in pair:
-        assert module.trainable_parameters()[key] >= 0
+        assert module.trainable_parameters()[key] == sum(p.numel() for p in owned[key].values())
+        if owned[key]:
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in owned[key].values()), key
