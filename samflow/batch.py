@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = ["PROMPT_FIELDS", "SamBatch"]
+
 PROMPT_FIELDS = ("points", "point_labels", "box", "has_box", "mask_prompt", "has_mask_prompt")
 
 
