@@ -173,10 +173,20 @@ def _open(path: Path, mode: str | None) -> Image.Image:
         raise DataError(f"{path}: cannot read the file ({exc}). Replace it or remove the pair.") from exc
 
 
-def read_image(path: Path) -> Tensor:
-    """Read an image file as float32 (3, H, W) in [0, 1]."""
+def _floating(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from itself or its name (``"float64"``, ``"torch.float64"``)."""
+    found = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ValueError(
+            f"dtype must be a floating torch dtype such as torch.float64 or 'float64', got {dtype!r}."
+        )
+    return found
+
+
+def read_image(path: Path, dtype: torch.dtype | str = torch.float32) -> Tensor:
+    """Read an image file as (3, H, W) in [0, 1], of the floating ``dtype`` (float32 by default)."""
     array = np.asarray(_open(path, "RGB"))  # (H, W, 3) uint8
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(_floating(dtype)) / 255
 
 
 def read_mask(path: Path) -> Tensor:
@@ -209,11 +219,13 @@ class MaskFolderDataset(Dataset):
             sample ``i`` with ``(prompt_seed, i)`` so it is the same every epoch (validation, test).
         require_masks: when False, roots without a mask folder give images only (see ``find_samples``);
             such a dataset has no prompts (they are drawn from masks), whatever ``prompt`` says.
+        dtype: the floating dtype (or its name) of every float in an item: image, mask, points, box and
+            mask prompt. ``torch.float64`` / ``"float64"`` keeps the pipeline in double precision.
 
-    An item is a dict: ``image`` float (3, S, S); ``mask`` float (1, S, S) and ``gt_original`` bool (H, W)
-    when there are masks; ``input_size`` and ``original_size`` long (2,); ``id``; ``path``; and the
-    prompt in the S x S frame: ``points`` (K, 2) + ``point_labels`` (K,), ``box`` (4,), ``mask_prompt``
-    float (1, S/4, S/4). ``collate`` turns a list of items into a batch.
+    An item is a dict: ``image`` (3, S, S); ``mask`` (1, S, S) and ``gt_original`` bool (H, W) when there
+    are masks; ``input_size`` and ``original_size`` long (2,); ``id``; ``path``; and the prompt in the
+    S x S frame: ``points`` (K, 2) + ``point_labels`` long (K,), ``box`` (4,), ``mask_prompt``
+    (1, S/4, S/4); floats are of ``dtype``. ``collate`` turns a list of items into a ``SamBatch``.
     """
 
     def __init__(
@@ -228,6 +240,7 @@ class MaskFolderDataset(Dataset):
         resize_mode: ResizeMode = "longest",
         prompt_seed: int | None = None,
         require_masks: bool = True,
+        dtype: torch.dtype | str = torch.float32,
     ) -> None:
         if resize_mode not in ("longest", "stretch"):
             raise ValueError(f"resize_mode must be 'longest' or 'stretch', got {resize_mode!r}.")
@@ -258,6 +271,7 @@ class MaskFolderDataset(Dataset):
         self.img_size = img_size
         self.resize_mode = resize_mode
         self.prompt_seed = prompt_seed
+        self.dtype = _floating(dtype)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -272,7 +286,7 @@ class MaskFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         size = self.img_size
-        image = read_image(sample.image)  # (3, H, W)
+        image = read_image(sample.image, self.dtype)  # (3, H, W)
         original = tuple(image.shape[-2:])
         item: dict[str, Any] = {"id": sample.id, "path": str(sample.image)}
         item["image"], input_size = to_input_frame(image, size, self.resize_mode, "bilinear")
@@ -287,16 +301,16 @@ class MaskFolderDataset(Dataset):
                 f"{original[1]}x{original[0]}; masks must have the image's size."
             )
         item["gt_original"] = gt
-        item["mask"] = to_input_frame(gt[None].float(), size, self.resize_mode, "nearest-exact")[0]
+        item["mask"] = to_input_frame(gt[None].to(self.dtype), size, self.resize_mode, "nearest-exact")[0]
         prompt = self.prompt(gt, self._generator(index))
         if "points" in prompt:
-            item["points"] = scale_coords(prompt["points"], original, input_size)
+            item["points"] = scale_coords(prompt["points"].to(self.dtype), original, input_size)
             item["point_labels"] = prompt["point_labels"]
         if "box" in prompt:
-            item["box"] = scale_boxes(prompt["box"], original, input_size)
+            item["box"] = scale_boxes(prompt["box"].to(self.dtype), original, input_size)
         if "mask_prompt" in prompt:
-            coarse = prompt["mask_prompt"][None].float()  # (1, H, W)
+            coarse = prompt["mask_prompt"][None].to(self.dtype)  # (1, H, W)
             full = to_input_frame(coarse, size, self.resize_mode, "nearest-exact")[0]  # (1, S, S)
             low = F.interpolate(full[None], size=(size // 4, size // 4), mode="area")[0]
-            item["mask_prompt"] = (low > 0.5).float()  # (1, S/4, S/4)
+            item["mask_prompt"] = (low > 0.5).to(self.dtype)  # (1, S/4, S/4)
         return item

@@ -39,13 +39,22 @@ class NoPrompt:
         return "NoPrompt()"
 
 
+def _coord_dtype(mask: Tensor) -> torch.dtype:
+    """The float dtype of what a sampler draws from ``mask``: the mask's own if it is floating (a float64
+    mask gives float64 prompts), else torch's default dtype (float32 unless ``torch.set_default_dtype``)."""
+    return mask.dtype if mask.is_floating_point() else torch.get_default_dtype()
+
+
 def mask_to_box(mask: Tensor) -> Tensor | None:
-    """Tight xyxy box of a bool mask (H, W) with inclusive corners, or None if the mask is empty."""
+    """Tight xyxy box of a mask (H, W) (foreground: non-zero) with inclusive corners, or None if it is empty.
+
+    The box has the mask's dtype when the mask is floating, else torch's default float dtype.
+    """
     rows = mask.any(dim=1).nonzero()  # (n_rows, 1)
     if rows.numel() == 0:
         return None
     cols = mask.any(dim=0).nonzero()
-    return torch.tensor([cols[0, 0], rows[0, 0], cols[-1, 0], rows[-1, 0]], dtype=torch.float32)
+    return torch.stack([cols[0, 0], rows[0, 0], cols[-1, 0], rows[-1, 0]]).to(_coord_dtype(mask))
 
 
 class BoxPrompt:
@@ -72,10 +81,10 @@ class BoxPrompt:
         if box is None:
             if self.empty == "absent":
                 return {}
-            return {"box": torch.tensor([0.0, 0.0, w - 1.0, h - 1.0])}
+            return {"box": torch.tensor([0.0, 0.0, w - 1.0, h - 1.0], dtype=_coord_dtype(mask))}
         if self.jitter > 0:
             side = (box[2:] - box[:2] + 1).repeat(2)  # (4,): w, h, w, h
-            noise = (torch.rand(4, generator=generator) * 2 - 1) * self.jitter * side
+            noise = (torch.rand(4, generator=generator, dtype=box.dtype) * 2 - 1) * self.jitter * side
             box = box + noise
             box[0::2] = box[0::2].clamp(0, w - 1)
             box[1::2] = box[1::2].clamp(0, h - 1)
@@ -86,11 +95,11 @@ class BoxPrompt:
         return f"BoxPrompt(jitter={self.jitter}, empty={self.empty!r})"
 
 
-def _draw_pixels(region: Tensor, count: int, generator: torch.Generator) -> Tensor:
-    """``count`` uniform random pixels (with replacement) of a bool region (H, W), as float (count, 2) xy."""
+def _draw_pixels(region: Tensor, count: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """``count`` pixels of a bool region (H, W), uniform with replacement: xy (count, 2) of ``dtype``."""
     yx = region.nonzero()  # (n, 2) row, col
     pick = torch.randint(len(yx), (count,), generator=generator)
-    return yx[pick].flip(-1).float()
+    return yx[pick].flip(-1).to(dtype)
 
 
 class PointPrompt:
@@ -117,20 +126,22 @@ class PointPrompt:
 
     def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
         n_pos, n_neg = self.positive, self.negative
+        dtype = _coord_dtype(mask)
+        mask = mask.bool()  # foreground: non-zero, as for mask_to_box
         has_fg = bool(mask.any())
         has_bg = not bool(mask.all())
         if not has_fg:
             n_pos, n_neg = 0, n_pos + n_neg
-        points = [torch.zeros(0, 2)]
+        points = [torch.zeros(0, 2, dtype=dtype)]
         labels = [torch.zeros(0, dtype=torch.long)]
         if n_pos:
-            points.append(_draw_pixels(mask, n_pos, generator))
+            points.append(_draw_pixels(mask, n_pos, generator, dtype))
             labels.append(torch.ones(n_pos, dtype=torch.long))
         if n_neg and has_bg:
-            points.append(_draw_pixels(~mask, n_neg, generator))
+            points.append(_draw_pixels(~mask, n_neg, generator, dtype))
             labels.append(torch.zeros(n_neg, dtype=torch.long))
         elif n_neg:
-            points.append(torch.zeros(n_neg, 2))
+            points.append(torch.zeros(n_neg, 2, dtype=dtype))
             labels.append(torch.full((n_neg,), -1, dtype=torch.long))
         return {"points": torch.cat(points), "point_labels": torch.cat(labels)}
 
@@ -168,11 +179,11 @@ class NoisyMaskPrompt:
 
     def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
         radius = max(1, round(self.band * max(mask.shape)))
-        gt = mask.float()
+        gt = mask.to(_coord_dtype(mask))
         dilated = _max_filter(gt, radius)
         eroded = 1 - _max_filter(1 - gt, radius)
         band = dilated - eroded  # (H, W): 1 near the boundary, 0 elsewhere
-        noise = torch.randn(mask.shape, generator=generator) * self.std
+        noise = torch.randn(mask.shape, generator=generator, dtype=gt.dtype) * self.std
         return {"mask_prompt": (gt + noise * band) > 0.5}
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
+from samflow.batch import SamBatch
 from samflow.data import DataError, GpuAugment, SegmentationDataModule
 
 
@@ -29,28 +30,29 @@ def test_quickstart_fills_train_val_and_test(quickstart_root: Path) -> None:
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 8 and len(dm.datasets["val"]) == 4
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (4, 3, 32, 32) and batch["boxes"].shape == (4, 4)
-    assert len(next(iter(dm.test_dataloader()))["id"]) == 4  # test falls back to the quickstart's val
+    assert isinstance(batch, SamBatch)
+    assert batch.image.shape == (4, 3, 32, 32) and batch.box.shape == (4, 4)
+    assert len(next(iter(dm.test_dataloader())).id) == 4  # test falls back to the quickstart's val
 
 
 def test_val_prompts_repeat_each_epoch_train_prompts_do_not(quickstart_root: Path) -> None:
     dm = _module(quickstart_root, prompt={"name": "points", "positive": 2, "negative": 2})
     dm.setup("fit")
-    val = [torch.cat([b["points"] for b in dm.val_dataloader()]) for _ in range(2)]
+    val = [torch.cat([b.points for b in dm.val_dataloader()]) for _ in range(2)]
     assert torch.equal(val[0], val[1])
     train_loader = dm._loader("train", shuffle=False)
-    train = [torch.cat([b["points"] for b in train_loader]) for _ in range(2)]
+    train = [torch.cat([b.points for b in train_loader]) for _ in range(2)]
     assert not torch.equal(train[0], train[1])
     torch.manual_seed(5)  # but seed_everything makes them reproducible
-    first = next(iter(train_loader))["points"]
+    first = next(iter(train_loader)).points
     torch.manual_seed(5)
-    assert torch.equal(first, next(iter(train_loader))["points"])
+    assert torch.equal(first, next(iter(train_loader)).points)
 
 
 def test_eval_prompt_overrides_prompt(quickstart_root: Path) -> None:
     dm = _module(quickstart_root, prompt="box", eval_prompt="noisy_mask")
-    assert "boxes" in dm.batch_example("train") and "boxes" not in dm.batch_example("val")
-    assert dm.batch_example("val")["mask_prompt"].shape == (2, 1, 8, 8)
+    assert dm.batch_example("train").box is not None and dm.batch_example("val").box is None
+    assert dm.batch_example("val").mask_prompt.shape == (2, 1, 8, 8)
 
 
 def test_predict_on_a_plain_image_folder(tmp_path: Path, pngs: SimpleNamespace) -> None:
@@ -60,8 +62,9 @@ def test_predict_on_a_plain_image_folder(tmp_path: Path, pngs: SimpleNamespace) 
     with pytest.warns(UserWarning, match="without prompts"):
         dm.setup("predict")
     batches = list(dm.predict_dataloader())
-    assert [len(b["id"]) for b in batches] == [2, 1] and "mask" not in batches[0]
-    assert batches[0]["original_size"].tolist() == [[10, 20], [11, 20]]
+    assert [len(b.id) for b in batches] == [2, 1] and batches[0].mask is None
+    assert batches[0].gt_original is None and batches[0].box is None  # no masks: no prompts
+    assert batches[0].original_size.tolist() == [[10, 20], [11, 20]]
 
 
 def test_missing_split_says_which_key_to_set(pair_root: Path) -> None:
@@ -100,12 +103,14 @@ class _Probe(L.LightningModule):
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.seen: dict[str, list] = {"train": [], "val": []}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.seen["train"].append(batch["input_size"].clone())
-        return (self.weight - batch["image"].mean()) ** 2
+    def training_step(self, batch: SamBatch, batch_idx: int) -> torch.Tensor:
+        assert isinstance(batch, SamBatch)
+        self.seen["train"].append(batch.input_size.clone())
+        return (self.weight - batch.image.mean()) ** 2
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.seen["val"].append(batch["input_size"].clone())
+    def validation_step(self, batch: SamBatch, batch_idx: int) -> None:
+        assert isinstance(batch, SamBatch)
+        self.seen["val"].append(batch.input_size.clone())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -126,6 +131,7 @@ def test_trainer_augments_training_batches_only(quickstart_root: Path) -> None:
         accelerator="cpu",
     )
     trainer.fit(probe, datamodule=dm)
+    assert len(probe.seen["train"]) == 2  # both training batches were seen (all() of nothing is True)
     assert all((size == 32).all() for size in probe.seen["train"])  # augmented: the S x S frame
     assert len(probe.seen["val"]) == 1 and (probe.seen["val"][0] < 32).any()  # not augmented
 
@@ -134,8 +140,7 @@ def test_trainer_augments_training_batches_only(quickstart_root: Path) -> None:
 def _sets(tmp_path: Path, pngs: SimpleNamespace, sizes: dict[str, int]) -> dict[str, str]:
     """One root per name with ``n`` pairs each; names keep their (non-alphabetical) order."""
     return {
-        name: str(pngs.pairs(tmp_path / name, [f"{name}{i}" for i in range(n)]))
-        for name, n in sizes.items()
+        name: str(pngs.pairs(tmp_path / name, [f"{name}{i}" for i in range(n)])) for name, n in sizes.items()
     }
 
 
@@ -146,9 +151,9 @@ def test_named_test_sets_give_one_loader_each_in_order(tmp_path: Path, pngs: Sim
     dm.setup("test")
     loaders = dm.test_dataloader()
     assert isinstance(loaders, list) and [len(loader.dataset) for loader in loaders] == [3, 2]
-    assert next(iter(loaders[1]))["id"] == ["Alpha0", "Alpha1"]
-    assert dm.batch_example("test/Alpha")["id"] == ["Alpha0", "Alpha1"]
-    assert dm.batch_example("test")["id"] == ["Zeta0", "Zeta1"]  # a bare split means its first set
+    assert next(iter(loaders[1])).id == ["Alpha0", "Alpha1"]
+    assert dm.batch_example("test/Alpha").id == ["Alpha0", "Alpha1"]
+    assert dm.batch_example("test").id == ["Zeta0", "Zeta1"]  # a bare split means its first set
 
 
 def test_named_val_sets_and_dict_specs(tmp_path: Path, pngs: SimpleNamespace) -> None:
@@ -215,7 +220,10 @@ def test_module_suffixes_metrics_with_the_set_names(tmp_path: Path, pngs: Simple
     dm = SegmentationDataModule(test_sets=roots, img_size=128, batch_size=2)
     module = SamflowModule(sam=SamSpec(variant="tiny"), metrics=["iou"])
     trainer = L.Trainer(
-        logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
         default_root_dir=str(tmp_path),
     )
     trainer.test(module, datamodule=dm, verbose=False)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from samflow.batch import PROMPT_FIELDS
 from samflow.data import DataError, MaskFolderDataset, collate, find_samples
 
 
@@ -56,7 +57,7 @@ def test_two_files_with_one_stem_name_both(pair_root: Path, pngs: SimpleNamespac
 def test_size_mismatch_names_both_files(pair_root: Path, pngs: SimpleNamespace) -> None:
     pngs.mask(pair_root / "masks" / "b.png", 10, 16)
     dataset = MaskFolderDataset(pair_root, img_size=16)
-    dataset[0]
+    assert dataset[0]["mask"].shape == (1, 16, 16)  # the other pairs still read
     message = r"masks/b.png is 16x10 \(WxH\) but its image .*images/b.png is 16x12"
     with pytest.raises(DataError, match=message):
         dataset[1]
@@ -174,8 +175,11 @@ def test_images_only_folder_for_predict(tmp_path: Path, pngs: SimpleNamespace) -
         MaskFolderDataset(tmp_path / "photos")
     dataset = MaskFolderDataset(tmp_path / "photos", prompt="box", img_size=32, require_masks=False)
     batch = collate([dataset[0]])
-    assert not dataset.has_masks and batch["image"].shape == (1, 3, 32, 32)
-    assert set(batch) == {"image", "input_size", "original_size", "id", "path"}
+    assert not dataset.has_masks and batch.image.shape == (1, 3, 32, 32)
+    assert batch.id == ["p"] and batch.path == [str(tmp_path / "photos" / "p.jpg")]
+    assert batch.original_size.tolist() == [[10, 20]] and batch.input_size.tolist() == [[16, 32]]
+    absent = ("mask", "gt_original", *PROMPT_FIELDS)  # no masks: no ground truth and no prompts
+    assert all(getattr(batch, name) is None for name in absent)
 
 
 def test_eval_prompts_are_seeded_per_index(pair_root: Path) -> None:
@@ -188,9 +192,16 @@ def test_eval_prompts_are_seeded_per_index(pair_root: Path) -> None:
 
 
 def test_noisy_mask_prompt_is_at_quarter_resolution(pair_root: Path) -> None:
-    item = MaskFolderDataset(pair_root, prompt="noisy_mask", img_size=32)[0]
-    assert item["mask_prompt"].shape == (1, 8, 8)
+    item = MaskFolderDataset(pair_root, prompt="noisy_mask", img_size=32, prompt_seed=0)[0]
+    assert item["mask_prompt"].shape == (1, 8, 8) and item["mask_prompt"].dtype == torch.float32
     assert set(item["mask_prompt"].unique().tolist()) <= {0.0, 1.0}
+    # Without noise it is the ground truth at quarter resolution (area, > 0.5): rows 2..3, columns 1..2.
+    clean = MaskFolderDataset(pair_root, prompt={"name": "noisy_mask", "std": 0.0}, img_size=32)[0]
+    expected = torch.nn.functional.avg_pool2d(clean["mask"], 4) > 0.5
+    assert torch.equal(clean["mask_prompt"], expected.float()) and expected.sum() == 4
+    # With noise only the boundary band changes: no farther than one quarter-resolution cell.
+    near = torch.nn.functional.max_pool2d(expected.float(), 3, stride=1, padding=1)
+    assert item["mask_prompt"].sum() > 0 and (item["mask_prompt"] <= near).all()
 
 
 def test_img_size_must_be_a_multiple_of_4(pair_root: Path) -> None:
