@@ -17,9 +17,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from samflow.batch import SamBatch
+from samflow.data.augment import BatchAugment
 from samflow.data.batch import collate
 from samflow.data.folder import DataError, MaskFolderDataset
-from samflow.data.prompts import NoPrompt, build_prompt
+from samflow.data.prompts import NoPrompt, PromptSpec, build_prompt
 from samflow.data.quickstart import MARKER, make_quickstart_data
 from samflow.data.transforms import GpuAugment, ResizeMode
 
@@ -110,14 +111,21 @@ class SegmentationDataModule(L.LightningDataModule):
         test_sets: several named test sets, name -> split spec (one data loader each).
         img_size: S, the side of the model's square input (1024 for SAM, 128 for the tiny test SAM).
         resize_mode: ``"longest"`` (SAM's: longest side to S, zero-pad bottom / right) or ``"stretch"``.
-        prompt: training prompt, a ``build_prompt`` spec: ``"none"``, ``"box"``, ``"points"``,
-            ``"noisy_mask"``, ``"mixed"`` or a dict such as ``{"name": "box", "jitter": 0.1}``.
-        eval_prompt: prompt for val / test / predict; ``None`` uses ``prompt``. Seeded per sample.
+        prompt: training prompt sampler: a ``class_path`` spec of any ``PromptSampler`` subclass
+            (``{class_path: BoxPrompt, init_args: {jitter: 0.1}}``, ``{class_path: my_pkg.MySampler}``;
+            ``--data.init_args.prompt.help BoxPrompt`` lists its arguments), or a short alias:
+            ``none``, ``box``, ``points``, ``noisy_mask``, ``mixed``, alone or as
+            ``{name: points, positive: 2}``.
+        eval_prompt: prompt for val / test / predict, same forms; ``None`` uses ``prompt``. Seeded per
+            sample.
         batch_size: training batch size.
         eval_batch_size: batch size for val / test / predict; ``None`` uses ``batch_size``.
         num_workers: data-loader worker processes.
         seed: seed of the evaluation prompts (sample i uses ``(seed, i)``).
-        augment: GPU augmentation applied to training batches after they reach the device.
+        augment: augmentation of training batches on the device (after the transfer): a
+            ``class_path`` spec of ``GpuAugment`` (kornia) or of any ``BatchAugment`` subclass
+            (``{class_path: my_pkg.MixUp, init_args: {...}}``); ``GpuAugment``'s arguments alone
+            (``{hflip: 0.5, scale: [0.1, 2.0]}``) are short for ``{class_path: GpuAugment, init_args: ...}``.
         quickstart: generate the procedural quickstart dataset in ``prepare_data`` and use it for every
             split left ``None`` (train, val; test falls back to val). ``True`` uses the defaults of
             ``make_quickstart_data``; a dict passes its keys (``root``, ``n_train``, ``n_val``, ``size``,
@@ -135,13 +143,13 @@ class SegmentationDataModule(L.LightningDataModule):
         test_sets: dict[str, SplitSpec] | None = None,
         img_size: int = 1024,
         resize_mode: ResizeMode = "longest",
-        prompt: str | dict[str, Any] = "box",
-        eval_prompt: str | dict[str, Any] | None = None,
+        prompt: PromptSpec = "box",
+        eval_prompt: PromptSpec | None = None,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
-        augment: GpuAugment | None = None,
+        augment: GpuAugment | BatchAugment | None = None,
         quickstart: bool | dict[str, Any] = False,
         pin_memory: bool = False,
     ) -> None:
@@ -156,8 +164,11 @@ class SegmentationDataModule(L.LightningDataModule):
         }
         self.img_size = img_size
         self.resize_mode = resize_mode
-        self.prompt = prompt
-        self.eval_prompt = prompt if eval_prompt is None else eval_prompt
+        # Built now, so a bad prompt fails when the config is read, naming its key.
+        self.prompt = build_prompt(prompt, key="data.prompt")
+        self.eval_prompt = (
+            self.prompt if eval_prompt is None else build_prompt(eval_prompt, key="data.eval_prompt")
+        )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -238,6 +249,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"SegmentationDataModule: no {split} set named {name!r}; the sets are {list(sets)}."
             )
         spec = sets[name]
+        assert spec is not None  # _sets leaves out the splits that are not set
         training = split == "train"
         try:
             dataset = MaskFolderDataset(
@@ -250,7 +262,7 @@ class SegmentationDataModule(L.LightningDataModule):
             )
         except DataError as err:
             raise DataError(f"{self._config_key(split, name)}: {err}") from err
-        wants_prompts = not isinstance(build_prompt(self.eval_prompt), NoPrompt)
+        wants_prompts = not isinstance(self.eval_prompt, NoPrompt)
         if split == "predict" and not dataset.has_masks and wants_prompts:
             rank_zero_warn(f"The predict data {spec} has no masks, so it is predicted without prompts.")
         return dataset

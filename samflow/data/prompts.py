@@ -14,22 +14,81 @@ The dataset maps the coordinates into the model's input frame (``transforms.scal
 
 All randomness comes from ``generator``, so a dataset that seeds it per sample index gets the same
 prompts every epoch (validation), and one that seeds it from the global RNG gets fresh ones (training).
+
+**Choosing a sampler** (``data.init_args.prompt`` / ``eval_prompt``, ``MaskFolderDataset(prompt=...)``)
+is a ``class_path`` spec, as for every component. Any subclass of :class:`PromptSampler` works, a
+third party's too; a bare class name resolves among the imported subclasses::
+
+    prompt: {class_path: BoxPrompt, init_args: {jitter: 0.1}}
+    prompt: {class_path: my_pkg.prompts.CenterPoint}      # your own PromptSampler subclass
+    prompt: BoxPrompt                                     # a class alone: its default arguments
+
+The short names of ``PROMPTS`` are aliases of the built-in classes, alone or with their arguments::
+
+    prompt: box                                           # = BoxPrompt()
+    prompt: {name: points, positive: 2, negative: 1}      # = PointPrompt(positive=2, negative=1)
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import register_type
 from torch import Tensor
 
+from samflow.components import instantiate, is_class_path_spec
+
 PromptDict = dict[str, Tensor]
-PromptSampler = Callable[[Tensor, torch.Generator], PromptDict]
 
 
-class NoPrompt:
+class PromptSampler(ABC):
+    """Base class of prompt samplers: subclass it and give the subclass as ``class_path``.
+
+    ``__call__(mask, generator)`` gets the ground truth as a bool tensor (H, W) at the original
+    resolution and returns a ``PromptDict`` (see the module docstring); draw every random number from
+    ``generator``. The constructor's arguments are the ``init_args`` a config can set.
+    """
+
+    @abstractmethod
+    def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
+        """Draw the prompt of one mask."""
+
+
+PromptName = Literal["none", "box", "points", "noisy_mask", "mixed"]
+
+
+class PromptByName:
+    """A short name with arguments, ``{name: points, positive: 2}``, as a config gives it.
+
+    A type of its own (not ``dict``) so that jsonargparse checks it when it parses the config and
+    never takes a broken class_path spec for it: the error then says what is wrong with the class.
+    """
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        if not isinstance(spec, Mapping) or "class_path" in spec or not isinstance(spec.get("name"), str):
+            raise ValueError(f"expected {{name: <one of {list(PROMPTS)}>, **init_args}}, got {spec!r}")
+        self.spec = dict(spec)
+
+    def __repr__(self) -> str:
+        return f"PromptByName({self.spec})"
+
+
+def _by_name(value: Any) -> PromptByName:
+    return value if isinstance(value, PromptByName) else PromptByName(value)
+
+
+register_type(PromptByName, serializer=lambda value: dict(value.spec), deserializer=_by_name)
+
+# What a config may give for a prompt, in the order jsonargparse tries: a class_path spec (built by
+# jsonargparse, the classes shown in ``--help``), a short name, a short name with arguments.
+PromptSpec = PromptSampler | PromptName | PromptByName
+
+
+class NoPrompt(PromptSampler):
     """No prompt at all: SAM's prompt-free mode (the model sees only its no-mask embedding)."""
 
     def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
@@ -57,7 +116,7 @@ def mask_to_box(mask: Tensor) -> Tensor | None:
     return torch.stack([cols[0, 0], rows[0, 0], cols[-1, 0], rows[-1, 0]]).to(_coord_dtype(mask))
 
 
-class BoxPrompt:
+class BoxPrompt(PromptSampler):
     """The tight box around the mask, optionally jittered.
 
     Args:
@@ -102,7 +161,7 @@ def _draw_pixels(region: Tensor, count: int, generator: torch.Generator, dtype: 
     return yx[pick].flip(-1).to(dtype)
 
 
-class PointPrompt:
+class PointPrompt(PromptSampler):
     """Uniform random points (drawn with replacement): ``positive`` inside the mask, ``negative`` outside.
 
     Always returns ``positive + negative`` slots, positives first. An empty mask has no pixel to point
@@ -158,7 +217,7 @@ def _max_filter(x: Tensor, radius: int) -> Tensor:
     return x[0, 0]
 
 
-class NoisyMaskPrompt:
+class NoisyMaskPrompt(PromptSampler):
     """A degraded copy of the ground truth, as HQ-SAM feeds its mask prompt during training.
 
     Pixels in a band around the mask boundary get Gaussian noise and the result is thresholded:
@@ -190,24 +249,25 @@ class NoisyMaskPrompt:
         return f"NoisyMaskPrompt(band={self.band}, std={self.std})"
 
 
-class MixedPrompt:
+class MixedPrompt(PromptSampler):
     """One prompt type per image, drawn from ``samplers`` with probabilities proportional to ``weights``.
 
     HQ-SAM trains this way with boxes, points and noisy masks.
 
     Args:
-        samplers: the samplers to choose from (objects or ``build_prompt`` specs).
+        samplers: the samplers to choose from, each a prompt spec: a class_path spec, a short name or
+            ``{name: ..., **init_args}`` (e.g. ``[box, {name: points, positive: 10}, noisy_mask]``).
         weights: one non-negative weight per sampler; ``None`` means equal weights.
     """
 
     def __init__(
         self,
-        samplers: Sequence[PromptSampler | str | Mapping[str, Any]],
+        samplers: Sequence[PromptSpec],
         weights: Sequence[float] | None = None,
     ) -> None:
         if not samplers:
             raise ValueError("MixedPrompt: give at least one sampler.")
-        self.samplers = [build_prompt(s) for s in samplers]
+        self.samplers = [build_prompt(s, key=f"MixedPrompt.samplers[{i}]") for i, s in enumerate(samplers)]
         weights = [1.0] * len(self.samplers) if weights is None else list(weights)
         if len(weights) != len(self.samplers) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(
@@ -224,7 +284,20 @@ class MixedPrompt:
         return f"MixedPrompt({self.samplers}, weights={self.weights.tolist()})"
 
 
-PROMPTS: dict[str, type] = {
+class _FunctionSampler(PromptSampler):
+    """A plain function ``f(mask, generator) -> PromptDict`` as a sampler."""
+
+    def __init__(self, function: Callable[[Tensor, torch.Generator], PromptDict]) -> None:
+        self.function = function
+
+    def __call__(self, mask: Tensor, generator: torch.Generator) -> PromptDict:
+        return self.function(mask, generator)
+
+    def __repr__(self) -> str:
+        return f"_FunctionSampler({self.function!r})"
+
+
+PROMPTS: dict[str, type[PromptSampler]] = {
     "none": NoPrompt,
     "box": BoxPrompt,
     "points": PointPrompt,
@@ -233,35 +306,66 @@ PROMPTS: dict[str, type] = {
 }
 
 
-def build_prompt(spec: str | Mapping[str, Any] | PromptSampler | None) -> PromptSampler:
-    """Build a sampler from a name or a dict.
+def build_prompt(
+    spec: PromptSpec | str | Mapping[str, Any] | Callable[[Tensor, torch.Generator], PromptDict] | None,
+    key: str = "prompt",
+) -> PromptSampler:
+    """Build a sampler from any prompt spec.
 
     Args:
-        spec: a name from ``PROMPTS`` (``"none"``, ``"box"``, ``"points"``, ``"noisy_mask"``,
-            ``"mixed"``), a dict ``{"name": ..., **init_args}`` such as
-            ``{"name": "points", "positive": 2, "negative": 1}`` or
-            ``{"name": "mixed", "samplers": ["box", "points"], "weights": [0.5, 0.5]}``,
-            ``None`` (same as ``"none"``), or an already built sampler (returned as is).
+        spec: one of
+
+            - a class_path spec ``{"class_path": "BoxPrompt", "init_args": {"jitter": 0.1}}``, or a class
+              path / class name alone (``"my_pkg.prompts.CenterPoint"``): any ``PromptSampler`` subclass;
+            - a short name from ``PROMPTS`` (``"none"``, ``"box"``, ``"points"``, ``"noisy_mask"``,
+              ``"mixed"``), or ``{"name": ..., **init_args}`` such as
+              ``{"name": "points", "positive": 2, "negative": 1}`` or
+              ``{"name": "mixed", "samplers": ["box", "points"], "weights": [0.5, 0.5]}``;
+            - ``None`` (same as ``"none"``), or an already built sampler (returned as is; a plain
+              function ``f(mask, generator) -> dict`` is wrapped in a ``PromptSampler``).
+        key: the config key of the spec, named in errors.
 
     Returns:
         The sampler.
     """
     if spec is None:
         return NoPrompt()
-    if callable(spec) and not isinstance(spec, (str, Mapping)):
+    if isinstance(spec, PromptByName):
+        spec = spec.spec
+    if isinstance(spec, PromptSampler):
         return spec
+    if callable(spec) and not isinstance(spec, (str, Mapping)):
+        return _FunctionSampler(spec)
+    if is_class_path_spec(spec):
+        return instantiate(spec, PromptSampler, key)
     if isinstance(spec, str):
         name, kwargs = spec, {}
+        if name not in PROMPTS:
+            if "." in name or name[:1].isupper():  # a class path or class name
+                return instantiate(name, PromptSampler, key)
+            raise ValueError(
+                f"{key}: Unknown prompt {name!r}; choose one of {sorted(PROMPTS)}, or give a PromptSampler "
+                "class as class_path."
+            )
     elif isinstance(spec, Mapping):
         if "name" not in spec:
-            raise ValueError(f"Prompt spec {dict(spec)} has no 'name' key; choose one of {sorted(PROMPTS)}.")
+            raise ValueError(
+                f"{key}: prompt spec {dict(spec)} has no 'name' key and no 'class_path'; write "
+                f"{{class_path: BoxPrompt, init_args: {{...}}}} or {{name: box, ...}} with a name from "
+                f"{sorted(PROMPTS)}."
+            )
         kwargs = {k: v for k, v in spec.items() if k != "name"}
         name = spec["name"]
     else:
-        raise TypeError(f"Prompt spec must be a name, a dict or a sampler, got {type(spec).__name__}.")
+        raise TypeError(
+            f"{key}: a prompt spec must be a name, a dict or a sampler, got {type(spec).__name__}."
+        )
     if name not in PROMPTS:
-        raise ValueError(f"Unknown prompt {name!r}; choose one of {sorted(PROMPTS)}.")
+        raise ValueError(f"{key}: Unknown prompt {name!r}; choose one of {sorted(PROMPTS)}.")
     try:
         return PROMPTS[name](**kwargs)
     except TypeError as exc:
-        raise ValueError(f"Prompt {name!r}: bad arguments {kwargs} ({exc}).") from exc
+        # ``from None``: the CLI reports the innermost cause, and this message holds it with the key.
+        raise ValueError(
+            f"{key}: prompt {name!r} ({PROMPTS[name].__name__}): bad arguments {kwargs} ({exc})."
+        ) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from jsonargparse import ArgumentError, ArgumentParser
 
 from samflow.data import (
     BoxPrompt,
@@ -11,9 +12,22 @@ from samflow.data import (
     NoisyMaskPrompt,
     NoPrompt,
     PointPrompt,
+    SegmentationDataModule,
     build_prompt,
     mask_to_box,
 )
+from samflow.data.prompts import PromptDict, PromptSampler
+
+
+class CenterPoint(PromptSampler):
+    """A third party's sampler: one positive point at the mask's centre of mass."""
+
+    def __init__(self, label: int = 1) -> None:
+        self.label = label
+
+    def __call__(self, mask: torch.Tensor, generator: torch.Generator) -> PromptDict:
+        yx = mask.nonzero().float().mean(0)
+        return {"points": yx.flip(-1)[None], "point_labels": torch.tensor([self.label])}
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -123,3 +137,70 @@ def test_build_prompt_from_names_and_dicts() -> None:
 def test_build_prompt_errors_say_what_is_wrong(spec: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_prompt(spec)
+
+
+def test_build_prompt_from_class_path_specs() -> None:
+    box = build_prompt({"class_path": "BoxPrompt", "init_args": {"jitter": 0.1}})
+    assert isinstance(box, BoxPrompt) and box.jitter == 0.1
+    assert isinstance(build_prompt({"class_path": "samflow.data.prompts.NoisyMaskPrompt"}), NoisyMaskPrompt)
+    assert isinstance(build_prompt("PointPrompt"), PointPrompt)  # a class name alone: its defaults
+    mixed = build_prompt(
+        {"class_path": "MixedPrompt", "init_args": {"samplers": ["box", {"class_path": "PointPrompt"}]}}
+    )
+    assert [type(s) for s in mixed.samplers] == [BoxPrompt, PointPrompt]
+
+
+def test_a_third_party_sampler_by_class_name_or_path(square: torch.Tensor) -> None:
+    by_name = build_prompt({"class_path": "CenterPoint", "init_args": {"label": 0}})
+    assert isinstance(by_name, CenterPoint) and by_name.label == 0
+    by_path = build_prompt(f"{CenterPoint.__module__}.CenterPoint")
+    torch.testing.assert_close(by_path(square, _gen())["points"], torch.tensor([[9.5, 6.5]]))
+    assert isinstance(build_prompt({"name": "mixed", "samplers": ["box", "CenterPoint"]}).samplers[1], CenterPoint)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"class_path": "BoxPrompt", "init_args": {"jiter": 0.1}}, r"data.prompt: .*'jiter' is not accepted"),
+        ({"class_path": "torch.nn.Linear"}, r"data.prompt: .*does not correspond to a subclass of PromptSampler"),
+        ({"class_path": "my_pkg.Nope"}, r"data.prompt: .*No module named 'my_pkg'"),
+        ({"class_path": "BoxPrompt", "init_args": {"jitter": -1}}, r"data.prompt: .*jitter must be >= 0"),
+    ],
+)
+def test_class_path_errors_name_the_key(spec: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_prompt(spec, key="data.prompt")
+
+
+def test_the_data_module_takes_every_form_from_a_config() -> None:
+    """jsonargparse builds the class_path forms (nested ones too); the aliases still work."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SegmentationDataModule, "data")
+
+    def built(value: object, key: str = "prompt") -> object:
+        config = parser.parse_object({"data": {key: value, "augment": None}})
+        return getattr(parser.instantiate(config).data, key)
+
+    assert isinstance(built("box"), BoxPrompt) and isinstance(built("none"), NoPrompt)
+    assert built({"name": "points", "positive": 2}).positive == 2
+    assert built({"class_path": "BoxPrompt", "init_args": {"jitter": 0.3}}).jitter == 0.3
+    assert isinstance(built("CenterPoint", "eval_prompt"), CenterPoint)
+    mixed = built({"class_path": "MixedPrompt", "init_args": {"samplers": [{"class_path": "CenterPoint"}, "box"]}})
+    assert [type(s) for s in mixed.samplers] == [CenterPoint, BoxPrompt]
+
+    # Checked when the config is parsed, with jsonargparse's own message about the class.
+    with pytest.raises(ArgumentError, match=r"(?s)prompt.*BoxPrompt.*Option 'jiter' is not accepted"):
+        built({"class_path": "BoxPrompt", "init_args": {"jiter": 0.3}})
+    with pytest.raises(ArgumentError, match=r"(?s)prompt.*expected \{name: "):
+        built({"jitter": 0.3})
+    with pytest.raises(ValueError, match=r"data.prompt: prompt 'box' \(BoxPrompt\): bad arguments"):
+        built({"name": "box", "jiter": 0.3})
+
+
+def test_a_plain_function_becomes_a_sampler(square: torch.Tensor) -> None:
+    def corner(mask: torch.Tensor, generator: torch.Generator) -> PromptDict:
+        return {"box": torch.tensor([0.0, 0.0, 1.0, 1.0])}
+
+    sampler = build_prompt(corner)
+    assert isinstance(sampler, PromptSampler)
+    torch.testing.assert_close(sampler(square, _gen())["box"], torch.tensor([0.0, 0.0, 1.0, 1.0]))
