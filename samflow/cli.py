@@ -6,14 +6,14 @@
 
 ``--experiment NAME`` resolves NAME (a path, ``experiments/NAME.yaml`` in the working directory, or a
 packaged experiment) and is rewritten to ``--config /abs/path`` in ``sys.argv``, so DDP children
-started by Lightning read the same file. Flags after it override the file.
+started by Lightning read the same file. The rewritten ``--config`` goes first, right after the
+subcommand: every other flag and ``--config`` overrides the experiment, wherever it stands.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,24 @@ def _user_errors() -> tuple[type[Exception], ...]:
     )
 
 
-PACKAGED = files("samflow") / "experiments"
+def _packaged_experiments() -> Path:
+    """The experiments shipped with samflow.
+
+    They live in the top-level ``experiments/`` folder of the repository. A wheel installs them as
+    ``samflow/experiments/`` (pyproject.toml maps the package ``samflow.experiments`` to that folder);
+    a source checkout (an editable install) reads the folder itself.
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / "experiments"
+    if installed.is_dir():
+        return installed
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "experiments").is_dir():
+        return checkout / "experiments"
+    return installed  # missing: `samflow experiments` lists only ./experiments
+
+
+PACKAGED = _packaged_experiments()
 
 
 class ExperimentError(ValueError):
@@ -52,7 +69,7 @@ class ExperimentError(ValueError):
 # ---- experiments ----
 def experiment_dirs() -> list[Path]:
     """Where experiments are looked up, first match wins: ./experiments, then the packaged ones."""
-    return [Path.cwd() / "experiments", Path(str(PACKAGED))]
+    return [Path.cwd() / "experiments", PACKAGED]
 
 
 def list_experiments() -> dict[str, tuple[Path, str]]:
@@ -118,8 +135,15 @@ def check_plugins(config_path: Path) -> None:
 
 
 def _experiment_from_argv(argv: list[str]) -> tuple[list[str], str | None]:
-    """Replace ``--experiment NAME`` (or ``--experiment=NAME``) by ``--config /abs/path``."""
-    out, name = [], None
+    """Replace ``--experiment NAME`` (or ``--experiment=NAME``) by ``--config /abs/path``.
+
+    ``argv`` starts with the subcommand. The experiment's ``--config`` moves to the front, right after
+    it, so that every flag and every other ``--config`` overrides the experiment, also those given
+    before ``--experiment`` (jsonargparse applies arguments in order).
+    """
+    out: list[str] = []
+    configs: list[str] = []
+    name = None
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -134,11 +158,13 @@ def _experiment_from_argv(argv: list[str]) -> tuple[list[str], str | None]:
             path = resolve_experiment(value)
             check_plugins(path)
             name = path.stem
-            out += ["--config", str(path)]
+            configs += ["--config", str(path)]
         else:
             out.append(arg)
         i += 1
-    return out, name
+    if configs and out and not out[0].startswith("-"):
+        return [out[0], *configs, *out[1:]], name
+    return configs + out, name
 
 
 # ---- W&B ----

@@ -46,8 +46,15 @@ def quickstart_root(workdir) -> str:
 
 @pytest.fixture(scope="module")
 def fitted(workdir, quickstart_root) -> Path:
-    """One short quickstart fit shared by the tests that inspect its outputs."""
-    run(["fit", "--experiment", "quickstart", *FAST, "--data.init_args.quickstart.root", quickstart_root], workdir)
+    """One short quickstart fit shared by the tests that inspect its outputs.
+
+    ``--trainer.max_epochs 1`` comes before ``--experiment`` (the experiment says 20), the other flags
+    after it: both must override the experiment.
+    """
+    epochs, rest = FAST[:2], FAST[2:]
+    assert epochs == ["--trainer.max_epochs", "1"]
+    args = ["fit", *epochs, "--experiment", "quickstart", *rest, "--data.init_args.quickstart.root", quickstart_root]
+    run(args, workdir)
     return workdir / "runs" / "quickstart" / "version_0"
 
 
@@ -121,9 +128,19 @@ def test_overrides_after_the_experiment_win(fitted):
     import yaml
 
     config = yaml.safe_load((fitted / "config.yaml").read_text())
-    assert config["trainer"]["max_epochs"] == 1
     assert config["data"]["init_args"]["batch_size"] == 4
+    assert config["trainer"]["limit_train_batches"] == 2
     assert config["model"]["plugins"]["tokens"]["init_args"]["lr"] == 5.0e-3
+
+
+def test_flags_before_the_experiment_win_too(fitted):
+    """The fixture puts --trainer.max_epochs 1 before --experiment quickstart, whose file says 20."""
+    import yaml
+
+    assert yaml.safe_load((fitted / "config.yaml").read_text())["trainer"]["max_epochs"] == 1
+    with open(fitted / "metrics.csv") as f:
+        epochs = {row["epoch"] for row in csv.DictReader(f) if row.get("epoch")}
+    assert epochs == {"0"}  # one epoch ran
 
 
 def test_predict_writes_one_mask_per_image_at_original_size(fitted, workdir, quickstart_root):

@@ -1,14 +1,26 @@
-"""The package list in pyproject.toml must match the package folders in the tree.
+"""Packaging: the package list in pyproject.toml matches the tree, and a built wheel carries the experiments.
 
 setuptools stops an install when a listed folder is missing, and leaves a folder out of a
-non-editable install without saying anything when it is not listed. This test catches both cases
-before CI does.
+non-editable install without saying anything when it is not listed. These tests catch both cases
+before CI does, and check that the top-level ``experiments/`` folder lands in a non-editable install
+as ``samflow/experiments/``, where ``samflow --experiment NAME`` finds it.
 """
 
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.name for p in (ROOT / "experiments").glob("*.yaml"))
 
 
 def _declared() -> tuple[set[str], dict[str, str]]:
@@ -20,6 +32,9 @@ def _on_disk(package_dir: dict[str, str]) -> set[str]:
     found = set()
     for top, folder in package_dir.items():
         base = ROOT / folder
+        if base.is_dir() and not (base / "__init__.py").is_file():
+            found.add(top)  # a data package: a folder of package data without __init__.py (experiments/)
+            continue
         for init in base.rglob("__init__.py"):
             relative = init.parent.relative_to(base)
             found.add(".".join((top, *relative.parts)))
@@ -39,3 +54,63 @@ def test_entry_points_name_listed_packages():
     for name, target in config["project"]["entry-points"]["samflow.plugins"].items():
         module = target.split(":")[0]
         assert module in declared, f"plugin {name!r} points at {module!r}, which is not packaged"
+
+
+def test_the_experiments_live_at_the_top_level():
+    assert "quickstart.yaml" in EXPERIMENTS
+    assert not (ROOT / "samflow" / "experiments").exists(), "the experiments moved to ./experiments"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A wheel built from a copy of the tree (so the build leaves no build/ folder in the checkout)."""
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("samflow", "plugins", "experiments"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    out = tmp_path_factory.mktemp("wheel")
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)]
+    setuptools = importlib.metadata.version("setuptools")
+    if int(setuptools.split(".")[0]) >= 77:  # this environment can build it: no download needed
+        command.insert(4, "--no-build-isolation")
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = out.glob("samflow-*.whl")
+    return path
+
+
+def test_the_wheel_carries_every_experiment(wheel: Path):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"samflow/experiments/{name}" for name in EXPERIMENTS} <= names
+    assert not any(name.startswith("experiments/") for name in names), "no top-level package 'experiments'"
+
+
+def test_a_non_editable_install_finds_the_experiments_by_name(wheel: Path, tmp_path: Path):
+    target = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)]
+    proc = subprocess.run(install, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    work = tmp_path / "work"  # no ./experiments here
+    work.mkdir()
+    script = (
+        "import samflow, samflow.cli as cli; "
+        "print(samflow.__file__); print(cli.resolve_experiment('quickstart')); cli.main(['experiments'])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module_file, quickstart, *table = proc.stdout.splitlines()
+    installed = target / "samflow"
+    assert Path(module_file).parent == installed  # the installed copy, not this checkout
+    assert Path(quickstart) == installed / "experiments" / "quickstart.yaml"
+    listed = {line.split()[0] for line in table[2:]}
+    assert {Path(name).stem for name in EXPERIMENTS} <= listed
