@@ -66,9 +66,12 @@ class SamflowModule(LightningModule):
         sam: the SAM to adapt.
         plugins: plugins keyed by the names they are known by in configs and checkpoints
             (``model.plugins.<key>``); several can run at once.
-        losses: base loss terms on the prediction, name -> weight (or {weight, **kwargs}); names
-            ``bce``, ``soft_iou``, ``dice``, ``focal``, ``balanced_bce``.
-        metrics: metrics computed at each image's original resolution (``iou``, ``dice``, ``mae``, ...).
+        losses: base loss terms on the prediction, name -> weight, ``{weight, **kwargs}`` (short names
+            ``bce``, ``soft_iou``, ``dice``, ``focal``, ``balanced_bce``) or ``{class_path, init_args,
+            weight}`` (any ``nn.Module`` loss); see ``samflow.losses.build_loss``.
+        metrics: metrics computed at each image's original resolution: a list of short names (``iou``,
+            ``dice``, ``mae``, ``boundary_iou``, ...) or ``{class_path, init_args}`` items (any torchmetrics
+            ``Metric``), or a mapping ``{log_name: item}``; see ``samflow.metrics.registry.build_metrics``.
         optimizer: optimizer class and arguments; plugins may set their own ``lr``/``weight_decay``.
         scheduler: optional learning-rate scheduler, stepped per epoch.
         threshold: probability above which a pixel is foreground in predicted masks.
@@ -79,7 +82,7 @@ class SamflowModule(LightningModule):
         sam: SamSpec | None = None,
         plugins: dict[str, SamPlugin] | None = None,
         losses: dict[str, Any] | None = None,
-        metrics: list[str] | None = None,
+        metrics: list[str | dict[str, Any]] | dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         threshold: float = 0.5,
@@ -96,8 +99,8 @@ class SamflowModule(LightningModule):
         if cache is not None:
             self.model.check_encoder_cache()
         self.loss = build_loss(losses if losses is not None else {"bce": 1.0, "dice": 1.0})
-        self.metric_names = list(metrics if metrics is not None else ["iou", "dice", "mae"])
-        build_metrics(self.metric_names)  # an unknown name fails now, not after the first epoch
+        self.metric_spec = metrics if metrics is not None else ["iou", "dice", "mae"]
+        build_metrics(self.metric_spec)  # an unknown name fails now, not after the first epoch
         self._metrics: dict[str, MetricCollection] = {}
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -194,7 +197,7 @@ class SamflowModule(LightningModule):
     def _metric_set(self, stage: str, dataloader_idx: int) -> MetricCollection:
         name = f"{stage}/{dataloader_idx}"
         if name not in self._metrics:
-            self._metrics[name] = build_metrics(self.metric_names).to(self.device)
+            self._metrics[name] = build_metrics(self.metric_spec).to(self.device)
         return self._metrics[name]
 
     def _evaluate(self, stage: str, batch: SamBatch, dataloader_idx: int) -> dict[str, Any]:

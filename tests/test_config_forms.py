@@ -180,7 +180,10 @@ def test_components_by_class_path_reach_the_run(tmp_path, monkeypatch):
                 "bce": 1.0,
                 "iou": {"class_path": "SoftIoULoss", "init_args": {"eps": 0.5}, "weight": 0.5},
             },
-            "metrics": ["iou", "boundary_iou"],
+            "metrics": [
+                "iou",
+                {"class_path": "torchmetrics.classification.BinaryAccuracy", "init_args": {"threshold": 0.4}},
+            ],
         },
         "data": {
             "class_path": "samflow.data.SegmentationDataModule",
@@ -198,6 +201,9 @@ def test_components_by_class_path_reach_the_run(tmp_path, monkeypatch):
     assert isinstance(cli.datamodule.prompt, BoxPrompt) and cli.datamodule.prompt.jitter == 0.2
     loss = cli.model.loss
     assert isinstance(loss.losses["iou"], SoftIoULoss) and loss.weights == {"bce": 1.0, "iou": 0.5}
+    metrics = cli.model._metric_set("val", 0)
+    assert set(metrics.keys()) == {"iou", "binary_accuracy"}
+    assert metrics["binary_accuracy"].threshold == 0.4
 
 
 def test_augment_arguments_alone_still_mean_gpu_augment(tmp_path, capsys, monkeypatch):

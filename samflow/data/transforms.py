@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samflow.batch import SamBatch
+from samflow.data.augment import BatchAugment
 
 ResizeMode = Literal["longest", "stretch"]
 
@@ -108,7 +109,7 @@ def scale_boxes(boxes: Tensor, original_size: Sequence[int], input_size: Sequenc
     return scale_coords(corners, original_size, input_size).reshape(boxes.shape)
 
 
-class GpuAugment(nn.Module):
+class GpuAugment(BatchAugment):
     """Augment a collated batch on its device with kornia, keeping every spatial key consistent.
 
     Geometric steps (flips, rotation and scale jitter, in that order, one ``RandomAffine`` for the last
