@@ -114,3 +114,10 @@ def test_a_non_editable_install_finds_the_experiments_by_name(wheel: Path, tmp_p
     assert Path(quickstart) == installed / "experiments" / "quickstart.yaml"
     listed = {line.split()[0] for line in table[2:]}
     assert {Path(name).stem for name in EXPERIMENTS} <= listed
+
+
+def test_test_module_basenames_are_unique():
+    """tests/ has no __init__.py files: two test files with one basename stop pytest in a clean clone."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) > 10
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
