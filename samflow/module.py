@@ -230,7 +230,9 @@ class SamflowModule(LightningModule):
         return len([n for n in self._metrics if n.startswith(f"{stage}/")])
 
     def _dataset_name(self, stage: str, index: int) -> str:
-        names = getattr(self.trainer.datamodule, f"{stage}_names", None) if self._trainer is not None else None
+        # Lightning sets Trainer.datamodule at run time without declaring it.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, f"{stage}_names", None)
         return names[index] if names and index < len(names) else str(index)
 
     def _reset(self, stage: str) -> None:

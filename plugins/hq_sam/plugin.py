@@ -17,7 +17,6 @@ with the highest predicted IoU (so, as in the reference, one mask comes out, not
 
 from __future__ import annotations
 
-import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn

@@ -32,7 +32,7 @@ from samflow.sam import upcast
 
 def band_width(size: tuple[int, int], ratio: float = 0.005) -> int:
     """d = round(ratio · diagonal), at least 1 (7 px at 1024 x 1024)."""
-    return max(1, int(round(ratio * math.hypot(*size))))
+    return max(1, round(ratio * math.hypot(*size)))
 
 
 def boundary_band(mask: Tensor, width: int) -> Tensor:
@@ -84,7 +84,8 @@ def pa_sam_losses(
     size = coarse.shape[-2:]
     mask = upcast(mask)
     target = F.interpolate(mask, size=size, mode="area")
-    band = F.interpolate(boundary_band(mask, band_width(mask.shape[-2:], ratio)), size=size, mode="area")
+    width = band_width((mask.shape[-2], mask.shape[-1]), ratio)
+    band = F.interpolate(boundary_band(mask, width), size=size, mode="area")
     certain_refined = (uncertainty.detach() >= 0).to(uncertainty.dtype)  # M_U >= 0.5
     certain_coarse = 1.0 - certain_refined
     return {

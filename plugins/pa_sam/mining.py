@@ -20,9 +20,11 @@ with ``w`` the selection weight (1 in value; its gradient is the straight-throug
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import Tensor, nn
 
 from samflow.sam import fourier_pe, upcast
@@ -108,8 +110,8 @@ def mine_hard_points(
     guidance: Tensor,
     features: Tensor,
     grid: tuple[int, int],
-    pe_layer: nn.Module,
-    point_embeddings: nn.ModuleList,
+    pe_layer: PositionEmbeddingRandom,
+    point_embeddings: Sequence[nn.Embedding],
     k: int,
     tau: float = 1.0,
     sample: bool = False,

@@ -157,7 +157,8 @@ class PASam(SamPlugin):
     def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
         if i != self.layer:
             return state
-        grid = tuple(ctx.encoded.embeddings.shape[-2:])
+        h, w = ctx.encoded.embeddings.shape[-2:]
+        grid = (h, w)
         out = self.adapter(state.queries, state.keys, state.query_pe, state.key_pe, self.guide(ctx), grid)
         scratch = ctx.state.setdefault(self.key, {})
         scratch.update(coarse=out.coarse, refined=out.refined, uncertainty=out.uncertainty)

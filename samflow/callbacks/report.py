@@ -69,7 +69,8 @@ class TestReport(Callback):
         results = getattr(pl_module, "test_results", {})
         if not (trainer.is_global_zero and results and log_dir is not None):
             return
-        names = list(getattr(trainer.datamodule, "test_names", None) or []) if trainer.datamodule else []
+        datamodule = getattr(trainer, "datamodule", None)  # Lightning sets it at run time; not declared
+        names = list(getattr(datamodule, "test_names", None) or []) if datamodule else []
         self.write(results, Path(log_dir), names)
 
     def write(self, results: dict[str, float], folder: Path, names: Sequence[str] = ()) -> dict[str, Path]:

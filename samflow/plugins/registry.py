@@ -51,7 +51,7 @@ def _load(ep: EntryPoint) -> PluginInfo:
     version = ep.dist.version if ep.dist is not None else "?"
     try:
         cls = ep.load()
-    except Exception as err:  # a broken third-party plugin must not break unrelated runs
+    except Exception as err:  # noqa: BLE001 - a broken third-party plugin must not break unrelated runs
         return PluginInfo(ep.name, ep.value, dist, version, None, f"{type(err).__name__}: {err}")
     if not (isinstance(cls, type) and issubclass(cls, SamPlugin)):
         return PluginInfo(ep.name, ep.value, dist, version, None, f"{ep.value} is not a SamPlugin subclass")

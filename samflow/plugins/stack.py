@@ -15,8 +15,8 @@ Rules (docs/architecture.md):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import ItemsView, Mapping, ValuesView
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
@@ -72,20 +72,34 @@ class PluginStack(HookSites, nn.ModuleDict):
     def __init__(self, plugins: Mapping[str, SamPlugin] | None = None) -> None:
         super().__init__()
         for key, plugin in (plugins or {}).items():
-            if not isinstance(plugin, SamPlugin):
-                raise TypeError(
-                    f"Plugin {key!r} is a {type(plugin).__name__}, not a SamPlugin. "
-                    "Plugins must subclass samflow.SamPlugin."
-                )
-            if "/" in key or "." in key or not key:
-                raise ValueError(f"Plugin key {key!r} must be a non-empty name without '.' or '/'.")
-            plugin.key = key
             self[key] = plugin
         self._check_conflicts()
         self._users: dict[str, list[SamPlugin]] = {}
         self._token_counts: list[tuple[SamPlugin, int]] = []
         self.owned: dict[str, dict[str, nn.Parameter]] = {}
         self.frozen_sam_keys: set[str] = set()
+
+    # ---- entries: SamPlugins only ----
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        if not isinstance(module, SamPlugin):
+            raise TypeError(
+                f"Plugin {key!r} is a {type(module).__name__}, not a SamPlugin. "
+                "Plugins must subclass samflow.SamPlugin."
+            )
+        if "/" in key or "." in key or not key:
+            raise ValueError(f"Plugin key {key!r} must be a non-empty name without '.' or '/'.")
+        module.key = key
+        super().__setitem__(key, module)
+
+    # nn.ModuleDict types its entries as Module; __setitem__ admits only SamPlugins.
+    def __getitem__(self, key: str) -> SamPlugin:
+        return cast(SamPlugin, super().__getitem__(key))
+
+    def items(self) -> ItemsView[str, SamPlugin]:
+        return cast("ItemsView[str, SamPlugin]", super().items())
+
+    def values(self) -> ValuesView[SamPlugin]:
+        return cast("ValuesView[SamPlugin]", super().values())
 
     def _check_conflicts(self) -> None:
         if not any(p.conflicts for p in self.values()):

@@ -182,18 +182,26 @@ def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
 def _resize_position_tables(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     """Interpolate absolute position embeddings and relative-position tables to a new image size."""
     key = "image_encoder.pos_embed"
-    if key in state and key in expected and state[key].shape != expected[key].shape:
-        if state[key].shape[-1] == expected[key].shape[-1]:
-            grid = expected[key].shape[1:3]
-            table = state[key].permute(0, 3, 1, 2)
-            table = torch.nn.functional.interpolate(table, size=grid, mode="bicubic", align_corners=False)
-            state[key] = table.permute(0, 2, 3, 1)
+    if (
+        key in state
+        and key in expected
+        and state[key].shape != expected[key].shape
+        and state[key].shape[-1] == expected[key].shape[-1]
+    ):
+        grid = expected[key].shape[1:3]
+        table = state[key].permute(0, 3, 1, 2)
+        table = torch.nn.functional.interpolate(table, size=grid, mode="bicubic", align_corners=False)
+        state[key] = table.permute(0, 2, 3, 1)
     for name, target in expected.items():
-        if "rel_pos" in name and name in state and state[name].shape != target.shape:
-            if state[name].shape[-1] == target.shape[-1]:
-                table = state[name].T.unsqueeze(0)
-                table = torch.nn.functional.interpolate(table, size=target.shape[0], mode="linear")
-                state[name] = table[0].T
+        if (
+            "rel_pos" in name
+            and name in state
+            and state[name].shape != target.shape
+            and state[name].shape[-1] == target.shape[-1]
+        ):
+            table = state[name].T.unsqueeze(0)
+            table = torch.nn.functional.interpolate(table, size=target.shape[0], mode="linear")
+            state[name] = table[0].T
 
 
 def _short(items: list[str], limit: int = 8) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
-from segment_anything.modeling.image_encoder import window_partition, window_unpartition
+from segment_anything.modeling.image_encoder import Attention, Block, window_partition, window_unpartition
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -96,10 +96,15 @@ class HookedSam(nn.Module):
         dctx = DecoderContext.after_encoder(ctx, self.encode(ctx))
         return self.decode(dctx), dctx
 
-    def context(self, batch: SamBatch, **kwargs: object) -> ForwardContext:
+    def context(self, batch: SamBatch, *, epoch: int = 0, global_step: int = 0) -> ForwardContext:
         """A fresh ``ForwardContext`` for ``batch`` (``epoch`` and ``global_step`` may be given)."""
         return ForwardContext(
-            sam=self.sam, batch=batch, training=self.training, multimask_output=self.multimask_output, **kwargs
+            sam=self.sam,
+            batch=batch,
+            training=self.training,
+            epoch=epoch,
+            global_step=global_step,
+            multimask_output=self.multimask_output,
         )
 
     # ---- image encoder ----
@@ -158,12 +163,12 @@ class HookedSam(nn.Module):
                 "Turn the cache off (model.sam.encoder_cache: 0) for this experiment."
             )
 
-    def _hooked_block(self, i: int, block: nn.Module, x: Tensor, ctx: ForwardContext) -> Tensor:
+    def _hooked_block(self, i: int, block: Block, x: Tensor, ctx: ForwardContext) -> Tensor:
         x = self.plugins.block_input(i, x, ctx)
         x = self._block(i, block, x, ctx)
         return self.plugins.block_output(i, x, ctx)
 
-    def _block(self, i: int, block: nn.Module, x: Tensor, ctx: ForwardContext) -> Tensor:
+    def _block(self, i: int, block: Block, x: Tensor, ctx: ForwardContext) -> Tensor:
         shortcut = x
         x = block.norm1(x)
         if block.window_size > 0:
@@ -175,7 +180,7 @@ class HookedSam(nn.Module):
         x = shortcut + x
         return x + block.mlp(block.norm2(x))
 
-    def _attention(self, i: int, attn: nn.Module, x: Tensor, ctx: ForwardContext) -> Tensor:
+    def _attention(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
         b, h, w, _ = x.shape
         heads = attn.num_heads
         qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)

@@ -16,9 +16,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import Sam
+from segment_anything.modeling import PromptEncoder, Sam
 from segment_anything.modeling.image_encoder import get_rel_pos
-from torch import Tensor, nn
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
+from segment_anything.modeling.transformer import Attention
+from torch import Tensor
 
 
 def normalize(sam: Sam, image: Tensor, input_size: Tensor | None) -> Tensor:
@@ -34,7 +36,7 @@ def normalize(sam: Sam, image: Tensor, input_size: Tensor | None) -> Tensor:
     return x
 
 
-def attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
+def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """SAM's decoder ``Attention`` (projections, heads, downsampling) through SDPA.
 
     q (N, Lq, C), k and v (N, Lk, C); ``key_mask`` (N, Lk) bool, False for keys no query may see
@@ -67,14 +69,14 @@ def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, siz
     return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2).flatten(2, 3)
 
 
-def fourier_pe(pe_layer: nn.Module, coords: Tensor) -> Tensor:
+def fourier_pe(pe_layer: PositionEmbeddingRandom, coords: Tensor) -> Tensor:
     """SAM's ``PositionEmbeddingRandom`` of coordinates in [0, 1]^2 (..., 2) -> (..., C), in their dtype."""
     gaussian = pe_layer.positional_encoding_gaussian_matrix.to(coords.dtype)  # (2, C/2)
     angles = 2 * math.pi * ((2 * coords - 1) @ gaussian)
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-def dense_pe(pe_layer: nn.Module, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+def dense_pe(pe_layer: PositionEmbeddingRandom, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
     """SAM's dense positional encoding of the embedding grid (1, C, h, w) (``get_dense_pe``), in ``dtype``."""
     h, w = size
     device = pe_layer.positional_encoding_gaussian_matrix.device
@@ -84,13 +86,13 @@ def dense_pe(pe_layer: nn.Module, size: tuple[int, int], dtype: torch.dtype) -> 
     return fourier_pe(pe_layer, grid).permute(2, 0, 1).unsqueeze(0)
 
 
-def _pixel_pe(pe: nn.Module, coords: Tensor, frame: tuple[int, int]) -> Tensor:
+def _pixel_pe(pe: PromptEncoder, coords: Tensor, frame: tuple[int, int]) -> Tensor:
     """Encode pixel coordinates (..., 2) of the (H, W) ``frame`` (``forward_with_coords``)."""
     scale = torch.tensor([frame[1], frame[0]], device=coords.device, dtype=coords.dtype)
     return fourier_pe(pe.pe_layer, coords / scale)
 
 
-def embed_points(pe: nn.Module, coords: Tensor, labels: Tensor, frame: tuple[int, int]) -> Tensor:
+def embed_points(pe: PromptEncoder, coords: Tensor, labels: Tensor, frame: tuple[int, int]) -> Tensor:
     """SAM's point embedding: coords (N, K, 2) pixel centres (SAM's coordinates + 0.5), labels (N, K).
 
     Label 1 positive, 0 negative, -1 not-a-point (SAM's own padding token). -> (N, K, C)
@@ -102,7 +104,7 @@ def embed_points(pe: nn.Module, coords: Tensor, labels: Tensor, frame: tuple[int
     return enc + torch.where(labels == 1, pe.point_embeddings[1].weight.to(enc.dtype), 0.0)
 
 
-def embed_box(pe: nn.Module, boxes: Tensor, frame: tuple[int, int]) -> Tensor:
+def embed_box(pe: PromptEncoder, boxes: Tensor, frame: tuple[int, int]) -> Tensor:
     """SAM's box embedding: boxes (N, 4) xyxy pixel centres (SAM's coordinates + 0.5) -> corners (N, 2, C)."""
     corners = _pixel_pe(pe, boxes.reshape(-1, 2, 2), frame)
     weights = torch.cat([pe.point_embeddings[2].weight, pe.point_embeddings[3].weight])  # (2, C)

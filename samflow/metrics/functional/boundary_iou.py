@@ -14,7 +14,7 @@ from samflow.metrics.functional._inputs import format_inputs, ratio_or
 
 def boundary_width(height: int, width: int, dilation_ratio: float = 0.02) -> int:
     """``d = max(1, round(ratio · √(H² + W²)))`` pixels, Python rounding as the official code."""
-    return max(1, int(round(dilation_ratio * math.hypot(height, width))))
+    return max(1, round(dilation_ratio * math.hypot(height, width)))
 
 
 def mask_boundary(mask: Tensor, dilation_ratio: float = 0.02) -> Tensor:
