@@ -1,7 +1,14 @@
 """samflow: adapt a frozen Segment Anything Model with plugins, in PyTorch Lightning."""
 
 from samflow.batch import SamBatch
-from samflow.plugins import DecoderContext, ForwardContext, PluginStack, SamPlugin, create_plugin, list_plugins
+from samflow.plugins import (
+    DecoderContext,
+    ForwardContext,
+    PluginStack,
+    SamPlugin,
+    create_plugin,
+    list_plugins,
+)
 from samflow.sam import HookedSam, SamOutput, build_sam
 
 __version__ = "0.1.0"

@@ -148,7 +148,7 @@ class GpuAugment(BatchAugment):
         color_p: float = 1.0,
     ) -> None:
         super().__init__()
-        geometric: list[nn.Module] = []
+        geometric: list[K.RandomHorizontalFlip | K.RandomVerticalFlip | K.RandomAffine] = []
         if hflip > 0:
             geometric.append(K.RandomHorizontalFlip(p=hflip))
         if vflip > 0:
@@ -158,7 +158,7 @@ class GpuAugment(BatchAugment):
                 K.RandomAffine(
                     degrees=rotation,
                     translate=(translate, translate) if translate > 0 else None,
-                    scale=tuple(scale) if scale is not None else None,
+                    scale=(float(scale[0]), float(scale[1])) if scale is not None else None,
                     p=affine_p,
                 )
             )
@@ -195,6 +195,7 @@ class GpuAugment(BatchAugment):
             inputs["bbox_xyxy"] = batch.box[:, None]  # (B, 1, 4)
         if batch.points is not None:
             inputs["keypoints"] = batch.points  # (B, K, 2)
+        assert self.geometric is not None  # only called when there is a geometric step
         out = self.geometric(inputs)
         changes: dict[str, Any] = {"image": out["image"]}
         if batch.mask is not None:
