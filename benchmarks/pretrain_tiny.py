@@ -35,9 +35,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=30, help="training epochs of the mask decoder")
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate")
     p.add_argument("--batch-size", type=int, default=16, help="images per step")
-    p.add_argument("--prompt", default="box", help="prompt sampler of the training data (box, points, mixed, ...)")
+    p.add_argument(
+        "--prompt", default="box", help="prompt sampler of the training data (box, points, mixed, ...)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random SAM and of training")
-    p.add_argument("--quickstart-root", default=None, help="folder of the quickstart data (default: its cache)")
+    p.add_argument(
+        "--quickstart-root", default=None, help="folder of the quickstart data (default: its cache)"
+    )
     return p.parse_args(argv)
 
 
@@ -46,7 +50,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     seed_everything(args.seed, verbose=False)
     quickstart = {"root": args.quickstart_root} if args.quickstart_root else True
     data = SegmentationDataModule(
-        quickstart=quickstart, img_size=128, prompt=args.prompt, batch_size=args.batch_size, augment=GpuAugment(hflip=0.5)
+        quickstart=quickstart,
+        img_size=128,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        augment=GpuAugment(hflip=0.5),
     )
     module = SamflowModule(
         sam=SamSpec(variant="tiny", seed=args.seed),

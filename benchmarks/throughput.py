@@ -313,7 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(frozen forward), and SamflowModule training steps with plugins.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--variant", default="tiny", help="SAM variant: tiny, vit_b, vit_l, vit_h (random weights)")
+    p.add_argument(
+        "--variant", default="tiny", help="SAM variant: tiny, vit_b, vit_l, vit_h (random weights)"
+    )
     p.add_argument("--img-size", type=int, default=None, help="encoder input size (default: the variant's)")
     p.add_argument("--batch", type=int, default=2, help="images per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per case")
@@ -382,7 +384,14 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         sets = [plugins] + ([[p] for p in plugins] if len(plugins) > 1 else [])
         for names in sets:
             specs.append(
-                {**common, **train_options, "kind": "train", "impl": "samflow", "part": None, "plugins": names}
+                {
+                    **common,
+                    **train_options,
+                    "kind": "train",
+                    "impl": "samflow",
+                    "part": None,
+                    "plugins": names,
+                }
             )
     return specs
 
@@ -437,7 +446,9 @@ def format_report(result: dict[str, Any]) -> str:
     lines += [header, "-" * len(header)]
     for r in rows:
         if r.get("error"):
-            lines.append(f"{r['case']:<16} {r['impl']:<16} {r['plugins']:<{width}} ERROR {r['error'].splitlines()[0]}")
+            lines.append(
+                f"{r['case']:<16} {r['impl']:<16} {r['plugins']:<{width}} ERROR {r['error'].splitlines()[0]}"
+            )
             continue
         lines.append(
             f"{r['case']:<16} {r['impl']:<16} {r['plugins']:<{width}} {r['images_per_s']:>9.2f} "
@@ -496,8 +507,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps": args.steps,
         "warmup": args.warmup,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
         "bf16": args.bf16,
         "threads": next((r["threads"] for r in rows if r.get("threads")), torch.get_num_threads()),
         "torch": torch.__version__,

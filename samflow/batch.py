@@ -114,7 +114,9 @@ class SamBatch:
                 return [move(v) for v in value]
             return value
 
-        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        return dataclasses.replace(
+            self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
 
     def select_images(self, images: Tensor | list[int]) -> SamBatch:
         """The batch of the given images (indices into B) and of their prompt rows, re-indexed."""

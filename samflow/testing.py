@@ -16,7 +16,11 @@ from samflow.batch import SamBatch
 
 
 def random_batch(
-    batch_size: int = 2, size: int = 128, prompt: str = "box", seed: int = 0, dtype: torch.dtype = torch.float32
+    batch_size: int = 2,
+    size: int = 128,
+    prompt: str = "box",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> SamBatch:
     """A ``SamBatch`` (``samflow/batch.py``) of random images (``dtype``), one rectangle
     mask per image and, by ``prompt``, its box (``"box"``), its centre point (``"points"``) or no

@@ -24,7 +24,9 @@ def sam_reference(sam: Sam, batch: SamBatch) -> tuple[torch.Tensor, torch.Tensor
             boxes = batch.box[b : b + 1] if batch.box is not None else None
             mask_in = batch.mask_prompt[b : b + 1] if batch.mask_prompt is not None else None
             sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=mask_in)
-            m, i = sam.mask_decoder.predict_masks(embeddings[b : b + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense)
+            m, i = sam.mask_decoder.predict_masks(
+                embeddings[b : b + 1], sam.prompt_encoder.get_dense_pe(), sparse, dense
+            )
             masks.append(m)
             ious.append(i)
     return torch.cat(masks), torch.cat(ious)

@@ -69,7 +69,9 @@ def test_pretrain_tiny_writes_a_tiny_sam_whose_decoder_learned(tmp_path):
     after = script.main(["--out", str(out), "--epochs", "1", "--quickstart-root", str(tmp_path / "data")])
     assert {"val/iou", "val/boundary_iou"} <= set(after)
     loaded, random = build_sam("tiny", checkpoint=out), build_sam("tiny", seed=0)
-    changed = {name for name, p in random.named_parameters() if not torch.equal(loaded.get_parameter(name), p)}
+    changed = {
+        name for name, p in random.named_parameters() if not torch.equal(loaded.get_parameter(name), p)
+    }
     assert changed and all(name.startswith("mask_decoder.") for name in changed)  # only the decoder learned
     assert "mask_decoder.output_upscaling.0.weight" in changed
     assert "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight" in changed  # token 0: the prediction

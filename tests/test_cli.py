@@ -16,21 +16,35 @@ from PIL import Image
 from samflow.cli import main
 
 FAST = [
-    "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
-    "--trainer.limit_train_batches", "2",
-    "--trainer.limit_val_batches", "2",
-    "--trainer.num_sanity_val_steps", "2",
-    "--data.init_args.batch_size", "4",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.num_sanity_val_steps",
+    "2",
+    "--data.init_args.batch_size",
+    "4",
 ]
 
 
 def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "samflow", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "samflow", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"samflow {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"samflow {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -53,7 +67,15 @@ def fitted(workdir, quickstart_root) -> Path:
     """
     epochs, rest = FAST[:2], FAST[2:]
     assert epochs == ["--trainer.max_epochs", "1"]
-    args = ["fit", *epochs, "--experiment", "quickstart", *rest, "--data.init_args.quickstart.root", quickstart_root]
+    args = [
+        "fit",
+        *epochs,
+        "--experiment",
+        "quickstart",
+        *rest,
+        "--data.init_args.quickstart.root",
+        quickstart_root,
+    ]
     run(args, workdir)
     return workdir / "runs" / "quickstart" / "version_0"
 
@@ -89,11 +111,21 @@ def test_unknown_command(capsys):
     [
         (["--model.plugins.tokens.init_args.num_tokens", "0"], "tokens"),
         (["--model.metrics", "[iou, foo]"], "Unknown metric(s) ['foo']; choose from"),
-        (["--model.sam.encoder_cache", "4", "--model.plugins", "{a: {class_path: SamAdapter}}"], "a (on_image)"),
+        (
+            ["--model.sam.encoder_cache", "4", "--model.plugins", "{a: {class_path: SamAdapter}}"],
+            "a (on_image)",
+        ),
     ],
 )
 def test_bad_arguments_are_one_line_errors(tmp_path, quickstart_root, override, message):
-    args = ["fit", "--experiment", "quickstart", "--data.init_args.quickstart.root", quickstart_root, *override]
+    args = [
+        "fit",
+        "--experiment",
+        "quickstart",
+        "--data.init_args.quickstart.root",
+        quickstart_root,
+        *override,
+    ]
     proc = run(args, tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -149,9 +181,17 @@ def test_predict_writes_one_mask_per_image_at_original_size(fitted, workdir, qui
     images = Path(quickstart_root) / "val" / "images"
     run(
         [
-            "predict", "--experiment", "quickstart", "--ckpt_path", str(ckpt),
-            "--data.init_args.quickstart.root", quickstart_root,
-            "--data.init_args.predict", str(images), "--predictions.output_dir", str(out),
+            "predict",
+            "--experiment",
+            "quickstart",
+            "--ckpt_path",
+            str(ckpt),
+            "--data.init_args.quickstart.root",
+            quickstart_root,
+            "--data.init_args.predict",
+            str(images),
+            "--predictions.output_dir",
+            str(out),
         ],
         workdir,
     )
@@ -166,14 +206,27 @@ def test_predict_writes_one_mask_per_image_at_original_size(fitted, workdir, qui
 def test_no_checkpointing_and_a_validation_cache_from_the_command_line(tmp_path, quickstart_root):
     run(
         [
-            "fit", "--experiment", "quickstart", *FAST, "--data.init_args.quickstart.root", quickstart_root,
-            "--trainer.enable_checkpointing", "false",
-            "--model.sam.encoder_cache", "64", "--model.sam.encoder_cache_stages", "[eval]",
+            "fit",
+            "--experiment",
+            "quickstart",
+            *FAST,
+            "--data.init_args.quickstart.root",
+            quickstart_root,
+            "--trainer.enable_checkpointing",
+            "false",
+            "--model.sam.encoder_cache",
+            "64",
+            "--model.sam.encoder_cache_stages",
+            "[eval]",
         ],
         tmp_path,
     )
     version = tmp_path / "runs" / "quickstart" / "version_0"
     assert not (version / "checkpoints").exists()
     with open(version / "metrics.csv") as f:
-        rates = [row["val/encoder_cache_hit_rate"] for row in csv.DictReader(f) if row["val/encoder_cache_hit_rate"]]
+        rates = [
+            row["val/encoder_cache_hit_rate"]
+            for row in csv.DictReader(f)
+            if row["val/encoder_cache_hit_rate"]
+        ]
     assert rates == ["1.0"]  # the sanity check filled the cache; the epoch's validation only hit it

@@ -43,7 +43,9 @@ def test_lower_layers_import_nothing_above_them(package):
     for path in files:
         for module, _ in samflow_imports(path):
             target = package_of(module)
-            assert target == package or target in ALLOWED[package], f"{path.relative_to(ROOT)} imports {module}"
+            assert target == package or target in ALLOWED[package], (
+                f"{path.relative_to(ROOT)} imports {module}"
+            )
 
 
 def test_builtin_plugins_import_only_public_names():
@@ -56,4 +58,6 @@ def test_builtin_plugins_import_only_public_names():
             private = [n for n in names if n.startswith("_")]
             assert not private, f"{where} imports private names {private} from {module}"
             exported = set(__import__(module, fromlist=["__all__"]).__all__)
-            assert set(names) <= exported, f"{where} imports {sorted(set(names) - exported)} not in {module}.__all__"
+            assert set(names) <= exported, (
+                f"{where} imports {sorted(set(names) - exported)} not in {module}.__all__"
+            )

@@ -94,7 +94,9 @@ def test_validation_metrics_on_a_known_case():
             small = torch.nn.functional.interpolate(target, size=out.masks["sam"].shape[-2:], mode="nearest")
             return (small * 2 - 1) * 50
 
-    module = SamflowModule(sam=SamSpec(variant="tiny"), plugins={"o": Oracle()}, metrics=["iou", "dice", "mae"])
+    module = SamflowModule(
+        sam=SamSpec(variant="tiny"), plugins={"o": Oracle()}, metrics=["iou", "dice", "mae"]
+    )
     batch = random_batch(2)
     # masks aligned to the 4x4 cells of the low-resolution output so upsampling reproduces them
     batch.mask = torch.zeros(2, 1, 128, 128)

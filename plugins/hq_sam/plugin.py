@@ -137,4 +137,3 @@ class HQSam(SamPlugin):
         coords = sample_points(logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
         bce, dice = point_bce_dice(logits, target, coords)
         return {"point_bce": self.bce_weight * bce, "point_dice": self.dice_weight * dice}
-

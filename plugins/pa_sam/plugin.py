@@ -199,4 +199,3 @@ class PASam(SamPlugin):
     def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         coarse, refined, uncertainty = (out.masks[f"{self.key}/{name}"] for name in MAPS)
         return pa_sam_losses(coarse, refined, uncertainty, batch.row_mask, self.band_ratio)
-

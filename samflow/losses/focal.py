@@ -26,6 +26,4 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target = prepare_logits_target(logits, target, "FocalLoss")
-        return sigmoid_focal_loss(
-            logits, target, alpha=self.alpha, gamma=self.gamma, reduction="mean"
-        )
+        return sigmoid_focal_loss(logits, target, alpha=self.alpha, gamma=self.gamma, reduction="mean")

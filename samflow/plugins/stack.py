@@ -150,7 +150,9 @@ class PluginStack(HookSites, nn.ModuleDict):
                 try:
                     module = sam.get_submodule(part)
                 except AttributeError:
-                    raise ValueError(f"Plugin {key!r} asks to train SAM part {part!r}, which SAM lacks.") from None
+                    raise ValueError(
+                        f"Plugin {key!r} asks to train SAM part {part!r}, which SAM lacks."
+                    ) from None
                 for name, param in module.named_parameters(prefix=part):
                     if id(param) not in claimed:
                         param.requires_grad_(True)
@@ -158,7 +160,9 @@ class PluginStack(HookSites, nn.ModuleDict):
             claimed.update(id(p) for p in owned.values())
             self.owned[key] = owned
         self.frozen_sam_keys = {
-            name for name, t in sam.state_dict(keep_vars=True).items() if id(t) in original and not t.requires_grad
+            name
+            for name, t in sam.state_dict(keep_vars=True).items()
+            if id(t) in original and not t.requires_grad
         }
         self._users = {hook: [p for p in self.values() if _overrides(p, hook)] for hook in HOOKS}
         self._token_counts = []
@@ -231,7 +235,12 @@ class PluginStack(HookSites, nn.ModuleDict):
     def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
         for plugin in self._users["decoder_layer"]:
             state = plugin.decoder_layer(i, state, ctx)
-            sizes = {state.queries.shape[1], state.query_pe.shape[1], state.attn_out.shape[1], state.visible.shape[1]}
+            sizes = {
+                state.queries.shape[1],
+                state.query_pe.shape[1],
+                state.attn_out.shape[1],
+                state.visible.shape[1],
+            }
             if len(sizes) > 1:
                 raise RuntimeError(
                     f"Plugin {plugin.key!r} left the decoder state with different token counts "

@@ -77,7 +77,9 @@ class EncoderCache:
 
     def keys_of(self, x: Tensor, blocks: tuple[int, ...]) -> list[tuple]:
         """One key per image of ``x`` (B, 3, S, S)."""
-        autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        autocast = (
+            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        )
         host = x.detach().contiguous().cpu()
         keys = []
         for image in host:
@@ -114,8 +116,13 @@ class EncoderCache:
             for row, (key, _) in enumerate(todo.items()):
                 fresh = (embeddings[row].detach(), {i: f[row].detach() for i, f in features.items()})
                 found[key] = fresh
-                self._store(key, (fresh[0].to(self.device, copy=True),
-                                  {i: f.to(self.device, copy=True) for i, f in fresh[1].items()}))
+                self._store(
+                    key,
+                    (
+                        fresh[0].to(self.device, copy=True),
+                        {i: f.to(self.device, copy=True) for i, f in fresh[1].items()},
+                    ),
+                )
         embeddings = torch.stack([found[key][0].to(x.device) for key in keys])
         features = {i: torch.stack([found[key][1][i].to(x.device) for key in keys]) for i in blocks}
         return embeddings, features

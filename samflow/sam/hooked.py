@@ -185,7 +185,9 @@ class HookedSam(nn.Module):
         heads = attn.num_heads
         qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, L, d)
-        bias = decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if attn.use_rel_pos else None
+        bias = (
+            decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if attn.use_rel_pos else None
+        )
         scale: float | Tensor = attn.scale
         if self.plugins.uses("attn_logits"):
             scale, bias = self.plugins.attn_logits(i, scale, bias, q, ctx)
@@ -248,7 +250,9 @@ class HookedSam(nn.Module):
         out_tokens = torch.cat(output_tokens, dim=0).to(embeddings.dtype)
         n_out = out_tokens.shape[0]
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(rows, -1, -1), prompts.sparse], 1)
-        visible = torch.cat([torch.ones(rows, n_out, dtype=torch.bool, device=tokens.device), prompts.visible], 1)
+        visible = torch.cat(
+            [torch.ones(rows, n_out, dtype=torch.bool, device=tokens.device), prompts.visible], 1
+        )
 
         src = embeddings[index] + prompts.dense  # (N, C, h, w)
         b, c, h, w = src.shape
@@ -258,7 +262,9 @@ class HookedSam(nn.Module):
 
         upscaled = dec.output_upscaling(src)  # (N, C/8, 4h, 4w)
         mask_tokens = hs[:, 1 : 1 + dec.num_mask_tokens]
-        hyper = torch.stack([mlp(mask_tokens[:, j]) for j, mlp in enumerate(dec.output_hypernetworks_mlps)], 1)
+        hyper = torch.stack(
+            [mlp(mask_tokens[:, j]) for j, mlp in enumerate(dec.output_hypernetworks_mlps)], 1
+        )
         sam_masks = (hyper @ upscaled.flatten(2)).view(b, -1, *upscaled.shape[-2:])
         iou_pred = dec.iou_prediction_head(hs[:, 0])
 
@@ -294,11 +300,17 @@ class HookedSam(nn.Module):
                 state = DecoderState(queries, keys, query_pe, key_pe, attn_out, visible)
                 state = self.plugins.decoder_layer(i, state, ctx)
                 queries, keys, query_pe, attn_out, visible = (
-                    state.queries, state.keys, state.query_pe, state.attn_out, state.visible
+                    state.queries,
+                    state.keys,
+                    state.query_pe,
+                    state.attn_out,
+                    state.visible,
                 )
             queries = layer.norm2(queries + attn_out)
             queries = layer.norm3(queries + layer.mlp(queries))
             k = keys + key_pe
-            keys = layer.norm4(keys + attend(layer.cross_attn_image_to_token, k, queries + query_pe, queries, visible))
+            keys = layer.norm4(
+                keys + attend(layer.cross_attn_image_to_token, k, queries + query_pe, queries, visible)
+            )
         attn_out = attend(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
         return transformer.norm_final_attn(queries + attn_out), keys

@@ -130,7 +130,9 @@ class DecoderState:
     attn_out: Tensor  # (N, T, C) token-to-image attention output, before the residual
     visible: Tensor  # (N, T) bool
 
-    def append(self, queries: Tensor, attn_out: Tensor, query_pe: Tensor, visible: Tensor | None = None) -> DecoderState:
+    def append(
+        self, queries: Tensor, attn_out: Tensor, query_pe: Tensor, visible: Tensor | None = None
+    ) -> DecoderState:
         """Add tokens: their queries, attention outputs and positional encodings, each (N, k, C)."""
         if visible is None:
             visible = torch.ones(queries.shape[:2], dtype=torch.bool, device=queries.device)

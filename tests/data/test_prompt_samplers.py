@@ -155,14 +155,19 @@ def test_a_third_party_sampler_by_class_name_or_path(square: torch.Tensor) -> No
     assert isinstance(by_name, CenterPoint) and by_name.label == 0
     by_path = build_prompt(f"{CenterPoint.__module__}.CenterPoint")
     torch.testing.assert_close(by_path(square, _gen())["points"], torch.tensor([[9.5, 6.5]]))
-    assert isinstance(build_prompt({"name": "mixed", "samplers": ["box", "CenterPoint"]}).samplers[1], CenterPoint)
+    assert isinstance(
+        build_prompt({"name": "mixed", "samplers": ["box", "CenterPoint"]}).samplers[1], CenterPoint
+    )
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
         ({"class_path": "BoxPrompt", "init_args": {"jiter": 0.1}}, r"data.prompt: .*'jiter' is not accepted"),
-        ({"class_path": "torch.nn.Linear"}, r"data.prompt: .*does not correspond to a subclass of PromptSampler"),
+        (
+            {"class_path": "torch.nn.Linear"},
+            r"data.prompt: .*does not correspond to a subclass of PromptSampler",
+        ),
         ({"class_path": "my_pkg.Nope"}, r"data.prompt: .*No module named 'my_pkg'"),
         ({"class_path": "BoxPrompt", "init_args": {"jitter": -1}}, r"data.prompt: .*jitter must be >= 0"),
     ],
@@ -185,7 +190,9 @@ def test_the_data_module_takes_every_form_from_a_config() -> None:
     assert built({"name": "points", "positive": 2}).positive == 2
     assert built({"class_path": "BoxPrompt", "init_args": {"jitter": 0.3}}).jitter == 0.3
     assert isinstance(built("CenterPoint", "eval_prompt"), CenterPoint)
-    mixed = built({"class_path": "MixedPrompt", "init_args": {"samplers": [{"class_path": "CenterPoint"}, "box"]}})
+    mixed = built(
+        {"class_path": "MixedPrompt", "init_args": {"samplers": [{"class_path": "CenterPoint"}, "box"]}}
+    )
     assert [type(s) for s in mixed.samplers] == [CenterPoint, BoxPrompt]
 
     # Checked when the config is parsed, with jsonargparse's own message about the class.

@@ -54,4 +54,3 @@ def test_refuses_to_overwrite_folders_it_did_not_write(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     with pytest.raises(DataError, match="not quickstart data"):
         make_quickstart_data(tmp_path, **SMALL)
-

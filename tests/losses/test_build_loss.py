@@ -58,6 +58,7 @@ def test_empty_spec_gives_zero_total() -> None:
     terms = loss(torch.randn(2, 1, 4, 4), torch.ones(2, 1, 4, 4))
     assert list(terms) == ["total"] and terms["total"].item() == 0.0
 
+
 def test_weighted_loss_rejects_total_as_a_name() -> None:
     with pytest.raises(ValueError, match="reserved"):
         WeightedLoss(losses={"total": BCELoss()}, weights={"total": 1.0})
@@ -102,7 +103,10 @@ def test_a_built_module_is_a_term_of_weight_one() -> None:
     [
         ({"class_path": "SoftIoULoss", "init_args": {"epsilon": 1.0}}, r"model.losses.edge: .*'epsilon'"),
         ({"class_path": "my_pkg.EdgeLoss"}, r"model.losses.edge: .*No module named 'my_pkg'"),
-        ({"class_path": "samflow.data.BoxPrompt"}, r"model.losses.edge: .*not correspond to a subclass of Module"),
+        (
+            {"class_path": "samflow.data.BoxPrompt"},
+            r"model.losses.edge: .*not correspond to a subclass of Module",
+        ),
         ({"class_path": "SoftIoULoss", "weight": -1}, r"'edge': weight must be a number >= 0"),
     ],
 )

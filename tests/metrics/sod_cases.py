@@ -18,8 +18,17 @@ def make_sod_cases(seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
     cases = []
     kinds = [
-        "smooth blob", "uniform noise", "all-zero pred", "empty gt", "full gt", "pred equals gt",
-        "constant pred", "low-contrast pred", "smooth blob 2", "salt-and-pepper pred", "binary pred",
+        "smooth blob",
+        "uniform noise",
+        "all-zero pred",
+        "empty gt",
+        "full gt",
+        "pred equals gt",
+        "constant pred",
+        "low-contrast pred",
+        "smooth blob 2",
+        "salt-and-pepper pred",
+        "binary pred",
         "single-pixel gt",
     ]
     for kind in kinds:

@@ -59,8 +59,12 @@ def test_injected_module_trains_under_its_plugin_group():
     module = module_with({"wrap": WrapQkv(1)})
     optimizer = module.configure_optimizers()
     assert [g["name"] for g in optimizer.param_groups] == ["wrap"]
-    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in module.plugins.owned["wrap"].values()}
-    frozen_before = {n: p.detach().clone() for n, p in module.model.sam.named_parameters() if not p.requires_grad}
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {
+        id(p) for p in module.plugins.owned["wrap"].values()
+    }
+    frozen_before = {
+        n: p.detach().clone() for n, p in module.model.sam.named_parameters() if not p.requires_grad
+    }
     up = module.model.sam.image_encoder.blocks[1].attn.qkv.up.weight
     down = module.model.sam.image_encoder.blocks[1].attn.qkv.down.weight
     up_before, down_before = up.detach().clone(), down.detach().clone()
@@ -106,7 +110,9 @@ def test_injected_module_is_saved_and_restored(tmp_path):
 def test_first_plugin_to_name_a_sam_part_owns_it():
     from samflow_plugins.decoder_tuning import DecoderTuning
 
-    stack = PluginStack({"a": DecoderTuning(["mask_decoder.iou_token"]), "b": DecoderTuning(["mask_decoder"])})
+    stack = PluginStack(
+        {"a": DecoderTuning(["mask_decoder.iou_token"]), "b": DecoderTuning(["mask_decoder"])}
+    )
     model = HookedSam(module_with({}).model.sam, stack)
     assert set(stack.owned["a"]) == {"sam.mask_decoder.iou_token.weight"}
     assert "sam.mask_decoder.iou_token.weight" not in stack.owned["b"]

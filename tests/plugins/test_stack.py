@@ -140,7 +140,12 @@ class BadAppend(SamPlugin):
     def decoder_layer(self, i, state, ctx):
         extra = state.queries.new_zeros(state.queries.shape[0], 1, state.queries.shape[2])
         return DecoderState(
-            torch.cat([state.queries, extra], 1), state.keys, state.query_pe, state.key_pe, state.attn_out, state.visible
+            torch.cat([state.queries, extra], 1),
+            state.keys,
+            state.query_pe,
+            state.key_pe,
+            state.attn_out,
+            state.visible,
         )
 
 

@@ -35,7 +35,9 @@ def test_real_variants_have_the_published_shapes(variant):
         sam = build_sam(variant, seed=None)
     spec = VARIANTS[variant]
     assert len(sam.image_encoder.blocks) == spec.depth
-    assert [i for i, b in enumerate(sam.image_encoder.blocks) if b.window_size == 0] == list(spec.global_attn_indexes)
+    assert [i for i, b in enumerate(sam.image_encoder.blocks) if b.window_size == 0] == list(
+        spec.global_attn_indexes
+    )
     assert count_parameters(sam.mask_decoder) == 4_058_340
 
 

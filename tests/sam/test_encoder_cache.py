@@ -129,7 +129,9 @@ def test_cache_is_refused_when_encoder_weights_train(tiny_sam):
 
 
 def test_module_counts_cache_hits_per_stage():
-    module = SamflowModule(sam=SamSpec(variant="tiny", encoder_cache=16), plugins={"decoder": DecoderTuning()})
+    module = SamflowModule(
+        sam=SamSpec(variant="tiny", encoder_cache=16), plugins={"decoder": DecoderTuning()}
+    )
     batch = random_batch(2)
     module.train()
     module(batch)

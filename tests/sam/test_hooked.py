@@ -57,7 +57,9 @@ def test_several_prompt_rows_per_image_share_the_embedding(tiny_sam):
     """image_index maps 4 prompt rows onto 2 images; each row equals its own single-image run."""
     batch = random_batch(2, prompt="box")
     rows = SamBatch(
-        image=batch.image, box=torch.cat([batch.box, batch.box.flip(0)]), image_index=torch.tensor([0, 1, 0, 1])
+        image=batch.image,
+        box=torch.cat([batch.box, batch.box.flip(0)]),
+        image_index=torch.tensor([0, 1, 0, 1]),
     )
     hooked = HookedSam(tiny_sam)
     with torch.no_grad():
@@ -71,7 +73,9 @@ def test_prompt_slots_are_visible_exactly_where_sam_has_tokens(tiny_sam):
     """Rows: 2 points, 1 point + box, nothing. SAM's tokens are a row's visible slots, in SAM's order."""
     batch = SamBatch(
         image=torch.zeros(3, 3, 128, 128),
-        points=torch.tensor([[[10.0, 20.0], [30.0, 40.0]], [[50.0, 60.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]),
+        points=torch.tensor(
+            [[[10.0, 20.0], [30.0, 40.0]], [[50.0, 60.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]]
+        ),
         point_labels=torch.tensor([[1, 0], [1, -1], [-1, -1]]),
         box=torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 6.0, 70.0, 80.0], [0.0, 0.0, 0.0, 0.0]]),
         has_box=torch.tensor([False, True, False]),
@@ -82,8 +86,12 @@ def test_prompt_slots_are_visible_exactly_where_sam_has_tokens(tiny_sam):
     assert prompts.visible.tolist() == [[bool(v) for v in row] for row in expected_visible]
     pe = tiny_sam.prompt_encoder
     with torch.no_grad():
-        ref0, _ = pe(points=(batch.points[:1], batch.point_labels[:1]), boxes=None, masks=None)  # 2 points + pad
-        ref1, _ = pe(points=(batch.points[1:2, :1], batch.point_labels[1:2, :1]), boxes=batch.box[1:2], masks=None)
+        ref0, _ = pe(
+            points=(batch.points[:1], batch.point_labels[:1]), boxes=None, masks=None
+        )  # 2 points + pad
+        ref1, _ = pe(
+            points=(batch.points[1:2, :1], batch.point_labels[1:2, :1]), boxes=batch.box[1:2], masks=None
+        )
         ref2, _ = pe(points=None, boxes=None, masks=None)
     torch.testing.assert_close(prompts.sparse[0][prompts.visible[0]], ref0[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(prompts.sparse[1][prompts.visible[1]], ref1[0], atol=ATOL, rtol=0)
