@@ -23,7 +23,7 @@ from typing import Any, Literal
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
