@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -51,7 +52,6 @@ def test_empty_masks() -> None:
 
 def _official_boundary(mask: np.ndarray, dilation_ratio: float) -> np.ndarray:
     """Cheng et al.'s mask_to_boundary: zero-pad by 1, cv2.erode 3x3 d times, subtract."""
-    cv2 = pytest.importorskip("cv2")
     h, w = mask.shape
     d = max(1, int(round(dilation_ratio * np.sqrt(h**2 + w**2))))
     padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)

@@ -8,14 +8,13 @@ rounding (observed max difference ~1e-15; asserted at 1e-9).
 from __future__ import annotations
 
 import numpy as np
+import py_sod_metrics  # the test extra installs it: a missing one fails, it does not skip
 import pytest
 import torch
 from sod_cases import make_sod_cases
 
 from samflow.metrics import EMeasure, MeanAbsoluteError, SMeasure, WeightedFMeasure
 from samflow.metrics.functional import adaptive_e_measure, e_measure_curve, s_measure, weighted_f_measure
-
-py_sod_metrics = pytest.importorskip("py_sod_metrics")
 
 ATOL = 1e-9
 SOD_CASES = make_sod_cases()
