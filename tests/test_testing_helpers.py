@@ -44,3 +44,12 @@ def test_batch_to_casts_floats_and_keeps_integer_and_bool_fields():
     assert batch.image.dtype == torch.float64 and batch.points.dtype == torch.float64
     assert batch.point_labels.dtype == torch.long and batch.image_index.dtype == torch.long
     assert batch.input_size.dtype == torch.long and batch.gt_original[0].dtype == torch.bool
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (page-locked memory)")
+def test_batch_pins_memory_as_the_data_loader_asks():
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader([0, 1], batch_size=2, collate_fn=lambda _: random_batch(2), pin_memory=True)
+    batch = next(iter(loader))
+    assert batch.image.is_pinned() and batch.box.is_pinned() and batch.gt_original[0].is_pinned()
