@@ -12,17 +12,40 @@ Rules, checked when the dataset is built (listing only, no image is opened):
 - a mask without an image is only a warning (datasets often ship extra masks), listing up to 10;
 - two files with one stem in one folder (``a.jpg`` and ``a.png``) is an error naming both.
 
-And when a sample is read: an unreadable file, or an image and mask of different sizes, is a
-``DataError`` naming the file(s). A mask pixel is foreground when its grayscale value is > 127.
+And when a sample is read: an unreadable file, an image and mask of different sizes, or a float file
+with NaN or infinite values, is a ``DataError`` naming the file(s).
+
+How values are read (``read_mask``, ``read_image``; the README says the same):
+
+- masks: palette PNGs (VOC, DAVIS) are foreground where the palette index is not 0. Other masks are
+  taken as grey levels (RGB masks by their grey level, 1-bit masks as 0 / 255) and a pixel is
+  foreground when its value is above half the range (> 127 for 8-bit, > 32767 for 16-bit, > 0.5 for a
+  float mask in [0, 1], > 127.5 for any other float mask); a mask with no value above half the range
+  is foreground where it is not 0. So {0, 1}, {0, 255}, {0, 7} and any {0, v} mask is foreground at v,
+  a soft, anti-aliased or JPEG mask is cut at half the range, and a label mask {0, 1, 2, ...} is
+  foreground at every label.
+- images: 8-bit files (RGB, grey, RGBA, palette, 1-bit, ...) become RGB / 255. 16-bit files (grey
+  ``I;16``, or ``I`` with values in 0..65535) become value / 65535, as scikit-image's ``img_as_float``
+  scales by the type's range (a 12-bit image in a 16-bit file is therefore dark, and warned about);
+  16-bit RGB TIFFs are read at full precision when ``tifffile`` is installed, else at Pillow's 8 bits.
+  Float files (``F``) already in [0, 1] are read as they are; others are mapped from their own
+  [min, max] to [0, 1]; so are ``I`` files with values outside 0..65535. A grey image is repeated
+  on the three channels.
+
+``MaskFolderDataset`` warns once per dataset root (and once per data-loader worker process, which
+has its own copy of the dataset) about the first mask, and the first image, whose values are unusual:
+a mask that is not {0, 1} or {0, full range}, a float mask, negative values; a 16-bit image with
+nothing above 4095, a float or 32-bit image mapped by its own range. ``ValueRangeWarning`` is its class.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +61,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".gif")
 _MAX_LISTED = 10
 
-FolderSpec = Union[str, Path, Mapping[str, Any], Sequence[str | Path | Mapping[str, Any]]]
+FolderSpec = str | Path | Mapping[str, Any] | Sequence[str | Path | Mapping[str, Any]]
 
 
 class DataError(ValueError):
@@ -117,7 +140,7 @@ def find_samples(
             image_dir = root
     _check_folder(root, image_dir, "images")
     same_folder = mask_dir is not None and mask_dir.resolve() == image_dir.resolve()
-    if same_folder and not set(s.lower() for s in image_suffixes) - set(s.lower() for s in mask_suffixes):
+    if same_folder and not {s.lower() for s in image_suffixes} - {s.lower() for s in mask_suffixes}:
         raise DataError(
             f"{image_dir} holds both images and masks, so image_suffixes and mask_suffixes must differ "
             f"(e.g. image_suffixes=['.jpg'], mask_suffixes=['.png']); "
@@ -183,23 +206,138 @@ def _floating(dtype: torch.dtype | str) -> torch.dtype:
     return found
 
 
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_GREY_MASK_MODES = ("L", "I", "F", *_SIXTEEN_BIT_MODES)  # read as stored; other modes via grey level
+
+
+class ValueRangeWarning(UserWarning):
+    """A mask or image has values that samflow reads by a rule the user may not expect (once per root)."""
+
+
+def _finite(values: np.ndarray, path: Path) -> None:
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise DataError(f"{path}: {bad} pixel(s) are NaN or infinite. Replace the file or remove the pair.")
+
+
+def _tiff_rgb16(img: Image.Image, path: Path) -> np.ndarray | None:
+    """A 16-bit RGB(A) TIFF as uint16 (H, W, 3) through ``tifffile`` when it is installed, else None."""
+    bits = getattr(img, "tag_v2", {}).get(258) if img.format == "TIFF" else None
+    if img.mode not in ("RGB", "RGBA") or not isinstance(bits, tuple) or 16 not in bits:
+        return None
+    try:
+        tifffile = importlib.import_module("tifffile")
+    except ImportError:
+        return None  # Pillow's 8-bit reading: value // 256, the same scale at 8-bit precision
+    try:
+        array = np.asarray(tifffile.imread(path))
+    except Exception:  # noqa: BLE001 - any tifffile failure falls back to Pillow, which read the file
+        return None
+    if array.dtype != np.uint16 or array.shape[:2] != (img.height, img.width) or array.ndim != 3:
+        return None
+    return array[..., :3] if array.shape[-1] >= 3 else None
+
+
+def _read_image(path: Path, dtype: torch.dtype) -> tuple[Tensor, str | None]:
+    """The image as (3, H, W) in [0, 1] of ``dtype``, and a note when its values are unusual."""
+    img = _open(path, None)
+    note = None
+    rgb16 = _tiff_rgb16(img, path)
+    if rgb16 is not None:
+        return torch.from_numpy(rgb16.astype(np.int32)).permute(2, 0, 1).to(dtype) / 65535, None
+    if img.mode not in ("F", "I", *_SIXTEEN_BIT_MODES):
+        array = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).to(dtype) / 255, None
+    values = np.asarray(img)  # (H, W): uint16, int32 or float32
+    _finite(values, path)
+    low, top = (values.min(), values.max()) if values.size else (0, 0)
+    if values.dtype.kind != "f" and 0 <= low and top <= 65535:  # 16-bit data (Pillow keeps some as I)
+        grey = torch.from_numpy(values.astype(np.int32)).to(dtype) / 65535
+        if top <= 4095:
+            note = (
+                f"16-bit values only up to {top} (12 bits or fewer); they are read as value / 65535, as "
+                f"scikit-image's img_as_float does, so the image is dark (brightest {top / 65535:.4f})"
+            )
+    elif values.dtype.kind == "f" and 0 <= low and top <= 1:
+        grey = torch.from_numpy(values.copy()).to(dtype)
+    else:
+        kind = "float" if values.dtype.kind == "f" else "32-bit integer"
+        wide = torch.from_numpy(values.astype(np.float64))
+        if top > low:
+            grey = ((wide - low) / (top - low)).to(dtype)
+            note = (
+                f"{kind} values from {low} to {top}, outside [0, 1]; "
+                f"they are mapped from [{low}, {top}] to [0, 1]"
+            )
+        else:
+            grey = wide.clamp(0, 1).to(dtype)
+            note = f"{kind} values all {low}, outside [0, 1]; they are clipped to [0, 1]"
+    return grey.expand(3, *grey.shape).clone(), note
+
+
 def read_image(path: Path, dtype: torch.dtype | str = torch.float32) -> Tensor:
-    """Read an image file as (3, H, W) in [0, 1], of the floating ``dtype`` (float32 by default)."""
-    array = np.asarray(_open(path, "RGB"))  # (H, W, 3) uint8
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(_floating(dtype)) / 255
+    """Read an image file as (3, H, W) in [0, 1], of the floating ``dtype`` (float32 by default).
+
+    8-bit files (RGB, grey, RGBA, palette, 1-bit) are RGB / 255; 16-bit files value / 65535 (the type's
+    range, as scikit-image's ``img_as_float``); float files in [0, 1] as they are, other float files
+    (and 32-bit integer files outside 0..65535) mapped from their own [min, max] to [0, 1]. Grey images
+    are repeated on the three channels. Unusual values (see the module docstring) give a
+    ``ValueRangeWarning`` naming the file; ``MaskFolderDataset`` gives one per root instead.
+    """
+    image, note = _read_image(path, _floating(dtype))
+    if note:
+        warnings.warn(f"{path}: {note}.", ValueRangeWarning, stacklevel=2)
+    return image
+
+
+def _read_mask(path: Path) -> tuple[Tensor, str | None]:
+    """The mask as bool (H, W), and a note when its values are unusual (see ``read_mask``)."""
+    img = _open(path, None)
+    if img.mode in ("P", "PA"):
+        return torch.from_numpy(np.asarray(img.getchannel(0)) > 0), None
+    values = np.asarray(img if img.mode in _GREY_MASK_MODES else img.convert("L"))
+    _finite(values, path)
+    low, top = (values.min(), values.max()) if values.size else (0, 0)
+    if values.dtype.kind == "f":
+        full = 1.0 if top <= 1 else 255.0
+    elif values.dtype == np.uint8:
+        full = 255
+    else:  # 16-bit, or Pillow's 32-bit I (which also holds 16-bit PNGs)
+        full = 65535 if top <= 65535 else 2**31 - 1
+    half = full / 2 if values.dtype.kind == "f" else full // 2  # 0.5 or 127.5; 127; 32767
+    threshold = half if top > half else 0
+    notes = []
+    if values.dtype.kind == "f":
+        notes.append(f"float values (range taken as [0, {full:g}])")
+    if low < 0:
+        notes.append(f"negative values (down to {low})")
+    if ((values != 0) & (values != top)).any():
+        notes.append(f"more than one non-zero value (from {low} to {top}: a soft, JPEG or label mask?)")
+    elif top not in (0, 1, full):
+        notes.append(f"values in {{0, {top}}}")
+    note = None
+    if notes:
+        rule = f"value > {threshold:g}" if threshold else "value > 0 (no value above half the range)"
+        note = f"{'; '.join(notes)}; foreground is read as {rule}"
+    return torch.from_numpy(values > threshold), note
 
 
 def read_mask(path: Path) -> Tensor:
     """Read a mask file as bool (H, W).
 
-    Grayscale, RGB and 1-bit masks: foreground where the grayscale value is > 127. Palette masks
-    (PNG mode ``P``, as in VOC or DAVIS): foreground where the palette index is not 0, whatever
-    colour the palette gives it (a dark red index 1 would be background by brightness).
+    Palette masks (PNG mode ``P``, as in VOC or DAVIS): foreground where the palette index is not 0,
+    whatever colour the palette gives it (a dark red index 1 would be background by brightness).
+    Other masks are grey levels (RGB by grey level, 1-bit as 0 / 255): foreground where the value is
+    above half the range (127 for 8-bit, 32767 for 16-bit, 0.5 for float masks in [0, 1], else 127.5),
+    or, when no value is above half the range, where it is not 0. So any {0, v} mask ({0, 1}, {0, 255},
+    {0, 7}) is foreground at v, soft or JPEG masks are cut at half the range and label masks
+    {0, 1, 2, ...} are foreground at every label. Unusual values (not {0, 1} or {0, full range}, float,
+    negative) give a ``ValueRangeWarning`` naming the file; ``MaskFolderDataset`` gives one per root.
     """
-    img = _open(path, None)
-    if img.mode == "P":
-        return torch.from_numpy(np.asarray(img) > 0)
-    return torch.from_numpy(np.asarray(img.convert("L")) > 127)
+    mask, note = _read_mask(path)
+    if note:
+        warnings.warn(f"{path}: {note}.", ValueRangeWarning, stacklevel=2)
+    return mask
 
 
 class MaskFolderDataset(Dataset):
@@ -248,11 +386,17 @@ class MaskFolderDataset(Dataset):
             raise ValueError(
                 f"img_size must be a positive multiple of 4 (mask prompts are S/4); got {img_size}."
             )
-        defaults = dict(
-            images=images, masks=masks, image_suffixes=image_suffixes, mask_suffixes=mask_suffixes
-        )
+        defaults = {
+            "images": images,
+            "masks": masks,
+            "image_suffixes": image_suffixes,
+            "mask_suffixes": mask_suffixes,
+        }
         self.samples: list[Sample] = []
-        for entry in _root_entries(root):
+        entries = _root_entries(root)
+        self.roots = [Path(entry["root"]).expanduser() for entry in entries]
+        self._warned: set[tuple[str, str]] = set()  # (root, "mask" / "image") already warned about
+        for entry in entries:
             unknown = set(entry) - set(defaults) - {"root"}
             if unknown:
                 raise DataError(
@@ -276,6 +420,23 @@ class MaskFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _warn_once(self, kind: str, path: Path, note: str | None) -> None:
+        """Warn about ``path``'s unusual values unless this root already had a warning for ``kind``."""
+        if not note:
+            return
+        under = [r for r in self.roots if path.is_relative_to(r)]
+        root = str(max(under, key=lambda r: len(r.parts))) if under else ", ".join(map(str, self.roots))
+        if (root, kind) in self._warned:
+            return
+        self._warned.add((root, kind))
+        warnings.warn(
+            f"Dataset root {root}: unusual {kind} values, first in {path}: {note}. Other {kind}s of this "
+            f"root are read by the same rules without another warning (README: how masks and images are "
+            f"read).",
+            ValueRangeWarning,
+            stacklevel=3,
+        )
+
     def _generator(self, index: int) -> torch.Generator:
         if self.prompt_seed is None:
             seed = int(torch.randint(2**62, ()))  # follows the global / worker RNG
@@ -286,7 +447,8 @@ class MaskFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         size = self.img_size
-        image = read_image(sample.image, self.dtype)  # (3, H, W)
+        image, note = _read_image(sample.image, self.dtype)  # (3, H, W)
+        self._warn_once("image", sample.image, note)
         original = tuple(image.shape[-2:])
         item: dict[str, Any] = {"id": sample.id, "path": str(sample.image)}
         item["image"], input_size = to_input_frame(image, size, self.resize_mode, "bilinear")
@@ -294,12 +456,13 @@ class MaskFolderDataset(Dataset):
         item["original_size"] = torch.tensor(original, dtype=torch.long)
         if sample.mask is None:
             return item
-        gt = read_mask(sample.mask)  # (H, W) bool
+        gt, note = _read_mask(sample.mask)  # (H, W) bool
         if tuple(gt.shape) != original:
             raise DataError(
                 f"{sample.mask} is {gt.shape[1]}x{gt.shape[0]} (WxH) but its image {sample.image} is "
                 f"{original[1]}x{original[0]}; masks must have the image's size."
             )
+        self._warn_once("mask", sample.mask, note)
         item["gt_original"] = gt
         item["mask"] = to_input_frame(gt[None].to(self.dtype), size, self.resize_mode, "nearest-exact")[0]
         prompt = self.prompt(gt, self._generator(index))

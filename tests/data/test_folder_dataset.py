@@ -102,10 +102,15 @@ def test_stretch_mode_and_points(tmp_path: Path, pngs: SimpleNamespace) -> None:
 def test_mask_threshold_is_127(tmp_path: Path, pngs: SimpleNamespace) -> None:
     from PIL import Image
 
+    from samflow.data.folder import ValueRangeWarning
+
     pngs.image(tmp_path / "images" / "x.png", 1, 3)
     (tmp_path / "masks").mkdir()
     Image.frombytes("L", (3, 1), bytes([127, 128, 255])).save(tmp_path / "masks" / "x.png")
-    assert MaskFolderDataset(tmp_path, img_size=4)[0]["gt_original"].tolist() == [[False, True, True]]
+    # Several non-zero values (a soft mask) reaching above 127: cut at > 127, with a warning.
+    with pytest.warns(ValueRangeWarning, match="value > 127"):
+        item = MaskFolderDataset(tmp_path, img_size=4)[0]
+    assert item["gt_original"].tolist() == [[False, True, True]]
 
 
 def test_palette_masks_use_the_index_not_the_colour(tmp_path: Path, pngs: SimpleNamespace) -> None:
