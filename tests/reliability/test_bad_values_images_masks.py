@@ -264,7 +264,8 @@ def test_sixteen_bit_rgb_tiff_without_tifffile_keeps_its_scale(
 
 
 def test_sixteen_bit_rgb_tiff_at_full_precision_with_tifffile(tmp_path: Path) -> None:
-    pytest.importorskip("tifffile")
+    import tifffile  # noqa: F401  (the test extra installs it: missing fails, not skips)
+
     # 4660 / 65535 = 0.0711070, 256 / 65535 = 0.0039063, 65280 / 65535 = 0.9961089.
     image = read_image(write_rgb16_tiff(tmp_path / "rgb16.tif", RGB16), torch.float64)
     assert image[:, 0, 0].tolist() == [0.0, 256 / 65535, 1.0]
