@@ -23,6 +23,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from samflow.callbacks.finite import NonFiniteError
     from samflow.data.folder import DataError
     from samflow.lightning_cli import ConfigError
     from samflow.plugins.registry import PluginError
@@ -38,6 +39,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         EncoderCacheError,
         ConfigError,
         ExperimentError,
+        NonFiniteError,
         FileNotFoundError,
     )
 
@@ -235,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_cli(args, name or "samflow")
     except _user_errors() as err:
-        # Bad input (a file, key or plugin): one clear line, no traceback. SAMFLOW_DEBUG=1 shows it.
+        # Bad input (a file, key or plugin) or a diverged run: one clear line, no traceback.
+        # SAMFLOW_DEBUG=1 shows it.
         if os.environ.get("SAMFLOW_DEBUG"):
             raise
         print(f"samflow: error: {err}", file=sys.stderr)

@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from samflow.callbacks import ImprovementReport, MaskWriter, SampleGrid, TestReport
+from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
 from samflow.module import SamflowModule
 from samflow.plugins.registry import discover
 
@@ -107,7 +107,8 @@ class SamflowCLI(LightningCLI):
     Runs are written to ``runs/<experiment>/version_N`` (CSV metrics, checkpoints, the resolved
     config, sample grids) and to W&B (offline without credentials). The callbacks are configurable
     under ``checkpoint`` (ModelCheckpoint; ``last.ckpt`` is kept), ``samples``, ``predictions``,
-    ``report`` and ``test_report``.
+    ``report``, ``test_report`` and ``non_finite`` (NonFiniteCheck: a NaN or infinite loss or gradient
+    stops the run before the optimizer step, or ``--non_finite.action skip`` skips and counts it).
     """
 
     def __init__(self, run_name: str, args: list[str] | None = None, **kwargs: Any) -> None:
@@ -174,6 +175,7 @@ class SamflowCLI(LightningCLI):
         parser.add_lightning_class_args(MaskWriter, "predictions")
         parser.add_lightning_class_args(ImprovementReport, "report")
         parser.add_lightning_class_args(TestReport, "test_report")
+        parser.add_lightning_class_args(NonFiniteCheck, "non_finite")
         name = self.run_name
         parser.set_defaults(
             {

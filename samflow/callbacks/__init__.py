@@ -1,6 +1,15 @@
 """Callbacks a samflow run uses by default."""
 
+from samflow.callbacks.finite import NonFiniteCheck, NonFiniteError
 from samflow.callbacks.report import ImprovementReport, MaskWriter, TestReport
 from samflow.callbacks.samples import SampleGrid, mask_grid
 
-__all__ = ["ImprovementReport", "MaskWriter", "SampleGrid", "TestReport", "mask_grid"]
+__all__ = [
+    "ImprovementReport",
+    "MaskWriter",
+    "NonFiniteCheck",
+    "NonFiniteError",
+    "SampleGrid",
+    "TestReport",
+    "mask_grid",
+]
