@@ -13,7 +13,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from samflow.batch import SamBatch
 from samflow.losses import build_loss
@@ -26,6 +26,40 @@ SAM_PREFIX = "model.sam."
 # The frozen SAM stays in eval mode on purpose (HookedSam.train keeps it there); Lightning's notice
 # about modules in eval mode at the start of training is expected and only noise here.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+class EvalTally(Metric):
+    """Images and loss of one evaluation set, as sums over images (``dist_reduce_fx="sum"``).
+
+    ``images`` counts the images evaluated; ``loss`` is the image-weighted mean of the batch losses,
+    ``Σ_b n_b·L_b / Σ_b n_b``: the mean of per-image losses whenever a batch's loss is the mean of its
+    images' (all built-in losses but ``balanced_bce``, whose weight depends on the batch). Sums reduce
+    exactly over processes whatever images each one evaluated, unlike a mean of per-process means.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    images: Tensor
+    loss_sum: Tensor
+    loss_images: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("loss_images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, images: int, loss: Tensor | None = None) -> None:
+        """Add a batch of ``images`` images and, when it has ground truth, its loss (a scalar)."""
+        self.images += images
+        if loss is not None:
+            self.loss_sum += torch.as_tensor(loss).detach().to(self.loss_sum) * images
+            self.loss_images += images
+
+    def compute(self) -> dict[str, Tensor]:
+        loss = self.loss_sum / self.loss_images  # NaN without ground truth
+        return {"images": self.images.clone(), "loss_images": self.loss_images.clone(), "loss": loss}
 
 
 @dataclass
@@ -94,14 +128,21 @@ class SamflowModule(LightningModule):
             self.sam_spec.variant, self.sam_spec.checkpoint, self.sam_spec.img_size, seed=self.sam_spec.seed
         )
         spec = self.sam_spec
-        cache = EncoderCache(spec.encoder_cache, stages=tuple(spec.encoder_cache_stages)) if spec.encoder_cache else None
-        self.model = HookedSam(frozen, PluginStack(plugins or {}), spec.multimask_output, spec.checkpoint_blocks, cache)
+        cache = (
+            EncoderCache(spec.encoder_cache, stages=tuple(spec.encoder_cache_stages))
+            if spec.encoder_cache
+            else None
+        )
+        self.model = HookedSam(
+            frozen, PluginStack(plugins or {}), spec.multimask_output, spec.checkpoint_blocks, cache
+        )
         if cache is not None:
             self.model.check_encoder_cache()
         self.loss = build_loss(losses if losses is not None else {"bce": 1.0, "dice": 1.0})
         self.metric_spec = metrics if metrics is not None else ["iou", "dice", "mae"]
         build_metrics(self.metric_spec)  # an unknown name fails now, not after the first epoch
         self._metrics: dict[str, MetricCollection] = {}
+        self._tallies: dict[str, EvalTally] = {}
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.threshold = threshold
@@ -140,7 +181,10 @@ class SamflowModule(LightningModule):
         optimizer = self.optimizer(groups)
         if self.scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"},
+        }
 
     def on_fit_start(self) -> None:
         counts = self.trainable_parameters()
@@ -169,7 +213,9 @@ class SamflowModule(LightningModule):
         total = terms.pop("total")
         extra = self.plugins.losses(out, batch, ctx)
         if not terms and not extra:
-            raise ValueError("No loss terms: set model.losses (e.g. {bce: 1.0, dice: 1.0}) or add a plugin with losses.")
+            raise ValueError(
+                "No loss terms: set model.losses (e.g. {bce: 1.0, dice: 1.0}) or add a plugin with losses."
+            )
         for value in extra.values():
             total = total + value
         return {**terms, **extra, "total": total}
@@ -194,40 +240,74 @@ class SamflowModule(LightningModule):
             maps.append(F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0, 0])
         return maps
 
+    # Under DDP each process evaluates its own images (SegmentationDataModule shards val / test sets
+    # without repeating any, so processes may run different numbers of batches). Nothing in the
+    # evaluation steps talks to the other processes; at the epoch's end every process reduces the
+    # states of every set, in the same order, with or without batches of that set: metric states and
+    # EvalTally are sums (or concatenations), so the reduced values are those of one process.
     def _metric_set(self, stage: str, dataloader_idx: int) -> MetricCollection:
         name = f"{stage}/{dataloader_idx}"
         if name not in self._metrics:
             self._metrics[name] = build_metrics(self.metric_spec).to(self.device)
         return self._metrics[name]
 
+    def _tally(self, stage: str, dataloader_idx: int) -> EvalTally:
+        name = f"{stage}/{dataloader_idx}"
+        if name not in self._tallies:
+            self._tallies[name] = EvalTally().to(self.device)
+        return self._tallies[name]
+
     def _evaluate(self, stage: str, batch: SamBatch, dataloader_idx: int) -> dict[str, Any]:
         out, ctx = self(batch)
-        batch_size = batch.num_images
-        if batch.mask is not None:
-            loss = self.compute_losses(out, batch, ctx)["total"]
-            self.log(f"{stage}/loss", loss, batch_size=batch_size, add_dataloader_idx=True, sync_dist=True)
+        loss = self.compute_losses(out, batch, ctx)["total"] if batch.mask is not None else None
         metrics = self._metric_set(stage, dataloader_idx)
         if batch.gt_original is None:
-            raise ValueError(f"{stage}: the batch of {batch.id[:3]} has no ground truth; {stage} needs masks.")
+            raise ValueError(
+                f"{stage}: the batch of {batch.id[:3]} has no ground truth; {stage} needs masks."
+            )
+        self._tally(stage, dataloader_idx).update(batch.num_images, loss)
         for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
             metrics.update(prob, batch.gt_original[row])
         return {"out": out, "probs": self.upsample(out.pred).sigmoid()}
 
     def _finish(self, stage: str) -> dict[str, float]:
+        """Reduce the metrics and the loss of every evaluation set over processes, log and return them.
+
+        Returns the metrics (``{stage}/{metric}[/{dataset}]``); the loss is logged as
+        ``{stage}/loss[/{dataset}]``. A set no process evaluated an image of is left out.
+        """
         results: dict[str, float] = {}
-        for name in [n for n in self._metrics if n.startswith(f"{stage}/")]:
-            metrics = self._metrics[name]
-            index = int(name.split("/")[1])
-            suffix = f"/{self._dataset_name(stage, index)}" if self._num_loaders(stage) > 1 else ""
-            for key, value in metrics.compute().items():
+        losses: dict[str, float] = {}
+        several = self._num_loaders(stage) > 1
+        for index in range(self._num_loaders(stage)):
+            tally = self._tally(stage, index).compute()  # collective under DDP, on every process
+            if int(tally["images"]) == 0:
+                continue  # the same decision on every process: the count is reduced
+            suffix = f"/{self._dataset_name(stage, index)}" if several else ""
+            with warnings.catch_warnings():  # a process may have had no batch of this set
+                warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+                values = self._metric_set(stage, index).compute()
+            for key, value in values.items():
                 results[f"{stage}/{key}{suffix}"] = float(value)
-            metrics.reset()
-        if results:
-            self.log_dict(results, sync_dist=False)  # metric states are already reduced across ranks
+            if int(tally["loss_images"]):
+                losses[f"{stage}/loss{suffix}"] = float(tally["loss"])
+        for name in [n for n in self._metrics if n.startswith(f"{stage}/")]:
+            self._metrics[name].reset()
+        for name in [n for n in self._tallies if n.startswith(f"{stage}/")]:
+            self._tallies[name].reset()
+        if results or losses:
+            self.log_dict({**results, **losses}, sync_dist=False)  # the states are reduced already
         return results
 
     def _num_loaders(self, stage: str) -> int:
-        return len([n for n in self._metrics if n.startswith(f"{stage}/")])
+        """The stage's number of data loaders (all of them, also those without batches in this process)."""
+        seen = [
+            int(n.split("/")[1]) + 1 for n in (*self._metrics, *self._tallies) if n.startswith(f"{stage}/")
+        ]
+        batches = None
+        if self._trainer is not None:
+            batches = self.trainer.num_val_batches if stage == "val" else self.trainer.num_test_batches
+        return max([len(batches or []), *seen], default=0)
 
     def _dataset_name(self, stage: str, index: int) -> str:
         # Lightning sets Trainer.datamodule at run time without declaring it.
@@ -236,15 +316,25 @@ class SamflowModule(LightningModule):
         return names[index] if names and index < len(names) else str(index)
 
     def _reset(self, stage: str) -> None:
-        for name in [n for n in self._metrics if n.startswith(f"{stage}/")]:
-            del self._metrics[name]
+        for store in (self._metrics, self._tallies):
+            for name in [n for n in store if n.startswith(f"{stage}/")]:
+                del store[name]
 
     def _log_cache(self, stage: str, tally: str) -> None:
-        """Log the share of images whose encoder outputs came from the cache in this epoch."""
+        """Log the share of images whose encoder outputs came from the cache in this epoch.
+
+        Hits and misses are summed over processes (every process takes part, with or without images),
+        so the rate is that of all images, not a mean of per-process rates.
+        """
         cache = self.model.encoder_cache
-        rate = cache.hit_rate(tally) if cache is not None else None
-        if rate is not None:
-            self.log(f"{stage}/encoder_cache_hit_rate", rate, sync_dist=True)
+        if cache is None:
+            return
+        counts = torch.tensor(cache.counts.get(tally, (0, 0)), dtype=torch.float64, device=self.device)
+        if self._trainer is not None:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        hits, misses = counts.tolist()
+        if hits + misses:
+            self.log(f"{stage}/encoder_cache_hit_rate", hits / (hits + misses), sync_dist=False)
 
     def _reset_cache_counts(self, tally: str) -> None:
         if self.model.encoder_cache is not None:
@@ -291,7 +381,9 @@ class SamflowModule(LightningModule):
             state.pop(SAM_PREFIX + key, None)
         checkpoint["samflow"] = {"sam": asdict(self.sam_spec), "frozen_sam_omitted": True}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
         """Load a samflow checkpoint: frozen SAM weights it omits come from ``sam.checkpoint``."""
         state = dict(state_dict)
         for key, value in self.state_dict().items():

@@ -3,18 +3,22 @@
 The batches follow the contract in ``samflow.data.batch``. Training prompts are drawn afresh each time
 (from the global RNG, which ``seed_everything`` and Lightning's worker seeding make reproducible);
 validation, test and predict prompts are seeded per sample index, so they are the same every epoch.
+
+Under DDP each process evaluates its own contiguous part of every validation and test set
+(``EvalShardSampler``): no image is repeated to even the parts out, so a process may get one image,
+and one batch, fewer than another, and metrics summed over processes count every image once.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
@@ -65,6 +69,39 @@ def _check_named_sets(
             )
         _check_split_spec(f"{split}_sets.{name}", value)
     return dict(named)
+
+
+class EvalShardSampler(DistributedSampler):
+    """One process's part of an evaluation set: a contiguous, unpadded range of indices, in order.
+
+    ``n`` images on ``W`` processes: the first ``n % W`` processes get ``n // W + 1`` images, the others
+    ``n // W``, so every image is evaluated exactly once (``DistributedSampler`` instead repeats
+    images until every process has as many). Process 0 gets the first images, as one process would
+    see them. A set with fewer images than processes is refused: a process without any batch would
+    leave Lightning's and the metrics' collective calls unmatched.
+
+    It is a ``DistributedSampler``, so Lightning keeps it instead of injecting its own.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int, rank: int, key: str = "the evaluation set") -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        total = len(dataset)
+        if total < num_replicas:
+            raise DataError(
+                f"{key} has {total} image(s), fewer than the {num_replicas} processes of this run; "
+                "each process evaluates a part of every set without repeating images, so run with at "
+                f"most {total} device(s) or give the set more images."
+            )
+        base, extra = divmod(total, num_replicas)
+        self.start = rank * base + min(rank, extra)
+        self.num_samples = base + (rank < extra)
+        self.total_size = total
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.start + self.num_samples))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 def default_quickstart_root() -> Path:
@@ -290,11 +327,31 @@ class SegmentationDataModule(L.LightningDataModule):
             self.datasets[key] = self.build_dataset(split, name)
         return self.datasets[key]
 
+    def _eval_sampler(
+        self, split: str, name: str | None, dataset: MaskFolderDataset
+    ) -> EvalShardSampler | None:
+        """This process's unpadded part of a val / test set under DDP; None in one process (or when the
+        trainer's ``use_distributed_sampler`` is off: then the loaders are the user's business)."""
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if (
+            not kwargs
+            or kwargs.get("num_replicas", 1) <= 1
+            or not getattr(connector, "use_distributed_sampler", True)
+        ):
+            return None
+        key = self._config_key(split, name or self._default_name(split))
+        return EvalShardSampler(dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], key=key)
+
     def _loader(self, split: str, shuffle: bool, name: str | None = None) -> DataLoader:
+        dataset = self._dataset(split, name)
+        sampler = self._eval_sampler(split, name, dataset) if split in ("val", "test") else None
         return DataLoader(
-            self._dataset(split, name),
+            dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             pin_memory=self.pin_memory,
