@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from typing_extensions import override
+
+from samflow.data.folder import DataError
 
 
 class ImprovementReport(Callback):
@@ -127,25 +130,149 @@ class TestReport(Callback):
         return "\n".join(lines) + "\n"
 
 
+class PredictionOutputError(DataError):
+    """The predictions folder would overwrite an input, ground truth or earlier outputs (a user error)."""
+
+
+def _dataset_samples(dataset: Any) -> list[Any]:
+    """The samples (``.image``, ``.mask``, ``.id``) of a ``MaskFolderDataset``, also inside a
+    ``ConcatDataset`` or ``Subset``; ``[]`` for a dataset of another kind."""
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list):  # ImageFolder's samples are (path, class) tuples: not ours
+        return [s for s in samples if hasattr(s, "id") and hasattr(s, "image") and hasattr(s, "mask")]
+    parts = getattr(dataset, "datasets", None)  # ConcatDataset
+    if isinstance(parts, Sequence):
+        return [s for part in parts for s in _dataset_samples(part)]
+    base = getattr(dataset, "dataset", None)  # Subset
+    if base is not None:
+        found = _dataset_samples(base)
+        indices = getattr(dataset, "indices", None)
+        return found if indices is None else [found[i] for i in indices]
+    return []
+
+
+def _predict_samples(trainer: Trainer) -> list[Any]:
+    """The samples of every predict data loader (or, without loaders, of the data module's predict sets)."""
+    loaders = trainer.predict_dataloaders
+    if loaders is not None:
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        elif not isinstance(loaders, (list, tuple)):
+            loaders = [loaders]
+        return [s for loader in loaders for s in _dataset_samples(getattr(loader, "dataset", None))]
+    datasets = getattr(getattr(trainer, "datamodule", None), "datasets", None) or {}
+    return [s for key, d in datasets.items() if key.split("/")[0] == "predict" for s in _dataset_samples(d)]
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of an existing path (following links), the identity ``os.path.samefile`` uses."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 class MaskWriter(BasePredictionWriter):
     """Write one binary mask PNG (0 / 255) per input image, at the image's original size.
 
+    The mask of ``<folder>/<stem>.<ext>`` is ``<output_dir>/<stem>.png``. Before anything is predicted
+    the run is refused, with one line naming the folder and a conflicting file, when
+
+    - the output folder holds an input image or ground-truth mask of the predict data (compared as
+      files, so links and another spelling of the same folder count), or an output file is an input;
+    - two predict images have the same stem (``a/x.jpg`` and ``b/x.png`` would both write ``x.png``);
+    - the folder already holds a mask this run would write, unless ``overwrite`` is true.
+
+    Other files in the folder are left alone.
+
     Args:
-        output_dir: folder for the masks (default: ``<run folder>/predictions``).
+        output_dir: folder for the masks (default: ``<run folder>/predictions``). Never the image or
+            mask folder of the predict data.
         save_probabilities: also write the foreground probability as an 8-bit PNG (``<id>_prob.png``).
+        overwrite: replace the files this run writes when ``output_dir`` already holds them (an
+            earlier run's masks); by default such a run is refused. A folder holding the predict
+            images or masks is refused either way.
     """
 
-    def __init__(self, output_dir: str | None = None, save_probabilities: bool = False) -> None:
+    def __init__(
+        self, output_dir: str | None = None, save_probabilities: bool = False, overwrite: bool = False
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.save_probabilities = save_probabilities
+        self.overwrite = overwrite
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # trainer.log_dir is a collective call under DDP: every rank asks, once
         base = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
-        self._folder = Path(base)
+        self._folder = Path(base).expanduser()
+        # Rank 0 checks, before any rank writes; every rank gets its verdict and stops alike.
+        problem = (
+            self.check_output(self._folder, _predict_samples(trainer)) if trainer.is_global_zero else None
+        )
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise PredictionOutputError(problem)
         self._folder.mkdir(parents=True, exist_ok=True)
+
+    def output_names(self, sample_id: str) -> list[str]:
+        """The file names written for one image."""
+        names = [f"{sample_id}.png"]
+        return names + [f"{sample_id}_prob.png"] if self.save_probabilities else names
+
+    def check_output(self, folder: Path, samples: Sequence[Any]) -> str | None:
+        """Why writing the masks of ``samples`` into ``folder`` is refused (one line), or None."""
+        where = f"The predictions folder {folder} (--predictions.output_dir)"
+        # 1. Two images that would write the same file.
+        planned: dict[str, Path] = {}
+        for sample in samples:
+            for name in self.output_names(sample.id):
+                if name in planned and planned[name] != sample.image:
+                    return (
+                        f"Two predict images would write the same mask {folder / name}: {planned[name]} and "
+                        f"{sample.image}. Give them different file names, or predict their folders separately "
+                        "into different --predictions.output_dir."
+                    )
+                planned.setdefault(name, sample.image)
+        if folder.exists() and not folder.is_dir():
+            return f"{where} is a file, not a folder. Choose a folder with --predictions.output_dir."
+        folder_id = _file_id(folder)
+        if folder_id is None:
+            return None  # a new folder holds nothing yet
+        # 2. The folder holds an input (as given or after links), or an output file is an input.
+        inputs: dict[tuple[int, int], tuple[str, Path]] = {}
+        for sample in samples:
+            for kind, path in (("input image", sample.image), ("ground-truth mask", sample.mask)):
+                if path is None:
+                    continue
+                path = Path(path)
+                for parent in {path.parent, Path(os.path.realpath(path)).parent}:
+                    if _file_id(parent) == folder_id:
+                        return (
+                            f"{where} holds the {kind} {path}; writing masks there would overwrite the "
+                            "predict data. Choose another folder with --predictions.output_dir."
+                        )
+                file_id = _file_id(path)
+                if file_id is not None:
+                    inputs[file_id] = (kind, path)
+        existing = [folder / name for name in planned if os.path.lexists(folder / name)]
+        for out in existing:
+            found = inputs.get(_file_id(out) or (-1, -1))
+            if found is not None:
+                return (
+                    f"{where}: the output file {out} is the {found[0]} {found[1]} (a link); writing it "
+                    "would overwrite the predict data. Choose another folder with --predictions.output_dir."
+                )
+        # 3. Masks of an earlier run.
+        if existing and not self.overwrite:
+            return (
+                f"{where} already holds {len(existing)} of the {len(planned)} files this run would write "
+                f"(e.g. {existing[0]}). Pass --predictions.overwrite true to replace them, or choose another "
+                "folder with --predictions.output_dir."
+            )
+        return None
 
     @override
     def write_on_batch_end(
