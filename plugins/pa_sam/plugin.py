@@ -76,9 +76,12 @@ class PASam(SamPlugin):
         temperature: temperature τ of the Gumbel-softmax top-k used in training.
         edge_filter: edge map of the un-normalised image fed to the guiding branch: ``sobel`` (gradient
             magnitude) or ``canny`` (the reference's Canny settings).
-        reference_edges: compute the edge map as the reference does instead: Canny on SAM's
-            normalised image cast to uint8 with wrap-around (``edge_filter`` is then ignored); for
-            comparisons with the reference's numbers.
+        reference_edges: compute the edge map exactly as the reference does instead (``edge_filter``
+            is then ignored), for comparisons with the reference's numbers: OpenCV's
+            ``cv2.Canny(im, 10, 100) / 255`` on the CPU, one image at a time, where ``im`` is SAM's
+            normalised image resized to the guiding size and cast to uint8 with wrap-around (RGB,
+            H x W x 3). Needs the ``opencv`` extra (``pip install 'samflow[opencv]'``); the error names
+            it when OpenCV is missing. The kornia ``edge_filter`` is the GPU choice.
         reference_trainable: also train SAM's ``output_upscaling``, ``output_hypernetworks_mlps`` and
             ``mask_tokens``, as the reference code does (1,007,008 parameters in all for SAM).
         band_ratio: width of the uncertainty target's boundary band as a fraction of the image diagonal.
