@@ -45,7 +45,7 @@ from samflow.batch import SamBatch
 from samflow.plugins import DecoderContext, DecoderFeatures, DecoderState, SamPlugin
 from samflow.sam import SamOutput, upcast
 from samflow_plugins.pa_sam.adapter import PromptAdapter
-from samflow_plugins.pa_sam.guiding import EdgeFilter, GuidingBranch, guiding_input
+from samflow_plugins.pa_sam.guiding import EdgeFilter, GuidingBranch, guiding_input, import_cv2
 from samflow_plugins.pa_sam.loss import pa_sam_losses
 from samflow_plugins.pa_sam.mining import mine_hard_points, sampling_guidance
 
@@ -115,6 +115,8 @@ class PASam(SamPlugin):
         self.temperature = temperature
         self.edge_filter = edge_filter
         self.reference_edges = reference_edges
+        if reference_edges:
+            import_cv2()  # a missing OpenCV fails when the experiment is built, not at the first batch
         self.reference_trainable = reference_trainable
         self.band_ratio = band_ratio
 

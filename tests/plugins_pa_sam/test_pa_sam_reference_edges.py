@@ -214,3 +214,13 @@ def test_a_clear_error_names_the_extra_when_opencv_is_missing(monkeypatch):
     # the kornia edges (the default, the GPU choice) need no OpenCV
     for edge_filter in ("sobel", "canny"):
         assert guiding_input(image, _normalise(image), (16, 16), edge_filter).shape == (1, 4, 16, 16)
+
+
+def test_missing_opencv_fails_when_the_plugin_is_built(monkeypatch):
+    from samflow_plugins.pa_sam import PASam
+    from samflow_plugins.pa_sam.guiding import OpenCVMissingError
+
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(OpenCVMissingError, match="opencv"):
+        PASam(reference_edges=True)
+    PASam()  # the kornia default needs no OpenCV
