@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
 from samflow.data.batch import collate
-from samflow.data.folder import DataError, MaskFolderDataset
+from samflow.data.folder import BadFile, DataError, MaskFolderDataset, OnBadSample
 from samflow.data.prompts import NoPrompt, PromptSpec, build_prompt
 from samflow.data.quickstart import MARKER, make_quickstart_data
 from samflow.data.transforms import GpuAugment, ResizeMode
@@ -31,6 +33,7 @@ from samflow.data.transforms import GpuAugment, ResizeMode
 # What a split may be: a root, a dict {"root": ..., "images": ..., "masks": ..., ...}, or a list of those.
 SplitSpec = str | dict[str, Any] | list[str | dict[str, Any]] | None
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+_PROGRESS_ABOVE = 500  # files: a dataset with more gets a progress bar while they are checked
 
 
 def _check_split_spec(split: str, spec: SplitSpec) -> None:
@@ -136,7 +139,11 @@ class SegmentationDataModule(L.LightningDataModule):
     ``SamflowModule`` and ``TestReport`` read them.
 
     Paths are checked when the datasets are built (``setup``, i.e. when a run starts), not when the
-    config is parsed; a missing folder is a ``DataError`` that names the config key and the path.
+    config is parsed; a missing folder is a ``DataError`` that names the config key and the path. Then,
+    with ``check_files``, every image and mask file of the set is checked
+    (``MaskFolderDataset.check_files``: a corrupt, truncated, empty or non-image file, a mask of
+    another size than its image), with a progress bar on process 0 above 500 files, so a bad file
+    stops the run before training, not at some batch of some epoch.
 
     Args:
         train: training split (a split spec).
@@ -168,6 +175,14 @@ class SegmentationDataModule(L.LightningDataModule):
             ``make_quickstart_data``; a dict passes its keys (``root``, ``n_train``, ``n_val``, ``size``,
             ``seed``).
         pin_memory: pin host memory for faster copies to a GPU.
+        on_bad_sample: what the file check does with bad files: ``"error"`` stops with one line listing
+            up to 10 of them (path and reason) and their count; ``"skip"`` leaves out the samples with a
+            bad file (image and mask together) and, at the end of ``setup``, warns with the list of
+            skipped files and logs their count (``skipped`` holds them by set). ``"skip"`` needs
+            ``check_files``.
+        check_files: check every image and mask file when the datasets are built (fast: headers,
+            PNG chunk checksums, JPEG end markers). ``False`` for huge trusted sets: a bad file is then
+            only found when it is read, and stops the run there.
     """
 
     def __init__(
@@ -189,8 +204,17 @@ class SegmentationDataModule(L.LightningDataModule):
         augment: GpuAugment | BatchAugment | None = None,
         quickstart: bool | dict[str, Any] = False,
         pin_memory: bool = False,
+        on_bad_sample: OnBadSample = "error",
+        check_files: bool = True,
     ) -> None:
         super().__init__()
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}.")
+        if on_bad_sample == "skip" and not check_files:
+            raise ValueError(
+                "data.on_bad_sample: skip needs data.check_files: true; without the check a bad file is "
+                "only found when it is read, and stops the run there."
+            )
         self.save_hyperparameters(ignore=["augment"])
         self.splits: dict[str, SplitSpec] = {"train": train, "val": val, "test": test, "predict": predict}
         for split, spec in self.splits.items():
@@ -213,7 +237,13 @@ class SegmentationDataModule(L.LightningDataModule):
         self.augment = augment
         self.quickstart = {} if quickstart is True else (dict(quickstart) if quickstart else None)
         self.pin_memory = pin_memory
+        self.on_bad_sample: OnBadSample = on_bad_sample
+        self.check_files = check_files
         self.datasets: dict[str, MaskFolderDataset] = {}
+        # Bad files left out per set (``datasets`` key), with their config key; reported by ``setup``.
+        self.skipped: dict[str, list[BadFile]] = {}
+        self._skip_notes: dict[str, tuple[str, int]] = {}  # key -> (config key, samples before)
+        self._reported: set[str] = set()
 
     @property
     def val_names(self) -> list[str]:
@@ -297,6 +327,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 prompt_seed=None if training else self.seed,
                 require_masks=split != "predict",
             )
+            if self.check_files:
+                self._check_files(dataset, split, name)
         except DataError as err:
             raise DataError(f"{self._config_key(split, name)}: {err}") from err
         wants_prompts = not isinstance(self.eval_prompt, NoPrompt)
@@ -316,6 +348,62 @@ class SegmentationDataModule(L.LightningDataModule):
                 key = self._key(split, name)
                 if key not in self.datasets:
                     self.datasets[key] = self.build_dataset(split, name)
+        self._report_skipped()
+
+    def _rank(self) -> int:
+        trainer = self.trainer
+        return trainer.global_rank if trainer is not None else int(getattr(rank_zero_only, "rank", 0))
+
+    def _check_files(self, dataset: MaskFolderDataset, split: str, name: str) -> None:
+        """Check the files of a freshly built set (``check_files``); record what ``skip`` left out."""
+        total = len(dataset)
+        files = sum(1 + (s.mask is not None) for s in dataset.samples)
+        config_key = self._config_key(split, name)
+        large = files > _PROGRESS_ABOVE and self._rank() == 0
+        console = Console(stderr=True)
+        if large and console.is_terminal:  # a bar on process 0, in a terminal (not in a log file)
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+            )
+            with Progress(*columns, console=console, transient=True) as bar:
+                task = bar.add_task(f"Checking the files of {config_key}", total=files)
+                bad = dataset.check_files(self.on_bad_sample, progress=lambda n: bar.advance(task, n))
+        else:
+            bad = dataset.check_files(self.on_bad_sample)
+        if large:
+            rank_zero_info(f"{config_key}: checked {files} files in {dataset.check_seconds or 0:.1f} s.")
+        if not bad:
+            return
+        if not dataset.samples:
+            raise DataError(
+                f"every one of the {total} samples has a bad file, so none is left to skip to; the first: "
+                f"{bad[0]}."
+            )
+        key = self._key(split, name)
+        self.skipped[key] = bad
+        self._skip_notes[key] = (config_key, total)
+        self._reported.discard(key)
+
+    def _report_skipped(self) -> None:
+        """Warn with every file ``on_bad_sample: skip`` left out since the last report, and log the counts."""
+        new = [key for key in self.skipped if key not in self._reported]
+        if not new:
+            return
+        self._reported.update(new)
+        lines, counts = [], []
+        for key in new:
+            config_key, total = self._skip_notes[key]
+            samples = len({b.sample for b in self.skipped[key]})
+            counts.append(f"{config_key}: {samples} of {total} samples skipped")
+            lines += [f"  {config_key}: {b}" for b in self.skipped[key]]
+        rank_zero_warn(
+            "data.on_bad_sample: skip left out the samples (image and mask together) of these "
+            f"{len(lines)} bad file(s):\n" + "\n".join(lines)
+        )
+        rank_zero_info("Bad files (data.on_bad_sample: skip): " + "; ".join(counts) + ".")
 
     def _dataset(self, split: str, name: str | None = None) -> MaskFolderDataset:
         """The (cached) dataset of one set of ``split``; ``name`` None means the split's default set."""
@@ -325,6 +413,7 @@ class SegmentationDataModule(L.LightningDataModule):
         key = self._key(split, name)
         if key not in self.datasets:
             self.datasets[key] = self.build_dataset(split, name)
+            self._report_skipped()
         return self.datasets[key]
 
     def _eval_sampler(

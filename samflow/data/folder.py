@@ -15,6 +15,15 @@ Rules, checked when the dataset is built (listing only, no image is opened):
 And when a sample is read: an unreadable file, an image and mask of different sizes, or a float file
 with NaN or infinite values, is a ``DataError`` naming the file(s).
 
+``MaskFolderDataset.check_files`` finds unreadable files and size mismatches of a whole dataset before
+any sample is read (``SegmentationDataModule`` runs it when it builds the datasets, so a corrupt file
+stops a run before training starts): every file is opened (its header parsed), PNGs are walked chunk by
+chunk with their checksums (``verify``, no decompression), a JPEG must end with its end-of-image marker
+(else it is decoded at 1/8 scale to tell a truncated file from trailing bytes), other formats are
+decoded in full; a failed check is confirmed by reading the file as a sample read would, so only files
+that cannot be read are reported. Each mask's size is compared with its image's. It reports every bad
+file (``error``: one ``DataError`` line listing them) or drops the samples that have one (``skip``).
+
 How values are read (``read_mask``, ``read_image``; the README says the same):
 
 - masks: palette PNGs (VOC, DAVIS) are foreground where the palette index is not 0. Other masks are
@@ -41,16 +50,19 @@ nothing above 4095, a float or 32-bit image mapped by its own range. ``ValueRang
 from __future__ import annotations
 
 import importlib
+import os
+import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -77,8 +89,8 @@ class Sample:
     id: str
 
 
-def _listing(paths: Sequence[Any]) -> str:
-    shown = ", ".join(str(p) for p in list(paths)[:_MAX_LISTED])
+def _listing(paths: Sequence[Any], sep: str = ", ") -> str:
+    shown = sep.join(str(p) for p in list(paths)[:_MAX_LISTED])
     more = len(paths) - _MAX_LISTED
     return shown + (f" and {more} more" if more > 0 else "")
 
@@ -194,6 +206,83 @@ def _open(path: Path, mode: str | None) -> Image.Image:
             return img if mode is None else img.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read the file ({exc}). Replace it or remove the pair.") from exc
+
+
+OnBadSample = Literal["error", "skip"]
+_JPEG_TAIL = 1024  # bytes at the end of a JPEG searched for its end-of-image marker
+_CHECK_THREADS = 8  # files checked at once (I/O bound; Pillow's decoders release the GIL)
+
+
+@dataclass(frozen=True)
+class BadFile:
+    """A file of ``sample`` that cannot be used, and why (one line)."""
+
+    sample: Sample
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.reason})"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, OSError) else f"{type(exc).__name__}: {text}"
+
+
+def _readable(path: Path) -> bool:
+    """Whether the file decodes in full, as a sample read (``_open``) would decode it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception:  # noqa: BLE001 - whatever a decoder raises, the file cannot be read
+        return False
+    return True
+
+
+def _jpeg_ends(path: Path) -> bool:
+    """Whether the JPEG has its end-of-image marker (FF D9) in its last bytes: a truncated file has not."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - _JPEG_TAIL))
+        return b"\xff\xd9" in handle.read()
+
+
+def check_file(path: Path) -> tuple[int, int] | str:
+    """The (width, height) of an image file that reads, else why it does not (one line).
+
+    Fast: the header is parsed; a PNG is walked chunk by chunk with its checksums (Pillow's ``verify``,
+    no decompression); a JPEG must end with its end-of-image marker, and one without is decoded at 1/8
+    scale (``draft``), as a JPEG with bytes after the marker reads fine; other formats are decoded. A
+    failed PNG walk is confirmed by decoding (a PNG without its end chunk still reads). What this does
+    not find (a PNG or JPEG whose compressed data are corrupt but complete) fails when the sample is read.
+    """
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            size = img.size
+            if img.format == "PNG":
+                try:
+                    img.verify()
+                except Exception:  # confirmed (or not) by a full read below
+                    if not _readable(path):
+                        raise
+            elif img.format in ("JPEG", "MPO"):
+                if not _jpeg_ends(path):
+                    img.draft(img.mode, (1, 1))  # libjpeg's 1/8 scale: every byte read, 1/64 of the pixels
+                    img.load()
+            else:
+                img.load()
+    except UnidentifiedImageError:
+        return "not an image file Pillow can read"
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises, the file cannot be read
+        return f"truncated or corrupt: {_one_line(exc)}"
+    return size
+
+
+def _size_mismatch(image: Path, mask_wh: tuple[int, int], image_wh: tuple[int, int]) -> str:
+    """Why a mask does not fit its image; the words of the pre-check and of a sample read."""
+    return f"{mask_wh[0]}x{mask_wh[1]} (WxH) but its image {image} is {image_wh[0]}x{image_wh[1]}"
 
 
 def _floating(dtype: torch.dtype | str) -> torch.dtype:
@@ -416,9 +505,65 @@ class MaskFolderDataset(Dataset):
         self.resize_mode = resize_mode
         self.prompt_seed = prompt_seed
         self.dtype = _floating(dtype)
+        self.check_seconds: float | None = None  # how long ``check_files`` took
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def check_files(
+        self,
+        on_bad_sample: OnBadSample = "error",
+        progress: Callable[[int], Any] | None = None,
+        threads: int = _CHECK_THREADS,
+    ) -> list[BadFile]:
+        """Check every image and mask file before any is read (see ``check_file``), and each mask's size.
+
+        Args:
+            on_bad_sample: ``"error"``: raise one ``DataError`` line listing up to 10 bad files (path and
+                reason) and their count; ``"skip"``: drop the samples with a bad file (image and mask
+                together) from ``samples`` and return the bad files, for the caller to report.
+            progress: called with the number of files checked since the last call (a progress bar).
+            threads: files checked at once.
+
+        Returns:
+            The bad files, in sample order (empty when every file is fine).
+        """
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}.")
+        paths = [p for s in self.samples for p in (s.image, s.mask) if p is not None]
+        start = time.perf_counter()
+        results: dict[Path, tuple[int, int] | str] = {}
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for path, result in zip(paths, pool.map(check_file, paths), strict=True):
+                results[path] = result
+                if progress is not None:
+                    progress(1)
+        self.check_seconds = time.perf_counter() - start
+        bad: list[BadFile] = []
+        for sample in self.samples:
+            image = results[sample.image]
+            mask = results[sample.mask] if sample.mask is not None else None
+            if isinstance(image, str):
+                bad.append(BadFile(sample, sample.image, image))
+            if isinstance(mask, str):
+                bad.append(BadFile(sample, sample.mask, mask))  # type: ignore[arg-type]
+            elif mask is not None and not isinstance(image, str) and mask != image:
+                reason = (
+                    f"mask is {_size_mismatch(sample.image, mask, image)}: a mask must have its image's size"
+                )
+                bad.append(BadFile(sample, sample.mask, reason))  # type: ignore[arg-type]
+        if not bad:
+            return bad
+        samples = {b.sample for b in bad}
+        if on_bad_sample == "error":
+            raise DataError(
+                f"{len(bad)} of {len(paths)} files cannot be used ({len(samples)} of {len(self.samples)} "
+                f"samples; checked when the datasets were built, before any sample was read): {_listing(bad, sep='; ')}. "
+                "Replace or remove these files (an image with its mask), or set data.on_bad_sample: skip "
+                "to leave their samples out."
+            )
+        self.samples = [s for s in self.samples if s not in samples]
+        return bad
 
     def _warn_once(self, kind: str, path: Path, note: str | None) -> None:
         """Warn about ``path``'s unusual values unless this root already had a warning for ``kind``."""
@@ -458,10 +603,8 @@ class MaskFolderDataset(Dataset):
             return item
         gt, note = _read_mask(sample.mask)  # (H, W) bool
         if tuple(gt.shape) != original:
-            raise DataError(
-                f"{sample.mask} is {gt.shape[1]}x{gt.shape[0]} (WxH) but its image {sample.image} is "
-                f"{original[1]}x{original[0]}; masks must have the image's size."
-            )
+            mismatch = _size_mismatch(sample.image, (gt.shape[1], gt.shape[0]), (original[1], original[0]))
+            raise DataError(f"{sample.mask} is {mismatch}; masks must have the image's size.")
         self._warn_once("mask", sample.mask, note)
         item["gt_original"] = gt
         item["mask"] = to_input_frame(gt[None].to(self.dtype), size, self.resize_mode, "nearest-exact")[0]
