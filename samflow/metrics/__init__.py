@@ -3,9 +3,9 @@
 Kernels that return per-image scores live in :mod:`samflow.metrics.functional`.
 """
 
-from samflow.metrics.ber import BER
+from samflow.metrics.ber import BER, PerImageBER
 from samflow.metrics.boundary_iou import BoundaryIoU
-from samflow.metrics.segmentation import BinaryDice, BinaryIoU, MeanAbsoluteError
+from samflow.metrics.segmentation import BinaryDice, BinaryIoU, MeanAbsoluteError, SodMAE
 from samflow.metrics.sod import EMeasure, SMeasure, WeightedFMeasure
 
 __all__ = [
@@ -15,6 +15,8 @@ __all__ = [
     "BoundaryIoU",
     "EMeasure",
     "MeanAbsoluteError",
+    "PerImageBER",
     "SMeasure",
+    "SodMAE",
     "WeightedFMeasure",
 ]

@@ -6,16 +6,24 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from samflow.metrics.functional.ber import balanced_error_rate, binary_confusion_counts
+from samflow.metrics._per_image import PerImageMean
+from samflow.metrics.functional.ber import (
+    SAM_ADAPTER_BER_LEVEL,
+    balanced_error_rate,
+    binary_confusion_counts,
+    per_image_ber,
+)
 
 
 class BER(Metric):
-    """Balanced error rate in percent, ``100·(1 - (TP/(TP + FN) + TN/(TN + FP)) / 2)``; lower is better.
+    """Global balanced error rate in percent, ``100·(1 - (TP/(TP + FN) + TN/(TN + FP)) / 2)``; lower is better.
 
     ``per_image=False`` (default, the shadow benchmarks' convention): TP/TN/FP/FN are summed over the
-    whole dataset, then BER is computed once. ``per_image=True``: BER of each image, averaged (what
-    SAM-Adapter's ``utils.py`` computes). Foreground is ``preds > threshold``; a class absent from the
-    GT counts as perfectly classified (accuracy 1). ``compute()`` returns a float64 scalar.
+    whole dataset, then BER is computed once. ``per_image=True``: BER of each image, averaged (as
+    :class:`PerImageBER`, registered ``ber_per_image``, which also has SAM-Adapter's threshold).
+    Foreground is ``preds > threshold``, or ``preds * 255 > level`` in ``preds``' dtype when ``level``
+    is given (``level: 125`` is SAM-Adapter's rule); a class absent from the GT counts as perfectly
+    classified (accuracy 1). ``compute()`` returns a float64 scalar.
     """
 
     higher_is_better = False
@@ -26,9 +34,12 @@ class BER(Metric):
     per_image_sum: Tensor
     num_images: Tensor
 
-    def __init__(self, *, threshold: float = 0.5, per_image: bool = False, **kwargs) -> None:
+    def __init__(
+        self, *, threshold: float = 0.5, level: float | None = None, per_image: bool = False, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         self.threshold = threshold
+        self.level = level
         self.per_image = per_image
         # [TP, TN, FP, FN] summed over all images; int64 keeps large datasets exact.
         self.add_state("counts", torch.zeros(4, dtype=torch.long), dist_reduce_fx="sum")
@@ -37,7 +48,7 @@ class BER(Metric):
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Add images: preds in [0, 1] and target {0, 1}, (H, W), (N, H, W) or (N, 1, H, W)."""
-        counts = binary_confusion_counts(preds, target, self.threshold)  # (N, 4)
+        counts = binary_confusion_counts(preds, target, self.threshold, self.level)  # (N, 4)
         self.counts += counts.sum(dim=0)
         self.per_image_sum += balanced_error_rate(counts).sum()
         self.num_images += counts.shape[0]
@@ -46,3 +57,22 @@ class BER(Metric):
         if self.per_image:
             return self.per_image_sum / self.num_images
         return balanced_error_rate(self.counts)
+
+
+class PerImageBER(PerImageMean):
+    """BER as SAM-Adapter reports it (its ISTD 1.43): the mean over images of each image's BER, in percent.
+
+    Foreground is ``preds * 255 > level`` with ``level = 125`` (the reference's ``pred * 255 > 125``,
+    strict, evaluated in ``preds``' dtype); see ``functional.per_image_ber``. Lower is better. The
+    states are sums (of per-image BER and of images), so DDP reduction is exact. :class:`BER` is the
+    global one (counts pooled over all pixels of the set).
+    """
+
+    higher_is_better = False
+
+    def __init__(self, *, level: float = SAM_ADAPTER_BER_LEVEL, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.level = level
+
+    def _scores(self, preds: Tensor, target: Tensor) -> Tensor:
+        return per_image_ber(preds, target, self.level)

@@ -27,22 +27,10 @@ from typing import Any
 from torchmetrics import Metric, MetricCollection
 
 from samflow.components import instantiate, is_class_path_spec, snake_case
-from samflow.metrics.ber import BER
+from samflow.metrics.ber import BER, PerImageBER
 from samflow.metrics.boundary_iou import BoundaryIoU
-from samflow.metrics.segmentation import BinaryDice, BinaryIoU, MeanAbsoluteError
+from samflow.metrics.segmentation import BinaryDice, BinaryIoU, MeanAbsoluteError, SodMAE
 from samflow.metrics.sod import EMeasure, SMeasure, WeightedFMeasure
-
-
-class SodMAE(MeanAbsoluteError):
-    """The SOD benchmarks' MAE (PySODMetrics, SAM-Adapter): each prediction min-max normalised first.
-
-    ``MeanAbsoluteError(normalize=True)`` under the registry name ``mae_sod``; ``mae`` is the plain
-    MAE of the probabilities.
-    """
-
-    def __init__(self, *, normalize: bool = True, **kwargs) -> None:
-        super().__init__(normalize=normalize, **kwargs)
-
 
 METRICS: dict[str, type[Metric]] = {
     "iou": BinaryIoU,
@@ -54,6 +42,7 @@ METRICS: dict[str, type[Metric]] = {
     "e_measure": EMeasure,
     "weighted_f": WeightedFMeasure,
     "ber": BER,
+    "ber_per_image": PerImageBER,
 }
 
 

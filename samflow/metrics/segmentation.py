@@ -57,3 +57,16 @@ class MeanAbsoluteError(PerImageMean):
 
     def _scores(self, preds: Tensor, target: Tensor) -> Tensor:
         return mean_absolute_error(preds, target, self.normalize)
+
+
+class SodMAE(MeanAbsoluteError):
+    """The SOD benchmarks' MAE (PySODMetrics ``MAE``, SAM-Adapter's ``sod_metric.py``), registered ``mae_sod``.
+
+    Per image, the prediction is min-max stretched to [0, 1] (left as it is when constant), then
+    ``mean |p - g|``; the dataset value is the mean over images. PySODMetrics does the same on the
+    8-bit map divided by 255 with the GT at ``> 128``. ``MeanAbsoluteError(normalize=True)``; ``mae``
+    (:class:`MeanAbsoluteError`) is the plain MAE of the probabilities, not comparable to SOD papers.
+    """
+
+    def __init__(self, *, normalize: bool = True, **kwargs) -> None:
+        super().__init__(normalize=normalize, **kwargs)

@@ -15,7 +15,9 @@ from samflow.metrics import (
     BoundaryIoU,
     EMeasure,
     MeanAbsoluteError,
+    PerImageBER,
     SMeasure,
+    SodMAE,
     WeightedFMeasure,
 )
 
@@ -27,7 +29,10 @@ METRICS = {
     "em": EMeasure,
     "wfm": WeightedFMeasure,
     "ber": BER,
-    "ber_per_image": lambda: BER(per_image=True),
+    "ber_per_image_flag": lambda: BER(per_image=True),
+    "ber_per_image": PerImageBER,
+    "ber_global_125": lambda: BER(level=125),
+    "mae_sod": SodMAE,
     "biou": BoundaryIoU,
 }
 

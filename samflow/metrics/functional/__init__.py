@@ -1,6 +1,6 @@
 """Functional metric kernels: per-image scores (N,) from probability maps and binary masks."""
 
-from samflow.metrics.functional.ber import balanced_error_rate, binary_confusion_counts
+from samflow.metrics.functional.ber import balanced_error_rate, binary_confusion_counts, per_image_ber
 from samflow.metrics.functional.boundary_iou import boundary_iou, boundary_width, mask_boundary
 from samflow.metrics.functional.e_measure import adaptive_e_measure, e_measure_curve, enhanced_alignment
 from samflow.metrics.functional.s_measure import s_measure
@@ -19,6 +19,7 @@ __all__ = [
     "enhanced_alignment",
     "mask_boundary",
     "mean_absolute_error",
+    "per_image_ber",
     "s_measure",
     "weighted_f_measure",
 ]

@@ -7,11 +7,22 @@ from torch import Tensor
 
 from samflow.metrics.functional._inputs import format_inputs, ratio_or
 
+# SAM-Adapter's BER threshold (utils.py, calc_ber): ``pred * 255 > 125`` on the probabilities.
+SAM_ADAPTER_BER_LEVEL = 125.0
 
-def binary_confusion_counts(preds: Tensor, target: Tensor, threshold: float = 0.5) -> Tensor:
-    """Per-image ``[TP, TN, FP, FN]`` pixel counts, (N, 4) int64; foreground where ``preds > threshold``."""
+
+def binary_confusion_counts(
+    preds: Tensor, target: Tensor, threshold: float = 0.5, level: float | None = None
+) -> Tensor:
+    """Per-image ``[TP, TN, FP, FN]`` pixel counts, (N, 4) int64.
+
+    Foreground is ``preds > threshold`` (in float64), or, when ``level`` is given,
+    ``preds * 255 > level`` computed in ``preds``' own dtype: SAM-Adapter's ``pred * 255 > 125`` (a
+    strict ``>``; a float32 probability 125/255 gives exactly 125.0 there and is background).
+    """
+    raw = preds
     preds, target = format_inputs(preds, target)
-    pred_fg = preds > threshold
+    pred_fg = preds > threshold if level is None else (raw * 255 > level).reshape(target.shape)
     counts = [pred_fg & target, ~pred_fg & ~target, pred_fg & ~target, ~pred_fg & target]
     return torch.stack([c.sum(dim=(1, 2)) for c in counts], dim=-1)
 
@@ -26,3 +37,14 @@ def balanced_error_rate(counts: Tensor) -> Tensor:
     pos_acc = ratio_or(tp, tp + fn, 1.0)
     neg_acc = ratio_or(tn, tn + fp, 1.0)
     return 100 * (1 - (pos_acc + neg_acc) / 2)
+
+
+def per_image_ber(preds: Tensor, target: Tensor, level: float = SAM_ADAPTER_BER_LEVEL) -> Tensor:
+    """BER in percent of each image, (N,) float64, as SAM-Adapter's ``calc_ber`` computes it.
+
+    Foreground is ``preds * 255 > level`` (default 125, strict, in ``preds``' dtype); the dataset
+    value is the mean of these (``PerImageBER``), not the BER of the pooled counts (``BER``). An image
+    without shadow (or without background) counts that class as perfectly classified, where the
+    reference divides 0 by 0 and gets NaN.
+    """
+    return balanced_error_rate(binary_confusion_counts(preds, target, level=level))
