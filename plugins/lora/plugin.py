@@ -1,0 +1,204 @@
+"""LoRA on SAM's image encoder (SAMed-style), injected with peft.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, applied to SAM's image
+encoder as in SAMed: Zhang & Liu, "Customized Segment Anything Model for Medical Image Segmentation",
+arXiv:2304.13785, 2023 (reference: hitachinsk/SAMed). Each adapted linear layer W (out x in) of the
+frozen encoder computes
+
+    h = W x + (alpha / r) B A dropout(x)        A: (r, in), B: (out, r)
+
+A is initialised as peft does (Kaiming-uniform, as SAMed), B is zero, so at the start h = W x and the
+model is frozen SAM exactly. Trainable: r (in + out) per adapted layer, nothing else. The layers are
+peft's own (``peft.inject_adapter_in_model`` with a ``LoraConfig``): after ``setup`` SAM's
+``blocks.i.attn.qkv`` is a ``peft.tuners.lora.Linear`` whose ``base_layer`` is SAM's frozen linear, and
+the adapter's parameters are ``...qkv.lora_A.<key>.weight`` and ``...qkv.lora_B.<key>.weight`` (the
+adapter is named after the plugin's key). ``merged_sam_state_dict`` folds the deltas into the weights
+for export (``W + (alpha / r) B A``), giving a plain segment-anything state dict.
+
+Compared with SAMed: SAMed adds two rank-r deltas to the fused ``qkv`` layer, one on q and one on v
+(delta W_qkv = [B_q A_q; 0; B_v A_v], scale 1), while peft's LoRA on ``qkv`` adds one rank-r delta to
+q, k and v together. Both train 4 r C values per block (C the encoder width): r (C + 3C) here, 2 r (C + C)
+in SAMed. ``alpha`` defaults to ``rank``, SAMed's scale of 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from segment_anything.modeling import Sam
+from torch import Tensor, nn
+from typing_extensions import override
+
+from samflow.plugins import ForwardContext, SamPlugin
+from samflow_plugins.lora.merge import merged_sam_state_dict
+
+#: Short names of the linear layers of a SAM encoder block that can be adapted.
+TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "lin1": "mlp.lin1", "lin2": "mlp.lin2"}
+
+
+class LoRA(SamPlugin):
+    """peft's LoRA on the linear layers of chosen image-encoder blocks; SAM's weights stay frozen.
+
+    Trainable: ``rank * (in + out)`` per adapted layer, owned by this plugin (they live in SAM, under
+    ``image_encoder.blocks.i.<target>.lora_A/lora_B``, and are kept in the slim checkpoint). ViT-B with
+    the defaults (rank 4, ``qkv`` of all 12 blocks): 12 * 4 * (768 + 2304) = 147,456. The encoder's
+    output changes with training, so ``model.sam.encoder_cache`` is refused with this plugin.
+
+    Args:
+        rank: r, the rank of each delta B A (SAMed: 4).
+        alpha: the delta is scaled by alpha / r; default ``rank`` (scale 1, as SAMed).
+        dropout: dropout on the input of A in training (SAMed: none). peft's dropout module lives inside
+            SAM, which samflow keeps in eval mode, so this plugin switches it with the model's mode.
+        blocks: encoder blocks to adapt (0-based); default all.
+        targets: linear layers of each block to adapt: ``qkv`` (``attn.qkv``), ``proj`` (``attn.proj``),
+            ``lin1``, ``lin2`` (``mlp.lin1``, ``mlp.lin2``), short or dotted names.
+        lr: learning rate of the LoRA parameters (default: the optimizer's).
+        weight_decay: their weight decay (default: the optimizer's).
+    """
+
+    def __init__(
+        self,
+        rank: int = 4,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        blocks: Sequence[int] | None = None,
+        targets: Sequence[str] = ("qkv",),
+        lr: float | None = None,
+        weight_decay: float | None = None,
+    ) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay)
+        if rank < 1:
+            raise ValueError(f"lora: rank must be at least 1, got {rank}.")
+        if alpha is not None and alpha <= 0:
+            raise ValueError(f"lora: alpha must be positive, got {alpha}.")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"lora: dropout must lie in [0, 1), got {dropout}.")
+        if blocks is not None and not list(blocks):
+            raise ValueError("lora: `blocks` is empty; leave it out to adapt every encoder block.")
+        if not targets:
+            raise ValueError(f"lora: `targets` is empty; choose among {sorted(TARGETS)}.")
+        dotted = {v: v for v in TARGETS.values()}
+        unknown = [t for t in targets if t not in TARGETS and t not in dotted]
+        if unknown:
+            raise ValueError(
+                f"lora: unknown target(s) {unknown}; choose among {sorted(TARGETS)} "
+                f"(or their dotted names {sorted(dotted)})."
+            )
+        self.rank = rank
+        self.alpha = float(rank) if alpha is None else float(alpha)
+        self.dropout = dropout
+        self.blocks = None if blocks is None else [int(i) for i in blocks]
+        self.targets = list(dict.fromkeys(TARGETS.get(t, t) for t in targets))  # dotted, in order
+        self.adapted: list[str] = []  # set in setup: SAM module names that carry this plugin's LoRA
+        self._dropouts: list[str] = []  # SAM module names of the LoRA dropouts, switched per forward
+
+    @property
+    def adapter_name(self) -> str:
+        """peft's name of this plugin's adapter: the plugin's key in the experiment."""
+        return self.key or "default"
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, the factor of every delta B A."""
+        return self.alpha / self.rank
+
+    def lora_config(self, depth: int) -> LoraConfig:
+        """peft's ``LoraConfig`` of this plugin for an encoder of ``depth`` blocks (names relative to it)."""
+        blocks = range(depth) if self.blocks is None else self.blocks
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r is all it uses
+            lora_dropout=self.dropout,
+            target_modules=[f"blocks.{i}.{t}" for i in blocks for t in self.targets],
+            bias="none",
+        )
+
+    @override
+    def setup(self, sam: Sam) -> None:
+        encoder = sam.image_encoder
+        depth = len(encoder.blocks)
+        wrong = [i for i in self.blocks or [] if not 0 <= i < depth]
+        if wrong:
+            raise ValueError(
+                f"Plugin {self.key!r} (lora): block(s) {wrong} do not exist; the encoder has blocks 0..{depth - 1}."
+            )
+        config = self.lora_config(depth)
+        names = sorted(config.target_modules or [], key=_block_order)
+        modules = {name: encoder.get_submodule(name) for name in names}
+        taken = [f"image_encoder.{n}" for n, m in modules.items() if isinstance(m, BaseTunerLayer)]
+        if taken:
+            raise ValueError(
+                f"Plugin {self.key!r} (lora): already adapted by peft: {', '.join(taken[:3])}; "
+                "give each LoRA plugin its own blocks or targets."
+            )
+        wrapped = [
+            f"image_encoder.{n} ({type(m).__name__})"
+            for n, m in modules.items()
+            if not isinstance(m, nn.Linear)
+        ]
+        if wrapped:
+            raise TypeError(
+                f"Plugin {self.key!r} (lora): not an nn.Linear (another plugin wraps it): "
+                f"{', '.join(wrapped[:3])}; put lora first in model.plugins or adapt other targets."
+            )
+        # peft freezes every non-adapter parameter of the model it injects into; what trains in SAM
+        # is the stack's decision, so the flags of the parameters already there are kept.
+        requires_grad = {id(p): p.requires_grad for p in encoder.parameters()}
+        configs = encoder.__dict__.pop("peft_config", {})  # another LoRA plugin's adapters, if any
+        inject_adapter_in_model(config, encoder, adapter_name=self.adapter_name)
+        encoder.peft_config = {**configs, **encoder.peft_config}
+        for param in encoder.parameters():
+            if id(param) in requires_grad:
+                param.requires_grad_(requires_grad[id(param)])
+        self.adapted = [f"image_encoder.{name}" for name in names]
+        self._dropouts = []
+        if self.dropout > 0:
+            self._dropouts = [f"{name}.lora_dropout.{self.adapter_name}" for name in self.adapted]
+
+    @override
+    def sam_modules_to_train(self) -> list[str]:
+        """peft's factors A and B of every adapted layer: SAM modules that exist after ``setup``.
+
+        The stack already owns them as parameters injected during ``setup``; naming them also states
+        what trains in SAM's own terms (``image_encoder.blocks.i.attn.qkv.lora_A.<key>``).
+        """
+        return [
+            f"{name}.{factor}.{self.adapter_name}" for name in self.adapted for factor in ("lora_A", "lora_B")
+        ]
+
+    @override
+    def on_image(self, image: Tensor, tokens: Tensor, ctx: ForwardContext) -> None:
+        # SAM stays in eval mode; the LoRA dropouts inside it follow the model's mode instead.
+        for name in self._dropouts:
+            ctx.sam.get_submodule(name).train(ctx.training)
+
+    def merged_sam_state_dict(self, sam: Sam) -> dict[str, Tensor]:
+        """A plain segment-anything state dict of ``sam`` with the LoRA deltas folded in (for export).
+
+        Every LoRA layer in ``sam`` is folded, this plugin's and any other LoRA plugin's, so that
+        ``Sam.load_state_dict(..., strict=True)`` of the same variant takes the result; see
+        ``samflow_plugins.lora.merged_sam_state_dict``. ``sam`` is not changed.
+        """
+        missing = [name for name in self.adapted if not self._carries(sam, name)]
+        if missing or not self.adapted:
+            raise ValueError(
+                f"Plugin {self.key!r} (lora): this SAM does not carry its LoRA layers "
+                f"({missing[:3] or 'setup has not run'}); pass the SAM the plugin was set up on."
+            )
+        return merged_sam_state_dict(sam)
+
+    def _carries(self, sam: Sam, name: str) -> bool:
+        """Whether SAM module ``name`` is a peft LoRA layer with this plugin's adapter."""
+        try:
+            layer = sam.get_submodule(name)
+        except AttributeError:
+            return False
+        return isinstance(layer, LoraLayer) and self.adapter_name in layer.lora_A
+
+
+def _block_order(name: str) -> tuple[int, str]:
+    block, _, rest = name.removeprefix("blocks.").partition(".")
+    return int(block), rest
