@@ -32,7 +32,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 from typing_extensions import override
 
-from samflow.plugins import ForwardContext, SamPlugin
+from samflow.plugins import SamPlugin
 from samflow_plugins.lora.merge import merged_sam_state_dict
 
 #: Short names of the linear layers of a SAM encoder block that can be adapted.
@@ -93,7 +93,6 @@ class LoRA(SamPlugin):
         self.blocks = None if blocks is None else [int(i) for i in blocks]
         self.targets = list(dict.fromkeys(TARGETS.get(t, t) for t in targets))  # dotted, in order
         self.adapted: list[str] = []  # set in setup: SAM module names that carry this plugin's LoRA
-        self._dropouts: list[str] = []  # SAM module names of the LoRA dropouts, switched per forward
 
     @property
     def adapter_name(self) -> str:
@@ -154,26 +153,6 @@ class LoRA(SamPlugin):
             if id(param) in requires_grad:
                 param.requires_grad_(requires_grad[id(param)])
         self.adapted = [f"image_encoder.{name}" for name in names]
-        self._dropouts = []
-        if self.dropout > 0:
-            self._dropouts = [f"{name}.lora_dropout.{self.adapter_name}" for name in self.adapted]
-
-    @override
-    def sam_modules_to_train(self) -> list[str]:
-        """peft's factors A and B of every adapted layer: SAM modules that exist after ``setup``.
-
-        The stack already owns them as parameters injected during ``setup``; naming them also states
-        what trains in SAM's own terms (``image_encoder.blocks.i.attn.qkv.lora_A.<key>``).
-        """
-        return [
-            f"{name}.{factor}.{self.adapter_name}" for name in self.adapted for factor in ("lora_A", "lora_B")
-        ]
-
-    @override
-    def on_image(self, image: Tensor, tokens: Tensor, ctx: ForwardContext) -> None:
-        # SAM stays in eval mode; the LoRA dropouts inside it follow the model's mode instead.
-        for name in self._dropouts:
-            ctx.sam.get_submodule(name).train(ctx.training)
 
     def merged_sam_state_dict(self, sam: Sam) -> dict[str, Tensor]:
         """A plain segment-anything state dict of ``sam`` with the LoRA deltas folded in (for export).

@@ -78,6 +78,9 @@ class PluginStack(HookSites, nn.ModuleDict):
         self._token_counts: list[tuple[SamPlugin, int]] = []
         self.owned: dict[str, dict[str, nn.Parameter]] = {}
         self.frozen_sam_keys: set[str] = set()
+        self._injected: list[
+            nn.Module
+        ] = []  # modules plugins put into SAM (a plain list: not registered twice)
 
     # ---- entries: SamPlugins only ----
     def __setitem__(self, key: str, module: nn.Module) -> None:
@@ -130,9 +133,12 @@ class PluginStack(HookSites, nn.ModuleDict):
         depth = len(sam.image_encoder.blocks)
         claimed: set[int] = set()
         self.owned = {}
+        self._injected = []
         for key, plugin in self.items():
             before = {id(p) for p in sam.parameters()}
+            modules_before = {id(m) for m in sam.modules()}
             plugin.setup(sam)
+            self._injected += [m for m in sam.modules() if id(m) not in modules_before]
             wrong = [i for i in plugin.encoder_features() if not 0 <= i < depth]
             if wrong:
                 raise ValueError(
@@ -169,6 +175,9 @@ class PluginStack(HookSites, nn.ModuleDict):
         for plugin in self._users["output_tokens"]:
             tokens = plugin.output_tokens()
             self._token_counts.append((plugin, 0 if tokens is None else tokens.shape[0]))
+
+    def injected_modules(self) -> list[nn.Module]:
+        return list(self._injected)
 
     def trainable_counts(self) -> dict[str, int]:
         """Plugin key -> number of trainable values it owns."""

@@ -72,9 +72,13 @@ class HookedSam(nn.Module):
         return self.sam.image_encoder.img_size
 
     def train(self, mode: bool = True) -> HookedSam:
-        """Plugins follow ``mode``; SAM stays in eval mode (frozen statistics, no dropout)."""
+        """Plugins follow ``mode``; SAM stays in eval mode (frozen statistics, no dropout), except the
+        modules plugins injected into it (e.g. LoRA's dropout), which follow ``mode`` one by one (the
+        SAM modules they wrap stay in eval mode)."""
         super().train(mode)
         self.sam.eval()
+        for module in self.plugins.injected_modules():
+            module.training = mode
         return self
 
     def forward(self, batch: SamBatch, ctx: ForwardContext | None = None) -> SamOutput:

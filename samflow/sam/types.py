@@ -212,6 +212,10 @@ class HookSites:
         """Owner -> names of trained parameters inside the image encoder (for the encoder cache's check)."""
         return {}
 
+    def injected_modules(self) -> list[nn.Module]:
+        """Modules the hooks put into SAM (e.g. LoRA layers); they follow the model's train/eval mode."""
+        return []
+
     def uses(self, hook: str) -> bool:
         """Whether any hook fills the site ``hook``."""
         return False
