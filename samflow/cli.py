@@ -12,7 +12,10 @@ subcommand: every other flag and ``--config`` overrides the experiment, wherever
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,31 +112,91 @@ def resolve_experiment(name: str) -> Path:
 
 def check_plugins(config_path: Path) -> None:
     """Fail early, naming the distribution, when an experiment uses a plugin that is broken or unknown."""
+    config = yaml.safe_load(config_path.read_text()) or {}
+    plugins = ((config.get("model") or {}).get("plugins")) if isinstance(config, dict) else None
+    if not isinstance(plugins, (dict, type(None))):
+        raise ExperimentError(f"{config_path}: model.plugins must be a mapping of name -> plugin.")
+    for key, spec in (plugins or {}).items():
+        target = spec.get("class_path") if isinstance(spec, dict) else spec if isinstance(spec, str) else None
+        if isinstance(spec, dict) and not target and "init_args" not in spec:
+            raise ExperimentError(f"{config_path}: model.plugins.{key} needs a class_path.")
+        if target:
+            check_plugin_target(f"{config_path}: model.plugins.{key}.class_path", str(target))
+
+
+def check_plugin_target(where: str, target: str) -> None:
+    """Refuse a plugin ``class_path`` that is broken (naming its distribution) or unknown (naming the closest)."""
     from samflow.plugins.registry import discover
 
-    config = yaml.safe_load(config_path.read_text()) or {}
-    plugins = ((config.get("model") or {}).get("plugins")) or {}
-    if not isinstance(plugins, dict):
-        raise ExperimentError(f"{config_path}: model.plugins must be a mapping of name -> plugin.")
     registry = discover()
-    for key, spec in plugins.items():
-        target = spec.get("class_path") if isinstance(spec, dict) else None
-        if not target:
-            raise ExperimentError(f"{config_path}: model.plugins.{key} needs a class_path.")
-        for info in registry.values():
-            names = {info.name, info.class_path, info.class_path.rsplit(".", 1)[-1]}
-            if target in names:
-                if info.cls is None:
-                    raise ExperimentError(
-                        f"{config_path}: model.plugins.{key} uses plugin {info.name!r} from distribution "
-                        f"{info.distribution!r} {info.version}, which failed to load: {info.error}. "
-                        "Reinstall or fix that package, or remove the plugin from the experiment."
-                    )
-                if target == info.name and info.name != info.class_path.rsplit(".", 1)[-1]:
-                    raise ExperimentError(
-                        f"{config_path}: model.plugins.{key}.class_path is the plugin name {target!r}; "
-                        f"write its class instead: class_path: {info.class_path.rsplit('.', 1)[-1]}"
-                    )
+    for info in registry.values():
+        short = info.class_path.rsplit(".", 1)[-1]
+        if target in {info.name, info.class_path, short}:
+            if info.cls is None:
+                raise ExperimentError(
+                    f"{where} uses plugin {info.name!r} from distribution {info.distribution!r} {info.version}, "
+                    f"which failed to load: {info.error}. Reinstall or fix that package, or remove the plugin."
+                )
+            if target == info.name and info.name != short:
+                raise ExperimentError(
+                    f"{where} is the plugin name {target!r}; write its class instead: class_path: {short}"
+                )
+            return
+    if "." in target and _importable(target):
+        return  # a class outside the registry: jsonargparse checks that it is a SamPlugin
+    short_of = {}
+    for info in registry.values():
+        short = info.class_path.rsplit(".", 1)[-1]
+        for name in (info.name, short, info.class_path):
+            short_of[name] = short
+    close = difflib.get_close_matches(target, list(short_of), n=6, cutoff=0.5)
+    close += difflib.get_close_matches(target.rsplit(".", 1)[-1], list(short_of), n=6, cutoff=0.5)
+    suggestions = list(dict.fromkeys(short_of[name] for name in close))[:3]
+    hint = f"Did you mean {', '.join(suggestions)}? " if suggestions else ""
+    known = ", ".join(sorted({short_of[info.name] for info in registry.values()})) or "none"
+    raise ExperimentError(
+        f"{where}: no samflow plugin {target!r}. {hint}Registered plugin classes: {known} "
+        "(`samflow plugins` lists them; install the package that provides it)."
+    )
+
+
+def _importable(target: str) -> bool:
+    module, _, attr = target.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), attr)
+    except Exception:  # noqa: BLE001 - any failure means "not a usable class path"
+        return False
+
+
+def check_plugin_args(args: list[str]) -> None:
+    """``check_plugins`` for every ``--config`` file and every plugin flag on the command line."""
+    i = 0
+    while i < len(args):
+        arg, value = args[i], None
+        if "=" in arg and arg.startswith("-"):
+            arg, value = arg.split("=", 1)
+        elif i + 1 < len(args):
+            value = args[i + 1]
+        i += 1
+        if value is None:
+            continue
+        if arg in ("-c", "--config"):
+            if Path(value).is_file():
+                check_plugins(Path(value))
+        elif arg == "--model.plugins":
+            try:
+                plugins = yaml.safe_load(value)
+            except yaml.YAMLError:
+                continue  # jsonargparse reports it
+            if isinstance(plugins, dict):
+                for key, spec in plugins.items():
+                    target = spec.get("class_path") if isinstance(spec, dict) else spec
+                    if isinstance(target, str):
+                        check_plugin_target(f"--model.plugins: {key}.class_path", target)
+        elif re.fullmatch(r"--model\.plugins\.[^.]+(\.class_path)?", arg) and not value.startswith(
+            ("-", "{")
+        ):
+            check_plugin_target(arg, value)
 
 
 def _experiment_from_argv(argv: list[str]) -> tuple[list[str], str | None]:
@@ -224,26 +287,80 @@ def main(argv: list[str] | None = None) -> int:
         print(f"samflow {__version__}")
         return 0
     if args[0] not in SUBCOMMANDS:
-        print(f"samflow: unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
+        commands = ", ".join([*SUBCOMMANDS, "experiments", "plugins"])
+        return _error(
+            f"unknown command {args[0]!r}; choose one of {commands} (`samflow --help` shows usage)."
+        )
     try:
         args, name = _experiment_from_argv(args)
+        check_plugin_args(args)
     except ExperimentError as err:
-        print(f"samflow: {err}", file=sys.stderr)
-        return 2
+        return _error(str(err))
     # DDP children re-run sys.argv: give them the resolved config path.
     sys.argv = [sys.argv[0], *args]
     configure_wandb()
+    from argparse import ArgumentError
+
     try:
         run_cli(args, name or "samflow")
+    except ArgumentError as err:  # a bad option or value: jsonargparse's message, made one line
+        if os.environ.get("SAMFLOW_DEBUG"):
+            raise
+        return _error(one_line_argument_error(str(err), args))
     except _user_errors() as err:
         # Bad input (a file, key or plugin) or a diverged run: one clear line, no traceback.
         # SAMFLOW_DEBUG=1 shows it.
         if os.environ.get("SAMFLOW_DEBUG"):
             raise
-        print(f"samflow: error: {err}", file=sys.stderr)
-        return 1
+        return _error(str(err))
     return 0
+
+
+def _error(message: str) -> int:
+    """Print ``samflow: error: message`` on one line; every error exits with status 1."""
+    print(f"samflow: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "- Expected a <class 'NoneType'>",
+)
+
+
+def one_line_argument_error(message: str, args: list[str]) -> str:
+    """The most specific part of a jsonargparse error, as one line naming the full option key.
+
+    jsonargparse reports ``--model.plugins.tokens.init_args.num_tokens abc`` as a tree: the outer key
+    (``model.plugins``), the union alternatives it tried (``dict[...]``, ``None``), the class it loaded
+    and the inner key (``num_tokens``) with the reason. The user needs the full key, the value and the
+    innermost reason.
+    """
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    outer = re.match(r'Parser key "([^"]+)":', lines[0]) if lines else None
+    nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", message)
+    inner = [line for line in lines[1 if outer else 0 :] if not line.startswith(_NOISE)]
+    last_class = max(
+        (i for i, line in enumerate(inner) if "Problem with given class_path" in line), default=-1
+    )
+    inner = inner[last_class + 1 :]
+    detail = " ".join(line.lstrip("- ") for line in inner) or (lines[0] if lines else message)
+    detail = re.sub(r"Expected a <class '(?:[\w.]+\.)?(\w+)'>\.?", r"expected \1;", detail)
+    detail = detail.replace("; Got value:", ", got")
+    detail = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", detail)
+    detail = re.sub(r'Parser key "([^"]+)": ', "", detail)
+    hint = f"(`samflow {args[0]} --help` lists the options)"
+    if outer is None:
+        return f"{detail} {hint}"
+    key = outer.group(1) + (f".{nested.group(1)}" if nested else "")
+    flags = [a.split("=", 1)[0] for a in args if a.startswith(f"--{outer.group(1)}.")]
+    key = next((f[2:] for f in flags if nested and f.endswith(f".{nested.group(1)}")), key)
+    value = f" {nested.group(2)!r}" if nested else ""
+    return f"--{key}{value}: {detail} {hint}"
 
 
 def run_cli(args: list[str], run_name: str) -> Any:

@@ -114,6 +114,10 @@ class SamflowCLI(LightningCLI):
     def __init__(self, run_name: str, args: list[str] | None = None, **kwargs: Any) -> None:
         self.run_name = run_name
         discover()  # import every working plugin so configs can name plugin classes by their short name
+        # A bad option raises jsonargparse's ArgumentError (``samflow.cli.main`` makes it one line)
+        # instead of printing the whole usage and exiting with status 2.
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("exit_on_error", False)
         super().__init__(
             SamflowModule,
             LightningDataModule,
@@ -121,6 +125,7 @@ class SamflowCLI(LightningCLI):
             save_config_callback=SaveConfig,
             save_config_kwargs={"overwrite": True},
             args=args,
+            parser_kwargs=parser_kwargs,
             **kwargs,
         )
 
@@ -143,9 +148,16 @@ class SamflowCLI(LightningCLI):
         jsonargparse wraps a constructor's ``ValueError`` / ``TypeError`` in its own union-type
         messages; the user needs the innermost one (e.g. ``pa_sam: num_points must be at least 1``).
         """
+        from samflow.cli import _user_errors
+
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
+            chain: BaseException | None = err
+            while chain is not None:  # samflow's own error (e.g. a bad SAM checkpoint) names the file
+                if isinstance(chain, _user_errors()):
+                    raise chain from err
+                chain = chain.__cause__
             root = _root_cause(err)
             raise ConfigError(f"{type(root).__name__}: {root}" if root is not err else str(err)) from err
 

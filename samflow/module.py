@@ -386,6 +386,18 @@ class SamflowModule(LightningModule):
     ) -> Any:
         """Load a samflow checkpoint: frozen SAM weights it omits come from ``sam.checkpoint``."""
         state = dict(state_dict)
+        ours, theirs = (
+            {k.split(".")[2] for k in keys if k.startswith("model.plugins.")}
+            for keys in (self.state_dict(), state)
+        )
+        if ours != theirs:  # a checkpoint of another experiment: one line, not torch's key lists
+            from samflow.sam.build import CheckpointError
+
+            raise CheckpointError(
+                f"The checkpoint holds weights of plugins {sorted(theirs)}, this experiment's plugins with weights are "
+                f"{sorted(ours)}; pass the "
+                "experiment (and plugin options) the checkpoint was trained with, or a checkpoint of this experiment."
+            )
         for key, value in self.state_dict().items():
             if key.startswith(SAM_PREFIX) and key not in state:
                 state[key] = value

@@ -6,6 +6,7 @@ strict key checks; a wrong file fails with the missing and unexpected keys and t
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -155,7 +156,12 @@ def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(f"Cannot read SAM checkpoint {str(path)!r}: {err}") from err
+        raise CheckpointError(_unreadable(path, err)) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"SAM checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict; pass the "
+            "segment-anything .pth file with --model.sam.checkpoint."
+        )
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     expected = sam.state_dict()
@@ -177,6 +183,27 @@ def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
             "Pass the matching --model.sam.variant, or the checkpoint of the variant you chose."
         )
     sam.load_state_dict(state, strict=True)
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused, naming the file.
+
+    torch's own message is not shown: it is many lines, loses the file name, and for a pickle with
+    other objects than tensors advises ``weights_only=False``, which runs any code the file holds.
+    """
+    name = str(path)
+    if isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err):
+        return (
+            f"Cannot read SAM checkpoint {name!r}: it holds Python objects other than tensors, refused "
+            "(samflow loads checkpoints with weights_only=True and never runs code from them); pass the "
+            "segment-anything .pth file, or re-save the state dict with torch.save(model.state_dict(), ...)."
+        )
+    size = path.stat().st_size
+    kind = "an empty file" if size == 0 else "truncated, or not written by torch.save"
+    return (
+        f"Cannot read SAM checkpoint {name!r}: it is not a PyTorch checkpoint ({kind}, {size} bytes); pass the "
+        "segment-anything .pth file (e.g. sam_vit_b_01ec64.pth) with --model.sam.checkpoint, or download it again."
+    )
 
 
 def _resize_position_tables(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
