@@ -119,6 +119,24 @@ RECIPES = {
         val_names=HQSEG_EVAL,
         test_names=HQSEG_EVAL,
     ),
+    "ba_sam_resolution": dict(
+        plugin="samflow_plugins.ba_sam.BASam",
+        plugin_args={"bias": "distance", "slopes": "alibi", "learnable": True, "train_decoder": True},
+        optimizer="torch.optim.Adam",
+        lr=1e-4,
+        weight_decay=0.0,
+        scheduler="torch.optim.lr_scheduler.ConstantLR",
+        scheduler_args={"factor": 1.0, "total_iters": 0},
+        max_epochs=50,
+        batch_size=2,
+        variant="vit_b",
+        losses={"bce": 1.0, "dice": 1.0},
+        metrics=["iou", "dice", "boundary_iou"],
+        data={"img_size": 1024, "resize_mode": "stretch", "eval_prompt": "box"},
+        train_roots=1,
+        val_names=["DIS-VD"],
+        test_names=["DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"],
+    ),
 }
 
 

@@ -4,7 +4,7 @@ Layers: ``samflow.batch`` <- ``samflow.sam`` (this package; knows no plugin) <- 
 <- ``samflow.module`` / ``samflow.data`` / ``samflow.cli``.
 """
 
-from samflow.sam.build import VARIANTS, CheckpointError, build_sam, count_parameters, freeze
+from samflow.sam.build import VARIANTS, CheckpointError, build_sam, count_parameters, freeze, resize_sam
 from samflow.sam.cache import EncoderCache, EncoderCacheError
 from samflow.sam.hooked import HookedSam
 from samflow.sam.ops import (
@@ -53,6 +53,7 @@ __all__ = [
     "fourier_pe",
     "freeze",
     "normalize",
+    "resize_sam",
     "sam_rule",
     "upcast",
 ]

@@ -1,0 +1,63 @@
+"""The resolution experiment's two commands, on the tiny SAM: fine-tune at 128 px, then evaluate the
+same checkpoint at 256 px with ``--model.sam.img_size`` and ``--data.init_args.img_size``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+PLUGIN = "{ba: {class_path: BASam, init_args: {train_decoder: true}}}"
+COMMON = ["--experiment", "quickstart", "--model.plugins", PLUGIN, "--data.init_args.batch_size", "2"]
+
+
+def samflow(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "XDG_CACHE_HOME": str(cwd)}
+    return subprocess.run(
+        [sys.executable, "-m", "samflow", *args],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_fine_tune_at_one_size_and_evaluate_the_checkpoint_at_another(tmp_path):
+    fit = [
+        "fit",
+        *COMMON,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "1",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.num_sanity_val_steps",
+        "0",
+    ]
+    proc = samflow(fit, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    # the checkpoint's saved hyper-parameters (img_size: null) must not override the flags
+    validate = [
+        "validate",
+        *COMMON,
+        "--model.sam.img_size",
+        "256",
+        "--data.init_args.img_size",
+        "256",
+        "--trainer.limit_val_batches",
+        "1",
+        "--ckpt_path",
+        str(ckpt),
+    ]
+    proc = samflow(validate, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val/iou" in proc.stdout
+    config = yaml.safe_load((tmp_path / "runs" / "quickstart" / "version_1" / "config.yaml").read_text())
+    assert config["model"]["sam"]["img_size"] == 256 and config["data"]["init_args"]["img_size"] == 256
