@@ -181,6 +181,15 @@ class SamflowCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _parse_ckpt_path(self) -> None:
+        """With ``--ckpt_path``, the experiment and its flags still define the model; the file gives weights.
+
+        LightningCLI would overwrite ``model.sam``, ``losses``, ``metrics`` and ``threshold`` with the
+        hyper-parameters saved in the checkpoint, so ``--model.sam.img_size 2048`` (evaluating at
+        another resolution) or ``--model.sam.checkpoint`` (the SAM file at another path) would be
+        silently ignored.
+        """
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SampleGrid, "samples")

@@ -6,6 +6,7 @@ strict key checks; a wrong file fails with the missing and unexpected keys and t
 
 from __future__ import annotations
 
+import copy
 import pickle
 from dataclasses import dataclass
 from functools import partial
@@ -87,6 +88,43 @@ def build_sam(
     if checkpoint is not None:
         load_checkpoint(sam, checkpoint, variant)
     return freeze(sam)
+
+
+def resize_sam(sam: Sam, img_size: int) -> Sam:
+    """A frozen copy of ``sam`` whose image encoder takes ``img_size`` x ``img_size`` inputs.
+
+    The absolute position embedding and the relative-position tables of the global-attention blocks
+    are interpolated exactly as ``build_sam`` interpolates a checkpoint's for another ``img_size``
+    (bicubic / linear); windowed blocks keep their tables (their window does not change), the prompt
+    encoder's grid follows, and every other weight is copied. ``sam`` itself is not changed. Use it
+    on a bare SAM, before plugins are attached. (A random SAM needs no resizing: segment-anything
+    initialises its position tables to zero, so ``build_sam(variant, img_size=s, seed=k)`` already
+    equals ``resize_sam(build_sam(variant, seed=k), s)``.)
+    """
+    enc = sam.image_encoder
+    patch = enc.patch_embed.proj.kernel_size[0]
+    if img_size <= 0 or img_size % patch:
+        raise ValueError(f"img_size {img_size} is not a positive multiple of the patch size {patch}.")
+    grid = img_size // patch
+    resized = copy.deepcopy(sam)
+    new_enc = resized.image_encoder
+    new_enc.img_size = img_size
+    if new_enc.pos_embed is not None:
+        old = new_enc.pos_embed
+        new_enc.pos_embed = nn.Parameter(old.new_empty(1, grid, grid, old.shape[-1]))
+    for block in new_enc.blocks:
+        attn = block.attn
+        if block.window_size == 0 and attn.use_rel_pos:
+            attn.rel_pos_h = nn.Parameter(attn.rel_pos_h.new_empty(2 * grid - 1, attn.rel_pos_h.shape[1]))
+            attn.rel_pos_w = nn.Parameter(attn.rel_pos_w.new_empty(2 * grid - 1, attn.rel_pos_w.shape[1]))
+    prompt = resized.prompt_encoder
+    prompt.image_embedding_size = (grid, grid)
+    prompt.input_image_size = (img_size, img_size)
+    prompt.mask_input_size = (4 * grid, 4 * grid)
+    state = dict(sam.state_dict())
+    _resize_position_tables(state, resized.state_dict())
+    resized.load_state_dict(state, strict=True)
+    return freeze(resized)
 
 
 def _assemble(spec: SamVariant, img_size: int) -> Sam:
