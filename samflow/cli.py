@@ -340,14 +340,20 @@ def one_line_argument_error(message: str, args: list[str]) -> str:
     and the inner key (``num_tokens``) with the reason. The user needs the full key, the value and the
     innermost reason.
     """
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    raw = [line for line in message.splitlines() if line.strip()]
+    lines = [line.strip() for line in raw]
     outer = re.match(r'Parser key "([^"]+)":', lines[0]) if lines else None
     nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", message)
-    inner = [line for line in lines[1 if outer else 0 :] if not line.startswith(_NOISE)]
-    last_class = max(
-        (i for i, line in enumerate(inner) if "Problem with given class_path" in line), default=-1
-    )
-    inner = inner[last_class + 1 :]
+    start = 1 if outer else 0
+    problems = [i for i, line in enumerate(raw) if "Problem with given class_path" in line]
+    if problems:  # only the reasons under the last class jsonargparse tried, not the other alternatives
+        indent = len(raw[problems[-1]]) - len(raw[problems[-1]].lstrip())
+        end = next(
+            (j for j in range(problems[-1] + 1, len(raw)) if len(raw[j]) - len(raw[j].lstrip()) <= indent),
+            len(raw),
+        )
+        lines, start = lines[problems[-1] + 1 : end], 0
+    inner = [line for line in lines[start:] if not line.startswith(_NOISE)]
     detail = " ".join(line.lstrip("- ") for line in inner) or (lines[0] if lines else message)
     detail = re.sub(r"Expected a <class '(?:[\w.]+\.)?(\w+)'>\.?", r"expected \1;", detail)
     detail = detail.replace("; Got value:", ", got")
@@ -359,6 +365,8 @@ def one_line_argument_error(message: str, args: list[str]) -> str:
     key = outer.group(1) + (f".{nested.group(1)}" if nested else "")
     flags = [a.split("=", 1)[0] for a in args if a.startswith(f"--{outer.group(1)}.")]
     key = next((f[2:] for f in flags if nested and f.endswith(f".{nested.group(1)}")), key)
+    named = re.findall(r'Parser key "([^"]+)":', message)[1:]
+    key = next((f[2:] for f in flags if not nested and any(f.endswith(f".{n}") for n in named)), key)
     value = f" {nested.group(2)!r}" if nested else ""
     return f"--{key}{value}: {detail} {hint}"
 
