@@ -77,6 +77,24 @@ RECIPES = {
         val_names=["val"],
         test_names=["Kvasir-SEG"],
     ),
+    "lora_polyp": dict(
+        plugins={"lora": "samflow_plugins.lora.LoRA", "decoder": "samflow_plugins.decoder_tuning.DecoderTuning"},
+        plugin_args={"rank": 4, "alpha": 4.0, "targets": ["qkv"]},
+        optimizer="torch.optim.AdamW",
+        lr=2e-4,
+        weight_decay=0.01,
+        scheduler="torch.optim.lr_scheduler.CosineAnnealingLR",
+        scheduler_args={"T_max": 20, "eta_min": 1e-7},
+        max_epochs=20,
+        batch_size=2,
+        variant="vit_b",
+        losses={"bce": 1.0, "soft_iou": 1.0},
+        metrics=["dice", "iou"],
+        data={"img_size": 1024, "resize_mode": "stretch", "prompt": "none"},
+        train_roots=1,
+        val_names=["val"],
+        test_names=["Kvasir-SEG"],
+    ),
     "hq_sam_hqseg": dict(
         plugin="samflow_plugins.hq_sam.HQSam",
         plugin_args={
@@ -190,8 +208,12 @@ def test_experiment_keeps_its_recipe(name, tmp_path, capsys, monkeypatch):
     recipe = RECIPES[name]
     config = resolved(["fit", "--experiment", name], tmp_path, capsys, monkeypatch)
     model, data = config["model"], config["data"]["init_args"]
-    (plugin,) = model["plugins"].values()
-    assert plugin["class_path"] == recipe["plugin"]
+    if "plugins" in recipe:  # several plugins: the first one carries plugin_args
+        assert {k: v["class_path"] for k, v in model["plugins"].items()} == recipe["plugins"]
+        plugin = model["plugins"][next(iter(recipe["plugins"]))]
+    else:
+        (plugin,) = model["plugins"].values()
+        assert plugin["class_path"] == recipe["plugin"]
     assert recipe.get("plugin_args", {}).items() <= plugin["init_args"].items()
     assert model["sam"]["variant"] == recipe["variant"] and model["sam"]["checkpoint"]
     optimizer = model["optimizer"]
