@@ -78,7 +78,10 @@ RECIPES = {
         test_names=["Kvasir-SEG"],
     ),
     "lora_polyp": dict(
-        plugins={"lora": "samflow_plugins.lora.LoRA", "decoder": "samflow_plugins.decoder_tuning.DecoderTuning"},
+        plugins={
+            "lora": "samflow_plugins.lora.LoRA",
+            "decoder": "samflow_plugins.decoder_tuning.DecoderTuning",
+        },
         plugin_args={"rank": 4, "alpha": 4.0, "targets": ["qkv"]},
         optimizer="torch.optim.AdamW",
         lr=2e-4,

@@ -77,7 +77,9 @@ class SampleGrid(Callback):
             if isinstance(logger, WandbLogger):
                 self._log_wandb(logger, images, targets, preds, trainer.global_step)
 
-    def _log_wandb(self, logger: WandbLogger, images: Tensor, targets: Tensor, preds: Tensor, step: int) -> None:
+    def _log_wandb(
+        self, logger: WandbLogger, images: Tensor, targets: Tensor, preds: Tensor, step: int
+    ) -> None:
         import wandb
 
         overlays = []
@@ -85,7 +87,10 @@ class SampleGrid(Callback):
             picture = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             masks = {
                 "prediction": {"mask_data": pred[0].numpy().astype(np.uint8), "class_labels": {1: "object"}},
-                "ground_truth": {"mask_data": target[0].numpy().astype(np.uint8), "class_labels": {1: "object"}},
+                "ground_truth": {
+                    "mask_data": target[0].numpy().astype(np.uint8),
+                    "class_labels": {1: "object"},
+                },
             }
             overlays.append(wandb.Image(picture, masks=masks))
         logger.experiment.log({"val/samples": overlays, "trainer/global_step": step})
