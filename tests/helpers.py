@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from segment_anything.modeling import Sam
 
@@ -40,3 +45,21 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torc
             if "rel_pos" in name or "pos_embed" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std * 10)
     return module
+
+
+def run_samflow(
+    args: list[str], cwd: Path, *, env: dict[str, str] | None = None, pythonpath: Path | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m samflow ARGS`` in ``cwd`` as a user runs it (W&B disabled, warnings off), captured."""
+    full = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    if pythonpath is not None:
+        full["PYTHONPATH"] = os.pathsep.join([str(pythonpath), full.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "samflow", *args],
+        check=False,
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -3,28 +3,18 @@ same checkpoint at 256 px with ``--model.sam.img_size`` and ``--data.init_args.i
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from helpers import run_samflow
 
 PLUGIN = "{ba: {class_path: BASam, init_args: {train_decoder: true}}}"
 COMMON = ["--experiment", "quickstart", "--model.plugins", PLUGIN, "--data.init_args.batch_size", "2"]
 
 
 def samflow(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "XDG_CACHE_HOME": str(cwd)}
-    return subprocess.run(
-        [sys.executable, "-m", "samflow", *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_samflow(args, cwd, env={"XDG_CACHE_HOME": str(cwd)})
 
 
 def test_fine_tune_at_one_size_and_evaluate_the_checkpoint_at_another(tmp_path):

@@ -6,31 +6,19 @@ garbage SAM checkpoint, a ``--ckpt_path`` of another plugin set, an unknown expe
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_samflow
 
 from samflow.cli import main
 
 
 def samflow(args: list[str], cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath), env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-m", "samflow", *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_samflow(args, cwd, pythonpath=pythonpath)
 
 
 def error_line(proc: subprocess.CompletedProcess, quiet: bool = True) -> str:

@@ -17,13 +17,12 @@ Bad-input matrix, predict outputs:
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_samflow
 from PIL import Image
 
 from samflow.callbacks import MaskWriter
@@ -70,16 +69,7 @@ def predict(cwd: Path, data: str, output_dir: Path, *extra: str) -> subprocess.C
         str(output_dir),
         *extra,
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "samflow", *args],
-        check=False,
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_samflow(args, cwd)
 
 
 def error_line(proc: subprocess.CompletedProcess, ranks: int = 1) -> str:
