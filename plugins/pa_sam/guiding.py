@@ -43,7 +43,7 @@ from kornia.filters import canny, sobel
 from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
-from samflow.plugins.registry import PluginError
+from samflow.plugins import PluginError
 from samflow.sam import upcast
 
 EdgeFilter = Literal["sobel", "canny"]
