@@ -542,16 +542,18 @@ class MaskFolderDataset(Dataset):
         bad: list[BadFile] = []
         for sample in self.samples:
             image = results[sample.image]
-            mask = results[sample.mask] if sample.mask is not None else None
             if isinstance(image, str):
                 bad.append(BadFile(sample, sample.image, image))
+            if sample.mask is None:
+                continue
+            mask = results[sample.mask]
             if isinstance(mask, str):
-                bad.append(BadFile(sample, sample.mask, mask))  # type: ignore[arg-type]
-            elif mask is not None and not isinstance(image, str) and mask != image:
+                bad.append(BadFile(sample, sample.mask, mask))
+            elif not isinstance(image, str) and mask != image:
                 reason = (
                     f"mask is {_size_mismatch(sample.image, mask, image)}: a mask must have its image's size"
                 )
-                bad.append(BadFile(sample, sample.mask, reason))  # type: ignore[arg-type]
+                bad.append(BadFile(sample, sample.mask, reason))
         if not bad:
             return bad
         samples = {b.sample for b in bad}
