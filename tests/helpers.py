@@ -48,10 +48,17 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torc
 
 
 def run_samflow(
-    args: list[str], cwd: Path, *, env: dict[str, str] | None = None, pythonpath: Path | None = None
+    args: list[str],
+    cwd: Path,
+    *,
+    env: dict[str, str] | None = None,
+    pythonpath: Path | None = None,
+    timeout: float = 600,
 ) -> subprocess.CompletedProcess:
-    """``python -m samflow ARGS`` in ``cwd`` as a user runs it (W&B disabled, warnings off), captured."""
+    """``python -m samflow ARGS`` in ``cwd`` as a user runs it (W&B disabled, warnings off, no
+    SAMFLOW_DEBUG tracebacks), captured."""
     full = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    full.pop("SAMFLOW_DEBUG", None)
     if pythonpath is not None:
         full["PYTHONPATH"] = os.pathsep.join([str(pythonpath), full.get("PYTHONPATH", "")])
     return subprocess.run(
@@ -61,5 +68,5 @@ def run_samflow(
         env=full,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )

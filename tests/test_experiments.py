@@ -7,13 +7,12 @@ and no path is checked); one subprocess checks that a missing dataset root fails
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import run_samflow
 
 from samflow.cli import PACKAGED, describe, main
 from samflow.data import GpuAugment, SegmentationDataModule, build_prompt
@@ -285,14 +284,6 @@ def test_a_missing_dataset_root_fails_the_run_naming_it(tmp_path):
         "--trainer.accelerator",
         "cpu",
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "samflow", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_samflow(args, tmp_path, timeout=300)
     assert proc.returncode != 0
     assert f"data.val: Dataset root {missing} does not exist" in proc.stderr, proc.stderr[-3000:]

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_samflow
 from PIL import Image
 
 import samflow.data.datamodule as datamodule_module
@@ -288,17 +286,7 @@ def test_cli_fit_with_a_truncated_image_stops_before_step_zero(tmp_path):
         "--trainer.num_sanity_val_steps", "0",
         "--trainer.log_every_n_steps", "1",
     ]  # fmt: skip
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    env.pop("SAMFLOW_DEBUG", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "samflow", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = run_samflow(args, tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("samflow: error:")]

@@ -8,13 +8,12 @@ a few steps long on the tiny SAM and the procedural quickstart data.
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_samflow
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
@@ -41,22 +40,7 @@ class NaNAtSteps(SamPlugin):
 
 
 def samflow(args: list[str], cwd: Path, plugin_dir: Path) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("SAMFLOW_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "samflow", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return run_samflow(args, cwd, pythonpath=plugin_dir)
 
 
 @pytest.fixture(scope="module")
