@@ -24,6 +24,11 @@ import yaml
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
+# Commands beside LightningCLI's: name -> ("module:function", one-line usage). The function takes the
+# arguments after the command name and returns the exit status; the user errors it raises
+# (``_user_errors()``, ``ValueError`` subclasses of samflow) are printed as one line, exit 1.
+COMMANDS: dict[str, tuple[str, str]] = {}
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from samflow.callbacks.finite import NonFiniteError
@@ -264,19 +269,35 @@ def cmd_experiments() -> int:
     return 0
 
 
-USAGE = """usage: samflow {fit,validate,test,predict} --experiment NAME [overrides ...]
-       samflow experiments
-       samflow plugins
+def usage() -> str:
+    lines = [
+        "usage: samflow {fit,validate,test,predict} --experiment NAME [overrides ...]",
+        "       samflow experiments",
+        "       samflow plugins",
+        *(f"       samflow {name} {summary}" for name, (_, summary) in COMMANDS.items()),
+    ]
+    return "\n".join(lines) + "\n\nRun `samflow fit --help` for every option of an experiment."
 
-Run `samflow fit --help` for every option of an experiment."""
+
+def run_command(name: str, args: list[str]) -> int:
+    """Run one of ``COMMANDS``; its user errors become one line and exit 1."""
+    module, _, function = COMMANDS[name][0].partition(":")
+    try:
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+    except (*_user_errors(), ExperimentError) as err:
+        if os.environ.get("SAMFLOW_DEBUG"):
+            raise
+        return _error(str(err))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``samflow`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0
+    if args[0] in COMMANDS:
+        return run_command(args[0], args[1:])
     if args[0] == "plugins":
         return cmd_plugins()
     if args[0] == "experiments":
@@ -287,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"samflow {__version__}")
         return 0
     if args[0] not in SUBCOMMANDS:
-        commands = ", ".join([*SUBCOMMANDS, "experiments", "plugins"])
+        commands = ", ".join([*SUBCOMMANDS, "experiments", "plugins", *COMMANDS])
         return _error(
             f"unknown command {args[0]!r}; choose one of {commands} (`samflow --help` shows usage)."
         )

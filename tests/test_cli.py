@@ -221,3 +221,31 @@ def test_no_checkpointing_and_a_validation_cache_from_the_command_line(tmp_path,
             if row["val/encoder_cache_hit_rate"]
         ]
     assert rates == ["1.0"]  # the sanity check filled the cache; the epoch's validation only hit it
+
+
+def test_extra_commands_run_and_report_user_errors_on_one_line(monkeypatch, capsys):
+    import types
+
+    import samflow.cli as cli
+    from samflow.data.folder import DataError
+
+    module = types.ModuleType("fake_command")
+    seen = []
+
+    def good(args):
+        seen.append(args)
+        return 0
+
+    def bad(args):
+        raise DataError("images/x.png is not an image:\nremove it")
+
+    module.good, module.bad = good, bad
+    monkeypatch.setitem(__import__("sys").modules, "fake_command", module)
+    monkeypatch.setattr(
+        cli, "COMMANDS", {"good": ("fake_command:good", "ARGS"), "bad": ("fake_command:bad", "")}
+    )
+    assert main(["good", "--x", "1"]) == 0 and seen == [["--x", "1"]]
+    assert main(["bad"]) == 1
+    assert capsys.readouterr().err == "samflow: error: images/x.png is not an image: remove it\n"
+    main(["--help"])
+    assert "samflow good ARGS" in capsys.readouterr().out
