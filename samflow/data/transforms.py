@@ -6,7 +6,12 @@ The dataset brings every image into an S x S frame (S = ``img_size``) on the CPU
   the other ``int(side * scale + 0.5)``, then zero-pad at the bottom and right;
 - ``"stretch"``: resize to S x S, ignoring the aspect ratio (as some adaptation papers do).
 
-Images are resized bilinearly with antialiasing, masks with nearest neighbour (``nearest-exact``, which
+Images are resized as segment-anything resizes them by default (``image_resize="sam"``): Pillow's
+bilinear filter (antialiased when shrinking) on the 8-bit image, the result still 8-bit, exactly
+``ResizeLongestSide.apply_image``. An image that is not 8-bit (16-bit, float) goes through the same
+filter per channel in 32-bit float, without rounding to 8 bits. ``image_resize="bilinear"`` is the fast
+path: one antialiased bilinear ``torch.nn.functional.interpolate`` on the tensor's device (a GPU too),
+within one grey level of Pillow's. Masks are resized with nearest neighbour (``nearest-exact``, which
 samples pixel centres). Prompt coordinates follow segment-anything's ``ResizeLongestSide``: a point
 ``(x, y)`` in pixels of the original image becomes ``(x * w / W, y * h / H)`` where ``(h, w)`` is the
 resized size before padding (``input_size``).
@@ -21,14 +26,20 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import kornia.augmentation as K
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
 
 ResizeMode = Literal["longest", "stretch"]
+#: How images are resized: ``"sam"`` (segment-anything's Pillow resize, the default) or ``"bilinear"``
+#: (torch's antialiased bilinear interpolation, on any device).
+ImageResize = Literal["sam", "bilinear"]
+IMAGE_RESIZES = ("sam", "bilinear")
 
 
 def longest_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -47,7 +58,13 @@ def input_shape(height: int, width: int, size: int, resize_mode: ResizeMode) -> 
 
 
 def _resize(x: Tensor, shape: tuple[int, int], mode: str) -> Tensor:
-    """Resize a (C, H, W) or (B, C, H, W) tensor; bilinear gets antialiasing, masks stay in their dtype."""
+    """Resize a (C, H, W) or (B, C, H, W) tensor, keeping its dtype.
+
+    ``mode``: ``"sam"`` (Pillow, see ``sam_resize``), ``"bilinear"`` (antialiased) or any other mode of
+    ``F.interpolate`` (``"nearest-exact"`` for masks).
+    """
+    if mode == "sam":
+        return sam_resize(x, shape)
     unbatched = x.dim() == 3
     y = x[None] if unbatched else x
     dtype = y.dtype
@@ -61,13 +78,61 @@ def _resize(x: Tensor, shape: tuple[int, int], mode: str) -> Tensor:
     return y[0] if unbatched else y
 
 
+def sam_resize(image: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Resize (C, H, W) or (B, C, H, W) to ``shape`` (h, w) as segment-anything does, on the CPU.
+
+    segment-anything's ``ResizeLongestSide.apply_image`` resizes the uint8 image with Pillow's bilinear
+    filter (torchvision's ``resize`` of a PIL image). A uint8 tensor, or a float one in [0, 1] that holds
+    8-bit values (``k / 255``, as ``read_image`` gives for 8-bit files), takes exactly that path and
+    comes back in its dtype (``k / 255``); any other float image is resized channel by channel in
+    Pillow's 32-bit float mode with the same filter, so 16-bit and float images keep their precision.
+    The result is on ``image``'s device.
+    """
+    if image.dim() == 4:
+        return torch.stack([sam_resize(one, shape) for one in image])
+    h, w = shape
+    if tuple(image.shape[-2:]) == (h, w):
+        return image.clone()
+    array = image.detach().cpu()
+    if array.dtype == torch.uint8:
+        codes: Tensor | None = array
+    else:
+        scaled = array.double() * 255
+        codes = (
+            scaled.round().to(torch.uint8)
+            if bool(((scaled - scaled.round()).abs() < 1e-3).all())
+            and bool(((scaled >= 0) & (scaled <= 255)).all())
+            else None
+        )
+    if codes is not None:
+        planes = [np.ascontiguousarray(c) for c in codes.numpy()] if codes.shape[0] != 3 else None
+        if planes is None:  # RGB, as segment-anything hands Pillow the image
+            rgb = Image.fromarray(np.ascontiguousarray(codes.permute(1, 2, 0).numpy()))
+            out = np.asarray(rgb.resize((w, h), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+        else:
+            out = np.stack(
+                [np.asarray(Image.fromarray(p).resize((w, h), Image.Resampling.BILINEAR)) for p in planes]
+            )
+        result = torch.from_numpy(out.copy())
+        if image.dtype != torch.uint8:
+            result = result.to(image.dtype) / 255
+    else:
+        planes = [
+            np.asarray(Image.fromarray(c.float().numpy()).resize((w, h), Image.Resampling.BILINEAR))
+            for c in array
+        ]
+        result = torch.from_numpy(np.stack(planes)).to(image.dtype)
+    return result.to(image.device)
+
+
 def resize_longest_side(x: Tensor, size: int, mode: str = "bilinear") -> Tensor:
     """Resize (C, H, W) or (B, C, H, W) so its longest side is ``size``, keeping the aspect ratio.
 
     Args:
         x: the image or mask.
         size: target length of the longest side.
-        mode: ``"bilinear"`` (antialiased, for images) or ``"nearest-exact"`` (for masks).
+        mode: ``"sam"`` (segment-anything's Pillow resize, for images), ``"bilinear"`` (antialiased, the
+            fast path for images) or ``"nearest-exact"`` (for masks).
 
     Returns:
         The resized tensor, (..., h, w) with ``(h, w) = longest_side_shape(H, W, size)``.
