@@ -23,6 +23,18 @@ field                  type, shape                 meaning
 ``has_box``            bool (N,) | None            rows without a box hold zeros and False
 ``mask_prompt``        float (N, 1, S/4, S/4)      a low-resolution mask prompt in {0, 1} (or logits)
 ``has_mask_prompt``    bool (N,) | None            rows without a mask prompt hold zeros and False
+``context_image``      float (B, 3, S, S) | None   a second view of each image around the same centre at a
+                                                   coarser scale (WSI-SAM's low-resolution patch), in [0, 1];
+                                                   it fills the S x S frame. With it the model encodes 2B
+                                                   images and decodes every row in both views (``with_context``)
+``context_mask``       float (B, 1, S, S) | None   the ground truth in the context view
+``context_affine``     float (B, 3) | None         (a, tx, ty): a point at continuous position u of the S x S
+                                                   frame (pixel i spans [i, i + 1)) lies at a * u + t in the
+                                                   context view; default (0.5, S/4, S/4): concentric, the
+                                                   view is the context's central half
+``context_rows``       int                         0, or N in the batch ``with_context`` builds: images [B, 2B)
+                                                   are then the context views and rows [N, 2N) the rows
+                                                   [0, N) mapped into them
 =====================  ==========================  ==========================================================
 
 A prompt field is None when no row has that prompt. ``has_box`` / ``has_mask_prompt`` may be None
@@ -40,9 +52,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["PROMPT_FIELDS", "SamBatch"]
+__all__ = ["CONTEXT_FIELDS", "PROMPT_FIELDS", "SamBatch", "to_context_frame"]
 
 PROMPT_FIELDS = ("points", "point_labels", "box", "has_box", "mask_prompt", "has_mask_prompt")
+CONTEXT_FIELDS = ("context_image", "context_mask", "context_affine")
 
 
 @dataclass
@@ -63,6 +76,10 @@ class SamBatch:
     has_box: Tensor | None = None
     mask_prompt: Tensor | None = None
     has_mask_prompt: Tensor | None = None
+    context_image: Tensor | None = None
+    context_mask: Tensor | None = None
+    context_affine: Tensor | None = None
+    context_rows: int = 0
 
     def __post_init__(self) -> None:
         b, s = self.image.shape[0], self.image.shape[-1]
@@ -77,6 +94,8 @@ class SamBatch:
             raise ValueError("SamBatch: give points and point_labels together.")
         if not self.id:
             self.id = [str(i) for i in range(b)]
+        if self.context_image is not None and self.context_affine is None:
+            self.context_affine = torch.tensor([[0.5, s / 4, s / 4]] * b, device=device)
 
     # ---- sizes ----
     @property
@@ -150,6 +169,9 @@ class SamBatch:
             id=[self.id[i] for i in picked] if self.id else [],
             path=[self.path[i] for i in picked] if self.path else [],
             image_index=new_of_old[out.image_index],
+            context_image=None if self.context_image is None else self.context_image[keep],
+            context_mask=None if self.context_mask is None else self.context_mask[keep],
+            context_affine=None if self.context_affine is None else self.context_affine[keep],
         )
 
     def select_rows(self, rows: Tensor | list[int]) -> SamBatch:
@@ -165,6 +187,40 @@ class SamBatch:
     def replace(self, **changes: Any) -> SamBatch:
         """A copy with some fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+    def with_context(self) -> SamBatch:
+        """The batch the model runs when context views are given: 2B images, 2N rows, one pass.
+
+        Images [0, B) are the views, [B, 2B) their context views (full frame); row N + n is row n
+        mapped into its image's context view by ``context_affine`` (``to_context_frame``). The ground
+        truth is not copied: losses read ``mask`` and ``context_mask`` of the batch itself.
+        """
+        if self.context_image is None or self.context_affine is None:
+            raise ValueError("SamBatch.with_context: this batch has no context_image.")
+        b, n, s = self.num_images, self.num_rows, self.size
+        affine = self.context_affine[self.image_index]  # (N, 3), per row
+        rows: dict[str, Any] = {"image_index": torch.cat([self.image_index, self.image_index + b])}
+        for name in PROMPT_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                mapped = value
+                if name == "points":
+                    mapped = to_context_frame(value, affine)
+                elif name == "box":
+                    mapped = to_context_frame(value.unflatten(-1, (2, 2)), affine).flatten(-2)
+                elif name == "mask_prompt":
+                    mapped = _warp_to_context(value, affine, s)
+                rows[name] = torch.cat([value, mapped])
+        full = torch.tensor([[s, s]] * b, dtype=self.input_size.dtype, device=self.input_size.device)
+        return SamBatch(
+            image=torch.cat([self.image, self.context_image]),
+            input_size=torch.cat([self.input_size, full]),
+            original_size=torch.cat([self.original_size, full]),
+            id=self.id + [f"{i}@context" for i in self.id],
+            path=self.path + self.path,
+            context_rows=n,
+            **rows,
+        )
 
     # ---- prompt presence ----
     def point_valid(self) -> Tensor | None:
@@ -186,3 +242,35 @@ class SamBatch:
         if self.has_mask_prompt is None:
             return torch.ones(self.mask_prompt.shape[0], dtype=torch.bool, device=self.mask_prompt.device)
         return self.has_mask_prompt
+
+
+def to_context_frame(coords: Tensor, affine: Tensor) -> Tensor:
+    """Pixel coordinates (N, ..., 2) of the view -> those of the context view, by (N, 3) ``(a, tx, ty)``.
+
+    Coordinates are pixel indices as in the batch (pixel i's centre is at i + 0.5), so
+    x' = a (x + 0.5) + tx - 0.5: the exact geometry (the WSI-SAM code's ``x / 2 + 256`` is a quarter
+    pixel off it at 1024 px).
+    """
+    shape = (coords.shape[0],) + (1,) * (coords.dim() - 2)
+    scale = affine[:, 0].view(*shape, 1).to(coords.dtype)
+    shift = affine[:, 1:].view(*shape, 2).to(coords.dtype)
+    return scale * (coords + 0.5) + shift - 0.5
+
+
+def _warp_to_context(mask: Tensor, affine: Tensor, size: int) -> Tensor:
+    """Low-resolution mask prompts (N, 1, S/4, S/4) resampled into the context frame (bilinear; 0 outside).
+
+    For a = 1/2 each context pixel is exactly the mean of the 2 x 2 view pixels it covers.
+    """
+    low = mask.shape[-1]
+    centres = (torch.arange(low, device=mask.device, dtype=torch.float64) + 0.5) * (size / low)  # S frame
+    a = affine[:, :1].double()  # (N, 1)
+    x = (centres[None] - affine[:, 1:2].double()) / a  # (N, low): view coordinate of each context column
+    y = (centres[None] - affine[:, 2:3].double()) / a
+    gx, gy = 2 * x / size - 1, 2 * y / size - 1  # grid_sample's [-1, 1], align_corners=False
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)  # (N, low, low, 2)
+    values = mask if mask.is_floating_point() else mask.float()
+    warped = torch.nn.functional.grid_sample(
+        values, grid.to(values.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return warped.to(mask.dtype)

@@ -18,20 +18,20 @@ with the highest predicted IoU (so, as in the reference, one mask comes out, not
 from __future__ import annotations
 
 from segment_anything.modeling import Sam
-from segment_anything.modeling.mask_decoder import MLP
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from samflow.batch import SamBatch
 from samflow.plugins import DecoderContext, DecoderFeatures, SamPlugin
 from samflow.sam import SamOutput, sam_rule
-from samflow_plugins.hq_sam.fusion import first_global_block, refine_3x3, upsample_x4
+from samflow_plugins.hq_sam.fusion import first_global_block
+from samflow_plugins.hq_sam.head import HQHead, apply_kernel
 from samflow_plugins.hq_sam.loss import point_bce_dice, sample_points
 
 OUTPUTS = ("hq", "sam_hq")
 
 
-class HQSam(SamPlugin):
+class HQSam(SamPlugin, HQHead):
     """HQ-SAM's HQ-Output token and global-local fusion on a frozen SAM.
 
     Masks: ``<key>/hq`` (the HQ mask alone) and ``<key>/sam_hq`` (SAM's mask + the HQ mask, logits).
@@ -96,11 +96,7 @@ class HQSam(SamPlugin):
         dim = decoder.transformer_dim  # C
         self.early_block = first_global_block(encoder)
         vit_dim = encoder.blocks[self.early_block].attn.qkv.in_features  # C_vit
-        self.hf_token = nn.Embedding(1, dim)  # the HQ-Output token
-        self.hf_mlp = MLP(dim, dim, dim // 8, 3)  # token -> dynamic kernel (C/8)
-        self.compress_vit_feat = upsample_x4(vit_dim, dim, dim // 8)  # F_early -> (C/8, 4h, 4w)
-        self.embedding_encoder = upsample_x4(dim, dim // 4, dim // 8)  # F_emb -> (C/8, 4h, 4w)
-        self.embedding_maskfeature = refine_3x3(dim // 8, dim // 4)  # F_up -> (C/8, 4h, 4w)
+        self.build_head(vit_dim, dim)  # hf_token, hf_mlp and the fusion (head.py)
 
     @override
     def output_tokens(self) -> Tensor:
@@ -112,16 +108,13 @@ class HQSam(SamPlugin):
 
     def hq_features(self, upscaled: Tensor, ctx: DecoderContext) -> Tensor:
         """Global-local fusion F_hq (N, C/8, 4h, 4w): the image terms once per image, then per prompt row."""
-        early = ctx.encoded.features[self.early_block].permute(0, 3, 1, 2)  # (B, C_vit, h, w)
-        # (B, C/8, 4h, 4w): once per image, shared by that image's prompt rows
-        per_image = self.compress_vit_feat(early) + self.embedding_encoder(ctx.encoded.embeddings)
-        return self.embedding_maskfeature(upscaled) + per_image[ctx.image_index]
+        early = ctx.encoded.features[self.early_block]  # (B, h, w, C_vit)
+        return self.fused_features(early, ctx.encoded.embeddings, upscaled, ctx.image_index)
 
     @override
     def decode_token(self, tokens: Tensor, feats: DecoderFeatures, ctx: DecoderContext) -> dict[str, Tensor]:
         fused = self.hq_features(feats.upscaled, ctx)  # (N, C/8, 4h, 4w)
-        kernel = self.hf_mlp(tokens[:, 0])  # (N, C/8)
-        hq = (kernel.unsqueeze(1) @ fused.flatten(2)).unflatten(-1, fused.shape[-2:])  # (N, 1, 4h, 4w)
+        hq = apply_kernel(self.kernel(tokens[:, 0]), fused)  # (N, 1, 4h, 4w)
         return {"hq": hq, "sam_hq": sam_rule(feats.sam_masks, feats.iou_pred, ctx.multimask_output) + hq}
 
     @override

@@ -5,6 +5,8 @@ when known, ``mask`` (1, S, S) and ``gt_original`` (H, W); its prompt keys are t
 names: ``points`` (K, 2) with ``point_labels`` (K,), ``box`` (4,), ``mask_prompt`` (1, S/4, S/4).
 Rows with fewer points get empty slots (label -1) that the model does not see; rows without a box or
 a mask prompt get ``has_box`` / ``has_mask_prompt`` False. Dtypes are kept (no cast to float32).
+Items of two-resolution data (WSI-SAM) also carry ``context_image`` (3, S, S), ``context_mask``
+(1, S, S) and ``context_affine`` (3,): every item of a batch or none.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samflow.batch import SamBatch
+from samflow.batch import CONTEXT_FIELDS, SamBatch
 
 
 def _pad_points(items: Sequence[dict[str, Any]]) -> tuple[Tensor, Tensor]:
@@ -73,4 +75,10 @@ def collate(items: Sequence[dict[str, Any]]) -> SamBatch:
     if any("mask_prompt" in item for item in items):
         low = (1, size // 4, size // 4)
         fields["mask_prompt"], fields["has_mask_prompt"] = _stack_optional(items, "mask_prompt", low)
+    for key in CONTEXT_FIELDS:
+        present = [key in item for item in items]
+        if any(present) and not all(present):
+            raise ValueError(f"collate: some items have {key!r} and others not; mix no such datasets.")
+        if all(present):
+            fields[key] = torch.stack([torch.as_tensor(item[key]) for item in items])
     return SamBatch(**fields)

@@ -12,6 +12,8 @@ Hook sites, in order: ``on_image`` -> for each encoder block i: ``block_input(i)
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
@@ -89,7 +91,9 @@ class HookedSam(nn.Module):
         """The whole pass -> (output, the decoder-stage context that ``losses`` hooks receive).
 
         ``batch.image`` is (B, 3, S, S) in [0, 1]; ``input_size`` (B, 2) marks the unpadded part.
-        Prompts are in the S x S input frame, one row per ``image_index`` entry.
+        Prompts are in the S x S input frame, one row per ``image_index`` entry. With
+        ``batch.context_image`` the hooks see ``batch.with_context()`` (the encoder runs on the 2B
+        images at once, the decoder on the 2N rows) and the output's ``context`` holds the context rows.
         """
         if not isinstance(batch, SamBatch):
             raise TypeError(
@@ -97,8 +101,13 @@ class HookedSam(nn.Module):
                 "build one with SamBatch(image=..., box=..., ...)."
             )
         ctx = ctx or self.context(batch)
+        if batch.context_image is not None:  # views and context views: 2B images, 2N rows, one pass
+            ctx = dataclasses.replace(ctx, batch=batch.with_context())
         dctx = DecoderContext.after_encoder(ctx, self.encode(ctx))
-        return self.decode(dctx), dctx
+        out = self.decode(dctx)
+        if ctx.batch.context_rows:
+            out = out.split_context(ctx.batch.context_rows, batch.num_images)
+        return out, dctx
 
     def context(self, batch: SamBatch, *, epoch: int = 0, global_step: int = 0) -> ForwardContext:
         """A fresh ``ForwardContext`` for ``batch`` (``epoch`` and ``global_step`` may be given)."""
@@ -273,7 +282,14 @@ class HookedSam(nn.Module):
         iou_pred = dec.iou_prediction_head(hs[:, 0])
 
         masks = {"sam": sam_masks}
-        feats = DecoderFeatures(tokens=hs, src=src, upscaled=upscaled, sam_masks=sam_masks, iou_pred=iou_pred)
+        feats = DecoderFeatures(
+            tokens=hs,
+            src=src,
+            upscaled=upscaled,
+            sam_masks=sam_masks,
+            iou_pred=iou_pred,
+            prompt_tokens=hs[:, n_out:],
+        )
         masks.update(stack.decode_tokens(hs[:, 1 + dec.num_mask_tokens : n_out], feats, ctx))
         out = SamOutput(masks=masks, iou_pred=iou_pred, image_index=index)
         chosen = stack.select(out, ctx)

@@ -154,6 +154,7 @@ class DecoderFeatures:
     upscaled: Tensor  # (N, C/8, 4h, 4w) SAM's upscaled mask features
     sam_masks: Tensor  # (N, 4, 4h, 4w) SAM's mask logits
     iou_pred: Tensor  # (N, 4) SAM's predicted IoU of each of its mask tokens
+    prompt_tokens: Tensor | None = None  # (N, K, C) outputs of the sparse prompt tokens, as appended
 
 
 def sam_rule(sam_masks: Tensor, iou_pred: Tensor, multimask_output: bool) -> Tensor:
@@ -181,6 +182,8 @@ class SamOutput:
         image_index: which image of the batch each row belongs to (N,).
         pred: the selected prediction (N, 1, h, w) after ``select``; losses and metrics use it.
         extras: anything else plugins report, keyed ``"<key>/<name>"``.
+        context: with context views (``SamBatch.context_image``), the same outputs for every row in
+            its image's context view (``image_index`` into the context images); None otherwise.
     """
 
     masks: dict[str, Tensor]
@@ -188,6 +191,23 @@ class SamOutput:
     image_index: Tensor
     pred: Tensor = None  # type: ignore[assignment]  # set by the forward pass after ``select``
     extras: dict[str, Any] = field(default_factory=dict)
+    context: SamOutput | None = None
+
+    def split_context(self, rows: int, images: int) -> SamOutput:
+        """Rows [0, rows) as the output, rows [rows, 2 rows) (on images ``images`` on) as its ``context``."""
+
+        def part(sl: slice, shift: int) -> SamOutput:
+            return SamOutput(
+                masks={k: v[sl] for k, v in self.masks.items()},
+                iou_pred=self.iou_pred[sl],
+                image_index=self.image_index[sl] - shift,
+                pred=self.pred[sl] if self.pred is not None else self.pred,
+                extras=self.extras,
+            )
+
+        out = part(slice(0, rows), 0)
+        out.context = part(slice(rows, None), images)
+        return out
 
     def sam_default(self, multimask_output: bool) -> Tensor:
         """SAM's own rule (``sam_rule``) on its mask tokens."""
