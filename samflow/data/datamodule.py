@@ -28,7 +28,7 @@ from samflow.data.batch import collate
 from samflow.data.folder import BadFile, DataError, MaskFolderDataset, OnBadSample
 from samflow.data.prompts import NoPrompt, PromptSpec, build_prompt
 from samflow.data.quickstart import MARKER, make_quickstart_data
-from samflow.data.transforms import GpuAugment, ResizeMode
+from samflow.data.transforms import GpuAugment, ImageResize, ResizeMode
 
 # What a split may be: a root, a dict {"root": ..., "images": ..., "masks": ..., ...}, or a list of those.
 SplitSpec = str | dict[str, Any] | list[str | dict[str, Any]] | None
@@ -155,6 +155,9 @@ class SegmentationDataModule(L.LightningDataModule):
         test_sets: several named test sets, name -> split spec (one data loader each).
         img_size: S, the side of the model's square input (1024 for SAM, 128 for the tiny test SAM).
         resize_mode: ``"longest"`` (SAM's: longest side to S, zero-pad bottom / right) or ``"stretch"``.
+        image_resize: how images are resized: ``"sam"`` (default; segment-anything's Pillow resize on
+            the 8-bit image, exactly ``ResizeLongestSide.apply_image``) or ``"bilinear"`` (torch's
+            antialiased bilinear: faster, up to one grey level away from SAM's).
         prompt: training prompt sampler: a ``class_path`` spec of any ``PromptSampler`` subclass
             (``{class_path: BoxPrompt, init_args: {jitter: 0.1}}``, ``{class_path: my_pkg.MySampler}``;
             ``--data.init_args.prompt.help BoxPrompt`` lists its arguments), or a short alias:
@@ -195,6 +198,7 @@ class SegmentationDataModule(L.LightningDataModule):
         test_sets: dict[str, SplitSpec] | None = None,
         img_size: int = 1024,
         resize_mode: ResizeMode = "longest",
+        image_resize: ImageResize = "sam",
         prompt: PromptSpec = "box",
         eval_prompt: PromptSpec | None = None,
         batch_size: int = 4,
@@ -225,6 +229,7 @@ class SegmentationDataModule(L.LightningDataModule):
         }
         self.img_size = img_size
         self.resize_mode = resize_mode
+        self.image_resize = image_resize
         # Built now, so a bad prompt fails when the config is read, naming its key.
         self.prompt = build_prompt(prompt, key="data.prompt")
         self.eval_prompt = (
@@ -324,6 +329,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 prompt=self.prompt if training else self.eval_prompt,
                 img_size=self.img_size,
                 resize_mode=self.resize_mode,
+                image_resize=self.image_resize,
                 prompt_seed=None if training else self.seed,
                 require_masks=split != "predict",
             )

@@ -67,7 +67,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from samflow.data.prompts import NoPrompt, PromptSampler, build_prompt
-from samflow.data.transforms import ResizeMode, scale_boxes, scale_coords, to_input_frame
+from samflow.data.transforms import (
+    IMAGE_RESIZES,
+    ImageResize,
+    ResizeMode,
+    scale_boxes,
+    scale_coords,
+    to_input_frame,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".gif")
@@ -442,6 +449,8 @@ class MaskFolderDataset(Dataset):
         prompt: prompt sampler or ``build_prompt`` spec, applied to the original-size mask.
         img_size: S, the side of the model's square input.
         resize_mode: ``"longest"`` (SAM's: resize the longest side, pad bottom/right) or ``"stretch"``.
+        image_resize: ``"sam"`` (segment-anything's own Pillow resize, exact) or ``"bilinear"`` (torch's
+            antialiased interpolation: faster, within one grey level); see ``samflow.data.transforms``.
         prompt_seed: ``None`` draws fresh prompts each time (training); an int seeds the prompt of
             sample ``i`` with ``(prompt_seed, i)`` so it is the same every epoch (validation, test).
         require_masks: when False, roots without a mask folder give images only (see ``find_samples``);
@@ -465,12 +474,15 @@ class MaskFolderDataset(Dataset):
         prompt: PromptSampler | str | Mapping[str, Any] | None = None,
         img_size: int = 1024,
         resize_mode: ResizeMode = "longest",
+        image_resize: ImageResize = "sam",
         prompt_seed: int | None = None,
         require_masks: bool = True,
         dtype: torch.dtype | str = torch.float32,
     ) -> None:
         if resize_mode not in ("longest", "stretch"):
             raise ValueError(f"resize_mode must be 'longest' or 'stretch', got {resize_mode!r}.")
+        if image_resize not in IMAGE_RESIZES:
+            raise ValueError(f"image_resize must be 'sam' or 'bilinear', got {image_resize!r}.")
         if img_size <= 0 or img_size % 4:
             raise ValueError(
                 f"img_size must be a positive multiple of 4 (mask prompts are S/4); got {img_size}."
@@ -503,6 +515,7 @@ class MaskFolderDataset(Dataset):
         self.prompt = build_prompt(prompt) if self.has_masks else NoPrompt()
         self.img_size = img_size
         self.resize_mode = resize_mode
+        self.image_resize = image_resize
         self.prompt_seed = prompt_seed
         self.dtype = _floating(dtype)
         self.check_seconds: float | None = None  # how long ``check_files`` took
@@ -598,7 +611,7 @@ class MaskFolderDataset(Dataset):
         self._warn_once("image", sample.image, note)
         original = tuple(image.shape[-2:])
         item: dict[str, Any] = {"id": sample.id, "path": str(sample.image)}
-        item["image"], input_size = to_input_frame(image, size, self.resize_mode, "bilinear")
+        item["image"], input_size = to_input_frame(image, size, self.resize_mode, self.image_resize)
         item["input_size"] = torch.tensor(input_size, dtype=torch.long)
         item["original_size"] = torch.tensor(original, dtype=torch.long)
         if sample.mask is None:
