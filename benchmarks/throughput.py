@@ -165,7 +165,14 @@ def _build_forward(spec: dict[str, Any], device: torch.device):
     sam = build_sam(spec["variant"], img_size=spec["img_size"], seed=spec["seed"]).to(device)
     batch = make_batch(spec["batch"], sam.image_encoder.img_size, device, spec["seed"])
     if spec["impl"] == "samflow":
-        hooked = HookedSam(sam).to(device).eval()
+        stack = None
+        if spec["plugins"]:  # plugins in the forward (e.g. hq_sam, sam_adapter): hook sites in use
+            from samflow.plugins import PluginStack
+            from samflow.plugins.registry import create_plugin
+
+            torch.manual_seed(spec["seed"])
+            stack = PluginStack({name: create_plugin(name) for name in spec["plugins"]})
+        hooked = HookedSam(sam, stack).to(device).eval()
         if spec["part"] == "encoder":
             return lambda: hooked.encode(hooked.context(batch)), [hooked, sam], batch
         return lambda: hooked(batch).pred, [hooked, sam], batch
@@ -227,9 +234,10 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     row = {
         "case": case_label(spec),
         "impl": spec["impl"],
-        "plugins": "+".join(spec["plugins"]) if spec["kind"] == "train" else "-",
+        "plugins": "+".join(spec["plugins"]) or "-",
         "kind": spec["kind"],
         "part": spec.get("part"),
+        "round": spec.get("round", 0),
     }
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -290,9 +298,10 @@ def run_case_subprocess(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "case": case_label(spec),
         "impl": spec["impl"],
-        "plugins": "+".join(spec["plugins"]) if spec["kind"] == "train" else "-",
+        "plugins": "+".join(spec["plugins"]) or "-",
         "kind": spec["kind"],
         "part": spec.get("part"),
+        "round": spec.get("round", 0),
         "error": f"subprocess exited with {proc.returncode}: {proc.stderr.strip()[-2000:]}",
     }
 
@@ -356,6 +365,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="SamSpec.checkpoint_blocks of the training step (activation checkpointing of encoder blocks)",
     )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the forward cases this many rounds, samflow and segment-anything interleaved in each "
+        "round (a shared machine's load then hits both alike); ratios are given per round",
+    )
+    p.add_argument(
+        "--forward-plugins",
+        nargs="*",
+        default=[],
+        help="also time samflow's forward with these plugins in each round (hook sites in use, no "
+        "gradients): e.g. hq_sam sam_adapter",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -376,9 +399,30 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     train_options = {"encoder_cache": args.encoder_cache, "checkpoint_blocks": args.checkpoint_blocks}
     if args.forward:
         parts = ["full", "encoder"] if args.encoder_rows else ["full"]
-        for part in parts:
-            for impl in ("samflow", "segment_anything"):
-                specs.append({**common, "kind": "forward", "impl": impl, "part": part, "plugins": []})
+        for round_ in range(args.repeat):
+            for part in parts:
+                for impl in ("samflow", "segment_anything"):
+                    specs.append(
+                        {
+                            **common,
+                            "kind": "forward",
+                            "impl": impl,
+                            "part": part,
+                            "plugins": [],
+                            "round": round_,
+                        }
+                    )
+                if args.forward_plugins:
+                    specs.append(
+                        {
+                            **common,
+                            "kind": "forward",
+                            "impl": "samflow",
+                            "part": part,
+                            "plugins": list(args.forward_plugins),
+                            "round": round_,
+                        }
+                    )
     if args.train:
         plugins = list(dict.fromkeys(args.plugins))  # keep order, drop repeats
         sets = [plugins] + ([[p] for p in plugins] if len(plugins) > 1 else [])
@@ -397,21 +441,32 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """samflow images/s over segment-anything images/s per forward part (>1: samflow faster).
+    """samflow over segment-anything per forward part (no plugins), per round (``part`` or ``part#round``).
 
-    ``mean``: from the total timed time; ``median``: from the median step time (robust to load spikes).
+    ``mean``: images/s from the total timed time (>1: samflow faster); ``median``: from the median
+    step time (robust to load spikes); ``memory``: peak +MiB, samflow over segment-anything (<1: less).
     """
     out = {}
+    rounds = sorted({r.get("round", 0) for r in rows})
     for part in ("full", "encoder"):
-        found = {
-            r["impl"]: r for r in rows if r["kind"] == "forward" and r["part"] == part and not r.get("error")
-        }
-        if "samflow" in found and "segment_anything" in found:
-            ours, theirs = found["samflow"], found["segment_anything"]
-            out[part] = {
-                "mean": ours["images_per_s"] / theirs["images_per_s"],
-                "median": theirs["median_ms_per_step"] / ours["median_ms_per_step"],
+        for round_ in rounds:
+            found = {
+                r["impl"]: r
+                for r in rows
+                if r["kind"] == "forward"
+                and r["part"] == part
+                and r.get("round", 0) == round_
+                and r["plugins"] == "-"
+                and not r.get("error")
             }
+            if "samflow" in found and "segment_anything" in found:
+                ours, theirs = found["samflow"], found["segment_anything"]
+                name = part if len(rounds) == 1 else f"{part}#{round_}"
+                out[name] = {
+                    "mean": ours["images_per_s"] / theirs["images_per_s"],
+                    "median": theirs["median_ms_per_step"] / ours["median_ms_per_step"],
+                    "memory": ours["peak_mib"] / theirs["peak_mib"] if theirs["peak_mib"] else float("nan"),
+                }
     return out
 
 
@@ -457,7 +512,7 @@ def format_report(result: dict[str, Any]) -> str:
     for part, value in result["ratios"].items():
         lines.append(
             f"ratio samflow/segment_anything images/s, forward/{part}: {value['mean']:.3f} "
-            f"(from median step times: {value['median']:.3f})"
+            f"(from median step times: {value['median']:.3f}); peak memory {value['memory']:.3f}"
         )
     return "\n".join(lines)
 

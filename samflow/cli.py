@@ -27,20 +27,29 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # Commands beside LightningCLI's: name -> ("module:function", one-line usage). The function takes the
 # arguments after the command name and returns the exit status; the user errors it raises
 # (``_user_errors()``, ``ValueError`` subclasses of samflow) are printed as one line, exit 1.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "export": (
+        "samflow.export:main",
+        "RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]",
+    ),
+}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from samflow.callbacks.finite import NonFiniteError
     from samflow.data.folder import DataError
+    from samflow.export import ExportError
     from samflow.lightning_cli import ConfigError
     from samflow.plugins.registry import PluginError
     from samflow.plugins.stack import PluginConflictError
+    from samflow.predictor import PredictorError
     from samflow.sam.build import CheckpointError
     from samflow.sam.cache import EncoderCacheError
 
     return (
         DataError,
+        ExportError,
+        PredictorError,
         CheckpointError,
         PluginError,
         PluginConflictError,

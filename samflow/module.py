@@ -19,7 +19,15 @@ from samflow.batch import SamBatch
 from samflow.losses import build_loss
 from samflow.metrics.registry import build_metrics
 from samflow.plugins import DecoderContext, PluginStack, SamPlugin
-from samflow.sam import EncoderCache, HookedSam, SamOutput, build_sam, count_parameters, upcast
+from samflow.sam import (
+    EncoderCache,
+    EncoderCacheError,
+    HookedSam,
+    SamOutput,
+    build_sam,
+    count_parameters,
+    upcast,
+)
 
 SAM_PREFIX = "model.sam."
 
@@ -81,6 +89,12 @@ class SamSpec:
             CPU (4 MiB at 1024 px).
         encoder_cache_stages: where the cache is used: ``train`` and/or ``eval``. ``[eval]`` when
             training images are augmented (new every time), so they do not evict validation images.
+        embedding_store: folder of an embedding store written by ``samflow embed`` for this
+            experiment: training and evaluation read the encoder's outputs (fp16) from it instead of
+            running the encoder. Checked when the run starts (``samflow.embed.open_for_run``):
+            refused with one line when a plugin changes the encoder, when ``data.augment`` is set
+            (augmentation changes the image), when the store was written for other encoder weights,
+            input size, resize rule or blocks, when it is unfinished, or when an image is not in it.
     """
 
     variant: str = "vit_b"
@@ -91,6 +105,7 @@ class SamSpec:
     checkpoint_blocks: bool = False
     encoder_cache: int = 0
     encoder_cache_stages: tuple[str, ...] = ("train", "eval")
+    embedding_store: str | None = None
 
 
 class SamflowModule(LightningModule):
@@ -138,6 +153,12 @@ class SamflowModule(LightningModule):
         )
         if cache is not None:
             self.model.check_encoder_cache()
+        if spec.embedding_store:
+            if cache is not None:
+                raise EncoderCacheError(
+                    "model.sam.encoder_cache and model.sam.embedding_store both reuse encoder outputs; set one."
+                )
+            self.model.check_encoder_cache("model.sam.embedding_store")
         self.loss = build_loss(losses if losses is not None else {"bce": 1.0, "dice": 1.0})
         self.metric_spec = metrics if metrics is not None else ["iou", "dice", "mae"]
         build_metrics(self.metric_spec)  # an unknown name fails now, not after the first epoch
@@ -195,6 +216,14 @@ class SamflowModule(LightningModule):
         rank_zero_info(
             "Trainable parameters per plugin:\n" + "\n".join(lines) + f"\n  {'frozen SAM':<24} {frozen:>12,d}"
         )
+
+    def setup(self, stage: str) -> None:
+        """Open ``sam.embedding_store`` once the data module's datasets exist, and check it against them."""
+        if self.sam_spec.embedding_store and self.model.embedding_store is None:
+            from samflow.embed import open_for_run
+
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            self.model.embedding_store = open_for_run(self, datamodule, stage)
 
     # ---- forward ----
     def forward(self, batch: SamBatch) -> tuple[SamOutput, DecoderContext]:

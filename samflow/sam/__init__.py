@@ -15,6 +15,7 @@ from samflow.sam.ops import (
     embed_points,
     fourier_pe,
     normalize,
+    rel_pos_attention,
     upcast,
 )
 from samflow.sam.types import (
@@ -53,6 +54,7 @@ __all__ = [
     "fourier_pe",
     "freeze",
     "normalize",
+    "rel_pos_attention",
     "resize_sam",
     "sam_rule",
     "upcast",

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -29,6 +31,16 @@ Encoded = tuple[Tensor, dict[int, Tensor]]
 
 class EncoderCacheError(ValueError):
     """The encoder cache is asked for where the encoder's output is not a function of the image alone."""
+
+
+class StoredEncoder(Protocol):
+    """Encoder outputs kept outside the process (``samflow.embed.EmbeddingStore``), found by image file."""
+
+    def encoded(
+        self, paths: Sequence[str | Path], blocks: Sequence[int], device: torch.device, dtype: torch.dtype
+    ) -> Encoded:
+        """(embeddings (B, C, h, w), {block: (B, h, w, C_vit)}) of the images stored from ``paths``."""
+        ...
 
 
 class EncoderCache:

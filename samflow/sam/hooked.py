@@ -1,8 +1,11 @@
 """SAM's forward pass with named hook sites, batched over images and prompts.
 
 Only the control flow of SAM's image encoder, two-way transformer and mask decoder is written here;
-every weight and layer is SAM's own module. Attention runs through
-``scaled_dot_product_attention`` with the decomposed relative-position bias as an additive mask.
+every weight and layer is SAM's own module. Encoder attention runs through
+``scaled_dot_product_attention`` without a mask: SAM's decomposed relative-position term rides in an
+augmented query and key (``samflow.sam.ops.rel_pos_attention``). Only when a plugin fills the
+``attn_logits`` site (it receives and may change the logits' scale and bias, e.g. BA-SAM) is the term
+built as a dense (B, heads, L, L) additive mask: the dense path, with its memory cost.
 
 Hook sites, in order: ``on_image`` -> for each encoder block i: ``block_input(i)`` -> block (with
 ``attn_logits(i)``) -> ``block_output(i)`` -> neck -> prompt encoder -> ``prompts`` -> decoder with
@@ -23,8 +26,16 @@ from torch.utils.checkpoint import checkpoint
 
 from samflow.batch import SamBatch
 from samflow.sam.build import freeze
-from samflow.sam.cache import EncoderCache, EncoderCacheError
-from samflow.sam.ops import attend, decomposed_rel_pos_bias, dense_pe, embed_box, embed_points, normalize
+from samflow.sam.cache import EncoderCache, EncoderCacheError, StoredEncoder
+from samflow.sam.ops import (
+    attend,
+    decomposed_rel_pos_bias,
+    dense_pe,
+    embed_box,
+    embed_points,
+    normalize,
+    rel_pos_attention,
+)
 from samflow.sam.types import (
     DecoderContext,
     DecoderFeatures,
@@ -51,6 +62,9 @@ class HookedSam(nn.Module):
             time, and only in training when gradients flow through the encoder (e.g. SAM-Adapter).
         encoder_cache: reuse the encoder's outputs for images seen before (see ``EncoderCache``);
             only valid when no plugin changes the encoder, which ``check_encoder_cache`` enforces.
+        embedding_store: read the encoder's outputs from an embedding store on disk instead of
+            running the encoder (``samflow.embed``; set by ``SamflowModule`` once the store is
+            checked against the data): images are found by their file (``batch.path``).
     """
 
     def __init__(
@@ -60,6 +74,7 @@ class HookedSam(nn.Module):
         multimask_output: bool = False,
         checkpoint_blocks: bool = False,
         encoder_cache: EncoderCache | None = None,
+        embedding_store: StoredEncoder | None = None,
     ) -> None:
         super().__init__()
         self.sam = freeze(sam)
@@ -68,6 +83,7 @@ class HookedSam(nn.Module):
         self.multimask_output = multimask_output
         self.checkpoint_blocks = checkpoint_blocks
         self.encoder_cache = encoder_cache
+        self.embedding_store = embedding_store
 
     @property
     def img_size(self) -> int:
@@ -128,7 +144,19 @@ class HookedSam(nn.Module):
     def encode(self, ctx: ForwardContext) -> EncodedImages:
         """Image encoder with hook sites -> ``EncodedImages`` (embeddings, block features, dense PE)."""
         x = self.preprocess(ctx.image, ctx.batch.input_size)
-        if self.encoder_cache is None:
+        if self.embedding_store is not None:
+            self.check_encoder_cache("model.sam.embedding_store")
+            paths = ctx.batch.path
+            if len(paths) != x.shape[0]:
+                raise EncoderCacheError(
+                    f"model.sam.embedding_store finds images by file, but the batch has {len(paths)} paths "
+                    f"for {x.shape[0]} images; feed batches from samflow's data module."
+                )
+            autocast = torch.is_autocast_enabled(x.device.type)
+            dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+            blocks = self.plugins.encoder_features()
+            embeddings, features = self.embedding_store.encoded(paths, blocks, x.device, dtype)
+        elif self.encoder_cache is None:
             embeddings, features = self.run_encoder(x, ctx)
         else:
             self.check_encoder_cache()
@@ -159,8 +187,9 @@ class HookedSam(nn.Module):
                 features[i] = x
         return enc.neck(x.permute(0, 3, 1, 2)), features
 
-    def check_encoder_cache(self) -> None:
-        """Fail when the encoder's outputs are not a pure function of the image, so a cache would be wrong."""
+    def check_encoder_cache(self, option: str = "model.sam.encoder_cache") -> None:
+        """Fail when the encoder's outputs are not a pure function of the image, so a cache (or the
+        embedding store, ``option``) would be wrong."""
         users = self.plugins.encoder_hook_users()
         owned = self.plugins.trained_encoder_parameters()
         trained = [n for n, p in self.sam.image_encoder.named_parameters() if p.requires_grad]
@@ -171,9 +200,10 @@ class HookedSam(nn.Module):
                 what = "; ".join(f"plugin {key!r} trains {names[:3]}" for key, names in owned.items())
             else:
                 what = f"its parameters {trained[:3]} are trained"
+            turn_off = "0" if option.endswith("encoder_cache") else "null"
             raise EncoderCacheError(
-                f"encoder_cache is on, but the image encoder's output is not a fixed function of the image: {what}. "
-                "Turn the cache off (model.sam.encoder_cache: 0) for this experiment."
+                f"{option} is set, but the image encoder's output is not a fixed function of the image: {what}. "
+                f"Turn it off ({option}: {turn_off}) for this experiment."
             )
 
     def _hooked_block(self, i: int, block: Block, x: Tensor, ctx: ForwardContext) -> Tensor:
@@ -198,12 +228,33 @@ class HookedSam(nn.Module):
         heads = attn.num_heads
         qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, L, d)
-        bias = (
-            decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if attn.use_rel_pos else None
-        )
         scale: float | Tensor = attn.scale
-        if self.plugins.uses("attn_logits"):
-            scale, bias = self.plugins.attn_logits(i, scale, bias, q, ctx)
+        plain = not self.plugins.uses("attn_logits")  # no plugin sees the logits: no (L, L) tensor at all
+        if not plain:  # dense path: plugins receive the rel-pos term as an additive (B, heads, L, L) bias
+            sam_bias = (
+                decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w))
+                if attn.use_rel_pos
+                else None
+            )
+            scale, bias = self.plugins.attn_logits(i, scale, sam_bias, q, ctx)
+            # a bias the plugins left as SAM's (the same tensor, or equal values without a gradient to
+            # carry) goes the plain way, so the output is bit for bit the plain path's
+            plain = bias is sam_bias or (
+                bias is not None
+                and sam_bias is not None
+                and not bias.requires_grad
+                and bias.shape == sam_bias.shape
+                and torch.equal(bias, sam_bias)
+            )
+            del sam_bias
+        if plain:
+            if attn.use_rel_pos:
+                out = rel_pos_attention(q, k, v, attn.rel_pos_h, attn.rel_pos_w, (h, w), scale)
+            else:
+                if isinstance(scale, Tensor):
+                    q, scale = q * scale, 1.0
+                out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
         if isinstance(scale, Tensor):
             q, scale = q * scale, 1.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)

@@ -2,7 +2,9 @@
 
 - ``normalize``: SAM's input normalisation of a [0, 1] image, zero outside the unpadded part;
 - ``attend``: SAM's decoder ``Attention`` through SDPA, with an optional key mask (invisible tokens);
-- ``decomposed_rel_pos_bias``: the encoder's decomposed relative-position term as an additive mask;
+- ``rel_pos_attention``: the encoder's attention with SAM's decomposed relative-position term as plain
+  SDPA (augmented query and key, no L x L mask);
+- ``decomposed_rel_pos_bias``: the same term as a dense additive mask (for plugins that change it);
 - ``fourier_pe`` / ``dense_pe``: SAM's random-Fourier positional encoding in the input's dtype;
 - ``embed_points`` / ``embed_box``: SAM's point and box embeddings without in-place writes.
 
@@ -67,6 +69,48 @@ def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, siz
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)
     return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2).flatten(2, 3)
+
+
+def rel_pos_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_pos_h: Tensor,
+    rel_pos_w: Tensor,
+    size: tuple[int, int],
+    scale: float | Tensor,
+) -> Tensor:
+    """SAM's encoder attention with its decomposed relative-position term, through SDPA without a mask.
+
+    softmax(scale * q k^T + bias) v with bias[(i, j), (k, l)] = q_(i,j) . R_h[i - k] + q_(i,j) . R_w[j - l]
+    is plain attention of an augmented query and key:
+
+        q' = [scale * q, q . R_h(i, :), q . R_w(j, :)]      (d + h + w values per query)
+        k' = [k,         onehot_h(k),   onehot_w(l)]        (one-hot of the key's row and column)
+
+    since q' . k' = scale * q . k + q . R_h[i - k] + q . R_w[j - l]. No (L, L) tensor is built, and
+    SDPA may use its fused kernels (flash on the GPU and the CPU); ``v`` is zero-padded to the
+    augmented head dimension because those kernels want equal head dimensions.
+
+    q, k, v: (B, heads, h*w, d); ``scale`` a float or a tensor broadcastable to q -> (B, heads, h*w, d).
+    """
+    h, w = size
+    d = q.shape[-1]
+    r_h = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # (h, h, d)
+    r_w = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # (w, w, d)
+    r_q = q.unflatten(2, (h, w))  # (B, heads, h, w, d)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h).flatten(2, 3)  # (B, heads, L, h)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w).flatten(2, 3)  # (B, heads, L, w)
+    q_aug = torch.cat([(q * scale).to(q.dtype), rel_h, rel_w], dim=-1)
+    eye_h = torch.eye(h, dtype=k.dtype, device=k.device)
+    eye_w = torch.eye(w, dtype=k.dtype, device=k.device)
+    onehot = torch.cat(  # (L, h + w): the key's row and column
+        [eye_h[:, None, :].expand(h, w, h), eye_w[None, :, :].expand(h, w, w)], dim=-1
+    ).flatten(0, 1)
+    k_aug = torch.cat([k, onehot.expand(*k.shape[:2], -1, -1)], dim=-1)
+    v_pad = F.pad(v, (0, h + w))
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, scale=1.0)
+    return out[..., :d]
 
 
 def fourier_pe(pe_layer: PositionEmbeddingRandom, coords: Tensor) -> Tensor:

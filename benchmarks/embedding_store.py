@@ -1,0 +1,119 @@
+"""Epoch time of decoder-side training with and without the embedding store (``samflow embed``).
+
+On a random SAM (no checkpoint) and a handful of procedural images (the quickstart generator at the
+requested size), for the given plugins:
+
+1. ``samflow embed``'s writer stores the encoder outputs (timed; disk per image measured);
+2. one training epoch with the live encoder (``trainer.fit``, no validation);
+3. one training epoch reading the store (``model.sam.embedding_store``).
+
+The epoch time is measured between Lightning's ``on_train_epoch_start`` and ``on_train_epoch_end``.
+
+Example::
+
+    python benchmarks/embedding_store.py --variant vit_b --img-size 1024 --images 4 --batch 2 --plugins hq_sam
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from samflow.data import SegmentationDataModule
+from samflow.data.quickstart import make_quickstart_data
+from samflow.embed.writer import write_store
+from samflow.module import SamflowModule, SamSpec
+from samflow.plugins.registry import create_plugin
+
+
+class EpochTimer(Callback):
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="vit_b")
+    p.add_argument("--img-size", type=int, default=None, help="default: the variant's")
+    p.add_argument("--images", type=int, default=4, help="training images")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--plugins", nargs="+", default=["hq_sam"])
+    p.add_argument("--epochs", type=int, default=1, help="epochs per run (each one timed)")
+    p.add_argument("--work", default=None, help="folder for the data and the store (default: a temporary one)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="samflow-store-bench-"))
+
+    def module(store: Path | None = None) -> SamflowModule:
+        torch.manual_seed(0)
+        spec = SamSpec(variant=args.variant, img_size=args.img_size, embedding_store=str(store) if store else None)
+        return SamflowModule(sam=spec, plugins={name: create_plugin(name) for name in args.plugins})
+
+    live = module()
+    size = live.model.img_size
+    root = make_quickstart_data(work / "data", n_train=args.images, n_val=0, size=(size * 3 // 4, size))
+
+    def data() -> SegmentationDataModule:
+        return SegmentationDataModule(train=str(root / "train"), img_size=size, batch_size=args.batch)
+
+    def epochs(model: SamflowModule) -> list[float]:
+        timer = EpochTimer()
+        trainer = Trainer(
+            max_epochs=args.epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=[timer],
+        )
+        trainer.fit(model, datamodule=data())
+        return timer.seconds
+
+    dm = data()
+    dm.setup("fit")
+    store = work / "store"
+    start = time.perf_counter()
+    manifest, _ = write_store(store, live, dm, batch_size=args.batch, overwrite=True)
+    embed_s = time.perf_counter() - start
+    disk = sum(f.stat().st_size for f in store.glob("*.npy") if f.name != "done.npy")
+    without = epochs(live)
+    with_store = epochs(module(store))
+    result = {
+        "variant": args.variant,
+        "img_size": size,
+        "images": manifest.rows,
+        "batch": args.batch,
+        "plugins": args.plugins,
+        "blocks": list(manifest.key.blocks),
+        "embed_seconds": embed_s,
+        "disk_mib_per_image": disk / manifest.rows / 2**20,
+        "epoch_seconds_live": without,
+        "epoch_seconds_store": with_store,
+        "speedup": min(without) / min(with_store),
+        "threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

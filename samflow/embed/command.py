@@ -1,0 +1,125 @@
+"""``samflow embed --experiment NAME [--out DIR] [options] [experiment overrides ...]``.
+
+Writes the frozen image encoder's outputs (the final embedding and the block features the experiment's
+plugins declare) for every image of the experiment's datasets (train, val / val_sets, test /
+test_sets, predict: whichever are set) to an embedding store (``samflow.embed.store``). Launched by
+``torchrun --nproc_per_node N -m samflow embed ...`` the images are split across the N ranks (DDP
+process group, NCCL on GPUs, Gloo on the CPU); run again after an interruption, it finishes what is
+missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from samflow.embed.store import EmbeddingStoreError
+from samflow.embed.writer import write_store
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="samflow embed",
+        description="Store the frozen encoder's outputs of every image of an experiment's datasets (fp16, "
+        "sharded .npy files, memory-mapped), for decoder-side training with model.sam.embedding_store. "
+        "Other arguments override the experiment, as for `samflow fit`.",
+    )
+    p.add_argument("--experiment", required=True, help="experiment name or YAML path")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="store folder (default: the experiment's model.sam.embedding_store)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per encoder pass (default: data's eval batch size)",
+    )
+    p.add_argument("--shard-size", type=int, default=256, help="images per shard file")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda:LOCAL_RANK when a GPU is there)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store written for other inputs")
+    return p
+
+
+def _build(experiment: str, overrides: list[str]) -> tuple[Any, Any]:
+    """The experiment's model and data module, as `samflow fit` builds them (no trainer run)."""
+    from samflow.cli import _experiment_from_argv
+    from samflow.lightning_cli import SamflowCLI
+
+    args, name = _experiment_from_argv(["--experiment", experiment, *overrides])
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are given: LightningCLI need not warn
+    try:
+        cli = SamflowCLI(name or "embed", args=[*args, "--trainer.logger=false"], run=False)
+    finally:
+        sys.argv = argv
+    return cli.model, cli.datamodule
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main(argv: list[str]) -> int:
+    opts, overrides = _parser().parse_known_args(argv)
+    rank, world = _distributed()
+    model, datamodule = _build(opts.experiment, overrides)
+    out = opts.out or model.sam_spec.embedding_store
+    if not out:
+        raise EmbeddingStoreError(
+            "samflow embed: where to? Pass --out DIR or set model.sam.embedding_store in the experiment."
+        )
+    device = torch.device(
+        opts.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    )
+    model.model.to(device).eval()
+    if rank == 0:
+        datamodule.setup(None)  # rank 0 first: it may generate the quickstart data
+    _barrier()
+    if rank != 0:
+        datamodule.setup(None)
+    columns = [TextColumn("samflow embed"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=rank != 0) as bar:
+
+        def progress(total: int) -> Callable[[int], object]:
+            task = bar.add_task("embed", total=total)
+            return lambda n: bar.advance(task, n)
+
+        manifest, written = write_store(
+            out,
+            model,
+            datamodule,
+            batch_size=opts.batch_size or getattr(datamodule, "eval_batch_size", 1),
+            shard_size=opts.shard_size,
+            rank=rank,
+            world=world,
+            overwrite=opts.overwrite,
+            progress=progress,
+            barrier=_barrier,
+        )
+    root = Path(out).expanduser()
+    _barrier()
+    rank_zero_info(
+        f"samflow embed: {manifest.rows} images in {root} ({written} encoded now by rank {rank}, "
+        f"{world} rank(s)); train with --model.sam.embedding_store {root}"
+    )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

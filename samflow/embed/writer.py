@@ -1,0 +1,210 @@
+"""Write an embedding store: the frozen encoder on every image of some datasets, resumable, split over ranks.
+
+Rows are written in fixed chunks of ``batch_size`` rows of each rank's share (rank r takes rows
+r, r + world, ...); a chunk's ``done`` flags are set only after its values are flushed, so an
+interrupted run resumes at the first unfinished chunk and computes exactly the batches an
+uninterrupted run would: the files come out identical.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from samflow.batch import SamBatch
+from samflow.data import read_image, to_input_frame
+from samflow.embed.check import image_paths, store_key_of
+from samflow.embed.store import (
+    DONE,
+    MANIFEST,
+    ContentHasher,
+    EmbeddingStoreError,
+    Manifest,
+    StoreKey,
+    array_name,
+    read_manifest,
+    write_manifest,
+)
+from samflow.sam import HookedSam
+
+Progress = Callable[[int], object]  # advanced by the number of images written
+
+
+def unique_images(paths: Sequence[str | Path], threads: int = 8) -> tuple[list[str], list[str]]:
+    """(hashes, paths) of the distinct file contents among ``paths``, first occurrence first."""
+    hasher = ContentHasher()
+    with ThreadPoolExecutor(threads) as pool:
+        digests = list(pool.map(hasher, paths))
+    seen: dict[str, str] = {}
+    for digest, path in zip(digests, paths, strict=True):
+        seen.setdefault(digest, str(path))
+    return list(seen), list(seen.values())
+
+
+def _input(path: str, key: StoreKey) -> tuple[Tensor, list[int]]:
+    image = read_image(Path(path))
+    framed, size = to_input_frame(image, key.img_size, key.resize_mode, key.image_resize)  # type: ignore[arg-type]
+    return framed, list(size)
+
+
+def prepare(
+    root: Path,
+    key: StoreKey,
+    hashes: list[str],
+    paths: list[str],
+    shapes: tuple[tuple[int, ...], dict[int, tuple[int, ...]]],
+    shard_size: int,
+    overwrite: bool,
+) -> Manifest:
+    """Create the store's files (rank 0), or check that the existing ones are for the same key and images."""
+    wanted = Manifest(key, hashes, paths, shapes[0], shapes[1], shard_size)
+    if (root / MANIFEST).is_file():
+        found = read_manifest(root)
+        diffs = found.key.differences(key)
+        if found.hashes != hashes:
+            diffs.append(f"images: {found.rows} in the store, {len(hashes)} now, or their contents changed")
+        if not diffs:
+            return found
+        if not overwrite:
+            raise EmbeddingStoreError(
+                f"{root} holds a store for other inputs ({'; '.join(diffs)}); pass --overwrite to replace "
+                "it, or --out for another folder."
+            )
+        shutil.rmtree(root)
+    elif root.exists() and any(root.iterdir()) and not overwrite:
+        raise EmbeddingStoreError(
+            f"{root} exists and is not an embedding store; choose an empty --out folder."
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    for shard in range(wanted.shards):
+        n = wanted.shard_rows(shard)
+        parts: list[tuple[str | int, tuple[int, ...]]] = [("embedding", wanted.embedding_shape)]
+        parts += list(wanted.feature_shapes.items())
+        for part, shape in parts:
+            array = np.lib.format.open_memmap(
+                root / array_name(part, shard), mode="w+", dtype=np.float16, shape=(n, *shape)
+            )
+            del array
+    np.save(root / DONE, np.zeros(wanted.rows, dtype=np.uint8))
+    write_manifest(root, wanted)
+    return wanted
+
+
+def output_shapes(model: HookedSam, key: StoreKey) -> tuple[tuple[int, ...], dict[int, tuple[int, ...]]]:
+    """Per-image shapes of the embedding (C, h, w) and of each block's output (h, w, C_vit)."""
+    enc = model.sam.image_encoder
+    grid = key.img_size // enc.patch_embed.proj.kernel_size[0]
+    dim = enc.patch_embed.proj.out_channels
+    channels = model.sam.prompt_encoder.embed_dim
+    return (channels, grid, grid), {i: (grid, grid, dim) for i in key.blocks}
+
+
+@torch.no_grad()
+def write_rows(
+    root: Path,
+    manifest: Manifest,
+    model: HookedSam,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
+) -> int:
+    """Encode this rank's unfinished rows and write them; returns the number of images encoded.
+
+    ``stop_after`` (chunks) stops early, as an interruption would (for tests).
+    """
+    key = manifest.key
+    device = next(model.sam.parameters()).device
+    done = np.load(root / DONE, mmap_mode="r+")
+    mine = list(range(rank, manifest.rows, world))
+    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    arrays: dict[tuple[str | int, int], np.memmap] = {}
+
+    def array(part: str | int, shard: int) -> np.memmap:
+        if (part, shard) not in arrays:
+            arrays[(part, shard)] = np.load(root / array_name(part, shard), mmap_mode="r+")
+        return arrays[(part, shard)]
+
+    written = 0
+    for count, chunk in enumerate(chunks):
+        if stop_after is not None and count >= stop_after:
+            break
+        if all(done[r] for r in chunk):
+            if progress is not None:
+                progress(len(chunk))
+            continue
+        inputs = [_input(manifest.paths[r], key) for r in chunk]
+        batch = SamBatch(
+            image=torch.stack([x for x, _ in inputs]).to(device),
+            input_size=torch.tensor([s for _, s in inputs], device=device),
+        )
+        encoded = model.encode(model.context(batch))
+        parts: dict[str | int, Tensor] = {"embedding": encoded.embeddings}
+        parts.update({i: encoded.features[i] for i in key.blocks})
+        touched = set()
+        for part, values in parts.items():
+            values16 = values.to(torch.float16).cpu().numpy()
+            for j, r in enumerate(chunk):
+                shard = r // manifest.shard_size
+                array(part, shard)[r % manifest.shard_size] = values16[j]
+                touched.add((part, shard))
+        for name in touched:
+            arrays[name].flush()
+        done[chunk] = 1
+        done.flush()
+        written += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+    return written
+
+
+def write_store(
+    root: str | Path,
+    model: Any,
+    datamodule: Any,
+    *,
+    batch_size: int = 4,
+    shard_size: int = 256,
+    rank: int = 0,
+    world: int = 1,
+    overwrite: bool = False,
+    progress: Callable[[int], Progress | None] | None = None,
+    barrier: Callable[[], None] = lambda: None,
+    stop_after: int | None = None,
+) -> tuple[Manifest, int]:
+    """Write (or finish) the store of a ``SamflowModule`` and its data module at ``root``.
+
+    The data module's datasets must be set up. ``progress(total)`` returns the callback advanced per
+    image (``None``: no bar). Rank 0 creates the files; ``barrier`` separates that from the writing of
+    every rank. Returns (manifest, images encoded by this rank now).
+    """
+    hooked = model.model
+    hooked.check_encoder_cache("model.sam.embedding_store")
+    key = store_key_of(model, datamodule)
+    folder = Path(root).expanduser()
+    hashes, paths = unique_images(image_paths(datamodule))
+    if not hashes:
+        raise EmbeddingStoreError("samflow embed: the experiment's datasets hold no images.")
+    shapes = output_shapes(hooked, key)
+    if rank == 0:
+        manifest = prepare(folder, key, hashes, paths, shapes, shard_size, overwrite)
+    barrier()
+    if rank != 0:
+        manifest = prepare(folder, key, hashes, paths, shapes, shard_size, False)
+    share = len(range(rank, manifest.rows, world))
+    advance = progress(share) if progress is not None else None
+    store, cache = hooked.embedding_store, hooked.encoder_cache
+    hooked.embedding_store = hooked.encoder_cache = None  # the live encoder, whatever the run reads
+    try:
+        written = write_rows(folder, manifest, hooked, batch_size, rank, world, advance, stop_after)
+    finally:
+        hooked.embedding_store, hooked.encoder_cache = store, cache
+    return manifest, written

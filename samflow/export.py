@@ -1,0 +1,340 @@
+"""``samflow export``: a trained model as a small folder to share, or as a plain SAM checkpoint.
+
+    samflow export RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]
+
+The folder holds:
+
+- ``adapter.safetensors``: only the tensors training produced: every plugin's parameters and buffers,
+  the SAM parts plugins train and the modules they put into SAM (the frozen SAM is left out, as in the
+  slim checkpoint);
+- ``config.yaml``: the run's resolved config (``model`` rebuilds SAM and the plugins, ``data`` gives
+  the input geometry);
+- ``samflow.json``: samflow's version, each plugin's class, distribution and version, the SAM
+  variant, input size, and the SHA-256 of the SAM checkpoint the adapter was trained on (None for a
+  random SAM), plus the adapter's tensor count and bytes.
+
+``load_export`` (``Predictor.from_export``) reads it without pickle (safetensors, YAML, JSON) on top
+of a SAM checkpoint, and refuses one whose SHA-256 differs from the recorded one unless forced.
+
+``--merged`` writes ``sam_merged.pth`` instead: a full segment-anything state dict that
+``sam_model_registry[variant](checkpoint=...)`` loads as is. Only plugins that change SAM's own
+weights and nothing else can be merged: decoder tuning (trained SAM parts) and LoRA (its deltas
+folded in by the plugin's ``merged_sam_state_dict``). A plugin with hooks, tokens or tensors of its
+own is refused, by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from samflow.plugins import PluginStack, SamPlugin
+from samflow.plugins.registry import discover
+from samflow.predictor import (
+    PredictorError,
+    build_model,
+    load_trained_state,
+    read_checkpoint_state,
+    read_run_config,
+)
+from samflow.sam import VARIANTS, HookedSam, build_sam
+
+__all__ = [
+    "ADAPTER",
+    "ExportError",
+    "export",
+    "file_sha256",
+    "load_export",
+    "main",
+    "merged_sam_state_dict",
+    "trained_state",
+]
+
+ADAPTER = "adapter.safetensors"
+CONFIG = "config.yaml"
+MANIFEST = "samflow.json"
+MERGED = "sam_merged.pth"
+FORMAT = 1
+#: The method a plugin that injects modules into SAM offers to fold them into SAM's weights
+#: (``sam -> state dict with segment-anything's keys``; LoRA has it).
+FOLD = "merged_sam_state_dict"
+
+#: Hooks through which a plugin adds computation of its own (a SAM checkpoint cannot hold them).
+_FORWARD_HOOKS = (
+    "on_image",
+    "block_input",
+    "attn_logits",
+    "block_output",
+    "prompts",
+    "decoder_layer",
+    "decode_token",
+    "select",
+    "output_tokens",
+)
+
+
+class ExportError(ValueError):
+    """An export cannot be written or loaded as asked; the message names the file or plugin."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def trained_state(model: HookedSam) -> dict[str, Tensor]:
+    """What an adapter holds: ``model``'s state without the frozen SAM weights (``frozen_sam_keys``)."""
+    frozen = {f"sam.{k}" for k in getattr(model.plugins, "frozen_sam_keys", set())}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+# ---- writing ----
+def _source(path: Path) -> tuple[Path, Path]:
+    """(checkpoint, config.yaml) of a run folder or a checkpoint file."""
+    if path.is_dir():
+        folder = path / "checkpoints"
+        ckpt = folder / "last.ckpt"
+        if not ckpt.is_file():
+            found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+            if len(found) != 1:
+                raise ExportError(
+                    f"{path}: no checkpoints/last.ckpt and {len(found)} other checkpoints; pass the .ckpt file."
+                )
+            ckpt = found[0]
+        return ckpt, path / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is neither a run folder nor a checkpoint file.")
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return path, run / CONFIG
+
+
+def _plugin_record(plugin: SamPlugin) -> dict[str, str]:
+    cls = type(plugin)
+    record = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "distribution": "", "version": ""}
+    for info in discover().values():
+        if info.cls is cls:
+            record.update(name=info.name, distribution=info.distribution, version=info.version)
+            return record
+    top = cls.__module__.split(".")[0]
+    dists = importlib.metadata.packages_distributions().get(top) or []
+    if dists:
+        record.update(distribution=dists[0], version=importlib.metadata.version(dists[0]))
+    return record
+
+
+def export(
+    source: str | Path,
+    out: str | Path,
+    *,
+    merged: bool = False,
+    sam_checkpoint: str | Path | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Export a run folder or checkpoint to ``out``; returns the files written.
+
+    Args:
+        source: ``runs/<experiment>/version_N`` (its ``checkpoints/last.ckpt``) or a ``.ckpt`` file.
+        out: the folder to write (created; files already there are refused unless ``overwrite``).
+        merged: write a full segment-anything checkpoint (``sam_merged.pth``) instead of an adapter.
+        sam_checkpoint: the SAM file the run was trained on, when the config's path is not valid here.
+        overwrite: replace existing export files in ``out``.
+    """
+    ckpt, config_path = _source(Path(source).expanduser())
+    settings = read_run_config(config_path)
+    model = build_model(settings["model"], sam_checkpoint=sam_checkpoint)
+    load_trained_state(model, read_checkpoint_state(ckpt), str(ckpt))
+    folder = Path(out).expanduser()
+    names = [MERGED] if merged else [ADAPTER, CONFIG, MANIFEST]
+    existing = [folder / n for n in names if (folder / n).exists()]
+    if existing and not overwrite:
+        raise ExportError(
+            f"{', '.join(map(str, existing))} exist already; pass --overwrite to replace them, or another --out."
+        )
+    if merged:
+        state = merged_sam_state_dict(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(state, folder / MERGED)
+        return [folder / MERGED]
+    sam_spec = settings["model"].get("sam") or {}
+    sam_file = sam_checkpoint if sam_checkpoint is not None else sam_spec.get("checkpoint")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in trained_state(model).items()}
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "samflow_version": importlib.metadata.version("samflow"),
+        "plugins": {key: _plugin_record(p) for key, p in _stack(model).items()},
+        "sam": {
+            "variant": sam_spec.get("variant", "vit_b"),
+            "img_size": model.img_size,
+            "checkpoint_name": Path(sam_file).name if sam_file else None,
+            "checkpoint_sha256": file_sha256(Path(sam_file).expanduser()) if sam_file else None,
+            "seed": sam_spec.get("seed", 0),
+        },
+        "adapter": {"tensors": len(tensors), "values": sum(t.numel() for t in tensors.values())},
+        "source": str(ckpt),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / ADAPTER), metadata={"format": "samflow-adapter"})
+    shutil.copyfile(config_path, folder / CONFIG)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return [folder / n for n in names]
+
+
+def _stack(model: HookedSam) -> PluginStack:
+    return model.plugins if isinstance(model.plugins, PluginStack) else PluginStack()
+
+
+def merged_sam_state_dict(model: HookedSam) -> dict[str, Tensor]:
+    """``model``'s SAM as a plain segment-anything state dict (trained parts and folded deltas in).
+
+    Raises ``ExportError`` naming the plugin when one adds computation (hooks, tokens) or tensors of
+    its own, when injected modules cannot be folded, or when the SAM's input size is not its variant's
+    (segment-anything builds the variant's size only).
+    """
+    stack = _stack(model)
+    for key, plugin in stack.items():
+        hooks = [h for h in _FORWARD_HOOKS if getattr(type(plugin), h) is not getattr(SamPlugin, h)]
+        own = list(plugin.state_dict())
+        if hooks or own:
+            what = f"hooks {', '.join(hooks)}" if hooks else f"tensors of its own ({', '.join(own[:3])})"
+            raise ExportError(
+                f"Plugin {key!r} ({type(plugin).__name__}) cannot be merged into a SAM checkpoint: it adds "
+                f"{what}. Export the adapter (without --merged) and load it with Predictor.from_export."
+            )
+    mergers = [(k, fold) for k, p in stack.items() if callable(fold := getattr(p, FOLD, None))]
+    if len(mergers) > 1:
+        raise ExportError(
+            f"Plugins {[k for k, _ in mergers]} each fold weights into SAM; merge one at a time."
+        )
+    sam = model.sam
+    state = dict(mergers[0][1](sam)) if mergers else dict(sam.state_dict())
+    variant = next(
+        (
+            n
+            for n, v in VARIANTS.items()
+            if v.embed_dim == sam.image_encoder.patch_embed.proj.out_channels
+            and v.depth == len(sam.image_encoder.blocks)
+        ),
+        None,
+    )
+    if variant is None:
+        raise ExportError("This SAM is not one of the variants segment-anything builds; it cannot be merged.")
+    if model.img_size != VARIANTS[variant].img_size:
+        raise ExportError(
+            f"The SAM takes {model.img_size} px inputs; segment-anything's {variant} takes "
+            f"{VARIANTS[variant].img_size}, so a merged checkpoint would not load. Export the adapter instead."
+        )
+    with torch.device("meta"):
+        plain = set(build_sam(variant, seed=None).state_dict())
+    extra, missing = sorted(set(state) - plain), sorted(plain - set(state))
+    if extra or missing:
+        owners = sorted({stack.owner_of(f"sam.{k}") or "?" for k in extra})
+        raise ExportError(
+            f"Plugins {owners} put modules into SAM that cannot be folded into its weights (keys {extra[:3]}, "
+            f"missing {missing[:3]}); export the adapter instead."
+        )
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+# ---- reading ----
+def load_export(
+    folder: str | Path, *, sam_checkpoint: str | Path | None = None, force: bool = False
+) -> tuple[HookedSam, dict[str, Any]]:
+    """Rebuild the model of an export folder: (``HookedSam`` with the adapter loaded, Predictor options).
+
+    Nothing is unpickled: the adapter is safetensors, the config YAML, the manifest JSON. The SAM is
+    ``sam_checkpoint`` or the config's ``model.sam.checkpoint``; its SHA-256 must be the one recorded
+    (a random SAM has none: then no SAM file may be given), unless ``force`` (then it warns).
+    """
+    root = Path(folder).expanduser()
+    for name in (ADAPTER, CONFIG, MANIFEST):
+        if not (root / name).is_file():
+            raise ExportError(
+                f"{root} is not a samflow export: {name} is missing (write one with samflow export)."
+            )
+    manifest = json.loads((root / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ExportError(
+            f"{root / MANIFEST}: export format {manifest.get('format')!r}, this samflow reads {FORMAT}."
+        )
+    settings = read_run_config(root / CONFIG)
+    sam_file = (
+        sam_checkpoint
+        if sam_checkpoint is not None
+        else (settings["model"].get("sam") or {}).get("checkpoint")
+    )
+    expected = manifest["sam"].get("checkpoint_sha256")
+    if sam_file is not None and not Path(sam_file).expanduser().is_file():
+        raise FileNotFoundError(
+            f"SAM checkpoint {str(sam_file)!r} does not exist; pass sam_checkpoint= (--sam-checkpoint), "
+            f"the file the adapter was trained on ({manifest['sam'].get('checkpoint_name')})."
+        )
+    actual = file_sha256(Path(sam_file).expanduser()) if sam_file is not None else None
+    if actual != expected:
+        what = (
+            f"SAM checkpoint {str(sam_file)!r} has SHA-256 {actual[:12]}..."
+            if actual
+            else "no SAM checkpoint was given"
+        )
+        trained = (
+            f"{manifest['sam'].get('checkpoint_name')} ({expected[:12]}...)"
+            if expected
+            else "a random SAM (no file)"
+        )
+        message = f"{root}: the adapter was trained on {trained}, but {what}."
+        if not force:
+            raise ExportError(
+                message + " Pass the SAM checkpoint it was trained on, or force=True (--force)."
+            )
+        warnings.warn(message + " Loading anyway (forced).", stacklevel=2)
+    model = build_model(settings["model"], sam_checkpoint=sam_file)
+    load_trained_state(model, load_file(str(root / ADAPTER)), str(root / ADAPTER))
+    return model, settings["predictor"]
+
+
+# ---- the command ----
+def main(argv: list[str]) -> int:
+    """``samflow export RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]``."""
+    parser = argparse.ArgumentParser(
+        prog="samflow export",
+        description="Export a trained run: adapter.safetensors + config.yaml + samflow.json, or with "
+        "--merged a full segment-anything checkpoint.",
+    )
+    parser.add_argument("source", help="run folder (runs/<experiment>/version_N) or checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="folder to write the export into")
+    parser.add_argument(
+        "--merged",
+        action="store_true",
+        help="write sam_merged.pth, a plain segment-anything checkpoint (decoder tuning, LoRA)",
+    )
+    parser.add_argument(
+        "--sam-checkpoint", help="the SAM file the run was trained on, if not at the config's path"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace export files already in --out")
+    args = parser.parse_args(argv)
+    try:
+        written = export(
+            args.source,
+            args.out,
+            merged=args.merged,
+            sam_checkpoint=args.sam_checkpoint,
+            overwrite=args.overwrite,
+        )
+    except PredictorError as err:
+        raise ExportError(str(err)) from err
+    for path in written:
+        print(f"{path}  ({path.stat().st_size:,d} bytes)")
+    return 0

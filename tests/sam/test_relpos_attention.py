@@ -1,0 +1,149 @@
+"""Encoder attention with SAM's relative positions as plain SDPA (augmented query and key, no mask).
+
+Compared with segment-anything's own ``Block`` / ``Attention`` on shared random weights, forward and
+backward in float32, for the tiny and vit_b-shaped configurations, windowed and global blocks, and
+grids that need padding windows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize
+from segment_anything.modeling.image_encoder import Block
+
+from samflow.batch import SamBatch
+from samflow.plugins import SamPlugin
+from samflow.plugins.stack import PluginStack
+from samflow.sam import HookedSam, build_sam, decomposed_rel_pos_bias, rel_pos_attention
+
+ATOL = 1e-5
+
+
+def _block(dim: int, heads: int, window: int, grid: int, seed: int) -> Block:
+    torch.manual_seed(seed)
+    block = Block(
+        dim=dim,
+        num_heads=heads,
+        use_rel_pos=True,
+        window_size=window,
+        input_size=(grid, grid),
+    )
+    return randomize(block, seed=seed)
+
+
+def _grads(out: torch.Tensor, module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    inputs = [x, module.attn.rel_pos_h, module.attn.rel_pos_w, module.attn.qkv.weight]
+    return list(torch.autograd.grad(out.square().sum(), inputs))
+
+
+# (dim, heads, window, grid): tiny (64 channels, 2 heads, window 4) and vit_b (768, 12, window 14);
+# grids 6 and 16 leave padding windows (4 -> 8 and 14 -> 28); window 0 is a global block.
+CASES = [
+    pytest.param(64, 2, 4, 8, id="tiny-window"),
+    pytest.param(64, 2, 4, 6, id="tiny-window-padded"),
+    pytest.param(64, 2, 0, 8, id="tiny-global"),
+    pytest.param(64, 2, 0, 7, id="tiny-global-odd"),
+    pytest.param(768, 12, 14, 16, id="vit_b-window-padded"),
+    pytest.param(768, 12, 0, 16, id="vit_b-global"),
+]
+
+
+@pytest.mark.parametrize(("dim", "heads", "window", "grid"), CASES)
+def test_block_equals_segment_anything_forward_and_backward(dim, heads, window, grid):
+    block = _block(dim, heads, window, grid, seed=grid + window)
+    block.requires_grad_(True)
+    hooked = HookedSam(randomize(build_sam("tiny", seed=0)))
+    ctx = hooked.context(SamBatch(image=torch.zeros(2, 3, 8, 8)))
+    x = torch.randn(2, grid, grid, dim, requires_grad=True)
+    ours = hooked._block(0, block, x, ctx)
+    theirs = block(x)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    for g_ours, g_theirs in zip(_grads(ours, block, x), _grads(theirs, block, x), strict=True):
+        torch.testing.assert_close(g_ours, g_theirs, atol=ATOL, rtol=1e-5)
+
+
+def test_op_equals_the_dense_bias_with_a_tensor_scale():
+    """rel_pos_attention == SDPA with the (L, L) bias as a mask, also for a per-head tensor scale."""
+    q, k, v = torch.randn(3, 2, 4, 30, 16).unbind(0)
+    rel_h, rel_w = torch.randn(9, 16), torch.randn(11, 16)
+    scale = torch.tensor([0.3, 0.7, 0.2, 1.1]).view(1, 4, 1, 1)
+    ours = rel_pos_attention(q, k, v, rel_h, rel_w, (5, 6), scale)
+    bias = decomposed_rel_pos_bias(q, rel_h, rel_w, (5, 6))
+    dense = F.scaled_dot_product_attention(q * scale, k, v, attn_mask=bias, scale=1.0)
+    torch.testing.assert_close(ours, dense, atol=ATOL, rtol=0)
+
+
+def test_no_mask_reaches_sdpa_without_logit_plugins(tiny_sam, monkeypatch):
+    """The whole encoder calls SDPA with no mask and the augmented head size d + h + w."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((attn_mask, q.shape[-1], v.shape[-1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    hooked = HookedSam(tiny_sam)
+    with torch.no_grad():
+        hooked.encode(hooked.context(SamBatch(image=torch.rand(1, 3, 128, 128))))
+    # tiny: head dim 32; windowed blocks 4 x 4 (32 + 8), global blocks 8 x 8 (32 + 16)
+    assert [(m is None, dq, dv) for m, dq, dv in calls] == [(True, 40, 40), (True, 48, 48)] * 2
+
+
+class _ShiftLogits(SamPlugin):
+    """Fills ``attn_logits``: receives SAM's dense (L, L) bias and adds ``shift`` to every logit."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.shift = shift
+        self.shapes: list[tuple[int, ...]] = []
+
+    def attn_logits(self, i, scale, bias, q, ctx):
+        self.shapes.append(tuple(bias.shape))
+        return scale, bias if self.shift == 0 else bias + self.shift
+
+
+def _embeddings(sam, plugins=None):
+    hooked = HookedSam(sam, PluginStack(plugins) if plugins else None)
+    with torch.no_grad():
+        return hooked.encode(
+            hooked.context(SamBatch(image=torch.rand(2, 3, 128, 128, generator=GEN)))
+        ).embeddings
+
+
+GEN = torch.Generator()
+
+
+def test_logit_plugins_get_the_dense_bias_and_the_dense_path(tiny_sam):
+    """A shift of every logit changes no softmax: the dense path equals the plain one to rounding."""
+    GEN.manual_seed(0)
+    plain = _embeddings(tiny_sam)
+    plugin = _ShiftLogits(3.0)
+    GEN.manual_seed(0)
+    dense = _embeddings(tiny_sam, {"shift": plugin})
+    # windowed blocks (2 images x 4 windows, 16 tokens), global blocks (2 images, 64 tokens)
+    assert plugin.shapes == [(8, 2, 16, 16), (2, 2, 64, 64)] * 2
+    torch.testing.assert_close(dense, plain, atol=ATOL, rtol=0)
+    assert not torch.equal(dense, plain)  # it did run the other way
+
+
+def test_a_bias_left_as_sams_is_bitwise_the_plain_path(tiny_sam):
+    GEN.manual_seed(0)
+    plain = _embeddings(tiny_sam)
+    GEN.manual_seed(0)
+    same = _embeddings(tiny_sam, {"same": _ShiftLogits(0.0)})
+    assert torch.equal(same, plain)
+
+
+def test_bf16_autocast_keeps_dtypes_consistent(tiny_sam):
+    """Under CPU bf16 autocast the augmented path runs and stays close to float32."""
+    hooked = HookedSam(tiny_sam)
+    batch = SamBatch(image=torch.rand(1, 3, 128, 128))
+    with torch.no_grad():
+        ref = hooked.encode(hooked.context(batch)).embeddings
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = hooked.encode(hooked.context(batch)).embeddings
+    assert torch.isfinite(low).all()
+    torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.1)
