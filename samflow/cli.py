@@ -28,6 +28,10 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # arguments after the command name and returns the exit status; the user errors it raises
 # (``_user_errors()``, ``ValueError`` subclasses of samflow) are printed as one line, exit 1.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "sweep": (
+        "samflow.sweep:main",
+        "FILE [--backend optuna|wandb] [--trials N] [--storage URL] [--study NAME] [--summary]",
+    ),
     "export": (
         "samflow.export:main",
         "RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]",
@@ -316,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"samflow {__version__}")
         return 0
+    from samflow.sweep.agent import agent_args
+
     if args[0] not in SUBCOMMANDS:
         commands = ", ".join([*SUBCOMMANDS, "experiments", "plugins", *COMMANDS])
         return _error(
@@ -323,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         args, name = _experiment_from_argv(args)
+        args = agent_args(args, name)  # W&B agent's value forms (--a=None) and its runs' folders
         check_plugin_args(args)
     except ExperimentError as err:
         return _error(str(err))

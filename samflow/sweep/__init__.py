@@ -1,0 +1,71 @@
+"""``samflow sweep FILE``: hyperparameter search from W&B sweep files.
+
+    samflow sweep FILE [--backend optuna|wandb] [--trials N] [--storage URL] [--study NAME] [--summary]
+
+FILE is a W&B sweep YAML (a path, ``./experiments/sweeps/NAME.yaml`` or a packaged sweep's name).
+``spec`` reads it into Optuna's search space, sampler and pruner; ``run`` runs the trials (one
+``samflow fit`` process each, in ``runs/<experiment>/sweeps/<study>/trial-<n>/``); ``report`` is the
+trial's callback that reports the metric for pruning; ``summary`` writes the table, the best config
+and the plots; ``agent`` handles W&B's agent (its flag values, its runs' folders, ``--backend wandb``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 1 (samflow.cli), not usage and exit 2
+        from samflow.cli import ExperimentError
+
+        raise ExperimentError(f"samflow sweep: {message} (`samflow sweep --help` lists the options)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="samflow sweep", description="Hyperparameter search from a W&B sweep file.")
+    parser.add_argument("file", help="the sweep YAML: a path or a packaged sweep's name (e.g. quickstart_lr)")
+    parser.add_argument(
+        "--backend",
+        choices=("optuna", "wandb"),
+        default="optuna",
+        help="optuna (default): local, no server; wandb: W&B's sweep server and agent (needs an account)",
+    )
+    parser.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="the study's number of trials, all workers together (default: the grid's size, else run_cap, else 20)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL shared by workers (default: sqlite:///runs/<experiment>/sweeps/<study>/study.db)",
+    )
+    parser.add_argument(
+        "--study", default=None, help="the study's name (default: the file's name: or its stem)"
+    )
+    parser.add_argument("--summary", action="store_true", help="only print the summary of the study so far")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Run ``samflow sweep``; returns the exit status."""
+    from samflow.cli import ExperimentError
+    from samflow.sweep.spec import load_sweep
+
+    args = _parser().parse_args(argv)
+    if args.trials is not None and args.trials < 1:
+        raise ExperimentError(f"samflow sweep: --trials must be at least 1, got {args.trials}.")
+    spec = load_sweep(args.file)
+    if args.backend == "wandb":
+        from samflow.sweep.agent import run_wandb
+
+        return run_wandb(spec, args.trials)
+    from samflow.sweep.run import Sweep, run_optuna
+    from samflow.sweep.summary import summarize
+
+    sweep = Sweep.open(spec, args.study, args.storage)
+    study = sweep.study() if args.summary else run_optuna(sweep, args.trials)
+    summarize(sweep, study)
+    return 0

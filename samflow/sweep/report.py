@@ -1,0 +1,88 @@
+"""The trial's side of a sweep: report the metric to Optuna every validation epoch and stop when pruned.
+
+``samflow sweep`` starts each trial as ``samflow fit ... --trainer.callbacks+=<TrialReport spec>``.
+``TrialReport`` reads the trial's ``trial.json`` (storage URL, study, trial id, metric, the sweep file
+for the pruner), reports the metric of every validation epoch (``trial.report(value, epoch)``) and,
+when the pruner says so, stops training at the end of that epoch. Everything it learns goes to
+``result.json`` beside it, which the sweep reads when the process ends: the values per epoch and
+whether the trial was pruned. Rank 0 talks to the study; the decision is broadcast to every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+TRIAL_FILE = "trial.json"
+RESULT_FILE = "result.json"
+
+
+class TrialMetricError(ValueError):
+    """The sweep's metric is not among the run's logged values."""
+
+
+class TrialReport(Callback):
+    """Report ``metric`` to the Optuna trial after each validation epoch; stop when the pruner prunes it.
+
+    Args:
+        trial_file: the ``trial.json`` that ``samflow sweep`` wrote into the trial's folder.
+    """
+
+    def __init__(self, trial_file: str) -> None:
+        self.trial_file = Path(trial_file)
+        self.info: dict[str, Any] = json.loads(self.trial_file.read_text())
+        self.result_file = self.trial_file.with_name(RESULT_FILE)
+        self.values: dict[int, float] = {}
+        self.pruned = False
+        self._trial: Any = None
+
+    def _optuna_trial(self) -> Any:
+        if self._trial is None:
+            import optuna
+
+            from samflow.sweep.run import open_storage
+            from samflow.sweep.spec import load_sweep
+
+            pruner = load_sweep(self.info["sweep"]).pruner()
+            study = optuna.load_study(
+                study_name=self.info["study"], storage=open_storage(self.info["storage"]), pruner=pruner
+            )
+            self._trial = optuna.trial.Trial(study, int(self.info["trial_id"]))
+        return self._trial
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        decision: tuple[bool, str] = (False, "")
+        if trainer.is_global_zero:
+            decision = self._report(trainer)
+        prune, error = trainer.strategy.broadcast(decision)
+        if error:
+            raise TrialMetricError(error)
+        if prune:
+            trainer.should_stop = True
+
+    def _report(self, trainer: Trainer) -> tuple[bool, str]:
+        metric, epoch = self.info["metric"], trainer.current_epoch
+        value = trainer.callback_metrics.get(metric)
+        if value is None:
+            logged = (
+                ", ".join(sorted(k for k in trainer.callback_metrics if not k.startswith("train/"))) or "none"
+            )
+            return False, (
+                f"sweep {self.info['sweep']}: metric {metric!r} is not logged by this run (logged: {logged}); "
+                "fix metric.name in the sweep file."
+            )
+        self.values[epoch] = float(value)
+        prune = False
+        if math.isfinite(self.values[epoch]):
+            trial = self._optuna_trial()
+            trial.report(self.values[epoch], epoch)
+            prune = bool(trial.should_prune())
+        self.pruned = prune
+        self.result_file.write_text(json.dumps({"values": self.values, "pruned": prune}, indent=1))
+        return prune, ""

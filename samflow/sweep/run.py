@@ -1,0 +1,292 @@
+"""The Optuna backend: a study in an RDB storage, one ``samflow fit`` subprocess per trial.
+
+Why a subprocess per trial: a trial that fails in any way (a value a class refuses, a NaN loss, CUDA
+out of memory, a segfault, a killed process) ends only that process, and the sweep records its
+one-line error and goes on; memory, CUDA state, W&B and Lightning globals start fresh each trial; a
+trial on several devices is Lightning's own DDP launch (``samflow fit`` re-runs its argv per rank)
+inside the trial's process group, which the sweep ends as a whole when interrupted. The cost is the
+start of a Python process per trial (a few seconds), small against training.
+
+Workers: every ``samflow sweep`` with the same ``--storage`` and ``--study`` pulls trials from one
+study (SQLite in the sweep folder by default; a server database such as PostgreSQL across machines).
+Trial numbers are handed out by the storage, so a grid's points 0..N-1 go to distinct trials;
+``--trials`` is the study's total, all workers together. Running trials send a heartbeat; a trial whose
+worker died is marked failed by the next worker that starts a trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from samflow.cli import check_plugins, resolve_experiment
+from samflow.sweep.agent import run_folder_args
+from samflow.sweep.report import RESULT_FILE, TRIAL_FILE
+from samflow.sweep.spec import SweepError, SweepSpec
+
+HEARTBEAT_S = 30  # a running trial's heartbeat; a trial silent for GRACE_S is taken for dead
+GRACE_S = 120
+DEFAULT_TRIALS = 20  # random and bayes sweeps without --trials or run_cap
+
+
+def open_storage(url: str) -> Any:
+    """Optuna's RDB storage for ``url`` (SQLite waits up to 2 min for a lock held by another worker)."""
+    import optuna
+
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+        )
+    except Exception as err:  # noqa: BLE001 - sqlalchemy's errors vary by database
+        raise SweepError(f"--storage {url}: cannot open it: {' '.join(str(err).split())[:300]}") from None
+
+
+@dataclass
+class Outcome:
+    """How one trial ended: state (complete | pruned | fail), the metric's last value, error, epochs."""
+
+    state: str
+    value: float | None = None
+    error: str = ""
+    epochs: int = 0
+
+
+@dataclass
+class Sweep:
+    """One sweep being run: the checked file, its experiment, study and folder."""
+
+    spec: SweepSpec
+    experiment: Path
+    study_name: str
+    folder: Path  # runs/<experiment>/sweeps/<study>
+    storage_url: str
+
+    @classmethod
+    def open(cls, spec: SweepSpec, study: str | None, storage: str | None) -> Sweep:
+        experiment = resolve_experiment(spec.experiment)
+        check_plugins(experiment)
+        name = study or spec.name
+        folder = Path("runs") / experiment.stem / "sweeps" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
+        return cls(spec, experiment, name, folder, url)
+
+    def study(self) -> Any:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        direction: Any = self.spec.goal
+        study = optuna.create_study(
+            storage=open_storage(self.storage_url),
+            study_name=self.study_name,
+            sampler=self.spec.sampler(),
+            pruner=self.spec.pruner(),
+            direction=direction,
+            load_if_exists=True,
+        )
+        if study.direction.name.lower() != direction:
+            raise SweepError(
+                f"study {self.study_name!r} in {self.storage_url} was created to "
+                f"{study.direction.name.lower()}; the sweep file says {direction}: use another --study."
+            )
+        return study
+
+    def total(self, trials: int | None) -> int:
+        if self.spec.method == "grid":
+            return min(trials, self.spec.grid_size()) if trials else self.spec.grid_size()
+        return trials or self.spec.run_cap or DEFAULT_TRIALS
+
+
+def run_optuna(sweep: Sweep, trials: int | None) -> Any:
+    """Run trials until the study holds ``sweep.total(trials)`` of them (or the grid is covered); the study."""
+    import optuna
+    from optuna.trial import TrialState
+
+    # Heartbeats are "experimental" and meant for study.optimize; samflow records them itself.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    study = sweep.study()
+    storage = study._storage
+    total = sweep.total(trials)
+    distributions = {k: p.distribution for k, p in sweep.spec.sampled.items()}
+    print(
+        f"samflow sweep: {sweep.spec.method} over {len(distributions)} parameter(s), {total} trials in study "
+        f"{sweep.study_name!r} ({sweep.storage_url}); folders under {sweep.folder}",
+        flush=True,
+    )
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        existing = study.get_trials(deepcopy=False)
+        if len(existing) >= total or _target_reached(sweep.spec, existing):
+            break
+        if sweep.spec.method == "grid" and len(_grid_started(existing)) >= sweep.spec.grid_size():
+            break
+        trial = study.ask(distributions)
+        if sweep.spec.method == "grid" and _grid_taken(study, trial):
+            # another worker took the grid's last point between our count and our ask
+            trial.set_user_attr("skipped", "grid point already taken by another worker")
+            study.tell(trial, state=TrialState.FAIL)
+            break
+        overrides = sweep.spec.overrides(trial.params)
+        folder = sweep.folder / f"trial-{trial.number}"
+        trial.set_user_attr("overrides", overrides)
+        trial.set_user_attr("folder", str(folder))
+        shown = " ".join(f"{k}={v}" for k, v in overrides.items() if k in distributions)
+        print(f"trial {trial.number}: {shown}", flush=True)
+        outcome = run_trial(sweep, study, trial, overrides, folder, storage)
+        trial.set_user_attr("epochs", outcome.epochs)
+        if outcome.error:
+            trial.set_user_attr("error", outcome.error)
+        if outcome.state == "complete":
+            study.tell(trial, outcome.value)
+        elif outcome.state == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, state=TrialState.FAIL)
+        value = "" if outcome.value is None else f" {sweep.spec.metric}={outcome.value:.4g}"
+        detail = f": {outcome.error}" if outcome.error else ""
+        print(
+            f"trial {trial.number} {outcome.state}{value} after {outcome.epochs} epoch(s){detail}", flush=True
+        )
+    return study
+
+
+def _target_reached(spec: SweepSpec, trials: list[Any]) -> bool:
+    from optuna.trial import TrialState
+
+    if spec.target is None:
+        return False
+    values = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if not values:
+        return False
+    best = max(values) if spec.goal == "maximize" else min(values)
+    return best >= spec.target if spec.goal == "maximize" else best <= spec.target
+
+
+def _grid_started(trials: list[Any]) -> set[int]:
+    return {t.system_attrs["grid_id"] for t in trials if "grid_id" in t.system_attrs}
+
+
+def _grid_taken(study: Any, trial: Any) -> bool:
+    """Whether ``trial``'s grid point belongs to an earlier trial (possible only past the grid's size)."""
+    mine = study._storage.get_trial(trial._trial_id).system_attrs.get("grid_id")
+    return any(
+        t.system_attrs.get("grid_id") == mine and t.number != trial.number
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
+def flag(key: str, value: Any) -> str:
+    """``--key=value`` for an override (a non-string value as JSON, which jsonargparse reads as YAML)."""
+    return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def trial_command(sweep: Sweep, overrides: dict[str, Any], folder: Path) -> list[str]:
+    """The ``samflow fit`` of one trial: the experiment, the sweep's fixed flags, the trial's values, its
+    folder and W&B group, and the ``TrialReport`` callback."""
+    report = {
+        "class_path": "samflow.sweep.report.TrialReport",
+        "init_args": {"trial_file": str(folder / TRIAL_FILE)},
+    }
+    return [
+        sys.executable,
+        "-m",
+        "samflow",
+        "fit",
+        "--experiment",
+        str(sweep.experiment),
+        *sweep.spec.args,
+        *(flag(k, v) for k, v in overrides.items()),
+        *run_folder_args(folder, sweep.study_name, project=sweep.spec.raw.get("project")),
+        f"--trainer.callbacks+={json.dumps(report)}",
+    ]
+
+
+def run_trial(
+    sweep: Sweep, study: Any, trial: Any, overrides: dict[str, Any], folder: Path, storage: Any
+) -> Outcome:
+    """Run one trial's ``samflow fit`` in its own process group; its output goes to ``folder/fit.log``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {
+        "sweep": str(sweep.spec.path),
+        "storage": sweep.storage_url,
+        "study": sweep.study_name,
+        "trial_id": trial._trial_id,
+        "number": trial.number,
+        "metric": sweep.spec.metric,
+    }
+    (folder / TRIAL_FILE).write_text(json.dumps(info, indent=1))
+    (folder / RESULT_FILE).unlink(missing_ok=True)
+    command = trial_command(sweep, overrides, folder)
+    (folder / "command.txt").write_text(" ".join(command) + "\n")
+    with open(folder / "fit.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=HEARTBEAT_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    storage.record_heartbeat(trial._trial_id)
+        except BaseException:  # Ctrl-C or a kill of the sweep: end the trial's whole process group
+            _end_group(proc)
+            trial.set_user_attr("error", "the sweep was interrupted")
+            study.tell(trial, state=_failed())
+            raise
+    return outcome(proc.returncode, folder, sweep.spec.metric)
+
+
+def _failed() -> Any:
+    from optuna.trial import TrialState
+
+    return TrialState.FAIL
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+
+
+def outcome(returncode: int, folder: Path, metric: str) -> Outcome:
+    """The trial's ``Outcome`` from its exit status, ``result.json`` and ``fit.log``."""
+    result = json.loads((folder / RESULT_FILE).read_text()) if (folder / RESULT_FILE).is_file() else {}
+    values = [v for _, v in sorted((int(k), v) for k, v in result.get("values", {}).items())]
+    last = values[-1] if values else None
+    if returncode != 0:
+        return Outcome("fail", last, _error_line(returncode, folder / "fit.log"), len(values))
+    if last is None:
+        return Outcome("fail", None, f"no validation epoch reported {metric}", 0)
+    if not math.isfinite(last):
+        return Outcome("fail", last, f"{metric} is {last} after epoch {len(values) - 1}", len(values))
+    return Outcome("pruned" if result.get("pruned") else "complete", last, "", len(values))
+
+
+def _error_line(returncode: int, log: Path) -> str:
+    """The one line that says why a trial's process failed."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("samflow: error:"):
+            return line.removeprefix("samflow: error:").strip()
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        hint = " (out of memory?)" if returncode == -signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    for line in reversed(lines):  # a traceback's last line: "SomeError: message"
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Interrupt")):
+            return line[:500]
+    return f"exit status {returncode}: {lines[-1][:300] if lines else 'no output'}"
