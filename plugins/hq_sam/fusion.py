@@ -20,19 +20,23 @@ from segment_anything.modeling import ImageEncoderViT
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
+from samflow.sam import early_feature
+
 
 def first_global_block(encoder: ImageEncoderViT) -> int:
     """Index of the first encoder block with global attention (``window_size == 0``).
 
     ViT-B: 2, ViT-L: 5, ViT-H: 7 -- HQ-SAM's "early-layer feature after the first global attention block".
+    Other image encoders name their own early block (``samflow.sam.early_feature``; MobileSAM: the end
+    of TinyViT's stage 1, as light HQ-SAM).
     """
-    for i, block in enumerate(encoder.blocks):
-        if block.window_size == 0:
-            return i
-    raise ValueError(
-        "hq_sam: the SAM image encoder has no global-attention block (every block has window_size > 0); "
-        "HQ-SAM fuses the output of the first global-attention block, so it needs one."
-    )
+    try:
+        return early_feature(encoder)[0]
+    except ValueError as err:
+        raise ValueError(
+            "hq_sam: the SAM image encoder has no global-attention block (every block has window_size > 0); "
+            "HQ-SAM fuses the output of the first global-attention block, so it needs one."
+        ) from err
 
 
 def upsample_x4(in_dim: int, mid_dim: int, out_dim: int) -> nn.Sequential:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
+
+from samflow.sam.backbones import BACKBONES, Backbone
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,15 @@ VARIANTS: dict[str, SamVariant] = {
 }
 
 
+#: SAM's prompt encoder and mask decoder, with which the other image encoders (``BACKBONES``) run
+BACKBONE_DECODER = VARIANTS["vit_b"]
+
+
+def variant_names() -> list[str]:
+    """Every ``model.sam.variant``: SAM's ViTs, ``tiny`` and the other image encoders."""
+    return sorted(VARIANTS) + sorted(BACKBONES)
+
+
 class CheckpointError(ValueError):
     """A SAM checkpoint file does not fit the requested variant."""
 
@@ -69,22 +81,25 @@ def build_sam(
     """Build SAM ``variant``, load ``checkpoint`` if given, freeze it and put it in eval mode.
 
     Args:
-        variant: one of ``vit_b``, ``vit_l``, ``vit_h``, ``tiny``.
-        checkpoint: path to a SAM state dict (e.g. ``sam_vit_b_01ec64.pth``); None keeps random weights.
+        variant: one of ``vit_b``, ``vit_l``, ``vit_h``, ``tiny``, or an image encoder of ``BACKBONES``
+            with SAM's prompt encoder and mask decoder: ``mobile_sam``, ``efficient_sam_vitt``,
+            ``efficient_sam_vits``.
+        checkpoint: path to a SAM state dict (e.g. ``sam_vit_b_01ec64.pth``, ``mobile_sam.pt``,
+            ``efficient_sam_vitt.pt``); None keeps random weights.
         img_size: encoder input size (default: the variant's). Position embeddings of a checkpoint are
             resized to it; must be a multiple of the patch size.
         seed: seed for the random initialisation, so a random SAM is the same on every rank and run.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown SAM variant {variant!r}; choose one of {sorted(VARIANTS)}.")
-    spec = VARIANTS[variant]
+    if variant not in VARIANTS and variant not in BACKBONES:
+        raise ValueError(f"Unknown SAM variant {variant!r}; choose one of {variant_names()}.")
+    spec = VARIANTS.get(variant, BACKBONE_DECODER)
     size = img_size or spec.img_size
     if size % spec.patch_size:
         raise ValueError(f"img_size {size} is not a multiple of the patch size {spec.patch_size}.")
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        sam = _assemble(spec, size)
+        sam = _assemble(spec, size, BACKBONES[variant](size) if variant in BACKBONES else None)
     if checkpoint is not None:
         load_checkpoint(sam, checkpoint, variant)
     return freeze(sam)
@@ -102,6 +117,11 @@ def resize_sam(sam: Sam, img_size: int) -> Sam:
     equals ``resize_sam(build_sam(variant, seed=k), s)``.)
     """
     enc = sam.image_encoder
+    if isinstance(enc, Backbone):
+        raise TypeError(
+            f"resize_sam resizes SAM's ViT encoders; {type(enc).__name__} is built for any size: "
+            f"build_sam(variant, img_size={img_size}) (--model.sam.img_size {img_size})."
+        )
     patch = enc.patch_embed.proj.kernel_size[0]
     if img_size <= 0 or img_size % patch:
         raise ValueError(f"img_size {img_size} is not a positive multiple of the patch size {patch}.")
@@ -127,10 +147,12 @@ def resize_sam(sam: Sam, img_size: int) -> Sam:
     return freeze(resized)
 
 
-def _assemble(spec: SamVariant, img_size: int) -> Sam:
+def _assemble(spec: SamVariant, img_size: int, encoder: nn.Module | None = None) -> Sam:
+    """SAM from ``spec`` at ``img_size``; ``encoder`` replaces its ViT image encoder when given."""
     grid = img_size // spec.patch_size
     return Sam(
-        image_encoder=ImageEncoderViT(
+        image_encoder=encoder
+        or ImageEncoderViT(
             depth=spec.depth,
             embed_dim=spec.embed_dim,
             img_size=img_size,
@@ -173,7 +195,17 @@ def freeze(sam: Sam) -> Sam:
 
 def guess_variant(state_dict: dict[str, torch.Tensor]) -> str:
     """Name the variant a state dict looks like, from its patch-embedding width and depth."""
+    if "image_encoder.layers.0.blocks.0.conv1.c.weight" in state_dict:
+        return "mobile_sam"
     weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if (
+        weight is not None
+        and "image_encoder.pos_embed" in state_dict
+        and state_dict["image_encoder.pos_embed"].ndim == 3
+    ):
+        return {192: "efficient_sam_vitt", 384: "efficient_sam_vits"}.get(
+            weight.shape[0], "an unknown plain ViT"
+        )
     if weight is None:
         return "not a SAM checkpoint (no image_encoder.patch_embed.proj.weight)"
     depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
@@ -203,6 +235,9 @@ def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     expected = sam.state_dict()
+    in_file = len(state)
+    if isinstance(sam.image_encoder, Backbone):
+        state, expected = _backbone_state(state, expected, sam.image_encoder)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     _resize_position_tables(state, expected)
@@ -220,7 +255,37 @@ def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
             f"  wrong shapes ({len(wrong_shape)}): {_short(wrong_shape)}\n"
             "Pass the matching --model.sam.variant, or the checkpoint of the variant you chose."
         )
-    sam.load_state_dict(state, strict=True)
+    if len(expected) < len(sam.state_dict()):  # the image encoder alone (``_backbone_state``)
+        sam.image_encoder.load_state_dict(
+            {k.removeprefix("image_encoder."): v for k, v in state.items()}, strict=True
+        )
+        if in_file > len(state):
+            warnings.warn(
+                f"{str(path)!r}: its {in_file - len(state)} prompt_encoder/mask_decoder tensors are "
+                f"{variant}'s own decoder, which SAM's modules do not compute; only the image encoder is loaded. "
+                "SAM's prompt encoder and mask decoder keep their seeded random weights: train them "
+                "(e.g. the decoder_tuning plugin).",
+                stacklevel=3,
+            )
+    else:
+        sam.load_state_dict(state, strict=True)
+
+
+def _backbone_state(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], encoder: Backbone
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The part of an official MobileSAM / EfficientSAM file that samflow's model holds, and its keys.
+
+    Drops, by name, the encoder's ``unused_checkpoint_keys`` (TinyViT's classifier head). Without
+    SAM's decoder in the file (EfficientSAM's is its own), only ``image_encoder.*`` is loaded and
+    compared (``load_checkpoint`` warns, naming what is left out).
+    """
+    unused = tuple(f"image_encoder.{k}" for k in encoder.unused_checkpoint_keys)
+    state = {k: v for k, v in state.items() if not k.startswith(unused)} if unused else state
+    if encoder.checkpoint_has_sam_decoder:
+        return state, expected
+    keep = {k: v for k, v in state.items() if not k.startswith(("prompt_encoder.", "mask_decoder."))}
+    return keep, {k: v for k, v in expected.items() if k.startswith("image_encoder.")}
 
 
 def _unreadable(path: Path, err: Exception) -> str:
