@@ -1,12 +1,435 @@
-import sys
-p = sys.argv[1]
-s = open(p).read()
-o = """        variant: ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny`` (random, for tests and the quickstart).
-        checkpoint: path of the official SAM checkpoint of that variant; None keeps random weights."""
-n = """        variant: ``vit_b``, ``vit_l``, ``vit_h``, ``tiny`` (random, for tests and the quickstart), or an
+"""``SamflowModule``: a frozen SAM with plugins, as a LightningModule."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+
+from samflow.batch import SamBatch
+from samflow.losses import build_loss
+from samflow.metrics.registry import build_metrics
+from samflow.plugins import DecoderContext, PluginStack, SamPlugin
+from samflow.sam import (
+    EncoderCache,
+    EncoderCacheError,
+    HookedSam,
+    SamOutput,
+    build_sam,
+    count_parameters,
+    upcast,
+)
+
+SAM_PREFIX = "model.sam."
+
+# The frozen SAM stays in eval mode on purpose (HookedSam.train keeps it there); Lightning's notice
+# about modules in eval mode at the start of training is expected and only noise here.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+class EvalTally(Metric):
+    """Images and loss of one evaluation set, as sums over images (``dist_reduce_fx="sum"``).
+
+    ``images`` counts the images evaluated; ``loss`` is the image-weighted mean of the batch losses,
+    ``Σ_b n_b·L_b / Σ_b n_b``: the mean of per-image losses whenever a batch's loss is the mean of its
+    images' (all built-in losses but ``balanced_bce``, whose weight depends on the batch). Sums reduce
+    exactly over processes whatever images each one evaluated, unlike a mean of per-process means.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    images: Tensor
+    loss_sum: Tensor
+    loss_images: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("loss_images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, images: int, loss: Tensor | None = None) -> None:
+        """Add a batch of ``images`` images and, when it has ground truth, its loss (a scalar)."""
+        self.images += images
+        if loss is not None:
+            self.loss_sum += torch.as_tensor(loss).detach().to(self.loss_sum) * images
+            self.loss_images += images
+
+    def compute(self) -> dict[str, Tensor]:
+        loss = self.loss_sum / self.loss_images  # NaN without ground truth
+        return {"images": self.images.clone(), "loss_images": self.loss_images.clone(), "loss": loss}
+
+
+@dataclass
+class SamSpec:
+    """Which SAM to adapt.
+
+    Attributes:
+        variant: ``vit_b``, ``vit_l``, ``vit_h``, ``tiny`` (random, for tests and the quickstart), or an
             image encoder with SAM's decoder side: ``mobile_sam``, ``efficient_sam_vitt``,
             ``efficient_sam_vits`` (README, "Other image encoders").
-        checkpoint: path of the official checkpoint of that variant; None keeps random weights."""
-assert s.count(o) == 1
-s = s.replace(o, n)
-open(p, "w").write(s)
+        checkpoint: path of the official checkpoint of that variant; None keeps random weights.
+        img_size: encoder input size (default: the variant's, 1024 for the real ones).
+        multimask_output: SAM's own selection: token 0 (False) or the best of tokens 1..3 by
+            predicted IoU (True).
+        seed: seed of the random initialisation when no checkpoint is given.
+        checkpoint_blocks: activation checkpointing of the encoder blocks in training: less memory
+            when gradients flow through the encoder (adapters), at the cost of recomputing it.
+        encoder_cache: keep the encoder's outputs for this many images and reuse them when an image
+            comes back unchanged (validation every epoch; training without augmentation). 0 turns
+            it off. Refused when a plugin changes the encoder. Costs C*h*w floats per image on the
+            CPU (4 MiB at 1024 px).
+        encoder_cache_stages: where the cache is used: ``train`` and/or ``eval``. ``[eval]`` when
+            training images are augmented (new every time), so they do not evict validation images.
+        embedding_store: folder of an embedding store written by ``samflow embed`` for this
+            experiment: training and evaluation read the encoder's outputs (fp16) from it instead of
+            running the encoder. Checked when the run starts (``samflow.embed.open_for_run``):
+            refused with one line when a plugin changes the encoder, when ``data.augment`` is set
+            (augmentation changes the image), when the store was written for other encoder weights,
+            input size, resize rule or blocks, when it is unfinished, or when an image is not in it.
+    """
+
+    variant: str = "vit_b"
+    checkpoint: str | None = None
+    img_size: int | None = None
+    multimask_output: bool = False
+    seed: int = 0
+    checkpoint_blocks: bool = False
+    encoder_cache: int = 0
+    encoder_cache_stages: tuple[str, ...] = ("train", "eval")
+    embedding_store: str | None = None
+
+
+class SamflowModule(LightningModule):
+    """Train, evaluate and predict with a frozen SAM and its plugins.
+
+    Args:
+        sam: the SAM to adapt.
+        plugins: plugins keyed by the names they are known by in configs and checkpoints
+            (``model.plugins.<key>``); several can run at once.
+        losses: base loss terms on the prediction, name -> weight, ``{weight, **kwargs}`` (short names
+            ``bce``, ``soft_iou``, ``dice``, ``focal``, ``balanced_bce``) or ``{class_path, init_args,
+            weight}`` (any ``nn.Module`` loss); see ``samflow.losses.build_loss``.
+        metrics: metrics computed at each image's original resolution: a list of short names (``iou``,
+            ``dice``, ``mae``, ``boundary_iou``, ...) or ``{class_path, init_args}`` items (any torchmetrics
+            ``Metric``), or a mapping ``{log_name: item}``; see ``samflow.metrics.registry.build_metrics``.
+        optimizer: optimizer class and arguments; plugins may set their own ``lr``/``weight_decay``.
+        scheduler: optional learning-rate scheduler, stepped per epoch.
+        threshold: probability above which a pixel is foreground in predicted masks.
+    """
+
+    def __init__(
+        self,
+        sam: SamSpec | None = None,
+        plugins: dict[str, SamPlugin] | None = None,
+        losses: dict[str, Any] | None = None,
+        metrics: list[str | dict[str, Any]] | dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["plugins", "optimizer", "scheduler"])
+        self.sam_spec = sam or SamSpec()
+        frozen = build_sam(
+            self.sam_spec.variant, self.sam_spec.checkpoint, self.sam_spec.img_size, seed=self.sam_spec.seed
+        )
+        spec = self.sam_spec
+        cache = (
+            EncoderCache(spec.encoder_cache, stages=tuple(spec.encoder_cache_stages))
+            if spec.encoder_cache
+            else None
+        )
+        self.model = HookedSam(
+            frozen, PluginStack(plugins or {}), spec.multimask_output, spec.checkpoint_blocks, cache
+        )
+        if cache is not None:
+            self.model.check_encoder_cache()
+        if spec.embedding_store:
+            if cache is not None:
+                raise EncoderCacheError(
+                    "model.sam.encoder_cache and model.sam.embedding_store both reuse encoder outputs; set one."
+                )
+            self.model.check_encoder_cache("model.sam.embedding_store")
+        self.loss = build_loss(losses if losses is not None else {"bce": 1.0, "dice": 1.0})
+        self.metric_spec = metrics if metrics is not None else ["iou", "dice", "mae"]
+        build_metrics(self.metric_spec)  # an unknown name fails now, not after the first epoch
+        self._metrics: dict[str, MetricCollection] = {}
+        self._tallies: dict[str, EvalTally] = {}
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.threshold = threshold
+        self.last_val_metrics: dict[str, float] = {}
+        self.initial_val_metrics: dict[str, float] = {}
+
+    @property
+    def plugins(self) -> PluginStack:
+        stack = self.model.plugins
+        assert isinstance(stack, PluginStack)
+        return stack
+
+    # ---- parameters: the stack owns the record of what trains ----
+    def trainable_parameters(self) -> dict[str, int]:
+        """Trainable parameter count per plugin, SAM parts counted with the plugin that trains them."""
+        return self.plugins.trainable_counts()
+
+    def configure_optimizers(self) -> Any:
+        groups = []
+        for key, owned in self.plugins.owned.items():
+            params = list(owned.values())
+            if not params:
+                continue
+            plugin = self.plugins[key]
+            group: dict[str, Any] = {"params": params, "name": key}
+            if plugin.lr is not None:
+                group["lr"] = plugin.lr
+            if plugin.weight_decay is not None:
+                group["weight_decay"] = plugin.weight_decay
+            groups.append(group)
+        if not groups:
+            raise ValueError(
+                "Nothing to train: no plugin has trainable parameters. Add a plugin to the experiment "
+                "(for example `decoder_tuning`), or run `samflow validate` to evaluate frozen SAM."
+            )
+        optimizer = self.optimizer(groups)
+        if self.scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"},
+        }
+
+    def on_fit_start(self) -> None:
+        counts = self.trainable_parameters()
+        frozen = count_parameters(self.model.sam) - sum(
+            p.numel() for p in self.model.sam.parameters() if p.requires_grad
+        )
+        lines = [f"  {key:<24} {n:>12,d}" for key, n in counts.items()]
+        rank_zero_info(
+            "Trainable parameters per plugin:\n" + "\n".join(lines) + f"\n  {'frozen SAM':<24} {frozen:>12,d}"
+        )
+
+    def setup(self, stage: str) -> None:
+        """Open ``sam.embedding_store`` once the data module's datasets exist, and check it against them."""
+        if self.sam_spec.embedding_store and self.model.embedding_store is None:
+            from samflow.embed import open_for_run
+
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            self.model.embedding_store = open_for_run(self, datamodule, stage)
+
+    # ---- forward ----
+    def forward(self, batch: SamBatch) -> tuple[SamOutput, DecoderContext]:
+        ctx = self.model.context(batch, epoch=self.current_epoch, global_step=self.global_step)
+        return self.model.run(batch, ctx)
+
+    def upsample(self, logits: Tensor) -> Tensor:
+        """Low-resolution logits (N, 1, h, w) -> the model's input frame (N, 1, S, S)."""
+        size = self.model.img_size
+        return F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+
+    def compute_losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
+        """The experiment's losses on the prediction plus every plugin's own terms; ``total`` sums them."""
+        target = batch.row_mask
+        terms = self.loss(self.upsample(out.pred), target) if len(self.loss.losses) else {"total": 0.0}
+        total = terms.pop("total")
+        extra = self.plugins.losses(out, batch, ctx)
+        if not terms and not extra:
+            raise ValueError(
+                "No loss terms: set model.losses (e.g. {bce: 1.0, dice: 1.0}) or add a plugin with losses."
+            )
+        for value in extra.values():
+            total = total + value
+        return {**terms, **extra, "total": total}
+
+    def training_step(self, batch: SamBatch, batch_idx: int) -> Tensor:
+        out, ctx = self(batch)
+        terms = self.compute_losses(out, batch, ctx)
+        batch_size = batch.num_images
+        self.log_dict({f"train/loss/{k}": v for k, v in terms.items() if k != "total"}, batch_size=batch_size)
+        self.log("train/loss", terms["total"], prog_bar=True, batch_size=batch_size)
+        return terms["total"]
+
+    # ---- evaluation at the original resolution ----
+    def probabilities(self, out: SamOutput, batch: SamBatch) -> list[Tensor]:
+        """Foreground probability of each prompt row at its image's original size: list of (H, W)."""
+        full = upcast(self.upsample(out.pred)).sigmoid()
+        maps = []
+        for row, image in enumerate(out.image_index.tolist()):
+            h, w = batch.input_size[image].tolist()
+            size = batch.original_size[image].tolist()
+            crop = full[row : row + 1, :, :h, :w]
+            maps.append(F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0, 0])
+        return maps
+
+    # Under DDP each process evaluates its own images (SegmentationDataModule shards val / test sets
+    # without repeating any, so processes may run different numbers of batches). Nothing in the
+    # evaluation steps talks to the other processes; at the epoch's end every process reduces the
+    # states of every set, in the same order, with or without batches of that set: metric states and
+    # EvalTally are sums (or concatenations), so the reduced values are those of one process.
+    def _metric_set(self, stage: str, dataloader_idx: int) -> MetricCollection:
+        name = f"{stage}/{dataloader_idx}"
+        if name not in self._metrics:
+            self._metrics[name] = build_metrics(self.metric_spec).to(self.device)
+        return self._metrics[name]
+
+    def _tally(self, stage: str, dataloader_idx: int) -> EvalTally:
+        name = f"{stage}/{dataloader_idx}"
+        if name not in self._tallies:
+            self._tallies[name] = EvalTally().to(self.device)
+        return self._tallies[name]
+
+    def _evaluate(self, stage: str, batch: SamBatch, dataloader_idx: int) -> dict[str, Any]:
+        out, ctx = self(batch)
+        loss = self.compute_losses(out, batch, ctx)["total"] if batch.mask is not None else None
+        metrics = self._metric_set(stage, dataloader_idx)
+        if batch.gt_original is None:
+            raise ValueError(
+                f"{stage}: the batch of {batch.id[:3]} has no ground truth; {stage} needs masks."
+            )
+        self._tally(stage, dataloader_idx).update(batch.num_images, loss)
+        for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
+            metrics.update(prob, batch.gt_original[row])
+        return {"out": out, "probs": self.upsample(out.pred).sigmoid()}
+
+    def _finish(self, stage: str) -> dict[str, float]:
+        """Reduce the metrics and the loss of every evaluation set over processes, log and return them.
+
+        Returns the metrics (``{stage}/{metric}[/{dataset}]``); the loss is logged as
+        ``{stage}/loss[/{dataset}]``. A set no process evaluated an image of is left out.
+        """
+        results: dict[str, float] = {}
+        losses: dict[str, float] = {}
+        several = self._num_loaders(stage) > 1
+        for index in range(self._num_loaders(stage)):
+            tally = self._tally(stage, index).compute()  # collective under DDP, on every process
+            if int(tally["images"]) == 0:
+                continue  # the same decision on every process: the count is reduced
+            suffix = f"/{self._dataset_name(stage, index)}" if several else ""
+            with warnings.catch_warnings():  # a process may have had no batch of this set
+                warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+                values = self._metric_set(stage, index).compute()
+            for key, value in values.items():
+                results[f"{stage}/{key}{suffix}"] = float(value)
+            if int(tally["loss_images"]):
+                losses[f"{stage}/loss{suffix}"] = float(tally["loss"])
+        for name in [n for n in self._metrics if n.startswith(f"{stage}/")]:
+            self._metrics[name].reset()
+        for name in [n for n in self._tallies if n.startswith(f"{stage}/")]:
+            self._tallies[name].reset()
+        if results or losses:
+            self.log_dict({**results, **losses}, sync_dist=False)  # the states are reduced already
+        return results
+
+    def _num_loaders(self, stage: str) -> int:
+        """The stage's number of data loaders (all of them, also those without batches in this process)."""
+        seen = [
+            int(n.split("/")[1]) + 1 for n in (*self._metrics, *self._tallies) if n.startswith(f"{stage}/")
+        ]
+        batches = None
+        if self._trainer is not None:
+            batches = self.trainer.num_val_batches if stage == "val" else self.trainer.num_test_batches
+        return max([len(batches or []), *seen], default=0)
+
+    def _dataset_name(self, stage: str, index: int) -> str:
+        # Lightning sets Trainer.datamodule at run time without declaring it.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, f"{stage}_names", None)
+        return names[index] if names and index < len(names) else str(index)
+
+    def _reset(self, stage: str) -> None:
+        for store in (self._metrics, self._tallies):
+            for name in [n for n in store if n.startswith(f"{stage}/")]:
+                del store[name]
+
+    def _log_cache(self, stage: str, tally: str) -> None:
+        """Log the share of images whose encoder outputs came from the cache in this epoch.
+
+        Hits and misses are summed over processes (every process takes part, with or without images),
+        so the rate is that of all images, not a mean of per-process rates.
+        """
+        cache = self.model.encoder_cache
+        if cache is None:
+            return
+        counts = torch.tensor(cache.counts.get(tally, (0, 0)), dtype=torch.float64, device=self.device)
+        if self._trainer is not None:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        hits, misses = counts.tolist()
+        if hits + misses:
+            self.log(f"{stage}/encoder_cache_hit_rate", hits / (hits + misses), sync_dist=False)
+
+    def _reset_cache_counts(self, tally: str) -> None:
+        if self.model.encoder_cache is not None:
+            self.model.encoder_cache.reset_counts(tally)
+
+    def on_train_epoch_start(self) -> None:
+        self._reset_cache_counts("train")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_cache("train", "train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset("val")
+        self._reset_cache_counts("eval")
+
+    def on_test_epoch_start(self) -> None:
+        self._reset("test")
+
+    def validation_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._evaluate("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.last_val_metrics = self._finish("val")
+        self._log_cache("val", "eval")
+        if self._trainer is not None and self.trainer.sanity_checking:
+            self.initial_val_metrics = dict(self.last_val_metrics)
+
+    def test_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._evaluate("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._finish("test")
+
+    def predict_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        out, _ = self(batch)
+        probs = self.probabilities(out, batch)
+        ids = [batch.id[i] for i in out.image_index.tolist()]
+        return {"id": ids, "masks": [(p > self.threshold) for p in probs], "probs": probs}
+
+    # ---- checkpoints hold the plugins and trained SAM parts, not the frozen SAM ----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in self.plugins.frozen_sam_keys:
+            state.pop(SAM_PREFIX + key, None)
+        checkpoint["samflow"] = {"sam": asdict(self.sam_spec), "frozen_sam_omitted": True}
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load a samflow checkpoint: frozen SAM weights it omits come from ``sam.checkpoint``."""
+        state = dict(state_dict)
+        ours, theirs = (
+            {k.split(".")[2] for k in keys if k.startswith("model.plugins.")}
+            for keys in (self.state_dict(), state)
+        )
+        if ours != theirs:  # a checkpoint of another experiment: one line, not torch's key lists
+            from samflow.sam.build import CheckpointError
+
+            raise CheckpointError(
+                f"The checkpoint holds weights of plugins {sorted(theirs)}, this experiment's plugins with weights are "
+                f"{sorted(ours)}; pass the "
+                "experiment (and plugin options) the checkpoint was trained with, or a checkpoint of this experiment."
+            )
+        for key, value in self.state_dict().items():
+            if key.startswith(SAM_PREFIX) and key not in state:
+                state[key] = value
+        return super().load_state_dict(state, strict=strict, assign=assign)

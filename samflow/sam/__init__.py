@@ -1,2 +1,65 @@
-import subprocess, sys
-subprocess.run([sys.executable, "/tmp/hq_patch.py", "init", sys.argv[1]], check=True)
+"""Frozen SAM: building, its public operations, the hooked forward pass and the types it hands out.
+
+Layers: ``samflow.batch`` <- ``samflow.sam`` (this package; knows no plugin) <- ``samflow.plugins``
+<- ``samflow.module`` / ``samflow.data`` / ``samflow.cli``.
+"""
+
+from samflow.sam.backbones import BACKBONES, Backbone, early_feature
+from samflow.sam.build import VARIANTS, CheckpointError, build_sam, count_parameters, freeze, resize_sam
+from samflow.sam.cache import EncoderCache, EncoderCacheError
+from samflow.sam.hooked import HookedSam
+from samflow.sam.ops import (
+    attend,
+    decomposed_rel_pos_bias,
+    dense_pe,
+    embed_box,
+    embed_points,
+    fourier_pe,
+    normalize,
+    rel_pos_attention,
+    upcast,
+)
+from samflow.sam.types import (
+    DecoderContext,
+    DecoderFeatures,
+    DecoderState,
+    EncodedImages,
+    ForwardContext,
+    HookSites,
+    PromptEmbeddings,
+    SamOutput,
+    sam_rule,
+)
+
+__all__ = [
+    "BACKBONES",
+    "VARIANTS",
+    "Backbone",
+    "CheckpointError",
+    "DecoderContext",
+    "DecoderFeatures",
+    "DecoderState",
+    "EncodedImages",
+    "EncoderCache",
+    "EncoderCacheError",
+    "ForwardContext",
+    "HookSites",
+    "HookedSam",
+    "PromptEmbeddings",
+    "SamOutput",
+    "attend",
+    "build_sam",
+    "count_parameters",
+    "decomposed_rel_pos_bias",
+    "dense_pe",
+    "early_feature",
+    "embed_box",
+    "embed_points",
+    "fourier_pe",
+    "freeze",
+    "normalize",
+    "rel_pos_attention",
+    "resize_sam",
+    "sam_rule",
+    "upcast",
+]

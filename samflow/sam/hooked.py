@@ -1,11 +1,180 @@
-import sys
-p = sys.argv[1]
-s = open(p).read()
-old1 = """        tokens = enc.patch_embed(x)  # (B, h, w, C)
-        stack.on_image(x, tokens, ctx)
-        x = tokens + enc.pos_embed if enc.pos_embed is not None else tokens
+"""SAM's forward pass with named hook sites, batched over images and prompts.
+
+Only the control flow of SAM's image encoder, two-way transformer and mask decoder is written here;
+every weight and layer is SAM's own module. Encoder attention runs through
+``scaled_dot_product_attention`` without a mask: SAM's decomposed relative-position term rides in an
+augmented query and key (``samflow.sam.ops.rel_pos_attention``). Only when a plugin fills the
+``attn_logits`` site (it receives and may change the logits' scale and bias, e.g. BA-SAM) is the term
+built as a dense (B, heads, L, L) additive mask: the dense path, with its memory cost.
+
+Hook sites, in order: ``on_image`` -> for each encoder block i: ``block_input(i)`` -> block (with
+``attn_logits(i)``) -> ``block_output(i)`` -> neck -> prompt encoder -> ``prompts`` -> decoder with
+``decoder_layer(i)`` after each layer's token-to-image attention -> heads -> ``decode_token`` ->
+``select``.
 """
-new1 = """        if isinstance(enc, Backbone):  # MobileSAM, EfficientSAM: samflow/sam/backbones
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.modeling.image_encoder import Attention, Block, window_partition, window_unpartition
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from samflow.batch import SamBatch
+from samflow.sam.backbones import Backbone
+from samflow.sam.build import freeze
+from samflow.sam.cache import EncoderCache, EncoderCacheError, StoredEncoder
+from samflow.sam.ops import (
+    attend,
+    decomposed_rel_pos_bias,
+    dense_pe,
+    embed_box,
+    embed_points,
+    normalize,
+    rel_pos_attention,
+)
+from samflow.sam.types import (
+    DecoderContext,
+    DecoderFeatures,
+    DecoderState,
+    EncodedImages,
+    ForwardContext,
+    HookSites,
+    NoHooks,
+    PromptEmbeddings,
+    SamOutput,
+)
+
+
+class HookedSam(nn.Module):
+    """A frozen SAM and the hooks (a ``PluginStack``) that fill its sites.
+
+    Args:
+        sam: a (frozen) segment-anything ``Sam``.
+        plugins: the hooks, usually a ``samflow.plugins.PluginStack``; ``attach`` runs here (plugins
+            build their parameters, may wrap SAM modules, and what trains is recorded). None: SAM alone.
+        multimask_output: SAM's selection rule: token 0 (False) or best of tokens 1..3 (True).
+        checkpoint_blocks: recompute each encoder block in the backward pass instead of keeping its
+            activations (activation checkpointing): less memory, about one more encoder forward of
+            time, and only in training when gradients flow through the encoder (e.g. SAM-Adapter).
+        encoder_cache: reuse the encoder's outputs for images seen before (see ``EncoderCache``);
+            only valid when no plugin changes the encoder, which ``check_encoder_cache`` enforces.
+        embedding_store: read the encoder's outputs from an embedding store on disk instead of
+            running the encoder (``samflow.embed``; set by ``SamflowModule`` once the store is
+            checked against the data): images are found by their file (``batch.path``).
+    """
+
+    def __init__(
+        self,
+        sam: Sam,
+        plugins: HookSites | None = None,
+        multimask_output: bool = False,
+        checkpoint_blocks: bool = False,
+        encoder_cache: EncoderCache | None = None,
+        embedding_store: StoredEncoder | None = None,
+    ) -> None:
+        super().__init__()
+        self.sam = freeze(sam)
+        self.plugins = plugins if plugins is not None else NoHooks()
+        self.plugins.attach(sam)
+        self.multimask_output = multimask_output
+        self.checkpoint_blocks = checkpoint_blocks
+        self.encoder_cache = encoder_cache
+        self.embedding_store = embedding_store
+
+    @property
+    def img_size(self) -> int:
+        return self.sam.image_encoder.img_size
+
+    def train(self, mode: bool = True) -> HookedSam:
+        """Plugins follow ``mode``; SAM stays in eval mode (frozen statistics, no dropout), except the
+        modules plugins injected into it (e.g. LoRA's dropout), which follow ``mode`` one by one (the
+        SAM modules they wrap stay in eval mode)."""
+        super().train(mode)
+        self.sam.eval()
+        for module in self.plugins.injected_modules():
+            module.training = mode
+        return self
+
+    def forward(self, batch: SamBatch, ctx: ForwardContext | None = None) -> SamOutput:
+        """Run SAM with the plugins on a ``SamBatch`` -> ``SamOutput`` (see ``run``)."""
+        return self.run(batch, ctx)[0]
+
+    def run(self, batch: SamBatch, ctx: ForwardContext | None = None) -> tuple[SamOutput, DecoderContext]:
+        """The whole pass -> (output, the decoder-stage context that ``losses`` hooks receive).
+
+        ``batch.image`` is (B, 3, S, S) in [0, 1]; ``input_size`` (B, 2) marks the unpadded part.
+        Prompts are in the S x S input frame, one row per ``image_index`` entry. With
+        ``batch.context_image`` the hooks see ``batch.with_context()`` (the encoder runs on the 2B
+        images at once, the decoder on the 2N rows) and the output's ``context`` holds the context rows.
+        """
+        if not isinstance(batch, SamBatch):
+            raise TypeError(
+                f"HookedSam takes a samflow.batch.SamBatch, got {type(batch).__name__}; "
+                "build one with SamBatch(image=..., box=..., ...)."
+            )
+        ctx = ctx or self.context(batch)
+        if batch.context_image is not None:  # views and context views: 2B images, 2N rows, one pass
+            ctx = dataclasses.replace(ctx, batch=batch.with_context())
+        dctx = DecoderContext.after_encoder(ctx, self.encode(ctx))
+        out = self.decode(dctx)
+        if ctx.batch.context_rows:
+            out = out.split_context(ctx.batch.context_rows, batch.num_images)
+        return out, dctx
+
+    def context(self, batch: SamBatch, *, epoch: int = 0, global_step: int = 0) -> ForwardContext:
+        """A fresh ``ForwardContext`` for ``batch`` (``epoch`` and ``global_step`` may be given)."""
+        return ForwardContext(
+            sam=self.sam,
+            batch=batch,
+            training=self.training,
+            epoch=epoch,
+            global_step=global_step,
+            multimask_output=self.multimask_output,
+        )
+
+    # ---- image encoder ----
+    def preprocess(self, image: Tensor, input_size: Tensor | None) -> Tensor:
+        """SAM's normalisation of a [0, 1] image; padding is zero after normalising, as in SAM."""
+        return normalize(self.sam, image, input_size)
+
+    def encode(self, ctx: ForwardContext) -> EncodedImages:
+        """Image encoder with hook sites -> ``EncodedImages`` (embeddings, block features, dense PE)."""
+        x = self.preprocess(ctx.image, ctx.batch.input_size)
+        if self.embedding_store is not None:
+            self.check_encoder_cache("model.sam.embedding_store")
+            paths = ctx.batch.path
+            if len(paths) != x.shape[0]:
+                raise EncoderCacheError(
+                    f"model.sam.embedding_store finds images by file, but the batch has {len(paths)} paths "
+                    f"for {x.shape[0]} images; feed batches from samflow's data module."
+                )
+            autocast = torch.is_autocast_enabled(x.device.type)
+            dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+            blocks = self.plugins.encoder_features()
+            embeddings, features = self.embedding_store.encoded(paths, blocks, x.device, dtype)
+        elif self.encoder_cache is None:
+            embeddings, features = self.run_encoder(x, ctx)
+        else:
+            self.check_encoder_cache()
+            blocks = self.plugins.encoder_features()
+            embeddings, features = self.encoder_cache.encode(
+                x, blocks, lambda sub: self.run_encoder(sub, ctx), "train" if self.training else "eval"
+            )
+        pe = self.sam.prompt_encoder
+        image_pe = dense_pe(pe.pe_layer, pe.image_embedding_size, embeddings.dtype)
+        return EncodedImages(normalized=x, embeddings=embeddings, features=features, image_pe=image_pe)
+
+    def run_encoder(self, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, dict[int, Tensor]]:
+        """The encoder on normalised images ``x`` -> (embeddings, {block: output}) for the blocks plugins read."""
+        enc = self.sam.image_encoder
+        stack = self.plugins
+        wanted = set(stack.encoder_features())
+        if isinstance(enc, Backbone):  # MobileSAM, EfficientSAM: samflow/sam/backbones
             tokens = enc.embed(x)  # (B, h0, w0, C0)
             stack.on_image(x, tokens, ctx)
             x = enc.add_position(tokens)
@@ -13,22 +182,216 @@ new1 = """        if isinstance(enc, Backbone):  # MobileSAM, EfficientSAM: samf
             tokens = enc.patch_embed(x)  # (B, h, w, C)
             stack.on_image(x, tokens, ctx)
             x = tokens + enc.pos_embed if enc.pos_embed is not None else tokens
-"""
-old2 = """        x = self.plugins.block_input(i, x, ctx)
-        x = self._block(i, block, x, ctx)
-        return self.plugins.block_output(i, x, ctx)
-"""
-new2 = """        x = self.plugins.block_input(i, x, ctx)
+        features: dict[int, Tensor] = {}
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(enc.blocks):
+            if recompute:
+                x = checkpoint(self._hooked_block, i, block, x, ctx, use_reentrant=False)
+            else:
+                x = self._hooked_block(i, block, x, ctx)
+            if i in wanted:
+                features[i] = x
+        return enc.neck(x.permute(0, 3, 1, 2)), features
+
+    def check_encoder_cache(self, option: str = "model.sam.encoder_cache") -> None:
+        """Fail when the encoder's outputs are not a pure function of the image, so a cache (or the
+        embedding store, ``option``) would be wrong."""
+        users = self.plugins.encoder_hook_users()
+        owned = self.plugins.trained_encoder_parameters()
+        trained = [n for n, p in self.sam.image_encoder.named_parameters() if p.requires_grad]
+        if users or owned or trained:
+            if users:
+                what = f"plugins {', '.join(users)} change it"
+            elif owned:
+                what = "; ".join(f"plugin {key!r} trains {names[:3]}" for key, names in owned.items())
+            else:
+                what = f"its parameters {trained[:3]} are trained"
+            turn_off = "0" if option.endswith("encoder_cache") else "null"
+            raise EncoderCacheError(
+                f"{option} is set, but the image encoder's output is not a fixed function of the image: {what}. "
+                f"Turn it off ({option}: {turn_off}) for this experiment."
+            )
+
+    def _hooked_block(self, i: int, block: Block, x: Tensor, ctx: ForwardContext) -> Tensor:
+        x = self.plugins.block_input(i, x, ctx)
         enc = self.sam.image_encoder
         if isinstance(enc, Backbone):
             x = enc.run_block(i, x, self.plugins, ctx)
         else:
             x = self._block(i, block, x, ctx)
         return self.plugins.block_output(i, x, ctx)
-"""
-old3 = "from samflow.batch import SamBatch\n"
-new3 = "from samflow.batch import SamBatch\nfrom samflow.sam.backbones import Backbone\n"
-for o, n in ((old1, new1), (old2, new2), (old3, new3)):
-    assert s.count(o) == 1, o
-    s = s.replace(o, n)
-open(p, "w").write(s)
+
+    def _block(self, i: int, block: Block, x: Tensor, ctx: ForwardContext) -> Tensor:
+        shortcut = x
+        x = block.norm1(x)
+        if block.window_size > 0:
+            h, w = x.shape[1], x.shape[2]
+            x, pad_hw = window_partition(x, block.window_size)
+        x = self._attention(i, block.attn, x, ctx)
+        if block.window_size > 0:
+            x = window_unpartition(x, block.window_size, pad_hw, (h, w))
+        x = shortcut + x
+        return x + block.mlp(block.norm2(x))
+
+    def _attention(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
+        b, h, w, _ = x.shape
+        heads = attn.num_heads
+        qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, L, d)
+        scale: float | Tensor = attn.scale
+        plain = not self.plugins.uses("attn_logits")  # no plugin sees the logits: no (L, L) tensor at all
+        if not plain:  # dense path: plugins receive the rel-pos term as an additive (B, heads, L, L) bias
+            sam_bias = (
+                decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w))
+                if attn.use_rel_pos
+                else None
+            )
+            scale, bias = self.plugins.attn_logits(i, scale, sam_bias, q, ctx)
+            # a bias the plugins left as SAM's (the same tensor, or equal values without a gradient to
+            # carry) goes the plain way, so the output is bit for bit the plain path's
+            plain = bias is sam_bias or (
+                bias is not None
+                and sam_bias is not None
+                and not bias.requires_grad
+                and bias.shape == sam_bias.shape
+                and torch.equal(bias, sam_bias)
+            )
+            del sam_bias
+        if plain:
+            if attn.use_rel_pos:
+                out = rel_pos_attention(q, k, v, attn.rel_pos_h, attn.rel_pos_w, (h, w), scale)
+            else:
+                if isinstance(scale, Tensor):
+                    q, scale = q * scale, 1.0
+                out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+        if isinstance(scale, Tensor):
+            q, scale = q * scale, 1.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        out = out.transpose(1, 2).reshape(b, h, w, -1)
+        return attn.proj(out)
+
+    # ---- prompts and mask decoder ----
+    def encode_prompts(self, batch: SamBatch, dtype: torch.dtype) -> PromptEmbeddings:
+        """SAM's prompt encoder for every row at once -> sparse (N, K, C) with visibility, dense (N, C, h, w).
+
+        Slots per row: the batch's K point slots, one not-a-point slot, two box corners. A row sees
+        exactly what SAM's own prompt encoder gives for its prompt: its points (label != -1), the
+        not-a-point token only when it has points and no box (as SAM pads), its box corners only
+        when it has a box; every other slot is invisible. Rows without a mask prompt get SAM's
+        no-mask embedding.
+        """
+        pe = self.sam.prompt_encoder
+        frame = pe.input_image_size
+        rows = batch.num_rows
+        device = batch.image.device
+        sparse = [torch.empty(rows, 0, pe.embed_dim, device=device, dtype=dtype)]
+        visible = [torch.empty(rows, 0, dtype=torch.bool, device=device)]
+        has_box = batch.box_valid()
+        if has_box is None:
+            has_box = torch.zeros(rows, dtype=torch.bool, device=device)
+        if batch.points is not None and batch.point_labels is not None:
+            coords = F.pad(batch.points.to(dtype) + 0.5, (0, 0, 0, 1))  # + SAM's not-a-point slot
+            labels = F.pad(batch.point_labels, (0, 1), value=-1)
+            points_visible = batch.point_labels != -1  # (N, K)
+            pad_visible = points_visible.any(1) & ~has_box
+            sparse.append(embed_points(pe, coords, labels, frame))
+            visible += [points_visible, pad_visible[:, None]]
+        if batch.box is not None:
+            sparse.append(embed_box(pe, batch.box.to(dtype) + 0.5, frame))
+            visible.append(has_box[:, None].expand(rows, 2))
+        grid = pe.image_embedding_size
+        dense = pe.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1).expand(rows, -1, *grid)
+        has_mask = batch.mask_prompt_valid()
+        if batch.mask_prompt is not None and has_mask is not None:
+            embedded = pe.mask_downscaling(batch.mask_prompt.to(dtype))
+            dense = torch.where(has_mask.view(-1, 1, 1, 1), embedded, dense)
+        return PromptEmbeddings(sparse=torch.cat(sparse, 1), visible=torch.cat(visible, 1), dense=dense)
+
+    def decode(self, ctx: DecoderContext) -> SamOutput:
+        """Prompt encoder, two-way transformer and heads with hook sites -> ``SamOutput``."""
+        dec = self.sam.mask_decoder
+        stack = self.plugins
+        index = ctx.image_index
+        rows = index.shape[0]
+        embeddings = ctx.encoded.embeddings
+        prompts = stack.prompts(self.encode_prompts(ctx.batch, embeddings.dtype), ctx)
+
+        output_tokens = [dec.iou_token.weight, dec.mask_tokens.weight]
+        extra = stack.output_tokens()
+        if extra is not None:
+            output_tokens.append(extra)
+        out_tokens = torch.cat(output_tokens, dim=0).to(embeddings.dtype)
+        n_out = out_tokens.shape[0]
+        tokens = torch.cat([out_tokens.unsqueeze(0).expand(rows, -1, -1), prompts.sparse], 1)
+        visible = torch.cat(
+            [torch.ones(rows, n_out, dtype=torch.bool, device=tokens.device), prompts.visible], 1
+        )
+
+        src = embeddings[index] + prompts.dense  # (N, C, h, w)
+        b, c, h, w = src.shape
+        pos = ctx.encoded.image_pe.expand(rows, -1, -1, -1)
+        hs, keys = self._two_way(tokens, visible, src, pos, ctx)
+        src = keys.transpose(1, 2).reshape(b, c, h, w)
+
+        upscaled = dec.output_upscaling(src)  # (N, C/8, 4h, 4w)
+        mask_tokens = hs[:, 1 : 1 + dec.num_mask_tokens]
+        hyper = torch.stack(
+            [mlp(mask_tokens[:, j]) for j, mlp in enumerate(dec.output_hypernetworks_mlps)], 1
+        )
+        sam_masks = (hyper @ upscaled.flatten(2)).view(b, -1, *upscaled.shape[-2:])
+        iou_pred = dec.iou_prediction_head(hs[:, 0])
+
+        masks = {"sam": sam_masks}
+        feats = DecoderFeatures(
+            tokens=hs,
+            src=src,
+            upscaled=upscaled,
+            sam_masks=sam_masks,
+            iou_pred=iou_pred,
+            prompt_tokens=hs[:, n_out:],
+        )
+        masks.update(stack.decode_tokens(hs[:, 1 + dec.num_mask_tokens : n_out], feats, ctx))
+        out = SamOutput(masks=masks, iou_pred=iou_pred, image_index=index)
+        chosen = stack.select(out, ctx)
+        out.pred = chosen if chosen is not None else out.sam_default(self.multimask_output)
+        return out
+
+    def _two_way(
+        self, tokens: Tensor, visible: Tensor, src: Tensor, pos: Tensor, ctx: DecoderContext
+    ) -> tuple[Tensor, Tensor]:
+        """SAM's ``TwoWayTransformer`` with the ``decoder_layer`` site -> (tokens, image tokens).
+
+        ``visible`` (N, T) masks tokens out wherever tokens are keys (self-attention and
+        image-to-token attention), so invisible slots change nothing.
+        """
+        transformer = self.sam.mask_decoder.transformer
+        keys = src.flatten(2).transpose(1, 2)  # (N, HW, C)
+        key_pe = pos.flatten(2).transpose(1, 2)
+        queries, query_pe = tokens, tokens
+        for i, layer in enumerate(transformer.layers):
+            if layer.skip_first_layer_pe:
+                queries = attend(layer.self_attn, queries, queries, queries, visible)
+            else:
+                q = queries + query_pe
+                queries = queries + attend(layer.self_attn, q, q, queries, visible)
+            queries = layer.norm1(queries)
+            attn_out = attend(layer.cross_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
+            if self.plugins.uses("decoder_layer"):
+                state = DecoderState(queries, keys, query_pe, key_pe, attn_out, visible)
+                state = self.plugins.decoder_layer(i, state, ctx)
+                queries, keys, query_pe, attn_out, visible = (
+                    state.queries,
+                    state.keys,
+                    state.query_pe,
+                    state.attn_out,
+                    state.visible,
+                )
+            queries = layer.norm2(queries + attn_out)
+            queries = layer.norm3(queries + layer.mlp(queries))
+            k = keys + key_pe
+            keys = layer.norm4(
+                keys + attend(layer.cross_attn_image_to_token, k, queries + query_pe, queries, visible)
+            )
+        attn_out = attend(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
+        return transformer.norm_final_attn(queries + attn_out), keys
