@@ -28,6 +28,10 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # arguments after the command name and returns the exit status; the user errors it raises
 # (``_user_errors()``, ``ValueError`` subclasses of samflow) are printed as one line, exit 1.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "embed": (
+        "samflow.embed.command:main",
+        "--experiment NAME [--out DIR] [--batch-size N] [--overwrite] [overrides ...]",
+    ),
     "sweep": (
         "samflow.sweep:main",
         "FILE [--backend optuna|wandb] [--trials N] [--storage URL] [--study NAME] [--summary]",
