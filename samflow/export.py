@@ -221,12 +221,13 @@ def merged_sam_state_dict(model: HookedSam) -> dict[str, Tensor]:
         )
     sam = model.sam
     state = dict(mergers[0][1](sam)) if mergers else dict(sam.state_dict())
+    proj = getattr(getattr(sam.image_encoder, "patch_embed", None), "proj", None)
+    blocks = getattr(sam.image_encoder, "blocks", ())
     variant = next(
         (
             n
             for n, v in VARIANTS.items()
-            if v.embed_dim == sam.image_encoder.patch_embed.proj.out_channels
-            and v.depth == len(sam.image_encoder.blocks)
+            if getattr(proj, "out_channels", None) == v.embed_dim and len(blocks) == v.depth
         ),
         None,
     )

@@ -268,6 +268,8 @@ class Predictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        *,
+        encoding: ImageEncoding | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Masks for one prompt on the current image, as ``SamPredictor.predict``.
 
@@ -278,13 +280,31 @@ class Predictor:
             mask_input: (1, h, w) low-resolution logits of an earlier prediction.
             multimask_output: three masks (SAM's tokens 1..3) instead of one (token 0).
             return_logits: logits instead of boolean masks.
+            encoding: an ``encode`` result to predict on instead of the image ``set_image`` set.
 
         Returns:
             ``(masks (C, H, W), scores (C,), low_res_logits (C, h, w))`` as numpy arrays.
         """
-        return self.decode_numpy(
-            self._current(), point_coords, point_labels, box, mask_input, multimask_output, return_logits
+        encoding = encoding if encoding is not None else self._current()
+        if point_coords is not None and point_labels is None:
+            raise PredictorError("point_labels must be given with point_coords.")
+        dev = self.device
+        points = labels = boxes = masks_in = None
+        if point_coords is not None and point_labels is not None:
+            coords = self.transform.apply_coords(point_coords, encoding.original_size)
+            points = torch.as_tensor(coords, dtype=torch.float, device=dev)[None]
+            labels = torch.as_tensor(point_labels, dtype=torch.long, device=dev)[None]
+        if box is not None:
+            boxes = torch.as_tensor(
+                self.transform.apply_boxes(box, encoding.original_size), dtype=torch.float
+            )
+            boxes = boxes.to(dev)
+        if mask_input is not None:
+            masks_in = torch.as_tensor(mask_input, dtype=torch.float, device=dev)[None]
+        masks, scores, low = self.decode(
+            encoding, points, labels, boxes, masks_in, multimask_output, return_logits
         )
+        return masks[0].cpu().numpy(), scores[0].float().cpu().numpy(), low[0].float().cpu().numpy()
 
     def predict_torch(
         self,
@@ -338,37 +358,6 @@ class Predictor:
         ctx = self.model.context(batch)
         encoded = self.model.encode(ctx)
         return ImageEncoding(frame, shape, original, encoded, ctx.state)
-
-    def decode_numpy(
-        self,
-        encoding: ImageEncoding,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        box: np.ndarray | None = None,
-        mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
-        return_logits: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``predict`` on a given encoding: one prompt in original pixels -> numpy outputs."""
-        if point_coords is not None and point_labels is None:
-            raise PredictorError("point_labels must be given with point_coords.")
-        dev = self.device
-        points = labels = boxes = masks_in = None
-        if point_coords is not None and point_labels is not None:
-            coords = self.transform.apply_coords(point_coords, encoding.original_size)
-            points = torch.as_tensor(coords, dtype=torch.float, device=dev)[None]
-            labels = torch.as_tensor(point_labels, dtype=torch.long, device=dev)[None]
-        if box is not None:
-            boxes = torch.as_tensor(
-                self.transform.apply_boxes(box, encoding.original_size), dtype=torch.float
-            )
-            boxes = boxes.to(dev)
-        if mask_input is not None:
-            masks_in = torch.as_tensor(mask_input, dtype=torch.float, device=dev)[None]
-        masks, scores, low = self.decode(
-            encoding, points, labels, boxes, masks_in, multimask_output, return_logits
-        )
-        return masks[0].cpu().numpy(), scores[0].float().cpu().numpy(), low[0].float().cpu().numpy()
 
     @torch.inference_mode()
     def decode(

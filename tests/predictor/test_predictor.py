@@ -89,7 +89,7 @@ def test_encode_once_decode_many(tiny_sam):
     tiny_sam.image_encoder.patch_embed.register_forward_hook(lambda *_: calls.append(1))
     first, second = predictor.encode(image(90, 150, 2)), predictor.encode(image(70, 128, 3))
     assert len(calls) == 2
-    results = [predictor.decode_numpy(enc, box=BOX) for enc in (first, second, first)]
+    results = [predictor.predict(box=BOX, encoding=enc) for enc in (first, second, first)]
     assert len(calls) == 2  # decoding never runs the encoder
     np.testing.assert_array_equal(results[0][2], results[2][2])
     assert not np.array_equal(results[0][2], results[1][2])

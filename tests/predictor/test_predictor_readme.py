@@ -1,0 +1,68 @@
+"""The README's "Use a trained model" section runs as written, on a trained tiny run."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save
+
+from samflow.cli import main
+from samflow.export import trained_state
+from samflow.plugins import PluginStack
+from samflow.plugins.registry import discover
+from samflow.sam import HookedSam, build_sam
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"## {title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_use_a_trained_model_section_runs(trained_run, tmp_path, monkeypatch):
+    text = section("Use a trained model")
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    (tmp_path / "runs" / "quickstart" / "version_0").symlink_to(trained_run)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 140, 3), dtype=np.uint8)).save(
+        tmp_path / "photo.jpg"
+    )
+    monkeypatch.chdir(tmp_path)
+    command = "samflow export runs/quickstart/version_0 --out exports/quickstart"
+    assert command in text
+    assert main(command.split()[1:]) == 0
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README, as written
+    assert namespace["masks"].shape[-2:] == (96, 140)
+    assert namespace["boxes"].shape == (2, 4)
+    from_run, from_export = namespace["encoding"], namespace["predictor"]
+    assert from_run.original_size == (96, 140)
+    assert from_export.model.plugins["tokens"].num_tokens == 1  # the exported run's plugins
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("plugin", ["ba_sam", "lora", "tokens"])
+def test_adapter_size_table(plugin):
+    """The README's rows (from benchmarks/adapter_sizes.py) for the plugins that are quick to build
+    on vit_b shapes: tensors, values and the file's size (bytes, or MiB to two decimals)."""
+    pattern = rf"^\| `{plugin}` \| (\d+) \| ([\d,]+) \| ([\d.]+) (bytes|MiB) \|$"
+    row = re.search(pattern, section("Use a trained model"), flags=re.MULTILINE)
+    assert row, plugin
+    with torch.device("meta"):
+        sam = build_sam("vit_b", seed=None)
+    sam = sam.to_empty(device="cpu")
+    model = HookedSam(sam, PluginStack({plugin: discover()[plugin].cls()}))
+    tensors = {k: v.detach().contiguous().clone() for k, v in trained_state(model).items()}
+    size = len(save(tensors))
+    assert int(row[1]) == len(tensors)
+    assert int(row[2].replace(",", "")) == sum(t.numel() for t in tensors.values())
+    assert float(row[3]) == (size if row[4] == "bytes" else round(size / 2**20, 2))
