@@ -40,12 +40,14 @@ from torch import Tensor
 
 from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
+from samflow.plugins.stack import HOOKS
 from samflow.predictor import (
     PredictorError,
     build_model,
     load_trained_state,
     read_checkpoint_state,
     read_run_config,
+    run_files,
 )
 from samflow.sam import VARIANTS, HookedSam, build_sam
 
@@ -69,18 +71,9 @@ FORMAT = 1
 #: (``sam -> state dict with segment-anything's keys``; LoRA has it).
 FOLD = "merged_sam_state_dict"
 
-#: Hooks through which a plugin adds computation of its own (a SAM checkpoint cannot hold them).
-_FORWARD_HOOKS = (
-    "on_image",
-    "block_input",
-    "attn_logits",
-    "block_output",
-    "prompts",
-    "decoder_layer",
-    "decode_token",
-    "select",
-    "output_tokens",
-)
+#: Hooks through which a plugin adds computation of its own (a SAM checkpoint cannot hold them);
+#: ``losses`` only trains.
+_FORWARD_HOOKS = tuple(h for h in HOOKS if h != "losses")
 
 
 class ExportError(ValueError):
@@ -103,25 +96,6 @@ def trained_state(model: HookedSam) -> dict[str, Tensor]:
 
 
 # ---- writing ----
-def _source(path: Path) -> tuple[Path, Path]:
-    """(checkpoint, config.yaml) of a run folder or a checkpoint file."""
-    if path.is_dir():
-        folder = path / "checkpoints"
-        ckpt = folder / "last.ckpt"
-        if not ckpt.is_file():
-            found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-            if len(found) != 1:
-                raise ExportError(
-                    f"{path}: no checkpoints/last.ckpt and {len(found)} other checkpoints; pass the .ckpt file."
-                )
-            ckpt = found[0]
-        return ckpt, path / CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} is neither a run folder nor a checkpoint file.")
-    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return path, run / CONFIG
-
-
 def _plugin_record(plugin: SamPlugin) -> dict[str, str]:
     cls = type(plugin)
     record = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "distribution": "", "version": ""}
@@ -153,7 +127,7 @@ def export(
         sam_checkpoint: the SAM file the run was trained on, when the config's path is not valid here.
         overwrite: replace existing export files in ``out``.
     """
-    ckpt, config_path = _source(Path(source).expanduser())
+    ckpt, config_path = run_files(source)
     settings = read_run_config(config_path)
     model = build_model(settings["model"], sam_checkpoint=sam_checkpoint)
     load_trained_state(model, read_checkpoint_state(ckpt), str(ckpt))

@@ -56,7 +56,15 @@ from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.sam import CheckpointError, DecoderContext, EncodedImages, ForwardContext, HookedSam, build_sam
 
-__all__ = ["ImageEncoding", "InputTransform", "Predictor", "PredictorError", "build_model", "read_run_config"]
+__all__ = [
+    "ImageEncoding",
+    "InputTransform",
+    "Predictor",
+    "PredictorError",
+    "build_model",
+    "read_run_config",
+    "run_files",
+]
 
 
 class PredictorError(ValueError):
@@ -166,26 +174,8 @@ class Predictor:
             sam_checkpoint: the SAM file to use instead of the config's ``model.sam.checkpoint``.
             kwargs: ``Predictor`` options (``device``, ``image_resize``, ...), over the run's.
         """
-        run = Path(run_dir).expanduser()
-        if not (run / "config.yaml").is_file():
-            raise PredictorError(
-                f"{run} is not a samflow run folder (no config.yaml); pass runs/<experiment>/version_N."
-            )
-        folder = run / "checkpoints"
-        if checkpoint is not None:
-            path = Path(checkpoint).expanduser()
-            ckpt = path if path.is_absolute() or path.exists() else folder / path
-        elif (folder / "last.ckpt").is_file():
-            ckpt = folder / "last.ckpt"
-        else:
-            found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-            if len(found) != 1:
-                raise PredictorError(
-                    f"{folder}: {'no checkpoint' if not found else f'{len(found)} checkpoints'} and no last.ckpt; "
-                    "pass checkpoint= (a file name there or a path)."
-                )
-            ckpt = found[0]
-        return cls.from_checkpoint(ckpt, config=run / "config.yaml", sam_checkpoint=sam_checkpoint, **kwargs)
+        ckpt, config = run_files(run_dir, checkpoint)
+        return cls.from_checkpoint(ckpt, config=config, sam_checkpoint=sam_checkpoint, **kwargs)
 
     @classmethod
     def from_checkpoint(
@@ -209,8 +199,7 @@ class Predictor:
         if not ckpt.is_file():
             raise FileNotFoundError(f"Checkpoint {str(ckpt)!r} does not exist.")
         if config is None:
-            run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-            config = run / "config.yaml"
+            config = run_files(ckpt)[1]
         settings = read_run_config(config)
         model = build_model(settings["model"], sam_checkpoint=sam_checkpoint)
         load_trained_state(model, read_checkpoint_state(ckpt), str(ckpt))
@@ -423,6 +412,37 @@ class Predictor:
 
 
 # ---- rebuilding a model from a run's config and weights (shared with samflow.export) ----
+def run_files(source: str | Path, checkpoint: str | Path | None = None) -> tuple[Path, Path]:
+    """(checkpoint, config.yaml) of a run folder or of a checkpoint file.
+
+    A run folder gives ``checkpoint`` (a file name in its ``checkpoints/`` or a path), else
+    ``checkpoints/last.ckpt``, else the only checkpoint there; a checkpoint file gives its run's
+    ``config.yaml`` (``../config.yaml`` when it lies in ``checkpoints/``).
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run / "config.yaml"
+    if not (path / "config.yaml").is_file():
+        raise PredictorError(
+            f"{path} is not a samflow run folder (no config.yaml) nor a checkpoint file; pass "
+            "runs/<experiment>/version_N or a .ckpt file."
+        )
+    folder = path / "checkpoints"
+    if checkpoint is not None:
+        given = Path(checkpoint).expanduser()
+        return (given if given.is_absolute() or given.exists() else folder / given), path / "config.yaml"
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt", path / "config.yaml"
+    found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if len(found) != 1:
+        raise PredictorError(
+            f"{folder}: {'no checkpoint' if not found else f'{len(found)} checkpoints'} and no last.ckpt; "
+            "pass the checkpoint (a file name there or a path)."
+        )
+    return found[0], path / "config.yaml"
+
+
 def read_run_config(path: str | Path) -> dict[str, Any]:
     """A run's resolved ``config.yaml`` -> ``{"model": model section, "predictor": Predictor options}``."""
     path = Path(path).expanduser()
