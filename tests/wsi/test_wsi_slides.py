@@ -12,9 +12,9 @@ from synthetic_slide import MPP, OBJECT_RGB, TISSUE_WIDTH, object_mask, write_as
 pytest.importorskip("tiffslide")
 pytest.importorskip("shapely")
 
-from samflow.data.batch import collate  # noqa: E402
-from samflow.data.prompts import PointPrompt  # noqa: E402
-from samflow.data.wsi import (  # noqa: E402
+from samflow.data.batch import collate
+from samflow.data.prompts import PointPrompt
+from samflow.data.wsi import (
     CentreSizeBoxPrompt,
     Slide,
     SlideError,
