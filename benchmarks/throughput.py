@@ -323,7 +323,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--variant", default="tiny", help="SAM variant: tiny, vit_b, vit_l, vit_h (random weights)"
+        "--variant",
+        default="tiny",
+        help="SAM variant: tiny, vit_b, vit_l, vit_h, mobile_sam, efficient_sam_vitt, efficient_sam_vits (random weights)",
     )
     p.add_argument("--img-size", type=int, default=None, help="encoder input size (default: the variant's)")
     p.add_argument("--batch", type=int, default=2, help="images per step")
@@ -533,10 +535,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     isolation = args.isolation
     if isolation == "auto":
         isolation = "subprocess" if device.type == "cpu" else "none"
-    from samflow.sam.build import VARIANTS
+    from samflow.sam.build import BACKBONE_DECODER, VARIANTS, variant_names
 
-    if args.variant not in VARIANTS:
-        raise SystemExit(f"Unknown variant {args.variant!r}; choose one of {sorted(VARIANTS)}.")
+    if args.variant not in variant_names():
+        raise SystemExit(f"Unknown variant {args.variant!r}; choose one of {variant_names()}.")
     if args.train:
         from samflow.plugins.registry import PluginError, get_plugin_class
 
@@ -557,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods = sorted({r["memory_method"] for r in rows if r.get("memory_method")})
     meta = {
         "variant": args.variant,
-        "img_size": args.img_size or VARIANTS[args.variant].img_size,
+        "img_size": args.img_size or VARIANTS.get(args.variant, BACKBONE_DECODER).img_size,
         "batch": args.batch,
         "steps": args.steps,
         "warmup": args.warmup,
