@@ -1,6 +1,6 @@
 """The ``samflow`` command.
 
-    samflow fit|validate|test|predict --experiment NAME [LightningCLI overrides ...]
+    samflow fit|validate|test|predict --experiment NAME [--quiet | --verbose] [LightningCLI overrides ...]
     samflow experiments        list experiments with their descriptions
     samflow plugins            list registered plugins and their status
 
@@ -254,6 +254,28 @@ def _experiment_from_argv(argv: list[str]) -> tuple[list[str], str | None]:
     return configs + out, name
 
 
+# ---- console ----
+VERBOSITY_FLAGS = {"--quiet": "quiet", "--verbose": "verbose"}
+
+
+def _verbosity_from_argv(argv: list[str]) -> list[str]:
+    """Take ``--quiet`` / ``--verbose`` out of ``argv``, set the verbosity and silence the known noise.
+
+    ``--quiet``: only warnings, errors and results (tables, where the run and its report are).
+    ``--verbose``: also the third-party lines samflow silences (``samflow.console``). The verbosity goes
+    into the environment (``SAMFLOW_VERBOSITY``), so DDP processes get it without the flag.
+    """
+    from samflow.console import set_verbosity, silence_third_party
+
+    chosen = [VERBOSITY_FLAGS[a] for a in argv if a in VERBOSITY_FLAGS]
+    if len(set(chosen)) > 1:
+        raise ExperimentError("Give --quiet or --verbose, not both.")
+    if chosen:
+        set_verbosity(chosen[0])
+    silence_third_party()
+    return [a for a in argv if a not in VERBOSITY_FLAGS]
+
+
 # ---- W&B ----
 def configure_wandb() -> None:
     """Log offline unless the user has W&B credentials or chose a mode; never prompt."""
@@ -288,7 +310,7 @@ def cmd_experiments() -> int:
 
 def usage() -> str:
     lines = [
-        "usage: samflow {fit,validate,test,predict} --experiment NAME [overrides ...]",
+        "usage: samflow {fit,validate,test,predict} --experiment NAME [--quiet | --verbose] [overrides ...]",
         "       samflow experiments",
         "       samflow plugins",
         *(f"       samflow {name} {summary}" for name, (_, summary) in COMMANDS.items()),
@@ -332,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             f"unknown command {args[0]!r}; choose one of {commands} (`samflow --help` shows usage)."
         )
     try:
+        args = _verbosity_from_argv(args)
         args, name = _experiment_from_argv(args)
         args = agent_args(args, name)  # W&B agent's value forms (--a=None) and its runs' folders
         check_plugin_args(args)

@@ -6,6 +6,7 @@ import types
 import typing
 from collections.abc import Mapping, MutableMapping
 from copy import deepcopy
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +18,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
+from samflow.callbacks.run_report import RunReport
+from samflow.callbacks.wandb_run import SamflowWandbLogger
+from samflow.console import RunHeader, SamflowProgressBar, verbosity
 from samflow.module import SamflowModule
 from samflow.plugins.registry import discover
 
@@ -179,7 +183,34 @@ class SamflowCLI(LightningCLI):
         """``trainer.enable_checkpointing: false`` turns the ``checkpoint`` callback off (Lightning would refuse both)."""
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        callbacks = [*callbacks, RunHeader(self.run_name)]
+        callbacks, config = self._console(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        self._name_wandb_run(trainer)
+        return trainer
+
+    # ---- what the run prints and how W&B names it (samflow.console, samflow.callbacks.wandb_run) ----
+    def _console(self, config: dict[str, Any], callbacks: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+        """samflow's progress bar (the run folder's version, the main metric); none when quiet."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        if verbosity() == "quiet" and config.get("enable_progress_bar") is None:
+            config = {**config, "enable_progress_bar": False}
+        wanted = config.get("enable_progress_bar") is not False
+        given = [*callbacks, *(config.get("callbacks") or [])]
+        if wanted and not any(isinstance(c, ProgressBar) for c in given):
+            callbacks = [*callbacks, SamflowProgressBar()]
+        return callbacks, config
+
+    def _name_wandb_run(self, trainer: Trainer) -> None:
+        """The W&B run is ``<experiment>/<run folder>``, tagged with the plugin classes."""
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, SamflowWandbLogger)]
+        if not loggers or not trainer.is_global_zero:
+            return
+        folder = trainer.log_dir
+        tags = [type(p).__name__ for p in getattr(self.model, "plugins", {}).values()]
+        for logger in loggers:
+            logger.name_run(f"{self.run_name}/{Path(folder).name}" if folder else self.run_name, tags)
 
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, the experiment and its flags still define the model; the file gives weights.
@@ -195,12 +226,16 @@ class SamflowCLI(LightningCLI):
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(MaskWriter, "predictions")
         parser.add_lightning_class_args(ImprovementReport, "report")
+        parser.add_lightning_class_args(RunReport, "run_report")
         parser.add_lightning_class_args(TestReport, "test_report")
         parser.add_lightning_class_args(NonFiniteCheck, "non_finite")
         name = self.run_name
         parser.set_defaults(
             {
                 "trainer.default_root_dir": f"runs/{name}",
+                "run_report.experiment": name,
+                # samflow's header lists what trains; Lightning's summary adds a meaningless FLOPs row
+                "trainer.enable_model_summary": verbosity() == "verbose",
                 "checkpoint.save_last": True,
                 "trainer.logger": [
                     {
@@ -208,7 +243,7 @@ class SamflowCLI(LightningCLI):
                         "init_args": {"save_dir": "runs", "name": name},
                     },
                     {
-                        "class_path": "lightning.pytorch.loggers.WandbLogger",
+                        "class_path": "samflow.callbacks.wandb_run.SamflowWandbLogger",
                         "init_args": {"project": "samflow", "name": name, "save_dir": "runs"},
                     },
                 ],

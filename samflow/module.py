@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
@@ -19,15 +18,7 @@ from samflow.batch import SamBatch
 from samflow.losses import build_loss
 from samflow.metrics.registry import build_metrics
 from samflow.plugins import DecoderContext, PluginStack, SamPlugin
-from samflow.sam import (
-    EncoderCache,
-    EncoderCacheError,
-    HookedSam,
-    SamOutput,
-    build_sam,
-    count_parameters,
-    upcast,
-)
+from samflow.sam import EncoderCache, EncoderCacheError, HookedSam, SamOutput, build_sam, upcast
 
 SAM_PREFIX = "model.sam."
 
@@ -209,16 +200,6 @@ class SamflowModule(LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"},
         }
 
-    def on_fit_start(self) -> None:
-        counts = self.trainable_parameters()
-        frozen = count_parameters(self.model.sam) - sum(
-            p.numel() for p in self.model.sam.parameters() if p.requires_grad
-        )
-        lines = [f"  {key:<24} {n:>12,d}" for key, n in counts.items()]
-        rank_zero_info(
-            "Trainable parameters per plugin:\n" + "\n".join(lines) + f"\n  {'frozen SAM':<24} {frozen:>12,d}"
-        )
-
     def setup(self, stage: str) -> None:
         """Open ``sam.embedding_store`` once the data module's datasets exist, and check it against them."""
         if self.sam_spec.embedding_store and self.model.embedding_store is None:
@@ -299,7 +280,7 @@ class SamflowModule(LightningModule):
         self._tally(stage, dataloader_idx).update(batch.num_images, loss)
         for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
             metrics.update(prob, batch.gt_original[row])
-        return {"out": out, "probs": self.upsample(out.pred).sigmoid()}
+        return {"out": out, "ctx": ctx, "probs": self.upsample(out.pred).sigmoid()}
 
     def _finish(self, stage: str) -> dict[str, float]:
         """Reduce the metrics and the loss of every evaluation set over processes, log and return them.

@@ -131,7 +131,7 @@ def test_fit_writes_run_outputs(fitted):
     rows = list(csv.DictReader((fitted / "metrics.csv").open()))
     assert any(row.get("val/iou") for row in rows) and any(row.get("train/loss") for row in rows)
     grid = Image.open(fitted / "samples" / "val_epoch000.png")
-    assert grid.width == 3 * 128  # image | ground truth | prediction
+    assert grid.width == 4 * 128  # prompt | ground truth | prediction | errors
     report = json.loads((fitted / "val_before_after.json").read_text())
     assert set(report["before"]) == set(report["after"]) == {"val/iou", "val/dice", "val/mae"}
 

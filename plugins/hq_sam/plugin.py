@@ -22,7 +22,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from samflow.batch import SamBatch
-from samflow.plugins import DecoderContext, DecoderFeatures, SamPlugin
+from samflow.plugins import DecoderContext, DecoderFeatures, SamplePanel, SamPlugin
 from samflow.sam import SamOutput, early_feature, sam_rule
 from samflow_plugins.hq_sam.fusion import first_global_block
 from samflow_plugins.hq_sam.head import HQHead, apply_kernel
@@ -130,3 +130,8 @@ class HQSam(SamPlugin, HQHead):
         coords = sample_points(logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
         bce, dice = point_bce_dice(logits, target, coords)
         return {"point_bce": self.bce_weight * bce, "point_dice": self.dice_weight * dice}
+
+    @override
+    def sample_panels(self, out: SamOutput, ctx: DecoderContext) -> dict[str, SamplePanel]:
+        """The HQ mask alone (``<key>/hq``, probability > 0.5) as a panel of the validation sample grids."""
+        return {"hq": SamplePanel(out.masks[f"{self.key}/hq"].sigmoid())}

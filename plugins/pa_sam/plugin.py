@@ -42,12 +42,12 @@ from torch import Tensor
 from typing_extensions import override
 
 from samflow.batch import SamBatch
-from samflow.plugins import DecoderContext, DecoderFeatures, DecoderState, SamPlugin
+from samflow.plugins import DecoderContext, DecoderFeatures, DecoderState, SamplePanel, SamPlugin
 from samflow.sam import SamOutput, upcast
 from samflow_plugins.pa_sam.adapter import PromptAdapter
 from samflow_plugins.pa_sam.guiding import EdgeFilter, GuidingBranch, guiding_input, import_cv2
 from samflow_plugins.pa_sam.loss import pa_sam_losses
-from samflow_plugins.pa_sam.mining import mine_hard_points, sampling_guidance
+from samflow_plugins.pa_sam.mining import cell_centres, mine_hard_points, sampling_guidance
 
 #: SAM parts the reference code trains besides the adapter (``reference_trainable``).
 REFERENCE_SAM_PARTS = (
@@ -204,3 +204,16 @@ class PASam(SamPlugin):
     def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         coarse, refined, uncertainty = (out.masks[f"{self.key}/{name}"] for name in MAPS)
         return pa_sam_losses(coarse, refined, uncertainty, batch.row_mask, self.band_ratio)
+
+    @override
+    def sample_panels(self, out: SamOutput, ctx: DecoderContext) -> dict[str, SamplePanel]:
+        """The uncertainty map M_U as a heat map, with the mined hard points (positives green, negatives
+        red) when mining ran, as a panel of the validation sample grids."""
+        scratch = ctx.state.get(self.key, {})
+        points = labels = None
+        if "points" in scratch:
+            h, w = ctx.encoded.embeddings.shape[-2:]
+            points = cell_centres(scratch["points"], (h, w)) * ctx.batch.size  # (N, 2k, 2), S x S frame
+            labels = scratch["point_labels"]
+        uncertainty = out.masks[f"{self.key}/uncertainty"].sigmoid()
+        return {"uncertainty": SamplePanel(uncertainty, "heat", points, labels)}

@@ -2,7 +2,7 @@
 
 from samflow.callbacks.finite import NonFiniteCheck, NonFiniteError
 from samflow.callbacks.report import ImprovementReport, MaskWriter, TestReport
-from samflow.callbacks.samples import SampleGrid, mask_grid
+from samflow.callbacks.samples import SampleGrid, sample_grid
 
 __all__ = [
     "ImprovementReport",
@@ -11,5 +11,5 @@ __all__ = [
     "NonFiniteError",
     "SampleGrid",
     "TestReport",
-    "mask_grid",
+    "sample_grid",
 ]

@@ -12,18 +12,36 @@ from typing import Any
 import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from typing_extensions import override
 
+from samflow.console import show
+from samflow.console import table as rich_table
 from samflow.data.folder import DataError
 
 
 class ImprovementReport(Callback):
-    """Print validation metrics before training (the sanity check) and after it; save them as JSON.
+    """Validation metrics before training (the sanity check) and after it.
+
+    - before training: logged as ``before/<metric>`` (``before/val/iou``) to every logger, so they are in
+      ``metrics.csv`` (at step 0) and in the W&B summary;
+    - after training: printed with the before-values as an aligned table and saved as
+      ``val_before_after.json``.
 
     The before-numbers cover the whole validation set when ``trainer.num_sanity_val_steps`` is -1.
     """
+
+    @override
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        before = getattr(pl_module, "initial_val_metrics", {})
+        if not (trainer.is_global_zero and before):
+            return
+        values = {f"before/{key}": float(value) for key, value in before.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=trainer.global_step)
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(values)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -34,14 +52,19 @@ class ImprovementReport(Callback):
         after = getattr(pl_module, "last_val_metrics", {})
         if not after:
             return
-        lines = [f"  {'metric':<20} {'before':>10} {'after':>10}"]
-        for key, value in after.items():
-            old = before.get(key)
-            lines.append(f"  {key:<20} {'n/a' if old is None else f'{old:.4f}':>10} {value:.4f}")
-        rank_zero_info("Validation before and after training:\n" + "\n".join(lines))
+        show(self.table(before, after), result=True)
         if log_dir is not None:
             path = Path(log_dir) / "val_before_after.json"
             path.write_text(json.dumps({"before": before, "after": after}, indent=2))
+
+    @staticmethod
+    def table(before: Mapping[str, float], after: Mapping[str, float]) -> Any:
+        """The rich table ``metric | before | after``."""
+        rows = [
+            (key, "n/a" if before.get(key) is None else float(before[key]), float(v))
+            for key, v in after.items()
+        ]
+        return rich_table("Validation before and after training", ["metric", "before", "after"], rows)
 
 
 class TestReport(Callback):
@@ -90,7 +113,8 @@ class TestReport(Callback):
             writer.writerow(["dataset", *columns])
             for dataset, values in rows.items():
                 writer.writerow([dataset, *(repr(values[c]) if c in values else "" for c in columns)])
-        rank_zero_info("Test metrics per dataset:\n" + markdown)
+        printed = [[dataset, *(values.get(c, "") for c in columns)] for dataset, values in rows.items()]
+        show(rich_table("Test metrics per dataset", ["dataset", *columns], printed), result=True)
         return paths
 
     @staticmethod

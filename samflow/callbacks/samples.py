@@ -1,46 +1,312 @@
-"""Fixed validation samples as a PNG grid (image | ground truth | prediction), also sent to W&B."""
+"""Validation samples as pictures: the prompt, ground truth, prediction and error map of each row.
+
+A grid row shows one prompt row of a validation batch, in the model's S x S input frame:
+
+==============  ==================================================================================
+panel           what it shows
+==============  ==================================================================================
+prompt          the image with its prompt: box (yellow), positive points (green), negative points
+                (red), the mask prompt's outline (cyan)
+ground truth    the ground truth overlaid in green on the image
+prediction      the prediction (probability > threshold) overlaid in orange on the image
+errors          false positives in red and false negatives in blue on the dimmed grey image
+<key>/<name>    panels plugins add through ``SamPlugin.sample_panels`` (e.g. HQ-SAM's HQ mask)
+==============  ==================================================================================
+
+A header strip names the panels; above each row a strip gives the image's id and its IoU (prediction
+vs ground truth inside the image, padding excluded, at the input frame's resolution). The pictures
+are drawn with torchvision's ``draw_segmentation_masks``, ``draw_bounding_boxes`` and
+``draw_keypoints``; the text with PIL.
+"""
 
 from __future__ import annotations
 
+import heapq
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 from typing_extensions import override
 
+from samflow.plugins import SamplePanel
 
-def mask_grid(images: Tensor, targets: Tensor, preds: Tensor) -> np.ndarray:
-    """Rows of [image | ground truth | prediction]: images (B, 3, H, W) in [0, 1], masks (B, 1, H, W)."""
+Colour = tuple[int, int, int]
+
+BOX: Colour = (255, 255, 0)
+POSITIVE: Colour = (0, 255, 0)
+NEGATIVE: Colour = (255, 0, 0)
+MASK_PROMPT: Colour = (0, 255, 255)
+GROUND_TRUTH: Colour = (0, 255, 0)
+PREDICTION: Colour = (255, 165, 0)
+FALSE_POSITIVE: Colour = (255, 0, 0)
+FALSE_NEGATIVE: Colour = (0, 0, 255)
+PLUGIN_MASK: Colour = (255, 0, 255)
+#: Opacity of the ground-truth, prediction and plugin-mask overlays (errors are drawn opaque).
+ALPHA = 0.5
+#: Height in pixels of the header strip and of the text strip above each row.
+STRIP = 14
+BASE_PANELS = ("prompt", "ground truth", "prediction", "errors (FP red, FN blue)")
+
+
+@dataclass
+class SampleRow:
+    """One prompt row of a validation batch, on the CPU, in the S x S input frame.
+
+    ``image`` (3, S, S) in [0, 1]; ``target`` and ``prob`` (1, S, S); ``size`` (h, w) of the image
+    before padding; prompts as in ``SamBatch`` for this row (``points`` (K, 2), ``labels`` (K,), ``box``
+    (4,), ``mask_prompt`` (1, S/4, S/4)), None when absent; ``panels`` the plugins' extra panels.
+    """
+
+    id: str
+    image: Tensor
+    target: Tensor
+    prob: Tensor
+    size: tuple[int, int]
+    iou: float
+    box: Tensor | None = None
+    points: Tensor | None = None
+    labels: Tensor | None = None
+    mask_prompt: Tensor | None = None
+    panels: dict[str, SamplePanel] = field(default_factory=dict)
+
+
+def row_iou(pred: Tensor, target: Tensor) -> float:
+    """IoU of two boolean masks; 1.0 when both are empty."""
+    union = (pred | target).sum().item()
+    return 1.0 if union == 0 else (pred & target).sum().item() / union
+
+
+def to_uint8(image: Tensor) -> Tensor:
+    """(3, H, W) in [0, 1] -> uint8."""
+    return (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def overlay(image: Tensor, mask: Tensor, colour: Colour, alpha: float = ALPHA) -> Tensor:
+    """``mask`` (H, W) bool painted over the uint8 ``image`` (3, H, W) in ``colour``."""
+    if not mask.any():
+        return image
+    return draw_segmentation_masks(image, mask[None], alpha=alpha, colors=colour)
+
+
+def outline(mask: Tensor) -> Tensor:
+    """The pixels of ``mask`` (H, W) bool that touch the background (a 1-pixel border)."""
+    m = mask[None, None].float()
+    eroded = -F.max_pool2d(-m, 3, stride=1, padding=1)
+    return (m - eroded)[0, 0] > 0
+
+
+def draw_points(image: Tensor, points: Tensor, labels: Tensor | None, radius: int = 3) -> Tensor:
+    """Positive points in green, negative ones in red; slots labelled -1 are not drawn."""
+    labels = torch.ones(points.shape[0], dtype=torch.long) if labels is None else labels
+    for value, colour in ((1, POSITIVE), (0, NEGATIVE)):
+        chosen = points[labels == value]
+        if len(chosen):
+            image = draw_keypoints(image, chosen[None].float(), colors=colour, radius=radius)
+    return image
+
+
+def prompt_panel(row: SampleRow) -> Tensor:
+    """The image with the row's prompt drawn on it (uint8)."""
+    picture = to_uint8(row.image)
+    side = picture.shape[-1]
+    if row.mask_prompt is not None:
+        low = row.mask_prompt.float()
+        cut = 0.5 if low.min() >= 0 and low.max() <= 1 else 0.0  # {0, 1} or logits
+        full = F.interpolate(low[None], size=(side, side), mode="nearest")[0, 0] > cut
+        picture = overlay(picture, outline(full), MASK_PROMPT, alpha=1.0)
+    if row.box is not None:
+        picture = draw_bounding_boxes(picture, row.box[None].float(), colors=BOX, width=2)
+    if row.points is not None:
+        picture = draw_points(picture, row.points, row.labels)
+    return picture
+
+
+def error_panel(image: Tensor, pred: Tensor, target: Tensor) -> Tensor:
+    """False positives red, false negatives blue, opaque, on the image in dimmed grey (uint8)."""
+    grey = (to_uint8(image).float().mean(0, keepdim=True) * 0.5).to(torch.uint8).expand(3, -1, -1)
+    picture = overlay(grey.contiguous(), pred & ~target, FALSE_POSITIVE, alpha=1.0)
+    return overlay(picture, target & ~pred, FALSE_NEGATIVE, alpha=1.0)
+
+
+def _heat(values: Tensor) -> Tensor:
+    """(H, W) in [0, 1] -> (3, H, W) uint8 through matplotlib's inferno colour map (grey without it)."""
+    try:
+        from matplotlib import colormaps
+    except ImportError:
+        return to_uint8(values[None].expand(3, -1, -1))
+    rgb = colormaps["inferno"](values.clamp(0, 1).numpy())[..., :3]
+    return torch.from_numpy((rgb * 255).round().astype(np.uint8)).permute(2, 0, 1)
+
+
+def plugin_panel(image: Tensor, panel: SamplePanel, row: int) -> Tensor:
+    """Row ``row`` of a plugin's ``SamplePanel`` drawn over ``image`` (3, S, S) in [0, 1] (uint8)."""
+    side = image.shape[-1]
+    values = F.interpolate(panel.values[row : row + 1].float(), size=(side, side), mode="bilinear")[0, 0]
+    picture = to_uint8(image)
+    if panel.style == "heat":
+        picture = (0.3 * picture.float() + 0.7 * _heat(values).float()).round().to(torch.uint8)
+    else:
+        picture = overlay(picture, values > 0.5, PLUGIN_MASK)
+    if panel.points is not None:
+        labels = panel.point_labels[row] if panel.point_labels is not None else None
+        picture = draw_points(picture, panel.points[row].float(), labels)
+    return picture
+
+
+def panel_names(rows: list[SampleRow]) -> list[str]:
+    """The grid's column titles: the base panels, then every plugin panel met, in order."""
+    extra = list(dict.fromkeys(name for row in rows for name in row.panels))
+    return [*BASE_PANELS, *extra]
+
+
+def row_panels(row: SampleRow, names: list[str], threshold: float) -> list[Tensor]:
+    """The pictures of one grid row (uint8 (3, S, S) each), in the order of ``names``."""
+    h, w = row.size
+    inside = torch.zeros_like(row.target[0], dtype=torch.bool)
+    inside[:h, :w] = True
+    pred, target = (row.prob[0] > threshold) & inside, (row.target[0] > 0.5) & inside
+    picture = to_uint8(row.image)
+    panels = [
+        prompt_panel(row),
+        overlay(picture, target, GROUND_TRUTH),
+        overlay(picture, pred, PREDICTION),
+        error_panel(row.image, pred, target),
+    ]
+    for name in names[len(BASE_PANELS) :]:
+        panel = row.panels.get(name)
+        panels.append(plugin_panel(row.image, panel, 0) if panel is not None else torch.zeros_like(picture))
+    return panels
+
+
+def _text(canvas: Image.Image, xy: tuple[int, int], text: str, width: int) -> None:
+    font = ImageFont.load_default(size=STRIP - 3)
+    draw = ImageDraw.Draw(canvas)
+    while text and draw.textlength(text, font=font) > width - 4:
+        text = text[:-1]
+    draw.text((xy[0] + 2, xy[1] + 1), text, fill=(255, 255, 255), font=font)
+
+
+def sample_grid(rows: list[SampleRow], threshold: float = 0.5) -> np.ndarray:
+    """The grid of ``rows`` as an (H, W, 3) uint8 array.
+
+    Layout: a header strip of ``STRIP`` pixels with the panel titles, then per row a strip of
+    ``STRIP`` pixels (``<id>  IoU <iou>``) above its panels of S x S pixels, side by side in the order
+    of ``panel_names(rows)``.
+    """
+    names = panel_names(rows)
+    side = rows[0].image.shape[-1]
+    canvas = Image.new("RGB", (side * len(names), STRIP + len(rows) * (STRIP + side)), (0, 0, 0))
+    for i, name in enumerate(names):
+        _text(canvas, (i * side, 0), name, side)
+    for r, row in enumerate(rows):
+        top = STRIP + r * (STRIP + side)
+        _text(canvas, (0, top), f"{row.id}  IoU {row.iou:.3f}", canvas.width)
+        strip = torch.cat(row_panels(row, names, threshold), dim=2)  # (3, S, n*S)
+        canvas.paste(Image.fromarray(strip.permute(1, 2, 0).numpy()), (0, top + STRIP))
+    return np.asarray(canvas)
+
+
+def batch_rows(
+    batch: Any, outputs: dict[str, Any], threshold: float, keep: list[int] | None = None
+) -> list[SampleRow]:
+    """``SampleRow``s of a validation step's prompt rows (all, or those in ``keep``), on the CPU.
+
+    ``outputs``: the step's ``{"out", "probs", "ctx"}`` and ``"model"``, the ``HookedSam`` whose plugins
+    may add panels (``PluginStack.sample_panels``).
+    """
+    out, probs = outputs["out"], outputs["probs"]
+    ctx = outputs.get("ctx")
+    stack: Any = getattr(outputs.get("model"), "plugins", None)
+    panels: dict[str, SamplePanel] = {}
+    if ctx is not None and hasattr(stack, "sample_panels"):
+        panels = stack.sample_panels(out, ctx)
     rows = []
-    for image, target, pred in zip(images, targets, preds):
-        cells = [image, target.expand(3, -1, -1), pred.expand(3, -1, -1)]
-        rows.append(torch.cat([c.float().clamp(0, 1) for c in cells], dim=2))
-    grid = torch.cat(rows, dim=1)  # (3, B*H, 3*W)
-    return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    for n in range(out.image_index.shape[0]) if keep is None else keep:
+        i = int(out.image_index[n])
+        h, w = (int(v) for v in batch.input_size[i])
+        prob = probs[n].detach().float().cpu()
+        target = batch.mask[i].detach().float().cpu()
+        iou = row_iou((prob[0, :h, :w] > threshold), target[0, :h, :w] > 0.5)
+        has_box = batch.box is not None and (batch.has_box is None or bool(batch.has_box[n]))
+        has_mask = batch.mask_prompt is not None and (
+            batch.has_mask_prompt is None or bool(batch.has_mask_prompt[n])
+        )
+        rows.append(
+            SampleRow(
+                id=batch.id[i],
+                image=batch.image[i].detach().float().cpu(),
+                target=target,
+                prob=prob,
+                size=(h, w),
+                iou=iou,
+                box=batch.box[n].detach().cpu() if has_box else None,
+                points=batch.points[n].detach().cpu() if batch.points is not None else None,
+                labels=batch.point_labels[n].detach().cpu() if batch.point_labels is not None else None,
+                mask_prompt=batch.mask_prompt[n].detach().cpu() if has_mask else None,
+                panels={name: _panel_row(p, n) for name, p in panels.items()},
+            )
+        )
+    return rows
+
+
+def _panel_row(panel: SamplePanel, n: int) -> SamplePanel:
+    """Row ``n`` of a plugin panel, on the CPU (as a panel of one row)."""
+
+    def take(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[n : n + 1].detach().float().cpu()
+
+    labels = panel.point_labels[n : n + 1].detach().cpu() if panel.point_labels is not None else None
+    return SamplePanel(take(panel.values), panel.style, take(panel.points), labels)  # type: ignore[arg-type]
+
+
+def row_ious(batch: Any, outputs: dict[str, Any], threshold: float) -> list[float]:
+    """The IoU of each prompt row of a validation step (inside the image, at the input frame)."""
+    out, probs = outputs["out"], outputs["probs"]
+    ious = []
+    for n, i in enumerate(out.image_index.tolist()):
+        h, w = (int(v) for v in batch.input_size[i])
+        ious.append(row_iou(probs[n, 0, :h, :w] > threshold, batch.mask[i, 0, :h, :w] > 0.5))
+    return ious
 
 
 class SampleGrid(Callback):
-    """Save the first ``num_samples`` validation images with their masks after every validation.
+    """Pictures of validation images after every validation: ``samples/val_<stage>.png`` and W&B.
+
+    - ``samples/val_sanity.png`` (before training) and ``samples/val_epoch<NNN>.png``: the first
+      ``num_samples`` prompt rows of the first validation set (not shuffled: the same images every
+      epoch), panels as described in ``samflow/callbacks/samples.py``;
+    - ``samples/val_best.png`` and ``samples/val_worst.png``: the ``num_extremes`` rows of the last
+      validation with the highest and the lowest IoU (overwritten every validation; the run report
+      shows them). Under DDP, of the images the first process evaluated;
+    - W&B: ``val/samples``, the same images with the ground truth and the prediction as mask layers and
+      the prompt as a box layer (points as small boxes).
 
     Args:
-        num_samples: how many images of the first validation batches to show (the validation set is not
-            shuffled, so they are the same images every epoch).
-        threshold: probability above which a predicted pixel is shown as foreground.
+        num_samples: how many prompt rows of the first validation batches to show.
+        threshold: probability above which a predicted pixel is foreground.
+        num_extremes: rows in the best and worst grids (0 turns them off).
     """
 
-    def __init__(self, num_samples: int = 8, threshold: float = 0.5) -> None:
+    def __init__(self, num_samples: int = 8, threshold: float = 0.5, num_extremes: int = 4) -> None:
         self.num_samples = num_samples
         self.threshold = threshold
-        self._rows: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.num_extremes = num_extremes
+        self._rows: list[SampleRow] = []
+        self._best: list[tuple[float, int, SampleRow]] = []
+        self._worst: list[tuple[float, int, SampleRow]] = []
+        self._seen = 0
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._rows = []
+        self._rows, self._best, self._worst, self._seen = [], [], [], 0
 
     @override
     def on_validation_batch_end(
@@ -54,43 +320,102 @@ class SampleGrid(Callback):
     ) -> None:
         if dataloader_idx != 0 or batch.mask is None or not isinstance(outputs, dict):
             return
-        have = sum(r[0].shape[0] for r in self._rows)
-        if have >= self.num_samples:
+        outputs = {**outputs, "model": getattr(pl_module, "model", None)}
+        missing = self.num_samples - len(self._rows)
+        if missing > 0:
+            rows = min(missing, outputs["out"].image_index.shape[0])
+            self._rows += batch_rows(batch, outputs, self.threshold, list(range(rows)))
+        if self.num_extremes > 0:
+            self._track_extremes(batch, outputs)
+
+    def _track_extremes(self, batch: Any, outputs: dict[str, Any]) -> None:
+        """Keep the ``num_extremes`` rows of highest and of lowest IoU seen so far (heaps)."""
+        k = self.num_extremes
+        wanted = []
+        for n, iou in enumerate(row_ious(batch, outputs, self.threshold)):
+            order = self._seen + n  # ties: the earlier row wins
+            best = len(self._best) < k or (iou, -order) > (self._best[0][0], -self._best[0][1])
+            worst = len(self._worst) < k or (-iou, -order) > (self._worst[0][0], -self._worst[0][1])
+            if best or worst:
+                wanted.append((n, iou, order, best, worst))
+        self._seen += outputs["out"].image_index.shape[0]
+        if not wanted:
             return
-        index = outputs["out"].image_index
-        take = slice(0, self.num_samples - have)
-        pred = (outputs["probs"] > self.threshold).float()
-        self._rows.append((batch.image[index][take].cpu(), batch.mask[index][take].cpu(), pred[take].cpu()))
+        rows = batch_rows(batch, outputs, self.threshold, [w[0] for w in wanted])
+        for (_, iou, order, best, worst), row in zip(wanted, rows):
+            if best:
+                heapq.heappush(self._best, (iou, -order, row))
+                if len(self._best) > k:
+                    heapq.heappop(self._best)
+            if worst:
+                heapq.heappush(self._worst, (-iou, -order, row))
+                if len(self._worst) > k:
+                    heapq.heappop(self._worst)
+
+    def extremes(self) -> tuple[list[SampleRow], list[SampleRow]]:
+        """The best rows (highest IoU first) and the worst rows (lowest IoU first) of this validation."""
+        best = [row for _, _, row in sorted(self._best, key=lambda e: (-e[0], e[1]))]
+        worst = [row for _, _, row in sorted(self._worst, key=lambda e: (-e[0], e[1]))]
+        return best, worst
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
         if not trainer.is_global_zero or not self._rows or log_dir is None:
             return
-        images, targets, preds = (torch.cat(parts) for parts in zip(*self._rows))
-        grid = mask_grid(images, targets, preds)
         stage = "sanity" if trainer.sanity_checking else f"epoch{trainer.current_epoch:03d}"
         folder = Path(log_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(folder / f"val_{stage}.png")
+        Image.fromarray(sample_grid(self._rows, self.threshold)).save(folder / f"val_{stage}.png")
+        best, worst = self.extremes()
+        for name, rows in (("best", best), ("worst", worst)):
+            if rows:
+                Image.fromarray(sample_grid(rows, self.threshold)).save(folder / f"val_{name}.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                self._log_wandb(logger, images, targets, preds, trainer.global_step)
+                overlays = [wandb_image(row, self.threshold) for row in self._rows]
+                logger.experiment.log({"val/samples": overlays, "trainer/global_step": trainer.global_step})
 
-    def _log_wandb(
-        self, logger: WandbLogger, images: Tensor, targets: Tensor, preds: Tensor, step: int
-    ) -> None:
-        import wandb
 
-        overlays = []
-        for image, target, pred in zip(images, targets, preds):
-            picture = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-            masks = {
-                "prediction": {"mask_data": pred[0].numpy().astype(np.uint8), "class_labels": {1: "object"}},
-                "ground_truth": {
-                    "mask_data": target[0].numpy().astype(np.uint8),
-                    "class_labels": {1: "object"},
-                },
-            }
-            overlays.append(wandb.Image(picture, masks=masks))
-        logger.experiment.log({"val/samples": overlays, "trainer/global_step": step})
+def wandb_image(row: SampleRow, threshold: float) -> Any:
+    """A ``wandb.Image`` of the row: ground truth and prediction as mask layers, the prompt as boxes."""
+    import wandb
+
+    h, w = row.size
+    picture = to_uint8(row.image).permute(1, 2, 0).numpy()
+    pred = ((row.prob[0] > threshold).numpy()).astype(np.uint8)
+    target = (row.target[0] > 0.5).numpy().astype(np.uint8)
+    pred[h:], pred[:, w:], target[h:], target[:, w:] = 0, 0, 0, 0
+    boxes = []
+    if row.box is not None:
+        boxes.append(_box(row.box.tolist(), 1, "box"))
+    if row.points is not None:
+        labels = row.labels.tolist() if row.labels is not None else [1] * len(row.points)
+        for (x, y), label in zip(row.points.tolist(), labels):
+            if label in (0, 1):
+                boxes.append(_box([x - 2, y - 2, x + 2, y + 2], 2 if label == 1 else 3, None))
+    layers = {
+        "prompt": {
+            "box_data": boxes,
+            "class_labels": {1: "box", 2: "positive point", 3: "negative point"},
+        }
+    }
+    masks = {
+        "prediction": {"mask_data": pred, "class_labels": {1: "object"}},
+        "ground_truth": {"mask_data": target, "class_labels": {1: "object"}},
+    }
+    return wandb.Image(
+        picture, masks=masks, boxes=layers if boxes else None, caption=f"{row.id} IoU {row.iou:.3f}"
+    )
+
+
+def _box(xyxy: list[float], class_id: int, caption: str | None) -> dict[str, Any]:
+    x0, y0, x1, y1 = xyxy
+    box: dict[str, Any] = {
+        "position": {"minX": x0, "minY": y0, "maxX": x1, "maxY": y1},
+        "domain": "pixel",
+        "class_id": class_id,
+    }
+    if caption:
+        box["box_caption"] = caption
+    return box

@@ -7,6 +7,7 @@ from samflow.plugins.base import (
     EncodedImages,
     ForwardContext,
     PromptEmbeddings,
+    SamplePanel,
     SamPlugin,
 )
 from samflow.plugins.registry import PluginError, create_plugin, discover, get_plugin_class, list_plugins
@@ -23,6 +24,7 @@ __all__ = [
     "PluginStack",
     "PromptEmbeddings",
     "SamPlugin",
+    "SamplePanel",
     "create_plugin",
     "discover",
     "get_plugin_class",

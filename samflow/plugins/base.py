@@ -10,6 +10,7 @@ defined in ``samflow.sam.types`` and re-exported here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
@@ -38,7 +39,27 @@ __all__ = [
     "SamBatch",
     "SamOutput",
     "SamPlugin",
+    "SamplePanel",
 ]
+
+
+@dataclass
+class SamplePanel:
+    """A picture a plugin adds to every row of the validation sample grids (``SamPlugin.sample_panels``).
+
+    Attributes:
+        values: (N, 1, h, w) in [0, 1], one map per prompt row at any resolution (resized to the
+            grid's S x S input frame): a probability (``logits.sigmoid()``) or any map scaled to [0, 1].
+        style: ``"mask"`` overlays ``values > 0.5`` in colour on the image; ``"heat"`` shows the values
+            as a heat map blended over the image.
+        points: (N, K, 2) x, y in the S x S input frame, drawn as dots, or None.
+        point_labels: (N, K): 1 positive (green), 0 negative (red), -1 not drawn; None: all positive.
+    """
+
+    values: Tensor
+    style: str = "mask"
+    points: Tensor | None = None
+    point_labels: Tensor | None = None
 
 
 class SamPlugin(nn.Module):
@@ -121,4 +142,9 @@ class SamPlugin(nn.Module):
 
     def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         """Extra loss terms of this plugin; they are added to the experiment's losses."""
+        return {}
+
+    # ---- pictures (validation sample grids; not part of the forward pass) ----
+    def sample_panels(self, out: SamOutput, ctx: DecoderContext) -> dict[str, SamplePanel]:
+        """Extra panels of the validation sample grids, name -> ``SamplePanel`` (e.g. an HQ mask)."""
         return {}

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from samflow.batch import SamBatch
-from samflow.plugins.base import SamPlugin
+from samflow.plugins.base import SamplePanel, SamPlugin
 from samflow.sam.build import freeze
 from samflow.sam.types import (
     DecoderContext,
@@ -48,6 +48,7 @@ HOOKS = (
     "select",
     "losses",
     "output_tokens",
+    "sample_panels",
 )
 
 #: Hooks that run inside the image encoder; a plugin using one makes the encoder's output its own.
@@ -292,3 +293,11 @@ class PluginStack(HookSites, nn.ModuleDict):
             for name, value in plugin.losses(out, batch, ctx).items():
                 terms[f"{plugin.key}/{name}"] = value
         return terms
+
+    def sample_panels(self, out: SamOutput, ctx: DecoderContext) -> dict[str, SamplePanel]:
+        """Every plugin's extra sample-grid panels, named ``<key>/<name>``."""
+        return {
+            f"{plugin.key}/{name}": panel
+            for plugin in self._users.get("sample_panels", [])
+            for name, panel in plugin.sample_panels(out, ctx).items()
+        }

@@ -1,0 +1,226 @@
+"""What a run prints: samflow's own lines first, third-party noise silenced where it is made.
+
+Verbosity (``samflow fit --quiet`` / ``--verbose``; the CLI puts it in ``SAMFLOW_VERBOSITY`` so DDP
+processes inherit it):
+
+- ``quiet``: warnings, errors and the results (the before/after table, test tables, where the run
+  and its report are); no progress bar, no header;
+- ``normal`` (default): samflow's header (experiment, SAM, plugins with trainable counts, data sizes,
+  run folder), the progress bar and the results; the noise below is silenced;
+- ``verbose``: everything, also the third-party lines ``normal`` silences and Lightning's own model
+  summary.
+
+Silenced in ``quiet`` and ``normal``, each at its source and by its exact text, so other warnings
+still show:
+
+- Lightning's litlogger advert (``💡 Tip: ...``) and its accelerator lines (``GPU available: ...``,
+  ``TPU available: ...``; samflow's header names the device) and ``Seed set to N``;
+- Lightning's model summary with its ``Total FLOPs: 0`` row (samflow's header lists what trains;
+  ``--trainer.enable_model_summary true`` brings it back);
+- torch's ``isinstance(treespec, LeafSpec)`` deprecation warning, raised in Lightning's ``_pytree``;
+- W&B's info lines (samflow's header names the W&B run folder); its warnings stay. W&B's "anonymous
+  setting has no effect" and "git root ... does not exist" warnings are not raised at all
+  (``SamflowWandbLogger``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.table import Table
+from typing_extensions import override
+
+VERBOSITY_ENV = "SAMFLOW_VERBOSITY"
+LEVELS = ("quiet", "normal", "verbose")
+
+#: Lightning log lines dropped below ``verbose`` (a record is dropped when its message starts so).
+LIGHTNING_NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "Seed set to")
+#: Warnings ignored below ``verbose``: (message regex, category).
+WARNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+
+def verbosity() -> str:
+    """``quiet``, ``normal`` or ``verbose``, from ``SAMFLOW_VERBOSITY`` (default ``normal``)."""
+    level = os.environ.get(VERBOSITY_ENV, "normal")
+    return level if level in LEVELS else "normal"
+
+
+def set_verbosity(level: str) -> None:
+    """Set the verbosity of this process and of the processes it starts."""
+    if level not in LEVELS:
+        raise ValueError(f"verbosity must be one of {LEVELS}, got {level!r}")
+    os.environ[VERBOSITY_ENV] = level
+
+
+class _DropLines(logging.Filter):
+    """Drop log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: Sequence[str]) -> None:
+        super().__init__("samflow.console")
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+def silence_third_party() -> None:
+    """Install the filters of this module's docstring for the current verbosity (idempotent)."""
+    level = verbosity()
+    if level == "verbose":
+        return
+    for message, category in WARNING_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    import lightning.pytorch  # noqa: F401  (sets up Lightning's log handlers)
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if level == "quiet":
+            logger.setLevel(logging.WARNING)
+        for handler in logger.handlers or logging.getLogger().handlers:
+            if not any(isinstance(f, _DropLines) for f in handler.filters):
+                handler.addFilter(_DropLines(LIGHTNING_NOISE))
+
+
+def console() -> Console:
+    """The console samflow prints to: rich's global one, which the progress bar also uses."""
+    from rich import get_console
+
+    return get_console()
+
+
+def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
+    """A rich table under its title; the first column left-aligned, the others right-aligned, floats
+    with 4 decimals."""
+    from rich.console import Group
+
+    grid = Table(show_edge=False, header_style="bold")
+    for i, column in enumerate(columns):
+        grid.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        grid.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    return Group(f"{title}:", grid) if title else grid
+
+
+@rank_zero_only
+def show(*items: Any, result: bool = False) -> None:
+    """Print on the first process: always for a ``result``, else not when quiet."""
+    if result or verbosity() != "quiet":
+        console().print(*items, markup=False, highlight=False)
+
+
+class SamflowProgressBar(RichProgressBar):
+    """Lightning's rich progress bar showing the run folder's version and the main validation metric.
+
+    ``version`` is the name of the run folder (``version_3``), not the loggers' joined versions
+    (W&B's id); the main metric is the checkpoint's ``monitor`` or, without one, the first metric.
+    """
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.teardown(trainer, pl_module, "fit")  # done: the results printed next come below the bar
+
+    @override
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        if trainer.log_dir is not None:
+            items["version"] = Path(trainer.log_dir).name
+        key = main_metric(trainer, pl_module)
+        value = trainer.callback_metrics.get(key) if key else None
+        if key and value is not None:
+            items[key] = float(value)
+        return items
+
+
+def main_metric(trainer: Trainer, pl_module: LightningModule) -> str | None:
+    """The validation metric that matters: the checkpoint's ``monitor``, else the first one computed."""
+    monitor = getattr(trainer.checkpoint_callback, "monitor", None)
+    if monitor:
+        return str(monitor)
+    first = next(iter(getattr(pl_module, "last_val_metrics", {}) or {}), None)
+    return first
+
+
+class RunHeader(Callback):
+    """samflow's own lines at the start of a run: experiment, SAM, plugins, data, device, run folder.
+
+    Printed once per run on the first process, before the progress bar (not when quiet).
+
+    Args:
+        experiment: the experiment's name (set by the CLI).
+    """
+
+    def __init__(self, experiment: str = "") -> None:
+        self.experiment = experiment
+        self._shown = False
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
+        if self._shown or not trainer.is_global_zero:
+            return
+        self._shown = True
+        show(self.lines(trainer, pl_module, stage, log_dir))
+
+    def lines(self, trainer: Trainer, pl_module: LightningModule, stage: str, log_dir: str | None) -> Table:
+        """The header as a two-column rich table."""
+        grid = Table.grid(padding=(0, 2))
+        grid.add_column(style="bold")
+        grid.add_column()
+        grid.add_row("samflow", f"{getattr(stage, 'value', stage)} {self.experiment}".strip())
+        module: Any = pl_module  # a SamflowModule, or any LightningModule
+        spec = getattr(module, "sam_spec", None)
+        if spec is not None:
+            size = f", {spec.img_size} px" if spec.img_size else ""
+            grid.add_row(
+                "SAM", f"{spec.variant}{size} ({spec.checkpoint or 'random weights, no checkpoint'})"
+            )
+        counts = module.trainable_parameters() if hasattr(module, "trainable_parameters") else {}
+        plugins = getattr(module, "plugins", {})
+        for key, plugin in plugins.items():
+            grid.add_row("plugin", f"{key}: {type(plugin).__name__}, {counts.get(key, 0):,d} trainable")
+        if hasattr(getattr(module, "model", None), "sam"):
+            sam = module.model.sam
+            frozen = sum(p.numel() for p in sam.parameters() if not p.requires_grad)
+            grid.add_row("frozen SAM", f"{frozen:,d} parameters")
+        for name, count in data_sizes(trainer).items():
+            grid.add_row("data", f"{name}: {count:,d} images")
+        grid.add_row(
+            "device",
+            f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()}"
+            f" x {trainer.num_devices * trainer.num_nodes}",
+        )
+        if log_dir is not None:
+            grid.add_row("run folder", str(log_dir))
+        for logger in trainer.loggers:
+            run = getattr(logger, "_experiment", None)
+            if type(logger).__name__.endswith("WandbLogger") and run is not None:
+                folder = Path(run.dir).parent
+                mode = os.environ.get("WANDB_MODE", "online")
+                where = f"upload: wandb sync {folder}" if mode == "offline" else str(folder)
+                grid.add_row("W&B", f"{mode} run {getattr(run, 'name', '')} ({where})")
+        return grid
+
+
+def data_sizes(trainer: Trainer) -> dict[str, int]:
+    """Images per dataset of the data module (``datasets`` of ``SegmentationDataModule``), if known."""
+    datamodule = getattr(trainer, "datamodule", None)
+    datasets = getattr(datamodule, "datasets", None) or {}
+    sizes = {}
+    for name, dataset in datasets.items():
+        try:
+            sizes[str(name)] = len(dataset)
+        except TypeError:
+            continue
+    return sizes
