@@ -34,7 +34,7 @@ from typing_extensions import override
 
 from samflow.batch import SamBatch
 from samflow.plugins import DecoderContext, DecoderFeatures, PromptEmbeddings, SamPlugin
-from samflow.sam import SamOutput, sam_rule
+from samflow.sam import SamOutput, early_feature, sam_rule
 from samflow_plugins.hq_sam.fusion import first_global_block
 from samflow_plugins.hq_sam.head import HQHead, apply_kernel
 from samflow_plugins.wsi_sam.loss import dice_bce
@@ -91,7 +91,7 @@ class WSISam(SamPlugin):
         encoder = sam.image_encoder
         dim = sam.mask_decoder.transformer_dim  # C
         self.early_block = first_global_block(encoder)
-        vit_dim = encoder.blocks[self.early_block].attn.qkv.in_features  # C_vit
+        vit_dim = early_feature(encoder)[1]  # C_vit (160 for MobileSAM's TinyViT, as HQ-SAM)
         self.high = HQHead.create(vit_dim, dim)
         self.low = HQHead.create(vit_dim, dim)
 

@@ -40,6 +40,11 @@ def slide_files(tmp_path_factory):
     }
 
 
+def slide_patches(files, **options) -> SlidePatches:
+    """Patches of P px (and P px model input) of the synthetic slide with its GeoJSON tumour."""
+    return SlidePatches([files["slide"]], [files["geojson"]], patch_size=P, img_size=P, **options)
+
+
 def test_levels_are_chosen_by_mpp(slide_files):
     slide = Slide(slide_files["slide"])
     assert slide.mpp == MPP and slide.downsamples == [1.0, 2.0, 4.0]
@@ -101,14 +106,7 @@ def test_masks_rasterise_at_both_levels(slide_files, kind):
 
 
 def test_mask_matches_the_drawn_object(slide_files):
-    dataset = SlidePatches(
-        [slide_files["slide"]],
-        [slide_files["geojson"]],
-        patch_size=P,
-        img_size=P,
-        patches_per_slide=4,
-        tumour_fraction=1.0,
-    )
+    dataset = slide_patches(slide_files, patches_per_slide=4, tumour_fraction=1.0)
     for centre in dataset.centres:
         hr, _, hr_gt, lr_gt = dataset.read_pair(centre)
         assert centre.tumour and hr_gt.any() and lr_gt.any()
@@ -127,15 +125,8 @@ def test_tissue_detection_excludes_the_blank_area(slide_files):
 
 def test_sampler_is_seeded_draws_from_tissue_and_keeps_the_ratio(slide_files):
     def make(seed=0):
-        return SlidePatches(
-            [slide_files["slide"]],
-            [slide_files["geojson"]],
-            patch_size=P,
-            img_size=P,
-            patches_per_slide=20,
-            tumour_fraction=0.25,
-            seed=seed,
-            tissue_mpp=2.0,
+        return slide_patches(
+            slide_files, patches_per_slide=20, tumour_fraction=0.25, seed=seed, tissue_mpp=2.0
         )
 
     dataset = make()
@@ -153,14 +144,8 @@ def test_sampler_is_seeded_draws_from_tissue_and_keeps_the_ratio(slide_files):
 
 
 def test_every_sample_has_a_prompt_and_prompts_map_exactly(slide_files):
-    dataset = SlidePatches(
-        [slide_files["slide"]],
-        [slide_files["geojson"]],
-        patch_size=P,
-        img_size=P,
-        patches_per_slide=6,
-        tumour_fraction=0.5,
-        prompt=PointPrompt(positive=3),
+    dataset = slide_patches(
+        slide_files, patches_per_slide=6, tumour_fraction=0.5, prompt=PointPrompt(positive=3)
     )
     batch = collate([dataset[i] for i in range(len(dataset))])
     assert (batch.point_labels != -1).any(1).all()  # every row prompted; background rows negative
@@ -199,14 +184,7 @@ def test_folder_mode_pairs_and_end_to_end_with_wsi_sam(slide_files, tmp_path):
     from samflow.module import SamflowModule, SamSpec
     from samflow_plugins.wsi_sam import WSISam
 
-    dataset = SlidePatches(
-        [slide_files["slide"]],
-        [slide_files["geojson"]],
-        patch_size=P,
-        img_size=P,
-        patches_per_slide=2,
-        tumour_fraction=1.0,
-    )
+    dataset = slide_patches(slide_files, patches_per_slide=2, tumour_fraction=1.0)
     for sub in ("hi/img/s1", "hi/msk/s1", "lo/img/s1", "lo/msk/s1"):
         (tmp_path / sub).mkdir(parents=True)
     for i, centre in enumerate(dataset.centres):
