@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,20 +110,34 @@ class Sweep:
 def run_optuna(sweep: Sweep, trials: int | None) -> Any:
     """Run trials until the study holds ``sweep.total(trials)`` of them (or the grid is covered); the study."""
     import optuna
-    from optuna.trial import TrialState
 
     # Heartbeats are "experimental" and meant for study.optimize; samflow records them itself.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     study = sweep.study()
-    storage = study._storage
     total = sweep.total(trials)
-    distributions = {k: p.distribution for k, p in sweep.spec.sampled.items()}
     print(
-        f"samflow sweep: {sweep.spec.method} over {len(distributions)} parameter(s), {total} trials in study "
-        f"{sweep.study_name!r} ({sweep.storage_url}); folders under {sweep.folder}",
+        f"samflow sweep: {sweep.spec.method} over {len(sweep.spec.sampled)} parameter(s), {total} trials in "
+        f"study {sweep.study_name!r} ({sweep.storage_url}); folders under {sweep.folder}",
         flush=True,
     )
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # a kill (SLURM, timeout) ends the trial too
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        _run_trials(sweep, study, total)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return study
+
+
+def _run_trials(sweep: Sweep, study: Any, total: int) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    distributions = {k: p.distribution for k, p in sweep.spec.sampled.items()}
     while True:
         optuna.storages.fail_stale_trials(study)
         existing = study.get_trials(deepcopy=False)
@@ -157,7 +172,11 @@ def run_optuna(sweep: Sweep, trials: int | None) -> Any:
         print(
             f"trial {trial.number} {outcome.state}{value} after {outcome.epochs} epoch(s){detail}", flush=True
         )
-    return study
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM as SystemExit, so that ``run_trial`` ends the trial's process group and marks it failed."""
+    raise SystemExit(128 + signum)
 
 
 def _target_reached(spec: SweepSpec, trials: list[Any]) -> bool:

@@ -26,6 +26,10 @@ import json, math, sys
 from pathlib import Path
 folder = Path(sys.argv[1])
 x = json.loads(sys.argv[2])
+if x == "sleep":
+    import time
+    (folder / "pid").write_text(str(__import__("os").getpid()))
+    time.sleep(120)
 if x == "bad":
     print("Traceback ...\\nsamflow: error: --x 'bad': expected float (`samflow fit --help` lists the options)")
     sys.exit(1)
@@ -116,6 +120,37 @@ def test_target_stops_the_sweep(stub, tmp_path):
     values = [t.value for t in study.get_trials()]
     assert values[-1] == 0.9 and all(v < 0.5 for v in values[:-1])  # stopped at the first value >= 0.5
     assert len(values) < 4  # the grid's order (seed 0) puts 0.9 before the last point
+
+
+def test_a_killed_sweep_ends_its_trial_and_marks_it_failed(stub, tmp_path):
+    import os
+    import threading
+    import time
+
+    spec = load_sweep(str(write_sweep(tmp_path, "  x: {values: [sleep]}\n")))
+    sweep = run.Sweep.open(spec, None, None)
+    pid_file = sweep.folder / "trial-0" / "pid"
+
+    def kill_when_started():
+        while not pid_file.is_file():
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM or `timeout` would
+
+    threading.Thread(target=kill_when_started, daemon=True).start()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            run.run_optuna(sweep, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    trial_pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(trial_pid, 0)  # the trial's process is gone with the sweep
+    (trial,) = optuna.load_study(study_name="s", storage=sweep.storage_url).get_trials()
+    assert (
+        trial.state == optuna.trial.TrialState.FAIL
+        and trial.user_attrs["error"] == "the sweep was interrupted"
+    )
 
 
 def test_outcome_of_a_process(tmp_path):
