@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import secrets
+import string
 import types
 import typing
 from collections.abc import Mapping, MutableMapping
@@ -12,12 +15,20 @@ from typing import Any
 import lightning.pytorch as pl
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
+from samflow.callbacks.resume import LastCheckpoint, RandomState
+from samflow.callbacks.run_folder import (
+    RunInfo,
+    command_folder,
+    last_checkpoint,
+    read_run_info,
+    run_folder_of,
+)
 from samflow.callbacks.run_report import RunReport
 from samflow.callbacks.wandb_run import SamflowWandbLogger
 from samflow.console import RunHeader, SamflowProgressBar, verbosity
@@ -40,6 +51,66 @@ def _several_processes(config: Any) -> bool:
 
 class ConfigError(ValueError):
     """A class of the experiment (model, plugin, data, trainer) refused its arguments."""
+
+
+def _plain(value: Any) -> Any:
+    """A config value with jsonargparse's Namespaces turned into dicts (recursively)."""
+    if isinstance(value, Namespace):
+        return {key: _plain(item) for key, item in value.as_dict().items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def main_metric(metrics: Any, data: Any) -> tuple[str, str] | None:
+    """``(key, mode)`` of the experiment's main validation metric, or None when it cannot be known.
+
+    The main metric is the first of ``model.metrics`` (``iou`` by default), logged as ``val/<name>``, or
+    ``val/<name>/<first set>`` with several ``val_sets``; the mode is ``max`` unless the metric's
+    ``higher_is_better`` is False (``mae``, ``ber``: ``min``). Known only for
+    ``SegmentationDataModule`` data that has a validation set; other data modules set
+    ``--checkpoint.monitor`` themselves.
+    """
+    from samflow.metrics.registry import build_metrics
+
+    data = _plain(data) or {}
+    if not isinstance(data, dict) or not str(data.get("class_path", "")).endswith("SegmentationDataModule"):
+        return None
+    args = data.get("init_args") or {}
+    sets = args.get("val_sets") or {}
+    if not (args.get("val") or sets or args.get("quickstart")):
+        return None
+    spec = _plain(metrics) if metrics is not None else ["iou", "dice", "mae"]
+    try:  # the first item alone (a MetricCollection orders its metrics by name)
+        first = dict([next(iter(spec.items()))]) if isinstance(spec, dict) else [spec[0]]
+        name, metric = next(iter(build_metrics(first).items()))
+    except Exception:  # noqa: BLE001 - a bad metrics spec is reported when the module is built
+        return None
+    suffix = f"/{next(iter(sets))}" if isinstance(sets, dict) and len(sets) > 1 else ""
+    mode = "min" if getattr(metric, "higher_is_better", True) is False else "max"
+    return f"val/{name}{suffix}", mode
+
+
+def checkpoint_filename(monitor: str) -> str:
+    """``epoch=E-step=S-val_iou=0.1234``: the monitored value in the name, without a ``/``."""
+    safe = re.sub(r"[^\w.=-]+", "_", monitor)
+    return "epoch={epoch}-step={step}-" + safe + "={" + monitor + ":.4f}"
+
+
+def shown(path: str | Path) -> str:
+    """``path`` relative to the working directory when it is inside it, else absolute."""
+    full = Path(path).expanduser().absolute()
+    try:
+        return str(full.relative_to(Path.cwd()))
+    except ValueError:
+        return str(full)
+
+
+def _new_wandb_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -109,8 +180,12 @@ class SamflowCLI(LightningCLI):
     """LightningCLI with samflow's defaults.
 
     Runs are written to ``runs/<experiment>/version_N`` (CSV metrics, checkpoints, the resolved
-    config, sample grids) and to W&B (offline without credentials). The callbacks are configurable
-    under ``checkpoint`` (ModelCheckpoint; ``last.ckpt`` is kept), ``samples``, ``predictions``,
+    config, sample grids, ``run.json`` with the W&B id) and to W&B (offline without credentials). A
+    ``--ckpt_path`` in a run's ``checkpoints/`` folder (or ``--resume RUN|last``) reuses that run: fit
+    continues it exactly, validate / test / predict write ``<run>/<command>[_N]`` (``_place_run``).
+    The callbacks are configurable under ``checkpoint`` (ModelCheckpoint, monitoring the main
+    validation metric, ``main_metric``), ``last`` (LastCheckpoint: ``last.ckpt`` every N steps and at
+    epoch ends), ``samples``, ``predictions``,
     ``report``, ``test_report`` and ``non_finite`` (NonFiniteCheck: a NaN or infinite loss or gradient
     stops the run before the optimizer step, or ``--non_finite.action skip`` skips and counts it).
     """
@@ -178,12 +253,97 @@ class SamflowCLI(LightningCLI):
         if strategy == "ddp" or (strategy == "auto" and _several_processes(config)):
             config["trainer.strategy"] = "ddp_find_unused_parameters_true"
             rank_zero_info(f"samflow: using strategy 'ddp_find_unused_parameters_true' for {strategy!r}.")
+        self._place_run(config)
+        self._monitor_main_metric(config)
+
+    # ---- run folders (samflow.callbacks.run_folder) ----
+    run_folder: Path | None = None  # the run a --ckpt_path / --resume belongs to
+
+    def _resume_checkpoint(self, resume: str, config: Namespace) -> Path:
+        """The checkpoint ``--resume`` names: ``last`` (the newest run of the experiment), a run folder, a file."""
+        if resume == "last":
+            runs = Path(config.get("trainer.default_root_dir") or f"runs/{self.run_name}")
+            found = last_checkpoint(runs)
+            if found is None:
+                raise FileNotFoundError(
+                    f"--resume last: no run under {runs} has checkpoints/last.ckpt; start the run without --resume."
+                )
+            return found
+        path = Path(resume).expanduser()
+        if path.is_dir():
+            path = path / "checkpoints" / LastCheckpoint.FILE
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"--resume {resume}: {path} does not exist; give a run folder that holds checkpoints/last.ckpt."
+                )
+        elif not path.is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such run folder or checkpoint.")
+        return path
+
+    def _place_run(self, config: Namespace) -> None:
+        """Point the loggers at the run folder of ``--ckpt_path`` (or ``--resume``), and give W&B its run id.
+
+        ``fit`` continues that folder and W&B run; ``validate`` / ``test`` / ``predict`` write into a new
+        subfolder of it named after the command (``test``, ``test_1``, ...). A new fit gets a W&B id of
+        its own, recorded in ``run.json``.
+        """
+        command = self.subcommand or "fit"
+        resume = config.get("resume")
+        if resume:
+            if command != "fit":
+                raise ConfigError(
+                    f"--resume continues a fit; give `samflow {command}` the checkpoint with --ckpt_path."
+                )
+            if config.get("ckpt_path"):
+                raise ConfigError("Give either --resume or --ckpt_path, not both.")
+            config["ckpt_path"] = str(self._resume_checkpoint(str(resume), config))
+            config["resume"] = None
+        loggers = config.get("trainer.logger")
+        entries = [
+            e for e in (loggers if isinstance(loggers, list) else [loggers]) if isinstance(e, Namespace)
+        ]
+
+        def options(kind: str) -> list[Namespace]:
+            return [e.init_args for e in entries if str(e.get("class_path", "")).endswith(kind)]
+
+        run = run_folder_of(config.get("ckpt_path"))
+        if run is None:
+            if command == "fit":
+                for wandb in options("WandbLogger"):
+                    if not wandb.get("id"):
+                        wandb["id"] = _new_wandb_id()
+            return
+        self.run_folder = run
+        if command == "fit":
+            parent, folder, root = run.parent, run.name, run
+        else:
+            parent, folder = run, command_folder(run, command)
+            root = run / folder
+        for csv in options("CSVLogger"):
+            csv["save_dir"], csv["name"], csv["version"] = str(parent), "", folder
+        wandb_id = read_run_info(run).get("wandb_id")
+        for wandb in options("WandbLogger"):
+            wandb["id"] = wandb_id or wandb.get("id") or _new_wandb_id()
+            wandb["resume"] = "allow" if wandb_id else wandb.get("resume")
+        config["trainer.default_root_dir"] = str(root)
+        rank_zero_info(f"samflow: {command} of run {run} writes into {root}.")
+
+    def _monitor_main_metric(self, config: Namespace) -> None:
+        """``checkpoint.monitor`` defaults to the experiment's main validation metric (``main_metric``)."""
+        if config.get("checkpoint.monitor") is None:
+            found = main_metric(config.get("model.metrics"), config.get("data"))
+            if found is not None:
+                config["checkpoint.monitor"], config["checkpoint.mode"] = found
+        monitor = config.get("checkpoint.monitor")
+        if monitor and config.get("checkpoint.filename") is None:
+            config["checkpoint.filename"] = checkpoint_filename(monitor)
+            config["checkpoint.auto_insert_metric_name"] = False
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Trainer:
         """``trainer.enable_checkpointing: false`` turns the ``checkpoint`` callback off (Lightning would refuse both)."""
         if config.get("enable_checkpointing") is False:
-            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        callbacks = [*callbacks, RunHeader(self.run_name)]
+            callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
+        callbacks = [*callbacks, RandomState(), RunInfo(self.run_name), RunHeader(self.run_name)]
         callbacks, config = self._console(config, callbacks)
         trainer = super()._instantiate_trainer(config, callbacks)
         self._name_wandb_run(trainer)
@@ -212,6 +372,45 @@ class SamflowCLI(LightningCLI):
         for logger in loggers:
             logger.name_run(f"{self.run_name}/{Path(folder).name}" if folder else self.run_name, tags)
 
+    # ---- the end of a command: where its files are ----
+    def after_fit(self) -> None:
+        self._report("fit")
+
+    def after_validate(self) -> None:
+        self._report("validate")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def after_predict(self) -> None:
+        self._report("predict")
+
+    def _report(self, command: str) -> None:
+        """Print the run folder, the best checkpoint with its score, and ``last.ckpt`` (rank 0)."""
+        trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
+        lines = [f"samflow: {command} done; run folder {shown(log_dir or trainer.default_root_dir)}"]
+        best = trainer.checkpoint_callback
+        if command == "fit" and isinstance(best, ModelCheckpoint) and best.best_model_path:
+            score = best.best_model_score
+            value = f" ({best.monitor} {float(score):.4f})" if best.monitor and score is not None else ""
+            lines.append(f"  best checkpoint {shown(best.best_model_path)}{value}")
+        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)  # type: ignore[attr-defined]
+        if command == "fit" and last is not None and (last.folder(trainer) / last.FILE).is_file():
+            folder = shown(log_dir or trainer.default_root_dir)
+            lines.append(f"  last checkpoint {shown(last.folder(trainer) / last.FILE)} (--resume {folder})")
+        ckpt = self.config_init.get(command, {}).get("ckpt_path") if command != "fit" else None
+        if ckpt:
+            monitor = isinstance(best, ModelCheckpoint) and best.monitor
+            prefix = {"validate": "val", "test": "test"}.get(command)
+            key = f"{prefix}/{monitor.split('/', 1)[1]}" if monitor and prefix and "/" in monitor else None
+            measured = trainer.callback_metrics.get(key) if key else None
+            result = f" ({key} {float(measured):.4f})" if measured is not None else ""
+            lines.append(f"  checkpoint {shown(ckpt)}{result}")
+        print("\n".join(lines), flush=True)
+
     def _parse_ckpt_path(self) -> None:
         """With ``--ckpt_path``, the experiment and its flags still define the model; the file gives weights.
 
@@ -223,6 +422,14 @@ class SamflowCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastCheckpoint, "last")
+        parser.add_argument(
+            "--resume",
+            type=typing.Optional[str],  # noqa: UP045 - jsonargparse reads the typing form
+            default=None,
+            help="fit only: continue a run: a run folder (its checkpoints/last.ckpt), a checkpoint, or "
+            "'last' (the newest run of the experiment); the same folder and W&B run, exactly.",
+        )
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(MaskWriter, "predictions")
         parser.add_lightning_class_args(ImprovementReport, "report")
@@ -236,7 +443,7 @@ class SamflowCLI(LightningCLI):
                 "run_report.experiment": name,
                 # samflow's header lists what trains; Lightning's summary adds a meaningless FLOPs row
                 "trainer.enable_model_summary": verbosity() == "verbose",
-                "checkpoint.save_last": True,
+                "checkpoint.save_last": False,  # LastCheckpoint ("last") writes last.ckpt, also mid-epoch
                 "trainer.logger": [
                     {
                         "class_path": "lightning.pytorch.loggers.CSVLogger",

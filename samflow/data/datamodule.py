@@ -1,8 +1,9 @@
 """``SegmentationDataModule``: folder datasets, prompts and GPU augmentation for Lightning.
 
-The batches follow the contract in ``samflow.data.batch``. Training prompts are drawn afresh each time
-(from the global RNG, which ``seed_everything`` and Lightning's worker seeding make reproducible);
-validation, test and predict prompts are seeded per sample index, so they are the same every epoch.
+The batches follow the contract in ``samflow.data.batch``. Training prompts are drawn afresh each epoch,
+seeded from (run seed, epoch, sample index); the training loader is a ``ResumableLoader``, so a run
+killed mid-epoch resumes with the same batches (``samflow.data.resumable``). Validation, test and
+predict prompts are seeded per sample index, so they are the same every epoch.
 
 Under DDP each process evaluates its own contiguous part of every validation and test set
 (``EvalShardSampler``): no image is repeated to even the parts out, so a process may get one image,
@@ -28,6 +29,7 @@ from samflow.data.batch import collate
 from samflow.data.folder import BadFile, DataError, MaskFolderDataset, OnBadSample
 from samflow.data.prompts import NoPrompt, PromptSpec, build_prompt
 from samflow.data.quickstart import MARKER, make_quickstart_data
+from samflow.data.resumable import ResumableLoader
 from samflow.data.transforms import GpuAugment, ImageResize, ResizeMode
 
 # What a split may be: a root, a dict {"root": ..., "images": ..., "masks": ..., ...}, or a list of those.
@@ -441,16 +443,17 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool, name: str | None = None) -> DataLoader:
         dataset = self._dataset(split, name)
+        common: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "collate_fn": collate,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if split == "train":  # order and prompts from (seed, epoch, index); resumable mid-epoch
+            return ResumableLoader(dataset, shuffle=shuffle, batch_size=self.batch_size, **common)
         sampler = self._eval_sampler(split, name, dataset) if split in ("val", "test") else None
         return DataLoader(
-            dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            dataset, batch_size=self.eval_batch_size, shuffle=shuffle, sampler=sampler, **common
         )
 
     def _eval_loaders(self, split: str) -> DataLoader | list[DataLoader]:

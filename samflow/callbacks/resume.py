@@ -1,0 +1,158 @@
+"""Exact resume: the random generators' states in every checkpoint, and ``last.ckpt`` during an epoch.
+
+A run resumed from a checkpoint (``samflow fit ... --ckpt_path <run>/checkpoints/last.ckpt`` or
+``--resume <run>``) ends with the uninterrupted run's weights and metrics when three things are saved
+and restored: the weights, optimizer and loop state (Lightning), the training batches' order and
+per-sample randomness (``samflow.data.ResumableLoader``), and the process's random generators, which
+draw the augmentation and anything random in the training step (``RandomState`` here). ``LastCheckpoint``
+writes ``last.ckpt`` every N training steps as well as at the end of each epoch, so a run killed
+mid-epoch loses at most N steps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
+from typing_extensions import override
+
+__all__ = ["LastCheckpoint", "RandomState", "capture_rng", "restore_rng"]
+
+
+def capture_rng() -> dict[str, Any]:
+    """The states of the global torch (CPU and every CUDA device), numpy and ``random`` generators."""
+    kind, keys, pos, has_gauss, gauss = cast(tuple, np.random.get_state())
+    state: dict[str, Any] = {  # tensors and plain values: loadable with torch.load(weights_only=True)
+        "torch": torch.get_rng_state(),
+        "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": list(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Set the generators to ``state`` (from ``capture_rng``); CUDA states only onto as many devices."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class RandomState(Callback):
+    """Save the random generators' states in every checkpoint; restore them when training resumes.
+
+    The states are taken when the checkpoint is written (after the step it follows) and set back at
+    ``on_train_start`` of the resumed run, just before its first training step. The module's
+    ``initial_val_metrics`` (the validation before training, which a resumed run does not repeat)
+    travel along so the before/after report stays complete.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": capture_rng(), "initial_val_metrics": self._initial_metrics}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = dict(state_dict)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._module = pl_module
+
+    @property
+    def _initial_metrics(self) -> dict[str, float]:
+        return dict(getattr(getattr(self, "_module", None), "initial_val_metrics", None) or {})
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        if pending.get("initial_val_metrics") and not getattr(pl_module, "initial_val_metrics", None):
+            setattr(pl_module, "initial_val_metrics", dict(pending["initial_val_metrics"]))  # noqa: B010
+        restore_rng(pending["rng"])
+
+
+class LastCheckpoint(Checkpoint):
+    """Write ``<run>/checkpoints/last.ckpt`` every ``every_n_train_steps`` steps and after each epoch.
+
+    The file is written next to it and renamed over it, so a run killed while saving keeps the
+    previous ``last.ckpt``. Resume with ``--ckpt_path <run>/checkpoints/last.ckpt`` (or ``--resume
+    <run>``); see ``samflow.callbacks.resume``.
+
+    Args:
+        every_n_train_steps: also save after every N optimizer steps (0: only at the end of each epoch).
+        dirpath: the folder; default the run's ``checkpoints`` folder (``ModelCheckpoint``'s).
+    """
+
+    FILE = "last.ckpt"
+
+    def __init__(self, every_n_train_steps: int = 50, dirpath: str | None = None) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(f"last.every_n_train_steps must be 0 or more, got {every_n_train_steps}.")
+        self.every_n_train_steps = every_n_train_steps
+        self.dirpath = dirpath
+        self._saved_step = -1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "LastCheckpoint"
+
+    def folder(self, trainer: Trainer) -> Path:
+        if self.dirpath:
+            return Path(self.dirpath).expanduser()
+        best = trainer.checkpoint_callback
+        if best is not None and getattr(best, "dirpath", None):
+            return Path(best.dirpath)  # type: ignore[attr-defined]
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+    def save(self, trainer: Trainer) -> Path:
+        """Write ``last.ckpt`` now (every rank calls it; rank 0 writes)."""
+        path = self.folder(trainer) / self.FILE
+        partial = path.with_name(f".{self.FILE}.partial")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, path)
+        trainer.strategy.barrier("LastCheckpoint.save")
+        self._saved_step = trainer.global_step
+        return path
+
+    def _skip(self, trainer: Trainer) -> bool:
+        return bool(
+            trainer.sanity_checking
+            or getattr(trainer, "fast_dev_run", False)
+            or getattr(trainer, "received_sigterm", False)  # the signal handler's own save
+            or self._saved_step == trainer.global_step
+        )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0 and not self._skip(trainer):
+            self.save(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after the epoch's validation and every other callback's epoch end: ModelCheckpoint has
+        # saved its best already, so its state in this file is current
+        if not (trainer.sanity_checking or getattr(trainer, "fast_dev_run", False)):
+            self._saved_step = -1
+            self.save(trainer)
