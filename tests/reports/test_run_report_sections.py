@@ -219,3 +219,18 @@ def test_noise_filters_keep_real_warnings(monkeypatch):
     tip = logging.LogRecord("lightning.pytorch.x", logging.INFO, "", 0, "💡 Tip: try litlogger", None, None)
     real = logging.LogRecord("lightning.pytorch.x", logging.WARNING, "", 0, "Your batch is small", None, None)
     assert not handler.filter(tip) and handler.filter(real)
+
+
+def test_quiet_prints_results_only_and_no_progress_bar(monkeypatch, capsys):
+    from samflow.console import VERBOSITY_ENV, SamflowProgressBar, show
+    from samflow.lightning_cli import SamflowCLI
+
+    monkeypatch.setenv(VERBOSITY_ENV, "quiet")
+    callbacks, config = SamflowCLI._console(None, {}, [])  # type: ignore[arg-type]
+    assert config["enable_progress_bar"] is False and callbacks == []
+    show("header line")
+    show("result line", result=True)
+    assert capsys.readouterr().out.splitlines() == ["result line"]
+    monkeypatch.setenv(VERBOSITY_ENV, "normal")
+    callbacks, config = SamflowCLI._console(None, {}, [])  # type: ignore[arg-type]
+    assert [type(c) for c in callbacks] == [SamflowProgressBar] and "enable_progress_bar" not in config
