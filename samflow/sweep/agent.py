@@ -56,7 +56,7 @@ def run_folder_args(
             "class_path": "lightning.pytorch.loggers.CSVLogger",
             "init_args": {"save_dir": str(folder.parent), "name": "", "version": folder.name},
         },
-        {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": wandb},
+        {"class_path": "samflow.callbacks.wandb_run.SamflowWandbLogger", "init_args": wandb},
     ]
     return [f"--trainer.default_root_dir={folder}", f"--trainer.logger={json.dumps(loggers)}"]
 

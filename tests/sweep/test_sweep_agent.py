@@ -68,6 +68,10 @@ def test_each_wandb_agent_run_gets_its_own_folder_and_run(monkeypatch, capsys):
     for run in ("run1", "run2"):
         monkeypatch.setenv("WANDB_RUN_ID", run)
         trainer = print_config(["--trainer.max_epochs=1"], monkeypatch, capsys)["trainer"]
+        assert [entry["class_path"].rsplit(".", 1)[-1] for entry in trainer["logger"]] == [
+            "CSVLogger",
+            "SamflowWandbLogger",  # samflow's own W&B logger class, as in runs outside sweeps
+        ]
         csv, wandb = (entry["init_args"] for entry in trainer["logger"])
         folder = f"runs/quickstart/sweeps/sw3ep/{run}"
         assert trainer["default_root_dir"] == folder
