@@ -32,13 +32,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "samflow.embed.command:main",
         "--experiment NAME [--out DIR] [--batch-size N] [--overwrite] [overrides ...]",
     ),
-    "sweep": (
-        "samflow.sweep:main",
-        "FILE [--backend optuna|wandb] [--trials N] [--storage URL] [--study NAME] [--summary]",
-    ),
     "export": (
         "samflow.export:main",
         "RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]",
+    ),
+    "sweep": (
+        "samflow.sweep:main",
+        "FILE [--backend optuna|wandb] [--trials N] [--storage URL] [--study NAME] [--summary]",
     ),
 }
 
@@ -323,7 +323,7 @@ def run_command(name: str, args: list[str]) -> int:
     module, _, function = COMMANDS[name][0].partition(":")
     try:
         return int(getattr(importlib.import_module(module), function)(args) or 0)
-    except (*_user_errors(), ExperimentError) as err:
+    except _user_errors() as err:
         if os.environ.get("SAMFLOW_DEBUG"):
             raise
         return _error(str(err))
