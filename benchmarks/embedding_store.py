@@ -39,10 +39,10 @@ class EpochTimer(Callback):
     def __init__(self) -> None:
         self.seconds: list[float] = []
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seconds.append(time.perf_counter() - self._start)
 
 
@@ -54,14 +54,26 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--plugins", nargs="+", default=["hq_sam"])
     p.add_argument("--epochs", type=int, default=1, help="epochs per run (each one timed)")
-    p.add_argument("--work", default=None, help="folder for the data and the store (default: a temporary one)")
+    p.add_argument(
+        "--work", default=None, help="folder for the data and the store (default: a temporary one)"
+    )
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        choices=["embed", "live", "store"],
+        default=["embed", "live", "store"],
+        help="what to run: writing the store, the live-encoder epoch, the store epoch (a store from an "
+        "earlier run with the same --work and arguments is read when 'embed' is left out)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="samflow-store-bench-"))
 
     def module(store: Path | None = None) -> SamflowModule:
         torch.manual_seed(0)
-        spec = SamSpec(variant=args.variant, img_size=args.img_size, embedding_store=str(store) if store else None)
+        spec = SamSpec(
+            variant=args.variant, img_size=args.img_size, embedding_store=str(store) if store else None
+        )
         return SamflowModule(sam=spec, plugins={name: create_plugin(name) for name in args.plugins})
 
     live = module()
@@ -90,11 +102,11 @@ def main() -> None:
     dm.setup("fit")
     store = work / "store"
     start = time.perf_counter()
-    manifest, _ = write_store(store, live, dm, batch_size=args.batch, overwrite=True)
-    embed_s = time.perf_counter() - start
+    manifest, _ = write_store(store, live, dm, batch_size=args.batch, overwrite="embed" in args.runs)
+    embed_s = time.perf_counter() - start if "embed" in args.runs else None
     disk = sum(f.stat().st_size for f in store.glob("*.npy") if f.name != "done.npy")
-    without = epochs(live)
-    with_store = epochs(module(store))
+    without = epochs(live) if "live" in args.runs else []
+    with_store = epochs(module(store)) if "store" in args.runs else []
     result = {
         "variant": args.variant,
         "img_size": size,
@@ -106,7 +118,7 @@ def main() -> None:
         "disk_mib_per_image": disk / manifest.rows / 2**20,
         "epoch_seconds_live": without,
         "epoch_seconds_store": with_store,
-        "speedup": min(without) / min(with_store),
+        "speedup": min(without) / min(with_store) if without and with_store else None,
         "threads": torch.get_num_threads(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
