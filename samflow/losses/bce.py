@@ -33,12 +33,27 @@ class BalancedBCELoss(nn.Module):
     (``N_pos = 0``) or without negatives gives a finite loss (0 for a batch that is all one class,
     the limit SAM-Adapter's ``eps = 1e-10`` approaches) instead of ``inf · 0 = nan``.
     The class weights come from the target only and carry no gradient.
+
+    Foreground and background pixels weigh the same in total, so for a prediction that does not yet
+    tell them apart (one logit ``c`` everywhere) the loss is ``(N_pos N_neg / M²)(ℓ⁺ + ℓ⁻)``, smallest
+    at ``c = 0`` whatever the foreground share: unlike plain BCE it does not pull an undecided model to
+    empty masks when the foreground is small (see ``experiments/quickstart.yaml``).
+
+    Args:
+        per_image: count ``N_pos``, ``N_neg`` and ``M`` per image and average the images' losses
+            (each image balanced on its own; a row's loss does not depend on the rest of its batch, so
+            evaluation losses reduce exactly over processes). False (SAM-Adapter's): over the batch.
     """
+
+    def __init__(self, *, per_image: bool = False) -> None:
+        super().__init__()
+        self.per_image = per_image
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target = prepare_logits_target(logits, target, "BalancedBCELoss")
-        num_pixels = target.numel()
-        num_pos = target.sum()
+        dims = (1, 2, 3) if self.per_image else (0, 1, 2, 3)
+        num_pixels = target[0].numel() if self.per_image else target.numel()
+        num_pos = target.sum(dim=dims, keepdim=True)
         num_neg = num_pixels - num_pos
         pos_term = target * F.softplus(-logits)  # g · -log σ(x)
         neg_term = (1 - target) * F.softplus(logits)  # (1 - g) · -log(1 - σ(x))

@@ -86,6 +86,32 @@ def test_balanced_bce_single_class_batch_is_zero_not_nan(fill: float) -> None:
     assert torch.isfinite(logits.grad).all()
 
 
+def test_per_image_balanced_bce_is_the_mean_of_each_image_alone() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1, 6, 6, generator=generator)
+    target = torch.zeros(3, 1, 6, 6)
+    target[0, 0, :1, :2] = 1  # 2 of 36 pixels
+    target[1, 0, :3, :] = 1  # 18 of 36
+    target[2, 0, :, :5] = 1  # 30 of 36
+    loss = BalancedBCELoss(per_image=True)
+    alone = [loss(logits[i : i + 1], target[i : i + 1]) for i in range(3)]
+    torch.testing.assert_close(loss(logits, target), torch.stack(alone).mean())
+    # One image alone: the same as the batch-level loss on it.
+    torch.testing.assert_close(alone[0], BalancedBCELoss()(logits[:1], target[:1]))
+    # Over the batch the weights are those of all 50 positives of 108 pixels: another number.
+    assert abs(BalancedBCELoss()(logits, target).item() - loss(logits, target).item()) > 1e-3
+
+
+def test_per_image_balanced_bce_of_an_image_without_foreground_is_zero() -> None:
+    logits = torch.randn(2, 1, 3, 3, requires_grad=True)
+    target = torch.zeros(2, 1, 3, 3)
+    target[0, 0, 1, 1] = 1
+    loss = BalancedBCELoss(per_image=True)(logits, target)
+    loss.backward()
+    torch.testing.assert_close(loss, BalancedBCELoss()(logits[:1], target[:1]) / 2)
+    assert torch.isfinite(logits.grad).all() and (logits.grad[1] == 0).all()
+
+
 @pytest.mark.parametrize("loss_cls", [SoftIoULoss, DiceLoss])
 def test_overlap_losses_guard_empty_union(loss_cls: type[nn.Module]) -> None:
     # σ(-200) underflows to exactly 0 in float32, so with an empty target the union is 0.
