@@ -59,6 +59,8 @@ class LoRA(SamPlugin):
         weight_decay: their weight decay (default: the optimizer's).
     """
 
+    needs_vit_encoder = True  # its setup reaches into SAM's ViT blocks
+
     def __init__(
         self,
         rank: int = 4,

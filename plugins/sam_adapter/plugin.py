@@ -84,6 +84,8 @@ class SamAdapter(SamPlugin):
         weight_decay: weight decay of those parameters (default: the optimizer's).
     """
 
+    needs_vit_encoder = True  # its setup reaches into SAM's ViT blocks
+
     def __init__(
         self,
         scale_factor: int = 32,

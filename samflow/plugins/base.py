@@ -72,6 +72,10 @@ class SamPlugin(nn.Module):
 
     #: Names of registered plugins this one cannot run with.
     conflicts: ClassVar[tuple[str, ...]] = ()
+    #: True for a plugin that changes SAM's ViT image encoder (its blocks, attention or patch
+    #: embedding): the stack refuses it, naming the plugin, on the other backbones (MobileSAM's
+    #: TinyViT, EfficientSAM), whose encoders have another structure.
+    needs_vit_encoder: ClassVar[bool] = False
 
     def __init__(self, lr: float | None = None, weight_decay: float | None = None) -> None:
         super().__init__()

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from samflow.batch import SamBatch
 from samflow.plugins.base import SamplePanel, SamPlugin
+from samflow.sam.backbones import Backbone
 from samflow.sam.build import freeze
 from samflow.sam.types import (
     DecoderContext,
@@ -136,6 +137,14 @@ class PluginStack(HookSites, nn.ModuleDict):
         self.owned = {}
         self._injected = []
         for key, plugin in self.items():
+            if plugin.needs_vit_encoder and isinstance(sam.image_encoder, Backbone):
+                from samflow.plugins.registry import PluginError
+
+                raise PluginError(
+                    f"Plugin {key!r} ({type(plugin).__name__}) adapts SAM's ViT image encoder, and this "
+                    f"SAM's encoder is {type(sam.image_encoder).__name__}: use a ViT variant (tiny, vit_b, "
+                    "vit_l, vit_h) with it, or leave the plugin out."
+                )
             before = {id(p) for p in sam.parameters()}
             modules_before = {id(m) for m in sam.modules()}
             plugin.setup(sam)

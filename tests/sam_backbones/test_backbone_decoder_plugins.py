@@ -47,3 +47,13 @@ def test_decoder_plugin_on_backbone(variant, name):
         width = 160 if variant == "mobile_sam" else module.model.sam.image_encoder.embed_dim
         assert plugin.compress_vit_feat[0].in_channels == width
         assert ctx.encoded.features[plugin.early_block].shape == (2, SIZE // 16, SIZE // 16, width)
+
+
+@pytest.mark.parametrize("name", ["sam_adapter", "lora", "ba_sam"])
+def test_encoder_plugins_are_refused_on_other_backbones_by_name(name):
+    from samflow.plugins.registry import PluginError
+
+    with pytest.raises(
+        PluginError, match=rf"Plugin {name!r} \(\w+\) adapts SAM's ViT image encoder.*TinyViT"
+    ):
+        SamflowModule(sam=SamSpec(variant="mobile_sam", img_size=SIZE), plugins={name: create_plugin(name)})
