@@ -49,5 +49,6 @@ def test_fine_tune_at_one_size_and_evaluate_the_checkpoint_at_another(tmp_path):
     proc = samflow(validate, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "val/iou" in proc.stdout
-    config = yaml.safe_load((tmp_path / "runs" / "quickstart" / "version_1" / "config.yaml").read_text())
+    # validate of a run's checkpoint writes into that run's folder
+    config = yaml.safe_load((ckpt.parent.parent / "validate" / "config.yaml").read_text())
     assert config["model"]["sam"]["img_size"] == 256 and config["data"]["init_args"]["img_size"] == 256
