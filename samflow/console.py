@@ -50,6 +50,21 @@ WARNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (
 )
 
 
+def local_log_dir(trainer: Any) -> str | None:
+    """``trainer.log_dir`` as this process sees it, without its broadcast.
+
+    ``trainer.log_dir`` broadcasts rank 0's value, so under DDP it is a collective call: asked on rank
+    0 alone (in a rank-0-only branch, or by the progress bar, which only rank 0 draws) it waits
+    forever. Code that runs on rank 0 only asks this instead; on rank 0 it is the same value.
+    """
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if trainer.loggers:
+        first = trainer.loggers[0]
+        return first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
+    return trainer.default_root_dir
+
+
 def verbosity() -> str:
     """``quiet``, ``normal`` or ``verbose``, from ``SAMFLOW_VERBOSITY`` (default ``normal``)."""
     level = os.environ.get(VERBOSITY_ENV, "normal")
@@ -134,8 +149,9 @@ class SamflowProgressBar(RichProgressBar):
     def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
-        if trainer.log_dir is not None:
-            items["version"] = Path(trainer.log_dir).name
+        log_dir = local_log_dir(trainer)  # only rank 0 draws the bar: no collective call here
+        if log_dir is not None:
+            items["version"] = Path(log_dir).name
         key = main_metric(trainer, pl_module)
         value = trainer.callback_metrics.get(key) if key else None
         if key and value is not None:
@@ -167,9 +183,9 @@ class RunHeader(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
         if self._shown or not trainer.is_global_zero:
             return
+        log_dir = local_log_dir(trainer)
         self._shown = True
         show(self.lines(trainer, pl_module, stage, log_dir))
 

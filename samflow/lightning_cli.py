@@ -31,7 +31,7 @@ from samflow.callbacks.run_folder import (
 )
 from samflow.callbacks.run_report import RunReport
 from samflow.callbacks.wandb_run import SamflowWandbLogger
-from samflow.console import RunHeader, SamflowProgressBar, verbosity
+from samflow.console import RunHeader, SamflowProgressBar, local_log_dir, verbosity
 from samflow.module import SamflowModule
 from samflow.plugins.registry import discover
 
@@ -367,7 +367,7 @@ class SamflowCLI(LightningCLI):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, SamflowWandbLogger)]
         if not loggers or not trainer.is_global_zero:
             return
-        folder = trainer.log_dir
+        folder = local_log_dir(trainer)  # rank 0 only: trainer.log_dir would wait for the others
         tags = [type(p).__name__ for p in getattr(self.model, "plugins", {}).values()]
         for logger in loggers:
             logger.name_run(f"{self.run_name}/{Path(folder).name}" if folder else self.run_name, tags)

@@ -34,9 +34,11 @@ def data_args(root: Path, n_val: int) -> list[str]:
     ]  # fmt: skip
 
 
-def last_metrics(cwd: Path) -> dict[str, float]:
+def last_metrics(cwd: Path, folder: Path | None = None) -> dict[str, float]:
+    """The last value of each metric in ``folder`` (default: the run folder of ``cwd``)."""
+    folder = folder or cwd / "runs" / "quickstart" / "version_0"
     values: dict[str, float] = {}
-    for row in csv.DictReader((cwd / "runs" / "quickstart" / "version_0" / "metrics.csv").open()):
+    for row in csv.DictReader((folder / "metrics.csv").open()):
         values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
     return values
 
@@ -76,7 +78,7 @@ def test_fit_five_images_uneven_batches_on_two_ranks_equals_one_process(tmp_path
     (tmp_path / "one").mkdir()
     validate = ["validate", "--experiment", "quickstart", *data, *ONE, "--ckpt_path", str(ckpt)]
     run([*validate, "--data.init_args.eval_batch_size", "2"], tmp_path / "one")
-    assert_same(two, last_metrics(tmp_path / "one"))
+    assert_same(two, last_metrics(tmp_path / "one", version / "validate"))  # the run's validate/ folder
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
