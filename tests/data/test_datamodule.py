@@ -35,18 +35,18 @@ def test_quickstart_fills_train_val_and_test(quickstart_root: Path) -> None:
     assert len(next(iter(dm.test_dataloader())).id) == 4  # test falls back to the quickstart's val
 
 
-def test_val_prompts_repeat_each_epoch_train_prompts_do_not(quickstart_root: Path) -> None:
+def test_val_prompts_repeat_each_epoch_train_prompts_change_with_the_epoch(quickstart_root: Path) -> None:
     dm = _module(quickstart_root, prompt={"name": "points", "positive": 2, "negative": 2})
     dm.setup("fit")
     val = [torch.cat([b.points for b in dm.val_dataloader()]) for _ in range(2)]
     assert torch.equal(val[0], val[1])
     train_loader = dm._loader("train", shuffle=False)
-    train = [torch.cat([b.points for b in train_loader]) for _ in range(2)]
-    assert not torch.equal(train[0], train[1])
-    torch.manual_seed(5)  # but seed_everything makes them reproducible
-    first = next(iter(train_loader)).points
-    torch.manual_seed(5)
-    assert torch.equal(first, next(iter(train_loader)).points)
+    train = []
+    for epoch in (0, 1, 0):
+        train_loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch's start
+        train.append(torch.cat([b.points for b in train_loader]))
+    assert not torch.equal(train[0], train[1])  # new prompts each epoch
+    assert torch.equal(train[0], train[2])  # drawn from (seed, epoch, index): a resumed epoch repeats them
 
 
 def test_eval_prompt_overrides_prompt(quickstart_root: Path) -> None:
