@@ -388,9 +388,9 @@ class SamflowCLI(LightningCLI):
     def _report(self, command: str) -> None:
         """Print the run folder, the best checkpoint with its score, and ``last.ckpt`` (rank 0)."""
         trainer = self.trainer
-        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
         if not trainer.is_global_zero:
             return
+        log_dir = local_log_dir(trainer)
         lines = [f"samflow: {command} done; run folder {shown(log_dir or trainer.default_root_dir)}"]
         best = trainer.checkpoint_callback
         if command == "fit" and isinstance(best, ModelCheckpoint) and best.best_model_path:

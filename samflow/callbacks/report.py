@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from typing_extensions import override
 
-from samflow.console import show
+from samflow.console import local_log_dir, show
 from samflow.console import table as rich_table
 from samflow.data.folder import DataError
 
@@ -45,9 +45,9 @@ class ImprovementReport(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
         if not trainer.is_global_zero:
             return
+        log_dir = local_log_dir(trainer)
         before = getattr(pl_module, "initial_val_metrics", {})
         after = getattr(pl_module, "last_val_metrics", {})
         if not after:

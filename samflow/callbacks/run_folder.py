@@ -18,6 +18,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
+from samflow.console import local_log_dir
+
 __all__ = ["INFO_FILE", "RunInfo", "command_folder", "last_checkpoint", "read_run_info", "run_folder_of"]
 
 INFO_FILE = "run.json"
@@ -74,8 +76,8 @@ class RunInfo(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
-        if not trainer.is_global_zero or log_dir is None:
+        log_dir = local_log_dir(trainer) if trainer.is_global_zero else None
+        if log_dir is None:
             return
         run = Path(log_dir)
         info = read_run_info(run)

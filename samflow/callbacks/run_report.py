@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
 from samflow.callbacks.report import TestReport
-from samflow.console import show
+from samflow.console import local_log_dir, show
 
 SECTIONS = (
     "Configuration",
@@ -66,8 +66,8 @@ class RunReport(Callback):
         self._finish(trainer, pl_module)
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
-        if not (self.enabled and trainer.is_global_zero and log_dir is not None):
+        log_dir = local_log_dir(trainer) if trainer.is_global_zero else None
+        if not (self.enabled and log_dir is not None):
             return
         for logger in trainer.loggers:
             logger.save()  # metrics.csv up to date

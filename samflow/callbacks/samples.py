@@ -36,6 +36,7 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 from typing_extensions import override
 
+from samflow.console import local_log_dir
 from samflow.plugins import SamplePanel
 
 Colour = tuple[int, int, int]
@@ -360,8 +361,8 @@ class SampleGrid(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_dir = trainer.log_dir  # a collective call under DDP: every rank asks
-        if not trainer.is_global_zero or not self._rows or log_dir is None:
+        log_dir = local_log_dir(trainer) if trainer.is_global_zero else None
+        if not self._rows or log_dir is None:
             return
         stage = "sanity" if trainer.sanity_checking else f"epoch{trainer.current_epoch:03d}"
         folder = Path(log_dir) / "samples"
