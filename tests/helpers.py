@@ -56,9 +56,11 @@ def run_samflow(
     timeout: float = 600,
 ) -> subprocess.CompletedProcess:
     """``python -m samflow ARGS`` in ``cwd`` as a user runs it (W&B disabled, warnings off, no
-    SAMFLOW_DEBUG tracebacks), captured."""
+    SAMFLOW_DEBUG tracebacks, default verbosity), captured."""
     full = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
     full.pop("SAMFLOW_DEBUG", None)
+    if "SAMFLOW_VERBOSITY" not in (env or {}):
+        full.pop("SAMFLOW_VERBOSITY", None)  # a user's default verbosity, whatever the test process holds
     if pythonpath is not None:
         full["PYTHONPATH"] = os.pathsep.join([str(pythonpath), full.get("PYTHONPATH", "")])
     return subprocess.run(

@@ -197,7 +197,7 @@ def test_verbosity_flags_are_taken_out_and_inherited(monkeypatch, flag):
     from samflow.cli import _verbosity_from_argv
     from samflow.console import VERBOSITY_ENV, verbosity
 
-    monkeypatch.delenv(VERBOSITY_ENV, raising=False)
+    monkeypatch.setenv(VERBOSITY_ENV, "normal")  # restored after the test: the CLI writes os.environ
     assert _verbosity_from_argv(["fit", flag, "--experiment", "x"]) == ["fit", "--experiment", "x"]
     assert verbosity() == flag[2:]
 
