@@ -43,7 +43,14 @@ VERBOSITY_ENV = "SAMFLOW_VERBOSITY"
 LEVELS = ("quiet", "normal", "verbose")
 
 #: Lightning log lines dropped below ``verbose`` (a record is dropped when its message starts so).
-LIGHTNING_NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:", "Seed set to")
+LIGHTNING_NOISE = (
+    "💡 Tip:",
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "Seed set to",
+    "`weights_only` was not set",  # said on every checkpoint save (ModelCheckpoint writes full checkpoints)
+)
 #: Warnings ignored below ``verbose``: (message regex, category).
 WARNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),

@@ -22,6 +22,7 @@ NOISE = (
     "git root",
     "v_num",
     "Tracking run with wandb",
+    "weights_only",
 )
 
 ARGS = [
