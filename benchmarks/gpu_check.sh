@@ -47,5 +47,13 @@ timeout 120 $py benchmarks/throughput.py --variant vit_b --device cuda --bf16 --
     --no-forward --plugins sam_adapter --checkpoint-blocks \
     --json "$out/train_sam_adapter_ckpt.json" | tee "$out/train_ckpt.txt"
 
+# 2b. Issue 14: the other encoder-side plugins (LoRA, BA-SAM) and the other image encoders, same setting.
+timeout 240 $py benchmarks/throughput.py --variant vit_b --device cuda --bf16 --batch 2 --steps 10 --warmup 3 \
+    --no-forward --plugins lora ba_sam --json "$out/train_lora_ba_sam.json" | tee "$out/train_encoder_plugins.txt"
+for variant in mobile_sam efficient_sam_vitt efficient_sam_vits; do
+    timeout 120 $py benchmarks/throughput.py --variant "$variant" --device cuda --bf16 --batch 2 --steps 10 \
+        --warmup 3 --plugins hq_sam --json "$out/$variant.json" | tee "$out/$variant.txt"
+done
+
 # 3. Tests that need a GPU (kornia augmentation and SAM-Adapter on the device), and the module suite on CUDA.
 timeout 240 $py -m pytest -q -rs tests/data/test_gpu_augment.py tests/plugins_sam_adapter 2>&1 | tee "$out/tests.txt"
