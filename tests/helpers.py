@@ -47,6 +47,18 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torc
     return module
 
 
+def short_run(
+    *, epochs: int = 1, train: int = 1, val: int = 1, sanity: int = 0, batch_size: int = 4
+) -> list[str]:
+    """Command-line flags of a short run: ``epochs`` epochs of ``train`` batches, ``val`` validation
+    batches, ``sanity`` sanity-check batches, ``batch_size`` images a batch (max_epochs comes first)."""
+    return [
+        "--trainer.max_epochs", str(epochs), "--trainer.limit_train_batches", str(train),
+        "--trainer.limit_val_batches", str(val), "--trainer.num_sanity_val_steps", str(sanity),
+        "--data.init_args.batch_size", str(batch_size),
+    ]  # fmt: skip
+
+
 def run_samflow(
     args: list[str],
     cwd: Path,

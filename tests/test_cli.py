@@ -9,25 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_samflow
+from helpers import run_samflow, short_run
 from PIL import Image
 
 from samflow.cli import main
 
-FAST = [
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.log_every_n_steps",
-    "1",
-    "--trainer.limit_train_batches",
-    "2",
-    "--trainer.limit_val_batches",
-    "2",
-    "--trainer.num_sanity_val_steps",
-    "2",
-    "--data.init_args.batch_size",
-    "4",
-]
+FAST = [*short_run(train=2, val=2, sanity=2), "--trainer.log_every_n_steps", "1"]
 
 
 def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

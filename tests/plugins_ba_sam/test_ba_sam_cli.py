@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from helpers import run_samflow
+from helpers import run_samflow, short_run
 
 PLUGIN = "{ba: {class_path: BASam, init_args: {train_decoder: true}}}"
 COMMON = ["--experiment", "quickstart", "--model.plugins", PLUGIN, "--data.init_args.batch_size", "2"]
@@ -18,18 +18,7 @@ def samflow(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_fine_tune_at_one_size_and_evaluate_the_checkpoint_at_another(tmp_path):
-    fit = [
-        "fit",
-        *COMMON,
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "1",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.num_sanity_val_steps",
-        "0",
-    ]
+    fit = ["fit", *COMMON, *short_run(batch_size=2)]
     proc = samflow(fit, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"

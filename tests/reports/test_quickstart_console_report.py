@@ -6,7 +6,7 @@ import csv
 import json
 
 import pytest
-from helpers import run_samflow
+from helpers import run_samflow, short_run
 from PIL import Image
 
 from samflow.callbacks.run_report import SECTIONS
@@ -25,21 +25,7 @@ NOISE = (
     "weights_only",
 )
 
-ARGS = [
-    "fit",
-    "--experiment",
-    "quickstart",
-    "--trainer.max_epochs",
-    "1",
-    "--trainer.limit_train_batches",
-    "2",
-    "--trainer.limit_val_batches",
-    "2",
-    "--trainer.num_sanity_val_steps",
-    "2",
-    "--data.init_args.batch_size",
-    "4",
-]
+ARGS = ["fit", "--experiment", "quickstart", *short_run(train=2, val=2, sanity=2)]
 
 
 @pytest.fixture(scope="module")
