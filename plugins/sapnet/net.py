@@ -1,0 +1,174 @@
+"""SAPNet's selection network: MIL over each point's bag of SAM proposals, on RoI features.
+
+The trainable part is a two-FC RoI head with a classification and an instance branch per stage
+(``Shared2FCInstanceMILHead``: 2 shared FCs, ``fc_cls[s]`` and ``fc_ins[s]``; C + 1 outputs in
+stage 0, C in stage 1). RoI features come from SAM's frozen image embedding through
+``torchvision.ops.roi_align`` (7 × 7), so no second backbone runs. The paper's ResNet-50-FPN
+feature option is not built.
+
+One call, for N points with P proposals each (all tensors, no per-point Python loops):
+1. stage 0 (PSM): d⁰ = selection_score on the P proposals, top-1, clamped to the image, then BMS;
+   PDG rescales the stage-0 logits of the loss (after the selection, as the reference);
+2. stage 1 (PRM): the PNPG bag of P + 20 boxes around the parent proposal, QFL MIL loss weighted
+   by w_i = Σ_j d⁰_ij, negatives: random boxes (IoU < 0.3 with every positive of the image) and
+   hard central boxes of large best proposals;
+3. the final box: stage-1 top-1, then BMS; the pseudo mask is the proposal with the highest IoU
+   with it; MPS ranks 2, 4, 6 of the P proposals by d¹.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from .boxes import aligned_iou, bms, hard_negatives, pdg_phi, pnpg_positives, random_negatives, select_parent
+from .mil import mps_ranks, negative_loss, prm_loss, psm_loss, selection_score
+
+__all__ = ["SapnetResult", "SelectionNet"]
+
+
+@dataclass
+class SapnetResult:
+    """What one SAPNet pass decides, per point (N rows), besides its losses."""
+
+    losses: dict[str, Tensor]
+    score0: Tensor  # (N, P) d⁰, stage-0 selection score
+    score1: Tensor  # (N, P + 20) d¹ over the PNPG bag
+    phi: Tensor  # (N, P) PDG factor
+    bag1: Tensor  # (N, P + 20, 4) the stage-1 bag
+    pseudo_box: Tensor  # (N, 4) final pseudo box
+    pseudo_index: Tensor  # (N,) proposal whose mask is the pseudo mask
+    mps_index: Tensor  # (N, 3) proposals ranked 2, 4, 6 by d¹ (MPS)
+
+
+class SelectionNet(nn.Module):
+    """The MIL selection head and the SAPNet pass around it.
+
+    Args:
+        in_channels: channels of the feature map (SAM's embedding: 256).
+        num_classes: C, object classes (labels in [0, C)).
+        hidden: width of the two shared FCs (reference: 1024).
+        roi_size: RoIAlign output side (reference: 7).
+        num_negatives: random negatives per image (reference: 500).
+        bms_proposals: how many leading proposals BMS may move toward (reference: 3, SAM's multimask).
+        pdg_box_centres: reference quirk: PDG uses the centres of ``centre_boxes`` (the reference's
+            ground-truth boxes) instead of the annotated points. Off by default.
+        fallback_last_proposal: reference quirk: PNPG grows from the proposal equal to the pseudo box
+            within ±1 px, else from the last proposal (index 5). Off: from the stage-0 top-1.
+        plus_one: reference quirk: x2, y2 of the final pseudo box + 1 before matching masks. Off.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        num_classes: int = 80,
+        *,
+        hidden: int = 1024,
+        roi_size: int = 7,
+        num_negatives: int = 500,
+        bms_proposals: int = 3,
+        pdg_box_centres: bool = False,
+        fallback_last_proposal: bool = False,
+        plus_one: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.roi_size = roi_size
+        self.num_negatives = num_negatives
+        self.bms_proposals = bms_proposals
+        self.pdg_box_centres = pdg_box_centres
+        self.fallback_last_proposal = fallback_last_proposal
+        self.plus_one = plus_one
+        self.shared = nn.Sequential(
+            nn.Flatten(1),
+            nn.Linear(in_channels * roi_size**2, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+        )
+        self.fc_cls = nn.ModuleList([nn.Linear(hidden, num_classes + 1), nn.Linear(hidden, num_classes)])
+        self.fc_ins = nn.ModuleList([nn.Linear(hidden, num_classes + 1), nn.Linear(hidden, num_classes)])
+
+    def head(
+        self, features: Tensor, boxes: Tensor, image_index: Tensor, scale: float, stage: int
+    ) -> tuple[Tensor, Tensor]:
+        """Class and instance logits (..., C') of boxes (..., 4) on images ``image_index`` (...)."""
+        lead = boxes.shape[:-1]
+        rois = torch.cat([image_index.reshape(-1, 1).to(boxes.dtype), boxes.reshape(-1, 4)], 1)
+        roi = roi_align(features, rois, self.roi_size, spatial_scale=scale, sampling_ratio=2, aligned=True)
+        h = self.shared(roi)
+        return self.fc_cls[stage](h).reshape(*lead, -1), self.fc_ins[stage](h).reshape(*lead, -1)
+
+    def forward(
+        self,
+        features: Tensor,
+        image_size: int,
+        proposals: Tensor,
+        labels: Tensor,
+        points: Tensor,
+        image_index: Tensor,
+        centre_boxes: Tensor | None = None,
+    ) -> SapnetResult:
+        """Run both stages.
+
+        Args:
+            features: (B, C, h, w) feature map of the square input (side ``image_size``).
+            proposals: (N, P, 4) boxes in input pixels; labels: (N,) classes; points: (N, 2) x, y;
+            image_index: (N,) image of each point; centre_boxes: (N, 4), only with ``pdg_box_centres``.
+        """
+        n, p = proposals.shape[:2]
+        scale = features.shape[-1] / image_size
+        rows = torch.arange(n, device=proposals.device)
+        proposals = proposals.detach().to(features.dtype)
+        idx_p = image_index[:, None].expand(n, p)
+
+        # stage 0: PSM with PDG
+        c0, s0 = self.head(features, proposals, idx_p, scale, 0)
+        d0 = selection_score(c0, s0, labels).detach()
+        top0 = d0.argmax(1)
+        pseudo0 = bms(proposals[rows, top0].clamp(0, image_size), proposals, self.bms_proposals)
+        if self.pdg_box_centres:
+            if centre_boxes is None:
+                raise ValueError(
+                    "sapnet: pdg_box_centres needs boxes (batch.box); turn it off or give boxes."
+                )
+            pdg_points = (centre_boxes[:, :2] + centre_boxes[:, 2:]) / 2
+        else:
+            pdg_points = points
+        phi = pdg_phi(pdg_points, labels, image_index, proposals)
+        loss_psm = psm_loss(c0, s0, labels, phi)
+
+        # stage 1: PRM on the PNPG bag and negatives
+        parent = select_parent(pseudo0, proposals, top0, reference_fallback=self.fallback_last_proposal)
+        bag1 = pnpg_positives(proposals, parent, phi)
+        q = bag1.shape[1]
+        c1, s1 = self.head(features, bag1, image_index[:, None].expand(n, q), scale, 1)
+        weight = d0.sum(1)
+        loss_prm = prm_loss(c1, s1, labels, weight)
+        num_images = features.shape[0]
+        sizes = torch.full((num_images, 2), image_size, device=proposals.device)
+        neg, neg_image, neg_valid = random_negatives(bag1, image_index, sizes, self.num_negatives)
+        hard, hard_valid = hard_negatives(proposals, top0)
+        c_neg, _ = self.head(features, torch.cat([neg, hard]), torch.cat([neg_image, image_index]), scale, 1)
+        loss_neg = negative_loss(c_neg, torch.cat([neg_valid, hard_valid]), weight, n)
+
+        # final box, pseudo mask, MPS
+        d1 = selection_score(c1, s1, labels).detach()
+        top1 = d1.argmax(1)
+        box = bms(bag1[rows, top1].clamp(0, image_size), proposals, self.bms_proposals)
+        if self.plus_one:
+            box = box + box.new_tensor([0, 0, 1, 1])
+        iou = aligned_iou(box[:, None], proposals)  # (N, P)
+        return SapnetResult(
+            losses={"psm": loss_psm, "prm": loss_prm, "neg": loss_neg},
+            score0=d0,
+            score1=d1,
+            phi=phi,
+            bag1=bag1,
+            pseudo_box=box,
+            pseudo_index=iou.argmax(1),
+            mps_index=mps_ranks(d1[:, :p], tuple(r for r in (2, 4, 6) if r <= p)),
+        )
