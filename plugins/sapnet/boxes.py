@@ -102,18 +102,22 @@ def random_negatives(
     num: int = 500,
     *,
     generator: torch.Generator | None = None,
+    uniforms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Random negatives per image (``SAPNet.py`` L15-34): boxes (B*num, 4), their image (B*num,), weights.
 
     x1 ~ U(−0.2w, w), x2 = x1 + U(0, 1)·(1.2w − x1), likewise y; a box has weight 1 only if its IoU
-    with every proposal of its image is below 0.3. ``sizes`` (B, 2) is each image's (h, w).
+    with every proposal of its image is below 0.3. ``sizes`` (B, 2) is each image's (h, w);
+    ``uniforms`` (4, B, num), the U(0, 1) draws for x1, y1, x2, y2, replaces drawing (for comparisons).
     """
     b = sizes.shape[0]
     dev, dt = proposals.device, proposals.dtype
     h, w = sizes[:, 0, None].to(dt), sizes[:, 1, None].to(dt)
-    r = torch.rand(4, b, num, generator=generator, device=generator.device if generator else None).to(dev, dt)
-    x1 = -0.2 * w + r[0] * 1.2 * w
-    y1 = -0.2 * h + r[1] * 1.2 * h
+    if uniforms is None:
+        uniforms = torch.rand(4, b, num, generator=generator, device=generator.device if generator else None)
+    r = uniforms.to(dev, dt)
+    x1 = -0.2 * w + r[0] * (1.2 * w)
+    y1 = -0.2 * h + r[1] * (1.2 * h)
     x2 = x1 + r[2] * (1.2 * w - x1)
     y2 = y1 + r[3] * (1.2 * h - y1)
     neg = torch.stack([x1, y1, x2, y2], -1).reshape(-1, 4)

@@ -43,9 +43,11 @@ def qfl(p: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
 def psm_loss(c: Tensor, s: Tensor, labels: Tensor, phi: Tensor, weight: float = 0.25) -> Tensor:
     """L_PSM = w · (1/N) Σ_i Σ_c BCE(P_ic, onehot(y_i)), c' = c · φ^{1/64} (PDG), softmax classes.
 
+    BCE's log is floored at −100 (PyTorch), as the reference's ``F.binary_cross_entropy``.
+
     ``c`` has C + 1 outputs (the last is background); labels are in [0, C).
     """
-    bag = bag_score(c * phi[..., None].pow(1.0 / 64), s, sigmoid=False).clamp(1e-6, 1 - 1e-6)
+    bag = bag_score(c * phi[..., None].pow(1.0 / 64), s, sigmoid=False).clamp(0, 1)
     target = F.one_hot(labels, c.shape[-1]).to(bag.dtype)
     return weight * F.binary_cross_entropy(bag, target, reduction="sum") / max(len(labels), 1)
 

@@ -10,7 +10,7 @@ One call, for N points with P proposals each (all tensors, no per-point Python l
 1. stage 0 (PSM): d⁰ = selection_score on the P proposals, top-1, clamped to the image, then BMS;
    PDG rescales the stage-0 logits of the loss (after the selection, as the reference);
 2. stage 1 (PRM): the PNPG bag of P + 20 boxes around the parent proposal, QFL MIL loss weighted
-   by w_i = Σ_j d⁰_ij, negatives: random boxes (IoU < 0.3 with every positive of the image) and
+   by w_i = Σ_j d⁰_ij, negatives: random boxes (IoU < 0.3 with every SAM proposal of the image) and
    hard central boxes of large best proposals;
 3. the final box: stage-1 top-1, then BMS; the pseudo mask is the proposal with the highest IoU
    with it; MPS ranks 2, 4, 6 of the P proposals by d¹.
@@ -150,7 +150,7 @@ class SelectionNet(nn.Module):
         loss_prm = prm_loss(c1, s1, labels, weight)
         num_images = features.shape[0]
         sizes = torch.full((num_images, 2), image_size, device=proposals.device)
-        neg, neg_image, neg_valid = random_negatives(bag1, image_index, sizes, self.num_negatives)
+        neg, neg_image, neg_valid = random_negatives(proposals, image_index, sizes, self.num_negatives)
         hard, hard_valid = hard_negatives(proposals, top0)
         c_neg, _ = self.head(features, torch.cat([neg, hard]), torch.cat([neg_image, image_index]), scale, 1)
         loss_neg = negative_loss(c_neg, torch.cat([neg_valid, hard_valid]), weight, n)

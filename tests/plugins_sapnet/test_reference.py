@@ -1,0 +1,106 @@
+"""SAPNet's box rules and MIL loss against the reference's own functions (zhaoyangwei123/SAPNet).
+
+Set SAMFLOW_SAPNET_SRC to a checkout of the reference repository (the folder holding
+``TOV_mmdetection``); without it these tests skip. The reference needs mmdet/mmcv, which do not
+install on current PyTorch, so only functions that run standalone are loaded: their source is cut
+out of the reference files with ``ast`` and executed with torch (and torchvision's ``box_iou`` in
+place of mmdet's ``bbox_overlaps``, the same IoU).
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from samflow_plugins.sapnet.boxes import hard_negatives, pnpg_positives, random_negatives
+from samflow_plugins.sapnet.mil import qfl
+
+SRC = os.environ.get("SAMFLOW_SAPNET_SRC")
+pytestmark = pytest.mark.skipif(not SRC, reason="SAMFLOW_SAPNET_SRC (a SAPNet checkout) is not set")
+MODELS = Path(SRC or ".") / "TOV_mmdetection" / "mmdet" / "models"
+
+
+def load(path: Path, name: str, **namespace: Any) -> Any:
+    """The function ``name`` (top level, nested or a method) from ``path``, run in ``namespace``."""
+    tree = ast.parse(path.read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope: dict[str, Any] = {"torch": torch, **namespace}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), scope)
+    return scope[name]
+
+
+class _Rand:
+    """A ``torch`` stand-in whose ``rand`` hands out prepared draws in order."""
+
+    def __init__(self, draws: list[torch.Tensor]) -> None:
+        self.draws = list(draws)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def rand(self, n: int) -> torch.Tensor:
+        return self.draws.pop(0)
+
+
+def test_pnpg_boxes_equal_the_reference_generate_coordinates():
+    props = torch.tensor([[[3.0, 7.5, 41.0, 90.25], [0, 0, 1, 1]]])
+    # a closure in the reference: it casts to the enclosing ``proposals``
+    gen = load(MODELS / "roi_heads" / "SAP_head.py", "generate_coordinates", proposals=props)
+    for phi in (1.0, 0.7):
+        bag = pnpg_positives(props, torch.tensor([0]), torch.tensor([[phi, 1.0]]))
+        x1, y1, x2, y2 = props[0, 0]
+        args = (x1 + x2, y1 + y2, x2 - x1, y2 - y1)
+        grow = gen(*args, torch.arange(1, 16).float(), 0.01)
+        last = (
+            gen(*args, torch.arange(16, 21).float(), 0.005)
+            if phi == 1
+            else gen(*args, torch.arange(1, 6).float(), -0.005 / torch.tensor(phi))
+        )
+        assert torch.allclose(bag[0, 2:], torch.cat([grow, last]).clamp(min=0), atol=1e-5)
+
+
+def test_negatives_equal_the_reference_gen_negative_proposals():
+    gen = load(MODELS / "detectors" / "SAPNet.py", "gen_negative_proposals", bbox_overlaps=box_iou)
+    g = torch.Generator().manual_seed(3)
+    num, h, w = 200, 48, 80
+    # point 0's best proposal is small (no hard negative), point 1's is large (one, weight 1)
+    props = torch.tensor([[[2.0, 3, 60, 40], [10, 10, 30, 30]], [[4, 5, 79, 75], [0, 0, 100, 80]]])
+    score = torch.tensor([[0.2, 0.8], [0.9, 0.1]])
+    draws = [torch.rand(num, generator=g) for _ in range(4)]
+    scope = gen.__globals__
+    scope["torch"] = _Rand(draws)
+    try:
+        ref_boxes, ref_valid = gen(
+            [torch.zeros(2, 2)],
+            {"gen_num_neg": num},
+            [props.reshape(-1, 4)],
+            [{"img_shape": (h, w, 3)}],
+            [score],
+            1,
+        )
+    finally:
+        scope["torch"] = torch
+    uniforms = torch.stack(draws)[:, None]  # (4, 1, num)
+    neg, _, valid = random_negatives(
+        props, torch.tensor([0, 0]), torch.tensor([[h, w]]), num, uniforms=uniforms
+    )
+    hard, hard_valid = hard_negatives(props, score.argmax(1))
+    keep = hard_valid > 0
+    assert keep.tolist() == [False, True]
+    # the reference scales by Python floats (1.2 * w in double), samflow in the tensor's dtype
+    assert torch.allclose(torch.cat([neg, hard[keep]]), ref_boxes[0], atol=1e-4)
+    assert torch.equal(torch.cat([valid, hard_valid[keep]]), ref_valid[0].float())
+
+
+def test_qfl_equals_the_reference_gfocal_loss():
+    gfocal = load(MODELS / "losses" / "multi_instance_learning_loss.py", "gfocal_loss")
+    p, q = torch.rand(5, 7), (torch.rand(5, 7) > 0.5).float()
+    ref = gfocal(types.SimpleNamespace(eps=1e-6), p, q)
+    assert torch.allclose(qfl(p, q).sum(-1), ref)
