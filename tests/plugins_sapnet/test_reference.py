@@ -32,7 +32,7 @@ def load(path: Path, name: str, **namespace: Any) -> Any:
     tree = ast.parse(path.read_text())
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
     scope: dict[str, Any] = {"torch": torch, **namespace}
-    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), scope)
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), scope)  # noqa: S102  (the reference, opted into by the env var)
     return scope[name]
 
 
