@@ -9,7 +9,8 @@ Inputs per prompt row, read from the batch when present:
 - ``batch.proposals`` (N, P, 4): the row's proposal boxes in input pixels (P = 6 from
   ``samflow proposals``). Without it the bag is the boxes of SAM's own multimask outputs for the
   row (online mode: 3 proposals), which keeps the plugin usable on any point or box data set.
-- ``batch.category`` (N,): the row's class in [0, num_classes); without it every row is class 0.
+- ``batch.classes`` (N,) (``CocoBatch``): the row's class index in [0, num_classes) (COCO category
+  ids must be mapped to contiguous indices first); without it every row is class 0.
 - ``batch.points`` first point (the annotated point); without points, the centre of ``batch.box``,
   else of the first proposal.
 """
@@ -96,9 +97,15 @@ class SAPNet(SamPlugin):
         proposals = getattr(batch, "proposals", None)
         if proposals is None:
             proposals = masks_to_boxes(out.masks["sam"][:, 1:].detach(), s)
-        labels = getattr(batch, "category", None)
+        labels = getattr(batch, "classes", None)
         if labels is None:
             labels = torch.zeros(batch.num_rows, dtype=torch.long, device=proposals.device)
+        elif len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.net.num_classes:
+            raise ValueError(
+                f"sapnet ({self.key}): batch.classes holds {int(labels.min())}..{int(labels.max())}, outside "
+                f"[0, {self.net.num_classes}); map category ids to contiguous indices or raise "
+                f"model.plugins.{self.key}.init_args.num_classes."
+            )
         if batch.points is not None:
             points = batch.points[:, 0].to(proposals.dtype)
         elif batch.box is not None:

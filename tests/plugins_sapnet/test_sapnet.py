@@ -248,3 +248,35 @@ def test_quirks_plus_one():
         net.head = _oracle_head(truth, 1)  # type: ignore[method-assign]
         boxes.append(net(*args).pseudo_box)
     assert torch.allclose(boxes[1] - boxes[0], t([0, 0, 1, 1]))
+
+
+def test_class_indices_outside_the_head_are_refused_by_name():
+    import dataclasses
+
+    from helpers import random_batch
+
+    from samflow.module import SamflowModule, SamSpec
+    from samflow_plugins.sapnet import SAPNet
+
+    @dataclasses.dataclass
+    class WithClasses(random_batch(1).__class__):  # type: ignore[misc]
+        classes: torch.Tensor | None = None
+        proposals: torch.Tensor | None = None
+
+    module = SamflowModule(sam=SamSpec(variant="tiny"), plugins={"sap": SAPNet(num_classes=3, hidden=8)})
+    base = random_batch(2)
+    batch = WithClasses(
+        **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, classes=torch.tensor([0, 3])
+    )
+    out, ctx = module(batch)
+    with pytest.raises(ValueError, match=r"sapnet \(sap\).*0\.\.3.*init_args.num_classes"):
+        module.compute_losses(out, batch, ctx)
+    batch.classes = torch.tensor([2, 1])
+    assert module.compute_losses(out, batch, ctx)["sap/psm"] > 0
+    assert out.extras["sapnet"].bag1.shape == (2, 3 + 20, 4)  # online bag: SAM's 3 multimask boxes
+    # stored proposals (6 per point, as ``samflow proposals``) make the reference's 26-box bag
+    batch.proposals = torch.tensor([[4.0, 4, 20, 20]]).repeat(2, 6, 1) + torch.arange(6.0)[None, :, None]
+    module.compute_losses(out, batch, ctx)
+    res = out.extras["sapnet"]
+    assert res.bag1.shape == (2, 26, 4) and torch.equal(res.bag1[:, :6], batch.proposals)
+    assert res.score0.shape == (2, 6) and res.mps_index.shape == (2, 3)
