@@ -1,0 +1,465 @@
+"""COCO-format instances: masks, boxes, classes and point prompts, many prompt rows per image.
+
+``CocoInstances`` reads a COCO ``instances_*.json`` (polygons, uncompressed and compressed RLE, through
+pycocotools: ``pip install samflow[coco]``) and yields one item per image; ``collate_coco`` batches
+items into a ``CocoBatch``: a ``SamBatch`` with one prompt row per instance (``image_index`` maps
+rows to images) and per-row targets. ``CocoDataModule`` serves it to Lightning, chosen in an
+experiment as ``data: {class_path: samflow.data.coco.CocoDataModule, init_args: {...}}``.
+
+**Points.** ``points="qc"`` samples quasi-centre points as SAPNet / P2BNet's point generation:
+for an instance with box centre (cx, cy) and size (w, h), each mask pixel gets the weight of a 2-D
+Gaussian centred on the box centre with sigma 0.25 in normalised box units,
+``exp(-((x-cx)/w)^2 / (2*0.25^2) - ((y-cy)/h)^2 / (2*0.25^2))``; sampling is restricted to the mask
+pixels inside the central ellipse with semi-axes ``min(96, 0.125 w)`` x ``min(96, 0.125 h)``
+(``size_range`` 0.25), or to the whole mask when that is empty; the chosen pixel gets a uniform
+jitter in (-0.5, 0.5) px. Seeded by (seed, image id, annotation id, point index), so a point does not
+depend on the order images are read in. ``points="annotation"`` reads ``ann[point_key]``: ``[x, y]``
+or a list of them, in original pixel coordinates.
+
+**Crowd and empty.** ``iscrowd: 1`` annotations are left out of the rows (``crowd="skip"``, the
+default; their union is still available as ``crowd_mask``), or kept as ordinary instances
+(``crowd="keep"``). Images without any (kept) instance are left out (``empty="skip"``, the default:
+they give no prompt row) or kept (``empty="keep"``: they contribute an image and no rows).
+Annotations with an empty mask are dropped (they have no point).
+
+Coordinates of the batch follow ``samflow.batch``: the S x S input frame, pixel units; the
+``*_original`` fields keep original pixel coordinates, boxes xyxy inclusive of the last pixel's
+index (``x1 = max column``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from samflow.batch import SamBatch
+from samflow.data.folder import DataError, read_image
+from samflow.data.transforms import scale_boxes, scale_coords, to_input_frame
+
+__all__ = [
+    "CocoBatch",
+    "CocoDataModule",
+    "CocoInstances",
+    "collate_coco",
+    "decode_segmentation",
+    "qc_point",
+]
+
+
+def _mask_api() -> Any:
+    try:
+        from pycocotools import mask as mask_api
+    except ImportError as err:  # pragma: no cover - the extra is in the test set
+        raise DataError("COCO data needs pycocotools: pip install 'samflow[coco]'.") from err
+    return mask_api
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int, where: str = "") -> np.ndarray:
+    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) -> bool (H, W).
+
+    Raises:
+        DataError: naming ``where`` (file and annotation) when the value is none of those forms.
+    """
+    mask_api = _mask_api()
+    try:
+        if isinstance(segmentation, list):  # polygons
+            if not segmentation:
+                return np.zeros((height, width), dtype=bool)
+            rle = mask_api.merge(mask_api.frPyObjects(segmentation, height, width))
+        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+            rle = mask_api.frPyObjects(segmentation, height, width)
+        elif isinstance(segmentation, dict) and "counts" in segmentation:
+            rle = dict(segmentation)
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode()
+        else:
+            raise TypeError(f"type {type(segmentation).__name__}")
+        mask = mask_api.decode(rle)
+    except (TypeError, ValueError, KeyError, IndexError) as err:  # malformed input
+        raise DataError(
+            f"{where}: 'segmentation' is not a polygon list or an RLE dict ({err}); fix or remove it."
+        ) from None
+    if mask.shape[:2] != (height, width):
+        raise DataError(
+            f"{where}: the RLE 'size' {list(mask.shape[:2])} differs from the image's [{height}, {width}]."
+        )
+    return mask.astype(bool)
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """bool (H, W) -> compressed RLE with ``counts`` as str (JSON-ready)."""
+    rle = _mask_api().encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+
+
+def qc_point(
+    mask: Tensor,
+    generator: torch.Generator,
+    sigma: float = 0.25,
+    size_range: float = 0.25,
+    limit: float = 96.0,
+) -> Tensor:
+    """A quasi-centre point (x, y) inside ``mask`` (H, W) bool, as SAPNet's point generation (module docstring)."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        raise ValueError("qc_point: empty mask.")
+    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+    w, h = float(x1 - x0 + 1), float(y1 - y0 + 1)
+    cx, cy = float(x0 + x1) / 2, float(y0 + y1) / 2
+    dx, dy = (xs.double() - cx), (ys.double() - cy)
+    ax, ay = min(limit, size_range / 2 * w), min(limit, size_range / 2 * h)
+    inside = (dx / max(ax, 1e-9)) ** 2 + (dy / max(ay, 1e-9)) ** 2 <= 1
+    if inside.any():
+        xs, ys, dx, dy = xs[inside], ys[inside], dx[inside], dy[inside]
+    weight = torch.exp(-((dx / w) ** 2 + (dy / h) ** 2) / (2 * sigma**2))
+    pick = torch.multinomial(weight, 1, generator=generator)[0]
+    jitter = (torch.rand(2, generator=generator, dtype=torch.float64) - 0.5) * 0.999
+    return torch.stack([xs[pick].double(), ys[pick].double()]) + jitter
+
+
+def _seed(*parts: int) -> int:
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class CocoInstances(Dataset):
+    """One item per image of a COCO instances file (see the module docstring).
+
+    Args:
+        annotations: the COCO JSON file.
+        images: folder of the images (``file_name`` is relative to it); default: the JSON's folder.
+        img_size: S, the model's square input side.
+        points: ``"qc"`` (sampled quasi-centre points) or ``"annotation"`` (read ``point_key``).
+        points_per_instance: P, points per instance (``"qc"``: P independent draws; ``"annotation"``:
+            the first P given, an error if fewer).
+        point_key: the annotation key holding points for ``points="annotation"``.
+        seed: seed of the quasi-centre points.
+        crowd: ``"skip"`` or ``"keep"`` the ``iscrowd`` annotations.
+        empty: ``"skip"`` or ``"keep"`` images without instances.
+        resize_mode: ``"longest"`` (SAM's) or ``"stretch"``.
+
+    Item keys: ``image`` (3, S, S), ``input_size``, ``original_size``, ``id``, ``path``, ``image_id``,
+    ``instance_masks`` bool (M, H, W), ``boxes`` (M, 4) xyxy, ``classes`` (M,), ``ann_ids`` (M,),
+    ``points`` (M, P, 2) (all original coordinates), ``crowd_mask`` bool (H, W).
+    """
+
+    def __init__(
+        self,
+        annotations: str | Path,
+        images: str | Path | None = None,
+        img_size: int = 1024,
+        points: Literal["qc", "annotation"] = "qc",
+        points_per_instance: int = 1,
+        point_key: str = "point",
+        seed: int = 0,
+        crowd: Literal["skip", "keep"] = "skip",
+        empty: Literal["skip", "keep"] = "skip",
+        resize_mode: Literal["longest", "stretch"] = "longest",
+    ) -> None:
+        self.file = Path(annotations).expanduser()
+        self.root = Path(images).expanduser() if images is not None else self.file.parent
+        if points not in ("qc", "annotation"):
+            raise ValueError(f"CocoInstances: points must be 'qc' or 'annotation', got {points!r}.")
+        if crowd not in ("skip", "keep") or empty not in ("skip", "keep"):
+            raise ValueError(
+                f"CocoInstances: crowd and empty are 'skip' or 'keep', got {crowd!r}, {empty!r}."
+            )
+        if points_per_instance < 1:
+            raise ValueError(f"CocoInstances: points_per_instance must be >= 1, got {points_per_instance}.")
+        self.img_size, self.points, self.points_per_instance = img_size, points, points_per_instance
+        self.point_key, self.seed, self.crowd, self.resize_mode = point_key, seed, crowd, resize_mode
+        try:
+            data = json.loads(self.file.read_text())
+        except FileNotFoundError:
+            raise DataError(
+                f"COCO annotations {self.file} not found; check the data's annotations path."
+            ) from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"{self.file}: not valid JSON ({err}).") from None
+        for key in ("images", "annotations"):
+            if not isinstance(data.get(key), list):
+                raise DataError(f"{self.file}: no '{key}' list; is this a COCO instances file?")
+        self.categories = {int(c["id"]): c.get("name", str(c["id"])) for c in data.get("categories", [])}
+        by_image: dict[int, list[dict[str, Any]]] = {}
+        for i, ann in enumerate(data["annotations"]):
+            for key in ("image_id", "segmentation", "category_id"):
+                if key not in ann:
+                    raise DataError(f"{self.file}: annotations[{i}] (id {ann.get('id')}) has no '{key}'.")
+            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        self.images: list[dict[str, Any]] = []
+        self.anns: list[list[dict[str, Any]]] = []
+        for i, img in enumerate(data["images"]):
+            for key in ("id", "file_name", "height", "width"):
+                if key not in img:
+                    raise DataError(f"{self.file}: images[{i}] has no '{key}'.")
+            anns = by_image.get(int(img["id"]), [])
+            usable = [a for a in anns if crowd == "keep" or not a.get("iscrowd", 0)]
+            if not usable and empty == "skip":
+                continue
+            self.images.append(img)
+            self.anns.append(anns)
+        self.fingerprint = hashlib.sha256(
+            f"{file_digest(self.file)}|{points}|{points_per_instance}|{point_key}|{seed}|{crowd}|{empty}".encode()
+        ).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def instances(self, index: int) -> dict[str, Any]:
+        """Image ``index``'s targets at the original resolution (no image read)."""
+        img, anns = self.images[index], self.anns[index]
+        h, w = int(img["height"]), int(img["width"])
+        masks: list[Tensor] = []
+        boxes: list[list[Tensor]] = []
+        classes: list[int] = []
+        ann_ids: list[int] = []
+        points: list[Tensor] = []
+        crowd = np.zeros((h, w), dtype=bool)
+        for ann in anns:
+            where = f"{self.file}: annotation id {ann.get('id')} (image id {img['id']})"
+            mask = decode_segmentation(ann["segmentation"], h, w, where)
+            if ann.get("iscrowd", 0) and self.crowd == "skip":
+                crowd |= mask
+                continue
+            if not mask.any():
+                continue
+            m = torch.from_numpy(mask)
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            masks.append(m)
+            boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
+            classes.append(int(ann["category_id"]))
+            ann_ids.append(int(ann.get("id", len(ann_ids))))
+            points.append(self._points(m, ann, where, int(img["id"]), ann_ids[-1]))
+        n, p = len(masks), self.points_per_instance
+        return {
+            "instance_masks": torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool),
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+            "classes": torch.tensor(classes, dtype=torch.long),
+            "ann_ids": torch.tensor(ann_ids, dtype=torch.long),
+            "points": torch.stack(points).float() if points else torch.zeros(0, p, 2),
+            "crowd_mask": torch.from_numpy(crowd),
+        }
+
+    def _points(self, mask: Tensor, ann: dict[str, Any], where: str, image_id: int, ann_id: int) -> Tensor:
+        p = self.points_per_instance
+        if self.points == "annotation":
+            value = ann.get(self.point_key)
+            try:
+                pts = torch.tensor(value, dtype=torch.float64).reshape(-1, 2)
+            except (TypeError, ValueError, RuntimeError):
+                raise DataError(
+                    f"{where}: '{self.point_key}' must be [x, y] or a list of [x, y], got {value!r}."
+                ) from None
+            if len(pts) < p:
+                raise DataError(f"{where}: '{self.point_key}' has {len(pts)} point(s), {p} wanted.")
+            return pts[:p]
+        draws = []
+        for j in range(p):
+            gen = torch.Generator().manual_seed(_seed(self.seed, image_id, ann_id, j))
+            draws.append(qc_point(mask, gen))
+        return torch.stack(draws)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        img = self.images[index]
+        path = self.root / img["file_name"]
+        if not path.is_file():
+            raise DataError(
+                f"{self.file}: image id {img['id']}: file {path} not found (images folder {self.root})."
+            )
+        image = read_image(path)
+        h, w = int(img["height"]), int(img["width"])
+        if tuple(image.shape[-2:]) != (h, w):
+            raise DataError(
+                f"{self.file}: image id {img['id']}: {path} is {tuple(image.shape[-2:])}, the JSON says ({h}, {w})."
+            )
+        frame, input_size = to_input_frame(image, self.img_size, self.resize_mode)
+        item = self.instances(index)
+        item.update(
+            image=frame,
+            input_size=torch.tensor(input_size),
+            original_size=torch.tensor([h, w]),
+            id=str(img["id"]),
+            path=str(path),
+            image_id=int(img["id"]),
+        )
+        return item
+
+
+@dataclass
+class CocoBatch(SamBatch):
+    """A ``SamBatch`` with one prompt row per instance, and per-row targets.
+
+    ``mask`` / ``gt_original`` hold the union of each image's instances; ``row_mask`` gives each row
+    its own instance. Extra fields (N rows, P points per row):
+    ``instance_mask`` float (N, 1, S, S), ``classes`` long (N,), ``ann_ids`` long (N,),
+    ``points_original`` (N, P, 2), ``boxes_original`` (N, 4) xyxy, ``instance_masks`` list of B bool
+    (M_b, H_b, W_b) at the original resolution, ``image_ids`` list of B ints.
+    """
+
+    instance_mask: Tensor | None = None
+    classes: Tensor | None = None
+    ann_ids: Tensor | None = None
+    points_original: Tensor | None = None
+    boxes_original: Tensor | None = None
+    instance_masks: list[Tensor] = field(default_factory=list)
+    image_ids: list[int] = field(default_factory=list)
+
+    _ROW_FIELDS = ("instance_mask", "classes", "ann_ids", "points_original", "boxes_original")
+
+    @property
+    def row_mask(self) -> Tensor:
+        if self.instance_mask is None:
+            return super().row_mask
+        return self.instance_mask
+
+    def select_rows(self, rows: Tensor | list[int]) -> CocoBatch:
+        out = super().select_rows(rows)
+        index = torch.as_tensor(rows, dtype=torch.long)
+        changes = {
+            name: getattr(self, name)[index] for name in self._ROW_FIELDS if getattr(self, name) is not None
+        }
+        return out.replace(**changes)  # type: ignore[return-value]
+
+
+def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
+    """``CocoInstances`` items -> a ``CocoBatch``: all instances of all images as rows, image by image."""
+    if not items:
+        raise ValueError("collate_coco: empty list of items.")
+    s = items[0]["image"].shape[-1]
+    rows_index, points, boxes, inst = [], [], [], []
+    for b, item in enumerate(items):
+        m = len(item["classes"])
+        orig, size = item["original_size"].tolist(), item["input_size"].tolist()
+        rows_index.append(torch.full((m,), b, dtype=torch.long))
+        points.append(scale_coords(item["points"], orig, size))
+        box = scale_boxes(item["boxes"], orig, size)
+        boxes.append(box)
+        if m:
+            resized, _ = to_input_frame(
+                item["instance_masks"][:, None].float(), s, "longest", "nearest-exact"
+            )
+            inst.append(resized)
+        else:
+            inst.append(torch.zeros(0, 1, s, s))
+    p = max(item["points"].shape[1] for item in items)
+    pts = torch.cat(points) if points else torch.zeros(0, p, 2)
+    instance_mask = torch.cat(inst)
+    image_index = torch.cat(rows_index)
+    union = torch.zeros(len(items), 1, s, s)
+    union.index_put_((image_index,), instance_mask, accumulate=True)
+    return CocoBatch(
+        image=torch.stack([item["image"] for item in items]),
+        input_size=torch.stack([item["input_size"] for item in items]).long(),
+        original_size=torch.stack([item["original_size"] for item in items]).long(),
+        mask=(union > 0).float(),
+        gt_original=[item["instance_masks"].any(0) for item in items],
+        id=[item["id"] for item in items],
+        path=[item["path"] for item in items],
+        image_index=image_index,
+        points=pts,
+        point_labels=torch.ones(pts.shape[:2], dtype=torch.long),
+        box=torch.cat(boxes),
+        instance_mask=instance_mask,
+        classes=torch.cat([item["classes"] for item in items]),
+        ann_ids=torch.cat([item["ann_ids"] for item in items]),
+        points_original=torch.cat([item["points"] for item in items]),
+        boxes_original=torch.cat([item["boxes"] for item in items]),
+        instance_masks=[item["instance_masks"] for item in items],
+        image_ids=[item["image_id"] for item in items],
+    )
+
+
+class CocoDataModule(L.LightningDataModule):
+    """COCO instances for Lightning: ``train`` / ``val`` / ``test`` / ``predict`` are each
+    ``{annotations: FILE, images: FOLDER}`` (or None); the other arguments go to ``CocoInstances``.
+
+    Args:
+        train, val, test, predict: the splits.
+        img_size, points, points_per_instance, point_key, seed, crowd, empty: see ``CocoInstances``.
+        batch_size: images per batch (every instance of an image is a row of the batch).
+        num_workers: data-loader worker processes.
+    """
+
+    def __init__(
+        self,
+        train: dict[str, str] | None = None,
+        val: dict[str, str] | None = None,
+        test: dict[str, str] | None = None,
+        predict: dict[str, str] | None = None,
+        img_size: int = 1024,
+        points: Literal["qc", "annotation"] = "qc",
+        points_per_instance: int = 1,
+        point_key: str = "point",
+        seed: int = 0,
+        crowd: Literal["skip", "keep"] = "skip",
+        empty: Literal["skip", "keep"] = "skip",
+        batch_size: int = 2,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.splits = {"train": train, "val": val, "test": test, "predict": predict}
+        self.options = {
+            "img_size": img_size,
+            "points": points,
+            "points_per_instance": points_per_instance,
+            "point_key": point_key,
+            "seed": seed,
+            "crowd": crowd,
+            "empty": empty,
+        }
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.datasets: dict[str, CocoInstances] = {}
+
+    def dataset(self, split: str) -> CocoInstances:
+        """The ``CocoInstances`` of ``split``; a DataError naming ``data.<split>`` when it is not set."""
+        if split not in self.datasets:
+            spec = self.splits.get(split)
+            if not spec or "annotations" not in spec:
+                raise DataError(f"data.{split}: give {{annotations: FILE, images: FOLDER}} for COCO data.")
+            self.datasets[split] = CocoInstances(spec["annotations"], spec.get("images"), **self.options)  # type: ignore[arg-type]
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, spec in self.splits.items():
+            if spec:
+                self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=gen,
+            num_workers=self.num_workers,
+            collate_fn=collate_coco,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", False)

@@ -1,0 +1,147 @@
+"""COCO instances: exact decoding, quasi-centre points, crowd / empty rules, batches, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tiny_coco import make_tiny_coco
+
+from samflow.data.coco import CocoDataModule, CocoInstances, collate_coco, qc_point
+from samflow.data.folder import DataError
+
+
+@pytest.fixture
+def coco(tmp_path):
+    return make_tiny_coco(tmp_path)
+
+
+def test_masks_decode_exactly_and_boxes_classes(coco):
+    path, truth = coco
+    ds = CocoInstances(path, img_size=64)
+    assert len(ds) == 3  # image 4 has no annotation: skipped
+    for i in range(len(ds)):
+        inst = ds.instances(i)
+        img_id = ds.images[i]["id"]
+        assert inst["ann_ids"].tolist() == sorted(truth[img_id])  # the crowd (99) is not a row
+        for m, a, box in zip(inst["instance_masks"], inst["ann_ids"].tolist(), inst["boxes"]):
+            assert np.array_equal(m.numpy(), truth[img_id][a])
+            ys, xs = np.nonzero(truth[img_id][a])
+            assert box.tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
+        assert inst["classes"].tolist() == [1, 2, 1]
+    # the polygon rectangle of image 1 covers exactly 28 x 20 pixels
+    assert int(ds.instances(0)["instance_masks"][0].sum()) == 28 * 20
+    assert int(ds.instances(0)["crowd_mask"].sum()) == 80
+
+
+def test_crowd_keep_and_empty_keep(coco):
+    path, _ = coco
+    ds = CocoInstances(path, img_size=64, crowd="keep", empty="keep")
+    assert len(ds) == 4
+    assert ds.instances(0)["ann_ids"].tolist() == [1, 2, 3, 99]
+    assert ds.instances(3)["ann_ids"].numel() == 0
+
+
+def test_qc_points_inside_reproducible_and_central(coco):
+    path, truth = coco
+    a = CocoInstances(path, img_size=64, points_per_instance=3, seed=5)
+    b = CocoInstances(path, img_size=64, points_per_instance=3, seed=5)
+    c = CocoInstances(path, img_size=64, points_per_instance=3, seed=6)
+    for i in range(len(a)):
+        pa, pb, pc = a.instances(i)["points"], b.instances(i)["points"], c.instances(i)["points"]
+        assert torch.equal(pa, pb)
+        assert not torch.equal(pa, pc)
+        masks = a.instances(i)["instance_masks"]
+        for m, pts in zip(masks, pa):
+            for x, y in pts.tolist():
+                assert m[round(y), round(x)], (x, y)
+    # order independence: reading image 2 alone gives the same points
+    assert torch.equal(
+        CocoInstances(path, img_size=64, seed=5).instances(2)["points"][:, :1],
+        a.instances(2)["points"][:, :1],
+    )
+
+
+def test_qc_point_rule_central_ellipse():
+    """A 40 x 40 square: the ellipse has semi-axes 5 px about the centre (19.5, 19.5); every draw lies in it."""
+    m = torch.zeros(60, 60, dtype=torch.bool)
+    m[10:50, 10:50] = True
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.stack([qc_point(m, gen) for _ in range(300)])
+    d = ((pts.round() - 29.5) ** 2).sum(1).sqrt()
+    assert d.max() <= 5.0 + 1e-9
+    # a ring-shaped mask whose centre is empty: falls back to the whole mask
+    ring = m.clone()
+    ring[20:40, 20:40] = False
+    p = qc_point(ring, torch.Generator().manual_seed(1))
+    assert ring[int(p[1].round()), int(p[0].round())]
+
+
+def test_points_from_annotation(coco, tmp_path):
+    path, _ = coco
+    data = json.loads(path.read_text())
+    for ann in data["annotations"]:
+        ann.setdefault("point", [[7.0, 8.0], [9.0, 10.0]])
+    p2 = tmp_path / "pts.json"
+    p2.write_text(json.dumps(data))
+    ds = CocoInstances(p2, img_size=64, points="annotation")
+    inst = ds.instances(0)
+    assert inst["points"][0].tolist() == [[7.0, 8.0]]
+    assert inst["points"][2].tolist() == [[50.0, 35.0]]  # the L's own point [w - 6, h - 5]
+    ds3 = CocoInstances(p2, img_size=64, points="annotation", points_per_instance=2)
+    with pytest.raises(DataError, match=r"pts.json: annotation id 3 .*'point' has 1 point\(s\), 2 wanted"):
+        ds3.instances(0)
+
+
+def test_batch_shapes_and_rows(coco):
+    path, truth = coco
+    ds = CocoInstances(path, img_size=64, points_per_instance=2)
+    batch = collate_coco([ds[0], ds[1], ds[2]])
+    assert batch.num_images == 3 and batch.num_rows == 9
+    assert batch.image_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert batch.points.shape == (9, 2, 2) and batch.point_labels.shape == (9, 2)
+    assert batch.box.shape == (9, 4) and batch.instance_mask.shape == (9, 1, 64, 64)
+    assert batch.row_mask.shape == (9, 1, 64, 64)
+    # image 1 is 40 x 56 -> input 46 x 64 (scale 64 / 56): points and boxes scale by it
+    scale = 64 / 56
+    assert torch.allclose(batch.points[0], ds[0]["points"][0] * torch.tensor([scale, 46 / 40]))
+    assert batch.input_size[0].tolist() == [46, 64]
+    # the union mask of an image is the union of its rows
+    assert torch.equal(batch.mask[1, 0] > 0, batch.instance_mask[3:6, 0].amax(0) > 0)
+    sub = batch.select_images([2])
+    assert sub.num_rows == 3 and sub.classes.tolist() == [1, 2, 1] and sub.instance_mask.shape[0] == 3
+
+
+def test_datamodule_loader(coco):
+    path, _ = coco
+    dm = CocoDataModule(train={"annotations": str(path)}, img_size=64, batch_size=2)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert [b.num_images for b in batches] == [2, 1]
+    assert sum(b.num_rows for b in batches) == 9
+    with pytest.raises(DataError, match=r"data.val: give"):
+        dm.val_dataloader()
+
+
+def test_bad_files_name_file_and_key(tmp_path, coco):
+    path, _ = coco
+    data = json.loads(path.read_text())
+    data["annotations"][1]["segmentation"] = {"counts": 5, "size": [1, 2]}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"bad.json: annotation id 2 \(image id 1\): 'segmentation'"):
+        CocoInstances(bad, img_size=64).instances(0)
+    del data["annotations"][0]["category_id"]
+    bad.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"bad.json: annotations\[0\] \(id 1\) has no 'category_id'"):
+        CocoInstances(bad, img_size=64)
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match=r"bad.json: not valid JSON"):
+        CocoInstances(bad)
+    with pytest.raises(DataError, match=r"missing.json not found"):
+        CocoInstances(tmp_path / "missing.json")
+    (tmp_path / "images" / "im2.png").unlink()
+    with pytest.raises(DataError, match=r"image id 2: file .*im2.png not found"):
+        CocoInstances(path, img_size=64)[1]
