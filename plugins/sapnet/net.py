@@ -58,7 +58,8 @@ class SelectionNet(nn.Module):
             ground-truth boxes) instead of the annotated points. Off by default.
         fallback_last_proposal: reference quirk: PNPG grows from the proposal equal to the pseudo box
             within ±1 px, else from the last proposal (index 5). Off: from the stage-0 top-1.
-        plus_one: reference quirk: x2, y2 of the final pseudo box + 1 before matching masks. Off.
+        plus_one: reference quirk: x2, y2 of the final pseudo box + 1, after the mask matching (the
+            box handed on, e.g. to the student's scale ranges). Off.
     """
 
     def __init__(
@@ -159,9 +160,9 @@ class SelectionNet(nn.Module):
         d1 = selection_score(c1, s1, labels).detach()
         top1 = d1.argmax(1)
         box = bms(bag1[rows, top1].clamp(0, image_size), proposals, self.bms_proposals)
-        if self.plus_one:
-            box = box + box.new_tensor([0, 0, 1, 1])
         iou = aligned_iou(box[:, None], proposals)  # (N, P)
+        if self.plus_one:  # after the mask matching, as the reference (SAPNet.py L181-185)
+            box = box + box.new_tensor([0, 0, 1, 1])
         return SapnetResult(
             losses={"psm": loss_psm, "prm": loss_prm, "neg": loss_neg},
             score0=d0,

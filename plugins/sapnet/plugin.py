@@ -60,7 +60,7 @@ class SAPNet(SamPlugin):
             reference's ground-truth boxes), not the annotated points.
         fallback_last_proposal: reference quirk, off: PNPG grows from the proposal equal to the
             pseudo box within ±1 px, else from the last proposal (index 5); default: the stage-0 top-1.
-        plus_one: reference quirk, off: x2, y2 of the final pseudo box + 1 before matching masks.
+        plus_one: reference quirk, off: x2, y2 of the final pseudo box + 1 (after the mask matching).
         lr, weight_decay: as every plugin.
     """
 

@@ -242,12 +242,15 @@ def test_quirks_plus_one():
     truth = t([8, 8, 40, 40])
     props = t([10, 10, 20, 20], [8, 8, 40, 40], [0, 0, 63, 63])[None]
     args = (torch.zeros(1, 1, 16, 16), 64, props, torch.tensor([0]), t([24, 24]), torch.tensor([0]))
-    boxes = []
+    results = []
     for plus_one in (False, True):
         net = SelectionNet(in_channels=1, num_classes=1, hidden=4, num_negatives=4, plus_one=plus_one)
         net.head = _oracle_head(truth, 1)  # type: ignore[method-assign]
-        boxes.append(net(*args).pseudo_box)
-    assert torch.allclose(boxes[1] - boxes[0], t([0, 0, 1, 1]))
+        results.append(net(*args))
+    assert torch.allclose(results[1].pseudo_box - results[0].pseudo_box, t([0, 0, 1, 1]))
+    assert (
+        results[0].pseudo_index.tolist() == results[1].pseudo_index.tolist() == [1]
+    )  # matched before the + 1
 
 
 def test_class_indices_outside_the_head_are_refused_by_name():
