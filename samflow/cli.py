@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "samflow.export:main",
         "RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]",
     ),
+    "proposals": (
+        "samflow.proposals:main",
+        "--experiment NAME --out DIR [--split train] [--batch-size N] [--shard-size N] [--overwrite]",
+    ),
     "sweep": (
         "samflow.sweep:main",
         "FILE [--backend optuna|wandb] [--trials N] [--storage URL] [--study NAME] [--summary]",
