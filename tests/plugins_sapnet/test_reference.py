@@ -27,9 +27,11 @@ pytestmark = pytest.mark.skipif(not SRC, reason="SAMFLOW_SAPNET_SRC (a SAPNet ch
 MODELS = Path(SRC or ".") / "TOV_mmdetection" / "mmdet" / "models"
 
 
-def load(path: Path, name: str, **namespace: Any) -> Any:
-    """The function ``name`` (top level, nested or a method) from ``path``, run in ``namespace``."""
-    tree = ast.parse(path.read_text())
+def load(path: Path, name: str, cls: str | None = None, **namespace: Any) -> Any:
+    """The function ``name`` (top level, nested, or a method of class ``cls``) from ``path``, run in ``namespace``."""
+    tree: ast.AST = ast.parse(path.read_text())
+    if cls is not None:
+        tree = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
     scope: dict[str, Any] = {"torch": torch, **namespace}
     exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), scope)  # noqa: S102  (the reference, opted into by the env var)
@@ -104,3 +106,44 @@ def test_qfl_equals_the_reference_gfocal_loss():
     p, q = torch.rand(5, 7), (torch.rand(5, 7) > 0.5).float()
     ref = gfocal(types.SimpleNamespace(eps=1e-6), p, q)
     assert torch.allclose(qfl(p, q).sum(-1), ref)
+
+
+def _mil_loss(loss_type: str) -> Any:
+    """The reference's ``MILLoss.forward`` with mmdet's three helpers given by their definitions."""
+    path = MODELS / "losses" / "multi_instance_learning_loss.py"
+
+    def weight_reduce_loss(
+        loss, weight=None, reduction="mean", avg_factor=None
+    ):  # mmdet: multiply, sum / avg
+        return (loss * weight if weight is not None else loss).sum() / avg_factor
+
+    forward = load(
+        path,
+        "forward",
+        "MILLoss",
+        F=torch.nn.functional,
+        accuracy=lambda pred, target: torch.tensor(0.0),
+        _expand_onehot_labels=lambda labels, w, c: (torch.nn.functional.one_hot(labels, c), None, None),
+        weight_reduce_loss=weight_reduce_loss,
+    )
+    owner = types.SimpleNamespace(binary_ins=False, loss_weight=0.25, eps=1e-6, loss_type=loss_type)
+    owner.gfocal_loss = types.MethodType(load(path, "gfocal_loss", "MILLoss"), owner)
+    return types.MethodType(forward, owner)
+
+
+def test_psm_and_prm_losses_equal_the_reference_mil_loss():
+    from samflow_plugins.sapnet.mil import prm_loss, psm_loss
+
+    torch.manual_seed(0)
+    n, p, c = 4, 6, 5
+    labels = torch.tensor([0, 3, 3, 1])
+    valid = torch.ones(n, p, 1)
+    c0, s0 = torch.randn(n, p, c + 1), torch.randn(n, p, c + 1)
+    phi = torch.rand(n, p) * 0.5 + 0.5
+    scaled = c0 * phi[..., None].pow(1 / 64)  # the reference rescales the logits before its loss
+    ref0, _, _ = _mil_loss("binary_cross_entropy")(scaled.softmax(-1), s0, labels, valid, torch.ones(n, 1))
+    assert torch.allclose(psm_loss(c0, s0, labels, phi), ref0, atol=1e-6)
+    c1, s1 = torch.randn(n, p + 20, c), torch.randn(n, p + 20, c)
+    w = torch.rand(n)
+    ref1, _, _ = _mil_loss("gfocal_loss")(c1.sigmoid(), s1, labels, torch.ones(n, p + 20, 1), w[:, None])
+    assert torch.allclose(prm_loss(c1, s1, labels, w), ref1, atol=1e-6)
