@@ -104,3 +104,14 @@ def test_stale_store_refused(tiny_sam, data, tmp_path):
         write_proposals(tmp_path / "s", other, seeded, shard_size=2)
     again = write_proposals(tmp_path / "s", other, data, shard_size=2, overwrite=True)
     assert json.loads(again.read_text())["info"]["samflow_key"]["sam"] != ""
+
+
+def test_rank_split_gives_the_same_file(tiny_sam, data, tmp_path):
+    """Two ranks (run one after the other, no process group): shard i on rank i % 2; the merge equals one process's."""
+    whole = write_proposals(tmp_path / "one", tiny_sam, data, shard_size=1)
+    root = tmp_path / "two"
+    assert write_proposals(root, tiny_sam, data, shard_size=1, rank=0, world=2, max_shards=0) is None
+    write_proposals(root, tiny_sam, data, shard_size=1, rank=1, world=2)
+    assert sorted(p.name for p in (root / "shards").glob("*.json")) == ["000001.json"]
+    final = write_proposals(root, tiny_sam, data, shard_size=1, rank=0, world=2)
+    assert final.read_bytes() == whole.read_bytes()
