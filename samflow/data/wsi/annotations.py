@@ -43,12 +43,51 @@ def _group_of(feature: dict[str, Any]) -> str:
     return str(classification.get("name") or props.get("name") or "")
 
 
-def load_annotations(path: str | Path, exclude: Sequence[str] = EXCLUDE) -> Any:
-    """Read a GeoJSON (``.geojson`` / ``.json``) or ASAP ``.xml`` file -> a shapely geometry (level 0)."""
+LABEL_SUFFIXES = (".png", ".tif", ".tiff")
+
+
+def load_label_mask(path: str | Path, downsample: float, labels: Sequence[int] | None = None) -> Any:
+    """A label image (``.png`` / ``.tif``) of a slide at any level -> a shapely geometry (level 0).
+
+    Pixel (r, c) of the image covers level-0 [c d, (c+1) d) x [r d, (r+1) d) for ``downsample`` d (the
+    level's downsample: 1 for a level-0 mask); a pixel belongs to the region when its label is in
+    ``labels`` (default: any non-zero label). Horizontal runs of such pixels become boxes, unioned."""
+    _shapely()
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            label = np.asarray(img)
+    except (OSError, ValueError) as err:
+        raise SlideError(f"{path}: not a readable label image ({err}).") from None
+    if label.ndim == 3:
+        label = label[..., 0]
+    return mask_to_region(label != 0 if labels is None else np.isin(label, list(labels)), downsample)
+
+
+def mask_to_region(inside: np.ndarray, downsample: float) -> Any:
+    """Boolean (H, W) mask whose pixels are ``downsample`` level-0 pixels wide -> the shapely geometry
+    (level 0) of its pixels, exactly: horizontal runs become boxes, unioned."""
+    shapely = _shapely()
+    padded = np.pad(inside, ((0, 0), (1, 1))).astype(np.int8)
+    rows, starts = np.nonzero(np.diff(padded, axis=1) == 1)
+    _, ends = np.nonzero(np.diff(padded, axis=1) == -1)  # same row order: runs alternate start / end
+    boxes = shapely.box(starts * downsample, rows * downsample, ends * downsample, (rows + 1) * downsample)
+    return shapely.union_all(boxes) if len(boxes) else shapely.Polygon()
+
+
+def load_annotations(
+    path: str | Path, exclude: Sequence[str] = EXCLUDE, label_downsample: float = 1.0
+) -> Any:
+    """Read a GeoJSON (``.geojson`` / ``.json``), ASAP ``.xml`` or label-image (``.png`` / ``.tif``, at
+    ``label_downsample`` of level 0, see :func:`load_label_mask`) file -> a shapely geometry (level 0)."""
     shapely = _shapely()
     from shapely.geometry import Polygon, shape
 
     path = Path(path)
+    if path.suffix.lower() in LABEL_SUFFIXES:
+        return load_label_mask(path, label_downsample)
     keep: list[Any] = []
     cut: list[Any] = []
     try:
@@ -86,3 +125,14 @@ def rasterize(region: Any, origin: tuple[float, float], pixel: float, size: int)
     xx, yy = np.meshgrid(centres, ys)
     shapely.prepare(clipped)
     return shapely.contains_xy(clipped, xx, yy)
+
+
+def rasterize_grid(region: Any, pixel: float, shape: tuple[int, int]) -> np.ndarray:
+    """Boolean ``shape`` (H, W) mask of ``region`` on a grid from level-0 (0, 0) whose pixels are
+    ``pixel`` level-0 pixels wide; a pixel is in when its centre is."""
+    shapely = _shapely()
+    if region is None or region.is_empty:
+        return np.zeros(shape, dtype=bool)
+    xx, yy = np.meshgrid((np.arange(shape[1]) + 0.5) * pixel, (np.arange(shape[0]) + 0.5) * pixel)
+    shapely.prepare(region)
+    return shapely.contains_xy(region, xx, yy)

@@ -169,6 +169,7 @@ class SlidePatches(Dataset):
         tissue_mpp: resolution of the tissue detection (a low level).
         augment: WSI-SAM's shared augmentation: the same horizontal flip (p 0.5) and colour jitter
             (p 0.5; brightness, contrast, saturation 0.2, hue 0.1) for HR and LR.
+        label_downsample: level-0 pixels per pixel of label-image annotations (``.png`` / ``.tif``).
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class SlidePatches(Dataset):
         slide_mpp: float | None = None,
         tissue_mpp: float = 16.0,
         augment: bool = False,
+        label_downsample: float = 1.0,
     ) -> None:
         if annotations is not None and len(annotations) != len(slides):
             raise ValueError(f"SlidePatches: {len(slides)} slides but {len(annotations)} annotation entries.")
@@ -199,7 +201,8 @@ class SlidePatches(Dataset):
         self.slide_mpp, self.augment = slide_mpp, augment
         self._slides: dict[int, Slide] = {}
         self.regions = [
-            None if a is None else load_annotations(a) for a in (annotations or [None] * len(slides))
+            None if a is None else load_annotations(a, label_downsample=label_downsample)
+            for a in (annotations or [None] * len(slides))
         ]
         self.tissue: list[tuple[np.ndarray, float]] = []
         for i, path in enumerate(self.paths):

@@ -1,0 +1,180 @@
+"""``SlideDataModule``: WSI-SAM's concentric HR / LR patches of slides as a Lightning data module.
+
+Chosen in an experiment like every data module::
+
+    data:
+      class_path: samflow.data.wsi.SlideDataModule
+      init_args:
+        train: [{slide: /data/CAMELYON16/training/tumor/tumor_001.tif,
+                 annotations: /data/CAMELYON16/training/lesion_annotations/tumor_001.xml}]
+        val: [...]
+
+A slide entry is ``{slide: PATH, annotations: PATH or null}``; annotations are GeoJSON, ASAP XML or a
+label image (with ``label_downsample``). Training draws new patch centres each epoch (seeded per
+slide and epoch); validation and test draw once (epoch 0), so every evaluation sees the same patches.
+Every sample carries its slide in ``SamBatch.paths``, so a per-slide metric can group patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from samflow.batch import SamBatch
+from samflow.data.augment import BatchAugment
+from samflow.data.batch import collate
+from samflow.data.prompts import PromptSampler
+from samflow.data.wsi.patches import SlidePatches, wsi_sam_prompts
+
+
+def _entries(split: str, entries: Sequence[Mapping[str, Any]] | None) -> tuple[list[str], list[str | None]]:
+    slides: list[str] = []
+    annotations: list[str | None] = []
+    for i, entry in enumerate(entries or []):
+        if not isinstance(entry, Mapping) or "slide" not in entry:
+            raise ValueError(
+                f"data.init_args.{split}[{i}]: expected {{slide: PATH, annotations: PATH or null}}, got {entry!r}."
+            )
+        slides.append(str(entry["slide"]))
+        ann = entry.get("annotations")
+        annotations.append(None if ann is None else str(ann))
+    return slides, annotations
+
+
+class SlideDataModule(L.LightningDataModule):
+    """Concentric HR / LR patches of whole slides for two-resolution plugins (WSI-SAM).
+
+    Args:
+        train, val, test: slide entries ``{slide: PATH, annotations: PATH | null}`` per split.
+        mpp: HR microns per pixel (1.0: 10x); LR at ``factor * mpp`` (2: 5x).
+        factor: LR / HR mpp.
+        patch_size: side of both patches in slide pixels (1024).
+        img_size: the model's input side.
+        patches_per_slide: training samples per slide and epoch.
+        eval_patches_per_slide: validation / test samples per slide (drawn once).
+        tumour_fraction: share of a slide's samples centred in tumour.
+        seed: the sampler's seed (slide s, epoch e draws from (seed, s, e)).
+        prompt: the training prompt sampler (default: WSI-SAM's uniform box / 10 points / noisy mask).
+        eval_prompt: the evaluation prompt sampler (default: the same mix, seeded, so fixed per patch).
+        slide_mpp: level-0 mpp for slides without metadata.
+        tissue_mpp: resolution of the tissue detection.
+        label_downsample: level-0 pixels per pixel of label-image annotations.
+        hflip_jitter: WSI-SAM's shared flip and colour jitter for HR and LR on training patches.
+        augment: an optional batch augmentation on the device (e.g. ``GpuAugment``; it transforms
+            the context view with the same draw).
+        batch_size, eval_batch_size, num_workers: loaders.
+    """
+
+    def __init__(
+        self,
+        train: list[dict[str, Any]] | None = None,
+        val: list[dict[str, Any]] | None = None,
+        test: list[dict[str, Any]] | None = None,
+        *,
+        mpp: float = 1.0,
+        factor: float = 2.0,
+        patch_size: int = 1024,
+        img_size: int = 1024,
+        patches_per_slide: int = 10,
+        eval_patches_per_slide: int = 10,
+        tumour_fraction: float = 0.5,
+        seed: int = 0,
+        prompt: PromptSampler | None = None,
+        eval_prompt: PromptSampler | None = None,
+        slide_mpp: float | None = None,
+        tissue_mpp: float = 16.0,
+        label_downsample: float = 1.0,
+        hflip_jitter: bool = True,
+        augment: BatchAugment | None = None,
+        batch_size: int = 1,
+        eval_batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.entries = {
+            split: _entries(split, entries)
+            for split, entries in (("train", train), ("val", val), ("test", test))
+        }
+        self.common: dict[str, Any] = {
+            "mpp": mpp,
+            "factor": factor,
+            "patch_size": patch_size,
+            "img_size": img_size,
+            "tumour_fraction": tumour_fraction,
+            "seed": seed,
+            "slide_mpp": slide_mpp,
+            "tissue_mpp": tissue_mpp,
+            "label_downsample": label_downsample,
+        }
+        self.patches_per_slide, self.eval_patches_per_slide = patches_per_slide, eval_patches_per_slide
+        self.prompt = prompt if prompt is not None else wsi_sam_prompts()
+        self.eval_prompt = eval_prompt if eval_prompt is not None else wsi_sam_prompts()
+        self.hflip_jitter, self.augment = hflip_jitter, augment
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.datasets: dict[str, SlidePatches] = {}
+
+    def dataset(self, split: str) -> SlidePatches:
+        """The split's patches (built on first use; tissue detection reads each slide once)."""
+        if split not in self.datasets:
+            slides, annotations = self.entries[split]
+            if not slides:
+                raise ValueError(f"SlideDataModule: no slides for '{split}' (set data.init_args.{split}).")
+            train = split == "train"
+            self.datasets[split] = SlidePatches(
+                slides,
+                annotations,
+                patches_per_slide=self.patches_per_slide if train else self.eval_patches_per_slide,
+                prompt=self.prompt if train else self.eval_prompt,
+                augment=self.hflip_jitter and train,
+                **self.common,
+            )
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ())
+        for split in splits:
+            if self.entries[split][0]:
+                self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        if split == "train" and self.trainer is not None:
+            dataset.set_epoch(self.trainer.current_epoch)  # new centres per epoch, the same on resume
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Training patches (centres redrawn each epoch: set ``trainer.reload_dataloaders_every_n_epochs: 1``)."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation patches (fixed), or no validation when ``val`` is empty."""
+        return self._loader("val", shuffle=False) if self.entries["val"][0] else []
+
+    def test_dataloader(self) -> DataLoader:
+        """Test patches (fixed)."""
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: SamBatch, dataloader_idx: int) -> SamBatch:
+        """Apply ``augment`` to training batches, on the device."""
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            batch = self.augment(batch)
+        return batch
+
+    def batch_example(self, split: str = "val", size: int = 2) -> SamBatch:
+        """A collated batch of the first ``size`` patches of ``split``."""
+        dataset = self.dataset(split)
+        return collate([dataset[i] for i in range(min(size, len(dataset)))])
+
+    def __repr__(self) -> str:
+        sizes = {k: len(v[0]) for k, v in self.entries.items()}
+        return f"SlideDataModule(mpp={self.common['mpp']}, factor={self.common['factor']}, slides={sizes})"

@@ -1,0 +1,324 @@
+"""``samflow predict-slide``: segment a whole slide with a two-resolution model (WSI-SAM).
+
+The tissue (Otsu on saturation at a low level) is tiled at the HR mpp with ``tile`` px tiles that
+overlap by ``overlap`` px; each tile goes through the model with its concentric LR context (``factor``
+times the mpp, the same ``tile`` px) and a prompt box covering the whole tile. Tile probabilities
+(sigmoid of the logits) are averaged where tiles overlap. Output in ``--out``:
+
+- ``<slide>_mask.tif``: a pyramidal tiled TIFF (uint8, 255 = tumour) at the HR mpp, levels halving;
+- ``<slide>.geojson``: the mask's polygons in level-0 slide coordinates (QuPath reads them), traced
+  exactly on the coarsest pyramid level at most ``polygon_side`` px wide;
+- with ``--annotations``: Dice of the mask against them (per slide), printed and in ``<slide>.json``.
+
+Memory is bounded by one band of tiles: the logits are stitched in a (tile x width) band that moves
+down the slide, finished rows go to a disk-backed array (``np.memmap``, 1 byte per pixel) in the
+output folder, and the pyramid is built from it band by band. RAM is O(tile x slide width), never the
+full-resolution slide. Tiles are not split across GPUs (one process, one device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from samflow.data.batch import collate
+from samflow.data.wsi.annotations import load_annotations, mask_to_region
+from samflow.data.wsi.patches import pair_item, wsi_sam_prompts
+from samflow.data.wsi.slide import Slide, SlideError
+from samflow.data.wsi.tissue import tissue_mask
+
+_NO_PROMPT = wsi_sam_prompts()  # pair_item draws prompts only with a ground truth; tiles get a box
+
+
+@dataclass(frozen=True)
+class SlidePrediction:
+    mask_path: Path
+    geojson_path: Path
+    shape: tuple[int, int]  # (H, W) of the mask at the HR mpp
+    tiles: int
+    dice: float | None
+
+
+def tile_origins(length: int, tile: int, stride: int) -> list[int]:
+    """Tile starts covering [0, length): 0, stride, 2 stride, ... while the previous tile ends before length."""
+    return [i * stride for i in range(max(1, math.ceil(max(length - tile, 0) / stride) + 1))]
+
+
+def _tile_has_tissue(tissue: np.ndarray, ds: float, x0: float, y0: float, side: float) -> bool:
+    """Whether the level-0 square [x0, x0 + side) x [y0, y0 + side) touches tissue (at its level)."""
+    r0, c0 = max(int(y0 / ds), 0), max(int(x0 / ds), 0)
+    r1, c1 = math.ceil((y0 + side) / ds), math.ceil((x0 + side) / ds)
+    return bool(tissue[r0:r1, c0:c1].any())
+
+
+@torch.no_grad()
+def tile_probabilities(
+    module: Any, slide: Slide, origins: Sequence[tuple[int, int]], *, mpp: float, factor: float, tile: int
+) -> Tensor:
+    """Sigmoid probabilities (N, tile, tile) of the HR tiles starting at ``origins`` (HR pixels)."""
+    size = module.model.img_size
+    pixel = mpp / slide.mpp  # level-0 px per HR px
+    items = []
+    for x0, y0 in origins:
+        centre = ((x0 + tile / 2) * pixel, (y0 + tile / 2) * pixel)
+        hr, lr = slide.read(centre, mpp, tile), slide.read(centre, mpp * factor, tile)
+        item = pair_item(
+            hr,
+            lr,
+            None,
+            None,
+            factor=factor,
+            size=size,
+            sampler=_NO_PROMPT,
+            generator=torch.Generator(),
+            item_id="",
+        )
+        item["box"] = torch.tensor([0.0, 0.0, size - 1.0, size - 1.0])  # the whole tile
+        items.append(item)
+    batch = collate(items).to(module.device)
+    out, _ = module(batch)
+    logits = torch.nn.functional.interpolate(
+        out.pred.float(), size=(tile, tile), mode="bilinear", align_corners=False
+    )
+    return torch.sigmoid(logits[:, 0]).cpu()
+
+
+def _bands(
+    module: Any,
+    slide: Slide,
+    *,
+    mpp: float,
+    factor: float,
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    tissue_mpp: float,
+    advance: Any,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Finished rows of the stitched probability map, (first row, (rows, W) float32), top to bottom."""
+    pixel = mpp / slide.mpp
+    width, height = (math.ceil(d / pixel) for d in slide.dimensions)
+    stride = tile - overlap
+    tissue, ds = tissue_mask(slide, tissue_mpp)
+    xs, ys = tile_origins(width, tile, stride), tile_origins(height, tile, stride)
+    total = np.zeros((tile, xs[-1] + tile), dtype=np.float32)  # the band starting at row ys[k]
+    count = np.zeros_like(total)
+    for k, y0 in enumerate(ys):
+        row = [(x0, y0) for x0 in xs if _tile_has_tissue(tissue, ds, x0 * pixel, y0 * pixel, tile * pixel)]
+        for i in range(0, len(row), batch_size):
+            chunk = row[i : i + batch_size]
+            probs = tile_probabilities(module, slide, chunk, mpp=mpp, factor=factor, tile=tile).numpy()
+            for (x0, _), p in zip(chunk, probs):
+                total[:, x0 : x0 + tile] += p
+                count[:, x0 : x0 + tile] += 1
+            advance(len(chunk))
+        last = k == len(ys) - 1
+        done = min(height - y0, tile) if last else stride  # rows no later tile touches
+        yield y0, np.where(count[:done] > 0, total[:done] / np.maximum(count[:done], 1), 0)[:, :width]
+        if not last:  # keep the overlap rows, move the band down by stride
+            total = np.concatenate([total[stride:], np.zeros((stride, total.shape[1]), np.float32)])
+            count = np.concatenate([count[stride:], np.zeros((stride, count.shape[1]), np.float32)])
+
+
+def _halve(mask: np.ndarray, out: np.ndarray, rows: int = 4096) -> None:
+    """``out`` (ceil(H/2), ceil(W/2)) = 2 x 2 max of ``mask`` (H, W), band by band."""
+    for r in range(0, out.shape[0], rows // 2):
+        part = mask[2 * r : 2 * (r + rows // 2)]
+        h, w = math.ceil(part.shape[0] / 2) * 2, math.ceil(part.shape[1] / 2) * 2
+        padded = np.zeros((h, w), np.uint8)
+        padded[: part.shape[0], : part.shape[1]] = part
+        out[r : r + h // 2] = padded.reshape(h // 2, 2, w // 2, 2).max((1, 3))
+
+
+def _write_pyramid(levels: Sequence[np.ndarray], path: Path, mpp: float) -> None:
+    """A tiled pyramidal TIFF (level 0 with SubIFDs, as slide readers expect); resolution in pixels / cm."""
+    import tifffile
+
+    with tifffile.TiffWriter(path, bigtiff=levels[0].size > 2**31) as tif:
+        for i, level in enumerate(levels):
+            res = 1e4 / (mpp * 2**i)
+            options: dict[str, Any] = {
+                "tile": (256, 256),
+                "compression": "zlib",
+                "resolution": (res, res),
+                "resolutionunit": "CENTIMETER",
+            }
+            if i == 0:
+                tif.write(level, subifds=len(levels) - 1, **options)
+            else:
+                tif.write(level, subfiletype=1, **options)
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """2 |P & G| / (|P| + |G|); 1 when both are empty."""
+    total = int(pred.sum()) + int(gt.sum())
+    return 1.0 if total == 0 else 2 * int((pred & gt).sum()) / total
+
+
+def predict_slide(
+    module: Any,
+    slide_path: str | Path,
+    out: str | Path,
+    *,
+    mpp: float = 1.0,
+    factor: float = 2.0,
+    tile: int = 1024,
+    overlap: int = 128,
+    batch_size: int = 4,
+    threshold: float = 0.5,
+    slide_mpp: float | None = None,
+    tissue_mpp: float = 16.0,
+    annotations: str | Path | None = None,
+    polygon_side: int = 4096,
+    progress: bool = True,
+) -> SlidePrediction:
+    """Segment ``slide_path`` with ``module`` (a ``SamflowModule`` with a two-resolution plugin, in eval
+    mode on its device) and write the mask TIFF and GeoJSON to ``out``; see the module docstring."""
+    if not 0 <= overlap <= tile // 2:
+        raise ValueError(
+            f"predict-slide: --overlap must lie in [0, tile/2] = [0, {tile // 2}], got {overlap}."
+        )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    slide = Slide(slide_path, slide_mpp)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(slide_path).stem
+    pixel = mpp / slide.mpp
+    width, height = (math.ceil(d / pixel) for d in slide.dimensions)
+    stride = tile - overlap
+    xs, ys = tile_origins(width, tile, stride), tile_origins(height, tile, stride)
+    scratch = out / f".{stem}_mask.u8"
+    levels: list[np.ndarray] = [np.memmap(scratch, dtype=np.uint8, mode="w+", shape=(height, width))]
+    columns = [TextColumn(f"predict-slide {stem}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    tiles = 0
+    try:
+        with Progress(*columns, disable=not progress) as bar:
+            task = bar.add_task("tiles", total=len(xs) * len(ys))  # tiles without tissue are skipped
+
+            def advance(n: int) -> None:
+                nonlocal tiles
+                tiles += n
+                bar.advance(task, n)
+
+            for y0, rows in _bands(
+                module,
+                slide,
+                mpp=mpp,
+                factor=factor,
+                tile=tile,
+                overlap=overlap,
+                batch_size=batch_size,
+                tissue_mpp=tissue_mpp,
+                advance=advance,
+            ):
+                levels[0][y0 : y0 + rows.shape[0]] = np.where(rows >= threshold, 255, 0).astype(np.uint8)
+            bar.update(task, completed=len(xs) * len(ys))
+        while min(levels[-1].shape) > 256:
+            h, w = levels[-1].shape
+            levels.append(np.zeros((math.ceil(h / 2), math.ceil(w / 2)), np.uint8))
+            _halve(levels[-2], levels[-1])
+        mask_path = out / f"{stem}_mask.tif"
+        _write_pyramid(levels, mask_path, mpp)
+        coarse = next((i for i, m in enumerate(levels) if max(m.shape) <= polygon_side), len(levels) - 1)
+        coarse_mask = np.asarray(levels[coarse]) > 0
+        down = pixel * 2**coarse  # level-0 px per coarse px
+        region = mask_to_region(coarse_mask, down)
+        geojson_path = out / f"{stem}.geojson"
+        geojson_path.write_text(json.dumps(_feature_collection(region)))
+        score = None
+        if annotations is not None:
+            from samflow.data.wsi.annotations import rasterize_grid
+
+            gt = rasterize_grid(load_annotations(annotations), down, coarse_mask.shape)
+            score = dice(coarse_mask, gt)
+            (out / f"{stem}.json").write_text(
+                json.dumps({"slide": str(slide_path), "dice": score, "mpp": mpp * 2**coarse})
+            )
+    finally:
+        del levels
+        scratch.unlink(missing_ok=True)
+        slide.close()
+    return SlidePrediction(mask_path, geojson_path, (height, width), tiles, score)
+
+
+def _feature_collection(region: Any) -> dict[str, Any]:
+    import shapely
+
+    polygons = [] if region.is_empty else list(getattr(region, "geoms", [region]))
+    features = [
+        {
+            "type": "Feature",
+            "geometry": shapely.geometry.mapping(polygon),
+            "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}},
+        }
+        for polygon in polygons
+    ]
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="samflow predict-slide",
+        description="Segment whole slides with a two-resolution model (WSI-SAM): tissue tiles at the HR "
+        "mpp with LR context, stitched with overlap; writes <slide>_mask.tif (pyramidal) and <slide>.geojson. "
+        "Remaining arguments override the experiment (e.g. --model.sam.checkpoint PATH).",
+    )
+    p.add_argument("slides", nargs="+", help="slide files (pyramidal TIFF, SVS, ...)")
+    p.add_argument("--experiment", required=True, help="the experiment the model was trained with")
+    p.add_argument("--ckpt", help="a checkpoint samflow fit wrote (default: the untrained plugins)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--annotations", nargs="*", help="one annotation file per slide: report Dice per slide")
+    p.add_argument("--mpp", type=float, default=1.0, help="HR microns per pixel (default 1.0, 10x)")
+    p.add_argument("--factor", type=float, default=2.0, help="LR mpp / HR mpp (default 2)")
+    p.add_argument("--slide-mpp", type=float, help="level-0 mpp of slides without metadata")
+    p.add_argument("--tile", type=int, default=1024, help="tile side in HR px (default 1024)")
+    p.add_argument(
+        "--overlap", type=int, default=128, help="tile overlap in HR px, at most tile/2 (default 128)"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask (0.5)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from samflow.embed.command import _build
+    from samflow.predictor import load_trained_state, read_checkpoint_state
+
+    opts, overrides = _parser().parse_known_args(argv)
+    if opts.annotations and len(opts.annotations) != len(opts.slides):
+        raise SlideError(
+            f"predict-slide: {len(opts.slides)} slides but {len(opts.annotations)} --annotations; give one per slide."
+        )
+    module, _ = _build(opts.experiment, overrides)
+    if opts.ckpt:
+        load_trained_state(module.model, read_checkpoint_state(Path(opts.ckpt)), opts.ckpt)
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    module.to(device).eval()
+    for i, path in enumerate(opts.slides):
+        result = predict_slide(
+            module,
+            path,
+            opts.out,
+            mpp=opts.mpp,
+            factor=opts.factor,
+            tile=opts.tile,
+            overlap=opts.overlap,
+            batch_size=opts.batch_size,
+            threshold=opts.threshold,
+            slide_mpp=opts.slide_mpp,
+            annotations=opts.annotations[i] if opts.annotations else None,
+        )
+        line = f"{path}: {result.tiles} tiles -> {result.mask_path}, {result.geojson_path}"
+        print(line + ("" if result.dice is None else f"; Dice {result.dice:.4f}"))
+    return 0
