@@ -40,6 +40,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "samflow.proposals:main",
         "--experiment NAME --out DIR [--split train] [--batch-size N] [--shard-size N] [--overwrite]",
     ),
+    "predict-slide": (
+        "samflow.wsi_predict:main",
+        "SLIDE... --experiment NAME --out DIR [--ckpt PATH] [--annotations FILE...] [--mpp 1.0] [--tile 1024] "
+        "[--overlap 128] [overrides ...]",
+    ),
     "sweep": (
         "samflow.sweep:main",
         "FILE [--backend optuna|wandb] [--trials N] [--storage URL] [--study NAME] [--summary]",
