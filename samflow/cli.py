@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "samflow.export:main",
         "RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]",
     ),
+    "predict --prompts": (
+        "samflow.prompted_predict:main",
+        "FILE --model RUN_OR_CKPT --images DIR --out DIR [--format instances|labels] [--skip-bad] [--overwrite]",
+    ),
     "proposals": (
         "samflow.proposals:main",
         "--experiment NAME --out DIR [--split train] [--batch-size N] [--shard-size N] [--overwrite]",
@@ -60,6 +64,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from samflow.plugins.registry import PluginError
     from samflow.plugins.stack import PluginConflictError
     from samflow.predictor import PredictorError
+    from samflow.prompted_predict import PromptFileError
     from samflow.sam.build import CheckpointError
     from samflow.sam.cache import EncoderCacheError
 
@@ -67,6 +72,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
         DataError,
         ExportError,
         PredictorError,
+        PromptFileError,
         CheckpointError,
         PluginError,
         PluginConflictError,
@@ -346,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args[0] in COMMANDS:
         return run_command(args[0], args[1:])
+    if args[0] == "predict" and any(a == "--prompts" or a.startswith("--prompts=") for a in args):
+        return run_command("predict --prompts", args[1:])  # a trained model on prompts from a file
     if args[0] == "plugins":
         return cmd_plugins()
     if args[0] == "experiments":
