@@ -16,6 +16,7 @@ from helpers import run_samflow
 
 from samflow.cli import PACKAGED, describe, main
 from samflow.data import GpuAugment, SegmentationDataModule, build_prompt
+from samflow.data.wsi import SlideDataModule
 from samflow.losses import build_loss
 from samflow.metrics.registry import build_metrics
 
@@ -157,6 +158,23 @@ RECIPES = {
         val_names=["DIS-VD"],
         test_names=["DIS-VD", "DIS-TE1", "DIS-TE2", "DIS-TE3", "DIS-TE4"],
     ),
+    "wsi_sam_camelyon16": dict(
+        plugin="samflow_plugins.wsi_sam.WSISam",
+        plugin_args={"aggregation": "sum", "error_correction": True, "correct_in_training": False},
+        optimizer="torch.optim.AdamW",
+        lr=1e-3,
+        weight_decay=0.01,
+        scheduler="torch.optim.lr_scheduler.ConstantLR",
+        scheduler_args={"factor": 1.0, "total_iters": 0},
+        max_epochs=20,
+        batch_size=1,
+        variant="vit_b",
+        losses={},
+        metrics=["dice"],
+        data={"mpp": 1.0, "factor": 2.0, "patch_size": 1024, "img_size": 1024, "hflip_jitter": True},
+        train_roots=3,
+        slides=True,  # SlideDataModule: slide entries per split instead of named folder sets
+    ),
 }
 
 
@@ -195,6 +213,14 @@ def test_experiment_resolves_and_everything_it_names_exists(name, tmp_path, caps
     if model["scheduler"]:
         import_object(model["scheduler"]["class_path"])
     init = dict(data["init_args"])
+    if import_object(data["class_path"]) is SlideDataModule:  # slides: the default prompts (WSI-SAM's mix)
+        SlideDataModule(**init)  # builds without opening the (placeholder) slides
+        assert [type(s).__name__ for s in SlideDataModule(**init).prompt.samplers] == [
+            "CentreSizeBoxPrompt",
+            "PointPrompt",
+            "NoisyMaskPrompt",
+        ]
+        return
     assert import_object(data["class_path"]) is SegmentationDataModule
     build_prompt(init["prompt"])
     build_prompt(init["eval_prompt"])
@@ -231,6 +257,9 @@ def test_experiment_keeps_its_recipe(name, tmp_path, capsys, monkeypatch):
     assert recipe["data"].items() <= data.items()
     train = data["train"] if isinstance(data["train"], list) else [data["train"]]
     assert len(train) == recipe["train_roots"]
+    if recipe.get("slides"):
+        assert SlideDataModule(**data).entries["train"][0] == [e["slide"] for e in train]
+        return
     names = SegmentationDataModule(**{**data, "augment": None})
     assert names.val_names == recipe["val_names"] and names.test_names == recipe["test_names"]
 
