@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny_coco import make_tiny_coco
 
-from samflow.data.coco import CocoDataModule, CocoInstances, collate_coco, qc_point
+from samflow.data.coco import CocoDataModule, CocoInstances, collate_coco, qc_point, qc_weights
 from samflow.data.folder import DataError
 
 
@@ -145,3 +145,22 @@ def test_bad_files_name_file_and_key(tmp_path, coco):
     (tmp_path / "images" / "im2.png").unlink()
     with pytest.raises(DataError, match=r"image id 2: file .*im2.png not found"):
         CocoInstances(path, img_size=64)[1]
+
+
+def test_qc_weights_by_hand():
+    """A 9 x 17 box (x 2..18, y 1..9): centre (10, 5); ellipse semi-axes 17/8 = 2.125 and 9/8 = 1.125.
+
+    Inside: dy = 0 with |dx| <= 2, and dy = +-1 with (dx/2.125)^2 <= 1 - (1/1.125)^2 = 0.2099, i.e. dx = 0.
+    Weight exp(-((dx/16)^2 + (dy/8)^2) / 0.125).
+    """
+    m = torch.zeros(12, 22, dtype=torch.bool)
+    m[1:10, 2:19] = True
+    m[5, 11] = False  # a hole: not a candidate
+    xs, ys, w = qc_weights(m)
+    got = sorted(zip(xs.tolist(), ys.tolist(), w.tolist()))
+    expect_xy = [(8, 5), (9, 5), (10, 4), (10, 5), (10, 6), (12, 5)]
+    assert [(x, y) for x, y, _ in got] == expect_xy
+    for x, y, weight in got:
+        assert weight == pytest.approx(
+            np.exp(-(((x - 10) / 16) ** 2 + ((y - 5) / 8) ** 2) / 0.125), rel=1e-12
+        )
