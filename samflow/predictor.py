@@ -27,7 +27,7 @@ prediction of the token SAM's own rule picks.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -407,6 +407,7 @@ class Predictor:
         multimask_output: bool = False,
         return_logits: bool = False,
         image_format: str = "RGB",
+        progress: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """N prompts on an image larger than the model's input, window by window.
 
@@ -424,6 +425,7 @@ class Predictor:
             image: H x W x 3 uint8.
             boxes: (N, 4) xyxy in the image's pixels; point_coords (N, K, 2), point_labels (N, K).
             tile, overlap: window side and overlap in the image's pixels.
+            progress: show a progress bar over the windows (``samflow predict --prompts --tile`` does).
 
         Returns:
             ``(masks (N, C, H, W), scores (N, C))``: boolean masks (logits with ``return_logits``), and
@@ -461,7 +463,7 @@ class Predictor:
         weight = np.zeros((rows, 1, height, width), dtype=np.float32)
         score_sum = np.zeros((rows, channels), dtype=np.float32)
         hits = np.zeros(rows, dtype=np.int64)
-        for y, x, h, w in windows:
+        for y, x, h, w in _tracked(windows, progress):
             inside = (lo[:, 0] >= x) & (lo[:, 1] >= y) & (hi[:, 0] <= x + w - 1) & (hi[:, 1] <= y + h - 1)
             if not inside.any():
                 continue
@@ -508,6 +510,15 @@ class Predictor:
         if self.encoding is None:
             raise PredictorError("No image is set; call set_image(image) before predicting.")
         return self.encoding
+
+
+def _tracked(windows: list[tuple[int, int, int, int]], progress: bool) -> Iterator[tuple[int, int, int, int]]:
+    """``windows`` one by one, under a progress bar over the tiles when ``progress``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        yield from bar.track(windows)
 
 
 def _starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -300,15 +300,24 @@ def _predict_image(
             yield masks[0], float(scores[0])
         predictor.reset_image()
         return
-    for prompt in prompts:  # one prompt at a time: predict_tiled takes one kind of prompt per call
-        if prompt.box is not None:
-            masks, scores = predictor.predict_tiled(image, boxes=prompt.box[None], tile=tile)
-        else:
-            assert prompt.points is not None and prompt.labels is not None
-            masks, scores = predictor.predict_tiled(
-                image, point_coords=prompt.points[None], point_labels=prompt.labels[None], tile=tile
-            )
-        yield masks[0, 0], float(scores[0, 0])  # (N, C, H, W), (N, C)
+    # prompts of one shape (box or not, number of points) are tiled together: each window is encoded
+    # once per group.
+    groups: dict[tuple[bool, int], list[int]] = {}
+    for k, prompt in enumerate(prompts):
+        count = 0 if prompt.points is None else len(prompt.points)
+        groups.setdefault((prompt.box is not None, count), []).append(k)
+    predicted: dict[int, tuple[np.ndarray, float]] = {}
+    for (has_box, count), members in groups.items():
+        chosen = [prompts[k] for k in members]
+        boxes = np.stack([p.box for p in chosen if p.box is not None]) if has_box else None
+        coords = np.stack([p.points for p in chosen if p.points is not None]) if count else None
+        labels = np.stack([p.labels for p in chosen if p.labels is not None]) if count else None
+        masks, scores = predictor.predict_tiled(
+            image, boxes=boxes, point_coords=coords, point_labels=labels, tile=tile, progress=True
+        )
+        for row, k in enumerate(members):  # masks (N, 1, H, W), scores (N, 1)
+            predicted[k] = (masks[row, 0], float(scores[row, 0]))
+    yield from (predicted[k] for k in range(len(prompts)))
 
 
 def predict_prompts(

@@ -170,3 +170,19 @@ def test_refusals_and_skip_bad(trained_run, images, tmp_path, capsys):
     text = capsys.readouterr()
     assert "skipped 1 unreadable" in text.out and "b.png" in text.err
     assert [r["file_name"] for r in json.loads((out / "results.json").read_text())] == ["a.png", "a.png"]
+
+
+def test_tiled_prompts_equal_predict_tiled(trained_run, images, tmp_path):
+    out = tmp_path / "out"
+    args = ["predict", "--prompts", str(prompts_json(tmp_path)), "--model", str(trained_run), "--tile", "32"]
+    assert main([*args, "--images", str(images), "--out", str(out), "--device", "cpu"]) == 0
+    predictor = Predictor.from_run(trained_run, device="cpu")
+    image = np.asarray(Image.open(images / "a.png").convert("RGB"))  # 40 x 30: two 32 px windows across
+    masks, scores = predictor.predict_tiled(image, boxes=np.array([BOX]), tile=32)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "a_0.png")) > 0, masks[0, 0])
+    masks, _ = predictor.predict_tiled(
+        image, point_coords=np.array([POINTS]), point_labels=np.array([[1, 0]]), tile=32
+    )
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "a_1.png")) > 0, masks[0, 0])
+    results = json.loads((out / "results.json").read_text())
+    assert results[0]["score"] == pytest.approx(float(scores[0, 0]), abs=1e-6)
