@@ -189,6 +189,10 @@ class GpuAugment(BatchAugment):
     the frame (``has_box`` turns False for a box moved out of it); points that leave the frame get label
     -1. Inputs are not modified in place.
 
+    A two-resolution batch (``context_image`` / ``context_mask``, WSI-SAM) gets the same flip and the
+    same colour draw on its context view; concentric views stay concentric under flips, so
+    ``context_affine`` holds. The affine step (rotation, scale, translate) is refused for such batches.
+
     Args:
         hflip: probability of a horizontal flip.
         vflip: probability of a vertical flip.
@@ -227,6 +231,7 @@ class GpuAugment(BatchAugment):
                     p=affine_p,
                 )
             )
+        self.has_affine = bool(geometric) and isinstance(geometric[-1], K.RandomAffine)
         self.geometric = K.AugmentationSequential(*geometric, data_keys=None) if geometric else None
         cj = (color_jitter,) * 3 + (0.0,) if isinstance(color_jitter, (int, float)) else tuple(color_jitter)
         if len(cj) != 4:
@@ -242,18 +247,34 @@ class GpuAugment(BatchAugment):
                 "GpuAugment moves prompts with their image and needs one prompt row per image, in order; "
                 f"this batch has {batch.num_rows} rows for {batch.num_images} images."
             )
+        if batch.context_image is not None and self.has_affine:
+            raise ValueError(
+                "GpuAugment: a two-resolution batch (context_image, WSI-SAM) takes flips and colour jitter only; "
+                "rotation, scale and translate would break the concentric geometry (context_affine). Set them "
+                "to 0 / null in data.init_args.augment."
+            )
         if self.geometric is not None:
             batch = self._geometric(batch)
         if self.color is not None:
-            batch = batch.replace(image=self.color(batch.image).clamp(0, 1))
+            changes = {"image": self.color(batch.image).clamp(0, 1)}
+            if batch.context_image is not None:  # the same draw for the context view
+                changes["context_image"] = self.color(batch.context_image, params=self.color._params).clamp(
+                    0, 1
+                )
+            batch = batch.replace(**changes)
         return batch
 
     def _geometric(self, batch: SamBatch) -> SamBatch:
         image = batch.image  # (B, 3, S, S)
         b, _, size, _ = image.shape
-        inputs: dict[str, Tensor] = {"image": image}
+        # concentric views: a flip of both frames keeps the geometry; stacked as channels, one draw
+        context, context_mask = batch.context_image, batch.context_mask
+        inputs: dict[str, Tensor] = {"image": image if context is None else torch.cat([image, context], 1)}
         if batch.mask is not None:
-            inputs["mask"] = batch.mask
+            both = context is not None and context_mask is not None
+            inputs["mask"] = (
+                torch.cat([batch.mask, context_mask], 1) if context_mask is not None and both else batch.mask
+            )
         if batch.mask_prompt is not None:  # (B, 1, S/4, S/4) -> S x S so it shares the image's transform
             inputs["mask_prompt"] = F.interpolate(batch.mask_prompt, size=(size, size), mode="nearest")
         if batch.box is not None:
@@ -262,10 +283,15 @@ class GpuAugment(BatchAugment):
             inputs["keypoints"] = batch.points  # (B, K, 2)
         assert self.geometric is not None  # only called when there is a geometric step
         out = self.geometric(inputs)
-        changes: dict[str, Any] = {"image": out["image"]}
+        changes: dict[str, Any] = {"image": out["image"][:, :3]}
+        if context is not None:
+            changes["context_image"] = out["image"][:, 3:]
         if batch.mask is not None:
-            mask = (out["mask"] > 0.5).to(batch.mask.dtype)
+            moved_masks = (out["mask"] > 0.5).to(batch.mask.dtype)
+            mask = moved_masks[:, :1]
             changes.update(mask=mask, gt_original=list(mask[:, 0] > 0.5))
+            if moved_masks.shape[1] > 1:
+                changes["context_mask"] = moved_masks[:, 1:]
         if batch.mask_prompt is not None:
             low = batch.mask_prompt.shape[-2:]
             moved = F.interpolate(out["mask_prompt"], size=low, mode="area") > 0.5
