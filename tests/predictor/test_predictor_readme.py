@@ -66,3 +66,33 @@ def test_adapter_size_table(plugin):
     assert int(row[1]) == len(tensors)
     assert int(row[2].replace(",", "")) == sum(t.numel() for t in tensors.values())
     assert float(row[3]) == (size if row[4] == "bytes" else round(size / 2**20, 2))
+
+
+def test_command_line_prompts_section_runs(trained_run, tmp_path, monkeypatch, capsys):
+    """The README's `samflow predict --prompts` command on its JSON example, and its CSV example reads
+    the same prompts."""
+    from samflow.prompted_predict import read_prompts
+
+    text = section("Use a trained model")
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    (tmp_path / "runs" / "quickstart" / "version_0").symlink_to(trained_run)
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 140, 3), dtype=np.uint8)).save(
+        tmp_path / "photos" / "photo.jpg"
+    )
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.json").write_text(re.search(r"```json\n(.*?)```", text, flags=re.DOTALL).group(1))
+    (tmp_path / "prompts.csv").write_text(re.search(r"```csv\n(.*?)```", text, flags=re.DOTALL).group(1))
+    command = "samflow predict --model runs/quickstart/version_0 --images photos --prompts prompts.json --out predictions"
+    assert command in text
+    assert main([*command.split()[1:], "--device", "cpu"]) == 0
+    assert sorted(p.name for p in Path("predictions/masks").iterdir()) == ["photo_0.png", "photo_1.png"]
+    assert np.asarray(Image.open("predictions/masks/photo_0.png")).shape == (96, 140)
+    assert "outputs in" in capsys.readouterr().out
+    from_json = read_prompts(Path("prompts.json"), Path("photos"))[0].prompts
+    from_csv = read_prompts(Path("prompts.csv"), Path("photos"))[0].prompts
+    for a, b in zip(from_json, from_csv, strict=True):
+        for key in ("box", "points", "labels"):
+            assert (getattr(a, key) is None) == (getattr(b, key) is None)
+            if getattr(a, key) is not None:
+                np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
