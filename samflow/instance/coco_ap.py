@@ -47,7 +47,7 @@ class CocoMaskAP(MeanAveragePrecision):
             **kwargs,
         )
 
-    def update(  # type: ignore[override]
+    def update(
         self,
         preds: Sequence[tuple[Tensor, Tensor, Tensor] | Mapping[str, Tensor]],
         target: Sequence[Mapping[str, Tensor]],
@@ -62,6 +62,6 @@ class CocoMaskAP(MeanAveragePrecision):
         t = [{**dict(x), "masks": x["masks"].bool(), "labels": x["labels"].long()} for x in target]
         super().update(p, t)
 
-    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+    def compute(self) -> dict[str, Tensor]:
         out = super().compute()
         return {new: torch.as_tensor(out[old]).float() for old, new in COCO_KEYS.items()}

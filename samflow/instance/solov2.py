@@ -26,7 +26,7 @@ positives' masks at stride 8. Inference: 2 x 2 local maxima of the category scor
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,7 @@ class SOLOv2Head(nn.Module):
         self.cate_out = nn.Conv2d(c, num_classes, 3, padding=1)
         self.mask_branch = nn.Sequential(_conv_stack(c + 2, c, 1, gn_groups), nn.Conv2d(c, mask_channels, 1))
         nn.init.normal_(self.cate_out.weight, std=0.01)
-        nn.init.constant_(self.cate_out.bias, -4.59511985)  # prior 0.01
+        nn.init.constant_(self.cate_out.bias, -4.59511985)  # type: ignore[arg-type]  # prior 0.01
         nn.init.normal_(self.kernel_out.weight, std=0.01)
 
     def pyramid(self, x: Tensor) -> list[Tensor]:
@@ -168,31 +168,31 @@ class SOLOv2Head(nn.Module):
         h_in, w_in = input_size
         side = float(max(h_in, w_in))
         out = []
-        n = masks.shape[0]
-        boxes, centres = [], []
-        for i in range(n):
+        found: list[tuple[int, float, float, float, float, float, float]] = []
+        for i in range(masks.shape[0]):  # (i, x0, y0, x1, y1, cy, cx) of the non-empty instances
             ys, xs = torch.nonzero(masks[i], as_tuple=True)
             if ys.numel() == 0:
-                boxes.append(None)
-                centres.append(None)
                 continue
-            y0, y1, x0, x1 = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
-            boxes.append((float(x0), float(y0), float(x1), float(y1)))
-            centres.append((ys.float().mean().item() + 0.5, xs.float().mean().item() + 0.5))
+            found.append(
+                (
+                    i,
+                    float(xs.min()),
+                    float(ys.min()),
+                    float(xs.max()) + 1,
+                    float(ys.max()) + 1,
+                    ys.float().mean().item() + 0.5,
+                    xs.float().mean().item() + 0.5,
+                )
+            )
+        found.sort(key=lambda f: -(f[3] - f[1]) * (f[4] - f[2]))  # larger first: smaller cells win
         for (lo, hi), s in zip(self.scale_ranges, self.num_grids, strict=True):
             cate = torch.full((s, s), self.num_classes, dtype=torch.long)
             pos = torch.zeros((s, s), dtype=torch.bool)
             idx = torch.full((s, s), -1, dtype=torch.long)
-            order = sorted(
-                (i for i in range(n) if boxes[i] is not None),
-                key=lambda i: -((boxes[i][2] - boxes[i][0]) * (boxes[i][3] - boxes[i][1])),  # type: ignore[index]
-            )
-            for i in order:  # larger first, so a smaller instance's cells win
-                x0, y0, x1, y1 = boxes[i]  # type: ignore[misc]
+            for i, x0, y0, x1, y1, cy, cx in found:
                 scale = ((x1 - x0) * (y1 - y0)) ** 0.5 / side
                 if not (lo <= scale <= hi):
                     continue
-                cy, cx = centres[i]  # type: ignore[misc]
                 half_h, half_w = 0.5 * (y1 - y0) * self.sigma, 0.5 * (x1 - x0) * self.sigma
                 ch, cw = int(cy / h_in * s), int(cx / w_in * s)
                 top_b = max(0, int((cy - half_h) / h_in * s))
@@ -216,12 +216,12 @@ class SOLOv2Head(nn.Module):
         [0, num_classes)."""
         cates, kernels, mask_feat = outputs["cate"], outputs["kernel"], outputs["mask_feat"]
         assert isinstance(cates, list) and isinstance(kernels, list) and isinstance(mask_feat, Tensor)
-        h8, w8 = mask_feat.shape[-2:]
-        input_size = (h8 * self.mask_stride, w8 * self.mask_stride)
+        h8, w8 = int(mask_feat.shape[-2]), int(mask_feat.shape[-1])
+        input_size: tuple[int, int] = (int(h8) * self.mask_stride, int(w8) * self.mask_stride)
         cls_preds, cls_targets, dice = [], [], []
         for b, t in enumerate(targets):
             masks = t["masks"].to(mask_feat.device)
-            if masks.shape[-2:] != input_size:
+            if tuple(masks.shape[-2:]) != input_size:
                 raise ValueError(
                     f"SOLOv2Head.loss: target masks of image {b} are {tuple(masks.shape[-2:])}, the "
                     f"input size is {input_size} (embedding x {self.embed_stride}); pad them"
@@ -270,8 +270,8 @@ class SOLOv2Head(nn.Module):
         cates, kernels, mask_feat = outputs["cate"], outputs["kernel"], outputs["mask_feat"]
         assert isinstance(cates, list) and isinstance(kernels, list) and isinstance(mask_feat, Tensor)
         bsz = mask_feat.shape[0]
-        sizes = [image_size] * bsz if isinstance(image_size[0], int) else list(image_size)
-        h8, w8 = mask_feat.shape[-2:]
+        sizes: list[Any] = [image_size] * bsz if isinstance(image_size[0], int) else list(image_size)
+        h8, w8 = int(mask_feat.shape[-2]), int(mask_feat.shape[-1])
         results = []
         for b in range(bsz):
             scores_l, kern_l = [], []
@@ -281,7 +281,7 @@ class SOLOv2Head(nn.Module):
                 scores_l.append((p * keep)[0].permute(1, 2, 0).reshape(-1, self.num_classes))
                 kern_l.append(k[b].permute(1, 2, 0).reshape(-1, k.shape[1]))
             cate_scores, kern = torch.cat(scores_l), torch.cat(kern_l)
-            hi, wi = sizes[b]  # type: ignore[misc]
+            hi, wi = int(sizes[b][0]), int(sizes[b][1])
             empty = (
                 torch.zeros((0, int(hi), int(wi)), dtype=torch.bool, device=mask_feat.device),
                 cate_scores.new_zeros(0),
@@ -316,6 +316,9 @@ class SOLOv2Head(nn.Module):
             probs, scores, label = probs[keep], scores[keep], label[keep]
             order = scores.argsort(descending=True)[: self.max_per_img]
             probs, scores, label = probs[order], scores[order], label[order]
+            if scores.numel() == 0:
+                results.append(empty)
+                continue
             up = F.interpolate(
                 probs[None],
                 size=(h8 * self.mask_stride, w8 * self.mask_stride),
