@@ -19,7 +19,8 @@ k      proposal
 =====  ==========================================================================================
 
 Variants 4-5 add no new hyper-parameter and use only SAM; they differ from 0-3 where a box changes
-SAM's answer. A proposal whose source mask is empty is re-prompted with the point alone (its box is
+SAM's answer. The image encoder runs once per image: the re-prompting pass reads its embedding
+from an ``EncoderCache``. A proposal whose source mask is empty is re-prompted with the point alone (its box is
 left out). Masks are SAM's logits upsampled to the original image (SAM's ``postprocess_masks``) and
 thresholded at 0; stored as compressed RLE; boxes ``[x, y, w, h]`` of the mask (zeros when empty);
 scores SAM's predicted IoU of the token used.
@@ -219,6 +220,7 @@ def write_proposals(
 
     ``max_shards`` stops after computing that many shards (what an interruption leaves).
     """
+    from samflow.sam.cache import EncoderCache
     from samflow.sam.hooked import HookedSam
 
     root = Path(out).expanduser()
@@ -249,7 +251,9 @@ def write_proposals(
         (root / "shards").mkdir(parents=True, exist_ok=True)
         _write_json(manifest_path, manifest)
     barrier()
-    model = HookedSam(sam).to(device).eval()
+    # the second pass (re-prompted boxes) reads the first pass's image embeddings from this cache
+    cache = EncoderCache(max(batch_size, 1), device=device, stages=("eval",))
+    model = HookedSam(sam, encoder_cache=cache).to(device).eval()
     n_shards = -(-len(dataset) // shard_size)
     mine = [i for i in range(n_shards) if i % world == rank]
     todo = [i for i in mine if not (root / "shards" / f"{i:06d}.json").exists()]

@@ -115,3 +115,11 @@ def test_rank_split_gives_the_same_file(tiny_sam, data, tmp_path):
     assert sorted(p.name for p in (root / "shards").glob("*.json")) == ["000001.json"]
     final = write_proposals(root, tiny_sam, data, shard_size=1, rank=0, world=2)
     assert final.read_bytes() == whole.read_bytes()
+
+
+def test_encoder_runs_once_per_image(tiny_sam, data, tmp_path):
+    """The re-prompting pass reads the embeddings of the first pass: one patch embedding per image."""
+    calls: list[int] = []
+    tiny_sam.image_encoder.patch_embed.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
+    write_proposals(tmp_path / "c", tiny_sam, data, batch_size=3, shard_size=3)
+    assert sum(calls) == len(data) == 3
