@@ -200,3 +200,41 @@ def test_label_mask_at_level_1_rasterises_exactly(files, tmp_path):
     assert load_label_mask(tmp_path / "labels.png", 2, labels=[1]).is_empty
     same = load_annotations(tmp_path / "labels.png", label_downsample=2)
     assert same.equals(region)
+
+
+def test_predict_slide_command(files, tmp_path):
+    """`samflow predict-slide` from an experiment: the files, the Dice line; a count mismatch is one line."""
+    from helpers import run_samflow
+
+    common = [
+        "--experiment",
+        "wsi_sam_camelyon16",
+        "--model.sam.variant",
+        "tiny",
+        "--model.sam.checkpoint",
+        "null",
+    ]
+    slide, ann = str(files["slide"]), str(files["geojson"])
+    done = run_samflow(
+        [
+            "predict-slide",
+            slide,
+            *common,
+            "--out",
+            "preds",
+            "--tile",
+            "128",
+            "--overlap",
+            "32",
+            "--annotations",
+            ann,
+        ],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "preds" / "slide_mask.tif").is_file() and (
+        tmp_path / "preds" / "slide.geojson"
+    ).is_file()
+    assert "slide.tif: 9 tiles" in done.stdout and "Dice" in done.stdout
+    bad = run_samflow(["predict-slide", slide, slide, *common, "--out", "p", "--annotations", ann], tmp_path)
+    assert bad.returncode == 1 and "2 slides but 1 --annotations" in bad.stderr + bad.stdout
