@@ -149,5 +149,7 @@ def test_short_training_raises_mask_ap():
         opt.step()
     after = _ap(head, feats, targets)
     print(f"mask AP before {before:.4f} after {after:.4f}")
-    assert 0.0 <= before < 0.05
+    # untrained: kernels ~ 0 give mask probabilities ~ 0.5, none above mask_thr, so no detections at
+    # all, which torchmetrics reports as AP -1 (COCO's 'undefined'); measured after: 0.55
+    assert before < 0.05
     assert after > 0.3
