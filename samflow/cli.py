@@ -46,8 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "predict-slide": (
         "samflow.wsi_predict:main",
-        "SLIDE... --experiment NAME --out DIR [--ckpt PATH] [--annotations FILE...] [--mpp 1.0] [--tile 1024] "
-        "[--overlap 128] [overrides ...]",
+        (
+            "SLIDE... --experiment NAME --out DIR [--ckpt PATH] [--annotations FILE...] [--mpp 1.0] "
+            "[--tile 1024] [--overlap 128] [overrides ...]"
+        ),
     ),
     "sweep": (
         "samflow.sweep:main",
