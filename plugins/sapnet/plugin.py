@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from samflow.plugins.base import DecoderContext, SamBatch, SamOutput, SamPlugin
+from samflow.batch import SamBatch
+from samflow.plugins import DecoderContext, SamPlugin
+from samflow.sam import SamOutput
 
 from .net import SelectionNet
 

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,20 +36,39 @@ from samflow.sweep.spec import SweepError, SweepSpec
 
 HEARTBEAT_S = 30  # a running trial's heartbeat; a trial silent for GRACE_S is taken for dead
 GRACE_S = 120
+STORAGE_TRIES = 5  # opening the storage, for workers that race to create its schema
 DEFAULT_TRIALS = 20  # random and bayes sweeps without --trials or run_cap
 
 
 def open_storage(url: str) -> Any:
     """Optuna's RDB storage for ``url`` (SQLite waits up to 2 min for a lock held by another worker)."""
     import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
-        )
-    except Exception as err:  # noqa: BLE001 - sqlalchemy's errors vary by database
-        raise SweepError(f"--storage {url}: cannot open it: {' '.join(str(err).split())[:300]}") from None
+    for attempt in range(STORAGE_TRIES):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+            )
+        except (IntegrityError, OperationalError) as err:
+            # Workers started together race to create the schema (one wins the alembic_version row or
+            # the CREATE TABLE, the others fail): opened again, the schema is there.
+            if attempt + 1 < STORAGE_TRIES and _schema_race(err):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise SweepError(f"--storage {url}: cannot open it: {' '.join(str(err).split())[:300]}") from None
+        except Exception as err:  # noqa: BLE001 - sqlalchemy's errors vary by database
+            raise SweepError(f"--storage {url}: cannot open it: {' '.join(str(err).split())[:300]}") from None
+    raise AssertionError("unreachable")
+
+
+def _schema_race(err: Exception) -> bool:
+    """Whether ``err`` is another worker creating the study schema at the same moment."""
+    text = str(err).lower()
+    return any(
+        s in text for s in ("alembic_version", "already exists", "database is locked", "unique constraint")
+    )
 
 
 @dataclass
