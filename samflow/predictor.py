@@ -329,7 +329,10 @@ class Predictor:
             )
         if image_format == "BGR":
             array = array[..., ::-1]
-        pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)  # (3, H, W) uint8
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # e.g. np.asarray(PIL image): torch wants its own copy
+            array = array.copy()
+        pixels = torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W) uint8
         original = (int(pixels.shape[1]), int(pixels.shape[2]))
         shape = self.transform.input_size(original)
         size = self.model.img_size

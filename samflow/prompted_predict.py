@@ -20,10 +20,12 @@ Prompt files (the image is named by its file name, or its stem, inside ``--image
 
 Outputs in ``--out``: ``masks/<stem>_<k>.png`` per prompt (``--format instances``, 255 inside) or
 ``labels/<stem>.png`` per image (``--format labels``, 16-bit, prompt k's pixels hold k + 1; where
-prompts overlap the higher score wins), and ``results.json``: COCO results (``image_id``,
-``category_id``, ``segmentation`` as RLE, ``score``: the model's IoU prediction). The output folder may
-not be or hold an input (images, prompt file, masks); existing outputs are refused unless ``--overwrite``;
-an unreadable image stops the run naming it, or with ``--skip-bad`` is reported, skipped and counted.
+prompts overlap the higher score wins), ``results.json``: COCO results (``image_id``,
+``category_id``, ``segmentation`` as RLE, ``score``: the model's IoU prediction), and ``skipped.json``:
+the images skipped as unreadable (``file_name``, ``path``, ``image_id``, ``prompts``, ``error``; an
+empty list when none was). The output folder may not be or hold an input (images, prompt file,
+masks); existing outputs are refused unless ``--overwrite``; an unreadable image stops the run naming
+it, or with ``--skip-bad`` is reported, skipped, listed in ``skipped.json`` and counted at the end.
 """
 
 from __future__ import annotations
@@ -247,8 +249,12 @@ def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     return dict(rle)
 
 
+RESULTS = "results.json"
+SKIPPED = "skipped.json"
+
+
 def planned_outputs(out: Path, entries: list[ImagePrompts], fmt: str) -> list[Path]:
-    files = [out / "results.json"]
+    files = [out / RESULTS, out / SKIPPED]
     for entry in entries:
         stem = entry.image.stem
         if fmt == "labels":
@@ -332,24 +338,27 @@ def predict_prompts(
 ) -> dict[str, Any]:
     """Predict every prompt of ``entries`` and write the outputs (see the module docstring).
 
-    Returns ``{"images": n, "prompts": n, "skipped": [paths], "results": [...], "seconds": s}``.
+    Returns ``{"images": n, "prompts": n, "skipped": [records as in skipped.json], "results": [...],
+    "seconds": s}``.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     results: list[dict[str, Any]] = []
-    skipped: list[Path] = []
+    skipped: list[dict[str, Any]] = []
     done = prompts_done = 0
     start = time.perf_counter()
     columns = [TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}")]
     with Progress(*columns, TimeElapsedColumn(), disable=not progress) as bar:
         task = bar.add_task("images", total=len(entries), rate="")
         for entry in entries:
+            before = len(skipped)
             prompts_done += _one_image(predictor, entry, out, fmt, skip_bad, tile, results, skipped)
-            done += entry.image not in skipped
+            done += len(skipped) == before
             rate = done / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=1, rate=f"{rate:.2f} images/s")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results))
+    (out / RESULTS).write_text(json.dumps(results))
+    (out / SKIPPED).write_text(json.dumps(skipped, indent=1) + "\n")
     return {
         "images": done,
         "prompts": prompts_done,
@@ -367,7 +376,7 @@ def _one_image(
     skip_bad: bool,
     tile: int | None,
     results: list[dict[str, Any]],
-    skipped: list[Path],
+    skipped: list[dict[str, Any]],
 ) -> int:
     """Predict and write one image's prompts; the number of prompts (0 for a skipped image)."""
     try:
@@ -378,7 +387,15 @@ def _one_image(
                 f"cannot read the image {str(entry.image)!r} ({err}); pass --skip-bad to skip it."
             ) from None
         print(f"samflow: skipped unreadable image {entry.image} ({err})", file=sys.stderr)
-        skipped.append(entry.image)
+        skipped.append(
+            {
+                "file_name": entry.image.name,
+                "path": str(entry.image),
+                "image_id": entry.image_id,
+                "prompts": len(entry.prompts),
+                "error": f"{type(err).__name__}: {err}",
+            }
+        )
         return 0
     predicted = list(_predict_image(predictor, image, entry.prompts, tile))
     stem = entry.image.stem
@@ -455,9 +472,12 @@ def main(argv: list[str]) -> int:
         predictor, entries, out, fmt=args.format, skip_bad=args.skip_bad, tile=args.tile
     )
     rate = summary["images"] / max(summary["seconds"], 1e-9)
+    skipped = summary["skipped"]
+    lost = sum(s["prompts"] for s in skipped)
     print(
         f"samflow: predicted {summary['prompts']} prompts on {summary['images']} images ({rate:.2f} images/s); "
-        f"skipped {len(summary['skipped'])} unreadable"
+        f"skipped {len(skipped)} unreadable"
+        + (f" ({lost} prompts not predicted; listed in {out / SKIPPED})" if skipped else "")
     )
     print(f"samflow: model {args.model}")
     print(f"samflow: outputs in {out.resolve()}")

@@ -114,6 +114,8 @@ def test_bgr_reset_and_bad_images(tiny_sam):
 
 def test_from_run_loads_the_trained_weights(trained_run):
     predictor = Predictor.from_run(trained_run, device="cpu")
+    assert not any(m.training for m in predictor.model.modules())  # eval mode, plugins included
+    assert predictor.device == torch.device("cpu")
     with torch.serialization.safe_globals([SamSpec]):
         state = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     trained = {k.removeprefix("model."): v for k, v in state.items()}

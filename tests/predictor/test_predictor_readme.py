@@ -49,17 +49,41 @@ def test_use_a_trained_model_section_runs(trained_run, tmp_path, monkeypatch):
     assert from_export.model.plugins["tokens"].num_tokens == 1  # the exported run's plugins
 
 
+BUILT_IN = [
+    "ba_sam",
+    "decoder_tuning",
+    "hq_sam",
+    "lora",
+    "pa_sam",
+    "sam_adapter",
+    "sapnet",
+    "tokens",
+    "wsi_sam",
+]
+
+
+def test_adapter_size_table_lists_every_built_in_plugin():
+    rows = re.findall(
+        r"^\| `(\w+)` \| \d+ \| [\d,]+ \| [\d.]+ (?:bytes|MiB) \|$",
+        section("Use a trained model"),
+        re.MULTILINE,
+    )
+    built_in = sorted(n for n, info in discover().items() if info.distribution == "samflow")
+    assert rows == built_in == BUILT_IN
+
+
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("plugin", ["ba_sam", "lora", "tokens"])
+@pytest.mark.parametrize("plugin", BUILT_IN)
 def test_adapter_size_table(plugin):
-    """The README's rows (from benchmarks/adapter_sizes.py) for the plugins that are quick to build
-    on vit_b shapes: tensors, values and the file's size (bytes, or MiB to two decimals)."""
+    """The README's row (from benchmarks/adapter_sizes.py) of each built-in plugin on vit_b shapes:
+    tensors, values and the file's size (bytes, or MiB to two decimals)."""
     pattern = rf"^\| `{plugin}` \| (\d+) \| ([\d,]+) \| ([\d.]+) (bytes|MiB) \|$"
     row = re.search(pattern, section("Use a trained model"), flags=re.MULTILINE)
     assert row, plugin
     with torch.device("meta"):
         sam = build_sam("vit_b", seed=None)
     sam = sam.to_empty(device="cpu")
+    torch.manual_seed(0)  # plugins initialise their tensors (values do not change the size)
     model = HookedSam(sam, PluginStack({plugin: discover()[plugin].cls()}))
     tensors = {k: v.detach().contiguous().clone() for k, v in trained_state(model).items()}
     size = len(save(tensors))

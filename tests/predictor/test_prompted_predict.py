@@ -166,10 +166,18 @@ def test_refusals_and_skip_bad(trained_run, images, tmp_path, capsys):
     (images / "b.png").write_bytes(b"not a png")
     assert main([*base, "--out", str(out), "--overwrite"]) == 1
     assert "b.png" in capsys.readouterr().err
+    assert json.loads((out / "skipped.json").read_text()) == []  # the clean run skipped nothing
     assert main([*base, "--out", str(out), "--overwrite", "--skip-bad"]) == 0
     text = capsys.readouterr()
-    assert "skipped 1 unreadable" in text.out and "b.png" in text.err
+    assert "skipped 1 unreadable (1 prompts not predicted; listed in" in text.out and "b.png" in text.err
     assert [r["file_name"] for r in json.loads((out / "results.json").read_text())] == ["a.png", "a.png"]
+    # nothing is lost silently: the skipped image is listed with its id, prompt count and the error
+    (record,) = json.loads((out / "skipped.json").read_text())
+    assert record["file_name"] == "b.png" and record["path"] == str(images / "b.png")
+    assert record["image_id"] == 2 and record["prompts"] == 1 and "Error" in record["error"]
+    # every prompt of the file is either in results.json or counted in skipped.json
+    total = sum(len(v) for v in json.loads(prompts.read_text()).values())
+    assert len(json.loads((out / "results.json").read_text())) + record["prompts"] == total
 
 
 def test_tiled_prompts_equal_predict_tiled(trained_run, images, tmp_path):
