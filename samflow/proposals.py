@@ -46,7 +46,6 @@ i mod N; rank 0 merges after a barrier. (Tested on one process; the split is by 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -59,6 +58,7 @@ from torch import Tensor
 
 from samflow.batch import SamBatch
 from samflow.data.coco import CocoInstances, collate_coco, encode_mask
+from samflow.data.coco_proposals import sam_checksum
 from samflow.data.folder import DataError
 
 PROPOSALS_PER_POINT = 6
@@ -67,17 +67,6 @@ KINDS = ("multimask1", "multimask2", "multimask3", "single", "box_of_best", "box
 
 class ProposalStoreError(DataError):
     """A proposal store that does not belong to this SAM and data, or is unreadable."""
-
-
-def sam_checksum(sam: torch.nn.Module) -> str:
-    """SHA-256 of every weight and buffer of SAM (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    state = sam.state_dict()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def store_key(sam: torch.nn.Module, dataset: CocoInstances) -> dict[str, str]:
@@ -170,7 +159,7 @@ def shard_records(model: Any, dataset: CocoInstances, indices: range, batch_size
         if batch.num_rows == 0:
             continue
         assert batch.boxes_original is not None and batch.ann_ids is not None
-        assert batch.classes is not None and batch.points_original is not None
+        assert batch.category_ids is not None and batch.points_original is not None
         rows, p = _rows_of(batch)
         logits, scores = propose_batch(model, rows.to(device))
         logits, scores = logits.cpu(), scores.cpu()
@@ -184,7 +173,7 @@ def shard_records(model: Any, dataset: CocoInstances, indices: range, batch_size
                     "image_id": batch.image_ids[b],
                     "ann_id": int(batch.ann_ids[inst]),
                     "point_index": j,
-                    "category_id": int(batch.classes[inst]),
+                    "category_id": int(batch.category_ids[inst]),
                     "point": [round(v, 4) for v in batch.points_original[inst, j].tolist()],
                     "true_bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
                     "bbox": [_xywh(m) for m in masks],

@@ -27,6 +27,17 @@ default; their union is still available as ``crowd_mask``), or kept as ordinary 
 they give no prompt row) or kept (``empty="keep"``: they contribute an image and no rows).
 Annotations with an empty mask are dropped (they have no point).
 
+**Classes.** COCO category ids (1..90 with gaps in COCO 2017) become contiguous indices 0..C-1 in
+the order of the sorted ids of the file's ``categories`` list (mmdetection's ``cat2label``; the ids
+found in the annotations when the file has no such list): ``classes`` holds the index and
+``category_ids`` the original id, and ``CocoInstances.category_ids[k]`` maps index k back (for writing
+results with the original ids). An annotation whose id is not in ``categories`` is refused.
+
+**Proposals.** ``proposals=`` the ``proposals.json`` (or folder) that ``samflow proposals`` wrote for
+this data adds each instance's bag of its first point (``samflow.data.coco_proposals``): the batch's
+``proposals`` (N, P, 4) boxes in the input frame, ``proposal_scores`` (N, P) and ``proposal_rles``
+(the P masks as RLE at the original size). A store made for other data is refused with one line.
+
 Coordinates of the batch follow ``samflow.batch``: the S x S input frame, pixel units; the
 ``*_original`` fields keep original pixel coordinates, boxes xyxy inclusive of the last pixel's
 index (``x1 = max column``).
@@ -47,6 +58,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from samflow.batch import SamBatch
+from samflow.data.coco_proposals import ProposalBags, sam_checksum
 from samflow.data.folder import DataError, read_image
 from samflow.data.transforms import scale_boxes, scale_coords, to_input_frame
 
@@ -173,10 +185,14 @@ class CocoInstances(Dataset):
         crowd: ``"skip"`` or ``"keep"`` the ``iscrowd`` annotations.
         empty: ``"skip"`` or ``"keep"`` images without instances.
         resize_mode: ``"longest"`` (SAM's) or ``"stretch"``.
+        proposals: ``proposals.json`` (or its store folder) of ``samflow proposals`` for this data; its
+            key must match (module docstring).
 
     Item keys: ``image`` (3, S, S), ``input_size``, ``original_size``, ``id``, ``path``, ``image_id``,
-    ``instance_masks`` bool (M, H, W), ``boxes`` (M, 4) xyxy, ``classes`` (M,), ``ann_ids`` (M,),
-    ``points`` (M, P, 2) (all original coordinates), ``crowd_mask`` bool (H, W).
+    ``instance_masks`` bool (M, H, W), ``boxes`` (M, 4) xyxy, ``classes`` (M,) contiguous indices,
+    ``category_ids`` (M,) COCO ids, ``ann_ids`` (M,), ``points`` (M, P, 2) (all original coordinates),
+    ``crowd_mask`` bool (H, W); with ``proposals``: ``proposal_boxes`` (M, K, 4) xyxy (exclusive ends,
+    original pixels), ``proposal_scores`` (M, K), ``proposal_rles`` (M lists of K RLE dicts).
     """
 
     def __init__(
@@ -191,6 +207,7 @@ class CocoInstances(Dataset):
         crowd: Literal["skip", "keep"] = "skip",
         empty: Literal["skip", "keep"] = "skip",
         resize_mode: Literal["longest", "stretch"] = "longest",
+        proposals: str | Path | None = None,
     ) -> None:
         self.file = Path(annotations).expanduser()
         self.root = Path(images).expanduser() if images is not None else self.file.parent
@@ -216,12 +233,24 @@ class CocoInstances(Dataset):
             if not isinstance(data.get(key), list):
                 raise DataError(f"{self.file}: no '{key}' list; is this a COCO instances file?")
         self.categories = {int(c["id"]): c.get("name", str(c["id"])) for c in data.get("categories", [])}
+        listed = bool(self.categories)
         by_image: dict[int, list[dict[str, Any]]] = {}
         for i, ann in enumerate(data["annotations"]):
             for key in ("image_id", "segmentation", "category_id"):
                 if key not in ann:
                     raise DataError(f"{self.file}: annotations[{i}] (id {ann.get('id')}) has no '{key}'.")
+            cat = int(ann["category_id"])
+            if cat not in self.categories:
+                if listed:
+                    raise DataError(
+                        f"{self.file}: annotations[{i}] (id {ann.get('id')}) has category_id {cat}, which is "
+                        "not in the file's 'categories'; add it there or fix the annotation."
+                    )
+                self.categories[cat] = str(cat)
             by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        #: COCO category id of each class index 0..C-1 (sorted ids), and the inverse map.
+        self.category_ids: list[int] = sorted(self.categories)
+        self.label_of: dict[int, int] = {c: k for k, c in enumerate(self.category_ids)}
         self.images: list[dict[str, Any]] = []
         self.anns: list[list[dict[str, Any]]] = []
         for i, img in enumerate(data["images"]):
@@ -237,6 +266,11 @@ class CocoInstances(Dataset):
         self.fingerprint = hashlib.sha256(
             f"{file_digest(self.file)}|{points}|{points_per_instance}|{point_key}|{seed}|{crowd}|{empty}".encode()
         ).hexdigest()
+        self.proposals = (
+            ProposalBags(proposals, self.fingerprint, img_size, resize_mode)
+            if proposals is not None
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -250,6 +284,7 @@ class CocoInstances(Dataset):
         classes: list[int] = []
         ann_ids: list[int] = []
         points: list[Tensor] = []
+        bags: list[tuple[Tensor, Tensor, list[dict[str, Any]]]] = []
         crowd = np.zeros((h, w), dtype=bool)
         for ann in anns:
             where = f"{self.file}: annotation id {ann.get('id')} (image id {img['id']})"
@@ -266,15 +301,24 @@ class CocoInstances(Dataset):
             classes.append(int(ann["category_id"]))
             ann_ids.append(int(ann.get("id", len(ann_ids))))
             points.append(self._points(m, ann, where, int(img["id"]), ann_ids[-1]))
+            if self.proposals is not None:
+                bags.append(self.proposals.bag(ann_ids[-1], 0, where))
         n, p = len(masks), self.points_per_instance
-        return {
+        item: dict[str, Any] = {
             "instance_masks": torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool),
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
-            "classes": torch.tensor(classes, dtype=torch.long),
+            "classes": torch.tensor([self.label_of[c] for c in classes], dtype=torch.long),
+            "category_ids": torch.tensor(classes, dtype=torch.long),
             "ann_ids": torch.tensor(ann_ids, dtype=torch.long),
             "points": torch.stack(points).float() if points else torch.zeros(0, p, 2),
             "crowd_mask": torch.from_numpy(crowd),
         }
+        if self.proposals is not None:
+            k = self.proposals.per_point
+            item["proposal_boxes"] = torch.stack([b[0] for b in bags]) if bags else torch.zeros(0, k, 4)
+            item["proposal_scores"] = torch.stack([b[1] for b in bags]) if bags else torch.zeros(0, k)
+            item["proposal_rles"] = [b[2] for b in bags]
+        return item
 
     def _points(self, mask: Tensor, ann: dict[str, Any], where: str, image_id: int, ann_id: int) -> Tensor:
         p = self.points_per_instance
@@ -327,20 +371,37 @@ class CocoBatch(SamBatch):
 
     ``mask`` / ``gt_original`` hold the union of each image's instances; ``row_mask`` gives each row
     its own instance. Extra fields (N rows, P points per row):
-    ``instance_mask`` float (N, 1, S, S), ``classes`` long (N,), ``ann_ids`` long (N,),
-    ``points_original`` (N, P, 2), ``boxes_original`` (N, 4) xyxy, ``instance_masks`` list of B bool
-    (M_b, H_b, W_b) at the original resolution, ``image_ids`` list of B ints.
+    ``instance_mask`` float (N, 1, S, S), ``classes`` long (N,) contiguous indices 0..C-1,
+    ``category_ids`` long (N,) the COCO ids, ``ann_ids`` long (N,), ``points_original`` (N, P, 2),
+    ``boxes_original`` (N, 4) xyxy, ``instance_masks`` list of B bool (M_b, H_b, W_b) at the original
+    resolution, ``image_ids`` list of B ints. With a proposal store (K proposals per point, of each
+    row's first point): ``proposals`` (N, K, 4) xyxy boxes in the S x S frame (exclusive ends),
+    ``proposal_scores`` (N, K) SAM's predicted IoU, ``proposal_rles`` N lists of K RLE dicts (the masks
+    at the original resolution, decoded only where needed).
     """
 
     instance_mask: Tensor | None = None
     classes: Tensor | None = None
+    category_ids: Tensor | None = None
     ann_ids: Tensor | None = None
     points_original: Tensor | None = None
     boxes_original: Tensor | None = None
+    proposals: Tensor | None = None
+    proposal_scores: Tensor | None = None
+    proposal_rles: list[list[dict[str, Any]]] | None = None
     instance_masks: list[Tensor] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
 
-    _ROW_FIELDS = ("instance_mask", "classes", "ann_ids", "points_original", "boxes_original")
+    _ROW_FIELDS = (
+        "instance_mask",
+        "classes",
+        "category_ids",
+        "ann_ids",
+        "points_original",
+        "boxes_original",
+        "proposals",
+        "proposal_scores",
+    )
 
     @property
     def row_mask(self) -> Tensor:
@@ -351,9 +412,11 @@ class CocoBatch(SamBatch):
     def select_rows(self, rows: Tensor | list[int]) -> CocoBatch:
         out = super().select_rows(rows)
         index = torch.as_tensor(rows, dtype=torch.long)
-        changes = {
+        changes: dict[str, Any] = {
             name: getattr(self, name)[index] for name in self._ROW_FIELDS if getattr(self, name) is not None
         }
+        if self.proposal_rles is not None:
+            changes["proposal_rles"] = [self.proposal_rles[i] for i in index.tolist()]
         return out.replace(**changes)  # type: ignore[return-value]
 
 
@@ -362,7 +425,8 @@ def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
     if not items:
         raise ValueError("collate_coco: empty list of items.")
     s = items[0]["image"].shape[-1]
-    rows_index, points, boxes, inst = [], [], [], []
+    rows_index, points, boxes, inst, props = [], [], [], [], []
+    with_proposals = "proposal_boxes" in items[0]
     for b, item in enumerate(items):
         m = len(item["classes"])
         orig, size = item["original_size"].tolist(), item["input_size"].tolist()
@@ -370,6 +434,8 @@ def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
         points.append(scale_coords(item["points"], orig, size))
         box = scale_boxes(item["boxes"], orig, size)
         boxes.append(box)
+        if with_proposals:
+            props.append(scale_boxes(item["proposal_boxes"], orig, size))
         if m:
             resized, _ = to_input_frame(
                 item["instance_masks"][:, None].float(), s, "longest", "nearest-exact"
@@ -383,6 +449,13 @@ def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
     image_index = torch.cat(rows_index)
     union = torch.zeros(len(items), 1, s, s)
     union.index_put_((image_index,), instance_mask, accumulate=True)
+    proposal_fields: dict[str, Any] = {}
+    if with_proposals:
+        proposal_fields = {
+            "proposals": torch.cat(props),
+            "proposal_scores": torch.cat([item["proposal_scores"] for item in items]),
+            "proposal_rles": [rles for item in items for rles in item["proposal_rles"]],
+        }
     return CocoBatch(
         image=torch.stack([item["image"] for item in items]),
         input_size=torch.stack([item["input_size"] for item in items]).long(),
@@ -397,11 +470,13 @@ def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
         box=torch.cat(boxes),
         instance_mask=instance_mask,
         classes=torch.cat([item["classes"] for item in items]),
+        category_ids=torch.cat([item["category_ids"] for item in items]),
         ann_ids=torch.cat([item["ann_ids"] for item in items]),
         points_original=torch.cat([item["points"] for item in items]),
         boxes_original=torch.cat([item["boxes"] for item in items]),
         instance_masks=[item["instance_masks"] for item in items],
         image_ids=[item["image_id"] for item in items],
+        **proposal_fields,
     )
 
 
@@ -414,6 +489,10 @@ class CocoDataModule(L.LightningDataModule):
         img_size, points, points_per_instance, point_key, seed, crowd, empty: see ``CocoInstances``.
         batch_size: images per batch (every instance of an image is a row of the batch).
         num_workers: data-loader worker processes.
+        proposals: the ``proposals.json`` (or store folder) of ``samflow proposals`` for the train split:
+            each row then carries its proposal bag (``CocoBatch.proposals``, SAPNet's input). Refused
+            when made for other data, or (in ``setup``, when the run's module is a SAM model) by
+            another SAM.
     """
 
     def __init__(
@@ -431,9 +510,11 @@ class CocoDataModule(L.LightningDataModule):
         empty: Literal["skip", "keep"] = "skip",
         batch_size: int = 2,
         num_workers: int = 0,
+        proposals: str | None = None,
     ) -> None:
         super().__init__()
         self.splits = {"train": train, "val": val, "test": test, "predict": predict}
+        self.proposals = proposals
         self.options = {
             "img_size": img_size,
             "points": points,
@@ -452,13 +533,29 @@ class CocoDataModule(L.LightningDataModule):
             spec = self.splits.get(split)
             if not spec or "annotations" not in spec:
                 raise DataError(f"data.{split}: give {{annotations: FILE, images: FOLDER}} for COCO data.")
-            self.datasets[split] = CocoInstances(spec["annotations"], spec.get("images"), **self.options)  # type: ignore[arg-type]
+            options: dict[str, Any] = dict(self.options)
+            if split == "train" and self.proposals:
+                options["proposals"] = self.proposals
+            self.datasets[split] = CocoInstances(spec["annotations"], spec.get("images"), **options)
         return self.datasets[split]
+
+    @property
+    def category_ids(self) -> list[int]:
+        """COCO category id of each class index, from the first split set (train, val, test, predict)."""
+        for split, spec in self.splits.items():
+            if spec:
+                return self.dataset(split).category_ids
+        return []
 
     def setup(self, stage: str | None = None) -> None:
         for split, spec in self.splits.items():
             if spec:
                 self.dataset(split)
+        train = self.datasets.get("train")
+        if train is not None and train.proposals is not None and stage in (None, "fit"):
+            sam = _run_sam(self)
+            if sam is not None:
+                train.proposals.check_sam(sam_checksum(sam), "the experiment's model.sam")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
@@ -482,3 +579,11 @@ class CocoDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", False)
+
+
+def _run_sam(datamodule: L.LightningDataModule) -> torch.nn.Module | None:
+    """The SAM of the module the data module's trainer runs (``module.model.sam``), if there is one."""
+    trainer = getattr(datamodule, "trainer", None)
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    sam = getattr(getattr(module, "model", None), "sam", None)
+    return sam if isinstance(sam, torch.nn.Module) else None

@@ -30,7 +30,8 @@ def test_masks_decode_exactly_and_boxes_classes(coco):
             assert np.array_equal(m.numpy(), truth[img_id][a])
             ys, xs = np.nonzero(truth[img_id][a])
             assert box.tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
-        assert inst["classes"].tolist() == [1, 2, 1]
+        assert inst["classes"].tolist() == [0, 1, 0]  # category ids 1, 2 -> indices 0, 1
+        assert inst["category_ids"].tolist() == [1, 2, 1]
     # the polygon rectangle of image 1 covers exactly 28 x 20 pixels
     assert int(ds.instances(0)["instance_masks"][0].sum()) == 28 * 20
     assert int(ds.instances(0)["crowd_mask"].sum()) == 80
@@ -111,7 +112,7 @@ def test_batch_shapes_and_rows(coco):
     # the union mask of an image is the union of its rows
     assert torch.equal(batch.mask[1, 0] > 0, batch.instance_mask[3:6, 0].amax(0) > 0)
     sub = batch.select_images([2])
-    assert sub.num_rows == 3 and sub.classes.tolist() == [1, 2, 1] and sub.instance_mask.shape[0] == 3
+    assert sub.num_rows == 3 and sub.classes.tolist() == [0, 1, 0] and sub.instance_mask.shape[0] == 3
 
 
 def test_datamodule_loader(coco):
@@ -164,3 +165,33 @@ def test_qc_weights_by_hand():
         assert weight == pytest.approx(
             np.exp(-(((x - 10) / 16) ** 2 + ((y - 5) / 8) ** 2) / 0.125), rel=1e-12
         )
+
+
+def test_category_ids_map_to_contiguous_indices(tmp_path, coco):
+    path, _ = coco
+    data = json.loads(path.read_text())
+    new_id = {1: 90, 2: 7}  # COCO-like gaps, listed out of order
+    data["categories"] = [
+        {"id": 90, "name": "thing"},
+        {"id": 7, "name": "disc"},
+        {"id": 13, "name": "unused"},
+    ]
+    for ann in data["annotations"]:
+        ann["category_id"] = new_id[ann["category_id"]]
+    gapped = tmp_path / "gapped.json"
+    gapped.write_text(json.dumps(data))
+    ds = CocoInstances(gapped, img_size=64)
+    assert ds.category_ids == [7, 13, 90] and ds.label_of == {7: 0, 13: 1, 90: 2}
+    batch = collate_coco([ds[0]])
+    assert batch.category_ids.tolist() == [90, 7, 90] and batch.classes.tolist() == [2, 0, 2]
+    assert [ds.category_ids[k] for k in batch.classes.tolist()] == batch.category_ids.tolist()
+    assert CocoDataModule(train={"annotations": str(gapped)}).category_ids == [7, 13, 90]
+    data["annotations"][1]["category_id"] = 5
+    gapped.write_text(json.dumps(data))
+    with pytest.raises(
+        DataError, match=r"gapped.json: annotations\[1\] \(id 2\) has category_id 5, which is not"
+    ):
+        CocoInstances(gapped, img_size=64)
+    del data["categories"]  # no list: the ids found in the annotations
+    gapped.write_text(json.dumps(data))
+    assert CocoInstances(gapped, img_size=64).category_ids == [5, 7, 90]
