@@ -10,10 +10,18 @@ times the mpp, the same ``tile`` px) and a prompt box covering the whole tile. T
   exactly on the coarsest pyramid level at most ``polygon_side`` px wide;
 - with ``--annotations``: Dice of the mask against them (per slide), printed and in ``<slide>.json``.
 
-Memory is bounded by one band of tiles: the logits are stitched in a (tile x width) band that moves
-down the slide, finished rows go to a disk-backed array (``np.memmap``, 1 byte per pixel) in the
-output folder, and the pyramid is built from it band by band. RAM is O(tile x slide width), never the
-full-resolution slide. Tiles are not split across GPUs (one process, one device).
+Memory is bounded by one band of tiles: the probabilities are stitched in a (tile x width) band that
+moves down the slide, finished rows go to a disk-backed array (``np.memmap``, 1 byte per pixel) in
+the output folder, and every pyramid level is a disk-backed array too, built band by band. RAM is
+O(tile x slide width) plus a few tiles, never the slide's area (measured in
+``tests/wsi/test_wsi_predict_memory.py``).
+
+Several processes (``torchrun --nproc_per_node N -m samflow predict-slide ...``; ``torch.distributed``,
+NCCL on GPUs with a gloo group for the tiles, gloo on CPUs) split the tiles: the tissue tiles are
+cut into batches of ``batch_size`` in the order one process runs them, batch g runs on process
+g mod N, and after each round of N batches process 0 gathers their probabilities and stitches them
+in that order. Every tile is computed in the same batch as in one process and added in the same
+order, so the written TIFF, GeoJSON and Dice are those of one process; process 0 writes them.
 """
 
 from __future__ import annotations
@@ -44,8 +52,9 @@ class SlidePrediction:
     mask_path: Path
     geojson_path: Path
     shape: tuple[int, int]  # (H, W) of the mask at the HR mpp
-    tiles: int
+    tiles: int  # tissue tiles of the slide
     dice: float | None
+    ran: int = 0  # tiles this process ran through the model (all of them in one process)
 
 
 def tile_origins(length: int, tile: int, stride: int) -> list[int]:
@@ -92,44 +101,102 @@ def tile_probabilities(
     return torch.sigmoid(logits[:, 0]).cpu()
 
 
-def _bands(
-    module: Any,
-    slide: Slide,
-    *,
-    mpp: float,
-    factor: float,
-    tile: int,
-    overlap: int,
-    batch_size: int,
-    tissue_mpp: float,
-    advance: Any,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Finished rows of the stitched probability map, (first row, (rows, W) float32), top to bottom."""
+Chunk = tuple[int, list[tuple[int, int]]]  # (tile row k, HR origins of one batch of tiles in that row)
+
+
+def tile_chunks(
+    slide: Slide, *, mpp: float, tile: int, overlap: int, batch_size: int, tissue_mpp: float
+) -> tuple[list[int], list[int], list[Chunk]]:
+    """(x origins, y origins, batches of tissue tiles in the order one process runs them: row by row,
+    left to right, ``batch_size`` tiles of one row at a time)."""
     pixel = mpp / slide.mpp
     width, height = (math.ceil(d / pixel) for d in slide.dimensions)
     stride = tile - overlap
     tissue, ds = tissue_mask(slide, tissue_mpp)
     xs, ys = tile_origins(width, tile, stride), tile_origins(height, tile, stride)
-    total = np.zeros((tile, xs[-1] + tile), dtype=np.float32)  # the band starting at row ys[k]
-    count = np.zeros_like(total)
+    chunks: list[Chunk] = []
     for k, y0 in enumerate(ys):
         row = [(x0, y0) for x0 in xs if _tile_has_tissue(tissue, ds, x0 * pixel, y0 * pixel, tile * pixel)]
-        for i in range(0, len(row), batch_size):
-            chunk = row[i : i + batch_size]
-            probs = tile_probabilities(module, slide, chunk, mpp=mpp, factor=factor, tile=tile).numpy()
+        chunks += [(k, row[i : i + batch_size]) for i in range(0, len(row), batch_size)]
+    return xs, ys, chunks
+
+
+def _distributed(group: Any = None) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (the default group), (0, 1) without torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _chunk_probabilities(
+    module: Any,
+    slide: Slide,
+    chunks: Sequence[Chunk],
+    *,
+    mpp: float,
+    factor: float,
+    tile: int,
+    group: Any = None,
+) -> Iterator[tuple[int, np.ndarray | None]]:
+    """(index of the chunk, its probabilities (n, tile, tile)) for every chunk, in order, on process 0.
+
+    Chunk g runs on process g mod N; after each round of N chunks process 0 gathers the round's
+    results (``gather_object`` in ``group``). Other processes yield (g, None) for the chunks they ran.
+    """
+    import torch.distributed as dist
+
+    rank, world = _distributed(group)
+    for start in range(0, len(chunks), world):
+        g = start + rank
+        mine = None
+        if g < len(chunks):
+            mine = tile_probabilities(module, slide, chunks[g][1], mpp=mpp, factor=factor, tile=tile).numpy()
+        if world == 1:
+            yield g, mine
+            continue
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=dist.get_global_rank(group, 0) if group else 0, group=group)
+        if rank == 0:
+            assert gathered is not None
+            yield from ((start + r, gathered[r]) for r in range(min(world, len(chunks) - start)))
+        elif mine is not None:
+            yield g, None
+
+
+def _bands(
+    probabilities: Iterator[tuple[Chunk, np.ndarray]],
+    xs: Sequence[int],
+    ys: Sequence[int],
+    *,
+    width: int,
+    height: int,
+    tile: int,
+    overlap: int,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Finished rows of the stitched probability map, (first row, (rows, W) float32), top to bottom,
+    from the tiles' probabilities in tile-row order."""
+    stride = tile - overlap
+    total = np.zeros((tile, xs[-1] + tile), dtype=np.float32)  # the band starting at row ys[k]
+    count = np.zeros(total.shape, dtype=np.uint8)  # at most 4 tiles cover a pixel (overlap <= tile/2)
+    pending = next(probabilities, None)
+    for k, y0 in enumerate(ys):
+        while pending is not None and pending[0][0] == k:
+            (_, chunk), probs = pending
             for (x0, _), p in zip(chunk, probs):
                 total[:, x0 : x0 + tile] += p
                 count[:, x0 : x0 + tile] += 1
-            advance(len(chunk))
+            pending = next(probabilities, None)
         last = k == len(ys) - 1
         done = min(height - y0, tile) if last else stride  # rows no later tile touches
         yield y0, np.where(count[:done] > 0, total[:done] / np.maximum(count[:done], 1), 0)[:, :width]
         if not last:  # keep the overlap rows, move the band down by stride
-            total = np.concatenate([total[stride:], np.zeros((stride, total.shape[1]), np.float32)])
-            count = np.concatenate([count[stride:], np.zeros((stride, count.shape[1]), np.float32)])
+            total[:overlap], total[overlap:] = total[stride:], 0
+            count[:overlap], count[overlap:] = count[stride:], 0
 
 
-def _halve(mask: np.ndarray, out: np.ndarray, rows: int = 4096) -> None:
+def _halve(mask: np.ndarray, out: np.ndarray, rows: int = 512) -> None:
     """``out`` (ceil(H/2), ceil(W/2)) = 2 x 2 max of ``mask`` (H, W), band by band."""
     for r in range(0, out.shape[0], rows // 2):
         part = mask[2 * r : 2 * (r + rows // 2)]
@@ -180,62 +247,72 @@ def predict_slide(
     annotations: str | Path | None = None,
     polygon_side: int = 4096,
     progress: bool = True,
+    group: Any = None,
 ) -> SlidePrediction:
     """Segment ``slide_path`` with ``module`` (a ``SamflowModule`` with a two-resolution plugin, in eval
-    mode on its device) and write the mask TIFF and GeoJSON to ``out``; see the module docstring."""
+    mode on its device) and write the mask TIFF and GeoJSON to ``out``; see the module docstring.
+
+    Under ``torch.distributed`` every process of ``group`` (default: the default group; a gloo group
+    when that is NCCL) calls this with the same arguments: they split the tiles, process 0 writes,
+    and all return the same result (``ran``: the tiles this process ran)."""
     if not 0 <= overlap <= tile // 2:
         raise ValueError(
             f"predict-slide: --overlap must lie in [0, tile/2] = [0, {tile // 2}], got {overlap}."
         )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    rank, world = _distributed(group)
     slide = Slide(slide_path, slide_mpp)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = Path(slide_path).stem
     pixel = mpp / slide.mpp
     width, height = (math.ceil(d / pixel) for d in slide.dimensions)
-    stride = tile - overlap
-    xs, ys = tile_origins(width, tile, stride), tile_origins(height, tile, stride)
-    scratch = out / f".{stem}_mask.u8"
-    levels: list[np.ndarray] = [np.memmap(scratch, dtype=np.uint8, mode="w+", shape=(height, width))]
+    xs, ys, chunks = tile_chunks(
+        slide, mpp=mpp, tile=tile, overlap=overlap, batch_size=batch_size, tissue_mpp=tissue_mpp
+    )
+    tiles = sum(len(chunk) for _, chunk in chunks)
+    stream = _chunk_probabilities(module, slide, chunks, mpp=mpp, factor=factor, tile=tile, group=group)
+    mask_path, geojson_path = out / f"{stem}_mask.tif", out / f"{stem}.geojson"
+    ran, score = 0, None
+    if rank != 0:  # run this process's tiles; process 0 stitches and writes
+        for g, _ in stream:
+            ran += len(chunks[g][1])
+        slide.close()
+        score = _share(score, group)
+        return SlidePrediction(mask_path, geojson_path, (height, width), tiles, score, ran)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = [out / f".{stem}_mask.u8"]
+    levels: list[np.ndarray] = [np.memmap(scratch[0], dtype=np.uint8, mode="w+", shape=(height, width))]
     columns = [TextColumn(f"predict-slide {stem}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    tiles = 0
     try:
         with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task("tiles", total=len(xs) * len(ys))  # tiles without tissue are skipped
+            task = bar.add_task("tiles", total=tiles)
 
-            def advance(n: int) -> None:
-                nonlocal tiles
-                tiles += n
-                bar.advance(task, n)
+            def gathered() -> Iterator[tuple[Chunk, np.ndarray]]:
+                nonlocal ran
+                for g, probs in stream:
+                    assert probs is not None
+                    ran += len(chunks[g][1]) if g % world == 0 else 0
+                    bar.advance(task, len(chunks[g][1]))
+                    yield chunks[g], probs
 
-            for y0, rows in _bands(
-                module,
-                slide,
-                mpp=mpp,
-                factor=factor,
-                tile=tile,
-                overlap=overlap,
-                batch_size=batch_size,
-                tissue_mpp=tissue_mpp,
-                advance=advance,
-            ):
-                levels[0][y0 : y0 + rows.shape[0]] = np.where(rows >= threshold, 255, 0).astype(np.uint8)
-            bar.update(task, completed=len(xs) * len(ys))
-        while min(levels[-1].shape) > 256:
+            bands = _bands(gathered(), xs, ys, width=width, height=height, tile=tile, overlap=overlap)
+            for y0, rows in bands:
+                dest = levels[0][y0 : y0 + rows.shape[0]]
+                dest[...] = rows >= threshold
+                dest *= 255
+        while min(levels[-1].shape) > 256:  # levels halving, each a disk-backed array
             h, w = levels[-1].shape
-            levels.append(np.zeros((math.ceil(h / 2), math.ceil(w / 2)), np.uint8))
+            scratch.append(out / f".{stem}_mask.{len(levels)}.u8")
+            shape = (math.ceil(h / 2), math.ceil(w / 2))
+            levels.append(np.memmap(scratch[-1], dtype=np.uint8, mode="w+", shape=shape))
             _halve(levels[-2], levels[-1])
-        mask_path = out / f"{stem}_mask.tif"
         _write_pyramid(levels, mask_path, mpp)
         coarse = next((i for i, m in enumerate(levels) if max(m.shape) <= polygon_side), len(levels) - 1)
         coarse_mask = np.asarray(levels[coarse]) > 0
         down = pixel * 2**coarse  # level-0 px per coarse px
         region = mask_to_region(coarse_mask, down)
-        geojson_path = out / f"{stem}.geojson"
         geojson_path.write_text(json.dumps(_feature_collection(region)))
-        score = None
         if annotations is not None:
             from samflow.data.wsi.annotations import rasterize_grid
 
@@ -246,9 +323,22 @@ def predict_slide(
             )
     finally:
         del levels
-        scratch.unlink(missing_ok=True)
+        for path in scratch:
+            path.unlink(missing_ok=True)
         slide.close()
-    return SlidePrediction(mask_path, geojson_path, (height, width), tiles, score)
+    score = _share(score, group)
+    return SlidePrediction(mask_path, geojson_path, (height, width), tiles, score, ran)
+
+
+def _share(score: float | None, group: Any) -> float | None:
+    """Process 0's Dice on every process (and a barrier: process 0 has written the files)."""
+    import torch.distributed as dist
+
+    if _distributed(group)[1] == 1:
+        return score
+    box = [score]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    return box[0]
 
 
 def _feature_collection(region: Any) -> dict[str, Any]:
@@ -287,11 +377,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask (0.5)")
-    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device",
+        help="torch device (default: cuda:LOCAL_RANK if available, else cpu); under torchrun "
+        "(torchrun --nproc_per_node N -m samflow predict-slide ...) the processes split the tiles",
+    )
     return p
 
 
+def _init_distributed() -> Any:
+    """Join torchrun's processes (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on CPUs. Returns the group
+    the tiles travel in (a gloo group beside NCCL: probabilities are gathered on the CPU), or None."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
 def main(argv: list[str]) -> int:
+    import os
+
+    import torch.distributed as dist
+
     from samflow.embed.command import _build
     from samflow.predictor import load_trained_state, read_checkpoint_state
 
@@ -300,10 +412,13 @@ def main(argv: list[str]) -> int:
         raise SlideError(
             f"predict-slide: {len(opts.slides)} slides but {len(opts.annotations)} --annotations; give one per slide."
         )
+    group = _init_distributed()
+    rank, world = _distributed()
     module, _ = _build(opts.experiment, overrides)
     if opts.ckpt:
         load_trained_state(module.model, read_checkpoint_state(Path(opts.ckpt)), opts.ckpt)
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(opts.device or default)
     module.to(device).eval()
     for i, path in enumerate(opts.slides):
         result = predict_slide(
@@ -318,7 +433,13 @@ def main(argv: list[str]) -> int:
             threshold=opts.threshold,
             slide_mpp=opts.slide_mpp,
             annotations=opts.annotations[i] if opts.annotations else None,
+            progress=rank == 0,
+            group=group,
         )
-        line = f"{path}: {result.tiles} tiles -> {result.mask_path}, {result.geojson_path}"
-        print(line + ("" if result.dice is None else f"; Dice {result.dice:.4f}"))
+        if rank == 0:
+            line = f"{path}: {result.tiles} tiles -> {result.mask_path}, {result.geojson_path}"
+            line += "" if world == 1 else f" ({world} processes)"
+            print(line + ("" if result.dice is None else f"; Dice {result.dice:.4f}"))
+    if world > 1:
+        dist.destroy_process_group()
     return 0
