@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "export": (
         "samflow.export:main",
-        "RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]",
+        "RUN_OR_CKPT --out DIR [--merged | --onnx [--single-mask]] [--sam-checkpoint PATH] [--overwrite]",
     ),
     "predict --prompts": (
         "samflow.prompted_predict:main",
