@@ -1,6 +1,7 @@
 """``samflow export``: a trained model as a small folder to share, or as a plain SAM checkpoint.
 
-    samflow export RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]
+    samflow export RUN_OR_CKPT --out DIR [--merged] [--onnx [--single-mask]] [--sam-checkpoint PATH]
+                   [--overwrite]
 
 The folder holds:
 
@@ -21,6 +22,11 @@ of a SAM checkpoint, and refuses one whose SHA-256 differs from the recorded one
 weights and nothing else can be merged: decoder tuning (trained SAM parts) and LoRA (its deltas
 folded in by the plugin's ``merged_sam_state_dict``). A plugin with hooks, tokens or tensors of its
 own is refused, by name.
+
+``--onnx`` adds ``decoder.onnx``: SAM's prompt encoder and mask decoder with the plugins, on fixed
+image embeddings, in segment-anything's ONNX form (``samflow.onnx_export``); plugins that do not
+declare ``SamPlugin.onnx_exportable`` are refused by name. With onnxruntime installed the graph is
+checked against PyTorch on random inputs, and the largest difference is recorded in ``samflow.json``.
 """
 
 from __future__ import annotations
@@ -117,6 +123,8 @@ def export(
     merged: bool = False,
     sam_checkpoint: str | Path | None = None,
     overwrite: bool = False,
+    onnx: bool = False,
+    multimask_output: bool = True,
 ) -> list[Path]:
     """Export a run folder or checkpoint to ``out``; returns the files written.
 
@@ -126,6 +134,8 @@ def export(
         merged: write a full segment-anything checkpoint (``sam_merged.pth``) instead of an adapter.
         sam_checkpoint: the SAM file the run was trained on, when the config's path is not valid here.
         overwrite: replace existing export files in ``out``.
+        onnx: also write ``decoder.onnx``, the decoder side with the plugins (``samflow.onnx_export``).
+        multimask_output: the ONNX graph's masks: SAM's tokens 1..3 (True) or token 0 (False).
     """
     ckpt, config_path = run_files(source)
     settings = read_run_config(config_path)
@@ -133,11 +143,24 @@ def export(
     load_trained_state(model, read_checkpoint_state(ckpt), str(ckpt))
     folder = Path(out).expanduser()
     names = [MERGED] if merged else [ADAPTER, CONFIG, MANIFEST]
+    if onnx and merged:
+        raise ExportError(
+            "--onnx and --merged exclude each other: --onnx exports the adapter's decoder side; a merged "
+            "checkpoint is plain SAM, which segment-anything's scripts/export_onnx_model.py exports."
+        )
+    if onnx:
+        from samflow.onnx_export import ONNX_FILE, check_onnx_exportable
+
+        check_onnx_exportable(model)  # refused before anything is written
+        names.append(ONNX_FILE)
     existing = [folder / n for n in names if (folder / n).exists()]
     if existing and not overwrite:
         raise ExportError(
             f"{', '.join(map(str, existing))} exist already; pass --overwrite to replace them, or another --out."
         )
+    onnx_record = (
+        _write_onnx(model, folder, multimask_output, settings["predictor"]["resize_mode"]) if onnx else None
+    )
     if merged:
         state = merged_sam_state_dict(model)
         folder.mkdir(parents=True, exist_ok=True)
@@ -160,11 +183,34 @@ def export(
         "adapter": {"tensors": len(tensors), "values": sum(t.numel() for t in tensors.values())},
         "source": str(ckpt),
     }
+    if onnx_record is not None:
+        manifest["onnx"] = onnx_record
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / ADAPTER), metadata={"format": "samflow-adapter"})
     shutil.copyfile(config_path, folder / CONFIG)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return [folder / n for n in names]
+
+
+def _write_onnx(model: HookedSam, folder: Path, multimask_output: bool, resize_mode: str) -> dict[str, Any]:
+    """``decoder.onnx`` in ``folder``, checked with onnxruntime when it is installed -> its manifest entry."""
+    from samflow.onnx_export import ONNX_FILE, OPSET, OUTPUTS, DecoderGraph, check_onnx, export_onnx
+
+    path = export_onnx(model, folder / ONNX_FILE, multimask_output=multimask_output, resize_mode=resize_mode)
+    graph = DecoderGraph(model, multimask_output=multimask_output, resize_mode=resize_mode)
+    record: dict[str, Any] = {
+        "file": ONNX_FILE,
+        "opset": OPSET,
+        "inputs": graph.input_names,
+        "outputs": list(OUTPUTS),
+        "multimask_output": multimask_output,
+        "resize_mode": resize_mode,
+    }
+    try:
+        record["max_abs_difference"] = check_onnx(graph, path)
+    except ImportError:
+        record["max_abs_difference"] = None  # onnxruntime not installed: not checked
+    return record
 
 
 def _stack(model: HookedSam) -> PluginStack:
@@ -299,7 +345,19 @@ def main(argv: list[str]) -> int:
         "--sam-checkpoint", help="the SAM file the run was trained on, if not at the config's path"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace export files already in --out")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write decoder.onnx: prompt encoder + mask decoder with the plugins, on image embeddings",
+    )
+    parser.add_argument(
+        "--single-mask",
+        action="store_true",
+        help="with --onnx: the graph returns SAM's single-mask output (token 0) instead of tokens 1..3",
+    )
     args = parser.parse_args(argv)
+    if args.single_mask and not args.onnx:
+        parser.error("--single-mask applies to --onnx only")
     try:
         written = export(
             args.source,
@@ -307,9 +365,18 @@ def main(argv: list[str]) -> int:
             merged=args.merged,
             sam_checkpoint=args.sam_checkpoint,
             overwrite=args.overwrite,
+            onnx=args.onnx,
+            multimask_output=not args.single_mask,
         )
     except PredictorError as err:
         raise ExportError(str(err)) from err
     for path in written:
         print(f"{path}  ({path.stat().st_size:,d} bytes)")
+    if args.onnx:
+        manifest = Path(args.out).expanduser() / MANIFEST
+        difference = json.loads(manifest.read_text())["onnx"]["max_abs_difference"]
+        if difference is None:
+            print("decoder.onnx not checked: pip install 'samflow[onnx]' for onnxruntime")
+        else:
+            print(f"decoder.onnx checked with onnxruntime: max |onnx - torch| = {difference:.2e}")
     return 0

@@ -54,7 +54,15 @@ from samflow.data.transforms import (
 from samflow.module import SAM_PREFIX, SamSpec
 from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
-from samflow.sam import CheckpointError, DecoderContext, EncodedImages, ForwardContext, HookedSam, build_sam
+from samflow.sam import (
+    CheckpointError,
+    DecoderContext,
+    EncodedImages,
+    ForwardContext,
+    HookedSam,
+    SamOutput,
+    build_sam,
+)
 
 __all__ = [
     "ImageEncoding",
@@ -62,6 +70,7 @@ __all__ = [
     "Predictor",
     "PredictorError",
     "build_model",
+    "chosen_masks",
     "read_run_config",
     "run_files",
 ]
@@ -385,16 +394,7 @@ class Predictor:
             state={key: dict(value) for key, value in encoding.state.items()},
         )
         out = self.model.decode(DecoderContext.after_encoder(ctx, encoding.encoded))
-        if self.model.plugins.uses("select"):  # a plugin chooses the mask: one per prompt
-            low = out.pred
-            if multimask_output:
-                scores = out.iou_pred[:, 1:].max(dim=1, keepdim=True).values
-            else:
-                scores = out.iou_pred[:, :1]
-        elif multimask_output:
-            low, scores = out.masks["sam"][:, 1:], out.iou_pred[:, 1:]
-        else:
-            low, scores = out.masks["sam"][:, :1], out.iou_pred[:, :1]
+        low, scores = chosen_masks(self.model, out, multimask_output)
         masks = self.postprocess(low, encoding.input_size, encoding.original_size)
         return (masks if return_logits else masks > self.mask_threshold), scores, low
 
@@ -513,6 +513,22 @@ class Predictor:
         if self.encoding is None:
             raise PredictorError("No image is set; call set_image(image) before predicting.")
         return self.encoding
+
+
+def chosen_masks(model: HookedSam, out: SamOutput, multimask_output: bool) -> tuple[Tensor, Tensor]:
+    """What ``predict`` returns of a decoder output: (low-resolution logits (N, M, h, w), scores (N, M)).
+
+    SAM's tokens 1..3 (``multimask_output``) or token 0 with their IoU predictions; when a plugin
+    chooses the prediction (``select``), that one mask, scored by SAM's IoU prediction of the token
+    SAM's own rule picks.
+    """
+    if model.plugins.uses("select"):  # a plugin chooses the mask: one per prompt
+        if multimask_output:
+            return out.pred, out.iou_pred[:, 1:].max(dim=1, keepdim=True).values
+        return out.pred, out.iou_pred[:, :1]
+    if multimask_output:
+        return out.masks["sam"][:, 1:], out.iou_pred[:, 1:]
+    return out.masks["sam"][:, :1], out.iou_pred[:, :1]
 
 
 def _tracked(windows: list[tuple[int, int, int, int]], progress: bool) -> Iterator[tuple[int, int, int, int]]:

@@ -23,6 +23,8 @@ class DecoderTuning(SamPlugin):
         weight_decay: their weight decay (default: the optimizer's).
     """
 
+    onnx_exportable = True  # samflow export --onnx traces its decoder side
+
     def __init__(
         self,
         parts: Sequence[str] = ("mask_decoder",),

@@ -56,6 +56,8 @@ class HQSam(SamPlugin, HQHead):
         weight_decay: their weight decay (default: the optimizer's; HQ-SAM: 0).
     """
 
+    onnx_exportable = True  # samflow export --onnx traces its decoder side
+
     def __init__(
         self,
         output: str = "hq",

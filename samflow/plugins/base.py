@@ -76,6 +76,12 @@ class SamPlugin(nn.Module):
     #: embedding): the stack refuses it, naming the plugin, on the other backbones (MobileSAM's
     #: TinyViT, EfficientSAM), whose encoders have another structure.
     needs_vit_encoder: ClassVar[bool] = False
+    #: True for a plugin whose decoder side ``samflow export --onnx`` may trace: its decoder-side hooks
+    #: (``prompts``, ``decoder_layer``, ``decode_token``, ``select``) take no Python branch on tensor
+    #: values, draw no random numbers, keep nothing from the encoder stage in ``ctx.state`` and read
+    #: of the image only ``ctx.encoded.embeddings``, ``features`` and ``image_pe``. Undeclared plugins
+    #: are refused by name (``samflow.onnx_export``).
+    onnx_exportable: ClassVar[bool] = False
 
     def __init__(self, lr: float | None = None, weight_decay: float | None = None) -> None:
         super().__init__()
