@@ -279,7 +279,8 @@ class SamflowModule(LightningModule):
             )
         self._tally(stage, dataloader_idx).update(batch.num_images, loss)
         for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
-            metrics.update(prob, batch.gt_original[row])
+            source = batch.path[row] if batch.path else ""  # per-slide metrics group by it (slide_dice)
+            metrics.update(prob, batch.gt_original[row], source=source)
         return {"out": out, "ctx": ctx, "probs": self.upsample(out.pred).sigmoid()}
 
     def _finish(self, stage: str) -> dict[str, float]:
