@@ -16,7 +16,8 @@ a list, or null for the registered metric of that name)::
       biou_1pct: {class_path: BoundaryIoU, init_args: {dilation_ratio: 0.01}}
 
 A metric gets each image's foreground probabilities (H, W) in [0, 1] and its binary mask (H, W) at
-the original resolution, one ``update(prob, target)`` per image.
+the original resolution, one ``update(prob, target)`` per image; a metric whose ``update`` takes a
+``source`` argument also gets the image's ``SamBatch.path`` (``slide_dice`` groups patches by slide).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from samflow.components import instantiate, is_class_path_spec, snake_case
 from samflow.metrics.ber import BER, PerImageBER
 from samflow.metrics.boundary_iou import BoundaryIoU
 from samflow.metrics.segmentation import BinaryDice, BinaryIoU, MeanAbsoluteError, SodMAE
+from samflow.metrics.slide import SlideDice
 from samflow.metrics.sod import EMeasure, SMeasure, WeightedFMeasure
 
 METRICS: dict[str, type[Metric]] = {
@@ -43,6 +45,7 @@ METRICS: dict[str, type[Metric]] = {
     "weighted_f": WeightedFMeasure,
     "ber": BER,
     "ber_per_image": PerImageBER,
+    "slide_dice": SlideDice,
 }
 
 

@@ -12,7 +12,9 @@ Chosen in an experiment like every data module::
 A slide entry is ``{slide: PATH, annotations: PATH or null}``; annotations are GeoJSON, ASAP XML or a
 label image (with ``label_downsample``). Training draws new patch centres each epoch (seeded per
 slide and epoch); validation and test draw once (epoch 0), so every evaluation sees the same patches.
-Every sample carries its slide in ``SamBatch.paths``, so a per-slide metric can group patches.
+Every sample carries its slide in ``SamBatch.path``, so the ``slide_dice`` metric reports Dice per
+slide beside the per-patch ``dice``; under DDP each process evaluates a contiguous, unpadded part
+of the patches (``EvalShardSampler``), so both equal one process's.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils.data import DataLoader
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
 from samflow.data.batch import collate
+from samflow.data.datamodule import EvalShardSampler
 from samflow.data.prompts import PromptSampler
 from samflow.data.wsi.patches import SlidePatches, wsi_sam_prompts
 
@@ -147,10 +150,28 @@ class SlideDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
+            sampler=None if split == "train" else self._eval_sampler(split, dataset),
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=False,
         )
+
+    def _eval_sampler(self, split: str, dataset: SlidePatches) -> EvalShardSampler | None:
+        """Under DDP, this process's contiguous, unpadded part of the val / test patches, so every
+        patch is evaluated once and per-patch and per-slide metrics equal one process's (Lightning's
+        ``DistributedSampler`` would repeat patches). None in one process or without
+        ``use_distributed_sampler``."""
+        trainer = self.trainer
+        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if (
+            not kwargs
+            or kwargs.get("num_replicas", 1) <= 1
+            or not getattr(connector, "use_distributed_sampler", True)
+        ):
+            return None
+        key = f"data.init_args.{split} ({len(dataset)} patches: eval_patches_per_slide x slides)"
+        return EvalShardSampler(dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], key=key)
 
     def train_dataloader(self) -> DataLoader:
         """Training patches (centres redrawn each epoch: set ``trainer.reload_dataloaders_every_n_epochs: 1``)."""
