@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
@@ -40,6 +41,11 @@ class CocoMaskAP(MeanAveragePrecision):
             import pycocotools  # noqa: F401
         except ImportError as e:  # pragma: no cover - the coco extra is in the test extra
             raise ImportError('CocoMaskAP needs pycocotools: pip install "samflow[coco]"') from e
+        # COCOeval's own thresholds (float64 linspace): torchmetrics' defaults come from a float32
+        # torch.linspace (0.55 -> 0.550000011920929), which moves a match whose IoU equals a threshold
+        # exactly (common on small masks) and makes the AP differ from pycocotools run on a results file
+        kwargs.setdefault("iou_thresholds", np.linspace(0.5, 0.95, 10).tolist())
+        kwargs.setdefault("rec_thresholds", np.linspace(0.0, 1.0, 101).tolist())
         super().__init__(
             iou_type="segm",
             backend="pycocotools",

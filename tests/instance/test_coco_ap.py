@@ -106,3 +106,21 @@ def test_dict_preds_and_perfect():
     out = metric.compute()
     assert out["ap"].item() == pytest.approx(1.0)
     assert out["ap_m"].item() == -1.0  # no medium objects: COCO's -1
+
+
+def test_iou_on_a_threshold_counts_as_cocoeval_does():
+    """IoU exactly 0.55 (11 of 20 pixels) matches at 0.5 and 0.55 in COCOeval: AP = 2/10; torchmetrics'
+    float32 default thresholds (0.55 -> 0.550000011920929) would give 1/10."""
+    gt = np.zeros((10, 20), np.uint8)
+    gt[0, :] = 1  # 20 pixels
+    pred = np.zeros_like(gt)
+    pred[0, :11] = 1  # inside the truth: IoU 11 / 20
+    images = [([(gt, 1)], [(pred, 0.9, 1)])]
+    stats = _pycocotools_stats(10, 20, images)
+    assert stats[0] == pytest.approx(0.2)
+    metric = CocoMaskAP()
+    metric.update(
+        [(torch.as_tensor(pred[None]).bool(), torch.tensor([0.9]), torch.tensor([1]))],
+        [{"masks": torch.as_tensor(gt[None]), "labels": torch.tensor([1])}],
+    )
+    assert metric.compute()["ap"].item() == pytest.approx(0.2, abs=1e-6)
