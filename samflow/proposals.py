@@ -303,7 +303,7 @@ def main(argv: list[str]) -> int:
             f"samflow proposals: the experiment's data is {type(datamodule).__name__}; it needs "
             "data: {class_path: samflow.data.coco.CocoDataModule, ...}."
         )
-    dataset = datamodule.dataset(opts.split)
+    dataset = datamodule.dataset(opts.split, proposals=False)  # the store is what this makes
     device = torch.device(
         opts.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     )

@@ -527,16 +527,23 @@ class CocoDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.datasets: dict[str, CocoInstances] = {}
 
-    def dataset(self, split: str) -> CocoInstances:
-        """The ``CocoInstances`` of ``split``; a DataError naming ``data.<split>`` when it is not set."""
-        if split not in self.datasets:
+    def dataset(self, split: str, proposals: bool = True) -> CocoInstances:
+        """The ``CocoInstances`` of ``split``; a DataError naming ``data.<split>`` when it is not set.
+
+        ``proposals=False`` gives the train split without its proposal store (what ``samflow proposals``
+        reads to make the store), built anew and not kept.
+        """
+        if split not in self.datasets or not proposals:
             spec = self.splits.get(split)
             if not spec or "annotations" not in spec:
                 raise DataError(f"data.{split}: give {{annotations: FILE, images: FOLDER}} for COCO data.")
             options: dict[str, Any] = dict(self.options)
-            if split == "train" and self.proposals:
+            if split == "train" and self.proposals and proposals:
                 options["proposals"] = self.proposals
-            self.datasets[split] = CocoInstances(spec["annotations"], spec.get("images"), **options)
+            dataset = CocoInstances(spec["annotations"], spec.get("images"), **options)
+            if not proposals:
+                return dataset
+            self.datasets[split] = dataset
         return self.datasets[split]
 
     @property
@@ -571,8 +578,9 @@ class CocoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The val split's loader; none (no validation during fit) when ``val`` is not set."""
+        return self._loader("val", False) if self.splits.get("val") else []
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)

@@ -122,8 +122,9 @@ def test_datamodule_loader(coco):
     batches = list(dm.train_dataloader())
     assert [b.num_images for b in batches] == [2, 1]
     assert sum(b.num_rows for b in batches) == 9
-    with pytest.raises(DataError, match=r"data.val: give"):
-        dm.val_dataloader()
+    assert dm.val_dataloader() == []  # no val split: fit runs without validation
+    with pytest.raises(DataError, match=r"data.test: give"):
+        dm.test_dataloader()
 
 
 def test_bad_files_name_file_and_key(tmp_path, coco):
