@@ -44,6 +44,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "samflow.proposals:main",
         "--experiment NAME --out DIR [--split train] [--batch-size N] [--shard-size N] [--overwrite]",
     ),
+    "pseudo-masks": (
+        "samflow.pseudo_masks:main",
+        "--experiment NAME --ckpt CKPT --out FILE [--batch-size N] [--overwrite] [overrides ...]",
+    ),
+    "student": (
+        "samflow.student:main",
+        "--experiment NAME --pseudo FILE --out DIR [--images DIR] [--head YAML] [overrides ...]",
+    ),
     "predict-slide": (
         "samflow.wsi_predict:main",
         (
