@@ -1,59 +1,89 @@
 #!/usr/bin/env bash
-# The GPU measurements the issues ask for, as one script for a lent GPU (a few minutes on an H200).
+# The GPU measurements the issues ask for, as one script for a lent GPU (about 6-8 minutes on an H200).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #
-# Needs the project installed in .venv (the README's first command) and a CUDA device. Writes JSON
-# and text reports to OUT_DIR (default: $OUT or runs/gpu_check) and runs the CUDA-only tests.
+# Needs samflow importable with its dependencies (the README's install, or the wheels of
+# benchmarks/README.md's "GPU" section on a machine without a registry) and a CUDA device. Sections run
+# in order of importance, each under its own time limit; everything is appended to OUT_DIR/log.txt and
+# the JSON results are packed into OUT_DIR/json.tar after every section, so a run cut short still
+# returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-runs/gpu_check}}"
 mkdir -p "$out"
-py=.venv/bin/python
-export WANDB_MODE=disabled
+py="${PYTHON:-.venv/bin/python}"
+json="$(mktemp -d)"
+log="$out/log.txt"
+export WANDB_MODE=disabled PYTHONUNBUFFERED=1
+bench() { # bench SECONDS NAME ARGS...: one throughput.py run, its JSON kept
+    local limit=$1 name=$2
+    shift 2
+    echo "=== $name: throughput.py $*" | tee -a "$log"
+    timeout "$limit" "$py" benchmarks/throughput.py --device cuda --json "$json/$name.json" "$@" 2>&1 | tee -a "$log"
+    tar -C "$json" -cf "$out/json.tar" .
+}
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
+"$py" -c "import torch, samflow; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$log"
 
-# 1. Frozen forward, samflow against segment-anything, vit_b at 1024, bf16 (issue 2 ratios on a GPU).
-timeout 240 $py benchmarks/throughput.py --variant vit_b --device cuda --bf16 --batch 2 --steps 10 --warmup 3 \
-    --no-train --json "$out/forward_vit_b_1024_bf16.json" | tee "$out/forward.txt"
+# 1. Frozen forward, samflow against segment-anything, vit_b at 1024, bf16 (issue 15's GPU target: >= 2x).
+bench 90 forward_vit_b_bf16 --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-train
 
-# 1b. Issue 15: vit_h frozen forward at 1024, bf16, and which SDPA backend the rel-pos attention gets
-#     (augmented head dim d + h + w = 64 + 128 = 192 for vit_b/l/h at 1024; flash takes up to 256).
-timeout 300 $py benchmarks/throughput.py --variant vit_h --device cuda --bf16 --batch 2 --steps 10 --warmup 3 \
-    --no-train --json "$out/forward_vit_h_1024_bf16.json" | tee "$out/forward_vit_h.txt"
-timeout 120 $py - <<'PY' 2>&1 | tee "$out/sdpa_backend.txt"
+# 2. Which SDPA backend runs the rel-pos attention (augmented head dim 64 + 64 + 64 = 192 for a vit_b
+#    global block at 1024; flash takes up to 256), and the same attention timed per backend.
+echo "=== SDPA backends" | tee -a "$log"
+timeout 60 "$py" - <<'PY' 2>&1 | tee -a "$log"
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from samflow.sam.ops import rel_pos_attention
 q, k, v = torch.randn(3, 2, 12, 4096, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
 rel = torch.randn(127, 64, device="cuda", dtype=torch.bfloat16)
-for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
     try:
         with sdpa_kernel(backend):
-            rel_pos_attention(q, k, v, rel, rel, (64, 64), 0.125)
+            for _ in range(3):
+                rel_pos_attention(q, k, v, rel, rel, (64, 64), 0.125)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                rel_pos_attention(q, k, v, rel, rel, (64, 64), 0.125)
+            end.record()
         torch.cuda.synchronize()
-        print(f"{backend.name}: runs rel_pos_attention (vit_b global block at 1024, bf16)")
+        print(f"{backend.name}: runs rel_pos_attention (vit_b global block at 1024, batch 2, bf16): "
+              f"{start.elapsed_time(end) / 20:.3f} ms")
     except RuntimeError as err:
         print(f"{backend.name}: unavailable: {str(err).splitlines()[0]}")
 PY
 
-# 2. Training steps, vit_b at 1024, batch 2, bf16 (issue 3: SAM-Adapter images/s and peak memory),
-#    each plugin alone, then SAM-Adapter with activation checkpointing.
-timeout 300 $py benchmarks/throughput.py --variant vit_b --device cuda --bf16 --batch 2 --steps 10 --warmup 3 \
-    --no-forward --plugins sam_adapter hq_sam pa_sam decoder_tuning \
-    --json "$out/train_vit_b_1024_bf16.json" | tee "$out/train.txt"
-timeout 120 $py benchmarks/throughput.py --variant vit_b --device cuda --bf16 --batch 2 --steps 10 --warmup 3 \
-    --no-forward --plugins sam_adapter --checkpoint-blocks \
-    --json "$out/train_sam_adapter_ckpt.json" | tee "$out/train_ckpt.txt"
+# 3. Training steps, vit_b at 1024, batch 2, bf16: each built-in plugin alone; SAM-Adapter with
+#    activation checkpointing; the reference SAM-Adapter loop (fp32) beside samflow's in fp32.
+bench 120 train_vit_b_bf16 --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-forward \
+    --plugins sam_adapter hq_sam pa_sam decoder_tuning lora ba_sam
+bench 60 train_vit_b_bf16_ckpt --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-forward \
+    --plugins sam_adapter hq_sam --checkpoint-blocks
+bench 90 train_vit_b_fp32_reference --variant vit_b --batch 2 --steps 10 --warmup 3 --no-forward \
+    --plugins sam_adapter --reference-sam-adapter
 
-# 2b. Issue 14: the other encoder-side plugins (LoRA, BA-SAM) and the other image encoders, same setting.
-timeout 240 $py benchmarks/throughput.py --variant vit_b --device cuda --bf16 --batch 2 --steps 10 --warmup 3 \
-    --no-forward --plugins lora ba_sam --json "$out/train_lora_ba_sam.json" | tee "$out/train_encoder_plugins.txt"
+# 4. vit_h at 1024, bf16: frozen forward, and training steps with and without checkpointing.
+bench 90 forward_vit_h_bf16 --variant vit_h --bf16 --batch 2 --steps 10 --warmup 3 --no-train --no-encoder-rows
+bench 120 train_vit_h_bf16 --variant vit_h --bf16 --batch 2 --steps 5 --warmup 2 --no-forward \
+    --plugins sam_adapter hq_sam pa_sam decoder_tuning lora ba_sam
+bench 60 train_vit_h_bf16_ckpt --variant vit_h --bf16 --batch 2 --steps 5 --warmup 2 --no-forward \
+    --plugins sam_adapter --checkpoint-blocks
+
+# 5. torch.compile (the warm-up includes the compilation).
+bench 150 forward_vit_b_bf16_compile --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-train \
+    --no-encoder-rows --compile
+bench 150 train_vit_b_bf16_compile --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-forward \
+    --plugins sam_adapter --compile
+
+# 6. The other image encoders (issue 14), HQ-SAM on each.
 for variant in mobile_sam efficient_sam_vitt efficient_sam_vits; do
-    timeout 120 $py benchmarks/throughput.py --variant "$variant" --device cuda --bf16 --batch 2 --steps 10 \
-        --warmup 3 --plugins hq_sam --json "$out/$variant.json" | tee "$out/$variant.txt"
+    bench 45 "$variant" --variant "$variant" --bf16 --batch 2 --steps 10 --warmup 3 --plugins hq_sam --no-encoder-rows
 done
 
-# 3. Tests that need a GPU (kornia augmentation and SAM-Adapter on the device), and the module suite on CUDA.
-timeout 240 $py -m pytest -q -rs tests/data/test_gpu_augment.py tests/plugins_sam_adapter 2>&1 | tee "$out/tests.txt"
+# 7. Tests that need a GPU (kornia augmentation and SAM-Adapter on the device).
+echo "=== CUDA tests" | tee -a "$log"
+timeout 120 "$py" -m pytest -q -rs -p no:cacheprovider tests/data/test_gpu_augment.py tests/plugins_sam_adapter 2>&1 |
+    tail -15 | tee -a "$log"

@@ -139,8 +139,11 @@ class MemoryProbe:
 # ---------------------------------------------------------------------------------------------------
 def case_label(spec: dict[str, Any]) -> str:
     if spec["kind"] == "forward":
-        return f"forward/{spec['part']}"
+        compiled = spec.get("compile") and spec["impl"] == "samflow"
+        return f"forward/{spec['part']}" + ("+compile" if compiled else "")
     label = "train_step"
+    if spec.get("compile"):
+        label += "+compile"
     if spec.get("encoder_cache"):
         label += "+cache"
     if spec.get("checkpoint_blocks"):
@@ -173,6 +176,8 @@ def _build_forward(spec: dict[str, Any], device: torch.device):
             torch.manual_seed(spec["seed"])
             stack = PluginStack({name: create_plugin(name) for name in spec["plugins"]})
         hooked = HookedSam(sam, stack).to(device).eval()
+        if spec.get("compile"):
+            hooked.compile()
         if spec["part"] == "encoder":
             return lambda: hooked.encode(hooked.context(batch)), [hooked, sam], batch
         return lambda: hooked(batch).pred, [hooked, sam], batch
@@ -211,6 +216,8 @@ def _build_train(spec: dict[str, Any], device: torch.device):
         plugins=plugins,
     ).to(device)
     module.train()
+    if spec.get("compile"):
+        module.model.compile()
     optimizer = module.configure_optimizers()
     if isinstance(optimizer, dict):
         optimizer = optimizer["optimizer"]
@@ -227,6 +234,96 @@ def _build_train(spec: dict[str, Any], device: torch.device):
         return loss.detach()
 
     return step, [module, optimizer], batch, trainable
+
+
+# ---------------------------------------------------------------------------------------------------
+# the reference SAM-Adapter training loop (issue 15), rebuilt from its published description
+# ---------------------------------------------------------------------------------------------------
+class _ReferenceAdapterPrompts(torch.nn.Module):
+    """SAM-Adapter's prompt generator as the reference describes it (../shared/reference notes §1):
+    high-frequency features (FFT high-pass of the normalised input, |real(ifft)|, a 16x16 stride-16
+    conv to 24 channels) plus a 768->24 projection of the patch tokens, then per block
+    ``shared_up(GELU(Linear_i(hf + ef)))`` added to the block's input.
+    """
+
+    def __init__(
+        self, dim: int, depth: int, img_size: int, patch: int = 16, width: int = 24, rate: float = 0.25
+    ):
+        super().__init__()
+        self.rate = rate
+        self.hf_embed = torch.nn.Conv2d(3, width, patch, patch)
+        self.tokens_down = torch.nn.Linear(dim, width)
+        self.tune = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU()) for _ in range(depth)
+        )
+        self.up = torch.nn.Linear(width, dim)
+
+    def high_pass(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        spectrum = torch.fft.fftshift(torch.fft.fft2(x, norm="forward"), dim=(-2, -1))
+        half = int((h * w * self.rate) ** 0.5) // 2
+        keep = torch.ones(h, w, device=x.device)
+        keep[h // 2 - half : h // 2 + half, w // 2 - half : w // 2 + half] = 0
+        spectrum = spectrum * keep
+        return torch.fft.ifft2(torch.fft.ifftshift(spectrum, dim=(-2, -1)), norm="forward").real.abs()
+
+    def features(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        hf = self.hf_embed(self.high_pass(image)).flatten(2).transpose(1, 2)  # (B, L, 24)
+        return hf + self.tokens_down(tokens.flatten(1, 2))
+
+    def prompt(self, i: int, features: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        return self.up(self.tune[i](features)).view(grid)
+
+
+def _build_reference_train(spec: dict[str, Any], device: torch.device):
+    """The reference loop: fp32, segment-anything's own encoder blocks (attention as q @ k^T with the
+    decomposed rel-pos bias added to the dense (L, L) logits), the trainable mask decoder run once per
+    image without prompts, masks upsampled to the input size, BCE + IoU loss, AdamW on adapter + decoder.
+    """
+    from samflow.sam import build_sam
+
+    torch.manual_seed(spec["seed"])
+    sam = build_sam(spec["variant"], img_size=spec["img_size"], seed=spec["seed"]).to(device)
+    encoder, decoder = sam.image_encoder, sam.mask_decoder
+    size = encoder.img_size
+    prompts = _ReferenceAdapterPrompts(encoder.pos_embed.shape[-1], len(encoder.blocks), size).to(device)
+    for p in decoder.parameters():
+        p.requires_grad_(True)
+    decoder.train()
+    params = list(prompts.parameters()) + list(decoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    batch = make_batch(spec["batch"], size, device, spec["seed"])
+    image = sam.preprocess(batch.image * 255.0)
+    target = batch.mask.to(image.dtype)
+    dense_pe = sam.prompt_encoder.get_dense_pe()
+    empty = torch.empty(1, 0, dense_pe.shape[1], device=device)
+    no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *dense_pe.shape[-2:])
+
+    def step() -> torch.Tensor:
+        x = encoder.patch_embed(image)
+        features = prompts.features(image, x)
+        x = x + encoder.pos_embed
+        for i, block in enumerate(encoder.blocks):
+            x = block(x + prompts.prompt(i, features, x.shape))
+        embeddings = encoder.neck(x.permute(0, 3, 1, 2))
+        logits = []
+        for b in range(embeddings.shape[0]):  # the decoder per image
+            low, _ = decoder(embeddings[b : b + 1], dense_pe, empty, no_mask, multimask_output=False)
+            logits.append(
+                torch.nn.functional.interpolate(low, (size, size), mode="bilinear", align_corners=False)
+            )
+        pred = torch.cat(logits)
+        prob = pred.sigmoid()
+        inter = (prob * target).sum((2, 3))
+        iou = 1 - inter / (prob.sum((2, 3)) + target.sum((2, 3)) - inter)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(pred, target) + iou.mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    trainable = sum(p.numel() for p in params)
+    return step, [sam, prompts, optimizer], batch, trainable
 
 
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
@@ -248,7 +345,8 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             fn, keep, batch = _build_forward(spec, device)
             grad = torch.no_grad
         else:
-            fn, keep, batch, trainable = _build_train(spec, device)
+            build = _build_reference_train if spec["impl"] == "reference_loop" else _build_train
+            fn, keep, batch, trainable = build(spec, device)
             grad = nullcontext
         probe = MemoryProbe(device)
         probe.start()
@@ -381,6 +479,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time samflow's forward with these plugins in each round (hook sites in use, no "
         "gradients): e.g. hq_sam sam_adapter",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile samflow's model (HookedSam) in every samflow case; the warm-up steps include "
+        "the compilation, so give --warmup at least 2",
+    )
+    p.add_argument(
+        "--reference-sam-adapter",
+        action="store_true",
+        help="also time the reference SAM-Adapter training loop (fp32 whatever --bf16 says, segment-anything's "
+        "manual attention, the decoder once per image; rebuilt from its published description)",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
 
@@ -396,6 +506,7 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         "bf16": args.bf16,
         "threads": args.threads,
         "seed": args.seed,
+        "compile": args.compile,
     }
     specs = []
     train_options = {"encoder_cache": args.encoder_cache, "checkpoint_blocks": args.checkpoint_blocks}
@@ -437,6 +548,18 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "impl": "samflow",
                     "part": None,
                     "plugins": names,
+                }
+            )
+        if args.reference_sam_adapter:
+            specs.append(
+                {
+                    **common,
+                    "bf16": False,
+                    "compile": False,
+                    "kind": "train",
+                    "impl": "reference_loop",
+                    "part": None,
+                    "plugins": ["sam_adapter"],
                 }
             )
     return specs

@@ -267,7 +267,14 @@ class HookedSam(nn.Module):
             return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
         if isinstance(scale, Tensor):
             q, scale = q * scale, 1.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        if bias is not None and bias.requires_grad:
+            # a trained bias (BA-SAM's slopes) needs the (L, L) probabilities for its gradient anyway, and
+            # CUDA's memory-efficient kernel refuses a bias gradient at sequence lengths that are not
+            # multiples of 16 (SAM's 14 x 14 windows): plain softmax attention, as SAM computes it
+            logits = torch.matmul(q * scale, k.transpose(-2, -1)) + bias
+            out = torch.matmul(logits.softmax(dim=-1), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         out = out.transpose(1, 2).reshape(b, h, w, -1)
         return attn.proj(out)
 

@@ -102,8 +102,10 @@ def rel_pos_attention(
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h).flatten(2, 3)  # (B, heads, L, h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w).flatten(2, 3)  # (B, heads, L, w)
     q_aug = torch.cat([(q * scale).to(q.dtype), rel_h, rel_w], dim=-1)
-    eye_h = torch.eye(h, dtype=k.dtype, device=k.device)
-    eye_w = torch.eye(w, dtype=k.dtype, device=k.device)
+    # identity matrices by comparison (torch.eye synchronises with the host on CUDA)
+    rows, cols = torch.arange(h, device=k.device), torch.arange(w, device=k.device)
+    eye_h = (rows[:, None] == rows[None, :]).to(k.dtype)
+    eye_w = (cols[:, None] == cols[None, :]).to(k.dtype)
     onehot = torch.cat(  # (L, h + w): the key's row and column
         [eye_h[:, None, :].expand(h, w, h), eye_w[None, :, :].expand(h, w, w)], dim=-1
     ).flatten(0, 1)
@@ -132,8 +134,9 @@ def dense_pe(pe_layer: PositionEmbeddingRandom, size: tuple[int, int], dtype: to
 
 def _pixel_pe(pe: PromptEncoder, coords: Tensor, frame: tuple[int, int]) -> Tensor:
     """Encode pixel coordinates (..., 2) of the (H, W) ``frame`` (``forward_with_coords``)."""
-    scale = torch.tensor([frame[1], frame[0]], device=coords.device, dtype=coords.dtype)
-    return fourier_pe(pe.pe_layer, coords / scale)
+    # divided by Python numbers, as SAM does, so nothing is copied from the host (no GPU sync)
+    scaled = torch.stack([coords[..., 0] / frame[1], coords[..., 1] / frame[0]], dim=-1)
+    return fourier_pe(pe.pe_layer, scaled)
 
 
 def embed_points(pe: PromptEncoder, coords: Tensor, labels: Tensor, frame: tuple[int, int]) -> Tensor:

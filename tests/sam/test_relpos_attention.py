@@ -147,3 +147,56 @@ def test_bf16_autocast_keeps_dtypes_consistent(tiny_sam):
             low = hooked.encode(hooked.context(batch)).embeddings
     assert torch.isfinite(low).all()
     torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.1)
+
+
+class _LearnedShift(SamPlugin):
+    """A trained bias: SAM's term plus a learnable per-head shift of the logits near the diagonal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor([0.5, -0.25]))
+
+    def attn_logits(self, i, scale, bias, q, ctx):
+        eye = torch.eye(bias.shape[-1], dtype=bias.dtype)
+        return scale, bias + self.weight.view(1, -1, 1, 1) * eye
+
+
+def test_a_trained_bias_runs_without_a_mask_gradient_in_sdpa(tiny_sam, monkeypatch):
+    """A bias that needs a gradient (BA-SAM's slopes) is never handed to SDPA as a mask (CUDA's
+    memory-efficient kernel refuses that gradient for 14 x 14 windows: "LSE is not correctly
+    aligned"); its softmax attention equals SDPA with the bias as mask, forward and backward."""
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        plugin = _LearnedShift()
+        hooked = HookedSam(tiny_sam, PluginStack({"shift": plugin}))
+        out = hooked.encode(hooked.context(SamBatch(image=image))).embeddings
+        (grad,) = torch.autograd.grad(out.square().sum(), plugin.weight)
+        return out.detach(), grad
+
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ours, ours_grad = run()
+    assert not any(m is not None and m.requires_grad for m in masks)
+
+    # the reference: every encoder attention through SDPA with the bias as its mask
+    def reference_attention(self, i, attn, x, ctx):
+        b, h, w, _ = x.shape
+        qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w))
+        scale, bias = self.plugins.attn_logits(i, attn.scale, bias, q, ctx)
+        out = sdpa(q, k, v, attn_mask=bias, scale=scale)
+        return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+
+    monkeypatch.setattr(HookedSam, "_attention", reference_attention)
+    theirs, theirs_grad = run()
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-4, rtol=1e-5)
+    assert ours_grad.abs().min() > 0
