@@ -59,6 +59,8 @@ class LoRA(SamPlugin):
         weight_decay: their weight decay (default: the optimizer's).
     """
 
+    onnx_exportable = True  # samflow export --onnx: encoder side only (embeddings are inputs)
+
     needs_vit_encoder = True  # its setup reaches into SAM's ViT blocks
 
     def __init__(

@@ -84,6 +84,8 @@ class SamAdapter(SamPlugin):
         weight_decay: weight decay of those parameters (default: the optimizer's).
     """
 
+    onnx_exportable = True  # samflow export --onnx: the tuned decoder is traced (embeddings are inputs)
+
     needs_vit_encoder = True  # its setup reaches into SAM's ViT blocks
 
     def __init__(

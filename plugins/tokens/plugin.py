@@ -31,6 +31,8 @@ class ExtraTokens(SamPlugin):
         weight_decay: their weight decay (default: the optimizer's).
     """
 
+    onnx_exportable = True  # samflow export --onnx: its tokens and heads are traced
+
     def __init__(
         self,
         num_tokens: int = 1,

@@ -62,6 +62,8 @@ class WSISam(SamPlugin):
         lr, weight_decay: optimizer settings of the heads (WSI-SAM: AdamW 1e-3, 0.01).
     """
 
+    onnx_exportable = True  # samflow export --onnx: the HR head is traced (no context views at prediction)
+
     def __init__(
         self,
         aggregation: str = "sum",

@@ -79,3 +79,10 @@ def trained_run(tmp_path_factory) -> Path:
 def decoder_run(tmp_path_factory) -> Path:
     """Decoder tuning alone: it changes SAM's own weights only, so it can be merged."""
     return make_run(tmp_path_factory.mktemp("decoder_run"), {"decoder": PLUGINS["decoder"]})
+
+
+@pytest.fixture(scope="package")
+def pa_sam_run(tmp_path_factory) -> Path:
+    """PA-SAM alone: its decoder side (Gumbel top-k point mining) does not declare onnx_exportable."""
+    plugins = {"pa": {"class_path": "samflow_plugins.pa_sam.PASam"}}
+    return make_run(tmp_path_factory.mktemp("pa_sam_run"), plugins, steps=1)

@@ -20,12 +20,14 @@ from samflow.export import ExportError, export
 from samflow.onnx_export import (
     DecoderGraph,
     OnnxExportError,
+    check_onnx,
     check_onnx_exportable,
     export_onnx,
     onnx_inputs,
     run_onnx,
 )
 from samflow.plugins import DecoderContext, DecoderFeatures, PluginStack, SamPlugin
+from samflow.plugins.registry import create_plugin, discover
 from samflow.predictor import Predictor
 from samflow.sam import HookedSam
 
@@ -156,6 +158,25 @@ def test_no_plugin_equals_segment_anything_onnx_model(tiny_sam, tmp_path):
             np.testing.assert_allclose(ours, theirs[:, 1:].numpy(), atol=TOL, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", sorted(discover()))
+def test_every_registered_plugin_is_exported_exactly_or_refused(name, tiny_sam, tmp_path):
+    """Driven by the registry: a plugin that declares ``onnx_exportable`` gives a graph that onnxruntime
+    runs as PyTorch does (three rows, a mask input, a 97 x 140 image); any other is refused by name."""
+    torch.manual_seed(0)
+    model = HookedSam(tiny_sam, PluginStack({name: create_plugin(name)}))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # as if trained: zero-initialised parts become non-zero
+                param.add_(torch.randn_like(param) * 0.05)
+    if not type(model.plugins[name]).onnx_exportable:
+        with pytest.raises(OnnxExportError, match=f"Plugin {name!r}"):
+            export_onnx(model, tmp_path / "decoder.onnx")
+        return
+    path = export_onnx(model, tmp_path / "decoder.onnx")
+    assert check_onnx(DecoderGraph(model), path) < TOL
+
+
 class ThirdParty(SamPlugin):
     """A plugin from elsewhere with a decoder hook, which does not declare itself exportable."""
 
@@ -178,7 +199,7 @@ def test_plugins_not_declared_exportable_are_refused(tiny_sam, tmp_path):
     check_onnx_exportable(HookedSam(tiny_sam))  # no plugin: nothing to refuse
 
 
-def test_cli_writes_and_checks_the_graph(decoder_run, trained_run, tmp_path, capsys):
+def test_cli_writes_and_checks_the_graph(decoder_run, pa_sam_run, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", str(decoder_run), "--out", str(out), "--onnx"]) == 0
     printed = capsys.readouterr().out
@@ -200,12 +221,12 @@ def test_cli_writes_and_checks_the_graph(decoder_run, trained_run, tmp_path, cap
     expected = predictor.predict(box=BOX // 2, encoding=encoding, return_logits=True)
     got = run_onnx(out / "decoder.onnx", onnx_inputs(predictor, encoding, box=BOX // 2))
     assert max(float(np.abs(g[0] - e).max()) for g, e in zip(got, expected, strict=True)) < TOL
-    # refusals: a plugin that is not exportable (the run's `tokens`), named, before anything is written;
+    # refusals: a plugin that is not exportable (PA-SAM), named, before anything is written;
     # --onnx with --merged
     refused = tmp_path / "refused"
-    assert main(["export", str(trained_run), "--out", str(refused), "--onnx"]) == 1
+    assert main(["export", str(pa_sam_run), "--out", str(refused), "--onnx"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Plugin 'tokens' (ExtraTokens) cannot be exported to ONNX" in err[0]
+    assert len(err) == 1 and "Plugin 'pa' (PASam) cannot be exported to ONNX" in err[0]
     assert not refused.exists()
     with pytest.raises(ExportError, match="exclude each other"):
         export(decoder_run, tmp_path / "both", merged=True, onnx=True)
