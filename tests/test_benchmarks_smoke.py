@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "throughput.py"
 
@@ -75,3 +77,30 @@ def test_pretrain_tiny_writes_a_tiny_sam_whose_decoder_learned(tmp_path):
     assert changed and all(name.startswith("mask_decoder.") for name in changed)  # only the decoder learned
     assert "mask_decoder.output_upscaling.0.weight" in changed
     assert "mask_decoder.output_hypernetworks_mlps.0.layers.0.weight" in changed  # token 0: the prediction
+
+
+def test_reference_sam_adapter_loop_has_the_references_adapter_and_runs():
+    """The reference loop's prompt generator has the reference's ViT-B parameter count (63,312 in the
+    notes: conv 18,456 + token projection 18,456 + 12 tune layers 7,200 + shared up-projection 19,200),
+    and the loop trains: the adapter and the decoder change, the frozen encoder does not."""
+    bench = load_script()
+    prompts = bench._ReferenceAdapterPrompts(768, 12, 1024)
+    assert sum(p.numel() for p in prompts.parameters()) == 63_312
+    args = bench.parse_args(
+        ["--variant", "tiny", "--no-forward", "--plugins", "sam_adapter", "--reference-sam-adapter"]
+    )
+    specs = bench.build_specs(args)
+    assert [(s["impl"], s["bf16"]) for s in specs] == [("samflow", False), ("reference_loop", False)]
+    spec = {**specs[1], "img_size": 64, "batch": 2, "device": "cpu"}
+    step, (sam, adapter, _), _, trainable = bench._build_reference_train(
+        spec, __import__("torch").device("cpu")
+    )
+    assert trainable == sum(p.numel() for p in adapter.parameters()) + sum(
+        p.numel() for p in sam.mask_decoder.parameters()
+    )
+    before = {k: v.clone() for k, v in {**sam.state_dict(), **adapter.state_dict()}.items()}
+    step()
+    after = {**sam.state_dict(), **adapter.state_dict()}
+    changed = {k for k in before if not before[k].equal(after[k])}
+    assert any(k.startswith("mask_decoder.") for k in changed) and any(k.startswith("tune.") for k in changed)
+    assert not any(k.startswith("image_encoder.") for k in changed)
