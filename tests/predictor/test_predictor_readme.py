@@ -37,16 +37,25 @@ def test_use_a_trained_model_section_runs(trained_run, tmp_path, monkeypatch):
     command = "samflow export runs/quickstart/version_0 --out exports/quickstart"
     assert command in text
     assert main(command.split()[1:]) == 0
+    onnx_command = "samflow export runs/quickstart/version_0 --out exports/quickstart_onnx --onnx"
+    assert onnx_command in text
+    assert main(onnx_command.split()[1:]) == 0
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README, as written
     assert namespace["masks"].shape[-2:] == (96, 140)
     assert namespace["boxes"].shape == (2, 4)
-    from_run, from_export = namespace["encoding"], namespace["predictor"]
-    assert from_run.original_size == (96, 140)
+    encoding, from_export = namespace["encoding"], namespace["predictor"]
+    assert encoding.original_size == (96, 140)
     assert from_export.model.plugins["tokens"].num_tokens == 1  # the exported run's plugins
+    # the ONNX block: the graph's outputs are the predictor's, for the README's box
+    expected = from_export.predict(box=np.array([30, 20, 100, 90]), encoding=encoding, return_logits=True)
+    got = [namespace["masks"], namespace["scores"], namespace["low_res"]]
+    assert got[0].shape == (1, *expected[0].shape)
+    for ours, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(ours[0], want, atol=1e-4, rtol=0)
 
 
 BUILT_IN = [
