@@ -16,6 +16,7 @@ from helpers import run_samflow
 
 from samflow.cli import PACKAGED, describe, main
 from samflow.data import GpuAugment, SegmentationDataModule, build_prompt
+from samflow.data.coco import CocoDataModule
 from samflow.data.wsi import SlideDataModule
 from samflow.losses import build_loss
 from samflow.metrics.registry import build_metrics
@@ -175,6 +176,23 @@ RECIPES = {
         train_roots=3,
         slides=True,  # SlideDataModule: slide entries per split instead of named folder sets
     ),
+    "sapnet_coco": dict(
+        plugin="samflow_plugins.sapnet.SAPNet",
+        plugin_args={"num_classes": 80, "hidden": 1024, "num_negatives": 500},
+        optimizer="torch.optim.SGD",
+        lr=0.015,
+        weight_decay=1e-4,
+        scheduler="torch.optim.lr_scheduler.MultiStepLR",
+        scheduler_args={"milestones": [8, 11], "gamma": 0.1},
+        max_epochs=12,
+        batch_size=4,  # per GPU, x 8 devices = 32
+        variant="vit_h",
+        losses={},
+        metrics=["iou"],
+        data={"img_size": 1024, "points": "qc"},
+        train_roots=1,
+        coco=True,  # CocoDataModule: an annotation file and an images folder per split, and a proposal store
+    ),
 }
 
 
@@ -221,6 +239,9 @@ def test_experiment_resolves_and_everything_it_names_exists(name, tmp_path, caps
             "NoisyMaskPrompt",
         ]
         return
+    if import_object(data["class_path"]) is CocoDataModule:  # COCO: builds without reading the files
+        assert CocoDataModule(**init).splits["train"]["annotations"].endswith(".json")
+        return
     assert import_object(data["class_path"]) is SegmentationDataModule
     build_prompt(init["prompt"])
     build_prompt(init["eval_prompt"])
@@ -259,6 +280,15 @@ def test_experiment_keeps_its_recipe(name, tmp_path, capsys, monkeypatch):
     assert len(train) == recipe["train_roots"]
     if recipe.get("slides"):
         assert SlideDataModule(**data).entries["train"][0] == [e["slide"] for e in train]
+        return
+    if recipe.get("coco"):  # SAPNet: the warm-up, clipping and the total batch of the reference recipe
+        trainer = config["trainer"]
+        assert data["proposals"] and data["test"]["annotations"].endswith("instances_val2017.json")
+        assert data["batch_size"] * trainer["devices"] == 32
+        (warmup,) = trainer["callbacks"]
+        assert warmup["class_path"] == "samflow.callbacks.warmup.LinearWarmup"
+        assert warmup["init_args"] == {"steps": 500, "ratio": 0.001}
+        assert trainer["gradient_clip_val"] == 35 and optimizer["init_args"]["momentum"] == 0.9
         return
     names = SegmentationDataModule(**{**data, "augment": None})
     assert names.val_names == recipe["val_names"] and names.test_names == recipe["test_names"]
