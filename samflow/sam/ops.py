@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import PromptEncoder, Sam
-from segment_anything.modeling.image_encoder import get_rel_pos
+from segment_anything.modeling.image_encoder import get_rel_pos as sam_get_rel_pos
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from segment_anything.modeling.transformer import Attention
 from torch import Tensor
@@ -56,6 +56,18 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | 
     return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
+def rel_pos_table(size: int, rel_pos: Tensor) -> Tensor:
+    """SAM's ``get_rel_pos(size, size, rel_pos)`` -> (size, size, d): row i, column k holds R[i - k].
+
+    The index is built on ``rel_pos``'s device (SAM builds it on the CPU, so on a GPU every block
+    waits for a host copy); a table of another length goes through SAM's own interpolation.
+    """
+    if rel_pos.shape[0] != 2 * size - 1:
+        return sam_get_rel_pos(size, size, rel_pos)
+    coords = torch.arange(size, device=rel_pos.device)
+    return rel_pos[coords[:, None] - coords[None, :] + (size - 1)]
+
+
 def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
     """SAM's decomposed relative-position term as an additive attention mask.
 
@@ -63,8 +75,8 @@ def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, siz
     q: (B, heads, h*w, d) -> bias (B, heads, h*w, h*w).
     """
     h, w = size
-    r_h = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # (h, h, d)
-    r_w = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # (w, w, d)
+    r_h = rel_pos_table(h, rel_pos_h).to(q.dtype)  # (h, h, d)
+    r_w = rel_pos_table(w, rel_pos_w).to(q.dtype)  # (w, w, d)
     r_q = q.unflatten(2, (h, w))  # (B, heads, h, w, d)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)
@@ -96,8 +108,8 @@ def rel_pos_attention(
     """
     h, w = size
     d = q.shape[-1]
-    r_h = get_rel_pos(h, h, rel_pos_h).to(q.dtype)  # (h, h, d)
-    r_w = get_rel_pos(w, w, rel_pos_w).to(q.dtype)  # (w, w, d)
+    r_h = rel_pos_table(h, rel_pos_h).to(q.dtype)  # (h, h, d)
+    r_w = rel_pos_table(w, rel_pos_w).to(q.dtype)  # (w, w, d)
     r_q = q.unflatten(2, (h, w))  # (B, heads, h, w, d)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h).flatten(2, 3)  # (B, heads, L, h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w).flatten(2, 3)  # (B, heads, L, w)

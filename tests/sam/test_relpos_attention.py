@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomize
-from segment_anything.modeling.image_encoder import Block
+from segment_anything.modeling.image_encoder import Block, get_rel_pos
 
 from samflow.batch import SamBatch
 from samflow.plugins import SamPlugin
 from samflow.plugins.stack import PluginStack
 from samflow.sam import HookedSam, build_sam, decomposed_rel_pos_bias, rel_pos_attention
+from samflow.sam.ops import rel_pos_table
 
 ATOL = 1e-5
 
@@ -200,3 +201,10 @@ def test_a_trained_bias_runs_without_a_mask_gradient_in_sdpa(tiny_sam, monkeypat
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-4, rtol=1e-5)
     assert ours_grad.abs().min() > 0
+
+
+@pytest.mark.parametrize(("size", "length"), [(4, 7), (14, 27), (64, 127), (4, 27)])
+def test_rel_pos_table_equals_segment_anythings_get_rel_pos(size, length):
+    """Built on the table's device (no host copy on a GPU), equal to SAM's; other lengths interpolate."""
+    table = torch.randn(length, 8, generator=torch.Generator().manual_seed(size))
+    assert torch.equal(rel_pos_table(size, table), get_rel_pos(size, size, table))
