@@ -3,7 +3,8 @@
 The experiment's scheduler (stepped per epoch, e.g. ``MultiStepLR`` at epochs 8 and 11) sets the
 *regular* rate; during the first ``steps`` optimizer steps the rate used is the regular one times
 ``ratio + (1 - ratio) * step / steps`` (mmcv ``warmup='linear'``: 0.001 at step 0, 1 at ``steps``).
-The regular rate is put back after each step, so the scheduler never sees the warm-up factor.
+The factor is applied inside each optimizer step (its closure, i.e. the training step, included) and
+the regular rate put back right after, so the scheduler never sees it.
 Chosen in an experiment as ``trainer.callbacks: [{class_path: samflow.callbacks.warmup.LinearWarmup,
 init_args: {steps: 500, ratio: 0.001}}]``.
 """
@@ -29,7 +30,6 @@ class LinearWarmup(Callback):
         if steps < 0 or not 0 < ratio <= 1:
             raise ValueError(f"LinearWarmup: steps must be >= 0 and 0 < ratio <= 1, got {steps}, {ratio}.")
         self.steps, self.ratio = steps, ratio
-        self._regular: list[list[float]] = []
 
     def factor(self, step: int) -> float:
         """The warm-up factor at optimizer step ``step`` (1 from ``steps`` on)."""
@@ -37,22 +37,30 @@ class LinearWarmup(Callback):
             return 1.0
         return self.ratio + (1 - self.ratio) * step / self.steps
 
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        factor = self.factor(trainer.global_step)
-        self._regular = []
-        if factor == 1.0:
-            return
-        for optimizer in trainer.optimizers:
-            self._regular.append([group["lr"] for group in optimizer.param_groups])
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr"] * factor
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Wrap each optimizer's ``step``: the warmed rate holds exactly for the step (and its closure).
 
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        for optimizer, rates in zip(trainer.optimizers, self._regular, strict=False):
-            for group, lr in zip(optimizer.param_groups, rates, strict=True):
-                group["lr"] = lr
-        self._regular = []
+        Lightning may step an epoch scheduler before the batch-end hooks run, so restoring the regular
+        rate in a hook could undo the scheduler; inside ``step`` nothing else runs.
+        """
+        for optimizer in trainer.optimizers:
+            if getattr(optimizer.step, "_samflow_warmup", False):
+                continue
+            optimizer.step = self._wrap(trainer, optimizer, optimizer.step)  # type: ignore[method-assign]
+
+    def _wrap(self, trainer: Trainer, optimizer: Any, step: Any) -> Any:
+        def warmed_step(*args: Any, **kwargs: Any) -> Any:
+            factor = self.factor(trainer.global_step)
+            if factor == 1.0:
+                return step(*args, **kwargs)
+            regular = [group["lr"] for group in optimizer.param_groups]
+            for group, lr in zip(optimizer.param_groups, regular, strict=True):
+                group["lr"] = lr * factor
+            try:
+                return step(*args, **kwargs)
+            finally:
+                for group, lr in zip(optimizer.param_groups, regular, strict=True):
+                    group["lr"] = lr
+
+        warmed_step._samflow_warmup = True  # type: ignore[attr-defined]
+        return warmed_step
