@@ -30,6 +30,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 # 1. Frozen forward, samflow against segment-anything, vit_b at 1024, bf16 (issue 15's GPU target: >= 2x).
 bench 90 forward_vit_b_bf16 --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-train
 
+# 1b. Where the forward's time goes: encoder and decoder apart, every host sync samflow causes.
+echo "=== profile_forward.py" | tee -a "$log"
+timeout 60 "$py" benchmarks/profile_forward.py --variant vit_b --batch 2 2>&1 | tee -a "$log"
+
 # 2. Which SDPA backend runs the rel-pos attention (augmented head dim 64 + 64 + 64 = 192 for a vit_b
 #    global block at 1024; flash takes up to 256), and the same attention timed per backend.
 echo "=== SDPA backends" | tee -a "$log"
