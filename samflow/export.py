@@ -194,10 +194,10 @@ def export(
 
 def _write_onnx(model: HookedSam, folder: Path, multimask_output: bool, resize_mode: str) -> dict[str, Any]:
     """``decoder.onnx`` in ``folder``, checked with onnxruntime when it is installed -> its manifest entry."""
-    from samflow.onnx_export import ONNX_FILE, OPSET, OUTPUTS, DecoderGraph, check_onnx, export_onnx
+    from samflow.onnx_export import ONNX_FILE, OPSET, OUTPUTS, DecoderGraph, check_onnx, write_graph
 
-    path = export_onnx(model, folder / ONNX_FILE, multimask_output=multimask_output, resize_mode=resize_mode)
-    graph = DecoderGraph(model, multimask_output=multimask_output, resize_mode=resize_mode)
+    graph = DecoderGraph(model.eval(), multimask_output=multimask_output, resize_mode=resize_mode)
+    path = write_graph(graph, folder / ONNX_FILE)
     record: dict[str, Any] = {
         "file": ONNX_FILE,
         "opset": OPSET,

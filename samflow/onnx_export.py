@@ -60,6 +60,7 @@ __all__ = [
     "export_onnx",
     "onnx_inputs",
     "run_onnx",
+    "write_graph",
 ]
 
 ONNX_FILE = "decoder.onnx"
@@ -108,6 +109,17 @@ class DecoderGraph(nn.Module):
         self.multimask_output = multimask_output
         self.resize_mode = resize_mode
         self.blocks = tuple(sorted(set(model.plugins.encoder_features())))
+        self._feature_shapes: list[torch.Size] | None = None
+
+    def feature_shapes(self) -> list[torch.Size]:
+        """Shapes of the ``encoder_block_<i>`` inputs: one encoder pass on a blank image, the first time."""
+        if self._feature_shapes is None:
+            size, dev = self.model.img_size, next(self.model.parameters()).device
+            blank = SamBatch(image=torch.zeros(1, 3, size, size, device=dev))
+            with torch.no_grad():
+                found = self.model.encode(self.model.context(blank)).features if self.blocks else {}
+            self._feature_shapes = [found[b].shape for b in self.blocks]
+        return self._feature_shapes
 
     @property
     def input_names(self) -> list[str]:
@@ -158,7 +170,9 @@ class DecoderGraph(nn.Module):
         full = F.interpolate(low, (size, size), mode="bilinear", align_corners=False)
         full = full[..., : input_size[0], : input_size[1]]
         height, width = orig_im_size.to(torch.int64).unbind()
-        masks = F.interpolate(full, (height, width), mode="bilinear", align_corners=False)
+        # 0-d tensors as the size: the tracer records them, so the output size follows orig_im_size
+        target: Any = (height, width)
+        masks = F.interpolate(full, target, mode="bilinear", align_corners=False)
         return masks, scores, low
 
 
@@ -170,13 +184,7 @@ def example_inputs(graph: DecoderGraph, rows: int = 1, points: int = 2) -> tuple
     param = next(graph.model.parameters())
     dev, dtype = param.device, param.dtype
     gen = torch.Generator().manual_seed(0)
-    features = []
-    if graph.blocks:
-        # one encoder pass on a blank image gives every block's shape
-        blank = SamBatch(image=torch.zeros(1, 3, graph.model.img_size, graph.model.img_size, device=dev))
-        with torch.no_grad():
-            found = graph.model.encode(graph.model.context(blank)).features
-        features = [torch.randn(found[b].shape, generator=gen).to(dev, dtype) for b in graph.blocks]
+    features = [torch.randn(shape, generator=gen).to(dev, dtype) for shape in graph.feature_shapes()]
     coords = torch.rand(rows, points, 2, generator=gen) * graph.model.img_size
     labels = torch.tensor([[1] + [2, 3][: points - 1] + [-1] * max(points - 3, 0)] * rows, dtype=torch.float)
     return (
@@ -203,6 +211,11 @@ def export_onnx(
     Raises ``OnnxExportError`` naming the plugin when one does not declare ``onnx_exportable``.
     """
     graph = DecoderGraph(model.eval(), multimask_output=multimask_output, resize_mode=resize_mode)
+    return write_graph(graph, path, opset=opset)
+
+
+def write_graph(graph: DecoderGraph, path: str | Path, *, opset: int = OPSET) -> Path:
+    """Trace ``graph`` into the ONNX file ``path`` (prompt rows, points and image size dynamic)."""
     names = graph.input_names
     dynamic = {
         "point_coords": {0: "prompts", 1: "points"},
@@ -216,7 +229,9 @@ def export_onnx(
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the tracer's warnings about Python values are expected here
+        # the legacy exporter's deprecation and constant-folding notes, and tracer warnings about shape
+        # checks; a value the trace would freeze wrongly shows in check_onnx, on other inputs
+        warnings.simplefilter("ignore")
         torch.onnx.export(
             graph,
             example_inputs(graph),
