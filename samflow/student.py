@@ -296,7 +296,8 @@ def main(argv: list[str]) -> int:
         test=data.splits.get("test"),
         batch_size=data.batch_size,
         num_workers=data.num_workers,
-        **data.options,  # type: ignore[arg-type]
+        # images without instances count in COCO's evaluation (false positives): keep them
+        **{**data.options, "empty": "keep"},  # type: ignore[arg-type]
     )
     ids = student_data.dataset("train").category_ids
     for split in ("val", "test"):
