@@ -194,3 +194,18 @@ def test_tiled_prompts_equal_predict_tiled(trained_run, images, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / "a_1.png")) > 0, masks[0, 0])
     results = json.loads((out / "results.json").read_text())
     assert results[0]["score"] == pytest.approx(float(scores[0, 0]), abs=1e-6)
+
+
+def test_the_mask_folder_of_mask_prompts_is_never_written(trained_run, images, tmp_path, capsys):
+    """Predicting into the folder the prompts come from (masks/, as the issue found) is refused."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    label = np.zeros((30, 40), np.uint8)
+    label[6:25, 4:31] = 1
+    Image.fromarray(label).save(masks / "a.png")
+    before = (masks / "a.png").read_bytes()
+    base = ["predict", "--prompts", str(masks), "--model", str(trained_run), "--images", str(images)]
+    for out in (masks, masks / "pred", tmp_path):  # the folder itself, inside it, a folder holding it
+        assert main([*base, "--out", str(out), "--device", "cpu", "--overwrite"]) == 1
+        assert "would write into the input" in capsys.readouterr().err
+    assert sorted(p.name for p in masks.iterdir()) == ["a.png"] and (masks / "a.png").read_bytes() == before
