@@ -70,3 +70,29 @@ def test_windows_route_prompts_and_blend_overlaps(predictor):
 def test_a_prompt_larger_than_a_window_is_refused(predictor):
     with pytest.raises(PredictorError, match=r"prompts \[0\] fit in no 128 px window"):
         predictor.predict_tiled(image(200, 300), np.array([[0, 0, 250, 100]]), tile=128)
+
+
+def test_memory_is_bounded_by_one_window(predictor, monkeypatch):
+    """However many windows, only one window's encoding is alive when the next is made, and none after."""
+    import gc
+    import weakref
+
+    alive: list[weakref.ref] = []
+    peak = []
+    encode = predictor.encode
+
+    def counting(window, image_format="RGB"):
+        gc.collect()
+        peak.append(sum(ref() is not None for ref in alive))
+        result = encode(window, image_format)
+        alive.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(predictor, "encode", counting)
+    img = image(200, 260)  # 64 px windows, 16 overlap: 4 x 5 windows
+    boxes = np.array([[10, 10, 40, 40], [100, 100, 150, 150], [200, 150, 250, 190]])
+    predictor.predict_tiled(img, boxes, tile=64, overlap=16)
+    assert len(alive) >= 3 and max(peak) <= 1  # each window's encoding is gone before the next is made
+    gc.collect()
+    assert not any(ref() is not None for ref in alive)
+    assert predictor.encoding is None  # predict_tiled does not set an image
