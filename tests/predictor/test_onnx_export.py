@@ -230,3 +230,18 @@ def test_cli_writes_and_checks_the_graph(decoder_run, pa_sam_run, tmp_path, caps
     assert not refused.exists()
     with pytest.raises(ExportError, match="exclude each other"):
         export(decoder_run, tmp_path / "both", merged=True, onnx=True)
+
+
+def test_stretch_geometry(tiny_sam, tmp_path):
+    """A run trained with resize_mode stretch: no crop before resizing to the image's size."""
+    predictor = Predictor(HookedSam(tiny_sam), device="cpu", resize_mode="stretch")
+    path = export_onnx(predictor.model, tmp_path / "decoder.onnx", resize_mode="stretch")
+    encoding = predictor.encode(image(90, 150, seed=7))
+    expected = predictor.predict(box=BOX, encoding=encoding, return_logits=True)
+    got = run_onnx(path, onnx_inputs(predictor, encoding, box=BOX))
+    for ours, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(ours[0], want, atol=TOL, rtol=0)
+    longest = run_onnx(
+        export_onnx(predictor.model, tmp_path / "longest.onnx"), onnx_inputs(predictor, encoding, box=BOX)
+    )
+    assert not np.allclose(longest[0], got[0], atol=TOL)  # the geometry matters
