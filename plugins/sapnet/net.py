@@ -3,8 +3,10 @@
 The trainable part is a two-FC RoI head with a classification and an instance branch per stage
 (``Shared2FCInstanceMILHead``: 2 shared FCs, ``fc_cls[s]`` and ``fc_ins[s]``; C + 1 outputs in
 stage 0, C in stage 1). RoI features come from SAM's frozen image embedding through
-``torchvision.ops.roi_align`` (7 × 7), so no second backbone runs. The paper's ResNet-50-FPN
-feature option is not built.
+``torchvision.ops.roi_align`` (7 × 7), so no second backbone runs; or, the paper's option, from a
+feature pyramid (a list of maps, e.g. the plugin's ResNet-50-FPN, strides 4-32): each RoI reads the
+level mmdetection's ``SingleRoIExtractor`` maps it to, ⌊log2(√(wh) / 56)⌋ clamped to the levels
+(``roi_levels``).
 
 One call, for N points with P proposals each (all tensors, no per-point Python loops):
 1. stage 0 (PSM): d⁰ = selection_score on the P proposals, top-1, clamped to the image, then BMS;
@@ -27,7 +29,14 @@ from torchvision.ops import roi_align
 from .boxes import aligned_iou, bms, hard_negatives, pdg_phi, pnpg_positives, random_negatives, select_parent
 from .mil import mps_ranks, negative_loss, prm_loss, psm_loss, selection_score
 
-__all__ = ["SapnetResult", "SelectionNet"]
+__all__ = ["SapnetResult", "SelectionNet", "roi_levels"]
+
+
+def roi_levels(boxes: Tensor, num_levels: int, finest_scale: float = 56.0) -> Tensor:
+    """Pyramid level (K,) of boxes (K, 4): ⌊log2(√(wh) / finest_scale + 1e-6)⌋ in [0, num_levels − 1]."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
+    scale = (wh[:, 0] * wh[:, 1]).sqrt()
+    return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
 
 
 @dataclass
@@ -93,19 +102,36 @@ class SelectionNet(nn.Module):
         self.fc_cls = nn.ModuleList([nn.Linear(hidden, num_classes + 1), nn.Linear(hidden, num_classes)])
         self.fc_ins = nn.ModuleList([nn.Linear(hidden, num_classes + 1), nn.Linear(hidden, num_classes)])
 
+    def roi_features(self, features: Tensor | list[Tensor], rois: Tensor, image_size: int) -> Tensor:
+        """RoIAlign (K, C, r, r) of rois (K, 5) (image, x1, y1, x2, y2 in input pixels) on one map or a pyramid."""
+        if isinstance(features, Tensor):
+            scale = features.shape[-1] / image_size
+            return roi_align(
+                features, rois, self.roi_size, spatial_scale=scale, sampling_ratio=2, aligned=True
+            )
+        level = roi_levels(rois[:, 1:], len(features))
+        out = rois.new_zeros(rois.shape[0], features[0].shape[1], self.roi_size, self.roi_size)
+        for i, feat in enumerate(features):
+            idx = torch.nonzero(level == i).squeeze(1)
+            if idx.numel():
+                scale = feat.shape[-1] / image_size
+                out[idx] = roi_align(
+                    feat, rois[idx], self.roi_size, spatial_scale=scale, sampling_ratio=2, aligned=True
+                )
+        return out
+
     def head(
-        self, features: Tensor, boxes: Tensor, image_index: Tensor, scale: float, stage: int
+        self, features: Tensor | list[Tensor], boxes: Tensor, image_index: Tensor, image_size: int, stage: int
     ) -> tuple[Tensor, Tensor]:
         """Class and instance logits (..., C') of boxes (..., 4) on images ``image_index`` (...)."""
         lead = boxes.shape[:-1]
         rois = torch.cat([image_index.reshape(-1, 1).to(boxes.dtype), boxes.reshape(-1, 4)], 1)
-        roi = roi_align(features, rois, self.roi_size, spatial_scale=scale, sampling_ratio=2, aligned=True)
-        h = self.shared(roi)
+        h = self.shared(self.roi_features(features, rois, image_size))
         return self.fc_cls[stage](h).reshape(*lead, -1), self.fc_ins[stage](h).reshape(*lead, -1)
 
     def forward(
         self,
-        features: Tensor,
+        features: Tensor | list[Tensor],
         image_size: int,
         proposals: Tensor,
         labels: Tensor,
@@ -116,18 +142,19 @@ class SelectionNet(nn.Module):
         """Run both stages.
 
         Args:
-            features: (B, C, h, w) feature map of the square input (side ``image_size``).
+            features: (B, C, h, w) feature map of the square input (side ``image_size``), or a pyramid
+                of them, finest first (``roi_levels``).
             proposals: (N, P, 4) boxes in input pixels; labels: (N,) classes; points: (N, 2) x, y;
             image_index: (N,) image of each point; centre_boxes: (N, 4), only with ``pdg_box_centres``.
         """
         n, p = proposals.shape[:2]
-        scale = features.shape[-1] / image_size
+        first = features if isinstance(features, Tensor) else features[0]
         rows = torch.arange(n, device=proposals.device)
-        proposals = proposals.detach().to(features.dtype)
+        proposals = proposals.detach().to(first.dtype)
         idx_p = image_index[:, None].expand(n, p)
 
         # stage 0: PSM with PDG
-        c0, s0 = self.head(features, proposals, idx_p, scale, 0)
+        c0, s0 = self.head(features, proposals, idx_p, image_size, 0)
         d0 = selection_score(c0, s0, labels).detach()
         top0 = d0.argmax(1)
         pseudo0 = bms(proposals[rows, top0].clamp(0, image_size), proposals, self.bms_proposals)
@@ -146,14 +173,16 @@ class SelectionNet(nn.Module):
         parent = select_parent(pseudo0, proposals, top0, reference_fallback=self.fallback_last_proposal)
         bag1 = pnpg_positives(proposals, parent, phi)
         q = bag1.shape[1]
-        c1, s1 = self.head(features, bag1, image_index[:, None].expand(n, q), scale, 1)
+        c1, s1 = self.head(features, bag1, image_index[:, None].expand(n, q), image_size, 1)
         weight = d0.sum(1)
         loss_prm = prm_loss(c1, s1, labels, weight)
-        num_images = features.shape[0]
+        num_images = first.shape[0]
         sizes = torch.full((num_images, 2), image_size, device=proposals.device)
         neg, neg_image, neg_valid = random_negatives(proposals, image_index, sizes, self.num_negatives)
         hard, hard_valid = hard_negatives(proposals, top0)
-        c_neg, _ = self.head(features, torch.cat([neg, hard]), torch.cat([neg_image, image_index]), scale, 1)
+        c_neg, _ = self.head(
+            features, torch.cat([neg, hard]), torch.cat([neg_image, image_index]), image_size, 1
+        )
         loss_neg = negative_loss(c_neg, torch.cat([neg_valid, hard_valid]), weight, n)
 
         # final box, pseudo mask, MPS

@@ -13,14 +13,24 @@ Inputs per prompt row, read from the batch when present:
   ids must be mapped to contiguous indices first); without it every row is class 0.
 - ``batch.points`` first point (the annotated point); without points, the centre of ``batch.box``,
   else of the first proposal.
+
+**Features.** ``features="sam"`` (default): SAM's frozen embedding, one map at stride 16.
+``features="resnet50_fpn"``: the paper's backbone, torchvision's ``resnet_fpn_backbone("resnet50")``
+(frozen BatchNorm, the stem and ``layer1`` frozen: ``resnet_trainable_layers`` 3, as the reference's
+``frozen_stages=1``; FPN without GN) on SAM's normalised input (SAM's pixel statistics are ImageNet's),
+levels at strides 4, 8, 16, 32; each RoI reads its level as mmdetection does. Its weights come only
+from ``resnet_weights``, a file of torchvision's ResNet-50 ImageNet state dict (``resnet50-*.pth``;
+``fc.*`` is ignored) or of the whole ``body.*`` / ``fpn.*`` backbone; nothing is downloaded. The FPN
+and the unfrozen ResNet layers train with the head.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from samflow.batch import SamBatch
 from samflow.plugins import DecoderContext, SamPlugin
@@ -31,7 +41,7 @@ from .net import SelectionNet
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
-__all__ = ["SAPNet", "masks_to_boxes"]
+__all__ = ["SAPNet", "masks_to_boxes", "resnet50_fpn"]
 
 
 def masks_to_boxes(logits: Tensor, size: int) -> Tensor:
@@ -63,6 +73,9 @@ class SAPNet(SamPlugin):
         fallback_last_proposal: reference quirk, off: PNPG grows from the proposal equal to the
             pseudo box within ±1 px, else from the last proposal (index 5); default: the stage-0 top-1.
         plus_one: reference quirk, off: x2, y2 of the final pseudo box + 1 (after the mask matching).
+        features: ``"sam"`` (SAM's frozen embedding) or ``"resnet50_fpn"`` (module docstring).
+        resnet_weights: with ``resnet50_fpn``, the path of the ResNet-50 weights (required).
+        resnet_trainable_layers: with ``resnet50_fpn``, ResNet stages that train, from ``layer4`` down (3).
         lr, weight_decay: as every plugin.
     """
 
@@ -74,10 +87,27 @@ class SAPNet(SamPlugin):
         pdg_box_centres: bool = False,
         fallback_last_proposal: bool = False,
         plus_one: bool = False,
+        features: Literal["sam", "resnet50_fpn"] = "sam",
+        resnet_weights: str | None = None,
+        resnet_trainable_layers: int = 3,
         lr: float | None = None,
         weight_decay: float | None = None,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay)
+        if features not in ("sam", "resnet50_fpn"):
+            raise ValueError(f"sapnet: features must be 'sam' or 'resnet50_fpn', got {features!r}.")
+        if features == "resnet50_fpn":
+            if not resnet_weights:
+                raise ValueError(
+                    "sapnet: features: resnet50_fpn needs resnet_weights: PATH, a file of torchvision's ResNet-50 "
+                    "ImageNet weights (resnet50-*.pth); samflow never downloads weights. Set "
+                    "model.plugins.<key>.init_args.resnet_weights, or use features: sam."
+                )
+            if not Path(resnet_weights).expanduser().is_file():
+                raise FileNotFoundError(f"sapnet: resnet_weights {resnet_weights} not found.")
+        self.features, self.resnet_weights = features, resnet_weights
+        self.resnet_trainable_layers = resnet_trainable_layers
+        self.backbone: nn.Module | None = None
         self.options = {
             "num_classes": num_classes,
             "hidden": hidden,
@@ -89,8 +119,20 @@ class SAPNet(SamPlugin):
         self.net: SelectionNet | None = None
 
     def setup(self, sam: Sam) -> None:
-        """Build the selection head for SAM's embedding width."""
-        self.net = SelectionNet(sam.prompt_encoder.embed_dim, **self.options)  # type: ignore[arg-type]
+        """Build the selection head for SAM's embedding width (or the FPN's 256 channels)."""
+        channels = sam.prompt_encoder.embed_dim
+        if self.features == "resnet50_fpn":
+            assert self.resnet_weights is not None
+            self.backbone = resnet50_fpn(self.resnet_weights, self.resnet_trainable_layers)
+            channels = 256
+        self.net = SelectionNet(channels, **self.options)  # type: ignore[arg-type]
+
+    def feature_maps(self, ctx: DecoderContext) -> Tensor | list[Tensor]:
+        """SAM's embedding, or the ResNet-50-FPN levels (strides 4-32) of SAM's normalised input."""
+        if self.backbone is None:
+            return ctx.encoded.embeddings
+        levels = self.backbone(ctx.encoded.normalized)
+        return [levels[k] for k in ("0", "1", "2", "3")]
 
     def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         """PSM, PRM and negative MIL terms (weights 0.25, 0.25, 0.75 as the reference)."""
@@ -115,7 +157,39 @@ class SAPNet(SamPlugin):
         else:
             points = (proposals[:, 0, :2] + proposals[:, 0, 2:]) / 2
         result = self.net(
-            ctx.encoded.embeddings, s, proposals, labels, points, batch.image_index, centre_boxes=batch.box
+            self.feature_maps(ctx), s, proposals, labels, points, batch.image_index, centre_boxes=batch.box
         )
         out.extras["sapnet"] = result
         return result.losses
+
+
+def resnet50_fpn(weights: str, trainable_layers: int = 3) -> nn.Module:
+    """torchvision's ResNet-50-FPN (frozen BatchNorm) with weights read from ``weights`` only.
+
+    The file holds a ResNet-50 state dict (``conv1.*`` ... ``layer4.*``; ``fc.*`` is ignored) or a whole
+    backbone's (``body.*`` and ``fpn.*``). Raises ValueError naming the file and the keys that do not fit.
+    """
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=trainable_layers)
+    path = Path(weights).expanduser()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise TypeError(f"sapnet: resnet_weights {path} holds no state dict.")
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # frozen BN has none
+    if any(k.startswith("body.") for k in state):
+        target: nn.Module = backbone
+    else:
+        target, state = backbone.body, {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"sapnet: resnet_weights {path} is not a ResNet-50 state dict: missing {len(missing)} keys "
+            f"({', '.join(missing[:3])}), unexpected {len(unexpected)} ({', '.join(unexpected[:3])})."
+        )
+    target.load_state_dict(state)
+    return backbone
