@@ -7,7 +7,7 @@ times the mpp, the same ``tile`` px) and a prompt box covering the whole tile. T
 
 - ``<slide>_mask.tif``: a pyramidal tiled TIFF (uint8, 255 = tumour) at the HR mpp, levels halving;
 - ``<slide>.geojson``: the mask's polygons in level-0 slide coordinates (QuPath reads them), traced
-  exactly on the coarsest pyramid level at most ``polygon_side`` px wide;
+  exactly on the finest pyramid level whose sides are at most ``polygon_side`` px (default 4096);
 - with ``--annotations``: Dice of the mask against them (per slide), printed and in ``<slide>.json``.
 
 Memory is bounded by one band of tiles: the probabilities are stitched in a (tile x width) band that
@@ -190,13 +190,13 @@ def _bands(
             pending = next(probabilities, None)
         last = k == len(ys) - 1
         done = min(height - y0, tile) if last else stride  # rows no later tile touches
-        yield y0, np.where(count[:done] > 0, total[:done] / np.maximum(count[:done], 1), 0)[:, :width]
+        yield y0, (total[:done, :width] / np.maximum(count[:done, :width], 1))  # 0 where no tile (total 0)
         if not last:  # keep the overlap rows, move the band down by stride
             total[:overlap], total[overlap:] = total[stride:], 0
             count[:overlap], count[overlap:] = count[stride:], 0
 
 
-def _halve(mask: np.ndarray, out: np.ndarray, rows: int = 512) -> None:
+def _halve(mask: np.ndarray, out: np.ndarray, rows: int = 256) -> None:
     """``out`` (ceil(H/2), ceil(W/2)) = 2 x 2 max of ``mask`` (H, W), band by band."""
     for r in range(0, out.shape[0], rows // 2):
         part = mask[2 * r : 2 * (r + rows // 2)]
@@ -301,7 +301,10 @@ def predict_slide(
                 dest = levels[0][y0 : y0 + rows.shape[0]]
                 dest[...] = rows >= threshold
                 dest *= 255
-        while min(levels[-1].shape) > 256:  # levels halving, each a disk-backed array
+        # levels halving, each a disk-backed array, down to 256 px and to a level at most polygon_side
+        while min(levels[-1].shape) > 1 and (
+            min(levels[-1].shape) > 256 or max(levels[-1].shape) > polygon_side
+        ):
             h, w = levels[-1].shape
             scratch.append(out / f".{stem}_mask.{len(levels)}.u8")
             shape = (math.ceil(h / 2), math.ceil(w / 2))
