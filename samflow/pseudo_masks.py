@@ -191,8 +191,13 @@ def main(argv: list[str]) -> int:
             f"samflow pseudo-masks: the experiment's data is {type(datamodule).__name__}; it needs "
             "data: {class_path: samflow.data.coco.CocoDataModule, init_args: {proposals: ...}}."
         )
-    load_trained_state(module.model, read_checkpoint_state(ckpt), str(ckpt))
+    if not datamodule.proposals:
+        raise DataError(
+            "samflow pseudo-masks: the experiment's data has no proposal store; set data.init_args.proposals to "
+            "the folder `samflow proposals` wrote (the one the fit trained on)."
+        )
     dataset = datamodule.dataset("train")
+    load_trained_state(module.model, read_checkpoint_state(ckpt), str(ckpt))
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     columns = [TextColumn("samflow pseudo-masks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns) as bar:
