@@ -16,7 +16,9 @@ of a point-supervised experiment and are skipped here.
 category ids) whose ``annotations`` are the pseudo masks: ``id`` and ``image_id`` of the source
 annotation, ``category_id``, ``segmentation`` (the chosen proposal's RLE at the original size),
 ``area``, ``bbox`` (``[x, y, w, h]`` of the mask), ``iscrowd`` 0, ``point`` (the prompt point),
-``proposal_index`` and ``score`` (SAM's predicted IoU of that proposal). ``info.samflow_pseudo_masks``
+``proposal_index`` and ``score`` (SAM's predicted IoU of that proposal); when the report also has an
+``mps_index`` (N, R) (SAPNet: the proposals ranked 2, 4, 6 by the stage-1 score), ``mps_proposal_index``
+and ``mps_segmentation`` (their RLEs), which ``samflow student`` adds as MPS supervision. ``info.samflow_pseudo_masks``
 records the checkpoint, the proposal store's key and the mean IoU of the pseudo masks with the
 annotation masks (a diagnostic; the annotation masks are used for nothing else).
 """
@@ -37,14 +39,17 @@ from torch import Tensor
 from samflow.data.coco import CocoBatch, CocoDataModule, CocoInstances, collate_coco
 from samflow.data.folder import DataError
 
-__all__ = ["pseudo_index_of", "write_pseudo_masks"]
+__all__ = ["pseudo_index_of", "selection_report", "write_pseudo_masks"]
 
 
 def pseudo_index_of(extras: dict[str, Any]) -> Tensor:
     """The (N,) ``pseudo_index`` of the one selection report in ``out.extras`` (module docstring)."""
-    found = {
-        k: v.pseudo_index for k, v in extras.items() if isinstance(getattr(v, "pseudo_index", None), Tensor)
-    }
+    return selection_report(extras).pseudo_index
+
+
+def selection_report(extras: dict[str, Any]) -> Any:
+    """The one value of ``out.extras`` with a ``pseudo_index`` tensor (module docstring)."""
+    found = {k: v for k, v in extras.items() if isinstance(getattr(v, "pseudo_index", None), Tensor)}
     if len(found) != 1:
         raise DataError(
             "samflow pseudo-masks: the experiment needs exactly one plugin that selects among batch.proposals "
@@ -101,7 +106,10 @@ def write_pseudo_masks(
                 moved = batch.to(device)
                 output, ctx = module(moved)
                 module.plugins.losses(output, moved, ctx)  # the selection is made in the losses hook
-                chosen = pseudo_index_of(output.extras).cpu().tolist()
+                report = selection_report(output.extras)
+                chosen = report.pseudo_index.cpu().tolist()
+                mps = getattr(report, "mps_index", None)
+                mps_rows = mps.cpu().tolist() if isinstance(mps, Tensor) else None
                 first = torch.cumsum(torch.bincount(batch.image_index, minlength=batch.num_images), 0)
                 for r, k in enumerate(chosen):
                     b = int(batch.image_index[r])
@@ -125,6 +133,9 @@ def write_pseudo_masks(
                             "score": round(float(batch.proposal_scores[r, k]), 6),
                         }
                     )
+                    if mps_rows is not None:  # MPS: lower-ranked proposals as extra student targets
+                        annotations[-1]["mps_proposal_index"] = [int(i) for i in mps_rows[r]]
+                        annotations[-1]["mps_segmentation"] = [batch.proposal_rles[r][i] for i in mps_rows[r]]
             if progress is not None:
                 progress(len(items))
     finally:

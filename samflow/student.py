@@ -58,6 +58,10 @@ class StudentModule(LightningModule):
         category_ids: COCO id of each class index, for the results file (default: the index itself).
         optimizer, scheduler: as ``SamflowModule`` (default SGD 0.015, momentum 0.9, wd 1e-4; none).
         frozen_sam: an already built frozen SAM to use (the command passes the experiment's).
+        mps_weight: weight of the MPS term (SAPNet's multi-mask proposal supervision): with
+            ``batch.aux_masks`` (N, R, S, S) (the pseudo-mask file's ``mps_segmentation``), the mask loss
+            is also computed with each of the R masks as every instance's target, and
+            ``loss_mps = mps_weight * Σ_r loss_mask_r / 6`` is added (the reference's 0.5 and 6). 0 turns it off.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class StudentModule(LightningModule):
         optimizer: OptimizerCallable = _sgd,
         scheduler: LRSchedulerCallable | None = None,
         frozen_sam: nn.Module | None = None,
+        mps_weight: float = 0.5,
     ) -> None:
         super().__init__()
         self.sam_spec = sam or SamSpec()
@@ -91,6 +96,7 @@ class StudentModule(LightningModule):
                 f"StudentModule: {len(self.category_ids)} category_ids for {num_classes} classes."
             )
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.mps_weight = mps_weight
         self.ap: dict[str, CocoMaskAP] = nn.ModuleDict({"val": CocoMaskAP(), "test": CocoMaskAP()})  # type: ignore[assignment]
         self.results: list[dict[str, Any]] = []
         self.metrics: dict[str, dict[str, float]] = {}
@@ -114,7 +120,17 @@ class StudentModule(LightningModule):
 
     # ---- training ----
     def training_step(self, batch: CocoBatch, batch_idx: int) -> Tensor:
-        losses = self.head.loss(self.head(self.embed(batch)), self.targets(batch))
+        outputs = self.head(self.embed(batch))
+        targets = self.targets(batch)
+        losses = self.head.loss(outputs, targets)
+        aux = batch.aux_masks
+        if self.mps_weight and aux is not None and aux.shape[0] and aux.shape[1]:
+            terms = []
+            for r in range(aux.shape[1]):  # each MPS rank as every instance's target (SAPNet's MPS)
+                other = [{**t, "masks": aux[batch.image_index == b, r]} for b, t in enumerate(targets)]
+                terms.append(self.head.loss(outputs, other)["loss_mask"])
+            losses["loss_mps"] = self.mps_weight * torch.stack(terms).sum() / 6
+            losses["loss"] = losses["loss"] + losses["loss_mps"]
         self.log_dict(
             {f"train/{k}": v for k, v in losses.items()}, batch_size=batch.num_images, prog_bar=True
         )
@@ -250,6 +266,12 @@ def _parser() -> argparse.ArgumentParser:
         help="folder of the training images (default: the experiment's train images)",
     )
     p.add_argument(
+        "--mps-weight",
+        type=float,
+        default=0.5,
+        help="weight of the pseudo-mask file's MPS masks (SAPNet: 0.5, summed over the ranks / 6); 0 turns them off",
+    )
+    p.add_argument(
         "--head", default=None, help="SOLOv2Head options as YAML/JSON, e.g. '{num_grids: [40, 24, 16]}'"
     )
     return p
@@ -290,8 +312,10 @@ def main(argv: list[str]) -> int:
     images = (
         opts.images or train.get("images") or str(Path(train.get("annotations", pseudo)).expanduser().parent)
     )
+    first = (json.loads(pseudo.read_text()).get("annotations") or [{}])[0]
     student_data = CocoDataModule(
         train={"annotations": str(pseudo), "images": images},
+        aux_masks="mps_segmentation" if "mps_segmentation" in first and opts.mps_weight else None,
         val=data.splits.get("val"),
         test=data.splits.get("test"),
         batch_size=data.batch_size,
@@ -314,6 +338,7 @@ def main(argv: list[str]) -> int:
         optimizer=model.optimizer,
         scheduler=model.scheduler,
         frozen_sam=model.model.sam,
+        mps_weight=opts.mps_weight,
     )
     config = cli.config_init.get("trainer") or {}
     kwargs: dict[str, Any] = {k: config.get(k) for k in TRAINER_KEYS if config.get(k) is not None}

@@ -187,6 +187,9 @@ class CocoInstances(Dataset):
         resize_mode: ``"longest"`` (SAM's) or ``"stretch"``.
         proposals: ``proposals.json`` (or its store folder) of ``samflow proposals`` for this data; its
             key must match (module docstring).
+        aux_masks: an annotation key holding R further masks per instance (a list of segmentations,
+            e.g. ``mps_segmentation`` of ``samflow pseudo-masks``: SAPNet's MPS masks); item
+            ``aux_masks`` (M, R, H, W) bool, batch ``aux_masks`` (N, R, S, S).
 
     Item keys: ``image`` (3, S, S), ``input_size``, ``original_size``, ``id``, ``path``, ``image_id``,
     ``instance_masks`` bool (M, H, W), ``boxes`` (M, 4) xyxy, ``classes`` (M,) contiguous indices,
@@ -208,8 +211,10 @@ class CocoInstances(Dataset):
         empty: Literal["skip", "keep"] = "skip",
         resize_mode: Literal["longest", "stretch"] = "longest",
         proposals: str | Path | None = None,
+        aux_masks: str | None = None,
     ) -> None:
         self.file = Path(annotations).expanduser()
+        self.aux_masks = aux_masks
         self.root = Path(images).expanduser() if images is not None else self.file.parent
         if points not in ("qc", "annotation"):
             raise ValueError(f"CocoInstances: points must be 'qc' or 'annotation', got {points!r}.")
@@ -285,6 +290,7 @@ class CocoInstances(Dataset):
         ann_ids: list[int] = []
         points: list[Tensor] = []
         bags: list[tuple[Tensor, Tensor, list[dict[str, Any]]]] = []
+        aux: list[Tensor] = []
         crowd = np.zeros((h, w), dtype=bool)
         for ann in anns:
             where = f"{self.file}: annotation id {ann.get('id')} (image id {img['id']})"
@@ -303,6 +309,8 @@ class CocoInstances(Dataset):
             points.append(self._points(m, ann, where, int(img["id"]), ann_ids[-1]))
             if self.proposals is not None:
                 bags.append(self.proposals.bag(ann_ids[-1], 0, where))
+            if self.aux_masks is not None:
+                aux.append(self._aux(ann, h, w, where))
         n, p = len(masks), self.points_per_instance
         item: dict[str, Any] = {
             "instance_masks": torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool),
@@ -318,7 +326,21 @@ class CocoInstances(Dataset):
             item["proposal_boxes"] = torch.stack([b[0] for b in bags]) if bags else torch.zeros(0, k, 4)
             item["proposal_scores"] = torch.stack([b[1] for b in bags]) if bags else torch.zeros(0, k)
             item["proposal_rles"] = [b[2] for b in bags]
+        if self.aux_masks is not None:
+            if len({a.shape[0] for a in aux}) > 1:
+                raise DataError(
+                    f"{self.file}: image id {img['id']}: the annotations' '{self.aux_masks}' lists differ in length."
+                )
+            item["aux_masks"] = torch.stack(aux) if aux else torch.zeros(0, 0, h, w, dtype=torch.bool)
         return item
+
+    def _aux(self, ann: dict[str, Any], h: int, w: int, where: str) -> Tensor:
+        value = ann.get(self.aux_masks or "")
+        if not isinstance(value, list) or not value:
+            raise DataError(
+                f"{where}: no '{self.aux_masks}' list of masks (aux_masks); write the file with it."
+            )
+        return torch.stack([torch.from_numpy(decode_segmentation(v, h, w, where)) for v in value])
 
     def _points(self, mask: Tensor, ann: dict[str, Any], where: str, image_id: int, ann_id: int) -> Tensor:
         p = self.points_per_instance
@@ -377,7 +399,8 @@ class CocoBatch(SamBatch):
     resolution, ``image_ids`` list of B ints. With a proposal store (K proposals per point, of each
     row's first point): ``proposals`` (N, K, 4) xyxy boxes in the S x S frame (exclusive ends),
     ``proposal_scores`` (N, K) SAM's predicted IoU, ``proposal_rles`` N lists of K RLE dicts (the masks
-    at the original resolution, decoded only where needed).
+    at the original resolution, decoded only where needed). With ``aux_masks``: ``aux_masks`` bool
+    (N, R, S, S), R further masks per row in the input frame.
     """
 
     instance_mask: Tensor | None = None
@@ -389,6 +412,7 @@ class CocoBatch(SamBatch):
     proposals: Tensor | None = None
     proposal_scores: Tensor | None = None
     proposal_rles: list[list[dict[str, Any]]] | None = None
+    aux_masks: Tensor | None = None
     instance_masks: list[Tensor] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
 
@@ -401,6 +425,7 @@ class CocoBatch(SamBatch):
         "boxes_original",
         "proposals",
         "proposal_scores",
+        "aux_masks",
     )
 
     @property
@@ -425,8 +450,9 @@ def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
     if not items:
         raise ValueError("collate_coco: empty list of items.")
     s = items[0]["image"].shape[-1]
-    rows_index, points, boxes, inst, props = [], [], [], [], []
+    rows_index, points, boxes, inst, props, aux = [], [], [], [], [], []
     with_proposals = "proposal_boxes" in items[0]
+    with_aux = "aux_masks" in items[0]
     for b, item in enumerate(items):
         m = len(item["classes"])
         orig, size = item["original_size"].tolist(), item["input_size"].tolist()
@@ -436,6 +462,12 @@ def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
         boxes.append(box)
         if with_proposals:
             props.append(scale_boxes(item["proposal_boxes"], orig, size))
+        if with_aux and m and item["aux_masks"].shape[1]:
+            am = item["aux_masks"]
+            framed, _ = to_input_frame(
+                am.reshape(-1, 1, *am.shape[-2:]).float(), s, "longest", "nearest-exact"
+            )
+            aux.append(framed.reshape(m, -1, s, s) > 0.5)
         if m:
             resized, _ = to_input_frame(
                 item["instance_masks"][:, None].float(), s, "longest", "nearest-exact"
@@ -456,6 +488,9 @@ def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
             "proposal_scores": torch.cat([item["proposal_scores"] for item in items]),
             "proposal_rles": [rles for item in items for rles in item["proposal_rles"]],
         }
+    if with_aux:
+        r = max((a.shape[1] for a in aux), default=0)
+        proposal_fields["aux_masks"] = torch.cat(aux) if aux else torch.zeros(0, r, s, s, dtype=torch.bool)
     return CocoBatch(
         image=torch.stack([item["image"] for item in items]),
         input_size=torch.stack([item["input_size"] for item in items]).long(),
@@ -493,6 +528,7 @@ class CocoDataModule(L.LightningDataModule):
             each row then carries its proposal bag (``CocoBatch.proposals``, SAPNet's input). Refused
             when made for other data, or (in ``setup``, when the run's module is a SAM model) by
             another SAM.
+        aux_masks: see ``CocoInstances``; the train split only (the evaluation files need not have them).
     """
 
     def __init__(
@@ -511,6 +547,7 @@ class CocoDataModule(L.LightningDataModule):
         batch_size: int = 2,
         num_workers: int = 0,
         proposals: str | None = None,
+        aux_masks: str | None = None,
     ) -> None:
         super().__init__()
         self.splits = {"train": train, "val": val, "test": test, "predict": predict}
@@ -524,6 +561,7 @@ class CocoDataModule(L.LightningDataModule):
             "crowd": crowd,
             "empty": empty,
         }
+        self.aux_masks = aux_masks
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.datasets: dict[str, CocoInstances] = {}
 
@@ -540,6 +578,8 @@ class CocoDataModule(L.LightningDataModule):
             options: dict[str, Any] = dict(self.options)
             if split == "train" and self.proposals and proposals:
                 options["proposals"] = self.proposals
+            if split == "train" and self.aux_masks:
+                options["aux_masks"] = self.aux_masks
             dataset = CocoInstances(spec["annotations"], spec.get("images"), **options)
             if not proposals:
                 return dataset

@@ -196,3 +196,28 @@ def test_category_ids_map_to_contiguous_indices(tmp_path, coco):
     del data["categories"]  # no list: the ids found in the annotations
     gapped.write_text(json.dumps(data))
     assert CocoInstances(gapped, img_size=64).category_ids == [5, 7, 90]
+
+
+def test_aux_masks_per_instance_in_the_input_frame(tmp_path, coco):
+    path, truth = coco
+    data = json.loads(path.read_text())
+    for ann in data["annotations"]:
+        ann["mps"] = [ann["segmentation"], ann["segmentation"]]
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps(data))
+    ds = CocoInstances(extra, img_size=64, aux_masks="mps")
+    item = ds[0]
+    assert item["aux_masks"].shape == (3, 2, 40, 56)
+    assert torch.equal(item["aux_masks"][:, 1], item["instance_masks"])
+    batch = collate_coco([ds[0], ds[1]])
+    assert batch.aux_masks.shape == (6, 2, 64, 64) and batch.aux_masks.dtype == torch.bool
+    assert torch.equal(batch.aux_masks[:, 0], batch.instance_mask[:, 0] > 0.5)  # the same resize as the rows'
+    assert torch.equal(batch.select_rows([5, 0]).aux_masks, batch.aux_masks[[5, 0]])
+    dm = CocoDataModule(
+        train={"annotations": str(extra)}, val={"annotations": str(path)}, img_size=64, aux_masks="mps"
+    )
+    assert dm.dataset("train").aux_masks == "mps" and dm.dataset("val").aux_masks is None  # train split only
+    del data["annotations"][0]["mps"]
+    extra.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"annotation id 1 .*no 'mps' list of masks"):
+        CocoInstances(extra, img_size=64, aux_masks="mps")[0]

@@ -6,8 +6,8 @@ The tiny test SAM has random weights, so after the real `samflow proposals` run 
 key) the bags are replaced by what a trained SAM gives (`overlap_coco.sam_like_bags`: nested parts, the
 object, a leak into a neighbour, the whole image). Measured on this set (2 CPU cores, about a minute):
 pseudo masks' mean IoU with the annotations 0.686 after 10 epochs (a uniform choice among the bag:
-0.56); student mask AP untrained -1 (no detections), trained 0.155 (AP50 0.416); 3 min wall on a
-shared 2-core machine (2 min CPU).
+0.56); student mask AP untrained -1 (no detections), trained 0.173 (AP50 0.420) with the MPS masks
+(0.155 / 0.416 without); 12 s on an idle 2-core machine (3 min when 5 agents share it).
 """
 
 from __future__ import annotations
@@ -120,6 +120,10 @@ def test_points_to_pseudo_masks_to_a_student_with_mask_ap(tmp_path, monkeypatch,
     assert len(written["annotations"]) == len(truth) == len(bags)
     for ann in written["annotations"]:
         assert ann["segmentation"] == bags[ann["id"]]["segmentation"][ann["proposal_index"]]
+        assert len(ann["mps_proposal_index"]) == 3  # MPS: the proposals ranked 2, 4, 6
+        assert ann["mps_segmentation"] == [
+            bags[ann["id"]]["segmentation"][k] for k in ann["mps_proposal_index"]
+        ]
         assert ann["category_id"] == next(t["category_id"] for t in truth if t["id"] == ann["id"])
     assert {a["category_id"] for a in written["annotations"]} == {3, 7}
     COCO(str(pseudo))  # pycocotools reads it as an instances file
@@ -143,7 +147,7 @@ def test_points_to_pseudo_masks_to_a_student_with_mask_ap(tmp_path, monkeypatch,
         f"student mask AP: untrained {before:.4f}, trained {metrics['ap']:.4f} (AP50 {metrics['ap50']:.4f})"
     )
     # untrained: mask probabilities ~0.5 everywhere, none above mask_thr: no detections, which COCOeval
-    # reports as AP -1 (undefined); trained on the pseudo masks: measured 0.155 (AP50 0.416)
+    # reports as AP -1 (undefined); trained on the pseudo masks (+ MPS): measured 0.173 (AP50 0.420)
     assert before <= 0.0
     assert metrics["ap"] > 0.1
     assert (out / "checkpoints" / "last.ckpt").is_file()
