@@ -50,7 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "student": (
         "samflow.student:main",
-        "--experiment NAME --pseudo FILE --out DIR [--images DIR] [--head YAML] [overrides ...]",
+        "--experiment NAME --pseudo FILE --out DIR [--images DIR] [--head YAML] [--mps-weight 0.5] [overrides ...]",
     ),
     "predict-slide": (
         "samflow.wsi_predict:main",
