@@ -68,3 +68,21 @@ def test_the_selection_report_is_read_from_extras():
     two = {"a": SimpleNamespace(pseudo_index=index), "b": SimpleNamespace(pseudo_index=index)}
     with pytest.raises(DataError, match=r"found \['a', 'b'\]"):
         pseudo_index_of(two)
+
+
+def test_fit_refuses_proposals_of_another_sam(tmp_path, capsys, monkeypatch):
+    from samflow.data.coco import CocoInstances
+    from samflow.proposals import write_proposals
+    from samflow.sam import build_sam
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["samflow"])
+    exp = _experiment(tmp_path)
+    data = CocoInstances(tmp_path / "coco" / "instances.json", img_size=128)
+    write_proposals(tmp_path / "store", build_sam("tiny", seed=0), data)  # the experiment's SAM (seed 0)
+    args = ["fit", "--experiment", str(exp), "--data.init_args.proposals", str(tmp_path / "store")]
+    assert main([*args, "--model.sam.seed", "1", "--trainer.max_epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "proposals of another SAM checkpoint" in err and "--overwrite" in err
+    assert main([*args, "--data.init_args.seed", "5"]) == 1  # other points: other data
+    assert "proposals of other data (differs in: data)" in capsys.readouterr().err
