@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from samflow.batch import SamBatch
 from samflow.data.coco_proposals import ProposalBags, sam_checksum
+from samflow.data.datamodule import EvalShardSampler
 from samflow.data.folder import DataError, read_image
 from samflow.data.transforms import scale_boxes, scale_coords, to_input_frame
 
@@ -605,14 +606,33 @@ class CocoDataModule(L.LightningDataModule):
                 train.proposals.check_sam(sam_checksum(sam), "the experiment's model.sam")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(split)
+        sampler = None if shuffle else self._eval_sampler(split, dataset)
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             generator=gen,
             num_workers=self.num_workers,
             collate_fn=collate_coco,
+        )
+
+    def _eval_sampler(self, split: str, dataset: CocoInstances) -> EvalShardSampler | None:
+        """Under DDP, this process's contiguous, unpadded part of an evaluation split (``EvalShardSampler``:
+        no image counted twice in COCO AP); None in one process or with ``use_distributed_sampler`` off."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if (
+            not kwargs
+            or kwargs.get("num_replicas", 1) <= 1
+            or not getattr(connector, "use_distributed_sampler", True)
+        ):
+            return None
+        return EvalShardSampler(
+            dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], key=f"data.{split}"
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -221,3 +221,19 @@ def test_aux_masks_per_instance_in_the_input_frame(tmp_path, coco):
     extra.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"annotation id 1 .*no 'mps' list of masks"):
         CocoInstances(extra, img_size=64, aux_masks="mps")[0]
+
+
+def test_evaluation_splits_are_sharded_without_repeats_under_ddp(coco):
+    from types import SimpleNamespace
+
+    path, _ = coco
+    dm = CocoDataModule(test={"annotations": str(path)}, img_size=64, batch_size=1)
+    assert dm.test_dataloader().sampler.__class__.__name__ == "SequentialSampler"  # one process
+    ids = []
+    for rank in (0, 1):
+        dm.trainer = SimpleNamespace(
+            distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
+            _accelerator_connector=SimpleNamespace(use_distributed_sampler=True),
+        )
+        ids.append([b.image_ids[0] for b in dm.test_dataloader()])
+    assert ids == [[1, 2], [3]]  # 3 images: contiguous, unpadded (DistributedSampler would repeat one)
