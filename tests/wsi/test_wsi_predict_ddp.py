@@ -82,3 +82,51 @@ def test_two_ranks_write_what_one_process_writes(tmp_path):
     assert (two / "slide.geojson").read_text() == one.geojson_path.read_text()
     assert json.loads((two / "slide.json").read_text())["dice"] == one.dice
     assert not list(two.glob(".*.u8"))  # scratch arrays removed
+
+
+def test_torchrun_command_on_two_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m samflow predict-slide` (gloo): one summary line, from rank 0,
+    and the files of `samflow predict-slide` in one process."""
+    import subprocess
+    import sys
+
+    from helpers import run_samflow
+
+    slide, _ = write_slide(tmp_path)
+    geojson = write_geojson(tmp_path)
+    args = [
+        "predict-slide", str(slide),
+        "--experiment", "wsi_sam_camelyon16",
+        "--model.sam.variant", "tiny",
+        "--model.sam.checkpoint", "null",
+        "--tile", "128", "--overlap", "32", "--batch-size", "2",
+        "--annotations", str(geojson),
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run(
+        [*torchrun, "-m", "samflow", *args, "--out", "two"],
+        cwd=tmp_path,
+        env=env,
+        check=False,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_samflow([*args, "--out", "one"], tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    lines = [line for line in two.stdout.splitlines() if "tiles ->" in line]
+    assert len(lines) == 1 and "(2 processes)" in lines[0] and "Dice" in lines[0]
+    assert (
+        lines[0].split("; Dice")[1]
+        == next(x for x in one.stdout.splitlines() if "Dice" in x).split("; Dice")[1]
+    )
+    for name in ("slide_mask.tif", "slide.geojson", "slide.json"):
+        assert (tmp_path / "two" / name).read_bytes() != b""
+    assert (tmp_path / "two" / "slide_mask.tif").read_bytes() == (
+        tmp_path / "one" / "slide_mask.tif"
+    ).read_bytes()
+    assert (tmp_path / "two" / "slide.geojson").read_text() == (
+        tmp_path / "one" / "slide.geojson"
+    ).read_text()
