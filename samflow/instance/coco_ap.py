@@ -68,6 +68,32 @@ class CocoMaskAP(MeanAveragePrecision):
         t = [{**dict(x), "masks": x["masks"].bool(), "labels": x["labels"].long()} for x in target]
         super().update(p, t)
 
+    def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
+        """Gather every process's per-image states as objects, whatever each process's image count.
+
+        torchmetrics' own sync gathers its per-image lists element by element (and the RLE tuples
+        assuming equal lengths), so processes with different numbers of images (an unpadded
+        evaluation shard, ``EvalShardSampler``) would hang or lose images. Here each process's lists
+        go whole through one ``all_gather_object`` and are concatenated in rank order.
+        """
+        import torch.distributed as dist
+
+        names = list(self._defaults)
+        if not all(isinstance(getattr(self, n), list) for n in names):  # pragma: no cover - all are lists
+            super()._sync_dist(dist_sync_fn, process_group)
+            return
+
+        def to_cpu(x: Any) -> Any:
+            return x.cpu() if isinstance(x, Tensor) else x
+
+        mine = {n: [to_cpu(x) for x in getattr(self, n)] for n in names}
+        gathered: list[Any] = [None] * dist.get_world_size(group=process_group)
+        dist.all_gather_object(gathered, mine, group=process_group)
+        device = self.device
+        for n in names:
+            merged = [x for part in gathered for x in part[n]]
+            setattr(self, n, [x.to(device) if isinstance(x, Tensor) else x for x in merged])
+
     def compute(self) -> dict[str, Tensor]:
         out = super().compute()
         return {new: torch.as_tensor(out[old]).float() for old, new in COCO_KEYS.items()}

@@ -34,22 +34,24 @@ def _update(metric, images):
         )
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, port, out_dir, uneven=False):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     _, _, images = _data()
     metric = CocoMaskAP()
-    _update(metric, images[rank::2])
+    _update(metric, (images[:3] if rank == 0 else images[3:]) if uneven else images[rank::2])
     res = metric.compute()
     torch.save({k: v.item() for k, v in res.items()}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_ddp_equals_single_process(tmp_path):
+@pytest.mark.parametrize("uneven", [False, True], ids=["halves", "3_and_1_images"])
+def test_ddp_equals_single_process(tmp_path, uneven):
+    """Also with unequal shards (EvalShardSampler's unpadded parts): torchmetrics' own sync would hang."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(port, str(tmp_path), uneven), nprocs=2, join=True)
     _, _, images = _data()
     single = CocoMaskAP()
     _update(single, images)
