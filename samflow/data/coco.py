@@ -61,7 +61,7 @@ from samflow.batch import SamBatch
 from samflow.data.coco_proposals import ProposalBags, sam_checksum
 from samflow.data.datamodule import EvalShardSampler
 from samflow.data.folder import DataError, read_image
-from samflow.data.transforms import scale_boxes, scale_coords, to_input_frame
+from samflow.data.transforms import IMAGE_RESIZES, ImageResize, scale_boxes, scale_coords, to_input_frame
 
 __all__ = [
     "CocoBatch",
@@ -186,6 +186,9 @@ class CocoInstances(Dataset):
         crowd: ``"skip"`` or ``"keep"`` the ``iscrowd`` annotations.
         empty: ``"skip"`` or ``"keep"`` images without instances.
         resize_mode: ``"longest"`` (SAM's) or ``"stretch"``.
+        image_resize: ``"sam"`` (default: segment-anything's own Pillow resize, exact, as
+            ``MaskFolderDataset``) or ``"bilinear"`` (torch's antialiased interpolate, faster, within
+            one grey level). Part of the data fingerprint, so a proposal store follows it.
         proposals: ``proposals.json`` (or its store folder) of ``samflow proposals`` for this data; its
             key must match (module docstring).
         aux_masks: an annotation key holding R further masks per instance (a list of segmentations,
@@ -213,8 +216,14 @@ class CocoInstances(Dataset):
         resize_mode: Literal["longest", "stretch"] = "longest",
         proposals: str | Path | None = None,
         aux_masks: str | None = None,
+        image_resize: ImageResize = "sam",
     ) -> None:
         self.file = Path(annotations).expanduser()
+        if image_resize not in IMAGE_RESIZES:
+            raise ValueError(
+                f"CocoInstances: image_resize must be 'sam' or 'bilinear', got {image_resize!r}."
+            )
+        self.image_resize = image_resize
         self.aux_masks = aux_masks
         self.root = Path(images).expanduser() if images is not None else self.file.parent
         if points not in ("qc", "annotation"):
@@ -270,7 +279,8 @@ class CocoInstances(Dataset):
             self.images.append(img)
             self.anns.append(anns)
         self.fingerprint = hashlib.sha256(
-            f"{file_digest(self.file)}|{points}|{points_per_instance}|{point_key}|{seed}|{crowd}|{empty}".encode()
+            f"{file_digest(self.file)}|{points}|{points_per_instance}|{point_key}|{seed}|{crowd}|{empty}"
+            f"|{image_resize}".encode()
         ).hexdigest()
         self.proposals = (
             ProposalBags(proposals, self.fingerprint, img_size, resize_mode)
@@ -375,7 +385,7 @@ class CocoInstances(Dataset):
             raise DataError(
                 f"{self.file}: image id {img['id']}: {path} is {tuple(image.shape[-2:])}, the JSON says ({h}, {w})."
             )
-        frame, input_size = to_input_frame(image, self.img_size, self.resize_mode)
+        frame, input_size = to_input_frame(image, self.img_size, self.resize_mode, self.image_resize)
         item = self.instances(index)
         item.update(
             image=frame,
@@ -522,7 +532,8 @@ class CocoDataModule(L.LightningDataModule):
 
     Args:
         train, val, test, predict: the splits.
-        img_size, points, points_per_instance, point_key, seed, crowd, empty: see ``CocoInstances``.
+        img_size, points, points_per_instance, point_key, seed, crowd, empty, image_resize: see
+            ``CocoInstances``.
         batch_size: images per batch (every instance of an image is a row of the batch).
         num_workers: data-loader worker processes.
         proposals: the ``proposals.json`` (or store folder) of ``samflow proposals`` for the train split:
@@ -549,6 +560,7 @@ class CocoDataModule(L.LightningDataModule):
         num_workers: int = 0,
         proposals: str | None = None,
         aux_masks: str | None = None,
+        image_resize: ImageResize = "sam",
     ) -> None:
         super().__init__()
         self.splits = {"train": train, "val": val, "test": test, "predict": predict}
@@ -561,6 +573,7 @@ class CocoDataModule(L.LightningDataModule):
             "seed": seed,
             "crowd": crowd,
             "empty": empty,
+            "image_resize": image_resize,
         }
         self.aux_masks = aux_masks
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

@@ -237,3 +237,30 @@ def test_evaluation_splits_are_sharded_without_repeats_under_ddp(coco):
         )
         ids.append([b.image_ids[0] for b in dm.test_dataloader()])
     assert ids == [[1, 2], [3]]  # 3 images: contiguous, unpadded (DistributedSampler would repeat one)
+
+
+def test_images_are_resized_as_segment_anything_by_default(coco):
+    """The image frame is ResizeLongestSide.apply_image of the file, bit for bit, padded with zeros;
+    image_resize='bilinear' is the fast path (within one grey level) and another data fingerprint."""
+    from PIL import Image
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    path, _ = coco
+    ds = CocoInstances(path, img_size=64)
+    fast = CocoInstances(path, img_size=64, image_resize="bilinear")
+    for i in range(len(ds)):
+        pixels = np.asarray(Image.open(ds.root / ds.images[i]["file_name"]).convert("RGB"))
+        ref = torch.from_numpy(ResizeLongestSide(64).apply_image(pixels)).permute(2, 0, 1).double() / 255
+        h, w = ref.shape[-2:]
+        item = ds[i]
+        expected = torch.zeros_like(item["image"])
+        expected[:, :h, :w] = ref.to(expected.dtype)
+        assert torch.equal(item["image"], expected)
+        assert item["input_size"].tolist() == [h, w]
+        other = fast[i]["image"]
+        assert (other - item["image"]).abs().max() <= 1 / 255 + 1e-6
+    assert ds.fingerprint != fast.fingerprint
+    with pytest.raises(ValueError, match="image_resize"):
+        CocoInstances(path, img_size=64, image_resize="nearest")
+    dm = CocoDataModule(train={"annotations": str(path)}, img_size=64, image_resize="bilinear")
+    assert dm.dataset("train").image_resize == "bilinear"
