@@ -33,6 +33,20 @@ def image_paths(datamodule: Any) -> list[str]:
     return [str(s.image) for dataset in datamodule.datasets.values() for s in dataset.samples]
 
 
+def require_file_images(datamodule: Any, what: str) -> None:
+    """Refuse data whose images are not whole files: the store finds an image by its file, so patches
+    of a slide (``SlideDataModule``: every patch has the slide's path, and an LR view the HR view's)
+    or instances of a COCO image read through another module would get another image's embedding."""
+    from samflow.data.datamodule import SegmentationDataModule
+
+    if not isinstance(datamodule, SegmentationDataModule):
+        raise EmbeddingStoreError(
+            f"{what} finds images by file and works with samflow.data.SegmentationDataModule (one image per "
+            f"file); this experiment's data is {type(datamodule).__name__}, whose images are not whole files. "
+            "Drop the embedding store (model.sam.encoder_cache caches within a run)."
+        )
+
+
 def open_for_run(model: Any, datamodule: Any, stage: str) -> EmbeddingStore:
     """The store of ``model.sam_spec.embedding_store`` once it is valid for this run, or one clear error.
 
@@ -47,6 +61,7 @@ def open_for_run(model: Any, datamodule: Any, stage: str) -> EmbeddingStore:
         raise EmbeddingStoreError(
             "model.sam.embedding_store finds images by file and needs samflow's data module (data: ...)."
         )
+    require_file_images(datamodule, f"model.sam.embedding_store {path}")
     if stage == "fit" and getattr(datamodule, "augment", None) is not None:
         raise EmbeddingStoreError(
             f"model.sam.embedding_store {path}: data.augment changes the training images, so their stored "

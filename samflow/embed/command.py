@@ -22,6 +22,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from samflow.embed.check import require_file_images
 from samflow.embed.store import EmbeddingStoreError
 from samflow.embed.writer import write_store
 
@@ -81,6 +82,7 @@ def main(argv: list[str]) -> int:
     opts, overrides = _parser().parse_known_args(argv)
     rank, world = _distributed()
     model, datamodule = _build(opts.experiment, overrides)
+    require_file_images(datamodule, "samflow embed")
     out = opts.out or model.sam_spec.embedding_store
     if not out:
         raise EmbeddingStoreError(

@@ -147,6 +147,11 @@ class HookedSam(nn.Module):
         x = self.preprocess(ctx.image, ctx.batch.input_size)
         if self.embedding_store is not None:
             self.check_encoder_cache("model.sam.embedding_store")
+            if ctx.batch.context_rows:
+                raise EncoderCacheError(
+                    "model.sam.embedding_store finds images by file, but this batch has context views (two "
+                    "resolutions of one file); drop the store for two-resolution data."
+                )
             paths = ctx.batch.path
             if len(paths) != x.shape[0]:
                 raise EncoderCacheError(

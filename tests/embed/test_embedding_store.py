@@ -197,3 +197,29 @@ def test_embed_command_writes_a_store_and_refuses_without_out(tmp_path, data_roo
     assert main(["embed", "--experiment", str(experiment), "--out", str(out), "--batch-size", "3"]) == 0
     assert (out / MANIFEST).is_file() and read_manifest(out).rows == 7
     assert np.load(out / DONE).all()
+
+
+def test_refused_for_data_whose_images_are_not_whole_files(written, tmp_path):
+    """Slide patches share their slide's path (and an LR view its HR view's), COCO images come through
+    another module: the store would hand them another image's embedding, so they are refused."""
+    from samflow.data.coco import CocoDataModule
+    from samflow.data.wsi.datamodule import SlideDataModule
+
+    for datamodule in (CocoDataModule(), SlideDataModule(train=[])):
+        with pytest.raises(
+            EmbeddingStoreError, match=f"this experiment's data is {type(datamodule).__name__}"
+        ):
+            open_for_run(_module(written), datamodule, "fit")
+
+
+def test_a_two_resolution_batch_never_reads_the_store(written, data_root):
+    """A batch with context views (WSI-SAM's LR view of the same file) is refused at the encoder."""
+    from samflow.sam.cache import EncoderCacheError
+    from samflow.testing import random_batch
+
+    module = _module(written, plugins=("decoder_tuning",))
+    module.model.embedding_store = open_for_run(module, _data(data_root), "fit")
+    batch = random_batch(1, 128, prompt="box", seed=0)
+    batch = batch.replace(path=["a.png"], context_image=batch.image.clone(), context_affine=None)
+    with pytest.raises(EncoderCacheError, match="context views"):
+        module.model(batch)
