@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from samflow.batch import SamBatch
 from samflow.data.coco_proposals import ProposalBags, sam_checksum
-from samflow.data.datamodule import EvalShardSampler
+from samflow.data.datamodule import EvalShardSampler, eval_shard_sampler
 from samflow.data.folder import DataError, read_image
 from samflow.data.transforms import IMAGE_RESIZES, ImageResize, scale_boxes, scale_coords, to_input_frame
 
@@ -635,18 +635,7 @@ class CocoDataModule(L.LightningDataModule):
     def _eval_sampler(self, split: str, dataset: CocoInstances) -> EvalShardSampler | None:
         """Under DDP, this process's contiguous, unpadded part of an evaluation split (``EvalShardSampler``:
         no image counted twice in COCO AP); None in one process or with ``use_distributed_sampler`` off."""
-        trainer = getattr(self, "trainer", None)
-        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if (
-            not kwargs
-            or kwargs.get("num_replicas", 1) <= 1
-            or not getattr(connector, "use_distributed_sampler", True)
-        ):
-            return None
-        return EvalShardSampler(
-            dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], key=f"data.{split}"
-        )
+        return eval_shard_sampler(getattr(self, "trainer", None), dataset, f"data.{split}")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

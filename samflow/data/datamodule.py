@@ -109,6 +109,21 @@ class EvalShardSampler(DistributedSampler):
         return self.num_samples
 
 
+def eval_shard_sampler(trainer: Any, dataset: Any, key: str) -> EvalShardSampler | None:
+    """Under DDP, this process's ``EvalShardSampler`` of an evaluation ``dataset`` (``key`` names it in
+    errors); None in one process, without a trainer, or with the trainer's ``use_distributed_sampler``
+    off (then the loaders are the user's business)."""
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if (
+        not kwargs
+        or kwargs.get("num_replicas", 1) <= 1
+        or not getattr(connector, "use_distributed_sampler", True)
+    ):
+        return None
+    return EvalShardSampler(dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], key=key)
+
+
 def default_quickstart_root() -> Path:
     """``$XDG_CACHE_HOME/samflow/quickstart`` (``~/.cache/samflow/quickstart`` by default)."""
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "samflow" / "quickstart"
@@ -429,17 +444,9 @@ class SegmentationDataModule(L.LightningDataModule):
     ) -> EvalShardSampler | None:
         """This process's unpadded part of a val / test set under DDP; None in one process (or when the
         trainer's ``use_distributed_sampler`` is off: then the loaders are the user's business)."""
-        trainer = self.trainer
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if (
-            not kwargs
-            or kwargs.get("num_replicas", 1) <= 1
-            or not getattr(connector, "use_distributed_sampler", True)
-        ):
-            return None
-        key = self._config_key(split, name or self._default_name(split))
-        return EvalShardSampler(dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], key=key)
+        return eval_shard_sampler(
+            self.trainer, dataset, self._config_key(split, name or self._default_name(split))
+        )
 
     def _loader(self, split: str, shuffle: bool, name: str | None = None) -> DataLoader:
         dataset = self._dataset(split, name)

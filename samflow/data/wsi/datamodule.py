@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
 from samflow.data.batch import collate
-from samflow.data.datamodule import EvalShardSampler
+from samflow.data.datamodule import EvalShardSampler, eval_shard_sampler
 from samflow.data.prompts import PromptSampler
 from samflow.data.wsi.patches import SlidePatches, wsi_sam_prompts
 
@@ -161,17 +161,8 @@ class SlideDataModule(L.LightningDataModule):
         patch is evaluated once and per-patch and per-slide metrics equal one process's (Lightning's
         ``DistributedSampler`` would repeat patches). None in one process or without
         ``use_distributed_sampler``."""
-        trainer = self.trainer
-        kwargs = trainer.distributed_sampler_kwargs if trainer is not None else None
-        connector = getattr(trainer, "_accelerator_connector", None)
-        if (
-            not kwargs
-            or kwargs.get("num_replicas", 1) <= 1
-            or not getattr(connector, "use_distributed_sampler", True)
-        ):
-            return None
         key = f"data.init_args.{split} ({len(dataset)} patches: eval_patches_per_slide x slides)"
-        return EvalShardSampler(dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], key=key)
+        return eval_shard_sampler(self.trainer, dataset, key)
 
     def train_dataloader(self) -> DataLoader:
         """Training patches (centres redrawn each epoch: set ``trainer.reload_dataloaders_every_n_epochs: 1``)."""
