@@ -253,6 +253,12 @@ class SamflowCLI(LightningCLI):
         if strategy == "ddp" or (strategy == "auto" and _several_processes(config)):
             config["trainer.strategy"] = "ddp_find_unused_parameters_true"
             rank_zero_info(f"samflow: using strategy 'ddp_find_unused_parameters_true' for {strategy!r}.")
+        if config.get("checkpoint.save_last"):
+            raise ConfigError(
+                "--checkpoint.save_last: samflow's LastCheckpoint already writes checkpoints/last.ckpt (at "
+                "every epoch end and every --last.every_n_train_steps steps); drop --checkpoint.save_last, "
+                "which would write the same file a second time."
+            )
         self._place_run(config)
         self._monitor_main_metric(config)
 

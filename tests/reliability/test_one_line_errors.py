@@ -138,3 +138,10 @@ def test_unknown_command_exits_1_without_usage(capsys):
 def test_help_still_exits_0(tmp_path):
     proc = samflow(["fit", "--help"], tmp_path)
     assert proc.returncode == 0 and "--trainer.max_epochs" in proc.stdout
+
+
+def test_checkpoint_save_last_is_refused_with_what_writes_last_ckpt(tmp_path):
+    """Lightning's save_last would write checkpoints/last.ckpt beside samflow's LastCheckpoint."""
+    line = error_line(samflow([*FIT, "--checkpoint.save_last", "true"], tmp_path))
+    assert "--checkpoint.save_last" in line and "LastCheckpoint already writes checkpoints/last.ckpt" in line
+    assert not list(tmp_path.rglob("*.ckpt"))
