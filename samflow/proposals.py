@@ -20,8 +20,8 @@ k      proposal
 
 Variants 4-5 add no new hyper-parameter and use only SAM; they differ from 0-3 where a box changes
 SAM's answer. The image encoder runs once per image: the re-prompting pass reads its embedding
-from an ``EncoderCache``. A proposal whose source mask is empty is re-prompted with the point alone (its box is
-left out). Masks are SAM's logits upsampled to the original image (SAM's ``postprocess_masks``) and
+from an ``EncoderCache``; with an embedding store it does not run at all (below). A proposal whose
+source mask is empty is re-prompted with the point alone (its box is left out). Masks are SAM's logits upsampled to the original image (SAM's ``postprocess_masks``) and
 thresholded at 0; stored as compressed RLE; boxes ``[x, y, w, h]`` of the mask (zeros when empty);
 scores SAM's predicted IoU of the token used.
 
@@ -38,6 +38,17 @@ byte-identical to that of an uninterrupted run (on the same device and software)
 **Key.** The SHA-256 of SAM's whole state dict (the checkpoint's weights) and the data's fingerprint
 (annotation file bytes and point settings) and the image size. A store with another key is refused
 (delete it or pass ``--overwrite``).
+
+**Embedding store.** ``--embedding-store DIR`` (default: the experiment's ``model.sam.embedding_store``;
+``--model.sam.embedding_store null`` turns that off) reads the image embeddings from a store that
+``samflow embed --experiment NAME --out DIR`` wrote for the same experiment, and never calls the image
+encoder. The store must have been written with the same image encoder weights, ``img_size``,
+``resize_mode`` and ``image_resize`` and hold every image of the split (found by file content);
+otherwise it is refused with one line naming the store and the command to run. The store holds fp16
+values, so the proposals equal those of a live run whose embeddings are rounded to fp16 (computed in
+the same batches), not bit-for-bit those of the fp32 encoder: scores move slightly and a mask pixel
+can flip where a logit is near 0 (``tests/proposals/test_proposals_store.py`` measures both). The key
+records ``embeddings: fp16 store``, so the two kinds never mix in one proposal store.
 
 **DDP.** Launched with ``torchrun --nproc_per_node N -m samflow proposals ...``, shard i goes to rank
 i mod N; rank 0 merges after a barrier. (Tested on one process; the split is by shard index only.)
@@ -60,6 +71,9 @@ from samflow.batch import SamBatch
 from samflow.data.coco import CocoInstances, collate_coco, encode_mask
 from samflow.data.coco_proposals import sam_checksum
 from samflow.data.folder import DataError
+from samflow.embed.check import dataset_images, input_frame
+from samflow.embed.check import store_key as embed_store_key
+from samflow.embed.store import EmbeddingStore, EmbeddingStoreError
 
 PROPOSALS_PER_POINT = 6
 KINDS = ("multimask1", "multimask2", "multimask3", "single", "box_of_best", "box_of_largest")
@@ -69,13 +83,34 @@ class ProposalStoreError(DataError):
     """A proposal store that does not belong to this SAM and data, or is unreadable."""
 
 
-def store_key(sam: torch.nn.Module, dataset: CocoInstances) -> dict[str, str]:
-    return {
+#: ``key["embeddings"]`` of proposals computed from an embedding store (absent: the live encoder)
+FROM_STORE = "fp16 store"
+
+
+def store_key(sam: torch.nn.Module, dataset: CocoInstances, from_store: bool = False) -> dict[str, str]:
+    key = {
         "sam": sam_checksum(sam),
         "data": dataset.fingerprint,
         "img_size": str(dataset.img_size),
         "resize_mode": dataset.resize_mode,
     }
+    if from_store:
+        key["embeddings"] = FROM_STORE
+    return key
+
+
+def open_embedding_store(path: str | Path, sam: torch.nn.Module, dataset: CocoInstances) -> EmbeddingStore:
+    """The embedding store at ``path`` once it holds SAM's encoder outputs of every image of ``dataset``,
+    framed as ``dataset`` frames them; else one ``EmbeddingStoreError`` naming the store and what to run."""
+    store = EmbeddingStore(path, embed_store_key(sam, input_frame(dataset)))
+    missing = store.missing(dataset_images(dataset))
+    if missing:
+        raise EmbeddingStoreError(
+            f"samflow proposals: embedding store {store.root} lacks {len(missing)} image(s) of the data "
+            f"(new, or changed since it was written), e.g. {missing[0]}; run `samflow embed --experiment "
+            f"NAME --out {store.root}` for this experiment again."
+        )
+    return store
 
 
 def _to_original(logits: Tensor, input_size: Tensor, original_size: Tensor, s: int) -> Tensor:
@@ -204,16 +239,19 @@ def write_proposals(
     max_shards: int | None = None,
     progress: Callable[[int], Callable[[int], object]] | None = None,
     barrier: Callable[[], None] = lambda: None,
+    embedding_store: str | Path | None = None,
 ) -> Path | None:
     """Write the store (module docstring); return ``OUT/proposals.json`` once complete, else None.
 
     ``max_shards`` stops after computing that many shards (what an interruption leaves).
+    ``embedding_store``: read the image embeddings from this ``samflow embed`` store (module docstring).
     """
     from samflow.sam.cache import EncoderCache
     from samflow.sam.hooked import HookedSam
 
     root = Path(out).expanduser()
-    key = store_key(sam, dataset)
+    stored = open_embedding_store(embedding_store, sam, dataset) if embedding_store else None
+    key = store_key(sam, dataset, from_store=stored is not None)
     manifest = {"key": key, "images": len(dataset), "shard_size": shard_size, "kinds": list(KINDS)}
     manifest_path = root / "manifest.json"
     if rank == 0:
@@ -225,8 +263,8 @@ def write_proposals(
             if old != manifest and not overwrite:
                 diff = [
                     k
-                    for k in ("sam", "data", "img_size", "resize_mode")
-                    if old.get("key", {}).get(k) != key[k]
+                    for k in ("sam", "data", "img_size", "resize_mode", "embeddings")
+                    if old.get("key", {}).get(k) != key.get(k)
                 ]
                 diff += [k for k in ("images", "shard_size") if old.get(k) != manifest[k]]
                 raise ProposalStoreError(
@@ -240,9 +278,11 @@ def write_proposals(
         (root / "shards").mkdir(parents=True, exist_ok=True)
         _write_json(manifest_path, manifest)
     barrier()
-    # the second pass (re-prompted boxes) reads the first pass's image embeddings from this cache
-    cache = EncoderCache(max(batch_size, 1), device=device, stages=("eval",))
-    model = HookedSam(sam, encoder_cache=cache).to(device).eval()
+    if stored is not None:  # both passes read the store, the encoder never runs
+        model = HookedSam(sam, embedding_store=stored).to(device).eval()
+    else:  # the second pass (re-prompted boxes) reads the first pass's image embeddings from this cache
+        cache = EncoderCache(max(batch_size, 1), device=device, stages=("eval",))
+        model = HookedSam(sam, encoder_cache=cache).to(device).eval()
     n_shards = -(-len(dataset) // shard_size)
     mine = [i for i in range(n_shards) if i % world == rank]
     todo = [i for i in mine if not (root / "shards" / f"{i:06d}.json").exists()]
@@ -285,6 +325,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=16, help="images per shard (the unit of resuming)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda:LOCAL_RANK when a GPU is there)")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with another SAM or data")
+    p.add_argument(
+        "--embedding-store",
+        default=None,
+        help="read the image embeddings from this `samflow embed` store instead of running the encoder "
+        "(default: the experiment's model.sam.embedding_store)",
+    )
     return p
 
 
@@ -326,6 +372,7 @@ def main(argv: list[str]) -> int:
             overwrite=opts.overwrite,
             progress=progress,
             barrier=_barrier,
+            embedding_store=opts.embedding_store or model.sam_spec.embedding_store,
         )
     rank_zero_info(f"samflow proposals: {len(dataset)} images -> {final}")
     if torch.distributed.is_initialized():

@@ -372,13 +372,19 @@ class CocoInstances(Dataset):
             draws.append(qc_point(mask, gen))
         return torch.stack(draws)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def image_path(self, index: int) -> Path:
+        """The file of image ``index``; a DataError naming the annotation file when it is not there."""
         img = self.images[index]
         path = self.root / img["file_name"]
         if not path.is_file():
             raise DataError(
                 f"{self.file}: image id {img['id']}: file {path} not found (images folder {self.root})."
             )
+        return path
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        img = self.images[index]
+        path = self.image_path(index)
         image = read_image(path)
         h, w = int(img["height"]), int(img["width"])
         if tuple(image.shape[-2:]) != (h, w):

@@ -7,42 +7,80 @@ from typing import Any
 from samflow.embed.store import EmbeddingStore, EmbeddingStoreError, StoreKey, encoder_checksum
 
 
-def store_key_of(model: Any, datamodule: Any) -> StoreKey:
-    """The ``StoreKey`` of a ``SamflowModule`` and a ``SegmentationDataModule``."""
-    missing = [a for a in ("img_size", "resize_mode", "image_resize") if not hasattr(datamodule, a)]
+def input_frame(data: Any) -> tuple[int, str, str]:
+    """(img_size, resize_mode, image_resize): how ``data`` frames an image file for the encoder.
+
+    ``data``: a ``SegmentationDataModule``, a ``CocoInstances``, or a ``CocoDataModule`` whose datasets
+    are built (``setup``): its splits share one frame, that of ``CocoInstances``.
+    """
+    from samflow.data.coco import CocoDataModule
+
+    if isinstance(data, CocoDataModule):
+        frames = {input_frame(dataset) for dataset in data.datasets.values()}
+        if len(frames) != 1:
+            raise EmbeddingStoreError(
+                f"the embedding store needs the COCO data set up first ({len(frames)} input frames found)."
+            )
+        return frames.pop()
+    missing = [a for a in ("img_size", "resize_mode", "image_resize") if not hasattr(data, a)]
     if missing:
         raise EmbeddingStoreError(
-            f"model.sam.embedding_store: data {type(datamodule).__name__} has no {', '.join(missing)}; the "
-            "store needs samflow's SegmentationDataModule (or one with the same resize options)."
+            f"model.sam.embedding_store: data {type(data).__name__} has no {', '.join(missing)}; the "
+            "store needs samflow's SegmentationDataModule or CocoDataModule (or one with the same resize options)."
         )
-    if datamodule.img_size != model.model.img_size:
-        raise EmbeddingStoreError(
-            f"data.img_size {datamodule.img_size} differs from the encoder's input size {model.model.img_size}."
-        )
+    return int(data.img_size), str(data.resize_mode), str(data.image_resize)
+
+
+def store_key(sam: Any, frame: tuple[int, str, str], blocks: tuple[int, ...] = ()) -> StoreKey:
+    """The ``StoreKey`` of SAM's image encoder on images framed as ``frame`` (``input_frame``)."""
+    img_size, resize_mode, image_resize = frame
     return StoreKey(
-        encoder_sha256=encoder_checksum(model.model.sam),
-        img_size=int(datamodule.img_size),
-        resize_mode=str(datamodule.resize_mode),
-        image_resize=str(datamodule.image_resize),
-        blocks=tuple(model.model.plugins.encoder_features()),
+        encoder_sha256=encoder_checksum(sam),
+        img_size=img_size,
+        resize_mode=resize_mode,
+        image_resize=image_resize,
+        blocks=blocks,
     )
+
+
+def store_key_of(model: Any, datamodule: Any) -> StoreKey:
+    """The ``StoreKey`` of a ``SamflowModule`` and its data module (``input_frame``)."""
+    frame = input_frame(datamodule)
+    if frame[0] != model.model.img_size:
+        raise EmbeddingStoreError(
+            f"data.img_size {frame[0]} differs from the encoder's input size {model.model.img_size}."
+        )
+    return store_key(model.model.sam, frame, tuple(model.model.plugins.encoder_features()))
+
+
+def dataset_images(dataset: Any) -> list[str]:
+    """The image files of one dataset (``samples`` of a folder dataset, or a ``CocoInstances``), in order."""
+    from samflow.data.coco import CocoInstances
+
+    if isinstance(dataset, CocoInstances):
+        return [str(dataset.image_path(i)) for i in range(len(dataset))]
+    return [str(s.image) for s in dataset.samples]
 
 
 def image_paths(datamodule: Any) -> list[str]:
     """Every image file of the data module's datasets built so far, in dataset order."""
-    return [str(s.image) for dataset in datamodule.datasets.values() for s in dataset.samples]
+    return [p for dataset in datamodule.datasets.values() for p in dataset_images(dataset)]
 
 
 def require_file_images(datamodule: Any, what: str) -> None:
     """Refuse data whose images are not whole files: the store finds an image by its file, so patches
     of a slide (``SlideDataModule``: every patch has the slide's path, and an LR view the HR view's)
-    or instances of a COCO image read through another module would get another image's embedding."""
+    would get another image's embedding. Allowed: ``SegmentationDataModule`` (one image per file) and
+    ``CocoDataModule`` (one item per COCO image file, framed as ``CocoInstances`` says: its
+    ``img_size``, ``resize_mode`` and ``image_resize`` are in the store's key)."""
+    from samflow.data.coco import CocoDataModule
     from samflow.data.datamodule import SegmentationDataModule
 
-    if not isinstance(datamodule, SegmentationDataModule):
+    if not isinstance(datamodule, (SegmentationDataModule, CocoDataModule)):
         raise EmbeddingStoreError(
-            f"{what} finds images by file and works with samflow.data.SegmentationDataModule (one image per "
-            f"file); this experiment's data is {type(datamodule).__name__}, whose images are not whole files. "
+            f"{what} finds images by file and works with samflow.data.SegmentationDataModule or "
+            f"samflow.data.coco.CocoDataModule (one image per file); this experiment's data is "
+            f"{type(datamodule).__name__}, whose images are not whole files. "
             "Drop the embedding store (model.sam.encoder_cache caches within a run)."
         )
 

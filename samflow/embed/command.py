@@ -2,7 +2,9 @@
 
 Writes the frozen image encoder's outputs (the final embedding and the block features the experiment's
 plugins declare) for every image of the experiment's datasets (train, val / val_sets, test /
-test_sets, predict: whichever are set) to an embedding store (``samflow.embed.store``). Launched by
+test_sets, predict: whichever are set) to an embedding store (``samflow.embed.store``). The data is
+samflow's ``SegmentationDataModule`` or ``CocoDataModule`` (one row per image file, framed as the data
+frames it; a COCO experiment's ``data.proposals`` is not read, ``samflow proposals`` can read this store). Launched by
 ``torchrun --nproc_per_node N -m samflow embed ...`` the images are split across the N ranks (DDP
 process group, NCCL on GPUs, Gloo on the CPU); run again after an interruption, it finishes what is
 missing.
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
 from samflow.embed.store import EmbeddingStoreError
 from samflow.embed.writer import write_store
@@ -92,6 +95,10 @@ def main(argv: list[str]) -> int:
         opts.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     )
     model.model.to(device).eval()
+    if isinstance(datamodule, CocoDataModule):
+        # the images alone: the proposal store (data.proposals) may not exist yet, and
+        # `samflow proposals --embedding-store` reads this store to make it
+        datamodule.proposals = None
     if rank == 0:
         datamodule.setup(None)  # rank 0 first: it may generate the quickstart data
     _barrier()
