@@ -28,6 +28,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch
 from lightning.pytorch import Callback, Trainer
 
+from throughput import cpu_model  # benchmarks/throughput.py, beside this script
+
 from samflow.data import SegmentationDataModule
 from samflow.data.quickstart import make_quickstart_data
 from samflow.embed.writer import write_store
@@ -65,6 +67,20 @@ def main() -> None:
         help="what to run: writing the store, the live-encoder epoch, the store epoch (a store from an "
         "earlier run with the same --work and arguments is read when 'embed' is left out)",
     )
+    p.add_argument(
+        "--plugin-args",
+        type=json.loads,
+        default={},
+        help="JSON: plugin name -> init arguments, e.g. the HQ-SAM experiment's loss: "
+        '\'{"hq_sam": {"output": "hq", "point_loss": true}}\'',
+    )
+    p.add_argument(
+        "--losses",
+        type=json.loads,
+        default=None,
+        help="JSON: SamflowModule's base losses (default: its default, BCE + Dice on full-size masks); "
+        "'{}' for none, as in hq_sam_hqseg, whose only loss is the plugin's",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="samflow-store-bench-"))
@@ -74,7 +90,8 @@ def main() -> None:
         spec = SamSpec(
             variant=args.variant, img_size=args.img_size, embedding_store=str(store) if store else None
         )
-        return SamflowModule(sam=spec, plugins={name: create_plugin(name) for name in args.plugins})
+        plugins = {name: create_plugin(name, **args.plugin_args.get(name, {})) for name in args.plugins}
+        return SamflowModule(sam=spec, plugins=plugins, losses=args.losses)
 
     live = module()
     size = live.model.img_size
@@ -113,6 +130,9 @@ def main() -> None:
         "images": manifest.rows,
         "batch": args.batch,
         "plugins": args.plugins,
+        "plugin_args": args.plugin_args,
+        "losses": args.losses,
+        "cpu": cpu_model(),
         "blocks": list(manifest.key.blocks),
         "embed_seconds": embed_s,
         "disk_mib_per_image": disk / manifest.rows / 2**20,

@@ -79,8 +79,10 @@ bench 60 train_vit_h_bf16_ckpt --variant vit_h --bf16 --batch 2 --steps 5 --warm
 # 5. torch.compile (the warm-up includes the compilation).
 bench 150 forward_vit_b_bf16_compile --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-train \
     --no-encoder-rows --compile
-bench 150 train_vit_b_bf16_compile --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-forward \
-    --plugins sam_adapter --compile
+for plugin in sam_adapter hq_sam lora pa_sam decoder_tuning; do
+    bench 90 "train_vit_b_bf16_compile_$plugin" --variant vit_b --bf16 --batch 2 --steps 20 --warmup 10 \
+        --no-forward --plugins "$plugin" --compile
+done
 
 # 6. The other image encoders (issue 14), HQ-SAM on each.
 for variant in mobile_sam efficient_sam_vitt efficient_sam_vits; do

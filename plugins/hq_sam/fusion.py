@@ -17,10 +17,9 @@ all prompt rows of that image.
 from __future__ import annotations
 
 from segment_anything.modeling import ImageEncoderViT
-from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from samflow.sam import early_feature
+from samflow.sam import LayerNorm2d, early_feature
 
 
 def first_global_block(encoder: ImageEncoderViT) -> int:

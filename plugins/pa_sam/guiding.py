@@ -40,11 +40,10 @@ import torch
 import torch.nn.functional as F
 from kornia.color import rgb_to_grayscale
 from kornia.filters import canny, sobel
-from segment_anything.modeling.common import LayerNorm2d
 from torch import Tensor, nn
 
 from samflow.plugins import PluginError
-from samflow.sam import upcast
+from samflow.sam import LayerNorm2d, upcast
 
 EdgeFilter = Literal["sobel", "canny"]
 

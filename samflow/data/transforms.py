@@ -97,11 +97,13 @@ def sam_resize(image: Tensor, shape: tuple[int, int]) -> Tensor:
     if array.dtype == torch.uint8:
         codes: Tensor | None = array
     else:
-        scaled = array.double() * 255
+        # float32 is exact enough to tell 8-bit values (k / 255 * 255 is within 1e-5 of k)
+        scaled = array.to(torch.promote_types(array.dtype, torch.float32)) * 255
+        rounded = scaled.round()
         codes = (
-            scaled.round().to(torch.uint8)
-            if bool(((scaled - scaled.round()).abs() < 1e-3).all())
-            and bool(((scaled >= 0) & (scaled <= 255)).all())
+            rounded.to(torch.uint8)
+            if bool(((scaled - rounded).abs() < 1e-3).all())
+            and bool(((rounded >= 0) & (rounded <= 255)).all())
             else None
         )
     if codes is not None:

@@ -9,6 +9,7 @@ from samflow.sam.build import VARIANTS, CheckpointError, build_sam, count_parame
 from samflow.sam.cache import EncoderCache, EncoderCacheError
 from samflow.sam.hooked import HookedSam
 from samflow.sam.ops import (
+    LayerNorm2d,
     attend,
     decomposed_rel_pos_bias,
     dense_pe,
@@ -45,6 +46,7 @@ __all__ = [
     "ForwardContext",
     "HookSites",
     "HookedSam",
+    "LayerNorm2d",
     "PromptEmbeddings",
     "SamOutput",
     "attend",

@@ -18,6 +18,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from samflow.sam.backbones import BACKBONES, Backbone
+from samflow.sam.ops import fast_layer_norms
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def build_sam(
         if seed is not None:
             torch.manual_seed(seed)
         sam = _assemble(spec, size, BACKBONES[variant](size) if variant in BACKBONES else None)
+    fast_layer_norms(sam)  # SAM's LayerNorm2d through F.layer_norm: same parameters, one fused pass
     if checkpoint is not None:
         load_checkpoint(sam, checkpoint, variant)
     return freeze(sam)

@@ -6,7 +6,8 @@
   SDPA (augmented query and key, no L x L mask);
 - ``decomposed_rel_pos_bias``: the same term as a dense additive mask (for plugins that change it);
 - ``fourier_pe`` / ``dense_pe``: SAM's random-Fourier positional encoding in the input's dtype;
-- ``embed_points`` / ``embed_box``: SAM's point and box embeddings without in-place writes.
+- ``embed_points`` / ``embed_box``: SAM's point and box embeddings without in-place writes;
+- ``LayerNorm2d``: SAM's channel LayerNorm through ``F.layer_norm`` (one fused pass).
 
 Unlike segment-anything's prompt encoder, nothing here casts to float32, so a float64 model runs
 end to end (parity checks at 1e-12).
@@ -19,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import PromptEncoder, Sam
+from segment_anything.modeling.common import LayerNorm2d as SamLayerNorm2d
 from segment_anything.modeling.image_encoder import get_rel_pos as sam_get_rel_pos
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from segment_anything.modeling.transformer import Attention
@@ -56,6 +58,10 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | 
     return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
+REL_POS_CHUNK_ELEMENTS = 2**22
+"""Logits per block of queries of ``rel_pos_attention`` on the CPU without gradients (16 MiB in fp32)."""
+
+
 def rel_pos_table(size: int, rel_pos: Tensor) -> Tensor:
     """SAM's ``get_rel_pos(size, size, rel_pos)`` -> (size, size, d): row i, column k holds R[i - k].
 
@@ -91,6 +97,7 @@ def rel_pos_attention(
     rel_pos_w: Tensor,
     size: tuple[int, int],
     scale: float | Tensor,
+    chunk_elements: int | None = None,
 ) -> Tensor:
     """SAM's encoder attention with its decomposed relative-position term, through SDPA without a mask.
 
@@ -104,6 +111,13 @@ def rel_pos_attention(
     SDPA may use its fused kernels (flash on the GPU and the CPU); ``v`` is zero-padded to the
     augmented head dimension because those kernels want equal head dimensions.
 
+    On the CPU without gradients the three-times-wider q' . k' costs more than the term it carries
+    (a vit_b global block at 1024 px: 0.61 s against 0.42 s), so there the term is built as a mask for
+    ``chunk_elements`` logits at a time (default ``REL_POS_CHUNK_ELEMENTS``): a block of queries
+    against every key through SDPA's fused CPU kernel with d-wide rows. The arithmetic is
+    segment-anything's, the memory bounded by the chunk, never (L, L). Both ways equal SAM's
+    attention to rounding.
+
     q, k, v: (B, heads, h*w, d); ``scale`` a float or a tensor broadcastable to q -> (B, heads, h*w, d).
     """
     h, w = size
@@ -113,6 +127,12 @@ def rel_pos_attention(
     r_q = q.unflatten(2, (h, w))  # (B, heads, h, w, d)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h).flatten(2, 3)  # (B, heads, L, h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w).flatten(2, 3)  # (B, heads, L, w)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w, scale) if isinstance(t, Tensor)
+    )
+    if q.device.type == "cpu" and not needs_grad:
+        budget = REL_POS_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+        return _rel_pos_attention_in_chunks(q, k, v, rel_h, rel_w, scale, budget)
     q_aug = torch.cat([(q * scale).to(q.dtype), rel_h, rel_w], dim=-1)
     # identity matrices by comparison (torch.eye synchronises with the host on CUDA)
     rows, cols = torch.arange(h, device=k.device), torch.arange(w, device=k.device)
@@ -125,6 +145,23 @@ def rel_pos_attention(
     v_pad = F.pad(v, (0, h + w))
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, scale=1.0)
     return out[..., :d]
+
+
+def _rel_pos_attention_in_chunks(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float | Tensor, chunk_elements: int
+) -> Tensor:
+    """``rel_pos_attention`` for blocks of queries, each with its part of the decomposed term as a mask:
+    rel_h (B, heads, L, h) and rel_w (B, heads, L, w) -> bias[(i, j), (k, l)] = rel_h[(i, j), k] + rel_w[(i, j), l]."""
+    if isinstance(scale, Tensor):
+        q, scale = (q * scale).to(q.dtype), 1.0
+    batch, heads, length = q.shape[:3]
+    rows = max(1, chunk_elements // (batch * heads * length))  # queries per block
+    out = torch.empty_like(q)
+    for start in range(0, length, rows):
+        part = slice(start, start + rows)
+        bias = (rel_h[:, :, part, :, None] + rel_w[:, :, part, None, :]).flatten(-2)  # (B, heads, rows, L)
+        out[:, :, part] = F.scaled_dot_product_attention(q[:, :, part], k, v, attn_mask=bias, scale=scale)
+    return out
 
 
 def fourier_pe(pe_layer: PositionEmbeddingRandom, coords: Tensor) -> Tensor:
@@ -168,6 +205,34 @@ def embed_box(pe: PromptEncoder, boxes: Tensor, frame: tuple[int, int]) -> Tenso
     corners = _pixel_pe(pe, boxes.reshape(-1, 2, 2), frame)
     weights = torch.cat([pe.point_embeddings[2].weight, pe.point_embeddings[3].weight])  # (2, C)
     return corners + weights.to(corners.dtype)
+
+
+class LayerNorm2d(SamLayerNorm2d):
+    """segment-anything's ``LayerNorm2d`` (over the channels of (B, C, H, W)) through ``F.layer_norm``.
+
+    The same parameters and formula (biased variance, ``eps`` inside the root); SAM computes it as
+    six separate elementwise passes and their backward, which on the CPU cost as much as HQ-SAM's
+    3x3 convolutions around them at 256 x 256 (a vit_b HQ-SAM training step from stored embeddings:
+    1.04 s -> 0.68 s). Equal to SAM's to float rounding. ``build_sam`` gives SAM's own modules this
+    forward (``fast_layer_norms``); plugins build theirs from this class.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            torch.jit.is_tracing()
+        ):  # ONNX export: SAM's own formula (its channel count is a traced value here)
+            return super().forward(x)
+        out = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return out.permute(0, 3, 1, 2)
+
+
+def fast_layer_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every segment-anything ``LayerNorm2d`` in ``module`` samflow's forward, in place: same
+    object, parameters and state-dict keys (the class becomes the ``LayerNorm2d`` subclass above)."""
+    for sub in module.modules():
+        if type(sub) is SamLayerNorm2d:
+            sub.__class__ = LayerNorm2d
+    return module
 
 
 def upcast(x: Tensor) -> Tensor:
