@@ -157,10 +157,15 @@ def _rel_pos_attention_in_chunks(
     batch, heads, length = q.shape[:3]
     rows = max(1, chunk_elements // (batch * heads * length))  # queries per block
     out = torch.empty_like(q)
+    # one buffer for every block's mask: a fresh one per block costs page faults as large as the adds
+    buffer = rel_h.new_empty(batch, heads, min(rows, length), rel_h.shape[-1], rel_w.shape[-1])
     for start in range(0, length, rows):
         part = slice(start, start + rows)
-        bias = (rel_h[:, :, part, :, None] + rel_w[:, :, part, None, :]).flatten(-2)  # (B, heads, rows, L)
-        out[:, :, part] = F.scaled_dot_product_attention(q[:, :, part], k, v, attn_mask=bias, scale=scale)
+        bias = buffer[:, :, : min(rows, length - start)]
+        torch.add(rel_h[:, :, part, :, None], rel_w[:, :, part, None, :], out=bias)  # (B, heads, rows, h, w)
+        out[:, :, part] = F.scaled_dot_product_attention(
+            q[:, :, part], k, v, attn_mask=bias.flatten(-2), scale=scale
+        )
     return out
 
 
