@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention, Block, window_partition, window_unpartition
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks as global_forward_hooks
 from torch.utils.checkpoint import checkpoint
 
 from samflow.batch import SamBatch
@@ -48,6 +49,11 @@ from samflow.sam.types import (
     PromptEmbeddings,
     SamOutput,
 )
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook (global, or of these modules or their submodules) may keep an output."""
+    return bool(global_forward_hooks) or any(sub._forward_hooks for m in modules for sub in m.modules())
 
 
 class HookedSam(nn.Module):
@@ -235,8 +241,14 @@ class HookedSam(nn.Module):
         x = self._attention(i, block.attn, x, ctx)
         if block.window_size > 0:
             x = window_unpartition(x, block.window_size, pad_hw, (h, w))
-        x = shortcut + x
-        return x + block.mlp(block.norm2(x))
+        if torch.is_grad_enabled() or _hooked(block.attn.proj, block.mlp):
+            x = shortcut + x
+            return x + block.mlp(block.norm2(x))
+        # inference: the residual sums go in place into the attention's and the MLP's outputs, which no
+        # one else holds when no forward hook saw them (a fresh (B, h, w, C) tensor per sum costs page
+        # faults on the CPU as large as the sum itself); bit for bit the same values
+        x = x.add_(shortcut)
+        return block.mlp(block.norm2(x)).add_(x)
 
     def _attention(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
         b, h, w, _ = x.shape
