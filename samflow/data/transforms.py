@@ -166,8 +166,8 @@ def to_input_frame(
 def scale_coords(coords: Tensor, original_size: Sequence[int], input_size: Sequence[int]) -> Tensor:
     """Map (..., 2) xy pixel coordinates from the original (H, W) image to the resized (h, w) one."""
     (height, width), (h, w) = original_size, input_size
-    factor = torch.tensor([w / width, h / height], dtype=coords.dtype, device=coords.device)
-    return coords * factor
+    # multiplied by Python numbers: no factor tensor copied from the host (a GPU sync per call)
+    return torch.stack([coords[..., 0] * (w / width), coords[..., 1] * (h / height)], dim=-1)
 
 
 def scale_boxes(boxes: Tensor, original_size: Sequence[int], input_size: Sequence[int]) -> Tensor:
