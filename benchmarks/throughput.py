@@ -471,7 +471,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="run the forward cases this many rounds, samflow and segment-anything interleaved in each "
-        "round (a shared machine's load then hits both alike); ratios are given per round",
+        "round (a shared machine's load then hits both alike), samflow first in even rounds and second "
+        "in odd ones; ratios are given per round",
+    )
+    p.add_argument(
+        "--device-warmup",
+        type=float,
+        default=3.0,
+        help="on a GPU, seconds of matrix products before the first case, so that no case runs while "
+        "the device is still coming up to speed (0: none)",
     )
     p.add_argument(
         "--forward-plugins",
@@ -514,8 +522,9 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.forward:
         parts = ["full", "encoder"] if args.encoder_rows else ["full"]
         for round_ in range(args.repeat):
+            order = ("samflow", "segment_anything")
             for part in parts:
-                for impl in ("samflow", "segment_anything"):
+                for impl in order if round_ % 2 == 0 else order[::-1]:
                     specs.append(
                         {
                             **common,
@@ -594,6 +603,17 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
                     "memory": ours["peak_mib"] / theirs["peak_mib"] if theirs["peak_mib"] else float("nan"),
                 }
     return out
+
+
+def _warm_up_device(device: torch.device, seconds: float) -> None:
+    """Matrix products for ``seconds``: a fresh GPU runs its first work slower (clocks, lazy setup),
+    which would otherwise fall on the first case timed."""
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            a = torch.tanh(a @ a)
+        torch.cuda.synchronize(device)
 
 
 def cpu_model() -> str:
@@ -686,6 +706,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = _load_average()
     runner = run_case_subprocess if isolation == "subprocess" else run_case
     rows = []
+    if device.type == "cuda" and args.device_warmup > 0:
+        _warm_up_device(device, args.device_warmup)
     for spec in specs:
         row = runner(spec)
         rows.append(row)
