@@ -1,0 +1,82 @@
+"""Exact resume under DDP: a 2-rank fit killed mid-epoch (every process, SIGKILL) and resumed ends as
+the uninterrupted 2-rank fit, bit for bit (CPU, gloo): each rank's loader position and per-sample
+draws, the optimizer and loop state, and the reduced gradients (``test_resume.py`` proves the same on
+one process, piece by piece).
+
+What this does not cover: the checkpoint holds rank 0's global random generators, restored on every
+rank. The ranks start from one seed and the built-in training steps draw the same amounts on every
+rank, so those are every rank's states; a plugin whose draws in the step depended on its rank's data
+would not resume exactly under DDP (README, "Resume").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_resume import ARGS, _fit, _step, _val_rows, _weights
+
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+BATCHES = 2  # per rank and epoch: 16 training images, batch 4, 2 ranks
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("quickstart_ddp") / "data"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data) -> Path:
+    cwd = tmp_path_factory.mktemp("uninterrupted_ddp")
+    _fit(cwd, data, *DDP)
+    return cwd / "runs" / "quickstart" / "version_0"
+
+
+def test_a_ddp_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, data, uninterrupted):
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    slow = json.dumps({"class_path": "resume_slow_steps.SlowSteps", "init_args": {"after": BATCHES}})
+    args = ["fit", *ARGS, *DDP, "--data.init_args.quickstart.root", str(data), "--trainer.callbacks+", slow]
+    proc = subprocess.Popen(  # a session of its own, so the kill reaches rank 1 too
+        [sys.executable, "-m", "samflow", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    killed_at = -1
+    try:
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            if last.is_file() and (step := _step(last)) > BATCHES:  # in the second epoch, not at its end
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_at = step
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None and killed_at < 0:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
+    assert BATCHES < killed_at < 2 * BATCHES
+
+    _fit(tmp_path, data, *DDP, "--resume", str(run))
+
+    expected, got = _val_rows(uninterrupted)[-1], _val_rows(run)[-1]
+    assert got["epoch"] == expected["epoch"] == "1"
+    for key in ("val/iou", "val/dice", "val/mae", "val/loss"):
+        assert got[key] == expected[key], key
+    reference, weights = _weights(uninterrupted / "checkpoints" / "last.ckpt"), _weights(last)
+    assert reference.keys() == weights.keys()
+    changed = [k for k in reference if not torch.equal(reference[k], weights[k])]
+    assert not changed, changed
