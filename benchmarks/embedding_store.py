@@ -81,6 +81,13 @@ def main() -> None:
         help="JSON: SamflowModule's base losses (default: its default, BCE + Dice on full-size masks); "
         "'{}' for none, as in hq_sam_hqseg, whose only loss is the plugin's",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data-loader worker processes of both epochs (SegmentationDataModule.num_workers; default 0: "
+        "images are read in the training loop)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="samflow-store-bench-"))
@@ -98,7 +105,9 @@ def main() -> None:
     root = make_quickstart_data(work / "data", n_train=args.images, n_val=0, size=(size * 3 // 4, size))
 
     def data() -> SegmentationDataModule:
-        return SegmentationDataModule(train=str(root / "train"), img_size=size, batch_size=args.batch)
+        return SegmentationDataModule(
+            train=str(root / "train"), img_size=size, batch_size=args.batch, num_workers=args.workers
+        )
 
     def epochs(model: SamflowModule) -> list[float]:
         timer = EpochTimer()
@@ -132,6 +141,7 @@ def main() -> None:
         "plugins": args.plugins,
         "plugin_args": args.plugin_args,
         "losses": args.losses,
+        "workers": args.workers,
         "cpu": cpu_model(),
         "blocks": list(manifest.key.blocks),
         "embed_seconds": embed_s,
