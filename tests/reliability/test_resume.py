@@ -89,36 +89,46 @@ def uninterrupted(tmp_path_factory, data) -> Path:
     return cwd / "runs" / "quickstart" / "version_0"
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, data, uninterrupted):
-    run = tmp_path / "runs" / "quickstart" / "version_0"
-    last = run / "checkpoints" / "last.ckpt"
+def kill_mid_second_epoch(cwd: Path, data: Path, batches: int, *extra: str) -> int:
+    """Start the fit in ``cwd`` (a session of its own) and SIGKILL its whole process group, every DDP
+    rank included, once ``last.ckpt`` is past step ``batches`` (the first epoch), before the second
+    epoch ends; the step it was killed at."""
+    last = cwd / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    slow = json.dumps({"class_path": "resume_slow_steps.SlowSteps", "init_args": {"after": BATCHES}})
-    args = ["fit", *ARGS, "--data.init_args.quickstart.root", str(data), "--trainer.callbacks+", slow]
+    slow = json.dumps({"class_path": "resume_slow_steps.SlowSteps", "init_args": {"after": batches}})
+    args = ["fit", *ARGS, *extra, "--data.init_args.quickstart.root", str(data), "--trainer.callbacks+", slow]
     proc = subprocess.Popen(
         [sys.executable, "-m", "samflow", *args],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     killed_at = -1
     try:
         deadline = time.monotonic() + 600
         while proc.poll() is None and time.monotonic() < deadline:
-            # in the second epoch, not at its end (steps after BATCHES take a second: SlowSteps)
-            if last.is_file() and (step := _step(last)) > BATCHES:
-                os.kill(proc.pid, signal.SIGKILL)
+            # in the second epoch, not at its end (steps after `batches` take a second: SlowSteps)
+            if last.is_file() and (step := _step(last)) > batches:
+                os.killpg(proc.pid, signal.SIGKILL)
                 killed_at = step
                 break
             time.sleep(0.05)
     finally:
         if proc.poll() is None and killed_at < 0:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
-    assert BATCHES < killed_at < 2 * BATCHES
+    assert batches < killed_at < 2 * batches
+    return killed_at
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, data, uninterrupted):
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    kill_mid_second_epoch(tmp_path, data, BATCHES)
     wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
 
     resumed = _fit(tmp_path, data, "--resume", str(run))

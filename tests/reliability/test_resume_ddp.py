@@ -11,17 +11,11 @@ would not resume exactly under DDP (README, "Resume").
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_resume import ARGS, _fit, _step, _val_rows, _weights
+from test_resume import _fit, _val_rows, _weights, kill_mid_second_epoch
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 BATCHES = 2  # per rank and epoch: 16 training images, batch 4, 2 ranks
@@ -42,33 +36,7 @@ def uninterrupted(tmp_path_factory, data) -> Path:
 def test_a_ddp_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, data, uninterrupted):
     run = tmp_path / "runs" / "quickstart" / "version_0"
     last = run / "checkpoints" / "last.ckpt"
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
-    slow = json.dumps({"class_path": "resume_slow_steps.SlowSteps", "init_args": {"after": BATCHES}})
-    args = ["fit", *ARGS, *DDP, "--data.init_args.quickstart.root", str(data), "--trainer.callbacks+", slow]
-    proc = subprocess.Popen(  # a session of its own, so the kill reaches rank 1 too
-        [sys.executable, "-m", "samflow", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    killed_at = -1
-    try:
-        deadline = time.monotonic() + 600
-        while proc.poll() is None and time.monotonic() < deadline:
-            if last.is_file() and (step := _step(last)) > BATCHES:  # in the second epoch, not at its end
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed_at = step
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None and killed_at < 0:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
-    assert BATCHES < killed_at < 2 * BATCHES
+    kill_mid_second_epoch(tmp_path, data, BATCHES, *DDP)
 
     _fit(tmp_path, data, *DDP, "--resume", str(run))
 
