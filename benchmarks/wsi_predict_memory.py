@@ -20,38 +20,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import numpy as np
+from samflow.testing import write_disc_slide
 
 MPP = 0.5
-
-
-def write_slide(path: Path, width: int, height: int) -> Path:
-    """Tissue with dark discs every 96 px, glass on the right eighth, levels halving to 64 px."""
-    import tifffile
-
-    rng = np.random.default_rng(0)
-    level = np.stack([rng.integers(lo, lo + 40, (height, width)) for lo in (200, 120, 170)], -1).astype(
-        np.uint8
-    )
-    yy, xx = np.mgrid[0:height, 0:width]
-    level[((xx % 96) - 48) ** 2 + ((yy % 96) - 48) ** 2 < 30**2] = (90, 30, 120)
-    level[:, width - width // 8 :] = 255
-    levels = [level]
-    while max(levels[-1].shape[:2]) > 64:
-        a = levels[-1]
-        h, w = a.shape[0] // 2, a.shape[1] // 2
-        levels.append(a[: 2 * h, : 2 * w].reshape(h, 2, w, 2, 3).mean((1, 3)).astype(np.uint8))
-    with tifffile.TiffWriter(path) as tif:
-        for i, lv in enumerate(levels):
-            res = 1e4 / (MPP * 2**i)
-            options = {
-                "tile": (128, 128),
-                "photometric": "rgb",
-                "resolution": (res, res),
-                "resolutionunit": "CENTIMETER",
-            }
-            tif.write(lv, **options, **({"subifds": len(levels) - 1} if i == 0 else {"subfiletype": 1}))
-    return path
 
 
 def rss_kib() -> int:
@@ -102,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         print(f"{'slide':6} {'HR mask':>12} {'tiles':>6} {'traced MB':>10} {'RSS growth MB':>14} {'s':>6}")
         for name, (w, h) in sizes.items():
-            slide = write_slide(Path(tmp) / f"{name}.tif", w * s, h * s)
+            slide = write_disc_slide(Path(tmp) / f"{name}.tif", w * s, h * s, mpp=MPP, tile=128)
             done = subprocess.run(
                 [
                     sys.executable,

@@ -1,4 +1,4 @@
-"""Helpers for testing plugins: a random batch in samflow's data contract.
+"""Helpers for testing plugins: a random batch in samflow's data contract; a synthetic slide.
 
 For plugin authors as much as for samflow's own tests and benchmarks::
 
@@ -10,6 +10,9 @@ For plugin authors as much as for samflow's own tests and benchmarks::
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from samflow.batch import SamBatch
@@ -55,3 +58,36 @@ def random_batch(
 def to_device(batch: SamBatch, device: torch.device | str) -> SamBatch:
     """The batch with its tensors moved to ``device`` (same as ``batch.to(device)``)."""
     return batch.to(device)
+
+
+def write_disc_slide(path: str | Path, width: int, height: int, mpp: float = 0.5, tile: int = 64) -> Path:
+    """A pyramidal TIFF slide of ``width`` x ``height`` px at ``mpp`` um/px (levels halving down to 64 px,
+    as scanners write them, in ``tile`` x ``tile`` TIFF tiles): textured tissue with dark discs every
+    96 px, and glass on the right eighth (so tissue detection has two classes). Needs ``tifffile``
+    (``samflow[wsi]``)."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    level = np.stack([rng.integers(lo, lo + 40, (height, width)) for lo in (200, 120, 170)], -1).astype(
+        np.uint8
+    )
+    yy, xx = np.mgrid[0:height, 0:width]
+    level[((xx % 96) - 48) ** 2 + ((yy % 96) - 48) ** 2 < 30**2] = (90, 30, 120)
+    level[:, width - width // 8 :] = 255
+    levels = [level]
+    while max(levels[-1].shape[:2]) > 64:
+        a = levels[-1]
+        h, w = a.shape[0] // 2, a.shape[1] // 2
+        levels.append(a[: 2 * h, : 2 * w].reshape(h, 2, w, 2, 3).mean((1, 3)).astype(np.uint8))
+    path = Path(path)
+    with tifffile.TiffWriter(path) as tif:
+        for i, lv in enumerate(levels):
+            res = 1e4 / (mpp * 2**i)  # pixels per centimetre
+            options = {
+                "tile": (tile, tile),
+                "photometric": "rgb",
+                "resolution": (res, res),
+                "resolutionunit": "CENTIMETER",
+            }
+            tif.write(lv, **options, **({"subifds": len(levels) - 1} if i == 0 else {"subfiletype": 1}))
+    return path

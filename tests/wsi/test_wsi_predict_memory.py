@@ -21,39 +21,10 @@ import torch
 
 pytest.importorskip("tiffslide")
 
+from samflow.testing import write_disc_slide
 from samflow.wsi_predict import predict_slide
 
 MPP = 0.5  # level 0; the HR mask is at 1.0 um/px: half the level-0 side
-
-
-def write_slide(path: Path, width: int, height: int) -> Path:
-    """A pyramidal TIFF (levels halving down to 64 px, as scanners write them) of tissue with dark
-    discs every 96 px (the 'tumour' the stand-in model finds) and glass on the right eighth."""
-    import tifffile
-
-    rng = np.random.default_rng(0)
-    level = np.stack([rng.integers(lo, lo + 40, (height, width)) for lo in (200, 120, 170)], -1).astype(
-        np.uint8
-    )
-    yy, xx = np.mgrid[0:height, 0:width]
-    level[((xx % 96) - 48) ** 2 + ((yy % 96) - 48) ** 2 < 30**2] = (90, 30, 120)
-    level[:, width - width // 8 :] = 255  # glass on the right: tissue detection has two classes
-    levels = [level]
-    while max(levels[-1].shape[:2]) > 64:
-        a = levels[-1]
-        h, w = a.shape[0] // 2, a.shape[1] // 2
-        levels.append(a[: 2 * h, : 2 * w].reshape(h, 2, w, 2, 3).mean((1, 3)).astype(np.uint8))
-    with tifffile.TiffWriter(path) as tif:
-        for i, lv in enumerate(levels):
-            res = 1e4 / (MPP * 2**i)
-            options = {
-                "tile": (64, 64),
-                "photometric": "rgb",
-                "resolution": (res, res),
-                "resolutionunit": "CENTIMETER",
-            }
-            tif.write(lv, **options, **({"subifds": len(levels) - 1} if i == 0 else {"subfiletype": 1}))
-    return path
 
 
 class ColourModel:
@@ -87,7 +58,9 @@ def peak_bytes(slide: Path, out: Path, **options) -> tuple[int, np.ndarray]:
 def slides(tmp_path_factory):
     folder = tmp_path_factory.mktemp("slides")
     sizes = {"small": (768, 1024), "tall": (768, 4096), "large": (1536, 2048)}  # level 0; 4x the area
-    return folder, {name: write_slide(folder / f"{name}.tif", *size) for name, size in sizes.items()}
+    return folder, {
+        name: write_disc_slide(folder / f"{name}.tif", *size, mpp=MPP) for name, size in sizes.items()
+    }
 
 
 def test_peak_memory_does_not_grow_with_the_slide_area(slides):
