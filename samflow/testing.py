@@ -83,11 +83,13 @@ def write_disc_slide(path: str | Path, width: int, height: int, mpp: float = 0.5
     with tifffile.TiffWriter(path) as tif:
         for i, lv in enumerate(levels):
             res = 1e4 / (mpp * 2**i)  # pixels per centimetre
-            options = {
-                "tile": (tile, tile),
-                "photometric": "rgb",
-                "resolution": (res, res),
-                "resolutionunit": "CENTIMETER",
-            }
-            tif.write(lv, **options, **({"subifds": len(levels) - 1} if i == 0 else {"subfiletype": 1}))
+            tif.write(
+                lv,
+                tile=(tile, tile),
+                photometric="rgb",
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subifds=len(levels) - 1 if i == 0 else None,
+                subfiletype=None if i == 0 else 1,
+            )
     return path
