@@ -223,9 +223,8 @@ class LayerNorm2d(SamLayerNorm2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            torch.jit.is_tracing()
-        ):  # ONNX export: SAM's own formula (its channel count is a traced value here)
+        # under tracing (ONNX export) the channel count would be a traced value: SAM's own formula
+        if torch.jit.is_tracing():
             return super().forward(x)
         out = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
         return out.permute(0, 3, 1, 2)
