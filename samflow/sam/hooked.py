@@ -20,7 +20,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
-from segment_anything.modeling.image_encoder import Attention, Block, window_partition, window_unpartition
+from segment_anything.modeling.image_encoder import Attention, Block
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks as global_forward_hooks
 from torch.utils.checkpoint import checkpoint
@@ -37,6 +37,8 @@ from samflow.sam.ops import (
     embed_points,
     normalize,
     rel_pos_attention,
+    window_partition,
+    window_unpartition,
 )
 from samflow.sam.types import (
     DecoderContext,
@@ -236,11 +238,13 @@ class HookedSam(nn.Module):
         shortcut = x
         x = block.norm1(x)
         if block.window_size > 0:
-            h, w = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, block.window_size)
-        x = self._attention(i, block.attn, x, ctx)
-        if block.window_size > 0:
-            x = window_unpartition(x, block.window_size, pad_hw, (h, w))
+            size = x.shape[1], x.shape[2]
+            x = window_partition(x, block.window_size)
+            # back to the grid before the projection, which then skips the padding tokens (per token)
+            x = window_unpartition(self._attention_heads(i, block.attn, x, ctx), block.window_size, size)
+        else:
+            x = self._attention_heads(i, block.attn, x, ctx)
+        x = block.attn.proj(x)
         if torch.is_grad_enabled() or _hooked(block.attn.proj, block.mlp):
             x = shortcut + x
             return x + block.mlp(block.norm2(x))
@@ -251,6 +255,12 @@ class HookedSam(nn.Module):
         return block.mlp(block.norm2(x)).add_(x)
 
     def _attention(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """Block ``i``'s attention on x (B, h, w, C) (a window batch for a windowed block): SAM's
+        ``Attention.forward`` with the ``attn_logits`` site -> (B, h, w, C)."""
+        return attn.proj(self._attention_heads(i, attn, x, ctx))
+
+    def _attention_heads(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
+        """``_attention`` before the output projection: the heads' outputs side by side (B, h, w, C)."""
         b, h, w, _ = x.shape
         heads = attn.num_heads
         qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
@@ -281,7 +291,7 @@ class HookedSam(nn.Module):
                 if isinstance(scale, Tensor):
                     q, scale = q * scale, 1.0
                 out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-            return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+            return out.transpose(1, 2).reshape(b, h, w, -1)
         if isinstance(scale, Tensor):
             q, scale = q * scale, 1.0
         if bias is not None and bias.requires_grad:
@@ -292,8 +302,7 @@ class HookedSam(nn.Module):
             out = torch.matmul(logits.softmax(dim=-1), v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        out = out.transpose(1, 2).reshape(b, h, w, -1)
-        return attn.proj(out)
+        return out.transpose(1, 2).reshape(b, h, w, -1)
 
     # ---- prompts and mask decoder ----
     def encode_prompts(self, batch: SamBatch, dtype: torch.dtype) -> PromptEmbeddings:

@@ -5,6 +5,7 @@
 - ``rel_pos_attention``: the encoder's attention with SAM's decomposed relative-position term as plain
   SDPA (augmented query and key, no L x L mask);
 - ``decomposed_rel_pos_bias``: the same term as a dense additive mask (for plugins that change it);
+- ``window_partition`` / ``window_unpartition``: SAM's windows of the encoder grid, one pass each;
 - ``fourier_pe`` / ``dense_pe``: SAM's random-Fourier positional encoding in the input's dtype;
 - ``embed_points`` / ``embed_box``: SAM's point and box embeddings without in-place writes;
 - ``LayerNorm2d``: SAM's channel LayerNorm through ``F.layer_norm`` (one fused pass).
@@ -156,7 +157,8 @@ def _rel_pos_attention_in_chunks(
         q, scale = (q * scale).to(q.dtype), 1.0
     batch, heads, length = q.shape[:3]
     rows = max(1, chunk_elements // (batch * heads * length))  # queries per block
-    out = torch.empty_like(q)
+    # laid out (B, L, heads, d), as SDPA lays out its own output, so merging the heads is a view
+    out = q.new_empty(batch, length, heads, v.shape[-1]).transpose(1, 2)
     # one buffer for every block's mask: a fresh one per block costs page faults as large as the adds
     buffer = rel_h.new_empty(batch, heads, min(rows, length), rel_h.shape[-1], rel_w.shape[-1])
     for start in range(0, length, rows):
@@ -167,6 +169,46 @@ def _rel_pos_attention_in_chunks(
             q[:, :, part], k, v, attn_mask=bias.flatten(-2), scale=scale
         )
     return out
+
+
+def window_slots(size: tuple[int, int], window: int, device: torch.device | None = None) -> Tensor:
+    """Where segment-anything's ``window_partition`` puts each token of an (h, w) grid -> (h*w,) long.
+
+    The windows tile the grid zero-padded at the bottom and right to multiples of ``window``, in
+    row-major order; slot ``(n * window + r) * window + c`` is row r, column c of window n.
+    """
+    h, w = size
+    across = -(-w // window)  # windows per row of windows
+    rows = torch.arange(h, device=device)[:, None]
+    cols = torch.arange(w, device=device)[None, :]
+    window_index = (rows // window) * across + cols // window
+    return (window_index * window * window + (rows % window) * window + cols % window).flatten()
+
+
+def window_partition(x: Tensor, window: int) -> Tensor:
+    """segment-anything's ``window_partition`` in one pass: (B, h, w, C) -> (B * nW, window, window, C).
+
+    The same windows, zero padding and order; SAM pads (one copy) and then permutes (another), this
+    scatters each token into its slot of a zeroed buffer.
+    """
+    b, h, w, c = x.shape
+    down, across = -(-h // window), -(-w // window)
+    windows = x.new_zeros(b, down * across * window * window, c)
+    windows.index_copy_(1, window_slots((h, w), window, x.device), x.reshape(b, h * w, c))
+    return windows.view(b * down * across, window, window, c)
+
+
+def window_unpartition(windows: Tensor, window: int, size: tuple[int, int]) -> Tensor:
+    """segment-anything's ``window_unpartition`` in one pass: (B * nW, window, window, C) -> (B, h, w, C).
+
+    A gather of the tokens of the (h, w) grid; the padding is never copied (SAM copies the padded
+    grid, then crops it with a second copy).
+    """
+    h, w = size
+    c = windows.shape[-1]
+    down, across = -(-h // window), -(-w // window)
+    flat = windows.reshape(-1, down * across * window * window, c)
+    return flat.index_select(1, window_slots(size, window, windows.device)).view(-1, h, w, c)
 
 
 def fourier_pe(pe_layer: PositionEmbeddingRandom, coords: Tensor) -> Tensor:

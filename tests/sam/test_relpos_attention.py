@@ -246,9 +246,9 @@ def test_a_trained_bias_runs_without_a_mask_gradient_in_sdpa(tiny_sam, monkeypat
         bias = decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w))
         scale, bias = self.plugins.attn_logits(i, attn.scale, bias, q, ctx)
         out = sdpa(q, k, v, attn_mask=bias, scale=scale)
-        return attn.proj(out.transpose(1, 2).reshape(b, h, w, -1))
+        return out.transpose(1, 2).reshape(b, h, w, -1)
 
-    monkeypatch.setattr(HookedSam, "_attention", reference_attention)
+    monkeypatch.setattr(HookedSam, "_attention_heads", reference_attention)
     theirs, theirs_grad = run()
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-4, rtol=1e-5)
