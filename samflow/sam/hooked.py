@@ -16,6 +16,8 @@ Hook sites, in order: ``on_image`` -> for each encoder block i: ``block_input(i)
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -152,8 +154,11 @@ class HookedSam(nn.Module):
 
     def encode(self, ctx: ForwardContext) -> EncodedImages:
         """Image encoder with hook sites -> ``EncodedImages`` (embeddings, block features, dense PE)."""
-        x = self.preprocess(ctx.image, ctx.batch.input_size)
+        normalized: Tensor | Callable[[], Tensor]
         if self.embedding_store is not None:
+            x = ctx.image
+            # no encoder runs: the normalised images are computed only if a plugin reads them
+            normalized = functools.partial(self.preprocess, ctx.image, ctx.batch.input_size)
             self.check_encoder_cache("model.sam.embedding_store")
             if ctx.batch.context_rows:
                 raise EncoderCacheError(
@@ -171,8 +176,10 @@ class HookedSam(nn.Module):
             blocks = self.plugins.encoder_features()
             embeddings, features = self.embedding_store.encoded(paths, blocks, x.device, dtype)
         elif self.encoder_cache is None:
+            x = normalized = self.preprocess(ctx.image, ctx.batch.input_size)
             embeddings, features = self.run_encoder(x, ctx)
         else:
+            x = normalized = self.preprocess(ctx.image, ctx.batch.input_size)
             self.check_encoder_cache()
             blocks = self.plugins.encoder_features()
             embeddings, features = self.encoder_cache.encode(
@@ -180,7 +187,9 @@ class HookedSam(nn.Module):
             )
         pe = self.sam.prompt_encoder
         image_pe = dense_pe(pe.pe_layer, pe.image_embedding_size, embeddings.dtype)
-        return EncodedImages(normalized=x, embeddings=embeddings, features=features, image_pe=image_pe)
+        return EncodedImages(
+            normalized=normalized, embeddings=embeddings, features=features, image_pe=image_pe
+        )
 
     def run_encoder(self, x: Tensor, ctx: ForwardContext) -> tuple[Tensor, dict[int, Tensor]]:
         """The encoder on normalised images ``x`` -> (embeddings, {block: output}) for the blocks plugins read."""

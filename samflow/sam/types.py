@@ -16,6 +16,7 @@ it with plugins. Its methods here are the no-op defaults (SAM alone).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,22 +62,40 @@ class ForwardContext:
         return self.batch.image_index
 
 
-@dataclass
 class EncodedImages:
     """What exists once the image encoder has run (B images, embedding grid h x w).
 
     Attributes:
         normalized: SAM's normalised input (B, 3, S, S), zero outside each image's ``input_size``.
+            It may be given as a function: then it is computed on first use and kept (with the
+            embedding store no encoder reads it, so only plugins that do pay for it).
         embeddings: the neck output (B, C, h, w).
         features: outputs (B, h', w', C_vit) of the encoder blocks that plugins ask for with
             ``SamPlugin.encoder_features``, by block index.
         image_pe: SAM's dense positional encoding of the embedding grid (1, C, h, w).
     """
 
-    normalized: Tensor
-    embeddings: Tensor
-    features: dict[int, Tensor]
-    image_pe: Tensor
+    def __init__(
+        self,
+        *,
+        normalized: Tensor | Callable[[], Tensor],
+        embeddings: Tensor,
+        features: dict[int, Tensor],
+        image_pe: Tensor,
+    ) -> None:
+        self._normalized = normalized
+        self.embeddings = embeddings
+        self.features = features
+        self.image_pe = image_pe
+
+    @property
+    def normalized(self) -> Tensor:
+        if not isinstance(self._normalized, Tensor):
+            self._normalized = self._normalized()
+        return self._normalized
+
+    def __repr__(self) -> str:
+        return f"EncodedImages(embeddings={tuple(self.embeddings.shape)}, features={sorted(self.features)})"
 
 
 @dataclass(kw_only=True)

@@ -91,6 +91,7 @@ def test_read_equals_the_live_encoder_and_the_same_loss(written, data_root):
             assert b.embeddings.dtype == torch.float32
             torch.testing.assert_close(b.embeddings, a.embeddings, **FP16)
             torch.testing.assert_close(b.features[1], a.features[1], **FP16)
+            assert torch.equal(b.normalized, a.normalized)  # computed on demand from the store
         losses = []
         for module in (live, stored):
             module.train()
@@ -104,14 +105,16 @@ def test_fit_reads_the_store_and_never_runs_the_encoder(written, data_root, monk
     from lightning.pytorch import Trainer
 
     module = _module(written)
-    calls = []
+    calls, normalized = [], []
     monkeypatch.setattr(module.model, "run_encoder", lambda *a: calls.append(1) or None)
+    monkeypatch.setattr(module.model, "preprocess", lambda *a: normalized.append(1) or None)
     trainer = Trainer(
         max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(module, datamodule=_data(data_root))
     assert trainer.global_step == 2 and not calls
+    assert not normalized  # HQ-SAM never reads the normalised images: they are not computed
     assert module.model.embedding_store is not None
 
 
