@@ -9,7 +9,8 @@ With C the decoder width (256 for SAM), C_vit the encoder width, (h, w) the embe
     HQ-Features = refine(F_up) + up_vit(F_early) + up_emb(F_emb)          (N, C/8, 4h, 4w)
 
 where ``up_vit`` and ``up_emb`` are two stride-2 transposed convolutions with LayerNorm2d and GELU
-between them (4x upsampling) and ``refine`` is two 3x3 convolutions with LayerNorm2d and GELU.
+between them (4x upsampling; ``ConvTranspose2x2``: ``nn.ConvTranspose2d``'s parameters, computed as one
+matrix product on the CPU) and ``refine`` is two 3x3 convolutions with LayerNorm2d and GELU.
 The two image terms depend only on the image, so they are computed once per image and shared by
 all prompt rows of that image.
 """
@@ -20,6 +21,7 @@ from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
 from samflow.sam import LayerNorm2d, early_feature
+from samflow.sam.conv import ConvTranspose2x2
 
 
 def first_global_block(encoder: ImageEncoderViT) -> int:
@@ -41,13 +43,15 @@ def first_global_block(encoder: ImageEncoderViT) -> int:
 def upsample_x4(in_dim: int, mid_dim: int, out_dim: int) -> nn.Sequential:
     """ConvT(in->mid, 2, 2) -> LayerNorm2d -> GELU -> ConvT(mid->out, 2, 2).
 
-    (B, in, h, w) -> (B, out, 4h, 4w).
+    (B, in, h, w) -> (B, out, 4h, 4w). The transposed convolutions are ``ConvTranspose2x2`` (the
+    reference's ``nn.ConvTranspose2d`` parameters and state-dict keys; on the CPU one matrix product,
+    whose backward takes about half of oneDNN's for ViT-B's (2, 768, 64, 64) early features).
     """
     return nn.Sequential(
-        nn.ConvTranspose2d(in_dim, mid_dim, kernel_size=2, stride=2),
+        ConvTranspose2x2(in_dim, mid_dim, kernel_size=2, stride=2),
         LayerNorm2d(mid_dim),
         nn.GELU(),
-        nn.ConvTranspose2d(mid_dim, out_dim, kernel_size=2, stride=2),
+        ConvTranspose2x2(mid_dim, out_dim, kernel_size=2, stride=2),
     )
 
 

@@ -13,6 +13,7 @@ the decoder width and C_vit the encoder width, a head holds (names as in the ref
 
 from __future__ import annotations
 
+import torch
 from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 
@@ -54,13 +55,40 @@ class HQHead(nn.Module):
         (B, C, h, w) and SAM's upscaled features of each row (N, C/8, 4h, 4w); the image terms are
         computed once per image and shared by its rows (``image_index`` (N,))."""
         per_image = self.compress_vit_feat(early.permute(0, 3, 1, 2)) + self.embedding_encoder(embeddings)
-        return self.embedding_maskfeature(upscaled) + per_image[image_index]
+        return self.embedding_maskfeature(upscaled) + rows_of(per_image, image_index)
 
     def kernel(self, token: Tensor) -> Tensor:
         """The updated token (N, C) -> its dynamic kernel (N, C/8)."""
         return self.hf_mlp(token)
 
 
+def rows_of(per_image: Tensor, image_index: Tensor) -> Tensor:
+    """``per_image[image_index]``: the (B, ...) image terms of each prompt row (N, ...).
+
+    With one row per image, in order (``image_index`` = 0..B-1, checked on the CPU only, where it
+    costs no wait for a device), ``per_image`` itself: the same values without the gather's copy and
+    the scatter of its backward ((2, 32, 256, 256) at 1024 px).
+    """
+    rows = image_index.shape[0]
+    if (
+        image_index.device.type == "cpu"
+        and rows == per_image.shape[0]
+        and torch.equal(image_index, torch.arange(rows, dtype=image_index.dtype))
+    ):
+        return per_image
+    return per_image[image_index]
+
+
 def apply_kernel(kernel: Tensor, features: Tensor) -> Tensor:
-    """``k . features``: kernel (N, C/8) on features (N, C/8, H, W) -> mask logits (N, 1, H, W)."""
+    """``k . features``: kernel (N, C/8) on features (N, C/8, H, W) -> mask logits (N, 1, H, W).
+
+    Channels-last features (the fusion's, from ``ConvTranspose2x2`` and ``LayerNorm2d``) are read
+    as (N, H*W, C/8) rows: no copy, and the features' gradient comes back channels-last as well, the
+    layout the 3x3 convolution before them takes it in (else oneDNN copies it, (2, 32, 256, 256) at
+    1024 px). Equal to the other form to float rounding (sums of C/8 products in another order).
+    """
+    n, c, h, w = features.shape
+    if c > 1 and features.is_contiguous(memory_format=torch.channels_last):
+        rows = features.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
+        return (rows @ kernel.unsqueeze(-1)).view(n, 1, h, w)
     return (kernel.unsqueeze(1) @ features.flatten(2)).unflatten(-1, features.shape[-2:])
