@@ -334,16 +334,19 @@ def _tiff_rgb16(img: Image.Image, path: Path) -> np.ndarray | None:
     return array[..., :3] if array.shape[-1] >= 3 else None
 
 
-def _read_image(path: Path, dtype: torch.dtype) -> tuple[Tensor, str | None]:
-    """The image as (3, H, W) in [0, 1] of ``dtype``, and a note when its values are unusual."""
+def _read_image(path: Path, dtype: torch.dtype, codes: bool = False) -> tuple[Tensor, str | None]:
+    """The image as (3, H, W) in [0, 1] of ``dtype``, and a note when its values are unusual.
+
+    With ``codes``, an 8-bit file comes back as its uint8 values k instead (the image is k / 255).
+    """
     img = _open(path, None)
     note = None
     rgb16 = _tiff_rgb16(img, path)
     if rgb16 is not None:
         return torch.from_numpy(rgb16.astype(np.int32)).permute(2, 0, 1).to(dtype) / 65535, None
     if img.mode not in ("F", "I", *_SIXTEEN_BIT_MODES):
-        array = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).to(dtype) / 255, None
+        array = torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+        return (array, None) if codes else (array.to(dtype) / 255, None)
     values = np.asarray(img)  # (H, W): uint16, int32 or float32
     _finite(values, path)
     low, top = (values.min(), values.max()) if values.size else (0, 0)
@@ -607,11 +610,16 @@ class MaskFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         size = self.img_size
-        image, note = _read_image(sample.image, self.dtype)  # (3, H, W)
+        # segment-anything's resize of an 8-bit image works on its uint8 values k (``sam_resize`` finds
+        # them again in k / 255, exactly for float32 / float64): resized and padded as uint8, then
+        # divided by 255, the frame is the same to the bit, without the float passes over the image
+        codes = self.image_resize == "sam" and self.dtype in (torch.float32, torch.float64)
+        image, note = _read_image(sample.image, self.dtype, codes=codes)  # (3, H, W)
         self._warn_once("image", sample.image, note)
         original = tuple(image.shape[-2:])
         item: dict[str, Any] = {"id": sample.id, "path": str(sample.image)}
-        item["image"], input_size = to_input_frame(image, size, self.resize_mode, self.image_resize)
+        frame, input_size = to_input_frame(image, size, self.resize_mode, self.image_resize)
+        item["image"] = frame.to(self.dtype).div_(255) if frame.dtype == torch.uint8 else frame
         item["input_size"] = torch.tensor(input_size, dtype=torch.long)
         item["original_size"] = torch.tensor(original, dtype=torch.long)
         if sample.mask is None:

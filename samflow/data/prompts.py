@@ -109,10 +109,19 @@ def mask_to_box(mask: Tensor) -> Tensor | None:
 
     The box has the mask's dtype when the mask is floating, else torch's default float dtype.
     """
-    rows = mask.any(dim=1).nonzero()  # (n_rows, 1)
-    if rows.numel() == 0:
-        return None
-    cols = mask.any(dim=0).nonzero()
+    if mask.dtype == torch.bool and mask.device.type == "cpu":
+        # the same booleans through numpy: torch's reductions of a data-loading mask cost more
+        # (two threads on a small CPU: ~8 ms each at 1000 x 1000, numpy's < 0.1 ms)
+        array = mask.numpy()
+        rows = torch.from_numpy(array.any(axis=1)).nonzero()  # (n_rows, 1)
+        if rows.numel() == 0:
+            return None
+        cols = torch.from_numpy(array.any(axis=0)).nonzero()
+    else:
+        rows = mask.any(dim=1).nonzero()
+        if rows.numel() == 0:
+            return None
+        cols = mask.any(dim=0).nonzero()
     return torch.stack([cols[0, 0], rows[0, 0], cols[-1, 0], rows[-1, 0]]).to(_coord_dtype(mask))
 
 
