@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
+from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks as global_forward_hooks
@@ -58,6 +59,29 @@ from samflow.sam.types import (
 def _hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook (global, or of these modules or their submodules) may keep an output."""
     return bool(global_forward_hooks) or any(sub._forward_hooks for m in modules for sub in m.modules())
+
+
+MLP_TOKENS = 1024
+"""Tokens per piece of ``_mlp_residual_in_place`` (a vit_b hidden layer of 1024 tokens: 12 MiB in fp32)."""
+
+
+def _mlp_residual_in_place(block: Block, x: Tensor) -> Tensor:
+    """``x + block.mlp(block.norm2(x))`` at inference, written into ``x``.
+
+    For SAM's ``MLPBlock`` with a GELU, in pieces of ``MLP_TOKENS`` tokens with the GELU in place: the
+    whole hidden layer (B, h, w, 4C) would be a fresh allocation per block, whose page faults cost the
+    CPU about as long as the GELU itself. Every step is per token, so the values are the unsplit ones
+    up to float rounding: a matrix product of fewer rows may round differently (on this project's
+    CPUs pieces of 512 tokens or more gave the same bits). Any other MLP (a plugin's) runs whole.
+    """
+    mlp = block.mlp
+    if type(mlp) is not MLPBlock or type(mlp.act) is not nn.GELU or not x.is_contiguous():
+        return x.add_(mlp(block.norm2(x)))
+    tokens = x.view(-1, x.shape[-1])
+    for piece in tokens.split(MLP_TOKENS):
+        hidden = torch.ops.aten.gelu_(mlp.lin1(block.norm2(piece)), approximate=mlp.act.approximate)
+        piece.add_(mlp.lin2(hidden))
+    return x
 
 
 class HookedSam(nn.Module):
@@ -254,14 +278,13 @@ class HookedSam(nn.Module):
         else:
             x = self._attention_heads(i, block.attn, x, ctx)
         x = block.attn.proj(x)
-        if torch.is_grad_enabled() or _hooked(block.attn.proj, block.mlp):
+        if torch.is_grad_enabled() or _hooked(block.attn.proj, block.norm2, block.mlp):
             x = shortcut + x
             return x + block.mlp(block.norm2(x))
         # inference: the residual sums go in place into the attention's and the MLP's outputs, which no
         # one else holds when no forward hook saw them (a fresh (B, h, w, C) tensor per sum costs page
         # faults on the CPU as large as the sum itself); bit for bit the same values
-        x = x.add_(shortcut)
-        return block.mlp(block.norm2(x)).add_(x)
+        return _mlp_residual_in_place(block, x.add_(shortcut))
 
     def _attention(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
         """Block ``i``'s attention on x (B, h, w, C) (a window batch for a windowed block): SAM's
