@@ -80,15 +80,5 @@ def rows_of(per_image: Tensor, image_index: Tensor) -> Tensor:
 
 
 def apply_kernel(kernel: Tensor, features: Tensor) -> Tensor:
-    """``k . features``: kernel (N, C/8) on features (N, C/8, H, W) -> mask logits (N, 1, H, W).
-
-    Channels-last features (the fusion's, from ``ConvTranspose2x2`` and ``LayerNorm2d``) are read
-    as (N, H*W, C/8) rows: no copy, and the features' gradient comes back channels-last as well, the
-    layout the 3x3 convolution before them takes it in (else oneDNN copies it, (2, 32, 256, 256) at
-    1024 px). Equal to the other form to float rounding (sums of C/8 products in another order).
-    """
-    n, c, h, w = features.shape
-    if c > 1 and features.is_contiguous(memory_format=torch.channels_last):
-        rows = features.permute(0, 2, 3, 1).reshape(n, h * w, c)  # a view
-        return (rows @ kernel.unsqueeze(-1)).view(n, 1, h, w)
+    """``k . features``: kernel (N, C/8) on features (N, C/8, H, W) -> mask logits (N, 1, H, W)."""
     return (kernel.unsqueeze(1) @ features.flatten(2)).unflatten(-1, features.shape[-2:])
