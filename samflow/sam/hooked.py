@@ -68,9 +68,9 @@ MLP_TOKENS = 1024
 def _mlp_residual_in_place(block: Block, x: Tensor) -> Tensor:
     """``x + block.mlp(block.norm2(x))`` at inference, written into ``x``.
 
-    For SAM's ``MLPBlock`` with a GELU, in pieces of ``MLP_TOKENS`` tokens with the GELU in place: the
-    whole hidden layer (B, h, w, 4C) would be a fresh allocation per block, whose page faults cost the
-    CPU about as long as the GELU itself. Every step is per token, so the values are the unsplit ones
+    For SAM's ``MLPBlock`` with a GELU, with the GELU in place and, on the CPU, in pieces of
+    ``MLP_TOKENS`` tokens: the whole hidden layer (B, h, w, 4C) would be a fresh allocation per block,
+    whose page faults cost the CPU about as long as the GELU itself. Every step is per token, so the values are the unsplit ones
     up to float rounding: a matrix product of fewer rows may round differently (on this project's
     CPUs pieces of 512 tokens or more gave the same bits). Any other MLP (a plugin's) runs whole.
     """
@@ -78,7 +78,8 @@ def _mlp_residual_in_place(block: Block, x: Tensor) -> Tensor:
     if type(mlp) is not MLPBlock or type(mlp.act) is not nn.GELU or not x.is_contiguous():
         return x.add_(mlp(block.norm2(x)))
     tokens = x.view(-1, x.shape[-1])
-    for piece in tokens.split(MLP_TOKENS):
+    # pieces on the CPU only: a GPU's caching allocator reuses memory, and small products waste it
+    for piece in tokens.split(MLP_TOKENS) if x.device.type == "cpu" else [tokens]:
         hidden = torch.ops.aten.gelu_(mlp.lin1(block.norm2(piece)), approximate=mlp.act.approximate)
         piece.add_(mlp.lin2(hidden))
     return x
