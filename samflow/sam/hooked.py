@@ -442,22 +442,23 @@ class HookedSam(nn.Module):
                 q = queries + query_pe
                 queries = queries + attend(layer.self_attn, q, q, queries, visible)
             queries = layer.norm1(queries)
-            attn_out = attend(layer.cross_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
+            keys_pe = keys + key_pe  # also the image-to-token queries below, unless a hook changes keys
+            attn_out = attend(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys)
             if self.plugins.uses("decoder_layer"):
                 state = DecoderState(queries, keys, query_pe, key_pe, attn_out, visible)
                 state = self.plugins.decoder_layer(i, state, ctx)
-                queries, keys, query_pe, attn_out, visible = (
+                queries, query_pe, attn_out, visible = (
                     state.queries,
-                    state.keys,
                     state.query_pe,
                     state.attn_out,
                     state.visible,
                 )
+                if state.keys is not keys:
+                    keys, keys_pe = state.keys, state.keys + key_pe
             queries = layer.norm2(queries + attn_out)
             queries = layer.norm3(queries + layer.mlp(queries))
-            k = keys + key_pe
             keys = layer.norm4(
-                keys + attend(layer.cross_attn_image_to_token, k, queries + query_pe, queries, visible)
+                keys + attend(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries, visible)
             )
         attn_out = attend(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
         return transformer.norm_final_attn(queries + attn_out), keys

@@ -139,7 +139,9 @@ class DecoderState:
 
     N prompt rows, T tokens, HW image tokens, C channels. ``visible`` (N, T) marks the tokens that
     take part in attention as keys. A plugin appends tokens with ``append``; they take part in every
-    later attention and are dropped before the heads.
+    later attention and are dropped before the heads. A plugin returns changed tensors as new ones
+    (``dataclasses.replace``), never writing into these in place: the layer goes on with the tensors
+    it gets back (``key_pe`` is read only).
     """
 
     queries: Tensor  # (N, T, C) tokens after self-attention and norm1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import random_batch
@@ -169,3 +171,52 @@ def test_building_a_stack_reads_no_entry_points_unless_a_plugin_declares_conflic
             PluginStack({"h": Hates()})
     finally:
         registry.discover.cache_clear()
+
+
+class ReplaceKeys(SamPlugin):
+    """Replaces the image tokens in decoder layer ``layer`` by ``2 * keys + 1`` and keeps what it saw."""
+
+    def __init__(self, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.seen: dict[str, Tensor] = {}
+
+    def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
+        if i != self.layer:
+            return state
+        self.seen = {"keys": 2 * state.keys + 1, "key_pe": state.key_pe}
+        return dataclasses.replace(state, keys=self.seen["keys"])
+
+
+@pytest.mark.parametrize("layer", [0, 1, None])
+def test_image_to_token_attention_reads_the_keys_a_plugin_returns(tiny_sam, layer):
+    """The image-to-token attention of a layer takes keys + key_pe of the keys the ``decoder_layer``
+    hooks returned (the unchanged sum is reused when no plugin replaced them)."""
+    plugin = ReplaceKeys(-1 if layer is None else layer)
+    model = HookedSam(tiny_sam, PluginStack({"replace": plugin}))
+    attention_inputs = []
+    handles = [
+        block.cross_attn_image_to_token.q_proj.register_forward_hook(
+            lambda module, args, out: attention_inputs.append(args[0])
+        )
+        for block in tiny_sam.mask_decoder.transformer.layers
+    ]
+    seen_keys = []
+    handles += [
+        block.cross_attn_token_to_image.v_proj.register_forward_hook(
+            lambda m, args, out: seen_keys.append(args[0])
+        )
+        for block in tiny_sam.mask_decoder.transformer.layers
+    ]
+    try:
+        with torch.no_grad():
+            model(random_batch(2, prompt="box"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for i, (queries, keys) in enumerate(zip(attention_inputs, seen_keys, strict=True)):
+        if i == layer:
+            assert torch.equal(queries, plugin.seen["keys"] + plugin.seen["key_pe"])
+        else:  # the layer's own keys (its token-to-image values) + the image's positional encoding
+            key_pe = model.sam.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
+            torch.testing.assert_close(queries, keys + key_pe, atol=1e-6, rtol=0)
