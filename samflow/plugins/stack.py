@@ -93,6 +93,11 @@ class PluginStack(HookSites, nn.ModuleDict):
             )
         if "/" in key or "." in key or not key:
             raise ValueError(f"Plugin key {key!r} must be a non-empty name without '.' or '/'.")
+        if key in _RESERVED_KEYS:  # a method or attribute of the stack: the entry would shadow it
+            raise ValueError(
+                f"Plugin key {key!r} is taken by the plugin stack itself (PluginStack.{key}); "
+                "give the plugin another key in the experiment's plugins."
+            )
         module.key = key
         super().__setitem__(key, module)
 
@@ -310,3 +315,7 @@ class PluginStack(HookSites, nn.ModuleDict):
             for plugin in self._users.get("sample_panels", [])
             for name, panel in plugin.sample_panels(out, ctx).items()
         }
+
+
+# names a plugin key may not take: the stack's methods and attributes (nn.Module's included)
+_RESERVED_KEYS = frozenset(dir(PluginStack)) | frozenset(vars(nn.Module())) | {"owned", "frozen_sam_keys"}

@@ -220,3 +220,9 @@ def test_image_to_token_attention_reads_the_keys_a_plugin_returns(tiny_sam, laye
         else:  # the layer's own keys (its token-to-image values) + the image's positional encoding
             key_pe = model.sam.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
             torch.testing.assert_close(queries, keys + key_pe, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("key", ["keys", "items", "owned", "training", "forward"])
+def test_a_plugin_key_that_the_stack_uses_itself_is_refused_by_name(key):
+    with pytest.raises(ValueError, match=rf"Plugin key '{key}' is taken by the plugin stack itself"):
+        PluginStack({key: Recorder([])})
