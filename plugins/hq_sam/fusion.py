@@ -20,8 +20,7 @@ from __future__ import annotations
 from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
-from samflow.sam import LayerNorm2d, early_feature
-from samflow.sam.conv import ConvTranspose2x2
+from samflow.sam import ConvTranspose2x2, LayerNorm2d, early_feature
 
 
 def first_global_block(encoder: ImageEncoderViT) -> int:

@@ -7,6 +7,7 @@ Layers: ``samflow.batch`` <- ``samflow.sam`` (this package; knows no plugin) <- 
 from samflow.sam.backbones import BACKBONES, Backbone, early_feature
 from samflow.sam.build import VARIANTS, CheckpointError, build_sam, count_parameters, freeze, resize_sam
 from samflow.sam.cache import EncoderCache, EncoderCacheError
+from samflow.sam.conv import ConvTranspose2x2, conv_transpose2x2
 from samflow.sam.hooked import HookedSam
 from samflow.sam.ops import (
     LayerNorm2d,
@@ -37,6 +38,7 @@ __all__ = [
     "VARIANTS",
     "Backbone",
     "CheckpointError",
+    "ConvTranspose2x2",
     "DecoderContext",
     "DecoderFeatures",
     "DecoderState",
@@ -51,6 +53,7 @@ __all__ = [
     "SamOutput",
     "attend",
     "build_sam",
+    "conv_transpose2x2",
     "count_parameters",
     "decomposed_rel_pos_bias",
     "dense_pe",
