@@ -30,12 +30,19 @@ def folder(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+# bfloat16 with the "bilinear" resize is left out: torch's antialiased bilinear resize has no bfloat16
+# CPU kernel (bfloat16 never takes the uint8 path; it is here to show the float path is untouched)
+CASES = [
+    (dtype, image_resize)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16)
+    for image_resize in ("sam", "bilinear")
+    if not (dtype == torch.bfloat16 and image_resize == "bilinear")
+]
+
+
+@pytest.mark.parametrize(("dtype", "image_resize"), CASES)
 @pytest.mark.parametrize("resize_mode", ["longest", "stretch"])
-@pytest.mark.parametrize("image_resize", ["sam", "bilinear"])
 def test_dataset_frame_equals_the_float_path(folder, dtype, resize_mode, image_resize):
-    if image_resize == "bilinear" and dtype == torch.bfloat16:
-        pytest.skip("torch's antialiased bilinear resize has no bfloat16 CPU kernel")
     dataset = MaskFolderDataset(
         folder, img_size=128, resize_mode=resize_mode, image_resize=image_resize, dtype=dtype
     )
