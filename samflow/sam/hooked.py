@@ -70,9 +70,10 @@ def _mlp_residual_in_place(block: Block, x: Tensor) -> Tensor:
 
     For SAM's ``MLPBlock`` with a GELU, with the GELU in place and, on the CPU, in pieces of
     ``MLP_TOKENS`` tokens: the whole hidden layer (B, h, w, 4C) would be a fresh allocation per block,
-    whose page faults cost the CPU about as long as the GELU itself. Every step is per token, so the values are the unsplit ones
-    up to float rounding: a matrix product of fewer rows may round differently (on this project's
-    CPUs pieces of 512 tokens or more gave the same bits). Any other MLP (a plugin's) runs whole.
+    whose page faults cost the CPU about as long as the GELU itself. Every step is per token, so the
+    values are the unsplit ones up to float rounding: a matrix product of fewer rows may round
+    differently (on this project's CPUs pieces of 512 tokens or more gave the same bits). Any other
+    MLP (a plugin's) runs whole.
     """
     mlp = block.mlp
     if type(mlp) is not MLPBlock or type(mlp.act) is not nn.GELU or not x.is_contiguous():
@@ -282,9 +283,9 @@ class HookedSam(nn.Module):
         if torch.is_grad_enabled() or _hooked(block.attn.proj, block.norm2, block.mlp):
             x = shortcut + x
             return x + block.mlp(block.norm2(x))
-        # inference: the residual sums go in place into the attention's and the MLP's outputs, which no
-        # one else holds when no forward hook saw them (a fresh (B, h, w, C) tensor per sum costs page
-        # faults on the CPU as large as the sum itself); bit for bit the same values
+        # inference: the residual sums go in place into the attention's output, which no one else holds
+        # when no forward hook saw it (a fresh (B, h, w, C) tensor per sum costs page faults on the CPU
+        # as large as the sum itself); the same values (the MLP's up to its pieces' rounding)
         return _mlp_residual_in_place(block, x.add_(shortcut))
 
     def _attention(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
