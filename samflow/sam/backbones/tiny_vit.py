@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch import Tensor, nn
 
 from samflow.sam.backbones.base import Backbone, attention, channels_last, sam_neck
+from samflow.sam.ops import window_partition, window_unpartition
 
 if TYPE_CHECKING:
     from samflow.sam.types import ForwardContext, HookSites
@@ -240,12 +240,12 @@ class TinyViT(Backbone):
     ) -> Tensor:
         h, w = x.shape[1:3]
         ws, attn = block.window_size, block.attn
-        windows, pad_hw = window_partition(x, ws)  # (B * nW, ws, ws, C), zero padding
+        windows = window_partition(x, ws)  # (B * nW, ws, ws, C), zero padding
         tokens = attn.norm(windows.flatten(1, 2))  # (B', L, C)
         qkv = attn.qkv(tokens).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (B', heads, L, 3d)
         q, k, v = qkv.split(attn.key_dim, dim=-1)
         out = attention(i, q, k, v, attn.scale, attn.bias(), hooks, ctx)  # (B', heads, L, d)
         out = attn.proj(out.transpose(1, 2).flatten(2)).view_as(windows)
-        x = x + window_unpartition(out, ws, pad_hw, (h, w))
+        x = x + window_unpartition(out, ws, (h, w))
         x = channels_last(block.local_conv, x)
         return x + block.mlp(x)
