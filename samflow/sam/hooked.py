@@ -288,13 +288,10 @@ class HookedSam(nn.Module):
         # as large as the sum itself); the same values (the MLP's up to its pieces' rounding)
         return _mlp_residual_in_place(block, x.add_(shortcut))
 
-    def _attention(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
-        """Block ``i``'s attention on x (B, h, w, C) (a window batch for a windowed block): SAM's
-        ``Attention.forward`` with the ``attn_logits`` site -> (B, h, w, C)."""
-        return attn.proj(self._attention_heads(i, attn, x, ctx))
-
     def _attention_heads(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
-        """``_attention`` before the output projection: the heads' outputs side by side (B, h, w, C)."""
+        """Block ``i``'s attention on x (B, h, w, C) (a window batch for a windowed block) with the
+        ``attn_logits`` site, before the output projection: SAM's ``Attention.forward`` is
+        ``attn.proj`` of this, the heads' outputs side by side (B, h, w, C)."""
         b, h, w, _ = x.shape
         heads = attn.num_heads
         qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)

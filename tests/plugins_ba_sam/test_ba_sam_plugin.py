@@ -34,7 +34,7 @@ def block_attention(model: HookedSam, i: int, size: int, seed: int = 0) -> torch
         x, _ = window_partition(x, block.window_size)
     ctx = model.context(random_batch(2, size=size))
     with torch.no_grad():
-        return model._attention(i, block.attn, x, ctx)
+        return block.attn.proj(model._attention_heads(i, block.attn, x, ctx))
 
 
 def hook(plugin: BASam, model: HookedSam, i: int, size: int, bias: torch.Tensor | None, keys: int):

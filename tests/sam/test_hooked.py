@@ -114,7 +114,8 @@ def test_encoder_attention_equals_sam_forward_and_backward(tiny_sam):
     for i, block in enumerate(tiny_sam.image_encoder.blocks):
         size = block.window_size or 8
         x = torch.randn(2, size, size, block.attn.qkv.in_features, requires_grad=True)
-        ours = hooked._attention(i, block.attn, x, hooked.context(SamBatch(image=torch.zeros(2, 3, 8, 8))))
+        ctx = hooked.context(SamBatch(image=torch.zeros(2, 3, 8, 8)))
+        ours = block.attn.proj(hooked._attention_heads(i, block.attn, x, ctx))
         (grad_ours,) = torch.autograd.grad(ours.square().sum(), x)
         theirs = block.attn(x)
         (grad_theirs,) = torch.autograd.grad(theirs.square().sum(), x)
