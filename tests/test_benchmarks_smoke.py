@@ -104,3 +104,15 @@ def test_reference_sam_adapter_loop_has_the_references_adapter_and_runs():
     changed = {k for k in before if not before[k].equal(after[k])}
     assert any(k.startswith("mask_decoder.") for k in changed) and any(k.startswith("tune.") for k in changed)
     assert not any(k.startswith("image_encoder.") for k in changed)
+
+
+def test_decoder_ops_counts_both_decoders_and_samflow_keeps_its_frozen_casts(capsys):
+    """Under bf16 autocast, samflow's decode casts no frozen weight after its first call (the one cast
+    left is the box coordinates); segment-anything's casts every weight it uses."""
+    bench = load_script(BENCHMARKS / "decoder_ops.py")
+    counts = bench.main(["--variant", "tiny", "--img-size", "128", "--batch", "2", "--prompt", "box"])
+    ours, theirs = counts["samflow"], counts["segment_anything"]
+    assert ours["_to_copy"] == 1 and theirs["_to_copy"] > 20
+    assert ours["baddbmm"] == 3 and ours["addmm"] < theirs["addmm"]  # the hypernetworks batched
+    printed = capsys.readouterr().out
+    assert f"samflow           {sum(ours.values()):5d} operators" in printed

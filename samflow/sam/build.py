@@ -18,6 +18,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 
 from samflow.sam.backbones import BACKBONES, Backbone
+from samflow.sam.casts import cache_frozen_casts
 from samflow.sam.ops import fast_layer_norms
 
 
@@ -102,6 +103,7 @@ def build_sam(
             torch.manual_seed(seed)
         sam = _assemble(spec, size, BACKBONES[variant](size) if variant in BACKBONES else None)
     fast_layer_norms(sam)  # SAM's LayerNorm2d through F.layer_norm: same parameters, one fused pass
+    cache_frozen_casts(sam.mask_decoder)  # under autocast, frozen decoder weights are cast once, not per call
     if checkpoint is not None:
         load_checkpoint(sam, checkpoint, variant)
     return freeze(sam)

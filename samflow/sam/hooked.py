@@ -32,12 +32,15 @@ from samflow.batch import SamBatch
 from samflow.sam.backbones import Backbone
 from samflow.sam.build import freeze
 from samflow.sam.cache import EncoderCache, EncoderCacheError, StoredEncoder
+from samflow.sam.casts import autocast_dtype, cast_once
 from samflow.sam.ops import (
     attend,
     decomposed_rel_pos_bias,
     dense_pe,
     embed_box,
     embed_points,
+    key_bias,
+    mask_hypernetworks,
     normalize,
     rel_pos_attention,
     window_partition,
@@ -59,6 +62,16 @@ from samflow.sam.types import (
 def _hooked(*modules: nn.Module) -> bool:
     """Whether a forward hook (global, or of these modules or their submodules) may keep an output."""
     return bool(global_forward_hooks) or any(sub._forward_hooks for m in modules for sub in m.modules())
+
+
+def _needs_grad(*items: Tensor | nn.Module) -> bool:
+    """Whether autograd records anything computed from these tensors and modules' parameters."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(
+        item.requires_grad if isinstance(item, Tensor) else any(p.requires_grad for p in item.parameters())
+        for item in items
+    )
 
 
 MLP_TOKENS = 1024
@@ -280,10 +293,13 @@ class HookedSam(nn.Module):
         else:
             x = self._attention_heads(i, block.attn, x, ctx)
         x = block.attn.proj(x)
-        if torch.is_grad_enabled() or _hooked(block.attn.proj, block.norm2, block.mlp):
+        if _needs_grad(shortcut, x, block.norm2, block.mlp) or _hooked(
+            block.attn.proj, block.norm2, block.mlp
+        ):
             x = shortcut + x
             return x + block.mlp(block.norm2(x))
-        # inference: the residual sums go in place into the attention's output, which no one else holds
+        # inference, or training with a frozen block that no gradient passes through (a decoder-side
+        # plugin's step): the residual sums go in place into the attention's output, which no one else holds
         # when no forward hook saw it (a fresh (B, h, w, C) tensor per sum costs page faults on the CPU
         # as large as the sum itself); the same values (the MLP's up to its pieces' rounding)
         return _mlp_residual_in_place(block, x.add_(shortcut))
@@ -365,7 +381,8 @@ class HookedSam(nn.Module):
             sparse.append(embed_box(pe, batch.box.to(dtype) + 0.5, frame))
             visible.append(has_box[:, None].expand(rows, 2))
         grid = pe.image_embedding_size
-        dense = pe.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1).expand(rows, -1, *grid)
+        no_mask = cast_once(pe, "no_mask", (pe.no_mask_embed.weight,), dtype)
+        dense = no_mask.reshape(1, -1, 1, 1).expand(rows, -1, *grid)
         has_mask = batch.mask_prompt_valid()
         if batch.mask_prompt is not None and has_mask is not None:
             embedded = pe.mask_downscaling(batch.mask_prompt.to(dtype))
@@ -381,11 +398,11 @@ class HookedSam(nn.Module):
         embeddings = ctx.encoded.embeddings
         prompts = stack.prompts(self.encode_prompts(ctx.batch, embeddings.dtype), ctx)
 
-        output_tokens = [dec.iou_token.weight, dec.mask_tokens.weight]
+        sam_tokens = (dec.iou_token.weight, dec.mask_tokens.weight)
+        out_tokens = cast_once(dec, "output_tokens", sam_tokens, embeddings.dtype, lambda *t: torch.cat(t))
         extra = stack.output_tokens()
         if extra is not None:
-            output_tokens.append(extra)
-        out_tokens = torch.cat(output_tokens, dim=0).to(embeddings.dtype)
+            out_tokens = torch.cat([out_tokens, extra.to(embeddings.dtype)])
         n_out = out_tokens.shape[0]
         tokens = torch.cat([out_tokens.unsqueeze(0).expand(rows, -1, -1), prompts.sparse], 1)
         visible = torch.cat(
@@ -400,9 +417,7 @@ class HookedSam(nn.Module):
 
         upscaled = dec.output_upscaling(src)  # (N, C/8, 4h, 4w)
         mask_tokens = hs[:, 1 : 1 + dec.num_mask_tokens]
-        hyper = torch.stack(
-            [mlp(mask_tokens[:, j]) for j, mlp in enumerate(dec.output_hypernetworks_mlps)], 1
-        )
+        hyper = mask_hypernetworks(dec.output_hypernetworks_mlps, mask_tokens)  # (N, M, C/8)
         sam_masks = (hyper @ upscaled.flatten(2)).view(b, -1, *upscaled.shape[-2:])
         iou_pred = dec.iou_prediction_head(hs[:, 0])
 
@@ -433,30 +448,35 @@ class HookedSam(nn.Module):
         keys = src.flatten(2).transpose(1, 2)  # (N, HW, C)
         key_pe = pos.flatten(2).transpose(1, 2)
         queries, query_pe = tokens, tokens
+        # the token mask as SDPA's additive mask, made once for the 2 attentions per layer that use it
+        bias_dtype = autocast_dtype(tokens.device) or tokens.dtype
+        mask = key_bias(visible, bias_dtype)
         for i, layer in enumerate(transformer.layers):
             if layer.skip_first_layer_pe:
-                queries = attend(layer.self_attn, queries, queries, queries, visible)
+                queries = attend(layer.self_attn, queries, queries, queries, mask)
             else:
                 q = queries + query_pe
-                queries = queries + attend(layer.self_attn, q, q, queries, visible)
+                queries = queries + attend(layer.self_attn, q, q, queries, mask)
             queries = layer.norm1(queries)
             keys_pe = keys + key_pe  # also the image-to-token queries below, unless a hook changes keys
             attn_out = attend(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys)
             if self.plugins.uses("decoder_layer"):
                 state = DecoderState(queries, keys, query_pe, key_pe, attn_out, visible)
                 state = self.plugins.decoder_layer(i, state, ctx)
+                if state.visible is not visible:
+                    mask = key_bias(state.visible, bias_dtype)
+                if state.keys is not keys:
+                    keys, keys_pe = state.keys, state.keys + key_pe
                 queries, query_pe, attn_out, visible = (
                     state.queries,
                     state.query_pe,
                     state.attn_out,
                     state.visible,
                 )
-                if state.keys is not keys:
-                    keys, keys_pe = state.keys, state.keys + key_pe
             queries = layer.norm2(queries + attn_out)
             queries = layer.norm3(queries + layer.mlp(queries))
             keys = layer.norm4(
-                keys + attend(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries, visible)
+                keys + attend(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries, mask)
             )
         attn_out = attend(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
         return transformer.norm_final_attn(queries + attn_out), keys

@@ -8,6 +8,7 @@
 - ``window_partition`` / ``window_unpartition``: SAM's windows of the encoder grid, one pass each;
 - ``fourier_pe`` / ``dense_pe``: SAM's random-Fourier positional encoding in the input's dtype;
 - ``embed_points`` / ``embed_box``: SAM's point and box embeddings without in-place writes;
+- ``mask_hypernetworks``: the decoder's per-mask-token MLPs as one batched product per layer;
 - ``LayerNorm2d``: SAM's channel LayerNorm through ``F.layer_norm`` (one fused pass).
 
 Unlike segment-anything's prompt encoder, nothing here casts to float32, so a float64 model runs
@@ -16,16 +17,22 @@ end to end (parity checks at 1e-12).
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import PromptEncoder, Sam
 from segment_anything.modeling.common import LayerNorm2d as SamLayerNorm2d
 from segment_anything.modeling.image_encoder import get_rel_pos as sam_get_rel_pos
+from segment_anything.modeling.mask_decoder import MLP as SamMLP
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from segment_anything.modeling.transformer import Attention
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from samflow.sam.casts import CastOnceLinear, autocast_dtype, cast_once, frozen_copies
 
 
 def normalize(sam: Sam, image: Tensor, input_size: Tensor | None) -> Tensor:
@@ -41,11 +48,19 @@ def normalize(sam: Sam, image: Tensor, input_size: Tensor | None) -> Tensor:
     return x
 
 
+def key_bias(visible: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (N, Lk) bool key mask as the additive float mask ``attend`` and SDPA apply: 0 where visible,
+    -inf where not, in ``dtype`` (the dtype of the attention's queries: the autocast dtype under
+    autocast). SDPA makes this mask from a bool one in every call; made once, it serves them all."""
+    return torch.zeros((), dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
 def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None) -> Tensor:
     """SAM's decoder ``Attention`` (projections, heads, downsampling) through SDPA.
 
     q (N, Lq, C), k and v (N, Lk, C); ``key_mask`` (N, Lk) bool, False for keys no query may see
-    (padding tokens). Every row must keep at least one visible key.
+    (padding tokens), or the same as an additive float mask (``key_bias``: 0 visible, -inf not), which
+    several calls can share. Every row must keep at least one visible key.
     """
     heads = attn.num_heads
 
@@ -213,7 +228,7 @@ def window_unpartition(windows: Tensor, window: int, size: tuple[int, int]) -> T
 
 def fourier_pe(pe_layer: PositionEmbeddingRandom, coords: Tensor) -> Tensor:
     """SAM's ``PositionEmbeddingRandom`` of coordinates in [0, 1]^2 (..., 2) -> (..., C), in their dtype."""
-    gaussian = pe_layer.positional_encoding_gaussian_matrix.to(coords.dtype)  # (2, C/2)
+    gaussian = cast_once(pe_layer, "gaussian", (pe_layer.positional_encoding_gaussian_matrix,), coords.dtype)
     angles = 2 * math.pi * ((2 * coords - 1) @ gaussian)
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
@@ -242,16 +257,83 @@ def embed_points(pe: PromptEncoder, coords: Tensor, labels: Tensor, frame: tuple
     """
     enc = _pixel_pe(pe, coords, frame)
     labels = labels.unsqueeze(-1)
-    enc = torch.where(labels == -1, pe.not_a_point_embed.weight.to(enc.dtype), enc)
-    enc = enc + torch.where(labels == 0, pe.point_embeddings[0].weight.to(enc.dtype), 0.0)
-    return enc + torch.where(labels == 1, pe.point_embeddings[1].weight.to(enc.dtype), 0.0)
+    not_a_point = cast_once(pe, "not_a_point", (pe.not_a_point_embed.weight,), enc.dtype)
+    negative = cast_once(pe, "negative_point", (pe.point_embeddings[0].weight,), enc.dtype)
+    positive = cast_once(pe, "positive_point", (pe.point_embeddings[1].weight,), enc.dtype)
+    enc = torch.where(labels == -1, not_a_point, enc)
+    enc = enc + torch.where(labels == 0, negative, 0.0)
+    return enc + torch.where(labels == 1, positive, 0.0)
 
 
 def embed_box(pe: PromptEncoder, boxes: Tensor, frame: tuple[int, int]) -> Tensor:
     """SAM's box embedding: boxes (N, 4) xyxy pixel centres (SAM's coordinates + 0.5) -> corners (N, 2, C)."""
     corners = _pixel_pe(pe, boxes.reshape(-1, 2, 2), frame)
-    weights = torch.cat([pe.point_embeddings[2].weight, pe.point_embeddings[3].weight])  # (2, C)
-    return corners + weights.to(corners.dtype)
+    corner_weights = (pe.point_embeddings[2].weight, pe.point_embeddings[3].weight)
+    weights = cast_once(pe, "box_corners", corner_weights, corners.dtype, lambda *w: torch.cat(w))  # (2, C)
+    return corners + weights
+
+
+def has_forward_hooks(*modules: nn.Module) -> bool:
+    """Whether a forward or forward-pre hook (global, or of these modules or their submodules) is set."""
+    return bool(_global_forward_hooks or _global_forward_pre_hooks) or any(
+        sub._forward_hooks or sub._forward_pre_hooks for m in modules for sub in m.modules()
+    )
+
+
+def _stackable(mlps: nn.ModuleList) -> bool:
+    """Whether ``mask_hypernetworks`` may run ``mlps`` as one batched product per layer."""
+    if len(mlps) == 0 or has_forward_hooks(mlps):
+        return False
+    members: list[Any] = list(mlps)
+    first = members[0]
+    if type(first) is not SamMLP:
+        return False
+    for mlp in members:
+        if type(mlp) is not SamMLP or mlp.sigmoid_output or mlp.num_layers != first.num_layers:
+            return False
+        if len(mlp.layers) != first.num_layers:
+            return False
+        for layer, ref in zip(mlp.layers, first.layers):
+            if type(layer) not in (nn.Linear, CastOnceLinear) or layer.bias is None:
+                return False
+            if layer.weight.shape != ref.weight.shape:
+                return False
+    return True
+
+
+def _stack_layers(count: int, dtype: torch.dtype, *params: Tensor) -> tuple[Tensor, Tensor]:
+    """``count`` weights (out, in) then ``count`` biases -> (count, in, out) and (count, 1, out) in ``dtype``."""
+    weights, biases = params[:count], params[count:]
+    return torch.stack(weights).transpose(1, 2).to(dtype), torch.stack(biases)[:, None].to(dtype)
+
+
+def mask_hypernetworks(mlps: nn.ModuleList, tokens: Tensor) -> Tensor:
+    """SAM's output hypernetworks: MLP j of ``mlps`` on ``tokens[:, j]`` (N, M, C) -> (N, M, C_out).
+
+    For segment-anything's ``MLP`` (ReLU between layers, no sigmoid) each layer of the M MLPs runs as
+    one ``baddbmm`` over their stacked weights, instead of M separate products: on a GPU, where the
+    decoder is bound by kernel launches, 3 products instead of 12 (and 2 ReLUs instead of 8). Frozen
+    weights are stacked (and cast to the autocast dtype) once and kept (``samflow.sam.casts``);
+    trainable ones are stacked in every call, so their gradients reach each MLP's own weights. Equal
+    to the separate products to float rounding. Any other MLP, or one with a forward hook, runs as
+    SAM runs it, one by one.
+    """
+    if not _stackable(mlps):
+        return torch.stack([mlp(tokens[:, j]) for j, mlp in enumerate(mlps)], 1)
+    members: list[Any] = list(mlps)
+    x = tokens.transpose(0, 1)  # (M, N, C)
+    num_layers: int = members[0].num_layers
+    for i in range(num_layers):
+        layers: list[nn.Linear] = [mlp.layers[i] for mlp in members]
+        dtype = autocast_dtype(x.device) or layers[0].weight.dtype
+        params = [layer.weight for layer in layers] + [layer.bias for layer in layers]
+        build = functools.partial(_stack_layers, len(layers), dtype)
+        kept = frozen_copies(mlps, ("hypernetworks", i, dtype), params, build)
+        weight, bias = kept if kept is not None else build(*params)
+        x = torch.baddbmm(bias, x, weight)  # type: ignore[arg-type]  # (M, N, C_out)
+        if i < num_layers - 1:
+            x = F.relu(x)
+    return x.transpose(0, 1)
 
 
 class LayerNorm2d(SamLayerNorm2d):

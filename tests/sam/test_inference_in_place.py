@@ -3,6 +3,8 @@ values are those of the out-of-place sums bit for bit."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -12,14 +14,24 @@ from samflow.sam import hooked as hooked_module
 
 
 def _encode(hooked: HookedSam, image: torch.Tensor, grad: bool) -> torch.Tensor:
-    with torch.set_grad_enabled(grad):  # grad on, nothing requiring it: the same attention, sums out of place
+    with torch.set_grad_enabled(grad):
         return hooked.encode(hooked.context(SamBatch(image=image))).embeddings
 
 
-def test_in_place_sums_equal_the_out_of_place_ones_bit_for_bit(tiny_sam):
+def _encode_out_of_place(hooked: HookedSam, image: torch.Tensor, monkeypatch) -> torch.Tensor:
+    """The blocks as when a gradient passes through them: sums out of place, the MLP whole."""
+    with monkeypatch.context() as patch:
+        patch.setattr(hooked_module, "_needs_grad", lambda *items: True)
+        return _encode(hooked, image, grad=True)
+
+
+def test_in_place_sums_equal_the_out_of_place_ones_bit_for_bit(tiny_sam, monkeypatch):
     hooked = HookedSam(tiny_sam)
     image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(_encode(hooked, image, grad=False), _encode(hooked, image, grad=True))
+    out_of_place = _encode_out_of_place(hooked, image, monkeypatch)
+    assert torch.equal(_encode(hooked, image, grad=False), out_of_place)
+    # grad mode on with nothing that needs a gradient (a decoder-side plugin's training step): in place too
+    assert torch.equal(_encode(hooked, image, grad=True), out_of_place)
 
 
 def test_the_mlp_in_pieces_equals_it_whole(tiny_sam, monkeypatch):
@@ -27,10 +39,43 @@ def test_the_mlp_in_pieces_equals_it_whole(tiny_sam, monkeypatch):
     rounding may differ with the number of rows."""
     hooked = HookedSam(tiny_sam)
     image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    whole = _encode(hooked, image, grad=True)
+    whole = _encode_out_of_place(hooked, image, monkeypatch)
     monkeypatch.setattr(hooked_module, "MLP_TOKENS", 7)
     pieces = _encode(hooked, image, grad=False)
     torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("trained", [None, "mlp.lin1.weight", "norm2.bias", "attn.qkv.bias", "image"])
+def test_grad_mode_takes_the_in_place_path_only_when_no_gradient_passes(tiny_sam, monkeypatch, trained):
+    """In grad mode, a block whose input and parameters need no gradient sums in place; one that a
+    gradient passes through (a trained parameter in it, an input image that needs a gradient) does not,
+    and its gradient is the out-of-place one."""
+    sam = copy.deepcopy(tiny_sam)
+    hooked = HookedSam(sam)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    in_place = []
+    real = hooked_module._mlp_residual_in_place
+    monkeypatch.setattr(
+        hooked_module, "_mlp_residual_in_place", lambda b, x: in_place.append(b) or real(b, x)
+    )
+    if trained == "image":
+        image.requires_grad_(True)
+    elif trained is not None:
+        sam.image_encoder.blocks[1].get_parameter(trained).requires_grad_(True)
+    out = _encode(hooked, image, grad=True)
+    blocks = list(sam.image_encoder.blocks)
+    if trained is None:
+        assert in_place == blocks
+        assert not out.requires_grad
+        return
+    # the trained block and every later one (its output needs a gradient) run out of place
+    first = 0 if trained == "image" else 1
+    assert in_place == blocks[:first]
+    wrt = image if trained == "image" else sam.image_encoder.blocks[1].get_parameter(trained)
+    (grad,) = torch.autograd.grad(out.square().sum(), wrt)
+    monkeypatch.setattr(hooked_module, "_mlp_residual_in_place", real)
+    (expected,) = torch.autograd.grad(_encode_out_of_place(hooked, image, monkeypatch).square().sum(), wrt)
+    assert torch.equal(grad, expected)
 
 
 @pytest.mark.parametrize("where", ["mlp", "mlp.lin2", "mlp.act", "norm2", "attn.proj", "global"])
