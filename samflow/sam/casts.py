@@ -30,10 +30,15 @@ from torch import Tensor, nn
 _SLOT = "_samflow_frozen_copies"
 
 
+def _compiling() -> bool:
+    """Under ``torch.compile`` or tracing nothing is kept: the compiled graph owns its casts."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast casts matrix products to on ``device``; None outside autocast, and under
     ``torch.compile`` or tracing (they handle autocast themselves)."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    if _compiling():
         return None
     if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
         return None
@@ -49,11 +54,11 @@ def frozen_copies(
     """``build(*params)``, kept on ``owner`` under ``key`` while ``params`` are the same unchanged tensors.
 
     None when any of ``params`` requires a gradient or is an inference tensor (which has no version
-    counter): compute it directly then. ``build`` runs
+    counter), and under ``torch.compile`` or tracing: compute it directly then. ``build`` runs
     without gradient and outside inference mode, so its tensors may be used in a later training step.
     One entry per ``owner`` and ``key``.
     """
-    if any(p is not None and (p.requires_grad or p.is_inference()) for p in params):
+    if _compiling() or any(p is not None and (p.requires_grad or p.is_inference()) for p in params):
         return None
     stamp = tuple(None if p is None else (p, p.data_ptr(), p.device, p._version) for p in params)
     store: dict[object, tuple[tuple, tuple[Tensor | None, ...]]] = owner.__dict__.setdefault(_SLOT, {})

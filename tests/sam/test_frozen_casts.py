@@ -267,3 +267,23 @@ def test_tokens_a_plugin_hides_are_hidden_from_its_layers_image_to_token_attenti
         outputs.append(out)
     assert torch.equal(outputs[0].masks["sam"], outputs[1].masks["sam"])
     assert torch.equal(outputs[0].iou_pred, outputs[1].iou_pred)
+
+
+def test_the_decode_compiles_whole_under_autocast_and_keeps_its_values(tiny_sam):
+    """Under torch.compile nothing is kept on the modules (the graph owns its casts), so the decoder
+    side traces as one graph, with the values of the eager decode."""
+    import torch._dynamo
+
+    hooked = HookedSam(tiny_sam).eval()
+    with torch.no_grad(), torch.autocast(**BF16):
+        ctx = hooked.context(random_batch(2, prompt="box"))
+        dctx = DecoderContext.after_encoder(ctx, hooked.encode(ctx))
+        eager = hooked.decode(dctx)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(hooked.decode)(dctx)
+        compiled = torch.compile(hooked.decode, backend="eager")(dctx)
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert torch.equal(compiled.masks["sam"], eager.masks["sam"]) and torch.equal(
+        compiled.iou_pred, eager.iou_pred
+    )
