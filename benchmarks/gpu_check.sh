@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements the issues ask for, as one script for a lent GPU (about 6-8 minutes on an H200).
+# The GPU measurements the issues ask for, as one script for a lent GPU (about 7-9 minutes on an H200).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #
@@ -32,7 +32,11 @@ bench 90 forward_vit_b_bf16 --variant vit_b --bf16 --batch 2 --steps 10 --warmup
 
 # 1b. Where the forward's time goes: encoder and decoder apart, every host sync samflow causes.
 echo "=== profile_forward.py" | tee -a "$log"
-timeout 60 "$py" benchmarks/profile_forward.py --variant vit_b --batch 2 2>&1 | tee -a "$log"
+timeout 150 "$py" benchmarks/profile_forward.py --variant vit_b --batch 2 2>&1 | tee -a "$log"
+
+# 1c. Operators per decode under CUDA's autocast (each at least one kernel launch).
+echo "=== decoder_ops.py" | tee -a "$log"
+timeout 60 "$py" benchmarks/decoder_ops.py --device cuda --variant vit_b --batch 2 --prompt box 2>&1 | tee -a "$log"
 
 # 2. Which SDPA backend runs the rel-pos attention (augmented head dim 64 + 64 + 64 = 192 for a vit_b
 #    global block at 1024; flash takes up to 256), and the same attention timed per backend.

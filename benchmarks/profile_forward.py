@@ -3,8 +3,9 @@
 For one random SAM (``--variant``, ``--img-size``) and a batch of box prompts, under bf16 autocast:
 
 * CUDA-event times of samflow's encoder (``HookedSam.encode``) and decoder side (``HookedSam.decode``:
-  prompt encoder, two-way transformer, heads) against segment-anything's image encoder and its prompt
-  encoder + ``predict_masks`` once per image;
+  prompt encoder, two-way transformer, heads), the decoder side also compiled with
+  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs: one launch instead of one per operator),
+  against segment-anything's image encoder and its prompt encoder + ``predict_masks`` once per image;
 * every host-device synchronisation in samflow's forward (``torch.cuda.set_sync_debug_mode("warn")``),
   with the line of samflow that caused it;
 * the operators with the most CPU and CUDA time in samflow's decoder side (``torch.profiler``).
@@ -77,6 +78,14 @@ def main() -> None:
             ),
             "segment_anything decoder (per image)": cuda_ms(theirs_decoder, args.steps),
         }
+        # the decoder side as CUDA graphs: it compiles as one graph (tests/sam/test_frozen_casts.py)
+        try:
+            compiled_decode = torch.compile(hooked.decode, mode="reduce-overhead")
+            rows["samflow decode, compiled (CUDA graphs)"] = cuda_ms(
+                lambda: compiled_decode(dctx), args.steps, 5
+            )
+        except Exception as err:  # a failed compilation is reported; the other rows stand
+            print(f"samflow decode, compiled: failed: {type(err).__name__}: {str(err).splitlines()[0]}")
         for name, ms in rows.items():
             print(f"{name:<40} {ms:8.3f} ms per batch of {args.batch}")
 
