@@ -25,7 +25,6 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.common import MLPBlock
 from segment_anything.modeling.image_encoder import Attention, Block
 from torch import Tensor, nn
-from torch.nn.modules.module import _global_forward_hooks as global_forward_hooks
 from torch.utils.checkpoint import checkpoint
 
 from samflow.batch import SamBatch
@@ -39,6 +38,7 @@ from samflow.sam.ops import (
     dense_pe,
     embed_box,
     embed_points,
+    has_forward_hooks,
     key_bias,
     mask_hypernetworks,
     normalize,
@@ -57,11 +57,6 @@ from samflow.sam.types import (
     PromptEmbeddings,
     SamOutput,
 )
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook (global, or of these modules or their submodules) may keep an output."""
-    return bool(global_forward_hooks) or any(sub._forward_hooks for m in modules for sub in m.modules())
 
 
 def _needs_grad(*items: Tensor | nn.Module) -> bool:
@@ -293,7 +288,9 @@ class HookedSam(nn.Module):
         else:
             x = self._attention_heads(i, block.attn, x, ctx)
         x = block.attn.proj(x)
-        if _needs_grad(shortcut, x, block.norm2, block.mlp) or _hooked(
+        # a forward hook may keep an output, a pre-hook an input, that the in-place sums would write into
+        # (and the MLP in pieces would call no hook of ``mlp`` itself)
+        if _needs_grad(shortcut, x, block.norm2, block.mlp) or has_forward_hooks(
             block.attn.proj, block.norm2, block.mlp
         ):
             x = shortcut + x

@@ -100,3 +100,27 @@ def test_outputs_a_forward_hook_kept_are_not_changed(tiny_sam, where):
     assert kept and all(torch.equal(output, copy) for output, copy in kept)
     assert len(kept) == 1 and kept[0][0].shape[:-1] == (1, 8, 8)  # seen once, whole (not in pieces)
     assert torch.equal(hooked_out, _encode(hooked, image, grad=False))  # and the result is the same
+
+
+@pytest.mark.parametrize("where", ["norm2", "mlp", "mlp.lin1", "global"])
+def test_inputs_a_forward_pre_hook_kept_are_not_changed(tiny_sam, where):
+    """A pre-hook sees a module's input; the in-place sums must not write into what it kept."""
+    hooked = HookedSam(tiny_sam)
+    block = tiny_sam.image_encoder.blocks[1]
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(module, args):
+        if where != "global" or module is block.norm2:
+            kept.append((args[0], args[0].clone()))
+
+    if where == "global":
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(keep)
+    else:
+        handle = block.get_submodule(where).register_forward_pre_hook(keep)
+    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    try:
+        hooked_out = _encode(hooked, image, grad=False)
+    finally:
+        handle.remove()
+    assert kept and all(torch.equal(tensor, copy) for tensor, copy in kept)
+    assert torch.equal(hooked_out, _encode(hooked, image, grad=False))
