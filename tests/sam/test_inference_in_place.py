@@ -78,49 +78,47 @@ def test_grad_mode_takes_the_in_place_path_only_when_no_gradient_passes(tiny_sam
     assert torch.equal(grad, expected)
 
 
-@pytest.mark.parametrize("where", ["mlp", "mlp.lin2", "mlp.act", "norm2", "attn.proj", "global"])
-def test_outputs_a_forward_hook_kept_are_not_changed(tiny_sam, where):
-    hooked = HookedSam(tiny_sam)
-    block = tiny_sam.image_encoder.blocks[1]
+def _kept_by_hook(hooked: HookedSam, block, where: str, pre: bool) -> tuple[list, torch.Tensor]:
+    """Encode with a hook on ``block.<where>`` (or a global one, seeing ``block.mlp`` / ``block.norm2``)
+    that keeps what it sees (a pre-hook its input, a forward hook its output), with a copy of it."""
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    watched = block.norm2 if pre else block.mlp
 
-    def keep(module, args, output):
-        if where != "global" or module is block.mlp:
-            kept.append((output, output.clone()))
+    def keep(module, args, output=None):
+        if where != "global" or module is watched:
+            seen = args[0] if pre else output
+            kept.append((seen, seen.clone()))
 
+    module_hooks = torch.nn.modules.module
     if where == "global":
-        handle = torch.nn.modules.module.register_module_forward_hook(keep)
+        register = (
+            module_hooks.register_module_forward_pre_hook
+            if pre
+            else module_hooks.register_module_forward_hook
+        )
+        handle = register(keep)
     else:
-        handle = block.get_submodule(where).register_forward_hook(keep)
+        target = block.get_submodule(where)
+        handle = target.register_forward_pre_hook(keep) if pre else target.register_forward_hook(keep)
     image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     try:
-        hooked_out = _encode(hooked, image, grad=False)
+        out = _encode(hooked, image, grad=False)
     finally:
         handle.remove()
+    assert torch.equal(out, _encode(hooked, image, grad=False))  # the hook changes no result
+    return kept, out
+
+
+@pytest.mark.parametrize("where", ["mlp", "mlp.lin2", "mlp.act", "norm2", "attn.proj", "global"])
+def test_outputs_a_forward_hook_kept_are_not_changed(tiny_sam, where):
+    kept, _ = _kept_by_hook(HookedSam(tiny_sam), tiny_sam.image_encoder.blocks[1], where, pre=False)
     assert kept and all(torch.equal(output, copy) for output, copy in kept)
     assert len(kept) == 1 and kept[0][0].shape[:-1] == (1, 8, 8)  # seen once, whole (not in pieces)
-    assert torch.equal(hooked_out, _encode(hooked, image, grad=False))  # and the result is the same
 
 
 @pytest.mark.parametrize("where", ["norm2", "mlp", "mlp.lin1", "global"])
 def test_inputs_a_forward_pre_hook_kept_are_not_changed(tiny_sam, where):
-    """A pre-hook sees a module's input; the in-place sums must not write into what it kept."""
-    hooked = HookedSam(tiny_sam)
-    block = tiny_sam.image_encoder.blocks[1]
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def keep(module, args):
-        if where != "global" or module is block.norm2:
-            kept.append((args[0], args[0].clone()))
-
-    if where == "global":
-        handle = torch.nn.modules.module.register_module_forward_pre_hook(keep)
-    else:
-        handle = block.get_submodule(where).register_forward_pre_hook(keep)
-    image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
-    try:
-        hooked_out = _encode(hooked, image, grad=False)
-    finally:
-        handle.remove()
+    """A pre-hook sees a module's input; the in-place sums must not write into what it kept, and a
+    pre-hook of ``mlp`` is called (the MLP in pieces would not call ``mlp`` itself)."""
+    kept, _ = _kept_by_hook(HookedSam(tiny_sam), tiny_sam.image_encoder.blocks[1], where, pre=True)
     assert kept and all(torch.equal(tensor, copy) for tensor, copy in kept)
-    assert torch.equal(hooked_out, _encode(hooked, image, grad=False))
