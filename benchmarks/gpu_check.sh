@@ -35,8 +35,8 @@ echo "=== profile_forward.py" | tee -a "$log"
 timeout 150 "$py" benchmarks/profile_forward.py --variant vit_b --batch 2 2>&1 | tee -a "$log"
 
 # 1c. Operators per decode under CUDA's autocast (each at least one kernel launch).
-echo "=== decoder_ops.py" | tee -a "$log"
-timeout 60 "$py" benchmarks/decoder_ops.py --device cuda --variant vit_b --batch 2 --prompt box 2>&1 | tee -a "$log"
+echo "=== forward_ops.py" | tee -a "$log"
+timeout 60 "$py" benchmarks/forward_ops.py --device cuda --variant vit_b --batch 2 --prompt box 2>&1 | tee -a "$log"
 
 # 2. Which SDPA backend runs the rel-pos attention (augmented head dim 64 + 64 + 64 = 192 for a vit_b
 #    global block at 1024; flash takes up to 256), and the same attention timed per backend.

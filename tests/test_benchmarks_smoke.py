@@ -106,13 +106,20 @@ def test_reference_sam_adapter_loop_has_the_references_adapter_and_runs():
     assert not any(k.startswith("image_encoder.") for k in changed)
 
 
-def test_decoder_ops_counts_both_decoders_and_samflow_keeps_its_frozen_casts(capsys):
-    """Under bf16 autocast, samflow's decode casts no frozen weight after its first call (the one cast
-    left is the box coordinates); segment-anything's casts every weight it uses."""
-    bench = load_script(BENCHMARKS / "decoder_ops.py")
+def test_forward_ops_counts_both_sides_and_samflow_keeps_its_casts_and_indices(capsys):
+    """Under bf16 autocast, samflow's second decode casts no frozen weight (the one cast left is the
+    box coordinates) and its second encode builds no index; segment-anything does both every time."""
+    bench = load_script(BENCHMARKS / "forward_ops.py")
     counts = bench.main(["--variant", "tiny", "--img-size", "128", "--batch", "2", "--prompt", "box"])
-    ours, theirs = counts["samflow"], counts["segment_anything"]
+    ours, theirs = counts["decoder samflow"], counts["decoder segment_anything"]
     assert ours["_to_copy"] == 1 and theirs["_to_copy"] > 20
     assert ours["baddbmm"] == 3 and ours["addmm"] < theirs["addmm"]  # the hypernetworks batched
+    encoder, their_encoder = counts["encoder samflow"], counts["encoder segment_anything"]
+    # no window slot, one-hot key or rel-pos gather is built again; segment-anything gathers its tables
+    assert (
+        not any(encoder[op] for op in ("remainder", "floor_divide", "eq", "index")) and their_encoder["index"]
+    )
+    assert sum(encoder.values()) < sum(their_encoder.values())
     printed = capsys.readouterr().out
-    assert f"samflow           {sum(ours.values()):5d} operators" in printed
+    assert f"decoder samflow           {sum(ours.values()):5d} operators" in printed
+    assert f"encoder samflow           {sum(encoder.values()):5d} operators" in printed

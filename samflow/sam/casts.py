@@ -7,7 +7,7 @@ about 100 of the 240 operators of one decode, and on a GPU each is a kernel laun
 decoder side is bound by kernel launches there, not by arithmetic (``benchmarks/README.md``, "On a
 GPU").
 
-``frozen_copies`` keeps the cast copies of a module's frozen parameters on the module. They are
+``frozen_copies`` keeps the cast copies of a module's frozen parameters beside the module. They are
 computed again when a parameter is replaced, re-allocated (``.to(device)``) or changed in place
 through autograd-visible operations (``load_state_dict``, ``copy_`` under ``no_grad``: each bumps the
 tensor's version counter). A change made through ``.data`` bumps no counter and is not seen; samflow
@@ -21,16 +21,19 @@ in place (same object, parameters and state-dict keys); ``build_sam`` does it fo
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
-_SLOT = "_samflow_frozen_copies"
+_KEPT: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""owner -> {key: (weak references to the parameters, their stamps, the copies)}."""
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     """Under ``torch.compile`` or tracing nothing is kept: the compiled graph owns its casts."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
@@ -38,7 +41,7 @@ def _compiling() -> bool:
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast casts matrix products to on ``device``; None outside autocast, and under
     ``torch.compile`` or tracing (they handle autocast themselves)."""
-    if _compiling():
+    if compiling():
         return None
     if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
         return None
@@ -46,29 +49,40 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def frozen_copies(
-    owner: nn.Module,
+    owner: object,
     key: object,
     params: Sequence[Tensor | None],
     build: Callable[..., tuple[Tensor | None, ...]],
 ) -> tuple[Tensor | None, ...] | None:
-    """``build(*params)``, kept on ``owner`` under ``key`` while ``params`` are the same unchanged tensors.
+    """``build(*params)``, kept for ``owner`` (a module or tensor) under ``key`` while ``params`` are the
+    same unchanged tensors.
 
     None when any of ``params`` requires a gradient or is an inference tensor (which has no version
     counter), and under ``torch.compile`` or tracing: compute it directly then. ``build`` runs
-    without gradient and outside inference mode, so its tensors may be used in a later training step.
-    One entry per ``owner`` and ``key``.
+    without gradient and outside inference mode, so its tensors may be used in a later training step;
+    they are shared, so no caller may write into them. One entry per ``owner`` and ``key``. The copies
+    live in a table beside ``owner`` (weakly keyed: they go with it), so copying, pickling or saving a
+    module never carries them.
     """
-    if _compiling() or any(p is not None and (p.requires_grad or p.is_inference()) for p in params):
+    if compiling() or any(p is not None and (p.requires_grad or p.is_inference()) for p in params):
         return None
-    stamp = tuple(None if p is None else (p, p.data_ptr(), p.device, p._version) for p in params)
-    store: dict[object, tuple[tuple, tuple[Tensor | None, ...]]] = owner.__dict__.setdefault(_SLOT, {})
+    stamp = tuple(None if p is None else (p.data_ptr(), p.device, p._version) for p in params)
+    store = _KEPT.get(owner)
+    if store is None:
+        store = _KEPT[owner] = {}
     hit = store.get(key)
-    if hit is not None and len(hit[0]) == len(stamp) and all(_same(a, b) for a, b in zip(hit[0], stamp)):
-        return hit[1]
+    if hit is not None and _same(hit[0], params) and hit[1] == stamp:
+        return hit[2]
     with torch.inference_mode(False), torch.no_grad():
         copies = build(*params)
-    store[key] = (stamp, copies)
+    refs = tuple(None if p is None else weakref.ref(p) for p in params)
+    store[key] = (refs, stamp, copies)
     return copies
+
+
+def kept_copies(owner: object) -> dict:
+    """What ``frozen_copies`` keeps for ``owner``: key -> (parameters, their stamps, copies); {} if nothing."""
+    return _KEPT.get(owner, {})
 
 
 def cast_once(
@@ -88,10 +102,11 @@ def cast_once(
     return kept[0] if kept is not None else build(*params)[0]  # type: ignore[return-value]
 
 
-def _same(a: tuple | None, b: tuple | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a[0] is b[0] and a[1:] == b[1:]
+def _same(refs: tuple, params: Sequence[Tensor | None]) -> bool:
+    """Whether ``params`` are the very tensors ``refs`` (weak references) were taken of."""
+    if len(refs) != len(params):
+        return False
+    return all((r is None and p is None) or (r is not None and r() is p) for r, p in zip(refs, params))
 
 
 def _cast(dtype: torch.dtype) -> Callable[..., tuple[Tensor | None, ...]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,7 +33,27 @@ from segment_anything.modeling.transformer import Attention
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from samflow.sam.casts import CastOnceLinear, autocast_dtype, cast_once, frozen_copies
+from samflow.sam.casts import CastOnceLinear, autocast_dtype, cast_once, compiling, frozen_copies
+
+_INDICES: dict[tuple, Tensor] = {}
+"""Index and one-hot tensors that are pure functions of shapes, dtype and device (``constant``)."""
+
+
+def constant(key: tuple, make: Callable[[], Tensor]) -> Tensor:
+    """``make()``, made once per ``key`` (which must name everything it depends on: sizes, dtype,
+    device) and shared: the window slots, rel-pos index and one-hot keys every encoder block uses. On
+    a GPU each such small tensor costs kernel launches in every block of every forward. Shared, so no
+    caller may write into it; under ``torch.compile`` or tracing it is made in place (the graph owns it).
+    """
+    if compiling():
+        return make()
+    made = _INDICES.get(key)
+    if made is None:
+        if len(_INDICES) >= 512:  # a bound for runs that see many sizes; these are cheap to make again
+            _INDICES.clear()
+        with torch.inference_mode(False), torch.no_grad():
+            made = _INDICES[key] = make()
+    return made
 
 
 def normalize(sam: Sam, image: Tensor, input_size: Tensor | None) -> Tensor:
@@ -78,16 +99,32 @@ REL_POS_CHUNK_ELEMENTS = 2**22
 """Logits per block of queries of ``rel_pos_attention`` on the CPU without gradients (16 MiB in fp32)."""
 
 
-def rel_pos_table(size: int, rel_pos: Tensor) -> Tensor:
-    """SAM's ``get_rel_pos(size, size, rel_pos)`` -> (size, size, d): row i, column k holds R[i - k].
+def rel_pos_table(size: int, rel_pos: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """SAM's ``get_rel_pos(size, size, rel_pos)`` -> (size, size, d): row i, column k holds R[i - k],
+    in ``dtype`` (default: ``rel_pos``'s).
 
     The index is built on ``rel_pos``'s device (SAM builds it on the CPU, so on a GPU every block
-    waits for a host copy); a table of another length goes through SAM's own interpolation.
+    waits for a host copy) and made once per size and device; a table of another length goes through
+    SAM's own interpolation. For a frozen ``rel_pos`` the table itself is kept (``frozen_copies``) while
+    ``rel_pos`` is unchanged; do not write into it.
     """
+    dtype = rel_pos.dtype if dtype is None else dtype
+    kept = frozen_copies(
+        rel_pos, ("table", size, dtype), (rel_pos,), lambda r: (_rel_pos_table(size, r, dtype),)
+    )
+    return kept[0] if kept is not None else _rel_pos_table(size, rel_pos, dtype)  # type: ignore[return-value]
+
+
+def _rel_pos_table(size: int, rel_pos: Tensor, dtype: torch.dtype) -> Tensor:
     if rel_pos.shape[0] != 2 * size - 1:
-        return sam_get_rel_pos(size, size, rel_pos)
-    coords = torch.arange(size, device=rel_pos.device)
-    return rel_pos[coords[:, None] - coords[None, :] + (size - 1)]
+        return sam_get_rel_pos(size, size, rel_pos).to(dtype)
+    device = rel_pos.device
+
+    def index() -> Tensor:
+        coords = torch.arange(size, device=device)
+        return coords[:, None] - coords[None, :] + (size - 1)
+
+    return rel_pos[constant(("rel_pos_index", size, device), index)].to(dtype)
 
 
 def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
@@ -97,8 +134,8 @@ def decomposed_rel_pos_bias(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, siz
     q: (B, heads, h*w, d) -> bias (B, heads, h*w, h*w).
     """
     h, w = size
-    r_h = rel_pos_table(h, rel_pos_h).to(q.dtype)  # (h, h, d)
-    r_w = rel_pos_table(w, rel_pos_w).to(q.dtype)  # (w, w, d)
+    r_h = rel_pos_table(h, rel_pos_h, q.dtype)  # (h, h, d)
+    r_w = rel_pos_table(w, rel_pos_w, q.dtype)  # (w, w, d)
     r_q = q.unflatten(2, (h, w))  # (B, heads, h, w, d)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)
@@ -138,8 +175,8 @@ def rel_pos_attention(
     """
     h, w = size
     d = q.shape[-1]
-    r_h = rel_pos_table(h, rel_pos_h).to(q.dtype)  # (h, h, d)
-    r_w = rel_pos_table(w, rel_pos_w).to(q.dtype)  # (w, w, d)
+    r_h = rel_pos_table(h, rel_pos_h, q.dtype)  # (h, h, d)
+    r_w = rel_pos_table(w, rel_pos_w, q.dtype)  # (w, w, d)
     r_q = q.unflatten(2, (h, w))  # (B, heads, h, w, d)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h).flatten(2, 3)  # (B, heads, L, h)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w).flatten(2, 3)  # (B, heads, L, w)
@@ -150,17 +187,22 @@ def rel_pos_attention(
         budget = REL_POS_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
         return _rel_pos_attention_in_chunks(q, k, v, rel_h, rel_w, scale, budget)
     q_aug = torch.cat([(q * scale).to(q.dtype), rel_h, rel_w], dim=-1)
-    # identity matrices by comparison (torch.eye synchronises with the host on CUDA)
-    rows, cols = torch.arange(h, device=k.device), torch.arange(w, device=k.device)
-    eye_h = (rows[:, None] == rows[None, :]).to(k.dtype)
-    eye_w = (cols[:, None] == cols[None, :]).to(k.dtype)
-    onehot = torch.cat(  # (L, h + w): the key's row and column
-        [eye_h[:, None, :].expand(h, w, h), eye_w[None, :, :].expand(h, w, w)], dim=-1
-    ).flatten(0, 1)
+    onehot = constant(("rel_pos_keys", h, w, k.dtype, k.device), lambda: _key_onehot(h, w, k.dtype, k.device))
     k_aug = torch.cat([k, onehot.expand(*k.shape[:2], -1, -1)], dim=-1)
     v_pad = F.pad(v, (0, h + w))
     out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, scale=1.0)
     return out[..., :d]
+
+
+def _key_onehot(h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(h*w, h + w): each key's row and column one-hot, the key side of the augmented attention."""
+    # identity matrices by comparison (torch.eye synchronises with the host on CUDA)
+    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+    eye_h = (rows[:, None] == rows[None, :]).to(dtype)
+    eye_w = (cols[:, None] == cols[None, :]).to(dtype)
+    return torch.cat([eye_h[:, None, :].expand(h, w, h), eye_w[None, :, :].expand(h, w, w)], dim=-1).flatten(
+        0, 1
+    )
 
 
 def _rel_pos_attention_in_chunks(
@@ -190,14 +232,19 @@ def window_slots(size: tuple[int, int], window: int, device: torch.device | None
     """Where segment-anything's ``window_partition`` puts each token of an (h, w) grid -> (h*w,) long.
 
     The windows tile the grid zero-padded at the bottom and right to multiples of ``window``, in
-    row-major order; slot ``(n * window + r) * window + c`` is row r, column c of window n.
+    row-major order; slot ``(n * window + r) * window + c`` is row r, column c of window n. Made once
+    per grid, window and device (``constant``); do not write into it.
     """
     h, w = size
-    across = -(-w // window)  # windows per row of windows
-    rows = torch.arange(h, device=device)[:, None]
-    cols = torch.arange(w, device=device)[None, :]
-    window_index = (rows // window) * across + cols // window
-    return (window_index * window * window + (rows % window) * window + cols % window).flatten()
+
+    def slots() -> Tensor:
+        across = -(-w // window)  # windows per row of windows
+        rows = torch.arange(h, device=device)[:, None]
+        cols = torch.arange(w, device=device)[None, :]
+        window_index = (rows // window) * across + cols // window
+        return (window_index * window * window + (rows % window) * window + cols % window).flatten()
+
+    return constant(("window_slots", h, w, window, torch.device(device or "cpu")), slots)
 
 
 def window_partition(x: Tensor, window: int) -> Tensor:

@@ -1,23 +1,31 @@
-"""Operators dispatched by one decode (prompt encoder, two-way transformer, heads): samflow against
+"""Operators dispatched by one frozen forward, encoder and decoder side apart: samflow against
 segment-anything, counted, not timed.
 
-On a GPU every operator that is not a view is at least one kernel launch, and the decoder side is bound
-by those launches, not by arithmetic (``README.md``, "On a GPU"), so this count is what the decoder's
-launch-saving paths change. It is exact and the same on every machine: it runs on the CPU.
+On a GPU every operator that is not a view is at least one kernel launch. The decoder side is bound
+by those launches, not by arithmetic (``README.md``, "On a GPU"), and on a slow host the encoder's
+small operators add up too; this count is what samflow's launch-saving paths change. It is exact and
+the same on every machine: it runs on the CPU.
 
 For a random SAM (``--variant``, ``--img-size``) and a batch of ``--batch`` images, one prompt row each
 (``--prompt box`` or ``points``), under bf16 autocast (``--dtype bf16``, the default) or in float32:
-the operators of samflow's ``HookedSam.decode`` for the whole batch (its second call: the first one
-fills the cast-once copies), and those of segment-anything's prompt encoder + ``predict_masks`` run
-once per image, as its predictor does. Views (``view``, ``transpose``, ``expand``, ...) are not counted.
 
-    python benchmarks/decoder_ops.py --variant vit_b --img-size 256 --batch 2 --prompt box
+* decoder: samflow's ``HookedSam.decode`` for the whole batch, against segment-anything's prompt
+  encoder + ``predict_masks`` run once per image, as its predictor does;
+* encoder: samflow's ``HookedSam.encode`` against segment-anything's image encoder, on the GPU's path
+  (the augmented rel-pos attention; on the CPU samflow takes it when the input needs a gradient, so
+  the images are given one here).
+
+samflow's second call is counted: the first one makes what is kept (cast weights, index tensors).
+Views (``view``, ``transpose``, ``expand``, ...) are not counted.
+
+    python benchmarks/forward_ops.py --variant vit_b --img-size 256 --batch 2 --prompt box
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -99,14 +107,31 @@ def main(argv: list[str] | None = None) -> dict[str, collections.Counter[str]]:
                 sam.mask_decoder.predict_masks(embeddings[b : b + 1], dense_pe, sparse, dense)
 
         samflow_decode()  # fills the cast-once copies
-        counts = {"samflow": count(samflow_decode), "segment_anything": count(theirs_decode)}
+        counts = {
+            "decoder samflow": count(samflow_decode),
+            "decoder segment_anything": count(theirs_decode),
+        }
+    image = batch.image.detach().requires_grad_(True)  # samflow's GPU path on the CPU: see above
+    graded = dataclasses.replace(batch, image=image)
+    with torch.enable_grad(), autocast:
+
+        def samflow_encode() -> None:
+            hooked.encode(hooked.context(graded))
+
+        def theirs_encode() -> None:
+            sam.image_encoder(sam.preprocess(image * 255.0))
+
+        samflow_encode()  # makes the kept index tensors and rel-pos tables
+        counts["encoder samflow"] = count(samflow_encode)
+        counts["encoder segment_anything"] = count(theirs_encode)
     print(
-        f"# operators per decode: variant={args.variant} batch={args.batch} prompt={args.prompt} "
-        f"dtype={args.dtype} device={device.type} torch {torch.__version__} (views not counted)"
+        f"# operators per forward: variant={args.variant} img_size={sam.image_encoder.img_size} "
+        f"batch={args.batch} prompt={args.prompt} dtype={args.dtype} device={device.type} "
+        f"torch {torch.__version__} (views not counted)"
     )
     for impl, ops in counts.items():
         top = ", ".join(f"{name} {n}" for name, n in ops.most_common(args.top))
-        print(f"{impl:<17} {sum(ops.values()):5d} operators, {ops['_to_copy']:4d} casts | {top}")
+        print(f"{impl:<25} {sum(ops.values()):5d} operators, {ops['_to_copy']:4d} casts | {top}")
     return counts
 
 
