@@ -408,8 +408,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error(message: str) -> int:
-    """Print ``samflow: error: message`` on one line; every error exits with status 1."""
-    print(f"samflow: error: {' '.join(message.split())}", file=sys.stderr)
+    """Print ``samflow: error: message`` on one line; every error exits with status 1.
+
+    The line and its newline go out in one write, so the lines of DDP ranks that fail together
+    (sharing one stderr) never run into each other; ``print`` writes the newline separately.
+    """
+    sys.stderr.write(f"samflow: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
     return 1
 
 

@@ -79,6 +79,28 @@ def test_unknown_experiment_is_a_clear_error(capsys):
     assert "No experiment named 'nope'" in err and "quickstart" in err
 
 
+def test_an_error_line_goes_out_in_one_write(monkeypatch):
+    """DDP ranks that fail together share one stderr: each line must reach it whole, newline included
+    (a separate write of the newline let two ranks' lines run into one)."""
+    import sys
+
+    from samflow import cli
+
+    writes: list[str] = []
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            writes.append("<flush>")
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert cli._error("Training diverged:\n  at step 3") == 1
+    assert writes == ["samflow: error: Training diverged: at step 3\n", "<flush>"]
+
+
 def test_unknown_command(capsys):
     assert main(["train"]) == 1
     assert "unknown command 'train'" in capsys.readouterr().err
