@@ -26,6 +26,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from samflow.sam.casts import autocast_dtype
+
 Encoded = tuple[Tensor, dict[int, Tensor]]
 
 
@@ -89,9 +91,7 @@ class EncoderCache:
 
     def keys_of(self, x: Tensor, blocks: tuple[int, ...]) -> list[tuple]:
         """One key per image of ``x`` (B, 3, S, S)."""
-        autocast = (
-            torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-        )
+        autocast = autocast_dtype(x.device)
         host = x.detach().contiguous().cpu()
         keys = []
         for image in host:

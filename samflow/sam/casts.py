@@ -39,10 +39,8 @@ def compiling() -> bool:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast casts matrix products to on ``device``; None outside autocast, and under
-    ``torch.compile`` or tracing (they handle autocast themselves)."""
-    if compiling():
-        return None
+    """The dtype autocast casts matrix products to on ``device``; None outside autocast (and on a
+    device autocast does not know, such as ``meta``)."""
     if not torch.amp.is_autocast_available(device.type) or not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)

@@ -205,8 +205,7 @@ class HookedSam(nn.Module):
                     f"model.sam.embedding_store finds images by file, but the batch has {len(paths)} paths "
                     f"for {x.shape[0]} images; feed batches from samflow's data module."
                 )
-            autocast = torch.is_autocast_enabled(x.device.type)
-            dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+            dtype = autocast_dtype(x.device) or x.dtype
             blocks = self.plugins.encoder_features()
             embeddings, features = self.embedding_store.encoded(paths, blocks, x.device, dtype)
         elif self.encoder_cache is None:

@@ -370,9 +370,10 @@ def mask_hypernetworks(mlps: nn.ModuleList, tokens: Tensor) -> Tensor:
     members: list[Any] = list(mlps)
     x = tokens.transpose(0, 1)  # (M, N, C)
     num_layers: int = members[0].num_layers
+    cast_to = autocast_dtype(x.device)
     for i in range(num_layers):
         layers: list[nn.Linear] = [mlp.layers[i] for mlp in members]
-        dtype = autocast_dtype(x.device) or layers[0].weight.dtype
+        dtype = cast_to or layers[0].weight.dtype
         params = [layer.weight for layer in layers] + [layer.bias for layer in layers]
         build = functools.partial(_stack_layers, len(layers), dtype)
         kept = frozen_copies(mlps, ("hypernetworks", i, dtype), params, build)
