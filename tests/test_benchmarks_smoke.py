@@ -123,3 +123,20 @@ def test_forward_ops_counts_both_sides_and_samflow_keeps_its_casts_and_indices(c
     printed = capsys.readouterr().out
     assert f"decoder samflow           {sum(ours.values()):5d} operators" in printed
     assert f"encoder samflow           {sum(encoder.values()):5d} operators" in printed
+
+
+def test_gpu_check_parses_and_times_a_training_step_of_every_built_in_plugin():
+    import re
+    import subprocess
+
+    from samflow.plugins.registry import discover
+
+    script = BENCHMARKS / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    timed = set()  # plugins of vit_b training rows: `bench ... train_vit_b... --plugins A B ...` (continued lines joined)
+    for command in re.split(r"\n(?=bench |for )", text.replace("\\\n", " ")):
+        if command.startswith("bench") and " train_vit_b" in command:
+            timed.update(re.search(r"--plugins ((?:[a-z_]+ ?)+)", command).group(1).split())
+    built_in = {name for name, info in discover().items() if info.target.startswith("samflow_plugins")}
+    assert built_in and built_in <= timed, f"no GPU training row for {sorted(built_in - timed)}"
