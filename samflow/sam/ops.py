@@ -96,7 +96,8 @@ def attend(attn: Attention, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | 
 
 
 REL_POS_CHUNK_ELEMENTS = 2**22
-"""Logits per block of queries of ``rel_pos_attention`` on the CPU without gradients (16 MiB in fp32)."""
+"""Logits per block (whole windows, or queries of one image) of ``rel_pos_attention`` on the CPU without
+gradients (16 MiB in fp32)."""
 
 
 def rel_pos_table(size: int, rel_pos: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -167,7 +168,7 @@ def rel_pos_attention(
     On the CPU without gradients the three-times-wider q' . k' costs more than the term it carries
     (a vit_b global block at 1024 px: 0.61 s against 0.42 s), so there the term is built as a mask for
     ``chunk_elements`` logits at a time (default ``REL_POS_CHUNK_ELEMENTS``): a block of queries
-    against every key through SDPA's fused CPU kernel with d-wide rows. The arithmetic is
+    against every key (or whole windows) through SDPA's fused CPU kernel with d-wide rows. The arithmetic is
     segment-anything's, the memory bounded by the chunk, never (L, L). Both ways equal SAM's
     attention to rounding.
 
@@ -208,22 +209,35 @@ def _key_onehot(h: int, w: int, dtype: torch.dtype, device: torch.device) -> Ten
 def _rel_pos_attention_in_chunks(
     q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, scale: float | Tensor, chunk_elements: int
 ) -> Tensor:
-    """``rel_pos_attention`` for blocks of queries, each with its part of the decomposed term as a mask:
-    rel_h (B, heads, L, h) and rel_w (B, heads, L, w) -> bias[(i, j), (k, l)] = rel_h[(i, j), k] + rel_w[(i, j), l]."""
+    """``rel_pos_attention`` in blocks, each with its part of the decomposed term as a mask:
+    rel_h (B, heads, L, h) and rel_w (B, heads, L, w) -> bias[(i, j), (k, l)] = rel_h[(i, j), k] + rel_w[(i, j), l].
+
+    A block is whole items of the batch (windows) when one item's (heads, L, L) logits fit
+    ``chunk_elements``, else a block of queries of one item against all its keys. Whole items keep
+    every query of a window in one SDPA call: query blocks cut to the budget (71 of a window's 196
+    queries at the default) leave SDPA's CPU kernel short tiles, about 1.6x slower for a windowed block.
+    """
     if isinstance(scale, Tensor):
         q, scale = (q * scale).to(q.dtype), 1.0
     batch, heads, length = q.shape[:3]
-    rows = max(1, chunk_elements // (batch * heads * length))  # queries per block
     # laid out (B, L, heads, d), as SDPA lays out its own output, so merging the heads is a view
     out = q.new_empty(batch, length, heads, v.shape[-1]).transpose(1, 2)
+    items = chunk_elements // (heads * length * length)
+    if items >= 1:
+        blocks = [(slice(start, start + items), slice(None)) for start in range(0, batch, items)]
+        shape = (min(items, batch), heads, length)
+    else:
+        rows = max(1, chunk_elements // (heads * length))  # queries per block, item by item
+        blocks = [(slice(i, i + 1), slice(s, s + rows)) for i in range(batch) for s in range(0, length, rows)]
+        shape = (1, heads, min(rows, length))
     # one buffer for every block's mask: a fresh one per block costs page faults as large as the adds
-    buffer = rel_h.new_empty(batch, heads, min(rows, length), rel_h.shape[-1], rel_w.shape[-1])
-    for start in range(0, length, rows):
-        part = slice(start, start + rows)
-        bias = buffer[:, :, : min(rows, length - start)]
-        torch.add(rel_h[:, :, part, :, None], rel_w[:, :, part, None, :], out=bias)  # (B, heads, rows, h, w)
-        out[:, :, part] = F.scaled_dot_product_attention(
-            q[:, :, part], k, v, attn_mask=bias.flatten(-2), scale=scale
+    buffer = rel_h.new_empty(*shape, rel_h.shape[-1], rel_w.shape[-1])
+    for part, queries in blocks:
+        q_part = q[part, :, queries]
+        bias = buffer[: q_part.shape[0], :, : q_part.shape[2]]
+        torch.add(rel_h[part, :, queries, :, None], rel_w[part, :, queries, None, :], out=bias)
+        out[part, :, queries] = F.scaled_dot_product_attention(
+            q_part, k[part], v[part], attn_mask=bias.flatten(-2), scale=scale
         )
     return out
 

@@ -70,11 +70,15 @@ def test_block_equals_segment_anything_forward_and_backward(dim, heads, window, 
         torch.testing.assert_close(g_ours, g_theirs, atol=2e-6 * scale, rtol=1e-5)
 
 
-@pytest.mark.parametrize("way", ["augmented", "one chunk", "chunks of 7 rows"])
+CHUNKS = {"one chunk": None, "chunks of 7 rows": 4 * 30 * 7, "two items a chunk": 2 * 4 * 30 * 30}
+
+
+@pytest.mark.parametrize("way", ["augmented", *CHUNKS])
 def test_op_equals_the_dense_bias_with_a_tensor_scale(way):
     """rel_pos_attention == SDPA with the (L, L) bias as a mask, also for a per-head tensor scale,
-    by either way: augmented query and key (with gradients) or query blocks with a mask (without)."""
-    q, k, v = torch.randn(3, 2, 4, 30, 16).unbind(0)
+    by either way: augmented query and key (with gradients) or blocks with a mask (without): blocks of
+    whole items (two of three, then the last alone) or of an item's queries (7, then the last 2)."""
+    q, k, v = torch.randn(3, 3, 4, 30, 16).unbind(0)
     rel_h, rel_w = torch.randn(9, 16), torch.randn(11, 16)
     scale = torch.tensor([0.3, 0.7, 0.2, 1.1]).view(1, 4, 1, 1)
     bias = decomposed_rel_pos_bias(q, rel_h, rel_w, (5, 6))
@@ -82,17 +86,20 @@ def test_op_equals_the_dense_bias_with_a_tensor_scale(way):
     if way == "augmented":
         ours = rel_pos_attention(q.requires_grad_(True), k, v, rel_h, rel_w, (5, 6), scale).detach()
     else:
-        chunk = None if way == "one chunk" else 2 * 4 * 30 * 7
         with torch.no_grad():
-            ours = rel_pos_attention(q, k, v, rel_h, rel_w, (5, 6), scale, chunk_elements=chunk)
+            ours = rel_pos_attention(q, k, v, rel_h, rel_w, (5, 6), scale, chunk_elements=CHUNKS[way])
     torch.testing.assert_close(ours, dense, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("blocks", ["rows", "items"])
 @pytest.mark.parametrize(("dim", "heads", "window", "grid"), CASES)
-def test_block_equals_segment_anything_without_gradients(dim, heads, window, grid, monkeypatch):
-    """The CPU inference way (query blocks with the term as a mask, here two query rows a block, a
-    shorter last one on odd grids) equals segment-anything's ``Block``."""
-    monkeypatch.setattr(ops, "REL_POS_CHUNK_ELEMENTS", 2 * heads * grid * grid * 3 - 1)
+def test_block_equals_segment_anything_without_gradients(dim, heads, window, grid, blocks, monkeypatch):
+    """The CPU inference way (blocks with the term as a mask) equals segment-anything's ``Block``, by
+    blocks of query rows (global blocks: two rows a block, a shorter last one on odd grids) and by
+    blocks of whole items (up to three: two images' 8 windows as 3, 3, 2; two global grids as one block)."""
+    tokens = window * window if window else grid * grid
+    chunk = heads * grid * grid * 3 - 1 if blocks == "rows" else 3 * heads * tokens * tokens
+    monkeypatch.setattr(ops, "REL_POS_CHUNK_ELEMENTS", chunk)
     block = _block(dim, heads, window, grid, seed=grid + window)
     hooked = HookedSam(randomize(build_sam("tiny", seed=0)))
     ctx = hooked.context(SamBatch(image=torch.zeros(2, 3, 8, 8)))
@@ -126,22 +133,23 @@ def test_no_mask_reaches_sdpa_without_logit_plugins(tiny_sam, monkeypatch):
 
 def test_cpu_inference_masks_are_bounded_by_the_chunk(tiny_sam, monkeypatch):
     """On the CPU without gradients: SAM's head dim, the term as a mask of at most the chunk's
-    logits (query blocks against every key), never (L, L) beyond it, and the same embeddings."""
+    logits (whole windows, or query blocks of one image against its keys), never (L, L) beyond it,
+    and the same embeddings."""
     image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
     hooked = HookedSam(tiny_sam)
     with torch.enable_grad():  # the augmented way: an input that needs a gradient
         augmented = hooked.encode(hooked.context(SamBatch(image=image.clone().requires_grad_(True))))
-    monkeypatch.setattr(ops, "REL_POS_CHUNK_ELEMENTS", 2 * 2 * 64 * 10)  # global: 10 of 64 rows
+    monkeypatch.setattr(ops, "REL_POS_CHUNK_ELEMENTS", 3 * 2 * 16 * 16)  # global: 12 of 64 rows
     calls = _sdpa_calls(monkeypatch)
     with torch.no_grad():
         chunked = hooked.encode(hooked.context(SamBatch(image=image)))
     windowed = [(tuple(m.shape), rows) for m, rows, _, _ in calls if m is not None and m.shape[-1] == 16]
     global_ = [(tuple(m.shape), rows) for m, rows, _, _ in calls if m is not None and m.shape[-1] == 64]
     assert all(m is not None and dq == dv == 32 for m, _, dq, dv in calls)
-    # windowed blocks: 2 images x 4 windows, 2 heads, 16 tokens; 2560 // (8 * 2 * 16) = 10 rows a block
-    assert windowed == [((8, 2, 10, 16), 10), ((8, 2, 6, 16), 6)] * 2
-    # global blocks: 64 tokens in blocks of 10 rows, the last one 4
-    assert global_ == ([((2, 2, 10, 64), 10)] * 6 + [((2, 2, 4, 64), 4)]) * 2
+    # windowed blocks: 2 images x 4 windows of 16 tokens, 2 heads: 3 whole windows a block, the last 2
+    assert windowed == [((3, 2, 16, 16), 16), ((3, 2, 16, 16), 16), ((2, 2, 16, 16), 16)] * 2
+    # global blocks: each image's 64 tokens in blocks of 1536 // (2 * 64) = 12 rows, the last one 4
+    assert global_ == ([((1, 2, 12, 64), 12)] * 5 + [((1, 2, 4, 64), 4)]) * 2 * 2
     torch.testing.assert_close(chunked.embeddings, augmented.embeddings.detach(), atol=ATOL, rtol=0)
 
 

@@ -1,0 +1,173 @@
+"""HQ-SAM against the official code (SysCV/sam-hq) on shared random weights.
+
+The official code is not vendored: point ``SAMFLOW_HQ_SAM_SRC`` at a checkout of SysCV/sam-hq (the
+folder holding ``segment_anything/``); without it these tests skip. Its package is named like
+segment-anything's, so its ``segment_anything/modeling`` folder is imported under another name
+(without its ``__init__``, whose TinyViT needs timm). A tiny official HQ-SAM (``Sam`` with
+``ImageEncoderViT`` and ``MaskDecoderHQ``) gets samflow's tiny SAM and HQ plugin weights by name
+(the plugin's parameters are the official decoder's ``hf_token``, ``hf_mlp``, ... one to one) and
+its end-to-end ``Sam.forward`` -- early ViT feature, per-image decoding, ``hq_token_only``,
+``multimask_output`` -- is compared with samflow's ``HookedSam`` + ``HQSam``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randomize
+
+from samflow.batch import SamBatch
+from samflow.plugins.stack import PluginStack
+from samflow.sam import HookedSam, build_sam
+from samflow.sam.build import VARIANTS
+from samflow_plugins.hq_sam import HQSam
+
+SRC = os.environ.get("SAMFLOW_HQ_SAM_SRC")
+pytestmark = pytest.mark.skipif(not SRC, reason="SAMFLOW_HQ_SAM_SRC (a SysCV/sam-hq checkout) is not set")
+
+ATOL = 2e-5  # float32 on the CPU: SDPA and fused norms vs the official explicit softmax, rounding only
+PACKAGE = "_official_sam_hq_modeling"
+
+
+@pytest.fixture(scope="module")
+def official() -> types.SimpleNamespace:
+    """The official ``segment_anything/modeling`` modules, imported as ``PACKAGE.<module>``."""
+    pkg = types.ModuleType(PACKAGE)
+    pkg.__path__ = [str(Path(SRC or ".") / "segment_anything" / "modeling")]
+    sys.modules[PACKAGE] = pkg
+    names = ("sam", "image_encoder", "prompt_encoder", "mask_decoder_hq", "transformer")
+    modules = {name: importlib.import_module(f"{PACKAGE}.{name}") for name in names}
+    yield types.SimpleNamespace(**modules)
+    for key in [k for k in sys.modules if k == PACKAGE or k.startswith(PACKAGE + ".")]:
+        del sys.modules[key]
+
+
+def official_tiny_hq_sam(official: types.SimpleNamespace) -> torch.nn.Module:
+    """The official HQ-SAM built like samflow's ``tiny`` variant (128 px, ViT 64-d, decoder 64-d)."""
+    spec = VARIANTS["tiny"]
+    grid = spec.img_size // spec.patch_size
+    return official.sam.Sam(
+        image_encoder=official.image_encoder.ImageEncoderViT(
+            depth=spec.depth,
+            embed_dim=spec.embed_dim,
+            img_size=spec.img_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=spec.num_heads,
+            patch_size=spec.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=spec.global_attn_indexes,
+            window_size=spec.window_size,
+            out_chans=spec.prompt_dim,
+        ),
+        prompt_encoder=official.prompt_encoder.PromptEncoder(
+            embed_dim=spec.prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(spec.img_size, spec.img_size),
+            mask_in_chans=spec.mask_in_chans,
+        ),
+        mask_decoder=official.mask_decoder_hq.MaskDecoderHQ(
+            num_multimask_outputs=3,
+            transformer=official.transformer.TwoWayTransformer(
+                depth=2,
+                embedding_dim=spec.prompt_dim,
+                mlp_dim=spec.decoder_mlp_dim,
+                num_heads=spec.decoder_heads,
+            ),
+            transformer_dim=spec.prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=spec.iou_head_hidden_dim,
+            vit_dim=spec.embed_dim,
+        ),
+    ).eval()
+
+
+def shared_models(official: types.SimpleNamespace, multimask_output: bool) -> tuple[HookedSam, torch.nn.Module]:
+    """samflow's tiny SAM + HQSam and the official tiny HQ-SAM, on the same random weights."""
+    sam = randomize(build_sam("tiny", seed=0))
+    model = HookedSam(sam, PluginStack({"hq": HQSam()}), multimask_output=multimask_output).eval()
+    plugin = model.plugins["hq"]
+    with torch.no_grad():  # the HQ modules get random values, so that nothing compared is near zero
+        gen = torch.Generator().manual_seed(1)
+        for param in plugin.parameters():
+            param.copy_(param + 0.1 * torch.randn(param.shape, generator=gen))
+    ref = official_tiny_hq_sam(official)
+    state = dict(sam.state_dict())
+    state.update({f"mask_decoder.{name}": value for name, value in plugin.state_dict().items()})
+    ref.load_state_dict(state, strict=True)  # every official key, from samflow's SAM or the plugin
+    return model, ref
+
+
+def two_images_three_boxes() -> SamBatch:
+    """Rows (image 0, box), (image 1, box), (image 0, box): the official code decodes per image."""
+    gen = torch.Generator().manual_seed(2)
+    image = torch.rand(2, 3, 128, 128, generator=gen)
+    box = torch.tensor([[10.0, 20.0, 70.0, 90.0], [40.0, 5.0, 120.0, 60.0], [0.0, 50.0, 127.0, 127.0]])
+    return SamBatch(image=image, box=box, image_index=torch.tensor([0, 1, 0]))
+
+
+def official_forward(ref, batch: SamBatch, multimask_output: bool, hq_token_only: bool):
+    """The official ``Sam.forward`` on ``batch``: low-res logits (N, 1, 32, 32) and IoU (N, 1), in row order."""
+    records = [
+        {
+            "image": batch.image[i] * 255,
+            "original_size": (128, 128),
+            "boxes": batch.box[batch.image_index == i],
+        }
+        for i in range(batch.image.shape[0])
+    ]
+    outputs = ref(records, multimask_output=multimask_output, hq_token_only=hq_token_only)
+    logits = torch.zeros(batch.box.shape[0], 1, 32, 32)
+    iou = torch.zeros(batch.box.shape[0], 1)
+    for i, out in enumerate(outputs):
+        logits[batch.image_index == i] = out["low_res_logits"]
+        iou[batch.image_index == i] = out["iou_predictions"]
+    return logits, iou
+
+
+@pytest.mark.parametrize("multimask_output", [False, True])
+def test_masks_and_iou_equal_the_official_sam_hq(official, multimask_output):
+    """``hq/hq`` = ``hq_token_only=True``, ``hq/sam_hq`` = ``hq_token_only=False``, and the IoU of the
+    mask SAM picks (token 0, or the best of 1..3 with ``multimask_output``)."""
+    model, ref = shared_models(official, multimask_output)
+    batch = two_images_three_boxes()
+    with torch.no_grad():
+        out = model(batch)
+        hq_only, iou = official_forward(ref, batch, multimask_output, hq_token_only=True)
+        summed, iou_summed = official_forward(ref, batch, multimask_output, hq_token_only=False)
+    assert torch.equal(iou, iou_summed)
+    torch.testing.assert_close(out.masks["hq/hq"], hq_only, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.masks["hq/sam_hq"], summed, atol=ATOL, rtol=0)
+    expected_iou = out.iou_pred[:, 1:].amax(dim=1, keepdim=True) if multimask_output else out.iou_pred[:, :1]
+    torch.testing.assert_close(expected_iou, iou, atol=ATOL, rtol=0)
+    assert out.pred is out.masks["hq/hq"]  # the default ``output``: the HQ mask, as HQ-SAM evaluates
+    assert hq_only.abs().amax() > 1 and (summed - hq_only).abs().amax() > 0.1  # SAM's mask is in the sum
+
+
+def test_sam_masks_see_the_hq_token_as_in_the_official_decoder(official):
+    """All four SAM masks of samflow equal the official ``predict_masks`` (the HQ token is in the
+    transformer, so they differ from plain SAM's); the official decoder's HQ mask is its 5th."""
+    model, ref = shared_models(official, multimask_output=False)
+    batch = two_images_three_boxes()
+    captured: list[torch.Tensor] = []
+    predict = ref.mask_decoder.predict_masks
+    ref.mask_decoder.predict_masks = lambda **kw: captured.append(predict(**kw)[0]) or predict(**kw)
+    with torch.no_grad():
+        out = model(batch)
+        official_forward(ref, batch, False, hq_token_only=True)
+    masks = torch.zeros(3, 5, 32, 32)
+    for i, m in enumerate(captured):
+        masks[batch.image_index == i] = m
+    torch.testing.assert_close(out.masks["sam"], masks[:, :4], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.masks["hq/hq"], masks[:, 4:], atol=ATOL, rtol=0)
+    plain = HookedSam(model.sam).eval()
+    with torch.no_grad():
+        assert (plain(batch).masks["sam"] - masks[:, :4]).abs().amax() > 1e-2

@@ -1,0 +1,278 @@
+"""PA-SAM against the official code (xzz2/pa-sam) on shared random weights.
+
+The official code is not vendored: point ``SAMFLOW_PA_SAM_SRC`` at a checkout of xzz2/pa-sam (the
+folder holding ``model/``, ``segment_anything_training/`` and ``utils/``); without it these tests
+skip. The official decoder is ``MaskDecoderPA`` itself, built from a decoder checkpoint file as the
+repository does (``pretrained_checkpoint/sam_vit_b_maskdecoder.pth`` under a temporary working
+folder), driven the way its ``train.py`` drives it (``Sam.forward_for_prompt_adapter``, then the
+decoder). Its code hard-codes a 64 x 64 embedding grid, a 256 x 256 guiding input and a 256-d decoder,
+so both sides are a SAM at 1024 px with a 2-block 32-d ViT and SAM's real decoder; the official
+image encoder, prompt encoder and decoder get samflow's weights by name. The official code moves
+two tensors with ``.cuda()``; on a machine without a GPU ``Tensor.cuda`` is made the identity for the
+test. What is compared: SAM's masks and IoU, the maps M_C, M_R, M_U, the mined cells, the edge map of
+``reference_edges``, the trainable set of ``reference_trainable``; in evaluation (top-k) and in
+training (Gumbel top-k with the same seed: the official and samflow draw the same uniforms).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import types
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randomize
+
+from samflow.batch import SamBatch
+from samflow.plugins.stack import PluginStack
+from samflow.sam import HookedSam, build_sam
+from samflow.sam import build as sam_build
+from samflow.sam.build import SamVariant
+from samflow_plugins.pa_sam import PASam
+from samflow_plugins.pa_sam.guiding import guiding_input
+
+SRC = os.environ.get("SAMFLOW_PA_SAM_SRC")
+pytestmark = pytest.mark.skipif(not SRC, reason="SAMFLOW_PA_SAM_SRC (an xzz2/pa-sam checkout) is not set")
+pytest.importorskip("cv2", reason="the official PA-SAM computes its edges with OpenCV")
+
+ATOL = 5e-5  # float32 on the CPU: SDPA and fused norms vs the official explicit softmax, rounding only
+TOP_PACKAGES = ("model", "utils", "segment_anything_training")
+#: the official code's fixed sizes (1024 px, a 64 x 64 grid, 256-d decoder) with a small ViT
+SPEC = SamVariant(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4)
+
+
+@pytest.fixture(scope="module")
+def official() -> types.SimpleNamespace:
+    """The official modules ``model.mask_decoder_pa``, ``segment_anything_training.modeling`` and
+    ``utils.misc``, imported from SRC (and removed again afterwards: their names are generic)."""
+
+    def ours(name: str) -> bool:
+        return name.split(".")[0] in TOP_PACKAGES
+
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
+    sys.path.insert(0, str(SRC))
+    try:
+        yield types.SimpleNamespace(
+            decoder=importlib.import_module("model.mask_decoder_pa"),
+            modeling=importlib.import_module("segment_anything_training.modeling"),
+            misc=importlib.import_module("utils.misc"),
+        )
+    finally:
+        sys.path.remove(str(SRC))
+        for key in [k for k in sys.modules if ours(k)]:
+            del sys.modules[key]
+        sys.modules.update(saved)
+
+
+@pytest.fixture
+def cpu_cuda(monkeypatch):
+    """``Tensor.cuda`` as the identity where there is no GPU (the official code calls it twice)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+
+
+def samflow_model(monkeypatch, **kwargs) -> HookedSam:
+    """samflow's SAM of ``SPEC`` (random, position tables non-zero) with PASam(**kwargs) as ``pa``."""
+    monkeypatch.setitem(sam_build.VARIANTS, "pa_official", SPEC)
+    sam = randomize(build_sam("pa_official", seed=0))
+    return HookedSam(sam, PluginStack({"pa": PASam(**kwargs)}))
+
+
+def official_model(official, model: HookedSam, workdir: Path, monkeypatch) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The official frozen SAM (``segment_anything_training``) and ``MaskDecoderPA`` with samflow's weights."""
+    m = official.modeling
+    grid = SPEC.img_size // SPEC.patch_size
+    ref_sam = m.Sam(
+        image_encoder=m.ImageEncoderViT(
+            depth=SPEC.depth,
+            embed_dim=SPEC.embed_dim,
+            img_size=SPEC.img_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=SPEC.num_heads,
+            patch_size=SPEC.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=SPEC.global_attn_indexes,
+            window_size=SPEC.window_size,
+            out_chans=SPEC.prompt_dim,
+        ),
+        prompt_encoder=m.PromptEncoder(
+            embed_dim=SPEC.prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(SPEC.img_size, SPEC.img_size),
+            mask_in_chans=SPEC.mask_in_chans,
+        ),
+        mask_decoder=m.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+            transformer_dim=256,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    ).eval()
+    ref_sam.load_state_dict(model.sam.state_dict(), strict=True)
+    # MaskDecoderPA loads SAM's decoder from this relative path, as in the repository
+    (workdir / "pretrained_checkpoint").mkdir()
+    torch.save(model.sam.mask_decoder.state_dict(), workdir / "pretrained_checkpoint" / "sam_vit_b_maskdecoder.pth")
+    monkeypatch.chdir(workdir)
+    decoder = official.decoder.MaskDecoderPA("vit_b")
+    plugin = model.plugins["pa"]
+    state = dict(model.sam.mask_decoder.state_dict())
+    state.update({f"guiding_conv.{k}": v for k, v in plugin.guiding.layers.state_dict().items()})
+    state.update({f"prompt_adapter.{k}": v for k, v in plugin.adapter.state_dict().items()})
+    decoder.load_state_dict(state, strict=True)  # every official key, from samflow's SAM or the plugin
+    return ref_sam, decoder.eval()
+
+
+def two_images() -> SamBatch:
+    """Two images with one box each (the official adapter takes one prompt per image); the second is
+    1024 x 768, zero-padded at the bottom, so padding reaches the edge map as in the official code."""
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(2, 3, 1024, 1024, generator=gen)
+    image[1, :, 768:] = 0
+    box = torch.tensor([[100.0, 200.0, 700.0, 900.0], [300.0, 50.0, 1000.0, 600.0]])
+    input_size = torch.tensor([[1024, 1024], [768, 1024]])
+    return SamBatch(image=image, box=box, input_size=input_size, original_size=input_size)
+
+
+class Recorder:
+    """Wraps an official function and keeps what it was called with and returned."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.args: list[tuple] = []
+        self.results: list = []
+
+    def __call__(self, *args, **kwargs):
+        result = self.fn(*args, **kwargs)
+        self.args.append(args)
+        self.results.append(result)
+        return result
+
+
+def official_forward(ref_sam, decoder, official, batch: SamBatch, monkeypatch) -> dict:
+    """``train.py``'s evaluation step on ``batch``: the decoder's outputs, the edge maps it computed
+    and the cells it mined (positives then negatives, raster order), per image."""
+    edges = Recorder(official.misc.generalized_image_grad)
+    monkeypatch.setattr(official.misc, "generalized_image_grad", edges)
+    points = Recorder(decoder.prompt_adapter.sample_points_promt)
+    monkeypatch.setattr(decoder.prompt_adapter, "sample_points_promt", points)
+    records = []
+    for i, (h, w) in enumerate(batch.input_size.tolist()):
+        image = batch.image[i, :, :h, :w] * 255
+        records.append({"image": image, "original_size": (h, w), "boxes": batch.box[i : i + 1]})
+    outputs, interm = ref_sam.forward_for_prompt_adapter(records, multimask_output=False)
+    masks, iou, uncertainty, _, coarse, refined, _ = decoder(
+        image_embeddings=torch.cat([o["encoder_embedding"] for o in outputs]),
+        image_pe=[o["image_pe"] for o in outputs],
+        sparse_prompt_embeddings=[o["sparse_embeddings"] for o in outputs],
+        dense_prompt_embeddings=[o["dense_embeddings"] for o in outputs],
+        multimask_output=False,
+        interm_embeddings=interm,
+        image_record=[o["image_record"] for o in outputs],
+        prompt_encoder=ref_sam.prompt_encoder,
+        input_images=outputs[0]["input_images"],
+    )
+    rets = [args[2] for args in points.args]  # the 64 x 64 selections, [pos_0, neg_0, pos_1, neg_1, ...]
+    cells = torch.cat([(r.flatten(1) == 1).nonzero()[:, 1].view(1, -1) for r in rets], dim=1).view(len(records), -1)
+    return {
+        "masks": masks,
+        "iou": iou,
+        "coarse": coarse,
+        "refined": refined,
+        "uncertainty": uncertainty,
+        "edges": torch.stack(edges.results).unsqueeze(1) / 255,
+        "cells": cells,
+        "selections": rets,
+    }
+
+
+def assert_matches(out, state: dict, ref: dict) -> None:
+    """samflow's SAM masks, IoU, maps and mined cells equal the official ones."""
+    torch.testing.assert_close(out.masks["sam"][:, :1], ref["masks"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.iou_pred, ref["iou"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(state["coarse"], ref["coarse"], atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(state["refined"], ref["refined"], atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(state["uncertainty"].sigmoid(), ref["uncertainty"], atol=ATOL, rtol=0)
+    assert torch.equal(state["points"], ref["cells"])
+    assert torch.equal(state["point_labels"][0], torch.tensor([1, 1, 1, 1, 0, 0, 0, 0]))
+
+
+def test_evaluation_with_reference_edges_equals_the_official_decoder(official, cpu_cuda, monkeypatch, tmp_path):
+    """Evaluation (top-k mining): masks, IoU, M_C, M_R, M_U, the mined cells and the edges agree."""
+    model = samflow_model(monkeypatch, reference_edges=True).eval()
+    ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
+    batch = two_images()
+    with torch.no_grad():
+        out, ctx = model.run(batch, model.context(batch))
+        ref = official_forward(ref_sam, decoder, official, batch, monkeypatch)
+        x = guiding_input(ctx.image, ctx.encoded.normalized, (256, 256), reference_edges=True)
+    assert torch.equal(x[:, 3:], ref["edges"])  # the edge channel: OpenCV's Canny, pixel for pixel
+    assert 0.02 < ref["edges"].mean() < 0.5  # there are edges, and not everywhere
+    assert_matches(out, ctx.state["pa"], ref)
+    assert ref["coarse"].abs().amax() > 1 and ref["masks"].abs().amax() > 0.1  # the comparison bites
+
+
+def test_default_sobel_edges_differ_from_the_official_canny(official, cpu_cuda, monkeypatch, tmp_path):
+    """The default edge map (Sobel of the un-normalised image) is a documented difference: the guide,
+    and so the maps, differ from the official ones on the same weights."""
+    model = samflow_model(monkeypatch).eval()
+    ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
+    batch = two_images()
+    with torch.no_grad():
+        out, ctx = model.run(batch, model.context(batch))
+        ref = official_forward(ref_sam, decoder, official, batch, monkeypatch)
+    assert (ctx.state["pa"]["coarse"] - ref["coarse"]).abs().amax() > 1e-2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_gumbel_mining_equals_the_official_decoder(official, cpu_cuda, monkeypatch, tmp_path, seed):
+    """Training after epoch 4 (Gumbel top-k with a straight-through estimator): with the same seed
+    both draw the same uniforms (the official ``Gumbel(0, 1).sample``, samflow's ``rand_like``),
+    positives before negatives, and mine the same cells; one image (the official draws per image)."""
+    monkeypatch.setenv("CURRENT_EPOCH", "5")
+    model = samflow_model(monkeypatch, reference_edges=True).train()
+    ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
+    decoder.train()
+    batch = two_images()
+    one = SamBatch(image=batch.image[:1], box=batch.box[:1])
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        out, ctx = model.run(one, model.context(one, epoch=5))
+        torch.manual_seed(seed)
+        ref = official_forward(ref_sam, decoder, official, one, monkeypatch)
+    assert_matches(out, ctx.state["pa"], ref)
+    eval_cells = topk_cells_of(ref)
+    assert not torch.equal(ref["cells"], eval_cells)  # the noise changed the choice: sampling was exercised
+
+
+def topk_cells_of(ref: dict) -> torch.Tensor:
+    """The cells plain top-k would pick from the official maps (raster order, positives first)."""
+    guidance = (ref["uncertainty"] * (ref["refined"].sigmoid() - ref["coarse"].sigmoid())).flatten(1)
+    pos = guidance.topk(4, dim=1).indices.sort(dim=1).values
+    neg = (-guidance).topk(4, dim=1).indices.sort(dim=1).values
+    return torch.cat([pos, neg], dim=1)
+
+
+def test_reference_trainable_is_the_official_trainable_set(official, monkeypatch, tmp_path):
+    """``reference_trainable``: samflow trains what the official ``MaskDecoderPA`` leaves trainable."""
+    model = samflow_model(monkeypatch, reference_trainable=True)
+    _, decoder = official_model(official, model, tmp_path, monkeypatch)
+    expected = {n for n, p in decoder.named_parameters() if p.requires_grad}
+    names = {
+        "sam.mask_decoder.": "",
+        "plugins.pa.guiding.layers.": "guiding_conv.",
+        "plugins.pa.adapter.": "prompt_adapter.",
+    }
+    ours = set()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            prefix = next(p for p in names if name.startswith(p))
+            ours.add(names[prefix] + name.removeprefix(prefix))
+    assert ours == expected
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_007_008
