@@ -134,7 +134,8 @@ def test_gpu_check_parses_and_times_a_training_step_of_every_built_in_plugin():
     script = BENCHMARKS / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
-    timed = set()  # plugins of vit_b training rows: `bench ... train_vit_b... --plugins A B ...` (continued lines joined)
+    # plugins of vit_b training rows: `bench ... train_vit_b... --plugins A B ...` (continued lines joined)
+    timed = set()
     for command in re.split(r"\n(?=bench |for )", text.replace("\\\n", " ")):
         if command.startswith("bench") and " train_vit_b" in command:
             timed.update(re.search(r"--plugins ((?:[a-z_]+ ?)+)", command).group(1).split())
