@@ -146,7 +146,9 @@ def test_reference_code_equals_the_official_encoder(official, tiny_sam, official
         tokens = ref.patch_embed(x)  # (B, h, w, C), no position embedding in the official build
         for i in range(4):
             q, hw = block_q(model, i, tokens)
-            ref_scale, ref_bias = official_logit_terms(official, ref, i, q, hw, ref.blocks[i].attn.coefficient)
+            ref_scale, ref_bias = official_logit_terms(
+                official, ref, i, q, hw, ref.blocks[i].attn.coefficient
+            )
             sam_bias = decomposed_rel_pos_bias(q, *rel_pos(model, i), hw)
             scale, bias = plugin.attn_logits(i, 32**-0.5, sam_bias, q, ctx)
             assert scale == pytest.approx(ref_scale, rel=1e-15, abs=0)

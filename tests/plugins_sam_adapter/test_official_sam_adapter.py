@@ -175,7 +175,9 @@ def test_default_token_order_differs_from_the_official_only_in_f_pe(official, ti
 
 def test_parameter_count_equals_the_official_prompt_generator_on_vit_b(official):
     """ViT-B (768 channels, 12 blocks, 1024 px, scale 32): 63,312 adapter parameters in both."""
-    ref = official.PromptGenerator(32, "highpass", 768, 1234, 12, "fft", 0.25, True, True, "adaptor", 1024, 16)
+    ref = official.PromptGenerator(
+        32, "highpass", 768, 1234, 12, "fft", 0.25, True, True, "adaptor", 1024, 16
+    )
     with torch.device("meta"):
         sam = build_sam("vit_b", seed=None)
     adapter = SamAdapter()
