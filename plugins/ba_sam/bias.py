@@ -52,14 +52,21 @@ def alibi_slopes(heads: int) -> list[float]:
     return slopes
 
 
-def grid_distance(h: int, w: int, kind: Distance = "euclidean", device: torch.device | None = None) -> Tensor:
-    """Distances between the tokens of an h x w grid in raster order, in token units, (h*w, h*w) float32.
+def grid_distance(
+    h: int,
+    w: int,
+    kind: Distance = "euclidean",
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Distances between the tokens of an h x w grid in raster order, in token units, (h*w, h*w) in ``dtype``
+    (computed in it: a float64 run gets float64 square roots).
 
     Token t sits at (row, col) = (t // w, t % w). ``euclidean``: sqrt(drow^2 + dcol^2);
     ``manhattan``: |drow| + |dcol|.
     """
-    rows = torch.arange(h, device=device, dtype=torch.float32).repeat_interleave(w)
-    cols = torch.arange(w, device=device, dtype=torch.float32).repeat(h)
+    rows = torch.arange(h, device=device, dtype=dtype).repeat_interleave(w)
+    cols = torch.arange(w, device=device, dtype=dtype).repeat(h)
     d_row = rows[:, None] - rows[None, :]
     d_col = cols[:, None] - cols[None, :]
     if kind == "euclidean":

@@ -275,7 +275,9 @@ class BASam(SamPlugin):
         cache = ctx.state.setdefault(self.key, {}).setdefault("distance", {})
         key = (grid, device, dtype)
         if key not in cache:
-            cache[key] = grid_distance(*grid, self.distance, device=device).to(dtype)
+            # computed in float32 at least (bf16 gets float32's values rounded once), float64 in float64
+            exact = torch.promote_types(dtype, torch.float32)
+            cache[key] = grid_distance(*grid, self.distance, device=device, dtype=exact).to(dtype)
         return cache[key]
 
     def penalty(self, i: int, keys: int, ctx: ForwardContext) -> Tensor:

@@ -55,6 +55,16 @@ def test_grid_distance_on_a_2x2_grid():
     torch.testing.assert_close(grid_distance(2, 2, "manhattan"), manhattan, rtol=0, atol=0)
 
 
+def test_grid_distance_in_float64_is_computed_in_float64():
+    d = grid_distance(5, 7, "euclidean", dtype=torch.float64)
+    assert d.dtype == torch.float64
+    # token 34 = (4, 6), token 8 = (1, 1): float64 square roots (torch's may be 1 ulp off math's;
+    # float32's are 1e-8 off)
+    expected = torch.tensor([math.sqrt(4**2 + 6**2), math.sqrt(2)], dtype=torch.float64)
+    torch.testing.assert_close(d[0, [34, 8]], expected, rtol=0, atol=1e-15)
+    assert d[0, 1].item() == 1.0
+
+
 def test_grid_distance_of_a_rectangle():
     d = grid_distance(2, 3, "manhattan")  # token 5 = (1, 2), token 0 = (0, 0)
     assert d.shape == (6, 6) and d[0, 5] == 3 and d[2, 3] == 3 and d[1, 4] == 1
