@@ -7,20 +7,26 @@ segment-anything's, so its ``segment_anything/modeling`` folder is imported unde
 ``ImageEncoderViT`` and ``MaskDecoderHQ``) gets samflow's tiny SAM and HQ plugin weights by name
 (the plugin's parameters are the official decoder's ``hf_token``, ``hf_mlp``, ... one to one) and
 its end-to-end ``Sam.forward`` -- early ViT feature, per-image decoding, ``hq_token_only``,
-``multimask_output`` -- is compared with samflow's ``HookedSam`` + ``HQSam``.
+``multimask_output`` -- is compared with samflow's ``HookedSam`` + ``HQSam``. The training loss
+(``train/utils/loss_mask.py`` ``loss_masks``: point-sampled BCE + Dice) is cut out of the official
+file with ``ast`` (the file imports the training ``utils.misc``, which it does not use) and compared
+with the plugin's loss terms on the same random draws.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import sys
 import types
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import randomize
 
 from samflow.batch import SamBatch
@@ -90,7 +96,9 @@ def official_tiny_hq_sam(official: types.SimpleNamespace) -> torch.nn.Module:
     ).eval()
 
 
-def shared_models(official: types.SimpleNamespace, multimask_output: bool) -> tuple[HookedSam, torch.nn.Module]:
+def shared_models(
+    official: types.SimpleNamespace, multimask_output: bool
+) -> tuple[HookedSam, torch.nn.Module]:
     """samflow's tiny SAM + HQSam and the official tiny HQ-SAM, on the same random weights."""
     sam = randomize(build_sam("tiny", seed=0))
     model = HookedSam(sam, PluginStack({"hq": HQSam()}), multimask_output=multimask_output).eval()
@@ -171,3 +179,38 @@ def test_sam_masks_see_the_hq_token_as_in_the_official_decoder(official):
     plain = HookedSam(model.sam).eval()
     with torch.no_grad():
         assert (plain(batch).masks["sam"] - masks[:, :4]).abs().amax() > 1e-2
+
+
+def official_loss_masks() -> Any:
+    """The official ``loss_masks`` with its helpers, cut out of ``train/utils/loss_mask.py``; its two
+    ``torch.jit.script`` copies are the plain functions (same arithmetic)."""
+    path = Path(SRC or ".") / "train" / "utils" / "loss_mask.py"
+    tree = ast.parse(path.read_text())
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    scope: dict[str, Any] = {"torch": torch, "F": F, "List": list, "Optional": Any}
+    exec(compile(ast.Module(body=functions, type_ignores=[]), str(path), "exec"), scope)  # noqa: S102  (the reference, opted into by the env var)
+    scope["sigmoid_ce_loss_jit"] = scope["sigmoid_ce_loss"]
+    scope["dice_loss_jit"] = scope["dice_loss"]
+    return scope["loss_masks"]
+
+
+def test_point_loss_equals_the_official_loss_masks(official):
+    """``point_bce`` and ``point_dice`` of the HQ mask equal the official ``loss_masks`` (12,544
+    points, 3x oversampling, 75 % most uncertain) on the same draws from the global generator."""
+    loss_masks = official_loss_masks()
+    model, _ = shared_models(official, multimask_output=False)
+    batch = two_images_three_boxes()
+    batch.mask = (torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(4)) > 0.6).float()
+    out, ctx = model.run(batch)
+    torch.manual_seed(5)
+    ours = model.plugins["hq"].losses(out, batch, ctx)
+    torch.manual_seed(5)
+    bce, dice = loss_masks(out.masks["hq/hq"], batch.mask[batch.image_index], 3)
+    torch.testing.assert_close(ours["point_bce"], bce, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours["point_dice"], dice, atol=1e-6, rtol=1e-6)
+    logits = out.masks["hq/hq"]
+    (grad,) = torch.autograd.grad(ours["point_bce"] + ours["point_dice"], logits, retain_graph=True)
+    (expected,) = torch.autograd.grad(bce + dice, logits, retain_graph=True)
+    torch.testing.assert_close(grad, expected, atol=1e-9, rtol=1e-5)
+    torch.manual_seed(6)  # other draws, other points: the seed is what made them equal
+    assert not torch.equal(loss_masks(logits, batch.mask[batch.image_index], 3)[0], bce)

@@ -82,7 +82,9 @@ def samflow_model(monkeypatch, **kwargs) -> HookedSam:
     return HookedSam(sam, PluginStack({"pa": PASam(**kwargs)}))
 
 
-def official_model(official, model: HookedSam, workdir: Path, monkeypatch) -> tuple[torch.nn.Module, torch.nn.Module]:
+def official_model(
+    official, model: HookedSam, workdir: Path, monkeypatch
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The official frozen SAM (``segment_anything_training``) and ``MaskDecoderPA`` with samflow's weights."""
     m = official.modeling
     grid = SPEC.img_size // SPEC.patch_size
@@ -118,7 +120,9 @@ def official_model(official, model: HookedSam, workdir: Path, monkeypatch) -> tu
     ref_sam.load_state_dict(model.sam.state_dict(), strict=True)
     # MaskDecoderPA loads SAM's decoder from this relative path, as in the repository
     (workdir / "pretrained_checkpoint").mkdir()
-    torch.save(model.sam.mask_decoder.state_dict(), workdir / "pretrained_checkpoint" / "sam_vit_b_maskdecoder.pth")
+    torch.save(
+        model.sam.mask_decoder.state_dict(), workdir / "pretrained_checkpoint" / "sam_vit_b_maskdecoder.pth"
+    )
     monkeypatch.chdir(workdir)
     decoder = official.decoder.MaskDecoderPA("vit_b")
     plugin = model.plugins["pa"]
@@ -166,7 +170,8 @@ def official_forward(ref_sam, decoder, official, batch: SamBatch, monkeypatch) -
     for i, (h, w) in enumerate(batch.input_size.tolist()):
         image = batch.image[i, :, :h, :w] * 255
         records.append({"image": image, "original_size": (h, w), "boxes": batch.box[i : i + 1]})
-    outputs, interm = ref_sam.forward_for_prompt_adapter(records, multimask_output=False)
+    with torch.no_grad():  # the frozen SAM, as train.py runs it
+        outputs, interm = ref_sam.forward_for_prompt_adapter(records, multimask_output=False)
     masks, iou, uncertainty, _, coarse, refined, _ = decoder(
         image_embeddings=torch.cat([o["encoder_embedding"] for o in outputs]),
         image_pe=[o["image_pe"] for o in outputs],
@@ -179,7 +184,9 @@ def official_forward(ref_sam, decoder, official, batch: SamBatch, monkeypatch) -
         input_images=outputs[0]["input_images"],
     )
     rets = [args[2] for args in points.args]  # the 64 x 64 selections, [pos_0, neg_0, pos_1, neg_1, ...]
-    cells = torch.cat([(r.flatten(1) == 1).nonzero()[:, 1].view(1, -1) for r in rets], dim=1).view(len(records), -1)
+    cells = torch.cat([(r.flatten(1) == 1).nonzero()[:, 1].view(1, -1) for r in rets], dim=1).view(
+        len(records), -1
+    )
     return {
         "masks": masks,
         "iou": iou,
@@ -188,7 +195,6 @@ def official_forward(ref_sam, decoder, official, batch: SamBatch, monkeypatch) -
         "uncertainty": uncertainty,
         "edges": torch.stack(edges.results).unsqueeze(1) / 255,
         "cells": cells,
-        "selections": rets,
     }
 
 
@@ -203,7 +209,9 @@ def assert_matches(out, state: dict, ref: dict) -> None:
     assert torch.equal(state["point_labels"][0], torch.tensor([1, 1, 1, 1, 0, 0, 0, 0]))
 
 
-def test_evaluation_with_reference_edges_equals_the_official_decoder(official, cpu_cuda, monkeypatch, tmp_path):
+def test_evaluation_with_reference_edges_equals_the_official_decoder(
+    official, cpu_cuda, monkeypatch, tmp_path
+):
     """Evaluation (top-k mining): masks, IoU, M_C, M_R, M_U, the mined cells and the edges agree."""
     model = samflow_model(monkeypatch, reference_edges=True).eval()
     ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
@@ -225,30 +233,53 @@ def test_default_sobel_edges_differ_from_the_official_canny(official, cpu_cuda, 
     ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
     batch = two_images()
     with torch.no_grad():
-        out, ctx = model.run(batch, model.context(batch))
+        _, ctx = model.run(batch, model.context(batch))
         ref = official_forward(ref_sam, decoder, official, batch, monkeypatch)
     assert (ctx.state["pa"]["coarse"] - ref["coarse"]).abs().amax() > 1e-2
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_training_gumbel_mining_equals_the_official_decoder(official, cpu_cuda, monkeypatch, tmp_path, seed):
     """Training after epoch 4 (Gumbel top-k with a straight-through estimator): with the same seed
     both draw the same uniforms (the official ``Gumbel(0, 1).sample``, samflow's ``rand_like``),
-    positives before negatives, and mine the same cells; one image (the official draws per image)."""
+    positives before negatives, and mine the same cells; one image (the official draws per image).
+    The gradients of the guiding branch and the adapter agree too, for a loss on SAM's mask: MLP_U
+    reaches that mask only through the mined points' straight-through weights, so its gradient
+    checks the estimator."""
     monkeypatch.setenv("CURRENT_EPOCH", "5")
     model = samflow_model(monkeypatch, reference_edges=True).train()
     ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
     decoder.train()
     batch = two_images()
     one = SamBatch(image=batch.image[:1], box=batch.box[:1])
-    with torch.no_grad():
-        torch.manual_seed(seed)
-        out, ctx = model.run(one, model.context(one, epoch=5))
-        torch.manual_seed(seed)
-        ref = official_forward(ref_sam, decoder, official, one, monkeypatch)
-    assert_matches(out, ctx.state["pa"], ref)
-    eval_cells = topk_cells_of(ref)
-    assert not torch.equal(ref["cells"], eval_cells)  # the noise changed the choice: sampling was exercised
+    torch.manual_seed(seed)
+    out, ctx = model.run(one, model.context(one, epoch=5))
+    torch.manual_seed(seed)
+    ref = official_forward(ref_sam, decoder, official, one, monkeypatch)
+    state = ctx.state["pa"]
+    assert_matches(out, state, ref)
+    assert not torch.equal(ref["cells"], topk_cells_of(ref))  # the noise changed the choice: sampling ran
+
+    out.masks["sam"][:, :1].sigmoid().mean().backward()
+    ref["masks"].sigmoid().mean().backward()
+    plugin = model.plugins["pa"]
+    official_names = {"guiding.layers.": "guiding_conv.", "adapter.": "prompt_adapter."}
+    theirs = dict(decoder.named_parameters())
+    grads = {
+        name: (param.grad, theirs[official_names[prefix] + name.removeprefix(prefix)].grad)
+        for name, param in plugin.named_parameters()
+        for prefix in official_names
+        if name.startswith(prefix)
+    }
+    assert len(grads) == len(list(plugin.parameters()))
+    scale = max(g.abs().amax().item() for _, g in grads.values())
+    straight_through = grads["adapter.uncertain_mlp.layers.0.weight"][1].abs().amax().item()
+    assert straight_through > 1e-5 * scale
+    for name, (ours, expected) in grads.items():
+        # atol relative to the largest gradient: some are zero up to rounding (the attention's key bias)
+        torch.testing.assert_close(
+            ours, expected, atol=1e-5 * scale, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 def topk_cells_of(ref: dict) -> torch.Tensor:
