@@ -23,3 +23,17 @@ def test_writing_a_plugin_example_runs():
         exec(compile(block, str(README), "exec"), namespace)
     plugin = namespace["model"].plugins["bias"]
     assert plugin.bias.requires_grad and namespace["model"].plugins.owned["bias"]
+
+
+def test_official_code_checkouts_in_the_readme_are_the_ones_the_tests_read():
+    """Each environment variable of "Checked against the official code" is read by a test, and each
+    official checkout a test reads is in that table."""
+    text = README.read_text()
+    section = text[text.index("### Checked against the official code") :]
+    section = section[: section.index("\n## ")]
+    documented = set(re.findall(r"`(SAMFLOW_[A-Z_]+_SRC)`", section))
+    tests = Path(__file__).resolve().parent
+    read = {
+        name for path in tests.rglob("*.py") for name in re.findall(r"SAMFLOW_[A-Z_]+_SRC", path.read_text())
+    }
+    assert documented and documented == read
