@@ -69,18 +69,19 @@ def main_metric(metrics: Any, data: Any) -> tuple[str, str] | None:
 
     The main metric is the first of ``model.metrics`` (``iou`` by default), logged as ``val/<name>``, or
     ``val/<name>/<first set>`` with several ``val_sets``; the mode is ``max`` unless the metric's
-    ``higher_is_better`` is False (``mae``, ``ber``: ``min``). Known only for
-    ``SegmentationDataModule`` data that has a validation set; other data modules set
-    ``--checkpoint.monitor`` themselves.
+    ``higher_is_better`` is False (``mae``, ``ber``: ``min``). Known for samflow's data modules
+    (``SegmentationDataModule``, ``SlideDataModule``, ``CocoDataModule``) that have a validation
+    set; other data modules set ``--checkpoint.monitor`` themselves.
     """
     from samflow.metrics.registry import build_metrics
 
     data = _plain(data) or {}
-    if not isinstance(data, dict) or not str(data.get("class_path", "")).endswith("SegmentationDataModule"):
+    kind = str(data.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(data, dict) else ""
+    if kind not in ("SegmentationDataModule", "SlideDataModule", "CocoDataModule"):
         return None
     args = data.get("init_args") or {}
-    sets = args.get("val_sets") or {}
-    if not (args.get("val") or sets or args.get("quickstart")):
+    sets = (args.get("val_sets") or {}) if kind == "SegmentationDataModule" else {}
+    if not (args.get("val") or sets or (kind == "SegmentationDataModule" and args.get("quickstart"))):
         return None
     spec = _plain(metrics) if metrics is not None else ["iou", "dice", "mae"]
     try:  # the first item alone (a MetricCollection orders its metrics by name)

@@ -37,6 +37,23 @@ def test_main_metric(metrics, init_args, expected):
     assert main_metric(metrics, {"class_path": DATA, "init_args": init_args}) == expected
 
 
+@pytest.mark.parametrize(
+    ("data", "init_args", "expected"),
+    [
+        ("samflow.data.wsi.SlideDataModule", {"val": [{"slide": "s.tif"}]}, ("val/dice", "max")),
+        ("samflow.data.wsi.SlideDataModule", {"train": [{"slide": "s.tif"}]}, None),
+        (
+            "samflow.data.CocoDataModule",
+            {"val": {"annotations": "a.json", "images": "i"}},
+            ("val/dice", "max"),
+        ),
+        ("samflow.data.CocoDataModule", {"test": {"annotations": "a.json", "images": "i"}}, None),
+    ],
+)
+def test_samflows_other_data_modules_monitor_their_validation(data, init_args, expected):
+    assert main_metric(["dice", "iou"], {"class_path": data, "init_args": init_args}) == expected
+
+
 def test_other_data_modules_choose_their_own_monitor():
     assert main_metric(["iou"], {"class_path": "my.DataModule", "init_args": {"val": "v"}}) is None
 
