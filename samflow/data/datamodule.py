@@ -363,15 +363,29 @@ class SegmentationDataModule(L.LightningDataModule):
         """Build the datasets the stage needs that are set (all of them when ``stage`` is None).
 
         This is where dataset paths are checked: a missing folder fails here, naming the config key.
+        The other splits that are set are listed too (their folders found and images paired with
+        masks, their files not checked), so a wrong ``test_sets`` path stops a ``fit`` before training.
         """
         if self.quickstart is not None and not (self._quickstart_root() / MARKER).is_file():
             self.prepare_data()  # outside a Trainer nobody called prepare_data
-        for split in _STAGE_SPLITS.get(stage or "", ("train", "val", "test", "predict")):
+        splits = _STAGE_SPLITS.get(stage or "", ("train", "val", "test", "predict"))
+        for split in splits:
             for name in self._sets(split):
                 key = self._key(split, name)
                 if key not in self.datasets:
                     self.datasets[key] = self.build_dataset(split, name)
+        for split in ("train", "val", "test", "predict"):
+            for name in self._sets(split) if split not in splits else ():
+                if self._key(split, name) not in self.datasets:
+                    self._find(split, name)
         self._report_skipped()
+
+    def _find(self, split: str, name: str) -> None:
+        """List a set's samples without keeping or checking them: its paths exist and pair up."""
+        try:
+            MaskFolderDataset(self._sets(split)[name], img_size=self.img_size, require_masks=split != "predict")
+        except DataError as err:
+            raise DataError(f"{self._config_key(split, name)}: {err}") from err
 
     def _rank(self) -> int:
         trainer = self.trainer

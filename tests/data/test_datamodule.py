@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -195,6 +197,29 @@ def test_missing_root_fails_at_setup_naming_the_key_and_path(tmp_path: Path, pai
         dm.setup("test")
     with pytest.raises(ValueError, match=r"no test set named 'NC4K'; the sets are \['COD10K', 'CAMO'\]"):
         dm.batch_example("test/NC4K")
+
+
+def test_a_fit_finds_the_test_paths_too_without_checking_their_files(
+    tmp_path: Path, pair_root: Path, pngs: SimpleNamespace
+) -> None:
+    """setup("fit") lists the test sets (a wrong path stops the fit before training) but builds,
+    keeps and file-checks only train and val: a corrupt test image is found by `samflow test`."""
+    missing = tmp_path / "nowhere" / "CAMO" / "test"
+    dm = SegmentationDataModule(
+        train=str(pair_root), val=str(pair_root), test_sets={"CAMO": str(missing)}, img_size=16
+    )
+    with pytest.raises(DataError, match=rf"data.test_sets.CAMO: Dataset root {missing} does not exist"):
+        dm.setup("fit")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(pair_root, corrupt)
+    next((corrupt / "images").iterdir()).write_bytes(b"not an image")
+    dm = SegmentationDataModule(
+        train=str(pair_root), val=str(pair_root), test_sets={"CAMO": str(corrupt)}, img_size=16
+    )
+    dm.setup("fit")
+    assert sorted(dm.datasets) == ["train", "val"]
+    with pytest.raises(DataError, match=r"data.test_sets.CAMO: 1 of \d+ files cannot be used"):
+        dm.setup("test")
 
 
 def test_named_sets_parse_like_lightning_cli(pair_root: Path) -> None:
