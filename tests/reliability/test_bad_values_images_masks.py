@@ -124,6 +124,10 @@ def test_float_masks(tmp_path: Path) -> None:
     assert soft.tolist() == [[False, False, True, True]]
     with pytest.warns(ValueRangeWarning, match="float values"):
         assert read_mask(mask_file(tmp_path / "b.tif", [0.0, 0.3], np.float32)).tolist() == [[False, True]]
+    # nothing above the half: foreground is above 0 (README), so a negative value is background
+    with pytest.warns(ValueRangeWarning, match="float values"):
+        negative = read_mask(mask_file(tmp_path / "c.tif", [-1.0, 0.0, 0.3], np.float32))
+    assert negative.tolist() == [[False, False, True]]
 
 
 def test_one_warning_per_dataset_root_for_masks(tmp_path: Path) -> None:
