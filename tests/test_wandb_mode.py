@@ -1,0 +1,70 @@
+"""W&B without credentials logs offline and never prompts (README "Weights & Biases"): ``configure_wandb``
+chooses offline unless the user has an API key, a ``wandb login`` entry in ~/.netrc, or a mode of
+their own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from samflow.cli import configure_wandb
+
+
+@pytest.fixture
+def clean_env(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    return tmp_path
+
+
+def test_no_credentials_means_offline(clean_env):
+    configure_wandb()
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_an_api_key_or_a_wandb_login_keeps_the_mode_unset(clean_env, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    configure_wandb()
+    assert "WANDB_MODE" not in os.environ
+    monkeypatch.delenv("WANDB_API_KEY")
+    (clean_env / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    configure_wandb()
+    assert "WANDB_MODE" not in os.environ
+    (clean_env / ".netrc").write_text("machine example.com\n  login user\n  password secret\n")
+    configure_wandb()  # another machine's entry is no W&B login
+    assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_the_users_mode_is_kept(clean_env, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    configure_wandb()
+    assert os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_a_run_without_credentials_writes_an_offline_run_and_never_reads_stdin(tmp_path):
+    """The quickstart, one step, no WANDB_* variables, stdin closed: exit 0 and an offline run folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env |= {"HOME": str(tmp_path), "WANDB_SILENT": "true"}
+    args = [
+        "fit", "--experiment", "quickstart", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+        "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+        "--data.init_args.quickstart.n_train", "2", "--data.init_args.quickstart.n_val", "2",
+        "--data.init_args.quickstart.root", str(tmp_path / "data"), "--quiet",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "samflow", *args],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = list(Path(tmp_path, "runs", "wandb").glob("**/offline-run-*"))
+    assert runs, sorted(str(p) for p in Path(tmp_path, "runs").rglob("*"))[:20]
