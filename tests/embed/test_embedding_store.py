@@ -184,6 +184,16 @@ def test_refused_for_encoder_plugins_other_blocks_and_the_cache(written, data_ro
         open_for_run(_module(written.parent), _data(data_root), "fit")
 
 
+def test_refused_for_a_plugin_that_needs_a_block_the_store_lacks(tmp_path, data_root):
+    """A store written for decoder tuning (the embedding alone) cannot serve HQ-SAM (its early block)."""
+    root = tmp_path / "no_blocks"
+    write_store(root, _module(plugins=("decoder_tuning",)), _data(data_root), batch_size=4, shard_size=8)
+    assert read_manifest(root).key.blocks == ()
+    assert open_for_run(_module(root, plugins=("decoder_tuning",)), _data(data_root), "fit") is not None
+    with pytest.raises(EmbeddingStoreError, match=r"encoder blocks: \[\] in the store, \[\d+\] wanted"):
+        open_for_run(_module(root), _data(data_root), "fit")
+
+
 def test_embed_command_writes_a_store_and_refuses_without_out(tmp_path, data_root, capsys):
     from samflow.cli import main
 
