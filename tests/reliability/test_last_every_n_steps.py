@@ -1,0 +1,60 @@
+"""`--last.every_n_train_steps` (README "Resume"): last.ckpt after every N optimizer steps and at each
+epoch end, default 50; 0 writes it at epoch ends only."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from helpers import run_samflow
+
+from samflow.callbacks.resume import LastCheckpoint
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(5, 2), batch_size=1)  # 5 steps an epoch
+
+
+# at an epoch's end it is written again after validation (ModelCheckpoint's state in it then current)
+@pytest.mark.parametrize(("every", "steps"), [(0, [5, 10]), (2, [2, 4, 5, 6, 8, 10, 10]), (50, [5, 10])])
+def test_last_checkpoint_steps(tmp_path, monkeypatch, every, steps):
+    saved: list[int] = []
+    save = LastCheckpoint.save
+
+    def spy(self, trainer):
+        saved.append(trainer.global_step)
+        return save(self, trainer)
+
+    monkeypatch.setattr(LastCheckpoint, "save", spy)
+    trainer = L.Trainer(
+        max_epochs=2,
+        callbacks=[LastCheckpoint(every_n_train_steps=every, dirpath=str(tmp_path))],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_Tiny())
+    assert saved == steps
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 10
+
+
+def test_the_default_is_50_and_negative_is_refused(tmp_path):
+    assert LastCheckpoint().every_n_train_steps == 50
+    with pytest.raises(ValueError, match="last.every_n_train_steps must be 0 or more"):
+        LastCheckpoint(every_n_train_steps=-1)
+    help_text = run_samflow(["fit", "--experiment", "quickstart", "--help"], tmp_path).stdout
+    entry = help_text[help_text.rindex("--last.every_n_train_steps") :]  # its entry, not the usage
+    entry = " ".join(entry[: entry.index("--last.dirpath")].split())
+    assert "0: only at the end of each epoch" in entry and entry.endswith("default: 50)")
