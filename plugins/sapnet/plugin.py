@@ -76,7 +76,8 @@ class SAPNet(SamPlugin):
         features: ``"sam"`` (SAM's frozen embedding) or ``"resnet50_fpn"`` (module docstring).
         resnet_weights: with ``resnet50_fpn``, the path of the ResNet-50 weights (required).
         resnet_trainable_layers: with ``resnet50_fpn``, ResNet stages that train, from ``layer4`` down (3).
-        lr, weight_decay: as every plugin.
+        lr: learning rate of this plugin's parameters (default: the optimizer's).
+        weight_decay: weight decay of this plugin's parameters (default: the optimizer's).
     """
 
     def __init__(

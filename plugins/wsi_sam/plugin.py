@@ -58,8 +58,10 @@ class WSISam(SamPlugin):
             masks; the reference trains without them).
         loss: add the loss terms ``<key>/dice_hr``, ``bce_hr``, ``dice_lr``, ``bce_lr`` (squared
             Dice + BCE at full resolution on both views; LR targets are ``batch.context_mask``).
-        hr_weight, lr_weight: weights of the HR and LR terms (reference: 1 and 1).
-        lr, weight_decay: optimizer settings of the heads (WSI-SAM: AdamW 1e-3, 0.01).
+        hr_weight: weight of the HR terms ``dice_hr`` and ``bce_hr`` (reference: 1).
+        lr_weight: weight of the LR terms ``dice_lr`` and ``bce_lr`` (reference: 1).
+        lr: learning rate of the heads (WSI-SAM: AdamW, 1e-3; default: the optimizer's).
+        weight_decay: weight decay of the heads (WSI-SAM: 0.01; default: the optimizer's).
     """
 
     onnx_exportable = True  # samflow export --onnx: the HR head is traced (no context views at prediction)

@@ -537,9 +537,20 @@ class CocoDataModule(L.LightningDataModule):
     ``{annotations: FILE, images: FOLDER}`` (or None); the other arguments go to ``CocoInstances``.
 
     Args:
-        train, val, test, predict: the splits.
-        img_size, points, points_per_instance, point_key, seed, crowd, empty, image_resize: see
-            ``CocoInstances``.
+        train: the training split, ``{annotations: FILE, images: FOLDER}``.
+        val: the validation split (same form).
+        test: the test split (same form).
+        predict: the split ``samflow predict`` reads (same form).
+        img_size: S, the model's square input side.
+        points: ``"qc"`` (sampled quasi-centre points) or ``"annotation"`` (read ``point_key``).
+        points_per_instance: P, points per instance (``"qc"``: P independent draws; ``"annotation"``:
+            the first P given, an error if fewer).
+        point_key: the annotation key holding points for ``points="annotation"``.
+        seed: seed of the quasi-centre points.
+        crowd: ``"skip"`` (iscrowd regions are no rows; kept as ``crowd_mask``) or ``"keep"``.
+        empty: ``"skip"`` (images without instances are left out) or ``"keep"``.
+        image_resize: ``"sam"`` (segment-anything's own Pillow resize, exact) or ``"bilinear"``
+            (torch's antialiased interpolate, faster, within one grey level).
         batch_size: images per batch (every instance of an image is a row of the batch).
         num_workers: data-loader worker processes.
         proposals: the ``proposals.json`` (or store folder) of ``samflow proposals`` for the train split:

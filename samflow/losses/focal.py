@@ -13,6 +13,10 @@ class FocalLoss(nn.Module):
 
     ``L = mean[ -α_t (1 - p_t)^γ log p_t ]`` with ``p = σ(x)``, ``p_t = p g + (1 - p)(1 - g)`` and
     ``α_t = α g + (1 - α)(1 - g)``; ``alpha < 0`` switches the α weighting off (torchvision's rule).
+
+    Args:
+        alpha: weight α of foreground pixels (1 - α for background); negative: no weighting.
+        gamma: focusing exponent γ; 0 gives the (α-weighted) binary cross-entropy.
     """
 
     def __init__(self, *, alpha: float = 0.25, gamma: float = 2.0) -> None:

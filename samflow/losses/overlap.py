@@ -28,6 +28,9 @@ class SoftIoULoss(nn.Module):
     SAM-Adapter uses no smoothing term, so ``eps`` defaults to 0. An image whose union is 0
     (empty target and a prediction that underflows to exactly 0) counts as a perfect match
     (loss 0) rather than ``0/0 = nan``.
+
+    Args:
+        eps: smoothing term added to the intersection and to the union (SAM-Adapter: 0).
     """
 
     def __init__(self, *, eps: float = 0.0) -> None:
@@ -54,6 +57,9 @@ class DiceLoss(nn.Module):
         ``L = mean_images [ 1 - (2Σpg + s) / (Σp + Σg + s) ]``
 
     With ``smooth = 0`` an image whose denominator is 0 counts as a perfect match (loss 0).
+
+    Args:
+        smooth: s, added to the numerator and the denominator (HQ-SAM: 1).
     """
 
     def __init__(self, *, smooth: float = 1.0) -> None:

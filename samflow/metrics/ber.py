@@ -24,6 +24,12 @@ class BER(Metric):
     Foreground is ``preds > threshold``, or ``preds * 255 > level`` in ``preds``' dtype when ``level``
     is given (``level: 125`` is SAM-Adapter's rule); a class absent from the GT counts as perfectly
     classified (accuracy 1). ``compute()`` returns a float64 scalar.
+
+    Args:
+        threshold: probability above which a pixel of ``preds`` is foreground (when ``level`` is None).
+        level: foreground where ``preds * 255 > level`` instead (125: SAM-Adapter's rule).
+        per_image: average the BER of each image instead of computing it once from the counts of
+            the whole dataset.
     """
 
     higher_is_better = False
@@ -66,6 +72,9 @@ class PerImageBER(PerImageMean):
     strict, evaluated in ``preds``' dtype); see ``functional.per_image_ber``. Lower is better. The
     states are sums (of per-image BER and of images), so DDP reduction is exact. :class:`BER` is the
     global one (counts pooled over all pixels of the set).
+
+    Args:
+        level: foreground where ``preds * 255 > level`` (125: SAM-Adapter's rule).
     """
 
     higher_is_better = False

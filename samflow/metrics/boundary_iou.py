@@ -13,6 +13,10 @@ class BoundaryIoU(PerImageMean):
 
     ``d = max(1, round(dilation_ratio · image diagonal))``, the image border counts as boundary, and an
     image where both masks are empty scores 1 (see ``functional.boundary_iou``).
+
+    Args:
+        dilation_ratio: width d of the boundary bands as a fraction of the image diagonal.
+        threshold: probability above which a pixel of ``preds`` is foreground.
     """
 
     higher_is_better = True

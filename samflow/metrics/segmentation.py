@@ -13,6 +13,9 @@ class BinaryIoU(PerImageMean):
 
     This is the per-image mean, not the dataset-level IoU of summed counts. An image with both P and
     G empty scores 1.
+
+    Args:
+        threshold: probability above which a pixel of ``preds`` is foreground.
     """
 
     higher_is_better = True
@@ -29,6 +32,9 @@ class BinaryDice(PerImageMean):
     """Mean over images of ``2|P ∩ G| / (|P| + |G|)`` with ``P = preds > threshold``.
 
     An image with both P and G empty scores 1.
+
+    Args:
+        threshold: probability above which a pixel of ``preds`` is foreground.
     """
 
     higher_is_better = True
@@ -47,6 +53,9 @@ class MeanAbsoluteError(PerImageMean):
     ``normalize=False`` (default) uses the probabilities as they are; ``normalize=True`` min-max
     stretches each prediction first, which is the SOD benchmarks' MAE (PySODMetrics, SAM-Adapter) and
     the convention of :class:`SMeasure`, :class:`EMeasure` and :class:`WeightedFMeasure`.
+
+    Args:
+        normalize: min-max stretch each prediction to [0, 1] before taking the error.
     """
 
     higher_is_better = False
@@ -66,6 +75,9 @@ class SodMAE(MeanAbsoluteError):
     ``mean |p - g|``; the dataset value is the mean over images. PySODMetrics does the same on the
     8-bit map divided by 255 with the GT at ``> 128``. ``MeanAbsoluteError(normalize=True)``; ``mae``
     (:class:`MeanAbsoluteError`) is the plain MAE of the probabilities, not comparable to SOD papers.
+
+    Args:
+        normalize: min-max stretch each prediction to [0, 1] first (False gives ``mae``).
     """
 
     def __init__(self, *, normalize: bool = True, **kwargs) -> None:

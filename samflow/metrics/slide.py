@@ -33,6 +33,9 @@ class SlideDice(Metric):
     image, so ``slide_dice`` equals ``dice``). The states are per-patch integers (source id,
     ``|P ∩ G|``, ``|P| + |G|``) concatenated over processes, so the reduction under DDP is exact
     whichever process saw which patches of a slide.
+
+    Args:
+        threshold: probability above which a pixel of ``preds`` is foreground.
     """
 
     higher_is_better = True

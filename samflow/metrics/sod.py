@@ -22,6 +22,10 @@ class SMeasure(PerImageMean):
     """Mean over images of the S-measure ``max(0, α·S_o + (1 - α)·S_r)`` (see ``functional.s_measure``).
 
     An empty GT scores ``1 - mean(p)``, a full GT ``mean(p)``.
+
+    Args:
+        alpha: weight α of the object-aware term S_o; the region-aware term S_r gets 1 - α.
+        normalize: min-max stretch each prediction to [0, 1] first (PySODMetrics' convention).
     """
 
     higher_is_better = True
@@ -41,6 +45,10 @@ class WeightedFMeasure(PerImageMean):
     """Mean over images of the weighted F-measure ``F^w_β`` (β² = 0.3); an empty GT scores 0.
 
     The distance transform runs on the CPU (scipy), see ``functional.weighted_f_measure``.
+
+    Args:
+        beta2: β², the weight of recall against precision (0.3 in SOD papers).
+        normalize: min-max stretch each prediction to [0, 1] first (PySODMetrics' convention).
     """
 
     higher_is_better = True
@@ -65,6 +73,9 @@ class EMeasure(Metric):
 
     ``curve()`` returns the dataset-mean curve itself, (256,), ascending threshold t = 0..255.
     In a ``MetricCollection`` the dict is flattened into these three keys.
+
+    Args:
+        normalize: min-max stretch each prediction to [0, 1] first (PySODMetrics' convention).
     """
 
     higher_is_better = True

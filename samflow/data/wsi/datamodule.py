@@ -51,7 +51,9 @@ class SlideDataModule(L.LightningDataModule):
     """Concentric HR / LR patches of whole slides for two-resolution plugins (WSI-SAM).
 
     Args:
-        train, val, test: slide entries ``{slide: PATH, annotations: PATH | null}`` per split.
+        train: training slides, entries ``{slide: PATH, annotations: PATH | null}``.
+        val: validation slides (same form; empty: no validation).
+        test: test slides (same form).
         mpp: HR microns per pixel (1.0: 10x); LR at ``factor * mpp`` (2: 5x).
         factor: LR / HR mpp.
         patch_size: side of both patches in slide pixels (1024).
@@ -68,7 +70,9 @@ class SlideDataModule(L.LightningDataModule):
         hflip_jitter: WSI-SAM's shared flip and colour jitter for HR and LR on training patches.
         augment: an optional batch augmentation on the device (e.g. ``GpuAugment``; it transforms
             the context view with the same draw).
-        batch_size, eval_batch_size, num_workers: loaders.
+        batch_size: training patches per batch.
+        eval_batch_size: validation and test patches per batch.
+        num_workers: data-loader worker processes.
     """
 
     def __init__(

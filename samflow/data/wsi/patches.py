@@ -30,7 +30,13 @@ from samflow.data.wsi.tissue import tissue_mask
 class CentreSizeBoxPrompt(PromptSampler):
     """The mask's box with WSI-SAM's (HQ-SAM's ``box_noise``) noise: the centre moves by
     U(-1, 1) * ``centre`` * (w, h), the size by U(-1, 1) * ``size`` * (w, h); clipped to the image.
-    Reference: centre 0.1, size 0.2. An empty mask gets no box."""
+    Reference: centre 0.1, size 0.2. An empty mask gets no box.
+
+    Args:
+        centre: largest shift of the box's centre, as a fraction of its width and height.
+        size: largest change of the box's width and height, as a fraction of them (each side stays
+            at least 1 pixel).
+    """
 
     def __init__(self, centre: float = 0.1, size: float = 0.2) -> None:
         if centre < 0 or size < 0:
