@@ -382,10 +382,10 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _find(self, split: str, name: str) -> None:
         """List a set's samples without keeping or checking them: its paths exist and pair up."""
+        spec = self._sets(split)[name]
+        assert spec is not None  # _sets leaves out the splits that are not set
         try:
-            MaskFolderDataset(
-                self._sets(split)[name], img_size=self.img_size, require_masks=split != "predict"
-            )
+            MaskFolderDataset(spec, img_size=self.img_size, require_masks=split != "predict")
         except DataError as err:
             raise DataError(f"{self._config_key(split, name)}: {err}") from err
 
