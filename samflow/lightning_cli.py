@@ -21,8 +21,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
-from samflow.callbacks.resume import LastCheckpoint, RandomState
+from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, RandomState
 from samflow.callbacks.run_folder import (
+    RunCSVLogger,
     RunInfo,
     command_folder,
     last_checkpoint,
@@ -184,9 +185,9 @@ class SamflowCLI(LightningCLI):
     config, sample grids, ``run.json`` with the W&B id) and to W&B (offline without credentials). A
     ``--ckpt_path`` in a run's ``checkpoints/`` folder (or ``--resume RUN|last``) reuses that run: fit
     continues it exactly, validate / test / predict write ``<run>/<command>[_N]`` (``_place_run``).
-    The callbacks are configurable under ``checkpoint`` (ModelCheckpoint, monitoring the main
-    validation metric, ``main_metric``), ``last`` (LastCheckpoint: ``last.ckpt`` every N steps and at
-    epoch ends), ``samples``, ``predictions``,
+    The callbacks are configurable under ``checkpoint`` (BestCheckpoint, a ModelCheckpoint monitoring
+    the main validation metric, ``main_metric``), ``last`` (LastCheckpoint: ``last.ckpt`` every N
+    steps and at epoch ends), ``samples``, ``predictions``,
     ``report``, ``test_report`` and ``non_finite`` (NonFiniteCheck: a NaN or infinite loss or gradient
     stops the run before the optimizer step, or ``--non_finite.action skip`` skips and counts it).
     """
@@ -321,8 +322,11 @@ class SamflowCLI(LightningCLI):
                         wandb["id"] = _new_wandb_id()
             return
         self.run_folder = run
-        if command == "fit":
+        if command == "fit":  # appending to metrics.csv, which Lightning's CSVLogger would delete
             parent, folder, root = run.parent, run.name, run
+            for entry in entries:
+                if entry.get("class_path") == "lightning.pytorch.loggers.CSVLogger":
+                    entry["class_path"] = f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}"
         else:
             parent, folder = run, command_folder(run, command)
             root = run / folder
@@ -428,7 +432,7 @@ class SamflowCLI(LightningCLI):
         """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last")
         parser.add_argument(
             "--resume",
@@ -453,7 +457,7 @@ class SamflowCLI(LightningCLI):
                 "checkpoint.save_last": False,  # LastCheckpoint ("last") writes last.ckpt, also mid-epoch
                 "trainer.logger": [
                     {
-                        "class_path": "lightning.pytorch.loggers.CSVLogger",
+                        "class_path": "samflow.callbacks.run_folder.RunCSVLogger",
                         "init_args": {"save_dir": "runs", "name": name},
                     },
                     {

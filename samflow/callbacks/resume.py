@@ -6,7 +6,8 @@ and restored: the weights, optimizer and loop state (Lightning), the training ba
 per-sample randomness (``samflow.data.ResumableLoader``), and the process's random generators, which
 draw the augmentation and anything random in the training step (``RandomState`` here). ``LastCheckpoint``
 writes ``last.ckpt`` every N training steps as well as at the end of each epoch, so a run killed
-mid-epoch loses at most N steps.
+mid-epoch loses at most N steps. ``BestCheckpoint`` keeps the best checkpoints' scores across a resume
+from another path to the run folder.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any, cast
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from typing_extensions import override
 
-__all__ = ["LastCheckpoint", "RandomState", "capture_rng", "restore_rng"]
+__all__ = ["BestCheckpoint", "LastCheckpoint", "RandomState", "capture_rng", "restore_rng"]
 
 
 def capture_rng() -> dict[str, Any]:
@@ -156,3 +157,74 @@ class LastCheckpoint(Checkpoint):
         if not (trainer.sanity_checking or getattr(trainer, "fast_dev_run", False)):
             self._saved_step = -1
             self.save(trainer)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose best checkpoints carry over into a resumed run wherever its folder is.
+
+    Lightning restores the scores of the best checkpoints (``best_k_models``, ``best_model_score``)
+    only when the checkpoint folder is spelled as when they were saved: a fit started with
+    ``runs/...`` and resumed through an absolute path, from another working directory, or in a moved
+    or copied run folder forgot them, kept the earlier best file and saved the next one as the best
+    whatever its score. Here each saved path is read relative to the saved folder and placed in this
+    run's checkpoint folder; those whose file is there are kept (a best checkpoint deleted or not
+    copied is dropped, the best and the k-th taken from the rest). Files of the run's old place are
+    never touched.
+    """
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # ModelCheckpoint's key: checkpoints of either class load into the other
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._strategy = trainer.strategy
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, here = state_dict.get("dirpath"), self.dirpath
+        if saved is None or here is None:
+            super().load_state_dict(state_dict)
+            return
+
+        def placed(path: str | None) -> str:
+            """``path`` in this run's folder when it was in the saved one, else ``""``."""
+            try:
+                return os.path.join(here, Path(path or "").relative_to(saved)) if path else ""
+            except ValueError:
+                return ""
+
+        paths = [
+            *state_dict.get("best_k_models", {}),
+            state_dict.get("best_model_path"),
+            state_dict.get("last_model_path"),
+        ]
+        here_now = {new for new in map(placed, paths) if new and os.path.isfile(new)}
+        strategy = getattr(self, "_strategy", None)
+        if strategy is not None:  # rank 0's view of the files, so that every rank keeps the same
+            here_now = strategy.broadcast(here_now)
+
+        def kept(path: str | None) -> str:
+            return new if (new := placed(path)) in here_now else ""
+
+        best_k = {
+            new: score for path, score in state_dict.get("best_k_models", {}).items() if (new := kept(path))
+        }
+        best = kept(state_dict.get("best_model_path"))
+        state = {
+            **state_dict,
+            "dirpath": here,
+            "best_k_models": best_k,
+            "last_model_path": kept(state_dict.get("last_model_path")),
+        }
+        if best_k:
+            best = (min if self.mode == "min" else max)(best_k, key=best_k.__getitem__)
+            kth = (max if self.mode == "min" else min)(best_k, key=best_k.__getitem__)
+            state.update(best_model_score=best_k[best], kth_best_model_path=kth, kth_value=best_k[kth])
+        elif state_dict.get("best_k_models") or not best:  # none of the best files is here
+            best = ""
+            state.update(best_model_score=None, kth_best_model_path="", kth_value=self.kth_value)
+        super().load_state_dict({**state, "best_model_path": best})

@@ -5,22 +5,35 @@ A ``fit`` writes ``runs/<experiment>/version_N/`` (``metrics.csv``, ``config.yam
 command given a checkpoint of that folder (``.../version_N/checkpoints/*.ckpt``) uses the folder
 again: ``fit`` resumes into it and the same W&B run; ``validate``, ``test`` and ``predict`` write into
 a subfolder named after the command (``test/``, then ``test_1/``, ...) and log to the same W&B run.
+``RunCSVLogger`` appends to the folder's ``metrics.csv`` where Lightning's ``CSVLogger`` deletes it.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from typing_extensions import override
 
 from samflow.console import local_log_dir
 
-__all__ = ["INFO_FILE", "RunInfo", "command_folder", "last_checkpoint", "read_run_info", "run_folder_of"]
+__all__ = [
+    "INFO_FILE",
+    "RunCSVLogger",
+    "RunInfo",
+    "command_folder",
+    "last_checkpoint",
+    "read_run_info",
+    "run_folder_of",
+]
 
 INFO_FILE = "run.json"
 _MARKERS = (INFO_FILE, "config.yaml", "metrics.csv", "hparams.yaml")
@@ -87,3 +100,39 @@ class RunInfo(Callback):
                 info["wandb_id"] = logger.version
         run.mkdir(parents=True, exist_ok=True)
         (run / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, continuing an existing ``metrics.csv`` under its header."""
+
+    @override
+    def _check_log_dir_exists(self) -> None:  # Lightning deletes the file here
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            text = file.read()
+        if text and not text.endswith("\n"):  # a row cut short by a kill
+            text = text[: text.rfind("\n") + 1]
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                file.write(text)
+        # Lightning's writer adds keys not in the header yet and rewrites the file under all of them
+        self.metrics_keys = next(csv.reader(io.StringIO(text)), [])
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's ``CSVLogger`` that appends to the run folder's ``metrics.csv`` instead of deleting it.
+
+    A resumed fit logs into the folder of the run it continues: the rows there stay (also those the
+    killed run logged after its last checkpoint, which the resumed run logs again), new rows follow,
+    and a key the header lacks rewrites the file once under a header of every key, so each row's
+    values stay under their keys. A last row cut short by a kill is dropped.
+    """
+
+    @property
+    @override
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if not isinstance(self._experiment, ExperimentWriter):  # None before the first use
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -3,9 +3,13 @@
 The kill is real: ``python -m samflow fit`` runs in a subprocess, ``last.ckpt`` is written after every
 step (``--last.every_n_train_steps 1``), and the process is killed once the checkpoint is in the
 second epoch. The resumed run continues the same run folder and W&B id; its final validation metrics
-and trained weights equal the uninterrupted run's bit for bit (CPU, deterministic). The pieces (the
-loader's resumed order and per-sample draws, the generators' states) are checked alone below, each with
-the counterfactual that shows the check bites.
+and trained weights equal the uninterrupted run's bit for bit (CPU, deterministic), its ``metrics.csv``
+holds every row of the uninterrupted run's (those the killed run logged after its last checkpoint
+twice), and it keeps the same checkpoint files and prints the same best checkpoint, also when resumed
+from another working directory, by a relative path, or as ``--resume last`` of a copied run folder.
+The pieces (the loader's resumed order and per-sample draws, the generators' states, the appending CSV
+logger, the best checkpoints' state in a moved folder) are checked alone below, each with the
+counterfactual that shows the check bites.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +29,11 @@ import numpy as np
 import pytest
 import torch
 from helpers import run_samflow
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 
-from samflow.callbacks.resume import capture_rng, restore_rng
+from samflow.callbacks.resume import BestCheckpoint, capture_rng, restore_rng
+from samflow.callbacks.run_folder import RunCSVLogger
 from samflow.data.resumable import ResumableLoader
 
 BATCHES = 4  # per epoch: 16 training images, batch 4
@@ -77,16 +85,53 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
+def _rows(run: Path) -> list[dict[str, str]]:
+    """The rows of ``metrics.csv``, each with its filled cells only (a row's keys, whatever the header)."""
+    with open(run / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def _best_line(proc: subprocess.CompletedProcess) -> str:
+    return next(line for line in proc.stdout.splitlines() if line.startswith("  best checkpoint "))
+
+
+def _same_files_and_rows(run: Path, uninterrupted: Path) -> None:
+    """The same checkpoint files, and every row of the uninterrupted run's ``metrics.csv`` with the
+    same values; rows logged twice (after the killed run's last checkpoint and again on resume) are
+    equal, so the distinct rows are the uninterrupted run's."""
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(
+        p.name for p in (uninterrupted / "checkpoints").iterdir()
+    )
+    expected, got = _rows(uninterrupted), _rows(run)
+    assert len(got) >= len(expected)
+    distinct = {tuple(sorted(row.items())) for row in got}
+    assert distinct == {tuple(sorted(row.items())) for row in expected}
+    assert len(distinct) == len(expected)  # the uninterrupted run logged each row once
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("quickstart") / "data"
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data) -> Path:
+def uninterrupted(tmp_path_factory, data) -> tuple[Path, subprocess.CompletedProcess]:
     cwd = tmp_path_factory.mktemp("uninterrupted")
-    _fit(cwd, data)
-    return cwd / "runs" / "quickstart" / "version_0"
+    proc = _fit(cwd, data)
+    return cwd / "runs" / "quickstart" / "version_0", proc
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, data) -> Path:
+    """``runs/`` of a fit killed mid-second epoch (started in its parent, by relative paths); each test
+    resumes a copy of it."""
+    cwd = tmp_path_factory.mktemp("killed")
+    kill_mid_second_epoch(cwd, data, BATCHES)
+    rows = _rows(cwd / "runs" / "quickstart" / "version_0")
+    assert any(
+        row.get("val/iou") and row["epoch"] == "0" for row in rows
+    )  # the first epoch's rows are on disk
+    return cwd / "runs"
 
 
 def kill_mid_second_epoch(cwd: Path, data: Path, batches: int, *extra: str) -> int:
@@ -125,10 +170,11 @@ def kill_mid_second_epoch(cwd: Path, data: Path, batches: int, *extra: str) -> i
     return killed_at
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, data, uninterrupted):
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, data, uninterrupted, killed):
+    expected_run, expected_proc = uninterrupted
+    shutil.copytree(killed, tmp_path / "runs")
     run = tmp_path / "runs" / "quickstart" / "version_0"
     last = run / "checkpoints" / "last.ckpt"
-    kill_mid_second_epoch(tmp_path, data, BATCHES)
     wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
 
     resumed = _fit(tmp_path, data, "--resume", str(run))
@@ -136,14 +182,62 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, da
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # the same folder, no version_1
     assert json.loads((run / "run.json").read_text())["wandb_id"] == wandb_id
     assert "run folder runs/quickstart/version_0\n" in resumed.stdout
-    expected, got = _val_rows(uninterrupted)[-1], _val_rows(run)[-1]
+    expected, got = _val_rows(expected_run)[-1], _val_rows(run)[-1]
     assert got["epoch"] == expected["epoch"] == "1"
     for key in ("val/iou", "val/dice", "val/mae", "val/loss"):
         assert got[key] == expected[key], key  # the logged strings: bit-identical values
-    reference, weights = _weights(uninterrupted / "checkpoints" / "last.ckpt"), _weights(last)
+    reference, weights = _weights(expected_run / "checkpoints" / "last.ckpt"), _weights(last)
     assert reference.keys() == weights.keys()
     changed = [k for k in reference if not torch.equal(reference[k], weights[k])]
     assert not changed, changed
+    _same_files_and_rows(run, expected_run)
+    assert _best_line(resumed) == _best_line(expected_proc)
+
+
+def test_a_resume_from_another_working_directory_by_a_relative_path(tmp_path, data, uninterrupted, killed):
+    """The killed run saved its checkpoint folder as ``runs/quickstart/version_0/checkpoints`` (relative to
+    where it ran); resumed from a subfolder as ``../runs/...``, its best checkpoint is still known."""
+    expected_run, expected_proc = uninterrupted
+    shutil.copytree(killed, tmp_path / "runs")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    resumed = _fit(elsewhere, data, "--resume", "../runs/quickstart/version_0")
+
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    _same_files_and_rows(run, expected_run)
+    best = _best_line(expected_proc).replace(
+        " runs/", f" {tmp_path}/runs/"
+    )  # shown absolute: outside the cwd
+    assert _best_line(resumed) == best
+    assert (
+        _weights(run / "checkpoints" / "last.ckpt").keys()
+        == _weights(expected_run / "checkpoints" / "last.ckpt").keys()
+    )
+
+
+def test_resume_last_continues_the_newest_run_also_in_a_copied_folder(tmp_path, data, uninterrupted, killed):
+    """``--resume last`` takes the newest ``version_N``: here ``version_1``, a copy of the killed run, whose
+    checkpoints still name ``version_0``'s folder; ``version_0`` (the same run) stays as it was."""
+    expected_run, expected_proc = uninterrupted
+    shutil.copytree(killed, tmp_path / "runs")
+    old = tmp_path / "runs" / "quickstart" / "version_0"
+    run = old.with_name("version_1")
+    shutil.copytree(old, run)
+    before = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+
+    resumed = _fit(tmp_path, data, "--resume", "last")
+
+    assert "run folder runs/quickstart/version_1\n" in resumed.stdout
+    assert {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    _same_files_and_rows(run, expected_run)
+    assert _best_line(resumed) == _best_line(expected_proc).replace("version_0", "version_1")
+    reference, weights = (
+        _weights(expected_run / "checkpoints" / "last.ckpt"),
+        _weights(run / "checkpoints" / "last.ckpt"),
+    )
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
 
 
 # ---- the pieces, each with its counterfactual ----
@@ -201,3 +295,70 @@ def test_restored_generators_draw_the_same_numbers():
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
     assert not torch.equal(first[0], second[0])  # counterfactual: without the restore they differ
+
+
+def test_the_csv_logger_appends_to_the_run_folders_metrics_under_a_header_of_all_keys(tmp_path):
+    first = RunCSVLogger(tmp_path, name="", version="run")
+    first.log_metrics({"epoch": 0, "train/loss": 0.5}, step=0)
+    first.save()
+    with open(tmp_path / "run" / "metrics.csv", "a") as f:
+        f.write("0,1,0.2")  # a row cut short by a kill
+    resumed = RunCSVLogger(tmp_path, name="", version="run")
+    resumed.log_metrics({"epoch": 1, "train/loss": 0.125}, step=2)
+    resumed.save()
+    resumed.log_metrics({"epoch": 1, "val/iou": 0.75}, step=2)  # a new key: the header grows
+    resumed.finalize("success")
+    assert _rows(tmp_path / "run") == [
+        {"epoch": "0", "step": "0", "train/loss": "0.5"},
+        {"epoch": "1", "step": "2", "train/loss": "0.125"},
+        {"epoch": "1", "step": "2", "val/iou": "0.75"},
+    ]
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert header == "epoch,step,train/loss,val/iou"
+    # counterfactual: Lightning's CSVLogger deletes the earlier rows
+    plain = CSVLogger(tmp_path, name="", version="run")
+    with pytest.warns(UserWarning, match="will be deleted"):
+        plain.log_metrics({"epoch": 2, "train/loss": 1.0}, step=3)
+    plain.save()
+    assert _rows(tmp_path / "run") == [{"epoch": "2", "step": "3", "train/loss": "1.0"}]
+
+
+def _best_state(saved: str, scores: dict[str, float]) -> dict:
+    state = ModelCheckpoint(monitor="val/iou", mode="max", save_top_k=2).state_dict()
+    paths = {f"{saved}/{name}": torch.tensor(score) for name, score in scores.items()}
+    best, kth = max(paths, key=paths.__getitem__), min(paths, key=paths.__getitem__)
+    state.update(dirpath=saved, best_k_models=paths, best_model_path=best, kth_best_model_path=kth)
+    state.update(best_model_score=paths[best], kth_value=paths[kth])
+    return state
+
+
+def test_best_checkpoints_carry_over_into_a_moved_run_folder_where_their_files_are(tmp_path):
+    saved = "/elsewhere/runs/quickstart/version_0/checkpoints"  # where the run was when it saved
+    state = _best_state(saved, {"a.ckpt": 0.5, "b.ckpt": 0.75})
+    here = tmp_path / "checkpoints"
+    here.mkdir()
+    (here / "a.ckpt").touch()
+    (here / "b.ckpt").touch()
+    moved = BestCheckpoint(monitor="val/iou", mode="max", save_top_k=2)
+    moved.dirpath = str(here)
+    moved.load_state_dict(state)
+    a, b = str(here / "a.ckpt"), str(here / "b.ckpt")
+    assert moved.best_k_models == {a: 0.5, b: 0.75}
+    assert (moved.best_model_path, moved.best_model_score) == (b, 0.75)
+    assert (moved.kth_best_model_path, moved.kth_value) == (a, 0.5)
+    # a best checkpoint whose file is not in the folder is dropped, the best taken from the rest
+    (here / "b.ckpt").unlink()
+    moved = BestCheckpoint(monitor="val/iou", mode="max", save_top_k=2)
+    moved.dirpath = str(here)
+    moved.load_state_dict(state)
+    assert moved.best_k_models == {a: 0.5}
+    assert (moved.best_model_path, moved.best_model_score, moved.kth_best_model_path) == (a, 0.5, a)
+    # ModelCheckpoint's own key: checkpoints of either class load into the other
+    plain = ModelCheckpoint(monitor="val/iou", mode="max", save_top_k=2)
+    assert moved.state_key == plain.state_key
+    # counterfactual: Lightning's ModelCheckpoint forgets the scores and keeps the old folder's path
+    plain.dirpath = str(here)
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        plain.load_state_dict(state)
+    assert plain.best_model_score is None and plain.best_k_models == {}
+    assert plain.best_model_path == f"{saved}/b.ckpt"
