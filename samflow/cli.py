@@ -12,21 +12,23 @@ subcommand: every other flag and ``--config`` overrides the experiment, wherever
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 # Commands beside LightningCLI's: name -> ("module:function", one-line usage). The function takes the
-# arguments after the command name and returns the exit status; the user errors it raises
-# (``_user_errors()``, ``ValueError`` subclasses of samflow) are printed as one line, exit 1.
+# arguments after the command name (less ``--quiet`` / ``--verbose``) and returns the exit status; the
+# user errors it raises (``_user_errors()``, ``ValueError`` subclasses of samflow), its usage errors
+# (``CommandParser``) and the experiment overrides jsonargparse refuses are printed as one line, exit 1.
 COMMANDS: dict[str, tuple[str, str]] = {
     "embed": (
         "samflow.embed.command:main",
@@ -67,10 +69,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from samflow.callbacks.finite import NonFiniteError
+    from samflow.callbacks.monitor import MonitorError
     from samflow.data.folder import DataError
     from samflow.export import ExportError
     from samflow.lightning_cli import ConfigError
+    from samflow.module import ModelConfigError
     from samflow.plugins.registry import PluginError
     from samflow.plugins.stack import PluginConflictError
     from samflow.predictor import PredictorError
@@ -88,9 +94,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
         PluginConflictError,
         EncoderCacheError,
         ConfigError,
+        ModelConfigError,
+        MonitorError,
         ExperimentError,
+        UsageError,
         NonFiniteError,
         FileNotFoundError,
+        MisconfigurationException,  # Lightning's word for a setting it cannot run with
     )
 
 
@@ -116,6 +126,26 @@ PACKAGED = _packaged_experiments()
 
 class ExperimentError(ValueError):
     """An experiment cannot be found or names something that cannot be used."""
+
+
+class UsageError(ValueError):
+    """A command line a command's parser refuses (a missing or unknown argument, a bad value)."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse's parser for samflow's commands: a usage error raises ``UsageError`` (one line, exit 1,
+    no usage dump) instead of printing the usage and exiting with status 2.
+
+    Args:
+        help_command: the command line that shows the help (default: ``prog``).
+    """
+
+    def __init__(self, *args: Any, help_command: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help_command = help_command or self.prog
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (`{self.help_command} --help` lists the options)")
 
 
 # ---- experiments ----
@@ -344,10 +374,23 @@ def usage() -> str:
 
 
 def run_command(name: str, args: list[str]) -> int:
-    """Run one of ``COMMANDS``; its user errors become one line and exit 1."""
+    """Run one of ``COMMANDS`` at the verbosity of ``--quiet`` / ``--verbose`` (the known noise silenced);
+    its user errors, usage errors and refused experiment overrides become one line and exit 1."""
+    from argparse import ArgumentError
+
     module, _, function = COMMANDS[name][0].partition(":")
     try:
+        args = _verbosity_from_argv(args)
         return int(getattr(importlib.import_module(module), function)(args) or 0)
+    except ArgumentError as err:  # an experiment override jsonargparse refused (the command passed it on)
+        if os.environ.get("SAMFLOW_DEBUG"):
+            raise
+        command = name.split()[0]
+        hint = (
+            f"(`samflow {name} --help` lists its options; the other arguments override the experiment, "
+            f"`samflow fit --help` lists them)"
+        )
+        return _error(f"samflow {command}: {one_line_argument_error(str(err), [command, *args], hint)}")
     except _user_errors() as err:
         if os.environ.get("SAMFLOW_DEBUG"):
             raise
@@ -428,13 +471,13 @@ _NOISE = (
 )
 
 
-def one_line_argument_error(message: str, args: list[str]) -> str:
+def one_line_argument_error(message: str, args: list[str], hint: str | None = None) -> str:
     """The most specific part of a jsonargparse error, as one line naming the full option key.
 
     jsonargparse reports ``--model.plugins.tokens.init_args.num_tokens abc`` as a tree: the outer key
     (``model.plugins``), the union alternatives it tried (``dict[...]``, ``None``), the class it loaded
     and the inner key (``num_tokens``) with the reason. The user needs the full key, the value and the
-    innermost reason.
+    innermost reason. ``hint`` says where the options are listed (default: ``samflow ARGS[0] --help``).
     """
     raw = [line for line in message.splitlines() if line.strip()]
     lines = [line.strip() for line in raw]
@@ -455,7 +498,7 @@ def one_line_argument_error(message: str, args: list[str]) -> str:
     detail = detail.replace("; Got value:", ", got")
     detail = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", detail)
     detail = re.sub(r'Parser key "([^"]+)": ', "", detail)
-    hint = f"(`samflow {args[0]} --help` lists the options)"
+    hint = hint or f"(`samflow {args[0]} --help` lists the options)"
     if outer is None:
         return f"{detail} {hint}"
     key = outer.group(1) + (f".{nested.group(1)}" if nested else "")

@@ -31,7 +31,6 @@ checked against PyTorch on random inputs, and the largest difference is recorded
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import json
@@ -44,6 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from samflow.cli import CommandParser
 from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.plugins.stack import HOOKS
@@ -329,7 +329,7 @@ def load_export(
 # ---- the command ----
 def main(argv: list[str]) -> int:
     """``samflow export RUN_OR_CKPT --out DIR [--merged] [--sam-checkpoint PATH] [--overwrite]``."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="samflow export",
         description="Export a trained run: adapter.safetensors + config.yaml + samflow.json, or with "
         "--merged a full segment-anything checkpoint.",

@@ -27,6 +27,10 @@ SAM_PREFIX = "model.sam."
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
+class ModelConfigError(ValueError):
+    """The experiment's model cannot run as set (nothing to train, another input size than the data's)."""
+
+
 class EvalTally(Metric):
     """Images and loss of one evaluation set, as sums over images (``dist_reduce_fx="sum"``).
 
@@ -188,10 +192,7 @@ class SamflowModule(LightningModule):
                 group["weight_decay"] = plugin.weight_decay
             groups.append(group)
         if not groups:
-            raise ValueError(
-                "Nothing to train: no plugin has trainable parameters. Add a plugin to the experiment "
-                "(for example `decoder_tuning`), or run `samflow validate` to evaluate frozen SAM."
-            )
+            self.check_trainable()
         optimizer = self.optimizer(groups)
         if self.scheduler is None:
             return optimizer
@@ -200,16 +201,65 @@ class SamflowModule(LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"},
         }
 
+    def check_trainable(self) -> None:
+        """Refuse to fit when no plugin trains a parameter (``model.plugins`` empty or all frozen)."""
+        if not any(self.plugins.owned.values()):
+            plugins = ", ".join(self.plugins) or "none"
+            raise ModelConfigError(
+                f"model.plugins: nothing to train, no plugin has trainable parameters (plugins: {plugins}). "
+                "Add a plugin that trains, e.g. --model.plugins.decoder.class_path DecoderTuning "
+                "(`samflow plugins` lists them), or run `samflow validate` to evaluate the frozen SAM."
+            )
+
+    def check_input_size(self, datamodule: Any) -> None:
+        """Refuse data framed at another size than SAM's input (``data.init_args.img_size`` vs
+        ``model.sam.img_size``).
+
+        The data module brings every image into its S x S frame and SAM takes that frame as it is: its
+        position tables, its prompt frame and its mask-prompt size are those of ``model.sam.img_size``,
+        so no other S works, with or without the encoder (an embedding store). A data module is read
+        by its ``img_size``, else by the ``img_size`` of its datasets (after ``setup``).
+        """
+        datasets = getattr(datamodule, "datasets", None)
+        sizes = {getattr(datamodule, "img_size", None)} if hasattr(datamodule, "img_size") else set()
+        if not sizes and isinstance(datasets, Mapping):
+            sizes = {getattr(d, "img_size", None) for d in datasets.values() if hasattr(d, "img_size")}
+        for size in sorted(s for s in sizes if isinstance(s, int)):
+            self._refuse_input_size(size)
+
+    def _refuse_input_size(self, size: int) -> None:
+        sam = self.model.img_size
+        if size == sam:
+            return
+        given = "" if self.sam_spec.img_size else f", the {self.sam_spec.variant} variant's default"
+        raise ModelConfigError(
+            f"data.init_args.img_size is {size} but model.sam.img_size is {sam}{given}: SAM takes the data's "
+            f"{size} x {size} frames as they are and needs {sam} x {sam}. Set both to one size, e.g. "
+            f"--model.sam.img_size {size} --data.init_args.img_size {size} (SAM's position tables are resized)."
+        )
+
     def setup(self, stage: str) -> None:
-        """Open ``sam.embedding_store`` once the data module's datasets exist, and check it against them."""
+        """Check the data's input size (and, to fit, that something trains) before the first step; open
+        ``sam.embedding_store`` once the data module's datasets exist, and check it against them."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.check_input_size(datamodule)
+        if stage == "fit":
+            self.check_trainable()
         if self.sam_spec.embedding_store and self.model.embedding_store is None:
             from samflow.embed import open_for_run
 
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             self.model.embedding_store = open_for_run(self, datamodule, stage)
+
+    def configure_callbacks(self) -> list[Any]:
+        """``MonitorCheck``: a checkpoint ``monitor`` the fit does not log stops it at the sanity check or
+        the first validation, naming the logged metrics (Lightning would find out after an epoch)."""
+        from samflow.callbacks.monitor import MonitorCheck
+
+        return [MonitorCheck()]
 
     # ---- forward ----
     def forward(self, batch: SamBatch) -> tuple[SamOutput, DecoderContext]:
+        self._refuse_input_size(batch.image.shape[-1])  # data modules without an ``img_size`` too
         ctx = self.model.context(batch, epoch=self.current_epoch, global_step=self.global_step)
         return self.model.run(batch, ctx)
 

@@ -30,7 +30,6 @@ it, or with ``--skip-bad`` is reported, skipped, listed in ``skipped.json`` and 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from samflow.cli import CommandParser
 from samflow.data.folder import IMAGE_SUFFIXES
 
 
@@ -438,7 +438,11 @@ def _load_predictor(source: Path, sam_checkpoint: str | None, device: str | None
 
 def main(argv: list[str]) -> int:
     """``samflow predict --prompts FILE ...`` (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="samflow predict", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(
+        prog="samflow predict",
+        description=__doc__.split("\n\n")[0],
+        help_command="samflow predict --prompts FILE",
+    )
     parser.add_argument("--model", required=True, help="a run folder, a .ckpt or a `samflow export` folder")
     parser.add_argument("--images", required=True, help="the folder of images to predict")
     parser.add_argument("--prompts", required=True, help="JSON, CSV, COCO annotations or a folder of masks")

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from samflow.batch import SamBatch
+from samflow.cli import CommandParser
 from samflow.data.coco import CocoInstances, collate_coco, encode_mask
 from samflow.data.coco_proposals import sam_checksum
 from samflow.data.folder import DataError
@@ -313,7 +314,7 @@ def write_proposals(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="samflow proposals",
         description="Store six SAM mask proposals per annotated point of the experiment's COCO training set "
         "(SAPNet's proposals; see samflow.proposals). Other arguments override the experiment.",

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samflow.cli import CommandParser
 from samflow.data.coco import CocoBatch, CocoDataModule, CocoInstances, collate_coco
 from samflow.data.folder import DataError
 
@@ -162,7 +163,7 @@ def write_pseudo_masks(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="samflow pseudo-masks",
         description="Write the pseudo masks a trained selection plugin (SAPNet) picks among the stored proposals "
         "of the experiment's training split, as a COCO instances file for `samflow student`. Other arguments "

@@ -33,6 +33,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from samflow.cli import CommandParser
 from samflow.data.coco import CocoBatch, CocoDataModule, encode_mask
 from samflow.data.folder import DataError
 from samflow.instance import CocoMaskAP, SOLOv2Head
@@ -247,7 +248,7 @@ TRAINER_KEYS = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="samflow student",
         description="Train SAPNet's SOLOv2 student on SAM's frozen embedding from pseudo masks (`samflow pseudo-masks`) "
         "and evaluate it without prompts (COCO mask AP on the experiment's val / test annotations). The experiment "

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samflow.cli import CommandParser
 from samflow.data.batch import collate
 from samflow.data.wsi.annotations import load_annotations, mask_to_region
 from samflow.data.wsi.patches import pair_item, wsi_sam_prompts
@@ -360,7 +361,7 @@ def _feature_collection(region: Any) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="samflow predict-slide",
         description="Segment whole slides with a two-resolution model (WSI-SAM): tissue tiles at the HR "
         "mpp with LR context, stitched with overlap; writes <slide>_mask.tif (pyramidal) and <slide>.geojson. "

@@ -258,3 +258,35 @@ def test_extra_commands_run_and_report_user_errors_on_one_line(monkeypatch, caps
     assert capsys.readouterr().err == "samflow: error: images/x.png is not an image: remove it\n"
     main(["--help"])
     assert "samflow good ARGS" in capsys.readouterr().out
+
+
+def test_extra_commands_take_the_verbosity_and_make_refused_overrides_one_line(monkeypatch, capsys):
+    """``--quiet`` anywhere sets the verbosity (not passed on); an override jsonargparse refuses
+    (``argparse.ArgumentError``) is one line naming it and where the options are listed."""
+    import types
+    from argparse import ArgumentError
+
+    from samflow import cli
+
+    module = types.ModuleType("fake_command")
+    seen = []
+
+    def good(args):
+        seen.append((args, cli.os.environ.get("SAMFLOW_VERBOSITY")))
+        return 0
+
+    def refused(args):
+        raise ArgumentError(None, "unrecognized arguments: --trainer.max_epocs 3")
+
+    module.good, module.refused = good, refused
+    monkeypatch.setitem(__import__("sys").modules, "fake_command", module)
+    monkeypatch.setattr(
+        cli, "COMMANDS", {"good": ("fake_command:good", ""), "refused": ("fake_command:refused", "")}
+    )
+    monkeypatch.setenv("SAMFLOW_VERBOSITY", "normal")
+    assert main(["good", "--x", "--quiet", "1"]) == 0 and seen == [(["--x", "1"], "quiet")]
+    assert main(["refused"]) == 1
+    assert capsys.readouterr().err == (
+        "samflow: error: samflow refused: unrecognized arguments: --trainer.max_epocs 3 (`samflow refused "
+        "--help` lists its options; the other arguments override the experiment, `samflow fit --help` lists them)\n"
+    )

@@ -36,7 +36,7 @@ def test_plugin_learning_rates_become_optimizer_groups():
 
 
 def test_nothing_to_train_is_a_clear_error():
-    with pytest.raises(ValueError, match="Nothing to train.*decoder_tuning"):
+    with pytest.raises(ValueError, match="nothing to train.*DecoderTuning"):
         make().configure_optimizers()
 
 

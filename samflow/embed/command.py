@@ -24,6 +24,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from samflow.cli import CommandParser
 from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
 from samflow.embed.store import EmbeddingStoreError
@@ -31,7 +32,7 @@ from samflow.embed.writer import write_store
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="samflow embed",
         description="Store the frozen encoder's outputs of every image of an experiment's datasets (fp16, "
         "sharded .npy files, memory-mapped), for decoder-side training with model.sam.embedding_store. "
@@ -104,6 +105,7 @@ def main(argv: list[str]) -> int:
     _barrier()
     if rank != 0:
         datamodule.setup(None)
+    model.check_input_size(datamodule)  # the encoder takes the data's frames as they are
     columns = [TextColumn("samflow embed"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, disable=rank != 0) as bar:
 

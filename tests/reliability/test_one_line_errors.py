@@ -1,7 +1,9 @@
 """Every bad input of the command line is one line, ``samflow: error: ...``, and exit status 1.
 
 Unknown or broken plugins (in the experiment, a second ``--config`` or a flag), wrong-typed options, a
-garbage SAM checkpoint, a ``--ckpt_path`` of another plugin set, an unknown experiment or command.
+garbage SAM checkpoint, a ``--ckpt_path`` of another plugin set, an unknown experiment or command; the
+usage errors of samflow's own commands (``export``, ``embed``, ...), an experiment without trainable
+plugins, a checkpoint monitor that is not logged, data framed at another size than SAM's input.
 """
 
 from __future__ import annotations
@@ -145,3 +147,108 @@ def test_checkpoint_save_last_is_refused_with_what_writes_last_ckpt(tmp_path):
     line = error_line(samflow([*FIT, "--checkpoint.save_last", "true"], tmp_path))
     assert "--checkpoint.save_last" in line and "LastCheckpoint already writes checkpoints/last.ckpt" in line
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# ---- samflow's own commands: usage errors are one line too, no usage dump, exit 1 ----
+def main_error(args: list[str], capsys) -> str:
+    """``samflow ARGS`` in this process: exit status 1 and one line on stderr, which is returned."""
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("samflow: error:") and "usage:" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["export", "runs/x/version_0"], "samflow export: the following arguments are required: --out"),
+        (["embed"], "samflow embed: the following arguments are required: --experiment"),
+        (["student", "--experiment", "x"], "samflow student: the following arguments are required: --pseudo, --out"),
+        (["predict-slide"], "the following arguments are required: slides, --experiment, --out"),
+        (["proposals", "--experiment", "quickstart"], "samflow proposals: the following arguments are required: --out"),
+        (["pseudo-masks"], "samflow pseudo-masks: the following arguments are required: --experiment, --ckpt, --out"),
+        (["predict", "--prompts", "p.json"], "samflow predict: the following arguments are required: --model, --images, --out"),
+        (["export", "r", "--out", "o", "--bogus"], "samflow export: unrecognized arguments: --bogus"),
+        (["export", "r", "--out", "o", "--single-mask"], "samflow export: --single-mask applies to --onnx only"),
+        (["embed", "--experiment", "quickstart", "--shard-size", "ten"], "--shard-size: invalid int value: 'ten'"),
+    ],
+)  # fmt: skip
+def test_a_command_usage_error_is_one_line_naming_the_option(capsys, args, expected):
+    line = main_error(args, capsys)
+    command = "samflow predict --prompts FILE" if "--prompts" in args else f"samflow {args[0]}"
+    assert expected in line and f"(`{command} --help` lists the options)" in line
+
+
+def test_a_command_help_still_exits_0(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["export", "--help"])
+    assert done.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("quiet", [[], ["--quiet"]])
+def test_an_unknown_experiment_override_of_embed_is_one_line(tmp_path, quiet):
+    """``--quiet`` is the command line's, not an override; ``--bogus`` is refused by the experiment's parser."""
+    proc = samflow(["embed", "--experiment", "quickstart", "--bogus", *quiet, "--out", "store"], tmp_path)
+    line = error_line(proc)
+    assert line.startswith("samflow: error: samflow embed: unrecognized arguments: --bogus (")
+    assert "--quiet" not in line and "`samflow fit --help`" in line and "`samflow embed --help`" in line
+    assert not (tmp_path / "store").exists()
+
+
+TINY = [
+    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+    "--data.init_args.batch_size", "4", "--data.init_args.quickstart.n_train", "4",
+    "--data.init_args.quickstart.n_val", "4", "--quiet",
+]  # fmt: skip
+
+
+def test_an_experiment_without_trainable_plugins_is_one_line_before_training(tmp_path):
+    line = error_line(samflow([*FIT[:-1], "1", *TINY, "--model.plugins", "{}"], tmp_path))
+    assert "model.plugins: nothing to train" in line and "(plugins: none)" in line
+    assert "--model.plugins.decoder.class_path DecoderTuning" in line and "samflow validate" in line
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("sanity", [1, 0])
+def test_a_monitor_that_is_not_logged_is_one_line_at_the_first_validation(tmp_path, sanity):
+    """With a sanity check the fit stops there, before a step; without, at the first validation (not
+    after Lightning's first checkpoint attempt); the line lists the metrics that were logged."""
+    monitor = ["--checkpoint.monitor", "val/nonexistent", "--trainer.num_sanity_val_steps", str(sanity)]
+    line = error_line(samflow([*FIT[:-1], "2", *TINY, *monitor], tmp_path))
+    assert "--checkpoint.monitor 'val/nonexistent': the run logs no such metric" in line
+    assert "val/iou, val/loss, val/mae" in line and "leave --checkpoint.monitor unset" in line
+    assert ("train/loss" in line) == (sanity == 0)  # no training step before the sanity check
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("command", ["fit", "embed"])
+def test_data_img_size_other_than_sam_img_size_is_one_line_naming_both(tmp_path, command):
+    """The tiny SAM takes 128 x 128 inputs; data framed at 64 fails before the encoder runs."""
+    size = ["--data.init_args.img_size", "64"]
+    args = [*FIT[:-1], "1", *TINY, *size] if command == "fit" else ["embed", *FIT[1:3], *TINY[4:], *size]
+    line = error_line(samflow([*args, "--out", "store"] if command == "embed" else args, tmp_path))
+    assert "data.init_args.img_size is 64 but model.sam.img_size is 128, the tiny variant's default" in line
+    assert "--model.sam.img_size 64 --data.init_args.img_size 64" in line
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "store").exists()
+
+
+def test_check_input_size_reads_the_data_module_or_its_datasets():
+    from types import SimpleNamespace
+
+    from samflow.module import ModelConfigError, SamflowModule, SamSpec
+
+    module = SamflowModule(sam=SamSpec(variant="tiny", img_size=64))
+    module.check_input_size(SimpleNamespace(img_size=64))
+    module.check_input_size(SimpleNamespace(datasets={"train": SimpleNamespace(img_size=64)}))
+    module.check_input_size(None)  # nothing to read: the first batch is checked
+    with pytest.raises(ModelConfigError, match=r"img_size is 128 but model.sam.img_size is 64: "):
+        module.check_input_size(SimpleNamespace(datasets={"val": SimpleNamespace(img_size=128)}))
+
+
+def test_embed_prints_no_litlogger_tip(tmp_path):
+    """The argparse commands silence Lightning's noise as fit does (default verbosity)."""
+    proc = samflow(["embed", *FIT[1:3], *TINY[4:-1], "--out", "store"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "litlogger" not in proc.stdout + proc.stderr and "Tip:" not in proc.stdout + proc.stderr
+    assert "samflow embed: 8 images in store" in proc.stdout + proc.stderr  # 4 train, 4 val
