@@ -275,8 +275,11 @@ class SamflowModule(LightningModule):
         total = terms.pop("total")
         extra = self.plugins.losses(out, batch, ctx)
         if not terms and not extra:
-            raise ValueError(
-                "No loss terms: set model.losses (e.g. {bce: 1.0, dice: 1.0}) or add a plugin with losses."
+            keys = ", ".join(self.plugins) or "none"
+            raise ModelConfigError(
+                f"model.losses: no loss terms (model.losses is empty and no plugin added a term; plugins: "
+                f"{keys}). Set model.losses, e.g. --model.losses '{{bce: 1.0, dice: 1.0}}', or turn on a "
+                "plugin's own loss."
             )
         for value in extra.values():
             total = total + value

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import random_batch
 
-from samflow.module import SamflowModule, SamSpec
+from samflow.module import ModelConfigError, SamflowModule, SamSpec
 from samflow_plugins.decoder_tuning import DecoderTuning
 from samflow_plugins.tokens import ExtraTokens
 
@@ -48,7 +48,7 @@ def test_losses_add_plugin_terms_and_need_some_term():
     assert set(terms) == {"bce", "dice", "total"}
     torch.testing.assert_close(terms["total"], terms["bce"] + terms["dice"])
     empty = SamflowModule(sam=SamSpec(variant="tiny"), plugins={"t": ExtraTokens()}, losses={})
-    with pytest.raises(ValueError, match="No loss terms: set model.losses"):
+    with pytest.raises(ModelConfigError, match="model.losses: no loss terms .*plugins: t"):
         empty.compute_losses(out, batch, ctx)
 
 

@@ -210,6 +210,12 @@ def test_an_experiment_without_trainable_plugins_is_one_line_before_training(tmp
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_no_loss_terms_is_one_line(tmp_path):
+    line = error_line(samflow([*FIT[:-1], "1", *TINY, "--model.losses", "{}"], tmp_path))
+    assert "model.losses: no loss terms" in line and "plugins: decoder, tokens)" in line
+    assert "--model.losses '{bce: 1.0, dice: 1.0}'" in line
+
+
 @pytest.mark.parametrize("sanity", [1, 0])
 def test_a_monitor_that_is_not_logged_is_one_line_at_the_first_validation(tmp_path, sanity):
     """With a sanity check the fit stops there, before a step; without, at the first validation (not
