@@ -18,17 +18,15 @@ embedding kept; the default ``bias: distance`` must add exactly -beta_h * dist(i
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import sys
-import types
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import random_batch
+from official_code import import_modules
 from torch import nn
 
 from samflow.plugins import PluginStack
@@ -47,16 +45,9 @@ SIZES = {1024: 128, 4096: 256}
 @pytest.fixture
 def official(monkeypatch):
     """The official ``image_encoder`` module, imported without the package around it."""
-    folder = Path(SRC or ".") / "models" / "sam" / "modeling"
-    package = types.ModuleType(PACKAGE)
-    package.__path__ = [str(folder)]
-    monkeypatch.setitem(sys.modules, PACKAGE, package)
-    for name in ("common", "image_encoder"):
-        monkeypatch.delitem(sys.modules, f"{PACKAGE}.{name}", raising=False)
-    module = importlib.import_module(f"{PACKAGE}.image_encoder")
-    yield module
-    for name in ("common", "image_encoder"):
-        sys.modules.pop(f"{PACKAGE}.{name}", None)
+    yield from import_modules(
+        monkeypatch, PACKAGE, Path(SRC or ".") / "models" / "sam" / "modeling", ("common", "image_encoder")
+    )
 
 
 def shared_weights(

@@ -20,7 +20,6 @@ import importlib
 import os
 import sys
 import types
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomize
+from official_code import image_encoder, prompt_encoder
 
 from samflow.batch import SamBatch
 from samflow.plugins.stack import PluginStack
@@ -58,28 +58,9 @@ def official() -> types.SimpleNamespace:
 def official_tiny_hq_sam(official: types.SimpleNamespace) -> torch.nn.Module:
     """The official HQ-SAM built like samflow's ``tiny`` variant (128 px, ViT 64-d, decoder 64-d)."""
     spec = VARIANTS["tiny"]
-    grid = spec.img_size // spec.patch_size
     return official.sam.Sam(
-        image_encoder=official.image_encoder.ImageEncoderViT(
-            depth=spec.depth,
-            embed_dim=spec.embed_dim,
-            img_size=spec.img_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=spec.num_heads,
-            patch_size=spec.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=spec.global_attn_indexes,
-            window_size=spec.window_size,
-            out_chans=spec.prompt_dim,
-        ),
-        prompt_encoder=official.prompt_encoder.PromptEncoder(
-            embed_dim=spec.prompt_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(spec.img_size, spec.img_size),
-            mask_in_chans=spec.mask_in_chans,
-        ),
+        image_encoder=image_encoder(official.image_encoder.ImageEncoderViT, spec),
+        prompt_encoder=prompt_encoder(official.prompt_encoder.PromptEncoder, spec),
         mask_decoder=official.mask_decoder_hq.MaskDecoderHQ(
             num_multimask_outputs=3,
             transformer=official.transformer.TwoWayTransformer(

@@ -20,12 +20,12 @@ import importlib
 import os
 import sys
 import types
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import randomize
+from official_code import image_encoder, prompt_encoder
 
 from samflow.batch import SamBatch
 from samflow.plugins.stack import PluginStack
@@ -87,28 +87,9 @@ def official_model(
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The official frozen SAM (``segment_anything_training``) and ``MaskDecoderPA`` with samflow's weights."""
     m = official.modeling
-    grid = SPEC.img_size // SPEC.patch_size
     ref_sam = m.Sam(
-        image_encoder=m.ImageEncoderViT(
-            depth=SPEC.depth,
-            embed_dim=SPEC.embed_dim,
-            img_size=SPEC.img_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=SPEC.num_heads,
-            patch_size=SPEC.patch_size,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=SPEC.global_attn_indexes,
-            window_size=SPEC.window_size,
-            out_chans=SPEC.prompt_dim,
-        ),
-        prompt_encoder=m.PromptEncoder(
-            embed_dim=SPEC.prompt_dim,
-            image_embedding_size=(grid, grid),
-            input_image_size=(SPEC.img_size, SPEC.img_size),
-            mask_in_chans=SPEC.mask_in_chans,
-        ),
+        image_encoder=image_encoder(m.ImageEncoderViT, SPEC),
+        prompt_encoder=prompt_encoder(m.PromptEncoder, SPEC),
         mask_decoder=m.MaskDecoder(
             num_multimask_outputs=3,
             transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),

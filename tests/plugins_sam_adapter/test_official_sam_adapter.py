@@ -14,16 +14,14 @@ output by exactly the token order of F_pe.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import types
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import random_batch
+from official_code import import_modules
 from torch import nn
 
 from samflow.plugins import PluginStack
@@ -39,16 +37,12 @@ ATOL = 1e-10
 @pytest.fixture
 def official(monkeypatch):
     """The official ``image_encoder`` module, imported without the mmseg package around it."""
-    folder = Path(SRC or ".") / "models" / "mmseg" / "models" / "sam"
-    package = types.ModuleType(PACKAGE)
-    package.__path__ = [str(folder)]
-    monkeypatch.setitem(sys.modules, PACKAGE, package)
-    for name in ("common", "image_encoder"):
-        monkeypatch.delitem(sys.modules, f"{PACKAGE}.{name}", raising=False)
-    module = importlib.import_module(f"{PACKAGE}.image_encoder")
-    yield module
-    for name in ("common", "image_encoder"):
-        sys.modules.pop(f"{PACKAGE}.{name}", None)
+    yield from import_modules(
+        monkeypatch,
+        PACKAGE,
+        Path(SRC or ".") / "models" / "mmseg" / "models" / "sam",
+        ("common", "image_encoder"),
+    )
 
 
 def official_encoder(official, sam, scale_factor: int) -> nn.Module:

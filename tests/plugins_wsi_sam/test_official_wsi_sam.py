@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from official_code import randomize_all
 from torch import nn
 
 from samflow.plugins.stack import PluginStack
@@ -59,22 +60,6 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     atol = RTOL * expected.abs().max().item()
     torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
-
-
-def _randomize(module: nn.Module, seed: int) -> None:
-    """Random values for every float parameter and buffer (norm weights near 1, variances positive)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict(keep_vars=True).items():
-            if not t.is_floating_point():
-                continue
-            noise = torch.randn(t.shape, generator=gen, dtype=t.dtype)
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen, dtype=t.dtype))
-            elif t.ndim == 1 and name.endswith("weight"):
-                t.copy_(1 + 0.1 * noise)
-            else:
-                t.copy_(0.05 * noise)
 
 
 def _timm_stand_in() -> dict[str, types.ModuleType]:
@@ -174,7 +159,7 @@ def _run_both(src: Path, work: Path, mp: pytest.MonkeyPatch) -> types.SimpleName
     from segment_anything_training import build_sam_vit_t
 
     full = build_sam_vit_t()  # the official MobileSAM of WSI-SAM's package
-    _randomize(full, seed=0)
+    randomize_all(full, seed=0)
     torch.save(full.state_dict(), ckpt / "mobile_sam.pt")
     prefix = "mask_decoder."
     decoder = {k[len(prefix) :]: v for k, v in full.state_dict().items() if k.startswith(prefix)}
@@ -183,7 +168,7 @@ def _run_both(src: Path, work: Path, mp: pytest.MonkeyPatch) -> types.SimpleName
     sam = build_sam("mobile_sam", checkpoint=ckpt / "mobile_sam.pt")
     plugin = WSISam()
     hooked = HookedSam(sam, PluginStack({"wsi": plugin})).eval()
-    _randomize(plugin, seed=1)
+    randomize_all(plugin, seed=1)
     nets = {}
     for name in ("high", "low"):
         nets[name] = {**decoder, **getattr(plugin, name).state_dict()}

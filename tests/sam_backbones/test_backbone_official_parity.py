@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from official_code import randomize_all
 
 from samflow.sam import build_sam, count_parameters
 
@@ -30,29 +31,13 @@ def _official(env: str, module: str, monkeypatch: pytest.MonkeyPatch):
     return pytest.importorskip(module)
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> None:
-    """Random values for every float parameter and buffer (norm weights near 1, variances positive)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in module.state_dict(keep_vars=True).items():
-            if not t.is_floating_point():
-                continue
-            noise = torch.randn(t.shape, generator=gen, dtype=t.dtype)
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=gen, dtype=t.dtype))
-            elif t.ndim == 1 and name.endswith("weight"):
-                t.copy_(1 + 0.1 * noise)
-            else:
-                t.copy_(0.05 * noise)
-
-
 def test_mobile_sam_equals_official_tiny_vit(monkeypatch, tmp_path):
     _official("SAMFLOW_MOBILE_SAM_SRC", "mobile_sam", monkeypatch)
     from mobile_sam.build_sam import build_sam_vit_t
     from mobile_sam.modeling.tiny_vit_sam import TinyViT
 
     full = build_sam_vit_t()  # the official MobileSAM at 1024 px: TinyViT + SAM's decoder side
-    _randomize(full, seed=0)
+    randomize_all(full, seed=0)
     path = tmp_path / "mobile_sam.pt"
     torch.save(full.state_dict(), path)  # the official checkpoint's layout (classifier head included)
 
@@ -110,7 +95,7 @@ def test_efficient_sam_equals_official_encoder(variant, dim, heads, count, monke
     from efficient_sam.efficient_sam_encoder import ImageEncoderViT
 
     full = build_efficient_sam(dim, heads)  # the official EfficientSAM at 1024 px, its own decoder
-    _randomize(full, seed=0)
+    randomize_all(full, seed=0)
     path = tmp_path / f"{variant}.pt"
     torch.save({"model": full.state_dict()}, path)  # the official checkpoints' layout
     with pytest.warns(UserWarning, match="only the image encoder is loaded"):
