@@ -9,6 +9,7 @@ import types
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -32,22 +33,24 @@ def import_modules(
         sys.modules.pop(f"{package}.{name}", None)
 
 
-def image_encoder(cls: type[nn.Module], spec: SamVariant) -> nn.Module:
-    """An official ``ImageEncoderViT`` class built with the shape of samflow's variant ``spec``."""
-    return cls(
-        depth=spec.depth,
-        embed_dim=spec.embed_dim,
-        img_size=spec.img_size,
-        mlp_ratio=4,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_heads=spec.num_heads,
-        patch_size=spec.patch_size,
-        qkv_bias=True,
-        use_rel_pos=True,
-        global_attn_indexes=spec.global_attn_indexes,
-        window_size=spec.window_size,
-        out_chans=spec.prompt_dim,
-    )
+def image_encoder(cls: type[nn.Module], spec: SamVariant, **changes: Any) -> nn.Module:
+    """An official ``ImageEncoderViT`` class built with the shape of samflow's variant ``spec`` (and
+    ``changes``: a fork's own arguments, another ``img_size``)."""
+    arguments = {
+        "depth": spec.depth,
+        "embed_dim": spec.embed_dim,
+        "img_size": spec.img_size,
+        "mlp_ratio": 4,
+        "norm_layer": partial(torch.nn.LayerNorm, eps=1e-6),
+        "num_heads": spec.num_heads,
+        "patch_size": spec.patch_size,
+        "qkv_bias": True,
+        "use_rel_pos": True,
+        "global_attn_indexes": spec.global_attn_indexes,
+        "window_size": spec.window_size,
+        "out_chans": spec.prompt_dim,
+    }
+    return cls(**(arguments | changes))
 
 
 def prompt_encoder(cls: type[nn.Module], spec: SamVariant) -> nn.Module:

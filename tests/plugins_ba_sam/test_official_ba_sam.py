@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import math
 import os
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import random_batch
-from official_code import import_modules
+from official_code import image_encoder, import_modules
 from torch import nn
 
 from samflow.plugins import PluginStack
 from samflow.sam import HookedSam, decomposed_rel_pos_bias, resize_sam
+from samflow.sam.build import VARIANTS
 from samflow_plugins.ba_sam import BASam, alibi_slopes, scale_at
 
 SRC = os.environ.get("SAMFLOW_BA_SAM_SRC")
@@ -62,21 +62,8 @@ def shared_weights(
     if plugin.bias == "reference_code":
         with torch.no_grad():
             plugin.values("coefficients").copy_(torch.tensor(coefficients))
-    ref = official.ImageEncoderViT(
-        args=None,
-        img_size=official_size,
-        patch_size=16,
-        embed_dim=64,
-        depth=4,
-        num_heads=2,
-        mlp_ratio=4,
-        out_chans=64,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_abs_pos=abs_pos,
-        use_rel_pos=True,
-        window_size=4,
-        global_attn_indexes=(1, 3),
+    ref = image_encoder(
+        official.ImageEncoderViT, VARIANTS["tiny"], args=None, img_size=official_size, use_abs_pos=abs_pos
     )
     state = dict(sam.image_encoder.state_dict())
     if not abs_pos:

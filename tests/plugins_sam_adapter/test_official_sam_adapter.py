@@ -15,17 +15,17 @@ output by exactly the token order of F_pe.
 from __future__ import annotations
 
 import os
-from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import random_batch
-from official_code import import_modules
+from official_code import image_encoder, import_modules
 from torch import nn
 
 from samflow.plugins import PluginStack
 from samflow.sam import HookedSam, build_sam
+from samflow.sam.build import VARIANTS
 from samflow_plugins.sam_adapter import SamAdapter
 
 SRC = os.environ.get("SAMFLOW_SAM_ADAPTER_SRC")
@@ -48,20 +48,7 @@ def official(monkeypatch):
 def official_encoder(official, sam, scale_factor: int) -> nn.Module:
     """The official encoder with the tiny SAM's shape (its prompt generator rebuilt for ``scale_factor``)."""
     enc = sam.image_encoder
-    ref = official.ImageEncoderViT(
-        img_size=enc.img_size,
-        patch_size=16,
-        embed_dim=64,
-        depth=4,
-        num_heads=2,
-        mlp_ratio=4,
-        out_chans=64,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True,
-        window_size=4,
-        global_attn_indexes=(1, 3),
-    )
+    ref = image_encoder(official.ImageEncoderViT, VARIANTS["tiny"], img_size=enc.img_size)
     if scale_factor != ref.scale_factor:  # the official class, with another of its own arguments
         ref.prompt_generator = official.PromptGenerator(
             scale_factor, "highpass", 64, 1234, 4, "fft", 0.25, True, True, "adaptor", enc.img_size, 16
