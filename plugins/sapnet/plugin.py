@@ -151,17 +151,33 @@ class SAPNet(SamPlugin):
                 f"[0, {self.net.num_classes}); map category ids to contiguous indices or raise "
                 f"model.plugins.{self.key}.init_args.num_classes."
             )
-        if batch.points is not None:
-            points = batch.points[:, 0].to(proposals.dtype)
-        elif batch.box is not None:
-            points = (batch.box[:, :2] + batch.box[:, 2:]) / 2
-        else:
-            points = (proposals[:, 0, :2] + proposals[:, 0, 2:]) / 2
+        points = row_points(batch, proposals)
+        centre_boxes = None
+        if batch.box is not None:  # for pdg_box_centres: a row without a box keeps its own point
+            valid = batch.box_valid()
+            assert valid is not None
+            centre_boxes = torch.where(valid[:, None], batch.box.to(points.dtype), points.repeat(1, 2))
         result = self.net(
-            self.feature_maps(ctx), s, proposals, labels, points, batch.image_index, centre_boxes=batch.box
+            self.feature_maps(ctx), s, proposals, labels, points, batch.image_index, centre_boxes=centre_boxes
         )
         out.extras["sapnet"] = result
         return result.losses
+
+
+def row_points(batch: SamBatch, proposals: Tensor) -> Tensor:
+    """Each row's point (N, 2), row by row: its first point, else its box's centre, else the centre of
+    its first proposal. A row's choice never depends on the other rows of the batch."""
+    points = (proposals[:, 0, :2] + proposals[:, 0, 2:]) / 2
+    boxed = batch.box_valid()
+    if batch.box is not None and boxed is not None:
+        centres = ((batch.box[:, :2] + batch.box[:, 2:]) / 2).to(points.dtype)
+        points = torch.where(boxed[:, None], centres, points)
+    valid = batch.point_valid()
+    if batch.points is not None and valid is not None:
+        first = valid.to(torch.uint8).argmax(1)  # the first slot holding a point
+        chosen = batch.points[torch.arange(len(first), device=first.device), first].to(points.dtype)
+        points = torch.where(valid.any(1)[:, None], chosen, points)
+    return points
 
 
 def resnet50_fpn(weights: str, trainable_layers: int = 3) -> nn.Module:

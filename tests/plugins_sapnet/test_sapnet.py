@@ -283,3 +283,70 @@ def test_class_indices_outside_the_head_are_refused_by_name():
     res = out.extras["sapnet"]
     assert res.bag1.shape == (2, 26, 4) and torch.equal(res.bag1[:, :6], batch.proposals)
     assert res.score0.shape == (2, 6) and res.mps_index.shape == (2, 3)
+
+
+def test_each_row_takes_its_own_point_box_centre_or_proposal_centre():
+    """PDG's point, row by row: the first point, else the box's centre, else the first proposal's
+    centre (a box-only row beside a point row used to get the points' padding slot, (0, 0))."""
+    from samflow.batch import SamBatch
+    from samflow_plugins.sapnet.plugin import row_points
+
+    points = torch.tensor([[[0.0, 0.0], [30.0, 35.0]], [[0.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    labels = torch.tensor([[-1, 1], [-1, -1], [-1, -1]])  # row 0: its point in slot 1; rows 1, 2: none
+    box = torch.tensor([[0.0, 0.0, 0.0, 0.0], [40.0, 30.0, 60.0, 50.0], [0.0, 0.0, 0.0, 0.0]])
+    batch = SamBatch(
+        image=torch.zeros(1, 3, 8, 8),
+        image_index=torch.zeros(3, dtype=torch.long),
+        points=points,
+        point_labels=labels,
+        box=box,
+        has_box=torch.tensor([False, True, False]),
+    )
+    proposals = torch.tensor([[10.0, 10.0, 20.0, 30.0]]).expand(3, 2, 4)
+    assert row_points(batch, proposals).tolist() == [[30.0, 35.0], [50.0, 40.0], [15.0, 20.0]]
+
+
+def test_a_row_of_another_image_with_a_point_changes_nothing_of_this_image():
+    """Rows A and B (boxes, image 0) alone, then with a point row C on image 1: A's and B's stage-0
+    and stage-1 results are the same (float64); before, C's points made A's PDG point (0, 0)."""
+    from helpers import randomize
+
+    from samflow.batch import SamBatch
+    from samflow.plugins import PluginStack
+    from samflow.sam import HookedSam, build_sam
+    from samflow_plugins.sapnet import SAPNet
+
+    torch.manual_seed(0)
+    model = HookedSam(
+        randomize(build_sam("tiny", seed=0)), PluginStack({"sap": SAPNet(num_classes=3, hidden=32)})
+    )
+    model = model.double().eval()
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    box_a, box_b = torch.tensor([40.0, 30.0, 60.0, 50.0]), torch.tensor([20.0, 20.0, 80.0, 70.0])
+    grow = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    bags = [torch.stack([b + d * grow for d in (0, 2, 4, 6, 8, 10)]) for b in (box_a, box_b, box_a - 10)]
+
+    def sapnet(rows: int, **prompts):
+        batch = SamBatch(image=image[: 1 + (rows > 2)], image_index=torch.tensor([0, 0, 1][:rows]), **prompts)
+        batch.proposals = torch.stack(bags[:rows]).double()
+        batch.classes = torch.tensor([0, 0, 2][:rows])
+        torch.manual_seed(0)
+        with torch.no_grad():
+            out, ctx = model.run(batch)
+            model.plugins.losses(out, batch, ctx)
+        return out.extras["sapnet"]
+
+    alone = sapnet(2, box=torch.stack([box_a, box_b]).double())
+    points = torch.zeros(3, 1, 2, dtype=torch.float64)
+    points[2, 0] = torch.tensor([30.0, 35.0])
+    both = sapnet(
+        3,
+        box=torch.stack([box_a, box_b, torch.zeros(4)]).double(),
+        has_box=torch.tensor([True, True, False]),
+        points=points,
+        point_labels=torch.tensor([[-1], [-1], [1]]),
+    )
+    assert alone.phi[1, 0] < 1  # A's box centre is inside B's first proposal: PDG acts on B
+    for field in ("phi", "score0", "score1", "bag1", "pseudo_box"):
+        torch.testing.assert_close(getattr(both, field)[:2], getattr(alone, field), rtol=0, atol=1e-12)
+    assert both.pseudo_index[:2].tolist() == alone.pseudo_index.tolist()
