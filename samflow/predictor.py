@@ -21,7 +21,10 @@ the two stages, so a GUI encodes an image once and decodes many prompts.
 With plugins, ``predict`` returns what the model predicts: SAM's masks (1 or, with
 ``multimask_output``, 3 per prompt, scored by SAM's IoU head), or, when a plugin chooses the prediction
 (``select``: HQ-SAM, ExtraTokens with ``predict``), that one mask per prompt, scored by SAM's IoU
-prediction of the token SAM's own rule picks.
+prediction of the token SAM's own rule picks. As in ``SamPredictor``, ``multimask_output`` is also the
+rule of that call (token 0, or the best of tokens 1..3); ``multimask_output=None`` takes the model's
+own rule (``model.sam.multimask_output`` of its training) and gives one mask per prompt, the one
+validation scored: ``samflow predict --prompts`` and ``predict_tiled`` predict that way.
 """
 
 from __future__ import annotations
@@ -264,7 +267,7 @@ class Predictor:
         point_labels: np.ndarray | None = None,
         box: np.ndarray | None = None,
         mask_input: np.ndarray | None = None,
-        multimask_output: bool = True,
+        multimask_output: bool | None = True,
         return_logits: bool = False,
         *,
         encoding: ImageEncoding | None = None,
@@ -276,7 +279,8 @@ class Predictor:
             point_labels: (K,) 1 foreground, 0 background.
             box: (4,) xyxy in the original image's pixels.
             mask_input: (1, h, w) low-resolution logits of an earlier prediction.
-            multimask_output: three masks (SAM's tokens 1..3) instead of one (token 0).
+            multimask_output: three masks (SAM's tokens 1..3) instead of one (token 0); None: one, the
+                model's own prediction by the rule it was trained with (module docstring).
             return_logits: logits instead of boolean masks.
             encoding: an ``encode`` result to predict on instead of the image ``set_image`` set.
 
@@ -310,7 +314,7 @@ class Predictor:
         point_labels: Tensor | None,
         boxes: Tensor | None = None,
         mask_input: Tensor | None = None,
-        multimask_output: bool = True,
+        multimask_output: bool | None = True,
         return_logits: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """B prompts on the current image, already in the model's frame (``transform.apply_*_torch``).
@@ -368,7 +372,7 @@ class Predictor:
         point_labels: Tensor | None = None,
         boxes: Tensor | None = None,
         mask_input: Tensor | None = None,
-        multimask_output: bool = True,
+        multimask_output: bool | None = True,
         return_logits: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Prompt encoder, mask decoder and plugins for B prompts (model frame) on an encoded image.
@@ -390,7 +394,8 @@ class Predictor:
         ctx = ForwardContext(
             sam=self.model.sam,
             batch=batch,
-            multimask_output=multimask_output,
+            # the rule plugins follow (HQ-SAM's sam_hq): the call's, or with None the model's own
+            multimask_output=self.model.multimask_output if multimask_output is None else multimask_output,
             state={key: dict(value) for key, value in encoding.state.items()},
         )
         out = self.model.decode(DecoderContext.after_encoder(ctx, encoding.encoded))
@@ -407,7 +412,7 @@ class Predictor:
         *,
         tile: int | None = None,
         overlap: int | None = None,
-        multimask_output: bool = False,
+        multimask_output: bool | None = None,
         return_logits: bool = False,
         image_format: str = "RGB",
         progress: bool = False,
@@ -428,6 +433,8 @@ class Predictor:
             image: H x W x 3 uint8.
             boxes: (N, 4) xyxy in the image's pixels; point_coords (N, K, 2), point_labels (N, K).
             tile, overlap: window side and overlap in the image's pixels.
+            multimask_output: as ``predict``; the default None gives each prompt the model's own
+                prediction (one mask).
             progress: show a progress bar over the windows (``samflow predict --prompts --tile`` does).
 
         Returns:
@@ -515,13 +522,17 @@ class Predictor:
         return self.encoding
 
 
-def chosen_masks(model: HookedSam, out: SamOutput, multimask_output: bool) -> tuple[Tensor, Tensor]:
+def chosen_masks(model: HookedSam, out: SamOutput, multimask_output: bool | None) -> tuple[Tensor, Tensor]:
     """What ``predict`` returns of a decoder output: (low-resolution logits (N, M, h, w), scores (N, M)).
 
     SAM's tokens 1..3 (``multimask_output``) or token 0 with their IoU predictions; when a plugin
     chooses the prediction (``select``), that one mask, scored by SAM's IoU prediction of the token
-    SAM's own rule picks.
+    SAM's own rule picks. ``None``: the model's own prediction (``out.pred``, by the model's rule, as
+    validation scores it), scored the same way.
     """
+    if multimask_output is None:
+        rule = model.multimask_output
+        return out.pred, out.iou_pred[:, 1:].max(dim=1, keepdim=True).values if rule else out.iou_pred[:, :1]
     if model.plugins.uses("select"):  # a plugin chooses the mask: one per prompt
         if multimask_output:
             return out.pred, out.iou_pred[:, 1:].max(dim=1, keepdim=True).values

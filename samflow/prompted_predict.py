@@ -301,7 +301,10 @@ def _predict_image(
         predictor.set_image(image)
         for prompt in prompts:
             masks, scores, _ = predictor.predict(
-                point_coords=prompt.points, point_labels=prompt.labels, box=prompt.box, multimask_output=False
+                point_coords=prompt.points,
+                point_labels=prompt.labels,
+                box=prompt.box,
+                multimask_output=None,  # the model's own prediction, as validation scored it
             )
             yield masks[0], float(scores[0])
         predictor.reset_image()

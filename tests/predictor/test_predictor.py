@@ -153,3 +153,48 @@ def test_from_checkpoint_needs_the_runs_config(trained_run, tmp_path):
         Predictor.from_checkpoint(lone, config=other)
     with pytest.raises(PredictorError, match="not a samflow run folder"):
         Predictor.from_run(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("plugin", ["none", "hq_sam"])
+def test_none_predicts_what_the_model_validates_with_its_own_rule(tiny_sam, plugin):
+    """A model trained with multimask_output (best of tokens 1..3): ``multimask_output=None`` (what
+    `samflow predict --prompts` and predict_tiled use) gives its forward's ``pred`` and the chosen
+    token's IoU, for plain SAM and for HQ-SAM's sam_hq (whose SAM term follows that rule);
+    ``False`` stays SamPredictor's token 0, which is another mask here."""
+    from samflow.batch import SamBatch
+    from samflow.plugins import PluginStack
+    from samflow_plugins.hq_sam import HQSam
+
+    torch.manual_seed(0)
+    plugins = {"hq": HQSam(output="sam_hq")} if plugin == "hq_sam" else {}
+    model = HookedSam(tiny_sam, PluginStack(plugins), multimask_output=True).eval()
+    predictor = Predictor(model, device="cpu")
+    img = image(96, 120, seed=3)
+    points, labels, box = (
+        np.array([[50.0, 40.0], [20.0, 70.0]]),
+        np.array([1, 0]),
+        np.array([10.0, 12, 90, 80]),
+    )
+    predictor.set_image(img)
+    _, score, low = predictor.predict(
+        point_coords=points, point_labels=labels, box=box, multimask_output=None
+    )
+    enc = predictor.encoding
+    coords = torch.as_tensor(predictor.transform.apply_coords(points, enc.original_size), dtype=torch.float)
+    batch = SamBatch(
+        image=enc.image,
+        input_size=torch.tensor([enc.input_size]),
+        original_size=torch.tensor([enc.original_size]),
+        points=coords[None],
+        point_labels=torch.as_tensor(labels)[None],
+        box=torch.as_tensor(predictor.transform.apply_boxes(box, enc.original_size), dtype=torch.float),
+    )
+    with torch.no_grad():
+        out = model(batch)
+    assert low.shape[0] == 1
+    np.testing.assert_allclose(low[0], out.pred[0, 0].numpy(), atol=1e-5, rtol=0)
+    assert score[0] == pytest.approx(out.iou_pred[0, 1:].max().item(), abs=1e-6)
+    _, _, token0 = predictor.predict(
+        point_coords=points, point_labels=labels, box=box, multimask_output=False
+    )
+    assert np.abs(token0[0] - low[0]).max() > 1e-2
