@@ -43,7 +43,7 @@ from typing_extensions import override
 
 from samflow.batch import SamBatch
 from samflow.plugins import DecoderContext, DecoderFeatures, DecoderState, SamplePanel, SamPlugin
-from samflow.sam import SamOutput, upcast
+from samflow.sam import SamOutput, upcast, zero_padding
 from samflow_plugins.pa_sam.adapter import PromptAdapter
 from samflow_plugins.pa_sam.guiding import EdgeFilter, GuidingBranch, guiding_input, import_cv2
 from samflow_plugins.pa_sam.loss import pa_sam_losses
@@ -152,8 +152,10 @@ class PASam(SamPlugin):
     def guide(self, ctx: DecoderContext) -> Tensor:
         """The guiding branch's output g for each prompt row, (N, hw, C)."""
         h, w = ctx.encoded.embeddings.shape[-2:]
+        # the edges see what SAM sees: nothing of the padding outside each image's input_size
+        image = zero_padding(ctx.image, ctx.batch.input_size)
         x = guiding_input(
-            ctx.image, ctx.encoded.normalized, (4 * h, 4 * w), self.edge_filter, self.reference_edges
+            image, ctx.encoded.normalized, (4 * h, 4 * w), self.edge_filter, self.reference_edges
         )  # (B, 4, 4h, 4w)
         guide = self.guiding(x)  # (B, C, h, w)
         return guide[ctx.image_index].flatten(2).transpose(1, 2)

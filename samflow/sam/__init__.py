@@ -20,6 +20,7 @@ from samflow.sam.ops import (
     normalize,
     rel_pos_attention,
     upcast,
+    zero_padding,
 )
 from samflow.sam.types import (
     DecoderContext,
@@ -67,4 +68,5 @@ __all__ = [
     "resize_sam",
     "sam_rule",
     "upcast",
+    "zero_padding",
 ]

@@ -59,14 +59,20 @@ def constant(key: tuple, make: Callable[[], Tensor]) -> Tensor:
 def normalize(sam: Sam, image: Tensor, input_size: Tensor | None) -> Tensor:
     """SAM's input: ``(255 * image - mean) / std`` of a [0, 1] image (B, 3, S, S), zero outside ``input_size``."""
     x = (image * 255.0 - sam.pixel_mean.to(image.dtype)) / sam.pixel_std.to(image.dtype)
-    if input_size is not None:
-        size = image.shape[-1]
-        rows = torch.arange(size, device=image.device)
-        inside = (rows[None, :, None] < input_size[:, 0, None, None]) & (
-            rows[None, None, :] < input_size[:, 1, None, None]
-        )
-        x = x * inside[:, None].to(x.dtype)
-    return x
+    return zero_padding(x, input_size)
+
+
+def zero_padding(image: Tensor, input_size: Tensor | None) -> Tensor:
+    """``image`` (B, C, S, S) with zeros outside each image's ``input_size`` (B, 2) rows x columns (the
+    padding of SAM's frame), so nothing there reaches what is computed from it; None: as it is."""
+    if input_size is None:
+        return image
+    size = image.shape[-1]
+    rows = torch.arange(size, device=image.device)
+    inside = (rows[None, :, None] < input_size[:, 0, None, None]) & (
+        rows[None, None, :] < input_size[:, 1, None, None]
+    )
+    return image * inside[:, None].to(image.dtype)
 
 
 def key_bias(visible: Tensor, dtype: torch.dtype) -> Tensor:

@@ -76,7 +76,8 @@ def test_guiding_input_is_resized_to_four_times_the_grid(tiny_sam):
 
 def test_guide_reads_the_encoders_normalisation(tiny_sam):
     """The guiding branch's image channels are SAM's normalised input, zero outside each input_size:
-    the encoder's (``ctx.encoded.normalized``), equal to ``samflow.sam.normalize`` and to the formula."""
+    the encoder's (``ctx.encoded.normalized``), equal to ``samflow.sam.normalize`` and to the formula;
+    the edge channel is of the image zeroed there too."""
     batch = random_batch(2, prompt="box").replace(input_size=torch.tensor([[128, 96], [100, 128]]))
     model = hooked(tiny_sam, {"pa": PASam()})
     ctx = model.context(batch)
@@ -88,8 +89,11 @@ def test_guide_reads_the_encoders_normalisation(tiny_sam):
     torch.testing.assert_close(ctx.encoded.normalized, by_hand)
     torch.testing.assert_close(normalize(tiny_sam, batch.image, batch.input_size), by_hand)
     plugin = model.plugins["pa"]
+    image = batch.image.clone()  # the edges' image is zero outside input_size too
+    image[0, :, :, 96:] = 0
+    image[1, :, 100:, :] = 0
     with torch.no_grad():
-        x = guiding_input(batch.image, by_hand, (32, 32), plugin.edge_filter, plugin.reference_edges)
+        x = guiding_input(image, by_hand, (32, 32), plugin.edge_filter, plugin.reference_edges)
         expected = plugin.guiding(x)[batch.image_index].flatten(2).transpose(1, 2)
         torch.testing.assert_close(plugin.guide(ctx), expected)
 
@@ -101,3 +105,22 @@ def test_edge_options_run_end_to_end(tiny_sam, kwargs):
     with torch.no_grad():
         out = model(batch)
     assert out.pred.shape == (2, 1, 32, 32) and torch.isfinite(out.pred).all()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"edge_filter": "canny"}, {"reference_edges": True}])
+def test_nothing_in_the_padding_reaches_the_prediction(tiny_sam, kwargs):
+    """The edges, like SAM's input, see zeros outside each image's input_size: an image with noise in
+    its padding predicts exactly what the zero-padded one does (sobel and canny read the raw image)."""
+    batch = random_batch(2, prompt="box")
+    batch.input_size = torch.tensor([[100, 90], [128, 70]])
+    inside = torch.zeros(2, 1, 128, 128, dtype=torch.bool)
+    inside[0, :, :100, :90] = inside[1, :, :, :70] = True
+    clean = batch.image * inside
+    dirty = torch.where(inside, clean, torch.rand(clean.shape, generator=torch.Generator().manual_seed(5)))
+    model = hooked(tiny_sam, {"pa": PASam(**kwargs)}).eval()
+    outputs = []
+    for image in (clean, dirty):
+        batch.image = image
+        with torch.no_grad():
+            outputs.append(model(batch).pred)
+    assert torch.equal(outputs[0], outputs[1])
