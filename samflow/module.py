@@ -32,12 +32,14 @@ class ModelConfigError(ValueError):
 
 
 class EvalTally(Metric):
-    """Images and loss of one evaluation set, as sums over images (``dist_reduce_fx="sum"``).
+    """Images and loss of one evaluation set, as sums (``dist_reduce_fx="sum"``).
 
-    ``images`` counts the images evaluated; ``loss`` is the image-weighted mean of the batch losses,
-    ``Σ_b n_b·L_b / Σ_b n_b``: the mean of per-image losses whenever a batch's loss is the mean of its
-    images' (all built-in losses but ``balanced_bce``, whose weight depends on the batch). Sums reduce
-    exactly over processes whatever images each one evaluated, unlike a mean of per-process means.
+    ``images`` counts the images evaluated; ``loss`` is the row-weighted mean of the batch losses,
+    ``Σ_b r_b·L_b / Σ_b r_b`` over batches of r_b prompt rows: the mean of per-row losses whenever a
+    batch's loss is the mean of its rows' (all built-in losses but ``balanced_bce`` with
+    ``per_image: false``, whose weight depends on the batch), so it does not depend on which images
+    share a batch, also with several rows per image (COCO instances). Sums reduce exactly over
+    processes whatever images each one evaluated, unlike a mean of per-process means.
     """
 
     is_differentiable = False
@@ -45,24 +47,26 @@ class EvalTally(Metric):
 
     images: Tensor
     loss_sum: Tensor
-    loss_images: Tensor
+    loss_rows: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("loss_images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("loss_rows", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, images: int, loss: Tensor | None = None) -> None:
-        """Add a batch of ``images`` images and, when it has ground truth, its loss (a scalar)."""
+    def update(self, images: int, loss: Tensor | None = None, rows: int | None = None) -> None:
+        """Add a batch of ``images`` images and, when it has ground truth, its loss (a scalar, the mean
+        over its ``rows`` prompt rows; default one row per image)."""
         self.images += images
         if loss is not None:
-            self.loss_sum += torch.as_tensor(loss).detach().to(self.loss_sum) * images
-            self.loss_images += images
+            weight = images if rows is None else rows
+            self.loss_sum += torch.as_tensor(loss).detach().to(self.loss_sum) * weight
+            self.loss_rows += weight
 
     def compute(self) -> dict[str, Tensor]:
-        loss = self.loss_sum / self.loss_images  # NaN without ground truth
-        return {"images": self.images.clone(), "loss_images": self.loss_images.clone(), "loss": loss}
+        loss = self.loss_sum / self.loss_rows  # NaN without ground truth
+        return {"images": self.images.clone(), "loss_rows": self.loss_rows.clone(), "loss": loss}
 
 
 @dataclass
@@ -330,7 +334,7 @@ class SamflowModule(LightningModule):
             raise ValueError(
                 f"{stage}: the batch of {batch.id[:3]} has no ground truth; {stage} needs masks."
             )
-        self._tally(stage, dataloader_idx).update(batch.num_images, loss)
+        self._tally(stage, dataloader_idx).update(batch.num_images, loss, batch.num_rows)
         for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
             source = batch.path[row] if batch.path else ""  # per-slide metrics group by it (slide_dice)
             metrics.update(prob, batch.gt_original[row], source=source)
@@ -355,7 +359,7 @@ class SamflowModule(LightningModule):
                 values = self._metric_set(stage, index).compute()
             for key, value in values.items():
                 results[f"{stage}/{key}{suffix}"] = float(value)
-            if int(tally["loss_images"]):
+            if int(tally["loss_rows"]):
                 losses[f"{stage}/loss{suffix}"] = float(tally["loss"])
         for name in [n for n in self._metrics if n.startswith(f"{stage}/")]:
             self._metrics[name].reset()
