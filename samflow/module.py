@@ -48,17 +48,28 @@ class EvalTally(Metric):
     images: Tensor
     loss_sum: Tensor
     loss_rows: Tensor
+    nonfinite: Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_state("images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("loss_rows", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("nonfinite", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, images: int, loss: Tensor | None = None, rows: int | None = None) -> None:
+    def update(
+        self,
+        images: int,
+        loss: Tensor | None = None,
+        rows: int | None = None,
+        nonfinite: Tensor | None = None,
+    ) -> None:
         """Add a batch of ``images`` images and, when it has ground truth, its loss (a scalar, the mean
-        over its ``rows`` prompt rows; default one row per image)."""
+        over its ``rows`` prompt rows; default one row per image); ``nonfinite``: how many of its rows
+        predicted a NaN or infinite value (a tensor on the device: counted without a host sync)."""
         self.images += images
+        if nonfinite is not None:
+            self.nonfinite += nonfinite.to(self.nonfinite)
         if loss is not None:
             weight = images if rows is None else rows
             self.loss_sum += torch.as_tensor(loss).detach().to(self.loss_sum) * weight
@@ -66,7 +77,12 @@ class EvalTally(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         loss = self.loss_sum / self.loss_rows  # NaN without ground truth
-        return {"images": self.images.clone(), "loss_rows": self.loss_rows.clone(), "loss": loss}
+        return {
+            "images": self.images.clone(),
+            "loss_rows": self.loss_rows.clone(),
+            "loss": loss,
+            "nonfinite": self.nonfinite.clone(),
+        }
 
 
 @dataclass
@@ -334,7 +350,8 @@ class SamflowModule(LightningModule):
             raise ValueError(
                 f"{stage}: the batch of {batch.id[:3]} has no ground truth; {stage} needs masks."
             )
-        self._tally(stage, dataloader_idx).update(batch.num_images, loss, batch.num_rows)
+        nonfinite = (~torch.isfinite(out.pred)).flatten(1).any(1).sum()
+        self._tally(stage, dataloader_idx).update(batch.num_images, loss, batch.num_rows, nonfinite)
         for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
             source = batch.path[row] if batch.path else ""  # per-slide metrics group by it (slide_dice)
             metrics.update(prob, batch.gt_original[row], source=source)
@@ -354,6 +371,15 @@ class SamflowModule(LightningModule):
             if int(tally["images"]) == 0:
                 continue  # the same decision on every process: the count is reduced
             suffix = f"/{self._dataset_name(stage, index)}" if several else ""
+            if int(tally["nonfinite"]):  # reduced: every process raises
+                from samflow.callbacks.finite import NonFiniteError
+
+                raise NonFiniteError(
+                    f"{stage}{suffix}: the model predicted NaN or infinite values for {int(tally['nonfinite'])} "
+                    f"prompt row(s) of {int(tally['images'])} image(s); their metrics would read as empty "
+                    "masks. The weights are likely non-finite (a diverged run or a damaged checkpoint): "
+                    "evaluate another checkpoint, or train with --non_finite.action stop (the default)."
+                )
             with warnings.catch_warnings():  # a process may have had no batch of this set
                 warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
                 values = self._metric_set(stage, index).compute()

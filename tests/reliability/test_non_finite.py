@@ -319,3 +319,21 @@ def test_ddp_ranks_stop_together_when_one_rank_diverges(tmp_path, plugin_dir, da
     )
     assert "Traceback" not in proc.stderr
     checkpoints_are_finite(tmp_path / "runs")
+
+
+def test_evaluating_non_finite_weights_is_one_line_not_zero_metrics(tmp_path, plugin_dir, data_root):
+    """A checkpoint whose mask tokens are NaN: `samflow validate` stops with one line naming the set and
+    the count, exit 1, instead of reporting IoU 0 (a NaN map thresholds to an empty mask)."""
+    fit = fit_args(data_root, [], epochs=1, batches=1)
+    fit = fit[: fit.index("--model.plugins.nan")]
+    assert samflow(fit, tmp_path, plugin_dir).returncode == 0
+    checkpoint = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    key = "model.sam.mask_decoder.mask_tokens.weight"
+    state["state_dict"][key] = torch.full_like(state["state_dict"][key], float("nan"))
+    torch.save(state, tmp_path / "nan.ckpt")
+    args = ["validate", *fit[1:], "--ckpt_path", str(tmp_path / "nan.ckpt")]
+    proc = samflow(args, tmp_path, plugin_dir)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("samflow: error:")]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+    assert "val: the model predicted NaN or infinite values for 2 prompt row(s) of 2 image(s)" in lines[0]
