@@ -283,7 +283,8 @@ class SampleGrid(Callback):
 
     - ``samples/val_sanity.png`` (before training) and ``samples/val_epoch<NNN>.png``: the first
       ``num_samples`` prompt rows of the first validation set (not shuffled: the same images every
-      epoch), panels as described in ``samflow/callbacks/samples.py``;
+      epoch), panels as described in ``samflow/callbacks/samples.py``. Under DDP, of the images the
+      first process evaluated (the set's first part), so fewer when that part has fewer rows;
     - ``samples/val_best.png`` and ``samples/val_worst.png``: the ``num_extremes`` rows of the last
       validation with the highest and the lowest IoU (overwritten every validation; the run report
       shows them). Under DDP, of the images the first process evaluated;
