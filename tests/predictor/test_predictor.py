@@ -198,3 +198,15 @@ def test_none_predicts_what_the_model_validates_with_its_own_rule(tiny_sam, plug
         point_coords=points, point_labels=labels, box=box, multimask_output=False
     )
     assert np.abs(token0[0] - low[0]).max() > 1e-2
+
+
+def test_a_point_labelled_minus_one_is_an_empty_slot(tiny_sam):
+    """README: a -1 point is ignored (samflow's padding), so it changes nothing."""
+    predictor = Predictor(HookedSam(tiny_sam).eval(), device="cpu")
+    predictor.set_image(image(80, 100, seed=7))
+    one = predictor.predict(point_coords=np.array([[40.0, 30.0]]), point_labels=np.array([1]))
+    padded = predictor.predict(
+        point_coords=np.array([[40.0, 30.0], [5.0, 70.0]]), point_labels=np.array([1, -1])
+    )
+    np.testing.assert_allclose(padded[2], one[2], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(padded[1], one[1], atol=1e-6, rtol=0)
