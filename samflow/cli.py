@@ -12,16 +12,19 @@ subcommand: every other flag and ``--config`` overrides the experiment, wherever
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import yaml
+
+from samflow.usage import CommandParser, UsageError
+
+__all__ = ["CommandParser", "UsageError", "main"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -126,26 +129,6 @@ PACKAGED = _packaged_experiments()
 
 class ExperimentError(ValueError):
     """An experiment cannot be found or names something that cannot be used."""
-
-
-class UsageError(ValueError):
-    """A command line a command's parser refuses (a missing or unknown argument, a bad value)."""
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse's parser for samflow's commands: a usage error raises ``UsageError`` (one line, exit 1,
-    no usage dump) instead of printing the usage and exiting with status 2.
-
-    Args:
-        help_command: the command line that shows the help (default: ``prog``).
-    """
-
-    def __init__(self, *args: Any, help_command: str | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.help_command = help_command or self.prog
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (`{self.help_command} --help` lists the options)")
 
 
 # ---- experiments ----

@@ -43,7 +43,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from samflow.cli import CommandParser
 from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.plugins.stack import HOOKS
@@ -56,6 +55,7 @@ from samflow.predictor import (
     run_files,
 )
 from samflow.sam import VARIANTS, HookedSam, build_sam
+from samflow.usage import CommandParser
 
 __all__ = [
     "ADAPTER",

@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from samflow.cli import CommandParser
 from samflow.data.folder import IMAGE_SUFFIXES
+from samflow.usage import CommandParser
 
 
 class PromptFileError(ValueError):

@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from samflow.cli import CommandParser
 from samflow.data.coco import CocoBatch, CocoDataModule, CocoInstances, collate_coco
 from samflow.data.folder import DataError
+from samflow.usage import CommandParser
 
 __all__ = ["pseudo_index_of", "selection_report", "write_pseudo_masks"]
 

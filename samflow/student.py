@@ -33,12 +33,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from samflow.cli import CommandParser
 from samflow.data.coco import CocoBatch, CocoDataModule, encode_mask
 from samflow.data.folder import DataError
 from samflow.instance import CocoMaskAP, SOLOv2Head
 from samflow.module import SamSpec
 from samflow.sam import EncoderCache, HookedSam, build_sam
+from samflow.usage import CommandParser
 
 __all__ = ["StudentModule"]
 

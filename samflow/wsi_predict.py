@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from samflow.cli import CommandParser
 from samflow.data.batch import collate
 from samflow.data.wsi.annotations import load_annotations, mask_to_region
 from samflow.data.wsi.patches import pair_item, wsi_sam_prompts
 from samflow.data.wsi.slide import Slide, SlideError
 from samflow.data.wsi.tissue import tissue_mask
+from samflow.usage import CommandParser
 
 _NO_PROMPT = wsi_sam_prompts()  # pair_item draws prompts only with a ground truth; tiles get a box
 

@@ -24,11 +24,11 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from samflow.cli import CommandParser
 from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
 from samflow.embed.store import EmbeddingStoreError
 from samflow.embed.writer import write_store
+from samflow.usage import CommandParser
 
 
 def _parser() -> argparse.ArgumentParser:
