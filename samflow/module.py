@@ -199,6 +199,7 @@ class SamflowModule(LightningModule):
         return self.plugins.trainable_counts()
 
     def configure_optimizers(self) -> Any:
+        self.check_trainable()
         groups = []
         for key, owned in self.plugins.owned.items():
             params = list(owned.values())
@@ -211,8 +212,6 @@ class SamflowModule(LightningModule):
             if plugin.weight_decay is not None:
                 group["weight_decay"] = plugin.weight_decay
             groups.append(group)
-        if not groups:
-            self.check_trainable()
         optimizer = self.optimizer(groups)
         if self.scheduler is None:
             return optimizer

@@ -530,13 +530,9 @@ def chosen_masks(model: HookedSam, out: SamOutput, multimask_output: bool | None
     SAM's own rule picks. ``None``: the model's own prediction (``out.pred``, by the model's rule, as
     validation scores it), scored the same way.
     """
-    if multimask_output is None:
-        rule = model.multimask_output
+    rule = model.multimask_output if multimask_output is None else multimask_output
+    if multimask_output is None or model.plugins.uses("select"):  # one chosen mask per prompt
         return out.pred, out.iou_pred[:, 1:].max(dim=1, keepdim=True).values if rule else out.iou_pred[:, :1]
-    if model.plugins.uses("select"):  # a plugin chooses the mask: one per prompt
-        if multimask_output:
-            return out.pred, out.iou_pred[:, 1:].max(dim=1, keepdim=True).values
-        return out.pred, out.iou_pred[:, :1]
     if multimask_output:
         return out.masks["sam"][:, 1:], out.iou_pred[:, 1:]
     return out.masks["sam"][:, :1], out.iou_pred[:, :1]

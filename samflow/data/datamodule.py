@@ -374,8 +374,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 key = self._key(split, name)
                 if key not in self.datasets:
                     self.datasets[key] = self.build_dataset(split, name)
-        for split in ("train", "val", "test", "predict"):
-            for name in self._sets(split) if split not in splits else ():
+        for split in [s for s in ("train", "val", "test", "predict") if s not in splits]:
+            for name in self._sets(split):
                 if self._key(split, name) not in self.datasets:
                     self._find(split, name)
         self._report_skipped()
