@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -169,7 +170,8 @@ class BestCheckpoint(ModelCheckpoint):
     whatever its score. Here each saved path is read relative to the saved folder and placed in this
     run's checkpoint folder; those whose file is there are kept (a best checkpoint deleted or not
     copied is dropped, the best and the k-th taken from the rest). Files of the run's old place are
-    never touched.
+    never touched. Resuming, it does not warn that the checkpoint folder "exists and is not empty":
+    the run's own checkpoints are expected there (a new run into a used folder is still warned).
     """
 
     @property
@@ -180,7 +182,10 @@ class BestCheckpoint(ModelCheckpoint):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            if trainer.ckpt_path is not None:
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
         self._strategy = trainer.strategy
 
     @override

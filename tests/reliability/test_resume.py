@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +363,23 @@ def test_best_checkpoints_carry_over_into_a_moved_run_folder_where_their_files_a
         plain.load_state_dict(state)
     assert plain.best_model_score is None and plain.best_k_models == {}
     assert plain.best_model_path == f"{saved}/b.ckpt"
+
+
+@pytest.mark.parametrize("resuming", [False, True])
+def test_only_a_new_run_is_warned_that_its_checkpoint_folder_is_not_empty(tmp_path, resuming):
+    """Lightning warns that a checkpoint folder "exists and is not empty"; a resumed run's folder holds
+    its own checkpoints, so ``BestCheckpoint`` says nothing then, and still warns a new run."""
+    from lightning.pytorch import LightningModule, Trainer
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"")
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    if resuming:
+        trainer.ckpt_path = str(folder / "last.ckpt")
+    callback = BestCheckpoint(dirpath=folder, monitor="val/iou", mode="max")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback.setup(trainer, LightningModule(), "fit")
+    warned = [w for w in caught if "exists and is not empty" in str(w.message)]
+    assert len(warned) == (0 if resuming else 1)
