@@ -172,7 +172,14 @@ class BestCheckpoint(ModelCheckpoint):
     copied is dropped, the best and the k-th taken from the rest). Files of the run's old place are
     never touched. Resuming, it does not warn that the checkpoint folder "exists and is not empty":
     the run's own checkpoints are expected there (a new run into a used folder is still warned).
+
+    A run killed after saving a best checkpoint and before the next ``last.ckpt`` leaves that file
+    behind, unknown to the state it resumes from; the resumed run replays those steps and writes the
+    checkpoint again under its own name instead of beside it as ``...-v1.ckpt``.
     """
+
+    #: checkpoint files in the folder at resume that the restored state does not know (see above)
+    _leftovers: frozenset[str] = frozenset()
 
     @property
     @override
@@ -208,9 +215,15 @@ class BestCheckpoint(ModelCheckpoint):
             state_dict.get("last_model_path"),
         ]
         here_now = {new for new in map(placed, paths) if new and os.path.isfile(new)}
+        files = os.listdir(here) if os.path.isdir(here) else []
+        leftovers = {
+            os.path.normpath(os.path.join(here, name)) for name in files if name.endswith(self.FILE_EXTENSION)
+        }
+        leftovers -= {os.path.normpath(path) for path in here_now}
         strategy = getattr(self, "_strategy", None)
         if strategy is not None:  # rank 0's view of the files, so that every rank keeps the same
-            here_now = strategy.broadcast(here_now)
+            here_now, leftovers = strategy.broadcast((here_now, leftovers))
+        self._leftovers = frozenset(leftovers)
 
         def kept(path: str | None) -> str:
             return new if (new := placed(path)) in here_now else ""
@@ -233,3 +246,13 @@ class BestCheckpoint(ModelCheckpoint):
             best = ""
             state.update(best_model_score=None, kth_best_model_path="", kth_value=self.kth_value)
         super().load_state_dict({**state, "best_model_path": best})
+
+    @override
+    def file_exists(self, filepath: str | Path, trainer: Trainer) -> bool:
+        # a leftover of the interrupted run is written over once (the same step saved again), not
+        # kept beside a "-v1" copy; the same on every rank (``_leftovers`` is rank 0's)
+        path = os.path.normpath(str(filepath))
+        if path in self._leftovers:
+            self._leftovers = self._leftovers - {path}
+            return False
+        return super().file_exists(filepath, trainer)

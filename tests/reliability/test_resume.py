@@ -383,3 +383,29 @@ def test_only_a_new_run_is_warned_that_its_checkpoint_folder_is_not_empty(tmp_pa
         callback.setup(trainer, LightningModule(), "fit")
     warned = [w for w in caught if "exists and is not empty" in str(w.message)]
     assert len(warned) == (0 if resuming else 1)
+
+
+def test_a_best_checkpoint_saved_after_the_last_one_is_saved_again_not_beside_it(
+    tmp_path, data, uninterrupted, killed
+):
+    """A run (keeping every epoch's checkpoint, ``--checkpoint.save_top_k -1``) killed after saving epoch
+    1's checkpoint but before writing ``last.ckpt`` again: its folder holds the epoch-1 file, which the
+    mid-epoch ``last.ckpt`` it resumes from does not know. The resumed run saves that checkpoint again
+    under its own name, with the uninterrupted run's weights, and no ``-v1`` copy beside it."""
+    expected_run, _ = uninterrupted
+    shutil.copytree(killed, tmp_path / "runs")
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    iou = float(_val_rows(expected_run)[-1]["val/iou"])
+    name = f"epoch=1-step={2 * BATCHES}-val_iou={iou:.4f}.ckpt"
+    shutil.copy(expected_run / "checkpoints" / "last.ckpt", run / "checkpoints" / name)  # the left-over file
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+
+    _fit(tmp_path, data, "--resume", str(run), "--checkpoint.save_top_k", "-1")
+
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # epoch 0's, epoch 1's, last
+    assert len(before) == 3
+    reference, weights = (
+        _weights(expected_run / "checkpoints" / "last.ckpt"),
+        _weights(run / "checkpoints" / name),
+    )
+    assert all(torch.equal(reference[k], weights[k]) for k in reference)
