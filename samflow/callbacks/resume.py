@@ -144,9 +144,17 @@ class LastCheckpoint(Checkpoint):
         )
 
     @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the step the run starts from (0, or the resumed checkpoint's) counts as saved: a batch that
+        # only accumulated gradients ends at that step, and a checkpoint then would lose them
+        self._saved_step = trainer.global_step
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # written only when the optimizer has just stepped (global_step moved past the last save): with
+        # ``accumulate_grad_batches`` the batches between optimizer steps hold gradients no checkpoint keeps
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not self._skip(trainer):
             self.save(trainer)

@@ -58,3 +58,34 @@ def test_the_default_is_50_and_negative_is_refused(tmp_path):
     entry = help_text[help_text.rindex("--last.every_n_train_steps") :]  # its entry, not the usage
     entry = " ".join(entry[: entry.index("--last.dirpath")].split())
     assert "0: only at the end of each epoch" in entry and entry.endswith("default: 50)")
+
+
+def _fit_saving(tmp_path, monkeypatch, max_epochs: int, ckpt_path: str | None = None) -> list[int]:
+    saved: list[int] = []
+    save = LastCheckpoint.save
+
+    def spy(self, trainer):
+        saved.append(trainer.global_step)
+        return save(self, trainer)
+
+    monkeypatch.setattr(LastCheckpoint, "save", spy)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accumulate_grad_batches=2,
+        callbacks=[LastCheckpoint(every_n_train_steps=1, dirpath=str(tmp_path))],
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_Tiny(), ckpt_path=ckpt_path)
+    return saved
+
+
+def test_with_gradient_accumulation_last_is_written_only_after_an_optimizer_step(tmp_path, monkeypatch):
+    """Accumulating 2 batches of 5 an epoch, the optimizer steps after batches 2, 4 and 5 (the epoch's
+    end): ``last.ckpt`` after each of those (and again at the epoch's end), never after batch 1 or 3,
+    whose gradients wait for the next batch; also not after a resumed run's first batch."""
+    assert _fit_saving(tmp_path, monkeypatch, 1) == [1, 2, 3, 3]
+    resumed = _fit_saving(tmp_path, monkeypatch, 2, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed == [4, 5, 6, 6]
