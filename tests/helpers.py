@@ -84,3 +84,28 @@ def run_samflow(
         text=True,
         timeout=timeout,
     )
+
+
+def resumed_epochs(make_loader, key, stop: int = 1) -> tuple[list, list, list]:
+    """A training loader's epochs as Lightning runs them (``sampler.set_epoch``, then the batches):
+    epochs 0 and 1 of one loader, and epoch 1 of a run killed after ``stop`` batches of it and resumed
+    from the loader's state in a fresh loader (a new process). Each batch as ``key(batch)``;
+    ``make_loader()`` builds a fresh data module's training loader."""
+
+    def run(loader, epoch: int, stop: int | None = None) -> list:
+        loader.sampler.set_epoch(epoch)
+        out = []
+        for batch in loader:
+            out.append(key(batch))
+            if stop is not None and len(out) == stop:
+                break
+        return out
+
+    loader = make_loader()
+    first, second = run(loader, 0), run(loader, 1)
+    killed = make_loader()
+    run(killed, 0)
+    part = run(killed, 1, stop)
+    resumed = make_loader()
+    resumed.load_state_dict(killed.state_dict())
+    return first, second, part + run(resumed, 1)

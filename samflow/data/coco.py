@@ -61,6 +61,7 @@ from samflow.batch import SamBatch
 from samflow.data.coco_proposals import ProposalBags, sam_checksum
 from samflow.data.datamodule import EvalShardSampler, eval_shard_sampler
 from samflow.data.folder import DataError, read_image
+from samflow.data.resumable import ResumableLoader
 from samflow.data.transforms import IMAGE_RESIZES, ImageResize, scale_boxes, scale_coords, to_input_frame
 
 __all__ = [
@@ -546,7 +547,8 @@ class CocoDataModule(L.LightningDataModule):
         points_per_instance: P, points per instance (``"qc"``: P independent draws; ``"annotation"``:
             the first P given, an error if fewer).
         point_key: the annotation key holding points for ``points="annotation"``.
-        seed: seed of the quasi-centre points.
+        seed: seed of the quasi-centre points (the training order follows the run's ``seed_everything``
+            seed and the epoch, and resumes mid-epoch: ``samflow.data.ResumableLoader``).
         crowd: ``"skip"`` (iscrowd regions are no rows; kept as ``crowd_mask``) or ``"keep"``.
         empty: ``"skip"`` (images without instances are left out) or ``"keep"``.
         image_resize: ``"sam"`` (segment-anything's own Pillow resize, exact) or ``"bilinear"``
@@ -637,17 +639,14 @@ class CocoDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
-        sampler = None if shuffle else self._eval_sampler(split, dataset)
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            generator=gen,
-            num_workers=self.num_workers,
-            collate_fn=collate_coco,
-        )
+        common: dict[str, Any] = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": collate_coco,
+        }
+        if shuffle:  # the order from (the run's seed, epoch), resumable mid-epoch (``ResumableLoader``)
+            return ResumableLoader(dataset, shuffle=True, **common)
+        return DataLoader(dataset, sampler=self._eval_sampler(split, dataset), **common)
 
     def _eval_sampler(self, split: str, dataset: CocoInstances) -> EvalShardSampler | None:
         """Under DDP, this process's contiguous, unpadded part of an evaluation split (``EvalShardSampler``:

@@ -13,6 +13,8 @@ Two things make a resumed epoch differ from an uninterrupted one, and this loade
   depend on what ran before it, in which worker, or whether the run was restarted; the process's own
   generators (augmentation, dropout) are not touched by data loading at all. The data loader's
   worker base seed comes from the loader's own generator, not from the global one.
+- What a dataset draws per epoch (``SlidePatches``' patch centres): a dataset with a ``set_epoch``
+  method is told the sampler's epoch, at each epoch's start and on resume.
 
 ``seed`` defaults to the run's ``seed_everything`` seed (``PL_GLOBAL_SEED``), else 0.
 """
@@ -101,6 +103,14 @@ class ResumableSampler(DistributedSampler):
     def __len__(self) -> int:
         self._sync_world()
         return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch of the next pass (Lightning sets it at each epoch's start, a resume at the saved
+        one); a dataset with its own ``set_epoch`` (``SlidePatches``' patch centres) is told too."""
+        super().set_epoch(epoch)
+        tell = getattr(self.dataset, "set_epoch", None)
+        if callable(tell):
+            tell(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override,unused-ignore]
         self._sync_world()

@@ -30,6 +30,7 @@ from samflow.data.augment import BatchAugment
 from samflow.data.batch import collate
 from samflow.data.datamodule import EvalShardSampler, eval_shard_sampler
 from samflow.data.prompts import PromptSampler
+from samflow.data.resumable import ResumableLoader
 from samflow.data.wsi.patches import SlidePatches, wsi_sam_prompts
 
 
@@ -148,17 +149,13 @@ class SlideDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(split)
-        if split == "train" and self.trainer is not None:
-            dataset.set_epoch(self.trainer.current_epoch)  # new centres per epoch, the same on resume
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            sampler=None if split == "train" else self._eval_sampler(split, dataset),
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=False,
-        )
+        common: dict[str, Any] = {"num_workers": self.num_workers, "collate_fn": collate}
+        if split == "train":
+            # order and centres from (seed, epoch): the sampler tells the patches each epoch (at its
+            # start, and on resume), and a run resumed mid-epoch skips the batches it trained
+            return ResumableLoader(dataset, shuffle=shuffle, batch_size=self.batch_size, **common)
+        sampler = self._eval_sampler(split, dataset)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, sampler=sampler, **common)
 
     def _eval_sampler(self, split: str, dataset: SlidePatches) -> EvalShardSampler | None:
         """Under DDP, this process's contiguous, unpadded part of the val / test patches, so every
@@ -169,7 +166,8 @@ class SlideDataModule(L.LightningDataModule):
         return eval_shard_sampler(self.trainer, dataset, key)
 
     def train_dataloader(self) -> DataLoader:
-        """Training patches (centres redrawn each epoch: set ``trainer.reload_dataloaders_every_n_epochs: 1``)."""
+        """Training patches: centres, order, flips and prompts drawn anew each epoch (from the seeds and
+        the epoch: a resumed run draws the uninterrupted run's)."""
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:

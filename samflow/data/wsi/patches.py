@@ -169,7 +169,8 @@ class SlidePatches(Dataset):
         img_size: the model's input side (patches are resized to it when it differs).
         patches_per_slide: samples per slide and epoch.
         tumour_fraction: share of a slide's samples centred in tumour (when it has tumour).
-        seed: the sampler's seed; slide s in epoch e draws from (seed, s, e), so runs repeat.
+        seed: the sampler's seed; slide s in epoch e draws its centres from (seed, s, e), patch i its flip,
+            colour jitter and prompt from (seed, i, e), so runs repeat.
         prompt: the prompt sampler on the HR mask (default: WSI-SAM's box / 10 points / noisy mask).
         slide_mpp: level-0 mpp of slides without metadata (``--mpp``); overrides the metadata.
         tissue_mpp: resolution of the tissue detection (a low level).
@@ -216,6 +217,7 @@ class SlidePatches(Dataset):
             if not mask.any():
                 raise SlideError(f"{path}: no tissue found (Otsu on saturation); is it a blank slide?")
             self.tissue.append((mask, downsample))
+        self.epoch = -1
         self.set_epoch(0)
 
     def slide(self, index: int) -> Slide:
@@ -229,7 +231,11 @@ class SlidePatches(Dataset):
         return state
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw the epoch's patch centres (the same for the same seed and epoch)."""
+        """Draw the epoch's patch centres (the same for the same seed and epoch); the epoch also seeds
+        each patch's flip, colour jitter and prompt (``__getitem__``)."""
+        if epoch == self.epoch:
+            return
+        self.epoch = epoch
         self.centres = [c for s in range(len(self.paths)) for c in self._draw(s, epoch)]
 
     def _draw(self, s: int, epoch: int) -> list[PatchCentre]:
@@ -275,9 +281,9 @@ class SlidePatches(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         centre = self.centres[index]
         hr, lr, hr_gt, lr_gt = self.read_pair(centre)
-        generator = torch.Generator().manual_seed(
-            int(np.random.default_rng([self.seed, index, 7]).integers(2**31))
-        )
+        # epoch 0 (and the fixed evaluation patches) from (seed, index), a later epoch e from (seed, index, e)
+        key = [self.seed, index, 7] + ([self.epoch] if self.epoch else [])
+        generator = torch.Generator().manual_seed(int(np.random.default_rng(key).integers(2**31)))
         if self.augment:
             hr, lr, hr_gt, lr_gt = _shared_augment(hr, lr, hr_gt, lr_gt, generator)
         name = f"{self.paths[centre.slide].stem}@{centre.x:.0f},{centre.y:.0f}"
