@@ -3,7 +3,8 @@
     samflow sweep FILE [--backend optuna|wandb] [--trials N] [--storage URL] [--study NAME] [--summary]
 
 FILE is a W&B sweep YAML (a path, ``./experiments/sweeps/NAME.yaml`` or a packaged sweep's name).
-``spec`` reads it into Optuna's search space, sampler and pruner; ``run`` runs the trials (one
+``spec`` reads it into Optuna's search space, sampler and pruner; ``check`` checks its options and
+metric against the experiment before any trial; ``run`` runs the trials (one
 ``samflow fit`` process each, in ``runs/<experiment>/sweeps/<study>/trial-<n>/``); ``report`` is the
 trial's callback that reports the metric for pruning; ``summary`` writes the table, the best config
 and the plots; ``agent`` handles W&B's agent (its flag values, its runs' folders, ``--backend wandb``).
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Run ``samflow sweep``; returns the exit status."""
     from samflow.cli import ExperimentError
+    from samflow.sweep.check import check_sweep, experiment_path
     from samflow.sweep.spec import load_sweep
 
     args = _parser().parse_args(argv)
@@ -62,10 +64,18 @@ def main(argv: list[str]) -> int:
         from samflow.sweep.agent import run_wandb
 
         return run_wandb(spec, args.trials)
+    if not args.summary:  # before anything runs or is written
+        check_sweep(spec, experiment_path(spec))
     from samflow.sweep.run import Sweep, run_optuna
     from samflow.sweep.summary import summarize
 
     sweep = Sweep.open(spec, args.study, args.storage)
-    study = sweep.study() if args.summary else run_optuna(sweep, args.trials)
+    study = sweep.study(existing=True) if args.summary else run_optuna(sweep, args.trials)
     summarize(sweep, study)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    if not args.summary and "COMPLETE" not in states:
+        raise ExperimentError(
+            f"samflow sweep: no trial of study {sweep.study_name!r} has completed "
+            f"({states.count('FAIL')} failed, {states.count('PRUNED')} pruned); the error column above says why."
+        )
     return 0

@@ -40,15 +40,23 @@ def agent_values(args: list[str]) -> list[str]:
 
 
 def run_folder_args(
-    folder: Path, group: str, *, wandb_id: str | None = None, project: str | None = None
+    folder: Path,
+    group: str,
+    *,
+    wandb_id: str | None = None,
+    project: str | None = None,
+    entity: str | None = None,
 ) -> list[str]:
-    """Flags that put a run into ``folder`` (CSV metrics, checkpoints, config) and its W&B run into ``group``."""
+    """Flags that put a run into ``folder`` (CSV metrics, checkpoints, config) and its W&B run into ``group``
+    (of ``project`` and ``entity``, W&B's default entity when None)."""
     wandb: dict[str, Any] = {
         "project": project or "samflow",
         "name": f"{group}/{folder.name}",
         "save_dir": "runs",
     }
     wandb["group"] = group
+    if entity:
+        wandb["entity"] = entity
     if wandb_id:
         wandb["id"] = wandb_id
     loggers = [
@@ -134,6 +142,9 @@ def run_wandb(spec: Any, trials: int | None) -> int:
         )
     import wandb
 
+    from samflow.sweep.check import check_sweep, experiment_path
+
+    check_sweep(spec, experiment_path(spec))  # before W&B creates the sweep
     config = wandb_sweep_config(spec)
     sweep_id = wandb.sweep(
         config, project=spec.raw.get("project") or "samflow", entity=spec.raw.get("entity")

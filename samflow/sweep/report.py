@@ -17,12 +17,14 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from samflow.cli import ExperimentError
+
 TRIAL_FILE = "trial.json"
 RESULT_FILE = "result.json"
 
 
-class TrialMetricError(ValueError):
-    """The sweep's metric is not among the run's logged values."""
+class TrialMetricError(ExperimentError):
+    """The sweep's metric is not among the run's logged values (``samflow fit`` says so in one line)."""
 
 
 class TrialReport(Callback):

@@ -10,8 +10,11 @@ start of a Python process per trial (a few seconds), small against training.
 Workers: every ``samflow sweep`` with the same ``--storage`` and ``--study`` pulls trials from one
 study (SQLite in the sweep folder by default; a server database such as PostgreSQL across machines).
 Trial numbers are handed out by the storage, so a grid's points 0..N-1 go to distinct trials;
-``--trials`` is the study's total, all workers together. Running trials send a heartbeat; a trial whose
-worker died is marked failed by the next worker that starts a trial.
+``--trials`` is the study's total, all workers together. A trial sends heartbeats from the moment it is
+created; a trial whose worker died (its heartbeats stopped for ``SAMFLOW_SWEEP_GRACE_S`` seconds, 120 by
+default) is marked failed by the next worker that starts a trial, and its values are queued to run
+again. On Linux the trial's process is killed when its worker dies (``PR_SET_PDEATHSIG``), so no
+trial trains on without its worker.
 """
 
 from __future__ import annotations
@@ -25,17 +28,17 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samflow.cli import check_plugins, resolve_experiment
 from samflow.sweep.agent import run_folder_args
+from samflow.sweep.check import experiment_path
 from samflow.sweep.report import RESULT_FILE, TRIAL_FILE
 from samflow.sweep.spec import SweepError, SweepSpec
 
-HEARTBEAT_S = 30  # a running trial's heartbeat; a trial silent for GRACE_S is taken for dead
-GRACE_S = 120
+GRACE_S = 120  # a trial whose heartbeats stopped this long is taken for dead (SAMFLOW_SWEEP_GRACE_S)
 STORAGE_TRIES = 5  # opening the storage, for workers that race to create its schema
 DEFAULT_TRIALS = 20  # random and bayes sweeps without --trials or run_cap
 
@@ -46,10 +49,15 @@ def open_storage(url: str) -> Any:
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    grace = grace_period()
     for attempt in range(STORAGE_TRIES):
         try:
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat_interval(),
+                grace_period=grace,
+                heartbeat_stale_trial_callback=_run_again,
             )
         except (IntegrityError, OperationalError) as err:
             # Workers started together race to create the schema (one wins the alembic_version row or
@@ -61,6 +69,36 @@ def open_storage(url: str) -> Any:
         except Exception as err:  # noqa: BLE001 - sqlalchemy's errors vary by database
             raise SweepError(f"--storage {url}: cannot open it: {' '.join(str(err).split())[:300]}") from None
     raise AssertionError("unreachable")
+
+
+def grace_period() -> int:
+    """Seconds without a heartbeat after which a running trial is taken for dead (``SAMFLOW_SWEEP_GRACE_S``)."""
+    text = os.environ.get("SAMFLOW_SWEEP_GRACE_S", str(GRACE_S))
+    if not text.isdigit() or int(text) < 1:
+        raise SweepError(f"SAMFLOW_SWEEP_GRACE_S must be a whole number of seconds, got {text!r}.")
+    return int(text)
+
+
+def heartbeat_interval() -> int:
+    """Seconds between a running trial's heartbeats: a quarter of the grace period, at most 30."""
+    return max(1, min(30, grace_period() // 4))
+
+
+def _run_again(study: Any, trial: Any) -> None:
+    """Optuna's callback for a trial it failed as stale: queue its values as a new trial (the same grid
+    point), which records the trial it replaces (``retry_of``)."""
+    from optuna.trial import TrialState, create_trial
+
+    attrs: dict[str, Any] = {"fixed_params": trial.params, "retry_of": trial.number}
+    for key in ("grid_id", "search_space"):
+        if key in trial.system_attrs:
+            attrs[key] = trial.system_attrs[key]
+    study.add_trial(create_trial(state=TrialState.WAITING, system_attrs=attrs))
+
+
+def replaced(trials: list[Any]) -> dict[int, int]:
+    """``{number of a trial whose worker died: number of the trial that runs its values again}``."""
+    return {t.system_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.system_attrs}
 
 
 def _schema_race(err: Exception) -> bool:
@@ -93,21 +131,30 @@ class Sweep:
 
     @classmethod
     def open(cls, spec: SweepSpec, study: str | None, storage: str | None) -> Sweep:
-        experiment = resolve_experiment(spec.experiment)
-        check_plugins(experiment)
+        experiment = experiment_path(spec)
         name = study or spec.name
         folder = Path("runs") / experiment.stem / "sweeps" / name
         folder.mkdir(parents=True, exist_ok=True)
         url = storage or f"sqlite:///{(folder / 'study.db').resolve()}"
         return cls(spec, experiment, name, folder, url)
 
-    def study(self) -> Any:
+    def study(self, *, existing: bool = False) -> Any:
+        """The Optuna study (created unless ``existing``), refused when made from another sweep file."""
         import optuna
 
+        # Heartbeats are "experimental" and meant for study.optimize; samflow records them itself.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = open_storage(self.storage_url)
+        if existing and self.study_name not in (names := optuna.get_all_study_names(storage)):
+            raise SweepError(
+                f"--summary: there is no study {self.study_name!r} in {self.storage_url}; its studies: "
+                f"{', '.join(sorted(names)) or 'none'} (name one with --study)."
+            )
         direction: Any = self.spec.goal
         study = optuna.create_study(
-            storage=open_storage(self.storage_url),
+            storage=storage,
             study_name=self.study_name,
             sampler=self.spec.sampler(),
             pruner=self.spec.pruner(),
@@ -119,7 +166,26 @@ class Sweep:
                 f"study {self.study_name!r} in {self.storage_url} was created to "
                 f"{study.direction.name.lower()}; the sweep file says {direction}: use another --study."
             )
+        self._check_space(study)
         return study
+
+    def _check_space(self, study: Any) -> None:
+        """Record the file's parameters in a new study; refuse a study made from other parameters."""
+        mine = self.spec.search_space()
+        stored = study.user_attrs.get("search_space")
+        if stored is None:
+            study.set_user_attr("search_space", mine)
+            return
+        if stored != mine:
+            changed = [
+                f"{k}: {stored.get(k, 'absent')} in the study, {mine.get(k, 'absent')} in the file"
+                for k in sorted(set(stored) | set(mine))
+                if stored.get(k) != mine.get(k)
+            ]
+            raise SweepError(
+                f"study {self.study_name!r} in {self.storage_url} was made from other parameters: "
+                f"{'; '.join(changed)}; use another --study or the original file."
+            )
 
     def total(self, trials: int | None) -> int:
         if self.spec.method == "grid":
@@ -129,11 +195,6 @@ class Sweep:
 
 def run_optuna(sweep: Sweep, trials: int | None) -> Any:
     """Run trials until the study holds ``sweep.total(trials)`` of them (or the grid is covered); the study."""
-    import optuna
-
-    # Heartbeats are "experimental" and meant for study.optimize; samflow records them itself.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     study = sweep.study()
     total = sweep.total(trials)
     print(
@@ -160,12 +221,16 @@ def _run_trials(sweep: Sweep, study: Any, total: int) -> None:
     distributions = {k: p.distribution for k, p in sweep.spec.sampled.items()}
     while True:
         optuna.storages.fail_stale_trials(study)
-        existing = study.get_trials(deepcopy=False)
-        if len(existing) >= total or _target_reached(sweep.spec, existing):
+        every = study.get_trials(deepcopy=False)
+        dead = replaced(every)
+        existing = [t for t in every if t.number not in dead]  # a dead worker's trial runs again
+        queued = any(t.state == TrialState.WAITING for t in existing)  # study.ask takes it first
+        if _target_reached(sweep.spec, existing) or (not queued and len(existing) >= total):
             break
-        if sweep.spec.method == "grid" and len(_grid_started(existing)) >= sweep.spec.grid_size():
+        grid = sweep.spec.method == "grid"
+        if grid and not queued and len(_grid_started(existing)) >= sweep.spec.grid_size():
             break
-        trial = study.ask(distributions)
+        trial = _ask(study, distributions)
         if sweep.spec.method == "grid" and _grid_taken(study, trial):
             # another worker took the grid's last point between our count and our ask
             trial.set_user_attr("skipped", "grid point already taken by another worker")
@@ -194,6 +259,24 @@ def _run_trials(sweep: Sweep, study: Any, total: int) -> None:
         )
 
 
+def _ask(study: Any, distributions: dict[str, Any]) -> Any:
+    """A new trial with its values, its first heartbeat recorded (from then on a dead worker's trial is
+    found stale); a trial whose values cannot be sampled is failed, and that is the sweep's error."""
+    trial = study.ask()
+    study._storage.record_heartbeat(trial._trial_id)
+    try:
+        for name, distribution in distributions.items():
+            trial._suggest(name, distribution)
+    except Exception as err:  # noqa: BLE001 - whatever the sampler refuses, no trial stays RUNNING
+        reason = " ".join(str(err).split())[:300]
+        trial.set_user_attr("error", f"no values: {reason}")
+        study.tell(trial, state=_failed())
+        raise SweepError(
+            f"study {study.study_name!r}: trial {trial.number} got no values: {reason}"
+        ) from None
+    return trial
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM as SystemExit, so that ``run_trial`` ends the trial's process group and marks it failed."""
     raise SystemExit(128 + signum)
@@ -218,9 +301,11 @@ def _grid_started(trials: list[Any]) -> set[int]:
 def _grid_taken(study: Any, trial: Any) -> bool:
     """Whether ``trial``'s grid point belongs to an earlier trial (possible only past the grid's size)."""
     mine = study._storage.get_trial(trial._trial_id).system_attrs.get("grid_id")
+    trials = study.get_trials(deepcopy=False)
+    dead = replaced(trials)
     return any(
-        t.system_attrs.get("grid_id") == mine and t.number != trial.number
-        for t in study.get_trials(deepcopy=False)
+        t.system_attrs.get("grid_id") == mine and t.number != trial.number and t.number not in dead
+        for t in trials
     )
 
 
@@ -245,7 +330,12 @@ def trial_command(sweep: Sweep, overrides: dict[str, Any], folder: Path) -> list
         str(sweep.experiment),
         *sweep.spec.args,
         *(flag(k, v) for k, v in overrides.items()),
-        *run_folder_args(folder, sweep.study_name, project=sweep.spec.raw.get("project")),
+        *run_folder_args(
+            folder,
+            sweep.study_name,
+            project=sweep.spec.raw.get("project"),
+            entity=sweep.spec.raw.get("entity"),
+        ),
         f"--trainer.callbacks+={json.dumps(report)}",
     ]
 
@@ -267,12 +357,19 @@ def run_trial(
     (folder / RESULT_FILE).unlink(missing_ok=True)
     command = trial_command(sweep, overrides, folder)
     (folder / "command.txt").write_text(" ".join(command) + "\n")
+    beat = heartbeat_interval()
     with open(folder / "fit.log", "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - only prctl and getppid run there
+        )
         try:
             while True:
                 try:
-                    proc.wait(timeout=HEARTBEAT_S)
+                    proc.wait(timeout=beat)
                     break
                 except subprocess.TimeoutExpired:
                     storage.record_heartbeat(trial._trial_id)
@@ -282,6 +379,23 @@ def run_trial(
             study.tell(trial, state=_failed())
             raise
     return outcome(proc.returncode, folder, sweep.spec.metric)
+
+
+def _die_with(worker: int) -> Callable[[], None] | None:
+    """Linux: the trial's process gets SIGKILL when its worker dies (``PR_SET_PDEATHSIG``), even by
+    SIGKILL, so it never trains on orphaned; elsewhere None (the worker's SIGTERM handling remains)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def arm() -> None:  # in the child, between fork and exec
+        prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != worker:  # the worker died before prctl took effect
+            os._exit(1)
+
+    return arm
 
 
 def _failed() -> Any:

@@ -138,6 +138,17 @@ class SweepSpec:
         """Every parameter's option value for one trial, from Optuna's ``trial.params``."""
         return {key: p.value(sampled.get(key)) for key, p in self.params.items()}
 
+    def search_space(self) -> dict[str, str]:
+        """Every parameter's name and distribution (or constant value), as the study records them."""
+
+        def text(p: Param) -> str:
+            if p.distribution is None:
+                return f"value {p.constant!r}"
+            choices = getattr(p.distribution, "choices", None)
+            return f"values {list(choices)}" if choices is not None else str(p.distribution)
+
+        return {k: text(p) for k, p in self.params.items()}
+
     def grid(self) -> dict[str, list[Any]]:
         """The grid's search space (the stored choices of every sampled parameter)."""
         return {k: list(p.distribution.choices) for k, p in self.sampled.items()}

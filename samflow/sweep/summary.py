@@ -58,9 +58,15 @@ def _value_text(value: Any) -> str:
 
 
 def rows(trials: list[Any], keys: list[str], metric: str) -> tuple[list[str], list[list[str]]]:
+    from samflow.sweep.run import replaced
+
     header = ["trial", "state", metric, "epochs", *keys, "seconds", "error"]
+    again = replaced(trials)
     out = []
     for t in trials:
+        error = t.user_attrs.get("error", "")
+        if t.number in again and not error:
+            error = f"its worker died (no heartbeat); run again as trial {again[t.number]}"
         value = t.value if t.value is not None else _last(t)
         values = t.user_attrs.get("overrides", {})
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
@@ -72,7 +78,7 @@ def rows(trials: list[Any], keys: list[str], metric: str) -> tuple[list[str], li
                 str(t.user_attrs.get("epochs", "")),
                 *(_value_text(values.get(k, "")) for k in keys),
                 "" if seconds is None else f"{seconds:.0f}",
-                t.user_attrs.get("error", ""),
+                error,
             ]
         )
     return header, out
@@ -138,6 +144,7 @@ def write_plots(study: Any, folder: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import optuna
     from optuna.visualization import matplotlib as vis
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,18 +154,28 @@ def write_plots(study: Any, folder: Path) -> list[str]:
         "importances": vis.plot_param_importances,
         "parallel_coordinates": vis.plot_parallel_coordinate,
     }
-    for name, plot in kinds.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = plot(study)
-            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-            figure.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
-            plt.close(figure)
-            done.append(str(folder / f"{name}.png"))
-        except Exception as err:  # noqa: BLE001 - e.g. importances with fewer than two completed trials
-            done.append(f"{name} not drawn ({' '.join(str(err).split())[:120]})")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # "There are no complete trials." is said above
+    try:
+        for name, plot in kinds.items():
+            done.append(_plot(name, plot, study, folder, plt))
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     return done
+
+
+def _plot(name: str, plot: Callable[[Any], Any], study: Any, folder: Path, plt: Any) -> str:
+    """One plot as ``folder/<name>.png`` (its path), or why it was not drawn."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            axes = plot(study)
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+        figure.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        return str(folder / f"{name}.png")
+    except Exception as err:  # noqa: BLE001 - e.g. importances with fewer than two completed trials
+        return f"{name} not drawn ({' '.join(str(err).split())[:120]})"
 
 
 def log_to_wandb(sweep: Any, header: list[str], table: list[list[str]], plots: Path) -> None:
@@ -172,6 +189,7 @@ def log_to_wandb(sweep: Any, header: list[str], table: list[list[str]], plots: P
 
     run = wandb.init(
         project=sweep.spec.raw.get("project") or "samflow",
+        entity=sweep.spec.raw.get("entity"),
         group=sweep.study_name,
         name=f"{sweep.study_name}/summary",
         job_type="sweep-summary",

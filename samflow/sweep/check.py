@@ -1,0 +1,122 @@
+"""A sweep file checked against its experiment before any trial runs.
+
+Every trial is ``samflow fit --experiment X <fixed flags> <the trial's values>``; a misspelt option or
+metric would fail every trial alike. So, once per sweep, ``samflow fit``'s own parser reads the
+experiment with the file's fixed flags (the ``command`` key), then with one value of each parameter (a
+misspelt key or a value of the wrong type names ``parameters.<key>``), without building anything; and
+the metric is compared with what the run logs where that is known (``val/<metric>`` for each of the
+experiment's ``model.metrics`` on samflow's data modules, see ``samflow.lightning_cli.main_metric``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from argparse import ArgumentError
+from pathlib import Path
+from typing import Any
+
+from samflow.sweep.spec import SweepError, SweepSpec
+
+
+def experiment_path(spec: SweepSpec) -> Path:
+    """The experiment file the sweep's ``command`` (or ``program``) names, its plugins checked."""
+    from samflow.cli import ExperimentError, check_plugins, resolve_experiment
+
+    try:
+        path = resolve_experiment(spec.experiment)
+        check_plugins(path)
+    except ExperimentError as err:
+        key = "command" if "command" in spec.raw else "program"
+        raise SweepError(f"{spec.path}: {key}: {err}") from None
+    return path
+
+
+def check_sweep(spec: SweepSpec, experiment: Path) -> None:
+    """Raise ``SweepError`` (one line naming the sweep file and its key) for an option or metric that
+    the experiment's ``samflow fit`` would refuse or never log."""
+    from samflow.cli import ExperimentError, check_plugin_args
+    from samflow.sweep.run import flag
+
+    where = str(spec.path)
+    base = ["--config", str(experiment), *spec.args]
+    try:
+        check_plugin_args(spec.args)
+        cli = _parse_only(experiment.stem, base)
+    except (ArgumentError, ExperimentError) as err:
+        raise SweepError(f"{where}: command: {_reason(err, base)}") from None
+    for key, value in spec.overrides(_one_sample(spec)).items():
+        args = [*base, flag(key, value)]
+        try:
+            check_plugin_args([flag(key, value)])
+            cli.parser.parse_args(args)
+        except (ArgumentError, ExperimentError) as err:
+            raise SweepError(f"{where}: parameters.{key}: {_reason(err, args)}") from None
+    if not any(k.startswith(("model.metrics", "data")) for k in spec.params):
+        _check_metric(where, spec.metric, cli.config, experiment.stem)
+
+
+def _parse_only(run_name: str, args: list[str]) -> Any:
+    """``samflow fit``'s LightningCLI, parsed from ``args`` without seeding or building anything."""
+    from samflow.lightning_cli import SamflowCLI
+
+    class ParseOnly(SamflowCLI):
+        def _set_seed(self) -> None:
+            pass
+
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+    with warnings.catch_warnings():  # LightningCLI's "given args and a command line too"
+        warnings.simplefilter("ignore")
+        return ParseOnly(run_name, args=args, run=False)
+
+
+def _one_sample(spec: SweepSpec) -> dict[str, Any]:
+    """One value Optuna could sample for each parameter (a grid's first choice, a range's low end)."""
+    sample = {}
+    for key, p in spec.sampled.items():
+        d = p.distribution
+        sample[key] = d.choices[0] if hasattr(d, "choices") else d.low
+    return sample
+
+
+def _reason(err: Exception, args: list[str]) -> str:
+    """The parser's complaint in a few words (``Option 'lrr' is not accepted``), else its one line."""
+    from samflow.cli import one_line_argument_error
+
+    text = str(err)
+    if isinstance(err, ArgumentError):
+        found = re.search(r"(Option|Key) '[^']+' is not accepted|[Uu]nrecognized arguments: .*", text)
+        text = found.group(0) if found else one_line_argument_error(text, ["fit", *args])
+    return f"samflow fit refuses it: {' '.join(text.split())}"
+
+
+def _check_metric(where: str, metric: str, config: Any, experiment: str) -> None:
+    """A ``val/...`` metric the experiment never logs (known for samflow's data modules) is an error."""
+    from samflow.lightning_cli import _plain, main_metric
+    from samflow.metrics.registry import build_metrics
+
+    metrics, data = config.get("model.metrics"), config.get("data")
+    main = main_metric(metrics, data)
+    if main is None or not metric.startswith("val/"):
+        return  # what this experiment logs cannot be known before it runs
+    try:
+        built = build_metrics(_plain(metrics) if metrics is not None else ["iou", "dice", "mae"])
+    except Exception:  # noqa: BLE001 - a bad metrics spec is the trial's own error
+        return
+    if any("dict" in str(inspect.signature(type(m).compute).return_annotation) for m in built.values()):
+        return  # a metric of several values logs names of its own
+    several = main[0].count("/") > 1  # val/<metric>/<set>, one per validation set
+    names = [*built, "loss", "encoder_cache_hit_rate"]
+    if any(metric.startswith(f"val/{n}/") if several else metric == f"val/{n}" for n in names):
+        return
+    shown = ", ".join(f"val/{n}" + ("/<set>" if several else "") for n in built)
+    raise SweepError(
+        f"{where}: metric.name: experiment {experiment} does not log {metric!r} (its validation metrics: "
+        f"{shown}); fix metric.name."
+    )

@@ -1,0 +1,142 @@
+"""A sweep file checked against its experiment before any trial runs (misspelt option, value, metric,
+experiment), a sweep with no completed trial exits 1, and the summary of a study that does not exist."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from helpers import run_samflow
+from test_sweep_loop import write_sweep
+
+import samflow.sweep
+from samflow.cli import ExperimentError, _user_errors
+from samflow.sweep import check, run
+from samflow.sweep.report import TrialMetricError
+from samflow.sweep.spec import SweepError, load_sweep
+
+LR = "model.optimizer.init_args.lr"
+
+
+def quickstart_sweep(
+    tmp_path: Path, parameters: dict, metric: str = "val/iou", flags: tuple = (), method: str = "grid"
+) -> Path:
+    path = tmp_path / "q.yaml"
+    sweep = {
+        "method": method,
+        "metric": {"name": metric, "goal": "maximize"},
+        "parameters": parameters,
+        "command": ["${env}", "samflow", "fit", "--experiment", "quickstart", *flags, "${args}"],
+    }
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def checked(path: Path) -> None:
+    spec = load_sweep(str(path))
+    check.check_sweep(spec, check.experiment_path(spec))
+
+
+def test_a_misspelt_parameter_fails_before_anything_runs_naming_the_file_and_key(tmp_path):
+    path = quickstart_sweep(tmp_path, {"model.optimizer.init_args.lrr": {"values": [1e-3, 5e-3]}})
+    result = run_samflow(["sweep", str(path)], tmp_path, timeout=120)
+    assert result.returncode == 1
+    key = "parameters.model.optimizer.init_args.lrr"
+    assert result.stderr.strip().splitlines() == [
+        f"samflow: error: {path}: {key}: samflow fit refuses it: Option 'lrr' is not accepted"
+    ]
+    assert not (tmp_path / "runs").exists()  # nothing ran, no study was made
+
+
+def test_values_fixed_flags_metric_and_experiment_are_checked(tmp_path):
+    tokens = {"model.plugins.tokens.init_args.lr": {"min": 1e-4, "max": 1e-2}}
+    checked(quickstart_sweep(tmp_path, {LR: {"values": [1e-3]}, **tokens}, method="random"))
+    with pytest.raises(SweepError, match=rf"q.yaml: parameters.{LR}: samflow fit refuses it: --{LR}: .*abc"):
+        checked(quickstart_sweep(tmp_path, {LR: {"values": ["abc", 1e-3]}}))
+    with pytest.raises(SweepError, match=r"q.yaml: command: samflow fit refuses it: .*max_epochz"):
+        checked(quickstart_sweep(tmp_path, {LR: {"values": [1e-3]}}, flags=("--trainer.max_epochz=1",)))
+    with pytest.raises(
+        SweepError,
+        match=r"q.yaml: metric.name: experiment quickstart does not log 'val/iuo' "
+        r"\(its validation metrics: val/dice, val/iou, val/mae\); fix metric.name.",
+    ):
+        checked(quickstart_sweep(tmp_path, {LR: {"values": [1e-3]}}, "val/iuo"))
+    checked(quickstart_sweep(tmp_path, {LR: {"values": [1e-3]}}, "val/loss"))
+    checked(quickstart_sweep(tmp_path, {LR: {"values": [1e-3]}}, "train/loss"))  # not knowable: not refused
+    path = quickstart_sweep(tmp_path, {LR: {"values": [1e-3]}})
+    path.write_text(path.read_text().replace("- quickstart", "- quickstrat"))
+    with pytest.raises(SweepError, match=r"q.yaml: command: No experiment named 'quickstrat'"):
+        checked(path)
+
+
+def test_a_sweep_with_no_completed_trial_exits_1_in_one_line(stub, tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(check, "check_sweep", lambda spec, experiment: None)  # `x` is the stub's option
+    path = write_sweep(tmp_path, "  x: {values: [bad]}\n")
+    said: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = said.append  # type: ignore[method-assign]
+    logging.getLogger("optuna").addHandler(handler)  # Optuna's own handler writes "[W ...] ..."
+    try:
+        with pytest.raises(
+            ExperimentError, match=r"no trial of study 's' has completed \(1 failed, 0 pruned\)"
+        ):
+            samflow.sweep.main([str(path)])
+    finally:
+        logging.getLogger("optuna").removeHandler(handler)
+    assert "trial 0 fail" in capfd.readouterr().out
+    assert [r.getMessage() for r in said] == []  # not "There are no complete trials."
+
+
+def test_a_trials_metric_error_is_a_one_line_user_error():
+    assert issubclass(TrialMetricError, _user_errors())  # samflow fit prints "samflow: error: ..."
+
+
+def test_summary_of_a_study_that_does_not_exist_is_refused(stub, tmp_path):
+    spec = load_sweep(str(write_sweep(tmp_path, "  x: {values: [0.5]}\n")))
+    run.run_optuna(run.Sweep.open(spec, "made", None), None)
+    sweep = run.Sweep.open(spec, "other", None)
+    sweep.storage_url = run.Sweep.open(spec, "made", None).storage_url
+    with pytest.raises(SweepError, match=r"--summary: there is no study 'other' in .*; its studies: made"):
+        sweep.study(existing=True)
+    assert optuna.get_all_study_names(sweep.storage_url) == ["made"]
+
+
+def test_summary_shows_no_experimental_warning(stub, tmp_path):
+    spec = load_sweep(str(write_sweep(tmp_path, "  x: {values: [0.5]}\n")))
+    run.run_optuna(run.Sweep.open(spec, None, None), None)
+    warnings.resetwarnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.Sweep.open(spec, None, None).study(existing=True)
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+
+
+def test_entity_goes_to_the_trials_and_the_summarys_wandb_runs(tmp_path, monkeypatch):
+    import wandb
+
+    from samflow.sweep import summary
+
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path, "  x: {values: [0.5]}\n", extra="entity: my-team\n")
+    sweep = run.Sweep.open(load_sweep(str(path)), None, None)
+    flags = run.trial_command(sweep, {"x": 1}, sweep.folder)
+    logger = next(a for a in flags if a.startswith("--trainer.logger="))
+    assert yaml.safe_load(logger.split("=", 1)[1])[1]["init_args"]["entity"] == "my-team"
+
+    seen: dict = {}
+
+    class Run:
+        def log(self, data):
+            pass
+
+        def finish(self):
+            pass
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.update(kwargs) or Run())
+    summary.log_to_wandb(sweep, ["trial"], [["0"]], tmp_path)
+    assert seen["entity"] == "my-team"
