@@ -218,15 +218,25 @@ def read_mask_prompts(
 
 
 def read_prompts(
-    source: Path, images_dir: Path, *, derive: str = "box", points: int = 1, seed: int = 0
+    source: Path,
+    images_dir: Path,
+    *,
+    derive: str | None = None,
+    points: int | None = None,
+    seed: int = 0,
 ) -> list[ImagePrompts]:
-    """The prompts of ``source`` (JSON, CSV, COCO annotations or a mask folder) per image of ``images_dir``."""
+    """The prompts of ``source`` (JSON, CSV, COCO annotations or a mask folder) per image of ``images_dir``.
+
+    ``derive`` (default ``"box"``) and ``points`` (default 1) apply to COCO and mask prompts; given
+    for a JSON or CSV file, which holds its own boxes and points, they are refused.
+    """
     images = _find_images(images_dir)
     if source.is_dir():
-        return read_mask_prompts(source, images, derive, points, seed)
+        return read_mask_prompts(source, images, derive or "box", points or 1, seed)
     if not source.is_file():
         raise PromptFileError(f"--prompts {str(source)!r} does not exist.")
     if source.suffix.lower() == ".csv":
+        _refuse_derive(source, "CSV", derive, points)
         return read_csv_prompts(source, images)
     try:
         head = json.loads(source.read_text())
@@ -235,8 +245,18 @@ def read_prompts(
             f"{source}: not JSON ({err}); prompts are JSON, CSV, COCO or a mask folder."
         ) from None
     if isinstance(head, dict) and "annotations" in head and "images" in head:
-        return read_coco_prompts(source, images, derive, points, seed)
+        return read_coco_prompts(source, images, derive or "box", points or 1, seed)
+    _refuse_derive(source, "JSON", derive, points)
     return read_json_prompts(source, images)
+
+
+def _refuse_derive(source: Path, kind: str, derive: str | None, points: int | None) -> None:
+    given = [flag for flag, value in (("--derive", derive), ("--points", points)) if value is not None]
+    if given:
+        raise PromptFileError(
+            f"{' and '.join(given)} apply to COCO and mask prompts only; {source} is a {kind} prompt file "
+            f"whose boxes and points are used as written: drop {' and '.join(given)}."
+        )
 
 
 # ---- outputs ----
@@ -441,6 +461,8 @@ def _load_predictor(source: Path, sam_checkpoint: str | None, device: str | None
 
 def main(argv: list[str]) -> int:
     """``samflow predict --prompts FILE ...`` (see the module docstring)."""
+    from samflow.embed.command import PositiveInt
+
     parser = CommandParser(
         prog="samflow predict",
         description=__doc__.split("\n\n")[0],
@@ -459,13 +481,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--derive",
         choices=("box", "points"),
-        default="box",
-        help="COCO / mask prompts: the box, or points drawn inside the instance",
+        default=None,
+        help="COCO / mask prompts: the box (default), or points drawn inside the instance",
     )
-    parser.add_argument("--points", type=int, default=1, help="points per instance with --derive points")
+    parser.add_argument(
+        "--points",
+        type=PositiveInt,
+        default=None,
+        help="points per instance with --derive points (default 1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn points")
     parser.add_argument("--sam-checkpoint", default=None, help="the SAM file instead of the run's")
-    parser.add_argument("--tile", type=int, default=None, help="tiled prediction with windows of N pixels")
+    parser.add_argument(
+        "--tile", type=PositiveInt, default=None, help="tiled prediction with windows of N pixels"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best there is)")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
     parser.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images")

@@ -73,6 +73,7 @@ from samflow.data.coco_proposals import sam_checksum
 from samflow.data.folder import DataError
 from samflow.embed.check import dataset_images, input_frame
 from samflow.embed.check import store_key as embed_store_key
+from samflow.embed.command import PositiveInt
 from samflow.embed.store import EmbeddingStore, EmbeddingStoreError
 from samflow.usage import CommandParser
 
@@ -250,6 +251,10 @@ def write_proposals(
     from samflow.sam.cache import EncoderCache
     from samflow.sam.hooked import HookedSam
 
+    if batch_size < 1 or shard_size < 1:
+        raise DataError(
+            f"samflow proposals: batch_size {batch_size} and shard_size {shard_size} must both be >= 1."
+        )
     root = Path(out).expanduser()
     stored = open_embedding_store(embedding_store, sam, dataset) if embedding_store else None
     key = store_key(sam, dataset, from_store=stored is not None)
@@ -322,8 +327,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="experiment name or YAML path (data: CocoDataModule)")
     p.add_argument("--out", required=True, help="store folder (manifest.json, shards/, proposals.json)")
     p.add_argument("--split", default="train", help="which split of the data module (default: train)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per SAM pass")
-    p.add_argument("--shard-size", type=int, default=16, help="images per shard (the unit of resuming)")
+    p.add_argument("--batch-size", type=PositiveInt, default=1, help="images per SAM pass")
+    p.add_argument(
+        "--shard-size", type=PositiveInt, default=16, help="images per shard (the unit of resuming)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda:LOCAL_RANK when a GPU is there)")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with another SAM or data")
     p.add_argument(

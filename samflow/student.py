@@ -11,9 +11,11 @@ data's ``category_ids``) for ``results.json``.
 ``samflow student --experiment NAME --pseudo FILE --out DIR`` is the stage after ``samflow fit`` and
 ``samflow pseudo-masks``: the same experiment supplies the SAM (``model.sam``), the data settings
 (image size, batch size, workers, the ``val`` / ``test`` annotation files and the train images folder),
-the optimizer and scheduler (``model.optimizer``, ``model.scheduler``) and the trainer settings
-(epochs, devices, strategy, precision, gradient clipping, ``trainer.callbacks`` such as the warm-up);
-the train split becomes the pseudo-mask file. It writes ``DIR/checkpoints/last.ckpt`` (the head only),
+the optimizer and scheduler (``model.optimizer``, ``model.scheduler``) and every ``trainer.*`` setting
+(epochs, devices, precision, ``max_time``, ``limit_*``, ``trainer.callbacks`` such as the warm-up; its
+``default_root_dir``, ``enable_checkpointing`` and ``barebones`` are refused, the logger is its own);
+the train split becomes the pseudo-mask file. ``model.sam.embedding_store`` is refused (the student
+runs the encoder; ``model.sam.encoder_cache`` works). It writes ``DIR/checkpoints/last.ckpt`` (the head only),
 ``DIR/metrics.csv``, ``DIR/student_metrics.json`` and, with a test split, ``DIR/results.json``
 (COCO results that pycocotools' ``COCO.loadRes`` reads).
 """
@@ -227,24 +229,34 @@ class StudentModule(LightningModule):
 
 
 # ---- the command ----
-TRAINER_KEYS = (
-    "accelerator",
-    "devices",
-    "num_nodes",
-    "strategy",
-    "precision",
-    "max_epochs",
-    "max_steps",
-    "gradient_clip_val",
-    "gradient_clip_algorithm",
-    "accumulate_grad_batches",
-    "limit_train_batches",
-    "limit_val_batches",
-    "limit_test_batches",
-    "check_val_every_n_epoch",
-    "log_every_n_steps",
-    "deterministic",
-)
+# trainer.* keys the student does not take from the experiment: its own logger (metrics.csv in --out),
+# callbacks (the experiment's own are kept, samflow fit's are not) and run folder (--out). Every other
+# trainer.* key the experiment or a flag sets goes to the student's Trainer.
+OWN_TRAINER_KEYS = ("logger", "callbacks")
+REFUSED_TRAINER_KEYS = {
+    "default_root_dir": "the student writes to --out",
+    "enable_checkpointing": "the student always writes --out/checkpoints/last.ckpt",
+    "barebones": "the student needs its logger and checkpoint",
+}
+
+
+def _trainer_kwargs(cli: Any) -> dict[str, Any]:
+    """The experiment's trainer.* keys that are set (differ from the parser's defaults), as Trainer
+    arguments; a key the student cannot honour is refused with one line."""
+    given = cli.config.get("trainer") or {}
+    defaults = cli.parser.get_defaults().get("trainer") or {}
+    config = cli.config_init.get("trainer") or {}
+    kwargs: dict[str, Any] = {}
+    for key, value in given.items():
+        if key in OWN_TRAINER_KEYS or value == defaults.get(key):
+            continue
+        if key in REFUSED_TRAINER_KEYS:
+            raise DataError(
+                f"samflow student: trainer.{key} is not supported ({REFUSED_TRAINER_KEYS[key]}); drop it. "
+                "The student honours every other trainer.* key and the experiment's trainer.callbacks."
+            )
+        kwargs[key] = config.get(key)
+    return kwargs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -305,6 +317,11 @@ def main(argv: list[str]) -> int:
         )
     cli = _build_cli(opts.experiment, overrides)
     model, data = cli.model, cli.datamodule
+    if model.sam_spec.embedding_store:
+        raise DataError(
+            "samflow student: model.sam.embedding_store is not read by the student (it runs SAM's encoder "
+            "on every image); pass --model.sam.embedding_store null (model.sam.encoder_cache is honoured)."
+        )
     if not isinstance(data, CocoDataModule):
         raise DataError(
             f"samflow student: the experiment's data is {type(data).__name__}; it needs samflow.data.coco.CocoDataModule."
@@ -342,7 +359,7 @@ def main(argv: list[str]) -> int:
         mps_weight=opts.mps_weight,
     )
     config = cli.config_init.get("trainer") or {}
-    kwargs: dict[str, Any] = {k: config.get(k) for k in TRAINER_KEYS if config.get(k) is not None}
+    kwargs = {"enable_model_summary": False, "num_sanity_val_steps": 0, **_trainer_kwargs(cli)}
     if str(kwargs.get("strategy", "")).startswith("ddp_find_unused"):
         kwargs["strategy"] = "ddp"  # the student's head uses every parameter
     out = Path(opts.out).expanduser()
@@ -354,12 +371,7 @@ def main(argv: list[str]) -> int:
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True),
     ]
     trainer = Trainer(
-        **kwargs,
-        callbacks=callbacks,
-        logger=CSVLogger(out, name="", version=""),
-        default_root_dir=out,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
+        **kwargs, callbacks=callbacks, logger=CSVLogger(out, name="", version=""), default_root_dir=out
     )
     trainer.fit(student, datamodule=student_data)
     if student_data.splits.get("test"):

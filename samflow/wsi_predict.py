@@ -10,6 +10,10 @@ times the mpp, the same ``tile`` px) and a prompt box covering the whole tile. T
   exactly on the finest pyramid level whose sides are at most ``polygon_side`` px (default 4096);
 - with ``--annotations``: Dice of the mask against them (per slide), printed and in ``<slide>.json``.
 
+The command runs at the experiment's ``data.init_args.mpp`` and ``data.init_args.factor`` (the model
+was trained there) with its ``model.threshold``; ``--mpp`` / ``--factor`` / ``--threshold`` override
+them, and each flag that differs from the experiment's value is named in one printed line.
+
 Memory is bounded by one band of tiles: the probabilities are stitched in a (tile x width) band that
 moves down the slide, finished rows go to a disk-backed array (``np.memmap``, 1 byte per pixel) in
 the output folder, and every pyramid level is a disk-backed array too, built band by band. RAM is
@@ -361,6 +365,8 @@ def _feature_collection(region: Any) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from samflow.embed.command import PositiveInt
+
     p = CommandParser(
         prog="samflow predict-slide",
         description="Segment whole slides with a two-resolution model (WSI-SAM): tissue tiles at the HR "
@@ -372,21 +378,54 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="a checkpoint samflow fit wrote (default: the untrained plugins)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--annotations", nargs="*", help="one annotation file per slide: report Dice per slide")
-    p.add_argument("--mpp", type=float, default=1.0, help="HR microns per pixel (default 1.0, 10x)")
-    p.add_argument("--factor", type=float, default=2.0, help="LR mpp / HR mpp (default 2)")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        help="HR microns per pixel (default: the experiment's data.init_args.mpp, else 1.0)",
+    )
+    p.add_argument(
+        "--factor",
+        type=float,
+        help="LR mpp / HR mpp (default: the experiment's data.init_args.factor, else 2)",
+    )
     p.add_argument("--slide-mpp", type=float, help="level-0 mpp of slides without metadata")
-    p.add_argument("--tile", type=int, default=1024, help="tile side in HR px (default 1024)")
+    p.add_argument("--tile", type=PositiveInt, default=1024, help="tile side in HR px (default 1024)")
     p.add_argument(
         "--overlap", type=int, default=128, help="tile overlap in HR px, at most tile/2 (default 128)"
     )
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default 4)")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold of the mask (0.5)")
+    p.add_argument("--batch-size", type=PositiveInt, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="probability threshold of the mask (default: the experiment's model.threshold, else 0.5)",
+    )
     p.add_argument(
         "--device",
         help="torch device (default: cuda:LOCAL_RANK if available, else cpu); under torchrun "
         "(torchrun --nproc_per_node N -m samflow predict-slide ...) the processes split the tiles",
     )
     return p
+
+
+def _settings(opts: argparse.Namespace, module: Any, data: Any) -> tuple[dict[str, float], list[str]]:
+    """mpp, factor and threshold: each flag given, else the experiment's (``data.init_args.mpp``,
+    ``data.init_args.factor``, ``model.threshold``); and one line per flag that differs from it."""
+    common = getattr(data, "common", None) or {}
+    trained = {
+        "mpp": ("data.init_args.mpp", common.get("mpp", getattr(data, "mpp", None)), 1.0),
+        "factor": ("data.init_args.factor", common.get("factor", getattr(data, "factor", None)), 2.0),
+        "threshold": ("model.threshold", getattr(module, "threshold", None), 0.5),
+    }
+    values, notes = {}, []
+    for name, (key, experiment, fallback) in trained.items():
+        flag = getattr(opts, name)
+        values[name] = float(flag if flag is not None else experiment if experiment is not None else fallback)
+        if flag is not None and experiment is not None and float(flag) != float(experiment):
+            notes.append(
+                f"samflow predict-slide: --{name} {flag:g} differs from the experiment's {key} "
+                f"{float(experiment):g}; using --{name} {flag:g}."
+            )
+    return values, notes
 
 
 def _init_distributed() -> Any:
@@ -418,7 +457,10 @@ def main(argv: list[str]) -> int:
         )
     group = _init_distributed()
     rank, world = _distributed()
-    module, _ = _build(opts.experiment, overrides)
+    module, data = _build(opts.experiment, overrides)
+    settings, notes = _settings(opts, module, data)
+    for note in notes if rank == 0 else []:
+        print(note)
     if opts.ckpt:
         load_trained_state(module.model, read_checkpoint_state(Path(opts.ckpt)), opts.ckpt)
     default = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
@@ -429,12 +471,12 @@ def main(argv: list[str]) -> int:
             module,
             path,
             opts.out,
-            mpp=opts.mpp,
-            factor=opts.factor,
+            mpp=settings["mpp"],
+            factor=settings["factor"],
             tile=opts.tile,
             overlap=opts.overlap,
             batch_size=opts.batch_size,
-            threshold=opts.threshold,
+            threshold=settings["threshold"],
             slide_mpp=opts.slide_mpp,
             annotations=opts.annotations[i] if opts.annotations else None,
             progress=rank == 0,

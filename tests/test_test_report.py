@@ -34,12 +34,18 @@ def test_several_sets_give_one_row_each(tmp_path: Path) -> None:
     assert float(rows[0]["s_measure"]) == 0.88312  # the CSV keeps full precision
 
 
-def test_rows_follow_the_data_module_and_columns_the_given_order(tmp_path: Path) -> None:
+def test_rows_follow_the_data_module_and_columns_the_given_order(tmp_path: Path, capsys) -> None:
     report = Report(columns=["mae_sod", "e_measure_not_computed"])
     report.write(SEVERAL, tmp_path, ["CHAMELEON", "COD10K"])  # CAMO is not named: it comes last
     lines = (tmp_path / "test_metrics.md").read_text().splitlines()
     assert lines[0] == "| dataset | mae_sod | s_measure |"
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| CHAMELEON", "| COD10K", "| CAMO"]
+    # the unknown name is not dropped silently: one line names it and the computed metrics
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warning == (
+        "samflow: warning: test_report.columns names e_measure_not_computed, not computed in this test "
+        "(left out); the computed metrics are s_measure, mae_sod."
+    )
 
 
 def test_one_set_is_named_after_the_data_module(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from typing_extensions import override
 
-from samflow.console import local_log_dir, show
+from samflow.console import console, local_log_dir, show
 from samflow.console import table as rich_table
 from samflow.data.folder import DataError
 
@@ -82,7 +82,8 @@ class TestReport(Callback):
     Args:
         digits: decimals shown in the Markdown table.
         columns: metric order of the tables (e.g. ``[s_measure, em_mean, weighted_f, mae_sod]``, a
-            paper's column order); metrics not listed follow in the order they were computed.
+            paper's column order); metrics not listed follow in the order they were computed. A name
+            that was not computed is left out with one warning line printed below the table.
     """
 
     def __init__(self, digits: int = 4, columns: list[str] | None = None) -> None:
@@ -115,6 +116,15 @@ class TestReport(Callback):
                 writer.writerow([dataset, *(repr(values[c]) if c in values else "" for c in columns)])
         printed = [[dataset, *(values.get(c, "") for c in columns)] for dataset, values in rows.items()]
         show(rich_table("Test metrics per dataset", ["dataset", *columns], printed), result=True)
+        unknown = [c for c in self.columns if c not in found]
+        if unknown:
+            console().print(  # one line, never wrapped
+                f"samflow: warning: test_report.columns names {', '.join(unknown)}, not computed in this "
+                f"test (left out); the computed metrics are {', '.join(found)}.",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
         return paths
 
     @staticmethod

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image, ImageDraw, ImageFont
@@ -292,12 +293,18 @@ class SampleGrid(Callback):
       the prompt as a box layer (points as small boxes).
 
     Args:
-        num_samples: how many prompt rows of the first validation batches to show.
+        num_samples: how many prompt rows of the first validation batches to show (0: none; the best
+            and worst grids are still written).
         threshold: probability above which a predicted pixel is foreground.
         num_extremes: rows in the best and worst grids (0 turns them off).
     """
 
     def __init__(self, num_samples: int = 8, threshold: float = 0.5, num_extremes: int = 4) -> None:
+        for name, value in (("num_samples", num_samples), ("num_extremes", num_extremes)):
+            if value < 0:
+                raise MisconfigurationException(
+                    f"samples.{name} is {value}; give a count >= 0 (0 turns those pictures off)."
+                )
         self.num_samples = num_samples
         self.threshold = threshold
         self.num_extremes = num_extremes
@@ -363,16 +370,19 @@ class SampleGrid(Callback):
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         log_dir = local_log_dir(trainer) if trainer.is_global_zero else None
-        if not self._rows or log_dir is None:
+        best, worst = self.extremes()
+        if not (self._rows or best or worst) or log_dir is None:
             return
         stage = "sanity" if trainer.sanity_checking else f"epoch{trainer.current_epoch:03d}"
         folder = Path(log_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(sample_grid(self._rows, self.threshold)).save(folder / f"val_{stage}.png")
-        best, worst = self.extremes()
+        if self._rows:
+            Image.fromarray(sample_grid(self._rows, self.threshold)).save(folder / f"val_{stage}.png")
         for name, rows in (("best", best), ("worst", worst)):
             if rows:
                 Image.fromarray(sample_grid(rows, self.threshold)).save(folder / f"val_{name}.png")
+        if not self._rows:
+            return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 overlays = [wandb_image(row, self.threshold) for row in self._rows]

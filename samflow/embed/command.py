@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.distributed as dist
@@ -27,8 +27,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
 from samflow.embed.store import EmbeddingStoreError
-from samflow.embed.writer import write_store
+from samflow.embed.writer import completed_rows, write_store
 from samflow.usage import CommandParser
+
+
+class PositiveInt(int):
+    """argparse type of a count or size: an integer >= 1 (else a one-line usage error)."""
+
+    def __new__(cls, text: str | int) -> Self:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+        return super().__new__(cls, value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,11 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=PositiveInt,
         default=None,
         help="images per encoder pass (default: data's eval batch size)",
     )
-    p.add_argument("--shard-size", type=int, default=256, help="images per shard file")
+    p.add_argument("--shard-size", type=PositiveInt, default=256, help="images per shard file")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda:LOCAL_RANK when a GPU is there)")
     p.add_argument("--overwrite", action="store_true", help="replace a store written for other inputs")
     return p
@@ -117,7 +130,9 @@ def main(argv: list[str]) -> int:
             out,
             model,
             datamodule,
-            batch_size=opts.batch_size or getattr(datamodule, "eval_batch_size", 1),
+            batch_size=opts.batch_size
+            if opts.batch_size is not None
+            else getattr(datamodule, "eval_batch_size", 1),
             shard_size=opts.shard_size,
             rank=rank,
             world=world,
@@ -127,10 +142,16 @@ def main(argv: list[str]) -> int:
         )
     root = Path(out).expanduser()
     _barrier()
-    rank_zero_info(
-        f"samflow embed: {manifest.rows} images in {root} ({written} encoded now by rank {rank}, "
-        f"{world} rank(s)); train with --model.sam.embedding_store {root}"
-    )
+    complete = completed_rows(root)
     if dist.is_initialized():
         dist.destroy_process_group()
+    if complete < manifest.rows:
+        raise EmbeddingStoreError(
+            f"samflow embed: {root} is incomplete: {complete} of {manifest.rows} images written "
+            f"({written} encoded now by rank {rank}); run the same command again to finish it."
+        )
+    rank_zero_info(
+        f"samflow embed: {complete} images in {root} ({written} encoded now by rank {rank}, {world} "
+        f"rank(s)); train with --model.sam.embedding_store {root}"
+    )
     return 0

@@ -166,6 +166,11 @@ def write_rows(
     return written
 
 
+def completed_rows(root: str | Path) -> int:
+    """The number of the store's rows whose values are written (its ``done`` flags)."""
+    return int(np.load(Path(root).expanduser() / DONE).astype(bool).sum())
+
+
 def write_store(
     root: str | Path,
     model: Any,
@@ -186,6 +191,10 @@ def write_store(
     image (``None``: no bar). Rank 0 creates the files; ``barrier`` separates that from the writing of
     every rank. Returns (manifest, images encoded by this rank now).
     """
+    if batch_size < 1 or shard_size < 1:
+        raise EmbeddingStoreError(
+            f"samflow embed: batch_size {batch_size} and shard_size {shard_size} must both be >= 1."
+        )
     hooked = model.model
     hooked.check_encoder_cache("model.sam.embedding_store")
     key = store_key_of(model, datamodule)

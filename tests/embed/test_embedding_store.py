@@ -212,6 +212,53 @@ def test_embed_command_writes_a_store_and_refuses_without_out(tmp_path, data_roo
     assert np.load(out / DONE).all()
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--batch-size", "-2"), ("--batch-size", "0"), ("--shard-size", "0")]
+)
+def test_embed_command_refuses_sizes_below_one(tmp_path, data_root, capsys, flag, value):
+    from samflow.cli import main
+
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(
+        "model:\n  sam: {variant: tiny}\n"
+        "data:\n  class_path: samflow.data.SegmentationDataModule\n"
+        f"  init_args: {{train: {data_root / 'train'}, img_size: 128}}\n"
+        "trainer: {accelerator: cpu, devices: 1}\n"
+    )
+    out = tmp_path / "store"
+    assert main(["embed", "--experiment", str(experiment), "--out", str(out), flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"samflow embed: argument {flag}: must be an integer >= 1, got {value}" in err
+    assert not out.exists()
+
+
+def test_embed_command_exits_1_on_an_incomplete_store(tmp_path, data_root, capsys, monkeypatch):
+    import functools
+
+    import samflow.embed.command as command
+    from samflow.cli import main
+
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(
+        "model:\n  sam: {variant: tiny}\n"
+        "data:\n  class_path: samflow.data.SegmentationDataModule\n"
+        f"  init_args: {{train: {data_root / 'train'}, img_size: 128}}\n"
+        "trainer: {accelerator: cpu, devices: 1}\n"
+    )
+    out = tmp_path / "store"
+    args = ["embed", "--experiment", str(experiment), "--out", str(out), "--batch-size", "2"]
+    # interrupted after its first chunk of 2 of the 5 train images
+    monkeypatch.setattr(command, "write_store", functools.partial(write_store, stop_after=1))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "is incomplete: 2 of 5 images written (2 encoded now by rank 0); run the same command again" in err
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert np.load(out / DONE).all()
+
+
 def test_refused_for_data_whose_images_are_not_whole_files(written, tmp_path):
     """Slide patches share their slide's path (and an LR view its HR view's): the store would hand them
     another image's embedding, so they are refused. (COCO images are whole files and are allowed:

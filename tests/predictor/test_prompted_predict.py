@@ -209,3 +209,36 @@ def test_the_mask_folder_of_mask_prompts_is_never_written(trained_run, images, t
         assert main([*base, "--out", str(out), "--device", "cpu", "--overwrite"]) == 1
         assert "would write into the input" in capsys.readouterr().err
     assert sorted(p.name for p in masks.iterdir()) == ["a.png"] and (masks / "a.png").read_bytes() == before
+
+
+def test_derive_and_points_are_refused_for_json_and_csv_prompts(images, tmp_path, capsys):
+    """--derive / --points apply to COCO and mask prompts; a JSON or CSV file's own prompts are used."""
+    csv_file = tmp_path / "p.csv"
+    csv_file.write_text("image,instance,kind,x,y,x1,y1\na.png,0,box,4,6,30,24\n")
+    for prompts, kind in ((prompts_json(tmp_path), "JSON"), (csv_file, "CSV")):
+        base = [
+            "predict",
+            "--prompts",
+            str(prompts),
+            "--model",
+            str(tmp_path / "run"),
+            "--images",
+            str(images),
+        ]
+        assert main([*base, "--out", str(tmp_path / "out"), "--derive", "points", "--points", "5"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert f"--derive and --points apply to COCO and mask prompts only; {prompts} is a {kind}" in err
+        assert main([*base, "--out", str(tmp_path / "out"), "--points", "3"]) == 1
+        assert "drop --points." in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--tile", "-5"), ("--tile", "0"), ("--points", "0")])
+def test_sizes_below_one_are_refused(images, tmp_path, capsys, flag, value):
+    args = ["predict", "--prompts", str(prompts_json(tmp_path)), "--model", str(tmp_path / "run")]
+    assert main([*args, "--images", str(images), "--out", str(tmp_path / "out"), flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"samflow predict: argument {flag}: must be an integer >= 1, got {value}" in err
+    assert "overlap" not in err

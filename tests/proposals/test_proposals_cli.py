@@ -46,3 +46,15 @@ def test_cli_needs_coco_data(tmp_path, capsys):
     assert main(["proposals", "--experiment", str(exp), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "data is SegmentationDataModule" in err and "samflow.data.coco.CocoDataModule" in err
+
+
+def test_cli_refuses_sizes_below_one(tmp_path, capsys):
+    make_tiny_coco(tmp_path / "coco")
+    exp = _experiment(tmp_path, "samflow.data.coco.CocoDataModule")
+    out = tmp_path / "store"
+    for flag, value in (("--batch-size", "-1"), ("--batch-size", "0"), ("--shard-size", "0")):
+        assert main(["proposals", "--experiment", str(exp), "--out", str(out), flag, value]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert f"samflow proposals: argument {flag}: must be an integer >= 1, got {value}" in err
+        assert not (out / "proposals.json").exists()

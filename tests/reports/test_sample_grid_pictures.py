@@ -153,3 +153,30 @@ def test_wandb_image_has_mask_and_prompt_layers():
     assert boxes[0]["position"] == {"minX": 2.0, "minY": 2.0, "maxX": 29.0, "maxY": 29.0}
     assert [b["class_id"] for b in boxes] == [1, 2]  # the box, then a positive point
     assert image._caption == "a IoU 0.333"
+
+
+def test_num_samples_0_keeps_the_best_and_worst_pictures(tmp_path):
+    callback = SampleGrid(num_samples=0, num_extremes=2)
+    batch = random_batch(3, size=16)
+    batch.mask = torch.zeros(3, 1, 16, 16)
+    batch.mask[:, 0, :8] = 1
+    outputs = {"out": SimpleNamespace(image_index=torch.arange(3)), "probs": torch.rand(3, 1, 16, 16)}
+    callback.on_validation_batch_end(None, None, outputs, batch, 0)  # type: ignore[arg-type]
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        loggers=[],
+        default_root_dir=str(tmp_path),
+        sanity_checking=False,
+        current_epoch=0,
+        global_step=0,
+    )
+    callback.on_validation_epoch_end(trainer, None)  # type: ignore[arg-type]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["val_best.png", "val_worst.png"]
+
+
+@pytest.mark.parametrize("name", ["num_samples", "num_extremes"])
+def test_negative_counts_are_refused_by_name(name):
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=rf"^samples\.{name} is -1; give a count >= 0"):
+        SampleGrid(**{name: -1})

@@ -58,3 +58,42 @@ def test_predictions_are_at_the_original_size_and_read_no_prompt(batch):
         assert masks.shape[0] == scores.shape[0] == labels.shape[0] > 0
         assert torch.equal(masks, again[b][0]) and torch.equal(scores, again[b][1])
     assert len(student.category_ids) == 2
+
+
+def _student_experiment(tmp_path: Path) -> tuple[Path, Path]:
+    annotations = make_overlap_coco(tmp_path / "coco", n_images=4)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        "model:\n  sam: {variant: tiny}\n  plugins:\n    sap: {class_path: SAPNet, init_args: {num_classes: 2}}\n"
+        "  losses: {}\n"
+        "data:\n  class_path: samflow.data.coco.CocoDataModule\n  init_args:\n    img_size: 128\n"
+        f"    train: {{annotations: {annotations}}}\n    batch_size: 2\n"
+        "trainer: {accelerator: cpu, devices: 1, max_epochs: 2}\n"
+    )
+    return exp, annotations
+
+
+def test_student_honours_every_trainer_key_and_refuses_what_it_cannot(tmp_path, capsys, monkeypatch):
+    from samflow.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["samflow"])
+    monkeypatch.chdir(tmp_path)
+    exp, pseudo = _student_experiment(tmp_path)
+    head = json.dumps(HEAD)
+    base = ["student", "--experiment", str(exp), "--pseudo", str(pseudo), "--head", head]
+    # two batches an epoch, two epochs; overfit_batches 1 trains on one batch an epoch
+    assert main([*base, "--out", "s", "--trainer.overfit_batches", "1"]) == 0
+    ckpt = torch.load(tmp_path / "s" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    capsys.readouterr()
+    assert main([*base, "--out", "t", "--trainer.default_root_dir", "elsewhere"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "trainer.default_root_dir is not supported (the student writes to --out)" in err
+    assert "honours every other trainer.* key" in err
+    assert main([*base, "--out", "t", "--model.sam.embedding_store", str(tmp_path / "store")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "model.sam.embedding_store is not read by the student" in err
+    assert "--model.sam.embedding_store null" in err
+    assert not (tmp_path / "t").exists()

@@ -238,3 +238,62 @@ def test_predict_slide_command(files, tmp_path):
     assert "slide.tif: 9 tiles" in done.stdout and "Dice" in done.stdout
     bad = run_samflow(["predict-slide", slide, slide, *common, "--out", "p", "--annotations", ann], tmp_path)
     assert bad.returncode == 1 and "2 slides but 1 --annotations" in bad.stderr + bad.stdout
+
+
+def test_predict_slide_takes_mpp_factor_and_threshold_from_the_experiment(
+    files, tmp_path, capsys, monkeypatch
+):
+    """A model trained at 0.5 um/px runs at 0.5 um/px (not the old 1.0 default) with the experiment's
+    threshold; a flag that differs from the experiment wins and says so in one line."""
+    import sys
+
+    import tifffile
+
+    from samflow.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["samflow"])
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "predict-slide",
+        str(files["slide"]),
+        "--experiment",
+        "wsi_sam_camelyon16",
+        "--model.sam.variant",
+        "tiny",
+        "--model.sam.checkpoint",
+        "null",
+        "--data.init_args.mpp",
+        "0.5",
+        "--model.threshold",
+        "0.0",
+        "--tile",
+        "256",
+        "--overlap",
+        "0",
+    ]
+    assert main([*common, "--out", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "differs" not in out
+    mask = tifffile.imread(tmp_path / "a" / "slide_mask.tif")
+    assert mask.shape == (512, 768) and (mask == 255).all()  # 0.5 um/px, every probability >= 0.0
+    assert main([*common, "--out", "b", "--mpp", "1.0", "--threshold", "0.5", "--factor", "2"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "samflow predict-slide: --mpp 1 differs from the experiment's data.init_args.mpp 0.5; using --mpp 1."
+        in out
+    )
+    assert "--threshold 0.5 differs from the experiment's model.threshold 0; using --threshold 0.5." in out
+    assert "--factor" not in out  # the experiment's factor is 2 too
+    mask = tifffile.imread(tmp_path / "b" / "slide_mask.tif")
+    assert mask.shape == (256, 384) and not (mask == 255).all()
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--tile", "-5"), ("--batch-size", "0")])
+def test_predict_slide_refuses_sizes_below_one(files, tmp_path, capsys, flag, value):
+    from samflow.cli import main
+
+    args = ["predict-slide", str(files["slide"]), "--experiment", "wsi_sam_camelyon16", "--out", "p"]
+    assert main([*args, flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"samflow predict-slide: argument {flag}: must be an integer >= 1, got {value}" in err
