@@ -34,7 +34,9 @@ from samflow.callbacks.run_report import RunReport
 from samflow.callbacks.wandb_run import SamflowWandbLogger
 from samflow.console import RunHeader, SamflowProgressBar, local_log_dir, verbosity
 from samflow.module import SamflowModule
-from samflow.plugins.registry import discover
+from samflow.plugins.base import SamPlugin
+from samflow.plugins.registry import PluginError, discover
+from samflow.plugins.stack import describe
 
 
 def _several_processes(config: Any) -> bool:
@@ -119,6 +121,19 @@ def _root_cause(err: BaseException) -> BaseException:
     while err.__cause__ is not None:
         err = err.__cause__
     return err
+
+
+def _first_not_from_jsonargparse(err: BaseException) -> BaseException:
+    """The outermost error of ``err``'s chain that jsonargparse did not raise (its union-type wrappers)."""
+    chain: BaseException | None = err
+    while chain is not None:
+        tb = chain.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is None or not str(tb.tb_frame.f_globals.get("__name__", "")).startswith("jsonargparse"):
+            return chain
+        chain = chain.__cause__
+    return _root_cause(err)
 
 
 def _map_value_type(hint: Any) -> Any:
@@ -227,7 +242,8 @@ class SamflowCLI(LightningCLI):
         """Build the model, plugins, data and trainer; an argument they refuse is one clear error.
 
         jsonargparse wraps a constructor's ``ValueError`` / ``TypeError`` in its own union-type
-        messages; the user needs the innermost one (e.g. ``pa_sam: num_points must be at least 1``).
+        messages; the user needs the outermost one it did not raise, which is samflow's when samflow
+        wrapped a cause with the key (``model.losses.dice: ...``), else the constructor's own.
         """
         from samflow.cli import _user_errors
 
@@ -237,10 +253,30 @@ class SamflowCLI(LightningCLI):
             chain: BaseException | None = err
             while chain is not None:  # samflow's own error (e.g. a bad SAM checkpoint) names the file
                 if isinstance(chain, _user_errors()):
-                    raise chain from err
+                    raise chain from (chain.__cause__ or err)  # its own cause: the plugin's frame
                 chain = chain.__cause__
-            root = _root_cause(err)
-            raise ConfigError(f"{type(root).__name__}: {root}" if root is not err else str(err)) from err
+            cause = _first_not_from_jsonargparse(err)
+            raise ConfigError(f"{type(cause).__name__}: {cause}" if cause is not err else str(err)) from err
+
+    def _add_instantiators(self) -> None:
+        super()._add_instantiators()
+        self.parser.add_instantiator(self._instantiate_plugin, SamPlugin, subclasses=True)
+
+    def _instantiate_plugin(self, cls: type[SamPlugin], *args: Any, **kwargs: Any) -> SamPlugin:
+        """A plugin's constructor; what it raises is named with the plugin's key and class (one line)."""
+        try:
+            return cls(*args, **kwargs)
+        except Exception as err:  # any error of the plugin's own code, named with the plugin
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            plugins = (config.get("model.plugins") if config is not None else None) or {}
+            keys = [  # the entries of this class (a class path may name a re-export of it)
+                k
+                for k, v in plugins.items()
+                if isinstance(v, Namespace) and str(v.get("class_path")).rpartition(".")[2] == cls.__name__
+            ]
+            same = [k for k in keys if dict(plugins[k].get("init_args") or {}) == kwargs]
+            key = (same or keys or ["?"])[0]
+            raise PluginError(f"{describe(key, cls)}: {type(err).__name__}: {err}") from err
 
     def before_instantiate_classes(self) -> None:
         """Plain ``ddp`` becomes ``ddp_find_unused_parameters_true``.

@@ -307,6 +307,13 @@ class SamflowModule(LightningModule):
     def training_step(self, batch: SamBatch, batch_idx: int) -> Tensor:
         out, ctx = self(batch)
         terms = self.compute_losses(out, batch, ctx)
+        total = terms["total"]
+        if torch.is_grad_enabled() and not (isinstance(total, Tensor) and total.requires_grad):
+            raise ModelConfigError(
+                "model.plugins: no trainable parameter reached the loss, so nothing can train. Plugins and "
+                f"the hooks they override: {self.plugins.hooks_report()}. A plugin's parameters must take part "
+                "in what a hook returns (check the hook names against samflow.SamPlugin)."
+            )
         batch_size = batch.num_images
         self.log_dict({f"train/loss/{k}": v for k, v in terms.items() if k != "total"}, batch_size=batch_size)
         self.log("train/loss", terms["total"], prog_bar=True, batch_size=batch_size)
@@ -376,8 +383,10 @@ class SamflowModule(LightningModule):
                 raise NonFiniteError(
                     f"{stage}{suffix}: the model predicted NaN or infinite values for {int(tally['nonfinite'])} "
                     f"prompt row(s) of {int(tally['images'])} image(s); their metrics would read as empty "
-                    "masks. The weights are likely non-finite (a diverged run or a damaged checkpoint): "
-                    "evaluate another checkpoint, or train with --non_finite.action stop (the default)."
+                    "masks. The weights are likely non-finite (a diverged run or a damaged checkpoint), or a "
+                    f"plugin produces non-finite values (plugins: {', '.join(self.plugins) or 'none'}): evaluate "
+                    "another checkpoint, train with --non_finite.action error (the default: a diverging run "
+                    "stops with its last finite checkpoint), or check the plugins' outputs."
                 )
             with warnings.catch_warnings():  # a process may have had no batch of this set
                 warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
@@ -493,7 +502,21 @@ class SamflowModule(LightningModule):
                 f"{sorted(ours)}; pass the "
                 "experiment (and plugin options) the checkpoint was trained with, or a checkpoint of this experiment."
             )
-        for key, value in self.state_dict().items():
+        own = self.state_dict()
+        other = [
+            f"{key} {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} here"
+            for key, value in state.items()
+            if key in own and isinstance(value, Tensor) and value.shape != own[key].shape
+        ]
+        if other:  # the same plugins with other options: one line, not torch's size mismatches
+            from samflow.sam.build import CheckpointError
+
+            raise CheckpointError(
+                f"The checkpoint's weights have other shapes than this experiment's: {'; '.join(other)}. It was "
+                "trained with other plugin (or SAM) options: pass the options of its run, e.g. --experiment "
+                "<run>/config.yaml, or a checkpoint of this experiment."
+            )
+        for key, value in own.items():
             if key.startswith(SAM_PREFIX) and key not in state:
                 state[key] = value
         return super().load_state_dict(state, strict=strict, assign=assign)

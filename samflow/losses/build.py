@@ -21,6 +21,7 @@ In YAML::
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from numbers import Real
 from typing import Any
@@ -113,8 +114,12 @@ def build_loss(spec: Mapping[str, Any]) -> WeightedLoss:
         try:
             losses[name] = LOSSES[name](**kwargs)
         except TypeError as err:
-            cls_name = LOSSES[name].__name__
-            raise TypeError(f"Loss {name!r} ({cls_name}): bad arguments {kwargs}: {err}") from err
+            cls = LOSSES[name]
+            takes = ", ".join(p for p in inspect.signature(cls).parameters if p not in ("args", "kwargs"))
+            raise TypeError(
+                f"{key}: loss {name!r} ({cls.__name__}): bad arguments {kwargs}: {err}; it takes "
+                f"{takes or 'no arguments'} (and weight)."
+            ) from err
         weights[name] = float(weight)
     return WeightedLoss(losses=losses, weights=weights)
 

@@ -15,6 +15,8 @@ Rules (docs/architecture.md):
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import ItemsView, Mapping, ValuesView
 from typing import TYPE_CHECKING, cast
 
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 
 from samflow.batch import SamBatch
 from samflow.plugins.base import SamplePanel, SamPlugin
+from samflow.plugins.registry import PluginError
 from samflow.sam.backbones import Backbone
 from samflow.sam.build import freeze
 from samflow.sam.types import (
@@ -56,12 +59,84 @@ HOOKS = (
 ENCODER_HOOKS = ("on_image", "block_input", "attn_logits", "block_output")
 
 
+#: What a plugin may override besides the hooks; a public method named close to one of these is a typo.
+OVERRIDABLE = (*HOOKS, "setup", "sam_modules_to_train", "encoder_features")
+
+
 class PluginConflictError(ValueError):
     """Two plugins of an experiment cannot run together."""
 
 
 def _overrides(plugin: SamPlugin, hook: str) -> bool:
     return getattr(type(plugin), hook) is not getattr(SamPlugin, hook)
+
+
+def describe(key: str, cls: type) -> str:
+    """``model.plugins.<key> (<Class>)``, with ``from <dist> <version>`` for a third-party class."""
+    from importlib.metadata import packages_distributions, version
+
+    top = cls.__module__.partition(".")[0]
+    dists = [d for d in packages_distributions().get(top, []) if d != "samflow"]
+    origin = f" from {dists[0]} {version(dists[0])}" if dists and top != "samflow_plugins" else ""
+    return f"model.plugins.{key} ({cls.__name__}{origin})"
+
+
+def near_hooks(plugin: SamPlugin) -> dict[str, str]:
+    """Public methods of ``plugin`` named close to a hook but not one (``block_ouput``) -> that hook."""
+    base = set(dir(SamPlugin))
+    found = {}
+    for name in dir(type(plugin)):
+        if not name.startswith("_") and name not in base and callable(getattr(type(plugin), name)):
+            close = difflib.get_close_matches(name, OVERRIDABLE, n=1, cutoff=0.85)
+            if close:
+                found[name] = close[0]
+    return found
+
+
+def _check_hook_names(plugin: SamPlugin) -> None:
+    """Refuse a method named like a hook and taking its arguments, but not one: it is never called.
+
+    An error, not a warning: a method close to a hook's name whose parameters are the hook's (their
+    number, and a name in common) is a typo; a helper that happens to look like that is renamed at no
+    cost (``_name``), while a missed hook trains nothing and shows only at the end of the run. Close
+    names with other parameters (SamAdapter's ``prompt(i, features)``) are helpers and pass.
+    """
+    for name, hook in near_hooks(plugin).items():
+        params = _parameters(getattr(type(plugin), name))
+        expected = _parameters(getattr(SamPlugin, hook))
+        if len(params) == len(expected) and set(params) & set(expected):
+            raise PluginError(
+                f"{describe(plugin.key, type(plugin))}: method {name!r} takes the arguments of the hook "
+                f"{hook!r} but is not a hook, so it is never called; rename it to {hook!r} (or to '_{name}' "
+                "if it is a helper)."
+            )
+
+
+def _parameters(function: object) -> list[str]:
+    try:
+        return list(inspect.signature(function).parameters)[1:]  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return []
+
+
+def _returned(value: object) -> str:
+    return (
+        f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(type(value).__name__)
+    )
+
+
+def _bad_return(plugin: SamPlugin, hook: str, value: object, expected: str) -> PluginError:
+    return PluginError(
+        f"Plugin {plugin.key!r} ({type(plugin).__name__}): {hook} returned {_returned(value)}, expected "
+        f"{expected}; fix the plugin's {hook.partition('(')[0]}."
+    )
+
+
+def _check_tensor(plugin: SamPlugin, hook: str, value: object, shape: tuple[int, ...], what: str) -> Tensor:
+    """``value`` if it is a tensor of ``shape`` (a shape comparison only: no device sync)."""
+    if not isinstance(value, Tensor) or value.shape != shape:
+        raise _bad_return(plugin, hook, value, f"a tensor of shape {tuple(shape)} {what}")
+    return value
 
 
 class PluginStack(HookSites, nn.ModuleDict):
@@ -143,8 +218,6 @@ class PluginStack(HookSites, nn.ModuleDict):
         self._injected = []
         for key, plugin in self.items():
             if plugin.needs_vit_encoder and isinstance(sam.image_encoder, Backbone):
-                from samflow.plugins.registry import PluginError
-
                 raise PluginError(
                     f"Plugin {key!r} ({type(plugin).__name__}) adapts SAM's ViT image encoder, and this "
                     f"SAM's encoder is {type(sam.image_encoder).__name__}: use a ViT variant (tiny, vit_b, "
@@ -152,7 +225,13 @@ class PluginStack(HookSites, nn.ModuleDict):
                 )
             before = {id(p) for p in sam.parameters()}
             modules_before = {id(m) for m in sam.modules()}
-            plugin.setup(sam)
+            _check_hook_names(plugin)
+            try:
+                plugin.setup(sam)
+            except Exception as err:  # any error of the plugin's own code, named with the plugin
+                raise PluginError(
+                    f"{describe(plugin.key, type(plugin))}: setup: {type(err).__name__}: {err}"
+                ) from err
             self._injected += [m for m in sam.modules() if id(m) not in modules_before]
             wrong = [i for i in plugin.encoder_features() if not 0 <= i < depth]
             if wrong:
@@ -220,6 +299,17 @@ class PluginStack(HookSites, nn.ModuleDict):
         """``key (hook)`` for every plugin that changes or sees the inside of the image encoder."""
         return [f"{p.key} ({hook})" for hook in ENCODER_HOOKS for p in self._users.get(hook, [])]
 
+    def hooks_report(self) -> str:
+        """Each plugin with the hooks it overrides and the methods that look like misspelt hooks."""
+        parts = []
+        for key, plugin in self.items():
+            hooks = [h for h in OVERRIDABLE if _overrides(plugin, h)]
+            near = "".join(
+                f"; {m!r} is not a hook (did you mean {h!r}?)" for m, h in near_hooks(plugin).items()
+            )
+            parts.append(f"{key} ({type(plugin).__name__}): {', '.join(hooks) or 'no hooks'}{near}")
+        return "; ".join(parts) or "none"
+
     def uses(self, hook: str) -> bool:
         """Whether any plugin overrides ``hook``."""
         return bool(self._users.get(hook))
@@ -231,7 +321,7 @@ class PluginStack(HookSites, nn.ModuleDict):
 
     def block_input(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
         for plugin in self._users["block_input"]:
-            x = plugin.block_input(i, x, ctx)
+            x = _check_tensor(plugin, f"block_input(i={i})", plugin.block_input(i, x, ctx), x.shape, _BLOCK)
         return x
 
     def attn_logits(
@@ -243,22 +333,41 @@ class PluginStack(HookSites, nn.ModuleDict):
 
     def block_output(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
         for plugin in self._users["block_output"]:
-            x = plugin.block_output(i, x, ctx)
+            x = _check_tensor(plugin, f"block_output(i={i})", plugin.block_output(i, x, ctx), x.shape, _BLOCK)
         return x
 
     def prompts(self, prompts: PromptEmbeddings, ctx: DecoderContext) -> PromptEmbeddings:
         for plugin in self._users["prompts"]:
+            before = prompts
             prompts = plugin.prompts(prompts, ctx)
-            if prompts.visible.shape != prompts.sparse.shape[:2]:
-                raise RuntimeError(
-                    f"Plugin {plugin.key!r} returned {prompts.sparse.shape[1]} sparse prompt tokens but "
-                    f"visibility for {prompts.visible.shape[1]}; add tokens with PromptEmbeddings.append."
+            if not isinstance(prompts, PromptEmbeddings):
+                raise _bad_return(plugin, "prompts", prompts, "PromptEmbeddings (return the one it received)")
+            n, _, c = before.sparse.shape
+            sparse = prompts.sparse
+            if (
+                not isinstance(sparse, Tensor)
+                or sparse.ndim != 3
+                or (sparse.shape[0], sparse.shape[2]) != (n, c)
+            ):
+                raise _bad_return(
+                    plugin, "prompts: sparse", sparse, f"a tensor of shape ({n}, K, {c}) (N, K, C)"
+                )
+            _check_tensor(plugin, "prompts: dense", prompts.dense, before.dense.shape, "(N, C, h, w)")
+            if prompts.visible.shape != sparse.shape[:2] or prompts.visible.dtype != torch.bool:
+                raise PluginError(
+                    f"Plugin {plugin.key!r} ({type(plugin).__name__}) returned {sparse.shape[1]} sparse prompt "
+                    f"tokens but visibility of shape {tuple(prompts.visible.shape)} ({prompts.visible.dtype}); "
+                    "add tokens with PromptEmbeddings.append."
                 )
         return prompts
 
     def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
         for plugin in self._users["decoder_layer"]:
             state = plugin.decoder_layer(i, state, ctx)
+            if not isinstance(state, DecoderState):
+                raise _bad_return(
+                    plugin, f"decoder_layer(i={i})", state, "DecoderState (return the one it received)"
+                )
             sizes = {
                 state.queries.shape[1],
                 state.query_pe.shape[1],
@@ -266,7 +375,7 @@ class PluginStack(HookSites, nn.ModuleDict):
                 state.visible.shape[1],
             }
             if len(sizes) > 1:
-                raise RuntimeError(
+                raise PluginError(
                     f"Plugin {plugin.key!r} left the decoder state with different token counts "
                     f"(queries, query_pe, attn_out, visible: {sorted(sizes)}); add tokens with DecoderState.append."
                 )
@@ -298,6 +407,12 @@ class PluginStack(HookSites, nn.ModuleDict):
         for plugin in self._users["select"]:
             chosen = plugin.select(out, ctx)
             if chosen is not None:
+                n, _, h, w = out.masks["sam"].shape
+                _check_tensor(plugin, "select", chosen, (n, 1, h, w), "(N, 1, h, w): one mask per prompt row")
+                if not chosen.is_floating_point():
+                    raise _bad_return(
+                        plugin, "select", chosen, f"mask logits, a float tensor, not {chosen.dtype}"
+                    )
                 return chosen
         return None
 
@@ -316,6 +431,8 @@ class PluginStack(HookSites, nn.ModuleDict):
             for name, panel in plugin.sample_panels(out, ctx).items()
         }
 
+
+_BLOCK = "(B, h, w, C), the shape it received"
 
 # names a plugin key may not take: the stack's methods and attributes (nn.Module's included)
 _RESERVED_KEYS = frozenset(dir(PluginStack)) | frozenset(vars(nn.Module())) | {"owned", "frozen_sam_keys"}

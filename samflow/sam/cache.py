@@ -63,7 +63,10 @@ class EncoderCache:
             raise ValueError(f"EncoderCache capacity must be at least 1 image, got {capacity}.")
         unknown = set(stages) - {"train", "eval"}
         if unknown:
-            raise ValueError(f"EncoderCache stages must be 'train' and/or 'eval', got {sorted(unknown)}.")
+            raise ValueError(
+                f"model.sam.encoder_cache_stages (EncoderCache stages) must be 'train' and/or 'eval', got "
+                f"{sorted(unknown)}; e.g. --model.sam.encoder_cache_stages '[train, eval]'."
+            )
         self.capacity = capacity
         self.stages = tuple(stages)
         self.device = torch.device(device)
