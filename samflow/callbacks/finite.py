@@ -49,6 +49,17 @@ def _files_text(files: list[str]) -> str:
     return f"files {shown}{more}"
 
 
+def half_precision_hint(trainer: Trainer) -> str:
+    """A sentence naming float16 on the CPU as the likely cause when the run uses it, else ``""``."""
+    precision = str(getattr(trainer.precision_plugin, "precision", ""))
+    if precision.startswith("16") and trainer.strategy.root_device.type == "cpu":
+        return (
+            f"The run computes in float16 on the CPU (--trainer.precision {precision}), whose range SAM "
+            "overflows: use --trainer.precision 32-true or bf16-mixed there. "
+        )
+    return ""
+
+
 class NonFiniteCheck(Callback):
     """Stop the run, or skip the step, when a training loss or gradient is NaN or infinite.
 
@@ -130,8 +141,8 @@ class NonFiniteCheck(Callback):
         if self.action == "error":
             raise NonFiniteError(
                 f"Training diverged: {message}. Stopped before the optimizer step: no checkpoint holds "
-                "non-finite weights. Lower the learning rate or check these files; "
-                "--non_finite.action skip skips such steps instead."
+                f"non-finite weights. {half_precision_hint(trainer)}Lower the learning rate or check these "
+                "files; --non_finite.action skip skips such steps instead."
             )
         optimizer.zero_grad(set_to_none=True)
         self.skipped += 1

@@ -337,3 +337,15 @@ def test_evaluating_non_finite_weights_is_one_line_not_zero_metrics(tmp_path, pl
     lines = [line for line in proc.stderr.splitlines() if line.startswith("samflow: error:")]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
     assert "val: the model predicted NaN or infinite values for 2 prompt row(s) of 2 image(s)" in lines[0]
+
+
+def test_float16_on_the_cpu_is_named_as_the_likely_cause_of_a_divergence():
+    from lightning.pytorch import Trainer
+
+    from samflow.callbacks.finite import half_precision_hint
+
+    def hint(precision: str) -> str:
+        return half_precision_hint(Trainer(accelerator="cpu", precision=precision, logger=False))
+
+    assert "float16 on the CPU (--trainer.precision 16-true)" in hint("16-true")
+    assert hint("32-true") == hint("bf16-mixed") == ""
