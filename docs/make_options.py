@@ -566,7 +566,8 @@ def plugin_sections() -> list[Section]:
         Section(
             2,
             "Plugins",
-            "Plugins go under `model.plugins.<key>` with `class_path` (the entry point name or the class) and "
+            "Plugins go under `model.plugins.<key>` with `class_path` (the plugin's class: its full import path, "
+            "or its class name when no other installed plugin shares it; not the entry point name) and "
             "`init_args` (`--model.plugins.<key>.init_args.lr 1e-4`). `samflow plugins` lists the installed "
             "ones.",
         )

@@ -18,11 +18,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from samflow.usage import CommandParser, UsageError
+
+if TYPE_CHECKING:
+    from samflow.plugins.registry import PluginInfo
 
 __all__ = ["CommandParser", "UsageError", "main"]
 
@@ -185,47 +188,95 @@ def check_plugins(config_path: Path) -> None:
 
 
 def check_plugin_target(where: str, target: str) -> None:
-    """Refuse a plugin ``class_path`` that is broken (naming its distribution) or unknown (naming the closest)."""
-    from samflow.plugins.registry import discover
+    """Refuse a plugin ``class_path`` that is broken (naming its distribution), ambiguous (naming both
+    candidates) or unknown (naming the closest).
 
-    registry = discover()
-    for info in registry.values():
-        short = info.class_path.rsplit(".", 1)[-1]
-        if target in {info.name, info.class_path, short}:
-            if info.cls is None:
-                raise ExperimentError(
-                    f"{where} uses plugin {info.name!r} from distribution {info.distribution!r} {info.version}, "
-                    f"which failed to load: {info.error}. Reinstall or fix that package, or remove the plugin."
-                )
-            if target == info.name and info.name != short:
-                raise ExperimentError(
-                    f"{where} is the plugin name {target!r}; write its class instead: class_path: {short}"
-                )
-            return
-    if "." in target and _importable(target):
+    A full class path names one class. A short class name is what jsonargparse resolves among the
+    plugin classes that loaded: one working match is used (a broken one of the same name does not
+    matter), two are ambiguous, a broken one alone is refused with its distribution.
+    """
+    from samflow.plugins.registry import ambiguous, discover
+
+    registry = discover().all
+    exact = [info for info in registry if info.class_path == target]
+    if exact:
+        _refuse_broken(where, exact[0])
+        return
+    same_class = {info.class_path: info for info in registry if _short(info) == target}
+    working = [info for info in same_class.values() if info.cls is not None]
+    if len(working) > 1:
+        candidates = " and ".join(info.origin for info in working)
+        raise ExperimentError(
+            f"{where}: plugin class name {target!r} is ambiguous: {candidates}; "
+            "write the full class path of the one you mean."
+        )
+    if working:
+        return
+    if same_class:
+        _refuse_broken(where, next(iter(same_class.values())))
+    registrations = ambiguous(target)
+    if registrations:
+        raise ExperimentError(
+            f"{where}: plugin name {target!r} is ambiguous: it is registered by {registrations}; "
+            "write the full class path of the one you mean."
+        )
+    named = [info for info in registry if info.name == target]
+    if named:
+        _refuse_broken(where, named[0])
+        short = _short(named[0])
+        clear = sum(_short(info) == short and info.cls is not None for info in registry) == 1
+        raise ExperimentError(
+            f"{where} is the plugin name {target!r}; write its class instead: "
+            f"class_path: {short if clear else named[0].class_path}"
+        )
+    if "." in target and _importable(where, target):
         return  # a class outside the registry: jsonargparse checks that it is a SamPlugin
     short_of = {}
-    for info in registry.values():
-        short = info.class_path.rsplit(".", 1)[-1]
-        for name in (info.name, short, info.class_path):
-            short_of[name] = short
+    for info in registry:
+        for name in (info.name, _short(info), info.class_path):
+            short_of[name] = _short(info)
     close = difflib.get_close_matches(target, list(short_of), n=6, cutoff=0.5)
     close += difflib.get_close_matches(target.rsplit(".", 1)[-1], list(short_of), n=6, cutoff=0.5)
     suggestions = list(dict.fromkeys(short_of[name] for name in close))[:3]
     hint = f"Did you mean {', '.join(suggestions)}? " if suggestions else ""
-    known = ", ".join(sorted({short_of[info.name] for info in registry.values()})) or "none"
+    known = ", ".join(sorted({_short(info) for info in registry})) or "none"
     raise ExperimentError(
         f"{where}: no samflow plugin {target!r}. {hint}Registered plugin classes: {known} "
         "(`samflow plugins` lists them; install the package that provides it)."
     )
 
 
-def _importable(target: str) -> bool:
+def _short(info: PluginInfo) -> str:
+    return info.class_path.rsplit(".", 1)[-1]
+
+
+def _refuse_broken(where: str, info: PluginInfo) -> None:
+    if info.cls is None:
+        raise ExperimentError(
+            f"{where} uses plugin {info.name!r} from distribution {info.distribution!r} {info.version}, "
+            f"which failed to load: {info.error}. Reinstall or fix that package, or remove the plugin."
+        )
+
+
+def _importable(where: str, target: str) -> bool:
+    """Whether ``module.attr`` exists; a module that exists but fails to import is an error naming it."""
     module, _, attr = target.rpartition(".")
     try:
         return hasattr(importlib.import_module(module), attr)
-    except Exception:  # noqa: BLE001 - any failure means "not a usable class path"
-        return False
+    except ModuleNotFoundError as err:
+        if err.name and (module == err.name or module.startswith(f"{err.name}.")):
+            return False  # no such module: "no samflow plugin" names the registered ones
+        reason = f"{type(err).__name__}: {err}"
+    except KeyboardInterrupt:
+        raise
+    except SystemExit as err:
+        reason = f"it exited at import with sys.exit({err.code!r})"
+    except BaseException as err:  # noqa: BLE001 - the module's own failure, reported in one line
+        reason = f"{type(err).__name__}: {err}"
+    raise ExperimentError(
+        f"{where}: module {module!r} of plugin class {target!r} fails to import: {reason}. "
+        "Install what it needs or fix the module."
+    )
 
 
 def check_plugin_args(args: list[str]) -> None:
@@ -253,10 +304,14 @@ def check_plugin_args(args: list[str]) -> None:
                     target = spec.get("class_path") if isinstance(spec, dict) else spec
                     if isinstance(target, str):
                         check_plugin_target(f"--model.plugins: {key}.class_path", target)
-        elif re.fullmatch(r"--model\.plugins\.[^.]+(\.class_path)?", arg) and not value.startswith(
-            ("-", "{")
-        ):
-            check_plugin_target(arg, value)
+        elif re.fullmatch(r"--model\.plugins\.[^.]+(\.class_path)?", arg) and not value.startswith("-"):
+            try:
+                spec = yaml.safe_load(value) if value.lstrip().startswith("{") else value
+            except yaml.YAMLError:
+                continue  # jsonargparse reports it
+            target = spec.get("class_path") if isinstance(spec, dict) else spec
+            if isinstance(target, str):
+                check_plugin_target(arg if isinstance(spec, str) else f"{arg}.class_path", target)
 
 
 def _experiment_from_argv(argv: list[str]) -> tuple[list[str], str | None]:
@@ -335,7 +390,7 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
 def cmd_plugins() -> int:
     from samflow.plugins.registry import discover
 
-    rows = [[i.name, i.class_path, i.distribution, i.version, i.status] for i in discover().values()]
+    rows = [[i.name, i.class_path, i.distribution, i.version, i.status] for i in discover().all]
     print_table(rows, ["name", "class", "distribution", "version", "status"])
     return 0
 
@@ -380,9 +435,29 @@ def run_command(name: str, args: list[str]) -> int:
         return _error(str(err))
 
 
+def _one_line_plugin_warnings() -> None:
+    """Print the registry's warnings (a broken plugin, a name two distributions register) as one
+    ``samflow: warning: ...`` line, without samflow's source file and line; other warnings unchanged."""
+    import warnings
+
+    default = warnings.formatwarning
+    if getattr(default, "__name__", "") == "_format_plugin_warning":
+        return
+
+    def _format_plugin_warning(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+    ) -> str:
+        if category.__name__ == "PluginWarning" and category.__module__ == "samflow.plugins.registry":
+            return f"samflow: warning: {' '.join(str(message).split())}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = _format_plugin_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``samflow`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _one_line_plugin_warnings()
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0

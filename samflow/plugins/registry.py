@@ -11,8 +11,12 @@ experiment names it, with an error that names its distribution.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -26,6 +30,10 @@ class PluginError(RuntimeError):
     """A plugin is unknown or cannot be loaded."""
 
 
+class PluginWarning(UserWarning):
+    """A registered plugin is broken, or two distributions register its name (``samflow`` prints it as one line)."""
+
+
 @dataclass(frozen=True)
 class PluginInfo:
     """One registered plugin as ``samflow plugins`` lists it."""
@@ -36,53 +44,112 @@ class PluginInfo:
     version: str
     cls: type[SamPlugin] | None
     error: str | None
+    clashes: tuple[str, ...] = ()  # the other distributions that register the same name
 
     @property
     def status(self) -> str:
-        return "ok" if self.error is None else f"broken: {self.error}"
+        if self.error is not None:
+            return f"broken: {self.error}"
+        if self.clashes:
+            return f"ambiguous name (also {', '.join(self.clashes)}): use class_path: {self.class_path}"
+        return "ok"
 
     @property
     def class_path(self) -> str:
         return self.target.replace(":", ".")
 
+    @property
+    def origin(self) -> str:
+        """``module.Class (distribution 'dist' 1.0)``, how errors name a candidate."""
+        return f"{self.class_path} (distribution {self.distribution!r} {self.version})"
+
+
+class Plugins(dict[str, PluginInfo]):
+    """``discover()``'s answer: the plugins by name, less the names two distributions register;
+    ``all`` holds every registration, both of those included."""
+
+    all: tuple[PluginInfo, ...] = ()
+
 
 def _load(ep: EntryPoint) -> PluginInfo:
     dist = ep.dist.name if ep.dist is not None else "unknown"
     version = ep.dist.version if ep.dist is not None else "?"
+    said = io.StringIO()  # what the module prints on stderr: argparse's usage when it exits at import
     try:
-        cls = ep.load()
-    except Exception as err:  # noqa: BLE001 - a broken third-party plugin must not break unrelated runs
+        with contextlib.redirect_stderr(said):
+            cls = ep.load()
+    except KeyboardInterrupt:
+        raise
+    except SystemExit as err:  # sys.exit() or argparse's parse_args() at import
+        lines = [line.strip() for line in said.getvalue().splitlines() if line.strip()]
+        why = f" (it printed {re.sub(r'^[^:]*: error: ', 'error: ', lines[-1])!r})" if lines else ""
+        return PluginInfo(
+            ep.name, ep.value, dist, version, None, f"exited at import with sys.exit({err.code!r}){why}"
+        )
+    except BaseException as err:  # noqa: BLE001 - a broken third-party plugin must not break unrelated runs
         return PluginInfo(ep.name, ep.value, dist, version, None, f"{type(err).__name__}: {err}")
+    sys.stderr.write(said.getvalue())
     if not (isinstance(cls, type) and issubclass(cls, SamPlugin)):
         return PluginInfo(ep.name, ep.value, dist, version, None, f"{ep.value} is not a SamPlugin subclass")
     return PluginInfo(ep.name, ep.value, dist, version, cls, None)
 
 
 @cache
-def discover() -> dict[str, PluginInfo]:
-    """All registered plugins by name; broken ones are included and warned about once."""
-    found: dict[str, PluginInfo] = {}
-    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-        info = _load(ep)
-        if ep.name in found and found[ep.name].target != info.target:
-            warnings.warn(
-                f"samflow plugin {ep.name!r} is registered twice ({found[ep.name].distribution} and "
-                f"{info.distribution}); using the one from {info.distribution}.",
-                stacklevel=2,
-            )
+def discover() -> Plugins:
+    """All registered plugins by name; broken ones are included and warned about once.
+
+    A name that two distributions register (with different classes) is warned about and left out of
+    the mapping: ``discover().all`` keeps both, each usable by its class path, and naming it fails
+    (``get_plugin_class``) with both candidates.
+    """
+    loaded: dict[tuple[str, str], PluginInfo] = {}
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: (e.name, e.value)):
+        if (ep.name, ep.value) not in loaded:  # the same class registered twice is one plugin
+            loaded[(ep.name, ep.value)] = _load(ep)
+    infos = list(loaded.values())
+    found = Plugins()
+    every = []
+    for info in infos:
+        clashes = tuple(o.distribution for o in infos if o.name == info.name and o.target != info.target)
+        if clashes:
+            info = replace(info, clashes=clashes)
+        every.append(info)
         if info.error is not None:
             warnings.warn(
                 f"samflow plugin {info.name!r} from distribution {info.distribution!r} {info.version} "
                 f"is broken and cannot be used: {info.error}",
+                PluginWarning,
                 stacklevel=2,
             )
-        found[ep.name] = info
+        if not clashes:
+            found[info.name] = info
+        elif all(o.name != info.name for o in every[:-1]):
+            candidates = " and ".join(o.origin for o in infos if o.name == info.name)
+            warnings.warn(
+                f"samflow plugin name {info.name!r} is registered by {candidates}; "
+                "it is ambiguous, use the class path of the one you mean.",
+                PluginWarning,
+                stacklevel=2,
+            )
+    found.all = tuple(every)
     return found
+
+
+def ambiguous(name: str) -> str | None:
+    """``"a.B (distribution 'x' 1.0) and c.B (distribution 'y' 2.0)"`` when two distributions register ``name``."""
+    same = [info for info in discover().all if info.name == name]
+    return " and ".join(info.origin for info in same) if len(same) > 1 else None
 
 
 def get_plugin_class(name: str) -> type[SamPlugin]:
     """The class registered as ``name``; a clear error if it is unknown or broken."""
     plugins = discover()
+    candidates = ambiguous(name)
+    if candidates:
+        raise PluginError(
+            f"samflow plugin name {name!r} is ambiguous: it is registered by {candidates}. "
+            "Name the one you mean by its class path."
+        )
     if name not in plugins:
         known = ", ".join(sorted(plugins)) or "none"
         raise PluginError(
@@ -100,9 +167,9 @@ def get_plugin_class(name: str) -> type[SamPlugin]:
 
 def plugin_name(cls: type) -> str | None:
     """The registered name of a plugin class, or None if it is not registered."""
-    for name, info in discover().items():
+    for info in discover().all:
         if info.cls is cls:
-            return name
+            return info.name
     return None
 
 
