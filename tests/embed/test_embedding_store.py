@@ -212,12 +212,8 @@ def test_embed_command_writes_a_store_and_refuses_without_out(tmp_path, data_roo
     assert np.load(out / DONE).all()
 
 
-@pytest.mark.parametrize(
-    ("flag", "value"), [("--batch-size", "-2"), ("--batch-size", "0"), ("--shard-size", "0")]
-)
-def test_embed_command_refuses_sizes_below_one(tmp_path, data_root, capsys, flag, value):
-    from samflow.cli import main
-
+def _train_only_experiment(tmp_path: Path, data_root: Path) -> Path:
+    """An experiment file: the tiny SAM on the train folder of ``data_root`` at 128 px."""
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(
         "model:\n  sam: {variant: tiny}\n"
@@ -225,6 +221,16 @@ def test_embed_command_refuses_sizes_below_one(tmp_path, data_root, capsys, flag
         f"  init_args: {{train: {data_root / 'train'}, img_size: 128}}\n"
         "trainer: {accelerator: cpu, devices: 1}\n"
     )
+    return experiment
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--batch-size", "-2"), ("--batch-size", "0"), ("--shard-size", "0")]
+)
+def test_embed_command_refuses_sizes_below_one(tmp_path, data_root, capsys, flag, value):
+    from samflow.cli import main
+
+    experiment = _train_only_experiment(tmp_path, data_root)
     out = tmp_path / "store"
     assert main(["embed", "--experiment", str(experiment), "--out", str(out), flag, value]) == 1
     err = capsys.readouterr().err
@@ -239,13 +245,7 @@ def test_embed_command_exits_1_on_an_incomplete_store(tmp_path, data_root, capsy
     import samflow.embed.command as command
     from samflow.cli import main
 
-    experiment = tmp_path / "exp.yaml"
-    experiment.write_text(
-        "model:\n  sam: {variant: tiny}\n"
-        "data:\n  class_path: samflow.data.SegmentationDataModule\n"
-        f"  init_args: {{train: {data_root / 'train'}, img_size: 128}}\n"
-        "trainer: {accelerator: cpu, devices: 1}\n"
-    )
+    experiment = _train_only_experiment(tmp_path, data_root)
     out = tmp_path / "store"
     args = ["embed", "--experiment", str(experiment), "--out", str(out), "--batch-size", "2"]
     # interrupted after its first chunk of 2 of the 5 train images

@@ -26,9 +26,10 @@ class _Tiny(L.LightningModule):
         return torch.utils.data.DataLoader(torch.randn(5, 2), batch_size=1)  # 5 steps an epoch
 
 
-# at an epoch's end it is written again after validation (ModelCheckpoint's state in it then current)
-@pytest.mark.parametrize(("every", "steps"), [(0, [5, 10]), (2, [2, 4, 5, 6, 8, 10, 10]), (50, [5, 10])])
-def test_last_checkpoint_steps(tmp_path, monkeypatch, every, steps):
+def _fit_saving(
+    tmp_path, monkeypatch, max_epochs: int, every: int = 1, accumulate: int = 2, ckpt_path: str | None = None
+) -> list[int]:
+    """The global steps at which ``LastCheckpoint`` saved in a fit of ``_Tiny``."""
     saved: list[int] = []
     save = LastCheckpoint.save
 
@@ -38,15 +39,22 @@ def test_last_checkpoint_steps(tmp_path, monkeypatch, every, steps):
 
     monkeypatch.setattr(LastCheckpoint, "save", spy)
     trainer = L.Trainer(
-        max_epochs=2,
+        max_epochs=max_epochs,
+        accumulate_grad_batches=accumulate,
         callbacks=[LastCheckpoint(every_n_train_steps=every, dirpath=str(tmp_path))],
         default_root_dir=tmp_path,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(_Tiny())
-    assert saved == steps
+    trainer.fit(_Tiny(), ckpt_path=ckpt_path)
+    return saved
+
+
+# at an epoch's end it is written again after validation (ModelCheckpoint's state in it then current)
+@pytest.mark.parametrize(("every", "steps"), [(0, [5, 10]), (2, [2, 4, 5, 6, 8, 10, 10]), (50, [5, 10])])
+def test_last_checkpoint_steps(tmp_path, monkeypatch, every, steps):
+    assert _fit_saving(tmp_path, monkeypatch, 2, every=every, accumulate=1) == steps
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 10
 
 
@@ -58,28 +66,6 @@ def test_the_default_is_50_and_negative_is_refused(tmp_path):
     entry = help_text[help_text.rindex("--last.every_n_train_steps") :]  # its entry, not the usage
     entry = " ".join(entry[: entry.index("--last.dirpath")].split())
     assert "0: only at the end of each epoch" in entry and entry.endswith("default: 50)")
-
-
-def _fit_saving(tmp_path, monkeypatch, max_epochs: int, ckpt_path: str | None = None) -> list[int]:
-    saved: list[int] = []
-    save = LastCheckpoint.save
-
-    def spy(self, trainer):
-        saved.append(trainer.global_step)
-        return save(self, trainer)
-
-    monkeypatch.setattr(LastCheckpoint, "save", spy)
-    trainer = L.Trainer(
-        max_epochs=max_epochs,
-        accumulate_grad_batches=2,
-        callbacks=[LastCheckpoint(every_n_train_steps=1, dirpath=str(tmp_path))],
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(_Tiny(), ckpt_path=ckpt_path)
-    return saved
 
 
 def test_with_gradient_accumulation_last_is_written_only_after_an_optimizer_step(tmp_path, monkeypatch):
