@@ -494,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     from argparse import ArgumentError
 
     try:
+        if any(a == PLUGIN_HELP or a.startswith(PLUGIN_HELP + "=") for a in args):
+            return _plugin_help(args, name or "samflow")
         run_cli(args, name or "samflow")
     except ArgumentError as err:  # a bad option or value: jsonargparse's message, made one line
         if os.environ.get("SAMFLOW_DEBUG"):
@@ -506,6 +508,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _error(str(err))
     return 0
+
+
+PLUGIN_HELP = "--model.plugins.help"
+
+
+def _plugin_help(args: list[str], name: str) -> int:
+    """``--model.plugins.help CLASS``: jsonargparse's help for the class, with its options written as
+    the flags that set them, ``--model.plugins.<key>.init_args.OPTION`` (jsonargparse writes
+    ``--model.plugins.OPTION``, a flag that does not exist for a mapping of plugins)."""
+    import contextlib
+    import io
+
+    shown = io.StringIO()
+    code: int | str | None = 0
+    with contextlib.redirect_stdout(shown):
+        try:
+            run_cli(args, name)
+        except SystemExit as done:
+            code = done.code
+    text = shown.getvalue().replace("--model.plugins.", "--model.plugins.<key>.init_args.")
+    sys.stdout.write(text.replace("--model.plugins.<key>.init_args.help", PLUGIN_HELP))
+    return code if isinstance(code, int) else 1
 
 
 def _error(message: str) -> int:

@@ -290,3 +290,15 @@ def test_extra_commands_take_the_verbosity_and_make_refused_overrides_one_line(m
         "samflow: error: samflow refused: unrecognized arguments: --trainer.max_epocs 3 (`samflow refused "
         "--help` lists its options; the other arguments override the experiment, `samflow fit --help` lists them)\n"
     )
+
+
+def test_plugin_help_shows_the_flags_that_set_a_plugins_options(tmp_path):
+    """jsonargparse lists a plugin's options as ``--model.plugins.OPTION``, which no run accepts; samflow
+    shows the flags that set them, ``--model.plugins.<key>.init_args.OPTION``."""
+    proc = run_samflow(
+        ["fit", "--experiment", "quickstart", "--model.plugins.help", "DecoderTuning"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--model.plugins.<key>.init_args.parts" in proc.stdout
+    assert "--model.plugins.<key>.init_args.lr" in proc.stdout
+    assert "--model.plugins.parts" not in proc.stdout
