@@ -35,8 +35,8 @@ from samflow.callbacks.wandb_run import SamflowWandbLogger
 from samflow.console import RunHeader, SamflowProgressBar, local_log_dir, verbosity
 from samflow.module import SamflowModule
 from samflow.plugins.base import SamPlugin
+from samflow.plugins.checks import describe
 from samflow.plugins.registry import PluginError, discover
-from samflow.plugins.stack import describe
 
 
 def _several_processes(config: Any) -> bool:

@@ -15,8 +15,6 @@ Rules (docs/architecture.md):
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from collections.abc import ItemsView, Mapping, ValuesView
 from typing import TYPE_CHECKING, cast
 
@@ -25,6 +23,15 @@ from torch import Tensor, nn
 
 from samflow.batch import SamBatch
 from samflow.plugins.base import SamplePanel, SamPlugin
+from samflow.plugins.checks import (
+    HOOKS,
+    OVERRIDABLE,
+    bad_return,
+    check_hook_names,
+    check_tensor,
+    describe,
+    near_hooks,
+)
 from samflow.plugins.registry import PluginError
 from samflow.sam.backbones import Backbone
 from samflow.sam.build import freeze
@@ -41,26 +48,9 @@ from samflow.sam.types import (
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
-HOOKS = (
-    "on_image",
-    "block_input",
-    "attn_logits",
-    "block_output",
-    "prompts",
-    "decoder_layer",
-    "decode_token",
-    "select",
-    "losses",
-    "output_tokens",
-    "sample_panels",
-)
 
 #: Hooks that run inside the image encoder; a plugin using one makes the encoder's output its own.
 ENCODER_HOOKS = ("on_image", "block_input", "attn_logits", "block_output")
-
-
-#: What a plugin may override besides the hooks; a public method named close to one of these is a typo.
-OVERRIDABLE = (*HOOKS, "setup", "sam_modules_to_train", "encoder_features")
 
 
 class PluginConflictError(ValueError):
@@ -69,74 +59,6 @@ class PluginConflictError(ValueError):
 
 def _overrides(plugin: SamPlugin, hook: str) -> bool:
     return getattr(type(plugin), hook) is not getattr(SamPlugin, hook)
-
-
-def describe(key: str, cls: type) -> str:
-    """``model.plugins.<key> (<Class>)``, with ``from <dist> <version>`` for a third-party class."""
-    from importlib.metadata import packages_distributions, version
-
-    top = cls.__module__.partition(".")[0]
-    dists = [d for d in packages_distributions().get(top, []) if d != "samflow"]
-    origin = f" from {dists[0]} {version(dists[0])}" if dists and top != "samflow_plugins" else ""
-    return f"model.plugins.{key} ({cls.__name__}{origin})"
-
-
-def near_hooks(plugin: SamPlugin) -> dict[str, str]:
-    """Public methods of ``plugin`` named close to a hook but not one (``block_ouput``) -> that hook."""
-    base = set(dir(SamPlugin))
-    found = {}
-    for name in dir(type(plugin)):
-        if not name.startswith("_") and name not in base and callable(getattr(type(plugin), name)):
-            close = difflib.get_close_matches(name, OVERRIDABLE, n=1, cutoff=0.85)
-            if close:
-                found[name] = close[0]
-    return found
-
-
-def _check_hook_names(plugin: SamPlugin) -> None:
-    """Refuse a method named like a hook and taking its arguments, but not one: it is never called.
-
-    An error, not a warning: a method close to a hook's name whose parameters are the hook's (their
-    number, and a name in common) is a typo; a helper that happens to look like that is renamed at no
-    cost (``_name``), while a missed hook trains nothing and shows only at the end of the run. Close
-    names with other parameters (SamAdapter's ``prompt(i, features)``) are helpers and pass.
-    """
-    for name, hook in near_hooks(plugin).items():
-        params = _parameters(getattr(type(plugin), name))
-        expected = _parameters(getattr(SamPlugin, hook))
-        if len(params) == len(expected) and set(params) & set(expected):
-            raise PluginError(
-                f"{describe(plugin.key, type(plugin))}: method {name!r} takes the arguments of the hook "
-                f"{hook!r} but is not a hook, so it is never called; rename it to {hook!r} (or to '_{name}' "
-                "if it is a helper)."
-            )
-
-
-def _parameters(function: object) -> list[str]:
-    try:
-        return list(inspect.signature(function).parameters)[1:]  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return []
-
-
-def _returned(value: object) -> str:
-    return (
-        f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(type(value).__name__)
-    )
-
-
-def _bad_return(plugin: SamPlugin, hook: str, value: object, expected: str) -> PluginError:
-    return PluginError(
-        f"Plugin {plugin.key!r} ({type(plugin).__name__}): {hook} returned {_returned(value)}, expected "
-        f"{expected}; fix the plugin's {hook.partition('(')[0]}."
-    )
-
-
-def _check_tensor(plugin: SamPlugin, hook: str, value: object, shape: tuple[int, ...], what: str) -> Tensor:
-    """``value`` if it is a tensor of ``shape`` (a shape comparison only: no device sync)."""
-    if not isinstance(value, Tensor) or value.shape != shape:
-        raise _bad_return(plugin, hook, value, f"a tensor of shape {tuple(shape)} {what}")
-    return value
 
 
 class PluginStack(HookSites, nn.ModuleDict):
@@ -225,7 +147,7 @@ class PluginStack(HookSites, nn.ModuleDict):
                 )
             before = {id(p) for p in sam.parameters()}
             modules_before = {id(m) for m in sam.modules()}
-            _check_hook_names(plugin)
+            check_hook_names(plugin)
             try:
                 plugin.setup(sam)
             except Exception as err:  # any error of the plugin's own code, named with the plugin
@@ -321,7 +243,7 @@ class PluginStack(HookSites, nn.ModuleDict):
 
     def block_input(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
         for plugin in self._users["block_input"]:
-            x = _check_tensor(plugin, f"block_input(i={i})", plugin.block_input(i, x, ctx), x.shape, _BLOCK)
+            x = check_tensor(plugin, f"block_input(i={i})", plugin.block_input(i, x, ctx), x.shape, _BLOCK)
         return x
 
     def attn_logits(
@@ -333,7 +255,7 @@ class PluginStack(HookSites, nn.ModuleDict):
 
     def block_output(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
         for plugin in self._users["block_output"]:
-            x = _check_tensor(plugin, f"block_output(i={i})", plugin.block_output(i, x, ctx), x.shape, _BLOCK)
+            x = check_tensor(plugin, f"block_output(i={i})", plugin.block_output(i, x, ctx), x.shape, _BLOCK)
         return x
 
     def prompts(self, prompts: PromptEmbeddings, ctx: DecoderContext) -> PromptEmbeddings:
@@ -341,7 +263,7 @@ class PluginStack(HookSites, nn.ModuleDict):
             before = prompts
             prompts = plugin.prompts(prompts, ctx)
             if not isinstance(prompts, PromptEmbeddings):
-                raise _bad_return(plugin, "prompts", prompts, "PromptEmbeddings (return the one it received)")
+                raise bad_return(plugin, "prompts", prompts, "PromptEmbeddings (return the one it received)")
             n, _, c = before.sparse.shape
             sparse = prompts.sparse
             if (
@@ -349,10 +271,10 @@ class PluginStack(HookSites, nn.ModuleDict):
                 or sparse.ndim != 3
                 or (sparse.shape[0], sparse.shape[2]) != (n, c)
             ):
-                raise _bad_return(
+                raise bad_return(
                     plugin, "prompts: sparse", sparse, f"a tensor of shape ({n}, K, {c}) (N, K, C)"
                 )
-            _check_tensor(plugin, "prompts: dense", prompts.dense, before.dense.shape, "(N, C, h, w)")
+            check_tensor(plugin, "prompts: dense", prompts.dense, before.dense.shape, "(N, C, h, w)")
             if prompts.visible.shape != sparse.shape[:2] or prompts.visible.dtype != torch.bool:
                 raise PluginError(
                     f"Plugin {plugin.key!r} ({type(plugin).__name__}) returned {sparse.shape[1]} sparse prompt "
@@ -365,7 +287,7 @@ class PluginStack(HookSites, nn.ModuleDict):
         for plugin in self._users["decoder_layer"]:
             state = plugin.decoder_layer(i, state, ctx)
             if not isinstance(state, DecoderState):
-                raise _bad_return(
+                raise bad_return(
                     plugin, f"decoder_layer(i={i})", state, "DecoderState (return the one it received)"
                 )
             sizes = {
@@ -408,9 +330,9 @@ class PluginStack(HookSites, nn.ModuleDict):
             chosen = plugin.select(out, ctx)
             if chosen is not None:
                 n, _, h, w = out.masks["sam"].shape
-                _check_tensor(plugin, "select", chosen, (n, 1, h, w), "(N, 1, h, w): one mask per prompt row")
+                check_tensor(plugin, "select", chosen, (n, 1, h, w), "(N, 1, h, w): one mask per prompt row")
                 if not chosen.is_floating_point():
-                    raise _bad_return(
+                    raise bad_return(
                         plugin, "select", chosen, f"mask logits, a float tensor, not {chosen.dtype}"
                     )
                 return chosen
