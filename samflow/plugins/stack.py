@@ -151,6 +151,8 @@ class PluginStack(HookSites, nn.ModuleDict):
             try:
                 plugin.setup(sam)
             except Exception as err:  # any error of the plugin's own code, named with the plugin
+                if repr(key) in str(err):  # a message that names the plugin already (the built-ins')
+                    raise
                 raise PluginError(
                     f"{describe(plugin.key, type(plugin))}: setup: {type(err).__name__}: {err}"
                 ) from err
