@@ -159,10 +159,14 @@ class ResumableLoader(DataLoader):
         sampler = self.sampler
         assert isinstance(sampler, ResumableSampler)
         self.batches = -(-sampler.skip // self.batch_size) if self.batch_size else 0  # before workers start
-        return self._count(super().__iter__())
+        return self._batches()
 
-    def _count(self, iterator: Iterator[Any]) -> Iterator[Any]:
-        for batch in iterator:
+    def _batches(self) -> Iterator[Any]:
+        # The DataLoader's own iterator is made at the first batch, not here: Lightning makes the
+        # iterator of a run's first epoch before it sets the sampler's epoch, and worker processes
+        # read the sampler (and take their copy of the dataset) as soon as they start, so a run
+        # resumed at an epoch's end would have trained that epoch in epoch 0's order.
+        for batch in super().__iter__():
             self.batches += 1
             yield batch
 

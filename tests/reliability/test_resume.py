@@ -26,6 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -33,7 +34,7 @@ from helpers import run_samflow
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from samflow.callbacks.resume import BestCheckpoint, capture_rng, restore_rng
+from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, capture_rng, restore_rng
 from samflow.callbacks.run_folder import RunCSVLogger
 from samflow.data.resumable import ResumableLoader
 
@@ -409,3 +410,51 @@ def test_a_best_checkpoint_saved_after_the_last_one_is_saved_again_not_beside_it
         _weights(run / "checkpoints" / name),
     )
     assert all(torch.equal(reference[k], weights[k]) for k in reference)
+
+
+class _Rows(L.LightningModule):
+    """Trains nothing; records each epoch's batches (the sample indices) as a run sees them."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__()
+        self.layer, self.workers, self.seen = torch.nn.Linear(1, 1), workers, []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, batch.flatten().tolist()))
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self):
+        data = [torch.tensor([float(i)]) for i in range(8)]
+        return ResumableLoader(
+            data, batch_size=4, num_workers=self.workers, persistent_workers=self.workers > 0
+        )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_resumed_at_an_epochs_end_trains_the_next_epoch_in_its_own_order(tmp_path, workers):
+    """Lightning makes the first epoch's loader iterator before it sets the sampler's epoch; worker
+    processes read the sampler when they start, so a run resumed from an epoch's end ``last.ckpt``
+    trained that epoch in epoch 0's order with ``num_workers > 0``. The batches equal the
+    uninterrupted run's."""
+
+    def fit(epochs: int, folder: str, ckpt: str | None = None) -> list:
+        module = _Rows(workers)
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[LastCheckpoint(0, dirpath=str(tmp_path / folder))],
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(module, ckpt_path=ckpt)
+        return module.seen
+
+    uninterrupted = fit(3, "whole")
+    resumed = fit(1, "parts") + fit(3, "parts", str(tmp_path / "parts" / "last.ckpt"))
+    assert [epoch for epoch, _ in resumed] == [0, 0, 1, 1, 2, 2]
+    assert resumed == uninterrupted
+    assert uninterrupted[0] != uninterrupted[2]  # each epoch in its own order
