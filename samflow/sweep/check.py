@@ -40,25 +40,35 @@ def check_sweep(spec: SweepSpec, experiment: Path) -> None:
     from samflow.sweep.run import flag
 
     where = str(spec.path)
-    base = ["--config", str(experiment), *spec.args]
+    base = ["--config", str(experiment), *_as_fit_reads(spec.args)]
     try:
         check_plugin_args(spec.args)
         cli = _parse_only(experiment.stem, base)
     except (ArgumentError, ExperimentError) as err:
         raise SweepError(f"{where}: command: {_reason(err, base)}") from None
     for key, value in spec.overrides(_one_sample(spec)).items():
-        args = [*base, flag(key, value)]
+        args = [*base, *_as_fit_reads([flag(key, value)])]
         try:
             check_plugin_args([flag(key, value)])
-            cli.parser.parse_args(args)
+            cli.parser.parse_args(["fit", *args])
         except (ArgumentError, ExperimentError) as err:
             raise SweepError(f"{where}: parameters.{key}: {_reason(err, args)}") from None
     if not any(k.startswith(("model.metrics", "data")) for k in spec.params):
-        _check_metric(where, spec.metric, cli.config, experiment.stem)
+        _check_metric(where, spec.metric, cli.config["fit"], experiment.stem)
+
+
+def _as_fit_reads(args: list[str]) -> list[str]:
+    """``args`` as ``samflow fit``'s parser gets them from ``samflow.cli.main``: without the verbosity
+    flags (``--quiet``, ``--verbose``), with W&B's value forms (``--a=None``) made JSON."""
+    from samflow.cli import VERBOSITY_FLAGS
+    from samflow.sweep.agent import agent_values
+
+    return agent_values([a for a in args if a not in VERBOSITY_FLAGS])
 
 
 def _parse_only(run_name: str, args: list[str]) -> Any:
-    """``samflow fit``'s LightningCLI, parsed from ``args`` without seeding or building anything."""
+    """``samflow fit ARGS``'s LightningCLI (its subcommand's options too, ``--ckpt_path``), parsed
+    without seeding, building or running anything; its ``config["fit"]`` is the run's config."""
     from samflow.lightning_cli import SamflowCLI
 
     class ParseOnly(SamflowCLI):
@@ -71,9 +81,15 @@ def _parse_only(run_name: str, args: list[str]) -> Any:
         def instantiate_classes(self) -> None:
             pass
 
+        def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+            pass
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            pass
+
     with warnings.catch_warnings():  # LightningCLI's "given args and a command line too"
         warnings.simplefilter("ignore")
-        return ParseOnly(run_name, args=args, run=False)
+        return ParseOnly(run_name, args=["fit", *args])
 
 
 def _one_sample(spec: SweepSpec) -> dict[str, Any]:

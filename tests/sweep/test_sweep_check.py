@@ -140,3 +140,13 @@ def test_entity_goes_to_the_trials_and_the_summarys_wandb_runs(tmp_path, monkeyp
     monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.update(kwargs) or Run())
     summary.log_to_wandb(sweep, ["trial"], [["0"]], tmp_path)
     assert seen["entity"] == "my-team"
+
+
+def test_flags_samflow_fit_takes_pass_the_check(tmp_path):
+    """What ``samflow fit`` accepts in a sweep's ``command`` passes: the verbosity flags (taken out before
+    the parser), the fit subcommand's own options (``--ckpt_path``), W&B's value forms (``--a=None``),
+    also as a parameter's value."""
+    ckpt = tmp_path / "x.ckpt"
+    for flags in (("--quiet",), ("--verbose",), ("--ckpt_path", str(ckpt)), ("--model.sam.checkpoint=None",)):
+        checked(quickstart_sweep(tmp_path, {LR: {"values": [1e-3]}}, flags=flags))
+    checked(quickstart_sweep(tmp_path, {"model.sam.checkpoint": {"values": [None]}}))
