@@ -13,7 +13,8 @@ data's ``category_ids``) for ``results.json``.
 (image size, batch size, workers, the ``val`` / ``test`` annotation files and the train images folder),
 the optimizer and scheduler (``model.optimizer``, ``model.scheduler``) and every ``trainer.*`` setting
 (epochs, devices, precision, ``max_time``, ``limit_*``, ``trainer.callbacks`` such as the warm-up; its
-``default_root_dir``, ``enable_checkpointing`` and ``barebones`` are refused, the logger is its own);
+``enable_checkpointing: false`` and ``barebones: true`` are refused, a ``default_root_dir`` is said to
+be unused, the logger is its own);
 the train split becomes the pseudo-mask file. ``model.sam.embedding_store`` is refused (the student
 runs the encoder; ``model.sam.encoder_cache`` works). It writes ``DIR/checkpoints/last.ckpt`` (the head only),
 ``DIR/metrics.csv``, ``DIR/student_metrics.json`` and, with a test split, ``DIR/results.json``
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -230,19 +232,20 @@ class StudentModule(LightningModule):
 
 # ---- the command ----
 # trainer.* keys the student does not take from the experiment: its own logger (metrics.csv in --out),
-# callbacks (the experiment's own are kept, samflow fit's are not) and run folder (--out). Every other
-# trainer.* key the experiment or a flag sets goes to the student's Trainer.
+# callbacks (the experiment's own are kept, samflow fit's are not) and run folder (--out, said in a
+# warning line when the experiment sets one). Two settings would stop it writing --out: refused at
+# those values. Every other trainer.* key the experiment or a flag sets goes to the student's Trainer.
 OWN_TRAINER_KEYS = ("logger", "callbacks")
-REFUSED_TRAINER_KEYS = {
-    "default_root_dir": "the student writes to --out",
-    "enable_checkpointing": "the student always writes --out/checkpoints/last.ckpt",
-    "barebones": "the student needs its logger and checkpoint",
+UNUSED_TRAINER_KEYS = {"default_root_dir": "the student writes to --out"}
+REFUSED_TRAINER_VALUES = {
+    "enable_checkpointing": (False, "the student always writes --out/checkpoints/last.ckpt"),
+    "barebones": (True, "the student needs its logger and checkpoint"),
 }
 
 
 def _trainer_kwargs(cli: Any) -> dict[str, Any]:
     """The experiment's trainer.* keys that are set (differ from the parser's defaults), as Trainer
-    arguments; a key the student cannot honour is refused with one line."""
+    arguments; a value the student cannot honour is refused with one line."""
     given = cli.config.get("trainer") or {}
     defaults = cli.parser.get_defaults().get("trainer") or {}
     config = cli.config_init.get("trainer") or {}
@@ -250,11 +253,19 @@ def _trainer_kwargs(cli: Any) -> dict[str, Any]:
     for key, value in given.items():
         if key in OWN_TRAINER_KEYS or value == defaults.get(key):
             continue
-        if key in REFUSED_TRAINER_KEYS:
-            raise DataError(
-                f"samflow student: trainer.{key} is not supported ({REFUSED_TRAINER_KEYS[key]}); drop it. "
-                "The student honours every other trainer.* key and the experiment's trainer.callbacks."
+        if key in UNUSED_TRAINER_KEYS:
+            sys.stderr.write(
+                f"samflow: warning: trainer.{key} {value} is not used ({UNUSED_TRAINER_KEYS[key]}).\n"
             )
+            continue
+        if key in REFUSED_TRAINER_VALUES:
+            refused, why = REFUSED_TRAINER_VALUES[key]
+            if value == refused:
+                raise DataError(
+                    f"samflow student: trainer.{key} {value} is not supported ({why}); drop it. The student "
+                    "honours every other trainer.* key and the experiment's trainer.callbacks."
+                )
+            continue  # the value the student has anyway
         kwargs[key] = config.get(key)
     return kwargs
 

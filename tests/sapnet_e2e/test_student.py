@@ -86,11 +86,36 @@ def test_student_honours_every_trainer_key_and_refuses_what_it_cannot(tmp_path, 
     ckpt = torch.load(tmp_path / "s" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     capsys.readouterr()
-    assert main([*base, "--out", "t", "--trainer.default_root_dir", "elsewhere"]) == 1
+    assert main([*base, "--out", "t", "--trainer.enable_checkpointing", "false"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "trainer.default_root_dir is not supported (the student writes to --out)" in err
+    assert "trainer.enable_checkpointing False is not supported (the student always writes" in err
     assert "honours every other trainer.* key" in err
+    # an experiment written for samflow fit: its run folder is said to be unused, checkpointing on is fine
+    assert (
+        main(
+            [
+                *base,
+                "--out",
+                "u",
+                "--trainer.overfit_batches",
+                "1",
+                "--trainer.max_epochs",
+                "1",
+                "--trainer.default_root_dir",
+                "elsewhere",
+                "--trainer.enable_checkpointing",
+                "true",
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert (
+        "samflow: warning: trainer.default_root_dir elsewhere is not used (the student writes to --out)."
+        in err
+    )
+    assert (tmp_path / "u" / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "elsewhere").exists()
     assert main([*base, "--out", "t", "--model.sam.embedding_store", str(tmp_path / "store")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
