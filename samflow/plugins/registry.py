@@ -71,24 +71,50 @@ class Plugins(dict[str, PluginInfo]):
     all: tuple[PluginInfo, ...] = ()
 
 
+class _HeldStderr(io.TextIOBase):
+    """``sys.stderr`` while a plugin module is imported: what it writes is held back (argparse's usage
+    of a module that exits at import becomes part of its status instead), then, released, every later
+    write goes through, so a logging handler the import made on it keeps printing."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.holding = stream, True
+        self.held: list[str] = []
+
+    def write(self, text: str) -> int:
+        if self.holding:
+            self.held.append(text)
+            return len(text)
+        return int(self.stream.write(text))
+
+    def flush(self) -> None:
+        if not self.holding:
+            self.stream.flush()
+
+    def release(self) -> str:
+        """Stop holding; what was held."""
+        self.holding = False
+        return "".join(self.held)
+
+
 def _load(ep: EntryPoint) -> PluginInfo:
     dist = ep.dist.name if ep.dist is not None else "unknown"
     version = ep.dist.version if ep.dist is not None else "?"
-    said = io.StringIO()  # what the module prints on stderr: argparse's usage when it exits at import
+    said = _HeldStderr(sys.stderr)
     try:
         with contextlib.redirect_stderr(said):
             cls = ep.load()
     except KeyboardInterrupt:
         raise
     except SystemExit as err:  # sys.exit() or argparse's parse_args() at import
-        lines = [line.strip() for line in said.getvalue().splitlines() if line.strip()]
+        lines = [line.strip() for line in said.release().splitlines() if line.strip()]
         why = f" (it printed {re.sub(r'^[^:]*: error: ', 'error: ', lines[-1])!r})" if lines else ""
         return PluginInfo(
             ep.name, ep.value, dist, version, None, f"exited at import with sys.exit({err.code!r}){why}"
         )
     except BaseException as err:  # noqa: BLE001 - a broken third-party plugin must not break unrelated runs
+        sys.stderr.write(said.release())
         return PluginInfo(ep.name, ep.value, dist, version, None, f"{type(err).__name__}: {err}")
-    sys.stderr.write(said.getvalue())
+    sys.stderr.write(said.release())
     if not (isinstance(cls, type) and issubclass(cls, SamPlugin)):
         return PluginInfo(ep.name, ep.value, dist, version, None, f"{ep.value} is not a SamPlugin subclass")
     return PluginInfo(ep.name, ep.value, dist, version, cls, None)

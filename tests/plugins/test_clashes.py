@@ -151,6 +151,27 @@ def test_plugin_exiting_at_import_is_broken_not_fatal(tmp_path, installed):
         get_plugin_class("bad_exit")
 
 
+def test_what_a_plugin_prints_at_import_and_later_reaches_stderr(tmp_path, installed, capsys):
+    """A plugin module's stderr is held while it is imported (for the status of one that exits), then
+    released: what it printed then shows, and a logging handler it made on stderr keeps printing."""
+    module = WORKING.format(cls="Chatty") + textwrap.dedent(
+        """
+        import logging, sys
+        print("chatty imported", file=sys.stderr)
+        LOG = logging.getLogger("chatty_plugin")
+        LOG.addHandler(logging.StreamHandler(sys.stderr))
+        LOG.propagate = False
+        """
+    )
+    installed(make_dist(tmp_path, "chatty", {"chatty_plugin": module}, {"chatty": "chatty_plugin:Chatty"}))
+    assert discover()["chatty"].status == "ok"
+    assert "chatty imported" in capsys.readouterr().err
+    import chatty_plugin
+
+    chatty_plugin.LOG.warning("after discovery")
+    assert "after discovery" in capsys.readouterr().err
+
+
 def test_samflow_plugins_survives_a_plugin_exiting_and_warns_in_one_line(tmp_path):
     root = make_dist(
         tmp_path / "site", "bad-exit", EXITS, {"bad_exit": "exit_plugin:P", "bad_argv": "argv_plugin:P"}
