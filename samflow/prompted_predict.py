@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from samflow.data.folder import IMAGE_SUFFIXES
-from samflow.usage import CommandParser
+from samflow.usage import CommandParser, PositiveInt
 
 
 class PromptFileError(ValueError):
@@ -461,8 +461,6 @@ def _load_predictor(source: Path, sam_checkpoint: str | None, device: str | None
 
 def main(argv: list[str]) -> int:
     """``samflow predict --prompts FILE ...`` (see the module docstring)."""
-    from samflow.embed.command import PositiveInt
-
     parser = CommandParser(
         prog="samflow predict",
         description=__doc__.split("\n\n")[0],

@@ -73,9 +73,8 @@ from samflow.data.coco_proposals import sam_checksum
 from samflow.data.folder import DataError
 from samflow.embed.check import dataset_images, input_frame
 from samflow.embed.check import store_key as embed_store_key
-from samflow.embed.command import PositiveInt
 from samflow.embed.store import EmbeddingStore, EmbeddingStoreError
-from samflow.usage import CommandParser
+from samflow.usage import CommandParser, PositiveInt
 
 PROPOSALS_PER_POINT = 6
 KINDS = ("multimask1", "multimask2", "multimask3", "single", "box_of_best", "box_of_largest")

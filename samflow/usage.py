@@ -7,9 +7,9 @@ It sits at the bottom of samflow's layers (argparse only), so every command modu
 from __future__ import annotations
 
 import argparse
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Self
 
-__all__ = ["CommandParser", "UsageError"]
+__all__ = ["CommandParser", "PositiveInt", "UsageError"]
 
 
 class UsageError(ValueError):
@@ -30,3 +30,16 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (`{self.help_command} --help` lists the options)")
+
+
+class PositiveInt(int):
+    """argparse type of a count or size: an integer >= 1 (else a one-line usage error)."""
+
+    def __new__(cls, text: str | int) -> Self:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+        return super().__new__(cls, value)

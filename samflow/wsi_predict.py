@@ -47,7 +47,7 @@ from samflow.data.wsi.annotations import load_annotations, mask_to_region
 from samflow.data.wsi.patches import pair_item, wsi_sam_prompts
 from samflow.data.wsi.slide import Slide, SlideError
 from samflow.data.wsi.tissue import tissue_mask
-from samflow.usage import CommandParser
+from samflow.usage import CommandParser, PositiveInt
 
 _NO_PROMPT = wsi_sam_prompts()  # pair_item draws prompts only with a ground truth; tiles get a box
 
@@ -365,8 +365,6 @@ def _feature_collection(region: Any) -> dict[str, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from samflow.embed.command import PositiveInt
-
     p = CommandParser(
         prog="samflow predict-slide",
         description="Segment whole slides with a two-resolution model (WSI-SAM): tissue tiles at the HR "

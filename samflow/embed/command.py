@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,20 +28,7 @@ from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
 from samflow.embed.store import EmbeddingStoreError
 from samflow.embed.writer import completed_rows, write_store
-from samflow.usage import CommandParser
-
-
-class PositiveInt(int):
-    """argparse type of a count or size: an integer >= 1 (else a one-line usage error)."""
-
-    def __new__(cls, text: str | int) -> Self:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-        return super().__new__(cls, value)
+from samflow.usage import CommandParser, PositiveInt
 
 
 def _parser() -> argparse.ArgumentParser:
