@@ -1,9 +1,12 @@
 """HQ-SAM against the official code (SysCV/sam-hq) on shared random weights.
 
-The official code is not vendored: point ``SAMFLOW_HQ_SAM_SRC`` at a checkout of SysCV/sam-hq (the
-folder holding ``segment_anything/``); without it these tests skip. Its package is named like
-segment-anything's, so its ``segment_anything/modeling`` folder is imported under another name
-(without its ``__init__``, whose TinyViT needs timm). A tiny official HQ-SAM (``Sam`` with
+The official code is not vendored. It comes from ``SAMFLOW_HQ_SAM_SRC``, a checkout of SysCV/sam-hq (the
+folder holding ``segment_anything/``), or else from the authors' own PyPI release of the same
+modules, ``segment-anything-hq`` 0.3 (in the ``test`` extra; its ``modeling`` files are byte for byte
+the checkout's at ``fb181f8``). Without either these tests skip. The modeling folder is imported
+under another name, without its ``__init__`` (whose TinyViT needs timm; the checkout's package is
+also named like segment-anything's). The loss lives only in the checkout's ``train/`` folder, so
+its test needs ``SAMFLOW_HQ_SAM_SRC``. A tiny official HQ-SAM (``Sam`` with
 ``ImageEncoderViT`` and ``MaskDecoderHQ``) gets samflow's tiny SAM and HQ plugin weights by name
 (the plugin's parameters are the official decoder's ``hf_token``, ``hf_mlp``, ... one to one) and
 its end-to-end ``Sam.forward`` -- early ViT feature, per-image decoding, ``hq_token_only``,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import os
 import sys
 import types
@@ -36,7 +40,22 @@ from samflow.sam.build import VARIANTS
 from samflow_plugins.hq_sam import HQSam
 
 SRC = os.environ.get("SAMFLOW_HQ_SAM_SRC")
-pytestmark = pytest.mark.skipif(not SRC, reason="SAMFLOW_HQ_SAM_SRC (a SysCV/sam-hq checkout) is not set")
+
+
+def official_modeling_folder() -> Path | None:
+    """``segment_anything/modeling`` of the checkout, else ``modeling`` of the installed release."""
+    if SRC:
+        return Path(SRC) / "segment_anything" / "modeling"
+    spec = importlib.util.find_spec("segment_anything_hq")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "modeling"
+
+
+MODELING = official_modeling_folder()
+pytestmark = pytest.mark.skipif(
+    MODELING is None, reason="neither SAMFLOW_HQ_SAM_SRC (a SysCV/sam-hq checkout) nor segment-anything-hq"
+)
 
 ATOL = 2e-5  # float32 on the CPU: SDPA and fused norms vs the official explicit softmax, rounding only
 PACKAGE = "_official_sam_hq_modeling"
@@ -46,7 +65,7 @@ PACKAGE = "_official_sam_hq_modeling"
 def official() -> types.SimpleNamespace:
     """The official ``segment_anything/modeling`` modules, imported as ``PACKAGE.<module>``."""
     pkg = types.ModuleType(PACKAGE)
-    pkg.__path__ = [str(Path(SRC or ".") / "segment_anything" / "modeling")]
+    pkg.__path__ = [str(MODELING)]
     sys.modules[PACKAGE] = pkg
     names = ("sam", "image_encoder", "prompt_encoder", "mask_decoder_hq", "transformer")
     modules = {name: importlib.import_module(f"{PACKAGE}.{name}") for name in names}
@@ -175,6 +194,9 @@ def official_loss_masks() -> Any:
     return scope["loss_masks"]
 
 
+@pytest.mark.skipif(
+    not SRC, reason="the official loss is in a checkout's train/ folder: set SAMFLOW_HQ_SAM_SRC"
+)
 def test_point_loss_equals_the_official_loss_masks(official):
     """``point_bce`` and ``point_dice`` of the HQ mask equal the official ``loss_masks`` (12,544
     points, 3x oversampling, 75 % most uncertain) on the same draws from the global generator."""
@@ -195,3 +217,17 @@ def test_point_loss_equals_the_official_loss_masks(official):
     torch.testing.assert_close(grad, expected, atol=1e-9, rtol=1e-5)
     torch.manual_seed(6)  # other draws, other points: the seed is what made them equal
     assert not torch.equal(loss_masks(logits, batch.mask[batch.image_index], 3)[0], bce)
+
+
+@pytest.mark.skipif(
+    not SRC, reason="compares the checkout with the installed release: set SAMFLOW_HQ_SAM_SRC"
+)
+def test_the_pypi_release_is_the_checkouts_code():
+    """What the README says of ``segment-anything-hq`` 0.3: its modeling files are the checkout's."""
+    spec = importlib.util.find_spec("segment_anything_hq")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("segment-anything-hq is not installed")
+    release = Path(next(iter(spec.submodule_search_locations))) / "modeling"
+    for name in ("sam", "image_encoder", "prompt_encoder", "mask_decoder_hq", "transformer", "common"):
+        checkout = Path(SRC or ".") / "segment_anything" / "modeling" / f"{name}.py"
+        assert (release / f"{name}.py").read_bytes() == checkout.read_bytes(), name
