@@ -260,19 +260,19 @@ def _refuse_broken(where: str, info: PluginInfo) -> None:
 
 def _importable(where: str, target: str) -> bool:
     """Whether ``module.attr`` exists; a module that exists but fails to import is an error naming it."""
+    from samflow.plugins.registry import import_failure
+
     module, _, attr = target.rpartition(".")
     try:
         return hasattr(importlib.import_module(module), attr)
     except ModuleNotFoundError as err:
         if err.name and (module == err.name or module.startswith(f"{err.name}.")):
             return False  # no such module: "no samflow plugin" names the registered ones
-        reason = f"{type(err).__name__}: {err}"
+        reason = import_failure(err)
     except KeyboardInterrupt:
         raise
-    except SystemExit as err:
-        reason = f"it exited at import with sys.exit({err.code!r})"
-    except BaseException as err:  # noqa: BLE001 - the module's own failure, reported in one line
-        reason = f"{type(err).__name__}: {err}"
+    except BaseException as err:  # noqa: BLE001 - the module's own failure (SystemExit too), in one line
+        reason = import_failure(err)
     raise ExperimentError(
         f"{where}: module {module!r} of plugin class {target!r} fails to import: {reason}. "
         "Install what it needs or fix the module."

@@ -96,6 +96,17 @@ class _HeldStderr(io.TextIOBase):
         return "".join(self.held)
 
 
+def import_failure(err: BaseException, printed: str = "") -> str:
+    """Why a module failed to import, in one line: ``exited at import with sys.exit(2)`` for one that
+    exits at import (sys.exit() or argparse's parse_args()), with the last line it ``printed`` to
+    stderr (``(it printed 'error: ...')``); else ``ImportError: message``."""
+    if isinstance(err, SystemExit):
+        lines = [line.strip() for line in printed.splitlines() if line.strip()]
+        why = f" (it printed {re.sub(r'^[^:]*: error: ', 'error: ', lines[-1])!r})" if lines else ""
+        return f"exited at import with sys.exit({err.code!r}){why}"
+    return f"{type(err).__name__}: {err}"
+
+
 def _load(ep: EntryPoint) -> PluginInfo:
     dist = ep.dist.name if ep.dist is not None else "unknown"
     version = ep.dist.version if ep.dist is not None else "?"
@@ -105,15 +116,11 @@ def _load(ep: EntryPoint) -> PluginInfo:
             cls = ep.load()
     except KeyboardInterrupt:
         raise
-    except SystemExit as err:  # sys.exit() or argparse's parse_args() at import
-        lines = [line.strip() for line in said.release().splitlines() if line.strip()]
-        why = f" (it printed {re.sub(r'^[^:]*: error: ', 'error: ', lines[-1])!r})" if lines else ""
-        return PluginInfo(
-            ep.name, ep.value, dist, version, None, f"exited at import with sys.exit({err.code!r}){why}"
-        )
     except BaseException as err:  # noqa: BLE001 - a broken third-party plugin must not break unrelated runs
-        sys.stderr.write(said.release())
-        return PluginInfo(ep.name, ep.value, dist, version, None, f"{type(err).__name__}: {err}")
+        printed = said.release()
+        if not isinstance(err, SystemExit):  # what an exiting module printed is part of its status
+            sys.stderr.write(printed)
+        return PluginInfo(ep.name, ep.value, dist, version, None, import_failure(err, printed))
     sys.stderr.write(said.release())
     if not (isinstance(cls, type) and issubclass(cls, SamPlugin)):
         return PluginInfo(ep.name, ep.value, dist, version, None, f"{ep.value} is not a SamPlugin subclass")

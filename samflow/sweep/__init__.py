@@ -3,11 +3,12 @@
     samflow sweep FILE [--backend optuna|wandb] [--trials N] [--storage URL] [--study NAME] [--summary]
 
 FILE is a W&B sweep YAML (a path, ``./experiments/sweeps/NAME.yaml`` or a packaged sweep's name).
-``spec`` reads it into Optuna's search space, sampler and pruner; ``check`` checks its options and
-metric against the experiment before any trial; ``run`` runs the trials (one
-``samflow fit`` process each, in ``runs/<experiment>/sweeps/<study>/trial-<n>/``); ``report`` is the
-trial's callback that reports the metric for pruning; ``summary`` writes the table, the best config
-and the plots; ``agent`` handles W&B's agent (its flag values, its runs' folders, ``--backend wandb``).
+``load`` reads it into a ``spec`` (Optuna's search space, sampler and pruner); ``check`` checks its
+options and metric against the experiment before any trial; ``run`` runs the trials (one ``samflow fit``
+process each, in ``runs/<experiment>/sweeps/<study>/trial-<n>/``) of a study that ``storage`` keeps for
+every worker; ``report`` is the trial's callback that reports the metric for pruning; ``summary`` writes
+the table, the best config and the plots; ``agent`` handles W&B's agent (its flag values, its runs'
+folders, ``--backend wandb``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
     """Run ``samflow sweep``; returns the exit status."""
     from samflow.cli import ExperimentError
     from samflow.sweep.check import check_sweep, experiment_path
-    from samflow.sweep.spec import load_sweep
+    from samflow.sweep.load import load_sweep
 
     args = _parser().parse_args(argv)
     if args.trials is not None and args.trials < 1:

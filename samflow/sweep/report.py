@@ -46,8 +46,8 @@ class TrialReport(Callback):
         if self._trial is None:
             import optuna
 
-            from samflow.sweep.run import open_storage
-            from samflow.sweep.spec import load_sweep
+            from samflow.sweep.load import load_sweep
+            from samflow.sweep.storage import open_storage
 
             pruner = load_sweep(self.info["sweep"]).pruner()
             study = optuna.load_study(

@@ -58,7 +58,7 @@ def _value_text(value: Any) -> str:
 
 
 def rows(trials: list[Any], keys: list[str], metric: str) -> tuple[list[str], list[list[str]]]:
-    from samflow.sweep.run import replaced
+    from samflow.sweep.storage import replaced
 
     header = ["trial", "state", metric, "epochs", *keys, "seconds", "error"]
     again = replaced(trials)

@@ -10,7 +10,7 @@ import yaml
 
 from samflow.cli import main
 from samflow.sweep.agent import agent_values, wandb_sweep_config
-from samflow.sweep.spec import load_sweep
+from samflow.sweep.load import load_sweep
 
 
 def test_agent_values_become_json():

@@ -16,8 +16,9 @@ from test_sweep_loop import write_sweep
 import samflow.sweep
 from samflow.cli import ExperimentError, _user_errors
 from samflow.sweep import check, run
+from samflow.sweep.load import load_sweep
 from samflow.sweep.report import TrialMetricError
-from samflow.sweep.spec import SweepError, load_sweep
+from samflow.sweep.spec import SweepError
 
 LR = "model.optimizer.init_args.lr"
 

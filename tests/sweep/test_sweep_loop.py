@@ -15,8 +15,8 @@ import yaml
 from lightning.pytorch import LightningModule, Trainer
 
 from samflow.sweep import run
+from samflow.sweep.load import load_sweep
 from samflow.sweep.report import RESULT_FILE, TRIAL_FILE, TrialMetricError, TrialReport
-from samflow.sweep.spec import load_sweep
 from samflow.sweep.summary import summarize
 
 

@@ -12,7 +12,8 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from samflow.cli import ExperimentError, list_experiments
-from samflow.sweep.spec import QUANTILE, SweepError, load_sweep, parse_sweep
+from samflow.sweep.load import load_sweep, parse_sweep
+from samflow.sweep.spec import QUANTILE, SweepError
 
 COMMAND = ["${env}", "samflow", "fit", "--experiment", "quickstart", "${args}"]
 

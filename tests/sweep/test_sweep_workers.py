@@ -16,15 +16,15 @@ import optuna
 import pytest
 from test_sweep_loop import write_sweep
 
-from samflow.sweep import run
-from samflow.sweep.spec import load_sweep
+from samflow.sweep import run, storage
+from samflow.sweep.load import load_sweep
 from samflow.sweep.summary import summarize
 
 # A worker whose trial writes its pid and sleeps, as a long `samflow fit` would.
 WORKER = """
 import sys
 from samflow.sweep import run
-from samflow.sweep.spec import load_sweep
+from samflow.sweep.load import load_sweep
 SLEEP = "import os, pathlib, sys, time; pathlib.Path(sys.argv[1], 'pid').write_text(str(os.getpid())); time.sleep(60)"
 run.trial_command = lambda sweep, overrides, folder: [sys.executable, "-c", SLEEP, str(folder)]
 run.run_optuna(run.Sweep.open(load_sweep(sys.argv[1]), None, None), None)
@@ -82,12 +82,12 @@ def test_a_worker_killed_with_sigkill_takes_its_trial_along_and_the_point_runs_a
 
 def test_the_grace_period_is_read_from_the_environment(monkeypatch):
     monkeypatch.delenv("SAMFLOW_SWEEP_GRACE_S", raising=False)
-    assert (run.grace_period(), run.heartbeat_interval()) == (120, 30)
+    assert (storage.grace_period(), storage.heartbeat_interval()) == (120, 30)
     monkeypatch.setenv("SAMFLOW_SWEEP_GRACE_S", "8")
-    assert (run.grace_period(), run.heartbeat_interval()) == (8, 2)
+    assert (storage.grace_period(), storage.heartbeat_interval()) == (8, 2)
     monkeypatch.setenv("SAMFLOW_SWEEP_GRACE_S", "soon")
-    with pytest.raises(run.SweepError, match="SAMFLOW_SWEEP_GRACE_S must be a whole number"):
-        run.grace_period()
+    with pytest.raises(storage.SweepError, match="SAMFLOW_SWEEP_GRACE_S must be a whole number"):
+        storage.grace_period()
 
 
 def test_a_trial_has_a_heartbeat_before_its_process_starts(stub, tmp_path, monkeypatch):

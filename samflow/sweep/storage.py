@@ -1,0 +1,87 @@
+"""The study's shared storage: Optuna's RDB storage, the trials' heartbeats, and dead workers' trials.
+
+Workers: every ``samflow sweep`` with the same ``--storage`` and ``--study`` pulls trials from one
+study (SQLite in the sweep folder by default; a server database such as PostgreSQL across machines).
+Trial numbers are handed out by the storage, so a grid's points 0..N-1 go to distinct trials;
+``--trials`` is the study's total, all workers together. A trial sends heartbeats from the moment it is
+created; a trial whose worker died (its heartbeats stopped for ``SAMFLOW_SWEEP_GRACE_S`` seconds, 120 by
+default) is marked failed by the next worker that starts a trial, and its values are queued to run
+again (``replaced`` maps the one to the other).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from samflow.sweep.spec import SweepError
+
+GRACE_S = 120  # a trial whose heartbeats stopped this long is taken for dead (SAMFLOW_SWEEP_GRACE_S)
+STORAGE_TRIES = 5  # opening the storage, for workers that race to create its schema
+
+
+def open_storage(url: str) -> Any:
+    """Optuna's RDB storage for ``url`` (SQLite waits up to 2 min for a lock held by another worker)."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    grace = grace_period()
+    for attempt in range(STORAGE_TRIES):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat_interval(),
+                grace_period=grace,
+                heartbeat_stale_trial_callback=_run_again,
+            )
+        except (IntegrityError, OperationalError) as err:
+            # Workers started together race to create the schema (one wins the alembic_version row or
+            # the CREATE TABLE, the others fail): opened again, the schema is there.
+            if attempt + 1 < STORAGE_TRIES and _schema_race(err):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise SweepError(f"--storage {url}: cannot open it: {' '.join(str(err).split())[:300]}") from None
+        except Exception as err:  # noqa: BLE001 - sqlalchemy's errors vary by database
+            raise SweepError(f"--storage {url}: cannot open it: {' '.join(str(err).split())[:300]}") from None
+    raise AssertionError("unreachable")
+
+
+def grace_period() -> int:
+    """Seconds without a heartbeat after which a running trial is taken for dead (``SAMFLOW_SWEEP_GRACE_S``)."""
+    text = os.environ.get("SAMFLOW_SWEEP_GRACE_S", str(GRACE_S))
+    if not text.isdigit() or int(text) < 1:
+        raise SweepError(f"SAMFLOW_SWEEP_GRACE_S must be a whole number of seconds, got {text!r}.")
+    return int(text)
+
+
+def heartbeat_interval() -> int:
+    """Seconds between a running trial's heartbeats: a quarter of the grace period, at most 30."""
+    return max(1, min(30, grace_period() // 4))
+
+
+def _run_again(study: Any, trial: Any) -> None:
+    """Optuna's callback for a trial it failed as stale: queue its values as a new trial (the same grid
+    point), which records the trial it replaces (``retry_of``)."""
+    from optuna.trial import TrialState, create_trial
+
+    attrs: dict[str, Any] = {"fixed_params": trial.params, "retry_of": trial.number}
+    for key in ("grid_id", "search_space"):
+        if key in trial.system_attrs:
+            attrs[key] = trial.system_attrs[key]
+    study.add_trial(create_trial(state=TrialState.WAITING, system_attrs=attrs))
+
+
+def replaced(trials: list[Any]) -> dict[int, int]:
+    """``{number of a trial whose worker died: number of the trial that runs its values again}``."""
+    return {t.system_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.system_attrs}
+
+
+def _schema_race(err: Exception) -> bool:
+    """Whether ``err`` is another worker creating the study schema at the same moment."""
+    text = str(err).lower()
+    return any(
+        s in text for s in ("alembic_version", "already exists", "database is locked", "unique constraint")
+    )
