@@ -35,6 +35,10 @@ field                  type, shape                 meaning
 ``context_rows``       int                         0, or N in the batch ``with_context`` builds: images [B, 2B)
                                                    are then the context views and rows [N, 2N) the rows
                                                    [0, N) mapped into them
+``pixels``             bool                        False when the images were not decoded: ``image`` is then
+                                                   ``image_placeholder`` (NaN, the frame's shape), and only
+                                                   its shape, dtype and device mean anything (training from
+                                                   an embedding store, ``samflow.embed.check``)
 =====================  ==========================  ==========================================================
 
 A prompt field is None when no row has that prompt. ``has_box`` / ``has_mask_prompt`` may be None
@@ -52,10 +56,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["CONTEXT_FIELDS", "PROMPT_FIELDS", "SamBatch", "to_context_frame"]
+__all__ = ["CONTEXT_FIELDS", "PROMPT_FIELDS", "SamBatch", "image_placeholder", "to_context_frame"]
 
 PROMPT_FIELDS = ("points", "point_labels", "box", "has_box", "mask_prompt", "has_mask_prompt")
 CONTEXT_FIELDS = ("context_image", "context_mask", "context_affine")
+
+
+def image_placeholder(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The ``image`` of items and batches whose pixels were not decoded: NaN of ``shape``, one stored
+    value seen through zero strides. NaN, not zeros, so that pixels read where none were decoded make
+    the loss non-finite (the run stops) instead of training on a black image."""
+    return torch.full((), float("nan"), dtype=dtype).expand(*shape)
 
 
 @dataclass
@@ -80,6 +91,7 @@ class SamBatch:
     context_mask: Tensor | None = None
     context_affine: Tensor | None = None
     context_rows: int = 0
+    pixels: bool = True
 
     def __post_init__(self) -> None:
         b, s = self.image.shape[0], self.image.shape[-1]

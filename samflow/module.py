@@ -268,6 +268,10 @@ class SamflowModule(LightningModule):
             from samflow.embed import open_for_run
 
             self.model.embedding_store = open_for_run(self, datamodule, stage)
+        if stage == "fit" and self.model.embedding_store is not None and datamodule is not None:
+            from samflow.embed.check import skip_training_pixels
+
+            skip_training_pixels(datamodule, self.model.plugins.image_readers())
 
     def configure_callbacks(self) -> list[Any]:
         """``MonitorCheck``: a checkpoint ``monitor`` the fit does not log stops it at the sanity check or

@@ -89,6 +89,8 @@ class PASam(SamPlugin):
         weight_decay: their weight decay (default: the optimizer's).
     """
 
+    reads_image = True  # the guiding branch's edges are computed from the image
+
     def __init__(
         self,
         layer: int = 1,

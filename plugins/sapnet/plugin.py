@@ -80,6 +80,8 @@ class SAPNet(SamPlugin):
         weight_decay: weight decay of this plugin's parameters (default: the optimizer's).
     """
 
+    reads_image = True  # ``features: resnet50_fpn`` runs ResNet-50 on the normalised image
+
     def __init__(
         self,
         num_classes: int = 80,

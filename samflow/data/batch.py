@@ -6,7 +6,9 @@ names: ``points`` (K, 2) with ``point_labels`` (K,), ``box`` (4,), ``mask_prompt
 Rows with fewer points get empty slots (label -1) that the model does not see; rows without a box or
 a mask prompt get ``has_box`` / ``has_mask_prompt`` False. Dtypes are kept (no cast to float32).
 Items of two-resolution data (WSI-SAM) also carry ``context_image`` (3, S, S), ``context_mask``
-(1, S, S) and ``context_affine`` (3,): every item of a batch or none.
+(1, S, S) and ``context_affine`` (3,): every item of a batch or none. An item whose pixels were not
+decoded has ``pixels`` False and ``image_placeholder`` as its image; so does the batch (every item or
+none).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samflow.batch import CONTEXT_FIELDS, SamBatch
+from samflow.batch import CONTEXT_FIELDS, SamBatch, image_placeholder
 
 
 def _pad_points(items: Sequence[dict[str, Any]]) -> tuple[Tensor, Tensor]:
@@ -58,8 +60,18 @@ def collate(items: Sequence[dict[str, Any]]) -> SamBatch:
         no_mask = [item["id"] for item, has in zip(items, with_mask) if not has]
         raise ValueError(f"collate: items {no_mask[:10]} have no mask while others do; mix no such datasets.")
     size = items[0]["image"].shape[-1]
+    pixels = {bool(item.get("pixels", True)) for item in items}
+    if len(pixels) > 1:
+        raise ValueError(
+            "collate: some items carry their image's pixels and others not; mix no such datasets."
+        )
+    with_pixels = pixels.pop()
+    first = items[0]["image"]
     fields: dict[str, Any] = {
-        "image": torch.stack([item["image"] for item in items]),
+        "image": torch.stack([item["image"] for item in items])
+        if with_pixels
+        else image_placeholder((len(items), *first.shape), first.dtype),
+        "pixels": with_pixels,
         "input_size": torch.stack([torch.as_tensor(item["input_size"]) for item in items]).long(),
         "original_size": torch.stack([torch.as_tensor(item["original_size"]) for item in items]).long(),
         "id": [item["id"] for item in items],

@@ -66,11 +66,13 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from samflow.batch import image_placeholder
 from samflow.data.prompts import NoPrompt, PromptSampler, build_prompt
 from samflow.data.transforms import (
     IMAGE_RESIZES,
     ImageResize,
     ResizeMode,
+    input_shape,
     scale_boxes,
     scale_coords,
     to_input_frame,
@@ -203,6 +205,15 @@ def _root_entries(root: FolderSpec) -> list[dict[str, Any]]:
     if not entries:
         raise DataError("Empty list of dataset roots.")
     return entries
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """(H, W) of the image at ``path`` from its header, without decoding the pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read the file ({exc}). Replace it or remove the pair.") from exc
 
 
 def _open(path: Path, mode: str | None) -> Image.Image:
@@ -522,6 +533,10 @@ class MaskFolderDataset(Dataset):
         self.prompt_seed = prompt_seed
         self.dtype = _floating(dtype)
         self.check_seconds: float | None = None  # how long ``check_files`` took
+        # False: items carry no pixels (``image_placeholder``) and image files are not decoded, only
+        # their headers read for the size; set for a run whose encoder outputs come from an embedding
+        # store when no plugin reads the image (``samflow.embed.check.skip_training_pixels``)
+        self.pixels = True
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -614,12 +629,18 @@ class MaskFolderDataset(Dataset):
         # them again in k / 255, exactly for float32 / float64): resized and padded as uint8, then
         # divided by 255, the frame is the same to the bit, without the float passes over the image
         codes = self.image_resize == "sam" and self.dtype in (torch.float32, torch.float64)
-        image, note = _read_image(sample.image, self.dtype, codes=codes)  # (3, H, W)
-        self._warn_once("image", sample.image, note)
-        original = tuple(image.shape[-2:])
         item: dict[str, Any] = {"id": sample.id, "path": str(sample.image)}
-        frame, input_size = to_input_frame(image, size, self.resize_mode, self.image_resize)
-        item["image"] = frame.to(self.dtype).div_(255) if frame.dtype == torch.uint8 else frame
+        if self.pixels:
+            image, note = _read_image(sample.image, self.dtype, codes=codes)  # (3, H, W)
+            self._warn_once("image", sample.image, note)
+            original: tuple[int, int] = tuple(image.shape[-2:])  # type: ignore[assignment]
+            frame, input_size = to_input_frame(image, size, self.resize_mode, self.image_resize)
+            item["image"] = frame.to(self.dtype).div_(255) if frame.dtype == torch.uint8 else frame
+        else:
+            original = _header_size(sample.image)
+            input_size = input_shape(*original, size, self.resize_mode)
+            item["image"] = image_placeholder((3, size, size), self.dtype)
+            item["pixels"] = False
         item["input_size"] = torch.tensor(input_size, dtype=torch.long)
         item["original_size"] = torch.tensor(original, dtype=torch.long)
         if sample.mask is None:

@@ -113,3 +113,21 @@ def open_for_run(model: Any, datamodule: Any, stage: str) -> EmbeddingStore:
             f"or changed since it was written), e.g. {missing[0]}; run `samflow embed` again for this experiment."
         )
     return store
+
+
+def skip_training_pixels(datamodule: Any, image_readers: list[str]) -> bool:
+    """Leave the training images of a run that reads the store undecoded, when nothing needs them.
+
+    With the store the encoder does not run, so a training step needs an image's size, not its pixels,
+    unless a plugin reads them (``image_readers``: the keys of plugins with ``reads_image``): each
+    training item then carries ``image_placeholder`` and its file's header is read, not its pixels
+    (PNG decoding and SAM's resize were about a sixth of a vit_b HQ-SAM epoch from the store).
+    Evaluation images are decoded as before (the sample pictures show them). Datasets without the
+    ``pixels`` switch (COCO's) are left as they are. Returns whether any training dataset was switched.
+    """
+    switched = False
+    for key, dataset in datamodule.datasets.items():
+        if key.partition("/")[0] == "train" and hasattr(dataset, "pixels"):
+            dataset.pixels = bool(image_readers)
+            switched = switched or not image_readers
+    return switched

@@ -82,6 +82,11 @@ class SamPlugin(nn.Module):
     #: of the image only ``ctx.encoded.embeddings``, ``features`` and ``image_pe``. Undeclared plugins
     #: are refused by name (``samflow.onnx_export``).
     onnx_exportable: ClassVar[bool] = False
+    #: True for a plugin that reads the image's pixels in its decoder-side hooks (``ctx.image`` or
+    #: ``ctx.encoded.normalized``; PA-SAM's edges). Training from an embedding store
+    #: (``model.sam.embedding_store``) decodes no training image unless a plugin of the run says so;
+    #: an undeclared plugin that reads one is stopped by an error naming this attribute.
+    reads_image: ClassVar[bool] = False
 
     def __init__(self, lr: float | None = None, weight_decay: float | None = None) -> None:
         super().__init__()

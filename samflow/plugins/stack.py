@@ -219,6 +219,10 @@ class PluginStack(HookSites, nn.ModuleDict):
         """Encoder blocks whose outputs any plugin reads, sorted."""
         return tuple(sorted({i for p in self.values() for i in p.encoder_features()}))
 
+    def image_readers(self) -> list[str]:
+        """Keys of the plugins that read the image's pixels on the decoder side (``reads_image``)."""
+        return [p.key for p in self.values() if p.reads_image]
+
     def encoder_hook_users(self) -> list[str]:
         """``key (hook)`` for every plugin that changes or sees the inside of the image encoder."""
         return [f"{p.key} ({hook})" for hook in ENCODER_HOOKS for p in self._users.get(hook, [])]

@@ -16,7 +16,6 @@ Hook sites, in order: ``on_image`` -> for each encoder block i: ``block_input(i)
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import torch
@@ -190,9 +189,14 @@ class HookedSam(nn.Module):
         """Image encoder with hook sites -> ``EncodedImages`` (embeddings, block features, dense PE)."""
         normalized: Tensor | Callable[[], Tensor]
         if self.embedding_store is not None:
-            x = ctx.image
-            # no encoder runs: the normalised images are computed only if a plugin reads them
-            normalized = functools.partial(self.preprocess, ctx.image, ctx.batch.input_size)
+            x = ctx.batch.image  # its shape, dtype and device: the pixels may not have been decoded
+
+            def normalized_images() -> Tensor:
+                # no encoder runs: the normalised images are computed only if a plugin reads them, and
+                # ``ctx.image`` refuses when they were not decoded
+                return self.preprocess(ctx.image, ctx.batch.input_size)
+
+            normalized = normalized_images
             self.check_encoder_cache("model.sam.embedding_store")
             if ctx.batch.context_rows:
                 raise EncoderCacheError(

@@ -53,7 +53,19 @@ class ForwardContext:
 
     @property
     def image(self) -> Tensor:
-        """The input in [0, 1], un-normalised (B, 3, S, S)."""
+        """The input in [0, 1], un-normalised (B, 3, S, S).
+
+        A batch whose pixels were not decoded (``batch.pixels`` False: training from an embedding store
+        where no plugin declared ``reads_image``) has none to give: reading it is an error that says so.
+        """
+        if not self.batch.pixels:
+            from samflow.sam.cache import EncoderCacheError
+
+            raise EncoderCacheError(
+                "model.sam.embedding_store: this batch's images were not decoded (the store holds their "
+                "encoder outputs and no plugin declared that it reads the image), but a plugin read them "
+                "(ctx.image or ctx.encoded.normalized). Set `reads_image = True` on that plugin's class."
+            )
         return self.batch.image
 
     @property
@@ -247,6 +259,10 @@ class HookSites:
 
     def encoder_hook_users(self) -> list[str]:
         """Who changes or sees the inside of the image encoder (for the encoder cache's check)."""
+        return []
+
+    def image_readers(self) -> list[str]:
+        """Who reads the image's pixels on the decoder side (``SamPlugin.reads_image``)."""
         return []
 
     def trained_encoder_parameters(self) -> dict[str, list[str]]:
