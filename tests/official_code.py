@@ -3,10 +3,12 @@ from a checkout (an environment variable names it; README "Checked against the o
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import os
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -78,3 +80,106 @@ def randomize_all(module: nn.Module, seed: int) -> None:
                 t.copy_(1 + 0.1 * noise)
             else:
                 t.copy_(0.05 * noise)
+
+
+RECORDINGS = Path(__file__).parent / "reference_outputs"
+RECORD_ENV = "SAMFLOW_RECORD_REFERENCE"
+
+
+def fingerprint(*values: Any) -> str:
+    """SHA-256 of what went into a computation: tensors (their dtype, shape and bytes), modules (their
+    state dicts), and nested dicts, lists, tuples and plain numbers or strings of them."""
+    digest = hashlib.sha256()
+
+    def add(value: Any) -> None:
+        if isinstance(value, nn.Module):
+            add(value.state_dict())
+        elif isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=str):
+                digest.update(str(key).encode())
+                add(value[key])
+            digest.update(b"}")
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[")
+            for item in value:
+                add(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(value).encode())
+
+    for value in values:
+        add(value)
+    return digest.hexdigest()
+
+
+def _cpu(value: Any) -> Any:
+    """``value`` with every tensor detached, on the CPU (what ``torch.save`` keeps of an output)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+class ReferenceOutputs:
+    """What a method's official code returned, recorded, so its comparison runs without the checkout.
+
+    With the checkout (``env`` names it) ``get`` runs the official code; with ``SAMFLOW_RECORD_REFERENCE=1``
+    as well it writes the outputs to ``tests/reference_outputs/<name>.pt``, under the case's key, with
+    the fingerprint of what went in (weights, inputs, seeds). Without the checkout ``get`` returns the
+    recorded outputs, after checking that this run's inputs have the recorded fingerprint: the test
+    then compares samflow with the official code's own outputs on the same inputs, in every test run.
+    A fingerprint that differs (another PyTorch drawing other random weights, a changed test) fails
+    the test, naming the command that records the outputs again.
+    """
+
+    def __init__(self, name: str, env: str) -> None:
+        self.name, self.env = name, env
+        self.src = os.environ.get(env)
+        self.path = RECORDINGS / f"{name}.pt"
+
+    @property
+    def available(self) -> bool:
+        """Whether ``get`` can answer: a checkout, or a recording."""
+        return bool(self.src) or self.path.is_file()
+
+    def skip_reason(self) -> str:
+        return f"{self.env} (a checkout of the official code) is not set and {self.path.name} is not recorded"
+
+    def _load(self) -> dict[str, Any]:
+        return torch.load(self.path, weights_only=True) if self.path.is_file() else {}
+
+    def get(self, key: str, inputs: str, compute: Callable[[], Any]) -> Any:
+        """The official outputs of case ``key``, whose inputs have the fingerprint ``inputs``: computed by
+        ``compute`` (which runs the official code) when the checkout is given, else recorded."""
+        if self.src:
+            out = _cpu(compute())
+            if os.environ.get(RECORD_ENV) == "1":
+                recorded = self._load()
+                recorded[key] = {"inputs": inputs, "outputs": out}
+                RECORDINGS.mkdir(exist_ok=True)
+                torch.save(recorded, self.path)
+            return out
+        recorded = self._load()
+        if key not in recorded:
+            pytest.fail(f"{self.path} has no case {key!r}; {self._again()}")
+        if recorded[key]["inputs"] != inputs:
+            pytest.fail(
+                f"case {key!r} of {self.path} was recorded for other inputs (fingerprint "
+                f"{recorded[key]['inputs'][:12]}, this run {inputs[:12]}: other random weights or a changed "
+                f"test); {self._again()}"
+            )
+        return recorded[key]["outputs"]
+
+    def _again(self) -> str:
+        return (
+            f"record the official outputs again: {RECORD_ENV}=1 {self.env}=path/to/checkout "
+            "python -m pytest <this test file> (README: Checked against the official code)"
+        )

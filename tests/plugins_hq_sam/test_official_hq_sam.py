@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import randomize
-from official_code import image_encoder, prompt_encoder
+from official_code import ReferenceOutputs, fingerprint, image_encoder, prompt_encoder
 
 from samflow.batch import SamBatch
 from samflow.plugins.stack import PluginStack
@@ -194,29 +194,38 @@ def official_loss_masks() -> Any:
     return scope["loss_masks"]
 
 
-@pytest.mark.skipif(
-    not SRC, reason="the official loss is in a checkout's train/ folder: set SAMFLOW_HQ_SAM_SRC"
-)
+LOSS = ReferenceOutputs("hq_sam_loss", "SAMFLOW_HQ_SAM_SRC")
+
+
+@pytest.mark.skipif(not LOSS.available, reason=LOSS.skip_reason())
 def test_point_loss_equals_the_official_loss_masks(official):
     """``point_bce`` and ``point_dice`` of the HQ mask equal the official ``loss_masks`` (12,544
-    points, 3x oversampling, 75 % most uncertain) on the same draws from the global generator."""
-    loss_masks = official_loss_masks()
+    points, 3x oversampling, 75 % most uncertain) on the same draws from the global generator. The
+    official loss is in the checkout's ``train/`` folder; without it, its recorded outputs."""
     model, _ = shared_models(official, multimask_output=False)
     batch = two_images_three_boxes()
     batch.mask = (torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(4)) > 0.6).float()
     out, ctx = model.run(batch)
     torch.manual_seed(5)
     ours = model.plugins["hq"].losses(out, batch, ctx)
-    torch.manual_seed(5)
-    bce, dice = loss_masks(out.masks["hq/hq"], batch.mask[batch.image_index], 3)
-    torch.testing.assert_close(ours["point_bce"], bce, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(ours["point_dice"], dice, atol=1e-6, rtol=1e-6)
     logits = out.masks["hq/hq"]
+    target = batch.mask[batch.image_index]
+
+    def official_loss() -> dict[str, torch.Tensor]:
+        loss_masks = official_loss_masks()
+        leaf = logits.detach().requires_grad_(True)
+        torch.manual_seed(5)
+        bce, dice = loss_masks(leaf, target, 3)
+        (grad,) = torch.autograd.grad(bce + dice, leaf)
+        torch.manual_seed(6)  # other draws, other points: the seed is what made them equal
+        return {"bce": bce, "dice": dice, "grad": grad, "bce_seed6": loss_masks(leaf, target, 3)[0]}
+
+    expected = LOSS.get("point_loss", fingerprint(logits, target, 3, 5, 6), official_loss)
+    torch.testing.assert_close(ours["point_bce"], expected["bce"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours["point_dice"], expected["dice"], atol=1e-6, rtol=1e-6)
     (grad,) = torch.autograd.grad(ours["point_bce"] + ours["point_dice"], logits, retain_graph=True)
-    (expected,) = torch.autograd.grad(bce + dice, logits, retain_graph=True)
-    torch.testing.assert_close(grad, expected, atol=1e-9, rtol=1e-5)
-    torch.manual_seed(6)  # other draws, other points: the seed is what made them equal
-    assert not torch.equal(loss_masks(logits, batch.mask[batch.image_index], 3)[0], bce)
+    torch.testing.assert_close(grad, expected["grad"], atol=1e-9, rtol=1e-5)
+    assert not torch.equal(expected["bce_seed6"], expected["bce"])
 
 
 @pytest.mark.skipif(
