@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,26 +88,43 @@ def run_samflow(
     )
 
 
+def run_epoch(loader, epoch: int, key, stop: int | None = None) -> list:
+    """As Lightning runs an epoch of a training loader: ``sampler.set_epoch``, then the batches, each as
+    ``key(batch)`` (``stop``: killed after that many)."""
+    loader.sampler.set_epoch(epoch)
+    out = []
+    for batch in loader:
+        out.append(key(batch))
+        if stop is not None and len(out) == stop:
+            break
+    return out
+
+
+@contextmanager
+def rank_of_two(rank: int) -> Iterator[None]:
+    """This process as rank ``rank`` of a 2-process group, as ``torch.distributed`` reports it (for code
+    that reads the world when it runs, as ``ResumableSampler`` does when iterated)."""
+    import pytest
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dist, "is_available", lambda: True)
+        patch.setattr(dist, "is_initialized", lambda: True)
+        patch.setattr(dist, "get_world_size", lambda group=None: 2)
+        patch.setattr(dist, "get_rank", lambda group=None: rank)
+        yield
+
+
 def resumed_epochs(make_loader, key, stop: int = 1) -> tuple[list, list, list]:
     """A training loader's epochs as Lightning runs them (``sampler.set_epoch``, then the batches):
     epochs 0 and 1 of one loader, and epoch 1 of a run killed after ``stop`` batches of it and resumed
     from the loader's state in a fresh loader (a new process). Each batch as ``key(batch)``;
     ``make_loader()`` builds a fresh data module's training loader."""
-
-    def run(loader, epoch: int, stop: int | None = None) -> list:
-        loader.sampler.set_epoch(epoch)
-        out = []
-        for batch in loader:
-            out.append(key(batch))
-            if stop is not None and len(out) == stop:
-                break
-        return out
-
     loader = make_loader()
-    first, second = run(loader, 0), run(loader, 1)
+    first, second = run_epoch(loader, 0, key), run_epoch(loader, 1, key)
     killed = make_loader()
-    run(killed, 0)
-    part = run(killed, 1, stop)
+    run_epoch(killed, 0, key)
+    part = run_epoch(killed, 1, key, stop)
     resumed = make_loader()
     resumed.load_state_dict(killed.state_dict())
-    return first, second, part + run(resumed, 1)
+    return first, second, part + run_epoch(resumed, 1, key)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from contextlib import contextmanager
 
 import pytest
-import torch.distributed as dist
 
 pytest.importorskip("pycocotools")
 
+import helpers
+from helpers import rank_of_two
 from tiny_coco import make_tiny_coco
 
 from samflow.data.coco import CocoDataModule
@@ -27,31 +27,13 @@ COPIES = 3  # the tiny set's 4 images (one without instances) 3 times: 9 images 
 SIZES = {"9_images_uneven": "skip", "12_images_even": "keep"}  # empty= -> images in the epoch
 
 
-@contextmanager
-def rank_of_two(rank: int):
-    """This process as rank ``rank`` of a 2-process group, as ``torch.distributed`` reports it."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dist, "is_available", lambda: True)
-        patch.setattr(dist, "is_initialized", lambda: True)
-        patch.setattr(dist, "get_world_size", lambda group=None: 2)
-        patch.setattr(dist, "get_rank", lambda group=None: rank)
-        yield
-
-
 def key(batch) -> tuple:
     """A batch as its images and what the model sees of them (pixels, prompt points)."""
     return tuple(batch.image_ids), batch.image.double().sum().item(), batch.points.double().sum().item()
 
 
 def run_epoch(loader, epoch: int, stop: int | None = None) -> list[tuple]:
-    """As Lightning runs an epoch: ``sampler.set_epoch``, then the batches (``stop``: killed after that many)."""
-    loader.sampler.set_epoch(epoch)
-    out = []
-    for batch in loader:
-        out.append(key(batch))
-        if stop is not None and len(out) == stop:
-            break
-    return out
+    return helpers.run_epoch(loader, epoch, key, stop)
 
 
 def images(batches: list[tuple]) -> list[int]:

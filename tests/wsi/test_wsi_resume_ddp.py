@@ -12,29 +12,18 @@ tests/reliability runs the real 2-process fit for the default data module.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
 
 import pytest
-import torch.distributed as dist
 
 pytest.importorskip("tiffslide")
 
+import helpers
+from helpers import rank_of_two
 from synthetic_slide import write_geojson, write_slide
 
 from samflow.data.wsi import SlideDataModule
 
 SIZES = {"9_patches_uneven": 9, "10_patches_even": 10}  # patches_per_slide of the one slide
-
-
-@contextmanager
-def rank_of_two(rank: int):
-    """This process as rank ``rank`` of a 2-process group, as ``torch.distributed`` reports it."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dist, "is_available", lambda: True)
-        patch.setattr(dist, "is_initialized", lambda: True)
-        patch.setattr(dist, "get_world_size", lambda group=None: 2)
-        patch.setattr(dist, "get_rank", lambda group=None: rank)
-        yield
 
 
 def key(batch) -> tuple:
@@ -50,14 +39,7 @@ def key(batch) -> tuple:
 
 
 def run_epoch(loader, epoch: int, stop: int | None = None) -> list[tuple]:
-    """As Lightning runs an epoch: ``sampler.set_epoch``, then the batches (``stop``: killed after that many)."""
-    loader.sampler.set_epoch(epoch)
-    out = []
-    for batch in loader:
-        out.append(key(batch))
-        if stop is not None and len(out) == stop:
-            break
-    return out
+    return helpers.run_epoch(loader, epoch, key, stop)
 
 
 def patches(batches: list[tuple]) -> list[str]:
