@@ -60,6 +60,16 @@ def half_precision_hint(trainer: Trainer) -> str:
     return ""
 
 
+def undecoded_hint(undecoded: bool) -> str:
+    """A sentence for runs that trained on batches whose images were not decoded, else ``""``."""
+    if not undecoded:
+        return ""
+    return (
+        "Training images were not decoded (model.sam.embedding_store gives their encoder outputs) and "
+        "hold NaN: a plugin that reads batch.image must declare `reads_image = True`. "
+    )
+
+
 class NonFiniteCheck(Callback):
     """Stop the run, or skip the step, when a training loss or gradient is NaN or infinite.
 
@@ -87,6 +97,7 @@ class NonFiniteCheck(Callback):
         self._epoch_steps = 0
         self._epoch_skipped = 0
         self._window: list[tuple[int, list[str]]] = []  # (batch_idx, files) since the last step
+        self._undecoded = False  # whether a batch without pixels (the embedding store's) was trained on
         self._losses: list[tuple[int, Tensor]] = []  # (index in the window, detached loss)
         self._stepped = False
         self._last_message = ""
@@ -114,6 +125,7 @@ class NonFiniteCheck(Callback):
         if self._stepped:  # the batches of the last optimizer step are done
             self._window, self._losses, self._stepped = [], [], False
         self._window.append((batch_idx, batch_files(batch)))
+        self._undecoded = self._undecoded or getattr(batch, "pixels", True) is False
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
@@ -141,7 +153,8 @@ class NonFiniteCheck(Callback):
         if self.action == "error":
             raise NonFiniteError(
                 f"Training diverged: {message}. Stopped before the optimizer step: no checkpoint holds "
-                f"non-finite weights. {half_precision_hint(trainer)}Lower the learning rate or check these "
+                f"non-finite weights. {half_precision_hint(trainer)}{undecoded_hint(self._undecoded)}"
+                "Lower the learning rate or check these "
                 "files; --non_finite.action skip skips such steps instead."
             )
         optimizer.zero_grad(set_to_none=True)

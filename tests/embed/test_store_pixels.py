@@ -129,6 +129,27 @@ def test_an_undeclared_reader_is_stopped_by_name(store, data_root, monkeypatch):
         _fit(_module(store, {"reader": UndeclaredImageReader()}), data_root, monkeypatch)
 
 
+class RawImageLoss(SamPlugin):
+    """Reads ``batch.image`` itself (not through ``ctx.image``) in a loss, undeclared."""
+
+    def losses(self, out, batch, ctx):
+        return {"brightness": batch.image.mean() * out.pred.sigmoid().mean()}
+
+
+def test_a_raw_read_of_the_placeholder_stops_the_run_naming_reads_image(store, data_root):
+    from samflow.callbacks.finite import NonFiniteCheck, NonFiniteError
+
+    trainer = Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[NonFiniteCheck()],
+    )  # fmt: skip
+    with pytest.raises(
+        NonFiniteError,
+        match=r"not decoded .* hold NaN: a plugin that reads batch.image must declare `reads_image = True`",
+    ):
+        trainer.fit(_module(store, {"raw": RawImageLoss()}), datamodule=_data(data_root))
+
+
 def test_pa_sam_declares_that_it_reads_the_image():
     assert create_plugin("pa_sam").reads_image and not create_plugin("hq_sam").reads_image
 
