@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 import sys
 import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from samflow.sam.build import SamVariant
 
@@ -97,7 +99,7 @@ def fingerprint(*values: Any) -> str:
         elif isinstance(value, torch.Tensor):
             t = value.detach().cpu().contiguous()
             digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(value, dict):
             digest.update(b"{")
             for key in sorted(value, key=str):
@@ -128,14 +130,120 @@ def _cpu(value: Any) -> Any:
     return value
 
 
+SKETCH = 4096  # elements recorded of a larger tensor
+
+
+def _positions(shape: tuple[int, ...], where: str) -> Tensor:
+    """``SKETCH`` distinct flat positions of a ``shape`` tensor, drawn from a seed made of ``where``."""
+    numel = math.prod(shape)
+    seed = int.from_bytes(hashlib.sha256(where.encode()).digest()[:8], "little") % 2**62
+    return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:SKETCH].sort().values
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """What a recording keeps of an official tensor over ``SKETCH`` elements: its shape and dtype, its
+    values at ``SKETCH`` positions drawn at random (seeded by the case and the tensor's place in the
+    outputs), its sum, and its marginals (the sums over every axis but one, for each axis). An error
+    confined to 1 % of the elements is missed by the positions with probability 0.99 ** 4096 < 1e-17,
+    a large error in fewer elements shows in a marginal; the full tensors are compared whenever the
+    checkout is given."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    values: Tensor
+    total: Tensor
+    where: str
+    marginals: tuple[Tensor, ...] = ()
+
+    def same_places(self, actual: Tensor) -> Tensor:
+        """``actual``'s values at the sketch's positions."""
+        return actual.detach().reshape(-1)[_positions(self.shape, self.where)]
+
+
+def _marginals(t: Tensor) -> list[Tensor]:
+    """For each axis of ``t`` (of 2 or more) with at most ``SKETCH`` entries, the sums over every other
+    axis (float64); an empty placeholder for a longer axis."""
+    wide = t.detach().double()
+    if t.dim() < 2:
+        return []
+    return [
+        wide.sum(dim=[d for d in range(t.dim()) if d != axis])
+        if t.shape[axis] <= SKETCH
+        else wide.new_empty(0)
+        for axis in range(t.dim())
+    ]
+
+
+def _sketched(value: Any, where: str) -> Any:
+    """``value`` with every tensor of over ``SKETCH`` elements replaced by the dict a ``Sketch`` keeps."""
+    if isinstance(value, Tensor) and value.numel() > SKETCH:
+        values = value.reshape(-1)[_positions(tuple(value.shape), where)]
+        return {
+            "sketch": list(value.shape),
+            "dtype": str(value.dtype),
+            "values": values,
+            "total": value.double().sum(),
+            "marginals": _marginals(value),
+        }
+    if isinstance(value, dict):
+        return {k: _sketched(v, f"{where}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_sketched(v, f"{where}/{i}") for i, v in enumerate(value))
+    return value
+
+
+def _unsketched(value: Any, where: str) -> Any:
+    """The recorded outputs with each sketch dict as a ``Sketch``."""
+    if isinstance(value, dict) and "sketch" in value and "values" in value:
+        dtype = getattr(torch, value["dtype"].removeprefix("torch."))
+        marginals = tuple(value.get("marginals", ()))
+        return Sketch(tuple(value["sketch"]), dtype, value["values"], value["total"], where, marginals)
+    if isinstance(value, dict):
+        return {k: _unsketched(v, f"{where}/{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unsketched(v, f"{where}/{i}") for i, v in enumerate(value))
+    return value
+
+
+def assert_close(actual: Tensor, expected: Tensor | Sketch, **tolerance: Any) -> None:
+    """``torch.testing.assert_close(actual, expected, **tolerance)`` for an official output, live or
+    recorded: a recorded ``Sketch`` is compared at its positions (same tolerance) and by its sum (the
+    tolerance summed over the elements)."""
+    if not isinstance(expected, Sketch):
+        torch.testing.assert_close(actual, expected, **tolerance)
+        return
+    assert tuple(actual.shape) == expected.shape, f"shape {tuple(actual.shape)}, recorded {expected.shape}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype}, recorded {expected.dtype}"
+    torch.testing.assert_close(expected.same_places(actual), expected.values, **tolerance)
+    atol, rtol = tolerance.get("atol", 0.0), tolerance.get("rtol", 0.0)
+    numel = math.prod(expected.shape)
+    mean = float(expected.values.double().abs().mean())
+    slack = atol * numel + rtol * mean * numel
+    torch.testing.assert_close(actual.detach().double().sum(), expected.total, atol=slack, rtol=1e-12)
+    for axis, (mine, recorded) in enumerate(zip(_marginals(actual), expected.marginals, strict=False)):
+        if not recorded.numel():
+            continue  # an axis too long to keep
+        count = numel // expected.shape[axis]  # elements summed into each entry
+        torch.testing.assert_close(
+            mine,
+            recorded,
+            atol=(atol + rtol * mean) * count,
+            rtol=1e-12,
+            msg=lambda m, a=axis: f"marginal over axis {a}: {m}",
+        )
+
+
 class ReferenceOutputs:
     """What a method's official code returned, recorded, so its comparison runs without the checkout.
 
     With the checkout (``env`` names it) ``get`` runs the official code; with ``SAMFLOW_RECORD_REFERENCE=1``
     as well it writes the outputs to ``tests/reference_outputs/<name>.pt``, under the case's key, with
-    the fingerprint of what went in (weights, inputs, seeds). Without the checkout ``get`` returns the
-    recorded outputs, after checking that this run's inputs have the recorded fingerprint: the test
-    then compares samflow with the official code's own outputs on the same inputs, in every test run.
+    the fingerprint of what went in (weights, inputs, seeds); a tensor of over ``SKETCH`` elements is
+    kept as a ``Sketch``, so the recordings stay small. Without the checkout ``get`` returns the
+    recorded outputs (large tensors as ``Sketch``es: compare them with ``assert_close`` of this
+    module), after checking that this run's inputs have the recorded fingerprint: the test then
+    compares samflow with the official code's own outputs on the same inputs, in every test run.
     A fingerprint that differs (another PyTorch drawing other random weights, a changed test) fails
     the test, naming the command that records the outputs again.
     """
@@ -163,7 +271,7 @@ class ReferenceOutputs:
             out = _cpu(compute())
             if os.environ.get(RECORD_ENV) == "1":
                 recorded = self._load()
-                recorded[key] = {"inputs": inputs, "outputs": out}
+                recorded[key] = {"inputs": inputs, "outputs": _sketched(out, key)}
                 RECORDINGS.mkdir(exist_ok=True)
                 torch.save(recorded, self.path)
             return out
@@ -176,7 +284,7 @@ class ReferenceOutputs:
                 f"{recorded[key]['inputs'][:12]}, this run {inputs[:12]}: other random weights or a changed "
                 f"test); {self._again()}"
             )
-        return recorded[key]["outputs"]
+        return _unsketched(recorded[key]["outputs"], key)
 
     def _again(self) -> str:
         return (

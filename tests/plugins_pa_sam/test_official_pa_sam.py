@@ -1,23 +1,24 @@
 """PA-SAM against the official code (xzz2/pa-sam) on shared random weights.
 
-The official code is not vendored: point ``SAMFLOW_PA_SAM_SRC`` at a checkout of xzz2/pa-sam (the
-folder holding ``model/``, ``segment_anything_training/`` and ``utils/``); without it these tests
-skip. The official decoder is ``MaskDecoderPA`` itself, built from a decoder checkpoint file as the
-repository does (``pretrained_checkpoint/sam_vit_b_maskdecoder.pth`` under a temporary working
-folder), driven the way its ``train.py`` drives it (``Sam.forward_for_prompt_adapter``, then the
-decoder). Its code hard-codes a 64 x 64 embedding grid, a 256 x 256 guiding input and a 256-d decoder,
-so both sides are a SAM at 1024 px with a 2-block 32-d ViT and SAM's real decoder; the official
-image encoder, prompt encoder and decoder get samflow's weights by name. The official code moves
-two tensors with ``.cuda()``; on a machine without a GPU ``Tensor.cuda`` is made the identity for the
-test. What is compared: SAM's masks and IoU, the maps M_C, M_R, M_U, the mined cells, the edge map of
-``reference_edges``, the trainable set of ``reference_trainable``; in evaluation (top-k) and in
-training (Gumbel top-k with the same seed: the official and samflow draw the same uniforms).
+The official code is not vendored: point ``SAMFLOW_PA_SAM_SRC`` at a checkout of xzz2/pa-sam (the folder
+holding ``model/``, ``segment_anything_training/`` and ``utils/``) to run it; without it the tests compare
+with its outputs recorded in ``tests/reference_outputs/pa_sam.pt`` under a fingerprint of the weights,
+inputs and seeds (``official_code.ReferenceOutputs``; ``SAMFLOW_RECORD_REFERENCE=1`` with the checkout
+records them again). The official decoder is ``MaskDecoderPA`` itself, built from a decoder checkpoint
+file as the repository does (``pretrained_checkpoint/sam_vit_b_maskdecoder.pth`` under a temporary working
+folder), driven the way its ``train.py`` drives it (``Sam.forward_for_prompt_adapter``, then the decoder).
+Its code hard-codes a 64 x 64 embedding grid, a 256 x 256 guiding input and a 256-d decoder, so both sides
+are a SAM at 1024 px with a 2-block 32-d ViT and SAM's real decoder; the official image encoder, prompt
+encoder and decoder get samflow's weights by name. The official code moves two tensors with ``.cuda()``;
+on a machine without a GPU ``Tensor.cuda`` is made the identity while it runs. What is compared: SAM's
+masks and IoU, the maps M_C, M_R, M_U, the mined cells, the edge map of ``reference_edges``, the trainable
+set of ``reference_trainable``; in evaluation (top-k) and in training (Gumbel top-k with the same seed:
+the official and samflow draw the same uniforms).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import types
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import randomize
-from official_code import image_encoder, prompt_encoder
+from official_code import ReferenceOutputs, Sketch, assert_close, fingerprint, image_encoder, prompt_encoder
 
 from samflow.batch import SamBatch
 from samflow.plugins.stack import PluginStack
@@ -35,9 +36,8 @@ from samflow.sam.build import SamVariant
 from samflow_plugins.pa_sam import PASam
 from samflow_plugins.pa_sam.guiding import guiding_input
 
-SRC = os.environ.get("SAMFLOW_PA_SAM_SRC")
-pytestmark = pytest.mark.skipif(not SRC, reason="SAMFLOW_PA_SAM_SRC (an xzz2/pa-sam checkout) is not set")
-pytest.importorskip("cv2", reason="the official PA-SAM computes its edges with OpenCV")
+REF = ReferenceOutputs("pa_sam", "SAMFLOW_PA_SAM_SRC")
+pytest.importorskip("cv2", reason="reference_edges and the official PA-SAM compute their edges with OpenCV")
 
 ATOL = 5e-5  # float32 on the CPU: SDPA and fused norms vs the official explicit softmax, rounding only
 TOP_PACKAGES = ("model", "utils", "segment_anything_training")
@@ -48,13 +48,15 @@ SPEC = SamVariant(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), 
 @pytest.fixture(scope="module")
 def official() -> types.SimpleNamespace:
     """The official modules ``model.mask_decoder_pa``, ``segment_anything_training.modeling`` and
-    ``utils.misc``, imported from SRC (and removed again afterwards: their names are generic)."""
+    ``utils.misc``, imported from the checkout (and removed again afterwards: their names are generic).
+    Requested only where the official code runs (``request.getfixturevalue``), so only with the checkout."""
+    src = REF.src
 
     def ours(name: str) -> bool:
         return name.split(".")[0] in TOP_PACKAGES
 
     saved = {k: sys.modules.pop(k) for k in list(sys.modules) if ours(k)}
-    sys.path.insert(0, str(SRC))
+    sys.path.insert(0, str(src))
     try:
         yield types.SimpleNamespace(
             decoder=importlib.import_module("model.mask_decoder_pa"),
@@ -62,14 +64,13 @@ def official() -> types.SimpleNamespace:
             misc=importlib.import_module("utils.misc"),
         )
     finally:
-        sys.path.remove(str(SRC))
+        sys.path.remove(str(src))
         for key in [k for k in sys.modules if ours(k)]:
             del sys.modules[key]
         sys.modules.update(saved)
 
 
-@pytest.fixture
-def cpu_cuda(monkeypatch):
+def cpu_cuda(monkeypatch) -> None:
     """``Tensor.cuda`` as the identity where there is no GPU (the official code calls it twice)."""
     if not torch.cuda.is_available():
         monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
@@ -180,87 +181,141 @@ def official_forward(ref_sam, decoder, official, batch: SamBatch, monkeypatch) -
 
 
 def assert_matches(out, state: dict, ref: dict) -> None:
-    """samflow's SAM masks, IoU, maps and mined cells equal the official ones."""
-    torch.testing.assert_close(out.masks["sam"][:, :1], ref["masks"], atol=ATOL, rtol=0)
-    torch.testing.assert_close(out.iou_pred, ref["iou"], atol=ATOL, rtol=0)
-    torch.testing.assert_close(state["coarse"], ref["coarse"], atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(state["refined"], ref["refined"], atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(state["uncertainty"].sigmoid(), ref["uncertainty"], atol=ATOL, rtol=0)
+    """samflow's SAM masks, IoU, maps and mined cells equal the official ones (live, or as recorded:
+    ``assert_close`` compares a recorded ``Sketch`` at its positions and by its sum)."""
+    assert_close(out.masks["sam"][:, :1], ref["masks"], atol=ATOL, rtol=0)
+    assert_close(out.iou_pred, ref["iou"], atol=ATOL, rtol=0)
+    assert_close(state["coarse"], ref["coarse"], atol=ATOL, rtol=1e-5)
+    assert_close(state["refined"], ref["refined"], atol=ATOL, rtol=1e-5)
+    assert_close(state["uncertainty"].sigmoid(), ref["uncertainty"], atol=ATOL, rtol=0)
     assert torch.equal(state["points"], ref["cells"])
     assert torch.equal(state["point_labels"][0], torch.tensor([1, 1, 1, 1, 0, 0, 0, 0]))
 
 
-def test_evaluation_with_reference_edges_equals_the_official_decoder(
-    official, cpu_cuda, monkeypatch, tmp_path
-):
+MATCHED = ("masks", "iou", "coarse", "refined", "uncertainty", "cells")  # what assert_matches compares
+
+
+def known(official: torch.Tensor | Sketch) -> torch.Tensor:
+    """The official tensor's values that are known: all of them live (or recorded whole), else the
+    recorded ``Sketch``'s; so its ``abs().amax()`` is the official one or a lower bound of it."""
+    return official.values if isinstance(official, Sketch) else official
+
+
+def at_known_places(ours: torch.Tensor, official: torch.Tensor | Sketch) -> torch.Tensor:
+    """``ours`` where ``known(official)`` is: everywhere, or at the recorded ``Sketch``'s positions."""
+    return official.same_places(ours) if isinstance(official, Sketch) else ours
+
+
+def official_inputs(model: HookedSam, batch: SamBatch, *options) -> str:
+    """The fingerprint of what the official code gets: the weights it loads (samflow's SAM, the plugin's
+    guiding layers and adapter), the batch's images, boxes and sizes, and ``options`` (mode, seed)."""
+    plugin = model.plugins["pa"]
+    return fingerprint(
+        model.sam, plugin.guiding.layers, plugin.adapter, batch.image, batch.box, batch.input_size, *options
+    )
+
+
+def test_evaluation_with_reference_edges_equals_the_official_decoder(request, monkeypatch, tmp_path):
     """Evaluation (top-k mining): masks, IoU, M_C, M_R, M_U, the mined cells and the edges agree."""
     model = samflow_model(monkeypatch, reference_edges=True).eval()
-    ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
     batch = two_images()
     with torch.no_grad():
         out, ctx = model.run(batch, model.context(batch))
-        ref = official_forward(ref_sam, decoder, official, batch, monkeypatch)
         x = guiding_input(ctx.image, ctx.encoded.normalized, (256, 256), reference_edges=True)
-    assert torch.equal(x[:, 3:], ref["edges"])  # the edge channel: OpenCV's Canny, pixel for pixel
-    assert 0.02 < ref["edges"].mean() < 0.5  # there are edges, and not everywhere
+
+    def official_outputs() -> dict:
+        official = request.getfixturevalue("official")
+        cpu_cuda(monkeypatch)
+        ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
+        with torch.no_grad():
+            ref = official_forward(ref_sam, decoder, official, batch, monkeypatch)
+        return {k: ref[k] for k in (*MATCHED, "edges")}
+
+    ref = REF.get("evaluation", official_inputs(model, batch, "evaluation"), official_outputs)
+    # the edge channel: OpenCV's Canny, pixel for pixel (recorded: at the sketch's positions, and its sum)
+    assert_close(x[:, 3:], ref["edges"], atol=0, rtol=0)
+    assert 0.02 < x[:, 3:].mean() < 0.5  # there are edges, not everywhere (ours: the official sum)
     assert_matches(out, ctx.state["pa"], ref)
-    assert ref["coarse"].abs().amax() > 1 and ref["masks"].abs().amax() > 0.1  # the comparison bites
+    # the comparison bites
+    assert known(ref["coarse"]).abs().amax() > 1 and known(ref["masks"]).abs().amax() > 0.1
 
 
-def test_default_sobel_edges_differ_from_the_official_canny(official, cpu_cuda, monkeypatch, tmp_path):
+def test_default_sobel_edges_differ_from_the_official_canny(request, monkeypatch, tmp_path):
     """The default edge map (Sobel of the un-normalised image) is a documented difference: the guide,
     and so the maps, differ from the official ones on the same weights."""
     model = samflow_model(monkeypatch).eval()
-    ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
     batch = two_images()
     with torch.no_grad():
         _, ctx = model.run(batch, model.context(batch))
-        ref = official_forward(ref_sam, decoder, official, batch, monkeypatch)
-    assert (ctx.state["pa"]["coarse"] - ref["coarse"]).abs().amax() > 1e-2
+
+    def official_outputs() -> dict:
+        official = request.getfixturevalue("official")
+        cpu_cuda(monkeypatch)
+        ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
+        with torch.no_grad():
+            return {"coarse": official_forward(ref_sam, decoder, official, batch, monkeypatch)["coarse"]}
+
+    ref = REF.get("default_edges", official_inputs(model, batch, "evaluation"), official_outputs)
+    ours = at_known_places(ctx.state["pa"]["coarse"], ref["coarse"])
+    assert (ours - known(ref["coarse"])).abs().amax() > 1e-2
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_training_gumbel_mining_equals_the_official_decoder(official, cpu_cuda, monkeypatch, tmp_path, seed):
+def test_training_gumbel_mining_equals_the_official_decoder(request, monkeypatch, tmp_path, seed):
     """Training after epoch 4 (Gumbel top-k with a straight-through estimator): with the same seed
     both draw the same uniforms (the official ``Gumbel(0, 1).sample``, samflow's ``rand_like``),
     positives before negatives, and mine the same cells; one image (the official draws per image).
     The gradients of the guiding branch and the adapter agree too, for a loss on SAM's mask: MLP_U
     reaches that mask only through the mined points' straight-through weights, so its gradient
-    checks the estimator."""
+    checks the estimator. Recorded per seed: the official outputs, its gradients, their largest
+    magnitude and the cells plain top-k would pick from its maps."""
     monkeypatch.setenv("CURRENT_EPOCH", "5")
     model = samflow_model(monkeypatch, reference_edges=True).train()
-    ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
-    decoder.train()
     batch = two_images()
     one = SamBatch(image=batch.image[:1], box=batch.box[:1])
+    official_names = {"guiding.layers.": "guiding_conv.", "adapter.": "prompt_adapter."}
+    inputs = official_inputs(model, one, "training", "CURRENT_EPOCH=5", seed)
+
+    def official_outputs() -> dict:
+        official = request.getfixturevalue("official")
+        cpu_cuda(monkeypatch)
+        ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
+        decoder.train()
+        torch.manual_seed(seed)
+        ref = official_forward(ref_sam, decoder, official, one, monkeypatch)
+        ref["masks"].sigmoid().mean().backward()
+        grads = {
+            n: p.grad for n, p in decoder.named_parameters() if n.startswith(tuple(official_names.values()))
+        }
+        return {k: ref[k] for k in MATCHED} | {
+            "topk_cells": topk_cells_of(ref),
+            "grads": grads,
+            "grad_scale": max(g.abs().amax() for g in grads.values()),
+            "straight_through": grads["prompt_adapter.uncertain_mlp.layers.0.weight"].abs().amax(),
+        }
+
     torch.manual_seed(seed)
     out, ctx = model.run(one, model.context(one, epoch=5))
-    torch.manual_seed(seed)
-    ref = official_forward(ref_sam, decoder, official, one, monkeypatch)
+    ref = REF.get(f"training_seed{seed}", inputs, official_outputs)
     state = ctx.state["pa"]
     assert_matches(out, state, ref)
-    assert not torch.equal(ref["cells"], topk_cells_of(ref))  # the noise changed the choice: sampling ran
+    assert not torch.equal(ref["cells"], ref["topk_cells"])  # the noise changed the choice: sampling ran
 
     out.masks["sam"][:, :1].sigmoid().mean().backward()
-    ref["masks"].sigmoid().mean().backward()
     plugin = model.plugins["pa"]
-    official_names = {"guiding.layers.": "guiding_conv.", "adapter.": "prompt_adapter."}
-    theirs = dict(decoder.named_parameters())
+    theirs = ref["grads"]
     grads = {
-        name: (param.grad, theirs[official_names[prefix] + name.removeprefix(prefix)].grad)
+        name: (param.grad, theirs[official_names[prefix] + name.removeprefix(prefix)])
         for name, param in plugin.named_parameters()
         for prefix in official_names
         if name.startswith(prefix)
     }
     assert len(grads) == len(list(plugin.parameters()))
-    scale = max(g.abs().amax().item() for _, g in grads.values())
-    straight_through = grads["adapter.uncertain_mlp.layers.0.weight"][1].abs().amax().item()
-    assert straight_through > 1e-5 * scale
+    scale = ref["grad_scale"].item()  # the official gradients' largest magnitude
+    assert ref["straight_through"].item() > 1e-5 * scale
     for name, (ours, expected) in grads.items():
         # atol relative to the largest gradient: some are zero up to rounding (the attention's key bias)
-        torch.testing.assert_close(
-            ours, expected, atol=1e-5 * scale, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}"
-        )
+        assert_close(ours, expected, atol=1e-5 * scale, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def topk_cells_of(ref: dict) -> torch.Tensor:
@@ -271,11 +326,18 @@ def topk_cells_of(ref: dict) -> torch.Tensor:
     return torch.cat([pos, neg], dim=1)
 
 
-def test_reference_trainable_is_the_official_trainable_set(official, monkeypatch, tmp_path):
-    """``reference_trainable``: samflow trains what the official ``MaskDecoderPA`` leaves trainable."""
+def test_reference_trainable_is_the_official_trainable_set(request, monkeypatch, tmp_path):
+    """``reference_trainable``: samflow trains what the official ``MaskDecoderPA`` leaves trainable
+    (recorded: the names of its parameters that require gradients)."""
     model = samflow_model(monkeypatch, reference_trainable=True)
-    _, decoder = official_model(official, model, tmp_path, monkeypatch)
-    expected = {n for n, p in decoder.named_parameters() if p.requires_grad}
+
+    def official_outputs() -> dict:
+        _, decoder = official_model(request.getfixturevalue("official"), model, tmp_path, monkeypatch)
+        return {"trainable": sorted(n for n, p in decoder.named_parameters() if p.requires_grad)}
+
+    plugin = model.plugins["pa"]
+    inputs = fingerprint(model.sam, plugin.guiding.layers, plugin.adapter, "MaskDecoderPA('vit_b')")
+    expected = set(REF.get("trainable", inputs, official_outputs)["trainable"])
     names = {
         "sam.mask_decoder.": "",
         "plugins.pa.guiding.layers.": "guiding_conv.",
