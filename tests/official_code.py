@@ -206,6 +206,23 @@ def _unsketched(value: Any, where: str) -> Any:
     return value
 
 
+def known(official: Tensor | Sketch) -> Tensor:
+    """An official output's values that are known: all of them live (or recorded whole), else the
+    recorded ``Sketch``'s; so its ``abs().amax()`` is the official one or a lower bound of it."""
+    return official.values if isinstance(official, Sketch) else official
+
+
+def at_known_places(ours: Tensor, official: Tensor | Sketch) -> Tensor:
+    """``ours`` where ``known(official)`` is: everywhere, or at the recorded ``Sketch``'s positions."""
+    return official.same_places(ours) if isinstance(official, Sketch) else ours
+
+
+def largest_difference(ours: Tensor, official: Tensor | Sketch) -> float:
+    """``max |ours - official|`` live, or a lower bound of it (over a recorded ``Sketch``'s positions):
+    a check that the two differ by more than something stays sound from a recording."""
+    return float((at_known_places(ours, official) - known(official)).abs().max())
+
+
 def assert_close(actual: Tensor, expected: Tensor | Sketch, **tolerance: Any) -> None:
     """``torch.testing.assert_close(actual, expected, **tolerance)`` for an official output, live or
     recorded: a recorded ``Sketch`` is compared at its positions (same tolerance) and by its sum (the

@@ -1,9 +1,12 @@
 """BASam against the official BA-SAM code (zongzi13545329/BA-SAM) on shared weights.
 
 The official code is not vendored: point ``SAMFLOW_BA_SAM_SRC`` at a checkout of the repository (the
-folder holding ``models/sam/modeling/image_encoder.py``; checked at commit f52ca5ab). Without it these
-tests skip. Only ``image_encoder.py`` and its ``common.py`` are imported, as modules of a stand-in
-package (the repository's ``models/sam/__init__`` pulls in its whole training code).
+folder holding ``models/sam/modeling/image_encoder.py``; checked at commit f52ca5ab) and the tests run
+it; without it they compare with its outputs recorded in ``reference_outputs/ba_sam.pt``
+(``SAMFLOW_RECORD_REFERENCE=1`` with the checkout records them again; a tensor of over 4096 elements
+as a ``Sketch``, compared by ``official_code.assert_close``). Only ``image_encoder.py`` and
+its ``common.py`` are imported, as modules of a stand-in package (the repository's
+``models/sam/__init__`` pulls in its whole training code).
 
 The official encoder fixes its scale at construction from ``length_scale = img_size // 1024``:
 global blocks get ``d^-1/2 * log_4096(length_scale^2 * 4096)``, which crashes below 1024 px. So the
@@ -19,13 +22,13 @@ embedding kept; the default ``bias: distance`` must add exactly -beta_h * dist(i
 from __future__ import annotations
 
 import math
-import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import random_batch
-from official_code import image_encoder, import_modules
+from official_code import ReferenceOutputs, Sketch, assert_close, fingerprint, image_encoder, import_modules
 from torch import nn
 
 from samflow.plugins import PluginStack
@@ -33,8 +36,7 @@ from samflow.sam import HookedSam, decomposed_rel_pos_bias, resize_sam
 from samflow.sam.build import VARIANTS
 from samflow_plugins.ba_sam import BASam, alibi_slopes, scale_at
 
-SRC = os.environ.get("SAMFLOW_BA_SAM_SRC")
-pytestmark = pytest.mark.skipif(not SRC, reason="SAMFLOW_BA_SAM_SRC (a BA-SAM checkout) is not set")
+REF = ReferenceOutputs("ba_sam", "SAMFLOW_BA_SAM_SRC")
 PACKAGE = "_official_ba_sam"
 ATOL = 1e-10
 COEFFICIENTS = (0.3, -0.7, 1.4, 0.55)  # one per block of the tiny SAM, far from the init 0.1
@@ -44,17 +46,19 @@ SIZES = {1024: 128, 4096: 256}
 
 @pytest.fixture
 def official(monkeypatch):
-    """The official ``image_encoder`` module, imported without the package around it."""
+    """The official ``image_encoder`` module, imported without the package around it, when the checkout
+    is given (else None: the recorded outputs answer)."""
+    if not REF.src:
+        yield None
+        return
     yield from import_modules(
-        monkeypatch, PACKAGE, Path(SRC or ".") / "models" / "sam" / "modeling", ("common", "image_encoder")
+        monkeypatch, PACKAGE, Path(REF.src) / "models" / "sam" / "modeling", ("common", "image_encoder")
     )
 
 
-def shared_weights(
-    official, tiny_sam, official_size: int, plugin: BASam, coefficients=COEFFICIENTS, abs_pos: bool = False
-) -> tuple[nn.Module, HookedSam]:
-    """The official encoder built at ``official_size`` and the tiny SAM with ``plugin`` at the matching
-    size, on the same weights in float64 (the official tables swapped for the tiny SAM's)."""
+def adapted(tiny_sam, official_size: int, plugin: BASam, coefficients=COEFFICIENTS) -> HookedSam:
+    """The tiny SAM with ``plugin`` at the size matching the official build size, in float64 (a
+    ``reference_code`` plugin's coefficients set to ``coefficients``)."""
     size = SIZES[official_size]
     sam = (tiny_sam if size == 128 else resize_sam(tiny_sam, size)).double()
     model = HookedSam(sam, PluginStack({"ba": plugin}))
@@ -62,27 +66,46 @@ def shared_weights(
     if plugin.bias == "reference_code":
         with torch.no_grad():
             plugin.values("coefficients").copy_(torch.tensor(coefficients))
+    return model
+
+
+def official_state(model: HookedSam, coefficients, abs_pos: bool = False) -> dict[str, torch.Tensor]:
+    """The official encoder's state dict: the model's SAM encoder weights and the coefficients."""
+    state = dict(model.sam.image_encoder.state_dict())
+    if not abs_pos:
+        del state["pos_embed"]  # the official build: use_abs_pos=False
+    for i, c in enumerate(coefficients):
+        state[f"blocks.{i}.attn.coefficient"] = torch.tensor([c], dtype=torch.float64)
+    return state
+
+
+def official_encoder(official, state: dict[str, torch.Tensor], official_size: int, abs_pos: bool = False):
+    """The official encoder built at ``official_size`` holding ``state`` in float64 (its tables swapped
+    for those of ``state``, at the tiny SAM's grid, not the build size's)."""
     ref = image_encoder(
         official.ImageEncoderViT, VARIANTS["tiny"], args=None, img_size=official_size, use_abs_pos=abs_pos
     )
-    state = dict(sam.image_encoder.state_dict())
-    if not abs_pos:
-        del state["pos_embed"]  # the official build: use_abs_pos=False
-    for name, value in state.items():  # the tables at the tiny SAM's grid, not the build size's
+    for name, value in state.items():
         module_name, _, leaf = name.rpartition(".")
         owner = ref.get_submodule(module_name) if module_name else ref
         if getattr(owner, leaf).shape != value.shape:
             setattr(owner, leaf, nn.Parameter(torch.empty_like(value)))
-    for i, c in enumerate(coefficients):
-        state[f"blocks.{i}.attn.coefficient"] = torch.tensor([c], dtype=torch.float64)
     ref.load_state_dict(state, strict=True)  # every official tensor mapped, none left over
-    return ref.double().eval(), model
+    return ref.double().eval()
 
 
 def encoder_input(model: HookedSam):
     """A random batch's context and its normalised images (float64), as the encoder receives them."""
     batch = random_batch(2, size=model.img_size, prompt="none", seed=3, dtype=torch.float64)
     return model.context(batch), model.preprocess(batch.image, batch.input_size)
+
+
+def largest_difference(ours: torch.Tensor, official: torch.Tensor | Sketch) -> float:
+    """``max |ours - official|`` (with the checkout), or a lower bound of it: over a recorded ``Sketch``'s
+    positions."""
+    if isinstance(official, Sketch):
+        return float((official.same_places(ours) - official.values).abs().max())
+    return float((ours - official).abs().max())
 
 
 def block_q(model: HookedSam, i: int, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -114,28 +137,41 @@ def official_logit_terms(official, ref, i: int, q: torch.Tensor, hw: tuple[int, 
     return attn.scale, bias.view(b, heads, length, length)
 
 
+@pytest.mark.skipif(not REF.available, reason=REF.skip_reason())
 @pytest.mark.parametrize("official_size", [1024, 4096])
 def test_reference_code_equals_the_official_encoder(official, tiny_sam, official_size):
     plugin = BASam(bias="reference_code")
-    ref, model = shared_weights(official, tiny_sam, official_size, plugin)
+    model = adapted(tiny_sam, official_size, plugin)
     ctx, x = encoder_input(model)
+    state = official_state(model, COEFFICIENTS)
     factor = {1024: 1.0, 4096: 4 / 3}[official_size]
     with torch.no_grad():
-        tokens = ref.patch_embed(x)  # (B, h, w, C), no position embedding in the official build
-        for i in range(4):
-            q, hw = block_q(model, i, tokens)
-            ref_scale, ref_bias = official_logit_terms(
-                official, ref, i, q, hw, ref.blocks[i].attn.coefficient
-            )
+        tokens = model.sam.image_encoder.patch_embed(x)  # (B, h, w, C), no position embedding (official)
+        queries = [block_q(model, i, tokens) for i in range(4)]
+
+    def official_outputs() -> dict:
+        ref = official_encoder(official, state, official_size)
+        with torch.no_grad():
+            terms = [
+                official_logit_terms(official, ref, i, q, hw, ref.blocks[i].attn.coefficient)
+                for i, (q, hw) in enumerate(queries)
+            ]
+            return {"scales": [s for s, _ in terms], "biases": [b for _, b in terms], "embeddings": ref(x)}
+
+    expected = REF.get(
+        f"reference_code/{official_size}", fingerprint(state, official_size, x, queries), official_outputs
+    )
+    with torch.no_grad():
+        for i, (q, hw) in enumerate(queries):
+            ref_scale, ref_bias = expected["scales"][i], expected["biases"][i]
             sam_bias = decomposed_rel_pos_bias(q, *rel_pos(model, i), hw)
             scale, bias = plugin.attn_logits(i, 32**-0.5, sam_bias, q, ctx)
             assert scale == pytest.approx(ref_scale, rel=1e-15, abs=0)
             assert ref_scale == pytest.approx(32**-0.5 * (factor if i in (1, 3) else 1.0), rel=1e-15)
-            torch.testing.assert_close(bias, ref_bias, rtol=0, atol=ATOL)
+            assert_close(bias, ref_bias, rtol=0, atol=ATOL)
             assert bias.abs().max() > 0.1
-        expected = ref(x)
         embeddings, _ = model.run_encoder(x, ctx)
-        torch.testing.assert_close(embeddings, expected, rtol=0, atol=ATOL)
+        assert_close(embeddings, expected["embeddings"], rtol=0, atol=ATOL)
         # the scale, the coefficients and the dropped position embedding each matter (the scale only
         # where its factor is not 1)
         variants = [
@@ -144,39 +180,60 @@ def test_reference_code_equals_the_official_encoder(official, tiny_sam, official
             (BASam(bias="reference_code", drop_pos_embed=False), COEFFICIENTS, True),
         ]
         for other_plugin, coefficients, differs in variants:
-            _, other = shared_weights(official, tiny_sam, official_size, other_plugin, coefficients)
+            other = adapted(tiny_sam, official_size, other_plugin, coefficients)
             changed, _ = other.run_encoder(x, other.context(ctx.batch))
             if differs:
-                assert (changed - expected).abs().max() > 1e-3
+                assert largest_difference(changed, expected["embeddings"]) > 1e-3
             else:
-                torch.testing.assert_close(changed, expected, rtol=0, atol=ATOL)
+                assert_close(changed, expected["embeddings"], rtol=0, atol=ATOL)
 
 
+@pytest.mark.skipif(not REF.available, reason=REF.skip_reason())
 def test_bias_none_equals_the_official_encoder_with_sams_bias_and_position_embedding(official, tiny_sam):
     """The scale alone: the official encoder with every coefficient at 1 and use_abs_pos=True."""
-    ref, model = shared_weights(official, tiny_sam, 4096, BASam(bias="none"), (1.0,) * 4, abs_pos=True)
+    model = adapted(tiny_sam, 4096, BASam(bias="none"))
     ctx, x = encoder_input(model)
+    state = official_state(model, (1.0,) * 4, abs_pos=True)
+
+    def official_outputs() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"embeddings": official_encoder(official, state, 4096, abs_pos=True)(x)}
+
+    expected = REF.get("bias_none", fingerprint(state, 4096, True, x), official_outputs)["embeddings"]
     with torch.no_grad():
-        expected = ref(x)
         embeddings, _ = model.run_encoder(x, ctx)
-        torch.testing.assert_close(embeddings, expected, rtol=0, atol=ATOL)
+        assert_close(embeddings, expected, rtol=0, atol=ATOL)
         plain = HookedSam(model.sam)
         sam_alone, _ = plain.run_encoder(x, plain.context(ctx.batch))
-        assert (sam_alone - expected).abs().max() > 1e-3  # the 4/3 on the global blocks matters
+        assert largest_difference(sam_alone, expected) > 1e-3  # the 4/3 on the global blocks matters
 
 
+@pytest.mark.skipif(not REF.available, reason=REF.skip_reason())
 @pytest.mark.parametrize("distance", ["euclidean", "manhattan"])
 def test_default_distance_bias_is_the_official_rel_pos_term_minus_beta_dist(official, tiny_sam, distance):
     """bias: distance = SAM's rel-pos term (official coefficient 1) - beta_h * dist(i, j), the official scale."""
     plugin = BASam(distance=distance)
-    ref, model = shared_weights(official, tiny_sam, 4096, plugin, (1.0,) * 4, abs_pos=True)
+    model = adapted(tiny_sam, 4096, plugin)
     ctx, x = encoder_input(model)
+    state = official_state(model, (1.0,) * 4, abs_pos=True)
     enc = model.sam.image_encoder
     with torch.no_grad():
         tokens = enc.patch_embed(x) + enc.pos_embed
-        for i in range(4):
-            q, (h, w) = block_q(model, i, tokens)
-            ref_scale, ref_bias = official_logit_terms(official, ref, i, q, (h, w), torch.ones(1))
+        queries = [block_q(model, i, tokens) for i in range(4)]
+
+    def official_outputs() -> dict:  # the same for both distances: one case
+        ref = official_encoder(official, state, 4096, abs_pos=True)
+        with torch.no_grad():
+            terms = [
+                official_logit_terms(official, ref, i, q, hw, torch.ones(1))
+                for i, (q, hw) in enumerate(queries)
+            ]
+            return {"scales": [s for s, _ in terms], "biases": [b for _, b in terms]}
+
+    expected = REF.get("rel_pos_terms/4096", fingerprint(state, 4096, True, queries, 1.0), official_outputs)
+    with torch.no_grad():
+        for i, (q, (h, w)) in enumerate(queries):
+            ref_scale, ref_bias = expected["scales"][i], expected["biases"][i]
             sam_bias = decomposed_rel_pos_bias(q, *rel_pos(model, i), (h, w))
             scale, bias = plugin.attn_logits(i, 32**-0.5, sam_bias, q, ctx)
             assert scale == pytest.approx(ref_scale, rel=1e-15, abs=0)
@@ -189,36 +246,61 @@ def test_default_distance_bias_is_the_official_rel_pos_term_minus_beta_dist(offi
                 dist = (d_row.abs() + d_col.abs()).double()
             slopes = torch.tensor([1 / 16, 1 / 256], dtype=torch.float64)  # ALiBi, 2 heads
             assert alibi_slopes(2) == slopes.tolist()
-            expected = ref_bias - slopes[:, None, None] * dist
-            # the distances are computed in the run's dtype (float64 here, not float32 rounded)
-            torch.testing.assert_close(bias, expected, rtol=0, atol=ATOL)
+            # bias = ref_bias - slopes * dist, compared as bias + slopes * dist = ref_bias (a recorded
+            # ref_bias is a Sketch); the distances are computed in the run's dtype (float64 here, not
+            # float32 rounded)
+            assert_close(bias + slopes[:, None, None] * dist, ref_bias, rtol=0, atol=ATOL)
 
 
+@pytest.mark.skipif(not REF.available, reason=REF.skip_reason())
 @pytest.mark.parametrize("length_scale", [1, 2, 3, 4])
 def test_scale_equals_the_official_attention_at_multiples_of_1024(official, length_scale):
     """ViT-B's head size d = 64: the official global scale at 1024 * l px is scale_at(1024 * l)."""
     img = 1024 * length_scale
-    glob = official.Attention(128, num_heads=2, length_scale=length_scale, if_global=True)
-    window = official.Attention(128, num_heads=2, length_scale=length_scale, if_global=False)
-    assert scale_at(img, 1024, 64) == pytest.approx(glob.scale, rel=1e-15, abs=0)
-    assert window.scale == 0.125  # windows: SAM's scale at every size, in both
-    assert glob.scale == pytest.approx(0.125 * math.log((img // 16) ** 2) / math.log(4096), rel=1e-15)
+
+    def official_scales() -> dict[str, float]:
+        glob = official.Attention(128, num_heads=2, length_scale=length_scale, if_global=True)
+        window = official.Attention(128, num_heads=2, length_scale=length_scale, if_global=False)
+        return {"global": glob.scale, "window": window.scale}
+
+    expected = REF.get(f"scale/length_{length_scale}", fingerprint(128, 2, length_scale), official_scales)
+    assert scale_at(img, 1024, 64) == pytest.approx(expected["global"], rel=1e-15, abs=0)
+    assert expected["window"] == 0.125  # windows: SAM's scale at every size, in both
+    assert expected["global"] == pytest.approx(0.125 * math.log((img // 16) ** 2) / math.log(4096), rel=1e-15)
 
 
+@pytest.mark.skipif(not REF.available, reason=REF.skip_reason())
 def test_scale_differs_from_the_official_off_multiples_of_1024_as_documented(official):
     """The official N comes from img_size // 1024: no effect at 1536 px, a crash below 1024 px."""
-    at_1536 = official.Attention(128, num_heads=2, length_scale=1536 // 1024, if_global=True)
-    assert at_1536.scale == 0.125
+
+    def official_outputs() -> dict[str, float | str]:
+        at_1536 = official.Attention(128, num_heads=2, length_scale=1536 // 1024, if_global=True)
+        try:
+            official.Attention(128, num_heads=2, length_scale=512 // 1024, if_global=True)
+        except ValueError as error:
+            raised = str(error)
+        else:
+            raised = ""
+        return {"scale_1536": at_1536.scale, "error_512": raised}
+
+    expected = REF.get(
+        "scale/off_multiples", fingerprint(128, 2, 1536 // 1024, 512 // 1024), official_outputs
+    )
+    assert expected["scale_1536"] == 0.125
     assert scale_at(1536, 1024, 64) == pytest.approx(0.125 * math.log(96**2) / math.log(64**2), rel=1e-15)
-    with pytest.raises(ValueError, match="math domain error"):
-        official.Attention(128, num_heads=2, length_scale=512 // 1024, if_global=True)
+    assert re.search("math domain error", expected["error_512"])  # a ValueError at 512 px
     assert scale_at(512, 1024, 64) == pytest.approx(0.125 * 10 / 12, rel=1e-15)
 
 
+@pytest.mark.skipif(not REF.available, reason=REF.skip_reason())
 def test_coefficient_init_equals_the_official(official, tiny_sam):
-    attn = official.Attention(64, num_heads=2, use_rel_pos=True, input_size=(4, 4))
+    def official_coefficient() -> dict:
+        attn = official.Attention(64, num_heads=2, use_rel_pos=True, input_size=(4, 4))
+        return {"coefficient": attn.coefficient, "requires_grad": attn.coefficient.requires_grad}
+
+    expected = REF.get("coefficient_init", fingerprint(64, 2, True, (4, 4)), official_coefficient)
     plugin = BASam(bias="reference_code")
     HookedSam(tiny_sam, PluginStack({"ba": plugin}))
-    assert attn.coefficient.shape == (1,) and attn.coefficient.requires_grad
-    assert plugin.values("coefficients").tolist() == [attn.coefficient.item()] * 4
+    assert expected["coefficient"].shape == (1,) and expected["requires_grad"]
+    assert plugin.values("coefficients").tolist() == [expected["coefficient"].item()] * 4
     assert plugin.values("coefficients").requires_grad

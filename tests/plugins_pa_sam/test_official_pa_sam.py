@@ -26,7 +26,15 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import randomize
-from official_code import ReferenceOutputs, Sketch, assert_close, fingerprint, image_encoder, prompt_encoder
+from official_code import (
+    ReferenceOutputs,
+    assert_close,
+    at_known_places,
+    fingerprint,
+    image_encoder,
+    known,
+    prompt_encoder,
+)
 
 from samflow.batch import SamBatch
 from samflow.plugins.stack import PluginStack
@@ -193,17 +201,6 @@ def assert_matches(out, state: dict, ref: dict) -> None:
 
 
 MATCHED = ("masks", "iou", "coarse", "refined", "uncertainty", "cells")  # what assert_matches compares
-
-
-def known(official: torch.Tensor | Sketch) -> torch.Tensor:
-    """The official tensor's values that are known: all of them live (or recorded whole), else the
-    recorded ``Sketch``'s; so its ``abs().amax()`` is the official one or a lower bound of it."""
-    return official.values if isinstance(official, Sketch) else official
-
-
-def at_known_places(ours: torch.Tensor, official: torch.Tensor | Sketch) -> torch.Tensor:
-    """``ours`` where ``known(official)`` is: everywhere, or at the recorded ``Sketch``'s positions."""
-    return official.same_places(ours) if isinstance(official, Sketch) else ours
 
 
 def official_inputs(model: HookedSam, batch: SamBatch, *options) -> str:
