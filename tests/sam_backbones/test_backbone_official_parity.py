@@ -1,87 +1,134 @@
 """MobileSAM's and EfficientSAM's encoders equal the official code on shared random weights.
 
-The official code is not vendored: point ``SAMFLOW_MOBILE_SAM_SRC`` at a checkout of
+The official code is not vendored: ``SAMFLOW_MOBILE_SAM_SRC`` names a checkout of
 ChaoningZhang/MobileSAM (the folder holding ``mobile_sam/``; its TinyViT imports ``timm``) and
-``SAMFLOW_EFFICIENT_SAM_SRC`` at a checkout of yformer/EfficientSAM (holding ``efficient_sam/``).
-Without them these tests skip. Both models get the same random weights (BatchNorm statistics
-included) in float64; the official checkpoints' layout is written to a file and loaded with
-``build_sam(..., checkpoint=...)``, so the strict key mapping is checked too.
+``SAMFLOW_EFFICIENT_SAM_SRC`` a checkout of yformer/EfficientSAM (holding ``efficient_sam/``). The
+weights are drawn on samflow's side (BatchNorm statistics included) and the official encoder loads
+them under the same keys, in float64. With a checkout the official encoder runs; without it, its
+outputs recorded in ``tests/reference_outputs/mobile_sam.pt`` and ``efficient_sam.pt``
+(``official_code.ReferenceOutputs``) for the same weights and input, so no timm is needed; the
+feature maps, of over 4096 elements, are recorded as sketches (``official_code.Sketch``: their values
+at 4096 seeded positions, their sums and marginals), compared by ``official_code.assert_close``. That
+``build_sam(..., checkpoint=...)`` reads the official checkpoints' layout (strict key mapping) needs
+the official model, to write such a file: those tests run only with the checkouts.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from official_code import randomize_all
+from official_code import ReferenceOutputs, assert_close, fingerprint, randomize_all
+from segment_anything.modeling import Sam
 
 from samflow.sam import build_sam, count_parameters
 
 SIZE = 256  # a multiple of 64 that exercises window padding in every TinyViT stage (32/16/16 vs 7/14/7)
+MOBILE = ReferenceOutputs("mobile_sam", "SAMFLOW_MOBILE_SAM_SRC")
+EFFICIENT = ReferenceOutputs("efficient_sam", "SAMFLOW_EFFICIENT_SAM_SRC")
+TINY_VIT = {  # the official TinyViT's arguments (MobileSAM's build_sam_vit_t) at SIZE
+    "img_size": SIZE,
+    "embed_dims": [64, 128, 160, 320],
+    "depths": [2, 2, 6, 2],
+    "num_heads": [2, 4, 5, 10],
+    "window_sizes": [7, 7, 14, 7],
+    "drop_path_rate": 0.0,
+    "layer_lr_decay": 0.8,
+}
 
 
-def _official(env: str, module: str, monkeypatch: pytest.MonkeyPatch):
-    src = os.environ.get(env)
-    if not src:
-        pytest.skip(f"set {env} to a checkout of the official code to compare with it")
-    monkeypatch.syspath_prepend(src)
+def _import(ref: ReferenceOutputs, module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the checkout's ``module`` importable (only with the checkout)."""
+    monkeypatch.syspath_prepend(ref.src)
     if module == "mobile_sam":
         pytest.importorskip("timm", reason="the official TinyViT imports timm")
-    return pytest.importorskip(module)
+    pytest.importorskip(module)
 
 
-def test_mobile_sam_equals_official_tiny_vit(monkeypatch, tmp_path):
-    _official("SAMFLOW_MOBILE_SAM_SRC", "mobile_sam", monkeypatch)
+def _checkout(ref: ReferenceOutputs, module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the tests that need the official model itself: skip without the checkout."""
+    if not ref.src:
+        pytest.skip(
+            "checkout-only: writing the official checkpoint layout needs the official model (not "
+            f"recordable); set {ref.env}"
+        )
+    _import(ref, module, monkeypatch)
+
+
+def _random_sam(variant: str) -> Sam:
+    """samflow's ``variant`` at SIZE, its image encoder's weights drawn (seed 0), in float64."""
+    ours = build_sam(variant, img_size=SIZE)
+    randomize_all(ours.image_encoder, seed=0)
+    return ours.double()
+
+
+def _weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` for ``fingerprint``, which cannot hash a 0-d tensor (BatchNorm's ``num_batches_tracked``)."""
+    return {k: v.reshape(1) if v.ndim == 0 else v for k, v in state.items()}
+
+
+def _load(ref: torch.nn.Module, weights: dict[str, torch.Tensor], unused: tuple[str, ...]) -> None:
+    """Give the official encoder samflow's weights under the same keys: every key but the official
+    ones samflow declares unused (TinyViT's classifier head) comes from ``weights``."""
+    missing, unexpected = ref.load_state_dict(weights, strict=False)
+    assert not unexpected
+    assert sorted(missing) == sorted(k for k in ref.state_dict() if k.startswith(unused))
+
+
+@pytest.mark.skipif(not MOBILE.available, reason=MOBILE.skip_reason())
+def test_mobile_sam_equals_official_tiny_vit(monkeypatch):
+    enc = _random_sam("mobile_sam").image_encoder
+    weights = enc.state_dict()
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grid = SIZE // 16
+
+    def official() -> dict:
+        _import(MOBILE, "mobile_sam", monkeypatch)
+        from mobile_sam.modeling.tiny_vit_sam import TinyViT
+
+        ref = TinyViT(**TINY_VIT).double()
+        _load(ref, weights, enc.unused_checkpoint_keys)
+        ref.eval()  # eval after loading: the official attention caches its bias table on eval()
+        head = sum(p.numel() for n, p in ref.named_parameters() if n.startswith(("head.", "norm_head.")))
+        with torch.no_grad():
+            # the official forward_features, whose reshape is fixed at 64 x 64 (1024 px), at SIZE
+            early = ref.layers[1](ref.layers[0](ref.patch_embed(x)))
+            final = ref.layers[3](ref.layers[2](early))
+            embedding = ref.neck(final.view(2, grid, grid, -1).permute(0, 3, 1, 2))
+        early = early.view(2, grid, grid, 160)  # samflow's layout (channels last)
+        return {"early": early, "embedding": embedding, "parameters": count_parameters(ref) - head}
+
+    expected = MOBILE.get("tiny_vit", fingerprint(_weights(weights), x, TINY_VIT), official)
+    assert count_parameters(enc) == expected["parameters"] == 5_743_892
+    with torch.no_grad():
+        h = enc.add_position(enc.embed(x))
+        for i in range(len(enc.blocks)):
+            h = enc.run_block(i, h, None, None)
+            if i == enc.early_block:
+                assert_close(h, expected["early"], rtol=0, atol=1e-10)
+        assert_close(enc.neck(h.permute(0, 3, 1, 2)), expected["embedding"], rtol=0, atol=1e-10)
+        assert_close(enc(x), expected["embedding"], rtol=0, atol=1e-10)
+
+
+def test_mobile_sam_loads_the_official_checkpoint(monkeypatch, tmp_path):
+    """``build_sam`` reads the official MobileSAM file (classifier head included) strictly: every
+    tensor lands under its own key, the decoder side included."""
+    _checkout(MOBILE, "mobile_sam", monkeypatch)
     from mobile_sam.build_sam import build_sam_vit_t
-    from mobile_sam.modeling.tiny_vit_sam import TinyViT
 
     full = build_sam_vit_t()  # the official MobileSAM at 1024 px: TinyViT + SAM's decoder side
     randomize_all(full, seed=0)
     path = tmp_path / "mobile_sam.pt"
     torch.save(full.state_dict(), path)  # the official checkpoint's layout (classifier head included)
-
-    ours = build_sam("mobile_sam", checkpoint=path, img_size=SIZE).double()
-    ref = TinyViT(
-        img_size=SIZE,
-        embed_dims=[64, 128, 160, 320],
-        depths=[2, 2, 6, 2],
-        num_heads=[2, 4, 5, 10],
-        window_sizes=[7, 7, 14, 7],
-        drop_path_rate=0.0,
-        layer_lr_decay=0.8,
-    )
-    ref.load_state_dict(
-        {
-            k.removeprefix("image_encoder."): v
-            for k, v in full.state_dict().items()
-            if k.startswith("image_encoder.")
-        }
-    )
-    ref = ref.double().eval()  # eval after loading: the official attention caches its bias table on eval()
-    head = sum(p.numel() for n, p in ref.named_parameters() if n.startswith(("head.", "norm_head.")))
-    assert count_parameters(ours.image_encoder) == count_parameters(ref) - head == 5_743_892
-    for part in ("prompt_encoder", "mask_decoder"):
-        for name, value in getattr(full, part).state_dict().items():
-            torch.testing.assert_close(getattr(ours, part).state_dict()[name], value.double(), rtol=0, atol=0)
-
-    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        # the official forward_features, whose reshape is fixed at 64 x 64 (1024 px), at SIZE
-        grid = SIZE // 16
-        early = ref.layers[1](ref.layers[0](ref.patch_embed(x)))
-        final = ref.layers[3](ref.layers[2](early))
-        expected = ref.neck(final.view(2, grid, grid, -1).permute(0, 3, 1, 2))
-        enc = ours.image_encoder
-        h = enc.add_position(enc.embed(x))
-        for i in range(len(enc.blocks)):
-            h = enc.run_block(i, h, None, None)
-            if i == enc.early_block:
-                torch.testing.assert_close(h, early.view(2, grid, grid, 160), rtol=0, atol=1e-10)
-        torch.testing.assert_close(enc.neck(h.permute(0, 3, 1, 2)), expected, rtol=0, atol=1e-10)
-        torch.testing.assert_close(enc(x), expected, rtol=0, atol=1e-10)
+    ours = build_sam("mobile_sam", checkpoint=path, img_size=SIZE).double().state_dict()
+    head = ("image_encoder.head.", "image_encoder.norm_head.")
+    official = {k: v for k, v in full.state_dict().items() if not k.startswith(head)}
+    assert len(official) < len(full.state_dict())
+    assert set(ours) == set(official)
+    for name, value in official.items():
+        torch.testing.assert_close(ours[name], value.to(ours[name].dtype), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not EFFICIENT.available, reason=EFFICIENT.skip_reason())
 @pytest.mark.parametrize(
     ("variant", "dim", "heads", "count"),
     [
@@ -89,22 +136,44 @@ def test_mobile_sam_equals_official_tiny_vit(monkeypatch, tmp_path):
         ("efficient_sam_vits", 384, 6, 22_353_664),
     ],
 )
-def test_efficient_sam_equals_official_encoder(variant, dim, heads, count, monkeypatch, tmp_path):
-    _official("SAMFLOW_EFFICIENT_SAM_SRC", "efficient_sam", monkeypatch)
+def test_efficient_sam_equals_official_encoder(variant, dim, heads, count, monkeypatch):
+    enc = _random_sam(variant).image_encoder
+    weights = enc.state_dict()
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    arguments = (SIZE, 16, 3, dim, "layer_norm", 12, heads, 4.0, [256, 256])  # + torch.nn.GELU
+
+    def official() -> dict:
+        _import(EFFICIENT, "efficient_sam", monkeypatch)
+        from efficient_sam.efficient_sam_encoder import ImageEncoderViT
+
+        ref = ImageEncoderViT(*arguments, torch.nn.GELU).double()
+        _load(ref, weights, enc.unused_checkpoint_keys)
+        ref.eval()
+        with torch.no_grad():
+            return {"embedding": ref(x), "parameters": count_parameters(ref)}
+
+    expected = EFFICIENT.get(variant, fingerprint(_weights(weights), x, arguments), official)
+    assert count_parameters(enc) == expected["parameters"] == count
+    with torch.no_grad():
+        assert_close(enc(x), expected["embedding"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("variant", "dim", "heads"), [("efficient_sam_vitt", 192, 3), ("efficient_sam_vits", 384, 6)]
+)
+def test_efficient_sam_loads_the_official_checkpoint(variant, dim, heads, monkeypatch, tmp_path):
+    """``build_sam`` reads the official EfficientSAM file (``{"model": ...}``, its own decoder left
+    out with a warning) strictly: every image-encoder tensor lands under its own key."""
+    _checkout(EFFICIENT, "efficient_sam", monkeypatch)
     from efficient_sam.efficient_sam import build_efficient_sam
-    from efficient_sam.efficient_sam_encoder import ImageEncoderViT
 
     full = build_efficient_sam(dim, heads)  # the official EfficientSAM at 1024 px, its own decoder
     randomize_all(full, seed=0)
     path = tmp_path / f"{variant}.pt"
     torch.save({"model": full.state_dict()}, path)  # the official checkpoints' layout
     with pytest.warns(UserWarning, match="only the image encoder is loaded"):
-        ours = build_sam(variant, checkpoint=path, img_size=SIZE).double()
-
-    ref = ImageEncoderViT(SIZE, 16, 3, dim, "layer_norm", 12, heads, 4.0, [256, 256], torch.nn.GELU)
-    ref.load_state_dict(full.image_encoder.state_dict())
-    ref = ref.double().eval()
-    assert count_parameters(ours.image_encoder) == count_parameters(ref) == count
-    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(ours.image_encoder(x), ref(x), rtol=0, atol=1e-10)
+        ours = build_sam(variant, checkpoint=path, img_size=SIZE).double().image_encoder.state_dict()
+    official = full.image_encoder.state_dict()
+    assert set(ours) == set(official)
+    for name, value in official.items():
+        torch.testing.assert_close(ours[name], value.to(ours[name].dtype), rtol=0, atol=0)
