@@ -68,16 +68,16 @@ def test_shape_and_dtype_are_checked():
 
 def test_record_then_replay_and_refuse_other_inputs(tmp_path, monkeypatch):
     monkeypatch.setattr(official_code, "RECORDINGS", tmp_path)
-    monkeypatch.setenv("SAMFLOW_TEST_OFFICIAL_SRC", "/somewhere")
+    monkeypatch.setenv("SAMFLOW_SOME_CHECKOUT", "/somewhere")
     monkeypatch.setenv(official_code.RECORD_ENV, "1")
-    ref = ReferenceOutputs("method", "SAMFLOW_TEST_OFFICIAL_SRC")
+    ref = ReferenceOutputs("method", "SAMFLOW_SOME_CHECKOUT")
     out = torch.randn(100, 100)
     calls = []
     live = ref.get("case", fingerprint(out), lambda: calls.append(1) or {"y": out, "n": 3})
     assert calls == [1] and torch.equal(live["y"], out) and (tmp_path / "method.pt").is_file()
 
-    monkeypatch.delenv("SAMFLOW_TEST_OFFICIAL_SRC")
-    replay = ReferenceOutputs("method", "SAMFLOW_TEST_OFFICIAL_SRC")
+    monkeypatch.delenv("SAMFLOW_SOME_CHECKOUT")
+    replay = ReferenceOutputs("method", "SAMFLOW_SOME_CHECKOUT")
     assert replay.available
     recorded = replay.get(
         "case", fingerprint(out), lambda: pytest.fail("no official code without the checkout")
@@ -88,4 +88,4 @@ def test_record_then_replay_and_refuse_other_inputs(tmp_path, monkeypatch):
         replay.get("case", fingerprint(out + 1), lambda: None)
     with pytest.raises(pytest.fail.Exception, match="has no case 'other'"):
         replay.get("other", fingerprint(out), lambda: None)
-    assert not ReferenceOutputs("absent", "SAMFLOW_TEST_OFFICIAL_SRC").available
+    assert not ReferenceOutputs("absent", "SAMFLOW_SOME_CHECKOUT").available
