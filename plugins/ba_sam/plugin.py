@@ -52,7 +52,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 from typing_extensions import override
 
-from samflow.plugins import ForwardContext, SamPlugin
+from samflow.plugins import ForwardContext, PluginConfigError, SamPlugin
 from samflow.sam import VARIANTS
 from samflow_plugins.ba_sam.bias import (
     DISTANCES,
@@ -188,7 +188,7 @@ class BASam(SamPlugin):
         self.patch = enc.patch_embed.proj.kernel_size[0]
         size = self.train_size or native_img_size(sam)
         if size % self.patch or size // self.patch < 2:
-            raise ValueError(
+            raise PluginConfigError(
                 f"Plugin {self.key!r} (ba_sam): train_size {size} must be a multiple of the patch size "
                 f"{self.patch} and at least two patches."
             )
@@ -197,7 +197,7 @@ class BASam(SamPlugin):
         blocks = list(range(depth)) if self.blocks is None else self.blocks
         wrong = [i for i in blocks if not 0 <= i < depth]
         if wrong:
-            raise ValueError(
+            raise PluginConfigError(
                 f"Plugin {self.key!r} (ba_sam): blocks {wrong} do not exist; this SAM has {depth} encoder "
                 f"blocks, 0..{depth - 1}."
             )
@@ -207,7 +207,7 @@ class BASam(SamPlugin):
             if isinstance(self.slope_init, list):
                 init = list(self.slope_init)
                 if len(init) != heads:
-                    raise ValueError(
+                    raise PluginConfigError(
                         f"Plugin {self.key!r} (ba_sam): {len(init)} slopes given, but SAM's encoder has "
                         f"{heads} heads; give one slope per head."
                     )
@@ -218,7 +218,7 @@ class BASam(SamPlugin):
         elif self.bias == "reference_code":
             missing = [i for i in blocks if not enc.blocks[i].attn.use_rel_pos]
             if missing:
-                raise ValueError(
+                raise PluginConfigError(
                     f"Plugin {self.key!r} (ba_sam): bias 'reference_code' scales SAM's relative-position "
                     f"bias, but blocks {missing} have none (use_rel_pos is off)."
                 )

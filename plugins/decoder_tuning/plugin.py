@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from segment_anything.modeling import Sam
 from typing_extensions import override
 
-from samflow.plugins import SamPlugin
+from samflow.plugins import PluginConfigError, SamPlugin
 
 
 class DecoderTuning(SamPlugin):
@@ -42,7 +42,7 @@ class DecoderTuning(SamPlugin):
             try:
                 sam.get_submodule(part)
             except AttributeError:
-                raise ValueError(
+                raise PluginConfigError(
                     f"Plugin {self.key!r} (decoder_tuning): SAM has no sub-module {part!r}. Use a dotted "
                     "name such as 'mask_decoder' or 'mask_decoder.output_upscaling'."
                 ) from None

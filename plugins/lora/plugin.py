@@ -32,7 +32,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 from typing_extensions import override
 
-from samflow.plugins import SamPlugin
+from samflow.plugins import PluginConfigError, SamPlugin
 from samflow_plugins.lora.merge import merged_sam_state_dict
 
 #: Short names of the linear layers of a SAM encoder block that can be adapted.
@@ -125,7 +125,7 @@ class LoRA(SamPlugin):
         depth = len(encoder.blocks)
         wrong = [i for i in self.blocks or [] if not 0 <= i < depth]
         if wrong:
-            raise ValueError(
+            raise PluginConfigError(
                 f"Plugin {self.key!r} (lora): block(s) {wrong} do not exist; the encoder has blocks 0..{depth - 1}."
             )
         config = self.lora_config(depth)
@@ -133,7 +133,7 @@ class LoRA(SamPlugin):
         modules = {name: encoder.get_submodule(name) for name in names}
         taken = [f"image_encoder.{n}" for n, m in modules.items() if isinstance(m, BaseTunerLayer)]
         if taken:
-            raise ValueError(
+            raise PluginConfigError(
                 f"Plugin {self.key!r} (lora): already adapted by peft: {', '.join(taken[:3])}; "
                 "give each LoRA plugin its own blocks or targets."
             )
@@ -143,7 +143,7 @@ class LoRA(SamPlugin):
             if not isinstance(m, nn.Linear)
         ]
         if wrapped:
-            raise TypeError(
+            raise PluginConfigError(
                 f"Plugin {self.key!r} (lora): not an nn.Linear (another plugin wraps it): "
                 f"{', '.join(wrapped[:3])}; put lora first in model.plugins or adapt other targets."
             )

@@ -42,7 +42,14 @@ from torch import Tensor
 from typing_extensions import override
 
 from samflow.batch import SamBatch
-from samflow.plugins import DecoderContext, DecoderFeatures, DecoderState, SamplePanel, SamPlugin
+from samflow.plugins import (
+    DecoderContext,
+    DecoderFeatures,
+    DecoderState,
+    PluginConfigError,
+    SamplePanel,
+    SamPlugin,
+)
 from samflow.sam import SamOutput, upcast, zero_padding
 from samflow_plugins.pa_sam.adapter import PromptAdapter
 from samflow_plugins.pa_sam.guiding import EdgeFilter, GuidingBranch, guiding_input, import_cv2
@@ -127,13 +134,13 @@ class PASam(SamPlugin):
         decoder = sam.mask_decoder
         depth = len(decoder.transformer.layers)
         if not 0 <= self.layer < depth:
-            raise ValueError(
+            raise PluginConfigError(
                 f"Plugin {self.key!r} (pa_sam): layer {self.layer} does not exist; SAM's decoder has "
                 f"{depth} layers, so choose a layer in 0..{depth - 1} (the reference uses 1)."
             )
         grid = sam.prompt_encoder.image_embedding_size
         if self.num_points > grid[0] * grid[1]:
-            raise ValueError(
+            raise PluginConfigError(
                 f"Plugin {self.key!r} (pa_sam): num_points {self.num_points} exceeds the "
                 f"{grid[0]} x {grid[1]} embedding grid; choose fewer points."
             )

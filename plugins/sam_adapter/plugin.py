@@ -23,7 +23,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor, nn
 from typing_extensions import override
 
-from samflow.plugins import ForwardContext, SamPlugin
+from samflow.plugins import ForwardContext, PluginConfigError, SamPlugin
 from samflow.sam import upcast
 from samflow_plugins.sam_adapter.frequency import HFC_MODES, HfcMode, high_frequency_components
 
@@ -132,14 +132,14 @@ class SamAdapter(SamPlugin):
         depth = len(sam.image_encoder.blocks)
         hidden = dim // self.scale_factor  # C / scale
         if hidden < 1:
-            raise ValueError(
+            raise PluginConfigError(
                 f"Plugin {self.key!r} (sam_adapter): scale_factor {self.scale_factor} is larger than SAM's "
                 f"embedding dimension {dim}; choose a scale_factor of at most {dim}."
             )
         blocks = list(range(depth)) if self.blocks is None else self.blocks
         wrong = [i for i in blocks if not 0 <= i < depth]
         if wrong:
-            raise ValueError(
+            raise PluginConfigError(
                 f"Plugin {self.key!r} (sam_adapter): blocks {wrong} do not exist; this SAM has {depth} "
                 f"encoder blocks, 0..{depth - 1}."
             )

@@ -10,7 +10,14 @@ from samflow.plugins.base import (
     SamplePanel,
     SamPlugin,
 )
-from samflow.plugins.registry import PluginError, create_plugin, discover, get_plugin_class, list_plugins
+from samflow.plugins.registry import (
+    PluginConfigError,
+    PluginError,
+    create_plugin,
+    discover,
+    get_plugin_class,
+    list_plugins,
+)
 from samflow.plugins.stack import PluginConflictError, PluginStack
 
 __all__ = [
@@ -19,6 +26,7 @@ __all__ = [
     "DecoderState",
     "EncodedImages",
     "ForwardContext",
+    "PluginConfigError",
     "PluginConflictError",
     "PluginError",
     "PluginStack",

@@ -27,7 +27,13 @@ GROUP = "samflow.plugins"
 
 
 class PluginError(RuntimeError):
-    """A plugin is unknown or cannot be loaded."""
+    """A plugin is unknown, cannot be loaded, or failed; the message names it."""
+
+
+class PluginConfigError(PluginError, ValueError):
+    """A plugin's options do not fit, or the SAM it is set up on does not fit them; the message names
+    the plugin (``Plugin 'key' (name): ...``). Raised from a plugin's ``setup``, it reaches the user as
+    it is; any other error of ``setup`` is wrapped in a ``PluginError`` that names the plugin."""
 
 
 class PluginWarning(UserWarning):

@@ -150,9 +150,9 @@ class PluginStack(HookSites, nn.ModuleDict):
             check_hook_names(plugin)
             try:
                 plugin.setup(sam)
-            except Exception as err:  # any error of the plugin's own code, named with the plugin
-                if repr(key) in str(err):  # a message that names the plugin already (the built-ins')
-                    raise
+            except PluginError:  # the plugin's own error, which names it (PluginConfigError)
+                raise
+            except Exception as err:  # any other error of the plugin's code, named with the plugin
                 raise PluginError(
                     f"{describe(plugin.key, type(plugin))}: setup: {type(err).__name__}: {err}"
                 ) from err

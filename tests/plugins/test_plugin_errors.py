@@ -14,7 +14,7 @@ from helpers import random_batch
 from torch import nn
 
 from samflow.module import ModelConfigError, SamflowModule, SamSpec
-from samflow.plugins import PluginError, PluginStack, SamPlugin
+from samflow.plugins import PluginConfigError, PluginError, PluginStack, SamPlugin
 from samflow.sam import HookedSam
 
 
@@ -129,6 +129,36 @@ def test_an_error_in_setup_names_the_plugin(tiny_sam):
         PluginError, match=r"^model\.plugins\.bad \(BadSetup\): setup: AttributeError: .*projection"
     ):
         HookedSam(tiny_sam, PluginStack({"bad": BadSetup()}))
+
+
+class RefusesItsOptions(SamPlugin):
+    def setup(self, sam):
+        raise PluginConfigError(f"Plugin {self.key!r} (refuses): block 99 does not exist; give 0..1.")
+
+
+class NamesItsKeyInAValueError(SamPlugin):
+    def setup(self, sam):
+        raise ValueError(f"Plugin {self.key!r}: something")
+
+
+def test_a_plugin_config_error_reaches_the_user_as_it_is_any_other_error_is_wrapped(tiny_sam):
+    with pytest.raises(
+        PluginConfigError, match=r"^Plugin 'mine' \(refuses\): block 99 does not exist; give 0..1.$"
+    ):
+        HookedSam(tiny_sam, PluginStack({"mine": RefusesItsOptions()}))
+    # the key in the message is no longer what decides: only the error's type
+    with pytest.raises(
+        PluginError,
+        match=r"^model\.plugins\.mine \(NamesItsKeyInAValueError\): setup: ValueError: Plugin 'mine'",
+    ):
+        HookedSam(tiny_sam, PluginStack({"mine": NamesItsKeyInAValueError()}))
+
+
+def test_the_built_in_plugins_refuse_options_with_plugin_config_errors(tiny_sam):
+    from samflow_plugins.lora import LoRA
+
+    with pytest.raises(PluginConfigError, match=r"^Plugin 'lo' \(lora\): block\(s\) \[99\] do not exist"):
+        HookedSam(tiny_sam, PluginStack({"lo": LoRA(blocks=[99])}))
 
 
 class UnusedParameter(SamPlugin):

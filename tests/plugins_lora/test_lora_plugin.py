@@ -9,7 +9,7 @@ from helpers import random_batch, randomize
 from peft.tuners.lora import Linear as PeftLoraLinear
 from torch import nn
 
-from samflow.plugins import PluginStack, SamPlugin
+from samflow.plugins import PluginConfigError, PluginStack, SamPlugin
 from samflow.sam import HookedSam, build_sam
 from samflow_plugins.lora import TARGETS, LoRA
 
@@ -200,7 +200,7 @@ class WrapProj(SamPlugin):
 
 def test_a_layer_another_plugin_wrapped_is_refused(tiny_sam):
     with pytest.raises(
-        TypeError, match=r"not an nn.Linear .*image_encoder.blocks.1.attn.proj \(Sequential\)"
+        PluginConfigError, match=r"not an nn.Linear .*image_encoder.blocks.1.attn.proj \(Sequential\)"
     ):
         HookedSam(tiny_sam, PluginStack({"wrap": WrapProj(), "lora": LoRA(targets=["proj"])}))
 
