@@ -52,7 +52,7 @@ echo "=== SDPA backends" | tee -a "$log"
 timeout 60 "$py" - <<'PY' 2>&1 | tee -a "$log"
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from samflow.sam.ops import rel_pos_attention
+from samflow.sam.rel_pos import rel_pos_attention
 q, k, v = torch.randn(3, 2, 12, 4096, 64, device="cuda", dtype=torch.bfloat16).unbind(0)
 rel = torch.randn(127, 64, device="cuda", dtype=torch.bfloat16)
 for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):

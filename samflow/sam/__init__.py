@@ -12,16 +12,15 @@ from samflow.sam.hooked import HookedSam
 from samflow.sam.ops import (
     LayerNorm2d,
     attend,
-    decomposed_rel_pos_bias,
     dense_pe,
     embed_box,
     embed_points,
     fourier_pe,
     normalize,
-    rel_pos_attention,
     upcast,
     zero_padding,
 )
+from samflow.sam.rel_pos import decomposed_rel_pos_bias, rel_pos_attention
 from samflow.sam.types import (
     DecoderContext,
     DecoderFeatures,

@@ -3,9 +3,11 @@
 Only the control flow of SAM's image encoder, two-way transformer and mask decoder is written here;
 every weight and layer is SAM's own module. Encoder attention runs through
 ``scaled_dot_product_attention`` without a mask: SAM's decomposed relative-position term rides in an
-augmented query and key (``samflow.sam.ops.rel_pos_attention``). Only when a plugin fills the
+augmented query and key (``samflow.sam.rel_pos.rel_pos_attention``). Only when a plugin fills the
 ``attn_logits`` site (it receives and may change the logits' scale and bias, e.g. BA-SAM) is the term
-built as a dense (B, heads, L, L) additive mask: the dense path, with its memory cost.
+built as a dense (B, heads, L, L) additive mask: the dense path, with its memory cost. The encoder
+block's internals are in ``samflow.sam.encoder_block``, the two-way transformer's in
+``samflow.sam.two_way``.
 
 Hook sites, in order: ``on_image`` -> for each encoder block i: ``block_input(i)`` -> block (with
 ``attn_logits(i)``) -> ``block_output(i)`` -> neck -> prompt encoder -> ``prompts`` -> decoder with
@@ -21,8 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
-from segment_anything.modeling.common import MLPBlock
-from segment_anything.modeling.image_encoder import Attention, Block
+from segment_anything.modeling.image_encoder import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -31,24 +32,12 @@ from samflow.sam.backbones import Backbone
 from samflow.sam.build import freeze
 from samflow.sam.cache import EncoderCache, EncoderCacheError, StoredEncoder
 from samflow.sam.casts import autocast_dtype, cast_once
-from samflow.sam.ops import (
-    attend,
-    decomposed_rel_pos_bias,
-    dense_pe,
-    embed_box,
-    embed_points,
-    has_forward_hooks,
-    key_bias,
-    mask_hypernetworks,
-    normalize,
-    rel_pos_attention,
-    window_partition,
-    window_unpartition,
-)
+from samflow.sam.encoder_block import vit_block
+from samflow.sam.ops import dense_pe, embed_box, embed_points, mask_hypernetworks, normalize
+from samflow.sam.two_way import two_way
 from samflow.sam.types import (
     DecoderContext,
     DecoderFeatures,
-    DecoderState,
     EncodedImages,
     ForwardContext,
     HookSites,
@@ -56,41 +45,6 @@ from samflow.sam.types import (
     PromptEmbeddings,
     SamOutput,
 )
-
-
-def _needs_grad(*items: Tensor | nn.Module) -> bool:
-    """Whether autograd records anything computed from these tensors and modules' parameters."""
-    if not torch.is_grad_enabled():
-        return False
-    return any(
-        item.requires_grad if isinstance(item, Tensor) else any(p.requires_grad for p in item.parameters())
-        for item in items
-    )
-
-
-MLP_TOKENS = 1024
-"""Tokens per piece of ``_mlp_residual_in_place`` (a vit_b hidden layer of 1024 tokens: 12 MiB in fp32)."""
-
-
-def _mlp_residual_in_place(block: Block, x: Tensor) -> Tensor:
-    """``x + block.mlp(block.norm2(x))`` at inference, written into ``x``.
-
-    For SAM's ``MLPBlock`` with a GELU, with the GELU in place and, on the CPU, in pieces of
-    ``MLP_TOKENS`` tokens: the whole hidden layer (B, h, w, 4C) would be a fresh allocation per block,
-    whose page faults cost the CPU about as long as the GELU itself. Every step is per token, so the
-    values are the unsplit ones up to float rounding: a matrix product of fewer rows may round
-    differently (on this project's CPUs pieces of 512 tokens or more gave the same bits). Any other
-    MLP (a plugin's) runs whole.
-    """
-    mlp = block.mlp
-    if type(mlp) is not MLPBlock or type(mlp.act) is not nn.GELU or not x.is_contiguous():
-        return x.add_(mlp(block.norm2(x)))
-    tokens = x.view(-1, x.shape[-1])
-    # pieces on the CPU only: a GPU's caching allocator reuses memory, and small products waste it
-    for piece in tokens.split(MLP_TOKENS) if x.device.type == "cpu" else [tokens]:
-        hidden = torch.ops.aten.gelu_(mlp.lin1(block.norm2(piece)), approximate=mlp.act.approximate)
-        piece.add_(mlp.lin2(hidden))
-    return x
 
 
 class HookedSam(nn.Module):
@@ -277,79 +231,8 @@ class HookedSam(nn.Module):
         if isinstance(enc, Backbone):
             x = enc.run_block(i, x, self.plugins, ctx)
         else:
-            x = self._block(i, block, x, ctx)
+            x = vit_block(i, block, x, self.plugins, ctx)
         return self.plugins.block_output(i, x, ctx)
-
-    def _block(self, i: int, block: Block, x: Tensor, ctx: ForwardContext) -> Tensor:
-        shortcut = x
-        x = block.norm1(x)
-        if block.window_size > 0:
-            size = x.shape[1], x.shape[2]
-            x = window_partition(x, block.window_size)
-            # back to the grid before the projection, which then skips the padding tokens (per token)
-            x = window_unpartition(self._attention_heads(i, block.attn, x, ctx), block.window_size, size)
-        else:
-            x = self._attention_heads(i, block.attn, x, ctx)
-        x = block.attn.proj(x)
-        # a forward hook may keep an output, a pre-hook an input, that the in-place sums would write into
-        # (and the MLP in pieces would call no hook of ``mlp`` itself)
-        if _needs_grad(shortcut, x, block.norm2, block.mlp) or has_forward_hooks(
-            block.attn.proj, block.norm2, block.mlp
-        ):
-            x = shortcut + x
-            return x + block.mlp(block.norm2(x))
-        # inference, or training with a frozen block that no gradient passes through (a decoder-side
-        # plugin's step): the residual sums go in place into the attention's output, which no one else holds
-        # when no forward hook saw it (a fresh (B, h, w, C) tensor per sum costs page faults on the CPU
-        # as large as the sum itself); the same values (the MLP's up to its pieces' rounding)
-        return _mlp_residual_in_place(block, x.add_(shortcut))
-
-    def _attention_heads(self, i: int, attn: Attention, x: Tensor, ctx: ForwardContext) -> Tensor:
-        """Block ``i``'s attention on x (B, h, w, C) (a window batch for a windowed block) with the
-        ``attn_logits`` site, before the output projection: SAM's ``Attention.forward`` is
-        ``attn.proj`` of this, the heads' outputs side by side (B, h, w, C)."""
-        b, h, w, _ = x.shape
-        heads = attn.num_heads
-        qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, L, d)
-        scale: float | Tensor = attn.scale
-        plain = not self.plugins.uses("attn_logits")  # no plugin sees the logits: no (L, L) tensor at all
-        if not plain:  # dense path: plugins receive the rel-pos term as an additive (B, heads, L, L) bias
-            sam_bias = (
-                decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w))
-                if attn.use_rel_pos
-                else None
-            )
-            scale, bias = self.plugins.attn_logits(i, scale, sam_bias, q, ctx)
-            # a bias the plugins left as SAM's (the same tensor, or equal values without a gradient to
-            # carry) goes the plain way, so the output is bit for bit the plain path's
-            plain = bias is sam_bias or (
-                bias is not None
-                and sam_bias is not None
-                and not bias.requires_grad
-                and bias.shape == sam_bias.shape
-                and torch.equal(bias, sam_bias)
-            )
-            del sam_bias
-        if plain:
-            if attn.use_rel_pos:
-                out = rel_pos_attention(q, k, v, attn.rel_pos_h, attn.rel_pos_w, (h, w), scale)
-            else:
-                if isinstance(scale, Tensor):
-                    q, scale = q * scale, 1.0
-                out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-            return out.transpose(1, 2).reshape(b, h, w, -1)
-        if isinstance(scale, Tensor):
-            q, scale = q * scale, 1.0
-        if bias is not None and bias.requires_grad:
-            # a trained bias (BA-SAM's slopes) needs the (L, L) probabilities for its gradient anyway, and
-            # CUDA's memory-efficient kernel refuses a bias gradient at sequence lengths that are not
-            # multiples of 16 (SAM's 14 x 14 windows): plain softmax attention, as SAM computes it
-            logits = torch.matmul(q * scale, k.transpose(-2, -1)) + bias
-            out = torch.matmul(logits.softmax(dim=-1), v)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        return out.transpose(1, 2).reshape(b, h, w, -1)
 
     # ---- prompts and mask decoder ----
     def encode_prompts(self, batch: SamBatch, dtype: torch.dtype) -> PromptEmbeddings:
@@ -412,7 +295,7 @@ class HookedSam(nn.Module):
         src = embeddings[index] + prompts.dense  # (N, C, h, w)
         b, c, h, w = src.shape
         pos = ctx.encoded.image_pe.expand(rows, -1, -1, -1)
-        hs, keys = self._two_way(tokens, visible, src, pos, ctx)
+        hs, keys = two_way(dec.transformer, tokens, visible, src, pos, stack, ctx)
         src = keys.transpose(1, 2).reshape(b, c, h, w)
 
         upscaled = dec.output_upscaling(src)  # (N, C/8, 4h, 4w)
@@ -435,48 +318,3 @@ class HookedSam(nn.Module):
         chosen = stack.select(out, ctx)
         out.pred = chosen if chosen is not None else out.sam_default(self.multimask_output)
         return out
-
-    def _two_way(
-        self, tokens: Tensor, visible: Tensor, src: Tensor, pos: Tensor, ctx: DecoderContext
-    ) -> tuple[Tensor, Tensor]:
-        """SAM's ``TwoWayTransformer`` with the ``decoder_layer`` site -> (tokens, image tokens).
-
-        ``visible`` (N, T) masks tokens out wherever tokens are keys (self-attention and
-        image-to-token attention), so invisible slots change nothing.
-        """
-        transformer = self.sam.mask_decoder.transformer
-        keys = src.flatten(2).transpose(1, 2)  # (N, HW, C)
-        key_pe = pos.flatten(2).transpose(1, 2)
-        queries, query_pe = tokens, tokens
-        # the token mask as SDPA's additive mask, made once for the 2 attentions per layer that use it
-        bias_dtype = autocast_dtype(tokens.device) or tokens.dtype
-        mask = key_bias(visible, bias_dtype)
-        for i, layer in enumerate(transformer.layers):
-            if layer.skip_first_layer_pe:
-                queries = attend(layer.self_attn, queries, queries, queries, mask)
-            else:
-                q = queries + query_pe
-                queries = queries + attend(layer.self_attn, q, q, queries, mask)
-            queries = layer.norm1(queries)
-            keys_pe = keys + key_pe  # also the image-to-token queries below, unless a hook changes keys
-            attn_out = attend(layer.cross_attn_token_to_image, queries + query_pe, keys_pe, keys)
-            if self.plugins.uses("decoder_layer"):
-                state = DecoderState(queries, keys, query_pe, key_pe, attn_out, visible)
-                state = self.plugins.decoder_layer(i, state, ctx)
-                if state.visible is not visible:
-                    mask = key_bias(state.visible, bias_dtype)
-                if state.keys is not keys:
-                    keys, keys_pe = state.keys, state.keys + key_pe
-                queries, query_pe, attn_out, visible = (
-                    state.queries,
-                    state.query_pe,
-                    state.attn_out,
-                    state.visible,
-                )
-            queries = layer.norm2(queries + attn_out)
-            queries = layer.norm3(queries + layer.mlp(queries))
-            keys = layer.norm4(
-                keys + attend(layer.cross_attn_image_to_token, keys_pe, queries + query_pe, queries, mask)
-            )
-        attn_out = attend(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
-        return transformer.norm_final_attn(queries + attn_out), keys

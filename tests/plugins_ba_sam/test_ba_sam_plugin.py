@@ -14,6 +14,7 @@ from segment_anything.modeling.image_encoder import window_partition
 from samflow.module import SamflowModule, SamSpec
 from samflow.plugins import PluginStack, create_plugin
 from samflow.sam import EncoderCacheError, HookedSam, build_sam, decomposed_rel_pos_bias, resize_sam
+from samflow.sam.encoder_block import attention_heads
 from samflow_plugins.ba_sam import BASam, native_img_size
 
 R2 = math.sqrt(2.0)
@@ -34,7 +35,7 @@ def block_attention(model: HookedSam, i: int, size: int, seed: int = 0) -> torch
         x, _ = window_partition(x, block.window_size)
     ctx = model.context(random_batch(2, size=size))
     with torch.no_grad():
-        return block.attn.proj(model._attention_heads(i, block.attn, x, ctx))
+        return block.attn.proj(attention_heads(i, block.attn, x, model.plugins, ctx))
 
 
 def hook(plugin: BASam, model: HookedSam, i: int, size: int, bias: torch.Tensor | None, keys: int):

@@ -9,6 +9,7 @@ from helpers import random_batch, randomize, sam_reference
 from samflow.sam import HookedSam, build_sam
 from samflow.batch import SamBatch
 from samflow.sam import attend
+from samflow.sam.encoder_block import attention_heads
 
 # float32 on CPU; SDPA and SAM's explicit softmax differ only by rounding.
 ATOL = 1e-5
@@ -115,7 +116,7 @@ def test_encoder_attention_equals_sam_forward_and_backward(tiny_sam):
         size = block.window_size or 8
         x = torch.randn(2, size, size, block.attn.qkv.in_features, requires_grad=True)
         ctx = hooked.context(SamBatch(image=torch.zeros(2, 3, 8, 8)))
-        ours = block.attn.proj(hooked._attention_heads(i, block.attn, x, ctx))
+        ours = block.attn.proj(attention_heads(i, block.attn, x, hooked.plugins, ctx))
         (grad_ours,) = torch.autograd.grad(ours.square().sum(), x)
         theirs = block.attn(x)
         (grad_theirs,) = torch.autograd.grad(theirs.square().sum(), x)

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from samflow.batch import SamBatch
-from samflow.sam import HookedSam
-from samflow.sam import hooked as hooked_module
+from samflow.sam import HookedSam, encoder_block
 
 
 def _encode(hooked: HookedSam, image: torch.Tensor, grad: bool) -> torch.Tensor:
@@ -21,7 +20,7 @@ def _encode(hooked: HookedSam, image: torch.Tensor, grad: bool) -> torch.Tensor:
 def _encode_out_of_place(hooked: HookedSam, image: torch.Tensor, monkeypatch) -> torch.Tensor:
     """The blocks as when a gradient passes through them: sums out of place, the MLP whole."""
     with monkeypatch.context() as patch:
-        patch.setattr(hooked_module, "_needs_grad", lambda *items: True)
+        patch.setattr(encoder_block, "_needs_grad", lambda *items: True)
         return _encode(hooked, image, grad=True)
 
 
@@ -40,7 +39,7 @@ def test_the_mlp_in_pieces_equals_it_whole(tiny_sam, monkeypatch):
     hooked = HookedSam(tiny_sam)
     image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     whole = _encode_out_of_place(hooked, image, monkeypatch)
-    monkeypatch.setattr(hooked_module, "MLP_TOKENS", 7)
+    monkeypatch.setattr(encoder_block, "MLP_TOKENS", 7)
     pieces = _encode(hooked, image, grad=False)
     torch.testing.assert_close(pieces, whole, atol=1e-5, rtol=0)
 
@@ -54,9 +53,9 @@ def test_grad_mode_takes_the_in_place_path_only_when_no_gradient_passes(tiny_sam
     hooked = HookedSam(sam)
     image = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     in_place = []
-    real = hooked_module._mlp_residual_in_place
+    real = encoder_block._mlp_residual_in_place
     monkeypatch.setattr(
-        hooked_module, "_mlp_residual_in_place", lambda b, x: in_place.append(b) or real(b, x)
+        encoder_block, "_mlp_residual_in_place", lambda b, x: in_place.append(b) or real(b, x)
     )
     if trained == "image":
         image.requires_grad_(True)
@@ -73,7 +72,7 @@ def test_grad_mode_takes_the_in_place_path_only_when_no_gradient_passes(tiny_sam
     assert in_place == blocks[:first]
     wrt = image if trained == "image" else sam.image_encoder.blocks[1].get_parameter(trained)
     (grad,) = torch.autograd.grad(out.square().sum(), wrt)
-    monkeypatch.setattr(hooked_module, "_mlp_residual_in_place", real)
+    monkeypatch.setattr(encoder_block, "_mlp_residual_in_place", real)
     (expected,) = torch.autograd.grad(_encode_out_of_place(hooked, image, monkeypatch).square().sum(), wrt)
     assert torch.equal(grad, expected)
 

@@ -1,5 +1,5 @@
 """What the encoder makes once and keeps: index tensors (``ops.constant``) and the rel-pos tables of
-frozen tables (``ops.rel_pos_table``); and where kept copies live (beside their owner, never in it)."""
+frozen tables (``rel_pos.rel_pos_table``); and where kept copies live (beside their owner, never in it)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from samflow.batch import SamBatch
 from samflow.sam import HookedSam
 from samflow.sam import casts as casts_module
 from samflow.sam.casts import CastOnceLinear, cache_frozen_casts, kept_copies
-from samflow.sam.ops import rel_pos_table, window_slots
+from samflow.sam.ops import window_slots
+from samflow.sam.rel_pos import rel_pos_table
 
 
 class Operators(TorchDispatchMode):

@@ -17,8 +17,9 @@ from samflow.batch import SamBatch
 from samflow.plugins import SamPlugin
 from samflow.plugins.stack import PluginStack
 from samflow.sam import HookedSam, build_sam, decomposed_rel_pos_bias, rel_pos_attention
-from samflow.sam import ops
-from samflow.sam.ops import rel_pos_table
+from samflow.sam import encoder_block, rel_pos
+from samflow.sam.encoder_block import vit_block
+from samflow.sam.rel_pos import rel_pos_table
 
 ATOL = 1e-5
 
@@ -59,7 +60,7 @@ def test_block_equals_segment_anything_forward_and_backward(dim, heads, window, 
     hooked = HookedSam(randomize(build_sam("tiny", seed=0)))
     ctx = hooked.context(SamBatch(image=torch.zeros(2, 3, 8, 8)))
     x = torch.randn(2, grid, grid, dim, requires_grad=True)
-    ours = hooked._block(0, block, x, ctx)
+    ours = vit_block(0, block, x, hooked.plugins, ctx)
     theirs = block(x)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
     for g_ours, g_theirs in zip(_grads(ours, block, x), _grads(theirs, block, x), strict=True):
@@ -99,13 +100,13 @@ def test_block_equals_segment_anything_without_gradients(dim, heads, window, gri
     blocks of whole items (up to three: two images' 8 windows as 3, 3, 2; two global grids as one block)."""
     tokens = window * window if window else grid * grid
     chunk = heads * grid * grid * 3 - 1 if blocks == "rows" else 3 * heads * tokens * tokens
-    monkeypatch.setattr(ops, "REL_POS_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(rel_pos, "REL_POS_CHUNK_ELEMENTS", chunk)
     block = _block(dim, heads, window, grid, seed=grid + window)
     hooked = HookedSam(randomize(build_sam("tiny", seed=0)))
     ctx = hooked.context(SamBatch(image=torch.zeros(2, 3, 8, 8)))
     x = torch.randn(2, grid, grid, dim)
     with torch.no_grad():
-        torch.testing.assert_close(hooked._block(0, block, x, ctx), block(x), atol=ATOL, rtol=0)
+        torch.testing.assert_close(vit_block(0, block, x, hooked.plugins, ctx), block(x), atol=ATOL, rtol=0)
 
 
 def _sdpa_calls(monkeypatch) -> list[tuple[torch.Tensor | None, int, int, int]]:
@@ -139,7 +140,7 @@ def test_cpu_inference_masks_are_bounded_by_the_chunk(tiny_sam, monkeypatch):
     hooked = HookedSam(tiny_sam)
     with torch.enable_grad():  # the augmented way: an input that needs a gradient
         augmented = hooked.encode(hooked.context(SamBatch(image=image.clone().requires_grad_(True))))
-    monkeypatch.setattr(ops, "REL_POS_CHUNK_ELEMENTS", 3 * 2 * 16 * 16)  # global: 12 of 64 rows
+    monkeypatch.setattr(rel_pos, "REL_POS_CHUNK_ELEMENTS", 3 * 2 * 16 * 16)  # global: 12 of 64 rows
     calls = _sdpa_calls(monkeypatch)
     with torch.no_grad():
         chunked = hooked.encode(hooked.context(SamBatch(image=image)))
@@ -247,16 +248,16 @@ def test_a_trained_bias_runs_without_a_mask_gradient_in_sdpa(tiny_sam, monkeypat
     assert not any(m is not None and m.requires_grad for m in masks)
 
     # the reference: every encoder attention through SDPA with the bias as its mask
-    def reference_attention(self, i, attn, x, ctx):
+    def reference_attention(i, attn, x, hooks, ctx):
         b, h, w, _ = x.shape
         qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w))
-        scale, bias = self.plugins.attn_logits(i, attn.scale, bias, q, ctx)
+        scale, bias = hooks.attn_logits(i, attn.scale, bias, q, ctx)
         out = sdpa(q, k, v, attn_mask=bias, scale=scale)
         return out.transpose(1, 2).reshape(b, h, w, -1)
 
-    monkeypatch.setattr(HookedSam, "_attention_heads", reference_attention)
+    monkeypatch.setattr(encoder_block, "attention_heads", reference_attention)
     theirs, theirs_grad = run()
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-4, rtol=1e-5)
