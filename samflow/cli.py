@@ -12,20 +12,16 @@ subcommand: every other flag and ``--config`` overrides the experiment, wherever
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
-import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import yaml
-
+from samflow.argument_errors import one_line_argument_error
+from samflow.experiment_files import ExperimentError, list_experiments, resolve_experiment
+from samflow.plugin_check import check_plugin_args, check_plugins
 from samflow.usage import CommandParser, UsageError
-
-if TYPE_CHECKING:
-    from samflow.plugins.registry import PluginInfo
 
 __all__ = ["CommandParser", "UsageError", "main"]
 
@@ -79,14 +75,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     from samflow.callbacks.finite import NonFiniteError
     from samflow.callbacks.monitor import MonitorError
-    from samflow.data.folder import DataError
+    from samflow.data.errors import DataError
     from samflow.export import ExportError
     from samflow.lightning_cli import ConfigError
     from samflow.module import ModelConfigError
     from samflow.plugins.registry import PluginError
     from samflow.plugins.stack import PluginConflictError
-    from samflow.predictor import PredictorError
-    from samflow.prompted_predict import PromptFileError
+    from samflow.predictor_types import PredictorError
+    from samflow.prompt_files import PromptFileError
     from samflow.sam.build import CheckpointError
     from samflow.sam.cache import EncoderCacheError
 
@@ -110,210 +106,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     )
 
 
-def _packaged_experiments() -> Path:
-    """The experiments shipped with samflow.
-
-    They live in the top-level ``experiments/`` folder of the repository. A wheel installs them as
-    ``samflow/experiments/`` (pyproject.toml maps the package ``samflow.experiments`` to that folder);
-    a source checkout (an editable install) reads the folder itself.
-    """
-    package = Path(__file__).resolve().parent
-    installed = package / "experiments"
-    if installed.is_dir():
-        return installed
-    checkout = package.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "experiments").is_dir():
-        return checkout / "experiments"
-    return installed  # missing: `samflow experiments` lists only ./experiments
-
-
-PACKAGED = _packaged_experiments()
-
-
-class ExperimentError(ValueError):
-    """An experiment cannot be found or names something that cannot be used."""
-
-
 # ---- experiments ----
-def experiment_dirs() -> list[Path]:
-    """Where experiments are looked up, first match wins: ./experiments, then the packaged ones."""
-    return [Path.cwd() / "experiments", PACKAGED]
-
-
-def list_experiments() -> dict[str, tuple[Path, str]]:
-    """Experiment name -> (file, one-line description from its ``# description:`` line)."""
-    found: dict[str, tuple[Path, str]] = {}
-    for folder in experiment_dirs():
-        for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
-            found.setdefault(path.stem, (path, describe(path)))
-    return found
-
-
-def describe(path: Path) -> str:
-    for line in path.read_text().splitlines():
-        if line.startswith("# description:"):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
-def resolve_experiment(name: str) -> Path:
-    """The YAML file for ``name``: a path, or an experiment name from ``experiment_dirs()``."""
-    path = Path(name).expanduser()
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ExperimentError(f"Experiment file {str(path)!r} does not exist.")
-        return path.resolve()
-    known = list_experiments()
-    if name not in known:
-        names = ", ".join(sorted(known)) or "none"
-        raise ExperimentError(
-            f"No experiment named {name!r}. Known experiments: {names}. "
-            "Pass a YAML path, or run `samflow experiments` to list them."
-        )
-    return known[name][0].resolve()
-
-
-def check_plugins(config_path: Path) -> None:
-    """Fail early, naming the distribution, when an experiment uses a plugin that is broken or unknown."""
-    config = yaml.safe_load(config_path.read_text()) or {}
-    plugins = ((config.get("model") or {}).get("plugins")) if isinstance(config, dict) else None
-    if not isinstance(plugins, (dict, type(None))):
-        raise ExperimentError(f"{config_path}: model.plugins must be a mapping of name -> plugin.")
-    for key, spec in (plugins or {}).items():
-        target = spec.get("class_path") if isinstance(spec, dict) else spec if isinstance(spec, str) else None
-        if isinstance(spec, dict) and not target and "init_args" not in spec:
-            raise ExperimentError(f"{config_path}: model.plugins.{key} needs a class_path.")
-        if target:
-            check_plugin_target(f"{config_path}: model.plugins.{key}.class_path", str(target))
-
-
-def check_plugin_target(where: str, target: str) -> None:
-    """Refuse a plugin ``class_path`` that is broken (naming its distribution), ambiguous (naming both
-    candidates) or unknown (naming the closest).
-
-    A full class path names one class. A short class name is what jsonargparse resolves among the
-    plugin classes that loaded: one working match is used (a broken one of the same name does not
-    matter), two are ambiguous, a broken one alone is refused with its distribution.
-    """
-    from samflow.plugins.registry import ambiguous, discover
-
-    registry = discover().all
-    exact = [info for info in registry if info.class_path == target]
-    if exact:
-        _refuse_broken(where, exact[0])
-        return
-    same_class = {info.class_path: info for info in registry if _short(info) == target}
-    working = [info for info in same_class.values() if info.cls is not None]
-    if len(working) > 1:
-        candidates = " and ".join(info.origin for info in working)
-        raise ExperimentError(
-            f"{where}: plugin class name {target!r} is ambiguous: {candidates}; "
-            "write the full class path of the one you mean."
-        )
-    if working:
-        return
-    if same_class:
-        _refuse_broken(where, next(iter(same_class.values())))
-    registrations = ambiguous(target)
-    if registrations:
-        raise ExperimentError(
-            f"{where}: plugin name {target!r} is ambiguous: it is registered by {registrations}; "
-            "write the full class path of the one you mean."
-        )
-    named = [info for info in registry if info.name == target]
-    if named:
-        _refuse_broken(where, named[0])
-        short = _short(named[0])
-        clear = sum(_short(info) == short and info.cls is not None for info in registry) == 1
-        raise ExperimentError(
-            f"{where} is the plugin name {target!r}; write its class instead: "
-            f"class_path: {short if clear else named[0].class_path}"
-        )
-    if "." in target and _importable(where, target):
-        return  # a class outside the registry: jsonargparse checks that it is a SamPlugin
-    short_of = {}
-    for info in registry:
-        for name in (info.name, _short(info), info.class_path):
-            short_of[name] = _short(info)
-    close = difflib.get_close_matches(target, list(short_of), n=6, cutoff=0.5)
-    close += difflib.get_close_matches(target.rsplit(".", 1)[-1], list(short_of), n=6, cutoff=0.5)
-    suggestions = list(dict.fromkeys(short_of[name] for name in close))[:3]
-    hint = f"Did you mean {', '.join(suggestions)}? " if suggestions else ""
-    known = ", ".join(sorted({_short(info) for info in registry})) or "none"
-    raise ExperimentError(
-        f"{where}: no samflow plugin {target!r}. {hint}Registered plugin classes: {known} "
-        "(`samflow plugins` lists them; install the package that provides it)."
-    )
-
-
-def _short(info: PluginInfo) -> str:
-    return info.class_path.rsplit(".", 1)[-1]
-
-
-def _refuse_broken(where: str, info: PluginInfo) -> None:
-    if info.cls is None:
-        raise ExperimentError(
-            f"{where} uses plugin {info.name!r} from distribution {info.distribution!r} {info.version}, "
-            f"which failed to load: {info.error}. Reinstall or fix that package, or remove the plugin."
-        )
-
-
-def _importable(where: str, target: str) -> bool:
-    """Whether ``module.attr`` exists; a module that exists but fails to import is an error naming it."""
-    from samflow.plugins.registry import import_failure
-
-    module, _, attr = target.rpartition(".")
-    try:
-        return hasattr(importlib.import_module(module), attr)
-    except ModuleNotFoundError as err:
-        if err.name and (module == err.name or module.startswith(f"{err.name}.")):
-            return False  # no such module: "no samflow plugin" names the registered ones
-        reason = import_failure(err)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as err:  # noqa: BLE001 - the module's own failure (SystemExit too), in one line
-        reason = import_failure(err)
-    raise ExperimentError(
-        f"{where}: module {module!r} of plugin class {target!r} fails to import: {reason}. "
-        "Install what it needs or fix the module."
-    )
-
-
-def check_plugin_args(args: list[str]) -> None:
-    """``check_plugins`` for every ``--config`` file and every plugin flag on the command line."""
-    i = 0
-    while i < len(args):
-        arg, value = args[i], None
-        if "=" in arg and arg.startswith("-"):
-            arg, value = arg.split("=", 1)
-        elif i + 1 < len(args):
-            value = args[i + 1]
-        i += 1
-        if value is None:
-            continue
-        if arg in ("-c", "--config"):
-            if Path(value).is_file():
-                check_plugins(Path(value))
-        elif arg == "--model.plugins":
-            try:
-                plugins = yaml.safe_load(value)
-            except yaml.YAMLError:
-                continue  # jsonargparse reports it
-            if isinstance(plugins, dict):
-                for key, spec in plugins.items():
-                    target = spec.get("class_path") if isinstance(spec, dict) else spec
-                    if isinstance(target, str):
-                        check_plugin_target(f"--model.plugins: {key}.class_path", target)
-        elif re.fullmatch(r"--model\.plugins\.[^.]+(\.class_path)?", arg) and not value.startswith("-"):
-            try:
-                spec = yaml.safe_load(value) if value.lstrip().startswith("{") else value
-            except yaml.YAMLError:
-                continue  # jsonargparse reports it
-            target = spec.get("class_path") if isinstance(spec, dict) else spec
-            if isinstance(target, str):
-                check_plugin_target(arg if isinstance(spec, str) else f"{arg}.class_path", target)
-
-
 def _experiment_from_argv(argv: list[str]) -> tuple[list[str], str | None]:
     """Replace ``--experiment NAME`` (or ``--experiment=NAME``) by ``--config /abs/path``.
 
@@ -541,55 +334,6 @@ def _error(message: str) -> int:
     sys.stderr.write(f"samflow: error: {' '.join(message.split())}\n")
     sys.stderr.flush()
     return 1
-
-
-_NOISE = (
-    "Does not validate against any of the Union subtypes",
-    "Subtypes:",
-    "Errors:",
-    "Given value type:",
-    "Given value:",
-    "- Expected a <class 'NoneType'>",
-)
-
-
-def one_line_argument_error(message: str, args: list[str], hint: str | None = None) -> str:
-    """The most specific part of a jsonargparse error, as one line naming the full option key.
-
-    jsonargparse reports ``--model.plugins.tokens.init_args.num_tokens abc`` as a tree: the outer key
-    (``model.plugins``), the union alternatives it tried (``dict[...]``, ``None``), the class it loaded
-    and the inner key (``num_tokens``) with the reason. The user needs the full key, the value and the
-    innermost reason. ``hint`` says where the options are listed (default: ``samflow ARGS[0] --help``).
-    """
-    raw = [line for line in message.splitlines() if line.strip()]
-    lines = [line.strip() for line in raw]
-    outer = re.match(r'Parser key "([^"]+)":', lines[0]) if lines else None
-    nested = re.search(r"NestedArg\(key='([^']*)', val='([^']*)'\)", message)
-    start = 1 if outer else 0
-    problems = [i for i, line in enumerate(raw) if "Problem with given class_path" in line]
-    if problems:  # only the reasons under the last class jsonargparse tried, not the other alternatives
-        indent = len(raw[problems[-1]]) - len(raw[problems[-1]].lstrip())
-        end = next(
-            (j for j in range(problems[-1] + 1, len(raw)) if len(raw[j]) - len(raw[j].lstrip()) <= indent),
-            len(raw),
-        )
-        lines, start = lines[problems[-1] + 1 : end], 0
-    inner = [line for line in lines[start:] if not line.startswith(_NOISE)]
-    detail = " ".join(line.lstrip("- ") for line in inner) or (lines[0] if lines else message)
-    detail = re.sub(r"Expected a <class '(?:[\w.]+\.)?(\w+)'>\.?", r"expected \1;", detail)
-    detail = detail.replace("; Got value:", ", got")
-    detail = re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", detail)
-    detail = re.sub(r'Parser key "([^"]+)": ', "", detail)
-    hint = hint or f"(`samflow {args[0]} --help` lists the options)"
-    if outer is None:
-        return f"{detail} {hint}"
-    key = outer.group(1) + (f".{nested.group(1)}" if nested else "")
-    flags = [a.split("=", 1)[0] for a in args if a.startswith(f"--{outer.group(1)}.")]
-    key = next((f[2:] for f in flags if nested and f.endswith(f".{nested.group(1)}")), key)
-    named = re.findall(r'Parser key "([^"]+)":', message)[1:]
-    key = next((f[2:] for f in flags if not nested and any(f.endswith(f".{n}") for n in named)), key)
-    value = f" {nested.group(2)!r}" if nested else ""
-    return f"--{key}{value}: {detail} {hint}"
 
 
 def run_cli(args: list[str], run_name: str) -> Any:

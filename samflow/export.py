@@ -46,14 +46,8 @@ from torch import Tensor
 from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.plugins.stack import HOOKS
-from samflow.predictor import (
-    PredictorError,
-    build_model,
-    load_trained_state,
-    read_checkpoint_state,
-    read_run_config,
-    run_files,
-)
+from samflow.predictor_types import PredictorError
+from samflow.rebuild import build_model, load_trained_state, read_checkpoint_state, read_run_config, run_files
 from samflow.sam import VARIANTS, HookedSam, build_sam
 from samflow.usage import CommandParser
 

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 import string
-import types
 import typing
-from collections.abc import Mapping, MutableMapping
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from samflow.argument_errors import _first_not_from_jsonargparse
 from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
 from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, RandomState
 from samflow.callbacks.run_folder import (
@@ -33,6 +30,8 @@ from samflow.callbacks.run_folder import (
 from samflow.callbacks.run_report import RunReport
 from samflow.callbacks.wandb_run import SamflowWandbLogger
 from samflow.console import RunHeader, SamflowProgressBar, local_log_dir, verbosity
+from samflow.keyed_config import KeyedConfigFile
+from samflow.main_metric import checkpoint_filename, main_metric
 from samflow.module import SamflowModule
 from samflow.plugins.base import SamPlugin
 from samflow.plugins.checks import describe
@@ -56,53 +55,6 @@ class ConfigError(ValueError):
     """A class of the experiment (model, plugin, data, trainer) refused its arguments."""
 
 
-def _plain(value: Any) -> Any:
-    """A config value with jsonargparse's Namespaces turned into dicts (recursively)."""
-    if isinstance(value, Namespace):
-        return {key: _plain(item) for key, item in value.as_dict().items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    return value
-
-
-def main_metric(metrics: Any, data: Any) -> tuple[str, str] | None:
-    """``(key, mode)`` of the experiment's main validation metric, or None when it cannot be known.
-
-    The main metric is the first of ``model.metrics`` (``iou`` by default), logged as ``val/<name>``, or
-    ``val/<name>/<first set>`` with several ``val_sets``; the mode is ``max`` unless the metric's
-    ``higher_is_better`` is False (``mae``, ``ber``: ``min``). Known for samflow's data modules
-    (``SegmentationDataModule``, ``SlideDataModule``, ``CocoDataModule``) that have a validation
-    set; other data modules set ``--checkpoint.monitor`` themselves.
-    """
-    from samflow.metrics.registry import build_metrics
-
-    data = _plain(data) or {}
-    kind = str(data.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(data, dict) else ""
-    if kind not in ("SegmentationDataModule", "SlideDataModule", "CocoDataModule"):
-        return None
-    args = data.get("init_args") or {}
-    sets = (args.get("val_sets") or {}) if kind == "SegmentationDataModule" else {}
-    if not (args.get("val") or sets or (kind == "SegmentationDataModule" and args.get("quickstart"))):
-        return None
-    spec = _plain(metrics) if metrics is not None else ["iou", "dice", "mae"]
-    try:  # the first item alone (a MetricCollection orders its metrics by name)
-        first = dict([next(iter(spec.items()))]) if isinstance(spec, dict) else [spec[0]]
-        name, metric = next(iter(build_metrics(first).items()))
-    except Exception:  # noqa: BLE001 - a bad metrics spec is reported when the module is built
-        return None
-    suffix = f"/{next(iter(sets))}" if isinstance(sets, dict) and len(sets) > 1 else ""
-    mode = "min" if getattr(metric, "higher_is_better", True) is False else "max"
-    return f"val/{name}{suffix}", mode
-
-
-def checkpoint_filename(monitor: str) -> str:
-    """``epoch=E-step=S-val_iou=0.1234``: the monitored value in the name, without a ``/``."""
-    safe = re.sub(r"[^\w.=-]+", "_", monitor)
-    return "epoch={epoch}-step={step}-" + safe + "={" + monitor + ":.4f}"
-
-
 def shown(path: str | Path) -> str:
     """``path`` relative to the working directory when it is inside it, else absolute."""
     full = Path(path).expanduser().absolute()
@@ -115,73 +67,6 @@ def shown(path: str | Path) -> str:
 def _new_wandb_id() -> str:
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
-def _first_not_from_jsonargparse(err: BaseException) -> BaseException:
-    """The outermost error of ``err``'s chain that jsonargparse did not raise (its union-type wrappers)."""
-    chain: BaseException | None = err
-    while chain is not None:
-        tb = chain.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if tb is None or not str(tb.tb_frame.f_globals.get("__name__", "")).startswith("jsonargparse"):
-            return chain
-        chain = chain.__cause__
-    return _root_cause(err)
-
-
-def _map_value_type(hint: Any) -> Any:
-    """``X`` of ``dict[str, X]`` (or of ``dict[str, X] | None``), else None."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    for option in options:
-        if typing.get_origin(option) in (dict, Mapping, MutableMapping) and len(typing.get_args(option)) == 2:
-            return typing.get_args(option)[1]
-    return None
-
-
-def keyed_component_maps(parser: ArgumentParser) -> list[str]:
-    """The options of ``parser`` typed ``dict[str, <class>]``: maps of named class_path specs.
-
-    ``model.plugins`` is one. jsonargparse merges a flag into such a map by key
-    (``--model.plugins.hq.init_args.lr 1e-4``), but a config file's map replaces the previous one.
-    """
-    from jsonargparse._typehints import ActionTypeHint
-
-    keys = []
-    for action in parser._actions:
-        if isinstance(action, ActionTypeHint):
-            value_type = _map_value_type(action._typehint)
-            if value_type is not None and ActionTypeHint.is_subclass_typehint(value_type):
-                keys.append(action.dest)
-    return keys
-
-
-class KeyedConfigFile(ActionConfigFile):
-    """``--config``, where a later file adds to a map of named components instead of replacing it.
-
-    ``samflow fit --experiment hq_sam_hqseg --config small.yaml`` with
-    ``model: {plugins: {hq: {init_args: {lr: 1.0e-4}}}}`` in ``small.yaml`` changes the learning rate of
-    plugin ``hq`` and keeps every other plugin, as the flag ``--model.plugins.hq.init_args.lr 1e-4``
-    does. Keys a later file names are merged with the earlier entry by jsonargparse (its class_path and
-    init_args stay unless the file changes them); new keys are added; the others stay. Every other
-    option is read as jsonargparse reads it (a later file's list or plain mapping replaces the value).
-    To replace the whole plugin map, give it as a flag: ``--model.plugins '{name: {class_path: ...}}'``.
-    """
-
-    @staticmethod
-    def apply_config(parser: ArgumentParser, cfg: Namespace, dest: str, value: Any) -> None:
-        before = {key: deepcopy(cfg.get(key)) for key in keyed_component_maps(parser)}
-        ActionConfigFile.apply_config(parser, cfg, dest, value)
-        for key, previous in before.items():
-            current = cfg.get(key)
-            if isinstance(previous, dict) and isinstance(current, dict):
-                cfg[key] = {**previous, **current}
 
 
 class SaveConfig(SaveConfigCallback):

@@ -9,16 +9,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
-from torchmetrics import Metric, MetricCollection
+from torchmetrics import MetricCollection
 
 from samflow.batch import SamBatch
+from samflow.evaluation import EvalTally, EvaluationMixin
 from samflow.losses import build_loss
 from samflow.metrics.registry import build_metrics
 from samflow.plugins import DecoderContext, PluginStack, SamPlugin
-from samflow.sam import EncoderCache, EncoderCacheError, HookedSam, SamOutput, build_sam, upcast
+from samflow.sam import EncoderCache, EncoderCacheError, HookedSam, SamOutput, build_sam
 
 SAM_PREFIX = "model.sam."
 
@@ -29,60 +29,6 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 class ModelConfigError(ValueError):
     """The experiment's model cannot run as set (nothing to train, another input size than the data's)."""
-
-
-class EvalTally(Metric):
-    """Images and loss of one evaluation set, as sums (``dist_reduce_fx="sum"``).
-
-    ``images`` counts the images evaluated; ``loss`` is the row-weighted mean of the batch losses,
-    ``Σ_b r_b·L_b / Σ_b r_b`` over batches of r_b prompt rows: the mean of per-row losses whenever a
-    batch's loss is the mean of its rows' (all built-in losses but ``balanced_bce`` with
-    ``per_image: false``, whose weight depends on the batch), so it does not depend on which images
-    share a batch, also with several rows per image (COCO instances). Sums reduce exactly over
-    processes whatever images each one evaluated, unlike a mean of per-process means.
-    """
-
-    is_differentiable = False
-    full_state_update = False
-
-    images: Tensor
-    loss_sum: Tensor
-    loss_rows: Tensor
-    nonfinite: Tensor
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("images", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("loss_rows", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("nonfinite", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(
-        self,
-        images: int,
-        loss: Tensor | None = None,
-        rows: int | None = None,
-        nonfinite: Tensor | None = None,
-    ) -> None:
-        """Add a batch of ``images`` images and, when it has ground truth, its loss (a scalar, the mean
-        over its ``rows`` prompt rows; default one row per image); ``nonfinite``: how many of its rows
-        predicted a NaN or infinite value (a tensor on the device: counted without a host sync)."""
-        self.images += images
-        if nonfinite is not None:
-            self.nonfinite += nonfinite.to(self.nonfinite)
-        if loss is not None:
-            weight = images if rows is None else rows
-            self.loss_sum += torch.as_tensor(loss).detach().to(self.loss_sum) * weight
-            self.loss_rows += weight
-
-    def compute(self) -> dict[str, Tensor]:
-        loss = self.loss_sum / self.loss_rows  # NaN without ground truth
-        return {
-            "images": self.images.clone(),
-            "loss_rows": self.loss_rows.clone(),
-            "loss": loss,
-            "nonfinite": self.nonfinite.clone(),
-        }
 
 
 @dataclass
@@ -125,7 +71,7 @@ class SamSpec:
     embedding_store: str | None = None
 
 
-class SamflowModule(LightningModule):
+class SamflowModule(EvaluationMixin):
     """Train, evaluate and predict with a frozen SAM and its plugins.
 
     Args:
@@ -323,111 +269,7 @@ class SamflowModule(LightningModule):
         self.log("train/loss", terms["total"], prog_bar=True, batch_size=batch_size)
         return terms["total"]
 
-    # ---- evaluation at the original resolution ----
-    def probabilities(self, out: SamOutput, batch: SamBatch) -> list[Tensor]:
-        """Foreground probability of each prompt row at its image's original size: list of (H, W)."""
-        full = upcast(self.upsample(out.pred)).sigmoid()
-        maps = []
-        for row, image in enumerate(out.image_index.tolist()):
-            h, w = batch.input_size[image].tolist()
-            size = batch.original_size[image].tolist()
-            crop = full[row : row + 1, :, :h, :w]
-            maps.append(F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0, 0])
-        return maps
-
-    # Under DDP each process evaluates its own images (SegmentationDataModule shards val / test sets
-    # without repeating any, so processes may run different numbers of batches). Nothing in the
-    # evaluation steps talks to the other processes; at the epoch's end every process reduces the
-    # states of every set, in the same order, with or without batches of that set: metric states and
-    # EvalTally are sums (or concatenations), so the reduced values are those of one process.
-    def _metric_set(self, stage: str, dataloader_idx: int) -> MetricCollection:
-        name = f"{stage}/{dataloader_idx}"
-        if name not in self._metrics:
-            self._metrics[name] = build_metrics(self.metric_spec).to(self.device)
-        return self._metrics[name]
-
-    def _tally(self, stage: str, dataloader_idx: int) -> EvalTally:
-        name = f"{stage}/{dataloader_idx}"
-        if name not in self._tallies:
-            self._tallies[name] = EvalTally().to(self.device)
-        return self._tallies[name]
-
-    def _evaluate(self, stage: str, batch: SamBatch, dataloader_idx: int) -> dict[str, Any]:
-        out, ctx = self(batch)
-        loss = self.compute_losses(out, batch, ctx)["total"] if batch.mask is not None else None
-        metrics = self._metric_set(stage, dataloader_idx)
-        if batch.gt_original is None:
-            raise ValueError(
-                f"{stage}: the batch of {batch.id[:3]} has no ground truth; {stage} needs masks."
-            )
-        nonfinite = (~torch.isfinite(out.pred)).flatten(1).any(1).sum()
-        self._tally(stage, dataloader_idx).update(batch.num_images, loss, batch.num_rows, nonfinite)
-        for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
-            source = batch.path[row] if batch.path else ""  # per-slide metrics group by it (slide_dice)
-            metrics.update(prob, batch.gt_original[row], source=source)
-        return {"out": out, "ctx": ctx, "probs": self.upsample(out.pred).sigmoid()}
-
-    def _finish(self, stage: str) -> dict[str, float]:
-        """Reduce the metrics and the loss of every evaluation set over processes, log and return them.
-
-        Returns the metrics (``{stage}/{metric}[/{dataset}]``); the loss is logged as
-        ``{stage}/loss[/{dataset}]``. A set no process evaluated an image of is left out.
-        """
-        results: dict[str, float] = {}
-        losses: dict[str, float] = {}
-        several = self._num_loaders(stage) > 1
-        for index in range(self._num_loaders(stage)):
-            tally = self._tally(stage, index).compute()  # collective under DDP, on every process
-            if int(tally["images"]) == 0:
-                continue  # the same decision on every process: the count is reduced
-            suffix = f"/{self._dataset_name(stage, index)}" if several else ""
-            if int(tally["nonfinite"]):  # reduced: every process raises
-                from samflow.callbacks.finite import NonFiniteError
-
-                raise NonFiniteError(
-                    f"{stage}{suffix}: the model predicted NaN or infinite values for {int(tally['nonfinite'])} "
-                    f"prompt row(s) of {int(tally['images'])} image(s); their metrics would read as empty "
-                    "masks. The weights are likely non-finite (a diverged run or a damaged checkpoint), or a "
-                    f"plugin produces non-finite values (plugins: {', '.join(self.plugins) or 'none'}): evaluate "
-                    "another checkpoint, train with --non_finite.action error (the default: a diverging run "
-                    "stops with its last finite checkpoint), or check the plugins' outputs."
-                )
-            with warnings.catch_warnings():  # a process may have had no batch of this set
-                warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
-                values = self._metric_set(stage, index).compute()
-            for key, value in values.items():
-                results[f"{stage}/{key}{suffix}"] = float(value)
-            if int(tally["loss_rows"]):
-                losses[f"{stage}/loss{suffix}"] = float(tally["loss"])
-        for name in [n for n in self._metrics if n.startswith(f"{stage}/")]:
-            self._metrics[name].reset()
-        for name in [n for n in self._tallies if n.startswith(f"{stage}/")]:
-            self._tallies[name].reset()
-        if results or losses:
-            self.log_dict({**results, **losses}, sync_dist=False)  # the states are reduced already
-        return results
-
-    def _num_loaders(self, stage: str) -> int:
-        """The stage's number of data loaders (all of them, also those without batches in this process)."""
-        seen = [
-            int(n.split("/")[1]) + 1 for n in (*self._metrics, *self._tallies) if n.startswith(f"{stage}/")
-        ]
-        batches = None
-        if self._trainer is not None:
-            batches = self.trainer.num_val_batches if stage == "val" else self.trainer.num_test_batches
-        return max([len(batches or []), *seen], default=0)
-
-    def _dataset_name(self, stage: str, index: int) -> str:
-        # Lightning sets Trainer.datamodule at run time without declaring it.
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(datamodule, f"{stage}_names", None)
-        return names[index] if names and index < len(names) else str(index)
-
-    def _reset(self, stage: str) -> None:
-        for store in (self._metrics, self._tallies):
-            for name in [n for n in store if n.startswith(f"{stage}/")]:
-                del store[name]
-
+    # ---- epoch hooks (the evaluation steps are EvaluationMixin's, in samflow.evaluation) ----
     def _log_cache(self, stage: str, tally: str) -> None:
         """Log the share of images whose encoder outputs came from the cache in this epoch.
 

@@ -48,7 +48,8 @@ from samflow.predictor import chosen_masks
 from samflow.sam import DecoderContext, EncodedImages, ForwardContext, HookedSam, dense_pe
 
 if TYPE_CHECKING:
-    from samflow.predictor import ImageEncoding, Predictor
+    from samflow.predictor import Predictor
+    from samflow.predictor_types import ImageEncoding
 
 __all__ = [
     "ONNX_FILE",

@@ -29,108 +29,30 @@ validation scored: ``samflow predict --prompts`` and ``predict_tiled`` predict t
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
+from samflow import tiled_predict
 from samflow.batch import SamBatch
 from samflow.data.transforms import (
     IMAGE_RESIZES,
     ImageResize,
     ResizeMode,
-    input_shape,
     pad_to_square,
     resize_longest_side,
     sam_resize,
-    scale_boxes,
-    scale_coords,
     stretch,
 )
-from samflow.module import SAM_PREFIX, SamSpec
-from samflow.plugins import PluginStack, SamPlugin
-from samflow.plugins.registry import discover
-from samflow.sam import (
-    CheckpointError,
-    DecoderContext,
-    EncodedImages,
-    ForwardContext,
-    HookedSam,
-    SamOutput,
-    build_sam,
-)
+from samflow.predictor_types import ImageEncoding, InputTransform, PredictorError
+from samflow.rebuild import build_model, load_trained_state, read_checkpoint_state, read_run_config, run_files
+from samflow.sam import DecoderContext, ForwardContext, HookedSam, SamOutput
 
-__all__ = [
-    "ImageEncoding",
-    "InputTransform",
-    "Predictor",
-    "PredictorError",
-    "build_model",
-    "chosen_masks",
-    "read_run_config",
-    "run_files",
-]
-
-
-class PredictorError(ValueError):
-    """A run folder, checkpoint or image cannot be used for prediction; the message names it."""
-
-
-@dataclass
-class ImageEncoding:
-    """One image after the image encoder: everything ``Predictor.decode`` needs.
-
-    Attributes:
-        image: the image in the model's frame (1, 3, S, S), in [0, 1].
-        input_size: (h, w) of the resized image before padding.
-        original_size: (H, W) of the image given.
-        encoded: the encoder's results (embeddings, block features plugins read, dense PE).
-        state: what encoder-side hooks left in ``ForwardContext.state``; each decode starts from a copy.
-    """
-
-    image: Tensor
-    input_size: tuple[int, int]
-    original_size: tuple[int, int]
-    encoded: EncodedImages
-    state: dict[str, dict[str, Any]]
-
-
-class InputTransform:
-    """Original-image pixels -> the model's S x S frame, as ``ResizeLongestSide`` (or a stretch).
-
-    ``apply_coords`` / ``apply_boxes`` (numpy) and ``apply_coords_torch`` / ``apply_boxes_torch`` have
-    ``ResizeLongestSide``'s signatures, so code written for ``SamPredictor.transform`` runs unchanged.
-    """
-
-    def __init__(self, size: int, resize_mode: ResizeMode = "longest") -> None:
-        self.size = size
-        self.resize_mode = resize_mode
-
-    def input_size(self, original_size: tuple[int, ...]) -> tuple[int, int]:
-        """(h, w) of an (H, W) image after resizing, before padding."""
-        return input_shape(int(original_size[0]), int(original_size[1]), self.size, self.resize_mode)
-
-    def apply_coords(self, coords: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
-        """(..., 2) xy in original pixels -> the resized frame (float64, as segment-anything)."""
-        (height, width), (h, w) = original_size[:2], self.input_size(original_size)
-        return np.asarray(coords, dtype=np.float64) * np.array([w / width, h / height])
-
-    def apply_boxes(self, boxes: np.ndarray, original_size: tuple[int, ...]) -> np.ndarray:
-        """(..., 4) xyxy boxes in original pixels -> (N, 4) in the resized frame."""
-        return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
-
-    def apply_coords_torch(self, coords: Tensor, original_size: tuple[int, ...]) -> Tensor:
-        return scale_coords(coords.float(), original_size[:2], self.input_size(original_size))
-
-    def apply_boxes_torch(self, boxes: Tensor, original_size: tuple[int, ...]) -> Tensor:
-        return scale_boxes(boxes.float(), original_size[:2], self.input_size(original_size)).reshape(-1, 4)
+__all__ = ["Predictor", "chosen_masks"]
 
 
 class Predictor:
@@ -403,108 +325,7 @@ class Predictor:
         masks = self.postprocess(low, encoding.input_size, encoding.original_size)
         return (masks if return_logits else masks > self.mask_threshold), scores, low
 
-    def predict_tiled(
-        self,
-        image: np.ndarray,
-        boxes: np.ndarray | None = None,
-        point_coords: np.ndarray | None = None,
-        point_labels: np.ndarray | None = None,
-        *,
-        tile: int | None = None,
-        overlap: int | None = None,
-        multimask_output: bool | None = None,
-        return_logits: bool = False,
-        image_format: str = "RGB",
-        progress: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """N prompts on an image larger than the model's input, window by window.
-
-        The image is cut into ``tile`` x ``tile`` windows (default: the model's input side, so a window
-        is not shrunk) that overlap by ``overlap`` pixels (default ``tile // 4``); the last window of
-        a row or column ends at the image's edge. Each prompt goes to every window that contains it
-        whole (its box, or all its points); each such window is encoded once for all its prompts.
-        A prompt's logits from several windows are blended with weights that fall linearly to 0 over
-        the overlap at a window's inner edges (1 at the image's own edges); outside its windows a
-        prompt's logits are ``-inf``. An image no larger than one window is one window: the result is
-        then ``predict``'s (to float rounding: the prompts are decoded as one batch). Only one window's
-        encoder state is held at a time; the outputs are N full-size maps.
-
-        Args:
-            image: H x W x 3 uint8.
-            boxes: (N, 4) xyxy in the image's pixels; point_coords (N, K, 2), point_labels (N, K).
-            tile, overlap: window side and overlap in the image's pixels.
-            multimask_output: as ``predict``; the default None gives each prompt the model's own
-                prediction (one mask).
-            progress: show a progress bar over the windows (``samflow predict --prompts --tile`` does).
-
-        Returns:
-            ``(masks (N, C, H, W), scores (N, C))``: boolean masks (logits with ``return_logits``), and
-            each prompt's scores averaged over its windows.
-        """
-        array = np.asarray(image)
-        height, width = array.shape[:2]
-        tile = tile or self.model.img_size
-        overlap = tile // 4 if overlap is None else overlap
-        if not 0 <= overlap < tile:
-            raise PredictorError(
-                f"predict_tiled: overlap must be in [0, tile), got {overlap} for tile {tile}."
-            )
-        if boxes is None and point_coords is None:
-            raise PredictorError("predict_tiled needs boxes or point_coords (with point_labels).")
-        if point_coords is not None and point_labels is None:
-            raise PredictorError("point_labels must be given with point_coords.")
-        box_rows = None if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        point_rows = None if point_coords is None else np.asarray(point_coords, dtype=np.float64)
-        extents = []  # (N, 4) xyxy that each prompt needs inside a window
-        if box_rows is not None:
-            extents.append(box_rows)
-        if point_rows is not None:
-            extents.append(np.concatenate([point_rows.min(1), point_rows.max(1)], -1))
-        lo = np.min([e[:, :2] for e in extents], axis=0)
-        hi = np.max([e[:, 2:] for e in extents], axis=0)
-        rows = len(lo)
-        windows = [
-            (y, x, min(tile, height), min(tile, width))
-            for y in _starts(height, tile, overlap)
-            for x in _starts(width, tile, overlap)
-        ]
-        channels = 3 if multimask_output and not self.model.plugins.uses("select") else 1
-        total = np.zeros((rows, channels, height, width), dtype=np.float32)
-        weight = np.zeros((rows, 1, height, width), dtype=np.float32)
-        score_sum = np.zeros((rows, channels), dtype=np.float32)
-        hits = np.zeros(rows, dtype=np.int64)
-        for y, x, h, w in _tracked(windows, progress):
-            inside = (lo[:, 0] >= x) & (lo[:, 1] >= y) & (hi[:, 0] <= x + w - 1) & (hi[:, 1] <= y + h - 1)
-            if not inside.any():
-                continue
-            chosen = np.flatnonzero(inside)
-            encoding = self.encode(np.ascontiguousarray(array[y : y + h, x : x + w]), image_format)
-            shift = np.array([x, y], dtype=np.float64)
-            frame = (h, w)
-            args: dict[str, Tensor | None] = {"point_coords": None, "point_labels": None, "boxes": None}
-            if box_rows is not None:
-                local = self.transform.apply_boxes(box_rows[chosen] - np.tile(shift, 2), frame)
-                args["boxes"] = torch.as_tensor(local, dtype=torch.float)
-            if point_rows is not None and point_labels is not None:
-                local = self.transform.apply_coords(point_rows[chosen] - shift, frame)
-                args["point_coords"] = torch.as_tensor(local, dtype=torch.float)
-                args["point_labels"] = torch.as_tensor(np.asarray(point_labels)[chosen], dtype=torch.long)
-            window_logits, window_scores, _ = self.decode(
-                encoding, **args, multimask_output=multimask_output, return_logits=True
-            )
-            ramp = _window_weight(y, x, h, w, height, width, overlap)
-            total[chosen, :, y : y + h, x : x + w] += window_logits.float().cpu().numpy() * ramp
-            weight[chosen, :, y : y + h, x : x + w] += ramp
-            score_sum[chosen] += window_scores.float().cpu().numpy()
-            hits[chosen] += 1
-        missing = np.flatnonzero(hits == 0)
-        if len(missing):
-            raise PredictorError(
-                f"predict_tiled: prompts {missing[:5].tolist()} fit in no {tile} px window; pass a larger tile."
-            )
-        with np.errstate(divide="ignore", invalid="ignore"):
-            blended = np.where(weight > 0, total / np.maximum(weight, 1e-12), -np.inf).astype(np.float32)
-        return (blended if return_logits else blended > self.mask_threshold), score_sum / hits[:, None]
+    predict_tiled = tiled_predict.predict_tiled  # prompts on a large image, window by window
 
     def postprocess(
         self, low_res: Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
@@ -536,156 +357,3 @@ def chosen_masks(model: HookedSam, out: SamOutput, multimask_output: bool | None
     if multimask_output:
         return out.masks["sam"][:, 1:], out.iou_pred[:, 1:]
     return out.masks["sam"][:, :1], out.iou_pred[:, :1]
-
-
-def _tracked(windows: list[tuple[int, int, int, int]], progress: bool) -> Iterator[tuple[int, int, int, int]]:
-    """``windows`` one by one, under a progress bar over the tiles when ``progress``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = [TextColumn("tiles"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        yield from bar.track(windows)
-
-
-def _starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Window starts along one axis: stride ``tile - overlap``, the last window ending at the edge."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, tile - overlap))
-    return starts + [length - tile]
-
-
-def _window_weight(y: int, x: int, h: int, w: int, height: int, width: int, overlap: int) -> np.ndarray:
-    """(h, w) blending weights of a window: linear from ~0 to 1 over ``overlap`` pixels at each edge
-    inside the image, 1 at the image's own edges."""
-
-    def ramp(start: int, size: int, total: int) -> np.ndarray:
-        r = np.ones(size, dtype=np.float32)
-        if overlap == 0:
-            return r
-        up = (np.arange(size, dtype=np.float32) + 1) / (overlap + 1)
-        if start > 0:
-            r = np.minimum(r, up)
-        if start + size < total:
-            r = np.minimum(r, up[::-1])
-        return r
-
-    return ramp(y, h, height)[:, None] * ramp(x, w, width)[None, :]
-
-
-# ---- rebuilding a model from a run's config and weights (shared with samflow.export) ----
-def run_files(source: str | Path, checkpoint: str | Path | None = None) -> tuple[Path, Path]:
-    """(checkpoint, config.yaml) of a run folder or of a checkpoint file.
-
-    A run folder gives ``checkpoint`` (a file name in its ``checkpoints/`` or a path), else
-    ``checkpoints/last.ckpt``, else the only checkpoint there; a checkpoint file gives its run's
-    ``config.yaml`` (``../config.yaml`` when it lies in ``checkpoints/``).
-    """
-    path = Path(source).expanduser()
-    if path.is_file():
-        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        return path, run / "config.yaml"
-    if not (path / "config.yaml").is_file():
-        raise PredictorError(
-            f"{path} is not a samflow run folder (no config.yaml) nor a checkpoint file; pass "
-            "runs/<experiment>/version_N or a .ckpt file."
-        )
-    folder = path / "checkpoints"
-    if checkpoint is not None:
-        given = Path(checkpoint).expanduser()
-        return (given if given.is_absolute() or given.exists() else folder / given), path / "config.yaml"
-    if (folder / "last.ckpt").is_file():
-        return folder / "last.ckpt", path / "config.yaml"
-    found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
-    if len(found) != 1:
-        raise PredictorError(
-            f"{folder}: {'no checkpoint' if not found else f'{len(found)} checkpoints'} and no last.ckpt; "
-            "pass the checkpoint (a file name there or a path)."
-        )
-    return found[0], path / "config.yaml"
-
-
-def read_run_config(path: str | Path) -> dict[str, Any]:
-    """A run's resolved ``config.yaml`` -> ``{"model": model section, "predictor": Predictor options}``."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise PredictorError(
-            f"Run config {str(path)!r} does not exist; pass config= (the config.yaml samflow fit wrote in the run folder)."
-        )
-    config = yaml.safe_load(path.read_text()) or {}
-    model = config.get("model") if isinstance(config, dict) else None
-    if not isinstance(model, dict):
-        raise PredictorError(f"{path} has no model section; pass the config.yaml samflow fit wrote.")
-    data = config.get("data") or {}
-    data = data.get("init_args", data) if isinstance(data, dict) else {}
-    options: dict[str, Any] = {
-        "resize_mode": data.get("resize_mode") or "longest",
-        "image_resize": data.get("image_resize") or "sam",
-    }
-    threshold = model.get("threshold")
-    if threshold is not None and 0 < float(threshold) < 1:
-        options["mask_threshold"] = math.log(float(threshold) / (1 - float(threshold)))
-    return {"model": model, "predictor": options, "config": config}
-
-
-def build_model(model: Mapping[str, Any], *, sam_checkpoint: str | Path | None = None) -> HookedSam:
-    """SAM and the plugins of a run's ``model`` section (``sam``, ``plugins``), SAM's weights loaded."""
-    from jsonargparse import ArgumentParser
-
-    spec = SamSpec(
-        **{
-            f.name: (model.get("sam") or {})[f.name]
-            for f in fields(SamSpec)
-            if f.name in (model.get("sam") or {})
-        }
-    )
-    if sam_checkpoint is not None:
-        spec.checkpoint = str(sam_checkpoint)
-    discover()  # plugins named by their short class name resolve, broken ones are known
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--plugins", type=dict[str, SamPlugin] | None, default=None)
-    try:
-        plugins = parser.instantiate_classes(parser.parse_object({"plugins": model.get("plugins")})).plugins
-    except Exception as err:  # jsonargparse reports bad specs in several types
-        raise PredictorError(f"model.plugins of the run cannot be built: {err}") from err
-    sam = build_sam(spec.variant, spec.checkpoint, spec.img_size, seed=spec.seed)
-    return HookedSam(sam, PluginStack(plugins or {}), spec.multimask_output)
-
-
-def read_checkpoint_state(path: Path) -> dict[str, Tensor]:
-    """The state dict of a Lightning checkpoint, loaded with ``weights_only=True``, keys of ``HookedSam``."""
-    try:
-        with torch.serialization.safe_globals([SamSpec]):  # a module built in Python keeps its SamSpec
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(
-            f"Cannot read checkpoint {str(path)!r} with weights_only=True ({type(err).__name__}); pass a "
-            "checkpoint samflow fit wrote (runs/<experiment>/version_N/checkpoints/*.ckpt)."
-        ) from err
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds no state_dict; pass a checkpoint samflow fit wrote.")
-    prefix = SAM_PREFIX.split(".")[0] + "."  # "model."
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def load_trained_state(model: HookedSam, state: Mapping[str, Tensor], source: str) -> None:
-    """Load plugin weights and trained SAM parts into ``model``; its frozen SAM weights stay.
-
-    Strict: every key the model trains or holds outside the frozen SAM must be in ``state``, and
-    ``state`` may hold nothing the model lacks; otherwise one error names the keys and ``source``.
-    """
-    stack = model.plugins
-    frozen = {f"sam.{k}" for k in getattr(stack, "frozen_sam_keys", set())}
-    expected = model.state_dict()
-    needed = set(expected) - frozen
-    missing = sorted(needed - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not fit the run's model: missing {len(missing)} keys ({', '.join(missing[:4])}), "
-            f"unexpected {len(unexpected)} ({', '.join(unexpected[:4])}); pass the config.yaml of the run "
-            "that wrote it."
-        )
-    full = {**expected, **state}
-    model.load_state_dict(full, strict=True)

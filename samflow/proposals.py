@@ -68,9 +68,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from samflow.batch import SamBatch
-from samflow.data.coco import CocoInstances, collate_coco, encode_mask
+from samflow.data.coco import CocoInstances
+from samflow.data.coco_batch import collate_coco
+from samflow.data.coco_masks import encode_mask
 from samflow.data.coco_proposals import sam_checksum
-from samflow.data.folder import DataError
+from samflow.data.errors import DataError
 from samflow.embed.check import dataset_images, input_frame
 from samflow.embed.check import store_key as embed_store_key
 from samflow.embed.store import EmbeddingStore, EmbeddingStoreError

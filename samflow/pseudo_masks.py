@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from samflow.data.coco import CocoBatch, CocoDataModule, CocoInstances, collate_coco
-from samflow.data.folder import DataError
+from samflow.data.coco import CocoDataModule, CocoInstances
+from samflow.data.coco_batch import CocoBatch, collate_coco
+from samflow.data.errors import DataError
 from samflow.usage import CommandParser
 
 __all__ = ["pseudo_index_of", "selection_report", "write_pseudo_masks"]
@@ -188,7 +189,7 @@ def main(argv: list[str]) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from samflow.embed.command import _build
-    from samflow.predictor import load_trained_state, read_checkpoint_state
+    from samflow.rebuild import load_trained_state, read_checkpoint_state
 
     opts, overrides = _parser().parse_known_args(argv)
     out = Path(opts.out).expanduser()

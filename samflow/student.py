@@ -37,8 +37,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from samflow.data.coco import CocoBatch, CocoDataModule, encode_mask
-from samflow.data.folder import DataError
+from samflow.data.coco import CocoDataModule
+from samflow.data.coco_batch import CocoBatch
+from samflow.data.coco_masks import encode_mask
+from samflow.data.errors import DataError
 from samflow.instance import CocoMaskAP, SOLOv2Head
 from samflow.module import SamSpec
 from samflow.sam import EncoderCache, HookedSam, build_sam

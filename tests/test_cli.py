@@ -236,7 +236,7 @@ def test_extra_commands_run_and_report_user_errors_on_one_line(monkeypatch, caps
     import types
 
     import samflow.cli as cli
-    from samflow.data.folder import DataError
+    from samflow.data.errors import DataError
 
     module = types.ModuleType("fake_command")
     seen = []

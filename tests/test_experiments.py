@@ -14,10 +14,11 @@ import pytest
 import yaml
 from helpers import run_samflow, short_run
 
-from samflow.cli import PACKAGED, describe, main
+from samflow.cli import main
 from samflow.data import GpuAugment, SegmentationDataModule, build_prompt
 from samflow.data.coco import CocoDataModule
 from samflow.data.wsi import SlideDataModule
+from samflow.experiment_files import PACKAGED, describe
 from samflow.losses import build_loss
 from samflow.metrics.registry import build_metrics
 

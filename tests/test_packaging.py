@@ -94,8 +94,9 @@ def test_a_non_editable_install_finds_the_experiments_by_name(wheel: Path, tmp_p
     work = tmp_path / "work"  # no ./experiments here
     work.mkdir()
     script = (
-        "import samflow, samflow.cli as cli; "
-        "print(samflow.__file__); print(cli.resolve_experiment('quickstart')); cli.main(['experiments'])"
+        "import samflow, samflow.cli as cli, samflow.experiment_files as experiment_files; "
+        "print(samflow.__file__); print(experiment_files.resolve_experiment('quickstart')); "
+        "cli.main(['experiments'])"
     )
     env = {**os.environ, "PYTHONPATH": str(target), "WANDB_MODE": "disabled"}
     proc = subprocess.run(

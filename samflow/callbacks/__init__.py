@@ -2,7 +2,8 @@
 
 from samflow.callbacks.finite import NonFiniteCheck, NonFiniteError
 from samflow.callbacks.report import ImprovementReport, MaskWriter, TestReport
-from samflow.callbacks.samples import SampleGrid, sample_grid
+from samflow.callbacks.sample_drawing import sample_grid
+from samflow.callbacks.samples import SampleGrid
 
 __all__ = [
     "ImprovementReport",

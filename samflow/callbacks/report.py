@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from samflow.console import console, local_log_dir, show
 from samflow.console import table as rich_table
-from samflow.data.folder import DataError
+from samflow.data.errors import DataError
 
 
 class ImprovementReport(Callback):

@@ -10,7 +10,9 @@
 
 from samflow.data.batch import collate
 from samflow.data.datamodule import SegmentationDataModule
-from samflow.data.folder import DataError, MaskFolderDataset, Sample, find_samples, read_image, read_mask
+from samflow.data.errors import DataError
+from samflow.data.folder import MaskFolderDataset
+from samflow.data.listing import Sample, find_samples
 from samflow.data.prompts import (
     PROMPTS,
     BoxPrompt,
@@ -22,6 +24,7 @@ from samflow.data.prompts import (
     mask_to_box,
 )
 from samflow.data.quickstart import make_quickstart_data
+from samflow.data.reading import read_image, read_mask
 from samflow.data.transforms import (
     GpuAugment,
     input_shape,

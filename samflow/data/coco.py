@@ -6,20 +6,11 @@ items into a ``CocoBatch``: a ``SamBatch`` with one prompt row per instance (``i
 rows to images) and per-row targets. ``CocoDataModule`` serves it to Lightning, chosen in an
 experiment as ``data: {class_path: samflow.data.coco.CocoDataModule, init_args: {...}}``.
 
-**Points.** ``points="qc"`` samples quasi-centre points as SAPNet / P2BNet's point generation:
-for an instance whose mask spans pixel columns x0..x1 and rows y0..y1 (w = x1 - x0 + 1, h likewise;
-centre cx = (x0 + x1) / 2, cy likewise), each mask pixel gets the weight of a 2-D Gaussian on the
-box centre with sigma 0.25 in normalised box units (pixel indices 0..w-1 map to [-0.5, 0.5], as the
-reference's ``gaussian2d``), ``exp(-((x-cx)/(w-1))^2 / (2*0.25^2) - ((y-cy)/(h-1))^2 / (2*0.25^2))``;
-sampling is restricted to the mask pixels inside the central ellipse with semi-axes
-``min(96, 0.125 w)`` x ``min(96, 0.125 h)`` (``size_range`` 0.25), or to the whole mask when that
-is empty; the chosen pixel index gets a uniform jitter in (-0.5, 0.5) px. Differences from the
-reference (``TOV_mmdetection/huicv/coarse_utils/noise_data_mask_utils.py``, ``center_gaussian``): the
-ellipse is the exact inequality about the exact centre, not OpenCV's rasterised ellipse about
-``(round(w/2), round(h/2))`` with rounded axes; the box is the mask's extent, not the annotation's
-float ``bbox``; instances under 2 px a side use the same rule instead of a polygon vertex. Seeded by (seed, image id, annotation id, point index), so a point does not
-depend on the order images are read in. ``points="annotation"`` reads ``ann[point_key]``: ``[x, y]``
-or a list of them, in original pixel coordinates.
+**Points.** ``points="qc"`` samples quasi-centre points as SAPNet / P2BNet's point generation
+(the rule, and where it differs from the reference: ``samflow.data.coco_points``). Seeded by (seed,
+image id, annotation id, point index), so a point does not depend on the order images are read in.
+``points="annotation"`` reads ``ann[point_key]``: ``[x, y]`` or a list of them, in original pixel
+coordinates.
 
 **Crowd and empty.** ``iscrowd: 1`` annotations are left out of the rows (``crowd="skip"``, the
 default; their union is still available as ``crowd_mask``), or kept as ordinary instances
@@ -46,8 +37,6 @@ index (``x1 = max column``).
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,119 +46,18 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from samflow.batch import SamBatch
+from samflow.data.coco_batch import collate_coco
+from samflow.data.coco_file import file_digest, read_coco_file
+from samflow.data.coco_masks import decode_segmentation
+from samflow.data.coco_points import _seed, qc_point
 from samflow.data.coco_proposals import ProposalBags, sam_checksum
-from samflow.data.datamodule import EvalShardSampler, eval_shard_sampler
-from samflow.data.folder import DataError, read_image
+from samflow.data.errors import DataError
+from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
+from samflow.data.reading import read_image
 from samflow.data.resumable import ResumableLoader
-from samflow.data.transforms import IMAGE_RESIZES, ImageResize, scale_boxes, scale_coords, to_input_frame
+from samflow.data.transforms import IMAGE_RESIZES, ImageResize, to_input_frame
 
-__all__ = [
-    "CocoBatch",
-    "CocoDataModule",
-    "CocoInstances",
-    "collate_coco",
-    "decode_segmentation",
-    "qc_point",
-    "qc_weights",
-]
-
-
-def _mask_api() -> Any:
-    try:
-        from pycocotools import mask as mask_api
-    except ImportError as err:  # pragma: no cover - the extra is in the test set
-        raise DataError("COCO data needs pycocotools: pip install 'samflow[coco]'.") from err
-    return mask_api
-
-
-def decode_segmentation(segmentation: Any, height: int, width: int, where: str = "") -> np.ndarray:
-    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) -> bool (H, W).
-
-    Raises:
-        DataError: naming ``where`` (file and annotation) when the value is none of those forms.
-    """
-    mask_api = _mask_api()
-    try:
-        if isinstance(segmentation, list):  # polygons
-            if not segmentation:
-                return np.zeros((height, width), dtype=bool)
-            rle = mask_api.merge(mask_api.frPyObjects(segmentation, height, width))
-        elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-            rle = mask_api.frPyObjects(segmentation, height, width)
-        elif isinstance(segmentation, dict) and "counts" in segmentation:
-            rle = dict(segmentation)
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode()
-        else:
-            raise TypeError(f"type {type(segmentation).__name__}")
-        mask = mask_api.decode(rle)
-    except (TypeError, ValueError, KeyError, IndexError) as err:  # malformed input
-        raise DataError(
-            f"{where}: 'segmentation' is not a polygon list or an RLE dict ({err}); fix or remove it."
-        ) from None
-    if mask.shape[:2] != (height, width):
-        raise DataError(
-            f"{where}: the RLE 'size' {list(mask.shape[:2])} differs from the image's [{height}, {width}]."
-        )
-    return mask.astype(bool)
-
-
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """bool (H, W) -> compressed RLE with ``counts`` as str (JSON-ready)."""
-    rle = _mask_api().encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
-
-
-def qc_weights(
-    mask: Tensor, sigma: float = 0.25, size_range: float = 0.25, limit: float = 96.0
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The candidate pixels of a quasi-centre point and their (unnormalised) weights (module docstring).
-
-    Returns ``xs``, ``ys`` (long) and ``weight`` (float64), one entry per candidate mask pixel.
-    """
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    if ys.numel() == 0:
-        raise ValueError("qc_point: empty mask.")
-    x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
-    w, h = float(x1 - x0 + 1), float(y1 - y0 + 1)
-    cx, cy = float(x0 + x1) / 2, float(y0 + y1) / 2
-    dx, dy = (xs.double() - cx), (ys.double() - cy)
-    ax, ay = min(limit, size_range / 2 * w), min(limit, size_range / 2 * h)
-    inside = (dx / max(ax, 1e-9)) ** 2 + (dy / max(ay, 1e-9)) ** 2 <= 1
-    if inside.any():
-        xs, ys, dx, dy = xs[inside], ys[inside], dx[inside], dy[inside]
-    # the reference's gaussian2d: box pixel indices 0..W-1 map to [-0.5, 0.5], i.e. divide by W - 1
-    nx, ny = max(w - 1, 1.0), max(h - 1, 1.0)
-    weight = torch.exp(-((dx / nx) ** 2 + (dy / ny) ** 2) / (2 * sigma**2))
-    return xs, ys, weight
-
-
-def qc_point(
-    mask: Tensor,
-    generator: torch.Generator,
-    sigma: float = 0.25,
-    size_range: float = 0.25,
-    limit: float = 96.0,
-) -> Tensor:
-    """A quasi-centre point (x, y) inside ``mask`` (H, W) bool, as SAPNet's point generation (module docstring)."""
-    xs, ys, weight = qc_weights(mask, sigma, size_range, limit)
-    pick = torch.multinomial(weight, 1, generator=generator)[0]
-    jitter = (torch.rand(2, generator=generator, dtype=torch.float64) - 0.5) * 0.999
-    return torch.stack([xs[pick].double(), ys[pick].double()]) + jitter
-
-
-def _seed(*parts: int) -> int:
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+__all__ = ["CocoDataModule", "CocoInstances"]
 
 
 class CocoInstances(Dataset):
@@ -237,48 +125,10 @@ class CocoInstances(Dataset):
             raise ValueError(f"CocoInstances: points_per_instance must be >= 1, got {points_per_instance}.")
         self.img_size, self.points, self.points_per_instance = img_size, points, points_per_instance
         self.point_key, self.seed, self.crowd, self.resize_mode = point_key, seed, crowd, resize_mode
-        try:
-            data = json.loads(self.file.read_text())
-        except FileNotFoundError:
-            raise DataError(
-                f"COCO annotations {self.file} not found; check the data's annotations path."
-            ) from None
-        except json.JSONDecodeError as err:
-            raise DataError(f"{self.file}: not valid JSON ({err}).") from None
-        for key in ("images", "annotations"):
-            if not isinstance(data.get(key), list):
-                raise DataError(f"{self.file}: no '{key}' list; is this a COCO instances file?")
-        self.categories = {int(c["id"]): c.get("name", str(c["id"])) for c in data.get("categories", [])}
-        listed = bool(self.categories)
-        by_image: dict[int, list[dict[str, Any]]] = {}
-        for i, ann in enumerate(data["annotations"]):
-            for key in ("image_id", "segmentation", "category_id"):
-                if key not in ann:
-                    raise DataError(f"{self.file}: annotations[{i}] (id {ann.get('id')}) has no '{key}'.")
-            cat = int(ann["category_id"])
-            if cat not in self.categories:
-                if listed:
-                    raise DataError(
-                        f"{self.file}: annotations[{i}] (id {ann.get('id')}) has category_id {cat}, which is "
-                        "not in the file's 'categories'; add it there or fix the annotation."
-                    )
-                self.categories[cat] = str(cat)
-            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        self.categories, self.images, self.anns = read_coco_file(self.file, crowd, empty)
         #: COCO category id of each class index 0..C-1 (sorted ids), and the inverse map.
         self.category_ids: list[int] = sorted(self.categories)
         self.label_of: dict[int, int] = {c: k for k, c in enumerate(self.category_ids)}
-        self.images: list[dict[str, Any]] = []
-        self.anns: list[list[dict[str, Any]]] = []
-        for i, img in enumerate(data["images"]):
-            for key in ("id", "file_name", "height", "width"):
-                if key not in img:
-                    raise DataError(f"{self.file}: images[{i}] has no '{key}'.")
-            anns = by_image.get(int(img["id"]), [])
-            usable = [a for a in anns if crowd == "keep" or not a.get("iscrowd", 0)]
-            if not usable and empty == "skip":
-                continue
-            self.images.append(img)
-            self.anns.append(anns)
         self.fingerprint = hashlib.sha256(
             f"{file_digest(self.file)}|{points}|{points_per_instance}|{point_key}|{seed}|{crowd}|{empty}"
             f"|{image_resize}".encode()
@@ -403,134 +253,6 @@ class CocoInstances(Dataset):
             image_id=int(img["id"]),
         )
         return item
-
-
-@dataclass
-class CocoBatch(SamBatch):
-    """A ``SamBatch`` with one prompt row per instance, and per-row targets.
-
-    ``mask`` / ``gt_original`` hold the union of each image's instances; ``row_mask`` gives each row
-    its own instance. Extra fields (N rows, P points per row):
-    ``instance_mask`` float (N, 1, S, S), ``classes`` long (N,) contiguous indices 0..C-1,
-    ``category_ids`` long (N,) the COCO ids, ``ann_ids`` long (N,), ``points_original`` (N, P, 2),
-    ``boxes_original`` (N, 4) xyxy, ``instance_masks`` list of B bool (M_b, H_b, W_b) at the original
-    resolution, ``image_ids`` list of B ints. With a proposal store (K proposals per point, of each
-    row's first point): ``proposals`` (N, K, 4) xyxy boxes in the S x S frame (exclusive ends),
-    ``proposal_scores`` (N, K) SAM's predicted IoU, ``proposal_rles`` N lists of K RLE dicts (the masks
-    at the original resolution, decoded only where needed). With ``aux_masks``: ``aux_masks`` bool
-    (N, R, S, S), R further masks per row in the input frame.
-    """
-
-    instance_mask: Tensor | None = None
-    classes: Tensor | None = None
-    category_ids: Tensor | None = None
-    ann_ids: Tensor | None = None
-    points_original: Tensor | None = None
-    boxes_original: Tensor | None = None
-    proposals: Tensor | None = None
-    proposal_scores: Tensor | None = None
-    proposal_rles: list[list[dict[str, Any]]] | None = None
-    aux_masks: Tensor | None = None
-    instance_masks: list[Tensor] = field(default_factory=list)
-    image_ids: list[int] = field(default_factory=list)
-
-    _ROW_FIELDS = (
-        "instance_mask",
-        "classes",
-        "category_ids",
-        "ann_ids",
-        "points_original",
-        "boxes_original",
-        "proposals",
-        "proposal_scores",
-        "aux_masks",
-    )
-
-    @property
-    def row_mask(self) -> Tensor:
-        if self.instance_mask is None:
-            return super().row_mask
-        return self.instance_mask
-
-    def select_rows(self, rows: Tensor | list[int]) -> CocoBatch:
-        out = super().select_rows(rows)
-        index = torch.as_tensor(rows, dtype=torch.long)
-        changes: dict[str, Any] = {
-            name: getattr(self, name)[index] for name in self._ROW_FIELDS if getattr(self, name) is not None
-        }
-        if self.proposal_rles is not None:
-            changes["proposal_rles"] = [self.proposal_rles[i] for i in index.tolist()]
-        return out.replace(**changes)  # type: ignore[return-value]
-
-
-def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
-    """``CocoInstances`` items -> a ``CocoBatch``: all instances of all images as rows, image by image."""
-    if not items:
-        raise ValueError("collate_coco: empty list of items.")
-    s = items[0]["image"].shape[-1]
-    rows_index, points, boxes, inst, props, aux = [], [], [], [], [], []
-    with_proposals = "proposal_boxes" in items[0]
-    with_aux = "aux_masks" in items[0]
-    for b, item in enumerate(items):
-        m = len(item["classes"])
-        orig, size = item["original_size"].tolist(), item["input_size"].tolist()
-        rows_index.append(torch.full((m,), b, dtype=torch.long))
-        points.append(scale_coords(item["points"], orig, size))
-        box = scale_boxes(item["boxes"], orig, size)
-        boxes.append(box)
-        if with_proposals:
-            props.append(scale_boxes(item["proposal_boxes"], orig, size))
-        if with_aux and m and item["aux_masks"].shape[1]:
-            am = item["aux_masks"]
-            framed, _ = to_input_frame(
-                am.reshape(-1, 1, *am.shape[-2:]).float(), s, "longest", "nearest-exact"
-            )
-            aux.append(framed.reshape(m, -1, s, s) > 0.5)
-        if m:
-            resized, _ = to_input_frame(
-                item["instance_masks"][:, None].float(), s, "longest", "nearest-exact"
-            )
-            inst.append(resized)
-        else:
-            inst.append(torch.zeros(0, 1, s, s))
-    p = max(item["points"].shape[1] for item in items)
-    pts = torch.cat(points) if points else torch.zeros(0, p, 2)
-    instance_mask = torch.cat(inst)
-    image_index = torch.cat(rows_index)
-    union = torch.zeros(len(items), 1, s, s)
-    union.index_put_((image_index,), instance_mask, accumulate=True)
-    proposal_fields: dict[str, Any] = {}
-    if with_proposals:
-        proposal_fields = {
-            "proposals": torch.cat(props),
-            "proposal_scores": torch.cat([item["proposal_scores"] for item in items]),
-            "proposal_rles": [rles for item in items for rles in item["proposal_rles"]],
-        }
-    if with_aux:
-        r = max((a.shape[1] for a in aux), default=0)
-        proposal_fields["aux_masks"] = torch.cat(aux) if aux else torch.zeros(0, r, s, s, dtype=torch.bool)
-    return CocoBatch(
-        image=torch.stack([item["image"] for item in items]),
-        input_size=torch.stack([item["input_size"] for item in items]).long(),
-        original_size=torch.stack([item["original_size"] for item in items]).long(),
-        mask=(union > 0).float(),
-        gt_original=[item["instance_masks"].any(0) for item in items],
-        id=[item["id"] for item in items],
-        path=[item["path"] for item in items],
-        image_index=image_index,
-        points=pts,
-        point_labels=torch.ones(pts.shape[:2], dtype=torch.long),
-        box=torch.cat(boxes),
-        instance_mask=instance_mask,
-        classes=torch.cat([item["classes"] for item in items]),
-        category_ids=torch.cat([item["category_ids"] for item in items]),
-        ann_ids=torch.cat([item["ann_ids"] for item in items]),
-        points_original=torch.cat([item["points"] for item in items]),
-        boxes_original=torch.cat([item["boxes"] for item in items]),
-        instance_masks=[item["instance_masks"] for item in items],
-        image_ids=[item["image_id"] for item in items],
-        **proposal_fields,
-    )
 
 
 class CocoDataModule(L.LightningDataModule):

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from samflow.data.folder import DataError
+from samflow.data.errors import DataError
 
 __all__ = ["ProposalBags", "proposals_file", "sam_checksum"]
 

@@ -13,115 +13,27 @@ and one batch, fewer than another, and metrics summed over processes count every
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch.utils.data import DataLoader, DistributedSampler
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch.utils.data import DataLoader
 
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
+from samflow.data.bad_files import BadFile, OnBadSample, check_set_files, report_skipped
 from samflow.data.batch import collate
-from samflow.data.folder import BadFile, DataError, MaskFolderDataset, OnBadSample
+from samflow.data.errors import DataError
+from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
+from samflow.data.folder import MaskFolderDataset
 from samflow.data.prompts import NoPrompt, PromptSpec, build_prompt
 from samflow.data.quickstart import MARKER, make_quickstart_data
 from samflow.data.resumable import ResumableLoader
+from samflow.data.split_spec import SplitSpec, _check_named_sets, _check_split_spec
 from samflow.data.transforms import GpuAugment, ImageResize, ResizeMode
 
-# What a split may be: a root, a dict {"root": ..., "images": ..., "masks": ..., ...}, or a list of those.
-SplitSpec = str | dict[str, Any] | list[str | dict[str, Any]] | None
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-_PROGRESS_ABOVE = 500  # files: a dataset with more gets a progress bar while they are checked
-
-
-def _check_split_spec(split: str, spec: SplitSpec) -> None:
-    """Reject a dict without ``root`` early: it is most likely a mapping of named sets."""
-    if isinstance(spec, Mapping) and "root" not in spec:
-        hint = (
-            f" To evaluate on several named datasets, use data.{split}_sets: {{NAME: spec, ...}}."
-            if split in ("val", "test")
-            else ""
-        )
-        raise ValueError(
-            f"data.{split} is a mapping without a 'root' key ({dict(spec)}). A split spec is a folder, a "
-            f"dict {{root: ..., images: ..., masks: ...}}, or a list of those.{hint}"
-        )
-
-
-def _check_named_sets(
-    split: str, spec: SplitSpec, named: Mapping[str, SplitSpec] | None
-) -> dict[str, SplitSpec] | None:
-    """Check ``val_sets`` / ``test_sets``: a non-empty name -> split spec mapping, without the plain split."""
-    if named is None:
-        return None
-    key = f"data.{split}_sets"
-    if spec is not None:
-        raise ValueError(
-            f"Give data.{split} or {key}, not both (got {split}={spec!r} and {key}={dict(named)!r})."
-        )
-    if not isinstance(named, Mapping) or not named:
-        raise ValueError(f"{key} must be a non-empty mapping of dataset name -> split spec, got {named!r}.")
-    for name, value in named.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{key}: dataset names must be non-empty strings, got {name!r}.")
-        if value is None:
-            raise ValueError(
-                f"{key}.{name} has no split spec; give a folder root, a dict with 'root', or a list."
-            )
-        _check_split_spec(f"{split}_sets.{name}", value)
-    return dict(named)
-
-
-class EvalShardSampler(DistributedSampler):
-    """One process's part of an evaluation set: a contiguous, unpadded range of indices, in order.
-
-    ``n`` images on ``W`` processes: the first ``n % W`` processes get ``n // W + 1`` images, the others
-    ``n // W``, so every image is evaluated exactly once (``DistributedSampler`` instead repeats
-    images until every process has as many). Process 0 gets the first images, as one process would
-    see them. A set with fewer images than processes is refused: a process without any batch would
-    leave Lightning's and the metrics' collective calls unmatched.
-
-    It is a ``DistributedSampler``, so Lightning keeps it instead of injecting its own.
-    """
-
-    def __init__(self, dataset: Any, num_replicas: int, rank: int, key: str = "the evaluation set") -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        total = len(dataset)
-        if total < num_replicas:
-            raise DataError(
-                f"{key} has {total} image(s), fewer than the {num_replicas} processes of this run; "
-                "each process evaluates a part of every set without repeating images, so run with at "
-                f"most {total} device(s) or give the set more images."
-            )
-        base, extra = divmod(total, num_replicas)
-        self.start = rank * base + min(rank, extra)
-        self.num_samples = base + (rank < extra)
-        self.total_size = total
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.start + self.num_samples))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def eval_shard_sampler(trainer: Any, dataset: Any, key: str) -> EvalShardSampler | None:
-    """Under DDP, this process's ``EvalShardSampler`` of an evaluation ``dataset`` (``key`` names it in
-    errors); None in one process, without a trainer, or with the trainer's ``use_distributed_sampler``
-    off (then the loaders are the user's business)."""
-    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
-    connector = getattr(trainer, "_accelerator_connector", None)
-    if (
-        not kwargs
-        or kwargs.get("num_replicas", 1) <= 1
-        or not getattr(connector, "use_distributed_sampler", True)
-    ):
-        return None
-    return EvalShardSampler(dataset, num_replicas=kwargs["num_replicas"], rank=kwargs["rank"], key=key)
 
 
 def default_quickstart_root() -> Path:
@@ -351,7 +263,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 require_masks=split != "predict",
             )
             if self.check_files:
-                self._check_files(dataset, split, name)
+                check_set_files(self, dataset, split, name)
         except DataError as err:
             raise DataError(f"{self._config_key(split, name)}: {err}") from err
         wants_prompts = not isinstance(self.eval_prompt, NoPrompt)
@@ -378,7 +290,7 @@ class SegmentationDataModule(L.LightningDataModule):
             for name in self._sets(split):
                 if self._key(split, name) not in self.datasets:
                     self._find(split, name)
-        self._report_skipped()
+        report_skipped(self)
 
     def _find(self, split: str, name: str) -> None:
         """List a set's samples without keeping or checking them: its paths exist and pair up."""
@@ -393,57 +305,6 @@ class SegmentationDataModule(L.LightningDataModule):
         trainer = self.trainer
         return trainer.global_rank if trainer is not None else int(getattr(rank_zero_only, "rank", 0))
 
-    def _check_files(self, dataset: MaskFolderDataset, split: str, name: str) -> None:
-        """Check the files of a freshly built set (``check_files``); record what ``skip`` left out."""
-        total = len(dataset)
-        files = sum(1 + (s.mask is not None) for s in dataset.samples)
-        config_key = self._config_key(split, name)
-        large = files > _PROGRESS_ABOVE and self._rank() == 0
-        console = Console(stderr=True)
-        if large and console.is_terminal:  # a bar on process 0, in a terminal (not in a log file)
-            columns = (
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-            )
-            with Progress(*columns, console=console, transient=True) as bar:
-                task = bar.add_task(f"Checking the files of {config_key}", total=files)
-                bad = dataset.check_files(self.on_bad_sample, progress=lambda n: bar.advance(task, n))
-        else:
-            bad = dataset.check_files(self.on_bad_sample)
-        if large:
-            rank_zero_info(f"{config_key}: checked {files} files in {dataset.check_seconds or 0:.1f} s.")
-        if not bad:
-            return
-        if not dataset.samples:
-            raise DataError(
-                f"every one of the {total} samples has a bad file, so none is left to skip to; the first: "
-                f"{bad[0]}."
-            )
-        key = self._key(split, name)
-        self.skipped[key] = bad
-        self._skip_notes[key] = (config_key, total)
-        self._reported.discard(key)
-
-    def _report_skipped(self) -> None:
-        """Warn with every file ``on_bad_sample: skip`` left out since the last report, and log the counts."""
-        new = [key for key in self.skipped if key not in self._reported]
-        if not new:
-            return
-        self._reported.update(new)
-        lines, counts = [], []
-        for key in new:
-            config_key, total = self._skip_notes[key]
-            samples = len({b.sample for b in self.skipped[key]})
-            counts.append(f"{config_key}: {samples} of {total} samples skipped")
-            lines += [f"  {config_key}: {b}" for b in self.skipped[key]]
-        rank_zero_warn(
-            "data.on_bad_sample: skip left out the samples (image and mask together) of these "
-            f"{len(lines)} bad file(s):\n" + "\n".join(lines)
-        )
-        rank_zero_info("Bad files (data.on_bad_sample: skip): " + "; ".join(counts) + ".")
-
     def _dataset(self, split: str, name: str | None = None) -> MaskFolderDataset:
         """The (cached) dataset of one set of ``split``; ``name`` None means the split's default set."""
         if name is not None and name not in self._sets(split):
@@ -452,7 +313,7 @@ class SegmentationDataModule(L.LightningDataModule):
         key = self._key(split, name)
         if key not in self.datasets:
             self.datasets[key] = self.build_dataset(split, name)
-            self._report_skipped()
+            report_skipped(self)
         return self.datasets[key]
 
     def _eval_sampler(

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-from samflow.data.folder import DataError
+from samflow.data.errors import DataError
 
 _VERSION = 1
 MARKER = "quickstart.json"

@@ -19,7 +19,7 @@ from typing import NoReturn
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 1 (samflow.cli), not usage and exit 2
-        from samflow.cli import ExperimentError
+        from samflow.experiment_files import ExperimentError
 
         raise ExperimentError(f"samflow sweep: {message} (`samflow sweep --help` lists the options)")
 
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run ``samflow sweep``; returns the exit status."""
-    from samflow.cli import ExperimentError
+    from samflow.experiment_files import ExperimentError
     from samflow.sweep.check import check_sweep, experiment_path
     from samflow.sweep.load import load_sweep
 

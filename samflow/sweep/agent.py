@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from samflow.cli import ExperimentError
+from samflow.experiment_files import ExperimentError
 
 WANDB_COMMAND = ["${env}", "samflow", "fit", "--experiment", "EXPERIMENT", "${args}"]
 

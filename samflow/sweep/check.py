@@ -5,7 +5,7 @@ metric would fail every trial alike. So, once per sweep, ``samflow fit``'s own p
 experiment with the file's fixed flags (the ``command`` key), then with one value of each parameter (a
 misspelt key or a value of the wrong type names ``parameters.<key>``), without building anything; and
 the metric is compared with what the run logs where that is known (``val/<metric>`` for each of the
-experiment's ``model.metrics`` on samflow's data modules, see ``samflow.lightning_cli.main_metric``).
+experiment's ``model.metrics`` on samflow's data modules, see ``samflow.main_metric.main_metric``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from samflow.sweep.spec import SweepError, SweepSpec
 
 def experiment_path(spec: SweepSpec) -> Path:
     """The experiment file the sweep's ``command`` (or ``program``) names, its plugins checked."""
-    from samflow.cli import ExperimentError, check_plugins, resolve_experiment
+    from samflow.experiment_files import ExperimentError, resolve_experiment
+    from samflow.plugin_check import check_plugins
 
     try:
         path = resolve_experiment(spec.experiment)
@@ -36,7 +37,8 @@ def experiment_path(spec: SweepSpec) -> Path:
 def check_sweep(spec: SweepSpec, experiment: Path) -> None:
     """Raise ``SweepError`` (one line naming the sweep file and its key) for an option or metric that
     the experiment's ``samflow fit`` would refuse or never log."""
-    from samflow.cli import ExperimentError, check_plugin_args
+    from samflow.experiment_files import ExperimentError
+    from samflow.plugin_check import check_plugin_args
     from samflow.sweep.run import flag
 
     where = str(spec.path)
@@ -103,7 +105,7 @@ def _one_sample(spec: SweepSpec) -> dict[str, Any]:
 
 def _reason(err: Exception, args: list[str]) -> str:
     """The parser's complaint in a few words (``Option 'lrr' is not accepted``), else its one line."""
-    from samflow.cli import one_line_argument_error
+    from samflow.argument_errors import one_line_argument_error
 
     text = str(err)
     if isinstance(err, ArgumentError):
@@ -114,7 +116,7 @@ def _reason(err: Exception, args: list[str]) -> str:
 
 def _check_metric(where: str, metric: str, config: Any, experiment: str) -> None:
     """A ``val/...`` metric the experiment never logs (known for samflow's data modules) is an error."""
-    from samflow.lightning_cli import _plain, main_metric
+    from samflow.main_metric import _plain, main_metric
     from samflow.metrics.registry import build_metrics
 
     metrics, data = config.get("model.metrics"), config.get("data")

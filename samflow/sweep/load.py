@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from samflow.cli import PACKAGED
+from samflow.experiment_files import PACKAGED
 from samflow.sweep.spec import SweepError, SweepSpec, parse_param
 
 METHODS = ("grid", "random", "bayes")

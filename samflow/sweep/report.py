@@ -17,7 +17,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from samflow.cli import ExperimentError
+from samflow.experiment_files import ExperimentError
 
 TRIAL_FILE = "trial.json"
 RESULT_FILE = "result.json"

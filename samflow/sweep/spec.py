@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from samflow.cli import ExperimentError
+from samflow.experiment_files import ExperimentError
 
 QUANTILE = (1e-6, 1 - 1e-6)  # the quantile range of normal, log_normal and beta (about +-4.75 sigma)
 _PRIMITIVE = (type(None), bool, int, float, str)

@@ -9,8 +9,10 @@ import pytest
 import torch
 from tiny_coco import make_tiny_coco
 
-from samflow.data.coco import CocoDataModule, CocoInstances, collate_coco, qc_point, qc_weights
-from samflow.data.folder import DataError
+from samflow.data.coco import CocoDataModule, CocoInstances
+from samflow.data.coco_batch import collate_coco
+from samflow.data.coco_points import qc_point, qc_weights
+from samflow.data.errors import DataError
 
 
 @pytest.fixture

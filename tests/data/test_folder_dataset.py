@@ -102,7 +102,7 @@ def test_stretch_mode_and_points(tmp_path: Path, pngs: SimpleNamespace) -> None:
 def test_mask_threshold_is_127(tmp_path: Path, pngs: SimpleNamespace) -> None:
     from PIL import Image
 
-    from samflow.data.folder import ValueRangeWarning
+    from samflow.data.reading import ValueRangeWarning
 
     pngs.image(tmp_path / "images" / "x.png", 1, 3)
     (tmp_path / "masks").mkdir()

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from samflow.data import MaskFolderDataset, mask_to_box
-from samflow.data.folder import read_image
+from samflow.data.reading import read_image
 from samflow.data.transforms import to_input_frame
 
 # (height, width, PIL mode): odd sizes, both orientations, already S x S, grey, palette, RGBA

@@ -19,13 +19,8 @@ import yaml
 from helpers import run_samflow
 
 from samflow import cli
-from samflow.cli import (
-    ExperimentError,
-    check_plugin_args,
-    check_plugin_target,
-    check_plugins,
-    list_experiments,
-)
+from samflow.experiment_files import ExperimentError, list_experiments
+from samflow.plugin_check import check_plugin_args, check_plugin_target, check_plugins
 from samflow.plugins.registry import PluginError, PluginWarning, discover, get_plugin_class
 
 WORKING = textwrap.dedent(

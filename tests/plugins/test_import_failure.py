@@ -1,5 +1,5 @@
 """``import_failure``: the one-line reason a module failed to import, shared by plugin discovery (a
-broken entry point's status) and the ``class_path`` check of ``samflow fit`` (``cli._importable``)."""
+broken entry point's status) and the ``class_path`` check of ``samflow fit`` (``plugin_check._importable``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from samflow.cli import ExperimentError, check_plugin_target
+from samflow.experiment_files import ExperimentError
+from samflow.plugin_check import check_plugin_target
 from samflow.plugins.registry import import_failure
 
 

@@ -7,7 +7,8 @@ import warnings
 
 import pytest
 
-from samflow.cli import ExperimentError, check_plugins
+from samflow.experiment_files import ExperimentError
+from samflow.plugin_check import check_plugins
 from samflow.plugins import registry
 from samflow.plugins.registry import PluginError, create_plugin, discover, get_plugin_class
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from samflow import Predictor
-from samflow.predictor import PredictorError, _starts
+from samflow.predictor_types import PredictorError
 from samflow.sam import HookedSam
+from samflow.tiled_predict import _starts
 
 
 def image(height: int, width: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from segment_anything import SamPredictor
 
 from samflow import Predictor
 from samflow.module import SamSpec
-from samflow.predictor import PredictorError
+from samflow.predictor_types import PredictorError
 from samflow.sam import CheckpointError, HookedSam
 
 BOX = np.array([20, 10, 100, 70])

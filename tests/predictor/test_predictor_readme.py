@@ -104,7 +104,7 @@ def test_adapter_size_table(plugin):
 def test_command_line_prompts_section_runs(trained_run, tmp_path, monkeypatch, capsys):
     """The README's `samflow predict --prompts` command on its JSON example, and its CSV example reads
     the same prompts."""
-    from samflow.prompted_predict import read_prompts
+    from samflow.prompt_files import read_prompts
 
     text = section("Use a trained model")
     (tmp_path / "runs" / "quickstart").mkdir(parents=True)

@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from samflow.cli import main
 from samflow.predictor import Predictor
-from samflow.prompted_predict import read_prompts
+from samflow.prompt_files import read_prompts
 
 BOX = [4, 6, 30, 24]
 POINTS = [[10, 12], [20, 8]]

@@ -15,8 +15,9 @@ from pycocotools import mask as mask_api
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coco"))
 from tiny_coco import make_tiny_coco  # noqa: E402
 
-from samflow.data.coco import CocoDataModule, CocoInstances, collate_coco  # noqa: E402
-from samflow.data.folder import DataError  # noqa: E402
+from samflow.data.coco import CocoDataModule, CocoInstances  # noqa: E402
+from samflow.data.coco_batch import collate_coco  # noqa: E402
+from samflow.data.errors import DataError  # noqa: E402
 from samflow.proposals import write_proposals  # noqa: E402
 
 

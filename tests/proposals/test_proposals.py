@@ -15,7 +15,8 @@ from pycocotools import mask as mask_api
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coco"))
 from tiny_coco import make_tiny_coco  # noqa: E402
 
-from samflow.data.coco import CocoInstances, collate_coco  # noqa: E402
+from samflow.data.coco import CocoInstances  # noqa: E402
+from samflow.data.coco_batch import collate_coco  # noqa: E402
 from samflow.proposals import KINDS, ProposalStoreError, propose_batch, write_proposals  # noqa: E402
 from samflow.sam import HookedSam  # noqa: E402
 

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coco"))
 from helpers import randomize
 from tiny_coco import make_tiny_coco
 
-from samflow.data.coco import CocoDataModule, collate_coco
+from samflow.data.coco import CocoDataModule
+from samflow.data.coco_batch import collate_coco
 from samflow.embed import EmbeddingStoreError, open_for_run
 from samflow.embed.store import read_manifest
 from samflow.embed.writer import write_store

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from samflow.data import DataError, MaskFolderDataset, read_image, read_mask
-from samflow.data.folder import ValueRangeWarning
+from samflow.data.reading import ValueRangeWarning
 
 
 def grey_image(path: Path, width: int, value: int = 100) -> Path:

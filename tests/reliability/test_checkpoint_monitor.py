@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from quickstart_tiny import samflow
 
-from samflow.lightning_cli import checkpoint_filename, main_metric
+from samflow.main_metric import checkpoint_filename, main_metric
 
 DATA = "samflow.data.SegmentationDataModule"
 

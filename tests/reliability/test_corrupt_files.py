@@ -30,8 +30,7 @@ import pytest
 from helpers import run_samflow
 from PIL import Image
 
-import samflow.data.datamodule as datamodule_module
-from samflow.data import DataError, SegmentationDataModule
+from samflow.data import DataError, SegmentationDataModule, bad_files
 from samflow.data.folder import MaskFolderDataset
 
 SIZE = (40, 30)  # W, H
@@ -165,7 +164,7 @@ def test_skip_keeps_the_good_samples_and_lists_the_skipped_files(tmp_path, monke
     val = good_root(tmp_path / "val")
     add_bad(val, "zero_byte")
     infos: list[str] = []
-    monkeypatch.setattr(datamodule_module, "rank_zero_info", infos.append)
+    monkeypatch.setattr(bad_files, "rank_zero_info", infos.append)
     dm = SegmentationDataModule(train=str(root), val=str(val), img_size=32, on_bad_sample="skip")
     with pytest.warns(UserWarning, match="data.on_bad_sample: skip left out") as record:
         dm.setup("fit")
@@ -251,7 +250,7 @@ def test_large_sets_are_checked_fast_with_progress_on_rank_zero_only(tmp_path, m
         (root / "images" / f"{i:04d}.jpg").write_bytes(image)
         (root / "masks" / f"{i:04d}.png").write_bytes(mask)
     infos: list[str] = []
-    monkeypatch.setattr(datamodule_module, "rank_zero_info", infos.append)
+    monkeypatch.setattr(bad_files, "rank_zero_info", infos.append)
     dm = SegmentationDataModule(train=str(root), img_size=32)
     start = time.perf_counter()
     dm.setup("fit")

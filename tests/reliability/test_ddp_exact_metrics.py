@@ -18,7 +18,7 @@ from test_cli import run
 from torch.utils.data import SequentialSampler
 
 from samflow.data import DataError, SegmentationDataModule
-from samflow.data.datamodule import EvalShardSampler
+from samflow.data.eval_shard import EvalShardSampler
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 ONE = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]

@@ -26,7 +26,7 @@ from helpers import run_samflow
 from PIL import Image
 
 from samflow.callbacks import MaskWriter
-from samflow.data.folder import find_samples
+from samflow.data.listing import find_samples
 
 STEMS = ("a", "b", "c")
 

@@ -10,7 +10,7 @@ from helpers import run_samflow, short_run
 from PIL import Image
 
 from samflow.callbacks.run_report import SECTIONS
-from samflow.callbacks.samples import BASE_PANELS, STRIP
+from samflow.callbacks.sample_drawing import BASE_PANELS, STRIP
 
 NOISE = (
     "litlogger",

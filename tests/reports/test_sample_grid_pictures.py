@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from samflow.callbacks.samples import (
-    BASE_PANELS,
-    STRIP,
-    SampleGrid,
-    SampleRow,
-    batch_rows,
-    row_iou,
-    sample_grid,
-    wandb_image,
-)
+from samflow.callbacks.sample_drawing import BASE_PANELS, STRIP, SampleRow, row_iou, sample_grid
+from samflow.callbacks.samples import SampleGrid, batch_rows, wandb_image
 from samflow.module import SamflowModule, SamSpec
 from samflow.plugins import SamplePanel
 from samflow.testing import random_batch

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overlap_coco import make_overlap_coco
 
 from samflow.cli import main
-from samflow.data.folder import DataError
+from samflow.data.errors import DataError
 from samflow.pseudo_masks import pseudo_index_of
 
 

@@ -14,7 +14,8 @@ from helpers import run_samflow
 from test_sweep_loop import write_sweep
 
 import samflow.sweep
-from samflow.cli import ExperimentError, _user_errors
+from samflow.cli import _user_errors
+from samflow.experiment_files import ExperimentError
 from samflow.sweep import check, run
 from samflow.sweep.load import load_sweep
 from samflow.sweep.report import TrialMetricError

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from samflow.cli import ExperimentError, list_experiments
+from samflow.experiment_files import ExperimentError, list_experiments
 from samflow.sweep.load import load_sweep, parse_sweep
 from samflow.sweep.spec import QUANTILE, SweepError
 

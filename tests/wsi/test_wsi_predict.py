@@ -19,7 +19,8 @@ from samflow.data.wsi.annotations import rasterize_grid
 from samflow.data.wsi.slide import Slide
 from samflow.data.wsi.tissue import tissue_mask
 from samflow.module import SamflowModule, SamSpec
-from samflow.wsi_predict import dice, predict_slide, tile_origins, tile_probabilities
+from samflow.wsi_predict import dice, predict_slide
+from samflow.wsi_tiles import tile_origins, tile_probabilities
 from samflow_plugins.wsi_sam import WSISam
 
 HR_MPP = 1.0  # HR mask: 384 x 256 px for the 768 x 512 px slide at 0.5 um/px

@@ -20,7 +20,8 @@ from synthetic_slide import write_geojson, write_slide
 
 from samflow.data.wsi.slide import Slide
 from samflow.module import SamflowModule, SamSpec
-from samflow.wsi_predict import predict_slide, tile_chunks
+from samflow.wsi_predict import predict_slide
+from samflow.wsi_tiles import tile_chunks
 from samflow_plugins.wsi_sam import WSISam
 
 # 64 px tiles overlapping by 16 at 1 um/px on the 384 x 256 px slide; 3 tiles a batch, so the

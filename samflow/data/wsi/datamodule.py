@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
 from samflow.data.batch import collate
-from samflow.data.datamodule import EvalShardSampler, eval_shard_sampler
+from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
 from samflow.data.prompts import PromptSampler
 from samflow.data.resumable import ResumableLoader
 from samflow.data.wsi.patches import SlidePatches, wsi_sam_prompts

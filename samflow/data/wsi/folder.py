@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from samflow.data.folder import read_image, read_mask
 from samflow.data.prompts import PromptSampler
+from samflow.data.reading import read_image, read_mask
 from samflow.data.wsi.patches import pair_item, wsi_sam_prompts
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

@@ -1,0 +1,144 @@
+"""Rebuilding a trained model from a run's config and weights (``Predictor.from_run`` /
+``from_checkpoint``, ``samflow.export``, ``samflow predict-slide``, ``samflow pseudo-masks``).
+
+``run_files`` finds a run's checkpoint and ``config.yaml``; ``read_run_config`` reads the model section
+and the predictor options; ``build_model`` rebuilds SAM and the plugins; ``read_checkpoint_state`` and
+``load_trained_state`` load the trained weights, strictly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+from samflow.module import SAM_PREFIX, SamSpec
+from samflow.plugins import PluginStack, SamPlugin
+from samflow.plugins.registry import discover
+from samflow.predictor_types import PredictorError
+from samflow.sam import CheckpointError, HookedSam, build_sam
+
+__all__ = ["build_model", "load_trained_state", "read_checkpoint_state", "read_run_config", "run_files"]
+
+
+def run_files(source: str | Path, checkpoint: str | Path | None = None) -> tuple[Path, Path]:
+    """(checkpoint, config.yaml) of a run folder or of a checkpoint file.
+
+    A run folder gives ``checkpoint`` (a file name in its ``checkpoints/`` or a path), else
+    ``checkpoints/last.ckpt``, else the only checkpoint there; a checkpoint file gives its run's
+    ``config.yaml`` (``../config.yaml`` when it lies in ``checkpoints/``).
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return path, run / "config.yaml"
+    if not (path / "config.yaml").is_file():
+        raise PredictorError(
+            f"{path} is not a samflow run folder (no config.yaml) nor a checkpoint file; pass "
+            "runs/<experiment>/version_N or a .ckpt file."
+        )
+    folder = path / "checkpoints"
+    if checkpoint is not None:
+        given = Path(checkpoint).expanduser()
+        return (given if given.is_absolute() or given.exists() else folder / given), path / "config.yaml"
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt", path / "config.yaml"
+    found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if len(found) != 1:
+        raise PredictorError(
+            f"{folder}: {'no checkpoint' if not found else f'{len(found)} checkpoints'} and no last.ckpt; "
+            "pass the checkpoint (a file name there or a path)."
+        )
+    return found[0], path / "config.yaml"
+
+
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """A run's resolved ``config.yaml`` -> ``{"model": model section, "predictor": Predictor options}``."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise PredictorError(
+            f"Run config {str(path)!r} does not exist; pass config= (the config.yaml samflow fit wrote in the run folder)."
+        )
+    config = yaml.safe_load(path.read_text()) or {}
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise PredictorError(f"{path} has no model section; pass the config.yaml samflow fit wrote.")
+    data = config.get("data") or {}
+    data = data.get("init_args", data) if isinstance(data, dict) else {}
+    options: dict[str, Any] = {
+        "resize_mode": data.get("resize_mode") or "longest",
+        "image_resize": data.get("image_resize") or "sam",
+    }
+    threshold = model.get("threshold")
+    if threshold is not None and 0 < float(threshold) < 1:
+        options["mask_threshold"] = math.log(float(threshold) / (1 - float(threshold)))
+    return {"model": model, "predictor": options, "config": config}
+
+
+def build_model(model: Mapping[str, Any], *, sam_checkpoint: str | Path | None = None) -> HookedSam:
+    """SAM and the plugins of a run's ``model`` section (``sam``, ``plugins``), SAM's weights loaded."""
+    from jsonargparse import ArgumentParser
+
+    spec = SamSpec(
+        **{
+            f.name: (model.get("sam") or {})[f.name]
+            for f in fields(SamSpec)
+            if f.name in (model.get("sam") or {})
+        }
+    )
+    if sam_checkpoint is not None:
+        spec.checkpoint = str(sam_checkpoint)
+    discover()  # plugins named by their short class name resolve, broken ones are known
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--plugins", type=dict[str, SamPlugin] | None, default=None)
+    try:
+        plugins = parser.instantiate_classes(parser.parse_object({"plugins": model.get("plugins")})).plugins
+    except Exception as err:  # jsonargparse reports bad specs in several types
+        raise PredictorError(f"model.plugins of the run cannot be built: {err}") from err
+    sam = build_sam(spec.variant, spec.checkpoint, spec.img_size, seed=spec.seed)
+    return HookedSam(sam, PluginStack(plugins or {}), spec.multimask_output)
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Tensor]:
+    """The state dict of a Lightning checkpoint, loaded with ``weights_only=True``, keys of ``HookedSam``."""
+    try:
+        with torch.serialization.safe_globals([SamSpec]):  # a module built in Python keeps its SamSpec
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise CheckpointError(
+            f"Cannot read checkpoint {str(path)!r} with weights_only=True ({type(err).__name__}); pass a "
+            "checkpoint samflow fit wrote (runs/<experiment>/version_N/checkpoints/*.ckpt)."
+        ) from err
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state_dict; pass a checkpoint samflow fit wrote.")
+    prefix = SAM_PREFIX.split(".")[0] + "."  # "model."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_trained_state(model: HookedSam, state: Mapping[str, Tensor], source: str) -> None:
+    """Load plugin weights and trained SAM parts into ``model``; its frozen SAM weights stay.
+
+    Strict: every key the model trains or holds outside the frozen SAM must be in ``state``, and
+    ``state`` may hold nothing the model lacks; otherwise one error names the keys and ``source``.
+    """
+    stack = model.plugins
+    frozen = {f"sam.{k}" for k in getattr(stack, "frozen_sam_keys", set())}
+    expected = model.state_dict()
+    needed = set(expected) - frozen
+    missing = sorted(needed - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not fit the run's model: missing {len(missing)} keys ({', '.join(missing[:4])}), "
+            f"unexpected {len(unexpected)} ({', '.join(unexpected[:4])}); pass the config.yaml of the run "
+            "that wrote it."
+        )
+    full = {**expected, **state}
+    model.load_state_dict(full, strict=True)
