@@ -19,12 +19,14 @@ the official and samflow draw the same uniforms).
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import randomize
 from official_code import (
     ReferenceOutputs,
@@ -125,9 +127,22 @@ def official_model(
 
 def two_images() -> SamBatch:
     """Two images with one box each (the official adapter takes one prompt per image); the second is
-    1024 x 768, zero-padded at the bottom, so padding reaches the edge map as in the official code."""
+    1024 x 768, zero-padded at the bottom, so padding reaches the edge map as in the official code.
+
+    Smooth, so that the edge map depends on Canny's thresholds (10 / 100): a coarse and a finer random
+    field (bicubic), their amplitude growing left to right from 0.3 to 15. Beyond [0, 1] on purpose: the
+    reference's Canny runs on the uint8 wrap of the *normalised* image, which for an image in [0, 1] takes
+    5 values, so its L1 Sobel magnitudes are either <= 32 or >= 240 and a high threshold of 100 or 104
+    gives the same edges; here the magnitudes are spread from 0 to far above 300, and 10 -> 12, 100 -> 104
+    and 100 -> 300 each change the edges of both images."""
     gen = torch.Generator().manual_seed(3)
-    image = torch.rand(2, 3, 1024, 1024, generator=gen)
+
+    def field(grid: int) -> torch.Tensor:
+        noise = torch.randn(2, 3, grid, grid, generator=gen)
+        return F.interpolate(noise, size=(1024, 1024), mode="bicubic", align_corners=False)
+
+    amplitude = torch.logspace(math.log10(0.3), math.log10(15.0), 1024).view(1, 1, 1, -1)
+    image = 0.5 + amplitude * (field(12) + 0.5 * field(48))
     image[1, :, 768:] = 0
     box = torch.tensor([[100.0, 200.0, 700.0, 900.0], [300.0, 50.0, 1000.0, 600.0]])
     input_size = torch.tensor([[1024, 1024], [768, 1024]])
