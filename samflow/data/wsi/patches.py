@@ -9,6 +9,7 @@ with it; the ground truth is rasterised at both resolutions from the same polygo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,7 @@ class SlidePatches(Dataset):
         self.prompt = prompt if prompt is not None else wsi_sam_prompts()
         self.slide_mpp, self.augment = slide_mpp, augment
         self._slides: dict[int, Slide] = {}
+        self._slides_pid: int | None = os.getpid()  # the process that opened ``_slides``
         self.regions = [
             None if a is None else load_annotations(a, label_downsample=label_downsample)
             for a in (annotations or [None] * len(slides))
@@ -221,13 +223,19 @@ class SlidePatches(Dataset):
         self.set_epoch(0)
 
     def slide(self, index: int) -> Slide:
-        if index not in self._slides:  # opened lazily, once per worker process
+        """The slide, opened lazily once per process. A forked loader worker inherits the parent's open
+        slides, whose file descriptors share one file offset with the parent's and every other
+        worker's: reads through them would race (seek, then read) and return another region's bytes.
+        So a process opens its own (``_slides_pid``); pickling (spawned workers) drops them too."""
+        if self._slides_pid != os.getpid():
+            self._slides, self._slides_pid = {}, os.getpid()
+        if index not in self._slides:
             self._slides[index] = Slide(self.paths[index], self.slide_mpp)
         return self._slides[index]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_slides"] = {}
+        state["_slides"], state["_slides_pid"] = {}, None
         return state
 
     def set_epoch(self, epoch: int) -> None:
