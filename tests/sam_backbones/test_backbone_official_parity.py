@@ -9,8 +9,9 @@ outputs recorded in ``tests/reference_outputs/mobile_sam.pt`` and ``efficient_sa
 (``official_code.ReferenceOutputs``) for the same weights and input, so no timm is needed; the
 feature maps, of over 4096 elements, are recorded as sketches (``official_code.Sketch``: their values
 at 4096 seeded positions, their sums and marginals), compared by ``official_code.assert_close``. That
-``build_sam(..., checkpoint=...)`` reads the official checkpoints' layout (strict key mapping) needs
-the official model, to write such a file: those tests run only with the checkouts.
+``build_sam(..., checkpoint=...)`` reads the official checkpoints (strict key mapping) is checked on a
+file of the official layout (every key, shape and dtype of the official model's state dict, recorded
+too) filled with seeded random values.
 """
 
 from __future__ import annotations
@@ -44,14 +45,24 @@ def _import(ref: ReferenceOutputs, module: str, monkeypatch: pytest.MonkeyPatch)
     pytest.importorskip(module)
 
 
-def _checkout(ref: ReferenceOutputs, module: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """For the tests that need the official model itself: skip without the checkout."""
-    if not ref.src:
-        pytest.skip(
-            "checkout-only: writing the official checkpoint layout needs the official model (not "
-            f"recordable); set {ref.env}"
+def _layout(state: dict[str, torch.Tensor]) -> list[list]:
+    """The official checkpoint's layout: [key, shape, dtype] of every tensor of ``state``, in order."""
+    return [[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in state.items()]
+
+
+def _filled(layout: list[list], seed: int) -> dict[str, torch.Tensor]:
+    """A state dict of ``layout`` (``_layout``'s form) with values drawn from ``seed``: a stand-in for
+    the official checkpoint file, whose values samflow must land under the same keys."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape, dtype_name in layout:
+        dtype = getattr(torch, dtype_name)
+        state[name] = (
+            torch.randn(shape, generator=gen, dtype=dtype)
+            if dtype.is_floating_point
+            else torch.randint(0, 100, shape, generator=gen, dtype=dtype)
         )
-    _import(ref, module, monkeypatch)
+    return state
 
 
 def _random_sam(variant: str) -> Sam:
@@ -109,22 +120,29 @@ def test_mobile_sam_equals_official_tiny_vit(monkeypatch):
         assert_close(enc(x), expected["embedding"], rtol=0, atol=1e-10)
 
 
+@pytest.mark.skipif(not MOBILE.available, reason=MOBILE.skip_reason())
 def test_mobile_sam_loads_the_official_checkpoint(monkeypatch, tmp_path):
     """``build_sam`` reads the official MobileSAM file (classifier head included) strictly: every
     tensor lands under its own key, the decoder side included."""
-    _checkout(MOBILE, "mobile_sam", monkeypatch)
-    from mobile_sam.build_sam import build_sam_vit_t
 
-    full = build_sam_vit_t()  # the official MobileSAM at 1024 px: TinyViT + SAM's decoder side
-    randomize_all(full, seed=0)
+    def official() -> dict:
+        _import(MOBILE, "mobile_sam", monkeypatch)
+        from mobile_sam.build_sam import build_sam_vit_t
+
+        # the official MobileSAM at 1024 px: TinyViT (classifier head included) + SAM's decoder side
+        return {"layout": _layout(build_sam_vit_t().state_dict())}
+
+    inputs = fingerprint("build_sam_vit_t().state_dict()")
+    layout = MOBILE.get("checkpoint_layout", inputs, official)["layout"]
+    full = _filled(layout, seed=0)
     path = tmp_path / "mobile_sam.pt"
-    torch.save(full.state_dict(), path)  # the official checkpoint's layout (classifier head included)
+    torch.save(full, path)
     ours = build_sam("mobile_sam", checkpoint=path, img_size=SIZE).double().state_dict()
     head = ("image_encoder.head.", "image_encoder.norm_head.")
-    official = {k: v for k, v in full.state_dict().items() if not k.startswith(head)}
-    assert len(official) < len(full.state_dict())
-    assert set(ours) == set(official)
-    for name, value in official.items():
+    official_keys = {k: v for k, v in full.items() if not k.startswith(head)}
+    assert len(official_keys) < len(full)
+    assert set(ours) == set(official_keys)
+    for name, value in official_keys.items():
         torch.testing.assert_close(ours[name], value.to(ours[name].dtype), rtol=0, atol=0)
 
 
@@ -158,22 +176,30 @@ def test_efficient_sam_equals_official_encoder(variant, dim, heads, count, monke
         assert_close(enc(x), expected["embedding"], rtol=0, atol=1e-10)
 
 
+@pytest.mark.skipif(not EFFICIENT.available, reason=EFFICIENT.skip_reason())
 @pytest.mark.parametrize(
     ("variant", "dim", "heads"), [("efficient_sam_vitt", 192, 3), ("efficient_sam_vits", 384, 6)]
 )
 def test_efficient_sam_loads_the_official_checkpoint(variant, dim, heads, monkeypatch, tmp_path):
     """``build_sam`` reads the official EfficientSAM file (``{"model": ...}``, its own decoder left
     out with a warning) strictly: every image-encoder tensor lands under its own key."""
-    _checkout(EFFICIENT, "efficient_sam", monkeypatch)
-    from efficient_sam.efficient_sam import build_efficient_sam
 
-    full = build_efficient_sam(dim, heads)  # the official EfficientSAM at 1024 px, its own decoder
-    randomize_all(full, seed=0)
+    def official() -> dict:
+        _import(EFFICIENT, "efficient_sam", monkeypatch)
+        from efficient_sam.efficient_sam import build_efficient_sam
+
+        # the official EfficientSAM at 1024 px, with its own decoder
+        return {"layout": _layout(build_efficient_sam(dim, heads).state_dict())}
+
+    inputs = fingerprint(f"build_efficient_sam({dim}, {heads}).state_dict()")
+    layout = EFFICIENT.get(f"{variant}/checkpoint_layout", inputs, official)["layout"]
+    full = _filled(layout, seed=0)
     path = tmp_path / f"{variant}.pt"
-    torch.save({"model": full.state_dict()}, path)  # the official checkpoints' layout
+    torch.save({"model": full}, path)  # the official checkpoints' layout
     with pytest.warns(UserWarning, match="only the image encoder is loaded"):
         ours = build_sam(variant, checkpoint=path, img_size=SIZE).double().image_encoder.state_dict()
-    official = full.image_encoder.state_dict()
-    assert set(ours) == set(official)
-    for name, value in official.items():
+    encoder = {k.removeprefix("image_encoder."): v for k, v in full.items() if k.startswith("image_encoder.")}
+    assert len(encoder) < len(full)  # the official decoder's keys are in the file, and left out
+    assert set(ours) == set(encoder)
+    for name, value in encoder.items():
         torch.testing.assert_close(ours[name], value.to(ours[name].dtype), rtol=0, atol=0)
