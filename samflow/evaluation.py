@@ -2,7 +2,7 @@
 
 ``EvalTally`` holds the images and the loss of one set as sums; ``EvaluationMixin``, the base class of
 ``SamflowModule``, keeps a ``MetricCollection`` and an ``EvalTally`` per set and reduces them over
-processes at the epoch's end.
+processes at the epoch's end. ``row_targets`` gives each prompt row the mask it is scored against.
 """
 
 from __future__ import annotations
@@ -78,6 +78,31 @@ class EvalTally(Metric):
         }
 
 
+def row_targets(batch: SamBatch, image_index: Tensor) -> list[Tensor]:
+    """The ground truth of each prompt row (``image_index``: the rows' images) at its image's original
+    size, bool (H, W): the row's own instance in a batch with ``instance_masks`` (``CocoBatch``: one
+    row per instance, an image's rows in the order of its masks), else its image's ``gt_original``."""
+    assert batch.gt_original is not None
+    images = image_index.tolist()
+    instances = getattr(batch, "instance_masks", None)
+    if not instances:
+        return [batch.gt_original[i] for i in images]
+    counts = [m.shape[0] for m in instances]
+    taken = [0] * len(instances)
+    targets = []
+    for i in images:
+        if taken[i] < counts[i]:
+            targets.append(instances[i][taken[i]])
+        taken[i] += 1
+    if taken != counts:
+        raise ValueError(
+            f"the batch of {batch.id[:3]} has {taken} prompt row(s) per image but {counts} instance "
+            "mask(s): each row is scored against its own instance, so a plugin must not add or drop "
+            "evaluation rows of a batch with instance_masks."
+        )
+    return targets
+
+
 class EvaluationMixin(LightningModule):
     """The evaluation steps of ``SamflowModule`` (its base class, not used on its own).
 
@@ -137,9 +162,10 @@ class EvaluationMixin(LightningModule):
             )
         nonfinite = (~torch.isfinite(out.pred)).flatten(1).any(1).sum()
         self._tally(stage, dataloader_idx).update(batch.num_images, loss, batch.num_rows, nonfinite)
-        for row, prob in zip(out.image_index.tolist(), self.probabilities(out, batch)):
-            source = batch.path[row] if batch.path else ""  # per-slide metrics group by it (slide_dice)
-            metrics.update(prob, batch.gt_original[row], source=source)
+        targets = row_targets(batch, out.image_index)
+        for image, prob, target in zip(out.image_index.tolist(), self.probabilities(out, batch), targets):
+            source = batch.path[image] if batch.path else ""  # per-slide metrics group by it (slide_dice)
+            metrics.update(prob, target, source=source)
         return {"out": out, "ctx": ctx, "probs": self.upsample(out.pred).sigmoid()}
 
     def _finish(self, stage: str) -> dict[str, float]:

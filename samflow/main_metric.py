@@ -25,8 +25,10 @@ def main_metric(metrics: Any, data: Any) -> tuple[str, str] | None:
     """``(key, mode)`` of the experiment's main validation metric, or None when it cannot be known.
 
     The main metric is the first of ``model.metrics`` (``iou`` by default), logged as ``val/<name>``, or
-    ``val/<name>/<first set>`` with several ``val_sets``; the mode is ``max`` unless the metric's
-    ``higher_is_better`` is False (``mae``, ``ber``: ``min``). Known for samflow's data modules
+    ``val/<name>/<first set>`` with several ``val_sets``; a metric whose ``compute()`` returns a dict is
+    logged under its keys instead, and its first ``result_keys`` is monitored (``em_mean`` for
+    ``e_measure``). The mode is ``max`` unless the metric's ``higher_is_better`` is False (``mae``,
+    ``ber``: ``min``). Known for samflow's data modules
     (``SegmentationDataModule``, ``SlideDataModule``, ``CocoDataModule``) that have a validation
     set; other data modules set ``--checkpoint.monitor`` themselves.
     """
@@ -46,6 +48,7 @@ def main_metric(metrics: Any, data: Any) -> tuple[str, str] | None:
         name, metric = next(iter(build_metrics(first).items()))
     except Exception:  # noqa: BLE001 - a bad metrics spec is reported when the module is built
         return None
+    name = next(iter(getattr(metric, "result_keys", None) or [name]))
     suffix = f"/{next(iter(sets))}" if isinstance(sets, dict) and len(sets) > 1 else ""
     mode = "min" if getattr(metric, "higher_is_better", True) is False else "max"
     return f"val/{name}{suffix}", mode

@@ -15,9 +15,10 @@ a list, or null for the registered metric of that name)::
       iou: null
       biou_1pct: {class_path: BoundaryIoU, init_args: {dilation_ratio: 0.01}}
 
-A metric gets each image's foreground probabilities (H, W) in [0, 1] and its binary mask (H, W) at
-the original resolution, one ``update(prob, target)`` per image; a metric whose ``update`` takes a
-``source`` argument also gets the image's ``SamBatch.path`` (``slide_dice`` groups patches by slide).
+A metric gets each prompt row's foreground probabilities (H, W) in [0, 1] and its binary mask (H, W)
+at the image's original resolution, one ``update(prob, target)`` per row: per image, or per instance
+with COCO instances (the row's own mask, ``evaluation.row_targets``); a metric whose ``update`` takes
+a ``source`` argument also gets the image's ``SamBatch.path`` (``slide_dice`` groups patches by slide).
 """
 
 from __future__ import annotations

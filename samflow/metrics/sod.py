@@ -81,6 +81,8 @@ class EMeasure(Metric):
     higher_is_better = True
     is_differentiable = False
     full_state_update = False
+    #: the keys of ``compute()``, logged in place of the metric's name; the first is its main value
+    result_keys = ("em_mean", "em_max", "em_adaptive")
 
     curve_sum: Tensor
     adaptive_sum: Tensor
