@@ -79,6 +79,16 @@ def test_fit_five_images_uneven_batches_on_two_ranks_equals_one_process(tmp_path
     validate = ["validate", "--experiment", "quickstart", *data, *ONE, "--ckpt_path", str(ckpt)]
     run([*validate, "--data.init_args.eval_batch_size", "2"], tmp_path / "one")
     assert_same(two, last_metrics(tmp_path / "one", version / "validate"))  # the run's validate/ folder
+    # the quickstart's sanity check covers the whole set (num_sanity_val_steps -1): the numbers before
+    # training equal a one-process validate of the untrained model (the same seed builds the same one)
+    (tmp_path / "start").mkdir()
+    run(
+        ["validate", "--experiment", "quickstart", *data, *ONE, "--data.init_args.eval_batch_size", "2"],
+        tmp_path / "start",
+    )
+    start = last_metrics(tmp_path / "start")
+    for key in ("val/iou", "val/dice", "val/mae"):
+        assert before[key] == pytest.approx(start[key], abs=1e-6), (key, before[key], start[key])
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
