@@ -6,6 +6,7 @@ experiments`` lists them with their ``# description:`` lines.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 
@@ -64,8 +65,10 @@ def resolve_experiment(name: str) -> Path:
     known = list_experiments()
     if name not in known:
         names = ", ".join(sorted(known)) or "none"
+        close = difflib.get_close_matches(name, list(known), n=1)
+        hint = f"Did you mean {close[0]!r}? " if close else ""
         raise ExperimentError(
-            f"No experiment named {name!r}. Known experiments: {names}. "
+            f"No experiment named {name!r}. {hint}Known experiments: {names}. "
             "Pass a YAML path, or run `samflow experiments` to list them."
         )
     return known[name][0].resolve()

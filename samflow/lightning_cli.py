@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import secrets
 import string
+import sys
 import typing
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from samflow.argument_errors import _first_not_from_jsonargparse
+from samflow.argument_errors import _first_not_from_jsonargparse, unknown_option
 from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
 from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, RandomState
 from samflow.callbacks.run_folder import (
@@ -53,6 +56,32 @@ def _several_processes(config: Any) -> bool:
 
 class ConfigError(ValueError):
     """A class of the experiment (model, plugin, data, trainer) refused its arguments."""
+
+
+def check_plugin_classes(config: Namespace) -> None:
+    """Refuse a plugin entry that is ``SamPlugin`` itself, the base class that does nothing.
+
+    jsonargparse makes an entry with ``init_args`` and no ``class_path`` the base class, so a misspelt
+    key (``--model.plugins.tokenz.init_args.lr 1e-4``, or ``tokenz: {init_args: ...}`` in a later
+    ``--config``) would add a plugin that does nothing and leave the plugin meant unchanged.
+    """
+    plugins = config.get("model.plugins") or {}
+    bare = [
+        key
+        for key, spec in plugins.items()
+        if isinstance(spec, Namespace)
+        and str(spec.get("class_path")) in ("samflow.SamPlugin", f"{SamPlugin.__module__}.SamPlugin")
+    ]
+    if not bare:
+        return
+    named = [key for key in plugins if key not in bare]
+    close = difflib.get_close_matches(bare[0], named, n=1)
+    hint = f"did you mean model.plugins.{close[0]}? " if close else ""
+    raise ConfigError(
+        f"model.plugins.{bare[0]} has no class_path (only options), so it is not one of the experiment's "
+        f"plugins ({', '.join(named) or 'none'}): {hint}To add a plugin, give "
+        f"model.plugins.{bare[0]}.class_path."
+    )
 
 
 def shown(path: str | Path) -> str:
@@ -109,6 +138,26 @@ class SamflowCLI(LightningCLI):
             parser_kwargs=parser_kwargs,
             **kwargs,
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """LightningCLI's parsing; an unknown option set in a ``--config`` file names the file and its full
+        key, with the closest option (``unknown_option``)."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            given = (
+                [str(a) for a in (sys.argv[1:] if args is None else args)]
+                if not isinstance(args, dict)
+                else []
+            )
+            subcommands = getattr(parser, "_subcommands_action", None)
+            choices = getattr(subcommands, "choices", None) or {}
+            sub = choices.get(given[0]) if given else None
+            options = [str(a.dest) for a in (sub or parser)._actions]
+            located = unknown_option(str(err), given, options)
+            if located is None:
+                raise
+            raise ConfigError(f"{located} (`samflow {given[0]} --help` lists the options)") from err
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """LightningCLI's parser, with ``--config`` merging plugin maps by key (``KeyedConfigFile``)."""
@@ -182,6 +231,7 @@ class SamflowCLI(LightningCLI):
                 "every epoch end and every --last.every_n_train_steps steps); drop --checkpoint.save_last, "
                 "which would write the same file a second time."
             )
+        check_plugin_classes(config)
         self._place_run(config)
         self._monitor_main_metric(config)
 

@@ -242,3 +242,68 @@ def test_prompt_samplers_draw_what_their_class_says():
     mask = torch.zeros(8, 8, dtype=torch.bool)
     mask[2:5, 2:5] = True
     assert PointPrompt(positive=2)(mask, torch.Generator().manual_seed(0))["points"].shape == (2, 2)
+
+
+# ---- a misspelt plugin key is refused, not added as a plugin that does nothing ----
+@pytest.mark.parametrize("form", ["flag", "config"])
+def test_options_of_a_misspelt_plugin_key_are_refused_naming_the_key(tmp_path, capsys, monkeypatch, form):
+    """``tokenz`` with options and no class_path became ``samflow.SamPlugin`` (a plugin that does
+    nothing) beside ``tokens``, whose learning rate stayed as it was."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["samflow"])
+    misspelt = {"model": {"plugins": {"tokenz": {"init_args": {"lr": 1.0e-4}}}}}
+    if form == "flag":
+        args = ["--model.plugins.tokenz.init_args.lr", "1e-4"]
+    else:
+        args = ["--config", str(write(tmp_path / "lr.yaml", misspelt))]
+    quick = ["--trainer.max_epochs", "0", "--trainer.num_sanity_val_steps", "0", "--trainer.logger", "false"]
+    code = main(["fit", "--experiment", "quickstart", *args, *quick])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("samflow: error:")]
+    assert code == 1 and len(lines) == 1
+    assert "model.plugins.tokenz has no class_path" in lines[0]
+    assert "(decoder, tokens)" in lines[0] and "did you mean model.plugins.tokens?" in lines[0]
+
+
+# ---- a misspelt option: the file and full key it is written at, and the closest option ----
+def error_line(args: list[str], capsys) -> str:
+    code = main(args)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("samflow: error:")]
+    assert code == 1 and len(lines) == 1
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("config", "key", "closest"),
+    [
+        ({"trainer": {"max_epoch": 2}}, "trainer.max_epoch", "max_epochs"),
+        ({"data": {"init_args": {"batch_sise": 2}}}, "data.init_args.batch_sise", "batch_size"),
+        (
+            {"model": {"plugins": {"tokens": {"init_args": {"lrr": 0.1}}}}},
+            "model.plugins.tokens.init_args.lrr",
+            "lr",
+        ),
+    ],
+)
+def test_a_misspelt_option_in_a_config_names_the_file_the_key_and_the_closest(
+    tmp_path, capsys, monkeypatch, config, key, closest
+):
+    """jsonargparse's line named neither the file nor the full key (``--model.plugins: Option 'lrr' is not
+    accepted``, ``Group 'trainer' does not accept option 'max_epoch'``) and suggested nothing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["samflow"])
+    path = write(tmp_path / "typo.yaml", config)
+    line = error_line(["fit", "--experiment", "quickstart", "--config", str(path)], capsys)
+    option = key.rpartition(".")[2]
+    assert f"samflow: error: {path}: {key}: unknown option {option!r}; did you mean {closest!r}?" in line
+
+
+def test_a_misspelt_flag_or_experiment_names_the_closest(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["samflow"])
+    line = error_line(["fit", "--experiment", "quickstart", "--trainer.max_epohcs", "2"], capsys)
+    assert "--trainer.max_epohcs: unknown option; did you mean --trainer.max_epochs?" in line
+    flag = "--model.plugins.tokens.init_args.num_tokenz"
+    line = error_line(["fit", "--experiment", "quickstart", flag, "2"], capsys)
+    assert f"{flag} '2': unknown option 'num_tokenz'; did you mean 'num_tokens'?" in line
+    line = error_line(["fit", "--experiment", "quikstart"], capsys)
+    assert "No experiment named 'quikstart'. Did you mean 'quickstart'?" in line

@@ -2,8 +2,9 @@
 
 Every trial is ``samflow fit --experiment X <fixed flags> <the trial's values>``; a misspelt option or
 metric would fail every trial alike. So, once per sweep, ``samflow fit``'s own parser reads the
-experiment with the file's fixed flags (the ``command`` key), then with one value of each parameter (a
-misspelt key or a value of the wrong type names ``parameters.<key>``), without building anything; and
+experiment with the file's fixed flags (the ``command`` key), then with each value of a list of values and
+the low end of each range (a misspelt key, a misspelt plugin key or a value of the wrong type names
+``parameters.<key>``), without building anything; and
 the metric is compared with what the run logs where that is known (``val/<metric>`` for each of the
 experiment's ``model.metrics`` on samflow's data modules, see ``samflow.main_metric.main_metric``).
 """
@@ -38,6 +39,7 @@ def check_sweep(spec: SweepSpec, experiment: Path) -> None:
     """Raise ``SweepError`` (one line naming the sweep file and its key) for an option or metric that
     the experiment's ``samflow fit`` would refuse or never log."""
     from samflow.experiment_files import ExperimentError
+    from samflow.lightning_cli import ConfigError, check_plugin_classes
     from samflow.plugin_check import check_plugin_args
     from samflow.sweep.run import flag
 
@@ -46,14 +48,16 @@ def check_sweep(spec: SweepSpec, experiment: Path) -> None:
     try:
         check_plugin_args(spec.args)
         cli = _parse_only(experiment.stem, base)
-    except (ArgumentError, ExperimentError) as err:
+        check_plugin_classes(cli.config["fit"])
+    except (ArgumentError, ExperimentError, ConfigError) as err:
         raise SweepError(f"{where}: command: {_reason(err, base)}") from None
-    for key, value in spec.overrides(_one_sample(spec)).items():
+    for key, sample in _samples(spec):
+        value = spec.params[key].value(sample)
         args = [*base, *_as_fit_reads([flag(key, value)])]
         try:
             check_plugin_args([flag(key, value)])
-            cli.parser.parse_args(["fit", *args])
-        except (ArgumentError, ExperimentError) as err:
+            check_plugin_classes(cli.parser.parse_args(["fit", *args])["fit"])
+        except (ArgumentError, ExperimentError, ConfigError) as err:
             raise SweepError(f"{where}: parameters.{key}: {_reason(err, args)}") from None
     if not any(k.startswith(("model.metrics", "data")) for k in spec.params):
         _check_metric(where, spec.metric, cli.config["fit"], experiment.stem)
@@ -94,13 +98,15 @@ def _parse_only(run_name: str, args: list[str]) -> Any:
         return ParseOnly(run_name, args=["fit", *args])
 
 
-def _one_sample(spec: SweepSpec) -> dict[str, Any]:
-    """One value Optuna could sample for each parameter (a grid's first choice, a range's low end)."""
-    sample = {}
-    for key, p in spec.sampled.items():
+def _samples(spec: SweepSpec) -> list[tuple[str, Any]]:
+    """(key, Optuna sample) pairs to check: every choice of a list of values (each may be a trial's),
+    the low end of a range, a constant once."""
+    pairs: list[tuple[str, Any]] = []
+    for key, p in spec.params.items():
         d = p.distribution
-        sample[key] = d.choices[0] if hasattr(d, "choices") else d.low
-    return sample
+        choices = [None] if d is None else list(d.choices) if hasattr(d, "choices") else [d.low]
+        pairs += [(key, choice) for choice in choices]
+    return pairs
 
 
 def _reason(err: Exception, args: list[str]) -> str:

@@ -207,6 +207,7 @@ def parse_param(where: str, key: str, spec: Any, method: str) -> Param:
         raise SweepError(
             f"{where}: probabilities (weighted categories) have no Optuna counterpart; list values."
         )
+    _refuse_unused_keys(where, spec, kind)
     if kind == "constant":
         if "value" not in spec:
             raise SweepError(f"{where}: distribution constant needs value.")
@@ -253,11 +254,11 @@ def parse_param(where: str, key: str, spec: Any, method: str) -> Param:
     q = _number(where, spec, "q", 1) if kind.startswith("q_") else None
     if q is not None and q <= 0:
         raise SweepError(f"{where}: q must be positive, got {q}.")
+    if kind == "int_uniform" and not (float(low).is_integer() and float(high).is_integer()):
+        raise SweepError(f"{where}: int_uniform needs integer min and max, got {low} and {high}.")
     if method == "grid":
         return _grid_param(where, key, kind, low, high, q)
     if kind == "int_uniform":
-        if not (float(low).is_integer() and float(high).is_integer()):
-            raise SweepError(f"{where}: int_uniform needs integer min and max, got {low} and {high}.")
         return Param(key, IntDistribution(int(low), int(high)))
     if kind == "uniform":
         return Param(key, FloatDistribution(float(low), float(high)))
@@ -290,6 +291,26 @@ def _grid_param(where: str, key: str, kind: str, low: float, high: float, q: flo
     else:
         raise SweepError(f"{where}: a grid needs values (or int_uniform / q_uniform), not {kind}.")
     return Param(key, CategoricalDistribution(values))
+
+
+def _refuse_unused_keys(where: str, spec: dict[str, Any], kind: str) -> None:
+    """A key the distribution does not read (``q`` of ``uniform``, ``min`` beside ``values``) is an error,
+    not ignored: the user meant something by it."""
+    base = kind.removeprefix("q_")
+    takes = (
+        {"value"} if kind == "constant"
+        else {"values"} if kind == "categorical"
+        else {"mu", "sigma"} if base in ("normal", "log_normal")
+        else {"a", "b"} if base == "beta"
+        else {"min", "max"}
+    )  # fmt: skip
+    takes |= {"distribution", "q"} if kind.startswith("q_") else {"distribution"}
+    unused = sorted(set(spec) - takes)
+    if unused:
+        raise SweepError(
+            f"{where}: {unused[0]} is not read by distribution {kind} (it takes "
+            f"{', '.join(sorted(takes - {'distribution'}))}); remove it or choose another distribution."
+        )
 
 
 def _infer(where: str, spec: dict[str, Any]) -> str:

@@ -152,3 +152,16 @@ def test_flags_samflow_fit_takes_pass_the_check(tmp_path):
     for flags in (("--quiet",), ("--verbose",), ("--ckpt_path", str(ckpt)), ("--model.sam.checkpoint=None",)):
         checked(quickstart_sweep(tmp_path, {LR: {"values": [1e-3]}}, flags=flags))
     checked(quickstart_sweep(tmp_path, {"model.sam.checkpoint": {"values": [None]}}))
+
+
+def test_every_listed_value_and_a_misspelt_plugin_key_are_checked(tmp_path):
+    """Only the first of a list of values was parsed, so ``[1.0e-3, abc]`` failed its trial alone; and
+    ``model.plugins.tokenz...`` (no such plugin) added a plugin that does nothing to every trial."""
+    with pytest.raises(SweepError, match=rf"q.yaml: parameters.{LR}: samflow fit refuses it: --{LR}: .*abc"):
+        checked(quickstart_sweep(tmp_path, {LR: {"values": [1e-3, "abc"]}}))
+    key = "model.plugins.tokenz.init_args.lr"
+    with pytest.raises(
+        SweepError,
+        match=rf"q.yaml: parameters.{key}: .*model.plugins.tokenz has no class_path.*model.plugins.tokens\?",
+    ):
+        checked(quickstart_sweep(tmp_path, {key: {"values": [1e-3]}}))

@@ -201,6 +201,24 @@ def test_command_names_the_experiment_and_fixed_flags():
         ),
         ({"command": ["samflow", "fit"], "program": None}, "name the experiment in command"),
         ({"sweep_name": "x"}, "unknown key 'sweep_name'"),
+        # a grid took range(int(0.5), 3): 0, below min
+        (
+            {"method": "grid", "parameters": {"n": {"distribution": "int_uniform", "min": 0.5, "max": 2}}},
+            "parameters.n: int_uniform needs integer min and max, got 0.5 and 2",
+        ),
+        # keys the distribution does not read were ignored: q of uniform (no rounding), min beside values
+        (
+            {"parameters": {"lr": {"distribution": "uniform", "min": 0, "max": 1, "q": 0.1}}},
+            "parameters.lr: q is not read by distribution uniform (it takes max, min)",
+        ),
+        (
+            {"parameters": {"lr": {"values": [1, 2], "min": 0}}},
+            "parameters.lr: min is not read by distribution categorical (it takes values)",
+        ),
+        (
+            {"parameters": {"lr": {"distribution": "normal", "mu": 0, "sigma": 1, "min": 0}}},
+            "parameters.lr: min is not read by distribution normal (it takes mu, sigma)",
+        ),
     ],
 )
 def test_bad_sweep_files_get_one_line_naming_the_key(tmp_path, change, message):
