@@ -152,7 +152,10 @@ class EvaluationMixin(LightningModule):
             self._tallies[name] = EvalTally().to(self.device)
         return self._tallies[name]
 
-    def _evaluate(self, stage: str, batch: SamBatch, dataloader_idx: int) -> dict[str, Any]:
+    def _evaluate(self, stage: str, batch: SamBatch, dataloader_idx: int) -> dict[str, Any] | None:
+        if batch.num_rows == 0:  # images without prompt rows (COCO, ``empty: keep``): counted only
+            self._tally(stage, dataloader_idx).update(batch.num_images, None, 0)
+            return None
         out, ctx = self(batch)
         loss = self.compute_losses(out, batch, ctx)["total"] if batch.mask is not None else None
         metrics = self._metric_set(stage, dataloader_idx)

@@ -25,6 +25,8 @@ SAM_PREFIX = "model.sam."
 # The frozen SAM stays in eval mode on purpose (HookedSam.train keeps it there); Lightning's notice
 # about modules in eval mode at the start of training is expected and only noise here.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+# A training batch without prompt rows returns no loss on purpose (``_no_rows_loss``), so Lightning skips it.
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 class ModelConfigError(ValueError):
@@ -254,7 +256,9 @@ class SamflowModule(EvaluationMixin):
             total = total + value
         return {**terms, **extra, "total": total}
 
-    def training_step(self, batch: SamBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: SamBatch, batch_idx: int) -> Tensor | None:
+        if batch.num_rows == 0:
+            return self._no_rows_loss()
         out, ctx = self(batch)
         terms = self.compute_losses(out, batch, ctx)
         total = terms["total"]
@@ -268,6 +272,18 @@ class SamflowModule(EvaluationMixin):
         self.log_dict({f"train/loss/{k}": v for k, v in terms.items() if k != "total"}, batch_size=batch_size)
         self.log("train/loss", terms["total"], prog_bar=True, batch_size=batch_size)
         return terms["total"]
+
+    def _no_rows_loss(self) -> Tensor | None:
+        """The loss of a training batch without prompt rows (COCO images without instances, kept with
+        ``empty: keep``), which has nothing to learn from: None on one process, so Lightning skips the
+        step (the optimizer does not step either); under DDP every process takes part in the gradient
+        reduction, so zero times every trainable parameter (zero gradients, averaged with the others')."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return None
+        return (
+            sum((p.sum() for p in self.parameters() if p.requires_grad), torch.zeros((), device=self.device))
+            * 0.0
+        )
 
     # ---- epoch hooks (the evaluation steps are EvaluationMixin's, in samflow.evaluation) ----
     def _log_cache(self, stage: str, tally: str) -> None:
@@ -303,7 +319,9 @@ class SamflowModule(EvaluationMixin):
     def on_test_epoch_start(self) -> None:
         self._reset("test")
 
-    def validation_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def validation_step(
+        self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Any] | None:
         return self._evaluate("val", batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
@@ -312,13 +330,15 @@ class SamflowModule(EvaluationMixin):
         if self._trainer is not None and self.trainer.sanity_checking:
             self.initial_val_metrics = dict(self.last_val_metrics)
 
-    def test_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+    def test_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:
         return self._evaluate("test", batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._finish("test")
 
     def predict_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if batch.num_rows == 0:  # images without prompt rows: nothing to predict
+            return {"id": [], "masks": [], "probs": []}
         out, _ = self(batch)
         probs = self.probabilities(out, batch)
         ids = [batch.id[i] for i in out.image_index.tolist()]

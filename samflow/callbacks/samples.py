@@ -53,11 +53,12 @@ def batch_rows(
     if ctx is not None and hasattr(stack, "sample_panels"):
         panels = stack.sample_panels(out, ctx)
     rows = []
+    row_mask = batch.row_mask  # each row's own ground truth (with COCO instances: its instance)
     for n in range(out.image_index.shape[0]) if keep is None else keep:
         i = int(out.image_index[n])
         h, w = (int(v) for v in batch.input_size[i])
         prob = probs[n].detach().float().cpu()
-        target = batch.mask[i].detach().float().cpu()
+        target = row_mask[n].detach().float().cpu()
         iou = row_iou((prob[0, :h, :w] > threshold), target[0, :h, :w] > 0.5)
         has_box = batch.box is not None and (batch.has_box is None or bool(batch.has_box[n]))
         has_mask = batch.mask_prompt is not None and (
@@ -94,10 +95,11 @@ def _panel_row(panel: SamplePanel, n: int) -> SamplePanel:
 def row_ious(batch: Any, outputs: dict[str, Any], threshold: float) -> list[float]:
     """The IoU of each prompt row of a validation step (inside the image, at the input frame)."""
     out, probs = outputs["out"], outputs["probs"]
+    row_mask = batch.row_mask  # each row's own ground truth (with COCO instances: its instance)
     ious = []
     for n, i in enumerate(out.image_index.tolist()):
         h, w = (int(v) for v in batch.input_size[i])
-        ious.append(row_iou(probs[n, 0, :h, :w] > threshold, batch.mask[i, 0, :h, :w] > 0.5))
+        ious.append(row_iou(probs[n, 0, :h, :w] > threshold, row_mask[n, 0, :h, :w] > 0.5))
     return ious
 
 

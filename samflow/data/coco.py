@@ -272,7 +272,9 @@ class CocoDataModule(L.LightningDataModule):
         seed: seed of the quasi-centre points (the training order follows the run's ``seed_everything``
             seed and the epoch, and resumes mid-epoch: ``samflow.data.ResumableLoader``).
         crowd: ``"skip"`` (iscrowd regions are no rows; kept as ``crowd_mask``) or ``"keep"``.
-        empty: ``"skip"`` (images without instances are left out) or ``"keep"``.
+        empty: ``"skip"`` (images without instances are left out) or ``"keep"`` (they are images without
+            prompt rows: counted in evaluation, scored by no metric; a training batch of only such
+            images teaches nothing, its step is skipped).
         image_resize: ``"sam"`` (segment-anything's own Pillow resize, exact) or ``"bilinear"``
             (torch's antialiased interpolate, faster, within one grey level).
         batch_size: images per batch (every instance of an image is a row of the batch).
