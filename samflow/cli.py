@@ -53,7 +53,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "--experiment NAME --ckpt CKPT --out FILE [--batch-size N] [--overwrite] [overrides ...]",
     ),
     "student": (
-        "samflow.student:main",
+        "samflow.student_command:main",
         "--experiment NAME --pseudo FILE --out DIR [--images DIR] [--head YAML] [--mps-weight 0.5] [overrides ...]",
     ),
     "predict-slide": (

@@ -8,43 +8,25 @@ against the split's annotation masks at the original resolution (``val/ap``, ``v
 ``test/ap_l``). Test predictions are also kept as COCO results (original category ids through the
 data's ``category_ids``) for ``results.json``.
 
-``samflow student --experiment NAME --pseudo FILE --out DIR`` is the stage after ``samflow fit`` and
-``samflow pseudo-masks``: the same experiment supplies the SAM (``model.sam``), the data settings
-(image size, batch size, workers, the ``val`` / ``test`` annotation files and the train images folder),
-the optimizer and scheduler (``model.optimizer``, ``model.scheduler``) and every ``trainer.*`` setting
-(epochs, devices, precision, ``max_time``, ``limit_*``, ``trainer.callbacks`` such as the warm-up; its
-``enable_checkpointing: false`` and ``barebones: true`` are refused, a ``default_root_dir`` is said to
-be unused, the logger is its own);
-the train split becomes the pseudo-mask file. ``model.sam.embedding_store`` is refused (the student
-runs the encoder; ``model.sam.encoder_cache`` works). It writes ``DIR/checkpoints/last.ckpt`` (the head only),
-``DIR/metrics.csv``, ``DIR/student_metrics.json`` and, with a test split, ``DIR/results.json``
-(COCO results that pycocotools' ``COCO.loadRes`` reads).
+``samflow student`` (``samflow.student_command``) trains it on a pseudo-mask file.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from samflow.data.coco import CocoDataModule
 from samflow.data.coco_batch import CocoBatch
 from samflow.data.coco_masks import encode_mask
-from samflow.data.errors import DataError
 from samflow.instance import CocoMaskAP, SOLOv2Head
 from samflow.module import SamSpec
 from samflow.sam import EncoderCache, HookedSam, build_sam
-from samflow.usage import CommandParser
 
 __all__ = ["StudentModule"]
 
@@ -230,170 +212,3 @@ class StudentModule(LightningModule):
             if key.startswith(ENCODER_PREFIX) and key not in state:
                 state[key] = value
         return super().load_state_dict(state, strict=strict, assign=assign)
-
-
-# ---- the command ----
-# trainer.* keys the student does not take from the experiment: its own logger (metrics.csv in --out),
-# callbacks (the experiment's own are kept, samflow fit's are not) and run folder (--out, said in a
-# warning line when the experiment sets one). Two settings would stop it writing --out: refused at
-# those values. Every other trainer.* key the experiment or a flag sets goes to the student's Trainer.
-OWN_TRAINER_KEYS = ("logger", "callbacks")
-UNUSED_TRAINER_KEYS = {"default_root_dir": "the student writes to --out"}
-REFUSED_TRAINER_VALUES = {
-    "enable_checkpointing": (False, "the student always writes --out/checkpoints/last.ckpt"),
-    "barebones": (True, "the student needs its logger and checkpoint"),
-}
-
-
-def _trainer_kwargs(cli: Any) -> dict[str, Any]:
-    """The experiment's trainer.* keys that are set (differ from the parser's defaults), as Trainer
-    arguments; a value the student cannot honour is refused with one line."""
-    given = cli.config.get("trainer") or {}
-    defaults = cli.parser.get_defaults().get("trainer") or {}
-    config = cli.config_init.get("trainer") or {}
-    kwargs: dict[str, Any] = {}
-    for key, value in given.items():
-        if key in OWN_TRAINER_KEYS or value == defaults.get(key):
-            continue
-        if key in UNUSED_TRAINER_KEYS:
-            sys.stderr.write(
-                f"samflow: warning: trainer.{key} {value} is not used ({UNUSED_TRAINER_KEYS[key]}).\n"
-            )
-            continue
-        if key in REFUSED_TRAINER_VALUES:
-            refused, why = REFUSED_TRAINER_VALUES[key]
-            if value == refused:
-                raise DataError(
-                    f"samflow student: trainer.{key} {value} is not supported ({why}); drop it. The student "
-                    "honours every other trainer.* key and the experiment's trainer.callbacks."
-                )
-            continue  # the value the student has anyway
-        kwargs[key] = config.get(key)
-    return kwargs
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = CommandParser(
-        prog="samflow student",
-        description="Train SAPNet's SOLOv2 student on SAM's frozen embedding from pseudo masks (`samflow pseudo-masks`) "
-        "and evaluate it without prompts (COCO mask AP on the experiment's val / test annotations). The experiment "
-        "gives SAM, data settings, optimizer, scheduler and trainer settings; other arguments override it.",
-    )
-    p.add_argument("--experiment", required=True, help="experiment name or YAML path (the SAPNet experiment)")
-    p.add_argument("--pseudo", required=True, help="pseudo-mask COCO file written by `samflow pseudo-masks`")
-    p.add_argument(
-        "--out",
-        required=True,
-        help="output folder (checkpoints, metrics.csv, student_metrics.json, results.json)",
-    )
-    p.add_argument(
-        "--images",
-        default=None,
-        help="folder of the training images (default: the experiment's train images)",
-    )
-    p.add_argument(
-        "--mps-weight",
-        type=float,
-        default=0.5,
-        help="weight of the pseudo-mask file's MPS masks (SAPNet: 0.5, summed over the ranks / 6); 0 turns them off",
-    )
-    p.add_argument(
-        "--head", default=None, help="SOLOv2Head options as YAML/JSON, e.g. '{num_grids: [40, 24, 16]}'"
-    )
-    return p
-
-
-def _build_cli(experiment: str, overrides: list[str]) -> Any:
-    import sys
-
-    from samflow.cli import _experiment_from_argv
-    from samflow.lightning_cli import SamflowCLI
-
-    args, name = _experiment_from_argv(["--experiment", experiment, *overrides])
-    argv, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        return SamflowCLI(name or "student", args=[*args, "--trainer.logger=false"], run=False)
-    finally:
-        sys.argv = argv
-
-
-def main(argv: list[str]) -> int:
-    from lightning.pytorch import Trainer
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    opts, overrides = _parser().parse_known_args(argv)
-    pseudo = Path(opts.pseudo).expanduser()
-    if not pseudo.is_file():
-        raise DataError(
-            f"samflow student: --pseudo {pseudo} not found; write it with `samflow pseudo-masks`."
-        )
-    cli = _build_cli(opts.experiment, overrides)
-    model, data = cli.model, cli.datamodule
-    if model.sam_spec.embedding_store:
-        raise DataError(
-            "samflow student: model.sam.embedding_store is not read by the student (it runs SAM's encoder "
-            "on every image); pass --model.sam.embedding_store null (model.sam.encoder_cache is honoured)."
-        )
-    if not isinstance(data, CocoDataModule):
-        raise DataError(
-            f"samflow student: the experiment's data is {type(data).__name__}; it needs samflow.data.coco.CocoDataModule."
-        )
-    train = data.splits.get("train") or {}
-    images = (
-        opts.images or train.get("images") or str(Path(train.get("annotations", pseudo)).expanduser().parent)
-    )
-    first = (json.loads(pseudo.read_text()).get("annotations") or [{}])[0]
-    student_data = CocoDataModule(
-        train={"annotations": str(pseudo), "images": images},
-        aux_masks="mps_segmentation" if "mps_segmentation" in first and opts.mps_weight else None,
-        val=data.splits.get("val"),
-        test=data.splits.get("test"),
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        # images without instances count in COCO's evaluation (false positives): keep them
-        **{**data.options, "empty": "keep"},  # type: ignore[arg-type]
-    )
-    ids = student_data.dataset("train").category_ids
-    for split in ("val", "test"):
-        if student_data.splits.get(split) and student_data.dataset(split).category_ids != ids:
-            raise DataError(
-                f"samflow student: data.{split}'s categories differ from those of {pseudo}; the classes would not match."
-            )
-    head = yaml.safe_load(opts.head) if opts.head else {}
-    student = StudentModule(
-        len(ids),
-        model.sam_spec,
-        head=head,
-        category_ids=ids,
-        optimizer=model.optimizer,
-        scheduler=model.scheduler,
-        frozen_sam=model.model.sam,
-        mps_weight=opts.mps_weight,
-    )
-    config = cli.config_init.get("trainer") or {}
-    kwargs = {"enable_model_summary": False, "num_sanity_val_steps": 0, **_trainer_kwargs(cli)}
-    if str(kwargs.get("strategy", "")).startswith("ddp_find_unused"):
-        kwargs["strategy"] = "ddp"  # the student's head uses every parameter
-    out = Path(opts.out).expanduser()
-    # the experiment's own trainer.callbacks (e.g. the warm-up) come first; samflow fit's (sample grids,
-    # reports, its checkpointing) are for SamflowModule and are left out
-    own = len(cli.config.get("trainer", {}).get("callbacks") or [])
-    callbacks = [
-        *(config.get("callbacks") or [])[:own],
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True),
-    ]
-    trainer = Trainer(
-        **kwargs, callbacks=callbacks, logger=CSVLogger(out, name="", version=""), default_root_dir=out
-    )
-    trainer.fit(student, datamodule=student_data)
-    if student_data.splits.get("test"):
-        trainer.test(student, datamodule=student_data, verbose=False)
-        if trainer.is_global_zero:
-            (out / "results.json").write_text(json.dumps(student.results))
-    if trainer.is_global_zero:
-        (out / "student_metrics.json").write_text(json.dumps(student.metrics, indent=2))
-        for stage, values in student.metrics.items():
-            print(f"samflow student {stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
-        print(f"samflow student: {out}")
-    return 0

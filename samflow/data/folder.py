@@ -260,12 +260,12 @@ class MaskFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         size = self.img_size
-        # segment-anything's resize of an 8-bit image works on its uint8 values k (``sam_resize`` finds
-        # them again in k / 255, exactly for float32 / float64): resized and padded as uint8, then
-        # divided by 255, the frame is the same to the bit, without the float passes over the image
-        codes = self.image_resize == "sam" and self.dtype in (torch.float32, torch.float64)
         item: dict[str, Any] = {"id": sample.id, "path": str(sample.image)}
         if self.pixels:
+            # segment-anything's resize of an 8-bit image works on its uint8 values k (``sam_resize``
+            # finds them again in k / 255, exactly for float32 / float64): resized and padded as uint8,
+            # then divided by 255, the frame is the same to the bit, without the float passes over it
+            codes = self.image_resize == "sam" and self.dtype in (torch.float32, torch.float64)
             image, note = _read_image(sample.image, self.dtype, codes=codes)  # (3, H, W)
             self._warn_once("image", sample.image, note)
             original: tuple[int, int] = tuple(image.shape[-2:])  # type: ignore[assignment]

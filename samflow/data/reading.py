@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +22,27 @@ from torch import Tensor
 from samflow.data.errors import DataError
 
 
-def _header_size(path: Path) -> tuple[int, int]:
-    """(H, W) of the image at ``path`` from its header, without decoding the pixels."""
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """The image at ``path``, open; a failure to read it, here or in the block, is one ``DataError``."""
     try:
         with Image.open(path) as img:
-            return img.height, img.width
+            yield img
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read the file ({exc}). Replace it or remove the pair.") from exc
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    """(H, W) of the image at ``path`` from its header, without decoding the pixels."""
+    with _opened(path) as img:
+        return img.height, img.width
 
 
 def _open(path: Path, mode: str | None) -> Image.Image:
     """The image at ``path`` converted to ``mode`` (None: as stored)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img if mode is None else img.convert(mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot read the file ({exc}). Replace it or remove the pair.") from exc
+    with _opened(path) as img:
+        img.load()
+        return img if mode is None else img.convert(mode)
 
 
 def _floating(dtype: torch.dtype | str) -> torch.dtype:

@@ -45,6 +45,7 @@ box with even corners, where floor and division agree.
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import types
 from pathlib import Path
@@ -129,6 +130,21 @@ def _recording(cls: type, records: dict[str, Any], key: str) -> type:
     return Recording
 
 
+def _carrying_the_image(encoder: nn.Module) -> None:
+    """Scale every convolution and linear weight of ``encoder`` (``randomize_all``'s, std 0.05) to std
+    1 / sqrt(fan-in), so that each layer keeps the scale of its input and the image reaches the embedding.
+
+    At std 0.05 each of TinyViT's three patch mergings (1x1, depthwise 3x3 and 1x1 convolutions, no
+    residual: gains 0.05 sqrt(fan-in), ~0.4 x 0.15 x 0.6 in the first) shrinks the image's part of the
+    features ~30x: the embedding is then made of the layers' biases, the same for any image (HR and LR
+    embeddings ~8e-6 apart, of 3.9), and an LR head fed the HR embedding passed the comparisons."""
+    with torch.no_grad():
+        for module in encoder.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                weight = module.weight
+                weight.mul_(1 / (weight.std() * math.sqrt(weight[0].numel())))
+
+
 def _images() -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(2)
     high = torch.randint(0, 256, (3, SIZE, SIZE), generator=gen, dtype=torch.uint8)
@@ -162,6 +178,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     official decoders and what they returned, filled only when the official code ran here."""
     sam = build_sam("mobile_sam")
     randomize_all(sam, seed=0)
+    _carrying_the_image(sam.image_encoder)
     plugin = WSISam()
     hooked = HookedSam(sam, PluginStack({"wsi": plugin})).eval()
     randomize_all(plugin, seed=1)
@@ -187,8 +204,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
 
     inputs = fingerprint(_state(sam), _state(plugin), high, low, BOX, targets, "vit_tiny", SIZE)
     expected = REF.get("run_inference", inputs, official)
+    encoded = ctx.encoded
     return types.SimpleNamespace(
         expected=expected, live=live, out=out, hr_alone=hr_alone, losses=losses, captured=captured,
+        plugin=plugin, embeddings=encoded.embeddings, early=encoded.features[plugin.early_block],
     )  # fmt: skip
 
 
@@ -328,6 +347,19 @@ def test_lr_box_is_the_official_mapping():
     assert torch.equal(mapped, official.float())
     default = _batch(high, low, None).with_context().box[1:]  # exact pixel-centre geometry
     assert torch.equal(default, official.float() - 0.25)
+
+
+def test_the_views_differ_far_beyond_the_tolerance(runs):
+    # U_LR's comparison tells which view the LR head read only if the HR view's image terms differ
+    # from the LR view's by far more than its tolerance
+    low, (early_hr, early_lr), (emb_hr, emb_lr) = runs.plugin.low, runs.early, runs.embeddings
+    atol = RTOL * float(runs.captured["u_low"].abs().max())
+    with torch.no_grad():
+        by_embedding = low.embedding_encoder(emb_hr[None]) - low.embedding_encoder(emb_lr[None])
+        early = low.compress_vit_feat(early_hr[None].permute(0, 3, 1, 2))
+        by_early = early - low.compress_vit_feat(early_lr[None].permute(0, 3, 1, 2))
+    assert float(by_embedding.abs().max()) > 1000 * atol, "the HR and LR embeddings are too alike"
+    assert float(by_early.abs().max()) > 1000 * atol, "the HR and LR early features are too alike"
 
 
 @pytest.mark.skipif(not REF.available, reason=REF.skip_reason())
