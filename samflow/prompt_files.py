@@ -43,39 +43,65 @@ class ImagePrompts:
 
 # ---- reading prompts ----
 def _find_images(folder: Path) -> dict[str, Path]:
-    """File name and stem -> path of every image in ``folder``."""
+    """File name and stem -> path of every image in ``folder``; a stem two images share (``x.png``,
+    ``x.jpg``) names neither (``_image`` says so when a prompt file uses it)."""
     if not folder.is_dir():
         raise PromptFileError(f"--images {str(folder)!r} is not a folder.")
     found: dict[str, Path] = {}
+    by_stem: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() in IMAGE_SUFFIXES:
             found[path.name] = path
-            found.setdefault(path.stem, path)
+            by_stem.setdefault(path.stem, []).append(path)
+    for stem, paths in by_stem.items():
+        if len(paths) == 1:
+            found.setdefault(stem, paths[0])
     return found
 
 
 def _image(images: dict[str, Path], name: str, source: Path) -> Path:
     if name in images or Path(name).name in images:
         return images.get(name) or images[Path(name).name]
+    shared = sorted({p.name for p in images.values() if p.stem == Path(name).name})
+    if len(shared) > 1:
+        raise PromptFileError(
+            f"{source}: image {name!r} is ambiguous: {' and '.join(shared)} in --images share that stem; "
+            "name the file."
+        )
     raise PromptFileError(f"{source}: image {name!r} is not in the --images folder.")
 
 
-def _prompt(entry: dict[str, Any], where: str) -> Prompt:
+def _numbers(value: Any, where: str, what: str, dtype: type = np.float64) -> np.ndarray:
+    try:
+        return np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError):
+        raise PromptFileError(f"{where}: {what} must hold numbers, got {value!r}.") from None
+
+
+def _prompt(entry: Any, where: str) -> Prompt:
+    if not isinstance(entry, dict):
+        raise PromptFileError(f"{where}: a prompt is an object with 'box' and / or 'points', got {entry!r}.")
     box = entry.get("box")
     points = entry.get("points")
     if box is None and points is None:
         raise PromptFileError(f"{where}: a prompt needs 'box' or 'points'.")
-    prompt = Prompt(name=str(entry.get("id", "")), category_id=int(entry.get("category_id", 1)))
+    category = _numbers(entry.get("category_id", 1), where, "'category_id'", np.int64)
+    prompt = Prompt(name=str(entry.get("id", "")), category_id=int(category))
     if box is not None:
-        prompt.box = np.asarray(box, dtype=np.float64)
+        prompt.box = _numbers(box, where, "'box'")
         if prompt.box.shape != (4,):
             raise PromptFileError(f"{where}: 'box' must be [x0, y0, x1, y1].")
     if points is not None:
-        prompt.points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        coords = _numbers(points, where, "'points'")
+        if coords.shape != (2,) and (coords.ndim != 2 or coords.shape[1:] != (2,) or not len(coords)):
+            raise PromptFileError(f"{where}: 'points' must be [[x, y], ...], at least one point.")
+        prompt.points = coords.reshape(-1, 2)
         labels = entry.get("labels", [1] * len(prompt.points))
-        prompt.labels = np.asarray(labels, dtype=np.int64)
-        if prompt.labels.shape != (len(prompt.points),):
-            raise PromptFileError(f"{where}: 'labels' must have one value per point.")
+        prompt.labels = _numbers(labels, where, "'labels'", np.int64)
+        if prompt.labels.shape != (len(prompt.points),) or not np.isin(prompt.labels, (0, 1)).all():
+            raise PromptFileError(
+                f"{where}: 'labels' must hold one 1 (foreground) or 0 (background) per point."
+            )
     return prompt
 
 
@@ -85,6 +111,8 @@ def read_json_prompts(path: Path, images: dict[str, Path]) -> list[ImagePrompts]
         raise PromptFileError(f"{path}: expected an object of image name -> list of prompts.")
     out = []
     for i, (name, entries) in enumerate(data.items()):
+        if not isinstance(entries, list):
+            raise PromptFileError(f"{path} [{name!r}]: expected a list of prompts, got {entries!r}.")
         prompts = [_prompt(e, f"{path} [{name!r}][{k}]") for k, e in enumerate(entries)]
         out.append(ImagePrompts(_image(images, name, path), i + 1, prompts))
     return out
@@ -102,7 +130,7 @@ def read_csv_prompts(path: Path, images: dict[str, Path]) -> list[ImagePrompts]:
             raise PromptFileError(f"{path}: the header lacks {missing}; expected {','.join(CSV_HEADER)}.")
         for line, row in enumerate(reader, start=2):
             entry = groups.setdefault(row["image"], {}).setdefault(row["instance"], {"id": row["instance"]})
-            kind = row["kind"].strip()
+            kind = (row["kind"] or "").strip()  # None: a row shorter than the header
             try:
                 if kind == "box":
                     entry["box"] = [float(row[k]) for k in ("x", "y", "x1", "y1")]
@@ -142,18 +170,27 @@ def read_coco_prompts(
     out = []
     for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
+        if "file_name" not in info:
+            raise PromptFileError(f"{path}: image {image_id} has no 'file_name'.")
         entry = ImagePrompts(_image(images, info["file_name"], path), int(image_id))
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False)):
-            prompt = Prompt(name=str(ann["id"]), category_id=int(ann.get("category_id", 1)))
-            if derive == "box":
-                x, y, w, h = ann["bbox"]
-                prompt.box = np.array([x, y, x + w, y + h], dtype=np.float64)
-            else:
-                mask = coco.annToMask(ann)
-                if not mask.any():
-                    continue
-                prompt.points = _points_inside(mask, points, rng)
-                prompt.labels = np.ones(len(prompt.points), dtype=np.int64)
+            try:
+                prompt = Prompt(name=str(ann["id"]), category_id=int(ann.get("category_id", 1)))
+                if derive == "box":
+                    x, y, w, h = (float(v) for v in ann["bbox"])
+                    prompt.box = np.array([x, y, x + w, y + h], dtype=np.float64)
+                else:
+                    mask = coco.annToMask(ann)  # needs the image's height and width and a segmentation
+                    if not mask.any():
+                        continue
+                    prompt.points = _points_inside(mask, points, rng)
+                    prompt.labels = np.ones(len(prompt.points), dtype=np.int64)
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                what = f"lacks {err}" if isinstance(err, KeyError) else f"cannot be used ({err})"
+                raise PromptFileError(
+                    f"{path}: annotation {ann.get('id')!r} of image {image_id} {what}; --derive {derive} "
+                    "needs 'bbox' [x, y, w, h] (box) or 'segmentation' and the image's size (points)."
+                ) from None
             entry.prompts.append(prompt)
         out.append(entry)
     return out
@@ -166,16 +203,27 @@ def read_mask_prompts(
     corners inclusive), or ``points`` pixels drawn inside it."""
     rng = np.random.default_rng(seed)
     out = []
-    stems = sorted({p.stem: p for p in images.values()}.items())
-    for i, (stem, image) in enumerate(stems):
+    by_stem: dict[str, list[Path]] = {}
+    for path in sorted(set(images.values())):
+        by_stem.setdefault(path.stem, []).append(path)
+    for i, (stem, paths) in enumerate(sorted(by_stem.items())):
         mask_file = next(
             (m for m in sorted(folder.glob(f"{stem}.*")) if m.suffix.lower() in IMAGE_SUFFIXES), None
         )
         if mask_file is None:
             continue
-        labels = np.asarray(Image.open(mask_file))
+        if len(paths) > 1:
+            raise PromptFileError(
+                f"{mask_file}: the images {' and '.join(p.name for p in paths)} share its stem, so which one "
+                "it prompts is ambiguous; rename one."
+            )
+        try:
+            with Image.open(mask_file) as opened:
+                labels = np.asarray(opened)
+        except (OSError, ValueError) as err:
+            raise PromptFileError(f"{mask_file}: cannot read the mask ({err}).") from None
         labels = labels if labels.ndim == 2 else labels[..., 0]
-        entry = ImagePrompts(image, i + 1)
+        entry = ImagePrompts(paths[0], i + 1)
         for value in np.unique(labels[labels != 0]):
             instance = labels == value
             prompt = Prompt(name=str(int(value)))
@@ -208,11 +256,17 @@ def read_prompts(
         return read_mask_prompts(source, images, derive or "box", points or 1, seed)
     if not source.is_file():
         raise PromptFileError(f"--prompts {str(source)!r} does not exist.")
+    try:
+        text = source.read_text()
+    except UnicodeDecodeError as err:
+        raise PromptFileError(
+            f"{source}: not a text file ({err}); prompts are JSON, CSV, COCO or a mask folder."
+        ) from None
     if source.suffix.lower() == ".csv":
         _refuse_derive(source, "CSV", derive, points)
         return read_csv_prompts(source, images)
     try:
-        head = json.loads(source.read_text())
+        head = json.loads(text)
     except json.JSONDecodeError as err:
         raise PromptFileError(
             f"{source}: not JSON ({err}); prompts are JSON, CSV, COCO or a mask folder."

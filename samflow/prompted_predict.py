@@ -59,9 +59,22 @@ SKIPPED = "skipped.json"
 
 
 def planned_outputs(out: Path, entries: list[ImagePrompts], fmt: str) -> list[Path]:
+    """The files the run writes; refused when two entries would write the same ones (their images
+    share a stem, or one image is listed twice)."""
     files = [out / RESULTS, out / SKIPPED]
+    writers: dict[str, ImagePrompts] = {}
     for entry in entries:
         stem = entry.image.stem
+        first = writers.setdefault(stem, entry)
+        if first is not entry and first.image == entry.image:
+            raise PromptFileError(
+                f"the image {str(entry.image)!r} is listed twice in the prompts; give its prompts in one entry."
+            )
+        if first is not entry:
+            raise PromptFileError(
+                f"the images {str(first.image)!r} and {str(entry.image)!r} would write the same outputs "
+                f"({stem}); rename one, or predict them into different --out folders."
+            )
         if fmt == "labels":
             files.append(out / "labels" / f"{stem}.png")
         else:
@@ -71,6 +84,8 @@ def planned_outputs(out: Path, entries: list[ImagePrompts], fmt: str) -> list[Pa
 
 def check_outputs(out: Path, inputs: list[Path], planned: list[Path], overwrite: bool) -> None:
     """Refuse an output folder that is, lies in or holds an input, and existing outputs unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise PromptFileError(f"--out {str(out)!r} is a file, not a folder; choose a folder.")
     target = out.resolve()
     for item in inputs:
         real = item.resolve()

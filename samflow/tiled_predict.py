@@ -40,7 +40,8 @@ def predict_tiled(
     The image is cut into ``tile`` x ``tile`` windows (default: the model's input side, so a window
     is not shrunk) that overlap by ``overlap`` pixels (default ``tile // 4``); the last window of
     a row or column ends at the image's edge. Each prompt goes to every window that contains it
-    whole (its box, or all its points); each such window is encoded once for all its prompts.
+    whole (its box, or all its points, as far as they lie in the image; a box may end on the
+    window's edge); each such window is encoded once for all its prompts.
     A prompt's logits from several windows are blended with weights that fall linearly to 0 over
     the overlap at a window's inner edges (1 at the image's own edges); outside its windows a
     prompt's logits are ``-inf``. An image no larger than one window is one window: the result is
@@ -76,8 +77,11 @@ def predict_tiled(
         extents.append(box_rows)
     if point_rows is not None:
         extents.append(np.concatenate([point_rows.min(1), point_rows.max(1)], -1))
-    lo = np.min([e[:, :2] for e in extents], axis=0)
-    hi = np.max([e[:, 2:] for e in extents], axis=0)
+    # routing only: coordinates live in [0, W] x [0, H] (a box to the right edge ends at W), and a
+    # prompt reaching past the image needs no more of it than the image has
+    edge = np.array([width, height], dtype=np.float64)
+    lo = np.clip(np.min([e[:, :2] for e in extents], axis=0), 0, edge)
+    hi = np.clip(np.max([e[:, 2:] for e in extents], axis=0), 0, edge)
     rows = len(lo)
     windows = [
         (y, x, min(tile, height), min(tile, width))
@@ -90,7 +94,7 @@ def predict_tiled(
     score_sum = np.zeros((rows, channels), dtype=np.float32)
     hits = np.zeros(rows, dtype=np.int64)
     for y, x, h, w in _tracked(windows, progress):
-        inside = (lo[:, 0] >= x) & (lo[:, 1] >= y) & (hi[:, 0] <= x + w - 1) & (hi[:, 1] <= y + h - 1)
+        inside = (lo[:, 0] >= x) & (lo[:, 1] >= y) & (hi[:, 0] <= x + w) & (hi[:, 1] <= y + h)
         if not inside.any():
             continue
         chosen = np.flatnonzero(inside)

@@ -154,9 +154,13 @@ def predict_slide(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     rank, world = _distributed(group)
-    slide = Slide(slide_path, slide_mpp)
     out = Path(out)
     stem = Path(slide_path).stem
+    mask_path, geojson_path, dice_path = outputs = _outputs(out, slide_path)
+    _refuse_writing_inputs(outputs, [slide_path, annotations])
+    # read before any tile runs: a bad file stops here, and nothing written can replace it
+    truth = None if annotations is None else load_annotations(annotations)
+    slide = Slide(slide_path, slide_mpp)
     pixel = mpp / slide.mpp
     width, height = (math.ceil(d / pixel) for d in slide.dimensions)
     xs, ys, chunks = tile_chunks(
@@ -164,7 +168,6 @@ def predict_slide(
     )
     tiles = sum(len(chunk) for _, chunk in chunks)
     stream = _chunk_probabilities(module, slide, chunks, mpp=mpp, factor=factor, tile=tile, group=group)
-    mask_path, geojson_path = out / f"{stem}_mask.tif", out / f"{stem}.geojson"
     ran, score = 0, None
     if rank != 0:  # run this process's tiles; process 0 stitches and writes
         for g, _ in stream:
@@ -208,12 +211,12 @@ def predict_slide(
         down = pixel * 2**coarse  # level-0 px per coarse px
         region = mask_to_region(coarse_mask, down)
         geojson_path.write_text(json.dumps(_feature_collection(region)))
-        if annotations is not None:
+        if truth is not None:
             from samflow.data.wsi.annotations import rasterize_grid
 
-            gt = rasterize_grid(load_annotations(annotations), down, coarse_mask.shape)
+            gt = rasterize_grid(truth, down, coarse_mask.shape)
             score = dice(coarse_mask, gt)
-            (out / f"{stem}.json").write_text(
+            dice_path.write_text(
                 json.dumps({"slide": str(slide_path), "dice": score, "mpp": mpp * 2**coarse})
             )
     finally:
@@ -223,6 +226,35 @@ def predict_slide(
         slide.close()
     score = _share(score, group)
     return SlidePrediction(mask_path, geojson_path, (height, width), tiles, score, ran)
+
+
+def _outputs(out: Path, slide_path: str | Path) -> list[Path]:
+    """``<slide>_mask.tif``, ``<slide>.geojson`` and ``<slide>.json`` (Dice) in ``out``."""
+    stem = Path(slide_path).stem
+    return [out / f"{stem}{end}" for end in ("_mask.tif", ".geojson", ".json")]
+
+
+def _refuse_writing_inputs(outputs: Sequence[Path], inputs: Sequence[str | Path | None]) -> None:
+    """Refuse outputs that are (or link to) an input: ``--out`` the annotations' folder would replace
+    ``<slide>.geojson`` before Dice reads it."""
+    given = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+    for output in outputs:
+        same = next((p for p in given if output.exists() and output.samefile(p)), None)
+        if same is not None:
+            raise SlideError(f"predict-slide: the output {output} is the input {same}; choose another --out.")
+
+
+def _refuse_shared_stems(slides: Sequence[str]) -> None:
+    """Refuse two slides that would write the same ``<stem>_mask.tif`` (``a/x.tif``, ``b/x.svs``)."""
+    first: dict[str, int] = {}
+    for i, path in enumerate(slides):
+        stem = Path(path).stem
+        j = first.setdefault(stem, i)
+        if j != i:
+            raise SlideError(
+                f"predict-slide: the slides {slides[j]} and {path} would write the same {stem}_mask.tif and "
+                f"{stem}.geojson; rename one, or predict them into different --out folders."
+            )
 
 
 def _share(score: float | None, group: Any) -> float | None:
@@ -328,6 +360,16 @@ def _init_distributed() -> Any:
 
 
 def main(argv: list[str]) -> int:
+    """``samflow predict-slide`` (module docstring); a slide or annotation that cannot be used is one line."""
+    from samflow.data.errors import DataError
+
+    try:
+        return _main(argv)
+    except SlideError as err:  # the command's user error (DataError is one the CLI prints as one line)
+        raise DataError(str(err)) from None
+
+
+def _main(argv: list[str]) -> int:
     import os
 
     import torch.distributed as dist
@@ -340,6 +382,14 @@ def main(argv: list[str]) -> int:
         raise SlideError(
             f"predict-slide: {len(opts.slides)} slides but {len(opts.annotations)} --annotations; give one per slide."
         )
+    _refuse_shared_stems(opts.slides)
+    annotations = opts.annotations or [None] * len(opts.slides)
+    # every input is read, and no output is one, before the model is built
+    for path, truth in zip(opts.slides, annotations, strict=True):
+        Slide(path, opts.slide_mpp).close()
+        if truth is not None:
+            load_annotations(truth)
+        _refuse_writing_inputs(_outputs(Path(opts.out), path), [*opts.slides, *annotations])
     group = _init_distributed()
     rank, world = _distributed()
     module, data = _build(opts.experiment, overrides)
