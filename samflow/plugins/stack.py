@@ -113,10 +113,10 @@ class PluginStack(HookSites, nn.ModuleDict):
             return  # nothing declared: no need to read the entry points
         from samflow.plugins.registry import plugin_name
 
-        names = {key: plugin_name(type(p)) or key for key, p in self.items()}
+        names = {key: plugin_name(type(p)) for key, p in self.items()}  # None: not registered
         for key, plugin in self.items():
             for other_key, other_name in names.items():
-                if other_key != key and (other_name in plugin.conflicts or other_key in plugin.conflicts):
+                if other_key != key and other_name in plugin.conflicts:  # by registered name, not key
                     raise PluginConflictError(
                         f"Plugin {key!r} ({type(plugin).__name__}) conflicts with plugin {other_key!r} "
                         f"({type(self[other_key]).__name__}); remove one of them from the experiment."

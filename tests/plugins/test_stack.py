@@ -101,6 +101,17 @@ def test_declared_conflict_names_both_plugins():
         PluginStack({"h": Hates(), "t": ExtraTokens()})
 
 
+def test_conflicts_are_by_registered_name_not_by_experiment_key():
+    # an unrelated plugin under the key "tokens" is no conflict; ExtraTokens under any key is one
+    PluginStack({"h": Hates(), "tokens": AddOne(1.0)})
+    with pytest.raises(
+        PluginConflictError, match="'h' .*Hates.* conflicts with plugin 'extra' .*ExtraTokens"
+    ):
+        from samflow_plugins.tokens import ExtraTokens
+
+        PluginStack({"h": Hates(), "extra": ExtraTokens()})
+
+
 def test_bad_plugin_values_and_keys():
     with pytest.raises(TypeError, match="Plugin 'x' is a Linear, not a SamPlugin"):
         PluginStack({"x": nn.Linear(1, 1)})
