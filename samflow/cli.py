@@ -76,6 +76,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from samflow.callbacks.finite import NonFiniteError
     from samflow.callbacks.monitor import MonitorError
     from samflow.data.errors import DataError
+    from samflow.data.wsi.slide import SlideError
     from samflow.export import ExportError
     from samflow.lightning_cli import ConfigError
     from samflow.module import ModelConfigError
@@ -88,6 +89,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (
         DataError,
+        SlideError,
         ExportError,
         PredictorError,
         PromptFileError,

@@ -361,15 +361,6 @@ def _init_distributed() -> Any:
 
 def main(argv: list[str]) -> int:
     """``samflow predict-slide`` (module docstring); a slide or annotation that cannot be used is one line."""
-    from samflow.data.errors import DataError
-
-    try:
-        return _main(argv)
-    except SlideError as err:  # the command's user error (DataError is one the CLI prints as one line)
-        raise DataError(str(err)) from None
-
-
-def _main(argv: list[str]) -> int:
     import os
 
     import torch.distributed as dist

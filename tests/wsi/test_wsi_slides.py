@@ -86,7 +86,9 @@ def test_outside_the_slide_is_white(slide_files):
 
 def test_slide_without_mpp_needs_it(tmp_path):
     path, _ = write_slide(tmp_path, with_mpp=False)
-    with pytest.raises(SlideError, match=r"no microns-per-pixel metadata.*--mpp"):
+    with pytest.raises(
+        SlideError, match=r"no microns-per-pixel metadata.*data.init_args.slide_mpp, or --slide-mpp"
+    ):
         Slide(path)
     assert Slide(path, mpp=0.5).level_mpp(2) == 2.0
 

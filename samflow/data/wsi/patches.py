@@ -173,7 +173,7 @@ class SlidePatches(Dataset):
         seed: the sampler's seed; slide s in epoch e draws its centres from (seed, s, e), patch i its flip,
             colour jitter and prompt from (seed, i, e), so runs repeat.
         prompt: the prompt sampler on the HR mask (default: WSI-SAM's box / 10 points / noisy mask).
-        slide_mpp: level-0 mpp of slides without metadata (``--mpp``); overrides the metadata.
+        slide_mpp: level-0 mpp of slides without metadata; overrides the metadata.
         tissue_mpp: resolution of the tissue detection (a low level).
         augment: WSI-SAM's shared augmentation: the same horizontal flip (p 0.5) and colour jitter
             (p 0.5; brightness, contrast, saturation 0.2, hue 0.1) for HR and LR.

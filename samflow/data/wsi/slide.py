@@ -40,7 +40,8 @@ class Slide:
 
     Args:
         path: the slide file (pyramidal TIFF, SVS, ...).
-        mpp: level-0 microns per pixel; required when the file has no mpp metadata (``--mpp``), and
+        mpp: level-0 microns per pixel; required when the file has no mpp metadata (``slide_mpp`` of the
+            slide data, ``--slide-mpp`` of ``samflow predict-slide``), and
             it overrides the metadata when given.
     """
 
@@ -58,8 +59,8 @@ class Slide:
             found = next((props[k] for k in MPP_KEYS if props.get(k) not in (None, "", 0)), None)
             if found is None:
                 raise SlideError(
-                    f"{self.path}: the slide has no microns-per-pixel metadata; give its level-0 mpp "
-                    "(--mpp, e.g. 0.25 for 40x)."
+                    f"{self.path}: the slide has no microns-per-pixel metadata; give its level-0 mpp, e.g. "
+                    "0.25 for 40x (data.init_args.slide_mpp, or --slide-mpp of samflow predict-slide)."
                 )
             mpp = float(found)
         if not mpp > 0:
