@@ -244,6 +244,17 @@ def _refuse_writing_inputs(outputs: Sequence[Path], inputs: Sequence[str | Path 
             raise SlideError(f"predict-slide: the output {output} is the input {same}; choose another --out.")
 
 
+def _refuse_existing(outputs: Sequence[Path]) -> None:
+    """Refuse outputs of an earlier run (as ``samflow predict`` does) unless ``--overwrite``."""
+    existing = [str(o) for o in outputs if o.exists()]
+    if existing:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise SlideError(
+            f"predict-slide: {existing[0]}{more} exist(s) already; pass --overwrite to replace them, or "
+            "choose another --out."
+        )
+
+
 def _refuse_shared_stems(slides: Sequence[str]) -> None:
     """Refuse two slides that would write the same ``<stem>_mask.tif`` (``a/x.tif``, ``b/x.svs``)."""
     first: dict[str, int] = {}
@@ -295,6 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="a checkpoint samflow fit wrote (default: the untrained plugins)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--annotations", nargs="*", help="one annotation file per slide: report Dice per slide")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
     p.add_argument(
         "--mpp",
         type=float,
@@ -381,6 +393,8 @@ def main(argv: list[str]) -> int:
         if truth is not None:
             load_annotations(truth)
         _refuse_writing_inputs(_outputs(Path(opts.out), path), [*opts.slides, *annotations])
+    if not opts.overwrite:
+        _refuse_existing([o for path in opts.slides for o in _outputs(Path(opts.out), path)])
     group = _init_distributed()
     rank, world = _distributed()
     module, data = _build(opts.experiment, overrides)

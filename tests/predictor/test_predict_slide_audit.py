@@ -93,3 +93,29 @@ def test_two_slides_with_one_stem_are_refused(folder, tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err == f"samflow: error: {missing}: no such slide file.\n"
     assert not out.exists()
+
+
+def test_outputs_of_an_earlier_run_are_refused_unless_overwrite(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["samflow"])
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / "slide_mask.tif"
+    earlier.write_bytes(b"an earlier run's mask")
+    args = [
+        "predict-slide",
+        str(folder / "slide.tif"),
+        *TINY,
+        "--out",
+        str(out),
+        "--tile",
+        "128",
+        "--overlap",
+        "32",
+    ]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{earlier} exist(s) already; pass --overwrite" in err, err
+    assert earlier.read_bytes() == b"an earlier run's mask" and sorted(out.iterdir()) == [earlier]
+    assert main([*args, "--overwrite"]) == 0
+    assert earlier.read_bytes()[:2] in (b"II", b"MM")  # replaced by the TIFF mask
+    assert (out / "slide.geojson").is_file()
