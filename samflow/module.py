@@ -337,12 +337,23 @@ class SamflowModule(EvaluationMixin):
         self.test_results = self._finish("test")
 
     def predict_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Each prompt row's ``masks`` (bool) and ``probs`` at its image's original size, its image's
+        ``id`` and, for instance data (a batch with ``ann_ids``, COCO), its ``instance`` (annotation id)."""
         if batch.num_rows == 0:  # images without prompt rows: nothing to predict
             return {"id": [], "masks": [], "probs": []}
         out, _ = self(batch)
         probs = self.probabilities(out, batch)
         ids = [batch.id[i] for i in out.image_index.tolist()]
-        return {"id": ids, "masks": [(p > self.threshold) for p in probs], "probs": probs}
+        result = {"id": ids, "masks": [(p > self.threshold) for p in probs], "probs": probs}
+        ann_ids = getattr(batch, "ann_ids", None)
+        if ann_ids is not None:  # one row per instance: the rows of one image need their own names
+            if len(ann_ids) != len(ids):
+                raise ValueError(
+                    f"predict: the batch of {batch.id[:3]} has {len(ann_ids)} instance(s) but {len(ids)} "
+                    "predicted row(s); a plugin must not add or drop the rows of instance data."
+                )
+            result["instance"] = ann_ids.tolist()
+        return result
 
     # ---- checkpoints hold the plugins and trained SAM parts, not the frozen SAM ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -208,10 +208,12 @@ def _file_id(path: Path) -> tuple[int, int] | None:
 
 
 class MaskWriter(BasePredictionWriter):
-    """Write one binary mask PNG (0 / 255) per input image, at the image's original size.
+    """Write one binary mask PNG (0 / 255) per prompt row, at its image's original size.
 
-    The mask of ``<folder>/<stem>.<ext>`` is ``<output_dir>/<stem>.png``. Before anything is predicted
-    the run is refused, with one line naming the folder and a conflicting file, when
+    The mask of ``<folder>/<stem>.<ext>`` is ``<output_dir>/<stem>.png``. Instance data (COCO, one row
+    per annotation) writes one mask per instance, ``<output_dir>/<image id>_<annotation id>.png``, and
+    nothing for an image without instances; rows that would write one file twice stop the run. Before
+    anything is predicted the run is refused, with one line naming the folder and a conflicting file, when
 
     - the output folder holds an input image or ground-truth mask of the predict data (compared as
       files, so links and another spelling of the same folder count), or an output file is an input;
@@ -223,7 +225,7 @@ class MaskWriter(BasePredictionWriter):
     Args:
         output_dir: folder for the masks (default: ``<run folder>/predictions``). Never the image or
             mask folder of the predict data.
-        save_probabilities: also write the foreground probability as an 8-bit PNG (``<id>_prob.png``).
+        save_probabilities: also write the foreground probability as an 8-bit PNG (``<stem>_prob.png``).
         overwrite: replace the files this run writes when ``output_dir`` already holds them (an
             earlier run's masks); by default such a run is refused. A folder holding the predict
             images or masks is refused either way.
@@ -250,6 +252,14 @@ class MaskWriter(BasePredictionWriter):
         if problem:
             raise PredictionOutputError(problem)
         self._folder.mkdir(parents=True, exist_ok=True)
+        self._written: set[str] = set()
+
+    @staticmethod
+    def row_stems(prediction: Mapping[str, Any]) -> list[str]:
+        """The file stem of each row of ``predict_step``'s output: ``<id>``, or ``<id>_<instance>``."""
+        if "instance" not in prediction:
+            return [str(i) for i in prediction["id"]]
+        return [f"{i}_{n}" for i, n in zip(prediction["id"], prediction["instance"], strict=True)]
 
     def output_names(self, sample_id: str) -> list[str]:
         """The file names written for one image."""
@@ -320,7 +330,13 @@ class MaskWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         folder = self._folder
-        for name, mask, prob in zip(prediction["id"], prediction["masks"], prediction["probs"]):
+        for name, mask, prob in zip(self.row_stems(prediction), prediction["masks"], prediction["probs"]):
+            if name in self._written:  # several rows of one image without instance ids: never lose one
+                raise PredictionOutputError(
+                    f"Two prompt rows would write the same mask {folder / name}.png; predict data with "
+                    "several rows per image needs instance ids (ann_ids, as CocoDataModule's batches)."
+                )
+            self._written.add(name)
             Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(folder / f"{name}.png")
             if self.save_probabilities:
                 values = (prob.float().cpu().numpy() * 255).round().astype(np.uint8)

@@ -12,6 +12,7 @@ Bad-input matrix, predict outputs:
 | a folder holding masks of an earlier run       | exit 1, unless `--predictions.overwrite true` |
 | two predict images with one stem (two folders) | exit 1, naming both images                    |
 | any of the refusals on 2 DDP ranks             | every rank stops, nothing written             |
+| two prompt rows of one image, no instance ids  | the run stops at the second one               |
 """
 
 from __future__ import annotations
@@ -19,13 +20,16 @@ from __future__ import annotations
 import hashlib
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from helpers import run_samflow
 from PIL import Image
 
 from samflow.callbacks import MaskWriter
+from samflow.callbacks.report import PredictionOutputError
 from samflow.data.listing import find_samples
 
 STEMS = ("a", "b", "c")
@@ -231,3 +235,24 @@ def test_another_spelling_of_the_image_folder_is_refused_on_a_case_insensitive_d
         pytest.skip("this file system tells IMAGES from images")
     problem = MaskWriter(overwrite=True).check_output(upper, find_samples(root))
     assert problem and "input image" in problem
+
+
+def test_rows_that_would_write_one_file_twice_stop_the_run(tmp_path):
+    """Several prompt rows of one image without instance ids (no data module of samflow makes them)
+    would overwrite each other's mask: the second one stops the run instead; instance ids name each."""
+    trainer = SimpleNamespace(
+        log_dir=str(tmp_path),
+        is_global_zero=True,
+        strategy=SimpleNamespace(broadcast=lambda value, src: value),
+        predict_dataloaders=None,
+    )
+    mask = torch.zeros(4, 5, dtype=torch.bool)
+    rows = {"id": ["a", "a"], "masks": [mask, ~mask], "probs": [mask.float(), (~mask).float()]}
+    writer = MaskWriter(output_dir=str(tmp_path / "out"))
+    writer.on_predict_start(trainer, None)
+    with pytest.raises(PredictionOutputError, match="Two prompt rows would write the same mask"):
+        writer.write_on_batch_end(trainer, None, rows, None, None, 0, 0)
+    writer.on_predict_start(trainer, None)
+    writer.write_on_batch_end(trainer, None, {**rows, "instance": [7, 8]}, None, None, 0, 0)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "a_7.png", "a_8.png"]
+    assert np.asarray(Image.open(tmp_path / "out" / "a_8.png")).min() == 255
