@@ -6,6 +6,7 @@ import csv
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,9 +169,34 @@ class PredictionOutputError(DataError):
     """The predictions folder would overwrite an input, ground truth or earlier outputs (a user error)."""
 
 
+@dataclass(frozen=True)
+class _InstanceImage:
+    """An image of instance data (COCO) as ``MaskWriter`` plans it: one output stem per instance."""
+
+    id: str
+    image: Path
+    stems: tuple[str, ...]
+    mask: Path | None = None
+
+
+def _instance_images(dataset: Any) -> list[_InstanceImage]:
+    """The images of a ``CocoInstances`` dataset with the stems ``<image id>_<annotation id>`` of their
+    instances (the annotations it makes rows of; one with an empty mask, dropped when read, is planned
+    too: a superset, which only matters for the check of earlier outputs)."""
+    out = []
+    for image, anns in zip(dataset.images, dataset.anns, strict=True):
+        rows = [a for a in anns if dataset.crowd == "keep" or not a.get("iscrowd", 0)]
+        stems = tuple(f"{image['id']}_{int(a.get('id', k))}" for k, a in enumerate(rows))
+        out.append(_InstanceImage(str(image["id"]), dataset.root / image["file_name"], stems))
+    return out
+
+
 def _dataset_samples(dataset: Any) -> list[Any]:
-    """The samples (``.image``, ``.mask``, ``.id``) of a ``MaskFolderDataset``, also inside a
-    ``ConcatDataset`` or ``Subset``; ``[]`` for a dataset of another kind."""
+    """The samples (``.image``, ``.mask``, ``.id``) of a ``MaskFolderDataset``, or the images of a
+    ``CocoInstances`` (``_InstanceImage``), also inside a ``ConcatDataset`` or ``Subset``; ``[]`` for a
+    dataset of another kind."""
+    if all(hasattr(dataset, name) for name in ("images", "anns", "root", "crowd")):
+        return _instance_images(dataset)
     samples = getattr(dataset, "samples", None)
     if isinstance(samples, list):  # ImageFolder's samples are (path, class) tuples: not ours
         return [s for s in samples if hasattr(s, "id") and hasattr(s, "image") and hasattr(s, "mask")]
@@ -261,10 +287,12 @@ class MaskWriter(BasePredictionWriter):
             return [str(i) for i in prediction["id"]]
         return [f"{i}_{n}" for i, n in zip(prediction["id"], prediction["instance"], strict=True)]
 
-    def output_names(self, sample_id: str) -> list[str]:
-        """The file names written for one image."""
-        names = [f"{sample_id}.png"]
-        return names + [f"{sample_id}_prob.png"] if self.save_probabilities else names
+    def output_names(self, sample: Any) -> list[str]:
+        """The file names written for one image (a sample of ``_dataset_samples``): ``<id>.png``, or one
+        per instance (``stems``), each with its ``_prob.png`` when probabilities are saved."""
+        stems = sample.stems if isinstance(sample, _InstanceImage) else (sample.id,)
+        names = [f"{stem}.png" for stem in stems]
+        return names + [f"{stem}_prob.png" for stem in stems] if self.save_probabilities else names
 
     def check_output(self, folder: Path, samples: Sequence[Any]) -> str | None:
         """Why writing the masks of ``samples`` into ``folder`` is refused (one line), or None."""
@@ -272,7 +300,7 @@ class MaskWriter(BasePredictionWriter):
         # 1. Two images that would write the same file.
         planned: dict[str, Path] = {}
         for sample in samples:
-            for name in self.output_names(sample.id):
+            for name in self.output_names(sample):
                 if name in planned and planned[name] != sample.image:
                     return (
                         f"Two predict images would write the same mask {folder / name}: {planned[name]} and "

@@ -88,3 +88,32 @@ def test_each_file_is_the_prediction_of_its_own_row(predicted):
             np.testing.assert_array_equal(np.asarray(Image.open(out / f"{stem}_prob.png")), grey)
             checked += 1
     assert checked == 9
+
+
+def test_a_second_run_into_the_folder_is_refused_unless_overwrite(predicted, capsys):
+    """The instance files are planned before anything runs, as a folder's images are: an earlier run's
+    masks are not replaced without ``--predictions.overwrite true``, and the images' folder is refused."""
+    coco, out, _ = predicted
+    work = out.parent
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    args = [
+        "predict",
+        "--experiment",
+        str(work / "coco.yaml"),
+        "--quiet",
+        "--predictions.save_probabilities",
+        "true",
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        patch.setattr(sys, "argv", list(sys.argv))
+        try:
+            assert main([*args, "--predictions.output_dir", str(out)]) == 1
+            err = capsys.readouterr().err
+            assert "already holds 18 of the 18 files" in err and "--predictions.overwrite true" in err, err
+            assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+            assert main([*args, "--predictions.output_dir", str(coco.parent / "images")]) == 1
+            assert "holds the input image" in capsys.readouterr().err
+            assert main([*args, "--predictions.output_dir", str(out), "--predictions.overwrite", "true"]) == 0
+        finally:
+            wandb.finish()
