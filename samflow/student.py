@@ -4,9 +4,9 @@
 (``HookedSam.encode``, no prompts, no plugins) gives the embedding, ``samflow.instance.SOLOv2Head``
 trains on each image's instances (``instance_mask`` in the S x S frame, contiguous ``classes``), and
 validation / test predict every image without any prompt and score COCO mask AP with ``CocoMaskAP``
-against the split's annotation masks at the original resolution (``val/ap``, ``val/ap50``, ...,
-``test/ap_l``). Test predictions are also kept as COCO results (original category ids through the
-data's ``category_ids``) for ``results.json``.
+against the split's annotation masks at the original resolution, crowd regions as COCOeval's
+``iscrowd`` (``val/ap``, ``val/ap50``, ..., ``test/ap_l``). Test predictions are also kept as COCO
+results (original category ids through the data's ``category_ids``) for ``results.json``.
 
 ``samflow student`` (``samflow.student_command``) trains it on a pseudo-mask file.
 """
@@ -152,14 +152,30 @@ class StudentModule(LightningModule):
             preds.append((masks, scores, labels))
         return preds
 
-    def _evaluate(self, stage: str, batch: CocoBatch) -> None:
+    @staticmethod
+    def eval_targets(batch: CocoBatch) -> list[dict[str, Tensor]]:
+        """Per image the AP's ground truth at the original size: ``masks``, ``labels`` and ``iscrowd``.
+
+        COCO's crowd regions are in it as ``iscrowd`` 1 (those of the rows, with ``crowd="keep"``, and the
+        batch's ``crowd_masks``), as in COCOeval: a detection on one is neither right nor wrong.
+        """
         assert batch.classes is not None
-        preds = self.predict_instances(batch)
-        targets = []
+        out = []
         for b in range(batch.num_images):
             rows = batch.image_index == b
-            targets.append({"masks": batch.instance_masks[b].to(self.device), "labels": batch.classes[rows]})
-        self.ap[stage].update(preds, targets)
+            masks, labels = batch.instance_masks[b], batch.classes[rows]
+            iscrowd = batch.iscrowd[rows] if batch.iscrowd is not None else torch.zeros_like(labels).bool()
+            if batch.crowd_masks:
+                crowd = batch.crowd_masks[b].to(masks.device)
+                masks = torch.cat([masks, crowd])
+                labels = torch.cat([labels, batch.crowd_classes[b].to(labels.device)])
+                iscrowd = torch.cat([iscrowd, iscrowd.new_ones(crowd.shape[0])])
+            out.append({"masks": masks, "labels": labels, "iscrowd": iscrowd})
+        return out
+
+    def _evaluate(self, stage: str, batch: CocoBatch) -> None:
+        preds = self.predict_instances(batch)
+        self.ap[stage].update(preds, self.eval_targets(batch))
         if stage == "test":
             for b, (masks, scores, labels) in enumerate(preds):
                 for m, s, k in zip(masks.cpu(), scores.tolist(), labels.tolist(), strict=True):

@@ -13,9 +13,11 @@ image id, annotation id, point index), so a point does not depend on the order i
 coordinates.
 
 **Crowd and empty.** ``iscrowd: 1`` annotations are left out of the rows (``crowd="skip"``, the
-default; their union is still available as ``crowd_mask``), or kept as ordinary instances
-(``crowd="keep"``). Images without any (kept) instance are left out (``empty="skip"``, the default:
-they give no prompt row) or kept (``empty="keep"``: they contribute an image and no rows).
+default; their union is still available as ``crowd_mask``, and each one with its class as
+``crowd_masks`` / ``crowd_classes``, the crowd regions of the student's COCO AP), or kept as ordinary
+instances (``crowd="keep"``, flagged in ``iscrowd``). Images without any (kept) instance are left out
+(``empty="skip"``, the default: they give no prompt row) or kept (``empty="keep"``: they contribute an
+image and no rows).
 Annotations with an empty mask are dropped (they have no point).
 
 **Classes.** COCO category ids (1..90 with gaps in COCO 2017) become contiguous indices 0..C-1 in
@@ -87,8 +89,10 @@ class CocoInstances(Dataset):
     Item keys: ``image`` (3, S, S), ``input_size``, ``original_size``, ``id``, ``path``, ``image_id``,
     ``instance_masks`` bool (M, H, W), ``boxes`` (M, 4) xyxy, ``classes`` (M,) contiguous indices,
     ``category_ids`` (M,) COCO ids, ``ann_ids`` (M,), ``points`` (M, P, 2) (all original coordinates),
-    ``crowd_mask`` bool (H, W); with ``proposals``: ``proposal_boxes`` (M, K, 4) xyxy (exclusive ends,
-    original pixels), ``proposal_scores`` (M, K), ``proposal_rles`` (M lists of K RLE dicts).
+    ``iscrowd`` bool (M,), ``crowd_mask`` bool (H, W) and, per crowd region left out of the rows,
+    ``crowd_masks`` bool (K, H, W) and ``crowd_classes`` (K,); with ``proposals``: ``proposal_boxes``
+    (M, K, 4) xyxy (exclusive ends, original pixels), ``proposal_scores`` (M, K), ``proposal_rles`` (M
+    lists of K RLE dicts).
     """
 
     def __init__(
@@ -154,11 +158,16 @@ class CocoInstances(Dataset):
         bags: list[tuple[Tensor, Tensor, list[dict[str, Any]]]] = []
         aux: list[Tensor] = []
         crowd = np.zeros((h, w), dtype=bool)
+        crowds: list[Tensor] = []
+        crowd_classes: list[int] = []
+        iscrowd: list[bool] = []
         for ann in anns:
             where = f"{self.file}: annotation id {ann.get('id')} (image id {img['id']})"
             mask = decode_segmentation(ann["segmentation"], h, w, where)
             if ann.get("iscrowd", 0) and self.crowd == "skip":
                 crowd |= mask
+                crowds.append(torch.from_numpy(mask))
+                crowd_classes.append(self.label_of[int(ann["category_id"])])
                 continue
             if not mask.any():
                 continue
@@ -167,6 +176,7 @@ class CocoInstances(Dataset):
             masks.append(m)
             boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
             classes.append(int(ann["category_id"]))
+            iscrowd.append(bool(ann.get("iscrowd", 0)))
             ann_ids.append(int(ann.get("id", len(ann_ids))))
             points.append(self._points(m, ann, where, int(img["id"]), ann_ids[-1]))
             if self.proposals is not None:
@@ -181,7 +191,10 @@ class CocoInstances(Dataset):
             "category_ids": torch.tensor(classes, dtype=torch.long),
             "ann_ids": torch.tensor(ann_ids, dtype=torch.long),
             "points": torch.stack(points).float() if points else torch.zeros(0, p, 2),
+            "iscrowd": torch.tensor(iscrowd, dtype=torch.bool),
             "crowd_mask": torch.from_numpy(crowd),
+            "crowd_masks": torch.stack(crowds) if crowds else torch.zeros(0, h, w, dtype=torch.bool),
+            "crowd_classes": torch.tensor(crowd_classes, dtype=torch.long),
         }
         if self.proposals is not None:
             k = self.proposals.per_point

@@ -25,11 +25,13 @@ class CocoBatch(SamBatch):
     ``instance_mask`` float (N, 1, S, S), ``classes`` long (N,) contiguous indices 0..C-1,
     ``category_ids`` long (N,) the COCO ids, ``ann_ids`` long (N,), ``points_original`` (N, P, 2),
     ``boxes_original`` (N, 4) xyxy, ``instance_masks`` list of B bool (M_b, H_b, W_b) at the original
-    resolution, ``image_ids`` list of B ints. With a proposal store (K proposals per point, of each
-    row's first point): ``proposals`` (N, K, 4) xyxy boxes in the S x S frame (exclusive ends),
-    ``proposal_scores`` (N, K) SAM's predicted IoU, ``proposal_rles`` N lists of K RLE dicts (the masks
-    at the original resolution, decoded only where needed). With ``aux_masks``: ``aux_masks`` bool
-    (N, R, S, S), R further masks per row in the input frame.
+    resolution, ``image_ids`` list of B ints, ``iscrowd`` bool (N,) (the crowd regions ``crowd="keep"``
+    makes rows), ``crowd_masks`` / ``crowd_classes`` lists of B bool (K_b, H_b, W_b) / long (K_b,) (those
+    ``crowd="skip"`` leaves out of the rows, at the original resolution). With a proposal store (K
+    proposals per point, of each row's first point): ``proposals`` (N, K, 4) xyxy boxes in the S x S
+    frame (exclusive ends), ``proposal_scores`` (N, K) SAM's predicted IoU, ``proposal_rles`` N lists of
+    K RLE dicts (the masks at the original resolution, decoded only where needed). With ``aux_masks``:
+    ``aux_masks`` bool (N, R, S, S), R further masks per row in the input frame.
     """
 
     instance_mask: Tensor | None = None
@@ -42,8 +44,11 @@ class CocoBatch(SamBatch):
     proposal_scores: Tensor | None = None
     proposal_rles: list[list[dict[str, Any]]] | None = None
     aux_masks: Tensor | None = None
+    iscrowd: Tensor | None = None
     instance_masks: list[Tensor] = field(default_factory=list)
     image_ids: list[int] = field(default_factory=list)
+    crowd_masks: list[Tensor] = field(default_factory=list)
+    crowd_classes: list[Tensor] = field(default_factory=list)
 
     _ROW_FIELDS = (
         "instance_mask",
@@ -55,6 +60,7 @@ class CocoBatch(SamBatch):
         "proposals",
         "proposal_scores",
         "aux_masks",
+        "iscrowd",
     )
 
     @property
@@ -140,5 +146,8 @@ def collate_coco(items: list[dict[str, Any]]) -> CocoBatch:
         boxes_original=torch.cat([item["boxes"] for item in items]),
         instance_masks=[item["instance_masks"] for item in items],
         image_ids=[item["image_id"] for item in items],
+        iscrowd=torch.cat([item["iscrowd"] for item in items]) if "iscrowd" in items[0] else None,
+        crowd_masks=[item["crowd_masks"] for item in items if "crowd_masks" in item],
+        crowd_classes=[item["crowd_classes"] for item in items if "crowd_classes" in item],
         **proposal_fields,
     )

@@ -1,13 +1,17 @@
 """COCO mask AP (AP, AP50, AP75, APs/m/l) of instance predictions, DDP-safe.
 
-A thin wrapper around torchmetrics' ``MeanAveragePrecision(iou_type="segm")``: pycocotools' COCOeval
-computes the numbers, and torchmetrics gathers every process's RLE-encoded masks before ``compute``,
-so the result under DDP is that of the whole evaluation set. Needs the ``coco`` extra
-(``pip install "samflow[coco]"``, pycocotools).
+torchmetrics' ``MeanAveragePrecision(iou_type="segm")`` keeps the RLE-encoded masks of every image and
+gathers every process's before ``compute``, so the result under DDP is that of the whole evaluation
+set; ``compute`` runs pycocotools' COCOeval on them as on a COCO file: every image given to ``update``
+counts (one without ground truth too: its detections are false positives), and ground truth flagged
+``iscrowd`` is a crowd region (a detection matched to it is ignored, its IoU is over the detection's
+area, it is no positive). Needs the ``coco`` extra (``pip install "samflow[coco]"``, pycocotools).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,7 +36,8 @@ class CocoMaskAP(MeanAveragePrecision):
 
     ``update(preds, targets)``: ``preds`` per image a ``(masks (N, H, W) bool, scores (N,), labels (N,))``
     tuple (the output of ``SOLOv2Head.predict``) or torchmetrics' dict with those keys; ``targets`` per
-    image a dict with ``masks`` (M, H, W) and ``labels`` (M,) (optionally ``iscrowd``). Up to
+    image a dict with ``masks`` (M, H, W) and ``labels`` (M,), optionally ``iscrowd`` (M,) (1: a crowd
+    region, COCO's ``iscrowd``) and ``area`` (M,) (COCO's ``area``; default the mask's). Up to
     ``max_detections`` (100) detections per image count, as COCO.
     """
 
@@ -65,7 +70,12 @@ class CocoMaskAP(MeanAveragePrecision):
             else:
                 masks, scores, labels = item
             p.append({"masks": masks.bool(), "scores": scores.float(), "labels": labels.long()})
-        t = [{**dict(x), "masks": x["masks"].bool(), "labels": x["labels"].long()} for x in target]
+        t = []
+        for x in target:
+            item = {**dict(x), "masks": x["masks"].bool(), "labels": x["labels"].long()}
+            if "iscrowd" in item:
+                item["iscrowd"] = item["iscrowd"].long()
+            t.append(item)
         super().update(p, t)
 
     def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
@@ -95,5 +105,62 @@ class CocoMaskAP(MeanAveragePrecision):
             setattr(self, n, [x.to(device) if isinstance(x, Tensor) else x for x in merged])
 
     def compute(self) -> dict[str, Tensor]:
-        out = super().compute()
-        return {new: torch.as_tensor(out[old]).float() for old, new in COCO_KEYS.items()}
+        """COCOeval (segm) over every image updated; all -1 without any ground truth or detection.
+
+        Not torchmetrics' own ``compute``: it leaves out the images without ground truth, and so the
+        false positives on them.
+        """
+        from pycocotools.cocoeval import COCOeval
+
+        sizes = [
+            next((size for size, _ in (*g, *d)), (0, 0))
+            for g, d in zip(self.groundtruth_mask, self.detection_mask, strict=True)
+        ]
+        gt = _coco(
+            sizes,
+            self.groundtruth_mask,
+            self.groundtruth_labels,
+            iscrowd=self.groundtruth_crowds,
+            area=self.groundtruth_area,
+        )
+        dt = _coco(sizes, self.detection_mask, self.detection_labels, score=self.detection_scores)
+        stats = [-1.0] * len(COCO_KEYS)
+        if gt.anns and dt.anns:
+            with contextlib.redirect_stdout(io.StringIO()):
+                ev = COCOeval(gt, dt, "segm")
+                ev.params.iouThrs = np.array(self.iou_thresholds, dtype=np.float64)
+                ev.params.recThrs = np.array(self.rec_thresholds, dtype=np.float64)
+                ev.params.maxDets = list(self.max_detection_thresholds)
+                ev.evaluate()
+                ev.accumulate()
+                ev.summarize()
+            stats = [float(v) for v in ev.stats[: len(COCO_KEYS)]]
+        return {key: torch.tensor(v) for key, v in zip(COCO_KEYS.values(), stats, strict=True)}
+
+
+def _coco(sizes: list[Any], masks: list[Any], labels: list[Tensor], **fields: list[Tensor]) -> Any:
+    """A pycocotools ``COCO`` of the images 0..B-1 (all listed, of ``sizes[i]`` (h, w)) and their masks.
+
+    ``masks[i]`` holds torchmetrics' ``((h, w), counts)`` RLEs of image i; ``fields`` are further keys
+    of each annotation (``iscrowd``, ``score``), per image a tensor; an ``area`` of 0 is the mask's.
+    """
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    for i, ((h, w), rles, labs) in enumerate(zip(sizes, masks, labels, strict=True)):
+        images.append({"id": i, "height": int(h), "width": int(w)})
+        for k, ((size, counts), label) in enumerate(zip(rles, labs.tolist(), strict=True)):
+            rle = {"size": list(size), "counts": counts}
+            ann: dict[str, Any] = {"iscrowd": 0, **{key: v[i][k].item() for key, v in fields.items()}}
+            if not ann.get("area", 0) > 0:
+                ann["area"] = float(mask_utils.area(rle))
+            ann.update(id=len(anns) + 1, image_id=i, category_id=int(label), segmentation=rle)  # ids from 1
+            anns.append(ann)
+    cats = sorted({a["category_id"] for a in anns})
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": anns, "categories": [{"id": c} for c in cats]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("pycocotools")
 from test_coco_ap import _data
+from test_coco_ap_crowd import crowd_images, samflow_ap
 
 from samflow.instance import CocoMaskAP
 
@@ -62,3 +63,22 @@ def test_ddp_equals_single_process(tmp_path, uneven):
     half = CocoMaskAP()
     _update(half, images[0::2])
     assert half.compute()["ap"].item() != pytest.approx(want["ap"])  # the gather mattered
+
+
+def _crowd_worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    images = crowd_images()
+    torch.save(samflow_ap(images[:3] if rank == 0 else images[3:]), os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_gathers_crowds_and_images_without_ground_truth(tmp_path):
+    """3 and 2 images, crowd flags and an image without ground truth among them: the AP of all five."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_crowd_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    want = samflow_ap(crowd_images())
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"{rank}.pt") == pytest.approx(want, abs=1e-9)
