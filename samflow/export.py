@@ -127,7 +127,7 @@ def export(
         out: the folder to write (created; files already there are refused unless ``overwrite``).
         merged: write a full segment-anything checkpoint (``sam_merged.pth``) instead of an adapter.
         sam_checkpoint: the SAM file the run was trained on, when the config's path is not valid here.
-        overwrite: replace existing export files in ``out``.
+        overwrite: replace an earlier export in ``out`` (all its files; refused otherwise).
         onnx: also write ``decoder.onnx``, the decoder side with the plugins (``samflow.onnx_export``).
         multimask_output: the ONNX graph's masks: SAM's tokens 1..3 (True) or token 0 (False).
     """
@@ -135,7 +135,13 @@ def export(
     settings = read_run_config(config_path)
     model = build_model(settings["model"], sam_checkpoint=sam_checkpoint)
     load_trained_state(model, read_checkpoint_state(ckpt), str(ckpt))
+    from samflow.onnx_export import ONNX_FILE, check_onnx_exportable
+
     folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"--out {str(folder)!r} is a file; pass a folder to write the export into.")
+    if (folder / CONFIG).resolve() == config_path.resolve():
+        raise ExportError(f"--out {str(folder)!r} is the run folder itself; pass another folder.")
     names = [MERGED] if merged else [ADAPTER, CONFIG, MANIFEST]
     if onnx and merged:
         raise ExportError(
@@ -143,20 +149,23 @@ def export(
             "checkpoint is plain SAM, which segment-anything's scripts/export_onnx_model.py exports."
         )
     if onnx:
-        from samflow.onnx_export import ONNX_FILE, check_onnx_exportable
-
         check_onnx_exportable(model)  # refused before anything is written
         names.append(ONNX_FILE)
-    existing = [folder / n for n in names if (folder / n).exists()]
+    state = merged_sam_state_dict(model) if merged else None  # refused before anything is written
+    # an earlier export, of either kind: replaced as a whole, none of its files left beside the new one
+    existing = [folder / n for n in (ADAPTER, CONFIG, MANIFEST, ONNX_FILE, MERGED) if (folder / n).exists()]
     if existing and not overwrite:
         raise ExportError(
-            f"{', '.join(map(str, existing))} exist already; pass --overwrite to replace them, or another --out."
+            f"{', '.join(map(str, existing))} exist already; pass --overwrite to replace the earlier export, "
+            "or another --out."
         )
+    for stale in existing:
+        if stale.name not in names:
+            stale.unlink()
     onnx_record = (
         _write_onnx(model, folder, multimask_output, settings["predictor"]["resize_mode"]) if onnx else None
     )
-    if merged:
-        state = merged_sam_state_dict(model)
+    if state is not None:
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(state, folder / MERGED)
         return [folder / MERGED]

@@ -45,6 +45,7 @@ from samflow.batch import SamBatch
 from samflow.export import ExportError
 from samflow.plugins import PluginStack
 from samflow.predictor import chosen_masks
+from samflow.predictor_types import one_prompt
 from samflow.sam import DecoderContext, EncodedImages, ForwardContext, HookedSam, dense_pe
 
 if TYPE_CHECKING:
@@ -290,11 +291,14 @@ def onnx_inputs(
         ``{name: array}`` for ``onnxruntime.InferenceSession.run`` (one prompt row).
     """
     original = encoding.original_size
+    encoded = encoding.encoded
+    h, w = encoded.embeddings.shape[-2:]
+    point_coords, point_labels, box, mask_input = one_prompt(  # predict's checks
+        point_coords, point_labels, box, mask_input, (4 * h, 4 * w)
+    )
     coords = np.zeros((0, 2))
     labels = np.zeros(0)
     if point_coords is not None:
-        if point_labels is None:
-            raise OnnxExportError("point_labels must be given with point_coords.")
         coords = predictor.transform.apply_coords(np.asarray(point_coords, dtype=np.float64), original)
         labels = np.asarray(point_labels, dtype=np.float64)
     if box is not None:
@@ -303,8 +307,6 @@ def onnx_inputs(
         labels = np.concatenate([labels, [2, 3]])
     if len(coords) == 0:
         coords, labels = np.zeros((1, 2)), np.array([-1.0])  # no prompt: SAM's padding point alone
-    encoded = encoding.encoded
-    h, w = encoded.embeddings.shape[-2:]
     inputs: dict[str, np.ndarray] = {
         "image_embeddings": _numpy(encoded.embeddings),
         "point_coords": coords[None].astype(np.float32),

@@ -48,7 +48,7 @@ from samflow.data.transforms import (
     sam_resize,
     stretch,
 )
-from samflow.predictor_types import ImageEncoding, InputTransform, PredictorError
+from samflow.predictor_types import ImageEncoding, InputTransform, PredictorError, one_prompt, prompt_rows
 from samflow.rebuild import build_model, load_trained_state, read_checkpoint_state, read_run_config, run_files
 from samflow.sam import DecoderContext, ForwardContext, HookedSam, SamOutput
 
@@ -210,12 +210,13 @@ class Predictor:
             ``(masks (C, H, W), scores (C,), low_res_logits (C, h, w))`` as numpy arrays.
         """
         encoding = encoding if encoding is not None else self._current()
-        if point_coords is not None and point_labels is None:
-            raise PredictorError("point_labels must be given with point_coords.")
+        coords, point_labels, box, mask_input = one_prompt(
+            point_coords, point_labels, box, mask_input, self.model.sam.prompt_encoder.mask_input_size
+        )
         dev = self.device
         points = labels = boxes = masks_in = None
-        if point_coords is not None and point_labels is not None:
-            coords = self.transform.apply_coords(point_coords, encoding.original_size)
+        if coords is not None and point_labels is not None:
+            coords = self.transform.apply_coords(coords, encoding.original_size)
             points = torch.as_tensor(coords, dtype=torch.float, device=dev)[None]
             labels = torch.as_tensor(point_labels, dtype=torch.long, device=dev)[None]
         if box is not None:
@@ -258,9 +259,9 @@ class Predictor:
         if image_format not in ("RGB", "BGR"):
             raise PredictorError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}.")
         array = image.cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
-        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8 or 0 in array.shape:
             raise PredictorError(
-                f"set_image takes an H x W x 3 uint8 array, got {array.dtype} of shape {array.shape}."
+                f"set_image takes an H x W x 3 uint8 array (H, W >= 1), got {array.dtype} of shape {array.shape}."
             )
         if image_format == "BGR":
             array = array[..., ::-1]
@@ -301,7 +302,8 @@ class Predictor:
 
         Returns ``(masks (B, C, H, W), scores (B, C), low_res_logits (B, C, h, w))``.
         """
-        rows = next((len(t) for t in (point_coords, boxes, mask_input) if t is not None), 1)
+        mask_size = self.model.sam.prompt_encoder.mask_input_size
+        rows = prompt_rows(point_coords, point_labels, boxes, mask_input, mask_size)
         dev = self.device
         batch = SamBatch(
             image=encoding.image,
@@ -310,7 +312,7 @@ class Predictor:
             image_index=torch.zeros(rows, dtype=torch.long, device=dev),
             points=None if point_coords is None else point_coords.to(dev, torch.float),
             point_labels=None if point_labels is None else point_labels.to(dev, torch.long),
-            box=None if boxes is None else boxes.to(dev, torch.float).reshape(rows, 4),
+            box=None if boxes is None else boxes.to(dev, torch.float),
             mask_prompt=None if mask_input is None else mask_input.to(dev, torch.float),
         )
         ctx = ForwardContext(

@@ -148,3 +148,37 @@ def test_merged_vit_b_loads_with_sam_model_registry(tmp_path):
     assert set(saved) == set(ours) and all(torch.equal(saved[k], ours[k]) for k in ours)
     with pytest.raises(ExportError, match="64 px inputs; segment-anything's tiny takes 128"):
         merged_sam_state_dict(HookedSam(resize_sam(build_sam("tiny"), 64)))
+
+
+def test_an_out_that_is_a_file_or_the_run_folder_is_refused_in_one_line(trained_run, tmp_path, capsys):
+    """Before anything is written: an --out that is a file (a traceback), or the run folder itself (its
+    config.yaml would be copied onto itself: a traceback after adapter.safetensors was written there)."""
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("mine")
+    assert main(["export", str(trained_run), "--out", str(a_file)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(a_file) in err[0] and "--out" in err[0]
+    assert a_file.read_text() == "mine"
+    before = sorted(p.name for p in trained_run.iterdir())
+    assert main(["export", str(trained_run), "--out", str(trained_run), "--overwrite"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "run folder" in err[0]
+    assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
+def test_overwrite_replaces_the_whole_earlier_export(trained_run, decoder_run, tmp_path, capsys):
+    """--overwrite replaces an earlier export: its decoder.onnx (or sam_merged.pth), which the new export
+    does not write, is removed rather than left beside a samflow.json that no longer describes it; and
+    another kind of export into a folder that holds one is refused unless --overwrite."""
+    out = tmp_path / "export"
+    assert main(["export", str(decoder_run), "--out", str(out), "--onnx"]) == 0
+    assert main(["export", str(trained_run), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "config.yaml", "samflow.json"]
+    # a refused export (a plugin that cannot be merged) leaves the earlier one as it was
+    assert main(["export", str(trained_run), "--out", str(out), "--merged", "--overwrite"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "config.yaml", "samflow.json"]
+    capsys.readouterr()
+    assert main(["export", str(decoder_run), "--out", str(out), "--merged"]) == 1
+    assert "exist already; pass --overwrite" in capsys.readouterr().err
+    assert main(["export", str(decoder_run), "--out", str(out), "--merged", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["sam_merged.pth"]
