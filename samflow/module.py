@@ -147,10 +147,15 @@ class SamflowModule(EvaluationMixin):
         return self.plugins.trainable_counts()
 
     def configure_optimizers(self) -> Any:
+        """One parameter group per plugin with what it owns (its ``lr`` / ``weight_decay``), each
+        trainable parameter once; a trainable parameter that no plugin owns is refused."""
         self.check_trainable()
+        self._refuse_unowned_trainable()
         groups = []
         for key, owned in self.plugins.owned.items():
-            params = list(owned.values())
+            # a module a plugin injects into SAM and also keeps as an attribute is owned under both
+            # names: listed twice, the optimizer would step it twice
+            params = list({id(p): p for p in owned.values()}.values())
             if not params:
                 continue
             plugin = self.plugins[key]
@@ -167,6 +172,18 @@ class SamflowModule(EvaluationMixin):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"},
         }
+
+    def _refuse_unowned_trainable(self) -> None:
+        """Refuse parameters that train but belong to no plugin's group: the optimizer would never step them."""
+        owned = {id(p) for params in self.plugins.owned.values() for p in params.values()}
+        stray = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in owned]
+        if stray:
+            raise ModelConfigError(
+                f"model.plugins: {len(stray)} trainable parameter(s) that no plugin owns, so the optimizer would "
+                f"never step them: {', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}. A plugin trains a SAM part by naming it in "
+                "sam_modules_to_train (not by setting requires_grad in setup); freeze other parameters "
+                "(requires_grad_(False))."
+            )
 
     def check_trainable(self) -> None:
         """Refuse to fit when no plugin trains a parameter (``model.plugins`` empty or all frozen)."""

@@ -152,6 +152,7 @@ def write_rows(
         touched = set()
         for part, values in parts.items():
             values16 = values.to(torch.float16).cpu().numpy()
+            _refuse_non_finite(part, values, values16, [manifest.paths[r] for r in chunk])
             for j, r in enumerate(chunk):
                 shard = r // manifest.shard_size
                 array(part, shard)[r % manifest.shard_size] = values16[j]
@@ -164,6 +165,20 @@ def write_rows(
         if progress is not None:
             progress(len(chunk))
     return written
+
+
+def _refuse_non_finite(part: str | int, values: Tensor, values16: np.ndarray, paths: list[str]) -> None:
+    """Refuse encoder outputs that float16 cannot hold (|x| > 65504 becomes inf) or that are not finite:
+    stored, they would reach training as inf or NaN."""
+    bad = ~np.isfinite(values16.reshape(len(paths), -1)).all(axis=1)
+    if bad.any():
+        name = part if isinstance(part, str) else f"block {part}"
+        largest = float(values[torch.from_numpy(bad).to(values.device)].abs().max())
+        raise EmbeddingStoreError(
+            f"samflow embed: the encoder's {name} output of {paths[int(bad.argmax())]} is not finite in float16 "
+            f"(largest |value| {largest:.4g}; float16 holds up to 65504), so the store cannot keep it. Train "
+            "with the live encoder (no model.sam.embedding_store), or check the image and the SAM checkpoint."
+        )
 
 
 def completed_rows(root: str | Path) -> int:

@@ -166,6 +166,7 @@ def test_changed_image_and_changed_checkpoint_invalidate(written, data_root, tmp
     [
         ({"augment": {"hflip": 0.5}}, r"data.augment changes the training images"),
         ({"resize_mode": "stretch"}, r"resize_mode: longest in the store, stretch in this run"),
+        ({"image_resize": "bilinear"}, r"image_resize: sam in the store, bilinear in this run"),
     ],
 )
 def test_refused_when_the_data_would_change_the_image(written, data_root, data_kwargs, match):
@@ -280,3 +281,14 @@ def test_a_two_resolution_batch_never_reads_the_store(written, data_root):
     batch = batch.replace(path=["a.png"], context_image=batch.image.clone(), context_affine=None)
     with pytest.raises(EncoderCacheError, match="context views"):
         module.model(batch)
+
+
+def test_an_output_beyond_float16_is_refused_naming_the_image(data_root, tmp_path):
+    """fp16 holds |x| up to 65504: a larger encoder output would be stored as inf and poison training."""
+    module = _module()
+    with torch.no_grad():
+        module.model.sam.image_encoder.neck[-1].weight.mul_(1e6)  # the embedding's last LayerNorm
+    with pytest.raises(EmbeddingStoreError, match=r"train_0000.png.*float16.*65504"):
+        write_store(tmp_path / "big", module, _data(data_root), batch_size=2)
+    assert read_manifest(tmp_path / "big").rows == 7
+    assert not np.load(tmp_path / "big" / DONE).any()  # nothing is marked written
