@@ -2,7 +2,9 @@
 
 A root holds an image folder and a mask folder (``images/`` and ``masks/`` by default; COD10K calls them
 ``Imgs/`` and ``GT/``, DIS5K ``im/`` and ``gt/``). ``images/cat.jpg`` pairs with ``masks/cat.png``.
-Both may be the same folder when the suffixes tell images from masks (cascade_psp: ``x.jpg`` + ``x.png``).
+Both may be the same folder when the suffixes tell images from masks (cascade_psp: ``x.jpg`` + ``x.png``):
+``image_suffixes`` and ``mask_suffixes`` then share no suffix. Pairs are sorted by stem; stems are
+case-sensitive (``Cat.jpg`` does not pair with ``cat.png``).
 Several roots, each with its own folder names, make one dataset (HQSeg-44K style multi-dataset training).
 
 Rules, checked when the dataset is built (listing only, no image is opened):
@@ -10,7 +12,9 @@ Rules, checked when the dataset is built (listing only, no image is opened):
 - a missing or empty folder is an error that names it and lists what the root does contain;
 - an image without a mask is an error that lists up to 10 of them;
 - a mask without an image is only a warning (datasets often ship extra masks), listing up to 10;
-- two files with one stem in one folder (``a.jpg`` and ``a.png``) is an error naming both.
+- two files with one stem in one folder (``a.jpg`` and ``a.png``) is an error naming both;
+- only a folder's own files are read: subfolders holding images get a warning that lists them (an error
+  when the folder has no image of its own); each may be given as a root of its own.
 
 And when a sample is read: an unreadable file, an image and mask of different sizes, or a float file
 with NaN or infinite values, is a ``DataError`` naming the file(s).

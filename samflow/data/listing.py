@@ -38,9 +38,9 @@ def _listing(paths: Sequence[Any], sep: str = ", ") -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _files_by_stem(folder: Path, suffixes: Sequence[str], exclude: Sequence[str] = ()) -> dict[str, Path]:
-    """Map stem -> file for the files of ``folder`` with one of ``suffixes`` (case-insensitive)."""
-    wanted = {s.lower() for s in suffixes} - {s.lower() for s in exclude}
+def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    """Map stem -> file for the files of ``folder`` with one of ``suffixes`` (case-insensitive), by stem."""
+    wanted = {s.lower() for s in suffixes}
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in wanted:
@@ -51,7 +51,18 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str], exclude: Sequence[str]
                 "Remove one, or narrow the suffixes (image_suffixes / mask_suffixes)."
             )
         found[path.stem] = path
-    return found
+    return dict(sorted(found.items()))
+
+
+def _subfolders_with(folder: Path, suffixes: Sequence[str], skip: Path | None) -> list[Path]:
+    """The subfolders of ``folder`` (but the one holding ``skip``) with a file of ``suffixes`` at any depth."""
+    wanted = {s.lower() for s in suffixes}
+    subfolders = [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    if skip is not None:
+        subfolders = [p for p in subfolders if not skip.resolve().is_relative_to(p.resolve())]
+    return [
+        sub for sub in subfolders if any(p.suffix.lower() in wanted and p.is_file() for p in sub.rglob("*"))
+    ]
 
 
 def _check_folder(root: Path, folder: Path, key: str) -> None:
@@ -95,24 +106,54 @@ def find_samples(
             image_dir = root
     _check_folder(root, image_dir, "images")
     same_folder = mask_dir is not None and mask_dir.resolve() == image_dir.resolve()
-    if same_folder and not {s.lower() for s in image_suffixes} - {s.lower() for s in mask_suffixes}:
+    shared = sorted({s.lower() for s in image_suffixes} & {s.lower() for s in mask_suffixes})
+    if same_folder and shared:
         raise DataError(
             f"{image_dir} holds both images and masks, so image_suffixes and mask_suffixes must differ "
-            f"(e.g. image_suffixes=['.jpg'], mask_suffixes=['.png']); "
-            f"got {image_suffixes} and {mask_suffixes}."
+            f"and share no suffix (e.g. image_suffixes=['.jpg'], mask_suffixes=['.png']); "
+            f"got {image_suffixes} and {mask_suffixes}, both with {shared}."
         )
-    image_files = _files_by_stem(image_dir, image_suffixes, exclude=mask_suffixes if same_folder else ())
+    image_files = _files_by_stem(image_dir, image_suffixes)
+    nested = _subfolders_with(image_dir, image_suffixes, skip=mask_dir)  # images there are not read
     if not image_files:
-        raise DataError(f"{image_dir} has no image files with suffixes {tuple(image_suffixes)}.")
+        hint = (
+            f"; its subfolders {_listing([p.name for p in nested])} hold images, which are not read: give "
+            "each as its own root, or as images / masks of a folder spec"
+            if nested
+            else ""
+        )
+        raise DataError(f"{image_dir} has no image files with suffixes {tuple(image_suffixes)}{hint}.")
+    if nested:
+        warnings.warn(
+            f"{image_dir} has subfolders with images, which are not read (only the folder's own files "
+            f"are): {_listing([str(p) for p in nested])}. Give each as its own root (or as images / masks "
+            "of a folder spec) to use them.",
+            stacklevel=2,
+        )
     if mask_dir is None:
         return [Sample(path, None, stem) for stem, path in image_files.items()]
     _check_folder(root, mask_dir, "masks")
-    mask_files = _files_by_stem(mask_dir, mask_suffixes, exclude=image_suffixes if same_folder else ())
+    mask_files = _files_by_stem(mask_dir, mask_suffixes)
     missing = sorted(set(image_files) - set(mask_files))
     if missing:
+        by_case = {stem.casefold(): stem for stem in mask_files}
+        cased = [
+            f"{stem} -> {mask_files[by_case[stem.casefold()]].name}"
+            for stem in missing
+            if stem.casefold() in by_case
+        ]
+        hint = (
+            f" Masks whose names differ only in case (names are case-sensitive): {_listing(cased)}; rename them."
+            if cased
+            else ""
+        )
+        lost = set(missing)
+        other = sorted(p.name for p in mask_dir.iterdir() if p.is_file() and p.stem in lost)
+        if other:
+            hint += f" Mask files with other suffixes: {_listing(other)}; add theirs to mask_suffixes."
         raise DataError(
             f"{len(missing)} image(s) in {image_dir} have no mask in {mask_dir} "
-            f"(suffixes {tuple(mask_suffixes)}): {_listing(missing)}. Add the masks or remove those images."
+            f"(suffixes {tuple(mask_suffixes)}): {_listing(missing)}. Add the masks or remove those images.{hint}"
         )
     orphans = sorted(set(mask_files) - set(image_files))
     if orphans:
