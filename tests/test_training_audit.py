@@ -142,3 +142,26 @@ def test_warmup_counts_optimizer_steps_with_accumulation_limited_epochs_and_resu
     resumed: list[float] = []
     _fit_linear(tmp_path / "parts", resumed, epochs=2, ckpt_path=tmp_path / "parts" / "last.ckpt")
     assert first + resumed == pytest.approx(used)
+
+
+def test_the_warm_up_wrapper_keeps_the_scheduler_mark_so_torch_does_not_warn():
+    """``LinearWarmup`` wraps ``optimizer.step`` after Lightning built the scheduler, which had wrapped
+    it first: torch warns at the scheduler's first step ("optimizer.step() has been overridden")
+    unless the new wrapper carries the scheduler's mark; it does, and the scheduler's own wrapper
+    still runs inside it."""
+    import warnings
+    from types import SimpleNamespace
+
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    warmup = LinearWarmup(steps=4)
+    warmup.on_train_start(SimpleNamespace(optimizers=[optimizer], global_step=0), None)  # type: ignore[arg-type]
+    weight.grad = torch.ones(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+        scheduler.step()
+    assert optimizer._opt_called  # type: ignore[attr-defined]  # the scheduler's wrapper ran
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)

@@ -63,4 +63,6 @@ class LinearWarmup(Callback):
                     group["lr"] = lr
 
         warmed_step._samflow_warmup = True  # type: ignore[attr-defined]
+        if hasattr(step, "_wrapped_by_lr_sched"):  # a scheduler's wrapper, still called inside
+            warmed_step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]  # else torch warns
         return warmed_step
