@@ -64,6 +64,8 @@ def test_a_parameter_the_plugin_and_sam_share_is_stepped_once():
     assert grad.abs().sum() > 0
     optimizer.step()  # by lr * grad: a parameter listed twice would move twice
     torch.testing.assert_close(weight.detach(), before - 0.5 * grad, rtol=0, atol=1e-7)
+    # and it is counted once in what the run prints at start
+    assert module.plugins.trainable_counts() == {"keep": weight.numel()}
 
 
 def test_a_trainable_parameter_no_plugin_owns_is_refused_by_name():

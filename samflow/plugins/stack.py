@@ -198,8 +198,12 @@ class PluginStack(HookSites, nn.ModuleDict):
         return list(self._injected)
 
     def trainable_counts(self) -> dict[str, int]:
-        """Plugin key -> number of trainable values it owns."""
-        return {key: sum(p.numel() for p in params.values()) for key, params in self.owned.items()}
+        """Plugin key -> number of trainable values it owns (a parameter it holds both as its own and
+        inside SAM, an injected module it keeps, counts once)."""
+        return {
+            key: sum(p.numel() for p in {id(p): p for p in params.values()}.values())
+            for key, params in self.owned.items()
+        }
 
     def owner_of(self, name: str) -> str | None:
         """The key of the plugin that owns parameter ``name`` (``plugins.<key>...`` or ``sam....``), or None."""
