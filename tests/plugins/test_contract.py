@@ -113,3 +113,21 @@ def test_builtins_compose(pair):
         assert module.trainable_parameters()[key] == sum(p.numel() for p in owned[key].values())
         if owned[key]:
             assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in owned[key].values()), key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_image_alone_equals_its_rows_in_a_batch(name):
+    """In evaluation a row's output does not depend on the other rows of its batch: every output of
+    each image of a batch of 3 (boxes at other places) equals the batch of that image alone."""
+    module = make(name).eval().double()
+    batch = random_batch(3, dtype=torch.float64)
+    with torch.no_grad():
+        together, _ = module(batch)
+        for i in range(3):
+            alone, _ = module(batch.select_images([i]))
+            rows = (together.image_index == i).nonzero().flatten()
+            assert set(alone.masks) == set(together.masks)
+            for key, masks in alone.masks.items():
+                torch.testing.assert_close(together.masks[key][rows], masks, rtol=1e-9, atol=1e-9, msg=key)
+            torch.testing.assert_close(together.iou_pred[rows], alone.iou_pred, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(together.pred[rows], alone.pred, rtol=1e-9, atol=1e-9)
