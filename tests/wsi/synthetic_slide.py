@@ -53,24 +53,30 @@ def halve(img: np.ndarray) -> np.ndarray:
 
 
 def write_slide(folder: Path, with_mpp: bool = True) -> tuple[Path, list[np.ndarray]]:
+    path = folder / ("slide.tif" if with_mpp else "slide_no_mpp.tif")
+    return path, write_pyramid(path, level0(), MPP if with_mpp else None)
+
+
+def write_pyramid(path: Path, base: np.ndarray, mpp: float | None = MPP, count: int = 3) -> list[np.ndarray]:
+    """A tiled pyramidal TIFF of ``base`` (level 0 at ``mpp``; None: no resolution tags) and ``count - 1``
+    levels of 2 x 2 means (an odd last row or column dropped, as slide scanners do) -> the levels."""
     import tifffile
 
-    levels = [level0()]
-    levels += [halve(levels[-1])]
-    levels += [halve(levels[-1])]
-    path = folder / ("slide.tif" if with_mpp else "slide_no_mpp.tif")
+    levels = [base]
+    while len(levels) < count:
+        levels.append(halve(levels[-1]))
     options = {"tile": (128, 128), "photometric": "rgb", "compression": None}
     with tifffile.TiffWriter(path) as tif:
         for i, level in enumerate(levels):
             extra = {}
-            if with_mpp:
-                res = 1e4 / (MPP * 2**i)  # pixels per centimetre
+            if mpp is not None:
+                res = 1e4 / (mpp * 2**i)  # pixels per centimetre
                 extra = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
             if i == 0:
                 tif.write(level, subifds=len(levels) - 1, **options, **extra)
             else:
                 tif.write(level, subfiletype=1, **options, **extra)
-    return path, levels
+    return levels
 
 
 def write_geojson(folder: Path) -> Path:

@@ -1,14 +1,17 @@
 """Slide annotations as one shapely geometry in level-0 pixels, rasterised per patch.
 
-Readers: GeoJSON (QuPath's export: a FeatureCollection, a list of features or one feature; Polygon
-and MultiPolygon geometries) and ASAP XML (``<Annotation Type="Polygon" PartOfGroup=...>`` with
-``<Coordinate X= Y=>``, as CAMELYON16 ships them). Polygons of the ``exclude`` groups (CAMELYON16's
-``_2``, QuPath's classification ``Exclusion``) are cut out of the union of the others.
+Readers: GeoJSON (QuPath's export: a FeatureCollection, a list of features or one feature; Polygon,
+MultiPolygon and the polygons of GeometryCollection geometries) and ASAP XML
+(``<Annotation Type="Polygon" PartOfGroup=...>`` with ``<Coordinate X= Y=>``, as CAMELYON16 ships
+them). Polygons of the ``exclude`` groups (CAMELYON16's ``_2``, QuPath's classification
+``Exclusion``) are cut out of the union of the others; annotations without area are left out with a
+warning.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,7 +84,11 @@ def load_annotations(
     path: str | Path, exclude: Sequence[str] = EXCLUDE, label_downsample: float = 1.0
 ) -> Any:
     """Read a GeoJSON (``.geojson`` / ``.json``), ASAP ``.xml`` or label-image (``.png`` / ``.tif``, at
-    ``label_downsample`` of level 0, see :func:`load_label_mask`) file -> a shapely geometry (level 0)."""
+    ``label_downsample`` of level 0, see :func:`load_label_mask`) file -> a shapely geometry (level 0).
+
+    Polygons, multipolygons and the polygons of geometry collections count; annotations without area
+    (points, lines, null geometries, polygons of fewer than 3 points or of no area) are left out
+    with a warning that names the file and how many."""
     shapely = _shapely()
     from shapely.geometry import Polygon, shape
 
@@ -90,24 +97,43 @@ def load_annotations(
         return load_label_mask(path, label_downsample)
     keep: list[Any] = []
     cut: list[Any] = []
+    skipped: list[str] = []  # what had no area, by kind
     try:
         if path.suffix.lower() == ".xml":
             for ann in ET.parse(path).getroot().iter("Annotation"):
                 coords = sorted(ann.iter("Coordinate"), key=lambda c: int(c.get("Order", 0)))
                 points = [(float(c.get("X", "nan")), float(c.get("Y", "nan"))) for c in coords]
-                if len(points) >= 3:
-                    (cut if ann.get("PartOfGroup", "") in exclude else keep).append(Polygon(points))
+                area = _area_of(Polygon(points)) if len(points) >= 3 else None
+                if area is None:
+                    skipped.append(f"{ann.get('Type', 'annotation')} of {len(points)} points")
+                else:
+                    (cut if ann.get("PartOfGroup", "") in exclude else keep).append(area)
         else:
             for feature in _geojson_features(json.loads(path.read_text())):
-                geometry = shape(feature["geometry"])
-                if geometry.geom_type in ("Polygon", "MultiPolygon"):
-                    (cut if _group_of(feature) in exclude else keep).append(geometry)
-    except (OSError, ValueError, KeyError, TypeError, ET.ParseError) as err:
+                geometry = feature["geometry"]
+                area = None if geometry is None else _area_of(shape(geometry))
+                if area is None:
+                    skipped.append("null geometry" if geometry is None else str(geometry.get("type")))
+                else:
+                    (cut if _group_of(feature) in exclude else keep).append(area)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ET.ParseError) as err:
         raise SlideError(f"{path}: not a readable GeoJSON or ASAP XML annotation ({err}).") from None
-    region = shapely.union_all([shapely.make_valid(g) for g in keep])
+    if skipped:
+        kinds = ", ".join(f"{skipped.count(k)} {k}" for k in dict.fromkeys(skipped))
+        warnings.warn(f"{path}: {len(skipped)} annotation(s) without area left out ({kinds}).", stacklevel=2)
+    region = shapely.union_all(keep)
     if cut:
-        region = region.difference(shapely.union_all([shapely.make_valid(g) for g in cut]))
+        region = region.difference(shapely.union_all(cut))
     return region
+
+
+def _area_of(geometry: Any) -> Any:
+    """The polygons of ``geometry`` (made valid; also those inside a geometry collection) as one
+    geometry, or None when it has no area (a point, a line, a polygon collapsed to a line)."""
+    shapely = _shapely()
+    parts = shapely.get_parts(shapely.make_valid(geometry))
+    polygons = [p for p in parts if p.geom_type in ("Polygon", "MultiPolygon") and p.area > 0]
+    return shapely.union_all(polygons) if polygons else None
 
 
 def rasterize(region: Any, origin: tuple[float, float], pixel: float, size: int) -> np.ndarray:

@@ -27,6 +27,8 @@ from samflow.data.wsi.annotations import load_annotations, rasterize
 from samflow.data.wsi.slide import Slide, SlideError
 from samflow.data.wsi.tissue import tissue_mask
 
+MAX_DRAWS = 400  # rounds of 256 candidate centres before a slide's tumour or background counts as absent
+
 
 class CentreSizeBoxPrompt(PromptSampler):
     """The mask's box with WSI-SAM's (HQ-SAM's ``box_noise``) noise: the centre moves by
@@ -257,13 +259,28 @@ class SlidePatches(Dataset):
         out: list[PatchCentre] = []
         if n_tumour and region is not None:
             x0, y0, x1, y1 = region.bounds
-            while len(out) < n_tumour:
+            for draw in range(MAX_DRAWS + 1):
+                if len(out) >= n_tumour:
+                    break
+                if draw == MAX_DRAWS:
+                    raise SlideError(
+                        f"{self.paths[s]}: no point inside its annotated tumour in {MAX_DRAWS * 256} draws "
+                        f"from the tumour's bounds {region.bounds}; check the annotation file."
+                    )
                 xs, ys = rng.uniform(x0, x1, 256), rng.uniform(y0, y1, 256)
                 inside = shapely.contains_xy(region, xs, ys)
                 out += [PatchCentre(s, float(x), float(y), True) for x, y in zip(xs[inside], ys[inside])]
             out = out[:n_tumour]
         cells = np.argwhere(tissue)  # (n, 2) row, col of tissue at the detection level
-        while len(out) < self.patches_per_slide:
+        for draw in range(MAX_DRAWS + 1):
+            if len(out) >= self.patches_per_slide:
+                break
+            if draw == MAX_DRAWS:
+                raise SlideError(
+                    f"{self.paths[s]}: no tissue outside its annotated tumour in {MAX_DRAWS * 256} draws, "
+                    "so no background centres; set tumour_fraction: 1 for slides all tumour, or check "
+                    "the annotation file."
+                )
             pick = cells[rng.integers(len(cells), size=256)]
             xs = (pick[:, 1] + rng.uniform(0, 1, 256)) * ds
             ys = (pick[:, 0] + rng.uniform(0, 1, 256)) * ds

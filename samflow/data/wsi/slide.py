@@ -14,6 +14,7 @@ its footprint, partial pixels weighted by their covered fraction), so the patch 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,8 @@ class Slide:
         ax0, ay0, ax1, ay1 = max(x0, 0), max(y0, 0), min(x0 + width, w), min(y0 + height, h)
         if ax1 > ax0 and ay1 > ay0:
             ds = self.downsamples[level]
-            region = self._slide.read_region(
-                (round(ax0 * ds), round(ay0 * ds)), level, (ax1 - ax0, ay1 - ay0), as_array=True
-            )
+            location = (_level0_location(ax0, ds), _level0_location(ay0, ds))
+            region = self._slide.read_region(location, level, (ax1 - ax0, ay1 - ay0), as_array=True)
             region = np.asarray(region)
             if region.ndim == 2:
                 region = np.repeat(region[..., None], 3, -1)
@@ -121,6 +121,18 @@ class Slide:
         level = self.level_for(mpp)
         w, h = self.level_dimensions[level]
         return self.read_level(level, 0, 0, w, h), self.downsamples[level]
+
+
+def _level0_location(index: int, downsample: float) -> int:
+    """The level-0 coordinate that tiffslide's ``read_region`` maps to pixel ``index`` of a level of
+    ``downsample``: it truncates ``location / downsample``, so ``round(index * downsample)`` would land a
+    pixel early whenever the downsample is not whole (levels of odd-sized slides, 2.0033 for 771 -> 385)."""
+    location = math.ceil(index * downsample)
+    while int(location / downsample) > index:  # float rounding either way
+        location -= 1
+    while int(location / downsample) < index:
+        location += 1
+    return location
 
 
 def _area_weights(start: float, side: float, size: int, count: int) -> np.ndarray:
