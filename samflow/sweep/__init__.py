@@ -58,6 +58,13 @@ def main(argv: list[str]) -> int:
     from samflow.sweep.load import load_sweep
 
     args = _parser().parse_args(argv)
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ExperimentError(
+            "samflow sweep needs Optuna (and matplotlib for its plots), which samflow's `sweep` extra "
+            "installs: pip install 'samflow[sweep]'."
+        ) from None
     if args.trials is not None and args.trials < 1:
         raise ExperimentError(f"samflow sweep: --trials must be at least 1, got {args.trials}.")
     spec = load_sweep(args.file)

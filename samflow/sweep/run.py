@@ -32,7 +32,7 @@ from samflow.sweep.agent import run_folder_args
 from samflow.sweep.check import experiment_path
 from samflow.sweep.report import RESULT_FILE, TRIAL_FILE
 from samflow.sweep.spec import SweepError, SweepSpec
-from samflow.sweep.storage import heartbeat_interval, open_storage, replaced
+from samflow.sweep.storage import heartbeat_interval, open_storage, replaced, run_again
 
 DEFAULT_TRIALS = 20  # random and bayes sweeps without --trials or run_cap
 
@@ -305,6 +305,7 @@ def run_trial(
             _end_group(proc)
             trial.set_user_attr("error", "the sweep was interrupted")
             study.tell(trial, state=_failed())
+            run_again(study, storage.get_trial(trial._trial_id))  # when the sweep is started again
             raise
     return outcome(proc.returncode, folder, sweep.spec.metric)
 

@@ -6,7 +6,8 @@ Trial numbers are handed out by the storage, so a grid's points 0..N-1 go to dis
 ``--trials`` is the study's total, all workers together. A trial sends heartbeats from the moment it is
 created; a trial whose worker died (its heartbeats stopped for ``SAMFLOW_SWEEP_GRACE_S`` seconds, 120 by
 default) is marked failed by the next worker that starts a trial, and its values are queued to run
-again (``replaced`` maps the one to the other).
+again (``replaced`` maps the one to the other); so are those of a trial the sweep's interruption
+ended (Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def open_storage(url: str) -> Any:
                 engine_kwargs=engine,
                 heartbeat_interval=heartbeat_interval(),
                 grace_period=grace,
-                heartbeat_stale_trial_callback=_run_again,
+                heartbeat_stale_trial_callback=run_again,
             )
         except (IntegrityError, OperationalError) as err:
             # Workers started together race to create the schema (one wins the alembic_version row or
@@ -62,9 +63,10 @@ def heartbeat_interval() -> int:
     return max(1, min(30, grace_period() // 4))
 
 
-def _run_again(study: Any, trial: Any) -> None:
-    """Optuna's callback for a trial it failed as stale: queue its values as a new trial (the same grid
-    point), which records the trial it replaces (``retry_of``)."""
+def run_again(study: Any, trial: Any) -> None:
+    """Queue a failed trial's values as a new trial (the same grid point), which records the trial it
+    replaces (``retry_of``): Optuna's callback for a trial it failed as stale, and the sweep's for a
+    trial its interruption ended."""
     from optuna.trial import TrialState, create_trial
 
     attrs: dict[str, Any] = {"fixed_params": trial.params, "retry_of": trial.number}

@@ -65,8 +65,8 @@ def rows(trials: list[Any], keys: list[str], metric: str) -> tuple[list[str], li
     out = []
     for t in trials:
         error = t.user_attrs.get("error", "")
-        if t.number in again and not error:
-            error = f"its worker died (no heartbeat); run again as trial {again[t.number]}"
+        if t.number in again:
+            error = f"{error or 'its worker died (no heartbeat)'}; run again as trial {again[t.number]}"
         value = t.value if t.value is not None else _last(t)
         values = t.user_attrs.get("overrides", {})
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
@@ -101,9 +101,11 @@ def summarize(sweep: Any, study: Any) -> Path | None:
     if best is None:
         print("best: no trial has completed yet")
     else:
+        where = best.user_attrs.get("folder", "")
+        print(f"best: trial {best.number} ({spec.metric} {best.value:.4f}), run folder {where}")
         best_file = write_best(sweep, best)
-        print(f"best: trial {best.number} ({spec.metric} {best.value:.4f}); re-run it with")
-        print(f"  samflow fit --experiment {best_file}")
+        if best_file is not None:
+            print(f"  re-run it with: samflow fit --experiment {best_file}")
     plots = write_plots(study, folder / "plots")
     print(f"summary: {folder / 'trials.csv'}; plots: {', '.join(plots) or 'none'}")
     log_to_wandb(sweep, header, table, folder / "plots")
@@ -113,8 +115,8 @@ def summarize(sweep: Any, study: Any) -> Path | None:
 def write_best(sweep: Any, best: Any) -> Path | None:
     """The best trial's resolved config as an experiment file (without the sweep's callback and folder)."""
     config_file = Path(best.user_attrs.get("folder", "")) / "config.yaml"
-    if not config_file.is_file():
-        print(f"best: trial {best.number} has no {config_file}")
+    if not config_file.is_file():  # e.g. a worker on another machine ran it
+        print(f"  no best config written: trial {best.number} has no {config_file} on this machine")
         return None
     config = yaml.safe_load(config_file.read_text()) or {}
     trainer = config.get("trainer") or {}

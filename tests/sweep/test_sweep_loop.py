@@ -114,11 +114,13 @@ def test_a_killed_sweep_ends_its_trial_and_marks_it_failed(stub, tmp_path):
     trial_pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(trial_pid, 0)  # the trial's process is gone with the sweep
-    (trial,) = optuna.load_study(study_name="s", storage=sweep.storage_url).get_trials()
+    trial, queued = optuna.load_study(study_name="s", storage=sweep.storage_url).get_trials()
     assert (
         trial.state == optuna.trial.TrialState.FAIL
         and trial.user_attrs["error"] == "the sweep was interrupted"
     )
+    # its values wait for the sweep to be started again (tests/sweep/test_sweep_resume.py)
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.system_attrs["retry_of"] == 0
 
 
 def test_outcome_of_a_process(tmp_path):
