@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from samflow.argument_errors import one_line_argument_error
 from samflow.experiment_files import ExperimentError, list_experiments, resolve_experiment
@@ -165,12 +166,19 @@ def _verbosity_from_argv(argv: list[str]) -> list[str]:
 
 
 # ---- W&B ----
+def wandb_credentials() -> bool:
+    """Whether W&B has an API key: ``WANDB_API_KEY``, or the netrc entry ``wandb login`` writes for the
+    W&B host (``WANDB_BASE_URL``'s, api.wandb.ai by default) in ``NETRC`` or ``~/.netrc``."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    return netrc.is_file() and host in netrc.read_text(errors="ignore")
+
+
 def configure_wandb() -> None:
     """Log offline unless the user has W&B credentials or chose a mode; never prompt."""
-    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
-        return
-    netrc = Path.home() / ".netrc"
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+    if os.environ.get("WANDB_MODE") or wandb_credentials():
         return
     os.environ["WANDB_MODE"] = "offline"
 

@@ -16,7 +16,7 @@ from samflow.cli import configure_wandb
 
 @pytest.fixture
 def clean_env(tmp_path, monkeypatch):
-    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     return tmp_path
@@ -38,6 +38,24 @@ def test_an_api_key_or_a_wandb_login_keeps_the_mode_unset(clean_env, monkeypatch
     (clean_env / ".netrc").write_text("machine example.com\n  login user\n  password secret\n")
     configure_wandb()  # another machine's entry is no W&B login
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_a_login_to_a_self_hosted_server_or_in_another_netrc_counts(clean_env, monkeypatch):
+    """``WANDB_BASE_URL`` names the server whose netrc entry counts, and ``NETRC`` the file, as for W&B
+    itself (and ``samflow sweep --backend wandb``)."""
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    (clean_env / ".netrc").write_text("machine wandb.example.org\n  login user\n  password secret\n")
+    configure_wandb()
+    assert "WANDB_MODE" not in os.environ
+    monkeypatch.delenv("WANDB_BASE_URL")
+    configure_wandb()  # api.wandb.ai has no entry
+    assert os.environ.pop("WANDB_MODE") == "offline"
+    other = clean_env / "elsewhere" / "netrc"
+    other.parent.mkdir()
+    other.write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    monkeypatch.setenv("NETRC", str(other))
+    configure_wandb()
+    assert "WANDB_MODE" not in os.environ
 
 
 def test_the_users_mode_is_kept(clean_env, monkeypatch):

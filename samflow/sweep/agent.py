@@ -14,7 +14,6 @@ import json
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from samflow.experiment_files import ExperimentError
 
@@ -114,13 +113,11 @@ def _wandb_param(spec: Any, key: str) -> dict[str, Any]:
 def has_wandb_account() -> bool:
     """Whether W&B can reach an account: a mode that is online and an API key (``WANDB_API_KEY``, or the
     netrc entry ``wandb login`` writes for the W&B host), as ``samflow.cli.configure_wandb`` decides."""
+    from samflow.cli import wandb_credentials
+
     if os.environ.get("WANDB_MODE") in ("disabled", "offline", "dryrun"):
         return False
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
-    return netrc.is_file() and host in netrc.read_text(errors="ignore")
+    return wandb_credentials()
 
 
 def run_wandb(spec: Any, trials: int | None) -> int:
