@@ -75,13 +75,13 @@ class HQSam(SamPlugin, HQHead):
             raise ValueError(f"hq_sam: output must be one of {OUTPUTS}, got {output!r}.")
         if num_points < 1:
             raise ValueError(f"hq_sam: num_points must be at least 1, got {num_points}.")
-        if oversample_ratio < 1:
+        if not oversample_ratio >= 1:  # NaN too
             raise ValueError(f"hq_sam: oversample_ratio must be >= 1, got {oversample_ratio}.")
         if not 0 <= importance_sample_ratio <= 1:
             raise ValueError(
                 f"hq_sam: importance_sample_ratio must lie in [0, 1], got {importance_sample_ratio}."
             )
-        if bce_weight < 0 or dice_weight < 0:
+        if not (bce_weight >= 0 and dice_weight >= 0):
             raise ValueError(f"hq_sam: loss weights must be >= 0, got bce {bce_weight}, dice {dice_weight}.")
         self.output = output
         self.point_loss = point_loss

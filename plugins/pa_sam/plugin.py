@@ -116,8 +116,16 @@ class PASam(SamPlugin):
             raise ValueError(f"pa_sam: edge_filter must be 'sobel' or 'canny', got {edge_filter!r}.")
         if num_points < 1:
             raise ValueError(f"pa_sam: num_points must be at least 1, got {num_points}.")
-        if temperature <= 0:
+        if not temperature > 0:  # NaN too
             raise ValueError(f"pa_sam: temperature must be positive, got {temperature}.")
+        if mining_start_epoch < -1:
+            raise ValueError(
+                f"pa_sam: mining_start_epoch must be -1 (mine from the start) or an epoch, got {mining_start_epoch}."
+            )
+        if not band_ratio > 0:
+            raise ValueError(
+                f"pa_sam: band_ratio must be a positive fraction of the image diagonal, got {band_ratio}."
+            )
         self.layer = layer
         self.num_points = num_points
         self.mining_start_epoch = mining_start_epoch

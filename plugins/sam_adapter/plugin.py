@@ -103,7 +103,7 @@ class SamAdapter(SamPlugin):
         weight_decay: float | None = None,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay)
-        if scale_factor < 1:
+        if not isinstance(scale_factor, int) or scale_factor < 1:
             raise ValueError(f"sam_adapter: scale_factor must be a positive integer, got {scale_factor}.")
         if hfc not in HFC_MODES:
             raise ValueError(f"sam_adapter: hfc must be one of {HFC_MODES}, got {hfc!r}.")
@@ -111,7 +111,7 @@ class SamAdapter(SamPlugin):
             raise ValueError(f"sam_adapter: freq_rate must be in [0, 1], got {freq_rate}.")
         if laplacian_kernel < 3 or laplacian_kernel % 2 == 0:
             raise ValueError(f"sam_adapter: laplacian_kernel must be odd and >= 3, got {laplacian_kernel}.")
-        if gaussian_sigma <= 0:
+        if not gaussian_sigma > 0:
             raise ValueError(f"sam_adapter: gaussian_sigma must be positive, got {gaussian_sigma}.")
         if blocks is not None and not blocks:
             raise ValueError("sam_adapter: `blocks` is empty; leave it out (all blocks) or list indices.")

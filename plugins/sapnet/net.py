@@ -26,10 +26,19 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from samflow.sam import upcast
+
 from .boxes import aligned_iou, bms, hard_negatives, pdg_phi, pnpg_positives, random_negatives, select_parent
 from .mil import mps_ranks, negative_loss, prm_loss, psm_loss, selection_score
 
 __all__ = ["SapnetResult", "SelectionNet", "roi_levels"]
+
+
+def _roi_align(features: Tensor, rois: Tensor, size: int, scale: float) -> Tensor:
+    """RoIAlign (K, C, size, size) of float32 (or float64) ``rois`` on ``features`` of any dtype: read in
+    the rois' dtype, as torchvision's autocast does, and returned in the features' dtype."""
+    out = roi_align(features.to(rois.dtype), rois, size, spatial_scale=scale, sampling_ratio=2, aligned=True)
+    return out.to(features.dtype)
 
 
 def roi_levels(boxes: Tensor, num_levels: int, finest_scale: float = 56.0) -> Tensor:
@@ -105,29 +114,26 @@ class SelectionNet(nn.Module):
     def roi_features(self, features: Tensor | list[Tensor], rois: Tensor, image_size: int) -> Tensor:
         """RoIAlign (K, C, r, r) of rois (K, 5) (image, x1, y1, x2, y2 in input pixels) on one map or a pyramid."""
         if isinstance(features, Tensor):
-            scale = features.shape[-1] / image_size
-            return roi_align(
-                features, rois, self.roi_size, spatial_scale=scale, sampling_ratio=2, aligned=True
-            )
+            return _roi_align(features, rois, self.roi_size, features.shape[-1] / image_size)
         level = roi_levels(rois[:, 1:], len(features))
-        out = rois.new_zeros(rois.shape[0], features[0].shape[1], self.roi_size, self.roi_size)
+        out = features[0].new_zeros(rois.shape[0], features[0].shape[1], self.roi_size, self.roi_size)
         for i, feat in enumerate(features):
             idx = torch.nonzero(level == i).squeeze(1)
             if idx.numel():
                 scale = feat.shape[-1] / image_size
-                out[idx] = roi_align(
-                    feat, rois[idx], self.roi_size, spatial_scale=scale, sampling_ratio=2, aligned=True
-                )
+                out[idx] = _roi_align(feat, rois[idx], self.roi_size, scale)
         return out
 
     def head(
         self, features: Tensor | list[Tensor], boxes: Tensor, image_index: Tensor, image_size: int, stage: int
     ) -> tuple[Tensor, Tensor]:
-        """Class and instance logits (..., C') of boxes (..., 4) on images ``image_index`` (...)."""
+        """Class and instance logits (..., C') of boxes (..., 4) on images ``image_index`` (...), in at
+        least float32 (the scores and MIL losses are computed from them)."""
         lead = boxes.shape[:-1]
         rois = torch.cat([image_index.reshape(-1, 1).to(boxes.dtype), boxes.reshape(-1, 4)], 1)
         h = self.shared(self.roi_features(features, rois, image_size))
-        return self.fc_cls[stage](h).reshape(*lead, -1), self.fc_ins[stage](h).reshape(*lead, -1)
+        cls, ins = upcast(self.fc_cls[stage](h)), upcast(self.fc_ins[stage](h))
+        return cls.reshape(*lead, -1), ins.reshape(*lead, -1)
 
     def forward(
         self,
@@ -150,7 +156,8 @@ class SelectionNet(nn.Module):
         n, p = proposals.shape[:2]
         first = features if isinstance(features, Tensor) else features[0]
         rows = torch.arange(n, device=proposals.device)
-        proposals = proposals.detach().to(first.dtype)
+        # box geometry in at least float32: bf16 would round a 1024 px frame to 4 px and merge PNPG's boxes
+        proposals = proposals.detach().to(torch.promote_types(first.dtype, torch.float32))
         idx_p = image_index[:, None].expand(n, p)
 
         # stage 0: PSM with PDG

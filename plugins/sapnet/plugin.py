@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from samflow.batch import SamBatch
 from samflow.plugins import DecoderContext, SamPlugin
-from samflow.sam import SamOutput
+from samflow.sam import SamOutput, upcast
 
 from .net import SelectionNet
 
@@ -97,6 +97,17 @@ class SAPNet(SamPlugin):
         weight_decay: float | None = None,
     ) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay)
+        for name, value, low in (
+            ("num_classes", num_classes, 1),
+            ("hidden", hidden, 1),
+            ("num_negatives", num_negatives, 0),
+        ):
+            if value < low:
+                raise ValueError(f"sapnet: {name} must be at least {low}, got {value}.")
+        if not 0 <= resnet_trainable_layers <= 5:
+            raise ValueError(
+                f"sapnet: resnet_trainable_layers must be 0..5 (ResNet-50's stages), got {resnet_trainable_layers}."
+            )
         if features not in ("sam", "resnet50_fpn"):
             raise ValueError(f"sapnet: features must be 'sam' or 'resnet50_fpn', got {features!r}.")
         if features == "resnet50_fpn":
@@ -141,9 +152,12 @@ class SAPNet(SamPlugin):
         """PSM, PRM and negative MIL terms (weights 0.25, 0.25, 0.75 as the reference)."""
         assert self.net is not None, "sapnet: setup() was not called"
         s = batch.size
+        # boxes (and the points derived from them) in float32 at least: bf16, SAM's logits under
+        # autocast, rounds a 1024 px frame to 4 px
         proposals = getattr(batch, "proposals", None)
         if proposals is None:
-            proposals = masks_to_boxes(out.masks["sam"][:, 1:].detach(), s)
+            proposals = masks_to_boxes(upcast(out.masks["sam"][:, 1:].detach()), s)
+        proposals = upcast(proposals)
         labels = getattr(batch, "classes", None)
         if labels is None:
             labels = torch.zeros(batch.num_rows, dtype=torch.long, device=proposals.device)
