@@ -154,7 +154,6 @@ def test_the_warm_up_wrapper_keeps_the_scheduler_mark_so_torch_does_not_warn():
     import warnings
     from types import SimpleNamespace
 
-
     weight = torch.nn.Parameter(torch.ones(2))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
