@@ -105,7 +105,7 @@ class CocoMaskAP(MeanAveragePrecision):
             setattr(self, n, [x.to(device) if isinstance(x, Tensor) else x for x in merged])
 
     def compute(self) -> dict[str, Tensor]:
-        """COCOeval (segm) over every image updated; all -1 without any ground truth or detection.
+        """COCOeval (segm) over every image updated: 0 for a model that detects nothing, -1 without ground truth.
 
         Not torchmetrics' own ``compute``: it leaves out the images without ground truth, and so the
         false positives on them.
@@ -125,7 +125,7 @@ class CocoMaskAP(MeanAveragePrecision):
         )
         dt = _coco(sizes, self.detection_mask, self.detection_labels, score=self.detection_scores)
         stats = [-1.0] * len(COCO_KEYS)
-        if gt.anns and dt.anns:
+        if gt.anns:  # no detections: COCOeval scores 0
             with contextlib.redirect_stdout(io.StringIO()):
                 ev = COCOeval(gt, dt, "segm")
                 ev.params.iouThrs = np.array(self.iou_thresholds, dtype=np.float64)

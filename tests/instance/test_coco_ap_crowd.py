@@ -127,3 +127,18 @@ def test_several_images_crowds_unmatched_and_images_without_ground_truth(tmp_pat
     assert 0.1 < want[0] < 0.9  # a non-trivial case
     without_crowds = [([g for g in gts if not g[2]], dets) for gts, dets in images]
     assert samflow_ap(without_crowds) != pytest.approx(want[0])  # the crowds mattered
+
+
+def test_no_detections_score_zero_and_no_ground_truth_minus_one():
+    """A model that detects nothing scores AP 0 where there is ground truth (COCOeval's answer; pycocotools'
+    loadRes cannot read an empty results file, so no file comparison), and -1, COCO's "no ground
+    truth", only where there is none (here: no medium or large objects)."""
+    none = (torch.zeros(0, H, W, dtype=torch.bool), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    metric = CocoMaskAP()
+    gt = torch.as_tensor(_box(2, 2, 12, 12))[None]  # 100 px: a small object
+    metric.update([none], [{"masks": gt, "labels": torch.tensor([0])}])
+    values = {k: float(v) for k, v in metric.compute().items()}
+    assert values == {"ap": 0.0, "ap50": 0.0, "ap75": 0.0, "ap_s": 0.0, "ap_m": -1.0, "ap_l": -1.0}
+    empty = CocoMaskAP()
+    empty.update([none], [{"masks": torch.zeros(0, H, W, dtype=torch.bool), "labels": torch.zeros(0).long()}])
+    assert {float(v) for v in empty.compute().values()} == {-1.0}
