@@ -105,7 +105,8 @@ class CocoMaskAP(MeanAveragePrecision):
             setattr(self, n, [x.to(device) if isinstance(x, Tensor) else x for x in merged])
 
     def compute(self) -> dict[str, Tensor]:
-        """COCOeval (segm) over every image updated: 0 for a model that detects nothing, -1 without ground truth.
+        """COCOeval (segm) over every image updated: 0 for a model that detects nothing, -1 with no ground
+        truth.
 
         Not torchmetrics' own ``compute``: it leaves out the images without ground truth, and so the
         false positives on them.
