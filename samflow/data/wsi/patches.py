@@ -102,7 +102,9 @@ def prompt_item(
 
 
 def _image_tensor(rgb: np.ndarray, size: int, dtype: torch.dtype) -> Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(dtype) / 255  # (3, P, P)
+    x = (
+        torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1).to(dtype) / 255
+    )  # (3, P, P)
     if x.shape[-1] != size:
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     return x
