@@ -130,7 +130,8 @@ class SamPlugin(nn.Module):
     def attn_logits(
         self, i: int, scale: float | Tensor, bias: Tensor | None, q: Tensor, ctx: ForwardContext
     ) -> tuple[float | Tensor, Tensor | None]:
-        """Change encoder block ``i``'s attention: logits = scale * q k^T + bias, q (B', heads, L, d)."""
+        """Change encoder block ``i``'s attention: logits = scale * q k^T + bias, q (B', heads, L, d), bias
+        written in place or replaced."""
         return scale, bias
 
     def block_output(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:

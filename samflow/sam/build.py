@@ -95,9 +95,9 @@ def build_sam(
     if variant not in VARIANTS and variant not in BACKBONES:
         raise ValueError(f"Unknown SAM variant {variant!r}; choose one of {variant_names()}.")
     spec = VARIANTS.get(variant, BACKBONE_DECODER)
-    size = img_size or spec.img_size
-    if size % spec.patch_size:
-        raise ValueError(f"img_size {size} is not a multiple of the patch size {spec.patch_size}.")
+    size = spec.img_size if img_size is None else img_size
+    if size <= 0 or size % spec.patch_size:
+        raise ValueError(f"img_size {size} is not a positive multiple of the patch size {spec.patch_size}.")
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
@@ -238,6 +238,14 @@ def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
         )
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    not_tensors = sorted(
+        f"{k} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)
+    )
+    if not_tensors:
+        raise CheckpointError(
+            f"SAM checkpoint {str(path)!r} is not a state dict of tensors: {_short(not_tensors)}; pass the "
+            "segment-anything .pth file with --model.sam.checkpoint."
+        )
     expected = sam.state_dict()
     in_file = len(state)
     if isinstance(sam.image_encoder, Backbone):

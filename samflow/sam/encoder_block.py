@@ -81,6 +81,16 @@ def vit_block(i: int, block: Block, x: Tensor, hooks: HookSites, ctx: ForwardCon
     return _mlp_residual_in_place(block, x.add_(shortcut))
 
 
+def _sam_bias(attn: Attention, q: Tensor, size: tuple[int, int]) -> Tensor | None:
+    """SAM's rel-pos term as the dense bias (B, heads, L, L) that ``attn_logits`` plugins receive (None
+    without rel-pos), made outside inference mode, whose tensors keep no version counter: its
+    ``_version`` tells whether a plugin wrote into it."""
+    if not attn.use_rel_pos:
+        return None
+    with torch.inference_mode(False):
+        return decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, size)
+
+
 def attention_heads(i: int, attn: Attention, x: Tensor, hooks: HookSites, ctx: ForwardContext) -> Tensor:
     """Block ``i``'s attention on x (B, h, w, C) (a window batch for a windowed block) with the
     ``attn_logits`` site, before the output projection: SAM's ``Attention.forward`` is
@@ -92,18 +102,22 @@ def attention_heads(i: int, attn: Attention, x: Tensor, hooks: HookSites, ctx: F
     scale: float | Tensor = attn.scale
     plain = not hooks.uses("attn_logits")  # no plugin sees the logits: no (L, L) tensor at all
     if not plain:  # dense path: plugins receive the rel-pos term as an additive (B, heads, L, L) bias
-        sam_bias = (
-            decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w)) if attn.use_rel_pos else None
-        )
+        sam_bias = _sam_bias(attn, q, (h, w))
+        version = None if sam_bias is None else sam_bias._version
         scale, bias = hooks.attn_logits(i, scale, sam_bias, q, ctx)
-        # a bias the plugins left as SAM's (the same tensor, or equal values without a gradient to
-        # carry) goes the plain way, so the output is bit for bit the plain path's
-        plain = bias is sam_bias or (
-            bias is not None
-            and sam_bias is not None
-            and not bias.requires_grad
-            and bias.shape == sam_bias.shape
-            and torch.equal(bias, sam_bias)
+        # a bias the plugins left as SAM's (the same tensor unwritten, or equal values without a
+        # gradient to carry) goes the plain way, so the output is bit for bit the plain path's; one
+        # written in place (``bias += ...``) is the plugins' own
+        written = sam_bias is not None and sam_bias._version != version
+        plain = not written and (
+            bias is sam_bias
+            or (
+                bias is not None
+                and sam_bias is not None
+                and not bias.requires_grad
+                and bias.shape == sam_bias.shape
+                and torch.equal(bias, sam_bias)
+            )
         )
         del sam_bias
     if plain:

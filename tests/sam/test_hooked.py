@@ -154,3 +154,42 @@ def test_sam_stays_frozen_and_in_eval_mode(tiny_sam):
     assert hooked.training and not tiny_sam.training
     assert not any(m.training for m in tiny_sam.modules())
     assert not any(p.requires_grad for p in tiny_sam.parameters())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "wanted"),
+    [
+        (
+            "image",
+            torch.rand(2, 3, 256, 256),
+            "image has shape (2, 3, 256, 256); this SAM takes (2, 3, 128, 128)",
+        ),
+        (
+            "image",
+            torch.rand(2, 3, 128, 96),
+            "image has shape (2, 3, 128, 96); this SAM takes (2, 3, 128, 128)",
+        ),
+        (
+            "image",
+            torch.rand(2, 1, 128, 128),
+            "image has shape (2, 1, 128, 128); this SAM takes (2, 3, 128, 128)",
+        ),
+        (
+            "mask_prompt",
+            torch.rand(2, 1, 64, 64),
+            "mask_prompt has shape (2, 1, 64, 64); this SAM takes (2, 1, 32, 32)",
+        ),
+        ("box", torch.rand(2, 1, 4), "box has shape (2, 1, 4); this SAM takes (2, 4)"),
+        ("box", torch.rand(3, 4), "box has shape (3, 4); this SAM takes (2, 4)"),
+        ("points", torch.rand(2, 1, 3), "points has shape (2, 1, 3); this SAM takes (2, K, 2)"),
+    ],
+)
+def test_a_batch_that_does_not_fit_sams_frame_is_refused_naming_the_field(tiny_sam, field, value, wanted):
+    """A wrong image side, or a prompt of another shape or row count, fails before the forward with
+    the field and the shape it should have, not deep inside SAM (or, for some, not at all)."""
+    fields = {"image": torch.rand(2, 3, 128, 128), field: value}
+    if field == "points":
+        fields["point_labels"] = torch.ones(2, 1, dtype=torch.long)
+    with pytest.raises(ValueError) as err, torch.no_grad():
+        HookedSam(tiny_sam)(SamBatch(**fields))
+    assert f"SamBatch.{wanted}" in str(err.value) and "model.sam.img_size" in str(err.value)

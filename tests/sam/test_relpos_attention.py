@@ -199,6 +199,40 @@ def test_a_bias_left_as_sams_is_bitwise_the_plain_path(tiny_sam):
     assert torch.equal(same, plain)
 
 
+class _PenaliseKeys(SamPlugin):
+    """Adds a fixed random penalty per key to SAM's bias, in place (``bias += ...``) or as a new tensor."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+
+    def attn_logits(self, i, scale, bias, q, ctx):
+        penalty = 4 * torch.randn(
+            bias.shape[-1], generator=torch.Generator().manual_seed(i), dtype=bias.dtype
+        )
+        if self.in_place:
+            bias += penalty
+            return scale, bias
+        return scale, bias + penalty
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_bias_written_in_place_is_the_plugins_not_sams(tiny_sam, mode):
+    """``bias += penalty`` changes the attention exactly as ``bias + penalty`` does: the same tensor
+    returned after a write is not "left as SAM's", also under inference mode (no version counters)."""
+    image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    grad_off = torch.no_grad if mode == "no_grad" else torch.inference_mode
+
+    def embeddings(plugins):
+        hooked = HookedSam(tiny_sam, PluginStack(plugins) if plugins else None)
+        with grad_off():
+            return hooked.encode(hooked.context(SamBatch(image=image))).embeddings.clone()
+
+    in_place = embeddings({"p": _PenaliseKeys(in_place=True)})
+    assert torch.equal(in_place, embeddings({"p": _PenaliseKeys(in_place=False)}))
+    assert (in_place - embeddings(None)).abs().max() > 0.1
+
+
 def test_bf16_autocast_keeps_dtypes_consistent(tiny_sam):
     """Under CPU bf16 autocast the augmented path runs and stays close to float32."""
     hooked = HookedSam(tiny_sam)
