@@ -296,12 +296,13 @@ def test_experiment_keeps_its_recipe(name, tmp_path, capsys, monkeypatch):
 
 
 def test_hqseg_prompts_mix_box_points_and_noisy_masks(tmp_path, capsys, monkeypatch):
-    for name in ("hq_sam_hqseg", "pa_sam_hqseg"):
+    # HQ-SAM draws the three uniformly; PA-SAM's if/elif chain over 7 names gives box 4/7, points 2/7, mask 1/7
+    for name, weights in (("hq_sam_hqseg", [1.0, 1.0, 1.0]), ("pa_sam_hqseg", [4.0, 2.0, 1.0])):
         data = resolved(["fit", "--experiment", name], tmp_path, capsys, monkeypatch)["data"]["init_args"]
         mixed = build_prompt(data["prompt"])
         assert [type(s).__name__ for s in mixed.samplers] == ["BoxPrompt", "PointPrompt", "NoisyMaskPrompt"]
         assert mixed.samplers[1].positive == 10 and mixed.samplers[1].negative == 0
-        assert mixed.weights.tolist() == [1.0, 1.0, 1.0]
+        assert mixed.weights.tolist() == weights
         augment = data["augment"]["init_args"]
         assert augment["hflip"] == 0.5 and augment["scale"] == [0.1, 2.0] and augment["translate"] == 0.5
 
