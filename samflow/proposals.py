@@ -51,7 +51,8 @@ can flip where a logit is near 0 (``tests/proposals/test_proposals_store.py`` me
 records ``embeddings: fp16 store``, so the two kinds never mix in one proposal store.
 
 **DDP.** Launched with ``torchrun --nproc_per_node N -m samflow proposals ...``, shard i goes to rank
-i mod N; rank 0 merges after a barrier. (Tested on one process; the split is by shard index only.)
+i mod N; rank 0 merges after a barrier. Every rank checks the key before the first barrier, so a stale
+store stops them all. (Tested on one process; the split is by shard index only.)
 """
 
 from __future__ import annotations
@@ -228,6 +229,29 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def _stale(manifest_path: Path, manifest: dict[str, Any], overwrite: bool) -> bool:
+    """Whether ``manifest_path`` holds another manifest (to replace: ``overwrite``); else a ProposalStoreError."""
+    if not manifest_path.exists():
+        return False
+    try:
+        old = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ProposalStoreError(f"{manifest_path}: unreadable ({err}); delete the folder.") from None
+    if old != manifest and not overwrite:
+        key = manifest["key"]
+        diff = [
+            k
+            for k in ("sam", "data", "img_size", "resize_mode", "embeddings")
+            if old.get("key", {}).get(k) != key.get(k)
+        ]
+        diff += [k for k in ("images", "shard_size") if old.get(k) != manifest[k]]
+        raise ProposalStoreError(
+            f"{manifest_path.parent} holds proposals of another SAM checkpoint or data (differs in: "
+            f"{', '.join(diff)}); a stale store is not reused. Delete it, choose another --out, or pass --overwrite."
+        )
+    return old != manifest
+
+
 def write_proposals(
     out: str | Path,
     sam: torch.nn.Module,
@@ -261,27 +285,12 @@ def write_proposals(
     key = store_key(sam, dataset, from_store=stored is not None)
     manifest = {"key": key, "images": len(dataset), "shard_size": shard_size, "kinds": list(KINDS)}
     manifest_path = root / "manifest.json"
+    stale = _stale(manifest_path, manifest, overwrite)  # every rank: none waits at the barrier for nothing
     if rank == 0:
-        if manifest_path.exists():
-            try:
-                old = json.loads(manifest_path.read_text())
-            except json.JSONDecodeError as err:
-                raise ProposalStoreError(f"{manifest_path}: unreadable ({err}); delete the folder.") from None
-            if old != manifest and not overwrite:
-                diff = [
-                    k
-                    for k in ("sam", "data", "img_size", "resize_mode", "embeddings")
-                    if old.get("key", {}).get(k) != key.get(k)
-                ]
-                diff += [k for k in ("images", "shard_size") if old.get(k) != manifest[k]]
-                raise ProposalStoreError(
-                    f"{root} holds proposals of another SAM checkpoint or data (differs in: {', '.join(diff)}); "
-                    "a stale store is not reused. Delete it, choose another --out, or pass --overwrite."
-                )
-            if old != manifest:
-                for f in sorted((root / "shards").glob("*.json")):
-                    f.unlink()
-                (root / "proposals.json").unlink(missing_ok=True)
+        if stale:
+            for f in sorted((root / "shards").glob("*.json")):
+                f.unlink()
+            (root / "proposals.json").unlink(missing_ok=True)
         (root / "shards").mkdir(parents=True, exist_ok=True)
         _write_json(manifest_path, manifest)
     barrier()

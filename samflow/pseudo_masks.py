@@ -20,7 +20,13 @@ annotation, ``category_id``, ``segmentation`` (the chosen proposal's RLE at the 
 ``mps_index`` (N, R) (SAPNet: the proposals ranked 2, 4, 6 by the stage-1 score), ``mps_proposal_index``
 and ``mps_segmentation`` (their RLEs), which ``samflow student`` adds as MPS supervision. ``info.samflow_pseudo_masks``
 records the checkpoint, the proposal store's key and the mean IoU of the pseudo masks with the
-annotation masks (a diagnostic; the annotation masks are used for nothing else).
+annotation masks (a diagnostic; the annotation masks are used for nothing else) and ``left_out``: each
+annotation of the training file without a pseudo mask, with its ``id``, ``image_id`` and ``reason``
+(``iscrowd (data.crowd: skip)``, ``empty mask``, or an ``image_id`` not in the file's ``images``).
+
+**Refusals.** Before anything runs: a ``batch_size`` below 1, an ``out`` that is one of the inputs (the
+training annotations, the proposal store's file, the checkpoint; ``--overwrite`` never replaces
+those), and a proposal store made with another SAM than the experiment's (as ``samflow fit`` refuses).
 """
 
 from __future__ import annotations
@@ -38,10 +44,12 @@ from torch import Tensor
 
 from samflow.data.coco import CocoDataModule, CocoInstances
 from samflow.data.coco_batch import CocoBatch, collate_coco
+from samflow.data.coco_masks import decode_segmentation
+from samflow.data.coco_proposals import sam_checksum
 from samflow.data.errors import DataError
-from samflow.usage import CommandParser
+from samflow.usage import CommandParser, PositiveInt
 
-__all__ = ["pseudo_index_of", "selection_report", "write_pseudo_masks"]
+__all__ = ["left_out", "pseudo_index_of", "selection_report", "write_pseudo_masks"]
 
 
 def pseudo_index_of(extras: dict[str, Any]) -> Tensor:
@@ -73,6 +81,41 @@ def _xywh(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
 
 
+def _refuse_an_input(out: Path, dataset: CocoInstances, checkpoint: str) -> None:
+    """A DataError when ``out`` is the training annotations, the proposal store's file or the checkpoint."""
+    assert dataset.proposals is not None
+    inputs = {"training annotations": dataset.file, "proposal store": dataset.proposals.file}
+    if checkpoint:
+        inputs["checkpoint"] = Path(checkpoint)
+    for what, path in inputs.items():
+        if out.resolve() == path.expanduser().resolve():
+            raise DataError(
+                f"samflow pseudo-masks: --out {out} is an input of samflow pseudo-masks (the {what}); "
+                "choose another --out (--overwrite never replaces an input)."
+            )
+
+
+def left_out(dataset: CocoInstances, written: set[int]) -> list[dict[str, Any]]:
+    """Each annotation of ``dataset``'s file whose id is not in ``written``, with the reason it has no row."""
+    source = json.loads(dataset.file.read_text())
+    images = {int(img["id"]): img for img in source["images"]}
+    missing: list[dict[str, Any]] = []
+    for ann in source["annotations"]:
+        if ann.get("id") in written:
+            continue
+        img = images.get(int(ann["image_id"]))
+        if img is None:
+            reason = f"image_id {ann['image_id']} is not in the file's images"
+        elif ann.get("iscrowd", 0) and dataset.crowd == "skip":
+            reason = "iscrowd (data.crowd: skip)"
+        elif not decode_segmentation(ann["segmentation"], int(img["height"]), int(img["width"])).any():
+            reason = "empty mask"
+        else:
+            reason = "no prompt row of the data"
+        missing.append({"id": ann.get("id"), "image_id": ann["image_id"], "reason": reason})
+    return missing
+
+
 @torch.no_grad()
 def write_pseudo_masks(
     module: Any,
@@ -84,7 +127,8 @@ def write_pseudo_masks(
     checkpoint: str = "",
     progress: Callable[[int], object] | None = None,
 ) -> dict[str, float]:
-    """Write the pseudo-mask file ``out`` for ``dataset`` (with proposals); return ``{instances, mean_iou}``.
+    """Write the pseudo-mask file ``out`` for ``dataset`` (with proposals); return ``{instances, mean_iou,
+    left_out}`` (module docstring).
 
     ``module`` is a ``SamflowModule`` holding the trained selection plugin.
     """
@@ -93,6 +137,11 @@ def write_pseudo_masks(
             f"samflow pseudo-masks: the training split ({dataset.file}) has no proposal store; set "
             "data.init_args.proposals to the folder `samflow proposals` wrote."
         )
+    if batch_size < 1:
+        raise DataError(f"samflow pseudo-masks: batch_size {batch_size} must be >= 1.")
+    path = Path(out).expanduser()
+    _refuse_an_input(path, dataset, checkpoint)
+    dataset.proposals.check_sam(sam_checksum(module.model.sam), "the experiment's model.sam")
     was_training = module.training
     module.eval().to(device)
     annotations: list[dict[str, Any]] = []
@@ -142,18 +191,23 @@ def write_pseudo_masks(
                 progress(len(items))
     finally:
         module.train(was_training)
-    stats = {"instances": float(len(annotations)), "mean_iou": float(np.mean(ious)) if ious else float("nan")}
+    missing = left_out(dataset, {a["id"] for a in annotations})
+    stats = {
+        "instances": float(len(annotations)),
+        "mean_iou": float(np.mean(ious)) if ious else float("nan"),
+        "left_out": float(len(missing)),
+    }
     info = {
         "samflow_pseudo_masks": {
             "checkpoint": checkpoint,
             "proposals": str(dataset.proposals.file),
             "proposals_key": dataset.proposals.key,
             "mean_iou_with_annotations": stats["mean_iou"],
+            "left_out": missing,
         }
     }
     images = [{k: img[k] for k in ("id", "file_name", "height", "width")} for img in dataset.images]
     cats = [{"id": c, "name": name} for c, name in sorted(dataset.categories.items())]
-    path = Path(out).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(
@@ -179,9 +233,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", required=True, help="the COCO JSON to write (refused if it exists, unless --overwrite)"
     )
-    p.add_argument("--batch-size", type=int, default=1, help="images per pass")
+    p.add_argument("--batch-size", type=PositiveInt, default=1, help="images per pass")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when a GPU is there)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
     return p
 
 
@@ -226,6 +280,7 @@ def main(argv: list[str]) -> int:
         )
     print(
         f"samflow pseudo-masks: {int(stats['instances'])} pseudo masks -> {out} "
-        f"(mean IoU with the annotation masks {stats['mean_iou']:.4f})"
+        f"(mean IoU with the annotation masks {stats['mean_iou']:.4f}); {int(stats['left_out'])} annotation(s) "
+        "of the input without one, each with its reason in info.samflow_pseudo_masks.left_out"
     )
     return 0

@@ -124,3 +124,54 @@ def test_encoder_runs_once_per_image(tiny_sam, data, tmp_path):
     tiny_sam.image_encoder.patch_embed.register_forward_hook(lambda m, args, out: calls.append(out.shape[0]))
     write_proposals(tmp_path / "c", tiny_sam, data, batch_size=3, shard_size=3)
     assert sum(calls) == len(data) == 3
+
+
+def test_every_rank_refuses_a_stale_store_before_the_barrier(tiny_sam, data, tmp_path):
+    """Under DDP only rank 0 used to check the manifest: the others waited at the barrier (a hang, rank 0
+    having stopped) and would have written shards of other data into the stale store."""
+    root = tmp_path / "s"
+    write_proposals(root, tiny_sam, data, shard_size=1)
+    before = {p.name: p.read_bytes() for p in (root / "shards").glob("*.json")}
+    seeded = CocoInstances(data.file, img_size=128, points_per_instance=2, seed=4)
+    barriers: list[int] = []
+    for rank in (0, 1):
+        with pytest.raises(ProposalStoreError, match=r"differs in: data"):
+            write_proposals(
+                root, tiny_sam, seeded, shard_size=1, rank=rank, world=2, barrier=lambda: barriers.append(1)
+            )
+    assert barriers == []
+    assert {p.name: p.read_bytes() for p in (root / "shards").glob("*.json")} == before
+
+
+def test_stored_masks_decode_to_sams_postprocessed_proposals(tiny_sam, data, tmp_path):
+    """Each stored RLE is SAM's own ``postprocess_masks`` of the proposal's logits, thresholded at 0, and
+    the annotations are the instances' points in order (image, instance, point)."""
+    final = write_proposals(tmp_path / "store", tiny_sam, data, batch_size=2, shard_size=2)
+    anns = iter(json.loads(final.read_text())["annotations"])
+    model = HookedSam(tiny_sam).eval()
+    seen = 0
+    for index in range(len(data)):  # each image alone, one row per (instance, point)
+        batch = collate_coco([data[index]])
+        n, p = batch.points.shape[:2]
+        rows = batch.select_rows(torch.arange(n).repeat_interleave(p)).replace(
+            points=batch.points.reshape(n * p, 1, 2), point_labels=torch.ones(n * p, 1, dtype=torch.long)
+        )
+        logits, scores = propose_batch(model, rows)
+        size, original = tuple(batch.input_size[0].tolist()), tuple(batch.original_size[0].tolist())
+        for r in range(n * p):
+            ann = next(anns)
+            seen += 1
+            assert (ann["id"], ann["image_id"], ann["ann_id"], ann["point_index"]) == (
+                seen,
+                batch.image_ids[0],
+                int(batch.ann_ids[r // p]),
+                r % p,
+            )
+            masks = tiny_sam.postprocess_masks(logits[r : r + 1], size, original)[0] > 0
+            decoded = [
+                mask_api.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+                for rle in ann["segmentation"]
+            ]
+            assert np.array_equal(np.stack(decoded), masks.numpy())
+            assert ann["scores"] == pytest.approx(scores[r].tolist(), abs=1e-6)
+    assert next(anns, None) is None
