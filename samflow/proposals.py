@@ -246,7 +246,7 @@ def _stale(manifest_path: Path, manifest: dict[str, Any], overwrite: bool) -> bo
         ]
         diff += [k for k in ("images", "shard_size") if old.get(k) != manifest[k]]
         raise ProposalStoreError(
-            f"{manifest_path.parent} holds proposals of another SAM checkpoint or data (differs in: "
+            f"{manifest_path.parent} holds proposals made with other settings (differs in: "
             f"{', '.join(diff)}); a stale store is not reused. Delete it, choose another --out, or pass --overwrite."
         )
     return old != manifest

@@ -202,7 +202,7 @@ def write_pseudo_masks(
             "checkpoint": checkpoint,
             "proposals": str(dataset.proposals.file),
             "proposals_key": dataset.proposals.key,
-            "mean_iou_with_annotations": stats["mean_iou"],
+            "mean_iou_with_annotations": stats["mean_iou"] if ious else None,  # JSON has no NaN
             "left_out": missing,
         }
     }

@@ -366,8 +366,9 @@ def _init_distributed() -> Any:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from samflow.embed.command import init_process_group
+
+    init_process_group()
     return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
 

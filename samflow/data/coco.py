@@ -177,7 +177,7 @@ class CocoInstances(Dataset):
             boxes.append([xs.min(), ys.min(), xs.max(), ys.max()])
             classes.append(int(ann["category_id"]))
             iscrowd.append(bool(ann.get("iscrowd", 0)))
-            ann_ids.append(int(ann.get("id", len(ann_ids))))
+            ann_ids.append(int(ann["id"]))
             points.append(self._points(m, ann, where, int(img["id"]), ann_ids[-1]))
             if self.proposals is not None:
                 bags.append(self.proposals.bag(ann_ids[-1], 0, where))

@@ -34,7 +34,7 @@ def read_coco_file(
     listed = bool(categories)
     by_image: dict[int, list[dict[str, Any]]] = {}
     for i, ann in enumerate(data["annotations"]):
-        for key in ("image_id", "segmentation", "category_id"):
+        for key in ("id", "image_id", "segmentation", "category_id"):  # ids name rows, proposals, results
             if key not in ann:
                 raise DataError(f"{file}: annotations[{i}] (id {ann.get('id')}) has no '{key}'.")
         cat = int(ann["category_id"])

@@ -70,10 +70,21 @@ def _build(experiment: str, overrides: list[str]) -> tuple[Any, Any]:
     return cli.model, cli.datamodule
 
 
+def init_process_group() -> None:
+    """Join torchrun's process group, once: NCCL on GPUs, each process on its ``LOCAL_RANK``'s GPU (so
+    NCCL's collectives need not guess the device), gloo on the CPU."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
 def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        init_process_group()
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

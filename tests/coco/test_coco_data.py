@@ -141,6 +141,11 @@ def test_bad_files_name_file_and_key(tmp_path, coco):
     bad.write_text(json.dumps(data))
     with pytest.raises(DataError, match=r"bad.json: annotations\[0\] \(id 1\) has no 'category_id'"):
         CocoInstances(bad, img_size=64)
+    data["annotations"][0]["category_id"] = 1
+    del data["annotations"][1]["id"]  # an id names the instance's row, proposals and results: no stand-in
+    bad.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"bad.json: annotations\[1\] \(id None\) has no 'id'"):
+        CocoInstances(bad, img_size=64)
     bad.write_text("{not json")
     with pytest.raises(DataError, match=r"bad.json: not valid JSON"):
         CocoInstances(bad)

@@ -98,7 +98,7 @@ def test_stale_store_refused(tiny_sam, data, tmp_path):
     other = HookedSam(tiny_sam).sam  # the same module: change one weight
     with torch.no_grad():
         other.mask_decoder.iou_prediction_head.layers[0].bias.add_(1.0)
-    with pytest.raises(ProposalStoreError, match=r"another SAM checkpoint or data \(differs in: sam\)"):
+    with pytest.raises(ProposalStoreError, match=r"made with other settings \(differs in: sam\)"):
         write_proposals(tmp_path / "s", other, data, shard_size=2)
     seeded = CocoInstances(data.file, img_size=128, points_per_instance=2, seed=4)
     with pytest.raises(ProposalStoreError, match=r"differs in: sam, data"):
