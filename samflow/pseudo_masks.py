@@ -44,6 +44,7 @@ from torch import Tensor
 
 from samflow.data.coco import CocoDataModule, CocoInstances
 from samflow.data.coco_batch import CocoBatch, collate_coco
+from samflow.data.coco_file import makes_row
 from samflow.data.coco_masks import decode_segmentation
 from samflow.data.coco_proposals import sam_checksum
 from samflow.data.errors import DataError
@@ -106,7 +107,7 @@ def left_out(dataset: CocoInstances, written: set[int]) -> list[dict[str, Any]]:
         img = images.get(int(ann["image_id"]))
         if img is None:
             reason = f"image_id {ann['image_id']} is not in the file's images"
-        elif ann.get("iscrowd", 0) and dataset.crowd == "skip":
+        elif not makes_row(ann, dataset.crowd):
             reason = "iscrowd (data.crowd: skip)"
         elif not decode_segmentation(ann["segmentation"], int(img["height"]), int(img["width"])).any():
             reason = "empty mask"

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from samflow.console import console, local_log_dir, show
 from samflow.console import table as rich_table
+from samflow.data.coco_file import makes_row
 from samflow.data.errors import DataError
 
 
@@ -185,7 +186,7 @@ def _instance_images(dataset: Any) -> list[_InstanceImage]:
     too: a superset, which only matters for the check of earlier outputs)."""
     out = []
     for image, anns in zip(dataset.images, dataset.anns, strict=True):
-        rows = [a for a in anns if dataset.crowd == "keep" or not a.get("iscrowd", 0)]
+        rows = [a for a in anns if makes_row(a, dataset.crowd)]
         stems = tuple(f"{image['id']}_{int(a.get('id', k))}" for k, a in enumerate(rows))
         out.append(_InstanceImage(str(image["id"]), dataset.root / image["file_name"], stems))
     return out

@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from samflow.data.coco_batch import collate_coco
-from samflow.data.coco_file import file_digest, read_coco_file
+from samflow.data.coco_file import file_digest, makes_row, read_coco_file
 from samflow.data.coco_masks import decode_segmentation
 from samflow.data.coco_points import _seed, qc_point
 from samflow.data.coco_proposals import ProposalBags, sam_checksum
@@ -164,7 +164,7 @@ class CocoInstances(Dataset):
         for ann in anns:
             where = f"{self.file}: annotation id {ann.get('id')} (image id {img['id']})"
             mask = decode_segmentation(ann["segmentation"], h, w, where)
-            if ann.get("iscrowd", 0) and self.crowd == "skip":
+            if not makes_row(ann, self.crowd):  # a crowd region, kept as crowd ground truth
                 crowd |= mask
                 crowds.append(torch.from_numpy(mask))
                 crowd_classes.append(self.label_of[int(ann["category_id"])])

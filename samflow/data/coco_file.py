@@ -53,12 +53,18 @@ def read_coco_file(
             if key not in img:
                 raise DataError(f"{file}: images[{i}] has no '{key}'.")
         anns = by_image.get(int(img["id"]), [])
-        usable = [a for a in anns if crowd == "keep" or not a.get("iscrowd", 0)]
+        usable = [a for a in anns if makes_row(a, crowd)]
         if not usable and empty == "skip":
             continue
         images.append(img)
         image_anns.append(anns)
     return categories, images, image_anns
+
+
+def makes_row(ann: dict[str, Any], crowd: Literal["skip", "keep"]) -> bool:
+    """Whether annotation ``ann`` is an instance (a prompt row) under ``crowd``: an ``iscrowd`` region is
+    one only with ``"keep"`` (one whose mask is empty is dropped later, when it is decoded)."""
+    return crowd == "keep" or not ann.get("iscrowd", 0)
 
 
 def file_digest(path: Path) -> str:
