@@ -21,9 +21,9 @@ class BER(Metric):
     ``per_image=False`` (default, the shadow benchmarks' convention): TP/TN/FP/FN are summed over the
     whole dataset, then BER is computed once. ``per_image=True``: BER of each image, averaged (as
     :class:`PerImageBER`, registered ``ber_per_image``, which also has SAM-Adapter's threshold).
-    Foreground is ``preds > threshold``, or ``preds * 255 > level`` in ``preds``' dtype when ``level``
-    is given (``level: 125`` is SAM-Adapter's rule); a class absent from the GT counts as perfectly
-    classified (accuracy 1). ``compute()`` returns a float64 scalar.
+    Foreground is ``preds > threshold``, or ``preds * 255 > level`` in ``preds``' dtype (float32 for
+    bf16 / float16) when ``level`` is given (``level: 125`` is SAM-Adapter's rule); a class absent from
+    the GT counts as perfectly classified (accuracy 1). ``compute()`` returns a float64 scalar.
 
     Args:
         threshold: probability above which a pixel of ``preds`` is foreground (when ``level`` is None).
@@ -69,9 +69,9 @@ class PerImageBER(PerImageMean):
     """BER as SAM-Adapter reports it (its ISTD 1.43): the mean over images of each image's BER, in percent.
 
     Foreground is ``preds * 255 > level`` with ``level = 125`` (the reference's ``pred * 255 > 125``,
-    strict, evaluated in ``preds``' dtype); see ``functional.per_image_ber``. Lower is better. The
-    states are sums (of per-image BER and of images), so DDP reduction is exact. :class:`BER` is the
-    global one (counts pooled over all pixels of the set).
+    strict, evaluated in ``preds``' dtype, float32 for bf16 / float16); see ``functional.per_image_ber``.
+    Lower is better. The states are sums (of per-image BER and of images), so DDP reduction is exact.
+    The global one (counts pooled over all pixels of the set) is :class:`BER`.
 
     Args:
         level: foreground where ``preds * 255 > level`` (125: SAM-Adapter's rule).

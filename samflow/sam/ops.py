@@ -4,19 +4,21 @@
 - ``attend``: SAM's decoder ``Attention`` through SDPA, with an optional key mask (invisible tokens);
 - ``constant``: index tensors made once per shape, dtype and device and shared;
 - ``window_partition`` / ``window_unpartition``: SAM's windows of the encoder grid, one pass each;
-- ``fourier_pe`` / ``dense_pe``: SAM's random-Fourier positional encoding in the input's dtype;
+- ``fourier_pe`` / ``dense_pe``: SAM's random-Fourier positional encoding, computed in at least float32;
 - ``embed_points`` / ``embed_box``: SAM's point and box embeddings without in-place writes;
 - ``mask_hypernetworks``: the decoder's per-mask-token MLPs as one batched product per layer;
 - ``LayerNorm2d``: SAM's channel LayerNorm through ``F.layer_norm`` (one fused pass).
 
 The encoder's relative-position attention is in ``samflow.sam.rel_pos``.
 
-Unlike segment-anything's prompt encoder, nothing here casts to float32, so a float64 model runs
-end to end (parity checks at 1e-12).
+Unlike segment-anything's prompt encoder, nothing here casts down to float32, so a float64 model runs
+end to end (parity checks at 1e-12); the positional encodings are computed in at least float32 (not
+in bf16 under autocast) and cast to the caller's dtype at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable
@@ -145,34 +147,61 @@ def window_unpartition(windows: Tensor, window: int, size: tuple[int, int]) -> T
     return flat.index_select(1, window_slots(size, window, windows.device)).view(-1, h, w, c)
 
 
-def fourier_pe(pe_layer: PositionEmbeddingRandom, coords: Tensor) -> Tensor:
-    """SAM's ``PositionEmbeddingRandom`` of coordinates in [0, 1]^2 (..., 2) -> (..., C), in their dtype."""
-    gaussian = cast_once(pe_layer, "gaussian", (pe_layer.positional_encoding_gaussian_matrix,), coords.dtype)
-    angles = 2 * math.pi * ((2 * coords - 1) @ gaussian)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+def fourier_pe(pe_layer: PositionEmbeddingRandom, coords: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """SAM's ``PositionEmbeddingRandom`` of coordinates in [0, 1]^2 (..., 2) -> (..., C), in ``dtype``
+    (default: the coordinates' dtype).
+
+    Computed in at least float32 whatever the autocast setting, then cast: the angles
+    ``2 pi (2 coords - 1) @ gaussian`` reach tens of radians, where bf16 (8 significant bits) keeps
+    only ~0.1 rad, and a bf16 product rounds the coordinates to ~2 px of a 1024 px frame first.
+    """
+    work = torch.promote_types(coords.dtype, torch.float32)
+    gaussian = cast_once(pe_layer, "gaussian", (pe_layer.positional_encoding_gaussian_matrix,), work)
+    with _no_autocast(coords.device):
+        angles = 2 * math.pi * ((2 * coords.to(work) - 1) @ gaussian)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype or coords.dtype)
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast off on ``device`` while it is on (nothing to undo otherwise, as under ONNX tracing)."""
+    if autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def dense_pe(pe_layer: PositionEmbeddingRandom, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
-    """SAM's dense positional encoding of the embedding grid (1, C, h, w) (``get_dense_pe``), in ``dtype``."""
+    """SAM's dense positional encoding of the embedding grid (1, C, h, w) (``get_dense_pe``), in ``dtype``;
+    the grid is made in at least float32 (``fourier_pe``)."""
     h, w = size
     device = pe_layer.positional_encoding_gaussian_matrix.device
-    y = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
-    x = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+    work = torch.promote_types(dtype, torch.float32)
+    y = (torch.arange(h, device=device, dtype=work) + 0.5) / h
+    x = (torch.arange(w, device=device, dtype=work) + 0.5) / w
     grid = torch.stack([x[None, :].expand(h, w), y[:, None].expand(h, w)], dim=-1)  # (h, w, 2)
-    return fourier_pe(pe_layer, grid).permute(2, 0, 1).unsqueeze(0)
+    return fourier_pe(pe_layer, grid, dtype).permute(2, 0, 1).unsqueeze(0)
 
 
 def _pixel_pe(pe: PromptEncoder, coords: Tensor, frame: tuple[int, int]) -> Tensor:
-    """Encode pixel coordinates (..., 2) of the (H, W) ``frame`` (``forward_with_coords``)."""
+    """Encode pixel coordinates (..., 2) of the (H, W) ``frame`` (``forward_with_coords``) in at least
+    float32 (a bf16 pixel coordinate of a 1024 px frame is a multiple of 4 px past 512)."""
+    coords = upcast(coords)
     # divided by Python numbers, as SAM does, so nothing is copied from the host (no GPU sync)
     scaled = torch.stack([coords[..., 0] / frame[1], coords[..., 1] / frame[0]], dim=-1)
     return fourier_pe(pe.pe_layer, scaled)
 
 
-def embed_points(pe: PromptEncoder, coords: Tensor, labels: Tensor, frame: tuple[int, int]) -> Tensor:
+def embed_points(
+    pe: PromptEncoder,
+    coords: Tensor,
+    labels: Tensor,
+    frame: tuple[int, int],
+    dtype: torch.dtype | None = None,
+) -> Tensor:
     """SAM's point embedding: coords (N, K, 2) pixel centres (SAM's coordinates + 0.5), labels (N, K).
 
-    Label 1 positive, 0 negative, -1 not-a-point (SAM's own padding token). -> (N, K, C)
+    Label 1 positive, 0 negative, -1 not-a-point (SAM's own padding token). -> (N, K, C) in ``dtype``
+    (default: the coordinates' dtype), computed in at least float32: pass float32 coordinates and the
+    autocast dtype, so a 1 px move still moves the embedding under bf16 autocast.
     """
     enc = _pixel_pe(pe, coords, frame)
     labels = labels.unsqueeze(-1)
@@ -181,15 +210,18 @@ def embed_points(pe: PromptEncoder, coords: Tensor, labels: Tensor, frame: tuple
     positive = cast_once(pe, "positive_point", (pe.point_embeddings[1].weight,), enc.dtype)
     enc = torch.where(labels == -1, not_a_point, enc)
     enc = enc + torch.where(labels == 0, negative, 0.0)
-    return enc + torch.where(labels == 1, positive, 0.0)
+    return (enc + torch.where(labels == 1, positive, 0.0)).to(dtype or coords.dtype)
 
 
-def embed_box(pe: PromptEncoder, boxes: Tensor, frame: tuple[int, int]) -> Tensor:
-    """SAM's box embedding: boxes (N, 4) xyxy pixel centres (SAM's coordinates + 0.5) -> corners (N, 2, C)."""
+def embed_box(
+    pe: PromptEncoder, boxes: Tensor, frame: tuple[int, int], dtype: torch.dtype | None = None
+) -> Tensor:
+    """SAM's box embedding: boxes (N, 4) xyxy pixel centres (SAM's coordinates + 0.5) -> corners (N, 2, C)
+    in ``dtype`` (default: the boxes' dtype), computed in at least float32 (``embed_points``)."""
     corners = _pixel_pe(pe, boxes.reshape(-1, 2, 2), frame)
     corner_weights = (pe.point_embeddings[2].weight, pe.point_embeddings[3].weight)
     weights = cast_once(pe, "box_corners", corner_weights, corners.dtype, lambda *w: torch.cat(w))  # (2, C)
-    return corners + weights
+    return (corners + weights).to(dtype or boxes.dtype)
 
 
 def has_forward_hooks(*modules: nn.Module) -> bool:

@@ -17,10 +17,12 @@ def binary_confusion_counts(
     """Per-image ``[TP, TN, FP, FN]`` pixel counts, (N, 4) int64.
 
     Foreground is ``preds > threshold`` (in float64), or, when ``level`` is given,
-    ``preds * 255 > level`` computed in ``preds``' own dtype: SAM-Adapter's ``pred * 255 > 125`` (a
-    strict ``>``; a float32 probability 125/255 gives exactly 125.0 there and is background).
+    ``preds * 255 > level`` computed in ``preds``' own dtype, or float32 for bf16 / float16 preds:
+    SAM-Adapter's ``pred * 255 > 125`` on its float32 maps (a strict ``>``; a float32 probability
+    125/255 gives exactly 125.0 there and is background). A half-precision product would round to 0.5
+    at 125 (bf16 251/512 -> 125.0); in float32 it is exact, as the product of 8 and 11 significant bits.
     """
-    raw = preds
+    raw = preds.to(torch.promote_types(preds.dtype, torch.float32))
     preds, target = format_inputs(preds, target)
     pred_fg = preds > threshold if level is None else (raw * 255 > level).reshape(target.shape)
     counts = [pred_fg & target, ~pred_fg & ~target, pred_fg & ~target, ~pred_fg & target]
@@ -42,8 +44,8 @@ def balanced_error_rate(counts: Tensor) -> Tensor:
 def per_image_ber(preds: Tensor, target: Tensor, level: float = SAM_ADAPTER_BER_LEVEL) -> Tensor:
     """BER in percent of each image, (N,) float64, as SAM-Adapter's ``calc_ber`` computes it.
 
-    Foreground is ``preds * 255 > level`` (default 125, strict, in ``preds``' dtype); the dataset
-    value is the mean of these (``PerImageBER``), not the BER of the pooled counts (``BER``). An image
+    Foreground is ``preds * 255 > level`` (default 125, strict, in ``preds``' dtype or float32); the
+    dataset value is the mean of these (``PerImageBER``), not the BER of the pooled counts (``BER``). An image
     without shadow (or without background) counts that class as perfectly classified, where the
     reference divides 0 by 0 and gets NaN.
     """
