@@ -18,7 +18,8 @@ field                  type, shape                 meaning
 ``image_index``        long (N,)                   the image of each prompt row
 ``points``             float (N, K, 2) | None      x, y in the S x S frame, pixel units
 ``point_labels``       long (N, K) | None          1 positive, 0 negative, -1 an empty slot (padding): empty
-                                                   slots are invisible to the model
+                                                   slots are invisible to the model; other values (SAM's box
+                                                   corners 2 / 3: boxes go in ``box``) are refused
 ``box``                float (N, 4) | None         x0, y0, x1, y1 in the S x S frame, inclusive corners
 ``has_box``            bool (N,) | None            rows without a box hold zeros and False
 ``mask_prompt``        float (N, 1, S/4, S/4)      a low-resolution mask prompt in {0, 1} (or logits)
@@ -53,13 +54,46 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CONTEXT_FIELDS", "PROMPT_FIELDS", "SamBatch", "image_placeholder", "to_context_frame"]
+__all__ = [
+    "CONTEXT_FIELDS",
+    "POINT_LABELS",
+    "POINT_LABEL_WORDS",
+    "PROMPT_FIELDS",
+    "SamBatch",
+    "bad_point_labels",
+    "image_placeholder",
+    "to_context_frame",
+]
 
 PROMPT_FIELDS = ("points", "point_labels", "box", "has_box", "mask_prompt", "has_mask_prompt")
 CONTEXT_FIELDS = ("context_image", "context_mask", "context_affine")
+#: The point labels a prompt may hold, and the words errors use for them.
+POINT_LABELS = (-1, 0, 1)
+POINT_LABEL_WORDS = "1 (positive), 0 (negative) or -1 (an empty slot)"
+
+
+def bad_point_labels(labels: Tensor | np.ndarray | Any) -> list[Any]:
+    """The values of ``labels`` other than -1, 0 and 1 (up to 5, sorted); ``[]`` when there are none.
+
+    SAM's prompt encoder gives a label outside {-1, 0, 1} no label embedding (2 and 3 are its box
+    corners), so such a point would silently shift the prompt. Labels on an accelerator are not read
+    (``[]``): reading them would wait for the device, so they are checked where they are still on the
+    host (data loading, ``Predictor``'s numpy and CPU arguments). Nor under tracing or ``torch.compile``.
+    """
+    if isinstance(labels, Tensor):
+        if labels.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return []
+        labels = labels.detach().float().numpy() if labels.is_floating_point() else labels.detach().numpy()
+    values = np.asarray(labels)
+    try:
+        bad = values[~np.isin(values, POINT_LABELS)]
+    except TypeError:  # values numpy cannot compare with numbers
+        bad = values.ravel()
+    return sorted(set(bad.tolist()), key=str)[:5] if bad.size else []
 
 
 def image_placeholder(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -104,6 +138,11 @@ class SamBatch:
             self.image_index = torch.arange(b, device=device)
         if (self.points is None) != (self.point_labels is None):
             raise ValueError("SamBatch: give points and point_labels together.")
+        if self.point_labels is not None and (bad := bad_point_labels(self.point_labels)):
+            raise ValueError(
+                f"SamBatch: point_labels must hold {POINT_LABEL_WORDS}, got {bad}; a box goes in box, "
+                "not as corner points."
+            )
         if not self.id:
             self.id = [str(i) for i in range(b)]
         if self.context_image is not None and self.context_affine is None:

@@ -2,9 +2,9 @@
 
 ``PredictorError`` (a run, checkpoint or image that cannot be used), ``ImageEncoding`` (one image after
 the image encoder, what ``Predictor.decode`` needs), ``InputTransform`` (original pixels -> the
-model's frame, with ``ResizeLongestSide``'s interface) and the checks of prompts' shapes
-(``one_prompt``, ``prompt_rows``): a prompt that cannot be used is refused naming the argument, never
-misread or partly dropped.
+model's frame, with ``ResizeLongestSide``'s interface) and the checks of prompts' shapes and point
+labels (``one_prompt``, ``prompt_rows``): a prompt that cannot be used is refused naming the argument,
+never misread or partly dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from samflow.batch import POINT_LABEL_WORDS, bad_point_labels
 from samflow.data.transforms import ResizeMode, input_shape, scale_boxes, scale_coords
 from samflow.sam import EncodedImages
 
@@ -75,6 +76,17 @@ class InputTransform:
         return scale_boxes(boxes.float(), original_size[:2], self.input_size(original_size)).reshape(-1, 4)
 
 
+def _check_labels(labels: np.ndarray | Tensor) -> None:
+    """Refuse point labels other than -1, 0, 1 (SAM would give them no label embedding); tensors on an
+    accelerator are not read back (``bad_point_labels``)."""
+    bad = bad_point_labels(labels)
+    if bad:
+        raise PredictorError(
+            f"point_labels must hold {POINT_LABEL_WORDS}, got {bad}; pass a box as box / boxes, not as "
+            "corner points labelled 2 and 3."
+        )
+
+
 def one_prompt(
     point_coords: Any, point_labels: Any, box: Any, mask_input: Any, mask_size: tuple[int, int]
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
@@ -99,6 +111,7 @@ def one_prompt(
             raise PredictorError(
                 f"point_labels must be (K,) = ({len(coords)},), one per point, got shape {labels.shape}."
             )
+        _check_labels(labels)
     if box is not None:
         boxes = np.asarray(box)
         if boxes.size != 4 or boxes.ndim > 2:
@@ -152,6 +165,8 @@ def prompt_rows(
         raise PredictorError(
             f"point_labels must hold one label per point: (B, {point_coords.shape[1]}), got {tuple(point_labels.shape)}."
         )
+    if point_labels is not None:
+        _check_labels(point_labels)
     if len(set(rows.values())) > 1:
         counts = ", ".join(f"{name} {count}" for name, count in rows.items())
         raise PredictorError(f"The prompt tensors must have one row per prompt, got rows: {counts}.")

@@ -15,8 +15,10 @@ of a point-supervised experiment and are skipped here.
 **Output.** A COCO instances JSON (``images`` and ``categories`` of the training file, original
 category ids) whose ``annotations`` are the pseudo masks: ``id`` and ``image_id`` of the source
 annotation, ``category_id``, ``segmentation`` (the chosen proposal's RLE at the original size),
-``area``, ``bbox`` (``[x, y, w, h]`` of the mask), ``iscrowd`` 0, ``point`` (the prompt point),
-``proposal_index`` and ``score`` (SAM's predicted IoU of that proposal); when the report also has an
+``area``, ``bbox`` (``[x, y, w, h]`` of the mask), ``iscrowd`` of the source annotation (1 only for
+the crowd regions that ``data.crowd: keep`` makes rows, so the student's data still tells them apart),
+``point`` (the prompt point), ``proposal_index`` and ``score`` (SAM's predicted IoU of that
+proposal); when the report also has an
 ``mps_index`` (N, R) (SAPNet: the proposals ranked 2, 4, 6 by the stage-1 score), ``mps_proposal_index``
 and ``mps_segmentation`` (their RLEs), which ``samflow student`` adds as MPS supervision. ``info.samflow_pseudo_masks``
 records the checkpoint, the proposal store's key and the mean IoU of the pseudo masks with the
@@ -80,6 +82,12 @@ def _xywh(mask: np.ndarray) -> list[float]:
     if not len(xs):
         return [0.0, 0.0, 0.0, 0.0]
     return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
+def _iscrowd(batch: CocoBatch, row: int) -> int:
+    """The ``iscrowd`` flag (0 / 1) of the annotation of prompt ``row``: a crowd region kept as a row
+    (``crowd: keep``) stays a crowd region in the pseudo-mask file."""
+    return int(batch.iscrowd[row]) if batch.iscrowd is not None else 0
 
 
 def _refuse_an_input(out: Path, dataset: CocoInstances, checkpoint: str) -> None:
@@ -179,7 +187,7 @@ def write_pseudo_masks(
                             "segmentation": rle,
                             "area": float(mask.sum()),
                             "bbox": _xywh(mask),
-                            "iscrowd": 0,
+                            "iscrowd": _iscrowd(batch, r),
                             "point": [round(v, 4) for v in batch.points_original[r, 0].tolist()],
                             "proposal_index": int(k),
                             "score": round(float(batch.proposal_scores[r, k]), 6),

@@ -51,10 +51,11 @@ from torch.utils.data import DataLoader, Dataset
 from samflow.data.coco_batch import collate_coco
 from samflow.data.coco_file import file_digest, makes_row, read_coco_file
 from samflow.data.coco_masks import decode_segmentation
-from samflow.data.coco_points import _seed, qc_point
+from samflow.data.coco_points import qc_point
 from samflow.data.coco_proposals import ProposalBags, sam_checksum
 from samflow.data.errors import DataError
 from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
+from samflow.data.prompts import stable_seed
 from samflow.data.reading import read_image
 from samflow.data.resumable import ResumableLoader
 from samflow.data.transforms import IMAGE_RESIZES, ImageResize, to_input_frame
@@ -232,7 +233,7 @@ class CocoInstances(Dataset):
             return pts[:p]
         draws = []
         for j in range(p):
-            gen = torch.Generator().manual_seed(_seed(self.seed, image_id, ann_id, j))
+            gen = torch.Generator().manual_seed(stable_seed(self.seed, image_id, ann_id, j))
             draws.append(qc_point(mask, gen))
         return torch.stack(draws)
 

@@ -11,12 +11,10 @@ reference (``TOV_mmdetection/huicv/coarse_utils/noise_data_mask_utils.py``, ``ce
 ellipse is the exact inequality about the exact centre, not OpenCV's rasterised ellipse about
 ``(round(w/2), round(h/2))`` with rounded axes; the box is the mask's extent, not the annotation's
 float ``bbox``; instances under 2 px a side use the same rule instead of a polygon vertex.
-``_seed`` makes the seed of one point from (seed, image id, annotation id, point index).
+``CocoInstances`` seeds each point with ``prompts.stable_seed(seed, image id, annotation id, point index)``.
 """
 
 from __future__ import annotations
-
-import hashlib
 
 import torch
 from torch import Tensor
@@ -60,8 +58,3 @@ def qc_point(
     pick = torch.multinomial(weight, 1, generator=generator)[0]
     jitter = (torch.rand(2, generator=generator, dtype=torch.float64) - 0.5) * 0.999
     return torch.stack([xs[pick].double(), ys[pick].double()]) + jitter
-
-
-def _seed(*parts: int) -> int:
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -3,7 +3,9 @@
 The batches follow the contract in ``samflow.data.batch``. Training prompts are drawn afresh each epoch,
 seeded from (run seed, epoch, sample index); the training loader is a ``ResumableLoader``, so a run
 killed mid-epoch resumes with the same batches (``samflow.data.resumable``). Validation, test and
-predict prompts are seeded per sample index, so they are the same every epoch.
+predict prompts are seeded per sample, from ``seed`` and the sample's id (its file stem), so they are
+the same every epoch, and adding or removing a file leaves every other sample's prompt as it was
+(which is why two different images of one train, val or test split may not share a stem).
 
 Under DDP each process evaluates its own contiguous part of every validation and test set
 (``EvalShardSampler``): no image is repeated to even the parts out, so a process may get one image,
@@ -114,7 +116,8 @@ class SegmentationDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size for val / test / predict; ``None`` uses ``batch_size``.
         num_workers: data-loader worker processes.
-        seed: seed of the evaluation prompts (sample i uses ``(seed, i)``).
+        seed: seed of the evaluation prompts (a sample's prompt is drawn from ``(seed, its id)``, so it
+            does not depend on the other files of the set).
         augment: augmentation of training batches on the device (after the transfer): a
             ``class_path`` spec of ``GpuAugment`` (kornia) or of any ``BatchAugment`` subclass
             (``{class_path: my_pkg.MixUp, init_args: {...}}``); ``GpuAugment``'s arguments alone
@@ -278,6 +281,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 image_resize=self.image_resize,
                 prompt_seed=None if training else self.seed,
                 require_masks=split != "predict",
+                unique_ids=split != "predict",  # MaskWriter names the file both would write
             )
             if self.check_files:
                 check_set_files(self, dataset, split, name)
@@ -314,7 +318,8 @@ class SegmentationDataModule(L.LightningDataModule):
         spec = self._sets(split)[name]
         assert spec is not None  # _sets leaves out the splits that are not set
         try:
-            MaskFolderDataset(spec, img_size=self.img_size, require_masks=split != "predict")
+            predict = split == "predict"
+            MaskFolderDataset(spec, img_size=self.img_size, require_masks=not predict, unique_ids=not predict)
         except DataError as err:
             raise DataError(f"{self._config_key(split, name)}: {err}") from err
 

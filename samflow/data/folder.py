@@ -13,6 +13,9 @@ Rules, checked when the dataset is built (listing only, no image is opened):
 - an image without a mask is an error that lists up to 10 of them;
 - a mask without an image is only a warning (datasets often ship extra masks), listing up to 10;
 - two files with one stem in one folder (``a.jpg`` and ``a.png``) is an error naming both;
+- one stem for two different images in two roots of one dataset is an error naming both: the stem is
+  the sample's id, the key of its evaluation prompt (one root listed twice is fine; predict data leaves
+  this to ``MaskWriter``, which names the mask file both would write);
 - only a folder's own files are read: subfolders holding images get a warning that lists them (an error
   when the folder has no image of its own); each may be given as a root of its own.
 
@@ -64,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from samflow.batch import image_placeholder
+from samflow.batch import POINT_LABEL_WORDS, bad_point_labels, image_placeholder
 from samflow.data.bad_files import _CHECK_THREADS, BadFile, OnBadSample, _size_mismatch, check_file
 from samflow.data.errors import DataError
 from samflow.data.listing import (
@@ -73,10 +76,11 @@ from samflow.data.listing import (
     FolderSpec,
     Sample,
     _listing,
+    _refuse_duplicate_ids,
     _root_entries,
     find_samples,
 )
-from samflow.data.prompts import NoPrompt, PromptSampler, build_prompt
+from samflow.data.prompts import NoPrompt, PromptSampler, build_prompt, stable_seed
 from samflow.data.reading import ValueRangeWarning, _floating, _header_size, _read_image, _read_mask
 from samflow.data.transforms import (
     IMAGE_RESIZES,
@@ -87,6 +91,17 @@ from samflow.data.transforms import (
     scale_coords,
     to_input_frame,
 )
+
+
+def _check_labels(labels: torch.Tensor, sampler: PromptSampler, sample: Sample) -> None:
+    """Refuse a sampler's point labels other than -1, 0, 1, naming the sampler and the sample (SAM gives
+    such a point no label embedding, so it would shift the prompt without a word)."""
+    bad = bad_point_labels(labels)
+    if bad:
+        raise DataError(
+            f"Prompt sampler {sampler!r} drew point_labels {bad} for {sample.image}; a PromptSampler's "
+            f"point_labels must hold {POINT_LABEL_WORDS}."
+        )
 
 
 class MaskFolderDataset(Dataset):
@@ -105,9 +120,12 @@ class MaskFolderDataset(Dataset):
         image_resize: ``"sam"`` (segment-anything's own Pillow resize, exact) or ``"bilinear"`` (torch's
             antialiased interpolation: faster, within one grey level); see ``samflow.data.transforms``.
         prompt_seed: ``None`` draws fresh prompts each time (training); an int seeds the prompt of
-            sample ``i`` with ``(prompt_seed, i)`` so it is the same every epoch (validation, test).
+            each sample with ``(prompt_seed, its id)`` (``prompts.stable_seed``), so it is the same every
+            epoch and whatever other files the dataset holds (validation, test).
         require_masks: when False, roots without a mask folder give images only (see ``find_samples``);
             such a dataset has no prompts (they are drawn from masks), whatever ``prompt`` says.
+        unique_ids: refuse two different images with one id (one stem in two roots), naming both. Off
+            only for predict data, where ``MaskWriter`` refuses them naming the mask file both would write.
         dtype: the floating dtype (or its name) of every float in an item: image, mask, points, box and
             mask prompt. ``torch.float64`` / ``"float64"`` keeps the pipeline in double precision.
 
@@ -131,6 +149,7 @@ class MaskFolderDataset(Dataset):
         prompt_seed: int | None = None,
         require_masks: bool = True,
         dtype: torch.dtype | str = torch.float32,
+        unique_ids: bool = True,
     ) -> None:
         if resize_mode not in ("longest", "stretch"):
             raise ValueError(f"resize_mode must be 'longest' or 'stretch', got {resize_mode!r}.")
@@ -158,6 +177,8 @@ class MaskFolderDataset(Dataset):
                     f"use 'root' and {sorted(defaults)}."
                 )
             self.samples += find_samples(**{**defaults, **entry}, require_masks=require_masks)
+        if unique_ids:
+            _refuse_duplicate_ids(self.samples)
         with_masks = {s.mask is not None for s in self.samples}
         if len(with_masks) > 1:
             raise DataError(f"Roots {root}: some have masks and some do not; give masks for all or for none.")
@@ -254,11 +275,14 @@ class MaskFolderDataset(Dataset):
             stacklevel=3,
         )
 
-    def _generator(self, index: int) -> torch.Generator:
+    def _generator(self, sample: Sample) -> torch.Generator:
+        """The generator of ``sample``'s prompt: from its id with ``prompt_seed`` (not from its position,
+        which a file added before it shifts), else from the global / worker RNG (training, where
+        ``ResumableLoader`` seeds that per epoch and index)."""
         if self.prompt_seed is None:
-            seed = int(torch.randint(2**62, ()))  # follows the global / worker RNG
+            seed = int(torch.randint(2**62, ()))
         else:
-            seed = (self.prompt_seed * 1_000_003 + index) % 2**62
+            seed = stable_seed(self.prompt_seed, sample.id)
         return torch.Generator().manual_seed(seed)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -291,8 +315,9 @@ class MaskFolderDataset(Dataset):
         self._warn_once("mask", sample.mask, note)
         item["gt_original"] = gt
         item["mask"] = to_input_frame(gt[None].to(self.dtype), size, self.resize_mode, "nearest-exact")[0]
-        prompt = self.prompt(gt, self._generator(index))
+        prompt = self.prompt(gt, self._generator(sample))
         if "points" in prompt:
+            _check_labels(prompt["point_labels"], self.prompt, sample)
             item["points"] = scale_coords(prompt["points"].to(self.dtype), original, input_size)
             item["point_labels"] = prompt["point_labels"]
         if "box" in prompt:

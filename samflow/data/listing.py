@@ -165,6 +165,25 @@ def find_samples(
     return [Sample(path, mask_files[stem], stem) for stem, path in image_files.items()]
 
 
+def _refuse_duplicate_ids(samples: Sequence[Sample]) -> None:
+    """A DataError naming both images when two samples of one dataset (from two roots) share an id
+    but are different files.
+
+    The id is what a sample is known by: its evaluation prompt is seeded from it, so two files with
+    one id would share a prompt. One root listed twice (the same files again, to weigh them more) is
+    not refused.
+    """
+    seen: dict[str, Path] = {}
+    for sample in samples:
+        first = seen.setdefault(sample.id, sample.image)
+        if first != sample.image and first.resolve() != sample.image.resolve():
+            raise DataError(
+                f"Two samples have the id {sample.id!r} (the file stem): {first} and {sample.image}. "
+                "Ids must be unique within a split; rename one of them, or give the roots as separate "
+                "named sets (val_sets / test_sets)."
+            )
+
+
 def _root_entries(root: FolderSpec) -> list[dict[str, Any]]:
     """Normalise a folder spec to a list of ``{"root": ..., overrides...}`` dicts."""
     if isinstance(root, (str, Path, Mapping)):

@@ -187,13 +187,13 @@ def test_images_only_folder_for_predict(tmp_path: Path, pngs: SimpleNamespace) -
     assert all(getattr(batch, name) is None for name in absent)
 
 
-def test_eval_prompts_are_seeded_per_index(pair_root: Path) -> None:
+def test_eval_prompts_are_seeded_per_sample(pair_root: Path) -> None:
     points = {"name": "points", "positive": 3}
     dataset = MaskFolderDataset(pair_root, prompt=points, img_size=16, prompt_seed=7)
     first = [dataset[i]["points"] for i in range(3)]
     again = [dataset[i]["points"] for i in reversed(range(3))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not torch.equal(first[0], first[1])  # same mask, different index -> different points
+    assert not torch.equal(first[0], first[1])  # same mask, different id -> different points
 
 
 def test_noisy_mask_prompt_is_at_quarter_resolution(pair_root: Path) -> None:
