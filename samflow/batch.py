@@ -36,6 +36,9 @@ field                  type, shape                 meaning
 ``context_rows``       int                         0, or N in the batch ``with_context`` builds: images [B, 2B)
                                                    are then the context views and rows [N, 2N) the rows
                                                    [0, N) mapped into them
+``sample_seed``        list[int] of B, or []       each training image's seed, from (run seed, epoch, index)
+                                                   (``ResumableLoader``): batch augmentation draws each image's
+                                                   transform from it; [] in other batches
 ``pixels``             bool                        False when the images were not decoded: ``image`` is then
                                                    ``image_placeholder`` (NaN, the frame's shape), and only
                                                    its shape, dtype and device mean anything (training from
@@ -125,6 +128,7 @@ class SamBatch:
     context_mask: Tensor | None = None
     context_affine: Tensor | None = None
     context_rows: int = 0
+    sample_seed: list[int] = field(default_factory=list)
     pixels: bool = True
 
     def __post_init__(self) -> None:
@@ -219,6 +223,7 @@ class SamBatch:
             gt_original=None if self.gt_original is None else [self.gt_original[i] for i in picked],
             id=[self.id[i] for i in picked] if self.id else [],
             path=[self.path[i] for i in picked] if self.path else [],
+            sample_seed=[self.sample_seed[i] for i in picked] if self.sample_seed else [],
             image_index=new_of_old[out.image_index],
             context_image=None if self.context_image is None else self.context_image[keep],
             context_mask=None if self.context_mask is None else self.context_mask[keep],

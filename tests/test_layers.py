@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 #: package -> samflow packages it may import (besides itself).
 ALLOWED = {
     "samflow.batch": set(),
-    "samflow.sam": {"samflow.batch"},
-    "samflow.plugins": {"samflow.batch", "samflow.sam"},
+    "samflow.seeding": set(),
+    "samflow.sam": {"samflow.batch", "samflow.seeding"},
+    "samflow.plugins": {"samflow.batch", "samflow.seeding", "samflow.sam"},
 }
 #: modules a built-in plugin may import from samflow.
 PUBLIC = {"samflow", "samflow.batch", "samflow.sam", "samflow.plugins", "samflow.testing"}

@@ -8,7 +8,8 @@ a mask prompt get ``has_box`` / ``has_mask_prompt`` False. Dtypes are kept (no c
 Items of two-resolution data (WSI-SAM) also carry ``context_image`` (3, S, S), ``context_mask``
 (1, S, S) and ``context_affine`` (3,): every item of a batch or none. An item whose pixels were not
 decoded has ``pixels`` False and ``image_placeholder`` as its image; so does the batch (every item or
-none).
+none). Items read through ``ResumableLoader`` carry their ``sample_seed``; the batch keeps the list when
+every item has one.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def collate(items: Sequence[dict[str, Any]]) -> SamBatch:
         "original_size": torch.stack([torch.as_tensor(item["original_size"]) for item in items]).long(),
         "id": [item["id"] for item in items],
         "path": [item.get("path", "") for item in items],
+        "sample_seed": [int(item["sample_seed"]) for item in items]
+        if all("sample_seed" in item for item in items)
+        else [],
     }
     if all(with_mask):
         fields["mask"] = torch.stack([item["mask"] for item in items])

@@ -10,9 +10,11 @@ Two things make a resumed epoch differ from an uninterrupted one, and this loade
 - The per-sample randomness (training prompts, anything a dataset draws from the global torch,
   numpy or ``random`` generators). Each sample is read with the three global generators seeded from
   ``(seed, epoch, index)`` and restored afterwards (``SeededSamples``), so a sample's draws do not
-  depend on what ran before it, in which worker, or whether the run was restarted; the process's own
-  generators (augmentation, dropout) are not touched by data loading at all. The data loader's
-  worker base seed comes from the loader's own generator, not from the global one.
+  depend on what ran before it, in which worker, or whether the run was restarted. A dict item also
+  carries its ``sample_seed``, from which batch augmentation (``GpuAugment``) draws the sample's
+  transform on the device. The process's own generators (dropout, a plugin's draws) are not touched by
+  data loading at all. The data loader's worker base seed comes from the loader's own generator, not
+  from the global one.
 - What a dataset draws per epoch (``SlidePatches``' patch centres): a dataset with a ``set_epoch``
   method is told the sampler's epoch, at each epoch's start and on resume.
 
@@ -32,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from samflow.seeding import cpu_seeded
+
 __all__ = ["ResumableLoader", "ResumableSampler", "SeededSamples", "sample_seed"]
 
 
@@ -44,7 +48,7 @@ class SeededSamples(Dataset):
     """``dataset[index]`` read with the global torch / numpy / ``random`` generators seeded per sample.
 
     Items are ``(seed, index)`` pairs (from ``ResumableSampler``); a plain index reads the sample as is.
-    The generators' states are restored after each read.
+    The generators' states are restored after each read. A dict item gets the seed as ``sample_seed``.
     """
 
     def __init__(self, dataset: Any) -> None:
@@ -64,11 +68,11 @@ class SeededSamples(Dataset):
         seed, index = item
         numpy_state, python_state = np.random.get_state(), random.getstate()
         try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with cpu_seeded(seed):  # not torch.manual_seed: that would reseed the run's CUDA generator
                 np.random.seed(seed % 2**32)
                 random.seed(seed)
-                return self.dataset[index]
+                sample = self.dataset[index]
+            return {**sample, "sample_seed": seed} if isinstance(sample, dict) else sample
         finally:
             np.random.set_state(numpy_state)
             random.setstate(python_state)

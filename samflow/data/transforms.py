@@ -29,11 +29,13 @@ import kornia.augmentation as K
 import numpy as np
 import torch
 import torch.nn.functional as F
+from kornia.augmentation.container.params import ParamItem
 from PIL import Image
 from torch import Tensor
 
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
+from samflow.seeding import cpu_seeded
 
 ResizeMode = Literal["longest", "stretch"]
 #: How images are resized: ``"sam"`` (segment-anything's Pillow resize, the default) or ``"bilinear"``
@@ -176,6 +178,12 @@ def scale_boxes(boxes: Tensor, original_size: Sequence[int], input_size: Sequenc
     return scale_coords(corners, original_size, input_size).reshape(boxes.shape)
 
 
+def _augment_seed(sample_seed: int) -> int:
+    """The seed of a sample's augmentation: a stream of its own, apart from the one its prompt was
+    drawn from while it was read (``SeededSamples`` seeds that with ``sample_seed`` itself)."""
+    return int(np.random.SeedSequence([sample_seed, 0x617567]).generate_state(1, np.uint64)[0] >> 1)
+
+
 class GpuAugment(BatchAugment):
     """Augment a collated batch on its device with kornia, keeping every spatial key consistent.
 
@@ -190,6 +198,12 @@ class GpuAugment(BatchAugment):
     metrics stay consistent. Boxes become the axis-aligned enclosure of their moved corners clipped to
     the frame (``has_box`` turns False for a box moved out of it); points that leave the frame get label
     -1. Inputs are not modified in place.
+
+    Each image's transform (flips, affine, colour) is drawn from its own ``sample_seed``, which
+    ``ResumableLoader`` gives every training item from (run seed, epoch, index): an image is augmented
+    alike alone or in any batch, at any place in it, on any DDP rank (ranks share the process
+    generator's state, so one draw per batch would transform every rank's i-th image alike), and in a
+    resumed run. A batch without seeds (another loader) takes one draw from the global generator.
 
     A two-resolution batch (``context_image`` / ``context_mask``, WSI-SAM) gets the same flip and the
     same colour draw on its context view; concentric views stay concentric under flips, so
@@ -258,13 +272,62 @@ class GpuAugment(BatchAugment):
         if self.geometric is not None:
             batch = self._geometric(batch)
         if self.color is not None:
-            changes = {"image": self.color(batch.image).clamp(0, 1)}
-            if batch.context_image is not None:  # the same draw for the context view
-                changes["context_image"] = self.color(batch.context_image, params=self.color._params).clamp(
-                    0, 1
-                )
-            batch = batch.replace(**changes)
+            batch = self._colour(batch)
         return batch
+
+    def _each(self, batch: SamBatch, draw: Any, channels: int) -> list[Any] | None:
+        """``draw(shape)`` of one image for each image of the batch, each from its own sample seed
+        (``SamBatch.sample_seed``, which ``ResumableLoader`` gives training batches): an image's transform
+        then depends on neither its batch, its place in it, the process (DDP ranks share one global
+        generator, so they would all draw alike) nor what ran before. None when the batch carries no
+        seeds (a loader of another kind): one draw for the batch from the global generator then."""
+        if len(batch.sample_seed) != batch.num_images:
+            return None
+        shape = torch.Size([1, channels, *batch.image.shape[2:]])
+        drawn = []
+        for seed in batch.sample_seed:
+            with cpu_seeded(_augment_seed(seed)):  # kornia draws its parameters on the CPU
+                drawn.append(draw(shape))
+        return drawn
+
+    def _geometric_params(self, batch: SamBatch, channels: int) -> list[ParamItem] | None:
+        """Each image's flip / affine parameters from its own seed, merged into one batch's (kornia
+        draws every parameter for every image, applied or not, so the rows line up); None: draw them
+        in the call."""
+        assert self.geometric is not None
+        each = self._each(batch, self.geometric.forward_parameters, channels)
+        if each is None:
+            return None
+        full = torch.tensor([batch.num_images, channels, *batch.image.shape[2:]])
+        merged = []
+        for steps in zip(*each):
+            data = {
+                key: full if key == "forward_input_shape" else torch.cat([step.data[key] for step in steps])
+                for key in steps[0].data
+            }
+            merged.append(ParamItem(steps[0].name, data))
+        return merged
+
+    def _colour(self, batch: SamBatch) -> SamBatch:
+        """The colour step; a context view takes its image's draw. Images with their own draws go one
+        by one: kornia's ``ColorJitter`` applies one order of its four operations to a whole call."""
+        assert self.color is not None
+        color, context = self.color, batch.context_image
+        each = self._each(batch, color.forward_parameters, 3)
+        if each is None:  # one draw for the batch
+            image = color(batch.image)
+            view = None if context is None else color(context, params=color._params)
+        else:
+            image = torch.cat([color(batch.image[i : i + 1], params=p) for i, p in enumerate(each)])
+            view = (
+                None
+                if context is None
+                else torch.cat([color(context[i : i + 1], params=p) for i, p in enumerate(each)])
+            )
+        changes = {"image": image.clamp(0, 1)}
+        if view is not None:
+            changes["context_image"] = view.clamp(0, 1)
+        return batch.replace(**changes)
 
     def _geometric(self, batch: SamBatch) -> SamBatch:
         image = batch.image  # (B, 3, S, S)
@@ -284,7 +347,8 @@ class GpuAugment(BatchAugment):
         if batch.points is not None:
             inputs["keypoints"] = batch.points  # (B, K, 2)
         assert self.geometric is not None  # only called when there is a geometric step
-        out = self.geometric(inputs)
+        params = self._geometric_params(batch, inputs["image"].shape[1])
+        out = self.geometric(inputs) if params is None else self.geometric(inputs, params=params)
         changes: dict[str, Any] = {"image": out["image"][:, :3]}
         if context is not None:
             changes["context_image"] = out["image"][:, 3:]

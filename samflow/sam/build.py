@@ -20,6 +20,7 @@ from torch import nn
 from samflow.sam.backbones import BACKBONES, Backbone
 from samflow.sam.casts import cache_frozen_casts
 from samflow.sam.ops import fast_layer_norms
+from samflow.seeding import cpu_seeded
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,8 @@ def build_sam(
     size = spec.img_size if img_size is None else img_size
     if size <= 0 or size % spec.patch_size:
         raise ValueError(f"img_size {size} is not a positive multiple of the patch size {spec.patch_size}.")
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
+    # the CPU generator alone: torch.manual_seed would reseed the run's CUDA generator with SAM's seed
+    with torch.random.fork_rng(devices=[]) if seed is None else cpu_seeded(seed):
         sam = _assemble(spec, size, BACKBONES[variant](size) if variant in BACKBONES else None)
     fast_layer_norms(sam)  # SAM's LayerNorm2d through F.layer_norm: same parameters, one fused pass
     cache_frozen_casts(sam.mask_decoder)  # under autocast, frozen decoder weights are cast once, not per call

@@ -1,0 +1,26 @@
+"""``cpu_seeded``: draws on the CPU from a given seed, leaving every other generator as it was.
+
+``torch.manual_seed`` seeds the CUDA generators too, and ``fork_rng(devices=[])`` restores only the
+CPU's: a block that seeds a sample's or a model's draws that way reseeds the process's CUDA generator
+with that seed (every dropout and every draw a plugin makes on the GPU afterwards follow the last sample
+read, or the SAM build's seed instead of the run's). These blocks draw on the CPU, so they seed the CPU
+generator alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["cpu_seeded"]
+
+
+@contextmanager
+def cpu_seeded(seed: int) -> Iterator[None]:
+    """Within the block, torch's CPU generator starts from ``seed``; after it, it is back where it was.
+    The CUDA generators are neither seeded nor saved (a fork of their state would sync the device)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        yield
