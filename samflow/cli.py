@@ -348,11 +348,27 @@ def _error(message: str) -> int:
 
 def run_cli(args: list[str], run_name: str) -> Any:
     """Run LightningCLI with samflow's module, defaults and callbacks."""
+    import torch
+
     from samflow.lightning_cli import SamflowCLI
 
-    # ``main`` has put ``args`` in sys.argv already (for DDP children); passing them twice only
-    # makes LightningCLI warn that it got both.
-    return SamflowCLI(run_name=run_name, args=None if args == sys.argv[1:] else args)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    failed = True
+    try:
+        # ``main`` has put ``args`` in sys.argv already (for DDP children); passing them twice only
+        # makes LightningCLI warn that it got both.
+        cli = SamflowCLI(run_name=run_name, args=None if args == sys.argv[1:] else args)
+        failed = False
+        return cli
+    finally:
+        # a run's settings end with it, for whatever runs next in the process (a sweep's or a test's
+        # next fit): Lightning's trainer.deterministic sets torch's process-wide flag, and the W&B
+        # logger leaves its run open, which the next run's logger would reuse
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish(exit_code=1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -159,27 +159,34 @@ def predict_slide(
     mask_path, geojson_path, dice_path = outputs = _outputs(out, slide_path)
     _refuse_writing_inputs(outputs, [slide_path, annotations])
     # read before any tile runs: a bad file stops here, and nothing written can replace it
-    truth = None if annotations is None else load_annotations(annotations)
     slide = Slide(slide_path, slide_mpp)
-    pixel = mpp / slide.mpp
-    width, height = (math.ceil(d / pixel) for d in slide.dimensions)
-    xs, ys, chunks = tile_chunks(
-        slide, mpp=mpp, tile=tile, overlap=overlap, batch_size=batch_size, tissue_mpp=tissue_mpp
-    )
+    try:  # the slide is closed on every way out (a long run over many slides must not pile up files)
+        truth = None if annotations is None else load_annotations(annotations, slide_size=slide.dimensions)
+        pixel = mpp / slide.mpp
+        width, height = (math.ceil(d / pixel) for d in slide.dimensions)
+        xs, ys, chunks = tile_chunks(
+            slide, mpp=mpp, tile=tile, overlap=overlap, batch_size=batch_size, tissue_mpp=tissue_mpp
+        )
+    except BaseException:
+        slide.close()
+        raise
     tiles = sum(len(chunk) for _, chunk in chunks)
     stream = _chunk_probabilities(module, slide, chunks, mpp=mpp, factor=factor, tile=tile, group=group)
     ran, score = 0, None
     if rank != 0:  # run this process's tiles; process 0 stitches and writes
-        for g, _ in stream:
-            ran += len(chunks[g][1])
-        slide.close()
+        try:
+            for g, _ in stream:
+                ran += len(chunks[g][1])
+        finally:
+            slide.close()
         score = _share(score, group)
         return SlidePrediction(mask_path, geojson_path, (height, width), tiles, score, ran)
-    out.mkdir(parents=True, exist_ok=True)
     scratch = [out / f".{stem}_mask.u8"]
-    levels: list[np.ndarray] = [np.memmap(scratch[0], dtype=np.uint8, mode="w+", shape=(height, width))]
+    levels: list[np.ndarray] = []
     columns = [TextColumn(f"predict-slide {stem}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        levels.append(np.memmap(scratch[0], dtype=np.uint8, mode="w+", shape=(height, width)))
         with Progress(*columns, disable=not progress) as bar:
             task = bar.add_task("tiles", total=tiles)
 
@@ -390,9 +397,10 @@ def main(argv: list[str]) -> int:
     annotations = opts.annotations or [None] * len(opts.slides)
     # every input is read, and no output is one, before the model is built
     for path, truth in zip(opts.slides, annotations, strict=True):
-        Slide(path, opts.slide_mpp).close()
+        slide = Slide(path, opts.slide_mpp)
+        slide.close()
         if truth is not None:
-            load_annotations(truth)
+            load_annotations(truth, slide_size=slide.dimensions)
         _refuse_writing_inputs(_outputs(Path(opts.out), path), [*opts.slides, *annotations])
     if not opts.overwrite:
         _refuse_existing([o for path in opts.slides for o in _outputs(Path(opts.out), path)])

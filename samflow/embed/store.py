@@ -40,6 +40,7 @@ from samflow.sam.cache import EncoderCacheError
 FORMAT = 1
 MANIFEST = "manifest.json"
 DONE = "done.npy"
+MAX_MAPPED = 64  # shard files a reader keeps mapped; each map holds a file descriptor (mmap dups it)
 
 
 class EmbeddingStoreError(EncoderCacheError):
@@ -222,10 +223,15 @@ class EmbeddingStore:
         return self.manifest.rows
 
     def _array(self, part: str | int, shard: int) -> np.ndarray:
-        found = self._arrays.get((part, shard))
+        """The memory map of one shard file, the ``MAX_MAPPED`` most recently read kept open: each map
+        holds a file descriptor, and a store of a large data set has thousands of shard files (one per
+        part and ``shard_size`` images), more than a process may open (``ulimit -n``, often 1024)."""
+        found = self._arrays.pop((part, shard), None)
         if found is None:
             found = np.load(self.root / array_name(part, shard), mmap_mode="r")
-            self._arrays[(part, shard)] = found
+        self._arrays[(part, shard)] = found  # last: the most recently read
+        while len(self._arrays) > MAX_MAPPED:
+            del self._arrays[next(iter(self._arrays))]  # its map (and descriptor) go with the last reference
         return found
 
     def missing(self, paths: Iterable[str | Path]) -> list[str]:

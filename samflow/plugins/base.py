@@ -153,7 +153,8 @@ class SamPlugin(nn.Module):
         return {}
 
     def select(self, out: SamOutput, ctx: DecoderContext) -> Tensor | None:
-        """Choose the prediction (N, 1, h, w) among the outputs; None leaves the choice to others."""
+        """Choose the prediction (N, 1, h, w) among the outputs; None leaves it to SAM's rule. One plugin of
+        a model at most may choose: two that both return a prediction are refused, naming both."""
         return None
 
     def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:

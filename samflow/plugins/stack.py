@@ -4,8 +4,13 @@ Rules (docs/architecture.md):
 - plugins live in an ``nn.ModuleDict`` under their keys, so checkpoint keys are ``plugins.<key>.*``;
 - fold hooks (``block_input``, ``block_output``, ``attn_logits``, ``prompts``, ``decoder_layer``)
   chain in the experiment's order; collected outputs (tokens, masks, losses) are namespaced by key;
-- ``select``: the first plugin (in order) that returns a prediction wins;
-- declared conflicts fail at build time, naming both plugins (entry points are read only then);
+- ``select``: at most one plugin gives the prediction; two that both return one are refused, naming
+  both (the other's mask would be left out of the losses and metrics, depending on the key order);
+- each plugin's ``setup`` draws its random initial values as it would alone (``_init_streams``), so
+  adding a plugin, or writing the keys in another order, leaves the others' initial values as they are;
+- declared conflicts fail at build time, naming both plugins (entry points are read only then), and
+  so do two plugins that train one SAM part with different ``lr`` / ``weight_decay`` (the part would
+  train with the first one's, by the key order);
 - only overridden hooks are called, so an unused site costs nothing;
 - one owner of what trains: ``attach`` freezes SAM, sets every plugin up, and records which plugin
   owns each trainable parameter (its own, the modules it injected into SAM, the SAM parts it
@@ -15,6 +20,7 @@ Rules (docs/architecture.md):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import ItemsView, Mapping, ValuesView
 from typing import TYPE_CHECKING, cast
 
@@ -135,9 +141,11 @@ class PluginStack(HookSites, nn.ModuleDict):
         freeze(sam)
         original = {id(t) for t in sam.state_dict(keep_vars=True).values()}
         depth = len(sam.image_encoder.blocks)
-        claimed: set[int] = set()
+        claimed: dict[int, str] = {}  # parameter -> key of the plugin that owns it
         self.owned = {}
         self._injected = []
+        streams = _init_streams(self, torch.get_rng_state())
+        after: dict[str, Tensor] = {}
         for key, plugin in self.items():
             if plugin.needs_vit_encoder and isinstance(sam.image_encoder, Backbone):
                 raise PluginError(
@@ -148,6 +156,7 @@ class PluginStack(HookSites, nn.ModuleDict):
             before = {id(p) for p in sam.parameters()}
             modules_before = {id(m) for m in sam.modules()}
             check_hook_names(plugin)
+            torch.set_rng_state(streams[key])
             try:
                 plugin.setup(sam)
             except PluginError:  # the plugin's own error, which names it (PluginConfigError)
@@ -156,6 +165,7 @@ class PluginStack(HookSites, nn.ModuleDict):
                 raise PluginError(
                     f"{describe(plugin.key, type(plugin))}: setup: {type(err).__name__}: {err}"
                 ) from err
+            after[key] = torch.get_rng_state()
             self._injected += [m for m in sam.modules() if id(m) not in modules_before]
             wrong = [i for i in plugin.encoder_features() if not 0 <= i < depth]
             if wrong:
@@ -181,8 +191,12 @@ class PluginStack(HookSites, nn.ModuleDict):
                     if id(param) not in claimed:
                         param.requires_grad_(True)
                         owned[f"sam.{name}"] = param
-            claimed.update(id(p) for p in owned.values())
+                    elif id(param) in original:  # SAM's own weight (not a module a plugin injected)
+                        self._check_shared_part(key, claimed[id(param)], part)
+            claimed.update((id(p), key) for p in owned.values())
             self.owned[key] = owned
+        if after:  # the generator goes on from one plugin's draws, the same whatever the key order
+            torch.set_rng_state(after[max(after)])
         self.frozen_sam_keys = {
             name
             for name, t in sam.state_dict(keep_vars=True).items()
@@ -193,6 +207,19 @@ class PluginStack(HookSites, nn.ModuleDict):
         for plugin in self._users["output_tokens"]:
             tokens = plugin.output_tokens()
             self._token_counts.append((plugin, 0 if tokens is None else tokens.shape[0]))
+
+    def _check_shared_part(self, key: str, owner: str, part: str) -> None:
+        """Refuse plugin ``key`` training SAM ``part``, which plugin ``owner`` already trains, with another
+        ``lr`` or ``weight_decay``: the part trains in its owner's optimizer group, so ``key``'s setting
+        would silently not apply (and which one did would follow the order of the keys)."""
+        plugin, first = self[key], self[owner]
+        if (plugin.lr, plugin.weight_decay) != (first.lr, first.weight_decay):
+            raise PluginConflictError(
+                f"Plugins {owner!r} ({type(first).__name__}) and {key!r} ({type(plugin).__name__}) both train "
+                f"SAM part {part!r}, with different lr / weight_decay ({first.lr} / {first.weight_decay} and "
+                f"{plugin.lr} / {plugin.weight_decay}); a part has one optimizer group: give both plugins the "
+                f"same lr and weight_decay, or let one of them leave {part!r} frozen."
+            )
 
     def injected_modules(self) -> list[nn.Module]:
         return list(self._injected)
@@ -336,17 +363,26 @@ class PluginStack(HookSites, nn.ModuleDict):
 
     # ---- after the decoder ----
     def select(self, out: SamOutput, ctx: DecoderContext) -> Tensor | None:
+        """The prediction one plugin chose, or None (SAM's rule). Two plugins that both choose one are
+        refused: whichever came first would win, and the other's mask would reach no loss or metric."""
+        chosen: dict[str, Tensor] = {}
         for plugin in self._users["select"]:
-            chosen = plugin.select(out, ctx)
-            if chosen is not None:
+            mask = plugin.select(out, ctx)
+            if mask is not None:
                 n, _, h, w = out.masks["sam"].shape
-                check_tensor(plugin, "select", chosen, (n, 1, h, w), "(N, 1, h, w): one mask per prompt row")
-                if not chosen.is_floating_point():
-                    raise bad_return(
-                        plugin, "select", chosen, f"mask logits, a float tensor, not {chosen.dtype}"
-                    )
-                return chosen
-        return None
+                check_tensor(plugin, "select", mask, (n, 1, h, w), "(N, 1, h, w): one mask per prompt row")
+                if not mask.is_floating_point():
+                    raise bad_return(plugin, "select", mask, f"mask logits, a float tensor, not {mask.dtype}")
+                chosen[plugin.key] = mask
+        if len(chosen) > 1:
+            first, second = (self[key] for key in list(chosen)[:2])
+            raise PluginConflictError(
+                f"Plugins {first.key!r} ({type(first).__name__}) and {second.key!r} ({type(second).__name__}) "
+                "both give the model's prediction (their select hooks both returned a mask), so one's mask "
+                "would reach no loss or metric; keep one predicting (turn the other's prediction off, if it "
+                "has such an option) or remove one of them from model.plugins."
+            )
+        return next(iter(chosen.values()), None)
 
     def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
@@ -362,6 +398,29 @@ class PluginStack(HookSites, nn.ModuleDict):
             for plugin in self._users.get("sample_panels", [])
             for name, panel in plugin.sample_panels(out, ctx).items()
         }
+
+
+def _init_streams(stack: PluginStack, start: Tensor) -> dict[str, Tensor]:
+    """Plugin key -> the CPU generator state its ``setup`` starts from.
+
+    A plugin draws its random initial values from ``start``, the state the build began with, as it
+    would if it were the only plugin: another plugin before it (an identity one such as LoRA, whose
+    B is zero) or another key order does not change them, so runs with the same seed compare. Plugins
+    of one class would then start equal (a second ``ExtraTokens`` a copy of the first, trained alike),
+    so all but the first of a class by key start from ``start`` mixed with their key.
+    """
+    streams: dict[str, Tensor] = {}
+    seen: set[type] = set()
+    for key in sorted(stack.keys()):
+        cls = type(stack[key])
+        if cls not in seen:
+            seen.add(cls)
+            streams[key] = start
+            continue
+        digest = hashlib.sha256(start.numpy().tobytes() + key.encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        streams[key] = generator.get_state()
+    return streams
 
 
 _BLOCK = "(B, h, w, C), the shape it received"

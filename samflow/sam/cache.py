@@ -9,7 +9,10 @@ new every time and only costs a hash.
 
 The key is a SHA-1 digest of the image's bytes with its dtype and shape, the autocast dtype and the
 feature blocks asked for, so an image under bf16 autocast and the same image in float32 are
-different entries. Entries live on the CPU (``device``) and are evicted least recently used first;
+different entries. The outputs are a function of the encoder's weights too: given them
+(``encode(..., weights=)``), the cache empties itself when any of them is replaced, moved or
+changed in place (``load_state_dict`` of another checkpoint, ``copy_``: each bumps the tensor's
+version counter), as ``samflow.sam.casts`` does for its cast copies. Entries live on the CPU (``device``) and are evicted least recently used first;
 each costs ``C * h * w`` values for the embedding (4 MiB for SAM at 1024 in float32) plus the
 captured block features.
 """
@@ -17,8 +20,9 @@ captured block features.
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -72,6 +76,7 @@ class EncoderCache:
         self.device = torch.device(device)
         self.counts: dict[str, list[int]] = {}  # tally -> [hits, misses]
         self._entries: OrderedDict[tuple, tuple[Tensor, dict[int, Tensor]]] = OrderedDict()
+        self._weights: tuple[tuple, tuple] = ((), ())  # (weak references, stamps) of the entries' weights
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -102,18 +107,45 @@ class EncoderCache:
             keys.append((digest, str(x.dtype), tuple(image.shape), str(autocast), blocks))
         return keys
 
+    def follow(self, weights: Iterable[Tensor]) -> bool:
+        """Empty the cache when ``weights`` (the encoder's parameters and buffers) are not the very
+        tensors, unchanged, its entries were computed with -> whether it was emptied.
+
+        A tensor counts as changed when it is another object, another storage (``.to(device)``) or its
+        version counter moved (any in-place write: ``load_state_dict``, ``copy_``); a write through
+        ``.data`` is not seen, as in ``samflow.sam.casts``."""
+        tensors = list(weights)
+        stamps = tuple((t.data_ptr(), t.device, t._version) for t in tensors)
+        refs, old = self._weights
+        same = len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors)) and old == stamps
+        if same:
+            return False
+        self._weights = (tuple(weakref.ref(t) for t in tensors), stamps)
+        emptied = bool(self._entries)
+        self._entries.clear()
+        return emptied
+
     def encode(
-        self, x: Tensor, blocks: tuple[int, ...], compute: Callable[[Tensor], Encoded], tally: str = "all"
+        self,
+        x: Tensor,
+        blocks: tuple[int, ...],
+        compute: Callable[[Tensor], Encoded],
+        tally: str = "all",
+        weights: Iterable[Tensor] | None = None,
     ) -> Encoded:
         """Encoder outputs for ``x``: cached images from the cache, the rest through ``compute``.
 
         ``compute`` maps a sub-batch of ``x`` to its embedding (b, C, h, w) and block features
         ``{i: (b, h, w, C)}`` for ``blocks``; it runs once, on the images missing from the cache.
         Hits and misses are counted under ``tally`` (the model counts training and evaluation apart);
-        a tally outside ``stages`` goes straight to ``compute``, uncounted.
+        a tally outside ``stages`` goes straight to ``compute``, uncounted. ``weights``: the encoder's
+        parameters and buffers; when they changed since the entries were made, the entries go
+        (``follow``). None: the caller vouches that they never change.
         """
         if tally not in self.stages and tally != "all":
             return compute(x)
+        if weights is not None:
+            self.follow(weights)
         keys = self.keys_of(x, blocks)
         found = {key: self._entries[key] for key in keys if key in self._entries}
         for key in found:

@@ -175,7 +175,11 @@ class HookedSam(nn.Module):
             self.check_encoder_cache()
             blocks = self.plugins.encoder_features()
             embeddings, features = self.encoder_cache.encode(
-                x, blocks, lambda sub: self.run_encoder(sub, ctx), "train" if self.training else "eval"
+                x,
+                blocks,
+                lambda sub: self.run_encoder(sub, ctx),
+                "train" if self.training else "eval",
+                weights=self.sam.image_encoder.parameters(),  # new weights (load_state_dict) empty it
             )
         pe = self.sam.prompt_encoder
         image_pe = dense_pe(pe.pe_layer, pe.image_embedding_size, embeddings.dtype)
@@ -254,15 +258,17 @@ class HookedSam(nn.Module):
         has_box = batch.box_valid()
         if has_box is None:
             has_box = torch.zeros(rows, dtype=torch.bool, device=device)
+        # coordinates stay in at least float32: in bf16 a point at x = 700 of 1024 is 700 or 704
+        work = torch.promote_types(dtype, torch.float32)
         if batch.points is not None and batch.point_labels is not None:
-            coords = F.pad(batch.points.to(dtype) + 0.5, (0, 0, 0, 1))  # + SAM's not-a-point slot
+            coords = F.pad(batch.points.to(work) + 0.5, (0, 0, 0, 1))  # + SAM's not-a-point slot
             labels = F.pad(batch.point_labels, (0, 1), value=-1)
             points_visible = batch.point_labels != -1  # (N, K)
             pad_visible = points_visible.any(1) & ~has_box
-            sparse.append(embed_points(pe, coords, labels, frame))
+            sparse.append(embed_points(pe, coords, labels, frame, dtype))
             visible += [points_visible, pad_visible[:, None]]
         if batch.box is not None:
-            sparse.append(embed_box(pe, batch.box.to(dtype) + 0.5, frame))
+            sparse.append(embed_box(pe, batch.box.to(work) + 0.5, frame, dtype))
             visible.append(has_box[:, None].expand(rows, 2))
         grid = pe.image_embedding_size
         no_mask = cast_once(pe, "no_mask", (pe.no_mask_embed.weight,), dtype)

@@ -197,10 +197,12 @@ def log_to_wandb(sweep: Any, header: list[str], table: list[list[str]], plots: P
         job_type="sweep-summary",
         dir="runs",
     )
-    run.log(
-        {
-            "trials": wandb.Table(columns=list[Any](header), data=table),
-            **{f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(plots.glob("*.png"))},
-        }
-    )
-    run.finish()
+    try:  # a failed log must not leave the run open in this process (a later wandb.init would reuse it)
+        run.log(
+            {
+                "trials": wandb.Table(columns=list[Any](header), data=table),
+                **{f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(plots.glob("*.png"))},
+            }
+        )
+    finally:
+        run.finish()

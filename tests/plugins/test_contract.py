@@ -14,6 +14,7 @@ import torch
 from helpers import random_batch
 
 from samflow.module import SamflowModule, SamSpec
+from samflow.plugins import PluginConflictError
 from samflow.plugins.registry import discover
 
 # Every registration, also both of a name that two distributions register (``discover()`` leaves such a
@@ -99,6 +100,10 @@ def test_picklable_for_ddp_spawn(name):
 def test_builtins_compose(pair):
     module = make(*pair).train()
     batch = random_batch(2)
+    if set(pair) <= {"hq_sam", "tokens", "wsi_sam"}:  # both give the prediction: refused, naming both
+        with pytest.raises(PluginConflictError, match="both give the model's prediction"):
+            module(batch)
+        return
     out, ctx = module(batch)
     loss = module.compute_losses(out, batch, ctx)["total"]
     loss.backward()

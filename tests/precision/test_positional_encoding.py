@@ -77,12 +77,6 @@ def test_outside_autocast_the_encodings_keep_the_callers_dtype(encoder, dtype):
     assert dense_pe(encoder.pe_layer, (8, 8), dtype).dtype == dtype
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="samflow/sam/hooked.py encode_prompts casts batch.points and batch.box to the embeddings' "
-    "dtype (bf16 under autocast) before embed_points / embed_box: it should pass them in at least "
-    "float32 with dtype=the embeddings' dtype",
-)
 @pytest.mark.parametrize("prompt", ["points", "box"])
 def test_hooked_prompts_under_autocast_keep_sub_pixel_coordinates(prompt):
     """HookedSam's sparse prompt embedding under autocast is its float32 embedding rounded once: 1 px

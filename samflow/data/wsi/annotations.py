@@ -81,26 +81,35 @@ def mask_to_region(inside: np.ndarray, downsample: float) -> Any:
 
 
 def load_annotations(
-    path: str | Path, exclude: Sequence[str] = EXCLUDE, label_downsample: float = 1.0
+    path: str | Path,
+    exclude: Sequence[str] = EXCLUDE,
+    label_downsample: float = 1.0,
+    slide_size: tuple[int, int] | None = None,
 ) -> Any:
     """Read a GeoJSON (``.geojson`` / ``.json``), ASAP ``.xml`` or label-image (``.png`` / ``.tif``, at
     ``label_downsample`` of level 0, see :func:`load_label_mask`) file -> a shapely geometry (level 0).
 
     Polygons, multipolygons and the polygons of geometry collections count; annotations without area
     (points, lines, null geometries, polygons of fewer than 3 points or of no area) are left out
-    with a warning that names the file and how many."""
+    with a warning that names the file and how many. With ``slide_size`` (the slide's level-0 width,
+    height) each annotation is checked against the slide (:func:`check_in_slide`): one wholly outside
+    it is refused, one reaching far beyond it warned about (both mean other units than level-0 pixels)."""
     shapely = _shapely()
     from shapely.geometry import Polygon, shape
 
     path = Path(path)
     if path.suffix.lower() in LABEL_SUFFIXES:
-        return load_label_mask(path, label_downsample)
+        region = load_label_mask(path, label_downsample)
+        if slide_size is not None and not region.is_empty:
+            check_in_slide(path, [("the label image", region)], slide_size)
+        return region
     keep: list[Any] = []
     cut: list[Any] = []
+    named: list[tuple[str, Any]] = []  # (which annotation, its geometry) for the slide-bounds check
     skipped: list[str] = []  # what had no area, by kind
     try:
         if path.suffix.lower() == ".xml":
-            for ann in ET.parse(path).getroot().iter("Annotation"):
+            for i, ann in enumerate(ET.parse(path).getroot().iter("Annotation")):
                 coords = sorted(ann.iter("Coordinate"), key=lambda c: int(c.get("Order", 0)))
                 points = [(float(c.get("X", "nan")), float(c.get("Y", "nan"))) for c in coords]
                 area = _area_of(Polygon(points)) if len(points) >= 3 else None
@@ -108,16 +117,20 @@ def load_annotations(
                     skipped.append(f"{ann.get('Type', 'annotation')} of {len(points)} points")
                 else:
                     (cut if ann.get("PartOfGroup", "") in exclude else keep).append(area)
+                    named.append((_which(i, ann.get("Name")), area))
         else:
-            for feature in _geojson_features(json.loads(path.read_text())):
+            for i, feature in enumerate(_geojson_features(json.loads(path.read_text()))):
                 geometry = feature["geometry"]
                 area = None if geometry is None else _area_of(shape(geometry))
                 if area is None:
                     skipped.append("null geometry" if geometry is None else str(geometry.get("type")))
                 else:
                     (cut if _group_of(feature) in exclude else keep).append(area)
+                    named.append((_which(i, feature.get("id")), area))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ET.ParseError) as err:
         raise SlideError(f"{path}: not a readable GeoJSON or ASAP XML annotation ({err}).") from None
+    if slide_size is not None:
+        check_in_slide(path, named, slide_size)
     if skipped:
         kinds = ", ".join(f"{skipped.count(k)} {k}" for k in dict.fromkeys(skipped))
         warnings.warn(f"{path}: {len(skipped)} annotation(s) without area left out ({kinds}).", stacklevel=2)
@@ -125,6 +138,56 @@ def load_annotations(
     if cut:
         region = region.difference(shapely.union_all(cut))
     return region
+
+
+FAR_BEYOND = (
+    0.1  # an annotation reaching further past an edge than this share of the slide's side is warned about
+)
+
+
+def _which(index: int, name: Any) -> str:
+    """How a message names annotation ``index`` (0-based, in file order) with its id or name, if any."""
+    return f"annotation {index}" + ("" if name in (None, "") else f" ({name!r})")
+
+
+def _bounds(box: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in box) + ")"
+
+
+def check_in_slide(path: Path, named: Sequence[tuple[str, Any]], slide_size: tuple[int, int]) -> None:
+    """Refuse an annotation of ``path`` wholly outside the slide's level-0 extent, and warn (once per
+    file) about those reaching more than ``FAR_BEYOND`` of the slide's side past an edge.
+
+    Both are what coordinates in other units look like (microns of a slide under 1 um/px, pixels of a
+    finer scan, nanometres): used silently they give empty or clipped masks. A small overshoot is
+    normal (a brush stroke past the tissue's edge), and so is an outline around the whole slide ("all
+    of it is tumour"): both are clipped as before, without a word. Bounds are
+    (x0, y0, x1, y1) in the file's coordinates."""
+    shapely = _shapely()
+    width, height = slide_size
+    extent = shapely.box(0, 0, width, height)
+    slide = f"the slide's level-0 bounds are (0, 0, {width}, {height})"
+    hint = "annotations must be in level-0 pixel coordinates (not microns or another level's pixels)"
+    far: list[tuple[str, Any]] = []
+    for which, geometry in named:
+        if geometry.intersection(extent).area == 0:
+            raise SlideError(
+                f"{path}: {which} lies wholly outside the slide: its bounds are {_bounds(geometry.bounds)}, "
+                f"{slide}; {hint}."
+            )
+        x0, y0, x1, y1 = geometry.bounds
+        margin_x, margin_y = FAR_BEYOND * width, FAR_BEYOND * height
+        beyond = x0 < -margin_x or y0 < -margin_y or x1 > width + margin_x or y1 > height + margin_y
+        if beyond and not geometry.covers(extent):  # a box around the whole slide means "all of it"
+            far.append((which, geometry))
+    if far:
+        which, geometry = far[0]
+        more = f" (and {len(far) - 1} more)" if len(far) > 1 else ""
+        warnings.warn(
+            f"{path}: {which}{more} reaches far beyond the slide: its bounds are {_bounds(geometry.bounds)}, "
+            f"{slide}; only the part inside is used; {hint}.",
+            stacklevel=3,
+        )
 
 
 def _area_of(geometry: Any) -> Any:

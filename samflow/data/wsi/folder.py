@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from samflow.data.prompts import PromptSampler
+from samflow.data.prompts import PromptSampler, stable_seed
 from samflow.data.reading import read_image, read_mask
 from samflow.data.wsi.patches import pair_item, wsi_sam_prompts
 
@@ -44,7 +44,8 @@ class PatchPairFolder(Dataset):
         img_size: the model's input side.
         match: ``"stem"`` (same relative path) or ``"prefix"`` (the reference's ``<count>_`` prefix).
         prompt: the prompt sampler on the HR mask (default: WSI-SAM's).
-        seed: seed of the prompts (sample i draws from (seed, i)).
+        seed: seed of the prompts (a pair draws from (seed, its key), so the same pair gets the same prompt
+            whatever else is in the folders).
     """
 
     def __init__(
@@ -92,7 +93,8 @@ class PatchPairFolder(Dataset):
         masks: list[np.ndarray | None] = [None, None]
         if len(paths) == 4:
             masks = [read_mask(p).numpy() for p in paths[2:]]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        # from the pair's key, not its position: adding or removing a pair keeps every other one's prompt
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, self.keys[index]))
         return pair_item(
             hr,
             lr,

@@ -26,8 +26,10 @@ from samflow.data.transforms import scale_boxes, scale_coords
 from samflow.data.wsi.annotations import load_annotations, rasterize
 from samflow.data.wsi.slide import Slide, SlideError
 from samflow.data.wsi.tissue import tissue_mask
+from samflow.seeding import cpu_seeded
 
 MAX_DRAWS = 400  # rounds of 256 candidate centres before a slide's tumour or background counts as absent
+MAX_OPEN_SLIDES = 64  # slides a process keeps open (file descriptors); the least recently read closes first
 
 
 class CentreSizeBoxPrompt(PromptSampler):
@@ -214,8 +216,10 @@ class SlidePatches(Dataset):
         self._slides: dict[int, Slide] = {}
         self._slides_pid: int | None = os.getpid()  # the process that opened ``_slides``
         self.regions = [
-            None if a is None else load_annotations(a, label_downsample=label_downsample)
-            for a in (annotations or [None] * len(slides))
+            None
+            if a is None
+            else load_annotations(a, label_downsample=label_downsample, slide_size=self.slide(i).dimensions)
+            for i, a in enumerate(annotations or [None] * len(slides))
         ]
         self.tissue: list[tuple[np.ndarray, float]] = []
         for i, path in enumerate(self.paths):
@@ -230,12 +234,20 @@ class SlidePatches(Dataset):
         """The slide, opened lazily once per process. A forked loader worker inherits the parent's open
         slides, whose file descriptors share one file offset with the parent's and every other
         worker's: reads through them would race (seek, then read) and return another region's bytes.
-        So a process opens its own (``_slides_pid``); pickling (spawned workers) drops them too."""
+        So a process opens its own (``_slides_pid``); pickling (spawned workers) drops them too.
+
+        At most ``MAX_OPEN_SLIDES`` stay open, the most recently read: a dataset of thousands of slides
+        would otherwise hold a descriptor per slide in every process and run out of them (``ulimit -n``
+        is often 1024)."""
         if self._slides_pid != os.getpid():
             self._slides, self._slides_pid = {}, os.getpid()
-        if index not in self._slides:
-            self._slides[index] = Slide(self.paths[index], self.slide_mpp)
-        return self._slides[index]
+        slide = self._slides.pop(index, None)
+        if slide is None:
+            slide = Slide(self.paths[index], self.slide_mpp)
+        self._slides[index] = slide  # last in the dict: the most recently read
+        while len(self._slides) > MAX_OPEN_SLIDES:
+            self._slides.pop(next(iter(self._slides))).close()
+        return slide
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -339,8 +351,7 @@ def _shared_augment(
     if torch.rand(1, generator=generator) < 0.5:
         hr, lr, hr_gt, lr_gt = (np.ascontiguousarray(a[:, ::-1]) for a in (hr, lr, hr_gt, lr_gt))
     if torch.rand(1, generator=generator) < 0.5:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        with cpu_seeded(int(torch.randint(2**31, (1,), generator=generator))):  # the CUDA generator untouched
             order, b, c, s, h = ColorJitter.get_params((0.8, 1.2), (0.8, 1.2), (0.8, 1.2), (-0.1, 0.1))
         views = []
         for view in (hr, lr):
