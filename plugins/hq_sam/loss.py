@@ -38,32 +38,44 @@ def uncertainty(logits: Tensor) -> Tensor:
     return -logits.abs()
 
 
+def point_counts(
+    num_points: int, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75
+) -> tuple[int, int]:
+    """How many uniform points ``sample_points`` draws per mask: the candidates and the fresh ones."""
+    return int(num_points * oversample_ratio), num_points - int(importance_sample_ratio * num_points)
+
+
 def sample_points(
     logits: Tensor,
     num_points: int = 112 * 112,
     oversample_ratio: float = 3.0,
     importance_sample_ratio: float = 0.75,
     generator: torch.Generator | None = None,
+    uniforms: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Uncertainty-weighted points of each mask: logits (N, 1, H, W) -> coords (N, P, 2) in [0, 1]^2.
 
     The first ``int(importance_sample_ratio * P)`` points are the most uncertain of the
     ``int(oversample_ratio * P)`` candidates (the first draw from ``generator``); the rest are uniform
-    (the second draw). No gradient flows through the choice.
+    (the second draw). ``uniforms`` gives both draws instead, (N, candidates, 2) and (N, fresh, 2)
+    (``point_counts``; the plugin's come from ``ctx.rand``, one generator per row). No gradient flows
+    through the choice.
     """
     if logits.shape[1] != 1:
         raise ValueError(
             f"sample_points expects class-agnostic logits (N, 1, H, W), got {tuple(logits.shape)}."
         )
     rows, device = logits.shape[0], logits.device
-    num_candidates = int(num_points * oversample_ratio)
-    num_uncertain = int(importance_sample_ratio * num_points)
+    num_candidates, num_fresh = point_counts(num_points, oversample_ratio, importance_sample_ratio)
     with torch.no_grad():
-        candidates = torch.rand(rows, num_candidates, 2, generator=generator, device=device)
+        if uniforms is None:
+            candidates = torch.rand(rows, num_candidates, 2, generator=generator, device=device)
+            uniform = torch.rand(rows, num_fresh, 2, generator=generator, device=device)
+        else:
+            candidates, uniform = uniforms
         scores = uncertainty(point_sample(upcast(logits.detach()), candidates))[:, 0]  # (N, 3P)
-        top = scores.topk(num_uncertain, dim=1).indices  # (N, 0.75P)
+        top = scores.topk(num_points - num_fresh, dim=1).indices  # (N, 0.75P)
         uncertain = candidates.gather(1, top.unsqueeze(-1).expand(-1, -1, 2))
-        uniform = torch.rand(rows, num_points - num_uncertain, 2, generator=generator, device=device)
     return torch.cat([uncertain, uniform], dim=1)
 
 

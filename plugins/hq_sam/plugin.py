@@ -17,6 +17,7 @@ with the highest predicted IoU (so, as in the reference, one mask comes out, not
 
 from __future__ import annotations
 
+import torch
 from segment_anything.modeling import Sam
 from torch import Tensor
 from typing_extensions import override
@@ -26,7 +27,7 @@ from samflow.plugins import DecoderContext, DecoderFeatures, SamplePanel, SamPlu
 from samflow.sam import SamOutput, early_feature, sam_rule
 from samflow_plugins.hq_sam.fusion import first_global_block
 from samflow_plugins.hq_sam.head import HQHead, apply_kernel
-from samflow_plugins.hq_sam.loss import point_bce_dice, sample_points
+from samflow_plugins.hq_sam.loss import point_bce_dice, point_counts, sample_points
 
 OUTPUTS = ("hq", "sam_hq")
 
@@ -129,9 +130,24 @@ class HQSam(SamPlugin, HQHead):
             return {}
         logits = out.masks[f"{self.key}/hq"]
         target = batch.row_mask
-        coords = sample_points(logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+        coords = sample_points(
+            logits,
+            self.num_points,
+            self.oversample_ratio,
+            self.importance_sample_ratio,
+            uniforms=self.point_draws(ctx, logits.device),
+        )
         bce, dice = point_bce_dice(logits, target, coords)
         return {"point_bce": self.bce_weight * bce, "point_dice": self.dice_weight * dice}
+
+    def point_draws(self, ctx: DecoderContext, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The loss's uniform candidates and fresh points, each row's from its sample's seed (``ctx.rand``):
+        a row's loss points do not depend on its batch or the DDP rank."""
+        candidates, fresh = point_counts(self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+        return (
+            ctx.rand(f"{self.key}/points/candidates", (candidates, 2), device=device),
+            ctx.rand(f"{self.key}/points/uniform", (fresh, 2), device=device),
+        )
 
     @override
     def sample_panels(self, out: SamOutput, ctx: DecoderContext) -> dict[str, SamplePanel]:

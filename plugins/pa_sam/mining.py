@@ -38,7 +38,9 @@ def sampling_guidance(coarse: Tensor, refined: Tensor, uncertainty: Tensor) -> T
     return (uncertainty * (refined.sigmoid() - coarse.sigmoid())).flatten(1)
 
 
-def gumbel_topk(scores: Tensor, k: int, tau: float = 1.0) -> tuple[Tensor, Tensor]:
+def gumbel_topk(
+    scores: Tensor, k: int, tau: float = 1.0, uniform: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Gumbel top-k with a straight-through estimator over the last dimension.
 
     With g = s + Gumbel(0, 1) noise, h_0 = 0, khot_0 = 0, for t = 1..k:
@@ -52,13 +54,17 @@ def gumbel_topk(scores: Tensor, k: int, tau: float = 1.0) -> tuple[Tensor, Tenso
         scores: (N, L) scores s.
         k: how many cells to choose (at most L).
         tau: the softmax temperature τ.
+        uniform: the U(0, 1) draws (N, L) behind the Gumbel noise (the plugin's come from
+            ``ctx.rand``, one generator per row); None draws them from the global generator.
 
     Returns:
         The straight-through selection (N, L) and the chosen cells (N, k), k distinct per row,
         in increasing order (raster order on a grid, as the reference gathers them).
     """
     tiny = torch.finfo(scores.dtype).tiny
-    uniform = torch.rand_like(scores).clamp(min=tiny, max=1.0 - torch.finfo(scores.dtype).eps)
+    if uniform is None:
+        uniform = torch.rand_like(scores)
+    uniform = uniform.to(scores.dtype).clamp(min=tiny, max=1.0 - torch.finfo(scores.dtype).eps)
     g = scores - torch.log(-torch.log(uniform))
     soft = torch.zeros_like(scores)
     khot = torch.zeros_like(scores)
@@ -76,13 +82,16 @@ def topk_cells(scores: Tensor, k: int) -> Tensor:
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
-def choose_cells(scores: Tensor, k: int, tau: float, sample: bool) -> tuple[Tensor, Tensor]:
+def choose_cells(
+    scores: Tensor, k: int, tau: float, sample: bool, uniform: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Chosen cells (N, k) and their selection weights (N, k): Gumbel top-k if ``sample`` else top-k.
 
-    The weights are 1 in value; in sampling mode they carry the straight-through gradient to ``scores``.
+    The weights are 1 in value; in sampling mode they carry the straight-through gradient to ``scores``
+    (``uniform``: the draws behind the noise, as ``gumbel_topk``).
     """
     if sample:
-        selection, cells = gumbel_topk(scores, k, tau)
+        selection, cells = gumbel_topk(scores, k, tau, uniform)
         return cells, selection.gather(-1, cells)
     cells = topk_cells(scores, k)
     return cells, torch.ones_like(cells, dtype=scores.dtype)
@@ -115,6 +124,7 @@ def mine_hard_points(
     k: int,
     tau: float = 1.0,
     sample: bool = False,
+    uniforms: tuple[Tensor, Tensor] | None = None,
 ) -> HardPoints:
     """Choose k positive and k negative cells from the guidance and turn them into point tokens.
 
@@ -127,9 +137,12 @@ def mine_hard_points(
         k: points per sign.
         tau: Gumbel-softmax temperature.
         sample: Gumbel top-k with straight-through (training) instead of plain top-k (evaluation).
+        uniforms: with ``sample``, the U(0, 1) draws (N, h*w) behind the positives' and the negatives'
+            Gumbel noise; None draws them from the global generator (positives first).
     """
-    pos_cells, pos_weight = choose_cells(guidance, k, tau, sample)
-    neg_cells, neg_weight = choose_cells(-guidance, k, tau, sample)
+    pos_uniform, neg_uniform = uniforms if uniforms is not None else (None, None)
+    pos_cells, pos_weight = choose_cells(guidance, k, tau, sample, pos_uniform)
+    neg_cells, neg_weight = choose_cells(-guidance, k, tau, sample, neg_uniform)
     cells = torch.cat([pos_cells, neg_cells], dim=1)  # (N, 2k)
     weight = torch.cat([pos_weight, neg_weight], dim=1).unsqueeze(-1).to(features.dtype)  # (N, 2k, 1)
     labels = torch.cat([torch.ones_like(pos_cells), torch.zeros_like(neg_cells)], dim=1)

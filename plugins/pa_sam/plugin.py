@@ -177,6 +177,16 @@ class PASam(SamPlugin):
         guide = self.guiding(x)  # (B, C, h, w)
         return guide[ctx.image_index].flatten(2).transpose(1, 2)
 
+    def mining_draws(self, guidance: Tensor, ctx: DecoderContext) -> tuple[Tensor, Tensor]:
+        """The U(0, 1) draws (N, hw) behind the positives' and the negatives' Gumbel noise, each row's
+        from its sample's seed (``ctx.rand``): a row mines alike in any batch and on any DDP rank."""
+        shape, device, dtype = guidance.shape[1:], guidance.device, guidance.dtype
+        positive, negative = (
+            ctx.rand(f"{self.key}/mining/{sign}", shape, device=device, dtype=dtype)
+            for sign in ("positive", "negative")
+        )
+        return positive, negative
+
     @override
     def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
         if i != self.layer:
@@ -201,6 +211,7 @@ class PASam(SamPlugin):
                 self.num_points,
                 self.temperature,
                 sample=ctx.training,
+                uniforms=self.mining_draws(guidance, ctx) if ctx.training else None,
             )
             scratch.update(points=points.cells, point_labels=points.labels)
             zeros = torch.zeros_like(points.content)

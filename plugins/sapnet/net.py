@@ -144,6 +144,7 @@ class SelectionNet(nn.Module):
         points: Tensor,
         image_index: Tensor,
         centre_boxes: Tensor | None = None,
+        negative_draws: Tensor | None = None,
     ) -> SapnetResult:
         """Run both stages.
 
@@ -151,7 +152,10 @@ class SelectionNet(nn.Module):
             features: (B, C, h, w) feature map of the square input (side ``image_size``), or a pyramid
                 of them, finest first (``roi_levels``).
             proposals: (N, P, 4) boxes in input pixels; labels: (N,) classes; points: (N, 2) x, y;
-            image_index: (N,) image of each point; centre_boxes: (N, 4), only with ``pdg_box_centres``.
+            image_index: (N,) image of each point; centre_boxes: (N, 4), only with ``pdg_box_centres``;
+            negative_draws: the U(0, 1) draws (4, B, num_negatives) behind the random negatives
+            (``random_negatives``' ``uniforms``; the plugin's come from each image's sample seed), None:
+            drawn from the global generator.
         """
         n, p = proposals.shape[:2]
         first = features if isinstance(features, Tensor) else features[0]
@@ -185,7 +189,9 @@ class SelectionNet(nn.Module):
         loss_prm = prm_loss(c1, s1, labels, weight)
         num_images = first.shape[0]
         sizes = torch.full((num_images, 2), image_size, device=proposals.device)
-        neg, neg_image, neg_valid = random_negatives(proposals, image_index, sizes, self.num_negatives)
+        neg, neg_image, neg_valid = random_negatives(
+            proposals, image_index, sizes, self.num_negatives, uniforms=negative_draws
+        )
         hard, hard_valid = hard_negatives(proposals, top0)
         c_neg, _ = self.head(
             features, torch.cat([neg, hard]), torch.cat([neg_image, image_index]), image_size, 1

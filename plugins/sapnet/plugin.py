@@ -174,10 +174,24 @@ class SAPNet(SamPlugin):
             assert valid is not None
             centre_boxes = torch.where(valid[:, None], batch.box.to(points.dtype), points.repeat(1, 2))
         result = self.net(
-            self.feature_maps(ctx), s, proposals, labels, points, batch.image_index, centre_boxes=centre_boxes
+            self.feature_maps(ctx),
+            s,
+            proposals,
+            labels,
+            points,
+            batch.image_index,
+            centre_boxes=centre_boxes,
+            negative_draws=self.negative_draws(ctx, proposals.device),
         )
         out.extras["sapnet"] = result
         return result.losses
+
+    def negative_draws(self, ctx: DecoderContext, device: torch.device) -> Tensor:
+        """The U(0, 1) draws (4, B, num_negatives) behind the random negatives, each image's from its
+        sample's seed (``ctx.rand``): an image's negatives do not depend on its batch or the DDP rank."""
+        assert self.net is not None, "sapnet: setup() was not called"
+        draws = ctx.rand(f"{self.key}/negatives", (4, self.net.num_negatives), per_image=True, device=device)
+        return draws.transpose(0, 1)  # (4, B, num)
 
 
 def row_points(batch: SamBatch, proposals: Tensor) -> Tensor:

@@ -16,8 +16,10 @@ it with plugins. Its methods here are the no-op defaults (SAM alone).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,6 +74,67 @@ class ForwardContext:
     def image_index(self) -> Tensor:
         """Which image each prompt row belongs to (N,)."""
         return self.batch.image_index
+
+    def rand(
+        self,
+        stream: str,
+        shape: Sequence[int] = (),
+        *,
+        per_image: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """U(0, 1) draws (N, *shape), one block per prompt row (``per_image``: (B, *shape), per image).
+
+        How a plugin draws the randomness of its training step. Training batches carry each image's
+        ``batch.sample_seed`` (``ResumableLoader``: from run seed, epoch and index); row r then draws from
+        a CPU generator of its own, seeded by (its image's sample seed, r's rank among its image's rows,
+        ``stream``), so a row's draws depend neither on its batch, its place in it, nor the DDP rank
+        (ranks share the global generator's state: one draw per batch gives their i-th rows the same
+        noise). Name ``stream`` after the plugin's key and the use (``f"{self.key}/mining"``): two streams
+        never draw alike. A batch without seeds (evaluation, another loader, context views) takes one
+        draw from the global generator on ``device``, as ``torch.rand`` does.
+        """
+        count = self.batch.num_images if per_image else self.batch.num_rows
+        keys = self._image_keys if per_image else self._row_keys
+        if keys is None:
+            return torch.rand(count, *shape, device=device, dtype=dtype)
+        generator = torch.Generator()
+        drawn = torch.empty(count, *shape, dtype=dtype)
+        for i, key in enumerate(keys):
+            generator.manual_seed(_stream_seed(key, stream))
+            torch.rand(tuple(shape), generator=generator, dtype=dtype, out=drawn[i])  # in place: no copy
+        target = torch.device(device) if device is not None else drawn.device
+        if target.type == "cuda":
+            drawn = drawn.pin_memory()  # so that the copy below does not wait for the device
+        return drawn.to(target, non_blocking=True)
+
+    @cached_property
+    def _row_keys(self) -> list[tuple[int, ...]] | None:
+        """(sample seed, rank among its image's rows) of each row; None without a seed per image. Reads
+        ``image_index`` on the host once per context."""
+        seeds = self.batch.sample_seed
+        if len(seeds) != self.batch.num_images:
+            return None
+        seen: dict[int, int] = {}
+        keys: list[tuple[int, ...]] = []
+        for image in self.batch.image_index.tolist():
+            rank = seen.get(image, 0)
+            seen[image] = rank + 1
+            keys.append((seeds[image], rank))
+        return keys
+
+    @property
+    def _image_keys(self) -> list[tuple[int, ...]] | None:
+        """(sample seed,) of each image; None without a seed per image."""
+        seeds = self.batch.sample_seed
+        return [(seed,) for seed in seeds] if len(seeds) == self.batch.num_images else None
+
+
+def _stream_seed(key: tuple[int, ...], stream: str) -> int:
+    """A 63-bit generator seed from a row's (or image's) key and a stream name: distinct inputs, independent seeds."""
+    digest = hashlib.blake2b(repr((*key, stream)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class EncodedImages:
