@@ -275,6 +275,8 @@ class SamBatch:
             id=self.id + [f"{i}@context" for i in self.id],
             path=self.path + self.path,
             context_rows=n,
+            # a context view draws (``ctx.rand``) from a seed of its own, not its view's twin
+            sample_seed=self.sample_seed + [_context_seed(seed) for seed in self.sample_seed],
             **rows,
         )
 
@@ -298,6 +300,11 @@ class SamBatch:
         if self.has_mask_prompt is None:
             return torch.ones(self.mask_prompt.shape[0], dtype=torch.bool, device=self.mask_prompt.device)
         return self.has_mask_prompt
+
+
+def _context_seed(sample_seed: int) -> int:
+    """The seed of an image's context view in ``with_context``: from the image's, apart from it."""
+    return int(np.random.SeedSequence([sample_seed, 0x636F6E74]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def to_context_frame(coords: Tensor, affine: Tensor) -> Tensor:

@@ -92,7 +92,7 @@ class ForwardContext:
         ``stream``), so a row's draws depend neither on its batch, its place in it, nor the DDP rank
         (ranks share the global generator's state: one draw per batch gives their i-th rows the same
         noise). Name ``stream`` after the plugin's key and the use (``f"{self.key}/mining"``): two streams
-        never draw alike. A batch without seeds (evaluation, another loader, context views) takes one
+        never draw alike. A batch without seeds (evaluation, another loader) takes one
         draw from the global generator on ``device``, as ``torch.rand`` does.
         """
         count = self.batch.num_images if per_image else self.batch.num_rows

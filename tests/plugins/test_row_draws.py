@@ -146,3 +146,19 @@ def test_a_batch_without_seeds_draws_once_from_the_global_generator():
     state = torch.get_rng_state()
     _ctx(batch.replace(sample_seed=[1, 2])).rand("key/use", (3,))
     assert torch.equal(torch.get_rng_state(), state)  # seeded draws leave the global generator alone
+
+
+def test_context_views_draw_from_seeds_of_their_own():
+    """WSI-SAM's batches run as 2B images (``with_context``): each context view keeps a seed, apart from
+    its view's, so its rows draw per sample too, not from the global generator."""
+    batch = random_batch(2, prompt="box")
+    batch = batch.replace(context_image=batch.image.flip(-1), sample_seed=[5, 6])
+    doubled = batch.with_context()
+    assert len(doubled.sample_seed) == 4 and doubled.sample_seed[:2] == [5, 6]
+    assert len(set(doubled.sample_seed)) == 4
+    assert doubled.sample_seed == batch.with_context().sample_seed  # the same every time
+    state = torch.get_rng_state()
+    draws = _ctx(doubled).rand("key/use", (4,))
+    assert torch.equal(torch.get_rng_state(), state) and len({tuple(r.tolist()) for r in draws}) == 4
+    alone = _ctx(batch.select_images([1]).with_context()).rand("key/use", (4,))
+    torch.testing.assert_close(alone, draws[[1, 3]], rtol=0, atol=0)
