@@ -20,17 +20,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 from samflow.argument_errors import one_line_argument_error
-from samflow.experiment_files import ExperimentError, list_experiments, resolve_experiment
-from samflow.plugin_check import check_plugin_args, check_plugins
+from samflow.commands import experiment_from_argv
+from samflow.experiment_files import ExperimentError, list_experiments
+from samflow.plugin_check import check_plugin_args
 from samflow.usage import CommandParser, UsageError
 
-__all__ = ["CommandParser", "UsageError", "main"]
+__all__ = ["CommandParser", "UsageError", "experiment_from_argv", "main", "user_errors"]
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 # Commands beside LightningCLI's: name -> ("module:function", one-line usage). The function takes the
 # arguments after the command name (less ``--quiet`` / ``--verbose``) and returns the exit status; the
-# user errors it raises (``_user_errors()``, ``ValueError`` subclasses of samflow), its usage errors
+# user errors it raises (``user_errors()``, ``ValueError`` subclasses of samflow), its usage errors
 # (``CommandParser``) and the experiment overrides jsonargparse refuses are printed as one line, exit 1.
 COMMANDS: dict[str, tuple[str, str]] = {
     "embed": (
@@ -71,7 +72,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input or a run that cannot go on (not a samflow bug): the commands
+    print them as one ``samflow: error:`` line and exit 1 (``SAMFLOW_DEBUG=1`` shows the traceback)."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from samflow.callbacks.finite import NonFiniteError
@@ -107,40 +110,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
         FileNotFoundError,
         MisconfigurationException,  # Lightning's word for a setting it cannot run with
     )
-
-
-# ---- experiments ----
-def _experiment_from_argv(argv: list[str]) -> tuple[list[str], str | None]:
-    """Replace ``--experiment NAME`` (or ``--experiment=NAME``) by ``--config /abs/path``.
-
-    ``argv`` starts with the subcommand. The experiment's ``--config`` moves to the front, right after
-    it, so that every flag and every other ``--config`` overrides the experiment, also those given
-    before ``--experiment`` (jsonargparse applies arguments in order).
-    """
-    out: list[str] = []
-    configs: list[str] = []
-    name = None
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--experiment" or arg.startswith("--experiment="):
-            if "=" in arg:
-                value = arg.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                value = argv[i + 1]
-                i += 1
-            else:
-                raise ExperimentError("--experiment needs a name or a YAML path.")
-            path = resolve_experiment(value)
-            check_plugins(path)
-            name = path.stem
-            configs += ["--config", str(path)]
-        else:
-            out.append(arg)
-        i += 1
-    if configs and out and not out[0].startswith("-"):
-        return [out[0], *configs, *out[1:]], name
-    return configs + out, name
 
 
 # ---- console ----
@@ -232,7 +201,7 @@ def run_command(name: str, args: list[str]) -> int:
             f"`samflow fit --help` lists them)"
         )
         return _error(f"samflow {command}: {one_line_argument_error(str(err), [command, *args], hint)}")
-    except _user_errors() as err:
+    except user_errors() as err:
         if os.environ.get("SAMFLOW_DEBUG"):
             raise
         return _error(str(err))
@@ -286,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         args = _verbosity_from_argv(args)
-        args, name = _experiment_from_argv(args)
+        args, name = experiment_from_argv(args)
         args = agent_args(args, name)  # W&B agent's value forms (--a=None) and its runs' folders
         check_plugin_args(args)
     except ExperimentError as err:
@@ -304,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SAMFLOW_DEBUG"):
             raise
         return _error(one_line_argument_error(str(err), args))
-    except _user_errors() as err:
+    except user_errors() as err:
         # Bad input (a file, key or plugin) or a diverged run: one clear line, no traceback.
         # SAMFLOW_DEBUG=1 shows it.
         if os.environ.get("SAMFLOW_DEBUG"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import secrets
 import string
 import sys
@@ -32,6 +31,7 @@ from samflow.callbacks.run_folder import (
 )
 from samflow.callbacks.run_report import RunReport
 from samflow.callbacks.wandb_run import SamflowWandbLogger
+from samflow.config_checks import ConfigError, check_plugin_classes, several_processes
 from samflow.console import RunHeader, SamflowProgressBar, local_log_dir, verbosity
 from samflow.keyed_config import KeyedConfigFile
 from samflow.main_metric import checkpoint_filename, main_metric
@@ -39,49 +39,6 @@ from samflow.module import SamflowModule
 from samflow.plugins.base import SamPlugin
 from samflow.plugins.checks import describe
 from samflow.plugins.registry import PluginError, discover
-
-
-def _several_processes(config: Any) -> bool:
-    """Whether Lightning's 'auto' strategy would start DDP (several devices or nodes)."""
-    devices = config.get("trainer.devices")
-    if isinstance(devices, str):
-        devices = (
-            int(devices)
-            if devices.lstrip("-").isdigit()
-            else (devices.count(",") + 1 if "," in devices else 1)
-        )
-    count = len(devices) if isinstance(devices, (list, tuple)) else devices
-    return count == -1 or (isinstance(count, int) and count > 1) or (config.get("trainer.num_nodes") or 1) > 1
-
-
-class ConfigError(ValueError):
-    """A class of the experiment (model, plugin, data, trainer) refused its arguments."""
-
-
-def check_plugin_classes(config: Namespace) -> None:
-    """Refuse a plugin entry that is ``SamPlugin`` itself, the base class that does nothing.
-
-    jsonargparse makes an entry with ``init_args`` and no ``class_path`` the base class, so a misspelt
-    key (``--model.plugins.tokenz.init_args.lr 1e-4``, or ``tokenz: {init_args: ...}`` in a later
-    ``--config``) would add a plugin that does nothing and leave the plugin meant unchanged.
-    """
-    plugins = config.get("model.plugins") or {}
-    bare = [
-        key
-        for key, spec in plugins.items()
-        if isinstance(spec, Namespace)
-        and str(spec.get("class_path")) in ("samflow.SamPlugin", f"{SamPlugin.__module__}.SamPlugin")
-    ]
-    if not bare:
-        return
-    named = [key for key in plugins if key not in bare]
-    close = difflib.get_close_matches(bare[0], named, n=1)
-    hint = f"did you mean model.plugins.{close[0]}? " if close else ""
-    raise ConfigError(
-        f"model.plugins.{bare[0]} has no class_path (only options), so it is not one of the experiment's "
-        f"plugins ({', '.join(named) or 'none'}): {hint}To add a plugin, give "
-        f"model.plugins.{bare[0]}.class_path."
-    )
 
 
 def shown(path: str | Path) -> str:
@@ -179,14 +136,14 @@ class SamflowCLI(LightningCLI):
         messages; the user needs the outermost one it did not raise, which is samflow's when samflow
         wrapped a cause with the key (``model.losses.dice: ...``), else the constructor's own.
         """
-        from samflow.cli import _user_errors
+        from samflow.cli import user_errors
 
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
             chain: BaseException | None = err
             while chain is not None:  # samflow's own error (e.g. a bad SAM checkpoint) names the file
-                if isinstance(chain, _user_errors()):
+                if isinstance(chain, user_errors()):
                     raise chain from (chain.__cause__ or err)  # its own cause: the plugin's frame
                 chain = chain.__cause__
             cause = _first_not_from_jsonargparse(err)
@@ -222,7 +179,7 @@ class SamflowCLI(LightningCLI):
         if config is None:
             return
         strategy = config.get("trainer.strategy")
-        if strategy == "ddp" or (strategy == "auto" and _several_processes(config)):
+        if strategy == "ddp" or (strategy == "auto" and several_processes(config)):
             config["trainer.strategy"] = "ddp_find_unused_parameters_true"
             rank_zero_info(f"samflow: using strategy 'ddp_find_unused_parameters_true' for {strategy!r}.")
         if config.get("checkpoint.save_last"):

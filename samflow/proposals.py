@@ -356,12 +356,12 @@ def main(argv: list[str]) -> int:
     from lightning.pytorch.utilities import rank_zero_info
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from samflow.commands import barrier, build_experiment, rank_and_world
     from samflow.data.coco import CocoDataModule
-    from samflow.embed.command import _barrier, _build, _distributed
 
     opts, overrides = _parser().parse_known_args(argv)
-    rank, world = _distributed()
-    model, datamodule = _build(opts.experiment, overrides)
+    rank, world = rank_and_world()
+    model, datamodule = build_experiment(opts.experiment, overrides)
     if not isinstance(datamodule, CocoDataModule):
         raise DataError(
             f"samflow proposals: the experiment's data is {type(datamodule).__name__}; it needs "
@@ -389,7 +389,7 @@ def main(argv: list[str]) -> int:
             world=world,
             overwrite=opts.overwrite,
             progress=progress,
-            barrier=_barrier,
+            barrier=barrier,
             embedding_store=opts.embedding_store or model.sam_spec.embedding_store,
         )
     rank_zero_info(f"samflow proposals: {len(dataset)} images -> {final}")

@@ -251,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from samflow.embed.command import _build
+    from samflow.commands import build_experiment
     from samflow.rebuild import load_trained_state, read_checkpoint_state
 
     opts, overrides = _parser().parse_known_args(argv)
@@ -261,7 +261,7 @@ def main(argv: list[str]) -> int:
     ckpt = Path(opts.ckpt).expanduser()
     if not ckpt.is_file():
         raise FileNotFoundError(f"samflow pseudo-masks: checkpoint {ckpt} not found.")
-    module, datamodule = _build(opts.experiment, overrides)
+    module, datamodule = build_experiment(opts.experiment, overrides)
     if not isinstance(datamodule, CocoDataModule):
         raise DataError(
             f"samflow pseudo-masks: the experiment's data is {type(datamodule).__name__}; it needs "

@@ -101,10 +101,10 @@ def _parser() -> argparse.ArgumentParser:
 def _build_cli(experiment: str, overrides: list[str]) -> Any:
     import sys
 
-    from samflow.cli import _experiment_from_argv
+    from samflow.commands import experiment_from_argv
     from samflow.lightning_cli import SamflowCLI
 
-    args, name = _experiment_from_argv(["--experiment", experiment, *overrides])
+    args, name = experiment_from_argv(["--experiment", experiment, *overrides])
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         return SamflowCLI(name or "student", args=[*args, "--trainer.logger=false"], run=False)

@@ -44,6 +44,7 @@ import torch
 from samflow.data.wsi.annotations import load_annotations, mask_to_region
 from samflow.data.wsi.slide import Slide, SlideError
 from samflow.usage import CommandParser, PositiveInt
+from samflow.wsi_mask import feature_collection, halve, stitch_bands, write_pyramid
 from samflow.wsi_tiles import Chunk, _chunk_probabilities, _distributed, tile_chunks
 
 
@@ -55,66 +56,6 @@ class SlidePrediction:
     tiles: int  # tissue tiles of the slide
     dice: float | None
     ran: int = 0  # tiles this process ran through the model (all of them in one process)
-
-
-def _bands(
-    probabilities: Iterator[tuple[Chunk, np.ndarray]],
-    xs: Sequence[int],
-    ys: Sequence[int],
-    *,
-    width: int,
-    height: int,
-    tile: int,
-    overlap: int,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Finished rows of the stitched probability map, (first row, (rows, W) float32), top to bottom,
-    from the tiles' probabilities in tile-row order."""
-    stride = tile - overlap
-    total = np.zeros((tile, xs[-1] + tile), dtype=np.float32)  # the band starting at row ys[k]
-    count = np.zeros(total.shape, dtype=np.uint8)  # at most 4 tiles cover a pixel (overlap <= tile/2)
-    pending = next(probabilities, None)
-    for k, y0 in enumerate(ys):
-        while pending is not None and pending[0][0] == k:
-            (_, chunk), probs = pending
-            for (x0, _), p in zip(chunk, probs):
-                total[:, x0 : x0 + tile] += p
-                count[:, x0 : x0 + tile] += 1
-            pending = next(probabilities, None)
-        last = k == len(ys) - 1
-        done = min(height - y0, tile) if last else stride  # rows no later tile touches
-        yield y0, (total[:done, :width] / np.maximum(count[:done, :width], 1))  # 0 where no tile (total 0)
-        if not last:  # keep the overlap rows, move the band down by stride
-            total[:overlap], total[overlap:] = total[stride:], 0
-            count[:overlap], count[overlap:] = count[stride:], 0
-
-
-def _halve(mask: np.ndarray, out: np.ndarray, rows: int = 256) -> None:
-    """``out`` (ceil(H/2), ceil(W/2)) = 2 x 2 max of ``mask`` (H, W), band by band."""
-    for r in range(0, out.shape[0], rows // 2):
-        part = mask[2 * r : 2 * (r + rows // 2)]
-        h, w = math.ceil(part.shape[0] / 2) * 2, math.ceil(part.shape[1] / 2) * 2
-        padded = np.zeros((h, w), np.uint8)
-        padded[: part.shape[0], : part.shape[1]] = part
-        out[r : r + h // 2] = padded.reshape(h // 2, 2, w // 2, 2).max((1, 3))
-
-
-def _write_pyramid(levels: Sequence[np.ndarray], path: Path, mpp: float) -> None:
-    """A tiled pyramidal TIFF (level 0 with SubIFDs, as slide readers expect); resolution in pixels / cm."""
-    import tifffile
-
-    with tifffile.TiffWriter(path, bigtiff=levels[0].size > 2**31) as tif:
-        for i, level in enumerate(levels):
-            res = 1e4 / (mpp * 2**i)
-            options: dict[str, Any] = {
-                "tile": (256, 256),
-                "compression": "zlib",
-                "resolution": (res, res),
-                "resolutionunit": "CENTIMETER",
-            }
-            if i == 0:
-                tif.write(level, subifds=len(levels) - 1, **options)
-            else:
-                tif.write(level, subfiletype=1, **options)
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -198,7 +139,7 @@ def predict_slide(
                     bar.advance(task, len(chunks[g][1]))
                     yield chunks[g], probs
 
-            bands = _bands(gathered(), xs, ys, width=width, height=height, tile=tile, overlap=overlap)
+            bands = stitch_bands(gathered(), xs, ys, width=width, height=height, tile=tile, overlap=overlap)
             for y0, rows in bands:
                 dest = levels[0][y0 : y0 + rows.shape[0]]
                 dest[...] = rows >= threshold
@@ -211,13 +152,13 @@ def predict_slide(
             scratch.append(out / f".{stem}_mask.{len(levels)}.u8")
             shape = (math.ceil(h / 2), math.ceil(w / 2))
             levels.append(np.memmap(scratch[-1], dtype=np.uint8, mode="w+", shape=shape))
-            _halve(levels[-2], levels[-1])
-        _write_pyramid(levels, mask_path, mpp)
+            halve(levels[-2], levels[-1])
+        write_pyramid(levels, mask_path, mpp)
         coarse = next((i for i, m in enumerate(levels) if max(m.shape) <= polygon_side), len(levels) - 1)
         coarse_mask = np.asarray(levels[coarse]) > 0
         down = pixel * 2**coarse  # level-0 px per coarse px
         region = mask_to_region(coarse_mask, down)
-        geojson_path.write_text(json.dumps(_feature_collection(region)))
+        geojson_path.write_text(json.dumps(feature_collection(region)))
         if truth is not None:
             from samflow.data.wsi.annotations import rasterize_grid
 
@@ -284,21 +225,6 @@ def _share(score: float | None, group: Any) -> float | None:
     box = [score]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)
     return box[0]
-
-
-def _feature_collection(region: Any) -> dict[str, Any]:
-    import shapely
-
-    polygons = [] if region.is_empty else list(getattr(region, "geoms", [region]))
-    features = [
-        {
-            "type": "Feature",
-            "geometry": shapely.geometry.mapping(polygon),
-            "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}},
-        }
-        for polygon in polygons
-    ]
-    return {"type": "FeatureCollection", "features": features}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -373,7 +299,7 @@ def _init_distributed() -> Any:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from samflow.embed.command import init_process_group
+    from samflow.commands import init_process_group
 
     init_process_group()
     return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
@@ -385,7 +311,7 @@ def main(argv: list[str]) -> int:
 
     import torch.distributed as dist
 
-    from samflow.embed.command import _build
+    from samflow.commands import build_experiment
     from samflow.rebuild import load_trained_state, read_checkpoint_state
 
     opts, overrides = _parser().parse_known_args(argv)
@@ -406,7 +332,7 @@ def main(argv: list[str]) -> int:
         _refuse_existing([o for path in opts.slides for o in _outputs(Path(opts.out), path)])
     group = _init_distributed()
     rank, world = _distributed()
-    module, data = _build(opts.experiment, overrides)
+    module, data = build_experiment(opts.experiment, overrides)
     settings, notes = _settings(opts, module, data)
     for note in notes if rank == 0 else []:
         print(note)

@@ -18,7 +18,8 @@ import pytest
 import torch
 import yaml
 
-from samflow.cli import _experiment_from_argv, main
+from samflow.cli import main
+from samflow.commands import experiment_from_argv
 from samflow.data import BoxPrompt, GpuAugment, PointPrompt
 from samflow.data.augment import BatchAugment
 from samflow.losses import SoftIoULoss
@@ -133,7 +134,7 @@ def test_flags_before_the_experiment_override_it(tmp_path, capsys, monkeypatch):
 
 
 def test_the_experiment_config_goes_right_after_the_subcommand():
-    args, name = _experiment_from_argv(
+    args, name = experiment_from_argv(
         ["fit", "--trainer.max_epochs", "3", "--experiment=quickstart", "--x", "1"]
     )
     assert name == "quickstart"

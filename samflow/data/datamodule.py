@@ -15,7 +15,6 @@ and one batch, fewer than another, and metrics summed over processes count every
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from samflow.batch import SamBatch
-from samflow.components import instantiate, is_class_path_spec
 from samflow.data.augment import BatchAugment
+from samflow.data.augment_spec import build_augment
 from samflow.data.bad_files import BadFile, OnBadSample, check_set_files, report_skipped
 from samflow.data.batch import collate
 from samflow.data.errors import DataError
@@ -43,21 +42,6 @@ _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",
 def default_quickstart_root() -> Path:
     """``$XDG_CACHE_HOME/samflow/quickstart`` (``~/.cache/samflow/quickstart`` by default)."""
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "samflow" / "quickstart"
-
-
-def _build_augment(spec: Any) -> Any:
-    """``data.augment`` as the CLI builds it, for a module built in Python: a class_path spec, or
-    ``GpuAugment``'s arguments alone (``{hflip: 0.5}``); a built augmentation (any callable) or None as is."""
-    if isinstance(spec, Mapping):
-        if not is_class_path_spec(spec):
-            spec = {"class_path": "samflow.data.GpuAugment", "init_args": dict(spec)}
-        return instantiate(spec, BatchAugment, "data.augment")
-    if spec is not None and not callable(spec):
-        raise TypeError(
-            f"data.augment must be a BatchAugment (e.g. GpuAugment), a class_path spec or GpuAugment's "
-            f"arguments as a dict; got {type(spec).__name__} {spec!r}."
-        )
-    return spec
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -188,7 +172,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = seed
-        self.augment = _build_augment(augment)
+        self.augment = build_augment(augment)
         self.quickstart = {} if quickstart is True else (dict(quickstart) if quickstart else None)
         self.pin_memory = pin_memory
         self.on_bad_sample: OnBadSample = on_bad_sample

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from samflow.commands import barrier, build_experiment, init_process_group, rank_and_world
 from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
 from samflow.embed.store import EmbeddingStoreError
@@ -56,47 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build(experiment: str, overrides: list[str]) -> tuple[Any, Any]:
-    """The experiment's model and data module, as `samflow fit` builds them (no trainer run)."""
-    from samflow.cli import _experiment_from_argv
-    from samflow.lightning_cli import SamflowCLI
-
-    args, name = _experiment_from_argv(["--experiment", experiment, *overrides])
-    argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are given: LightningCLI need not warn
-    try:
-        cli = SamflowCLI(name or "embed", args=[*args, "--trainer.logger=false"], run=False)
-    finally:
-        sys.argv = argv
-    return cli.model, cli.datamodule
-
-
-def init_process_group() -> None:
-    """Join torchrun's process group, once: NCCL on GPUs, each process on its ``LOCAL_RANK``'s GPU (so
-    NCCL's collectives need not guess the device), gloo on the CPU."""
-    if dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-
-
-def _distributed() -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        init_process_group()
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+__all__ = ["init_process_group", "main"]
 
 
 def main(argv: list[str]) -> int:
     opts, overrides = _parser().parse_known_args(argv)
-    rank, world = _distributed()
-    model, datamodule = _build(opts.experiment, overrides)
+    rank, world = rank_and_world()
+    model, datamodule = build_experiment(opts.experiment, overrides)
     require_file_images(datamodule, "samflow embed")
     out = opts.out or model.sam_spec.embedding_store
     if not out:
@@ -113,7 +78,7 @@ def main(argv: list[str]) -> int:
         datamodule.proposals = None
     if rank == 0:
         datamodule.setup(None)  # rank 0 first: it may generate the quickstart data
-    _barrier()
+    barrier()
     if rank != 0:
         datamodule.setup(None)
     model.check_input_size(datamodule)  # the encoder takes the data's frames as they are
@@ -136,10 +101,10 @@ def main(argv: list[str]) -> int:
             world=world,
             overwrite=opts.overwrite,
             progress=progress,
-            barrier=_barrier,
+            barrier=barrier,
         )
     root = Path(out).expanduser()
-    _barrier()
+    barrier()
     complete = completed_rows(root)
     if dist.is_initialized():
         dist.destroy_process_group()

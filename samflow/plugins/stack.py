@@ -27,29 +27,18 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import Tensor, nn
 
-from samflow.batch import SamBatch
-from samflow.plugins.base import SamplePanel, SamPlugin
+from samflow.plugins.base import SamPlugin
 from samflow.plugins.checks import (
     HOOKS,
     OVERRIDABLE,
-    bad_return,
     check_hook_names,
-    check_tensor,
     describe,
     near_hooks,
 )
+from samflow.plugins.dispatch import PluginConflictError, PluginHooks
 from samflow.plugins.registry import PluginError
 from samflow.sam.backbones import Backbone
 from samflow.sam.build import freeze
-from samflow.sam.types import (
-    DecoderContext,
-    DecoderFeatures,
-    DecoderState,
-    ForwardContext,
-    HookSites,
-    PromptEmbeddings,
-    SamOutput,
-)
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -59,15 +48,11 @@ if TYPE_CHECKING:
 ENCODER_HOOKS = ("on_image", "block_input", "attn_logits", "block_output")
 
 
-class PluginConflictError(ValueError):
-    """Two plugins of an experiment cannot run together."""
-
-
 def _overrides(plugin: SamPlugin, hook: str) -> bool:
     return getattr(type(plugin), hook) is not getattr(SamPlugin, hook)
 
 
-class PluginStack(HookSites, nn.ModuleDict):
+class PluginStack(PluginHooks, nn.ModuleDict):
     """The plugins of one model, in order, with their hooks dispatched and their parameters owned.
 
     Parameter names in the ownership record are relative to the ``HookedSam`` that holds the stack:
@@ -273,132 +258,6 @@ class PluginStack(HookSites, nn.ModuleDict):
         """Whether any plugin overrides ``hook``."""
         return bool(self._users.get(hook))
 
-    # ---- fold hooks ----
-    def on_image(self, image: Tensor, tokens: Tensor, ctx: ForwardContext) -> None:
-        for plugin in self._users["on_image"]:
-            plugin.on_image(image, tokens, ctx)
-
-    def block_input(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
-        for plugin in self._users["block_input"]:
-            x = check_tensor(plugin, f"block_input(i={i})", plugin.block_input(i, x, ctx), x.shape, _BLOCK)
-        return x
-
-    def attn_logits(
-        self, i: int, scale: float | Tensor, bias: Tensor | None, q: Tensor, ctx: ForwardContext
-    ) -> tuple[float | Tensor, Tensor | None]:
-        for plugin in self._users["attn_logits"]:
-            scale, bias = plugin.attn_logits(i, scale, bias, q, ctx)
-        return scale, bias
-
-    def block_output(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
-        for plugin in self._users["block_output"]:
-            x = check_tensor(plugin, f"block_output(i={i})", plugin.block_output(i, x, ctx), x.shape, _BLOCK)
-        return x
-
-    def prompts(self, prompts: PromptEmbeddings, ctx: DecoderContext) -> PromptEmbeddings:
-        for plugin in self._users["prompts"]:
-            before = prompts
-            prompts = plugin.prompts(prompts, ctx)
-            if not isinstance(prompts, PromptEmbeddings):
-                raise bad_return(plugin, "prompts", prompts, "PromptEmbeddings (return the one it received)")
-            n, _, c = before.sparse.shape
-            sparse = prompts.sparse
-            if (
-                not isinstance(sparse, Tensor)
-                or sparse.ndim != 3
-                or (sparse.shape[0], sparse.shape[2]) != (n, c)
-            ):
-                raise bad_return(
-                    plugin, "prompts: sparse", sparse, f"a tensor of shape ({n}, K, {c}) (N, K, C)"
-                )
-            check_tensor(plugin, "prompts: dense", prompts.dense, before.dense.shape, "(N, C, h, w)")
-            if prompts.visible.shape != sparse.shape[:2] or prompts.visible.dtype != torch.bool:
-                raise PluginError(
-                    f"Plugin {plugin.key!r} ({type(plugin).__name__}) returned {sparse.shape[1]} sparse prompt "
-                    f"tokens but visibility of shape {tuple(prompts.visible.shape)} ({prompts.visible.dtype}); "
-                    "add tokens with PromptEmbeddings.append."
-                )
-        return prompts
-
-    def decoder_layer(self, i: int, state: DecoderState, ctx: DecoderContext) -> DecoderState:
-        for plugin in self._users["decoder_layer"]:
-            state = plugin.decoder_layer(i, state, ctx)
-            if not isinstance(state, DecoderState):
-                raise bad_return(
-                    plugin, f"decoder_layer(i={i})", state, "DecoderState (return the one it received)"
-                )
-            sizes = {
-                state.queries.shape[1],
-                state.query_pe.shape[1],
-                state.attn_out.shape[1],
-                state.visible.shape[1],
-            }
-            if len(sizes) > 1:
-                raise PluginError(
-                    f"Plugin {plugin.key!r} left the decoder state with different token counts "
-                    f"(queries, query_pe, attn_out, visible: {sorted(sizes)}); add tokens with DecoderState.append."
-                )
-        return state
-
-    # ---- extra output tokens ----
-    def output_tokens(self) -> Tensor | None:
-        """All plugins' extra tokens (T, C) in order, or None."""
-        tokens = [t for p in self._users["output_tokens"] if (t := p.output_tokens()) is not None]
-        return torch.cat(tokens, dim=0) if tokens else None
-
-    def decode_tokens(self, tokens: Tensor, feats: DecoderFeatures, ctx: DecoderContext) -> dict[str, Tensor]:
-        """Hand each plugin its slice of ``tokens`` (N, T, C); return its masks as ``key/name``."""
-        masks: dict[str, Tensor] = {}
-        start = 0
-        for plugin, count in self._token_counts:
-            own = tokens[:, start : start + count]
-            start += count
-            for name, value in plugin.decode_token(own, feats, ctx).items():
-                masks[f"{plugin.key}/{name}"] = value
-        for plugin in self._users["decode_token"]:
-            if all(plugin is not p for p, _ in self._token_counts):
-                for name, value in plugin.decode_token(tokens[:, :0], feats, ctx).items():
-                    masks[f"{plugin.key}/{name}"] = value
-        return masks
-
-    # ---- after the decoder ----
-    def select(self, out: SamOutput, ctx: DecoderContext) -> Tensor | None:
-        """The prediction one plugin chose, or None (SAM's rule). Two plugins that both choose one are
-        refused: whichever came first would win, and the other's mask would reach no loss or metric."""
-        chosen: dict[str, Tensor] = {}
-        for plugin in self._users["select"]:
-            mask = plugin.select(out, ctx)
-            if mask is not None:
-                n, _, h, w = out.masks["sam"].shape
-                check_tensor(plugin, "select", mask, (n, 1, h, w), "(N, 1, h, w): one mask per prompt row")
-                if not mask.is_floating_point():
-                    raise bad_return(plugin, "select", mask, f"mask logits, a float tensor, not {mask.dtype}")
-                chosen[plugin.key] = mask
-        if len(chosen) > 1:
-            first, second = (self[key] for key in list(chosen)[:2])
-            raise PluginConflictError(
-                f"Plugins {first.key!r} ({type(first).__name__}) and {second.key!r} ({type(second).__name__}) "
-                "both give the model's prediction (their select hooks both returned a mask), so one's mask "
-                "would reach no loss or metric; keep one predicting (turn the other's prediction off, if it "
-                "has such an option) or remove one of them from model.plugins."
-            )
-        return next(iter(chosen.values()), None)
-
-    def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
-        terms: dict[str, Tensor] = {}
-        for plugin in self._users["losses"]:
-            for name, value in plugin.losses(out, batch, ctx).items():
-                terms[f"{plugin.key}/{name}"] = value
-        return terms
-
-    def sample_panels(self, out: SamOutput, ctx: DecoderContext) -> dict[str, SamplePanel]:
-        """Every plugin's extra sample-grid panels, named ``<key>/<name>``."""
-        return {
-            f"{plugin.key}/{name}": panel
-            for plugin in self._users.get("sample_panels", [])
-            for name, panel in plugin.sample_panels(out, ctx).items()
-        }
-
 
 def _init_streams(stack: PluginStack, start: Tensor) -> dict[str, Tensor]:
     """Plugin key -> the CPU generator state its ``setup`` starts from.
@@ -422,8 +281,6 @@ def _init_streams(stack: PluginStack, start: Tensor) -> dict[str, Tensor]:
         streams[key] = generator.get_state()
     return streams
 
-
-_BLOCK = "(B, h, w, C), the shape it received"
 
 # names a plugin key may not take: the stack's methods and attributes (nn.Module's included)
 _RESERVED_KEYS = frozenset(dir(PluginStack)) | frozenset(vars(nn.Module())) | {"owned", "frozen_sam_keys"}

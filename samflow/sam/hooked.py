@@ -22,13 +22,14 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import PromptEncoder, Sam
+from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from samflow.batch import SamBatch
 from samflow.sam.backbones import Backbone
+from samflow.sam.batch_shapes import check_batch_shapes
 from samflow.sam.build import freeze
 from samflow.sam.cache import EncoderCache, EncoderCacheError, StoredEncoder
 from samflow.sam.casts import autocast_dtype, cast_once
@@ -325,33 +326,3 @@ class HookedSam(nn.Module):
         chosen = stack.select(out, ctx)
         out.pred = chosen if chosen is not None else out.sam_default(self.multimask_output)
         return out
-
-
-def check_batch_shapes(batch: SamBatch, pe: PromptEncoder) -> None:
-    """Fail, naming the field, when ``batch`` does not fit SAM's frame: images (B, 3, S, S) with S the
-    model's input side, and per prompt row (N) points (N, K, 2) with labels (N, K), boxes (N, 4), mask
-    prompts (N, 1, 4h, 4w). Shapes only: nothing is read from the device."""
-    size = pe.input_image_size[0]
-    expected: dict[str, tuple[Tensor | None, tuple[int, ...]]] = {
-        "image": (batch.image, (batch.num_images, 3, size, size)),
-        "context_image": (batch.context_image, (batch.num_images, 3, size, size)),
-        "points": (batch.points, (batch.num_rows, -1, 2)),
-        "point_labels": (
-            batch.point_labels,
-            (batch.num_rows, -1 if batch.points is None else batch.points.shape[1]),
-        ),
-        "box": (batch.box, (batch.num_rows, 4)),
-        "mask_prompt": (batch.mask_prompt, (batch.num_rows, 1, *pe.mask_input_size)),
-    }
-    for name, (value, shape) in expected.items():
-        if value is None:
-            continue
-        fits = value.ndim == len(shape) and all(n == -1 or n == m for n, m in zip(shape, value.shape))
-        if not fits:
-            want = ", ".join("K" if n == -1 else str(n) for n in shape)
-            raise ValueError(
-                f"SamBatch.{name} has shape {tuple(value.shape)}; this SAM takes ({want}) "
-                f"({batch.num_images} images of {size} x {size} px, model.sam.img_size; {batch.num_rows} "
-                "prompt rows, image_index). Resize and pad the images to the model's side (data.img_size), "
-                "with the prompts in that frame."
-            )

@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coco"))
 from tiny_coco import make_tiny_coco
 
 from samflow.cli import main
+from samflow.commands import build_experiment
 from samflow.data.coco import CocoInstances
 from samflow.data.coco_batch import collate_coco
 from samflow.data.errors import DataError
-from samflow.embed.command import _build
 from samflow.proposals import write_proposals
 from samflow.pseudo_masks import write_pseudo_masks
 from samflow.sam import build_sam
@@ -51,9 +51,9 @@ def setup(tmp_path_factory):
     exp = _experiment(root, annotations)
     argv, sys.argv = sys.argv, ["samflow"]
     try:
-        module, datamodule = _build(str(exp), ["--data.init_args.proposals", "null"])
+        module, datamodule = build_experiment(str(exp), ["--data.init_args.proposals", "null"])
         write_proposals(root / "store", build_sam("tiny", seed=0), datamodule.dataset("train"), shard_size=2)
-        module, datamodule = _build(str(exp), [])
+        module, datamodule = build_experiment(str(exp), [])
     finally:
         sys.argv = argv
     return root, exp, module, datamodule.dataset("train"), truth
@@ -167,7 +167,7 @@ def test_a_store_of_another_sam_is_refused(setup, tmp_path):
     _, exp, _, _, _ = setup
     argv, sys.argv = sys.argv, ["samflow"]
     try:
-        module, datamodule = _build(str(exp), ["--model.sam.seed", "1"])
+        module, datamodule = build_experiment(str(exp), ["--model.sam.seed", "1"])
     finally:
         sys.argv = argv
     with pytest.raises(DataError, match=r"proposals of another SAM checkpoint.*differs in: sam"):

@@ -14,7 +14,7 @@ from helpers import run_samflow
 from test_sweep_loop import write_sweep
 
 import samflow.sweep
-from samflow.cli import _user_errors
+from samflow.cli import user_errors
 from samflow.experiment_files import ExperimentError
 from samflow.sweep import check, run
 from samflow.sweep.load import load_sweep
@@ -94,7 +94,7 @@ def test_a_sweep_with_no_completed_trial_exits_1_in_one_line(stub, tmp_path, mon
 
 
 def test_a_trials_metric_error_is_a_one_line_user_error():
-    assert issubclass(TrialMetricError, _user_errors())  # samflow fit prints "samflow: error: ..."
+    assert issubclass(TrialMetricError, user_errors())  # samflow fit prints "samflow: error: ..."
 
 
 def test_summary_of_a_study_that_does_not_exist_is_refused(stub, tmp_path):
