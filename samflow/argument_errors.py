@@ -1,5 +1,5 @@
 """jsonargparse's errors, made readable: ``one_line_argument_error`` writes its message tree as one line
-naming the full option key; ``_first_not_from_jsonargparse`` finds, in its exception chain, the error a
+naming the full option key; ``first_not_from_jsonargparse`` finds, in its exception chain, the error a
 constructor or samflow raised.
 """
 
@@ -170,7 +170,7 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _first_not_from_jsonargparse(err: BaseException) -> BaseException:
+def first_not_from_jsonargparse(err: BaseException) -> BaseException:
     """The outermost error of ``err``'s chain that jsonargparse did not raise (its union-type wrappers)."""
     chain: BaseException | None = err
     while chain is not None:

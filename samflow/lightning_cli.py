@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from samflow.argument_errors import _first_not_from_jsonargparse, unknown_option
+from samflow.argument_errors import first_not_from_jsonargparse, unknown_option
 from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
 from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, RandomState
 from samflow.callbacks.run_folder import (
@@ -146,7 +146,7 @@ class SamflowCLI(LightningCLI):
                 if isinstance(chain, user_errors()):
                     raise chain from (chain.__cause__ or err)  # its own cause: the plugin's frame
                 chain = chain.__cause__
-            cause = _first_not_from_jsonargparse(err)
+            cause = first_not_from_jsonargparse(err)
             raise ConfigError(f"{type(cause).__name__}: {cause}" if cause is not err else str(err)) from err
 
     def _add_instantiators(self) -> None:

@@ -10,14 +10,14 @@ from typing import Any
 from jsonargparse import Namespace
 
 
-def _plain(value: Any) -> Any:
+def plain_config(value: Any) -> Any:
     """A config value with jsonargparse's Namespaces turned into dicts (recursively)."""
     if isinstance(value, Namespace):
-        return {key: _plain(item) for key, item in value.as_dict().items()}
+        return {key: plain_config(item) for key, item in value.as_dict().items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
+        return [plain_config(item) for item in value]
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: plain_config(item) for key, item in value.items()}
     return value
 
 
@@ -34,7 +34,7 @@ def main_metric(metrics: Any, data: Any) -> tuple[str, str] | None:
     """
     from samflow.metrics.registry import build_metrics
 
-    data = _plain(data) or {}
+    data = plain_config(data) or {}
     kind = str(data.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(data, dict) else ""
     if kind not in ("SegmentationDataModule", "SlideDataModule", "CocoDataModule"):
         return None
@@ -42,7 +42,7 @@ def main_metric(metrics: Any, data: Any) -> tuple[str, str] | None:
     sets = (args.get("val_sets") or {}) if kind == "SegmentationDataModule" else {}
     if not (args.get("val") or sets or (kind == "SegmentationDataModule" and args.get("quickstart"))):
         return None
-    spec = _plain(metrics) if metrics is not None else ["iou", "dice", "mae"]
+    spec = plain_config(metrics) if metrics is not None else ["iou", "dice", "mae"]
     try:  # the first item alone (a MetricCollection orders its metrics by name)
         first = dict([next(iter(spec.items()))]) if isinstance(spec, dict) else [spec[0]]
         name, metric = next(iter(build_metrics(first).items()))

@@ -45,7 +45,7 @@ from samflow.data.wsi.annotations import load_annotations, mask_to_region
 from samflow.data.wsi.slide import Slide, SlideError
 from samflow.usage import CommandParser, PositiveInt
 from samflow.wsi_mask import feature_collection, halve, stitch_bands, write_pyramid
-from samflow.wsi_tiles import Chunk, _chunk_probabilities, _distributed, tile_chunks
+from samflow.wsi_tiles import Chunk, chunk_probabilities, rank_and_world_in, tile_chunks
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def predict_slide(
         )
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    rank, world = _distributed(group)
+    rank, world = rank_and_world_in(group)
     out = Path(out)
     stem = Path(slide_path).stem
     mask_path, geojson_path, dice_path = outputs = _outputs(out, slide_path)
@@ -112,7 +112,7 @@ def predict_slide(
         slide.close()
         raise
     tiles = sum(len(chunk) for _, chunk in chunks)
-    stream = _chunk_probabilities(module, slide, chunks, mpp=mpp, factor=factor, tile=tile, group=group)
+    stream = chunk_probabilities(module, slide, chunks, mpp=mpp, factor=factor, tile=tile, group=group)
     ran, score = 0, None
     if rank != 0:  # run this process's tiles; process 0 stitches and writes
         try:
@@ -220,7 +220,7 @@ def _share(score: float | None, group: Any) -> float | None:
     """Process 0's Dice on every process (and a barrier: process 0 has written the files)."""
     import torch.distributed as dist
 
-    if _distributed(group)[1] == 1:
+    if rank_and_world_in(group)[1] == 1:
         return score
     box = [score]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)
@@ -311,7 +311,7 @@ def main(argv: list[str]) -> int:
 
     import torch.distributed as dist
 
-    from samflow.commands import build_experiment
+    from samflow.commands import build_experiment, rank_and_world
     from samflow.rebuild import load_trained_state, read_checkpoint_state
 
     opts, overrides = _parser().parse_known_args(argv)
@@ -331,7 +331,7 @@ def main(argv: list[str]) -> int:
     if not opts.overwrite:
         _refuse_existing([o for path in opts.slides for o in _outputs(Path(opts.out), path)])
     group = _init_distributed()
-    rank, world = _distributed()
+    rank, world = rank_and_world()  # the process group joined above
     module, data = build_experiment(opts.experiment, overrides)
     settings, notes = _settings(opts, module, data)
     for note in notes if rank == 0 else []:

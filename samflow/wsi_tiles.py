@@ -2,7 +2,7 @@
 
 ``tile_chunks`` lays the tile grid over a slide at the HR mpp, keeps the tiles that touch tissue and
 cuts them into batches (``Chunk``) in the order one process runs them; ``tile_probabilities`` runs a
-batch through the model with its LR context; ``_chunk_probabilities`` runs chunk g on process g mod N
+batch through the model with its LR context; ``chunk_probabilities`` runs chunk g on process g mod N
 and gathers each round on process 0 (``samflow.wsi_predict`` describes the whole command).
 """
 
@@ -88,8 +88,9 @@ def tile_chunks(
     return xs, ys, chunks
 
 
-def _distributed(group: Any = None) -> tuple[int, int]:
-    """(rank, world size) in ``group`` (the default group), (0, 1) without torch.distributed."""
+def rank_and_world_in(group: Any = None) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (the default group), (0, 1) without torch.distributed; unlike
+    ``samflow.commands.rank_and_world`` it takes a group and never joins one."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -97,7 +98,7 @@ def _distributed(group: Any = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _chunk_probabilities(
+def chunk_probabilities(
     module: Any,
     slide: Slide,
     chunks: Sequence[Chunk],
@@ -114,7 +115,7 @@ def _chunk_probabilities(
     """
     import torch.distributed as dist
 
-    rank, world = _distributed(group)
+    rank, world = rank_and_world_in(group)
     for start in range(0, len(chunks), world):
         g = start + rank
         mine = None

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 OnBadSample = Literal["error", "skip"]
 _JPEG_TAIL = 1024  # bytes at the end of a JPEG searched for its end-of-image marker
-_CHECK_THREADS = 8  # files checked at once (I/O bound; Pillow's decoders release the GIL)
+CHECK_THREADS = 8  # files checked at once (I/O bound; Pillow's decoders release the GIL)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def check_file(path: Path) -> tuple[int, int] | str:
     return size
 
 
-def _size_mismatch(image: Path, mask_wh: tuple[int, int], image_wh: tuple[int, int]) -> str:
+def size_mismatch(image: Path, mask_wh: tuple[int, int], image_wh: tuple[int, int]) -> str:
     """Why a mask does not fit its image; the words of the pre-check and of a sample read."""
     return f"{mask_wh[0]}x{mask_wh[1]} (WxH) but its image {image} is {image_wh[0]}x{image_wh[1]}"
 

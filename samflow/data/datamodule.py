@@ -33,7 +33,7 @@ from samflow.data.folder import MaskFolderDataset
 from samflow.data.prompts import NoPrompt, PromptSpec, build_prompt
 from samflow.data.quickstart import MARKER, make_quickstart_data
 from samflow.data.resumable import ResumableLoader
-from samflow.data.split_spec import SplitSpec, _check_named_sets, _check_split_spec
+from samflow.data.split_spec import SplitSpec, check_named_sets, check_split_spec
 from samflow.data.transforms import GpuAugment, ImageResize, ResizeMode
 
 _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -155,10 +155,10 @@ class SegmentationDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["augment"])
         self.splits: dict[str, SplitSpec] = {"train": train, "val": val, "test": test, "predict": predict}
         for split, spec in self.splits.items():
-            _check_split_spec(split, spec)
+            check_split_spec(split, spec)
         self.named_sets: dict[str, dict[str, SplitSpec] | None] = {
-            "val": _check_named_sets("val", val, val_sets),
-            "test": _check_named_sets("test", test, test_sets),
+            "val": check_named_sets("val", val, val_sets),
+            "test": check_named_sets("test", test, test_sets),
         }
         self.img_size = img_size
         self.resize_mode = resize_mode

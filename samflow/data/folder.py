@@ -68,20 +68,26 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from samflow.batch import POINT_LABEL_WORDS, bad_point_labels, image_placeholder
-from samflow.data.bad_files import _CHECK_THREADS, BadFile, OnBadSample, _size_mismatch, check_file
+from samflow.data.bad_files import CHECK_THREADS, BadFile, OnBadSample, check_file, size_mismatch
 from samflow.data.errors import DataError
 from samflow.data.listing import (
     IMAGE_SUFFIXES,
     MASK_SUFFIXES,
     FolderSpec,
     Sample,
-    _listing,
-    _refuse_duplicate_ids,
-    _root_entries,
     find_samples,
+    refuse_duplicate_ids,
+    root_entries,
+    short_listing,
 )
 from samflow.data.prompts import NoPrompt, PromptSampler, build_prompt, stable_seed
-from samflow.data.reading import ValueRangeWarning, _floating, _header_size, _read_image, _read_mask
+from samflow.data.reading import (
+    ValueRangeWarning,
+    floating_dtype,
+    header_size,
+    read_image_with_note,
+    read_mask_with_note,
+)
 from samflow.data.transforms import (
     IMAGE_RESIZES,
     ImageResize,
@@ -166,7 +172,7 @@ class MaskFolderDataset(Dataset):
             "mask_suffixes": mask_suffixes,
         }
         self.samples: list[Sample] = []
-        entries = _root_entries(root)
+        entries = root_entries(root)
         self.roots = [Path(entry["root"]).expanduser() for entry in entries]
         self._warned: set[tuple[str, str]] = set()  # (root, "mask" / "image") already warned about
         for entry in entries:
@@ -178,7 +184,7 @@ class MaskFolderDataset(Dataset):
                 )
             self.samples += find_samples(**{**defaults, **entry}, require_masks=require_masks)
         if unique_ids:
-            _refuse_duplicate_ids(self.samples)
+            refuse_duplicate_ids(self.samples)
         with_masks = {s.mask is not None for s in self.samples}
         if len(with_masks) > 1:
             raise DataError(f"Roots {root}: some have masks and some do not; give masks for all or for none.")
@@ -191,7 +197,7 @@ class MaskFolderDataset(Dataset):
         self.resize_mode = resize_mode
         self.image_resize = image_resize
         self.prompt_seed = prompt_seed
-        self.dtype = _floating(dtype)
+        self.dtype = floating_dtype(dtype)
         self.check_seconds: float | None = None  # how long ``check_files`` took
         # False: items carry no pixels (``image_placeholder``) and image files are not decoded, only
         # their headers read for the size; set for a run whose encoder outputs come from an embedding
@@ -205,7 +211,7 @@ class MaskFolderDataset(Dataset):
         self,
         on_bad_sample: OnBadSample = "error",
         progress: Callable[[int], Any] | None = None,
-        threads: int = _CHECK_THREADS,
+        threads: int = CHECK_THREADS,
     ) -> list[BadFile]:
         """Check every image and mask file before any is read (see ``check_file``), and each mask's size.
 
@@ -242,7 +248,7 @@ class MaskFolderDataset(Dataset):
                 bad.append(BadFile(sample, sample.mask, mask))
             elif not isinstance(image, str) and mask != image:
                 reason = (
-                    f"mask is {_size_mismatch(sample.image, mask, image)}: a mask must have its image's size"
+                    f"mask is {size_mismatch(sample.image, mask, image)}: a mask must have its image's size"
                 )
                 bad.append(BadFile(sample, sample.mask, reason))
         if not bad:
@@ -251,7 +257,8 @@ class MaskFolderDataset(Dataset):
         if on_bad_sample == "error":
             raise DataError(
                 f"{len(bad)} of {len(paths)} files cannot be used ({len(samples)} of {len(self.samples)} "
-                f"samples; checked when the datasets were built, before any sample was read): {_listing(bad, sep='; ')}. "
+                "samples; checked when the datasets were built, before any sample was read): "
+                f"{short_listing(bad, sep='; ')}. "
                 "Replace or remove these files (an image with its mask), or set data.on_bad_sample: skip "
                 "to leave their samples out."
             )
@@ -294,13 +301,13 @@ class MaskFolderDataset(Dataset):
             # finds them again in k / 255, exactly for float32 / float64): resized and padded as uint8,
             # then divided by 255, the frame is the same to the bit, without the float passes over it
             codes = self.image_resize == "sam" and self.dtype in (torch.float32, torch.float64)
-            image, note = _read_image(sample.image, self.dtype, codes=codes)  # (3, H, W)
+            image, note = read_image_with_note(sample.image, self.dtype, codes=codes)  # (3, H, W)
             self._warn_once("image", sample.image, note)
             original: tuple[int, int] = tuple(image.shape[-2:])  # type: ignore[assignment]
             frame, input_size = to_input_frame(image, size, self.resize_mode, self.image_resize)
             item["image"] = frame.to(self.dtype).div_(255) if frame.dtype == torch.uint8 else frame
         else:
-            original = _header_size(sample.image)
+            original = header_size(sample.image)
             input_size = input_shape(*original, size, self.resize_mode)
             item["image"] = image_placeholder((3, size, size), self.dtype)
             item["pixels"] = False
@@ -308,9 +315,9 @@ class MaskFolderDataset(Dataset):
         item["original_size"] = torch.tensor(original, dtype=torch.long)
         if sample.mask is None:
             return item
-        gt, note = _read_mask(sample.mask)  # (H, W) bool
+        gt, note = read_mask_with_note(sample.mask)  # (H, W) bool
         if tuple(gt.shape) != original:
-            mismatch = _size_mismatch(sample.image, (gt.shape[1], gt.shape[0]), (original[1], original[0]))
+            mismatch = size_mismatch(sample.image, (gt.shape[1], gt.shape[0]), (original[1], original[0]))
             raise DataError(f"{sample.mask} is {mismatch}; masks must have the image's size.")
         self._warn_once("mask", sample.mask, note)
         item["gt_original"] = gt

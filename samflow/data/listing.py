@@ -1,7 +1,7 @@
 """Listing the image / mask pairs of dataset roots, sorted by stem; no image is opened.
 
 ``find_samples`` pairs the files of one root's image and mask folders by stem (``Sample``);
-``_root_entries`` reads a folder spec (``FolderSpec``: a root, a dict overriding the folder names and
+``root_entries`` reads a folder spec (``FolderSpec``: a root, a dict overriding the folder names and
 suffixes for that root, or a list of those). The rules (folder names, what is an error and what a
 warning) are in ``samflow.data.folder``'s module docstring.
 """
@@ -32,7 +32,8 @@ class Sample:
     id: str
 
 
-def _listing(paths: Sequence[Any], sep: str = ", ") -> str:
+def short_listing(paths: Sequence[Any], sep: str = ", ") -> str:
+    """The first ten of ``paths`` joined by ``sep``, then "and N more": file lists in one-line errors."""
     shown = sep.join(str(p) for p in list(paths)[:_MAX_LISTED])
     more = len(paths) - _MAX_LISTED
     return shown + (f" and {more} more" if more > 0 else "")
@@ -117,8 +118,8 @@ def find_samples(
     nested = _subfolders_with(image_dir, image_suffixes, skip=mask_dir)  # images there are not read
     if not image_files:
         hint = (
-            f"; its subfolders {_listing([p.name for p in nested])} hold images, which are not read: give "
-            "each as its own root, or as images / masks of a folder spec"
+            f"; its subfolders {short_listing([p.name for p in nested])} hold images, which are not read: "
+            "give each as its own root, or as images / masks of a folder spec"
             if nested
             else ""
         )
@@ -126,8 +127,8 @@ def find_samples(
     if nested:
         warnings.warn(
             f"{image_dir} has subfolders with images, which are not read (only the folder's own files "
-            f"are): {_listing([str(p) for p in nested])}. Give each as its own root (or as images / masks "
-            "of a folder spec) to use them.",
+            f"are): {short_listing([str(p) for p in nested])}. Give each as its own root (or as images / "
+            "masks of a folder spec) to use them.",
             stacklevel=2,
         )
     if mask_dir is None:
@@ -143,29 +144,31 @@ def find_samples(
             if stem.casefold() in by_case
         ]
         hint = (
-            f" Masks whose names differ only in case (names are case-sensitive): {_listing(cased)}; rename them."
+            " Masks whose names differ only in case (names are case-sensitive): "
+            f"{short_listing(cased)}; rename them."
             if cased
             else ""
         )
         lost = set(missing)
         other = sorted(p.name for p in mask_dir.iterdir() if p.is_file() and p.stem in lost)
         if other:
-            hint += f" Mask files with other suffixes: {_listing(other)}; add theirs to mask_suffixes."
+            hint += f" Mask files with other suffixes: {short_listing(other)}; add theirs to mask_suffixes."
         raise DataError(
             f"{len(missing)} image(s) in {image_dir} have no mask in {mask_dir} "
-            f"(suffixes {tuple(mask_suffixes)}): {_listing(missing)}. Add the masks or remove those images.{hint}"
+            f"(suffixes {tuple(mask_suffixes)}): {short_listing(missing)}. Add the masks or remove those "
+            f"images.{hint}"
         )
     orphans = sorted(set(mask_files) - set(image_files))
     if orphans:
         warnings.warn(
             f"{len(orphans)} mask(s) in {mask_dir} have no image in {image_dir}; they are ignored: "
-            f"{_listing(orphans)}.",
+            f"{short_listing(orphans)}.",
             stacklevel=2,
         )
     return [Sample(path, mask_files[stem], stem) for stem, path in image_files.items()]
 
 
-def _refuse_duplicate_ids(samples: Sequence[Sample]) -> None:
+def refuse_duplicate_ids(samples: Sequence[Sample]) -> None:
     """A DataError naming both images when two samples of one dataset (from two roots) share an id
     but are different files.
 
@@ -184,7 +187,7 @@ def _refuse_duplicate_ids(samples: Sequence[Sample]) -> None:
             )
 
 
-def _root_entries(root: FolderSpec) -> list[dict[str, Any]]:
+def root_entries(root: FolderSpec) -> list[dict[str, Any]]:
     """Normalise a folder spec to a list of ``{"root": ..., overrides...}`` dicts."""
     if isinstance(root, (str, Path, Mapping)):
         root = [root]

@@ -2,8 +2,9 @@
 
 The rules (palette masks, grey levels cut at half the range; 8-bit, 16-bit and float images) and which
 values are unusual (a ``ValueRangeWarning``) are in ``samflow.data.folder``'s module docstring; the
-README says the same. ``_read_mask`` / ``_read_image`` return the note a warning is made of, so that
-``MaskFolderDataset`` can warn once per root; ``_header_size`` reads an image's size without its pixels.
+README says the same. ``read_mask_with_note`` / ``read_image_with_note`` return the note a warning is
+made of, so that ``MaskFolderDataset`` can warn once per root; ``header_size`` reads an image's size
+without its pixels.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _opened(path: Path) -> Iterator[Image.Image]:
         raise DataError(f"{path}: cannot read the file ({exc}). Replace it or remove the pair.") from exc
 
 
-def _header_size(path: Path) -> tuple[int, int]:
+def header_size(path: Path) -> tuple[int, int]:
     """(H, W) of the image at ``path`` from its header, without decoding the pixels."""
     with _opened(path) as img:
         return img.height, img.width
@@ -45,7 +46,7 @@ def _open(path: Path, mode: str | None) -> Image.Image:
         return img if mode is None else img.convert(mode)
 
 
-def _floating(dtype: torch.dtype | str) -> torch.dtype:
+def floating_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """A floating torch dtype from itself or its name (``"float64"``, ``"torch.float64"``)."""
     found = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
     if not isinstance(found, torch.dtype) or not found.is_floating_point:
@@ -87,7 +88,7 @@ def _tiff_rgb16(img: Image.Image, path: Path) -> np.ndarray | None:
     return array[..., :3] if array.shape[-1] >= 3 else None
 
 
-def _read_image(path: Path, dtype: torch.dtype, codes: bool = False) -> tuple[Tensor, str | None]:
+def read_image_with_note(path: Path, dtype: torch.dtype, codes: bool = False) -> tuple[Tensor, str | None]:
     """The image as (3, H, W) in [0, 1] of ``dtype``, and a note when its values are unusual.
 
     With ``codes``, an 8-bit file comes back as its uint8 values k instead (the image is k / 255).
@@ -136,13 +137,13 @@ def read_image(path: Path, dtype: torch.dtype | str = torch.float32) -> Tensor:
     are repeated on the three channels. Unusual values (see the module docstring) give a
     ``ValueRangeWarning`` naming the file; ``MaskFolderDataset`` gives one per root instead.
     """
-    image, note = _read_image(path, _floating(dtype))
+    image, note = read_image_with_note(path, floating_dtype(dtype))
     if note:
         warnings.warn(f"{path}: {note}.", ValueRangeWarning, stacklevel=2)
     return image
 
 
-def _read_mask(path: Path) -> tuple[Tensor, str | None]:
+def read_mask_with_note(path: Path) -> tuple[Tensor, str | None]:
     """The mask as bool (H, W), and a note when its values are unusual (see ``read_mask``)."""
     img = _open(path, None)
     if img.mode in ("P", "PA"):
@@ -186,7 +187,7 @@ def read_mask(path: Path) -> Tensor:
     {0, 1, 2, ...} are foreground at every label. Unusual values (not {0, 1} or {0, full range}, float,
     negative) give a ``ValueRangeWarning`` naming the file; ``MaskFolderDataset`` gives one per root.
     """
-    mask, note = _read_mask(path)
+    mask, note = read_mask_with_note(path)
     if note:
         warnings.warn(f"{path}: {note}.", ValueRangeWarning, stacklevel=2)
     return mask

@@ -13,7 +13,7 @@ from typing import Any
 SplitSpec = str | dict[str, Any] | list[str | dict[str, Any]] | None
 
 
-def _check_split_spec(split: str, spec: SplitSpec) -> None:
+def check_split_spec(split: str, spec: SplitSpec) -> None:
     """Reject a dict without ``root`` early: it is most likely a mapping of named sets."""
     if isinstance(spec, Mapping) and "root" not in spec:
         hint = (
@@ -27,7 +27,7 @@ def _check_split_spec(split: str, spec: SplitSpec) -> None:
         )
 
 
-def _check_named_sets(
+def check_named_sets(
     split: str, spec: SplitSpec, named: Mapping[str, SplitSpec] | None
 ) -> dict[str, SplitSpec] | None:
     """Check ``val_sets`` / ``test_sets``: a non-empty name -> split spec mapping, without the plain split."""
@@ -47,5 +47,5 @@ def _check_named_sets(
             raise ValueError(
                 f"{key}.{name} has no split spec; give a folder root, a dict with 'root', or a list."
             )
-        _check_split_spec(f"{split}_sets.{name}", value)
+        check_split_spec(f"{split}_sets.{name}", value)
     return dict(named)

@@ -17,7 +17,7 @@ from samflow.data import folder as folder_module
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool | None]]:
     """Every image read by the dataset: ("pixels", codes) or ("header", None)."""
     calls: list[tuple[str, bool | None]] = []
-    read_image, header_size = folder_module._read_image, folder_module._header_size
+    read_image, header_size = folder_module.read_image_with_note, folder_module.header_size
 
     def recorded_read(path: Path, dtype: torch.dtype, codes: bool = False) -> Any:
         calls.append(("pixels", codes))
@@ -27,8 +27,8 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool | None]]:
         calls.append(("header", None))
         return header_size(path)
 
-    monkeypatch.setattr(folder_module, "_read_image", recorded_read)
-    monkeypatch.setattr(folder_module, "_header_size", recorded_header)
+    monkeypatch.setattr(folder_module, "read_image_with_note", recorded_read)
+    monkeypatch.setattr(folder_module, "header_size", recorded_header)
     return calls
 
 

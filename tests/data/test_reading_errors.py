@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from samflow.data import DataError, MaskFolderDataset, read_image, read_mask
-from samflow.data.reading import _header_size
+from samflow.data.reading import header_size
 
 READERS: dict[str, Callable[[Path], object]] = {
-    "header": _header_size,
+    "header": header_size,
     "image": read_image,
     "mask": read_mask,
 }
@@ -48,7 +48,7 @@ def test_a_truncated_file_fails_when_decoded_not_when_its_header_is_read(
 ) -> None:
     path = pngs.image(tmp_path / "cut.png", 12, 16)
     path.write_bytes(path.read_bytes()[:-30])  # the header is whole, the pixel data is cut
-    assert _header_size(path) == (12, 16)
+    assert header_size(path) == (12, 16)
     _expect(path, READERS["image"], OSError)
 
 

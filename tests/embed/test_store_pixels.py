@@ -64,10 +64,10 @@ class Batches(Callback):
 def _fit(module: SamflowModule, data_root: Path, monkeypatch) -> tuple[list[bool], list[str]]:
     """One epoch with validation; returns each training batch's ``pixels`` and the decoded files."""
     decoded: list[str] = []
-    read = folder._read_image
+    read = folder.read_image_with_note
     monkeypatch.setattr(
         folder,
-        "_read_image",
+        "read_image_with_note",
         lambda path, *a, **k: decoded.append(Path(path).parent.parent.name) or read(path, *a, **k),
     )
     batches = Batches()
@@ -77,7 +77,7 @@ def _fit(module: SamflowModule, data_root: Path, monkeypatch) -> tuple[list[bool
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[batches],
     )  # fmt: skip
     trainer.fit(module, datamodule=_data(data_root))
-    monkeypatch.setattr(folder, "_read_image", read)
+    monkeypatch.setattr(folder, "read_image_with_note", read)
     return batches.pixels, decoded
 
 
