@@ -9,6 +9,8 @@ from typing import Any
 
 from jsonargparse import Namespace
 
+from samflow.metrics.registry import DEFAULT_METRICS
+
 
 def plain_config(value: Any) -> Any:
     """A config value with jsonargparse's Namespaces turned into dicts (recursively)."""
@@ -42,7 +44,7 @@ def main_metric(metrics: Any, data: Any) -> tuple[str, str] | None:
     sets = (args.get("val_sets") or {}) if kind == "SegmentationDataModule" else {}
     if not (args.get("val") or sets or (kind == "SegmentationDataModule" and args.get("quickstart"))):
         return None
-    spec = plain_config(metrics) if metrics is not None else ["iou", "dice", "mae"]
+    spec = plain_config(metrics) if metrics is not None else list(DEFAULT_METRICS)
     try:  # the first item alone (a MetricCollection orders its metrics by name)
         first = dict([next(iter(spec.items()))]) if isinstance(spec, dict) else [spec[0]]
         name, metric = next(iter(build_metrics(first).items()))

@@ -16,7 +16,7 @@ from torchmetrics import MetricCollection
 from samflow.batch import SamBatch
 from samflow.evaluation import EvalTally, EvaluationMixin
 from samflow.losses import build_loss
-from samflow.metrics.registry import build_metrics
+from samflow.metrics.registry import DEFAULT_METRICS, build_metrics
 from samflow.plugins import DecoderContext, PluginStack, SamPlugin
 from samflow.sam import EncoderCache, EncoderCacheError, HookedSam, SamOutput, build_sam
 from samflow.sam_spec import SamSpec
@@ -86,7 +86,7 @@ class SamflowModule(EvaluationMixin):
                 )
             self.model.check_encoder_cache("model.sam.embedding_store")
         self.loss = build_loss(losses if losses is not None else {"bce": 1.0, "dice": 1.0})
-        self.metric_spec = metrics if metrics is not None else ["iou", "dice", "mae"]
+        self.metric_spec = metrics if metrics is not None else list(DEFAULT_METRICS)
         build_metrics(self.metric_spec)  # an unknown name fails now, not after the first epoch
         self._metrics: dict[str, MetricCollection] = {}
         self._tallies: dict[str, EvalTally] = {}

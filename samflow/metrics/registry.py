@@ -35,6 +35,9 @@ from samflow.metrics.segmentation import BinaryDice, BinaryIoU, MeanAbsoluteErro
 from samflow.metrics.slide import SlideDice
 from samflow.metrics.sod import EMeasure, SMeasure, WeightedFMeasure
 
+#: The metrics a run computes when ``model.metrics`` is not given.
+DEFAULT_METRICS = ("iou", "dice", "mae")
+
 METRICS: dict[str, type[Metric]] = {
     "iou": BinaryIoU,
     "dice": BinaryDice,

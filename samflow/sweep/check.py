@@ -123,14 +123,14 @@ def _reason(err: Exception, args: list[str]) -> str:
 def _check_metric(where: str, metric: str, config: Any, experiment: str) -> None:
     """A ``val/...`` metric the experiment never logs (known for samflow's data modules) is an error."""
     from samflow.main_metric import main_metric, plain_config
-    from samflow.metrics.registry import build_metrics
+    from samflow.metrics.registry import DEFAULT_METRICS, build_metrics
 
     metrics, data = config.get("model.metrics"), config.get("data")
     main = main_metric(metrics, data)
     if main is None or not metric.startswith("val/"):
         return  # what this experiment logs cannot be known before it runs
     try:
-        built = build_metrics(plain_config(metrics) if metrics is not None else ["iou", "dice", "mae"])
+        built = build_metrics(plain_config(metrics) if metrics is not None else list(DEFAULT_METRICS))
     except Exception:  # noqa: BLE001 - a bad metrics spec is the trial's own error
         return
     if any("dict" in str(inspect.signature(type(m).compute).return_annotation) for m in built.values()):
