@@ -206,8 +206,25 @@ def effective_default(cls: type, param: str) -> str | None:
         elif isinstance(node, ast.BoolOp) and isinstance(node.op, ast.Or) and named(node.values[0]):
             found = node.values[1]
         if found is not None:
-            return ast.unparse(found).replace("self.", "")
+            return _value_of(found, cls) or ast.unparse(found).replace("self.", "")
     return None
+
+
+def _value_of(node: ast.expr, cls: type) -> str | None:
+    """The value of a default written with the module's constants (``list(DEFAULT_METRICS)``), so the
+    table shows the values; None for anything but names, literals and list / tuple / dict of them."""
+    for part in ast.walk(node):
+        if isinstance(part, ast.Call) and not (
+            isinstance(part.func, ast.Name) and part.func.id in ("list", "tuple", "dict")
+        ):
+            return None
+        if isinstance(part, ast.Attribute):
+            return None
+    try:
+        value = eval(compile(ast.Expression(node), "<default>", "eval"), dict(vars(inspect.getmodule(cls))))
+    except Exception:
+        return None
+    return repr(value) if isinstance(value, (list, tuple, dict, str, int, float, bool)) else None
 
 
 # ---- options of a class, through jsonargparse ----
