@@ -61,6 +61,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from samflow.seeding import derived_seed
+
 __all__ = [
     "CONTEXT_FIELDS",
     "POINT_LABELS",
@@ -304,7 +306,7 @@ class SamBatch:
 
 def _context_seed(sample_seed: int) -> int:
     """The seed of an image's context view in ``with_context``: from the image's, apart from it."""
-    return int(np.random.SeedSequence([sample_seed, 0x636F6E74]).generate_state(1, np.uint64)[0] >> 1)
+    return derived_seed(sample_seed, 0x636F6E74)
 
 
 def to_context_frame(coords: Tensor, affine: Tensor) -> Tensor:

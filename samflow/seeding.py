@@ -1,4 +1,6 @@
-"""``cpu_seeded``: draws on the CPU from a given seed, leaving every other generator as it was.
+"""Seeds: ``derived_seed`` makes independent seeds from others, ``cpu_seeded`` draws on the CPU from one.
+
+``cpu_seeded`` leaves every other generator as it was.
 
 ``torch.manual_seed`` seeds the CUDA generators too, and ``fork_rng(devices=[])`` restores only the
 CPU's: a block that seeds a sample's or a model's draws that way reseeds the process's CUDA generator
@@ -12,9 +14,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
-__all__ = ["cpu_seeded"]
+__all__ = ["cpu_seeded", "derived_seed"]
+
+
+def derived_seed(*words: int) -> int:
+    """A 63-bit seed of the non-negative integers ``words`` (numpy's ``SeedSequence``): distinct words,
+    independent seeds. A sample's seed from (run seed, epoch, index), a stream of a sample's own from
+    (its seed, a tag)."""
+    return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0] >> 1)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: package -> samflow packages it may import (besides itself).
 ALLOWED = {
-    "samflow.batch": set(),
+    "samflow.batch": {"samflow.seeding"},
     "samflow.seeding": set(),
     "samflow.sam": {"samflow.batch", "samflow.seeding"},
     "samflow.plugins": {"samflow.batch", "samflow.seeding", "samflow.sam"},

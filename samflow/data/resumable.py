@@ -34,14 +34,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from samflow.seeding import cpu_seeded
+from samflow.seeding import cpu_seeded, derived_seed
 
 __all__ = ["ResumableLoader", "ResumableSampler", "SeededSamples", "sample_seed"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of sample ``index`` in ``epoch``: independent streams for every triple."""
-    return int(np.random.SeedSequence([seed % 2**63, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+    return derived_seed(seed % 2**63, epoch, index)
 
 
 class SeededSamples(Dataset):

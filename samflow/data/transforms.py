@@ -35,7 +35,7 @@ from torch import Tensor
 
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
-from samflow.seeding import cpu_seeded
+from samflow.seeding import cpu_seeded, derived_seed
 
 ResizeMode = Literal["longest", "stretch"]
 #: How images are resized: ``"sam"`` (segment-anything's Pillow resize, the default) or ``"bilinear"``
@@ -181,7 +181,7 @@ def scale_boxes(boxes: Tensor, original_size: Sequence[int], input_size: Sequenc
 def _augment_seed(sample_seed: int) -> int:
     """The seed of a sample's augmentation: a stream of its own, apart from the one its prompt was
     drawn from while it was read (``SeededSamples`` seeds that with ``sample_seed`` itself)."""
-    return int(np.random.SeedSequence([sample_seed, 0x617567]).generate_state(1, np.uint64)[0] >> 1)
+    return derived_seed(sample_seed, 0x617567)
 
 
 class GpuAugment(BatchAugment):
