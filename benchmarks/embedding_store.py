@@ -88,6 +88,12 @@ def main() -> None:
         help="data-loader worker processes of both epochs (SegmentationDataModule.num_workers; default 0: "
         "images are read in the training loop)",
     )
+    p.add_argument(
+        "--precision",
+        default="32-true",
+        help="Lightning's trainer precision of both epochs, e.g. bf16-mixed (default 32-true); the store is "
+        "written in float16 either way",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="samflow-store-bench-"))
@@ -114,6 +120,7 @@ def main() -> None:
         trainer = Trainer(
             max_epochs=args.epochs,
             accelerator="cpu",
+            precision=args.precision,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -142,6 +149,7 @@ def main() -> None:
         "plugin_args": args.plugin_args,
         "losses": args.losses,
         "workers": args.workers,
+        "precision": args.precision,
         "cpu": cpu_model(),
         "blocks": list(manifest.key.blocks),
         "embed_seconds": embed_s,

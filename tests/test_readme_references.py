@@ -31,8 +31,8 @@ _TOP = ("tests/", "benchmarks/", "samflow/", "plugins/", "experiments/", "docs/"
 
 def _cited_paths() -> list[str]:
     """Repository paths in the README's code: inline spans and fenced blocks."""
-    fenced = re.findall(r"^```[a-z]*\n(.*?)^```", README, flags=re.M | re.S)
-    prose = re.sub(r"^```[a-z]*\n.*?^```", "", README, flags=re.M | re.S)
+    fenced = re.findall(r"^```[a-z]*\n(.*?)^```", README, flags=re.MULTILINE | re.DOTALL)
+    prose = re.sub(r"^```[a-z]*\n.*?^```", "", README, flags=re.MULTILINE | re.DOTALL)
     paths = set()
     for code in fenced + re.findall(r"`([^`\n]+)`", prose):
         for word in code.split():
@@ -52,16 +52,16 @@ def _rows(section: str) -> set[str]:
     start = OPTIONS.index(section)
     level = section.split(" ")[0]
     end = len(OPTIONS)
-    for m in re.finditer(r"^(#+) ", OPTIONS[start + len(section) :], flags=re.M):
+    for m in re.finditer(r"^(#+) ", OPTIONS[start + len(section) :], flags=re.MULTILINE):
         if len(m.group(1)) <= len(level):
             end = start + len(section) + m.start()
             break
-    return set(re.findall(r"^\| `([^`]+)`", OPTIONS[start:end], flags=re.M))
+    return set(re.findall(r"^\| `([^`]+)`", OPTIONS[start:end], flags=re.MULTILINE))
 
 
 def _plugin_options() -> dict[str, set[str]]:
     out = {}
-    for m in re.finditer(r"^### ([a-z_]+): \w+$", OPTIONS, flags=re.M):
+    for m in re.finditer(r"^### ([a-z_]+): \w+$", OPTIONS, flags=re.MULTILINE):
         out[m.group(1)] = _rows(m.group(0))
     return out
 
@@ -97,7 +97,9 @@ def test_every_flag_the_readme_shows_is_an_option(flag):
     if name.endswith(".help"):  # `--model.plugins.help CLASS`
         assert f"`--{name} CLASS`" in OPTIONS, f"{flag}: not a help flag docs/options.md names"
         return
-    assert re.search(rf"^\| `{re.escape(name)}`", OPTIONS, flags=re.M), f"{flag}: not in docs/options.md"
+    assert re.search(rf"^\| `{re.escape(name)}`", OPTIONS, flags=re.MULTILINE), (
+        f"{flag}: not in docs/options.md"
+    )
 
 
 @pytest.mark.parametrize(
