@@ -2,7 +2,11 @@
 
 ``read_prompts`` reads any of them (the formats are described in ``samflow.prompted_predict``) into
 ``ImagePrompts`` per image, each a list of ``Prompt`` in the original image's pixels; a file that
-cannot be used raises ``PromptFileError``, naming it.
+cannot be used raises ``PromptFileError``, naming it and the entry (JSON key, CSV line, COCO
+annotation, mask value). Coordinates that are not finite, a box whose corners are reversed, a prompt
+more than ``EDGE`` pixels outside its image, and a COCO size or a mask that is not the image's size
+are refused too, before any image is predicted: a prompt in another frame would be segmented
+somewhere else without a word.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ class PromptFileError(ValueError):
     """A prompt file or prediction output that cannot be used; the message names it."""
 
 
+#: how far (pixels) a prompt may reach past the image's edges (0..W, 0..H): rounding in a file's numbers
+EDGE = 1.0
+
+
 @dataclass
 class Prompt:
     """One instance's prompt on one image, in the original image's pixels."""
@@ -32,6 +40,7 @@ class Prompt:
     labels: np.ndarray | None = None  # (K,)
     name: str = ""
     category_id: int = 1
+    where: str = ""  # the file and the entry it came from, for errors
 
 
 @dataclass
@@ -39,6 +48,7 @@ class ImagePrompts:
     image: Path
     image_id: int
     prompts: list[Prompt] = field(default_factory=list)
+    frame: tuple[int, int] | None = None  # (H, W) the file gives the image (COCO's size, the mask's)
 
 
 # ---- reading prompts ----
@@ -73,9 +83,12 @@ def _image(images: dict[str, Path], name: str, source: Path) -> Path:
 
 def _numbers(value: Any, where: str, what: str, dtype: type = np.float64) -> np.ndarray:
     try:
-        return np.asarray(value, dtype=dtype)
+        numbers = np.asarray(value, dtype=dtype)
     except (TypeError, ValueError):
         raise PromptFileError(f"{where}: {what} must hold numbers, got {value!r}.") from None
+    if not np.isfinite(numbers).all():
+        raise PromptFileError(f"{where}: {what} must hold finite numbers, got {value!r}.")
+    return numbers
 
 
 def _prompt(entry: Any, where: str) -> Prompt:
@@ -86,11 +99,16 @@ def _prompt(entry: Any, where: str) -> Prompt:
     if box is None and points is None:
         raise PromptFileError(f"{where}: a prompt needs 'box' or 'points'.")
     category = _numbers(entry.get("category_id", 1), where, "'category_id'", np.int64)
-    prompt = Prompt(name=str(entry.get("id", "")), category_id=int(category))
+    prompt = Prompt(name=str(entry.get("id", "")), category_id=int(category), where=where)
     if box is not None:
         prompt.box = _numbers(box, where, "'box'")
         if prompt.box.shape != (4,):
             raise PromptFileError(f"{where}: 'box' must be [x0, y0, x1, y1].")
+        if prompt.box[2] < prompt.box[0] or prompt.box[3] < prompt.box[1]:
+            raise PromptFileError(
+                f"{where}: 'box' {box!r} has x1 < x0 or y1 < y0; a box is [x0, y0, x1, y1] (corners, "
+                "not a width and height)."
+            )
     if points is not None:
         coords = _numbers(points, where, "'points'")
         if coords.shape != (2,) and (coords.ndim != 2 or coords.shape[1:] != (2,) or not len(coords)):
@@ -123,6 +141,7 @@ CSV_HEADER = ("image", "instance", "kind", "x", "y", "x1", "y1")
 
 def read_csv_prompts(path: Path, images: dict[str, Path]) -> list[ImagePrompts]:
     groups: dict[str, dict[str, dict[str, Any]]] = {}
+    lines: dict[tuple[str, str], list[int]] = {}  # (image, instance) -> its rows' line numbers
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in CSV_HEADER[:5] if c not in (reader.fieldnames or [])]
@@ -130,6 +149,7 @@ def read_csv_prompts(path: Path, images: dict[str, Path]) -> list[ImagePrompts]:
             raise PromptFileError(f"{path}: the header lacks {missing}; expected {','.join(CSV_HEADER)}.")
         for line, row in enumerate(reader, start=2):
             entry = groups.setdefault(row["image"], {}).setdefault(row["instance"], {"id": row["instance"]})
+            lines.setdefault((row["image"], row["instance"]), []).append(line)
             kind = (row["kind"] or "").strip()  # None: a row shorter than the header
             try:
                 if kind == "box":
@@ -146,9 +166,14 @@ def read_csv_prompts(path: Path, images: dict[str, Path]) -> list[ImagePrompts]:
     data = {name: list(entries.values()) for name, entries in groups.items()}
     out = []
     for i, (name, entries) in enumerate(data.items()):
-        prompts = [_prompt(e, f"{path} image {name!r}") for e in entries]
+        prompts = [_prompt(e, _csv_where(path, lines[name, e["id"]], name, e["id"])) for e in entries]
         out.append(ImagePrompts(_image(images, name, path), i + 1, prompts))
     return out
+
+
+def _csv_where(path: Path, lines: list[int], image: str, instance: str) -> str:
+    numbers = ", ".join(str(n) for n in lines)
+    return f"{path} line{'s' if len(lines) > 1 else ''} {numbers} (image {image!r}, instance {instance!r})"
 
 
 def _points_inside(mask: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -173,11 +198,16 @@ def read_coco_prompts(
         if "file_name" not in info:
             raise PromptFileError(f"{path}: image {image_id} has no 'file_name'.")
         entry = ImagePrompts(_image(images, info["file_name"], path), int(image_id))
+        if "height" in info and "width" in info:
+            entry.frame = (int(info["height"]), int(info["width"]))
         for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=False)):
+            where = f"{path}: annotation {ann.get('id')!r} of image {image_id}"
             try:
-                prompt = Prompt(name=str(ann["id"]), category_id=int(ann.get("category_id", 1)))
+                prompt = Prompt(name=str(ann["id"]), category_id=int(ann.get("category_id", 1)), where=where)
                 if derive == "box":
-                    x, y, w, h = (float(v) for v in ann["bbox"])
+                    x, y, w, h = _numbers(ann["bbox"], where, "'bbox'").reshape(4)
+                    if w < 0 or h < 0:
+                        raise ValueError(f"'bbox' {ann['bbox']!r} has a negative width or height")
                     prompt.box = np.array([x, y, x + w, y + h], dtype=np.float64)
                 else:
                     mask = coco.annToMask(ann)  # needs the image's height and width and a segmentation
@@ -185,6 +215,8 @@ def read_coco_prompts(
                         continue
                     prompt.points = _points_inside(mask, points, rng)
                     prompt.labels = np.ones(len(prompt.points), dtype=np.int64)
+            except PromptFileError:
+                raise
             except (KeyError, TypeError, ValueError, IndexError) as err:
                 what = f"lacks {err}" if isinstance(err, KeyError) else f"cannot be used ({err})"
                 raise PromptFileError(
@@ -223,10 +255,10 @@ def read_mask_prompts(
         except (OSError, ValueError) as err:
             raise PromptFileError(f"{mask_file}: cannot read the mask ({err}).") from None
         labels = labels if labels.ndim == 2 else labels[..., 0]
-        entry = ImagePrompts(paths[0], i + 1)
+        entry = ImagePrompts(paths[0], i + 1, frame=(int(labels.shape[0]), int(labels.shape[1])))
         for value in np.unique(labels[labels != 0]):
             instance = labels == value
-            prompt = Prompt(name=str(int(value)))
+            prompt = Prompt(name=str(int(value)), where=f"{mask_file} value {int(value)}")
             if derive == "box":
                 ys, xs = np.nonzero(instance)
                 prompt.box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
@@ -249,8 +281,15 @@ def read_prompts(
     """The prompts of ``source`` (JSON, CSV, COCO annotations or a mask folder) per image of ``images_dir``.
 
     ``derive`` (default ``"box"``) and ``points`` (default 1) apply to COCO and mask prompts; given
-    for a JSON or CSV file, which holds its own boxes and points, they are refused.
+    for a JSON or CSV file, which holds its own boxes and points, they are refused. Every prompt is
+    checked against its image's size (``check_inside``).
     """
+    return check_inside(_read_any(source, images_dir, derive, points, seed))
+
+
+def _read_any(
+    source: Path, images_dir: Path, derive: str | None, points: int | None, seed: int
+) -> list[ImagePrompts]:
     images = _find_images(images_dir)
     if source.is_dir():
         return read_mask_prompts(source, images, derive or "box", points or 1, seed)
@@ -284,3 +323,48 @@ def _refuse_derive(source: Path, kind: str, derive: str | None, points: int | No
             f"{' and '.join(given)} apply to COCO and mask prompts only; {source} is a {kind} prompt file "
             f"whose boxes and points are used as written: drop {' and '.join(given)}."
         )
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) of an image from its header; None when it cannot be read (predicting it stops the run
+    naming it, or ``--skip-bad`` skips it)."""
+    try:
+        with Image.open(path) as opened:
+            width, height = opened.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return height, width
+
+
+def check_inside(entries: list[ImagePrompts]) -> list[ImagePrompts]:
+    """``entries``, once every prompt lies on its image (at most ``EDGE`` px past its edges) and the
+    size a file gives an image (COCO's ``height`` / ``width``, a mask's) is the image's; otherwise a
+    ``PromptFileError`` naming the file, the entry, the image and its size."""
+    for entry in entries:
+        size = _image_size(entry.image)
+        if size is None:
+            continue
+        height, width = size
+        if entry.frame is not None and entry.frame != size:
+            raise PromptFileError(
+                f"{entry.image}: the prompt file gives it {entry.frame[1]} x {entry.frame[0]} pixels "
+                f"(width x height), the image is {width} x {height}; its prompts would land elsewhere. "
+                "Give the prompts of this image, at its size."
+            )
+        for prompt in entry.prompts:
+            xy = [a.reshape(-1, 2) for a in (prompt.box, prompt.points) if a is not None]
+            coords = np.concatenate(xy)
+            outside = (
+                (coords[:, 0] < -EDGE)
+                | (coords[:, 0] > width + EDGE)
+                | (coords[:, 1] < -EDGE)
+                | (coords[:, 1] > height + EDGE)
+            )
+            if outside.any():
+                x, y = coords[np.argmax(outside)]
+                raise PromptFileError(
+                    f"{prompt.where}: the point ({x:g}, {y:g}) lies outside the image {entry.image.name} "
+                    f"({width} x {height} pixels); coordinates are the image's pixels (x from 0 to "
+                    f"{width}, y from 0 to {height}): fix or clip the prompt, or check the image it names."
+                )
+    return entries

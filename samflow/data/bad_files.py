@@ -3,8 +3,8 @@
 ``check_file`` checks one file fast (header, PNG chunk checksums, JPEG end marker) and gives its size
 or why it cannot be used; ``BadFile`` records one such file of a sample. ``MaskFolderDataset.check_files``
 runs it over a dataset; ``check_set_files`` is ``SegmentationDataModule``'s run of it over a freshly
-built set (a progress bar on process 0 above 500 files, what ``on_bad_sample: skip`` left out recorded)
-and ``report_skipped`` warns with those files and logs their count.
+built set (a progress bar on process 0 above 500 files); ``SkippedFiles`` keeps what
+``on_bad_sample: skip`` left out, and its ``report`` warns with those files and logs their count.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, UnidentifiedImageError
@@ -21,9 +21,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from samflow.data.errors import DataError
 from samflow.data.listing import Sample
+from samflow.data.reading import TURNS, orientation, several_frames
 
 if TYPE_CHECKING:
-    from samflow.data.datamodule import SegmentationDataModule
     from samflow.data.folder import MaskFolderDataset
 
 OnBadSample = Literal["error", "skip"]
@@ -65,20 +65,32 @@ def _jpeg_ends(path: Path) -> bool:
         return b"\xff\xd9" in handle.read()
 
 
-def check_file(path: Path) -> tuple[int, int] | str:
-    """The (width, height) of an image file that reads, else why it does not (one line).
+class FileHeader(NamedTuple):
+    """A file's (width, height) upright, as it is read (its EXIF orientation applied), and the orientation."""
+
+    size: tuple[int, int]
+    orientation: int
+
+
+def check_file(path: Path) -> FileHeader | str:
+    """The size and orientation of an image file that reads, else why it does not (one line).
 
     Fast: the header is parsed; a PNG is walked chunk by chunk with its checksums (Pillow's ``verify``,
     no decompression); a JPEG must end with its end-of-image marker, and one without is decoded at 1/8
     scale (``draft``), as a JPEG with bytes after the marker reads fine; other formats are decoded. A
     failed PNG walk is confirmed by decoding (a PNG without its end chunk still reads). What this does
     not find (a PNG or JPEG whose compressed data are corrupt but complete) fails when the sample is read.
+    A file of several frames is refused as a read refuses it (``reading.several_frames``).
     """
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"
         with Image.open(path) as img:
-            size = img.size
+            turn = orientation(img)
+            size = img.size[::-1] if turn in (5, 6, 7, 8) else img.size
+            refused = several_frames(img)
+            if refused:
+                return refused
             if img.format == "PNG":
                 try:
                     img.verify()
@@ -95,25 +107,34 @@ def check_file(path: Path) -> tuple[int, int] | str:
         return "not an image file Pillow can read"
     except Exception as exc:  # noqa: BLE001 - whatever a decoder raises, the file cannot be read
         return f"truncated or corrupt: {_one_line(exc)}"
-    return size
+    return FileHeader(size, turn)
 
 
-def size_mismatch(image: Path, mask_wh: tuple[int, int], image_wh: tuple[int, int]) -> str:
-    """Why a mask does not fit its image; the words of the pre-check and of a sample read."""
-    return f"{mask_wh[0]}x{mask_wh[1]} (WxH) but its image {image} is {image_wh[0]}x{image_wh[1]}"
+def size_mismatch(image: Path, mask_wh: tuple[int, int], image_wh: tuple[int, int], turn: int = 1) -> str:
+    """Why a mask does not fit its image (of EXIF orientation ``turn``, read upright at ``image_wh``);
+    the words of the pre-check and of a sample read."""
+    text = f"{mask_wh[0]}x{mask_wh[1]} (WxH) but its image {image} is {image_wh[0]}x{image_wh[1]}"
+    if turn in (5, 6, 7, 8) and mask_wh == image_wh[::-1]:
+        text += (
+            f" as read: its EXIF orientation {turn} has it {TURNS[turn]}, as viewers show it, and the mask "
+            "fits the stored pixels. Turn the mask upright too, or remove the orientation tag from the "
+            "image file (it is then read as stored)"
+        )
+    return text
 
 
 _PROGRESS_ABOVE = 500  # files: a dataset with more gets a progress bar while they are checked
 
 
 def check_set_files(
-    datamodule: SegmentationDataModule, dataset: MaskFolderDataset, split: str, name: str
-) -> None:
-    """Check the files of a freshly built set (``check_files``); record what ``skip`` left out."""
+    dataset: MaskFolderDataset, config_key: str, on_bad_sample: OnBadSample, rank: int
+) -> list[BadFile]:
+    """Check the files of a freshly built set, named ``config_key`` (``data.val``), on process ``rank``
+    (``check_files``: a progress bar on process 0, in a terminal, above 500 files); the bad files
+    ``skip`` left out (none left is an error)."""
     total = len(dataset)
     files = sum(1 + (s.mask is not None) for s in dataset.samples)
-    config_key = datamodule._config_key(split, name)
-    large = files > _PROGRESS_ABOVE and datamodule._rank() == 0
+    large = files > _PROGRESS_ABOVE and rank == 0
     console = Console(stderr=True)
     if large and console.is_terminal:  # a bar on process 0, in a terminal (not in a log file)
         columns = (
@@ -124,38 +145,50 @@ def check_set_files(
         )
         with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task(f"Checking the files of {config_key}", total=files)
-            bad = dataset.check_files(datamodule.on_bad_sample, progress=lambda n: bar.advance(task, n))
+            bad = dataset.check_files(on_bad_sample, progress=lambda n: bar.advance(task, n))
     else:
-        bad = dataset.check_files(datamodule.on_bad_sample)
+        bad = dataset.check_files(on_bad_sample)
     if large:
         rank_zero_info(f"{config_key}: checked {files} files in {dataset.check_seconds or 0:.1f} s.")
-    if not bad:
-        return
-    if not dataset.samples:
+    if bad and not dataset.samples:
         raise DataError(
             f"every one of the {total} samples has a bad file, so none is left to skip to; the first: "
             f"{bad[0]}."
         )
-    key = datamodule._key(split, name)
-    datamodule.skipped[key] = bad
-    datamodule._skip_notes[key] = (config_key, total)
-    datamodule._reported.discard(key)
+    return bad
 
 
-def report_skipped(datamodule: SegmentationDataModule) -> None:
-    """Warn with every file ``on_bad_sample: skip`` left out since the last report, and log the counts."""
-    new = [key for key in datamodule.skipped if key not in datamodule._reported]
-    if not new:
-        return
-    datamodule._reported.update(new)
-    lines, counts = [], []
-    for key in new:
-        config_key, total = datamodule._skip_notes[key]
-        samples = len({b.sample for b in datamodule.skipped[key]})
-        counts.append(f"{config_key}: {samples} of {total} samples skipped")
-        lines += [f"  {config_key}: {b}" for b in datamodule.skipped[key]]
-    rank_zero_warn(
-        "data.on_bad_sample: skip left out the samples (image and mask together) of these "
-        f"{len(lines)} bad file(s):\n" + "\n".join(lines)
-    )
-    rank_zero_info("Bad files (data.on_bad_sample: skip): " + "; ".join(counts) + ".")
+class SkippedFiles(dict[str, list[BadFile]]):
+    """The bad files ``on_bad_sample: skip`` left out, by set (``SegmentationDataModule.datasets`` key);
+    ``report`` warns with those not reported yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._notes: dict[str, tuple[str, int]] = {}  # key -> (config key, samples before)
+        self._reported: set[str] = set()
+
+    def record(self, key: str, config_key: str, total: int, bad: list[BadFile]) -> None:
+        """Keep the bad files of set ``key`` (``config_key`` in messages, ``total`` samples before); none:
+        nothing to keep."""
+        if bad:
+            self[key] = bad
+            self._notes[key] = (config_key, total)
+            self._reported.discard(key)
+
+    def report(self) -> None:
+        """Warn with every file left out since the last report, and log the counts."""
+        new = [key for key in self if key not in self._reported]
+        if not new:
+            return
+        self._reported.update(new)
+        lines, counts = [], []
+        for key in new:
+            config_key, total = self._notes[key]
+            samples = len({b.sample for b in self[key]})
+            counts.append(f"{config_key}: {samples} of {total} samples skipped")
+            lines += [f"  {config_key}: {b}" for b in self[key]]
+        rank_zero_warn(
+            "data.on_bad_sample: skip left out the samples (image and mask together) of these "
+            f"{len(lines)} bad file(s):\n" + "\n".join(lines)
+        )
+        rank_zero_info("Bad files (data.on_bad_sample: skip): " + "; ".join(counts) + ".")

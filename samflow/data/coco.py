@@ -5,7 +5,8 @@ init_args: {...}}``; ``collate_coco`` batches its items into ``CocoBatch``es, on
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import inspect
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,33 +18,29 @@ from samflow.data.coco_proposals import sam_checksum
 from samflow.data.errors import DataError
 from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
 from samflow.data.resumable import ResumableLoader
-from samflow.data.transforms import ImageResize
 
 __all__ = ["CocoDataModule", "CocoInstances"]
+
+# CocoInstances's options that CocoDataModule passes on (the split's files and the train split's extras
+# are its own)
+INSTANCE_OPTIONS = tuple(
+    name
+    for name in inspect.signature(CocoInstances).parameters
+    if name not in ("annotations", "images", "proposals", "aux_masks")
+)
 
 
 class CocoDataModule(L.LightningDataModule):
     """COCO instances for Lightning: ``train`` / ``val`` / ``test`` / ``predict`` are each
-    ``{annotations: FILE, images: FOLDER}`` (or None); the other arguments go to ``CocoInstances``.
+    ``{annotations: FILE, images: FOLDER}`` (or None); ``CocoInstances``'s other options (``img_size``,
+    ``points``, ``points_per_instance``, ``point_key``, ``seed``, ``crowd``, ``empty``, ``resize_mode``,
+    ``image_resize``) are options of this module too, passed to every split's ``CocoInstances``.
 
     Args:
         train: the training split, ``{annotations: FILE, images: FOLDER}``.
         val: the validation split (same form).
         test: the test split (same form).
         predict: the split ``samflow predict`` reads (same form).
-        img_size: S, the model's square input side.
-        points: ``"qc"`` (sampled quasi-centre points) or ``"annotation"`` (read ``point_key``).
-        points_per_instance: P, points per instance (``"qc"``: P independent draws; ``"annotation"``:
-            the first P given, an error if fewer).
-        point_key: the annotation key holding points for ``points="annotation"``.
-        seed: seed of the quasi-centre points (the training order follows the run's ``seed_everything``
-            seed and the epoch, and resumes mid-epoch: ``samflow.data.ResumableLoader``).
-        crowd: ``"skip"`` (iscrowd regions are no rows; kept as ``crowd_mask``) or ``"keep"``.
-        empty: ``"skip"`` (images without instances are left out) or ``"keep"`` (they are images without
-            prompt rows: counted in evaluation, scored by no metric; a training batch of only such
-            images teaches nothing, its step is skipped).
-        image_resize: ``"sam"`` (segment-anything's own Pillow resize, exact) or ``"bilinear"``
-            (torch's antialiased interpolate, faster, within one grey level).
         batch_size: images per batch (every instance of an image is a row of the batch).
         num_workers: data-loader worker processes.
         proposals: the ``proposals.json`` (or store folder) of ``samflow proposals`` for the train split:
@@ -51,6 +48,8 @@ class CocoDataModule(L.LightningDataModule):
             when made for other data, or (in ``setup``, when the run's module is a SAM model) by
             another SAM.
         aux_masks: see ``CocoInstances``; the train split only (the evaluation files need not have them).
+        **options: ``CocoInstances``'s options above, by name (``img_size=1024, points="qc"``), kept as
+            ``options``; in a config they are written like the others (``init_args: {img_size: 1024}``).
     """
 
     def __init__(
@@ -59,34 +58,24 @@ class CocoDataModule(L.LightningDataModule):
         val: dict[str, str] | None = None,
         test: dict[str, str] | None = None,
         predict: dict[str, str] | None = None,
-        img_size: int = 1024,
-        points: Literal["qc", "annotation"] = "qc",
-        points_per_instance: int = 1,
-        point_key: str = "point",
-        seed: int = 0,
-        crowd: Literal["skip", "keep"] = "skip",
-        empty: Literal["skip", "keep"] = "skip",
         batch_size: int = 2,
         num_workers: int = 0,
         proposals: str | None = None,
         aux_masks: str | None = None,
-        image_resize: ImageResize = "sam",
+        **options: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(options) - set(INSTANCE_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"CocoDataModule: unknown option(s) {unknown}; the options of CocoInstances it takes are "
+                f"{list(INSTANCE_OPTIONS)}."
+            )
         self.splits = {"train": train, "val": val, "test": test, "predict": predict}
         self.proposals = proposals
-        self.options = {
-            "img_size": img_size,
-            "points": points,
-            "points_per_instance": points_per_instance,
-            "point_key": point_key,
-            "seed": seed,
-            "crowd": crowd,
-            "empty": empty,
-            "image_resize": image_resize,
-        }
         self.aux_masks = aux_masks
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.options = options
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.datasets: dict[str, CocoInstances] = {}
 
     def dataset(self, split: str, proposals: bool = True) -> CocoInstances:
@@ -99,12 +88,14 @@ class CocoDataModule(L.LightningDataModule):
             spec = self.splits.get(split)
             if not spec or "annotations" not in spec:
                 raise DataError(f"data.{split}: give {{annotations: FILE, images: FOLDER}} for COCO data.")
-            options: dict[str, Any] = dict(self.options)
-            if split == "train" and self.proposals and proposals:
-                options["proposals"] = self.proposals
-            if split == "train" and self.aux_masks:
-                options["aux_masks"] = self.aux_masks
-            dataset = CocoInstances(spec["annotations"], spec.get("images"), **options)
+            train = split == "train"
+            dataset = CocoInstances(
+                spec["annotations"],
+                spec.get("images"),
+                proposals=(self.proposals or None) if train and proposals else None,
+                aux_masks=self.aux_masks if train else None,
+                **self.options,
+            )
             if not proposals:
                 return dataset
             self.datasets[split] = dataset

@@ -39,6 +39,7 @@ index (``x1 = max column``).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,7 +54,7 @@ from samflow.data.coco_points import qc_point
 from samflow.data.coco_proposals import ProposalBags
 from samflow.data.errors import DataError
 from samflow.data.prompts import stable_seed
-from samflow.data.reading import read_image
+from samflow.data.reading import TURNS, OrientationWarning, ValueRangeWarning, read_image_with_note
 from samflow.data.transforms import IMAGE_RESIZES, ImageResize, to_input_frame
 
 __all__ = ["CocoInstances"]
@@ -70,9 +71,12 @@ class CocoInstances(Dataset):
         points_per_instance: P, points per instance (``"qc"``: P independent draws; ``"annotation"``:
             the first P given, an error if fewer).
         point_key: the annotation key holding points for ``points="annotation"``.
-        seed: seed of the quasi-centre points.
-        crowd: ``"skip"`` or ``"keep"`` the ``iscrowd`` annotations.
-        empty: ``"skip"`` or ``"keep"`` images without instances.
+        seed: seed of the quasi-centre points (``CocoDataModule``'s training order follows the run's
+            ``seed_everything`` seed and the epoch, and resumes mid-epoch: ``samflow.data.ResumableLoader``).
+        crowd: ``"skip"`` (iscrowd regions are no rows; kept as ``crowd_mask``) or ``"keep"``.
+        empty: ``"skip"`` (images without instances are left out) or ``"keep"`` (they are images without
+            prompt rows: counted in evaluation, scored by no metric; a training batch of only such
+            images teaches nothing, its step is skipped).
         resize_mode: ``"longest"`` (SAM's) or ``"stretch"``.
         image_resize: ``"sam"`` (default: segment-anything's own Pillow resize, exact, as
             ``MaskFolderDataset``) or ``"bilinear"`` (torch's antialiased interpolate, faster, within
@@ -125,8 +129,10 @@ class CocoInstances(Dataset):
         if points_per_instance < 1:
             raise ValueError(f"CocoInstances: points_per_instance must be >= 1, got {points_per_instance}.")
         self.img_size, self.points, self.points_per_instance = img_size, points, points_per_instance
-        self.point_key, self.seed, self.crowd, self.resize_mode = point_key, seed, crowd, resize_mode
+        self.point_key, self.seed, self.crowd, self.empty = point_key, seed, crowd, empty
+        self.resize_mode = resize_mode
         self.categories, self.images, self.anns = read_coco_file(self.file, crowd, empty)
+        self.orientation_warned = False  # warned about images with an EXIF orientation (once per process)
         #: COCO category id of each class index 0..C-1 (sorted ids), and the inverse map.
         self.category_ids: list[int] = sorted(self.categories)
         self.label_of: dict[int, int] = {c: k for k, c in enumerate(self.category_ids)}
@@ -246,11 +252,33 @@ class CocoInstances(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         img = self.images[index]
         path = self.image_path(index)
-        image = read_image(path)
+        image, note, turn = read_image_with_note(path, torch.float32)
+        if note:
+            warnings.warn(f"{path}: {note}.", ValueRangeWarning, stacklevel=2)
         h, w = int(img["height"]), int(img["width"])
         if tuple(image.shape[-2:]) != (h, w):
+            stored = turn in (5, 6, 7, 8) and tuple(image.shape[-2:]) == (w, h)
+            why = (
+                f" as read, upright: its EXIF orientation {turn} has it {TURNS[turn]}, as viewers show it, "
+                "and the JSON has the stored size, so its annotations are likely of the stored pixels. "
+                "Remove the orientation tag from the image file (it is then read as stored), or annotate "
+                "it upright"
+                if stored
+                else ""
+            )
             raise DataError(
-                f"{self.file}: image id {img['id']}: {path} is {tuple(image.shape[-2:])}, the JSON says ({h}, {w})."
+                f"{self.file}: image id {img['id']}: {path} is {tuple(image.shape[-2:])}{why}; the JSON "
+                f"says ({h}, {w})."
+            )
+        if turn != 1 and not self.orientation_warned:
+            self.orientation_warned = True
+            warnings.warn(
+                f"{self.file}: images with an EXIF orientation are read upright, as viewers and annotation "
+                f"tools show them; the first, {path}, is {TURNS[turn]} (orientation {turn}). Annotations "
+                "must be of the images as shown: ones drawn on the stored pixels (by a tool that ignores "
+                "the orientation) are misaligned (one warning per dataset).",
+                OrientationWarning,
+                stacklevel=2,
             )
         frame, input_size = to_input_frame(image, self.img_size, self.resize_mode, self.image_resize)
         item = self.instances(index)

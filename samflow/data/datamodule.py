@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
 from samflow.data.augment_spec import build_augment
-from samflow.data.bad_files import BadFile, OnBadSample, check_set_files, report_skipped
+from samflow.data.bad_files import OnBadSample, SkippedFiles, check_set_files
 from samflow.data.batch import collate
 from samflow.data.errors import DataError
 from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
@@ -178,10 +178,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.on_bad_sample: OnBadSample = on_bad_sample
         self.check_files = check_files
         self.datasets: dict[str, MaskFolderDataset] = {}
-        # Bad files left out per set (``datasets`` key), with their config key; reported by ``setup``.
-        self.skipped: dict[str, list[BadFile]] = {}
-        self._skip_notes: dict[str, tuple[str, int]] = {}  # key -> (config key, samples before)
-        self._reported: set[str] = set()
+        # Bad files left out per set (``datasets`` key); reported by ``setup``.
+        self.skipped = SkippedFiles()
 
     @property
     def val_names(self) -> list[str]:
@@ -268,7 +266,9 @@ class SegmentationDataModule(L.LightningDataModule):
                 unique_ids=split != "predict",  # MaskWriter names the file both would write
             )
             if self.check_files:
-                check_set_files(self, dataset, split, name)
+                total, config_key = len(dataset), self._config_key(split, name)
+                bad = check_set_files(dataset, config_key, self.on_bad_sample, self._rank())
+                self.skipped.record(self._key(split, name), config_key, total, bad)
         except DataError as err:
             raise DataError(f"{self._config_key(split, name)}: {err}") from err
         wants_prompts = not isinstance(self.eval_prompt, NoPrompt)
@@ -295,7 +295,7 @@ class SegmentationDataModule(L.LightningDataModule):
             for name in self._sets(split):
                 if self._key(split, name) not in self.datasets:
                     self._find(split, name)
-        report_skipped(self)
+        self.skipped.report()
 
     def _find(self, split: str, name: str) -> None:
         """List a set's samples without keeping or checking them: its paths exist and pair up."""
@@ -319,7 +319,7 @@ class SegmentationDataModule(L.LightningDataModule):
         key = self._key(split, name)
         if key not in self.datasets:
             self.datasets[key] = self.build_dataset(split, name)
-            report_skipped(self)
+            self.skipped.report()
         return self.datasets[key]
 
     def _eval_sampler(

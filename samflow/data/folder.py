@@ -17,10 +17,15 @@ Rules, checked when the dataset is built (listing only, no image is opened):
   the sample's id, the key of its evaluation prompt (one root listed twice is fine; predict data leaves
   this to ``MaskWriter``, which names the mask file both would write);
 - only a folder's own files are read: subfolders holding images get a warning that lists them (an error
-  when the folder has no image of its own); each may be given as a root of its own.
+  when the folder has no image of its own); each may be given as a root of its own;
+- suffixes are matched in any case (``a.JPG``, ``a.Tif``); hidden files (``.DS_Store``, macOS's
+  ``._a.png``) and files with other suffixes (``Thumbs.db``) are not listed.
 
-And when a sample is read: an unreadable file, an image and mask of different sizes, or a float file
-with NaN or infinite values, is a ``DataError`` naming the file(s).
+And when a sample is read: an unreadable file, an image and mask of different sizes (as read, upright;
+both named, with both sizes), a float file with NaN or infinite values, or a file of several frames (an
+animated GIF, PNG or WebP, a TIFF with several pages of one size), is a ``DataError`` naming the
+file(s). A JPEG's further frames (MPO: a phone's preview or depth map) and TIFF pages of other sizes
+(thumbnails, pyramid levels) are not refused: the first frame is read, as viewers show it.
 
 ``MaskFolderDataset.check_files`` finds unreadable files and size mismatches of a whole dataset before
 any sample is read (``SegmentationDataModule`` runs it when it builds the datasets, so a corrupt file
@@ -28,19 +33,28 @@ stops a run before training starts): every file is opened (its header parsed), P
 chunk with their checksums (``verify``, no decompression), a JPEG must end with its end-of-image marker
 (else it is decoded at 1/8 scale to tell a truncated file from trailing bytes), other formats are
 decoded in full; a failed check is confirmed by reading the file as a sample read would, so only files
-that cannot be read are reported. Each mask's size is compared with its image's. It reports every bad
+that cannot be read are reported; files of several frames are refused as a read refuses them. Each
+mask's size (upright) is compared with its image's. It reports every bad
 file (``error``: one ``DataError`` line listing them) or drops the samples that have one (``skip``).
 
-How values are read (``read_mask``, ``read_image``; the README says the same):
+How files are read (``read_mask``, ``read_image``; the README says the same):
 
-- masks: palette PNGs (VOC, DAVIS) are foreground where the palette index is not 0. Other masks are
+- orientation: a file with an EXIF orientation tag (a phone photo stored sideways) is turned upright,
+  as image viewers, OpenCV's ``imread`` and annotation tools show it, images and masks alike; its mask
+  must fit it as shown. An image stored sideways whose mask fits the stored pixels is a size mismatch
+  that says so; one turned 180 degrees cannot be told from the sizes, so the first file with an
+  orientation in each root gives an ``OrientationWarning``.
+- masks: a mask with an alpha channel that varies (an RGBA or grey + alpha cut-out) is that channel,
+  read as a grey mask below (transparent is background). Palette PNGs (VOC, DAVIS) are foreground
+  where the palette index is not 0. Other masks are
   taken as grey levels (RGB masks by their grey level, 1-bit masks as 0 / 255) and a pixel is
   foreground when its value is above half the range (> 127 for 8-bit, > 32767 for 16-bit, > 0.5 for a
   float mask in [0, 1], > 127.5 for any other float mask); a mask with no value above half the range
   is foreground where it is not 0. So {0, 1}, {0, 255}, {0, 7} and any {0, v} mask is foreground at v,
   a soft, anti-aliased or JPEG mask is cut at half the range, and a label mask {0, 1, 2, ...} is
   foreground at every label.
-- images: 8-bit files (RGB, grey, RGBA, palette, 1-bit, ...) become RGB / 255. 16-bit files (grey
+- images: 8-bit files (RGB, grey, RGBA, palette, 1-bit, CMYK, ...) become RGB / 255 (alpha is
+  dropped). 16-bit files (grey
   ``I;16``, or ``I`` with values in 0..65535) become value / 65535, as scikit-image's ``img_as_float``
   scales by the type's range (a 12-bit image in a 16-bit file is therefore dark, and warned about);
   16-bit RGB TIFFs are read at full precision when ``tifffile`` is installed, else at Pillow's 8 bits.
@@ -50,8 +64,9 @@ How values are read (``read_mask``, ``read_image``; the README says the same):
 
 ``MaskFolderDataset`` warns once per dataset root (and once per data-loader worker process, which
 has its own copy of the dataset) about the first mask, and the first image, whose values are unusual:
-a mask that is not {0, 1} or {0, full range}, a float mask, negative values; a 16-bit image with
-nothing above 4095, a float or 32-bit image mapped by its own range. ``ValueRangeWarning`` is its class.
+a mask that is not {0, 1} or {0, full range}, a float mask, negative values, a mask read from its
+alpha channel; a 16-bit image with nothing above 4095, a float or 32-bit image mapped by its own range.
+``ValueRangeWarning`` is its class.
 """
 
 from __future__ import annotations
@@ -68,7 +83,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from samflow.batch import POINT_LABEL_WORDS, bad_point_labels, image_placeholder
-from samflow.data.bad_files import CHECK_THREADS, BadFile, OnBadSample, check_file, size_mismatch
+from samflow.data.bad_files import CHECK_THREADS, BadFile, FileHeader, OnBadSample, check_file, size_mismatch
 from samflow.data.errors import DataError
 from samflow.data.listing import (
     IMAGE_SUFFIXES,
@@ -82,6 +97,8 @@ from samflow.data.listing import (
 )
 from samflow.data.prompts import NoPrompt, PromptSampler, build_prompt, stable_seed
 from samflow.data.reading import (
+    TURNS,
+    OrientationWarning,
     ValueRangeWarning,
     floating_dtype,
     header_size,
@@ -229,7 +246,7 @@ class MaskFolderDataset(Dataset):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}.")
         paths = [p for s in self.samples for p in (s.image, s.mask) if p is not None]
         start = time.perf_counter()
-        results: dict[Path, tuple[int, int] | str] = {}
+        results: dict[Path, FileHeader | str] = {}
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             for path, result in zip(paths, pool.map(check_file, paths), strict=True):
                 results[path] = result
@@ -246,10 +263,9 @@ class MaskFolderDataset(Dataset):
             mask = results[sample.mask]
             if isinstance(mask, str):
                 bad.append(BadFile(sample, sample.mask, mask))
-            elif not isinstance(image, str) and mask != image:
-                reason = (
-                    f"mask is {size_mismatch(sample.image, mask, image)}: a mask must have its image's size"
-                )
+            elif not isinstance(image, str) and mask.size != image.size:
+                mismatch = size_mismatch(sample.image, mask.size, image.size, image.orientation)
+                reason = f"mask is {mismatch}: a mask must have its image's size"
                 bad.append(BadFile(sample, sample.mask, reason))
         if not bad:
             return bad
@@ -265,22 +281,31 @@ class MaskFolderDataset(Dataset):
         self.samples = [s for s in self.samples if s not in samples]
         return bad
 
-    def _warn_once(self, kind: str, path: Path, note: str | None) -> None:
-        """Warn about ``path``'s unusual values unless this root already had a warning for ``kind``."""
-        if not note:
-            return
+    def _warn_once(self, kind: str, path: Path, note: str | None, turn: int = 1) -> None:
+        """Warn about ``path``'s unusual values (``note``) and its EXIF orientation ``turn``, unless this
+        root already had a warning of that sort for ``kind`` ("image" / "mask")."""
         under = [r for r in self.roots if path.is_relative_to(r)]
         root = str(max(under, key=lambda r: len(r.parts))) if under else ", ".join(map(str, self.roots))
-        if (root, kind) in self._warned:
-            return
-        self._warned.add((root, kind))
-        warnings.warn(
-            f"Dataset root {root}: unusual {kind} values, first in {path}: {note}. Other {kind}s of this "
-            f"root are read by the same rules without another warning (README: how masks and images are "
-            f"read).",
-            ValueRangeWarning,
-            stacklevel=3,
-        )
+        if note and (root, kind) not in self._warned:
+            self._warned.add((root, kind))
+            warnings.warn(
+                f"Dataset root {root}: unusual {kind} values, first in {path}: {note}. Other {kind}s of "
+                f"this root are read by the same rules without another warning (README: how masks and "
+                f"images are read).",
+                ValueRangeWarning,
+                stacklevel=3,
+            )
+        if turn != 1 and (root, f"{kind} orientation") not in self._warned:
+            self._warned.add((root, f"{kind} orientation"))
+            warnings.warn(
+                f"Dataset root {root}: {kind}s with an EXIF orientation are read upright, as viewers and "
+                f"annotation tools show them; the first, {path}, is {TURNS[turn]} (orientation {turn}). "
+                "Masks must fit the images as shown: a mask drawn on an image's stored pixels (by a tool "
+                "that ignores the orientation) is misaligned (one per root; README: how masks and images "
+                "are read).",
+                OrientationWarning,
+                stacklevel=3,
+            )
 
     def _generator(self, sample: Sample) -> torch.Generator:
         """The generator of ``sample``'s prompt: from its id with ``prompt_seed`` (not from its position,
@@ -301,13 +326,13 @@ class MaskFolderDataset(Dataset):
             # finds them again in k / 255, exactly for float32 / float64): resized and padded as uint8,
             # then divided by 255, the frame is the same to the bit, without the float passes over it
             codes = self.image_resize == "sam" and self.dtype in (torch.float32, torch.float64)
-            image, note = read_image_with_note(sample.image, self.dtype, codes=codes)  # (3, H, W)
-            self._warn_once("image", sample.image, note)
+            image, note, turn = read_image_with_note(sample.image, self.dtype, codes=codes)  # (3, H, W)
+            self._warn_once("image", sample.image, note, turn)
             original: tuple[int, int] = tuple(image.shape[-2:])  # type: ignore[assignment]
             frame, input_size = to_input_frame(image, size, self.resize_mode, self.image_resize)
             item["image"] = frame.to(self.dtype).div_(255) if frame.dtype == torch.uint8 else frame
         else:
-            original = header_size(sample.image)
+            original, turn = header_size(sample.image), 1  # not decoded: nothing to warn about
             input_size = input_shape(*original, size, self.resize_mode)
             item["image"] = image_placeholder((3, size, size), self.dtype)
             item["pixels"] = False
@@ -315,11 +340,13 @@ class MaskFolderDataset(Dataset):
         item["original_size"] = torch.tensor(original, dtype=torch.long)
         if sample.mask is None:
             return item
-        gt, note = read_mask_with_note(sample.mask)  # (H, W) bool
+        gt, note, mask_turn = read_mask_with_note(sample.mask)  # (H, W) bool
         if tuple(gt.shape) != original:
-            mismatch = size_mismatch(sample.image, (gt.shape[1], gt.shape[0]), (original[1], original[0]))
-            raise DataError(f"{sample.mask} is {mismatch}; masks must have the image's size.")
-        self._warn_once("mask", sample.mask, note)
+            wh = (gt.shape[1], gt.shape[0]), (original[1], original[0])
+            raise DataError(
+                f"{sample.mask} is {size_mismatch(sample.image, *wh, turn)}; masks must have the image's size."
+            )
+        self._warn_once("mask", sample.mask, note, mask_turn)
         item["gt_original"] = gt
         item["mask"] = to_input_frame(gt[None].to(self.dtype), size, self.resize_mode, "nearest-exact")[0]
         prompt = self.prompt(gt, self._generator(sample))

@@ -314,9 +314,10 @@ class GpuAugment(BatchAugment):
         assert self.color is not None
         color, context = self.color, batch.context_image
         each = self._each(batch, color.forward_parameters, 3)
-        if each is None:  # one draw for the batch
-            image = color(batch.image)
-            view = None if context is None else color(context, params=color._params)
+        if each is None:  # one draw for the batch, the draw ``color(batch.image)`` would make
+            drawn = color.forward_parameters(batch.image.shape)
+            image = color(batch.image, params=drawn)
+            view = None if context is None else color(context, params=drawn)
         else:
             image = torch.cat([color(batch.image[i : i + 1], params=p) for i, p in enumerate(each)])
             view = (

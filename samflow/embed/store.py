@@ -12,7 +12,9 @@ Every array is a plain ``.npy`` file (numpy's own format, readable without samfl
 ``numpy.load(mmap_mode="r")``: reading a row touches only its pages.
 
 **Key.** A row is the encoder's output for one image file, found by the SHA-256 of the file's bytes
-(identical files share a row). The store as a whole is valid for one ``StoreKey``: the SHA-256 of the
+(identical files share a row); for a file with an EXIF orientation, which is read upright, the
+orientation is hashed too, so a store written before images were read upright has no row for it and
+``samflow embed`` adds one. The store as a whole is valid for one ``StoreKey``: the SHA-256 of the
 image encoder's weights and SAM's pixel statistics (so another checkpoint, another seed or another
 ``img_size`` never matches), the input size S, the resize rule (``resize_mode``, ``image_resize``)
 and the blocks whose outputs it holds. A store is read only when its key equals the run's and every
@@ -35,6 +37,7 @@ import torch
 from segment_anything.modeling import Sam
 from torch import Tensor
 
+from samflow.data.reading import file_orientation
 from samflow.sam.cache import EncoderCacheError
 
 FORMAT = 1
@@ -107,6 +110,9 @@ class ContentHasher:
         with open(key, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
+        turn = file_orientation(key)
+        if turn != 1:  # read upright (samflow.data.reading): not the row of these bytes read as stored
+            digest.update(f"|upright, EXIF orientation {turn}".encode())
         value = digest.hexdigest()
         self._known[key] = (stat.st_size, stat.st_mtime_ns, value)
         return value
