@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
+from samflow.data.errors import DataError
 from samflow.data.listing import IMAGE_SUFFIXES
+from samflow.data.reading import header_size, orientation, upright
 
 
 class PromptFileError(ValueError):
@@ -252,9 +255,11 @@ def read_mask_prompts(
         try:
             with Image.open(mask_file) as opened:
                 labels = np.asarray(opened)
+                turn = orientation(opened)
         except (OSError, ValueError) as err:
             raise PromptFileError(f"{mask_file}: cannot read the mask ({err}).") from None
         labels = labels if labels.ndim == 2 else labels[..., 0]
+        labels = upright(torch.from_numpy(np.ascontiguousarray(labels)), turn).numpy()  # as images are read
         entry = ImagePrompts(paths[0], i + 1, frame=(int(labels.shape[0]), int(labels.shape[1])))
         for value in np.unique(labels[labels != 0]):
             instance = labels == value
@@ -326,14 +331,12 @@ def _refuse_derive(source: Path, kind: str, derive: str | None, points: int | No
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
-    """(H, W) of an image from its header; None when it cannot be read (predicting it stops the run
-    naming it, or ``--skip-bad`` skips it)."""
+    """(H, W) of an image from its header, upright (its EXIF orientation applied, as the image is read);
+    None when it cannot be read (predicting it stops the run naming it, or ``--skip-bad`` skips it)."""
     try:
-        with Image.open(path) as opened:
-            width, height = opened.size
-    except (OSError, ValueError, SyntaxError):
+        return header_size(path)
+    except (DataError, SyntaxError):
         return None
-    return height, width
 
 
 def check_inside(entries: list[ImagePrompts]) -> list[ImagePrompts]:

@@ -113,3 +113,31 @@ def test_the_command_refuses_before_writing_anything(images, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "['a.png'][1]" in err and "lies outside the image a.png" in err
     assert not out.exists()
+
+
+def _sideways(image: np.ndarray, path: Path) -> None:
+    """Save ``image`` (H, W[, 3]) stored turned 90 degrees counter-clockwise with EXIF orientation 6, so
+    that viewers (and samflow's reading) show it as ``image``."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.ascontiguousarray(np.rot90(image))).save(path, exif=exif)
+
+
+def test_prompts_and_mask_prompts_are_in_the_frame_of_the_image_as_shown(tmp_path):
+    """A phone photo stored sideways is read upright (samflow.data.reading), so its prompts are checked
+    against, and mask prompts derived in, the upright frame."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shown = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    _sideways(shown, folder / "a.jpg")  # stored 30 wide, 40 high; shown 40 x 30
+    source = tmp_path / "prompts.json"
+    source.write_text(json.dumps({"a.jpg": [{"box": [2, 3, 38, 28]}]}))  # fits only the upright frame
+    (entry,) = read_prompts(source, folder)
+    assert entry.prompts[0].box.tolist() == [2, 3, 38, 28]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    label = np.zeros((HEIGHT, WIDTH), np.uint8)
+    label[4:9, 20:35] = 7  # rows 4..8, columns 20..34 as shown
+    _sideways(label, masks / "a.png")
+    (entry,) = read_prompts(masks, folder)
+    assert entry.prompts[0].box.tolist() == [20, 4, 34, 8]
