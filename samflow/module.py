@@ -23,6 +23,11 @@ from samflow.sam_spec import SamSpec
 
 SAM_PREFIX = "model.sam."
 
+# A module built in Python keeps its ``SamSpec`` in its hyperparameters, so its checkpoints hold one;
+# Lightning resumes (``fit(ckpt_path=...)``) with torch.load's default ``weights_only=True``, which
+# refuses any class it was not told of. SamSpec is plain data (strings, numbers, a list).
+torch.serialization.add_safe_globals([SamSpec])
+
 # The frozen SAM stays in eval mode on purpose (HookedSam.train keeps it there); Lightning's notice
 # about modules in eval mode at the start of training is expected and only noise here.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -65,6 +70,7 @@ class SamflowModule(EvaluationMixin):
         super().__init__()
         self.save_hyperparameters(ignore=["plugins", "optimizer", "scheduler"])
         self.sam_spec = sam or SamSpec()
+        stack = PluginStack(plugins or {})  # refuses plugins that cannot run together before SAM is loaded
         frozen = build_sam(
             self.sam_spec.variant, self.sam_spec.checkpoint, self.sam_spec.img_size, seed=self.sam_spec.seed
         )
@@ -74,9 +80,7 @@ class SamflowModule(EvaluationMixin):
             if spec.encoder_cache
             else None
         )
-        self.model = HookedSam(
-            frozen, PluginStack(plugins or {}), spec.multimask_output, spec.checkpoint_blocks, cache
-        )
+        self.model = HookedSam(frozen, stack, spec.multimask_output, spec.checkpoint_blocks, cache)
         if cache is not None:
             self.model.check_encoder_cache()
         if spec.embedding_store:
@@ -109,24 +113,13 @@ class SamflowModule(EvaluationMixin):
 
     def configure_optimizers(self) -> Any:
         """One parameter group per plugin with what it owns (its ``lr`` / ``weight_decay``), each
-        trainable parameter once; a trainable parameter that no plugin owns is refused."""
+        trainable parameter once, in the keys' sorted order (``PluginStack.optimizer_groups``); a
+        trainable parameter that no plugin owns is refused."""
         self.check_trainable()
         self._refuse_unowned_trainable()
-        groups = []
-        for key, owned in self.plugins.owned.items():
-            # a module a plugin injects into SAM and also keeps as an attribute is owned under both
-            # names: listed twice, the optimizer would step it twice
-            params = list({id(p): p for p in owned.values()}.values())
-            if not params:
-                continue
-            plugin = self.plugins[key]
-            group: dict[str, Any] = {"params": params, "name": key}
-            if plugin.lr is not None:
-                group["lr"] = plugin.lr
-            if plugin.weight_decay is not None:
-                group["weight_decay"] = plugin.weight_decay
-            groups.append(group)
+        groups = self.plugins.optimizer_groups()
         optimizer = self.optimizer(groups)
+        optimizer.register_load_state_dict_pre_hook(self.plugins.match_saved_groups)
         if self.scheduler is None:
             return optimizer
         return {

@@ -58,6 +58,7 @@ class HQSam(SamPlugin, HQHead):
     """
 
     onnx_exportable = True  # samflow export --onnx traces its decoder side
+    predicts = True  # select: the ``output`` mask
 
     def __init__(
         self,

@@ -48,6 +48,11 @@ class ExtraTokens(SamPlugin):
         self.predict = predict
         self.init_from_sam = init_from_sam
 
+    @property
+    @override
+    def predicts(self) -> bool:
+        return self.predict  # select gives mask0 with ``predict``
+
     @override
     def setup(self, sam: Sam) -> None:
         decoder = sam.mask_decoder

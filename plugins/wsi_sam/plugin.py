@@ -65,6 +65,7 @@ class WSISam(SamPlugin):
     """
 
     onnx_exportable = True  # samflow export --onnx: the HR head is traced (no context views at prediction)
+    predicts = True  # select: y_HR, or y_HR + SAM's mask
 
     def __init__(
         self,

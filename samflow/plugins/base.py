@@ -88,6 +88,17 @@ class SamPlugin(nn.Module):
     #: an undeclared plugin that reads one is stopped by an error naming this attribute.
     reads_image: ClassVar[bool] = False
 
+    @property
+    def predicts(self) -> bool | None:
+        """Whether ``select`` gives the model's prediction (returns a mask): one plugin of a model at most
+        may, and two that declare True are refused when the model is built, naming both.
+
+        Default: False for a plugin that does not override ``select``, None (undeclared: found out at
+        the first forward) for one that does. Declare it as a class attribute (``predicts = True``) or,
+        when an option decides, a property (the extra tokens' ``predict``).
+        """
+        return None if type(self).select is not SamPlugin.select else False
+
     def __init__(self, lr: float | None = None, weight_decay: float | None = None) -> None:
         super().__init__()
         self.lr = lr
@@ -154,7 +165,8 @@ class SamPlugin(nn.Module):
 
     def select(self, out: SamOutput, ctx: DecoderContext) -> Tensor | None:
         """Choose the prediction (N, 1, h, w) among the outputs; None leaves it to SAM's rule. One plugin of
-        a model at most may choose: two that both return a prediction are refused, naming both."""
+        a model at most may choose (declare ``predicts``): two that both return a prediction are refused,
+        naming both."""
         return None
 
     def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:

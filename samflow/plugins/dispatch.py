@@ -4,7 +4,8 @@ A site calls only the plugins that override its hook (``PluginStack.attach`` rec
 ``_users``), in the experiment's order, and checks what each returns: a fold hook passes its value
 from plugin to plugin (a tensor of the shape it received, the ``PromptEmbeddings`` / ``DecoderState``
 with one token count), collected outputs (masks, losses, panels) are named ``<key>/<name>``, and
-``select`` refuses two plugins that both give the prediction (``PluginConflictError``).
+``select`` refuses two plugins that both give the prediction (``PluginConflictError``): the backstop of
+``PluginStack``'s build-time check, for plugins that leave ``predicts`` undeclared (or declare it wrongly).
 """
 
 from __future__ import annotations
@@ -149,6 +150,12 @@ class PluginHooks(HookSites):
                 check_tensor(plugin, "select", mask, (n, 1, h, w), "(N, 1, h, w): one mask per prompt row")
                 if not mask.is_floating_point():
                     raise bad_return(plugin, "select", mask, f"mask logits, a float tensor, not {mask.dtype}")
+                if plugin.predicts is False:
+                    raise PluginError(
+                        f"Plugin {plugin.key!r} ({type(plugin).__name__}) declares predicts = False, but its "
+                        "select returned a mask; declare predicts = True (SamPlugin.predicts) so that the stack "
+                        "can refuse a second predicting plugin when the model is built."
+                    )
                 chosen[plugin.key] = mask
         if len(chosen) > 1:
             first, second = (self[key] for key in list(chosen)[:2])
@@ -156,7 +163,8 @@ class PluginHooks(HookSites):
                 f"Plugins {first.key!r} ({type(first).__name__}) and {second.key!r} ({type(second).__name__}) "
                 "both give the model's prediction (their select hooks both returned a mask), so one's mask "
                 "would reach no loss or metric; keep one predicting (turn the other's prediction off, if it "
-                "has such an option) or remove one of them from model.plugins."
+                "has such an option) or remove one of them from model.plugins (a plugin whose select returns "
+                "a mask declares predicts = True, and such a pair is refused when the model is built)."
             )
         return next(iter(chosen.values()), None)
 

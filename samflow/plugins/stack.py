@@ -4,13 +4,15 @@ Rules (docs/architecture.md):
 - plugins live in an ``nn.ModuleDict`` under their keys, so checkpoint keys are ``plugins.<key>.*``;
 - fold hooks (``block_input``, ``block_output``, ``attn_logits``, ``prompts``, ``decoder_layer``)
   chain in the experiment's order; collected outputs (tokens, masks, losses) are namespaced by key;
-- ``select``: at most one plugin gives the prediction; two that both return one are refused, naming
-  both (the other's mask would be left out of the losses and metrics, depending on the key order);
+- ``select``: at most one plugin gives the prediction; two that declare it (``SamPlugin.predicts``)
+  are refused when the stack is built, naming both (the other's mask would be left out of the losses
+  and metrics, depending on the key order); two undeclared ones that both return a mask, at the first
+  forward (``PluginHooks.select``);
 - each plugin's ``setup`` draws its random initial values as it would alone (``_init_streams``), so
   adding a plugin, or writing the keys in another order, leaves the others' initial values as they are;
 - declared conflicts fail at build time, naming both plugins (entry points are read only then), and
-  so do two plugins that train one SAM part with different ``lr`` / ``weight_decay`` (the part would
-  train with the first one's, by the key order);
+  so do two plugins that train one SAM part with different ``lr`` / ``weight_decay`` (the part has one
+  optimizer group: that of the plugin whose key sorts first, whatever the order the keys are written in);
 - only overridden hooks are called, so an unused site costs nothing;
 - one owner of what trains: ``attach`` freezes SAM, sets every plugin up, and records which plugin
   owns each trainable parameter (its own, the modules it injected into SAM, the SAM parts it
@@ -21,11 +23,12 @@ Rules (docs/architecture.md):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import ItemsView, Mapping, ValuesView
-from typing import TYPE_CHECKING, cast
+from collections.abc import ItemsView, Mapping, Sequence, ValuesView
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from samflow.plugins.base import SamPlugin
 from samflow.plugins.checks import (
@@ -64,9 +67,12 @@ class PluginStack(PluginHooks, nn.ModuleDict):
         for key, plugin in (plugins or {}).items():
             self[key] = plugin
         self._check_conflicts()
+        self._check_predictors()
         self._users: dict[str, list[SamPlugin]] = {}
         self._token_counts: list[tuple[SamPlugin, int]] = []
         self.owned: dict[str, dict[str, nn.Parameter]] = {}
+        self._own: dict[str, dict[str, nn.Parameter]] = {}  # own and injected parameters, by key
+        self._parts: dict[tuple[str, str], dict[str, nn.Parameter]] = {}  # (key, SAM part) -> its own
         self.frozen_sam_keys: set[str] = set()
         self._injected: list[
             nn.Module
@@ -113,13 +119,26 @@ class PluginStack(PluginHooks, nn.ModuleDict):
                         f"({type(self[other_key]).__name__}); remove one of them from the experiment."
                     )
 
+    def _check_predictors(self) -> None:
+        """Refuse, before anything is loaded, two plugins that declare they give the prediction
+        (``SamPlugin.predicts``); the first forward still refuses two undeclared ones that do."""
+        chosen = [f"{key!r} ({type(p).__name__})" for key, p in self.items() if p.predicts is True]
+        if len(chosen) > 1:
+            raise PluginConflictError(
+                f"Plugins {', '.join(chosen[:-1])} and {chosen[-1]} {'both' if len(chosen) == 2 else 'all'} "
+                "give the model's prediction (they declare predicts = True: their select returns a mask), so "
+                "only one's mask would reach the losses and metrics; keep one predicting (e.g. the extra "
+                "tokens' predict: false) or remove the others from model.plugins."
+            )
+
     # ---- setup ----
     def attach(self, sam: Sam) -> None:
         """Freeze ``sam``, set every plugin up on it, and record who owns each trainable parameter.
 
         A plugin owns its own trainable parameters, the trainable parameters that appeared in SAM
         during its ``setup`` (modules it injected or wrapped) and the parameters of the SAM parts it
-        names in ``sam_modules_to_train`` (the first plugin to name a part owns it). Everything else
+        names in ``sam_modules_to_train`` (of a part several plugins name, the one whose key sorts
+        first owns it: ``_claim_parts``). Everything else
         in SAM is frozen. ``frozen_sam_keys``: SAM's state-dict keys that existed before any plugin and
         do not train; the slim checkpoint leaves exactly those out.
         """
@@ -127,7 +146,9 @@ class PluginStack(PluginHooks, nn.ModuleDict):
         original = {id(t) for t in sam.state_dict(keep_vars=True).values()}
         depth = len(sam.image_encoder.blocks)
         claimed: dict[int, str] = {}  # parameter -> key of the plugin that owns it
-        self.owned = {}
+        injected_by: dict[int, str] = {}  # parameter that appeared in SAM -> key of the plugin that put it
+        parts: dict[tuple[str, str], dict[str, nn.Parameter]] = {}  # (key, SAM part) -> its parameters
+        self._own = {}
         self._injected = []
         streams = _init_streams(self, torch.get_rng_state())
         after: dict[str, Tensor] = {}
@@ -163,23 +184,31 @@ class PluginStack(PluginHooks, nn.ModuleDict):
                 if param.requires_grad and id(param) not in claimed:
                     owned[f"plugins.{key}.{name}"] = param
             for name, param in sam.named_parameters():
-                if id(param) not in before and param.requires_grad and id(param) not in claimed:
-                    owned[f"sam.{name}"] = param
+                if id(param) not in before:
+                    injected_by[id(param)] = key
+                    if param.requires_grad and id(param) not in claimed:
+                        owned[f"sam.{name}"] = param
             for part in plugin.sam_modules_to_train():
                 try:
-                    module = sam.get_submodule(part)
+                    parts[key, part] = dict(sam.get_submodule(part).named_parameters(prefix=part))
                 except AttributeError:
                     raise ValueError(
                         f"Plugin {key!r} asks to train SAM part {part!r}, which SAM lacks."
                     ) from None
-                for name, param in module.named_parameters(prefix=part):
-                    if id(param) not in claimed:
-                        param.requires_grad_(True)
-                        owned[f"sam.{name}"] = param
-                    elif id(param) in original:  # SAM's own weight (not a module a plugin injected)
-                        self._check_shared_part(key, claimed[id(param)], part)
             claimed.update((id(p), key) for p in owned.values())
-            self.owned[key] = owned
+            self._own[key] = owned
+        # a part trains SAM's own weights and the modules its plugin put there, not another plugin's
+        self._parts = {
+            (key, part): {
+                n: p for n, p in params.items() if id(p) not in claimed and injected_by.get(id(p), key) == key
+            }
+            for (key, part), params in parts.items()
+        }
+        self.owned = self._owned_in_order(sorted(self.keys()))
+        for params in self.owned.values():
+            for param in params.values():
+                param.requires_grad_(True)  # the SAM parts, unfrozen once every plugin is set up
+        self._check_shared_parts()
         if after:  # the generator goes on from one plugin's draws, the same whatever the key order
             torch.set_rng_state(after[max(after)])
         self.frozen_sam_keys = {
@@ -193,18 +222,97 @@ class PluginStack(PluginHooks, nn.ModuleDict):
             tokens = plugin.output_tokens()
             self._token_counts.append((plugin, 0 if tokens is None else tokens.shape[0]))
 
+    def _owned_in_order(self, order: Sequence[str]) -> dict[str, dict[str, nn.Parameter]]:
+        """Key -> the parameters it owns, when a SAM weight that several plugins train goes to the first
+        of them in ``order``: its own and injected ones, then its SAM parts', each in order.
+
+        ``owned`` is this in the keys' sorted order, so each plugin's share, and the optimizer group
+        made of it, is the same in every order the keys are written in. Checkpoints written before gave
+        a shared weight to the first key written (``match_saved_groups`` rebuilds their groups).
+        """
+        rank = {key: i for i, key in enumerate([*order, *sorted(set(self.keys()) - set(order))])}
+        owner: dict[int, str] = {}
+        for (key, _), params in self._parts.items():
+            for param in params.values():
+                held = owner.setdefault(id(param), key)
+                if rank[key] < rank[held]:
+                    owner[id(param)] = key
+        owned = {key: dict(self._own[key]) for key in self.keys()}
+        for (key, _), params in self._parts.items():
+            for name, param in params.items():
+                if owner[id(param)] == key:
+                    owned[key].setdefault(f"sam.{name}", param)
+        return owned
+
+    def _check_shared_parts(self) -> None:
+        owner = {id(p): key for key, params in self.owned.items() for p in params.values()}
+        for (key, part), params in self._parts.items():
+            for other in sorted({owner[id(p)] for p in params.values()} - {key}):
+                self._check_shared_part(key, other, part)
+
     def _check_shared_part(self, key: str, owner: str, part: str) -> None:
-        """Refuse plugin ``key`` training SAM ``part``, which plugin ``owner`` already trains, with another
-        ``lr`` or ``weight_decay``: the part trains in its owner's optimizer group, so ``key``'s setting
-        would silently not apply (and which one did would follow the order of the keys)."""
-        plugin, first = self[key], self[owner]
-        if (plugin.lr, plugin.weight_decay) != (first.lr, first.weight_decay):
-            raise PluginConflictError(
-                f"Plugins {owner!r} ({type(first).__name__}) and {key!r} ({type(plugin).__name__}) both train "
-                f"SAM part {part!r}, with different lr / weight_decay ({first.lr} / {first.weight_decay} and "
-                f"{plugin.lr} / {plugin.weight_decay}); a part has one optimizer group: give both plugins the "
-                f"same lr and weight_decay, or let one of them leave {part!r} frozen."
-            )
+        """Refuse plugin ``key`` training SAM ``part``, which plugin ``owner`` owns, with another ``lr`` or
+        ``weight_decay``: the part trains in its owner's optimizer group, so ``key``'s would not apply."""
+        if (self[key].lr, self[key].weight_decay) == (self[owner].lr, self[owner].weight_decay):
+            return
+        order = list(self.keys())
+        a, b = (self[k] for k in sorted((key, owner), key=order.index))  # as the experiment writes them
+        raise PluginConflictError(
+            f"Plugins {a.key!r} ({type(a).__name__}) and {b.key!r} ({type(b).__name__}) both train SAM part "
+            f"{part!r}, with different lr / weight_decay ({a.lr} / {a.weight_decay} and {b.lr} / "
+            f"{b.weight_decay}); a part has one optimizer group: give both plugins the same lr and "
+            f"weight_decay, or let one of them leave {part!r} frozen."
+        )
+
+    def optimizer_groups(self, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one per plugin that owns trainable parameters, ``name``d by its
+        key, with its ``lr`` / ``weight_decay`` where it sets them, each parameter once.
+
+        In the keys' sorted order, not the experiment's: the optimizer's state and a scheduler's
+        per-group values are saved by position, so a run resumed with its keys written in another order
+        gets its own back. ``order``: the groups of a checkpoint written when they followed the key order
+        (a SAM weight several plugins train in the first one's group).
+        """
+        keys = sorted(self.keys()) if order is None else list(order)
+        owned = self.owned if order is None else self._owned_in_order(keys)
+        groups = []
+        for key in keys:
+            # a module a plugin injects into SAM and also keeps as an attribute is owned under both
+            # names: listed twice, the optimizer would step it twice
+            params = list({id(p): p for p in owned[key].values()}.values())
+            if not params:
+                continue
+            group: dict[str, Any] = {"params": params, "name": key}
+            if self[key].lr is not None:
+                group["lr"] = self[key].lr
+            if self[key].weight_decay is not None:
+                group["weight_decay"] = self[key].weight_decay
+            groups.append(group)
+        return groups
+
+    def match_saved_groups(self, optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        """``Optimizer.load_state_dict`` pre-hook: give ``optimizer`` the groups of the saved state when they
+        hold this stack's keys in another order or with another share of a SAM part.
+
+        torch pairs groups, and the parameters in them, by position. Checkpoints written when the groups
+        followed the experiment's key order (and a shared SAM part its first key) get that layout back,
+        built from the same plugins; the scheduler's saved per-group values then fit it too. Saved groups
+        of other names or sizes are left to torch's own check.
+        """
+        saved = [(group.get("name"), len(group["params"])) for group in state_dict["param_groups"]]
+        if saved == [(group.get("name"), len(group["params"])) for group in optimizer.param_groups]:
+            return
+        names = [name for name, _ in saved]
+        if not set(names) <= set(self.keys()) or len(set(names)) != len(names):
+            return
+        groups = self.optimizer_groups(names)
+        if [(group["name"], len(group["params"])) for group in groups] != saved or sum(
+            len(group["params"]) for group in optimizer.param_groups
+        ) != sum(size for _, size in saved):
+            return
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)  # the optimizer's defaults; the saved settings load over them
 
     def injected_modules(self) -> list[nn.Module]:
         return list(self._injected)

@@ -10,7 +10,7 @@ ONE_STEP = [
 ]  # fmt: skip
 
 
-def test_hq_sam_added_to_the_quickstarts_predicting_tokens_is_one_line_at_the_first_step(tmp_path):
+def test_hq_sam_added_to_the_quickstarts_predicting_tokens_is_one_line_when_the_model_is_built(tmp_path):
     args = [*ONE_STEP, "--model.plugins.hq", "{class_path: HQSam, init_args: {num_points: 64}}"]
     line = error_line(run_samflow(args, tmp_path, timeout=300))
     assert "Plugins 'tokens' (ExtraTokens) and 'hq' (HQSam) both give the model's prediction" in line
