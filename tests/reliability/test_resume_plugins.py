@@ -1,0 +1,199 @@
+"""Every built-in plugin, fit on the tiny SAM: a run interrupted mid-epoch and resumed from its
+``last.ckpt`` ends with the uninterrupted run's trainable weights and optimizer state, bit for bit.
+
+Each fit is 2 epochs of 2 steps (4 training images of the quickstart's data, batch 2, flips drawn
+from the sample seeds) with one validation batch after the first epoch. The interrupted run is
+stopped by an exception after step 3 (mid second epoch, as a kill there: ``last.ckpt`` is written after
+every step, nothing after the exception) and resumed in a fresh module, data module and trainer,
+after the process's generators were moved on. What the plugins draw is what a resume must give back:
+PA-SAM's Gumbel noise (mining on from the second epoch: ``ctx.epoch`` must be the resumed one),
+HQ-SAM's loss points and SAPNet's negatives (``ctx.rand``, from the sample seeds), LoRA's dropout (the
+process's generator: ``RandomState``), the sample order and flips (``ResumableLoader``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from samflow.callbacks.resume import LastCheckpoint, RandomState
+from samflow.data import SegmentationDataModule
+from samflow.data.quickstart import make_quickstart_data
+from samflow.module import SamflowModule, SamSpec
+from samflow.plugins.registry import create_plugin
+
+STEPS, STOP = 4, 3  # 2 epochs of 2 steps; the interrupted run stops after 3 batches (step 3)
+PLUGINS: dict[str, dict[str, Any]] = {  # the smallest options that still draw what the plugin draws
+    "decoder_tuning": {},
+    "tokens": {},
+    "sam_adapter": {},
+    "hq_sam": {"num_points": 256},
+    "pa_sam": {"mining_start_epoch": 0},
+    "ba_sam": {},
+    "lora": {"dropout": 0.25},
+    "wsi_sam": {},
+    "sapnet": {"num_classes": 3, "hidden": 32, "num_negatives": 40},
+}
+
+
+class Interrupted(Exception):
+    """Raised by ``Interrupt`` to stop a fit as a kill would."""
+
+
+class Interrupt(L.Callback):
+    """Stop the fit after ``batches`` training batches, before the next one starts (Lightning runs
+    checkpoint callbacks last, so a batch's end is too early: ``last.ckpt`` is written after it)."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches, self.seen = batches, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.seen == self.batches:
+            raise Interrupted
+        self.seen += 1
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_quickstart_data(tmp_path_factory.mktemp("resume_plugins"), n_train=4, n_val=2, seed=1)
+
+
+def make_data(root: Path, **kwargs: Any) -> SegmentationDataModule:
+    args: dict[str, Any] = {"img_size": 128, "batch_size": 2, "augment": {"hflip": 0.5}}
+    return SegmentationDataModule(train=str(root / "train"), val=str(root / "val"), **{**args, **kwargs})
+
+
+def make_module(plugins: dict[str, dict[str, Any]], **kwargs: Any) -> SamflowModule:
+    """A fresh module: SAM and plugins built from seed 0, as a resumed process builds them."""
+    torch.manual_seed(0)
+    return SamflowModule(
+        sam=kwargs.pop("sam", SamSpec(variant="tiny")),
+        plugins={key: create_plugin(key, **options) for key, options in plugins.items()},
+        **kwargs,
+    )
+
+
+def fit(
+    folder: Path,
+    module: SamflowModule,
+    data: SegmentationDataModule,
+    *,
+    stop: int | None = None,
+    ckpt_path: Path | None = None,
+    callbacks: tuple[L.Callback, ...] = (),
+    **trainer: Any,
+) -> L.Trainer:
+    """``trainer.fit`` as ``samflow fit`` runs it (seed 0, ``RandomState``, ``last.ckpt`` every step),
+    stopped after ``stop`` training batches or resumed from ``ckpt_path``; the process's generators are moved on
+    first, so that a state the resume fails to restore shows."""
+    L.seed_everything(0, verbose=False)
+    if ckpt_path is not None:
+        torch.rand(5)
+    every: list[L.Callback] = [
+        *callbacks,
+        RandomState(),
+        LastCheckpoint(every_n_train_steps=1, dirpath=str(folder)),
+    ]
+    if stop is not None:
+        every.append(Interrupt(stop))
+    settings = {
+        "max_epochs": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, **trainer,
+    }  # fmt: skip
+    run = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=folder, deterministic=True, callbacks=every, **settings,
+    )  # fmt: skip
+    if stop is None:
+        run.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    else:
+        with pytest.raises(Interrupted):
+            run.fit(module, datamodule=data)
+        saved = torch.load(folder / LastCheckpoint.FILE, map_location="cpu", weights_only=False)
+        assert saved["global_step"] == run.global_step > 0  # the last optimizer step before the stop
+    return run
+
+
+def trained(module: SamflowModule) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
+
+
+def optimizer_tensors(trainer: L.Trainer) -> dict[str, Any]:
+    """The optimizer's state and group settings, flattened to ``{name: value}``."""
+    state = trainer.optimizers[0].state_dict()
+    flat: dict[str, Any] = {}
+    for index, param_state in state["state"].items():
+        for name, value in param_state.items():
+            flat[f"state.{index}.{name}"] = value
+    for index, group in enumerate(state["param_groups"]):
+        for name, value in group.items():
+            flat[f"group.{index}.{name}"] = value
+    return flat
+
+
+def assert_same_training(
+    expected: tuple[SamflowModule, L.Trainer], got: tuple[SamflowModule, L.Trainer]
+) -> None:
+    (module_a, trainer_a), (module_b, trainer_b) = expected, got
+    assert trainer_b.global_step == trainer_a.global_step
+    weights_a, weights_b = module_a.state_dict(), module_b.state_dict()  # buffers too
+    assert weights_a.keys() == weights_b.keys()
+    changed = [k for k in weights_a if not torch.equal(weights_a[k], weights_b[k])]
+    assert not changed, f"weights differ: {changed[:5]}"
+    opt_a, opt_b = optimizer_tensors(trainer_a), optimizer_tensors(trainer_b)
+    assert opt_a.keys() == opt_b.keys()
+    differ = [
+        k
+        for k in opt_a
+        if not (
+            torch.equal(opt_a[k], opt_b[k]) if isinstance(opt_a[k], torch.Tensor) else opt_a[k] == opt_b[k]
+        )
+    ]
+    assert not differ, f"optimizer state differs: {differ[:5]}"
+
+
+def uninterrupted_and_resumed(
+    tmp_path: Path,
+    plugins: dict[str, dict[str, Any]],
+    data: Any,
+    *,
+    stop: int = STOP,
+    module_args: dict[str, Any] | None = None,
+    callbacks: Any = tuple,
+    **trainer: Any,
+) -> tuple[tuple[SamflowModule, L.Trainer], tuple[SamflowModule, L.Trainer]]:
+    """The uninterrupted fit, and the fit stopped after ``stop`` batches and resumed from its ``last.ckpt``.
+    ``data()`` and ``callbacks()`` build fresh ones for each run, as a new process would."""
+    args = module_args or {}
+    whole = make_module(plugins, **args)
+    whole_trainer = fit(tmp_path / "whole", whole, data(), callbacks=callbacks(), **trainer)
+    fit(tmp_path / "cut", make_module(plugins, **args), data(), stop=stop, callbacks=callbacks(), **trainer)
+    resumed = make_module(plugins, **args)
+    resumed_trainer = fit(
+        tmp_path / "cut", resumed, data(), ckpt_path=tmp_path / "cut" / LastCheckpoint.FILE,
+        callbacks=callbacks(), **trainer,
+    )  # fmt: skip
+    return (whole, whole_trainer), (resumed, resumed_trainer)
+
+
+@pytest.mark.parametrize("name", sorted(PLUGINS))
+def test_every_builtin_plugin_resumes_to_the_uninterrupted_weights_and_optimizer(tmp_path, data_root, name):
+    whole, resumed = uninterrupted_and_resumed(tmp_path, {name: PLUGINS[name]}, lambda: make_data(data_root))
+    assert whole[1].global_step == STEPS
+    assert_same_training(whole, resumed)
+    # the weights moved: equal weights are not two untrained copies
+    start = trained(make_module({name: PLUGINS[name]}))
+    assert any(not torch.equal(start[k], v) for k, v in trained(whole[0]).items())
+
+
+def test_the_hyperparameters_of_a_module_built_in_python_load_with_weights_only(tmp_path):
+    """Lightning resumes with torch.load's default ``weights_only=True``; a module built in Python keeps
+    its ``SamSpec`` in its hyperparameters (the CLI keeps a dict), which torch refused by class name."""
+    module = make_module({"decoder_tuning": {}})
+    assert isinstance(module.hparams["sam"], SamSpec)
+    torch.save({"hyper_parameters": dict(module.hparams)}, tmp_path / "hparams.ckpt")
+    loaded = torch.load(tmp_path / "hparams.ckpt", weights_only=True)
+    assert loaded["hyper_parameters"]["sam"] == module.hparams["sam"]
