@@ -86,7 +86,7 @@ def _image(images: dict[str, Path], name: str, source: Path) -> Path:
 
 def _numbers(value: Any, where: str, what: str, dtype: type = np.float64) -> np.ndarray:
     try:
-        numbers = np.asarray(value, dtype=dtype)
+        numbers: np.ndarray = np.asarray(value, dtype=dtype)
     except (TypeError, ValueError):
         raise PromptFileError(f"{where}: {what} must hold numbers, got {value!r}.") from None
     if not np.isfinite(numbers).all():

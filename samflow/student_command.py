@@ -147,7 +147,7 @@ def main(argv: list[str]) -> int:
         batch_size=data.batch_size,
         num_workers=data.num_workers,
         # images without instances count in COCO's evaluation (false positives): keep them
-        **{**data.options, "empty": "keep"},  # type: ignore[arg-type]
+        **{**data.options, "empty": "keep"},
     )
     ids = student_data.dataset("train").category_ids
     for split in ("val", "test"):
