@@ -43,7 +43,14 @@ field                  type, shape                 meaning
                                                    ``image_placeholder`` (NaN, the frame's shape), and only
                                                    its shape, dtype and device mean anything (training from
                                                    an embedding store, ``samflow.embed.check``)
+``_image_index_host``  internal                    ``image_index``'s values on the host, with the tensor they
+                                                   belong to; read them as ``image_index_host`` (below)
 =====================  ==========================  ==========================================================
+
+``image_index`` is known on the host too (``image_index_host``): a batch built on the host carries its
+values through ``to``, ``pin_memory``, ``replace``, ``select_rows``, ``select_images`` and
+``with_context``, so code that needs them on the host (``ForwardContext.rand``) never waits for the
+device. Replace ``image_index``; never write into it in place (its host copy would not follow).
 
 A prompt field is None when no row has that prompt. ``has_box`` / ``has_mask_prompt`` may be None
 when the field is set: then every row has one. A row's output never depends on the other rows:
@@ -132,6 +139,8 @@ class SamBatch:
     context_rows: int = 0
     sample_seed: list[int] = field(default_factory=list)
     pixels: bool = True
+    # (the image_index tensor, its values): valid while image_index is that tensor (``image_index_host``)
+    _image_index_host: tuple[Tensor, tuple[int, ...]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         b, s = self.image.shape[0], self.image.shape[-1]
@@ -142,6 +151,7 @@ class SamBatch:
             self.original_size = self.input_size.clone()
         if self.image_index is None:
             self.image_index = torch.arange(b, device=device)
+            self._remember_image_index(range(b))
         if (self.points is None) != (self.point_labels is None):
             raise ValueError("SamBatch: give points and point_labels together.")
         if self.point_labels is not None and (bad := bad_point_labels(self.point_labels)):
@@ -168,6 +178,29 @@ class SamBatch:
         """S, the side of the square input."""
         return self.image.shape[-1]
 
+    @property
+    def image_index_host(self) -> list[int]:
+        """``image_index`` as a list, read from the device only when the batch does not know it (an
+        ``image_index`` computed on the device; see the module docstring)."""
+        known = self._known_image_index()
+        return list(known) if known is not None else self.image_index.tolist()
+
+    def _known_image_index(self) -> tuple[int, ...] | None:
+        """The values of ``image_index`` when they are known without waiting for a device, else None."""
+        remembered = self._image_index_host
+        if remembered is not None and remembered[0] is self.image_index:
+            return remembered[1]
+        index = self.image_index
+        if index.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        self._remember_image_index(index.tolist())
+        return self._image_index_host[1]  # type: ignore[index]
+
+    def _remember_image_index(self, values: Any) -> SamBatch:
+        """Tie the host values ``values`` (None: unknown) to the current ``image_index``."""
+        self._image_index_host = None if values is None else (self.image_index, tuple(int(v) for v in values))
+        return self
+
     # ---- per-row targets ----
     @property
     def row_mask(self) -> Tensor:
@@ -190,9 +223,10 @@ class SamBatch:
                 return [move(v) for v in value]
             return value
 
-        return dataclasses.replace(
+        moved = dataclasses.replace(
             self, **{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)}
         )
+        return moved._remember_image_index(self._known_image_index())
 
     def pin_memory(self) -> SamBatch:
         """A copy in page-locked memory (what ``DataLoader(pin_memory=True)`` calls, for faster copies to a GPU)."""
@@ -204,17 +238,24 @@ class SamBatch:
                 return [pin(v) for v in value]
             return value
 
-        return dataclasses.replace(
+        pinned = dataclasses.replace(
             self, **{f.name: pin(getattr(self, f.name)) for f in dataclasses.fields(self)}
         )
+        return pinned._remember_image_index(self._known_image_index())
 
     def select_images(self, images: Tensor | list[int]) -> SamBatch:
         """The batch of the given images (indices into B) and of their prompt rows, re-indexed."""
         keep = torch.as_tensor(images, dtype=torch.long, device=self.image.device)
         new_of_old = torch.full((self.num_images,), -1, dtype=torch.long, device=keep.device)
         new_of_old[keep] = torch.arange(keep.numel(), device=keep.device)
-        rows = torch.nonzero(new_of_old[self.image_index] >= 0).flatten()
-        picked = keep.tolist()
+        picked, known = _host_ints(images), self._known_image_index()
+        if picked is not None and known is not None:  # rows chosen on the host: nothing waits for the device
+            new_of = {old % self.num_images: new for new, old in enumerate(picked)}
+            rows: Tensor | list[int] = [r for r, image in enumerate(known) if image in new_of]
+            new_index = [new_of[known[r]] for r in rows]
+        else:
+            rows = torch.nonzero(new_of_old[self.image_index] >= 0).flatten()
+            picked, new_index = keep.tolist(), None
         out = self.select_rows(rows)
         return dataclasses.replace(
             out,
@@ -230,7 +271,7 @@ class SamBatch:
             context_image=None if self.context_image is None else self.context_image[keep],
             context_mask=None if self.context_mask is None else self.context_mask[keep],
             context_affine=None if self.context_affine is None else self.context_affine[keep],
-        )
+        )._remember_image_index(new_index)
 
     def select_rows(self, rows: Tensor | list[int]) -> SamBatch:
         """The same images with only the given prompt rows (indices into N)."""
@@ -240,7 +281,9 @@ class SamBatch:
             value = getattr(self, name)
             if value is not None:
                 changes[name] = value[index]
-        return dataclasses.replace(self, **changes)
+        picked, known = _host_ints(rows), self._known_image_index()
+        kept = None if picked is None or known is None else [known[r] for r in picked]
+        return dataclasses.replace(self, **changes)._remember_image_index(kept)
 
     def replace(self, **changes: Any) -> SamBatch:
         """A copy with some fields replaced (``dataclasses.replace``)."""
@@ -256,6 +299,7 @@ class SamBatch:
         if self.context_image is None or self.context_affine is None:
             raise ValueError("SamBatch.with_context: this batch has no context_image.")
         b, n, s = self.num_images, self.num_rows, self.size
+        known = self._known_image_index()
         affine = self.context_affine[self.image_index]  # (N, 3), per row
         rows: dict[str, Any] = {"image_index": torch.cat([self.image_index, self.image_index + b])}
         for name in PROMPT_FIELDS:
@@ -280,7 +324,7 @@ class SamBatch:
             # a context view draws (``ctx.rand``) from a seed of its own, not its view's twin
             sample_seed=self.sample_seed + [_context_seed(seed) for seed in self.sample_seed],
             **rows,
-        )
+        )._remember_image_index(None if known is None else [*known, *(i + b for i in known)])
 
     # ---- prompt presence ----
     def point_valid(self) -> Tensor | None:
@@ -302,6 +346,15 @@ class SamBatch:
         if self.has_mask_prompt is None:
             return torch.ones(self.mask_prompt.shape[0], dtype=torch.bool, device=self.mask_prompt.device)
         return self.has_mask_prompt
+
+
+def _host_ints(values: Tensor | list[int]) -> list[int] | None:
+    """Indices as a list when they are on the host (a list, a CPU tensor), else None (not read)."""
+    if isinstance(values, Tensor):
+        if values.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return None
+        return values.reshape(-1).tolist()
+    return [int(v) for v in values]
 
 
 def _context_seed(sample_seed: int) -> int:

@@ -12,9 +12,11 @@ subcommand: every other flag and ``--config`` overrides the experiment, wherever
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -190,8 +192,9 @@ def run_command(name: str, args: list[str]) -> int:
 
     module, _, function = COMMANDS[name][0].partition(":")
     try:
-        args = _verbosity_from_argv(args)
-        return int(getattr(importlib.import_module(module), function)(args) or 0)
+        with restored_process_state():  # the verbosity is this command's only
+            args = _verbosity_from_argv(args)
+            return int(getattr(importlib.import_module(module), function)(args) or 0)
     except ArgumentError as err:  # an experiment override jsonargparse refused (the command passed it on)
         if os.environ.get("SAMFLOW_DEBUG"):
             raise
@@ -246,13 +249,19 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"samflow {__version__}")
         return 0
-    from samflow.sweep.agent import agent_args
-
     if args[0] not in SUBCOMMANDS:
         commands = ", ".join([*SUBCOMMANDS, "experiments", "plugins", *COMMANDS])
         return _error(
             f"unknown command {args[0]!r}; choose one of {commands} (`samflow --help` shows usage)."
         )
+    with restored_process_state():  # the verbosity and sys.argv are this run's only
+        return _run_subcommand(args)
+
+
+def _run_subcommand(args: list[str]) -> int:
+    """``samflow fit|validate|test|predict ...``: resolve the experiment, run LightningCLI."""
+    from samflow.sweep.agent import agent_args
+
     try:
         args = _verbosity_from_argv(args)
         args, name = experiment_from_argv(args)
@@ -262,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         return _error(str(err))
     # DDP children re-run sys.argv: give them the resolved config path.
     sys.argv = [sys.argv[0], *args]
-    configure_wandb()
     from argparse import ArgumentError
 
     try:
@@ -289,7 +297,6 @@ def _plugin_help(args: list[str], name: str) -> int:
     """``--model.plugins.help CLASS``: jsonargparse's help for the class, with its options written as
     the flags that set them, ``--model.plugins.<key>.init_args.OPTION`` (jsonargparse writes
     ``--model.plugins.OPTION``, a flag that does not exist for a mapping of plugins)."""
-    import contextlib
     import io
 
     shown = io.StringIO()
@@ -316,28 +323,61 @@ def _error(message: str) -> int:
 
 
 def run_cli(args: list[str], run_name: str) -> Any:
-    """Run LightningCLI with samflow's module, defaults and callbacks."""
-    import torch
-
+    """Run LightningCLI with samflow's module, defaults and callbacks (W&B offline without an account,
+    ``configure_wandb``). The run's settings end with it, for whatever runs next in the process (a
+    sweep's or a test's next fit): the process is left as found (``restored_process_state``), and the
+    W&B run, which the next run's logger would reuse, is finished."""
     from samflow.lightning_cli import SamflowCLI
 
+    with restored_process_state():
+        configure_wandb()
+        failed = True
+        try:
+            # ``main`` has put ``args`` in sys.argv already (for DDP children); passing them twice only
+            # makes LightningCLI warn that it got both.
+            cli = SamflowCLI(run_name=run_name, args=None if args == sys.argv[1:] else args)
+            failed = False
+            return cli
+        finally:
+            wandb = sys.modules.get("wandb")
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                wandb.finish(exit_code=1 if failed else 0)
+
+
+#: Environment variables a run sets for its whole process: W&B's mode (``configure_wandb``),
+#: Lightning's seed (``seed_everything``) and cuBLAS workspace (``trainer.deterministic``).
+RUN_ENVIRONMENT = ("WANDB_MODE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
+
+
+@contextlib.contextmanager
+def restored_process_state() -> Iterator[None]:
+    """Put back, when the block ends (also by an error), what a run changes for its whole process:
+    ``sys.argv`` (rewritten for DDP children), the variables of ``RUN_ENVIRONMENT``, torch's
+    deterministic-algorithms, cuDNN-benchmark and float32-matmul settings (Lightning's trainer sets the
+    first two for the process; a run with ``trainer.benchmark`` would set the next run's default) and
+    the console's verbosity and log filters (``samflow.console.restored_console``)."""
+    import torch
+
+    from samflow.console import restored_console
+
+    argv = list(sys.argv)
+    env = {name: os.environ.get(name) for name in RUN_ENVIRONMENT}
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    failed = True
+    benchmark, matmul = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
     try:
-        # ``main`` has put ``args`` in sys.argv already (for DDP children); passing them twice only
-        # makes LightningCLI warn that it got both.
-        cli = SamflowCLI(run_name=run_name, args=None if args == sys.argv[1:] else args)
-        failed = False
-        return cli
+        with restored_console():
+            yield
     finally:
-        # a run's settings end with it, for whatever runs next in the process (a sweep's or a test's
-        # next fit): Lightning's trainer.deterministic sets torch's process-wide flag, and the W&B
-        # logger leaves its run open, which the next run's logger would reuse
+        sys.argv = argv
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish(exit_code=1 if failed else 0)
+        torch.backends.cudnn.benchmark = benchmark
+        torch.set_float32_matmul_precision(matmul)
 
 
 if __name__ == "__main__":

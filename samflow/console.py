@@ -10,6 +10,9 @@ processes inherit it):
 - ``verbose``: everything, also the third-party lines ``normal`` silences and Lightning's own model
   summary.
 
+The verbosity and the filters are the run's own: the CLI puts them back when the run ends
+(``restored_console``), so the next run of the process (a notebook's, a test's) prints at its own.
+
 Silenced in ``quiet`` and ``normal``, each at its source and by its exact text, so other warnings
 still show:
 
@@ -28,7 +31,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ from typing_extensions import override
 
 VERBOSITY_ENV = "SAMFLOW_VERBOSITY"
 LEVELS = ("quiet", "normal", "verbose")
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 
 #: Lightning log lines dropped below ``verbose`` (a record is dropped when its message starts so).
 LIGHTNING_NOISE = (
@@ -97,21 +102,55 @@ class _DropLines(logging.Filter):
 
 
 def silence_third_party() -> None:
-    """Install the filters of this module's docstring for the current verbosity (idempotent)."""
+    """Install the filters of this module's docstring for the current verbosity (idempotent); at
+    ``verbose``, show again the warnings an earlier run of the process silenced."""
     level = verbosity()
     if level == "verbose":
+        for message, category in WARNING_NOISE:
+            if any(f[0] == "ignore" and getattr(f[1], "pattern", None) == message for f in warnings.filters):
+                warnings.filterwarnings("default", message=message, category=category)
         return
     for message, category in WARNING_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
     import lightning.pytorch  # noqa: F401  (sets up Lightning's log handlers)
 
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         if level == "quiet":
             logger.setLevel(logging.WARNING)
         for handler in logger.handlers or logging.getLogger().handlers:
             if not any(isinstance(f, _DropLines) for f in handler.filters):
                 handler.addFilter(_DropLines(LIGHTNING_NOISE))
+
+
+@contextmanager
+def restored_console() -> Iterator[None]:
+    """Put back, when the block ends, what ``set_verbosity`` and ``silence_third_party`` change for the
+    whole process: ``SAMFLOW_VERBOSITY``, the Lightning loggers' levels and their handlers' line
+    filters. So a ``--quiet`` run leaves the next run of the process (a notebook's, a test's) at its
+    own verbosity. The warning filters stay: ``silence_third_party`` sets them for each run."""
+    saved_env = os.environ.get(VERBOSITY_ENV)
+    levels = {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS}
+    filters = {handler: list(handler.filters) for handler in _lightning_handlers()}
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop(VERBOSITY_ENV, None)
+        else:
+            os.environ[VERBOSITY_ENV] = saved_env
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for handler in _lightning_handlers():
+            for added in [f for f in handler.filters if isinstance(f, _DropLines)]:
+                if added not in filters.get(handler, []):
+                    handler.removeFilter(added)
+
+
+def _lightning_handlers() -> set[logging.Handler]:
+    """The handlers Lightning's records go to: its loggers' own, else the root logger's."""
+    root = logging.getLogger().handlers
+    return {h for name in LIGHTNING_LOGGERS for h in logging.getLogger(name).handlers or root}
 
 
 def console() -> Console:

@@ -124,9 +124,15 @@ class EvaluationMixin(LightningModule):
         ) -> dict[str, Tensor]: ...
 
     # ---- evaluation at the original resolution ----
-    def probabilities(self, out: SamOutput, batch: SamBatch) -> list[Tensor]:
-        """Foreground probability of each prompt row at its image's original size: list of (H, W)."""
-        full = upcast(self.upsample(out.pred)).sigmoid()
+    def frame_probabilities(self, out: SamOutput) -> Tensor:
+        """Foreground probability of each prompt row in the input frame (N, 1, S, S), in float32 (float64
+        stays) also under bf16 autocast: what the metrics and the sample pictures threshold alike."""
+        return upcast(self.upsample(out.pred)).sigmoid()
+
+    def probabilities(self, out: SamOutput, batch: SamBatch, frame: Tensor | None = None) -> list[Tensor]:
+        """Foreground probability of each prompt row at its image's original size: list of (H, W).
+        ``frame``: ``frame_probabilities(out)``, when computed already."""
+        full = self.frame_probabilities(out) if frame is None else frame
         maps = []
         for row, image in enumerate(out.image_index.tolist()):
             h, w = batch.input_size[image].tolist()
@@ -166,10 +172,13 @@ class EvaluationMixin(LightningModule):
         nonfinite = (~torch.isfinite(out.pred)).flatten(1).any(1).sum()
         self._tally(stage, dataloader_idx).update(batch.num_images, loss, batch.num_rows, nonfinite)
         targets = row_targets(batch, out.image_index)
-        for image, prob, target in zip(out.image_index.tolist(), self.probabilities(out, batch), targets):
+        frame = self.frame_probabilities(out)  # float32: pictures (SampleGrid) threshold what metrics do
+        for image, prob, target in zip(
+            out.image_index.tolist(), self.probabilities(out, batch, frame), targets
+        ):
             source = batch.path[image] if batch.path else ""  # per-slide metrics group by it (slide_dice)
             metrics.update(prob, target, source=source)
-        return {"out": out, "ctx": ctx, "probs": self.upsample(out.pred).sigmoid()}
+        return {"out": out, "ctx": ctx, "probs": frame}
 
     def _finish(self, stage: str) -> dict[str, float]:
         """Reduce the metrics and the loss of every evaluation set over processes, log and return them.

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -87,3 +88,45 @@ def test_a_run_without_credentials_writes_an_offline_run_and_never_reads_stdin(t
     assert done.returncode == 0, done.stderr[-2000:]
     runs = list(Path(tmp_path, "runs", "wandb").glob("**/offline-run-*"))
     assert runs, sorted(str(p) for p in Path(tmp_path, "runs").rglob("*"))[:20]
+
+
+class _Run:
+    """LightningCLI's stand-in: records W&B's mode during the run, then ends as told."""
+
+    modes: ClassVar[list[str | None]] = []
+
+    def __init__(self, run_name: str, args: list[str] | None, fail: bool = False) -> None:
+        self.modes.append(os.environ.get("WANDB_MODE"))
+        if fail:
+            raise RuntimeError("the run failed")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+@pytest.mark.parametrize("mode", [None, "disabled"])
+def test_a_run_leaves_the_environment_as_it_found_it(clean_env, monkeypatch, fails, mode):
+    """The offline mode is the run's own: ``samflow fit`` (``run_cli``) puts W&B's mode back (unset, or
+    the user's), also when the run fails, so the next run of the process (a notebook, a sweep agent's
+    function, a test) decides afresh. So are the verbosity and ``sys.argv`` (rewritten for DDP)."""
+    from samflow import lightning_cli
+    from samflow.cli import main
+
+    if mode is not None:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    monkeypatch.setattr(sys, "argv", ["samflow"])
+    _Run.modes = []
+    monkeypatch.setattr(lightning_cli, "SamflowCLI", lambda **kw: _Run(**kw, fail=fails))
+    before = dict(os.environ)
+    args = ["fit", "--experiment", "quickstart", "--quiet"]
+    if fails:
+        with pytest.raises(RuntimeError, match="the run failed"):
+            main(args)
+    else:
+        assert main(args) == 0
+    assert _Run.modes == [mode or "offline"]  # offline during the run, without an account
+    after = dict(os.environ)
+    assert {
+        k: (before.get(k), after.get(k))
+        for k in before.keys() | after.keys()
+        if before.get(k) != after.get(k)
+    } == {}
+    assert sys.argv == ["samflow"]

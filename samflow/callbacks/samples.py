@@ -54,8 +54,9 @@ def batch_rows(
         panels = stack.sample_panels(out, ctx)
     rows = []
     row_mask = batch.row_mask  # each row's own ground truth (with COCO instances: its instance)
-    for n in range(out.image_index.shape[0]) if keep is None else keep:
-        i = int(out.image_index[n])
+    images = out.image_index.tolist()  # one read of the rows' images, not one per row
+    for n in range(len(images)) if keep is None else keep:
+        i = images[n]
         h, w = (int(v) for v in batch.input_size[i])
         prob = probs[n].detach().float().cpu()
         target = row_mask[n].detach().float().cpu()

@@ -256,9 +256,8 @@ class GpuAugment(BatchAugment):
 
     def forward(self, batch: SamBatch) -> SamBatch:
         """Return an augmented copy of ``batch`` (one prompt row per image)."""
-        if batch.num_rows != batch.num_images or not bool(
-            (batch.image_index == torch.arange(batch.num_images, device=batch.image_index.device)).all()
-        ):
+        # ``image_index_host``: the rows' images known on the host, so the check waits for no device
+        if batch.num_rows != batch.num_images or batch.image_index_host != list(range(batch.num_images)):
             raise ValueError(
                 "GpuAugment moves prompts with their image and needs one prompt row per image, in order; "
                 f"this batch has {batch.num_rows} rows for {batch.num_images} images."

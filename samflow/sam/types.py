@@ -99,26 +99,25 @@ class ForwardContext:
         keys = self._image_keys if per_image else self._row_keys
         if keys is None:
             return torch.rand(count, *shape, device=device, dtype=dtype)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        # drawn on the host; page-locked for a GPU, so that the copy there does not wait for the device
+        drawn = torch.empty(count, *shape, dtype=dtype, pin_memory=target.type == "cuda")
         generator = torch.Generator()
-        drawn = torch.empty(count, *shape, dtype=dtype)
         for i, key in enumerate(keys):
             generator.manual_seed(_stream_seed(key, stream))
             torch.rand(tuple(shape), generator=generator, dtype=dtype, out=drawn[i])  # in place: no copy
-        target = torch.device(device) if device is not None else drawn.device
-        if target.type == "cuda":
-            drawn = drawn.pin_memory()  # so that the copy below does not wait for the device
         return drawn.to(target, non_blocking=True)
 
     @cached_property
     def _row_keys(self) -> list[tuple[int, ...]] | None:
-        """(sample seed, rank among its image's rows) of each row; None without a seed per image. Reads
-        ``image_index`` on the host once per context."""
+        """(sample seed, rank among its image's rows) of each row; None without a seed per image. Takes
+        the rows' images from the batch's host copy (``SamBatch.image_index_host``): no device read."""
         seeds = self.batch.sample_seed
         if len(seeds) != self.batch.num_images:
             return None
         seen: dict[int, int] = {}
         keys: list[tuple[int, ...]] = []
-        for image in self.batch.image_index.tolist():
+        for image in self.batch.image_index_host:
             rank = seen.get(image, 0)
             seen[image] = rank + 1
             keys.append((seeds[image], rank))

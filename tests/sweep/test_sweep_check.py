@@ -4,6 +4,7 @@ experiment), a sweep with no completed trial exits 1, and the summary of a study
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -142,6 +143,16 @@ def test_entity_goes_to_the_trials_and_the_summarys_wandb_runs(tmp_path, monkeyp
     monkeypatch.setattr(wandb, "init", lambda **kwargs: seen.update(kwargs) or Run())
     summary.log_to_wandb(sweep, ["trial"], [["0"]], tmp_path)
     assert seen["entity"] == "my-team"
+
+    # Without an account the summary run logs offline, and the sweep's process keeps its environment.
+    import samflow.cli
+
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setattr(samflow.cli, "wandb_credentials", lambda: False)
+    modes: list = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: modes.append(os.environ.get("WANDB_MODE")) or Run())
+    summary.log_to_wandb(sweep, ["trial"], [["0"]], tmp_path)
+    assert modes == ["offline"] and "WANDB_MODE" not in os.environ
 
 
 def test_flags_samflow_fit_takes_pass_the_check(tmp_path):
