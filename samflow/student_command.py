@@ -40,6 +40,16 @@ REFUSED_TRAINER_VALUES = {
 }
 
 
+def _refuse_trainer_value(key: str, value: Any) -> None:
+    """One line for a ``trainer.<key>`` value that would stop the student writing ``--out``."""
+    refused, why = REFUSED_TRAINER_VALUES[key]
+    if value == refused:
+        raise DataError(
+            f"samflow student: trainer.{key} {value} is not supported ({why}); drop it. The student "
+            "honours every other trainer.* key and the experiment's trainer.callbacks."
+        )
+
+
 def _trainer_kwargs(cli: Any) -> dict[str, Any]:
     """The experiment's trainer.* keys that are set (differ from the parser's defaults), as Trainer
     arguments; a value the student cannot honour is refused with one line."""
@@ -56,12 +66,7 @@ def _trainer_kwargs(cli: Any) -> dict[str, Any]:
             )
             continue
         if key in REFUSED_TRAINER_VALUES:
-            refused, why = REFUSED_TRAINER_VALUES[key]
-            if value == refused:
-                raise DataError(
-                    f"samflow student: trainer.{key} {value} is not supported ({why}); drop it. The student "
-                    "honours every other trainer.* key and the experiment's trainer.callbacks."
-                )
+            _refuse_trainer_value(key, value)
             continue  # the value the student has anyway
         kwargs[key] = config.get(key)
     return kwargs
@@ -104,10 +109,19 @@ def _build_cli(experiment: str, overrides: list[str]) -> Any:
     from samflow.commands import experiment_from_argv
     from samflow.lightning_cli import SamflowCLI
 
+    class StudentCLI(SamflowCLI):
+        def before_instantiate_classes(self) -> None:
+            # before the experiment's Trainer is built: Lightning would refuse barebones with its
+            # ModelCheckpoint in a message about enable_checkpointing, not the key the user set
+            trainer = self.config.get("trainer") or {}
+            for key in REFUSED_TRAINER_VALUES:
+                _refuse_trainer_value(key, trainer.get(key))
+            super().before_instantiate_classes()
+
     args, name = experiment_from_argv(["--experiment", experiment, *overrides])
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        return SamflowCLI(name or "student", args=[*args, "--trainer.logger=false"], run=False)
+        return StudentCLI(name or "student", args=[*args, "--trainer.logger=false"], run=False)
     finally:
         sys.argv = argv
 
@@ -176,7 +190,7 @@ def main(argv: list[str]) -> int:
     own = len(cli.config.get("trainer", {}).get("callbacks") or [])
     callbacks = [
         *(config.get("callbacks") or [])[:own],
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True),
+        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),  # last.ckpt only
     ]
     trainer = Trainer(
         **kwargs, callbacks=callbacks, logger=CSVLogger(out, name="", version=""), default_root_dir=out

@@ -128,3 +128,46 @@ def resumed_epochs(make_loader, key, stop: int = 1) -> tuple[list, list, list]:
     resumed = make_loader()
     resumed.load_state_dict(killed.state_dict())
     return first, second, part + run_epoch(resumed, 1, key)
+
+
+class Interrupted(Exception):
+    """Raised by ``Interrupt`` to stop a fit as a kill would."""
+
+
+def interrupt_after(batches: int):
+    """A Lightning callback that stops the fit after ``batches`` training batches, before the next one
+    starts (Lightning runs checkpoint callbacks last, so a batch's end is too early: ``last.ckpt`` is
+    written after it)."""
+    import lightning as L
+
+    class Interrupt(L.Callback):
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.seen == batches:
+                raise Interrupted
+            self.seen += 1
+
+    return Interrupt()
+
+
+def tiny_linear_module():
+    """A Lightning module of one Linear(2, 1) trained by SGD on 5 random rows, batch 1: 5 steps an epoch."""
+    import lightning as L
+
+    class TinyLinear(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(5, 2), batch_size=1)
+
+    return TinyLinear()

@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import random_batch
+from helpers import Interrupted, interrupt_after, random_batch
 
 from samflow.callbacks.resume import LastCheckpoint, RandomState
 from samflow.data import SegmentationDataModule
@@ -67,20 +67,6 @@ def test_the_groups_are_the_same_in_every_key_order():
 
 
 # ---- a fit resumed with the keys in another order ----
-class Interrupted(Exception):
-    """Raised by ``Interrupt`` to stop a fit as a kill would."""
-
-
-class Interrupt(L.Callback):
-    def __init__(self, batches: int) -> None:
-        self.batches, self.seen = batches, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.seen == self.batches:
-            raise Interrupted
-        self.seen += 1
-
-
 def fit(
     folder: Path, module: SamflowModule, root: Path, *, stop: int | None = None, ckpt: Path | None = None
 ):
@@ -91,7 +77,7 @@ def fit(
     )
     callbacks: list[L.Callback] = [RandomState(), LastCheckpoint(every_n_train_steps=1, dirpath=str(folder))]
     if stop is not None:
-        callbacks.append(Interrupt(stop))
+        callbacks.append(interrupt_after(stop))
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=folder, deterministic=True, callbacks=callbacks, max_epochs=2,

@@ -9,27 +9,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import tiny_linear_module
 
 from samflow.callbacks.resume import LastCheckpoint
 
 
 class Killed(Exception):
     """What the process would have died of."""
-
-
-class Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch).square().mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randn(5, 2), batch_size=1)
 
 
 def test_a_write_killed_half_way_keeps_the_previous_last_checkpoint(tmp_path, monkeypatch):
@@ -52,6 +38,6 @@ def test_a_write_killed_half_way_keeps_the_previous_last_checkpoint(tmp_path, mo
         enable_model_summary=False,
     )
     with pytest.raises(Killed):
-        trainer.fit(Tiny())
+        trainer.fit(tiny_linear_module())
     last = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 2

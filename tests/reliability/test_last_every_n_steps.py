@@ -6,30 +6,15 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from helpers import run_samflow
+from helpers import run_samflow, tiny_linear_module
 
 from samflow.callbacks.resume import LastCheckpoint
-
-
-class _Tiny(L.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch).square().mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randn(5, 2), batch_size=1)  # 5 steps an epoch
 
 
 def _fit_saving(
     tmp_path, monkeypatch, max_epochs: int, every: int = 1, accumulate: int = 2, ckpt_path: str | None = None
 ) -> list[int]:
-    """The global steps at which ``LastCheckpoint`` saved in a fit of ``_Tiny``."""
+    """The global steps at which ``LastCheckpoint`` saved in a fit of ``tiny_linear_module`` (5 steps an epoch)."""
     saved: list[int] = []
     save = LastCheckpoint.save
 
@@ -47,7 +32,7 @@ def _fit_saving(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(_Tiny(), ckpt_path=ckpt_path)
+    trainer.fit(tiny_linear_module(), ckpt_path=ckpt_path)
     return saved
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from helpers import Interrupted, interrupt_after
 
 from samflow.callbacks.resume import LastCheckpoint, RandomState
 from samflow.data import SegmentationDataModule
@@ -38,23 +39,6 @@ PLUGINS: dict[str, dict[str, Any]] = {  # the smallest options that still draw w
     "wsi_sam": {},
     "sapnet": {"num_classes": 3, "hidden": 32, "num_negatives": 40},
 }
-
-
-class Interrupted(Exception):
-    """Raised by ``Interrupt`` to stop a fit as a kill would."""
-
-
-class Interrupt(L.Callback):
-    """Stop the fit after ``batches`` training batches, before the next one starts (Lightning runs
-    checkpoint callbacks last, so a batch's end is too early: ``last.ckpt`` is written after it)."""
-
-    def __init__(self, batches: int) -> None:
-        self.batches, self.seen = batches, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.seen == self.batches:
-            raise Interrupted
-        self.seen += 1
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +83,7 @@ def fit(
         LastCheckpoint(every_n_train_steps=1, dirpath=str(folder)),
     ]
     if stop is not None:
-        every.append(Interrupt(stop))
+        every.append(interrupt_after(stop))
     settings = {
         "max_epochs": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, **trainer,
     }  # fmt: skip
