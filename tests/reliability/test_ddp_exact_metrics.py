@@ -109,7 +109,9 @@ def test_a_set_smaller_than_the_process_count_is_refused():
 def fake_trainer(world: int, rank: int, use_distributed_sampler: bool = True) -> SimpleNamespace:
     kwargs = {"num_replicas": world, "rank": rank} if world > 1 else None
     connector = SimpleNamespace(use_distributed_sampler=use_distributed_sampler)
-    return SimpleNamespace(distributed_sampler_kwargs=kwargs, _accelerator_connector=connector)
+    return SimpleNamespace(
+        distributed_sampler_kwargs=kwargs, _accelerator_connector=connector, global_rank=rank
+    )
 
 
 def test_eval_loaders_are_sharded_under_ddp_only(tmp_path):
