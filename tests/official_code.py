@@ -3,6 +3,7 @@ from a checkout (an environment variable names it; README "Checked against the o
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import math
@@ -35,6 +36,19 @@ def import_modules(
     yield importlib.import_module(f"{package}.{names[-1]}")
     for name in names:
         sys.modules.pop(f"{package}.{name}", None)
+
+
+def official_function(path: Path, name: str, cls: str | None = None, **namespace: Any) -> Any:
+    """The function ``name`` (top level, or a method of class ``cls``) cut out of the official file
+    ``path`` with ``ast`` and run alone, its globals ``torch`` and ``namespace`` (stand-ins for what
+    the official file imports but cannot be installed); nothing else of the file is executed."""
+    tree: ast.AST = ast.parse(path.read_text())
+    if cls is not None:
+        tree = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == name)
+    scope: dict[str, Any] = {"torch": torch, **namespace}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), scope)  # noqa: S102  (official code, opted into by its env var)
+    return scope[name]
 
 
 def image_encoder(cls: type[nn.Module], spec: SamVariant, **changes: Any) -> nn.Module:
