@@ -189,8 +189,12 @@ def official_forward(ref_sam, decoder, official, batch: SamBatch, monkeypatch) -
         input_images=outputs[0]["input_images"],
     )
     rets = [args[2] for args in points.args]  # the 64 x 64 selections, [pos_0, neg_0, pos_1, neg_1, ...]
-    cells = torch.cat([(r.flatten(1) == 1).nonzero()[:, 1].view(1, -1) for r in rets], dim=1).view(
-        len(records), -1
+    cells = (  # none before the mining epoch (training at CURRENT_EPOCH <= 4)
+        torch.cat([(r.flatten(1) == 1).nonzero()[:, 1].view(1, -1) for r in rets], dim=1).view(
+            len(records), -1
+        )
+        if rets
+        else torch.zeros(len(records), 0, dtype=torch.long)
     )
     return {
         "masks": masks,
@@ -328,6 +332,38 @@ def test_training_gumbel_mining_equals_the_official_decoder(request, monkeypatch
     for name, (ours, expected) in grads.items():
         # atol relative to the largest gradient: some are zero up to rounding (the attention's key bias)
         assert_close(ours, expected, atol=1e-5 * scale, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_training_before_the_mining_epoch_equals_the_official_decoder(request, monkeypatch, tmp_path):
+    """Training at epoch 4: the official decoder mines from ``CURRENT_EPOCH > 4`` on, so at epoch 4 it adds
+    no point prompts, and neither does samflow with its default ``mining_start_epoch`` (4: mining when
+    the epoch is above it): the masks, IoU and maps agree and no cell is mined on either side. (A
+    default of 3 or less would mine here.)"""
+    monkeypatch.setenv("CURRENT_EPOCH", "4")
+    model = samflow_model(monkeypatch, reference_edges=True).train()
+    batch = two_images()
+    one = SamBatch(image=batch.image[:1], box=batch.box[:1])
+    inputs = official_inputs(model, one, "training", "CURRENT_EPOCH=4")
+
+    def official_outputs() -> dict:
+        official = request.getfixturevalue("official")
+        cpu_cuda(monkeypatch)
+        ref_sam, decoder = official_model(official, model, tmp_path, monkeypatch)
+        decoder.train()
+        torch.manual_seed(0)
+        return {k: v for k, v in official_forward(ref_sam, decoder, official, one, monkeypatch).items()}
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out, ctx = model.run(one, model.context(one, epoch=4))
+    ref = REF.get("training_epoch4", inputs, official_outputs)
+    state = ctx.state["pa"]
+    assert ref["cells"].shape == (1, 0) and "points" not in state  # neither mined
+    assert_close(out.masks["sam"][:, :1], ref["masks"], atol=ATOL, rtol=0)
+    assert_close(out.iou_pred, ref["iou"], atol=ATOL, rtol=0)
+    for name in ("coarse", "refined"):
+        assert_close(state[name], ref[name], atol=ATOL, rtol=1e-5)
+    assert_close(state["uncertainty"].sigmoid(), ref["uncertainty"], atol=ATOL, rtol=0)
 
 
 def topk_cells_of(ref: dict) -> torch.Tensor:
