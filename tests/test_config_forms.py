@@ -57,7 +57,10 @@ TWO_PLUGINS = {
         "sam": {"variant": "tiny"},
         "plugins": {
             "hq": {"class_path": "HQSam", "init_args": {"output": "hq", "num_points": 64}},
-            "tokens": {"class_path": "ExtraTokens", "init_args": {"num_tokens": 2, "lr": 5.0e-3}},
+            "tokens": {
+                "class_path": "ExtraTokens",
+                "init_args": {"num_tokens": 2, "lr": 5.0e-3, "predict": False},
+            },
         },
     },
     "data": {
