@@ -81,6 +81,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     from samflow.callbacks.finite import NonFiniteError
     from samflow.callbacks.monitor import MonitorError
+    from samflow.callbacks.resume_config import ResumeError
     from samflow.data.errors import DataError
     from samflow.data.wsi.slide import SlideError
     from samflow.export import ExportError
@@ -106,6 +107,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         ConfigError,
         ModelConfigError,
         MonitorError,
+        ResumeError,
         ExperimentError,
         UsageError,
         NonFiniteError,

@@ -20,6 +20,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from jsonargparse import Namespace
+
 
 def is_class_path_spec(value: object) -> bool:
     """Whether ``value`` is a mapping with a ``class_path`` key (a jsonargparse subclass spec)."""
@@ -65,3 +67,14 @@ def snake_case(name: str) -> str:
     """``BinaryF1Score`` -> ``binary_f1_score``: the default log name of a component given by class."""
     name = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
     return re.sub(r"([a-z\d])([A-Z])", r"\1_\2", name).lower()
+
+
+def plain_config(value: Any) -> Any:
+    """A config value with jsonargparse's Namespaces turned into dicts (recursively)."""
+    if isinstance(value, Namespace):
+        return {key: plain_config(item) for key, item in value.as_dict().items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(item) for item in value]
+    if isinstance(value, dict):
+        return {key: plain_config(item) for key, item in value.items()}
+    return value

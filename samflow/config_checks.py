@@ -3,7 +3,8 @@
 ``ConfigError``: a class of the experiment refused its arguments, or two settings cannot run together
 (one ``samflow: error:`` line); ``check_plugin_classes``: a plugin entry without its ``class_path``;
 ``several_processes``: whether Lightning's ``auto`` strategy would start DDP (``SamflowCLI`` then makes
-it ``ddp_find_unused_parameters_true``).
+it ``ddp_find_unused_parameters_true``); ``optimizer_into_model``: LightningCLI's ``--optimizer`` and
+``--lr_scheduler`` become the module's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from jsonargparse import Namespace
 
 from samflow.plugins.base import SamPlugin
 
-__all__ = ["ConfigError", "check_plugin_classes", "several_processes"]
+__all__ = ["ConfigError", "check_plugin_classes", "optimizer_into_model", "several_processes"]
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,18 @@ def check_plugin_classes(config: Namespace) -> None:
         f"plugins ({', '.join(named) or 'none'}): {hint}To add a plugin, give "
         f"model.plugins.{bare[0]}.class_path."
     )
+
+
+def optimizer_into_model(config: Namespace) -> None:
+    """``--optimizer`` / ``--lr_scheduler`` (LightningCLI's) set ``model.optimizer`` / ``model.scheduler``.
+
+    LightningCLI ignored a ``--lr_scheduler`` given alone and, with ``--optimizer``, replaced the module's
+    optimizer by one group of every parameter (frozen SAM included) without the plugins' own ``lr`` /
+    ``weight_decay``, and without the check that a resumed optimizer's groups are the plugins'.
+    """
+    for flag, key in (("optimizer", "model.optimizer"), ("lr_scheduler", "model.scheduler")):
+        if config.get(flag):
+            config[key], config[flag] = config[flag], None
 
 
 def several_processes(config: Any) -> bool:

@@ -20,7 +20,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from samflow.argument_errors import first_not_from_jsonargparse, unknown_option
 from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
-from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, RandomState
+from samflow.callbacks.accumulation import AccumulatedGradients
+from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, PlateauResume, RandomState
+from samflow.callbacks.resume_config import SameExperiment, check_fit_config, training_settings
 from samflow.callbacks.run_folder import (
     RunCSVLogger,
     RunInfo,
@@ -31,7 +33,7 @@ from samflow.callbacks.run_folder import (
 )
 from samflow.callbacks.run_report import RunReport
 from samflow.callbacks.wandb_run import SamflowWandbLogger
-from samflow.config_checks import ConfigError, check_plugin_classes, several_processes
+from samflow.config_checks import ConfigError, check_plugin_classes, optimizer_into_model, several_processes
 from samflow.console import RunHeader, SamflowProgressBar, local_log_dir, verbosity
 from samflow.keyed_config import KeyedConfigFile
 from samflow.main_metric import checkpoint_filename, main_metric
@@ -169,6 +171,14 @@ class SamflowCLI(LightningCLI):
             key = (same or keys or ["?"])[0]
             raise PluginError(f"{describe(key, cls)}: {type(err).__name__}: {err}") from err
 
+    _random_seed = False  # seed_everything was true: LightningCLI drew a seed, a resume takes the run's
+    _resume_checked = False  # the fit's checkpoint was compared with its config (resume_config)
+
+    def _set_seed(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        self._random_seed = config is not None and config.get("seed_everything") is True
+        super()._set_seed()
+
     def before_instantiate_classes(self) -> None:
         """Plain ``ddp`` becomes ``ddp_find_unused_parameters_true``.
 
@@ -188,8 +198,11 @@ class SamflowCLI(LightningCLI):
                 "every epoch end and every --last.every_n_train_steps steps); drop --checkpoint.save_last, "
                 "which would write the same file a second time."
             )
+        optimizer_into_model(config)
         check_plugin_classes(config)
         self._place_run(config)
+        if (self.subcommand or "fit") == "fit":
+            self._resume_checked = check_fit_config(config, self._random_seed)
         self._monitor_main_metric(config)
 
     # ---- run folders (samflow.callbacks.run_folder) ----
@@ -282,7 +295,17 @@ class SamflowCLI(LightningCLI):
         """``trainer.enable_checkpointing: false`` turns the ``checkpoint`` callback off (Lightning would refuse both)."""
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
-        callbacks = [*callbacks, RandomState(), RunInfo(self.run_name), RunHeader(self.run_name)]
+        callbacks = [
+            *callbacks,
+            RandomState(),
+            PlateauResume(),
+            AccumulatedGradients(),
+            RunInfo(self.run_name),
+        ]
+        callbacks.append(RunHeader(self.run_name))
+        if self.subcommand == "fit":  # training settings into every checkpoint, compared on a resume
+            settings = training_settings(self.config.get("fit"))
+            callbacks.append(SameExperiment(settings, self._random_seed, checked=self._resume_checked))
         callbacks, config = self._console(config, callbacks)
         trainer = super()._instantiate_trainer(config, callbacks)
         self._name_wandb_run(trainer)
@@ -367,7 +390,8 @@ class SamflowCLI(LightningCLI):
             type=typing.Optional[str],  # noqa: UP045 - jsonargparse reads the typing form
             default=None,
             help="fit only: continue a run: a run folder (its checkpoints/last.ckpt), a checkpoint, or "
-            "'last' (the newest run of the experiment); the same folder and W&B run, exactly.",
+            "'last' (the newest run of the experiment); the same folder and W&B run, exactly. A changed "
+            "training setting (batch size, seed, plugin, loss or optimizer option) is refused.",
         )
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(MaskWriter, "predictions")

@@ -7,20 +7,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from jsonargparse import Namespace
-
+from samflow.components import plain_config
 from samflow.metrics.registry import DEFAULT_METRICS
-
-
-def plain_config(value: Any) -> Any:
-    """A config value with jsonargparse's Namespaces turned into dicts (recursively)."""
-    if isinstance(value, Namespace):
-        return {key: plain_config(item) for key, item in value.as_dict().items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_config(item) for item in value]
-    if isinstance(value, dict):
-        return {key: plain_config(item) for key, item in value.items()}
-    return value
 
 
 def main_metric(metrics: Any, data: Any) -> tuple[str, str] | None:

@@ -53,7 +53,8 @@ class SamflowModule(EvaluationMixin):
             ``dice``, ``mae``, ``boundary_iou``, ...) or ``{class_path, init_args}`` items (any torchmetrics
             ``Metric``), or a mapping ``{log_name: item}``; see ``samflow.metrics.registry.build_metrics``.
         optimizer: optimizer class and arguments; plugins may set their own ``lr``/``weight_decay``.
-        scheduler: optional learning-rate scheduler, stepped per epoch.
+        scheduler: optional learning-rate scheduler, stepped per epoch; a ``ReduceLROnPlateau`` watches the
+            checkpoint's monitor (the main validation metric) unless it names its own (Lightning's subclass).
         threshold: probability above which a pixel is foreground in predicted masks.
     """
 
@@ -122,10 +123,33 @@ class SamflowModule(EvaluationMixin):
         optimizer.register_load_state_dict_pre_hook(self.plugins.match_saved_groups)
         if self.scheduler is None:
             return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"},
-        }
+        scheduler = self.scheduler(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = self._plateau_monitor(scheduler)
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+    def _plateau_monitor(self, scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> str:
+        """The metric a ``ReduceLROnPlateau`` watches: its own ``monitor`` (Lightning's subclass), else the
+        checkpoint's (the main validation metric), whose mode it must share."""
+        own = getattr(scheduler, "monitor", None)
+        if own:
+            return str(own)
+        trainer = self._trainer
+        best = trainer.checkpoint_callback if trainer is not None else None
+        monitor, mode = getattr(best, "monitor", None), getattr(best, "mode", None)
+        if not monitor:
+            raise ModelConfigError(
+                "model.scheduler: ReduceLROnPlateau needs a metric to watch and the run has no checkpoint "
+                "monitor; set --checkpoint.monitor, or use lightning.pytorch.cli.ReduceLROnPlateau with "
+                "init_args.monitor."
+            )
+        if mode != scheduler.mode:
+            raise ModelConfigError(
+                f"model.scheduler: ReduceLROnPlateau(mode={scheduler.mode!r}) watches {monitor}, which the "
+                f"checkpoint ranks with mode {mode!r}; set model.scheduler.init_args.mode {mode}."
+            )
+        return str(monitor)
 
     def _refuse_unowned_trainable(self) -> None:
         """Refuse parameters that train but belong to no plugin's group: the optimizer would never step them."""

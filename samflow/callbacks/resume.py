@@ -7,7 +7,8 @@ per-sample randomness (``samflow.data.ResumableLoader``), and the process's rand
 draw the augmentation and anything random in the training step (``RandomState`` here). ``LastCheckpoint``
 writes ``last.ckpt`` every N training steps as well as at the end of each epoch, so a run killed
 mid-epoch loses at most N steps. ``BestCheckpoint`` keeps the best checkpoints' scores across a resume
-from another path to the run folder.
+from another path to the run folder. ``PlateauResume`` makes the ``ReduceLROnPlateau`` update that
+Lightning leaves out at the first epoch end of a resumed run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from typing_extensions import override
 
-__all__ = ["BestCheckpoint", "LastCheckpoint", "RandomState", "capture_rng", "restore_rng"]
+__all__ = ["BestCheckpoint", "LastCheckpoint", "PlateauResume", "RandomState", "capture_rng", "restore_rng"]
 
 
 def capture_rng() -> dict[str, Any]:
@@ -88,6 +89,86 @@ class RandomState(Callback):
         if pending.get("initial_val_metrics") and not getattr(pl_module, "initial_val_metrics", None):
             setattr(pl_module, "initial_val_metrics", dict(pending["initial_val_metrics"]))  # noqa: B010
         restore_rng(pending["rng"])
+
+
+class PlateauResume(Callback):
+    """Make the epoch's ``ReduceLROnPlateau`` update that Lightning skips at a resumed run's first epoch end.
+
+    Lightning updates plateau schedulers after ``on_train_epoch_end`` (after the checkpoints of the epoch
+    end are written), except while the fit loop is restarting: the epoch a run resumes in, from a
+    checkpoint of its middle or of its end, ends without the update, and every later rate differs from
+    the uninterrupted run's. Here that update is made just after, at the next epoch's start (or the end of
+    training), with the monitored value of that epoch end: the logged one, or, when the resumed run did
+    not log it again (a checkpoint of the epoch end, after its validation), the one saved in the
+    checkpoint. Checkpoints written at that epoch end still hold the scheduler before the update, as the
+    uninterrupted run's do, so a second resume from one of them makes it again.
+    """
+
+    def __init__(self) -> None:
+        self._saved: dict[str, float] = {}
+        self._missed: list[tuple[Any, float]] = []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "_trainer", None)
+        logged = trainer.callback_metrics if trainer is not None else {}
+        monitors = {c.monitor for c in getattr(trainer, "lr_scheduler_configs", []) if c.reduce_on_plateau}
+        return {"monitored": {m: float(logged[m]) for m in monitors if m in logged}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved = dict(state_dict.get("monitored", {}))
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # resumed from a checkpoint of an epoch end (``last.ckpt``): Lightning counts that epoch as done
+        # and never updates the plateau schedulers for it; its value is the one the checkpoint saved
+        if trainer.fit_loop.resumed_on_epoch_end:
+            self._collect(trainer, trainer.current_epoch, {})
+            self._apply(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loop = trainer.fit_loop
+        progress = loop.epoch_loop.batch_progress
+        ended = progress.is_last_batch or progress.current.ready == trainer.num_training_batches
+        if loop.restarting and ended:  # else Lightning makes the update itself
+            self._collect(trainer, trainer.current_epoch + 1, trainer.callback_metrics)
+
+    def _collect(self, trainer: Trainer, epochs_done: int, logged: Any) -> None:
+        """The plateau updates due after ``epochs_done`` epochs, with the logged or else the saved value."""
+        if not trainer.lightning_module.automatic_optimization:
+            return
+        for config in trainer.lr_scheduler_configs:
+            monitor = config.monitor
+            if not config.reduce_on_plateau or config.interval != "epoch" or epochs_done % config.frequency:
+                continue
+            if monitor is None:  # Lightning refuses a plateau scheduler without one
+                continue
+            value = logged.get(monitor, self._saved.get(monitor))
+            if value is not None:
+                self._missed.append((config, float(value)))
+        self._saved = {}
+
+    def _apply(self, trainer: Trainer) -> None:
+        missed, self._missed = self._missed, []
+        progress = trainer.fit_loop.epoch_loop.scheduler_progress
+        for config, value in missed:
+            progress.increment_ready()
+            trainer.lightning_module.lr_scheduler_step(config.scheduler, value)
+            progress.increment_completed()
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply(trainer)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply(trainer)
 
 
 class LastCheckpoint(Checkpoint):

@@ -122,7 +122,8 @@ def _reason(err: Exception, args: list[str]) -> str:
 
 def _check_metric(where: str, metric: str, config: Any, experiment: str) -> None:
     """A ``val/...`` metric the experiment never logs (known for samflow's data modules) is an error."""
-    from samflow.main_metric import main_metric, plain_config
+    from samflow.components import plain_config
+    from samflow.main_metric import main_metric
     from samflow.metrics.registry import DEFAULT_METRICS, build_metrics
 
     metrics, data = config.get("model.metrics"), config.get("data")
