@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 __all__ = ["SAPNet", "masks_to_boxes", "resnet50_fpn"]
 
+#: the seed of evaluation's random negatives, shared by every image (``SAPNet.negative_draws``)
+EVAL_NEGATIVES_SEED = 0
+
 
 def masks_to_boxes(logits: Tensor, size: int) -> Tensor:
     """Boxes (..., 4) in an S × S frame of mask logits (..., h, w) > 0; an empty mask gives the whole frame."""
@@ -187,9 +190,15 @@ class SAPNet(SamPlugin):
         return result.losses
 
     def negative_draws(self, ctx: DecoderContext, device: torch.device) -> Tensor:
-        """The U(0, 1) draws (4, B, num_negatives) behind the random negatives, each image's from its
-        sample's seed (``ctx.rand``): an image's negatives do not depend on its batch or the DDP rank."""
+        """The U(0, 1) draws (4, B, num_negatives) behind the random negatives: in training each image's
+        from its sample's seed (``ctx.rand``), in evaluation (batches without sample seeds) one fixed
+        draw that every image shares. Either way an image's negatives do not depend on its batch, the
+        DDP rank or the global generator."""
         assert self.net is not None, "sapnet: setup() was not called"
+        if not ctx.training:
+            generator = torch.Generator().manual_seed(EVAL_NEGATIVES_SEED)
+            fixed = torch.rand(4, 1, self.net.num_negatives, generator=generator).to(device)
+            return fixed.expand(-1, ctx.batch.num_images, -1)
         draws = ctx.rand(f"{self.key}/negatives", (4, self.net.num_negatives), per_image=True, device=device)
         return draws.transpose(0, 1)  # (4, B, num)
 

@@ -19,6 +19,7 @@ with the plugin's loss terms on the same random draws.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -207,7 +208,9 @@ def test_point_loss_equals_the_official_loss_masks(official):
     batch.mask = (torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(4)) > 0.6).float()
     out, ctx = model.run(batch)
     torch.manual_seed(5)
-    ours = model.plugins["hq"].losses(out, batch, ctx)
+    # a training step's draws: a batch without sample seeds draws them from the global generator (in
+    # evaluation the plugin reads fixed points instead)
+    ours = model.plugins["hq"].losses(out, batch, dataclasses.replace(ctx, training=True))
     logits = out.masks["hq/hq"]
     target = batch.mask[batch.image_index]
 
