@@ -23,11 +23,6 @@ from samflow.sam_spec import SamSpec
 
 SAM_PREFIX = "model.sam."
 
-# A module built in Python keeps its ``SamSpec`` in its hyperparameters, so its checkpoints hold one;
-# Lightning resumes (``fit(ckpt_path=...)``) with torch.load's default ``weights_only=True``, which
-# refuses any class it was not told of. SamSpec is plain data (strings, numbers, a list).
-torch.serialization.add_safe_globals([SamSpec])
-
 # The frozen SAM stays in eval mode on purpose (HookedSam.train keeps it there); Lightning's notice
 # about modules in eval mode at the start of training is expected and only noise here.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 __all__ = ["SamSpec"]
 
 
@@ -49,3 +51,11 @@ class SamSpec:
     encoder_cache: int = 0
     encoder_cache_stages: tuple[str, ...] = ("train", "eval")
     embedding_store: str | None = None
+
+
+# A module built in Python keeps its ``SamSpec`` in its hyperparameters, so its checkpoints hold one;
+# Lightning resumes (``fit(ckpt_path=...)``) and ``read_checkpoint_state`` load with ``weights_only=True``,
+# which refuses any class it was not told of. SamSpec is plain data (strings, numbers, a list). Allowed
+# for the whole process, here where it is defined: torch's ``safe_globals`` context would remove it again
+# from the process's list when its block ends.
+torch.serialization.add_safe_globals([SamSpec])

@@ -8,7 +8,6 @@ import torch
 from segment_anything import SamPredictor
 
 from samflow import Predictor
-from samflow.module import SamSpec
 from samflow.predictor_types import PredictorError
 from samflow.sam import CheckpointError, HookedSam
 
@@ -116,8 +115,7 @@ def test_from_run_loads_the_trained_weights(trained_run):
     predictor = Predictor.from_run(trained_run, device="cpu")
     assert not any(m.training for m in predictor.model.modules())  # eval mode, plugins included
     assert predictor.device == torch.device("cpu")
-    with torch.serialization.safe_globals([SamSpec]):
-        state = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    state = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     trained = {k.removeprefix("model."): v for k, v in state.items()}
     loaded = predictor.model.state_dict()
     assert "plugins.tokens.tokens.weight" in trained and "sam.mask_decoder.iou_token.weight" in trained

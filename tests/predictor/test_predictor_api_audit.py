@@ -96,8 +96,7 @@ def test_a_checkpoint_predicts_what_its_lightning_module_computes(trained_run):
     parser.add_argument("--plugins", type=dict[str, SamPlugin])
     plugins = parser.instantiate_classes(parser.parse_object({"plugins": config["plugins"]})).plugins
     module = SamflowModule(sam=SamSpec(**config["sam"]), plugins=plugins)
-    with torch.serialization.safe_globals([SamSpec]):
-        ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True)
     module.load_state_dict(ckpt["state_dict"])
     module.eval()
 

@@ -181,3 +181,17 @@ def test_the_hyperparameters_of_a_module_built_in_python_load_with_weights_only(
     torch.save({"hyper_parameters": dict(module.hparams)}, tmp_path / "hparams.ckpt")
     loaded = torch.load(tmp_path / "hparams.ckpt", weights_only=True)
     assert loaded["hyper_parameters"]["sam"] == module.hparams["sam"]
+
+
+def test_samspec_stays_allowed_after_a_run_is_read_back(tmp_path):
+    """``read_checkpoint_state`` (``Predictor.from_run``, export) used torch's ``safe_globals`` context,
+    which on leaving removed SamSpec from the process's allowed classes: a resume after it failed."""
+    from samflow.rebuild import read_checkpoint_state
+
+    path = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {"model.w": torch.zeros(1)}, "hyper_parameters": {"sam": SamSpec()}}, path)
+    read_checkpoint_state(path)
+    with torch.serialization.safe_globals([]):
+        pass
+    assert SamSpec in torch.serialization.get_safe_globals()
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["sam"] == SamSpec()

@@ -79,12 +79,12 @@ def test_a_verbose_run_after_a_quiet_one_shows_the_warnings_the_quiet_one_silenc
     ``--verbose`` run of the process shows them again."""
     import warnings
 
-    from samflow.console import WARNING_NOISE, set_verbosity, silence_third_party
+    from samflow.console import WARNING_NOISE, restored_console, set_verbosity, silence_third_party
 
-    monkeypatch.delenv("SAMFLOW_VERBOSITY", raising=False)
+    monkeypatch.setenv("SAMFLOW_VERBOSITY", "normal")  # set, so that the test's end puts the variable back
     message = "`isinstance(treespec, LeafSpec)` is deprecated, use `treespec.is_leaf()`"
     assert any(m.startswith(r"`isinstance\(treespec") for m, _ in WARNING_NOISE)
-    with warnings.catch_warnings(record=True) as shown:
+    with restored_console(), warnings.catch_warnings(record=True) as shown:
         warnings.simplefilter("always")
         for level in ("quiet", "verbose", "normal", "verbose"):
             set_verbosity(level)
