@@ -130,23 +130,3 @@ def test_a_run_leaves_the_environment_as_it_found_it(clean_env, monkeypatch, fai
         if before.get(k) != after.get(k)
     } == {}
     assert sys.argv == ["samflow"]
-
-
-def test_a_run_after_a_disabled_one_in_the_process_logs_in_its_own_mode(tmp_path, monkeypatch):
-    """W&B keeps the mode of the process's first run (its setup singleton): after a disabled run (a test,
-    a notebook cell), a run with ``WANDB_MODE=offline`` was disabled too. samflow's logger passes the
-    mode to ``wandb.init``."""
-    import wandb
-
-    from samflow.callbacks.wandb_run import SamflowWandbLogger
-
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    wandb.init(project="p", dir=str(tmp_path / "first")).finish()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    logger = SamflowWandbLogger(project="p", save_dir=str(tmp_path / "second"), name="x")
-    try:
-        assert logger.experiment.settings.mode == "offline"
-    finally:
-        logger.experiment.finish()
-    assert list((tmp_path / "second").glob("wandb/offline-run-*"))

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,6 @@ class SamflowWandbLogger(WandbLogger):
         super().__init__(*args, **kwargs)
         if self._wandb_init.get("anonymous") is None:
             self._wandb_init.pop("anonymous", None)
-        mode = os.environ.get("WANDB_MODE")
-        if self._wandb_init.get("mode") is None and mode in ("online", "offline", "disabled"):
-            # W&B keeps the mode of its first run for the whole process (its setup singleton): a run
-            # after a disabled one (a test, a notebook cell) would be disabled too, whatever the variable
-            self._wandb_init["mode"] = mode
         if self._wandb_init.get("settings") is None and verbosity() != "verbose":
             import wandb
 

@@ -45,8 +45,11 @@ def _state() -> dict:
 
 
 def test_a_quiet_deterministic_fit_without_a_wandb_account_leaves_the_process_as_found(tmp_path, monkeypatch):
+    import wandb
+
     from samflow.cli import main
 
+    wandb.teardown()  # W&B keeps the mode of the process's first run (an earlier test's: disabled)
     for name in ("WANDB_MODE", "WANDB_API_KEY", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "SAMFLOW_VERBOSITY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: W&B runs offline
@@ -67,6 +70,7 @@ def test_a_quiet_deterministic_fit_without_a_wandb_account_leaves_the_process_as
         after = _state()
     finally:
         torch.backends.cudnn.benchmark = benchmark
+        wandb.teardown()  # its service process: a later test's `samflow` subprocess would attach to it
     assert list((tmp_path / "runs").glob("wandb/**/offline-run-*")), "the run logged to W&B offline"
     env = {k: (before["env"].get(k), after["env"].get(k)) for k in before["env"].keys() | after["env"].keys()}
     assert {k: v for k, v in env.items() if v[0] != v[1]} == {}
