@@ -14,7 +14,8 @@ field                  type, shape                 meaning
                                                    masks (predict)
 ``gt_original``        list of B bool (H_i, W_i)   ground truth at the original resolution (metrics); None
                                                    without masks
-``id``, ``path``       list[str] of B              file stems and image paths
+``id``, ``path``       list[str] of B, or []       file stems and image paths; [] when not given (``names``
+                                                   reads ``id`` or, without, the images' positions)
 ``image_index``        long (N,)                   the image of each prompt row
 ``points``             float (N, K, 2) | None      x, y in the S x S frame, pixel units
 ``point_labels``       long (N, K) | None          1 positive, 0 negative, -1 an empty slot (padding): empty
@@ -159,12 +160,15 @@ class SamBatch:
                 f"SamBatch: point_labels must hold {POINT_LABEL_WORDS}, got {bad}; a box goes in box, "
                 "not as corner points."
             )
-        if not self.id:
-            self.id = [str(i) for i in range(b)]
         if self.context_image is not None and self.context_affine is None:
             self.context_affine = torch.tensor([[0.5, s / 4, s / 4]] * b, device=device)
 
     # ---- sizes ----
+    @property
+    def names(self) -> list[str]:
+        """The images' ids, or their positions (``"0"``, ``"1"``, ...) in a batch without ids."""
+        return self.id or [str(i) for i in range(self.num_images)]
+
     @property
     def num_images(self) -> int:
         return self.image.shape[0]

@@ -16,7 +16,6 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -25,6 +24,7 @@ from samflow.argument_errors import one_line_argument_error
 from samflow.commands import experiment_from_argv
 from samflow.experiment_files import ExperimentError, list_experiments
 from samflow.plugin_check import check_plugin_args
+from samflow.process_state import restored_process_state
 from samflow.usage import CommandParser, UsageError
 
 __all__ = ["CommandParser", "UsageError", "experiment_from_argv", "main", "user_errors"]
@@ -58,7 +58,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "student": (
         "samflow.student_command:main",
-        "--experiment NAME --pseudo FILE --out DIR [--images DIR] [--head YAML] [--mps-weight 0.5] [overrides ...]",
+        "--experiment NAME --pseudo FILE --out DIR [--images DIR] [--head YAML] [--mps-weight 0.5] [--overwrite] [overrides ...]",
     ),
     "predict-slide": (
         "samflow.wsi_predict:main",
@@ -344,42 +344,6 @@ def run_cli(args: list[str], run_name: str) -> Any:
             wandb = sys.modules.get("wandb")
             if wandb is not None and getattr(wandb, "run", None) is not None:
                 wandb.finish(exit_code=1 if failed else 0)
-
-
-#: Environment variables a run sets for its whole process: W&B's mode (``configure_wandb``),
-#: Lightning's seed (``seed_everything``) and cuBLAS workspace (``trainer.deterministic``).
-RUN_ENVIRONMENT = ("WANDB_MODE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
-
-
-@contextlib.contextmanager
-def restored_process_state() -> Iterator[None]:
-    """Put back, when the block ends (also by an error), what a run changes for its whole process:
-    ``sys.argv`` (rewritten for DDP children), the variables of ``RUN_ENVIRONMENT``, torch's
-    deterministic-algorithms, cuDNN-benchmark and float32-matmul settings (Lightning's trainer sets the
-    first two for the process; a run with ``trainer.benchmark`` would set the next run's default) and
-    the console's verbosity and log filters (``samflow.console.restored_console``)."""
-    import torch
-
-    from samflow.console import restored_console
-
-    argv = list(sys.argv)
-    env = {name: os.environ.get(name) for name in RUN_ENVIRONMENT}
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    benchmark, matmul = torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()
-    try:
-        with restored_console():
-            yield
-    finally:
-        sys.argv = argv
-        for name, value in env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.backends.cudnn.benchmark = benchmark
-        torch.set_float32_matmul_precision(matmul)
 
 
 if __name__ == "__main__":

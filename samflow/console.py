@@ -268,11 +268,21 @@ class RunHeader(Callback):
         for logger in trainer.loggers:
             run = getattr(logger, "_experiment", None)
             if type(logger).__name__.endswith("WandbLogger") and run is not None:
-                folder = Path(run.dir).parent
+                folder = shown(Path(run.dir).parent)  # absolute (SamflowWandbLogger)
                 mode = os.environ.get("WANDB_MODE", "online")
                 where = f"upload: wandb sync {folder}" if mode == "offline" else str(folder)
                 grid.add_row("W&B", f"{mode} run {getattr(run, 'name', '')} ({where})")
         return grid
+
+
+def shown(path: str | Path) -> str:
+    """``path`` relative to the working directory when it is inside it, else absolute (shorter to read
+    and copy)."""
+    full = Path(path).expanduser().absolute()
+    try:
+        return str(full.relative_to(Path.cwd()))
+    except ValueError:
+        return str(full)
 
 
 def data_sizes(trainer: Trainer) -> dict[str, int]:

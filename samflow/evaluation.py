@@ -96,7 +96,7 @@ def row_targets(batch: SamBatch, image_index: Tensor) -> list[Tensor]:
         taken[i] += 1
     if taken != counts:
         raise ValueError(
-            f"the batch of {batch.id[:3]} has {taken} prompt row(s) per image but {counts} instance "
+            f"the batch of {batch.names[:3]} has {taken} prompt row(s) per image but {counts} instance "
             "mask(s): each row is scored against its own instance, so a plugin must not add or drop "
             "evaluation rows of a batch with instance_masks."
         )
@@ -167,7 +167,7 @@ class EvaluationMixin(LightningModule):
         metrics = self._metric_set(stage, dataloader_idx)
         if batch.gt_original is None:
             raise ValueError(
-                f"{stage}: the batch of {batch.id[:3]} has no ground truth; {stage} needs masks."
+                f"{stage}: the batch of {batch.names[:3]} has no ground truth; {stage} needs masks."
             )
         nonfinite = (~torch.isfinite(out.pred)).flatten(1).any(1).sum()
         self._tally(stage, dataloader_idx).update(batch.num_images, loss, batch.num_rows, nonfinite)

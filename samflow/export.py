@@ -27,6 +27,9 @@ own is refused, by name.
 image embeddings, in segment-anything's ONNX form (``samflow.onnx_export``); plugins that do not
 declare ``SamPlugin.onnx_exportable`` are refused by name. With onnxruntime installed the graph is
 checked against PyTorch on random inputs, and the largest difference is recorded in ``samflow.json``.
+
+``--overwrite`` removes the earlier export first; each file is written whole (beside its name, then
+renamed), ``samflow.json`` last, so an interrupted export never loads as a finished one.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import importlib.metadata
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +163,16 @@ def export(
             f"{', '.join(map(str, existing))} exist already; pass --overwrite to replace the earlier export, "
             "or another --out."
         )
+    # every file of the earlier export goes first (its samflow.json with it), and samflow.json is written
+    # last: an interrupted export is never a folder that loads as a finished one
     for stale in existing:
-        if stale.name not in names:
-            stale.unlink()
+        stale.unlink()
     onnx_record = (
         _write_onnx(model, folder, multimask_output, settings["predictor"]["resize_mode"]) if onnx else None
     )
     if state is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save(state, folder / MERGED)
+        _write_whole(folder / MERGED, lambda tmp: torch.save(state, tmp))
         return [folder / MERGED]
     sam_spec = settings["model"].get("sam") or {}
     sam_file = sam_checkpoint if sam_checkpoint is not None else sam_spec.get("checkpoint")
@@ -189,10 +194,22 @@ def export(
     if onnx_record is not None:
         manifest["onnx"] = onnx_record
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / ADAPTER), metadata={"format": "samflow-adapter"})
-    shutil.copyfile(config_path, folder / CONFIG)
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_whole(
+        folder / ADAPTER, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "samflow-adapter"})
+    )
+    _write_whole(folder / CONFIG, lambda tmp: shutil.copyfile(config_path, tmp))
+    _write_whole(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     return [folder / n for n in names]
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a file beside ``path``, then rename it: ``path`` is whole or absent, never half-written."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _write_onnx(model: HookedSam, folder: Path, multimask_output: bool, resize_mode: str) -> dict[str, Any]:

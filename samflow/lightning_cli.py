@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
-import string
 import sys
 import typing
 from argparse import ArgumentError
@@ -24,37 +22,19 @@ from samflow.callbacks.accumulation import AccumulatedGradients
 from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, PlateauResume, RandomState
 from samflow.callbacks.resume_config import SameExperiment, check_fit_config, training_settings
 from samflow.callbacks.run_folder import (
-    RunCSVLogger,
     RunInfo,
-    command_folder,
-    last_checkpoint,
-    read_run_info,
-    run_folder_of,
 )
 from samflow.callbacks.run_report import RunReport
 from samflow.callbacks.wandb_run import SamflowWandbLogger
 from samflow.config_checks import ConfigError, check_plugin_classes, optimizer_into_model, several_processes
-from samflow.console import RunHeader, SamflowProgressBar, local_log_dir, verbosity
+from samflow.console import RunHeader, SamflowProgressBar, local_log_dir, shown, verbosity
 from samflow.keyed_config import KeyedConfigFile
 from samflow.main_metric import checkpoint_filename, main_metric
 from samflow.module import SamflowModule
 from samflow.plugins.base import SamPlugin
 from samflow.plugins.checks import describe
 from samflow.plugins.registry import PluginError, discover
-
-
-def shown(path: str | Path) -> str:
-    """``path`` relative to the working directory when it is inside it, else absolute."""
-    full = Path(path).expanduser().absolute()
-    try:
-        return str(full.relative_to(Path.cwd()))
-    except ValueError:
-        return str(full)
-
-
-def _new_wandb_id() -> str:
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8))
+from samflow.run_placement import place_run
 
 
 class SaveConfig(SaveConfigCallback):
@@ -72,7 +52,7 @@ class SamflowCLI(LightningCLI):
     Runs are written to ``runs/<experiment>/version_N`` (CSV metrics, checkpoints, the resolved
     config, sample grids, ``run.json`` with the W&B id) and to W&B (offline without credentials). A
     ``--ckpt_path`` in a run's ``checkpoints/`` folder (or ``--resume RUN|last``) reuses that run: fit
-    continues it exactly, validate / test / predict write ``<run>/<command>[_N]`` (``_place_run``).
+    continues it exactly, validate / test / predict write ``<run>/<command>[_N]`` (``samflow.run_placement``).
     The callbacks are configurable under ``checkpoint`` (BestCheckpoint, a ModelCheckpoint monitoring
     the main validation metric, ``main_metric``), ``last`` (LastCheckpoint: ``last.ckpt`` every N
     steps and at epoch ends), ``samples``, ``predictions``,
@@ -200,85 +180,12 @@ class SamflowCLI(LightningCLI):
             )
         optimizer_into_model(config)
         check_plugin_classes(config)
-        self._place_run(config)
+        self.run_folder = place_run(config, self.subcommand or "fit", self.run_name)
         if (self.subcommand or "fit") == "fit":
             self._resume_checked = check_fit_config(config, self._random_seed)
         self._monitor_main_metric(config)
 
-    # ---- run folders (samflow.callbacks.run_folder) ----
-    run_folder: Path | None = None  # the run a --ckpt_path / --resume belongs to
-
-    def _resume_checkpoint(self, resume: str, config: Namespace) -> Path:
-        """The checkpoint ``--resume`` names: ``last`` (the newest run of the experiment), a run folder, a file."""
-        if resume == "last":
-            runs = Path(config.get("trainer.default_root_dir") or f"runs/{self.run_name}")
-            found = last_checkpoint(runs)
-            if found is None:
-                raise FileNotFoundError(
-                    f"--resume last: no run under {runs} has checkpoints/last.ckpt; start the run without --resume."
-                )
-            return found
-        path = Path(resume).expanduser()
-        if path.is_dir():
-            path = path / "checkpoints" / LastCheckpoint.FILE
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"--resume {resume}: {path} does not exist; give a run folder that holds checkpoints/last.ckpt."
-                )
-        elif not path.is_file():
-            raise FileNotFoundError(f"--resume {resume}: no such run folder or checkpoint.")
-        return path
-
-    def _place_run(self, config: Namespace) -> None:
-        """Point the loggers at the run folder of ``--ckpt_path`` (or ``--resume``), and give W&B its run id.
-
-        ``fit`` continues that folder and W&B run; ``validate`` / ``test`` / ``predict`` write into a new
-        subfolder of it named after the command (``test``, ``test_1``, ...). A new fit gets a W&B id of
-        its own, recorded in ``run.json``.
-        """
-        command = self.subcommand or "fit"
-        resume = config.get("resume")
-        if resume:
-            if command != "fit":
-                raise ConfigError(
-                    f"--resume continues a fit; give `samflow {command}` the checkpoint with --ckpt_path."
-                )
-            if config.get("ckpt_path"):
-                raise ConfigError("Give either --resume or --ckpt_path, not both.")
-            config["ckpt_path"] = str(self._resume_checkpoint(str(resume), config))
-            config["resume"] = None
-        loggers = config.get("trainer.logger")
-        entries = [
-            e for e in (loggers if isinstance(loggers, list) else [loggers]) if isinstance(e, Namespace)
-        ]
-
-        def options(kind: str) -> list[Namespace]:
-            return [e.init_args for e in entries if str(e.get("class_path", "")).endswith(kind)]
-
-        run = run_folder_of(config.get("ckpt_path"))
-        if run is None:
-            if command == "fit":
-                for wandb in options("WandbLogger"):
-                    if not wandb.get("id"):
-                        wandb["id"] = _new_wandb_id()
-            return
-        self.run_folder = run
-        if command == "fit":  # appending to metrics.csv, which Lightning's CSVLogger would delete
-            parent, folder, root = run.parent, run.name, run
-            for entry in entries:
-                if entry.get("class_path") == "lightning.pytorch.loggers.CSVLogger":
-                    entry["class_path"] = f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}"
-        else:
-            parent, folder = run, command_folder(run, command)
-            root = run / folder
-        for csv in options("CSVLogger"):
-            csv["save_dir"], csv["name"], csv["version"] = str(parent), "", folder
-        wandb_id = read_run_info(run).get("wandb_id")
-        for wandb in options("WandbLogger"):
-            wandb["id"] = wandb_id or wandb.get("id") or _new_wandb_id()
-            wandb["resume"] = "allow" if wandb_id else wandb.get("resume")
-        config["trainer.default_root_dir"] = str(root)
-        rank_zero_info(f"samflow: {command} of run {run} writes into {root}.")
+    run_folder: Path | None = None  # the run a --ckpt_path / --resume belongs to (``place_run``)
 
     def _monitor_main_metric(self, config: Namespace) -> None:
         """``checkpoint.monitor`` defaults to the experiment's main validation metric (``main_metric``)."""

@@ -333,13 +333,13 @@ class SamflowModule(EvaluationMixin):
             return {"id": [], "masks": [], "probs": []}
         out, _ = self(batch)
         probs = self.probabilities(out, batch)
-        ids = [batch.id[i] for i in out.image_index.tolist()]
+        ids = [batch.names[i] for i in out.image_index.tolist()]
         result = {"id": ids, "masks": [(p > self.threshold) for p in probs], "probs": probs}
         ann_ids = getattr(batch, "ann_ids", None)
         if ann_ids is not None:  # one row per instance: the rows of one image need their own names
             if len(ann_ids) != len(ids):
                 raise ValueError(
-                    f"predict: the batch of {batch.id[:3]} has {len(ann_ids)} instance(s) but {len(ids)} "
+                    f"predict: the batch of {batch.names[:3]} has {len(ann_ids)} instance(s) but {len(ids)} "
                     "predicted row(s); a plugin must not add or drop the rows of instance data."
                 )
             result["instance"] = ann_ids.tolist()

@@ -24,8 +24,14 @@ prompts overlap the higher score wins), ``results.json``: COCO results (``image_
 ``category_id``, ``segmentation`` as RLE, ``score``: the model's IoU prediction), and ``skipped.json``:
 the images skipped as unreadable (``file_name``, ``path``, ``image_id``, ``prompts``, ``error``; an
 empty list when none was). The output folder may not be or hold an input (images, prompt file,
-masks); existing outputs are refused unless ``--overwrite``; an unreadable image stops the run naming
-it, or with ``--skip-bad`` is reported, skipped, listed in ``skipped.json`` and counted at the end.
+masks); existing outputs of these images (an earlier or interrupted run's, in either format) are
+refused unless ``--overwrite``, which removes them all before the run (other files are left alone);
+``results.json`` is written last, so a run without it did not finish. Two images whose outputs would
+share a name (``a.png`` and ``a.jpg``, or ``a.png`` and ``A.png``: one file on a case-insensitive disk)
+and a prompt file with no prompt for any image are refused. An unreadable image stops the run naming
+it, or with ``--skip-bad`` is reported, skipped, listed in ``skipped.json`` and counted at the end; a
+run in which every image with prompts was skipped (nothing predicted) ends with one error line naming
+``skipped.json``, exit status 1.
 """
 
 from __future__ import annotations
@@ -65,15 +71,21 @@ def planned_outputs(out: Path, entries: list[ImagePrompts], fmt: str) -> list[Pa
     writers: dict[str, ImagePrompts] = {}
     for entry in entries:
         stem = entry.image.stem
-        first = writers.setdefault(stem, entry)
+        # by case-folded stem: ``a.png`` and ``A.jpg`` write one file on a case-insensitive disk
+        first = writers.setdefault(stem.casefold(), entry)
         if first is not entry and first.image == entry.image:
             raise PromptFileError(
                 f"the image {str(entry.image)!r} is listed twice in the prompts; give its prompts in one entry."
             )
         if first is not entry:
+            same = (
+                stem
+                if first.image.stem == stem
+                else f"{first.image.stem} and {stem}, one name on a case-insensitive disk"
+            )
             raise PromptFileError(
                 f"the images {str(first.image)!r} and {str(entry.image)!r} would write the same outputs "
-                f"({stem}); rename one, or predict them into different --out folders."
+                f"({same}); rename one, or predict them into different --out folders."
             )
         if fmt == "labels":
             files.append(out / "labels" / f"{stem}.png")
@@ -95,16 +107,33 @@ def check_outputs(out: Path, inputs: list[Path], planned: list[Path], overwrite:
             )
         if not real.is_dir() and target in real.parents:
             raise PromptFileError(f"--out {str(out)!r} holds the input {str(item)!r}; choose another folder.")
-    existing = [p for p in planned if p.exists() or p.is_symlink()]
+    existing = list(dict.fromkeys(p for p in planned if p.exists() or p.is_symlink()))
     if existing and not overwrite:
         shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
         raise PromptFileError(
-            f"{len(existing)} outputs exist already ({shown}); pass --overwrite or another --out."
+            f"{len(existing)} outputs exist already ({shown}); pass --overwrite to replace them (an earlier "
+            "or interrupted run's, of these images), or another --out."
         )
     inputs_real = {p.resolve() for p in inputs}
     for p in existing:
         if p.resolve() in inputs_real:
             raise PromptFileError(f"the output {str(p)!r} is a link to an input; refused.")
+
+
+def earlier_outputs(out: Path, entries: list[ImagePrompts]) -> list[Path]:
+    """The files in ``out`` an earlier run on these images wrote, in either format: ``results.json``,
+    ``skipped.json``, ``labels/<stem>.png`` and every ``masks/<stem>_<k>.png`` (also a k this run does not
+    write: an earlier run with more prompts). ``--overwrite`` removes them before anything runs, so no
+    stale mask outlives the run and an interrupted run leaves no ``results.json``."""
+    stems = {entry.image.stem for entry in entries}
+    found = [p for p in (out / RESULTS, out / SKIPPED) if p.exists() or p.is_symlink()]
+    found += [out / "labels" / f"{stem}.png" for stem in sorted(stems)]
+    if (out / "masks").is_dir():
+        for path in sorted((out / "masks").iterdir()):
+            stem, _, k = path.stem.rpartition("_")
+            if path.suffix == ".png" and stem in stems and k.isdigit():
+                found.append(path)
+    return [p for p in found if p.exists() or p.is_symlink()]
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -180,8 +209,8 @@ def predict_prompts(
             rate = done / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=1, rate=f"{rate:.2f} images/s")
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS).write_text(json.dumps(results))
-    (out / SKIPPED).write_text(json.dumps(skipped, indent=1) + "\n")
+    _write_atomic(out / SKIPPED, json.dumps(skipped, indent=1) + "\n")
+    _write_atomic(out / RESULTS, json.dumps(results))  # last: a run without it did not finish
     return {
         "images": done,
         "prompts": prompts_done,
@@ -189,6 +218,13 @@ def predict_prompts(
         "results": results,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``path`` with ``text``, whole or not at all (written beside it, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _one_image(
@@ -299,14 +335,28 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     images, prompts, out = Path(args.images), Path(args.prompts), Path(args.out)
     entries = read_prompts(prompts, images, derive=args.derive, points=args.points, seed=args.seed)
+    if not any(entry.prompts for entry in entries):
+        raise PromptFileError(
+            f"{prompts}: no prompt for any image of --images {str(images)!r}, so nothing to predict; check "
+            "that the file names its images as they are in that folder."
+        )
     inputs = [images, prompts, *(e.image for e in entries)]
-    check_outputs(out, inputs, planned_outputs(out, entries, args.format), args.overwrite)
+    planned = planned_outputs(out, entries, args.format)
+    check_outputs(out, inputs, planned + earlier_outputs(out, entries), args.overwrite)
+    if args.overwrite:
+        for path in earlier_outputs(out, entries):
+            path.unlink()
     predictor = _load_predictor(Path(args.model), args.sam_checkpoint, args.device)
     summary = predict_prompts(
         predictor, entries, out, fmt=args.format, skip_bad=args.skip_bad, tile=args.tile
     )
     rate = summary["images"] / max(summary["seconds"], 1e-9)
     skipped = summary["skipped"]
+    if skipped and not summary["prompts"]:
+        raise PromptFileError(
+            f"nothing predicted: every image with prompts was unreadable ({len(skipped)} skipped, listed in "
+            f"{out / SKIPPED}); fix or replace them, then run again with --overwrite."
+        )
     lost = sum(s["prompts"] for s in skipped)
     print(
         f"samflow: predicted {summary['prompts']} prompts on {summary['images']} images ({rate:.2f} images/s); "

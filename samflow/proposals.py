@@ -281,6 +281,8 @@ def write_proposals(
             f"samflow proposals: batch_size {batch_size} and shard_size {shard_size} must both be >= 1."
         )
     root = Path(out).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ProposalStoreError(f"samflow proposals: --out {root} is a file, not a folder; choose a folder.")
     stored = open_embedding_store(embedding_store, sam, dataset) if embedding_store else None
     key = store_key(sam, dataset, from_store=stored is not None)
     manifest = {"key": key, "images": len(dataset), "shard_size": shard_size, "kinds": list(KINDS)}

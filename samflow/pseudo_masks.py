@@ -26,9 +26,10 @@ annotation masks (a diagnostic; the annotation masks are used for nothing else) 
 annotation of the training file without a pseudo mask, with its ``id``, ``image_id`` and ``reason``
 (``iscrowd (data.crowd: skip)``, ``empty mask``, or an ``image_id`` not in the file's ``images``).
 
-**Refusals.** Before anything runs: a ``batch_size`` below 1, an ``out`` that is one of the inputs (the
-training annotations, the proposal store's file, the checkpoint; ``--overwrite`` never replaces
-those), and a proposal store made with another SAM than the experiment's (as ``samflow fit`` refuses).
+**Refusals.** Before anything runs: a ``batch_size`` below 1, an ``out`` that is a folder (or lies
+under a file) or one of the inputs (the training annotations, the proposal store's file, the
+checkpoint; ``--overwrite`` never replaces those), and a proposal store made with another SAM than the
+experiment's (as ``samflow fit`` refuses).
 """
 
 from __future__ import annotations
@@ -90,6 +91,20 @@ def _iscrowd(batch: CocoBatch, row: int) -> int:
     return int(batch.iscrowd[row]) if batch.iscrowd is not None else 0
 
 
+def _refuse_a_folder(out: Path) -> None:
+    """A DataError when ``out``, the JSON file to write, is a folder or lies under a file."""
+    if out.is_dir():
+        raise DataError(
+            f"samflow pseudo-masks: --out {out} is a folder; give the JSON file to write "
+            f"(e.g. {out / 'pseudo_masks.json'})."
+        )
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(
+            f"samflow pseudo-masks: --out {out} lies under the file {blocking}; choose another --out."
+        )
+
+
 def _refuse_an_input(out: Path, dataset: CocoInstances, checkpoint: str) -> None:
     """A DataError when ``out`` is the training annotations, the proposal store's file or the checkpoint."""
     assert dataset.proposals is not None
@@ -149,6 +164,7 @@ def write_pseudo_masks(
     if batch_size < 1:
         raise DataError(f"samflow pseudo-masks: batch_size {batch_size} must be >= 1.")
     path = Path(out).expanduser()
+    _refuse_a_folder(path)
     _refuse_an_input(path, dataset, checkpoint)
     dataset.proposals.check_sam(sam_checksum(module.model.sam), "the experiment's model.sam")
     was_training = module.training
@@ -256,6 +272,7 @@ def main(argv: list[str]) -> int:
 
     opts, overrides = _parser().parse_known_args(argv)
     out = Path(opts.out).expanduser()
+    _refuse_a_folder(out)
     if out.exists() and not opts.overwrite:
         raise DataError(f"samflow pseudo-masks: {out} exists; choose another --out or pass --overwrite.")
     ckpt = Path(opts.ckpt).expanduser()

@@ -1,4 +1,5 @@
-"""Seeds: ``derived_seed`` makes independent seeds from others, ``cpu_seeded`` draws on the CPU from one.
+"""Seeds: ``derived_seed`` makes independent seeds from integers, ``stable_seed`` from names and
+integers (a sample's id, a stream's name), ``cpu_seeded`` draws on the CPU from one.
 
 ``cpu_seeded`` leaves every other generator as it was.
 
@@ -11,13 +12,14 @@ generator alone.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-__all__ = ["cpu_seeded", "derived_seed"]
+__all__ = ["cpu_seeded", "derived_seed", "stable_seed"]
 
 
 def derived_seed(*words: int) -> int:
@@ -25,6 +27,14 @@ def derived_seed(*words: int) -> int:
     independent seeds. A sample's seed from (run seed, epoch, index), a stream of a sample's own from
     (its seed, a tag)."""
     return int(np.random.SeedSequence(list(words)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def stable_seed(*parts: int | str) -> int:
+    """A 63-bit seed of ``parts`` (a run's seed, a sample's id, a stream's name, ...): the same in every
+    process and every run (Python's ``hash`` of a string is salted per process), and unrelated for
+    different parts. SHA-256 of the parts written out, joined by commas."""
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @contextmanager

@@ -10,13 +10,15 @@ files and the train images folder), the optimizer and scheduler (``model.optimiz
 the train split becomes the pseudo-mask file. ``model.sam.embedding_store`` is refused (the student
 runs the encoder; ``model.sam.encoder_cache`` works). It writes ``DIR/checkpoints/last.ckpt`` (the head
 only), ``DIR/metrics.csv``, ``DIR/student_metrics.json`` and, with a test split, ``DIR/results.json``
-(COCO results that pycocotools' ``COCO.loadRes`` reads).
+(COCO results that pycocotools' ``COCO.loadRes`` reads). A ``DIR`` holding an earlier student run's
+files is refused before anything runs; ``--overwrite`` removes them first (other files are left alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
         help="output folder (checkpoints, metrics.csv, student_metrics.json, results.json)",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of an earlier student run in --out (refused otherwise)",
+    )
+    p.add_argument(
         "--images",
         default=None,
         help="folder of the training images (default: the experiment's train images)",
@@ -126,6 +133,37 @@ def _build_cli(experiment: str, overrides: list[str]) -> Any:
         sys.argv = argv
 
 
+OUTPUTS = ("metrics.csv", "hparams.yaml", "student_metrics.json", "results.json")
+
+
+def _launching_process() -> bool:
+    """Whether this is the process the user started (not a DDP rank that Lightning or torchrun started
+    beside it): only that one checks and clears ``--out``."""
+    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _earlier_outputs(out: Path, pseudo: Path, overwrite: bool) -> list[Path]:
+    """The files of an earlier student run in ``out`` (``checkpoints/*.ckpt`` and ``OUTPUTS``), which
+    ``overwrite`` replaces; a DataError when ``out`` is a file, holds the pseudo-mask file as an output,
+    or holds earlier outputs without ``overwrite`` (Lightning would write ``last-v1.ckpt`` beside the
+    earlier ``last.ckpt`` and replace the metrics: two runs mixed in one folder)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"samflow student: --out {out} is a file, not a folder; choose a folder.")
+    planned = [out / name for name in OUTPUTS]
+    if pseudo.resolve() in {p.resolve() for p in planned}:
+        raise DataError(
+            f"samflow student: --out {out} would replace the input --pseudo {pseudo}; choose another --out."
+        )
+    found = sorted((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
+    found += [p for p in planned if p.exists()]
+    if found and not overwrite:
+        raise DataError(
+            f"samflow student: --out {out} holds an earlier student run ({', '.join(str(p) for p in found[:3])}"
+            f"{' ...' if len(found) > 3 else ''}); pass --overwrite to replace it, or choose another --out."
+        )
+    return found
+
+
 def main(argv: list[str]) -> int:
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -137,6 +175,8 @@ def main(argv: list[str]) -> int:
         raise DataError(
             f"samflow student: --pseudo {pseudo} not found; write it with `samflow pseudo-masks`."
         )
+    out = Path(opts.out).expanduser()
+    earlier = _earlier_outputs(out, pseudo, opts.overwrite) if _launching_process() else []
     cli = _build_cli(opts.experiment, overrides)
     model, data = cli.model, cli.datamodule
     if model.sam_spec.embedding_store:
@@ -184,7 +224,8 @@ def main(argv: list[str]) -> int:
     kwargs = {"enable_model_summary": False, "num_sanity_val_steps": 0, **_trainer_kwargs(cli)}
     if str(kwargs.get("strategy", "")).startswith("ddp_find_unused"):
         kwargs["strategy"] = "ddp"  # the student's head uses every parameter
-    out = Path(opts.out).expanduser()
+    for path in earlier:  # --overwrite: none of them outlives this run beside its new files
+        path.unlink()
     # the experiment's own trainer.callbacks (e.g. the warm-up) come first; samflow fit's (sample grids,
     # reports, its checkpointing) are for SamflowModule and are left out
     own = len(cli.config.get("trainer", {}).get("callbacks") or [])

@@ -10,6 +10,10 @@ times the mpp, the same ``tile`` px) and a prompt box covering the whole tile. T
   exactly on the finest pyramid level whose sides are at most ``polygon_side`` px (default 4096);
 - with ``--annotations``: Dice of the mask against them (per slide), printed and in ``<slide>.json``.
 
+Each slide's files appear together when it is done (written under hidden ``.partial`` names, then
+renamed), so an interrupted run leaves none of its slide. ``--overwrite`` removes the earlier run's
+files of the slides first (a ``<slide>.json`` Dice included, when this run has no annotations).
+
 The command runs at the experiment's ``data.init_args.mpp`` and ``data.init_args.factor`` (the model
 was trained there) with its ``model.threshold``; ``--mpp`` / ``--factor`` / ``--threshold`` override
 them, and each flag that differs from the experiment's value is named in one printed line.
@@ -98,6 +102,7 @@ def predict_slide(
     out = Path(out)
     stem = Path(slide_path).stem
     mask_path, geojson_path, dice_path = outputs = _outputs(out, slide_path)
+    _refuse_a_file(out)
     _refuse_writing_inputs(outputs, [slide_path, annotations])
     # read before any tile runs: a bad file stops here, and nothing written can replace it
     slide = Slide(slide_path, slide_mpp)
@@ -122,7 +127,9 @@ def predict_slide(
             slide.close()
         score = _share(score, group)
         return SlidePrediction(mask_path, geojson_path, (height, width), tiles, score, ran)
-    scratch = [out / f".{stem}_mask.u8"]
+    # the outputs are written beside their names and renamed at the end: an interrupted run leaves none
+    partial = {path: path.with_name(f".{path.name}.partial") for path in outputs}
+    scratch = [out / f".{stem}_mask.u8", *partial.values()]
     levels: list[np.ndarray] = []
     columns = [TextColumn(f"predict-slide {stem}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
@@ -153,20 +160,25 @@ def predict_slide(
             shape = (math.ceil(h / 2), math.ceil(w / 2))
             levels.append(np.memmap(scratch[-1], dtype=np.uint8, mode="w+", shape=shape))
             halve(levels[-2], levels[-1])
-        write_pyramid(levels, mask_path, mpp)
+        write_pyramid(levels, partial[mask_path], mpp)
         coarse = next((i for i, m in enumerate(levels) if max(m.shape) <= polygon_side), len(levels) - 1)
         coarse_mask = np.asarray(levels[coarse]) > 0
         down = pixel * 2**coarse  # level-0 px per coarse px
         region = mask_to_region(coarse_mask, down)
-        geojson_path.write_text(json.dumps(feature_collection(region)))
+        partial[geojson_path].write_text(json.dumps(feature_collection(region)))
         if truth is not None:
             from samflow.data.wsi.annotations import rasterize_grid
 
             gt = rasterize_grid(truth, down, coarse_mask.shape)
             score = dice(coarse_mask, gt)
-            dice_path.write_text(
+            partial[dice_path].write_text(
                 json.dumps({"slide": str(slide_path), "dice": score, "mpp": mpp * 2**coarse})
             )
+        else:
+            dice_path.unlink(missing_ok=True)  # an earlier run's Dice is not this mask's
+        for path, written in partial.items():
+            if written.exists():
+                written.replace(path)
     finally:
         del levels
         for path in scratch:
@@ -192,6 +204,11 @@ def _refuse_writing_inputs(outputs: Sequence[Path], inputs: Sequence[str | Path 
             raise SlideError(f"predict-slide: the output {output} is the input {same}; choose another --out.")
 
 
+def _refuse_a_file(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SlideError(f"predict-slide: --out {out} is a file, not a folder; choose a folder.")
+
+
 def _refuse_existing(outputs: Sequence[Path]) -> None:
     """Refuse outputs of an earlier run (as ``samflow predict`` does) unless ``--overwrite``."""
     existing = [str(o) for o in outputs if o.exists()]
@@ -204,15 +221,17 @@ def _refuse_existing(outputs: Sequence[Path]) -> None:
 
 
 def _refuse_shared_stems(slides: Sequence[str]) -> None:
-    """Refuse two slides that would write the same ``<stem>_mask.tif`` (``a/x.tif``, ``b/x.svs``)."""
+    """Refuse two slides that would write the same ``<stem>_mask.tif`` (``a/x.tif``, ``b/x.svs``; also
+    ``x.tif`` and ``X.tif``, one name on a case-insensitive disk)."""
     first: dict[str, int] = {}
     for i, path in enumerate(slides):
         stem = Path(path).stem
-        j = first.setdefault(stem, i)
+        j = first.setdefault(stem.casefold(), i)
         if j != i:
             raise SlideError(
                 f"predict-slide: the slides {slides[j]} and {path} would write the same {stem}_mask.tif and "
-                f"{stem}.geojson; rename one, or predict them into different --out folders."
+                f"{stem}.geojson (names compared ignoring case); rename one, or predict them into different "
+                "--out folders."
             )
 
 
@@ -320,6 +339,7 @@ def main(argv: list[str]) -> int:
             f"predict-slide: {len(opts.slides)} slides but {len(opts.annotations)} --annotations; give one per slide."
         )
     _refuse_shared_stems(opts.slides)
+    _refuse_a_file(Path(opts.out))
     annotations = opts.annotations or [None] * len(opts.slides)
     # every input is read, and no output is one, before the model is built
     for path, truth in zip(opts.slides, annotations, strict=True):
@@ -332,6 +352,9 @@ def main(argv: list[str]) -> int:
         _refuse_existing([o for path in opts.slides for o in _outputs(Path(opts.out), path)])
     group = _init_distributed()
     rank, world = rank_and_world()  # the process group joined above
+    if opts.overwrite and rank == 0:  # the earlier run's files go first: none outlives this run
+        for output in (o for path in opts.slides for o in _outputs(Path(opts.out), path)):
+            output.unlink(missing_ok=True)
     module, data = build_experiment(opts.experiment, overrides)
     settings, notes = _settings(opts, module, data)
     for note in notes if rank == 0 else []:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from segment_anything.modeling import Sam
@@ -150,6 +151,52 @@ def interrupt_after(batches: int):
             self.seen += 1
 
     return Interrupt()
+
+
+def fit_or_interrupt(
+    folder: Path,
+    module: Any,
+    data: Any,
+    *,
+    stop: int | None = None,
+    ckpt_path: Path | None = None,
+    callbacks: tuple[Any, ...] = (),
+    **trainer: Any,
+) -> Any:
+    """``trainer.fit`` as ``samflow fit`` runs it (seed 0, ``RandomState``, ``last.ckpt`` every step),
+    stopped after ``stop`` training batches or resumed from ``ckpt_path``; the process's generators are moved on
+    first, so that a state the resume fails to restore shows. ``trainer``: other ``Trainer`` arguments
+    (default 2 epochs, one validation batch, no sanity check)."""
+    import lightning as L
+    import pytest
+
+    from samflow.callbacks.resume import LastCheckpoint, RandomState
+
+    L.seed_everything(0, verbose=False)
+    if ckpt_path is not None:
+        torch.rand(5)
+    every: list[L.Callback] = [
+        *callbacks,
+        RandomState(),
+        LastCheckpoint(every_n_train_steps=1, dirpath=str(folder)),
+    ]
+    if stop is not None:
+        every.append(interrupt_after(stop))
+    settings = {
+        "max_epochs": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, **trainer,
+    }  # fmt: skip
+    run = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=folder, deterministic=True, callbacks=every, **settings,
+    )  # fmt: skip
+    if stop is None:
+        run.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    else:
+        with pytest.raises(Interrupted):
+            run.fit(module, datamodule=data)
+        saved = torch.load(folder / LastCheckpoint.FILE, map_location="cpu", weights_only=False)
+        assert saved["global_step"] == run.global_step > 0  # the last optimizer step before the stop
+    return run
 
 
 def tiny_linear_module():

@@ -130,3 +130,34 @@ def test_a_run_leaves_the_environment_as_it_found_it(clean_env, monkeypatch, fai
         if before.get(k) != after.get(k)
     } == {}
     assert sys.argv == ["samflow"]
+
+
+def test_a_logger_starts_its_run_in_the_mode_and_folder_of_its_start(tmp_path, monkeypatch):
+    """W&B reads its environment once a process (its setup singleton): after a disabled run (a test, a
+    notebook cell), a run with ``WANDB_MODE=offline`` was disabled too. And the W&B service, started in
+    another working directory, resolved the run's relative folder there ("...wandb.syncstate: no such
+    file or directory"). ``SamflowWandbLogger`` gives ``wandb.init`` the mode and an absolute folder."""
+    import wandb
+
+    from samflow.callbacks.wandb_run import SamflowWandbLogger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    had_service = bool(os.environ.get("WANDB_SERVICE"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    wandb.init(project="p", dir=str(tmp_path / "first")).finish()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    wandb.init(mode="offline", project="p", dir=str(tmp_path / "service")).finish()  # a service, started here
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = SamflowWandbLogger(project="p", save_dir="runs", name="x")
+    try:
+        assert logger.experiment.settings.mode == "offline"
+        logger.experiment.log({"metric/x": 1.0})
+    finally:
+        logger.experiment.finish()
+        if not had_service:
+            wandb.teardown()  # this test's own service
+    runs = list((tmp_path / "runs").glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and b"metric/x" in runs[0].read_bytes()

@@ -30,7 +30,6 @@ from samflow_plugins.hq_sam.head import HQHead, apply_kernel
 from samflow_plugins.hq_sam.loss import point_bce_dice, point_counts, sample_points
 
 OUTPUTS = ("hq", "sam_hq")
-EVAL_POINTS_SEED = 0  # the loss points of evaluation, shared by every row (``HQSam.point_draws``)
 
 
 class HQSam(SamPlugin, HQHead):
@@ -143,18 +142,11 @@ class HQSam(SamPlugin, HQHead):
         return {"point_bce": self.bce_weight * bce, "point_dice": self.dice_weight * dice}
 
     def point_draws(self, ctx: DecoderContext, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The loss's uniform candidates and fresh points: in training each row's from its sample's seed
-        (``ctx.rand``), in evaluation (batches without sample seeds) one fixed draw that every row
-        shares. Either way a row's loss points do not depend on its batch, the DDP rank or the global
-        generator, so the evaluation loss is the same in any batches and on any number of processes."""
+        """The loss's uniform candidates and fresh points, each row's from its image's key (``ctx.rand``:
+        the sample seed in training, the image's id in evaluation). A row's loss points do not depend
+        on its batch, the DDP rank or the global generator, so the evaluation loss is the same in any
+        batches, on any number of processes, and in every epoch."""
         candidates, fresh = point_counts(self.num_points, self.oversample_ratio, self.importance_sample_ratio)
-        if not ctx.training:
-            generator = torch.Generator().manual_seed(EVAL_POINTS_SEED)
-            rows = ctx.batch.num_rows
-            return tuple(  # type: ignore[return-value]
-                torch.rand(count, 2, generator=generator).to(device).expand(rows, -1, -1)
-                for count in (candidates, fresh)
-            )
         return (
             ctx.rand(f"{self.key}/points/candidates", (candidates, 2), device=device),
             ctx.rand(f"{self.key}/points/uniform", (fresh, 2), device=device),

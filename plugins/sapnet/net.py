@@ -3,8 +3,9 @@
 The trainable part is a two-FC RoI head with a classification and an instance branch per stage
 (``Shared2FCInstanceMILHead``: 2 shared FCs, ``fc_cls[s]`` and ``fc_ins[s]``; C + 1 outputs in
 stage 0, C in stage 1). RoI features come from SAM's frozen image embedding through
-``torchvision.ops.roi_align`` (7 × 7), so no second backbone runs; or, the paper's option, from a
-feature pyramid (a list of maps, e.g. the plugin's ResNet-50-FPN, strides 4-32): each RoI reads the
+``torchvision.ops.roi_align`` (7 × 7, adaptive sampling and half-pixel alignment as the reference's mmcv
+``RoIAlign``: ``ROI_SAMPLING_RATIO``), so no second backbone runs; or, the paper's option, from a
+feature pyramid (a list of maps, e.g. the plugin's ResNet-50-FPN, P2-P6 at strides 4-64): each RoI reads the
 level mmdetection's ``SingleRoIExtractor`` maps it to, ⌊log2(√(wh) / 56)⌋ clamped to the levels
 (``roi_levels``).
 
@@ -20,6 +21,7 @@ One call, for N points with P proposals each (all tensors, no per-point Python l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +33,33 @@ from samflow.sam import upcast
 from .boxes import aligned_iou, bms, hard_negatives, pdg_phi, pnpg_positives, random_negatives, select_parent
 from .mil import mps_ranks, negative_loss, prm_loss, psm_loss, selection_score
 
-__all__ = ["SapnetResult", "SelectionNet", "roi_levels"]
+__all__ = ["CLS_PRIOR", "INIT_STD", "ROI_SAMPLING_RATIO", "SapnetResult", "SelectionNet", "roi_levels"]
+
+#: The reference's init (``Shared2FCInstanceMILHead``'s ``init_cfg``, applied by mmcv's ``init_weights``):
+#: every Linear N(0, 0.01²) with zero bias, then ``fc_cls`` again with its biases at the prior logit
+#: -ln((1 - 0.01) / 0.01) ≈ -4.595, so each class's sigmoid starts at 0.01.
+INIT_STD = 0.01
+CLS_PRIOR = 0.01
+
+
+#: RoIAlign's samples per bin side: 0 is adaptive, ⌈roi side / size⌉ (on the feature map) per bin side,
+#: as the reference's ``roi_layer=dict(type='RoIAlign', output_size=7)``, mmcv 1.5's defaults
+#: ``sampling_ratio=0, aligned=True`` (torchvision's ``roi_align`` reads 0 the same way).
+ROI_SAMPLING_RATIO = 0
 
 
 def _roi_align(features: Tensor, rois: Tensor, size: int, scale: float) -> Tensor:
-    """RoIAlign (K, C, size, size) of float32 (or float64) ``rois`` on ``features`` of any dtype: read in
+    """RoIAlign (K, C, size, size) of float32 (or float64) ``rois`` on ``features`` of any dtype, as mmcv's
+    ``RoIAlign`` with the reference's settings (``ROI_SAMPLING_RATIO``, half-pixel ``aligned``): read in
     the rois' dtype, as torchvision's autocast does, and returned in the features' dtype."""
-    out = roi_align(features.to(rois.dtype), rois, size, spatial_scale=scale, sampling_ratio=2, aligned=True)
+    out = roi_align(
+        features.to(rois.dtype),
+        rois,
+        size,
+        spatial_scale=scale,
+        sampling_ratio=ROI_SAMPLING_RATIO,
+        aligned=True,
+    )
     return out.to(features.dtype)
 
 
@@ -64,6 +86,10 @@ class SapnetResult:
 
 class SelectionNet(nn.Module):
     """The MIL selection head and the SAPNet pass around it.
+
+    Initialised as the reference's head: Linear weights N(0, ``INIT_STD``²), biases 0, the ``fc_cls``
+    biases at the prior logit of ``CLS_PRIOR`` (sigmoid 0.01: the stage-1 and negative losses start
+    near their targets for the negatives, not at 0.5).
 
     Args:
         in_channels: channels of the feature map (SAM's embedding: 256).
@@ -110,6 +136,13 @@ class SelectionNet(nn.Module):
         )
         self.fc_cls = nn.ModuleList([nn.Linear(hidden, num_classes + 1), nn.Linear(hidden, num_classes)])
         self.fc_ins = nn.ModuleList([nn.Linear(hidden, num_classes + 1), nn.Linear(hidden, num_classes)])
+        for layer in self.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, 0.0, INIT_STD)
+                nn.init.zeros_(layer.bias)
+        for classifier in self.fc_cls:
+            assert isinstance(classifier, nn.Linear)
+            nn.init.constant_(classifier.bias, -math.log((1 - CLS_PRIOR) / CLS_PRIOR))
 
     def roi_features(self, features: Tensor | list[Tensor], rois: Tensor, image_size: int) -> Tensor:
         """RoIAlign (K, C, r, r) of rois (K, 5) (image, x1, y1, x2, y2 in input pixels) on one map or a pyramid."""

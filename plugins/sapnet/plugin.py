@@ -15,13 +15,16 @@ Inputs per prompt row, read from the batch when present:
   else of the first proposal.
 
 **Features.** ``features="sam"`` (default): SAM's frozen embedding, one map at stride 16.
-``features="resnet50_fpn"``: the paper's backbone, torchvision's ``resnet_fpn_backbone("resnet50")``
-(frozen BatchNorm, the stem and ``layer1`` frozen: ``resnet_trainable_layers`` 3, as the reference's
-``frozen_stages=1``; FPN without GN) on SAM's normalised input (SAM's pixel statistics are ImageNet's),
-levels at strides 4, 8, 16, 32; each RoI reads its level as mmdetection does. Its weights come only
-from ``resnet_weights``, a file of torchvision's ResNet-50 ImageNet state dict (``resnet50-*.pth``;
-``fc.*`` is ignored) or of the whole ``body.*`` / ``fpn.*`` backbone; nothing is downloaded. The FPN
-and the unfrozen ResNet layers train with the head.
+``features="resnet50_fpn"``: the paper's backbone as the reference configures it (``fpn.py``):
+torchvision's ResNet-50 (BatchNorm statistics frozen, its weight and bias training in the trainable
+stages, as mmdetection's ``norm_eval``; the stem and ``layer1`` frozen: ``resnet_trainable_layers``
+3, as the reference's ``frozen_stages=1``) and mmdetection's FPN with the reference's settings (GN(32)
+after every conv, no conv bias, no activation, P6 from a stride-2 3 × 3 conv on C5, Xavier-uniform
+init), on SAM's normalised input (SAM's pixel statistics are ImageNet's), levels at strides 4, 8, 16,
+32, 64; each RoI reads its level as mmdetection's ``SingleRoIExtractor`` (finest scale 56). Its weights
+come only from ``resnet_weights``, a file of torchvision's ResNet-50 ImageNet state dict
+(``resnet50-*.pth``; ``fc.*`` is ignored; the FPN keeps its init) or of the whole ``body.*`` / ``fpn.*``
+backbone; nothing is downloaded. The FPN and the unfrozen ResNet layers train with the head.
 """
 
 from __future__ import annotations
@@ -36,15 +39,13 @@ from samflow.batch import SamBatch
 from samflow.plugins import DecoderContext, SamPlugin
 from samflow.sam import SamOutput, upcast
 
+from .fpn import resnet50_fpn
 from .net import SelectionNet
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
 __all__ = ["SAPNet", "masks_to_boxes", "resnet50_fpn"]
-
-#: the seed of evaluation's random negatives, shared by every image (``SAPNet.negative_draws``)
-EVAL_NEGATIVES_SEED = 0
 
 
 def masks_to_boxes(logits: Tensor, size: int) -> Tensor:
@@ -78,7 +79,8 @@ class SAPNet(SamPlugin):
         plus_one: reference quirk, off: x2, y2 of the final pseudo box + 1 (after the mask matching).
         features: ``"sam"`` (SAM's frozen embedding) or ``"resnet50_fpn"`` (module docstring).
         resnet_weights: with ``resnet50_fpn``, the path of the ResNet-50 weights (required).
-        resnet_trainable_layers: with ``resnet50_fpn``, ResNet stages that train, from ``layer4`` down (3).
+        resnet_trainable_layers: with ``resnet50_fpn``, ResNet stages whose convs and BatchNorm weights
+            train, from ``layer4`` down (3).
         lr: learning rate of this plugin's parameters (default: the optimizer's).
         weight_decay: weight decay of this plugin's parameters (default: the optimizer's).
     """
@@ -145,11 +147,10 @@ class SAPNet(SamPlugin):
         self.net = SelectionNet(channels, **self.options)  # type: ignore[arg-type]
 
     def feature_maps(self, ctx: DecoderContext) -> Tensor | list[Tensor]:
-        """SAM's embedding, or the ResNet-50-FPN levels (strides 4-32) of SAM's normalised input."""
+        """SAM's embedding, or the ResNet-50-FPN levels P2..P6 (strides 4-64) of SAM's normalised input."""
         if self.backbone is None:
             return ctx.encoded.embeddings
-        levels = self.backbone(ctx.encoded.normalized)
-        return [levels[k] for k in ("0", "1", "2", "3")]
+        return self.backbone(ctx.encoded.normalized)
 
     def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
         """PSM, PRM and negative MIL terms (weights 0.25, 0.25, 0.75 as the reference)."""
@@ -190,15 +191,10 @@ class SAPNet(SamPlugin):
         return result.losses
 
     def negative_draws(self, ctx: DecoderContext, device: torch.device) -> Tensor:
-        """The U(0, 1) draws (4, B, num_negatives) behind the random negatives: in training each image's
-        from its sample's seed (``ctx.rand``), in evaluation (batches without sample seeds) one fixed
-        draw that every image shares. Either way an image's negatives do not depend on its batch, the
-        DDP rank or the global generator."""
+        """The U(0, 1) draws (4, B, num_negatives) behind the random negatives, each image's from its key
+        (``ctx.rand``: the sample seed in training, the image's id in evaluation). An image's negatives
+        do not depend on its batch, the DDP rank or the global generator."""
         assert self.net is not None, "sapnet: setup() was not called"
-        if not ctx.training:
-            generator = torch.Generator().manual_seed(EVAL_NEGATIVES_SEED)
-            fixed = torch.rand(4, 1, self.net.num_negatives, generator=generator).to(device)
-            return fixed.expand(-1, ctx.batch.num_images, -1)
         draws = ctx.rand(f"{self.key}/negatives", (4, self.net.num_negatives), per_image=True, device=device)
         return draws.transpose(0, 1)  # (4, B, num)
 
@@ -217,35 +213,3 @@ def row_points(batch: SamBatch, proposals: Tensor) -> Tensor:
         chosen = batch.points[torch.arange(len(first), device=first.device), first].to(points.dtype)
         points = torch.where(valid.any(1)[:, None], chosen, points)
     return points
-
-
-def resnet50_fpn(weights: str, trainable_layers: int = 3) -> nn.Module:
-    """torchvision's ResNet-50-FPN (frozen BatchNorm) with weights read from ``weights`` only.
-
-    The file holds a ResNet-50 state dict (``conv1.*`` ... ``layer4.*``; ``fc.*`` is ignored) or a whole
-    backbone's (``body.*`` and ``fpn.*``). Raises ValueError naming the file and the keys that do not fit.
-    """
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=trainable_layers)
-    path = Path(weights).expanduser()
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise TypeError(f"sapnet: resnet_weights {path} holds no state dict.")
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # frozen BN has none
-    if any(k.startswith("body.") for k in state):
-        target: nn.Module = backbone
-    else:
-        target, state = backbone.body, {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = target.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(
-            f"sapnet: resnet_weights {path} is not a ResNet-50 state dict: missing {len(missing)} keys "
-            f"({', '.join(missing[:3])}), unexpected {len(unexpected)} ({', '.join(unexpected[:3])})."
-        )
-    target.load_state_dict(state)
-    return backbone

@@ -244,10 +244,12 @@ class MaskWriter(BasePredictionWriter):
 
     - the output folder holds an input image or ground-truth mask of the predict data (compared as
       files, so links and another spelling of the same folder count), or an output file is an input;
-    - two predict images have the same stem (``a/x.jpg`` and ``b/x.png`` would both write ``x.png``);
+    - two predict images have the same stem (``a/x.jpg`` and ``b/x.png`` would both write ``x.png``), or
+      stems equal but for case (``X.png`` and ``x.png``: one file on a case-insensitive disk);
     - the folder already holds a mask this run would write, unless ``overwrite`` is true.
 
-    Other files in the folder are left alone.
+    Other files in the folder are left alone. Each file is written as ``<name>.partial`` and renamed into
+    place, so a killed run leaves no truncated mask; the next run removes its ``.partial`` leftovers.
 
     Args:
         output_dir: folder for the masks (default: ``<run folder>/predictions``). Never the image or
@@ -271,10 +273,14 @@ class MaskWriter(BasePredictionWriter):
         # trainer.log_dir is a collective call under DDP: every rank asks, once
         base = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
         self._folder = Path(base).expanduser()
-        # Rank 0 checks, before any rank writes; every rank gets its verdict and stops alike.
-        problem = (
-            self.check_output(self._folder, _predict_samples(trainer)) if trainer.is_global_zero else None
-        )
+        # Rank 0 checks (and removes a killed run's leftovers), before any rank writes; every rank gets
+        # its verdict and stops alike.
+        problem = None
+        if trainer.is_global_zero:
+            samples = _predict_samples(trainer)
+            problem = self.check_output(self._folder, samples)
+            if problem is None:
+                self.remove_partial(self._folder, samples)
         problem = trainer.strategy.broadcast(problem, src=0)
         if problem:
             raise PredictionOutputError(problem)
@@ -300,11 +306,18 @@ class MaskWriter(BasePredictionWriter):
         where = f"The predictions folder {folder} (--predictions.output_dir)"
         # 1. Two images that would write the same file.
         planned: dict[str, Path] = {}
+        folded: dict[str, str] = {}  # casefold(name) -> name: one file on a case-insensitive disk
         for sample in samples:
             for name in self.output_names(sample):
-                if name in planned and planned[name] != sample.image:
+                first = folded.setdefault(name.casefold(), name)
+                if first != name or (name in planned and planned[name] != sample.image):
+                    what = (
+                        f"the same mask {folder / name}"
+                        if first == name
+                        else f"{folder / first} and {folder / name}, one file on a case-insensitive disk"
+                    )
                     return (
-                        f"Two predict images would write the same mask {folder / name}: {planned[name]} and "
+                        f"Two predict images would write {what}: {planned[first]} and "
                         f"{sample.image}. Give them different file names, or predict their folders separately "
                         "into different --predictions.output_dir."
                     )
@@ -347,6 +360,12 @@ class MaskWriter(BasePredictionWriter):
             )
         return None
 
+    def remove_partial(self, folder: Path, samples: Sequence[Any]) -> None:
+        """Remove the ``<name>.partial`` files a killed run left for the masks of ``samples`` (never taken
+        for outputs: ``check_output`` looks at the final names only)."""
+        for name in {name for sample in samples for name in self.output_names(sample)}:
+            (folder / (name + PARTIAL)).unlink(missing_ok=True)
+
     @override
     def write_on_batch_end(
         self,
@@ -366,7 +385,24 @@ class MaskWriter(BasePredictionWriter):
                     "several rows per image needs instance ids (ann_ids, as CocoDataModule's batches)."
                 )
             self._written.add(name)
-            Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255).save(folder / f"{name}.png")
+            save_whole(Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255), folder / f"{name}.png")
             if self.save_probabilities:
                 values = (prob.float().cpu().numpy() * 255).round().astype(np.uint8)
-                Image.fromarray(values).save(folder / f"{name}_prob.png")
+                save_whole(Image.fromarray(values), folder / f"{name}_prob.png")
+
+
+PARTIAL = ".partial"  # suffix of a mask being written: ``x.png.partial``, renamed to ``x.png`` when whole
+
+
+def save_whole(image: Image.Image, path: Path) -> None:
+    """Save ``image`` as the PNG ``path``, whole or not at all: written to ``<path>.partial`` in the same
+    folder, then renamed into place, so a run killed mid-write leaves no truncated ``path`` (at most a
+    ``.partial`` file, which ``MaskWriter`` removes when the next run into the folder starts)."""
+    partial = path.with_name(path.name + PARTIAL)
+    try:
+        partial.unlink(missing_ok=True)  # never write through a link or into an earlier leftover
+        image.save(partial, format="PNG")
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

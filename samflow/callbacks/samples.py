@@ -67,7 +67,7 @@ def batch_rows(
         )
         rows.append(
             SampleRow(
-                id=batch.id[i],
+                id=batch.names[i],
                 image=batch.image[i].detach().float().cpu(),
                 target=target,
                 prob=prob,

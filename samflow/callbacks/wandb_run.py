@@ -9,11 +9,18 @@
   before W&B starts);
 - below ``--verbose`` W&B's header and footer lines are off (the run's ``silent`` setting: samflow's
   header names the W&B run folder and how to upload it); W&B's warnings (``wandb.termwarn``) still
-  show.
+  show;
+- the run's mode and folder are the ones of its own start, given to ``wandb.init``: W&B reads its
+  environment once a process (its setup singleton), so a run after a disabled one (a test, a notebook
+  cell) was disabled whatever ``WANDB_MODE`` said, and the folder is absolute, since W&B's service
+  process, which writes the run's files, resolves a relative one in its own working directory (a
+  ``samflow`` started by a process with a service, ``WANDB_SERVICE``, as W&B's agent or a test, failed
+  with "run-<id>.wandb.syncstate: no such file or directory").
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,9 +59,20 @@ class SamflowWandbLogger(WandbLogger):
     @property
     @override
     def experiment(self) -> Any:
-        if self._experiment is None and self._save_dir:
-            Path(self._save_dir).mkdir(parents=True, exist_ok=True)  # W&B's git root check needs it
+        if self._experiment is None:
+            if self._save_dir:
+                Path(self._save_dir).mkdir(parents=True, exist_ok=True)  # W&B's git root check needs it
+            self._wandb_init.update(self._start_settings())
         return super().experiment
+
+    def _start_settings(self) -> dict[str, str]:
+        """The mode and absolute folder of a run starting now, where ``wandb.init`` is not given them."""
+        given = self._wandb_init
+        settings = {"dir": os.path.abspath(given.get("dir") or os.environ.get("WANDB_DIR") or os.getcwd())}
+        mode = "offline" if self._offline else os.environ.get("WANDB_MODE")
+        if given.get("mode") is None and mode in ("online", "offline", "disabled", "shared", "dryrun"):
+            settings["mode"] = mode
+        return settings
 
     @override
     def log_hyperparams(self, params: Any) -> None:

@@ -10,6 +10,7 @@ built set (a progress bar on process 0 above 500 files); ``SkippedFiles`` keeps 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
@@ -127,14 +128,18 @@ _PROGRESS_ABOVE = 500  # files: a dataset with more gets a progress bar while th
 
 
 def check_set_files(
-    dataset: MaskFolderDataset, config_key: str, on_bad_sample: OnBadSample, rank: int
+    dataset: MaskFolderDataset,
+    config_key: str,
+    on_bad_sample: OnBadSample,
+    rank: int | Callable[[], int],
 ) -> list[BadFile]:
     """Check the files of a freshly built set, named ``config_key`` (``data.val``), on process ``rank``
     (``check_files``: a progress bar on process 0, in a terminal, above 500 files); the bad files
-    ``skip`` left out (none left is an error)."""
+    ``skip`` left out (none left is an error). ``rank`` may be a function: it is called only for a set
+    that large."""
     total = len(dataset)
     files = sum(1 + (s.mask is not None) for s in dataset.samples)
-    large = files > _PROGRESS_ABOVE and rank == 0
+    large = files > _PROGRESS_ABOVE and (rank() if callable(rank) else rank) == 0
     console = Console(stderr=True)
     if large and console.is_terminal:  # a bar on process 0, in a terminal (not in a log file)
         columns = (

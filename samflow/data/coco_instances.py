@@ -53,9 +53,9 @@ from samflow.data.coco_masks import decode_segmentation
 from samflow.data.coco_points import qc_point
 from samflow.data.coco_proposals import ProposalBags
 from samflow.data.errors import DataError
-from samflow.data.prompts import stable_seed
 from samflow.data.reading import TURNS, OrientationWarning, ValueRangeWarning, read_image_with_note
 from samflow.data.transforms import IMAGE_RESIZES, ImageResize, to_input_frame
+from samflow.seeding import stable_seed
 
 __all__ = ["CocoInstances"]
 

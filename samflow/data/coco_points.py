@@ -11,7 +11,7 @@ reference (``TOV_mmdetection/huicv/coarse_utils/noise_data_mask_utils.py``, ``ce
 ellipse is the exact inequality about the exact centre, not OpenCV's rasterised ellipse about
 ``(round(w/2), round(h/2))`` with rounded axes; the box is the mask's extent, not the annotation's
 float ``bbox``; instances under 2 px a side use the same rule instead of a polygon vertex.
-``CocoInstances`` seeds each point with ``prompts.stable_seed(seed, image id, annotation id, point index)``.
+``CocoInstances`` seeds each point with ``samflow.seeding.stable_seed(seed, image id, annotation id, point index)``.
 """
 
 from __future__ import annotations

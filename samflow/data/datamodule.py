@@ -267,7 +267,7 @@ class SegmentationDataModule(L.LightningDataModule):
             )
             if self.check_files:
                 total, config_key = len(dataset), self._config_key(split, name)
-                bad = check_set_files(dataset, config_key, self.on_bad_sample, self._rank())
+                bad = check_set_files(dataset, config_key, self.on_bad_sample, self._rank)
                 self.skipped.record(self._key(split, name), config_key, total, bad)
         except DataError as err:
             raise DataError(f"{self._config_key(split, name)}: {err}") from err
@@ -308,8 +308,10 @@ class SegmentationDataModule(L.LightningDataModule):
             raise DataError(f"{self._config_key(split, name)}: {err}") from err
 
     def _rank(self) -> int:
-        trainer = self.trainer
-        return trainer.global_rank if trainer is not None else int(getattr(rank_zero_only, "rank", 0))
+        """This process's rank: the trainer's, else Lightning's (outside a Trainer, or a trainer-like
+        object without ``global_rank``)."""
+        rank = getattr(self.trainer, "global_rank", None)
+        return int(getattr(rank_zero_only, "rank", 0)) if rank is None else int(rank)
 
     def _dataset(self, split: str, name: str | None = None) -> MaskFolderDataset:
         """The (cached) dataset of one set of ``split``; ``name`` None means the split's default set."""

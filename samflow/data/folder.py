@@ -95,7 +95,7 @@ from samflow.data.listing import (
     root_entries,
     short_listing,
 )
-from samflow.data.prompts import NoPrompt, PromptSampler, build_prompt, stable_seed
+from samflow.data.prompts import NoPrompt, PromptSampler, build_prompt
 from samflow.data.reading import (
     TURNS,
     OrientationWarning,
@@ -114,6 +114,7 @@ from samflow.data.transforms import (
     scale_coords,
     to_input_frame,
 )
+from samflow.seeding import stable_seed
 
 
 def _check_labels(labels: torch.Tensor, sampler: PromptSampler, sample: Sample) -> None:
@@ -143,7 +144,7 @@ class MaskFolderDataset(Dataset):
         image_resize: ``"sam"`` (segment-anything's own Pillow resize, exact) or ``"bilinear"`` (torch's
             antialiased interpolation: faster, within one grey level); see ``samflow.data.transforms``.
         prompt_seed: ``None`` draws fresh prompts each time (training); an int seeds the prompt of
-            each sample with ``(prompt_seed, its id)`` (``prompts.stable_seed``), so it is the same every
+            each sample with ``(prompt_seed, its id)`` (``samflow.seeding.stable_seed``), so it is the same every
             epoch and whatever other files the dataset holds (validation, test).
         require_masks: when False, roots without a mask folder give images only (see ``find_samples``);
             such a dataset has no prompts (they are drawn from masks), whatever ``prompt`` says.

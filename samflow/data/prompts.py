@@ -14,7 +14,7 @@ The dataset maps the coordinates into the model's input frame (``transforms.scal
 
 All randomness comes from ``generator``, so a dataset that seeds it per sample gets the same prompts
 every epoch (validation), and one that seeds it from the global RNG gets fresh ones (training). An
-evaluation prompt is seeded by ``stable_seed(seed, <the sample's id>)``, not by the sample's position,
+evaluation prompt is seeded by ``samflow.seeding.stable_seed(seed, <the sample's id>)``, not by the sample's position,
 so adding or removing a file leaves every other sample's prompt as it was.
 
 **Choosing a sampler** (``data.init_args.prompt`` / ``eval_prompt``, ``MaskFolderDataset(prompt=...)``)
@@ -33,7 +33,6 @@ The short names of ``PROMPTS`` are aliases of the built-in classes, alone or wit
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -46,13 +45,6 @@ from torch import Tensor
 from samflow.components import instantiate, is_class_path_spec
 
 PromptDict = dict[str, Tensor]
-
-
-def stable_seed(*parts: int | str) -> int:
-    """A 63-bit seed of ``parts`` (a run's seed, a sample's id, ...): the same in every process and
-    every run (Python's ``hash`` of a string is salted per process), and unrelated for different parts."""
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 class PromptSampler(ABC):

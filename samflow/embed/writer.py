@@ -8,7 +8,7 @@ uninterrupted run would: the files come out identical.
 
 from __future__ import annotations
 
-import shutil
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,8 +63,13 @@ def prepare(
     shard_size: int,
     overwrite: bool,
 ) -> Manifest:
-    """Create the store's files (rank 0), or check that the existing ones are for the same key and images."""
+    """Create the store's files (rank 0), or check that the existing ones are for the same key and images.
+
+    ``overwrite`` removes the store's own files only (``store_files``), never anything else in ``root``;
+    a ``root`` that is a file or holds an image of the data is refused either way.
+    """
     wanted = Manifest(key, hashes, paths, shapes[0], shapes[1], shard_size)
+    _refuse_an_input_folder(root, paths)
     if (root / MANIFEST).is_file():
         found = read_manifest(root)
         diffs = found.key.differences(key)
@@ -77,11 +82,17 @@ def prepare(
                 f"{root} holds a store for other inputs ({'; '.join(diffs)}); pass --overwrite to replace "
                 "it, or --out for another folder."
             )
-        shutil.rmtree(root)
     elif root.exists() and any(root.iterdir()) and not overwrite:
+        if store_files(root) and len(store_files(root)) == len(list(root.iterdir())):
+            raise EmbeddingStoreError(
+                f"{root} holds an unfinished store (no {MANIFEST}: stopped while it was being created); pass "
+                "--overwrite to start it again."
+            )
         raise EmbeddingStoreError(
             f"{root} exists and is not an embedding store; choose an empty --out folder."
         )
+    for path in store_files(root):
+        path.unlink()
     root.mkdir(parents=True, exist_ok=True)
     for shard in range(wanted.shards):
         n = wanted.shard_rows(shard)
@@ -95,6 +106,32 @@ def prepare(
     np.save(root / DONE, np.zeros(wanted.rows, dtype=np.uint8))
     write_manifest(root, wanted)
     return wanted
+
+
+def store_files(root: Path) -> list[Path]:
+    """The files of a store (or of one stopped while being created) in ``root``: its manifest, ``done``
+    flags and shard arrays (``embedding-NNNNN.npy``, ``blockNN-NNNNN.npy``)."""
+    if not root.is_dir():
+        return []
+    names = {MANIFEST, MANIFEST + ".tmp", DONE}
+    return sorted(p for p in root.iterdir() if p.name in names or _SHARD.fullmatch(p.name))
+
+
+_SHARD = re.compile(r"(embedding|block\d{2,})-\d{5,}\.npy")
+
+
+def _refuse_an_input_folder(root: Path, paths: Sequence[str]) -> None:
+    """A store folder is not a file, and neither is nor holds an image it stores (``--overwrite`` would
+    otherwise mix the store into the dataset)."""
+    if root.exists() and not root.is_dir():
+        raise EmbeddingStoreError(f"samflow embed: --out {root} is a file, not a folder; choose a folder.")
+    target = root.resolve()
+    for path in paths:
+        if target in Path(path).resolve().parents:
+            raise EmbeddingStoreError(
+                f"samflow embed: --out {root} holds the image {path} of the data; choose a folder outside "
+                "the data's folders."
+            )
 
 
 def output_shapes(model: HookedSam, key: StoreKey) -> tuple[tuple[int, ...], dict[int, tuple[int, ...]]]:

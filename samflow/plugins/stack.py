@@ -22,7 +22,6 @@ Rules (docs/architecture.md):
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import ItemsView, Mapping, Sequence, ValuesView
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,6 +41,7 @@ from samflow.plugins.dispatch import PluginConflictError, PluginHooks
 from samflow.plugins.registry import PluginError
 from samflow.sam.backbones import Backbone
 from samflow.sam.build import freeze
+from samflow.seeding import stable_seed
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -384,8 +384,7 @@ def _init_streams(stack: PluginStack, start: Tensor) -> dict[str, Tensor]:
             seen.add(cls)
             streams[key] = start
             continue
-        digest = hashlib.sha256(start.numpy().tobytes() + key.encode()).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        generator = torch.Generator().manual_seed(stable_seed(start.numpy().tobytes().hex(), key))
         streams[key] = generator.get_state()
     return streams
 

@@ -16,7 +16,6 @@ it with plugins. Its methods here are the no-op defaults (SAM alone).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from samflow.batch import SamBatch
+from samflow.seeding import stable_seed
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -86,14 +86,20 @@ class ForwardContext:
     ) -> Tensor:
         """U(0, 1) draws (N, *shape), one block per prompt row (``per_image``: (B, *shape), per image).
 
-        How a plugin draws the randomness of its training step. Training batches carry each image's
-        ``batch.sample_seed`` (``ResumableLoader``: from run seed, epoch and index); row r then draws from
-        a CPU generator of its own, seeded by (its image's sample seed, r's rank among its image's rows,
-        ``stream``), so a row's draws depend neither on its batch, its place in it, nor the DDP rank
-        (ranks share the global generator's state: one draw per batch gives their i-th rows the same
-        noise). Name ``stream`` after the plugin's key and the use (``f"{self.key}/mining"``): two streams
-        never draw alike. A batch without seeds (evaluation, another loader) takes one
-        draw from the global generator on ``device``, as ``torch.rand`` does.
+        How a plugin draws its randomness. Each row draws from a CPU generator of its own, seeded by
+        (its image's key, the row's rank among its image's rows, ``stream``), so a row's draws depend
+        neither on its batch, its place in it, nor the DDP rank (ranks share the global generator's
+        state: one draw per batch would give their i-th rows the same noise). An image's key is:
+        - its ``batch.sample_seed`` when the batch has them (training batches: ``ResumableLoader``
+          derives them from run seed, epoch and index);
+        - else its ``batch.id``: in evaluation the id alone, so every epoch, run and batching draws
+          alike (a loss or metric that draws, such as HQ-SAM's loss points, compares between runs);
+          in training the id with the run's seed (``torch.initial_seed()``) and the epoch, so every
+          epoch draws afresh (two images with one id draw alike);
+        - else (no seeds and no ids) there is none: one draw from the global generator on ``device``,
+          as ``torch.rand`` does.
+        Name ``stream`` after the plugin's key and the use (``f"{self.key}/mining"``): two streams
+        never draw alike.
         """
         count = self.batch.num_images if per_image else self.batch.num_rows
         keys = self._image_keys if per_image else self._row_keys
@@ -109,31 +115,37 @@ class ForwardContext:
         return drawn.to(target, non_blocking=True)
 
     @cached_property
-    def _row_keys(self) -> list[tuple[int, ...]] | None:
-        """(sample seed, rank among its image's rows) of each row; None without a seed per image. Takes
+    def _row_keys(self) -> list[tuple[int | str, ...]] | None:
+        """(image key, rank among its image's rows) of each row; None without a key per image. Takes
         the rows' images from the batch's host copy (``SamBatch.image_index_host``): no device read."""
-        seeds = self.batch.sample_seed
-        if len(seeds) != self.batch.num_images:
+        images = self._image_keys
+        if images is None:
             return None
         seen: dict[int, int] = {}
-        keys: list[tuple[int, ...]] = []
+        keys: list[tuple[int | str, ...]] = []
         for image in self.batch.image_index_host:
             rank = seen.get(image, 0)
             seen[image] = rank + 1
-            keys.append((seeds[image], rank))
+            keys.append((*images[image], rank))
         return keys
 
-    @property
-    def _image_keys(self) -> list[tuple[int, ...]] | None:
-        """(sample seed,) of each image; None without a seed per image."""
-        seeds = self.batch.sample_seed
-        return [(seed,) for seed in seeds] if len(seeds) == self.batch.num_images else None
+    @cached_property
+    def _image_keys(self) -> list[tuple[int | str, ...]] | None:
+        """Each image's key (see ``rand``); None when the batch has neither a seed nor an id per image."""
+        batch = self.batch
+        if len(batch.sample_seed) == batch.num_images:
+            return [(seed,) for seed in batch.sample_seed]
+        if len(batch.id) != batch.num_images:
+            return None
+        if not self.training:
+            return [("id", image_id) for image_id in batch.id]
+        run = torch.initial_seed()
+        return [("id", image_id, run, self.epoch) for image_id in batch.id]
 
 
-def _stream_seed(key: tuple[int, ...], stream: str) -> int:
+def _stream_seed(key: tuple[int | str, ...], stream: str) -> int:
     """A 63-bit generator seed from a row's (or image's) key and a stream name: distinct inputs, independent seeds."""
-    digest = hashlib.blake2b(repr((*key, stream)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+    return stable_seed(*key, stream)
 
 
 class EncodedImages:

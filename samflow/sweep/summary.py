@@ -182,7 +182,8 @@ def _plot(name: str, plot: Callable[[Any], Any], study: Any, folder: Path, plt: 
 
 def log_to_wandb(sweep: Any, header: list[str], table: list[list[str]], plots: Path) -> None:
     """The table and plots as one W&B run of the study's group (offline without an account)."""
-    from samflow.cli import configure_wandb, restored_process_state
+    from samflow.cli import configure_wandb
+    from samflow.process_state import restored_process_state
 
     with restored_process_state():  # WANDB_MODE=offline (no account) for this run only
         configure_wandb()

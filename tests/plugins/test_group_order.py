@@ -16,9 +16,9 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import Interrupted, interrupt_after, random_batch
+from helpers import fit_or_interrupt, random_batch
 
-from samflow.callbacks.resume import LastCheckpoint, RandomState
+from samflow.callbacks.resume import LastCheckpoint
 from samflow.data import SegmentationDataModule
 from samflow.data.quickstart import make_quickstart_data
 from samflow.module import SamflowModule, SamSpec
@@ -71,24 +71,10 @@ def fit(
     folder: Path, module: SamflowModule, root: Path, *, stop: int | None = None, ckpt: Path | None = None
 ):
     """2 epochs of 2 steps, ``last.ckpt`` after every step; stopped after ``stop`` batches, or resumed."""
-    L.seed_everything(0, verbose=False)
     data = SegmentationDataModule(
         train=str(root / "train"), val=str(root / "val"), img_size=128, batch_size=2, augment={"hflip": 0.5}
     )
-    callbacks: list[L.Callback] = [RandomState(), LastCheckpoint(every_n_train_steps=1, dirpath=str(folder))]
-    if stop is not None:
-        callbacks.append(interrupt_after(stop))
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=folder, deterministic=True, callbacks=callbacks, max_epochs=2,
-        limit_val_batches=1, num_sanity_val_steps=0,
-    )  # fmt: skip
-    if stop is None:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
-    else:
-        with pytest.raises(Interrupted):
-            trainer.fit(module, datamodule=data)
-    return trainer
+    return fit_or_interrupt(folder, module, data, stop=stop, ckpt_path=ckpt)
 
 
 def optimizer_by_name(module: SamflowModule, trainer: L.Trainer) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import randomize
 
+from samflow.batch import SamBatch
 from samflow.plugins import PluginStack
 from samflow.sam import HookedSam, build_sam
 from samflow.sam.types import ForwardContext
@@ -137,8 +138,12 @@ def test_rows_of_one_image_draw_apart_and_alike_in_any_batch():
     )
 
 
-def test_a_batch_without_seeds_draws_once_from_the_global_generator():
-    batch = random_batch(2, prompt="box")
+def test_a_batch_without_seeds_or_ids_draws_once_from_the_global_generator():
+    """A batch built without ids has none (its positions are only ``names``, which would key an image by
+    its place in the batch): its draws come from the global generator."""
+    bare = SamBatch(image=torch.zeros(2, 3, 8, 8))
+    assert bare.id == [] and bare.names == ["0", "1"] and bare.select_images([1]).names == ["0"]
+    batch = random_batch(2, prompt="box").replace(id=[])
     torch.manual_seed(4)
     drawn = _ctx(batch).rand("key/use", (3,), dtype=torch.float64)
     torch.manual_seed(4)
@@ -162,3 +167,78 @@ def test_context_views_draw_from_seeds_of_their_own():
     assert torch.equal(torch.get_rng_state(), state) and len({tuple(r.tolist()) for r in draws}) == 4
     alone = _ctx(batch.select_images([1]).with_context()).rand("key/use", (4,))
     torch.testing.assert_close(alone, draws[[1, 3]], rtol=0, atol=0)
+
+
+def _eval_ctx(batch, epoch: int = 0) -> ForwardContext:
+    return ForwardContext(sam=None, batch=batch, training=False, epoch=epoch)  # type: ignore[arg-type]
+
+
+def test_evaluation_draws_by_image_id_alike_in_any_batch_epoch_and_process_state():
+    """A batch without sample seeds (evaluation) keys each image by its id: a row draws alike alone or
+    in a batch, in every epoch and whatever the global generator's state (so a validation loss that
+    draws is the same in every epoch, batching and DDP rank). Before, one draw from the global
+    generator: the halves drew other values than the whole batch."""
+    batch = random_batch(3, prompt="box").select_rows([0, 1, 1, 2])
+    assert batch.sample_seed == [] and batch.id == ["img0", "img1", "img2"]
+    torch.manual_seed(1)
+    draws = _eval_ctx(batch).rand("key/use", (6,))
+    assert len({tuple(row.tolist()) for row in draws}) == 4  # image 1's two rows: two ranks
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    alone = _eval_ctx(batch.select_images([1]), epoch=7).rand("key/use", (6,))
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is not read
+    torch.testing.assert_close(alone, draws[[1, 2]], rtol=0, atol=0)
+    renamed = batch.replace(id=["img0", "other", "img2"])
+    assert not torch.equal(_eval_ctx(renamed).rand("key/use", (6,))[1], draws[1])  # the id is the key
+    per_image = _eval_ctx(batch).rand("key/use", (2,), per_image=True)
+    torch.testing.assert_close(
+        _eval_ctx(batch.select_images([2])).rand("key/use", (2,), per_image=True), per_image[2:]
+    )
+
+
+def test_training_batches_without_seeds_draw_by_id_run_seed_and_epoch():
+    """A training loader that gives no sample seeds (a third party's): each image is keyed by its id,
+    the run's seed and the epoch, so its draws are its own in any batch and rank, and fresh each
+    epoch and run."""
+    batch = random_batch(2, prompt="box")
+
+    def drawn(epoch: int, seed: int, images: list[int] = [0, 1]) -> torch.Tensor:  # noqa: B006
+        torch.manual_seed(seed)
+        ctx = ForwardContext(sam=None, batch=batch.select_images(images), training=True, epoch=epoch)  # type: ignore[arg-type]
+        torch.rand(3)  # the global generator's position has no say
+        return ctx.rand("key/use", (5,))
+
+    first = drawn(0, 11)
+    torch.testing.assert_close(drawn(0, 11, [1]), first[1:], rtol=0, atol=0)
+    assert not torch.equal(drawn(1, 11), first)  # another epoch
+    assert not torch.equal(drawn(0, 12), first)  # another run seed
+    evaluation = _eval_ctx(batch).rand("key/use", (5,))
+    assert not torch.equal(evaluation, first)
+
+
+@pytest.mark.parametrize("name", ["hq", "sap"])
+def test_an_evaluation_loss_that_draws_is_the_same_for_a_batch_and_its_halves(name):
+    """HQ-SAM's evaluation point loss and SAPNet's negatives come from each image's id (``ctx.rand``):
+    the losses of a batch of 4 equal those of its halves put together, in every epoch."""
+    model = _model(name).eval()
+    batch = random_batch(4, prompt="box", seed=3, dtype=torch.float64)
+
+    def terms(b, epoch: int):
+        with torch.no_grad():
+            torch.rand(7)
+            out, ctx = model.run(b, model.context(b, epoch=epoch))
+            got = model.plugins.losses(out, b, ctx)
+        return {k: v for k, v in got.items() if k.endswith(("/point_bce", "/point_dice", "/neg"))}
+
+    whole = terms(batch, 0)
+    a, b = terms(batch.select_images([0, 1]), 3), terms(batch.select_images([2, 3]), 5)
+    assert whole
+    for term, value in whole.items():
+        if not term.endswith("/neg"):  # SAPNet's negative term weighs by the batch (as the reference)
+            torch.testing.assert_close(value, (a[term] + b[term]) / 2, rtol=1e-9, atol=1e-12, msg=term)
+    if name == "sap":  # its draws, then: an image's are its own, alike in any batch and epoch
+        plugin, cpu = model.plugins["sap"], torch.device("cpu")
+        whole_draws = plugin.negative_draws(_eval_ctx(batch), cpu)
+        half = plugin.negative_draws(_eval_ctx(batch.select_images([2, 3]), epoch=9), cpu)
+        torch.testing.assert_close(whole_draws[:, 2:], half, rtol=0, atol=0)
+        assert not torch.equal(whole_draws[:, 0], whole_draws[:, 1])

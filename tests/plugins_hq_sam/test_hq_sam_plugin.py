@@ -198,6 +198,7 @@ def test_plugin_loss_is_the_weighted_point_loss_of_the_hq_mask(tiny_sam):
     model = hooked(tiny_sam, hq=plugin)
     batch = random_batch(2)
     batch = batch.replace(image_index=torch.tensor([1, 0, 1]), box=torch.cat([batch.box, batch.box[:1]]))
+    batch = batch.replace(id=[])  # without sample seeds or ids, ``ctx.rand`` draws from the global generator
     out, ctx = model.run(batch, model.context(batch))
     torch.manual_seed(7)
     terms = plugin.losses(out, batch, ctx)

@@ -208,8 +208,8 @@ def test_point_loss_equals_the_official_loss_masks(official):
     batch.mask = (torch.rand(2, 1, 128, 128, generator=torch.Generator().manual_seed(4)) > 0.6).float()
     out, ctx = model.run(batch)
     torch.manual_seed(5)
-    # a training step's draws: a batch without sample seeds draws them from the global generator (in
-    # evaluation the plugin reads fixed points instead)
+    # a batch without sample seeds or ids (``ctx.rand``) draws them from the global generator, as the
+    # official loss does
     ours = model.plugins["hq"].losses(out, batch, dataclasses.replace(ctx, training=True))
     logits = out.masks["hq/hq"]
     target = batch.mask[batch.image_index]

@@ -6,10 +6,12 @@ PNPG, BMS, the negatives, the pseudo-mask matching and the MPS ranking), with it
 ``_bbox_forward_train``, ``merge_box``, ``merge_box_single`` and ``gen_negative_proposals``, each cut
 out of the checkout with ``ast`` (``official_code.official_function``; mmdet/mmcv do not install on
 current PyTorch). Given by their definitions: mmdet's ``bbox_overlaps``, ``bbox2roi``, ``multi_apply``
-and ``bbox_xyxy_to_cxcywh``. Shared with samflow, so that any difference is the box rules': the RoI
-head (the reference's ``_bbox_forward`` is samflow's ``SelectionNet.head`` on the same rois and
-weights) and the U(0, 1) draws of the random negatives. The MIL losses and the mask head are not run
-(their inputs are kept; the losses are compared in ``test_reference.py``).
+and ``bbox_xyxy_to_cxcywh``. Shared with samflow, so that any difference is the box rules' or the RoI
+features': the RoI head's FC weights and the U(0, 1) draws of the random negatives. The reference's
+``_bbox_forward`` reads its RoI features with ``mmcv_roi_align`` (mmcv's ``RoIAlign`` with the
+reference's settings: adaptive sampling, aligned; ``test_roi_sampling.py``), not samflow's, and runs
+samflow's FCs on them. The MIL losses and the mask head are not run (their inputs are kept; the losses
+are compared in ``test_reference.py``).
 
 With ``SAMFLOW_SAPNET_SRC`` (a checkout, the folder holding ``TOV_mmdetection``) the reference runs;
 without it its outputs recorded in ``tests/reference_outputs/sapnet_pipeline.pt`` are used, under a
@@ -27,6 +29,7 @@ from typing import Any
 
 import pytest
 import torch
+from mmcv_roi_align import MMCV_DEFAULTS, mmcv_roi_align
 from official_code import ReferenceOutputs, fingerprint, largest_difference, official_function
 
 from samflow_plugins.sapnet.net import SapnetResult, SelectionNet
@@ -46,6 +49,7 @@ LABELS = ([0, 0, 1, 0, 2], [1, 1, 2])
 SCALES = (1.0, 0.8, 0.7, 0.75, 0.85, 0.6)
 SHIFT = torch.tensor([0.0, 0, 0, 2, 0, 0])
 OFFSET = torch.tensor([2.5, -1.5])  # annotated point = box centre + OFFSET
+ROI_LAYER = {k: MMCV_DEFAULTS[k] for k in ("sampling_ratio", "aligned")}  # the reference's RoIAlign
 
 
 def inputs() -> dict[str, Any]:
@@ -70,8 +74,14 @@ def inputs() -> dict[str, Any]:
 
 
 def network() -> SelectionNet:
+    """The head with PyTorch's default Linear draws (seed 5), not the reference's N(0, 0.01) init: logits
+    of that init are nearly equal across proposals, where the selections compared here would be ties."""
+    net = SelectionNet(in_channels=4, num_classes=CLASSES, hidden=16, num_negatives=NEGATIVES)
     torch.manual_seed(5)
-    return SelectionNet(in_channels=4, num_classes=CLASSES, hidden=16, num_negatives=NEGATIVES).double()
+    for layer in net.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.reset_parameters()
+    return net.double()
 
 
 def samflow(net: SelectionNet, x: dict[str, Any], **quirks: bool) -> SapnetResult:
@@ -142,8 +152,10 @@ def reference(net: SelectionNet, x: dict[str, Any], monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)  # its L_scores go to the GPU
     seen: dict[str, Any] = {"raw": {}, "loss": {}}
 
-    def bbox_forward(x_, rois, gt_points, stage, proposals_list):  # samflow's head on the reference's rois
-        cls, ins = net.head(x["features"], rois[:, 1:], rois[:, 0].long(), SIZE, stage)
+    def bbox_forward(x_, rois, gt_points, stage, proposals_list):  # samflow's FCs on mmcv's RoI features
+        scale = x["features"].shape[-1] / SIZE  # one level: SingleRoIExtractor runs its one RoIAlign
+        h = net.shared(mmcv_roi_align(x["features"], rois, net.roi_size, scale, **ROI_LAYER))
+        cls, ins = net.fc_cls[stage](h), net.fc_ins[stage](h)
         if gt_points is not None:
             num = torch.cat(gt_points).shape[0]
             cls, ins = cls.view(num, -1, cls.shape[-1]), ins.view(num, -1, ins.shape[-1])
@@ -232,7 +244,7 @@ def compare(result: SapnetResult, expected: dict[str, Any], x: dict[str, Any]) -
 @official
 def test_the_three_quirks_on_equal_the_reference_forward_train(monkeypatch):
     x, net = inputs(), network()
-    digest = fingerprint(net, x, SIZE, NEGATIVES)
+    digest = fingerprint(net, x, SIZE, NEGATIVES, ROI_LAYER)
     expected = REF.get("forward_train", digest, lambda: reference(net, x, monkeypatch))
     with torch.no_grad():
         compare(samflow(net, x), expected, x)

@@ -166,7 +166,7 @@ def test_refusals_and_skip_bad(trained_run, images, tmp_path, capsys):
     (images / "b.png").write_bytes(b"not a png")
     assert main([*base, "--out", str(out), "--overwrite"]) == 1
     assert "b.png" in capsys.readouterr().err
-    assert json.loads((out / "skipped.json").read_text()) == []  # the clean run skipped nothing
+    assert not (out / "results.json").exists()  # the stopped --overwrite run left no earlier results
     assert main([*base, "--out", str(out), "--overwrite", "--skip-bad"]) == 0
     text = capsys.readouterr()
     assert "skipped 1 unreadable (1 prompts not predicted; listed in" in text.out and "b.png" in text.err

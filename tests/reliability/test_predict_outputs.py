@@ -11,6 +11,7 @@ Bad-input matrix, predict outputs:
 | a new folder                                   | one mask per image                            |
 | a folder holding masks of an earlier run       | exit 1, unless `--predictions.overwrite true` |
 | two predict images with one stem (two folders) | exit 1, naming both images                    |
+| stems equal but for case (`X.png`, `x.png`)    | refused the same way, naming both files       |
 | any of the refusals on 2 DDP ranks             | every rank stops, nothing written             |
 | two prompt rows of one image, no instance ids  | the run stops at the second one               |
 """
@@ -160,6 +161,24 @@ def test_two_images_with_one_stem_are_refused_naming_both(tmp_path):
     assert str(first / "images" / "x.png") in line and str(second / "images" / "x.png") in line
     assert str(out / "x.png") in line
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_stems_equal_but_for_case_are_refused_naming_both(tmp_path):
+    """``X.png`` and ``x.png`` are one file on a case-insensitive disk (macOS, Windows): the second
+    mask would silently replace the first, so they are refused like one stem, with their real names."""
+    first = make_root(tmp_path / "first", stems=("a", "X"))
+    second = make_root(tmp_path / "second", stems=("x", "y"))
+    samples = find_samples(first) + find_samples(second)
+    out = tmp_path / "out"
+    for writer in (MaskWriter(), MaskWriter(overwrite=True, save_probabilities=True)):
+        problem = writer.check_output(out, samples)
+        assert problem and "case-insensitive" in problem and "--predictions.output_dir" in problem
+        assert str(first / "images" / "X.png") in problem and str(second / "images" / "x.png") in problem
+        assert str(out / "X.png") in problem and str(out / "x.png") in problem
+    # stems that differ in more than case, and one root listed twice, are not refused
+    assert MaskWriter().check_output(out, find_samples(first) + find_samples(first)) is None
+    third = make_root(tmp_path / "third", stems=("xx",))
+    assert MaskWriter().check_output(out, find_samples(first) + find_samples(third)) is None
 
 
 def test_ddp_refuses_on_every_rank_after_a_first_run(tmp_path):

@@ -19,9 +19,9 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from helpers import Interrupted, interrupt_after
+from helpers import fit_or_interrupt as fit
 
-from samflow.callbacks.resume import LastCheckpoint, RandomState
+from samflow.callbacks.resume import LastCheckpoint
 from samflow.data import SegmentationDataModule
 from samflow.data.quickstart import make_quickstart_data
 from samflow.module import SamflowModule, SamSpec
@@ -59,46 +59,6 @@ def make_module(plugins: dict[str, dict[str, Any]], **kwargs: Any) -> SamflowMod
         plugins={key: create_plugin(key, **options) for key, options in plugins.items()},
         **kwargs,
     )
-
-
-def fit(
-    folder: Path,
-    module: SamflowModule,
-    data: SegmentationDataModule,
-    *,
-    stop: int | None = None,
-    ckpt_path: Path | None = None,
-    callbacks: tuple[L.Callback, ...] = (),
-    **trainer: Any,
-) -> L.Trainer:
-    """``trainer.fit`` as ``samflow fit`` runs it (seed 0, ``RandomState``, ``last.ckpt`` every step),
-    stopped after ``stop`` training batches or resumed from ``ckpt_path``; the process's generators are moved on
-    first, so that a state the resume fails to restore shows."""
-    L.seed_everything(0, verbose=False)
-    if ckpt_path is not None:
-        torch.rand(5)
-    every: list[L.Callback] = [
-        *callbacks,
-        RandomState(),
-        LastCheckpoint(every_n_train_steps=1, dirpath=str(folder)),
-    ]
-    if stop is not None:
-        every.append(interrupt_after(stop))
-    settings = {
-        "max_epochs": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0, **trainer,
-    }  # fmt: skip
-    run = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=folder, deterministic=True, callbacks=every, **settings,
-    )  # fmt: skip
-    if stop is None:
-        run.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    else:
-        with pytest.raises(Interrupted):
-            run.fit(module, datamodule=data)
-        saved = torch.load(folder / LastCheckpoint.FILE, map_location="cpu", weights_only=False)
-        assert saved["global_step"] == run.global_step > 0  # the last optimizer step before the stop
-    return run
 
 
 def trained(module: SamflowModule) -> dict[str, torch.Tensor]:

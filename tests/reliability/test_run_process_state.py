@@ -1,4 +1,4 @@
-"""One ``samflow fit`` in a process leaves the process as it found it (``cli.restored_process_state``).
+"""One ``samflow fit`` in a process leaves the process as it found it (``samflow.process_state.restored_process_state``).
 
 Fits run one after another in one process (a notebook, W&B's agent with a function, tests). A fit set,
 for the rest of the process: W&B's offline mode (no account), ``SAMFLOW_VERBOSITY`` (``--quiet``: every
@@ -6,7 +6,8 @@ later run quiet), Lightning's seed variables (``PL_GLOBAL_SEED``: a later run wi
 ``seed_everything: false`` drew its sample seeds from this run's seed, ``PL_SEED_WORKERS``: seeded its
 workers), ``CUBLAS_WORKSPACE_CONFIG`` (``trainer.deterministic``), ``cudnn.benchmark`` (a later run's
 default), the Lightning loggers' WARNING level (``--quiet``: a later run lost Lightning's info lines),
-and ``sys.argv``.
+``sys.argv``, and W&B's service (``WANDB_SERVICE``: a ``samflow`` the process started later attached
+to it) with the ``sys.exit`` and ``sys.excepthook`` W&B replaced for it.
 """
 
 from __future__ import annotations
@@ -31,25 +32,24 @@ def _state() -> dict:
         h for name in LOGGERS for h in logging.getLogger(name).handlers or logging.getLogger().handlers
     }
     return {
-        "env": {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},  # W&B's service, reused
+        "env": dict(os.environ),
         "argv": list(sys.argv),
+        "hooks": (sys.exit, sys.excepthook),
         "levels": [logging.getLogger(name).level for name in LOGGERS],
         "filters": {id(h): list(h.filters) for h in handlers},
         "torch": (
             torch.are_deterministic_algorithms_enabled(),
             torch.backends.cudnn.benchmark,
             torch.get_float32_matmul_precision(),
+            torch.get_num_threads(),
         ),
         "verbosity": verbosity(),
     }
 
 
 def test_a_quiet_deterministic_fit_without_a_wandb_account_leaves_the_process_as_found(tmp_path, monkeypatch):
-    import wandb
-
     from samflow.cli import main
 
-    wandb.teardown()  # W&B keeps the mode of the process's first run (an earlier test's: disabled)
     for name in ("WANDB_MODE", "WANDB_API_KEY", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "SAMFLOW_VERBOSITY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: W&B runs offline
@@ -70,7 +70,6 @@ def test_a_quiet_deterministic_fit_without_a_wandb_account_leaves_the_process_as
         after = _state()
     finally:
         torch.backends.cudnn.benchmark = benchmark
-        wandb.teardown()  # its service process: a later test's `samflow` subprocess would attach to it
     assert list((tmp_path / "runs").glob("wandb/**/offline-run-*")), "the run logged to W&B offline"
     env = {k: (before["env"].get(k), after["env"].get(k)) for k in before["env"].keys() | after["env"].keys()}
     assert {k: v for k, v in env.items() if v[0] != v[1]} == {}

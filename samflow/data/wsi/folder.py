@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from samflow.data.prompts import PromptSampler, stable_seed
+from samflow.data.prompts import PromptSampler
 from samflow.data.reading import read_image, read_mask
 from samflow.data.wsi.patches import pair_item, wsi_sam_prompts
+from samflow.seeding import stable_seed
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 

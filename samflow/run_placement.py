@@ -1,0 +1,105 @@
+"""Where a run writes: ``--resume`` found, the loggers pointed at the run folder of ``--ckpt_path``.
+
+``fit`` from a checkpoint continues its run folder and W&B run; ``validate`` / ``test`` / ``predict``
+write into a new subfolder of it (``samflow.callbacks.run_folder``). Called by ``SamflowCLI`` before
+anything is built.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.pytorch.utilities import rank_zero_info
+
+from samflow.callbacks.resume import LastCheckpoint
+from samflow.callbacks.run_folder import (
+    RunCSVLogger,
+    command_folder,
+    last_checkpoint,
+    read_run_info,
+    run_folder_of,
+)
+from samflow.config_checks import ConfigError
+
+__all__ = ["new_wandb_id", "place_run", "resume_checkpoint"]
+
+
+def new_wandb_id() -> str:
+    """A new W&B run id (8 characters of [a-z0-9])."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def resume_checkpoint(resume: str, config: Namespace, run_name: str) -> Path:
+    """The checkpoint ``--resume`` names: ``last`` (the newest run of the experiment), a run folder, a file."""
+    if resume == "last":
+        runs = Path(config.get("trainer.default_root_dir") or f"runs/{run_name}")
+        found = last_checkpoint(runs)
+        if found is None:
+            raise FileNotFoundError(
+                f"--resume last: no run under {runs} has checkpoints/last.ckpt; start the run without --resume."
+            )
+        return found
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / LastCheckpoint.FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--resume {resume}: {path} does not exist; give a run folder that holds checkpoints/last.ckpt."
+            )
+    elif not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such run folder or checkpoint.")
+    return path
+
+
+def place_run(config: Namespace, command: str, run_name: str) -> Path | None:
+    """Point the loggers at the run folder of ``--ckpt_path`` (or ``--resume``), and give W&B its run id;
+    the run folder (None for a new run).
+
+    ``fit`` continues that folder and W&B run; ``validate`` / ``test`` / ``predict`` write into a new
+    subfolder of it named after the command (``test``, ``test_1``, ...). A new fit gets a W&B id of
+    its own, recorded in ``run.json``.
+    """
+    resume = config.get("resume")
+    if resume:
+        if command != "fit":
+            raise ConfigError(
+                f"--resume continues a fit; give `samflow {command}` the checkpoint with --ckpt_path."
+            )
+        if config.get("ckpt_path"):
+            raise ConfigError("Give either --resume or --ckpt_path, not both.")
+        config["ckpt_path"] = str(resume_checkpoint(str(resume), config, run_name))
+        config["resume"] = None
+    loggers = config.get("trainer.logger")
+    entries = [e for e in (loggers if isinstance(loggers, list) else [loggers]) if isinstance(e, Namespace)]
+
+    def options(kind: str) -> list[Namespace]:
+        return [e.init_args for e in entries if str(e.get("class_path", "")).endswith(kind)]
+
+    run = run_folder_of(config.get("ckpt_path"))
+    if run is None:
+        if command == "fit":
+            for wandb in options("WandbLogger"):
+                if not wandb.get("id"):
+                    wandb["id"] = new_wandb_id()
+        return None
+    if command == "fit":  # appending to metrics.csv, which Lightning's CSVLogger would delete
+        parent, folder, root = run.parent, run.name, run
+        for entry in entries:
+            if entry.get("class_path") == "lightning.pytorch.loggers.CSVLogger":
+                entry["class_path"] = f"{RunCSVLogger.__module__}.{RunCSVLogger.__name__}"
+    else:
+        parent, folder = run, command_folder(run, command)
+        root = run / folder
+    for csv in options("CSVLogger"):
+        csv["save_dir"], csv["name"], csv["version"] = str(parent), "", folder
+    wandb_id = read_run_info(run).get("wandb_id")
+    for wandb in options("WandbLogger"):
+        wandb["id"] = wandb_id or wandb.get("id") or new_wandb_id()
+        wandb["resume"] = "allow" if wandb_id else wandb.get("resume")
+    config["trainer.default_root_dir"] = str(root)
+    rank_zero_info(f"samflow: {command} of run {run} writes into {root}.")
+    return run
