@@ -52,6 +52,9 @@ class FrozenStatsBatchNorm2d(nn.Module):
     unless their stage is frozen. The state dict is ``BatchNorm2d``'s without ``num_batches_tracked``
     (``resnet50_fpn`` drops it from a file); the module stays in eval mode whatever ``train()`` asks."""
 
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
