@@ -111,6 +111,7 @@ class EvaluationMixin(LightningModule):
 
     if TYPE_CHECKING:  # set and defined by SamflowModule
         metric_spec: list[str | dict[str, Any]] | dict[str, Any]
+        threshold: float
         _metrics: dict[str, MetricCollection]
         _tallies: dict[str, EvalTally]
 
@@ -124,21 +125,32 @@ class EvaluationMixin(LightningModule):
         ) -> dict[str, Tensor]: ...
 
     # ---- evaluation at the original resolution ----
-    def frame_probabilities(self, out: SamOutput) -> Tensor:
-        """Foreground probability of each prompt row in the input frame (N, 1, S, S), in float32 (float64
-        stays) also under bf16 autocast: what the metrics and the sample pictures threshold alike."""
-        return upcast(self.upsample(out.pred)).sigmoid()
+    def frame_logits(self, out: SamOutput) -> Tensor:
+        """Logits of each prompt row in the input frame (N, 1, S, S), in float32 (float64 stays) also
+        under bf16 autocast."""
+        return upcast(self.upsample(out.pred))
 
-    def probabilities(self, out: SamOutput, batch: SamBatch, frame: Tensor | None = None) -> list[Tensor]:
+    def frame_probabilities(self, out: SamOutput, logits: Tensor | None = None) -> Tensor:
+        """Foreground probability of each prompt row in the input frame (N, 1, S, S), in float32 (float64
+        stays) also under bf16 autocast: what the sample pictures threshold. ``logits``:
+        ``frame_logits(out)``, when computed already."""
+        return (self.frame_logits(out) if logits is None else logits).sigmoid()
+
+    def probabilities(self, out: SamOutput, batch: SamBatch, logits: Tensor | None = None) -> list[Tensor]:
         """Foreground probability of each prompt row at its image's original size: list of (H, W).
-        ``frame``: ``frame_probabilities(out)``, when computed already."""
-        full = self.frame_probabilities(out) if frame is None else frame
+
+        As ``Sam.postprocess_masks`` and ``Predictor.postprocess``: the logits in the S x S frame are
+        cropped to the image and resized to (H, W), and only then made probabilities, so ``p > t`` is
+        ``Predictor``'s ``logit > log(t / (1 - t))`` at every pixel (resizing probabilities instead
+        moves the edge of a confident mask). ``logits``: ``frame_logits(out)``, when computed already.
+        """
+        full = self.frame_logits(out) if logits is None else logits
         maps = []
         for row, image in enumerate(out.image_index.tolist()):
             h, w = batch.input_size[image].tolist()
             size = batch.original_size[image].tolist()
             crop = full[row : row + 1, :, :h, :w]
-            maps.append(F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0, 0])
+            maps.append(F.interpolate(crop, size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid())
         return maps
 
     # Under DDP each process evaluates its own images (SegmentationDataModule shards val / test sets
@@ -149,7 +161,7 @@ class EvaluationMixin(LightningModule):
     def _metric_set(self, stage: str, dataloader_idx: int) -> MetricCollection:
         name = f"{stage}/{dataloader_idx}"
         if name not in self._metrics:
-            self._metrics[name] = build_metrics(self.metric_spec).to(self.device)
+            self._metrics[name] = build_metrics(self.metric_spec, self.threshold).to(self.device)
         return self._metrics[name]
 
     def _tally(self, stage: str, dataloader_idx: int) -> EvalTally:
@@ -172,9 +184,10 @@ class EvaluationMixin(LightningModule):
         nonfinite = (~torch.isfinite(out.pred)).flatten(1).any(1).sum()
         self._tally(stage, dataloader_idx).update(batch.num_images, loss, batch.num_rows, nonfinite)
         targets = row_targets(batch, out.image_index)
-        frame = self.frame_probabilities(out)  # float32: pictures (SampleGrid) threshold what metrics do
+        logits = self.frame_logits(out)  # float32, also under bf16 autocast
+        frame = self.frame_probabilities(out, logits)  # the sample pictures' (SampleGrid)
         for image, prob, target in zip(
-            out.image_index.tolist(), self.probabilities(out, batch, frame), targets
+            out.image_index.tolist(), self.probabilities(out, batch, logits), targets
         ):
             source = batch.path[image] if batch.path else ""  # per-slide metrics group by it (slide_dice)
             metrics.update(prob, target, source=source)

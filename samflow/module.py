@@ -50,7 +50,9 @@ class SamflowModule(EvaluationMixin):
         optimizer: optimizer class and arguments; plugins may set their own ``lr``/``weight_decay``.
         scheduler: optional learning-rate scheduler, stepped per epoch; a ``ReduceLROnPlateau`` watches the
             checkpoint's monitor (the main validation metric) unless it names its own (Lightning's subclass).
-        threshold: probability above which a pixel is foreground in predicted masks.
+        threshold: probability above which a pixel is foreground in predicted masks, and in the
+            metrics named by a short name that threshold (``iou``, ``dice``, ``boundary_iou``, ``ber``,
+            ``slide_dice``), so validation scores the masks ``samflow predict`` writes.
     """
 
     def __init__(

@@ -26,7 +26,8 @@ class BER(Metric):
     the GT counts as perfectly classified (accuracy 1). ``compute()`` returns a float64 scalar.
 
     Args:
-        threshold: probability above which a pixel of ``preds`` is foreground (when ``level`` is None).
+        threshold: probability above which a pixel of ``preds`` is foreground (when ``level`` is None;
+            0.5; named by its short name in ``model.metrics``, the metric takes ``model.threshold``).
         level: foreground where ``preds * 255 > level`` instead (125: SAM-Adapter's rule).
         per_image: average the BER of each image instead of computing it once from the counts of
             the whole dataset.

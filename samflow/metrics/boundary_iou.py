@@ -16,7 +16,8 @@ class BoundaryIoU(PerImageMean):
 
     Args:
         dilation_ratio: width d of the boundary bands as a fraction of the image diagonal.
-        threshold: probability above which a pixel of ``preds`` is foreground.
+        threshold: probability above which a pixel of ``preds`` is foreground (0.5; named by its short
+            name in ``model.metrics``, the metric takes ``model.threshold``).
     """
 
     higher_is_better = True

@@ -23,6 +23,7 @@ a ``source`` argument also gets the image's ``SamBatch.path`` (``slide_dice`` gr
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,11 +59,14 @@ MetricsSpec = (
 )
 
 
-def build_metrics(spec: MetricsSpec) -> MetricCollection:
+def build_metrics(spec: MetricsSpec, threshold: float | None = None) -> MetricCollection:
     """A fresh ``MetricCollection`` of the metrics of ``spec`` (see the module docstring).
 
     Built metrics in ``spec`` are cloned, so each call (one per stage and dataset) gets its own
     states. An unknown name lists the valid ones; a class_path that cannot be built names its key.
+    ``threshold``: the threshold of the metrics given by a short name that take one (``iou``,
+    ``dice``, ``boundary_iou``, ``ber``, ``slide_dice``); ``SamflowModule`` passes ``model.threshold``,
+    so they score the masks ``samflow predict`` writes. A class_path spec or a built metric keeps its own.
     """
     items: list[tuple[str | None, Any]]
     if isinstance(spec, Mapping):
@@ -85,7 +89,8 @@ def build_metrics(spec: MetricsSpec) -> MetricCollection:
         if isinstance(item, Metric):
             metric = item.clone()
         elif isinstance(item, str) and item in METRICS:
-            metric = METRICS[item]()
+            takes = threshold is not None and "threshold" in inspect.signature(METRICS[item]).parameters
+            metric = METRICS[item](**({"threshold": threshold} if takes else {}))
         elif is_class_path_spec(item) or isinstance(item, str):
             metric = instantiate(item, Metric, key)
         else:

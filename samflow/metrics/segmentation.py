@@ -15,7 +15,8 @@ class BinaryIoU(PerImageMean):
     G empty scores 1.
 
     Args:
-        threshold: probability above which a pixel of ``preds`` is foreground.
+        threshold: probability above which a pixel of ``preds`` is foreground (0.5; named by its short
+            name in ``model.metrics``, the metric takes ``model.threshold``).
     """
 
     higher_is_better = True
@@ -34,7 +35,8 @@ class BinaryDice(PerImageMean):
     An image with both P and G empty scores 1.
 
     Args:
-        threshold: probability above which a pixel of ``preds`` is foreground.
+        threshold: probability above which a pixel of ``preds`` is foreground (0.5; named by its short
+            name in ``model.metrics``, the metric takes ``model.threshold``).
     """
 
     higher_is_better = True

@@ -35,7 +35,8 @@ class SlideDice(Metric):
     whichever process saw which patches of a slide.
 
     Args:
-        threshold: probability above which a pixel of ``preds`` is foreground.
+        threshold: probability above which a pixel of ``preds`` is foreground (0.5; named by its short
+            name in ``model.metrics``, the metric takes ``model.threshold``).
     """
 
     higher_is_better = True

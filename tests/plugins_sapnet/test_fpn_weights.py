@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
+from test_resnet_fpn import resnet50_file
 
 from samflow_plugins.sapnet import SAPNet
 from samflow_plugins.sapnet.fpn import FPN, ResNet50FPN, resnet50_fpn
@@ -17,11 +17,7 @@ from samflow_plugins.sapnet.fpn import FPN, ResNet50FPN, resnet50_fpn
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """A random ResNet-50 state dict in torchvision's layout (fc, num_batches_tracked), as a file."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("resnet") / "resnet50-random.pth"
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
-    return path
+    return resnet50_file(tmp_path_factory)
 
 
 def test_torchvision_resnet50_file_fills_the_body_and_the_fpn_keeps_its_init(weights):

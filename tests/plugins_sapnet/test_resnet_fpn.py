@@ -11,13 +11,17 @@ from samflow_plugins.sapnet import SAPNet
 from samflow_plugins.sapnet.net import SelectionNet, roi_levels
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def resnet50_file(tmp_path_factory):
     """A random ResNet-50 state dict in torchvision's layout (with fc and num_batches_tracked), as a file."""
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("resnet") / "resnet50-random.pth"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return resnet50_file(tmp_path_factory)
 
 
 def test_roi_levels_by_hand():
