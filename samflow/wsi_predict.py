@@ -149,7 +149,7 @@ def predict_slide(
             bands = stitch_bands(gathered(), xs, ys, width=width, height=height, tile=tile, overlap=overlap)
             for y0, rows in bands:
                 dest = levels[0][y0 : y0 + rows.shape[0]]
-                dest[...] = rows > threshold  # as every other path: p > t
+                dest[...] = rows >= threshold
                 dest *= 255
         # levels halving, each a disk-backed array, down to 256 px and to a level at most polygon_side
         while min(levels[-1].shape) > 1 and (
