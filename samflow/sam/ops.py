@@ -121,15 +121,20 @@ def window_slots(size: tuple[int, int], window: int, device: torch.device | None
     return constant(("window_slots", h, w, window, torch.device(device or "cpu")), slots)
 
 
-def window_partition(x: Tensor, window: int) -> Tensor:
+def window_partition(x: Tensor, window: int, fill: Tensor | None = None) -> Tensor:
     """segment-anything's ``window_partition`` in one pass: (B, h, w, C) -> (B * nW, window, window, C).
 
     The same windows, zero padding and order; SAM pads (one copy) and then permutes (another), this
-    scatters each token into its slot of a zeroed buffer.
+    scatters each token into its slot of a zeroed buffer. ``fill`` (C,): the padding tokens' value
+    instead of zero (what a per-token layer gives for a zero token: its bias).
     """
     b, h, w, c = x.shape
     down, across = -(-h // window), -(-w // window)
-    windows = x.new_zeros(b, down * across * window * window, c)
+    slots = down * across * window * window
+    if fill is None:
+        windows = x.new_zeros(b, slots, c)
+    else:
+        windows = fill.to(x.dtype).expand(b, slots, c).contiguous()
     windows.index_copy_(1, window_slots((h, w), window, x.device), x.reshape(b, h * w, c))
     return windows.view(b * down * across, window, window, c)
 

@@ -282,9 +282,9 @@ def test_a_trained_bias_runs_without_a_mask_gradient_in_sdpa(tiny_sam, monkeypat
     assert not any(m is not None and m.requires_grad for m in masks)
 
     # the reference: every encoder attention through SDPA with the bias as its mask
-    def reference_attention(i, attn, x, hooks, ctx):
+    def reference_attention(i, attn, x, hooks, ctx, qkv_done=False):
         b, h, w, _ = x.shape
-        qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = (x if qkv_done else attn.qkv(x)).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         bias = decomposed_rel_pos_bias(q, attn.rel_pos_h, attn.rel_pos_w, (h, w))
         scale, bias = hooks.attn_logits(i, attn.scale, bias, q, ctx)
