@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -276,8 +277,9 @@ def _run_subcommand(args: list[str]) -> int:
     from argparse import ArgumentError
 
     try:
-        if any(a == PLUGIN_HELP or a.startswith(PLUGIN_HELP + "=") for a in args):
-            return _plugin_help(args, name or "samflow")
+        flags = _class_help_flags(args)
+        if flags:
+            return _class_help(args, name or "samflow", *flags)
         run_cli(args, name or "samflow")
     except ArgumentError as err:  # a bad option or value: jsonargparse's message, made one line
         if os.environ.get("SAMFLOW_DEBUG"):
@@ -293,23 +295,40 @@ def _run_subcommand(args: list[str]) -> int:
 
 
 PLUGIN_HELP = "--model.plugins.help"
+#: ``--data.init_args.NAME.help CLASS`` (``prompt``, ``eval_prompt``, ``augment``)
+_DATA_HELP = re.compile(r"--data\.init_args\.(\w+)\.help(?:=|$)")
 
 
-def _plugin_help(args: list[str], name: str) -> int:
-    """``--model.plugins.help CLASS``: jsonargparse's help for the class, with its options written as
-    the flags that set them, ``--model.plugins.<key>.init_args.OPTION`` (jsonargparse writes
-    ``--model.plugins.OPTION``, a flag that does not exist for a mapping of plugins)."""
+def _class_help_flags(args: list[str]) -> tuple[str, str, str] | None:
+    """For a class's help flag among ``args``: that flag, the option prefix jsonargparse writes in its
+    help and the prefix of the flags that set those options. jsonargparse drops the path above the
+    class's own key, so it writes ``--model.plugins.OPTION`` and ``--prompt.OPTION``, flags no run
+    accepts."""
+    for arg in args:
+        if arg == PLUGIN_HELP or arg.startswith(PLUGIN_HELP + "="):
+            return PLUGIN_HELP, "--model.plugins.", "--model.plugins.<key>.init_args."
+        nested = _DATA_HELP.match(arg)
+        if nested:
+            key = f"data.init_args.{nested[1]}"
+            return f"--{key}.help", f"--{nested[1]}.", f"--{key}.init_args."
+    return None
+
+
+def _class_help(args: list[str], name: str, flag: str, shown: str, real: str) -> int:
+    """``--model.plugins.help CLASS``, ``--data.init_args.prompt.help CLASS``, ...: jsonargparse's help
+    for the class, with its options written as the flags that set them (``shown`` -> ``real``:
+    ``--model.plugins.<key>.init_args.OPTION``, ``--data.init_args.prompt.init_args.OPTION``)."""
     import io
 
-    shown = io.StringIO()
+    captured = io.StringIO()
     code: int | str | None = 0
-    with contextlib.redirect_stdout(shown):
+    with contextlib.redirect_stdout(captured):
         try:
             run_cli(args, name)
         except SystemExit as done:
             code = done.code
-    text = shown.getvalue().replace("--model.plugins.", "--model.plugins.<key>.init_args.")
-    sys.stdout.write(text.replace("--model.plugins.<key>.init_args.help", PLUGIN_HELP))
+    text = captured.getvalue().replace(shown, real)
+    sys.stdout.write(text.replace(f"{real}help", flag))
     return code if isinstance(code, int) else 1
 
 
