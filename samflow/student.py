@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from samflow.data.coco_batch import CocoBatch
 from samflow.data.coco_masks import encode_mask
 from samflow.instance import CocoMaskAP, SOLOv2Head
+from samflow.instance.solov2 import mask_boxes
 from samflow.module import SamSpec
 from samflow.sam import EncoderCache, HookedSam, build_sam
 
@@ -49,7 +49,8 @@ class StudentModule(LightningModule):
         frozen_sam: an already built frozen SAM to use (the command passes the experiment's).
         mps_weight: weight of the MPS term (SAPNet's multi-mask proposal supervision): with
             ``batch.aux_masks`` (N, R, S, S) (the pseudo-mask file's ``mps_segmentation``), the mask loss
-            is also computed with each of the R masks as every instance's target, and
+            is also computed with each of the R masks as every instance's target (the cells still
+            chosen by the pseudo mask's box, the centre by the MPS mask, as the reference), and
             ``loss_mps = mps_weight * Σ_r loss_mask_r / 6`` is added (the reference's 0.5 and 6). 0 turns it off.
     """
 
@@ -115,8 +116,14 @@ class StudentModule(LightningModule):
         aux = batch.aux_masks
         if self.mps_weight and aux is not None and aux.shape[0] and aux.shape[1]:
             terms = []
-            for r in range(aux.shape[1]):  # each MPS rank as every instance's target (SAPNet's MPS)
-                other = [{**t, "masks": aux[batch.image_index == b, r]} for b, t in enumerate(targets)]
+            # each MPS rank as every instance's mask target; the scale and centre region stay the pseudo
+            # mask's box (the reference passes its pseudo boxes with the MPS masks)
+            boxes = [mask_boxes(t["masks"]) for t in targets]
+            for r in range(aux.shape[1]):
+                other = [
+                    {**t, "masks": aux[batch.image_index == b, r], "boxes": boxes[b]}
+                    for b, t in enumerate(targets)
+                ]
                 terms.append(self.head.loss(outputs, other)["loss_mask"])
             losses["loss_mps"] = self.mps_weight * torch.stack(terms).sum() / 6
             losses["loss"] = losses["loss"] + losses["loss_mps"]
@@ -139,18 +146,9 @@ class StudentModule(LightningModule):
         """Per image (masks (K, H, W) bool at the original size, scores (K,), labels (K,)); no prompts."""
         outputs = self.head(self.embed(batch))
         sizes = [(int(h), int(w)) for h, w in batch.input_size.tolist()]
-        preds = []
-        for b, (masks, scores, labels) in enumerate(self.head.predict(outputs, sizes)):
-            h, w = (int(v) for v in batch.original_size[b].tolist())
-            if masks.shape[0]:
-                masks = (
-                    F.interpolate(masks[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-                    >= 0.5
-                )
-            else:
-                masks = masks.new_zeros((0, h, w))
-            preds.append((masks, scores, labels))
-        return preds
+        originals = [(int(h), int(w)) for h, w in batch.original_size.tolist()]
+        # the probabilities are resized to the original size and thresholded there (the reference's order)
+        return self.head.predict(outputs, sizes, originals)
 
     @staticmethod
     def eval_targets(batch: CocoBatch) -> list[dict[str, Tensor]]:

@@ -1,7 +1,8 @@
 """SOLOv2 student head (Wang et al. 2020) on SAM's frozen image embedding.
 
 The student of SAPNet: trained on pseudo masks, it segments instances without prompts. Input is the
-SAM embedding (B, 256, H/16, W/16) (64 x 64 at 1024 px). A small pyramid is made from it:
+SAM embedding (B, 256, H/16, W/16) (64 x 64 at 1024 px). A small pyramid of ``in_channels`` maps (the
+width of the reference's FPN) is made from it:
 
 - stride 8: a 2x2 transposed convolution (stride 2) of the embedding,
 - stride 16: a 1x1 convolution,
@@ -9,22 +10,31 @@ SAM embedding (B, 256, H/16, W/16) (64 x 64 at 1024 px). A small pyramid is made
 
 (``strides`` picks a subset/order of these three). Per level the features, with two CoordConv channels
 (x, y in [-1, 1]), are resized to an S x S grid; a kernel branch predicts per cell a dynamic 1x1 kernel
-of ``mask_channels`` weights and a category branch the class logits. The mask-feature branch sums all
-levels at stride 8 (plus CoordConv) into (B, mask_channels, H/8, W/8); an instance mask is the kernel
-of a cell applied to it.
+of ``mask_channels`` weights and a category branch (the same grid, without the coordinates) the class
+logits. The mask-feature branch sums all levels at stride 8 (plus CoordConv): a 3x3 conv to
+``mask_feat_channels`` and a 1x1 conv to ``mask_channels``, each with GroupNorm and ReLU (the
+reference's ``conv_pred`` is a ``ConvModule`` with GN and ReLU), into (B, mask_channels, H/8, W/8); an
+instance mask is the kernel of a cell applied to it. Every conv of the branches starts N(0, 0.01^2)
+with zero bias, the category bias at the 0.01 prior (mmdetection's ``init_cfg``).
 
-Targets: an instance goes to every level whose scale range holds sqrt(box w x h); the positive cells
-are the centre region (``sigma`` x half the box around the mask's centre of mass), at most 3 x 3
-cells around the centre cell. Scale ranges are fractions of the longer input side, so one config
-serves any image size (the defaults, x 1024 px: (0, 128), (64, 256), (128, 2048)).
-Losses: sigmoid focal (alpha 0.25, gamma 2) over all cells / (positives + 1); dice (weight 3) on the
-positives' masks at stride 8. Inference: 2 x 2 local maxima of the category scores above
-``score_thr``, masks > ``mask_thr``, score x mean probability inside the mask, Matrix NMS, top
-``max_per_img``.
+Targets: an instance goes to every level whose scale range holds sqrt(box w x h) (the mask's box, or
+the ``boxes`` given); the positive cells are the centre region (``sigma`` x half the box around the
+mask's centre of mass, in pixel-area coordinates: pixel i spans [i, i + 1)), at most 3 x 3 cells around
+the centre cell. Where two instances' regions meet on a level, the smaller instance takes the cell
+(category and mask target). Scale ranges are fractions of the longer input side, so one config serves
+any image size (the defaults, x 1024 px: (0, 128), (64, 256), (128, 2048)). Mask targets are the
+masks averaged over 8 x 8 pixel blocks, >= 0.5.
+Losses: sigmoid focal (alpha 0.25, gamma 2) over all cells / (positives + 1); dice with eps 1e-3 on
+both sums (weight 3) on the positives' masks at stride 8, averaged over the positives. Inference:
+2 x 2 local maxima of the category scores above ``score_thr``, masks > ``mask_thr`` with more pixels
+(at stride 8) than their level's stride, score x mean probability inside the mask, Matrix NMS,
+scores >= ``filter_thr``, top ``max_per_img``; the kept probabilities are resized to the input, cropped
+to the image, resized to the output size and thresholded at ``mask_thr``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -36,6 +46,7 @@ from torchvision.ops import sigmoid_focal_loss
 from samflow.instance.matrix_nms import matrix_nms
 
 _BUILDERS = (8, 16, 32)
+PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # -4.595: sigmoid 0.01
 
 
 def _coords(x: Tensor) -> Tensor:
@@ -46,38 +57,56 @@ def _coords(x: Tensor) -> Tensor:
     return torch.cat([x, gx.expand(b, 1, h, w), gy.expand(b, 1, h, w)], 1)
 
 
+def _conv_gn_relu(cin: int, cout: int, groups: int, kernel: int = 3) -> list[nn.Module]:
+    """A conv (no bias: a norm follows), GroupNorm (``groups``, or their gcd with a narrower width), ReLU."""
+    return [
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
+        nn.GroupNorm(math.gcd(groups, cout), cout),
+        nn.ReLU(inplace=True),
+    ]
+
+
 def _conv_stack(cin: int, cout: int, n: int, groups: int) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(n):
-        layers += [
-            nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1, bias=False),
-            nn.GroupNorm(groups, cout),
-            nn.ReLU(inplace=True),
-        ]
-    return nn.Sequential(*layers)
+    return nn.Sequential(*[m for i in range(n) for m in _conv_gn_relu(cin if i == 0 else cout, cout, groups)])
+
+
+def mask_boxes(masks: Tensor) -> Tensor:
+    """(N, 4) boxes x0, y0, x1, y1 of ``masks`` (N, H, W) in pixel-area coordinates (x1 = last column
+    + 1); an empty mask's box is all zeros."""
+    boxes = masks.new_zeros((masks.shape[0], 4), dtype=torch.float32)
+    for i, m in enumerate(masks):
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if ys.numel():
+            boxes[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+    return boxes
 
 
 class SOLOv2Head(nn.Module):
     """SOLOv2 on a pyramid made from SAM's stride-16 embedding.
 
     API: ``head(features) -> outputs`` (a dict), ``head.loss(outputs, targets) -> dict`` with
-    ``loss_cls``, ``loss_mask`` and ``loss`` (their sum), ``head.predict(outputs, image_size)`` -> per
-    image ``(masks (K, h, w) bool, scores (K,), labels (K,))``.
+    ``loss_cls``, ``loss_mask`` and ``loss`` (their sum), ``head.predict(outputs, image_size,
+    output_size)`` -> per image ``(masks (K, h, w) bool, scores (K,), labels (K,))``.
+
+    Widths and settings default to the SAPNet config's ``SOLOV2Head`` (``SAPNet_r50_fpn_1x_coco.py``);
+    the levels are three, made from the one embedding (the reference: five FPN levels).
 
     Args:
         num_classes: object classes (no background class).
-        in_channels: channels of the embedding (256 for SAM).
+        in_channels: channels of the embedding and of the pyramid (256 for SAM; the reference's 256).
         embed_stride: input pixels per embedding cell (16 for SAM).
-        feat_channels: width of the pyramid and of both branches (SOLOv2: 512; small by default).
-        mask_channels: length of the dynamic kernels and channels of the mask features.
-        num_convs: stacked 3x3 conv + GN + ReLU in each branch (SOLOv2: 4).
+        feat_channels: width of the kernel and category branches (512).
+        mask_feat_channels: width of the mask-feature branch (128).
+        mask_channels: length of the dynamic kernels and channels of the mask features (256).
+        num_convs: stacked 3x3 conv + GN + ReLU in each branch (4).
         strides: pyramid levels, a subset of 8, 16, 32.
-        num_grids: S per level (SOLOv2 at 1333 x 800: 40, 36, 24, 16, 12 on five levels).
+        num_grids: S per level (the reference at 1333 x 800: 40, 36, 24, 16, 12 on five levels).
         scale_ranges: per level (lo, hi) of sqrt(box area) as fractions of the longer input side.
-        sigma: centre-region scale (0.2).
+        sigma: centre-region scale (0.2, the reference's ``pos_scale``).
         focal_alpha, focal_gamma, dice_weight: loss settings (0.25, 2, 3).
         score_thr, mask_thr, filter_thr, nms_pre, max_per_img, nms_kernel, nms_sigma: inference
             (0.1, 0.5, 0.05, 500, 100, gaussian, 2.0).
+        gn_groups: GroupNorm groups (32; a narrower width takes gcd(gn_groups, width)).
     """
 
     mask_stride = 8
@@ -88,9 +117,10 @@ class SOLOv2Head(nn.Module):
         *,
         in_channels: int = 256,
         embed_stride: int = 16,
-        feat_channels: int = 128,
-        mask_channels: int = 64,
-        num_convs: int = 2,
+        feat_channels: int = 512,
+        mask_feat_channels: int = 128,
+        mask_channels: int = 256,
+        num_convs: int = 4,
         strides: Sequence[int] = (8, 16, 32),
         num_grids: Sequence[int] = (36, 24, 16),
         scale_ranges: Sequence[tuple[float, float]] = ((0.0, 0.125), (0.0625, 0.25), (0.125, 2.0)),
@@ -105,7 +135,7 @@ class SOLOv2Head(nn.Module):
         max_per_img: int = 100,
         nms_kernel: Literal["gaussian", "linear"] = "gaussian",
         nms_sigma: float = 2.0,
-        gn_groups: int = 8,
+        gn_groups: int = 32,
     ) -> None:
         super().__init__()
         if not (len(strides) == len(num_grids) == len(scale_ranges)):
@@ -125,18 +155,25 @@ class SOLOv2Head(nn.Module):
         self.score_thr, self.mask_thr, self.filter_thr = score_thr, mask_thr, filter_thr
         self.nms_pre, self.max_per_img = nms_pre, max_per_img
         self.nms_kernel, self.nms_sigma = nms_kernel, nms_sigma
-        c = feat_channels
-        self.up = nn.ConvTranspose2d(in_channels, c, 2, stride=2)  # stride 8
-        self.lat = nn.Conv2d(in_channels, c, 1)  # stride 16
-        self.down = nn.Conv2d(in_channels, c, 1)  # stride 32, after max pooling
-        self.kernel_convs = _conv_stack(c + 2, c, num_convs, gn_groups)
-        self.cate_convs = _conv_stack(c, c, num_convs, gn_groups)
-        self.kernel_out = nn.Conv2d(c, mask_channels, 3, padding=1)
-        self.cate_out = nn.Conv2d(c, num_classes, 3, padding=1)
-        self.mask_branch = nn.Sequential(_conv_stack(c + 2, c, 1, gn_groups), nn.Conv2d(c, mask_channels, 1))
-        nn.init.normal_(self.cate_out.weight, std=0.01)
-        nn.init.constant_(self.cate_out.bias, -4.59511985)  # type: ignore[arg-type]  # prior 0.01
-        nn.init.normal_(self.kernel_out.weight, std=0.01)
+        c = in_channels
+        self.up = nn.ConvTranspose2d(c, c, 2, stride=2)  # stride 8
+        self.lat = nn.Conv2d(c, c, 1)  # stride 16
+        self.down = nn.Conv2d(c, c, 1)  # stride 32, after max pooling
+        self.kernel_convs = _conv_stack(c + 2, feat_channels, num_convs, gn_groups)
+        self.cate_convs = _conv_stack(c, feat_channels, num_convs, gn_groups)
+        self.kernel_out = nn.Conv2d(feat_channels, mask_channels, 3, padding=1)
+        self.cate_out = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
+        self.mask_branch = nn.Sequential(
+            *_conv_gn_relu(c + 2, mask_feat_channels, gn_groups),
+            *_conv_gn_relu(mask_feat_channels, mask_channels, gn_groups, kernel=1),
+        )
+        for branch in (self.kernel_convs, self.cate_convs, self.kernel_out, self.cate_out, self.mask_branch):
+            for m in branch.modules():
+                if isinstance(m, nn.Conv2d):  # mmdetection's Normal(layer='Conv2d', std=0.01), bias 0
+                    nn.init.normal_(m.weight, std=0.01)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+        nn.init.constant_(self.cate_out.bias, PRIOR_BIAS)  # type: ignore[arg-type]
 
     def pyramid(self, x: Tensor) -> list[Tensor]:
         """The levels of ``strides`` made from the embedding ``x`` (B, C, h, w)."""
@@ -161,10 +198,12 @@ class SOLOv2Head(nn.Module):
 
     # ---------------------------------------------------------------- targets
     def assign(
-        self, masks: Tensor, labels: Tensor, input_size: tuple[int, int]
+        self, masks: Tensor, labels: Tensor, input_size: tuple[int, int], boxes: Tensor | None = None
     ) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per level ``(cate_target (S, S) long, num_classes = background; pos (S, S) bool; idx (S, S)
-        long)``: idx is the instance of each positive cell. ``masks`` (N, H, W) at ``input_size``."""
+        long)``: idx is the instance of each positive cell. ``masks`` (N, H, W) at ``input_size``;
+        ``boxes`` (N, 4) x0, y0, x1, y1 for the scale and the centre region (default: the masks' boxes;
+        SAPNet's MPS passes the pseudo masks' boxes with the MPS masks). Empty masks are left out."""
         h_in, w_in = input_size
         side = float(max(h_in, w_in))
         out = []
@@ -173,16 +212,15 @@ class SOLOv2Head(nn.Module):
             ys, xs = torch.nonzero(masks[i], as_tuple=True)
             if ys.numel() == 0:
                 continue
+            x0, y0, x1, y1 = (
+                (float(xs.min()), float(ys.min()), float(xs.max()) + 1, float(ys.max()) + 1)
+                if boxes is None
+                else tuple(float(v) for v in boxes[i])
+            )
+            if (x1 - x0) * (y1 - y0) <= 0:
+                continue  # a given box without area (of an empty mask): no scale, no cell
             found.append(
-                (
-                    i,
-                    float(xs.min()),
-                    float(ys.min()),
-                    float(xs.max()) + 1,
-                    float(ys.max()) + 1,
-                    ys.float().mean().item() + 0.5,
-                    xs.float().mean().item() + 0.5,
-                )
+                (i, x0, y0, x1, y1, ys.double().mean().item() + 0.5, xs.double().mean().item() + 0.5)
             )
         found.sort(key=lambda f: -(f[3] - f[1]) * (f[4] - f[2]))  # larger first: smaller cells win
         for (lo, hi), s in zip(self.scale_ranges, self.num_grids, strict=True):
@@ -195,10 +233,10 @@ class SOLOv2Head(nn.Module):
                     continue
                 half_h, half_w = 0.5 * (y1 - y0) * self.sigma, 0.5 * (x1 - x0) * self.sigma
                 ch, cw = int(cy / h_in * s), int(cx / w_in * s)
-                top_b = max(0, int((cy - half_h) / h_in * s))
-                down_b = min(s - 1, int((cy + half_h) / h_in * s))
-                left_b = max(0, int((cx - half_w) / w_in * s))
-                right_b = min(s - 1, int((cx + half_w) / w_in * s))
+                top_b = max(0, math.floor((cy - half_h) / h_in * s))
+                down_b = min(s - 1, math.floor((cy + half_h) / h_in * s))
+                left_b = max(0, math.floor((cx - half_w) / w_in * s))
+                right_b = min(s - 1, math.floor((cx + half_w) / w_in * s))
                 top, down = max(top_b, ch - 1), min(down_b, ch + 1)
                 left, right = max(left_b, cw - 1), min(right_b, cw + 1)
                 cate[top : down + 1, left : right + 1] = int(labels[i])
@@ -212,8 +250,8 @@ class SOLOv2Head(nn.Module):
         self, outputs: Mapping[str, Tensor | list[Tensor]], targets: Sequence[Mapping[str, Tensor]]
     ) -> dict[str, Tensor]:
         """Focal category loss and dice mask loss. ``targets`` per image: ``masks`` (N, H, W) binary at
-        the input size (the embedding's size x 16, padded region included) and ``labels`` (N,) in
-        [0, num_classes)."""
+        the input size (the embedding's size x 16, padded region included), ``labels`` (N,) in
+        [0, num_classes) and optionally ``boxes`` (N, 4) (``assign``)."""
         cates, kernels, mask_feat = outputs["cate"], outputs["kernel"], outputs["mask_feat"]
         assert isinstance(cates, list) and isinstance(kernels, list) and isinstance(mask_feat, Tensor)
         h8, w8 = int(mask_feat.shape[-2]), int(mask_feat.shape[-1])
@@ -232,9 +270,11 @@ class SOLOv2Head(nn.Module):
                 else masks.new_zeros((0, h8, w8), dtype=torch.bool)
             ).float()
             flat_feat = mask_feat[b].flatten(1)
-            for lvl, (cate_t, pos, idx) in enumerate(
-                self.assign(masks.cpu().bool(), t["labels"].cpu(), input_size)
-            ):
+            boxes = t.get("boxes")
+            levels = self.assign(
+                masks.cpu().bool(), t["labels"].cpu(), input_size, None if boxes is None else boxes.cpu()
+            )
+            for lvl, (cate_t, pos, idx) in enumerate(levels):
                 logits = cates[lvl][b].permute(1, 2, 0).reshape(-1, self.num_classes)
                 onehot = F.one_hot(cate_t.flatten(), self.num_classes + 1)[:, : self.num_classes]
                 cls_preds.append(logits)
@@ -244,7 +284,7 @@ class SOLOv2Head(nn.Module):
                     pred = torch.sigmoid(k @ flat_feat)
                     tgt = small[idx[pos].to(mask_feat.device)].flatten(1)
                     inter = (pred * tgt).sum(1)
-                    denom = (pred**2).sum(1) + (tgt**2).sum(1) + 1e-3
+                    denom = ((pred**2).sum(1) + 1e-3) + ((tgt**2).sum(1) + 1e-3)
                     dice.append(1 - 2 * inter / denom)
         pred_all, tgt_all = torch.cat(cls_preds), torch.cat(cls_targets)
         num_pos = int(tgt_all.sum().item())
@@ -263,15 +303,23 @@ class SOLOv2Head(nn.Module):
         self,
         outputs: Mapping[str, Tensor | list[Tensor]],
         image_size: tuple[int, int] | Sequence[tuple[int, int]],
+        output_size: tuple[int, int] | Sequence[tuple[int, int]] | None = None,
     ) -> list[tuple[Tensor, Tensor, Tensor]]:
         """Per image ``(masks (K, h, w) bool, scores (K,), labels (K,))``, K <= max_per_img, scores
         descending. ``image_size``: the (h, w) of the valid (unpadded) input region, one for all
-        images or one per image; masks are cropped to it."""
+        images or one per image; ``output_size`` (default ``image_size``): the (h, w) of the masks
+        returned (e.g. the original image's), the cropped probabilities resized to it, then thresholded."""
         cates, kernels, mask_feat = outputs["cate"], outputs["kernel"], outputs["mask_feat"]
         assert isinstance(cates, list) and isinstance(kernels, list) and isinstance(mask_feat, Tensor)
         bsz = mask_feat.shape[0]
-        sizes: list[Any] = [image_size] * bsz if isinstance(image_size[0], int) else list(image_size)
+        per_image = lambda size: [size] * bsz if isinstance(size[0], int) else list(size)
+        sizes: list[Any] = per_image(image_size)
+        outs: list[Any] = sizes if output_size is None else per_image(output_size)
         h8, w8 = int(mask_feat.shape[-2]), int(mask_feat.shape[-1])
+        # the stride of each cell's level: a mask must have more pixels than it (the reference's rule)
+        cell_stride = torch.cat(
+            [torch.full((s * s,), float(st)) for s, st in zip(self.num_grids, self.strides, strict=True)]
+        ).to(mask_feat.device)
         results = []
         for b in range(bsz):
             scores_l, kern_l = [], []
@@ -282,8 +330,9 @@ class SOLOv2Head(nn.Module):
                 kern_l.append(k[b].permute(1, 2, 0).reshape(-1, k.shape[1]))
             cate_scores, kern = torch.cat(scores_l), torch.cat(kern_l)
             hi, wi = int(sizes[b][0]), int(sizes[b][1])
+            ho, wo = int(outs[b][0]), int(outs[b][1])
             empty = (
-                torch.zeros((0, int(hi), int(wi)), dtype=torch.bool, device=mask_feat.device),
+                torch.zeros((0, ho, wo), dtype=torch.bool, device=mask_feat.device),
                 cate_scores.new_zeros(0),
                 torch.zeros(0, dtype=torch.long, device=mask_feat.device),
             )
@@ -295,7 +344,7 @@ class SOLOv2Head(nn.Module):
             probs = torch.sigmoid(kern[cell] @ mask_feat[b].flatten(1)).view(-1, h8, w8)
             seg = probs > self.mask_thr
             area = seg.flatten(1).sum(1).float()
-            ok = area > 0
+            ok = area > cell_stride[cell]
             probs, seg, area, scores, label = probs[ok], seg[ok], area[ok], scores[ok], label[ok]
             if scores.numel() == 0:
                 results.append(empty)
@@ -324,6 +373,7 @@ class SOLOv2Head(nn.Module):
                 size=(h8 * self.mask_stride, w8 * self.mask_stride),
                 mode="bilinear",
                 align_corners=False,
-            )[0, :, : int(hi), : int(wi)]
-            results.append((up > self.mask_thr, scores, label))
+            )[:, :, :hi, :wi]
+            up = F.interpolate(up, size=(ho, wo), mode="bilinear", align_corners=False)
+            results.append((up[0] > self.mask_thr, scores, label))
         return results

@@ -11,6 +11,7 @@ def _head(**kw):
     args = {
         "in_channels": 64,
         "feat_channels": 32,
+        "mask_feat_channels": 32,
         "mask_channels": 16,
         "num_convs": 1,
         "num_grids": (12, 8, 6),
@@ -26,10 +27,11 @@ def test_shapes():
     assert [tuple(c.shape) for c in out["cate"]] == [(2, 2, 12, 12), (2, 2, 8, 8), (2, 2, 6, 6)]
     assert [tuple(k.shape) for k in out["kernel"]] == [(2, 16, 12, 12), (2, 16, 8, 8), (2, 16, 6, 6)]
     assert tuple(out["mask_feat"].shape) == (2, 16, 16, 16)  # stride 8
+    # the pyramid keeps the embedding's width, as the reference's FPN (256) feeds its head
     assert [tuple(p.shape) for p in head.pyramid(torch.randn(1, 64, 8, 8))] == [
-        (1, 32, 16, 16),
-        (1, 32, 8, 8),
-        (1, 32, 4, 4),
+        (1, 64, 16, 16),
+        (1, 64, 8, 8),
+        (1, 64, 4, 4),
     ]
     head.score_thr = 0.0  # everything passes, so the caps show
     head.max_per_img = 5
