@@ -39,7 +39,6 @@ import importlib.metadata
 import json
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from samflow.outputs import write_whole
 from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.plugins.stack import HOOKS
@@ -172,7 +172,7 @@ def export(
     )
     if state is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        _write_whole(folder / MERGED, lambda tmp: torch.save(state, tmp))
+        write_whole(folder / MERGED, lambda tmp: torch.save(state, tmp))
         return [folder / MERGED]
     sam_spec = settings["model"].get("sam") or {}
     sam_file = sam_checkpoint if sam_checkpoint is not None else sam_spec.get("checkpoint")
@@ -194,22 +194,12 @@ def export(
     if onnx_record is not None:
         manifest["onnx"] = onnx_record
     folder.mkdir(parents=True, exist_ok=True)
-    _write_whole(
+    write_whole(
         folder / ADAPTER, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "samflow-adapter"})
     )
-    _write_whole(folder / CONFIG, lambda tmp: shutil.copyfile(config_path, tmp))
-    _write_whole(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    write_whole(folder / CONFIG, lambda tmp: shutil.copyfile(config_path, tmp))
+    write_whole(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     return [folder / n for n in names]
-
-
-def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` a file beside ``path``, then rename it: ``path`` is whole or absent, never half-written."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_onnx(model: HookedSam, folder: Path, multimask_output: bool, resize_mode: str) -> dict[str, Any]:
@@ -217,7 +207,7 @@ def _write_onnx(model: HookedSam, folder: Path, multimask_output: bool, resize_m
     from samflow.onnx_export import ONNX_FILE, OPSET, OUTPUTS, DecoderGraph, check_onnx, write_graph
 
     graph = DecoderGraph(model.eval(), multimask_output=multimask_output, resize_mode=resize_mode)
-    path = write_graph(graph, folder / ONNX_FILE)
+    path = write_whole(folder / ONNX_FILE, lambda tmp: write_graph(graph, tmp))
     record: dict[str, Any] = {
         "file": ONNX_FILE,
         "opset": OPSET,

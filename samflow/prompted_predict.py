@@ -26,7 +26,10 @@ the images skipped as unreadable (``file_name``, ``path``, ``image_id``, ``promp
 empty list when none was). The output folder may not be or hold an input (images, prompt file,
 masks); existing outputs of these images (an earlier or interrupted run's, in either format) are
 refused unless ``--overwrite``, which removes them all before the run (other files are left alone);
-``results.json`` is written last, so a run without it did not finish. Two images whose outputs would
+``results.json`` is written last, so a run without it did not finish. Every file is written whole
+(under a hidden temporary name, ``.<name>.partial``, renamed when complete): an interrupted run leaves
+no truncated PNG under an output's name, and the next run on these images removes its temporaries
+(they never count as outputs). Two images whose outputs would
 share a name (``a.png`` and ``a.jpg``, or ``a.png`` and ``A.png``: one file on a case-insensitive disk)
 and a prompt file with no prompt for any image are refused. An unreadable image stops the run naming
 it, or with ``--skip-bad`` is reported, skipped, listed in ``skipped.json`` and counted at the end; a
@@ -46,6 +49,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from samflow.outputs import case_clash, final_path, partial_path, write_whole
 from samflow.prompt_files import ImagePrompts, Prompt, PromptFileError, read_prompts
 from samflow.usage import CommandParser, PositiveInt
 
@@ -68,30 +72,29 @@ def planned_outputs(out: Path, entries: list[ImagePrompts], fmt: str) -> list[Pa
     """The files the run writes; refused when two entries would write the same ones (their images
     share a stem, or one image is listed twice)."""
     files = [out / RESULTS, out / SKIPPED]
-    writers: dict[str, ImagePrompts] = {}
+    family = "labels/{}.png" if fmt == "labels" else "masks/{}_<k>.png"
+    clash = case_clash((family.format(entry.image.stem), entry.image) for entry in entries)
+    if clash is not None and clash.first == clash.second:
+        raise PromptFileError(
+            f"the image {str(clash.first)!r} is listed twice in the prompts; give its prompts in one entry."
+        )
+    if clash is not None:
+        raise PromptFileError(
+            clash.message(
+                "the images", "rename one, or predict them into different --out folders.", show=_quoted
+            )
+        )
     for entry in entries:
         stem = entry.image.stem
-        # by case-folded stem: ``a.png`` and ``A.jpg`` write one file on a case-insensitive disk
-        first = writers.setdefault(stem.casefold(), entry)
-        if first is not entry and first.image == entry.image:
-            raise PromptFileError(
-                f"the image {str(entry.image)!r} is listed twice in the prompts; give its prompts in one entry."
-            )
-        if first is not entry:
-            same = (
-                stem
-                if first.image.stem == stem
-                else f"{first.image.stem} and {stem}, one name on a case-insensitive disk"
-            )
-            raise PromptFileError(
-                f"the images {str(first.image)!r} and {str(entry.image)!r} would write the same outputs "
-                f"({same}); rename one, or predict them into different --out folders."
-            )
         if fmt == "labels":
             files.append(out / "labels" / f"{stem}.png")
         else:
             files += [out / "masks" / f"{stem}_{k}.png" for k in range(len(entry.prompts))]
     return files
+
+
+def _quoted(path: Path) -> str:
+    return repr(str(path))
 
 
 def check_outputs(out: Path, inputs: list[Path], planned: list[Path], overwrite: bool) -> None:
@@ -126,14 +129,32 @@ def earlier_outputs(out: Path, entries: list[ImagePrompts]) -> list[Path]:
     write: an earlier run with more prompts). ``--overwrite`` removes them before anything runs, so no
     stale mask outlives the run and an interrupted run leaves no ``results.json``."""
     stems = {entry.image.stem for entry in entries}
-    found = [p for p in (out / RESULTS, out / SKIPPED) if p.exists() or p.is_symlink()]
-    found += [out / "labels" / f"{stem}.png" for stem in sorted(stems)]
-    if (out / "masks").is_dir():
-        for path in sorted((out / "masks").iterdir()):
-            stem, _, k = path.stem.rpartition("_")
-            if path.suffix == ".png" and stem in stems and k.isdigit():
-                found.append(path)
+    found = [out / RESULTS, out / SKIPPED, *(out / "labels" / f"{stem}.png" for stem in sorted(stems))]
+    found += [path for path in _listed(out / "masks") if _is_mask_of(path, stems)]
     return [p for p in found if p.exists() or p.is_symlink()]
+
+
+def leftovers(out: Path, entries: list[ImagePrompts]) -> list[Path]:
+    """The temporaries (``partial_path``) of ``earlier_outputs``'s files that a killed run left in
+    ``out``: not outputs (they never make a run need ``--overwrite``), removed before the next run writes."""
+    stems = {entry.image.stem for entry in entries}
+    finals = [out / RESULTS, out / SKIPPED, *(out / "labels" / f"{stem}.png" for stem in sorted(stems))]
+    found = [partial_path(p) for p in finals]
+    for path in _listed(out / "masks"):
+        final = final_path(path)
+        if final is not None and _is_mask_of(final, stems):
+            found.append(path)
+    return [p for p in found if p.exists() or p.is_symlink()]
+
+
+def _listed(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def _is_mask_of(path: Path, stems: set[str]) -> bool:
+    """Whether ``path`` is named ``<stem>_<k>.png`` for one of ``stems``."""
+    stem, _, k = path.stem.rpartition("_")
+    return path.suffix == ".png" and stem in stems and k.isdigit()
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -209,8 +230,8 @@ def predict_prompts(
             rate = done / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=1, rate=f"{rate:.2f} images/s")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / SKIPPED, json.dumps(skipped, indent=1) + "\n")
-    _write_atomic(out / RESULTS, json.dumps(results))  # last: a run without it did not finish
+    _write_text(out / SKIPPED, json.dumps(skipped, indent=1) + "\n")
+    _write_text(out / RESULTS, json.dumps(results))  # last: a run without it did not finish
     return {
         "images": done,
         "prompts": prompts_done,
@@ -220,11 +241,14 @@ def predict_prompts(
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """``path`` with ``text``, whole or not at all (written beside it, then renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+def _write_text(path: Path, text: str) -> None:
+    write_whole(path, lambda tmp: tmp.write_text(text))
+
+
+def _write_png(path: Path, image: Image.Image) -> None:
+    """The PNG ``path``, whole or not at all: an interrupted run leaves at most its hidden temporary
+    (``leftovers``: the next run removes it), never a truncated PNG under an output's name."""
+    write_whole(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _one_image(
@@ -265,11 +289,11 @@ def _one_image(
             win = mask & (score > best)
             label[win], best[win] = k + 1, score
         (out / "labels").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(label).save(out / "labels" / f"{stem}.png")
+        _write_png(out / "labels" / f"{stem}.png", Image.fromarray(label))
     else:
         (out / "masks").mkdir(parents=True, exist_ok=True)
         for k, (mask, _) in enumerate(predicted):
-            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{stem}_{k}.png")
+            _write_png(out / "masks" / f"{stem}_{k}.png", Image.fromarray(mask.astype(np.uint8) * 255))
     for prompt, (mask, score) in zip(entry.prompts, predicted, strict=True):
         results.append(
             {
@@ -346,6 +370,8 @@ def main(argv: list[str]) -> int:
     if args.overwrite:
         for path in earlier_outputs(out, entries):
             path.unlink()
+    for path in leftovers(out, entries):
+        path.unlink()
     predictor = _load_predictor(Path(args.model), args.sam_checkpoint, args.device)
     summary = predict_prompts(
         predictor, entries, out, fmt=args.format, skip_bad=args.skip_bad, tile=args.tile

@@ -77,6 +77,7 @@ from samflow.data.errors import DataError
 from samflow.embed.check import dataset_images, input_frame
 from samflow.embed.check import store_key as embed_store_key
 from samflow.embed.store import EmbeddingStore, EmbeddingStoreError
+from samflow.outputs import write_whole
 from samflow.usage import CommandParser, PositiveInt
 
 PROPOSALS_PER_POINT = 6
@@ -224,9 +225,8 @@ def shard_records(model: Any, dataset: CocoInstances, indices: range, batch_size
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, sort_keys=True, separators=(",", ":")))
-    os.replace(tmp, path)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    write_whole(path, lambda tmp: tmp.write_text(text))
 
 
 def _stale(manifest_path: Path, manifest: dict[str, Any], overwrite: bool) -> bool:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from samflow.data.coco_file import makes_row
 from samflow.data.coco_masks import decode_segmentation
 from samflow.data.coco_proposals import sam_checksum
 from samflow.data.errors import DataError
+from samflow.outputs import write_whole
 from samflow.usage import CommandParser, PositiveInt
 
 __all__ = ["left_out", "pseudo_index_of", "selection_report", "write_pseudo_masks"]
@@ -234,11 +234,8 @@ def write_pseudo_masks(
     images = [{k: img[k] for k in ("id", "file_name", "height", "width")} for img in dataset.images]
     cats = [{"id": c, "name": name} for c, name in sorted(dataset.categories.items())]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(
-        json.dumps({"info": info, "images": images, "categories": cats, "annotations": annotations})
-    )
-    os.replace(tmp, path)
+    text = json.dumps({"info": info, "images": images, "categories": cats, "annotations": annotations})
+    write_whole(path, lambda tmp: tmp.write_text(text))
     return stats
 
 

@@ -3,7 +3,9 @@
 The tissue (Otsu on saturation at a low level) is tiled at the HR mpp with ``tile`` px tiles that
 overlap by ``overlap`` px; each tile goes through the model with its concentric LR context (``factor``
 times the mpp, the same ``tile`` px) and a prompt box covering the whole tile. Tile probabilities
-(sigmoid of the logits) are averaged where tiles overlap. Output in ``--out``:
+(sigmoid of the logits) are averaged where tiles overlap, and a pixel is tumour where that average is
+above the threshold (p > t, as ``samflow predict``, ``Predictor`` and the metrics threshold; glass
+without tissue is never predicted, holds 0, and is background at any threshold). Output in ``--out``:
 
 - ``<slide>_mask.tif``: a pyramidal tiled TIFF (uint8, 255 = tumour) at the HR mpp, levels halving;
 - ``<slide>.geojson``: the mask's polygons in level-0 slide coordinates (QuPath reads them), traced
@@ -47,6 +49,7 @@ import torch
 
 from samflow.data.wsi.annotations import load_annotations, mask_to_region
 from samflow.data.wsi.slide import Slide, SlideError
+from samflow.outputs import case_clash, whole_files
 from samflow.usage import CommandParser, PositiveInt
 from samflow.wsi_mask import feature_collection, halve, stitch_bands, write_pyramid
 from samflow.wsi_tiles import Chunk, chunk_probabilities, rank_and_world_in, tile_chunks
@@ -127,58 +130,58 @@ def predict_slide(
             slide.close()
         score = _share(score, group)
         return SlidePrediction(mask_path, geojson_path, (height, width), tiles, score, ran)
-    # the outputs are written beside their names and renamed at the end: an interrupted run leaves none
-    partial = {path: path.with_name(f".{path.name}.partial") for path in outputs}
-    scratch = [out / f".{stem}_mask.u8", *partial.values()]
+    scratch = [out / f".{stem}_mask.u8"]
     levels: list[np.ndarray] = []
     columns = [TextColumn(f"predict-slide {stem}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        levels.append(np.memmap(scratch[0], dtype=np.uint8, mode="w+", shape=(height, width)))
-        with Progress(*columns, disable=not progress) as bar:
-            task = bar.add_task("tiles", total=tiles)
+        # written under hidden temporary names, renamed together at the end: an interrupted run leaves none
+        with whole_files(outputs) as (mask_temp, geojson_temp, dice_temp):
+            levels.append(np.memmap(scratch[0], dtype=np.uint8, mode="w+", shape=(height, width)))
+            with Progress(*columns, disable=not progress) as bar:
+                task = bar.add_task("tiles", total=tiles)
 
-            def gathered() -> Iterator[tuple[Chunk, np.ndarray]]:
-                nonlocal ran
-                for g, probs in stream:
-                    assert probs is not None
-                    ran += len(chunks[g][1]) if g % world == 0 else 0
-                    bar.advance(task, len(chunks[g][1]))
-                    yield chunks[g], probs
+                def gathered() -> Iterator[tuple[Chunk, np.ndarray]]:
+                    nonlocal ran
+                    for g, probs in stream:
+                        assert probs is not None
+                        ran += len(chunks[g][1]) if g % world == 0 else 0
+                        bar.advance(task, len(chunks[g][1]))
+                        yield chunks[g], probs
 
-            bands = stitch_bands(gathered(), xs, ys, width=width, height=height, tile=tile, overlap=overlap)
-            for y0, rows in bands:
-                dest = levels[0][y0 : y0 + rows.shape[0]]
-                dest[...] = rows >= threshold
-                dest *= 255
-        # levels halving, each a disk-backed array, down to 256 px and to a level at most polygon_side
-        while min(levels[-1].shape) > 1 and (
-            min(levels[-1].shape) > 256 or max(levels[-1].shape) > polygon_side
-        ):
-            h, w = levels[-1].shape
-            scratch.append(out / f".{stem}_mask.{len(levels)}.u8")
-            shape = (math.ceil(h / 2), math.ceil(w / 2))
-            levels.append(np.memmap(scratch[-1], dtype=np.uint8, mode="w+", shape=shape))
-            halve(levels[-2], levels[-1])
-        write_pyramid(levels, partial[mask_path], mpp)
-        coarse = next((i for i, m in enumerate(levels) if max(m.shape) <= polygon_side), len(levels) - 1)
-        coarse_mask = np.asarray(levels[coarse]) > 0
-        down = pixel * 2**coarse  # level-0 px per coarse px
-        region = mask_to_region(coarse_mask, down)
-        partial[geojson_path].write_text(json.dumps(feature_collection(region)))
-        if truth is not None:
-            from samflow.data.wsi.annotations import rasterize_grid
+                bands = stitch_bands(
+                    gathered(), xs, ys, width=width, height=height, tile=tile, overlap=overlap
+                )
+                for y0, rows in bands:
+                    dest = levels[0][y0 : y0 + rows.shape[0]]
+                    # p > t, as every path: glass no tile covers (probability 0) is background
+                    dest[...] = rows > threshold
+                    dest *= 255
+            # levels halving, each a disk-backed array, down to 256 px and to a level at most polygon_side
+            while min(levels[-1].shape) > 1 and (
+                min(levels[-1].shape) > 256 or max(levels[-1].shape) > polygon_side
+            ):
+                h, w = levels[-1].shape
+                scratch.append(out / f".{stem}_mask.{len(levels)}.u8")
+                shape = (math.ceil(h / 2), math.ceil(w / 2))
+                levels.append(np.memmap(scratch[-1], dtype=np.uint8, mode="w+", shape=shape))
+                halve(levels[-2], levels[-1])
+            write_pyramid(levels, mask_temp, mpp)
+            coarse = next((i for i, m in enumerate(levels) if max(m.shape) <= polygon_side), len(levels) - 1)
+            coarse_mask = np.asarray(levels[coarse]) > 0
+            down = pixel * 2**coarse  # level-0 px per coarse px
+            region = mask_to_region(coarse_mask, down)
+            geojson_temp.write_text(json.dumps(feature_collection(region)))
+            if truth is not None:
+                from samflow.data.wsi.annotations import rasterize_grid
 
-            gt = rasterize_grid(truth, down, coarse_mask.shape)
-            score = dice(coarse_mask, gt)
-            partial[dice_path].write_text(
-                json.dumps({"slide": str(slide_path), "dice": score, "mpp": mpp * 2**coarse})
-            )
-        else:
-            dice_path.unlink(missing_ok=True)  # an earlier run's Dice is not this mask's
-        for path, written in partial.items():
-            if written.exists():
-                written.replace(path)
+                gt = rasterize_grid(truth, down, coarse_mask.shape)
+                score = dice(coarse_mask, gt)
+                dice_temp.write_text(
+                    json.dumps({"slide": str(slide_path), "dice": score, "mpp": mpp * 2**coarse})
+                )
+            else:
+                dice_path.unlink(missing_ok=True)  # an earlier run's Dice is not this mask's
     finally:
         del levels
         for path in scratch:
@@ -223,16 +226,12 @@ def _refuse_existing(outputs: Sequence[Path]) -> None:
 def _refuse_shared_stems(slides: Sequence[str]) -> None:
     """Refuse two slides that would write the same ``<stem>_mask.tif`` (``a/x.tif``, ``b/x.svs``; also
     ``x.tif`` and ``X.tif``, one name on a case-insensitive disk)."""
-    first: dict[str, int] = {}
-    for i, path in enumerate(slides):
-        stem = Path(path).stem
-        j = first.setdefault(stem.casefold(), i)
-        if j != i:
-            raise SlideError(
-                f"predict-slide: the slides {slides[j]} and {path} would write the same {stem}_mask.tif and "
-                f"{stem}.geojson (names compared ignoring case); rename one, or predict them into different "
-                "--out folders."
-            )
+    clash = case_clash((f"{Path(path).stem}_mask.tif", path) for path in slides)
+    if clash is not None:
+        raise SlideError(
+            "predict-slide: "
+            + clash.message("the slides", "rename one, or predict them into different --out folders.")
+        )
 
 
 def _share(score: float | None, group: Any) -> float | None:
@@ -278,7 +277,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold",
         type=float,
-        help="probability threshold of the mask (default: the experiment's model.threshold, else 0.5)",
+        help="probability above which a pixel is tumour (p > t, as samflow predict; glass without tissue "
+        "is background at any threshold; default: the experiment's model.threshold, else 0.5)",
     )
     p.add_argument(
         "--device",

@@ -21,6 +21,7 @@ from samflow.console import console, local_log_dir, show
 from samflow.console import table as rich_table
 from samflow.data.coco_file import makes_row
 from samflow.data.errors import DataError
+from samflow.outputs import case_clash, partial_path, write_whole
 
 
 class ImprovementReport(Callback):
@@ -260,6 +261,8 @@ class MaskWriter(BasePredictionWriter):
             images or masks is refused either way.
     """
 
+    PARTIAL = "{name}.partial"  # a mask being written: ``x.png.partial``, renamed to ``x.png`` when whole
+
     def __init__(
         self, output_dir: str | None = None, save_probabilities: bool = False, overwrite: bool = False
     ) -> None:
@@ -304,24 +307,18 @@ class MaskWriter(BasePredictionWriter):
     def check_output(self, folder: Path, samples: Sequence[Any]) -> str | None:
         """Why writing the masks of ``samples`` into ``folder`` is refused (one line), or None."""
         where = f"The predictions folder {folder} (--predictions.output_dir)"
-        # 1. Two images that would write the same file.
-        planned: dict[str, Path] = {}
-        folded: dict[str, str] = {}  # casefold(name) -> name: one file on a case-insensitive disk
-        for sample in samples:
-            for name in self.output_names(sample):
-                first = folded.setdefault(name.casefold(), name)
-                if first != name or (name in planned and planned[name] != sample.image):
-                    what = (
-                        f"the same mask {folder / name}"
-                        if first == name
-                        else f"{folder / first} and {folder / name}, one file on a case-insensitive disk"
-                    )
-                    return (
-                        f"Two predict images would write {what}: {planned[first]} and "
-                        f"{sample.image}. Give them different file names, or predict their folders separately "
-                        "into different --predictions.output_dir."
-                    )
-                planned.setdefault(name, sample.image)
+        # 1. Two images that would write the same file (one image listed twice writes it once).
+        named = dict.fromkeys(
+            (name, sample.image) for sample in samples for name in self.output_names(sample)
+        )
+        clash = case_clash((str(folder / name), image) for name, image in named)
+        if clash is not None:
+            return clash.message(
+                "The predict images",
+                "give them different file names, or predict their folders separately into different "
+                "--predictions.output_dir.",
+            )
+        planned = {name: image for name, image in named}
         if folder.exists() and not folder.is_dir():
             return f"{where} is a file, not a folder. Choose a folder with --predictions.output_dir."
         folder_id = _file_id(folder)
@@ -364,7 +361,7 @@ class MaskWriter(BasePredictionWriter):
         """Remove the ``<name>.partial`` files a killed run left for the masks of ``samples`` (never taken
         for outputs: ``check_output`` looks at the final names only)."""
         for name in {name for sample in samples for name in self.output_names(sample)}:
-            (folder / (name + PARTIAL)).unlink(missing_ok=True)
+            partial_path(folder / name, self.PARTIAL).unlink(missing_ok=True)
 
     @override
     def write_on_batch_end(
@@ -385,24 +382,14 @@ class MaskWriter(BasePredictionWriter):
                     "several rows per image needs instance ids (ann_ids, as CocoDataModule's batches)."
                 )
             self._written.add(name)
-            save_whole(Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255), folder / f"{name}.png")
+            self.save_whole(
+                Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255), folder / f"{name}.png"
+            )
             if self.save_probabilities:
                 values = (prob.float().cpu().numpy() * 255).round().astype(np.uint8)
-                save_whole(Image.fromarray(values), folder / f"{name}_prob.png")
+                self.save_whole(Image.fromarray(values), folder / f"{name}_prob.png")
 
-
-PARTIAL = ".partial"  # suffix of a mask being written: ``x.png.partial``, renamed to ``x.png`` when whole
-
-
-def save_whole(image: Image.Image, path: Path) -> None:
-    """Save ``image`` as the PNG ``path``, whole or not at all: written to ``<path>.partial`` in the same
-    folder, then renamed into place, so a run killed mid-write leaves no truncated ``path`` (at most a
-    ``.partial`` file, which ``MaskWriter`` removes when the next run into the folder starts)."""
-    partial = path.with_name(path.name + PARTIAL)
-    try:
-        partial.unlink(missing_ok=True)  # never write through a link or into an earlier leftover
-        image.save(partial, format="PNG")
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    def save_whole(self, image: Image.Image, path: Path) -> None:
+        """Save ``image`` as the PNG ``path``, whole or not at all (``write_whole``, through
+        ``<name>.partial``: a run killed mid-write leaves at most that file, which the next run removes)."""
+        write_whole(path, lambda temp: image.save(temp, format="PNG"), partial=self.PARTIAL)

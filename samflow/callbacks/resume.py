@@ -25,6 +25,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from typing_extensions import override
 
+from samflow.outputs import partial_path, write_whole
+
 __all__ = ["BestCheckpoint", "LastCheckpoint", "PlateauResume", "RandomState", "capture_rng", "restore_rng"]
 
 
@@ -208,10 +210,10 @@ class LastCheckpoint(Checkpoint):
     def save(self, trainer: Trainer) -> Path:
         """Write ``last.ckpt`` now (every rank calls it; rank 0 writes)."""
         path = self.folder(trainer) / self.FILE
-        partial = path.with_name(f".{self.FILE}.partial")
-        trainer.save_checkpoint(partial)
         if trainer.is_global_zero:
-            os.replace(partial, path)
+            write_whole(path, trainer.save_checkpoint)
+        else:  # the other ranks join the collectives of saving; rank 0 writes
+            trainer.save_checkpoint(partial_path(path))
         trainer.strategy.barrier("LastCheckpoint.save")
         self._saved_step = trainer.global_step
         return path

@@ -38,6 +38,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor
 
 from samflow.data.reading import file_orientation
+from samflow.outputs import write_whole
 from samflow.sam.cache import EncoderCacheError
 
 FORMAT = 1
@@ -190,9 +191,9 @@ def read_manifest(root: Path) -> Manifest:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_json()))
-    os.replace(tmp, root / MANIFEST)
+    """``manifest.json`` in ``root``, whole or not at all (``write_whole``)."""
+    text = json.dumps(manifest.to_json())
+    write_whole(root / MANIFEST, lambda tmp: tmp.write_text(text))
 
 
 class EmbeddingStore:

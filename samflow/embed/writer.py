@@ -32,6 +32,7 @@ from samflow.embed.store import (
     read_manifest,
     write_manifest,
 )
+from samflow.outputs import partial_path
 from samflow.sam import HookedSam
 
 Progress = Callable[[int], object]  # advanced by the number of images written
@@ -113,7 +114,8 @@ def store_files(root: Path) -> list[Path]:
     flags and shard arrays (``embedding-NNNNN.npy``, ``blockNN-NNNNN.npy``)."""
     if not root.is_dir():
         return []
-    names = {MANIFEST, MANIFEST + ".tmp", DONE}
+    # the manifest's temporary name, and ``manifest.json.tmp`` of stores stopped by an earlier samflow
+    names = {MANIFEST, partial_path(root / MANIFEST).name, MANIFEST + ".tmp", DONE}
     return sorted(p for p in root.iterdir() if p.name in names or _SHARD.fullmatch(p.name))
 
 

@@ -48,28 +48,44 @@ def read_levels(path):
     return levels, 1e4 * res[1] / res[0]  # mpp from pixels per cm
 
 
-def stitched_by_hand(module, slide_path, tile, overlap, threshold=0.5):
-    """The mask stitched independently: every tissue tile's probabilities averaged over a full array."""
-    slide = Slide(slide_path)
-    pixel = HR_MPP / slide.mpp
+def tissue_tiles(slide, mpp, tile, overlap):
+    """((height, width) of the mask at ``mpp``, origins of the tiles that hold tissue), found anew."""
+    pixel = mpp / slide.mpp
     width, height = (int(np.ceil(d / pixel)) for d in slide.dimensions)
     tissue, ds = tissue_mask(slide, 16.0)
-    stride = tile - overlap
-    total = np.zeros((height + tile, width + tile), np.float32)
-    count = np.zeros_like(total)
-    tiles = 0
-    for y0 in tile_origins(height, tile, stride):
-        for x0 in tile_origins(width, tile, stride):
+    origins = []
+    for y0 in tile_origins(height, tile, tile - overlap):
+        for x0 in tile_origins(width, tile, tile - overlap):
             r0, c0 = int(y0 * pixel / ds), int(x0 * pixel / ds)
             r1, c1 = int(np.ceil((y0 + tile) * pixel / ds)), int(np.ceil((x0 + tile) * pixel / ds))
-            if not tissue[r0:r1, c0:c1].any():
-                continue
-            (p,) = tile_probabilities(module, slide, [(x0, y0)], mpp=HR_MPP, factor=2.0, tile=tile).numpy()
-            tiles += 1
-            total[y0 : y0 + tile, x0 : x0 + tile] += p
-            count[y0 : y0 + tile, x0 : x0 + tile] += 1
+            if tissue[r0:r1, c0:c1].any():
+                origins.append((x0, y0))
+    return (height, width), origins
+
+
+def stitched_by_hand(module, slide_path, tile, overlap, threshold=0.5):
+    """The mask stitched independently: every tissue tile's probabilities averaged over a full array,
+    a pixel foreground where its probability is above ``threshold`` (glass, never predicted, is 0)."""
+    slide = Slide(slide_path)
+    (height, width), origins = tissue_tiles(slide, HR_MPP, tile, overlap)
+    total = np.zeros((height + tile, width + tile), np.float32)
+    count = np.zeros_like(total)
+    for x0, y0 in origins:
+        (p,) = tile_probabilities(module, slide, [(x0, y0)], mpp=HR_MPP, factor=2.0, tile=tile).numpy()
+        total[y0 : y0 + tile, x0 : x0 + tile] += p
+        count[y0 : y0 + tile, x0 : x0 + tile] += 1
     prob = np.where(count > 0, total / np.maximum(count, 1), 0)[:height, :width]
-    return np.where(prob >= threshold, 255, 0).astype(np.uint8), tiles
+    return np.where(prob > threshold, 255, 0).astype(np.uint8), len(origins)
+
+
+def covered(slide_path, mpp, tile, overlap):
+    """255 on the pixels of the tissue tiles at ``mpp``, 0 on the glass no tile covers."""
+    slide = Slide(slide_path)
+    (height, width), origins = tissue_tiles(slide, mpp, tile, overlap)
+    mask = np.zeros((height + tile, width + tile), np.uint8)
+    for x0, y0 in origins:
+        mask[y0 : y0 + tile, x0 : x0 + tile] = 255
+    return mask[:height, :width]
 
 
 def test_tile_origins_cover_the_length():
@@ -101,6 +117,19 @@ def test_stitched_mask_equals_the_tiles_averaged_by_hand(files, module, tmp_path
         result.tiles == tiles == {512: 1, 32: 9, 64: 12}[tile if tile == 512 else overlap]
     )  # blank glass skipped
     assert not list(tmp_path.glob(".*.u8"))  # the disk-backed scratch is removed
+
+
+def test_glass_no_tile_covers_is_background_at_threshold_zero(files, module, tmp_path):
+    """A pixel is foreground when its probability is above the threshold, on every path (``samflow
+    predict``, ``Predictor``, the metrics). Glass without tissue is never predicted (probability 0), so
+    it stays background at any threshold, 0 included; every tissue tile's sigmoid is above 0."""
+    result = predict_slide(
+        module, files["slide"], tmp_path, mpp=HR_MPP, tile=128, overlap=32, threshold=0.0, progress=False
+    )
+    levels, _ = read_levels(result.mask_path)
+    expected = covered(files["slide"], HR_MPP, 128, 32)
+    assert (expected == 0).sum() > 1000  # the slide has uncovered glass: 3 of the 12 tiles are skipped
+    np.testing.assert_array_equal(levels[0], expected)
 
 
 def test_pyramid_and_geojson_trace_the_mask(files, module, tmp_path):
@@ -276,7 +305,11 @@ def test_predict_slide_takes_mpp_factor_and_threshold_from_the_experiment(
     out = capsys.readouterr().out
     assert "differs" not in out
     mask = tifffile.imread(tmp_path / "a" / "slide_mask.tif")
-    assert mask.shape == (512, 768) and (mask == 255).all()  # 0.5 um/px, every probability >= 0.0
+    # 0.5 um/px at the experiment's threshold 0: every predicted probability (a sigmoid) is above 0, so
+    # each tissue tile is foreground; glass that no tile covers holds probability 0 and is background
+    # (p > t, as every other path thresholds)
+    assert mask.shape == (512, 768)
+    np.testing.assert_array_equal(mask, covered(files["slide"], 0.5, 256, 0))
     assert main([*common, "--out", "b", "--mpp", "1.0", "--threshold", "0.5", "--factor", "2"]) == 0
     out = capsys.readouterr().out
     assert (

@@ -1,0 +1,114 @@
+"""Output files: written whole or not at all, and names that are one file on a case-insensitive disk.
+
+``write_whole(path, write)`` has ``write`` fill a temporary file beside ``path`` and renames it over
+``path`` (``os.replace``, atomic within one file system): a reader, or the next run, finds the earlier
+file or the new one, never half of one. ``whole_files(paths)`` does the same for files that appear
+together (a slide's mask, GeoJSON and Dice). The temporary name is ``partial`` with ``{name}`` the
+file's name: hidden ``.{name}.partial`` by default, ``{name}.partial`` where a command removes a
+killed run's leftovers by that name (``MaskWriter``).
+
+``case_clash(named)`` finds two outputs whose names differ only in case (``a.png`` and ``A.png``: one
+file on macOS and Windows, where the second would silently replace the first), or are equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+HIDDEN_PARTIAL = ".{name}.partial"  # the default temporary name: ``.x.png.partial`` for ``x.png``
+
+T = TypeVar("T")
+
+
+def partial_path(path: Path, partial: str = HIDDEN_PARTIAL) -> Path:
+    """The temporary file ``write_whole`` writes ``path`` under: ``partial`` with ``{name}`` the file's
+    name, in the same folder (so the rename never crosses a file system)."""
+    return path.with_name(partial.format(name=path.name))
+
+
+def final_path(temp: Path, partial: str = HIDDEN_PARTIAL) -> Path | None:
+    """The file ``temp`` is the temporary of (``partial_path``'s inverse), or None when it is not one."""
+    prefix, suffix = partial.split("{name}")
+    name = temp.name
+    if len(name) > len(prefix) + len(suffix) and name.startswith(prefix) and name.endswith(suffix):
+        return temp.with_name(name[len(prefix) : len(name) - len(suffix)])
+    return None
+
+
+@contextlib.contextmanager
+def whole_files(paths: Sequence[Path], partial: str = HIDDEN_PARTIAL) -> Iterator[list[Path]]:
+    """Files that appear together: the block gets their temporary paths (``partial_path``) and writes
+    the ones it makes. When it ends without an error, each temporary it wrote is renamed over its path,
+    in order; on any error (``KeyboardInterrupt`` too) every temporary is removed and no path is touched.
+
+    A leftover at a temporary name (a killed run's, or a link) is removed first, so nothing is written
+    through it.
+    """
+    temps = [partial_path(Path(p), partial) for p in paths]
+    try:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        yield temps
+        for temp, path in zip(temps, paths, strict=True):
+            if os.path.lexists(temp):
+                os.replace(temp, path)
+    finally:
+        for temp in temps:
+            with contextlib.suppress(OSError):  # never hide the error that got here
+                temp.unlink(missing_ok=True)
+
+
+def write_whole(path: Path, write: Callable[[Path], object], partial: str = HIDDEN_PARTIAL) -> Path:
+    """``write(temporary)`` then rename the temporary over ``path``: ``path`` holds the earlier file or
+    the whole new one, never part of one. On any error in ``write`` (``KeyboardInterrupt`` too) the
+    temporary is removed and a file already at ``path`` is left as it was. Returns ``path``.
+
+    ``write`` must make the temporary file (a ``FileNotFoundError`` naming it otherwise); it is named
+    ``partial_path(path, partial)``, so give a file format explicitly (``image.save(tmp, format="PNG")``).
+    """
+    with whole_files([path], partial) as (temp,):
+        write(temp)
+        if not os.path.lexists(temp):
+            raise FileNotFoundError(f"{write!r} wrote no file {temp} (to be renamed to {path}).")
+    return path
+
+
+@dataclass(frozen=True)
+class NameClash(Generic[T]):
+    """Two outputs that are one file on a case-insensitive disk: their names and what writes each."""
+
+    first_name: str
+    first: T
+    second_name: str
+    second: T
+
+    def message(self, inputs: str, remedy: str, show: Callable[[T], str] = str) -> str:
+        """One line naming both: ``<inputs> A and B would write the same x.png; <remedy>``, or ``...
+        would write X.png and x.png, one file on a case-insensitive disk; <remedy>`` (``inputs``: what
+        they are, ``"the slides"``)."""
+        what = (
+            f"the same {self.first_name}"
+            if self.first_name == self.second_name
+            else f"{self.first_name} and {self.second_name}, one file on a case-insensitive disk"
+        )
+        return f"{inputs} {show(self.first)} and {show(self.second)} would write {what}; {remedy}"
+
+
+def case_clash(named: Iterable[tuple[str, T]]) -> NameClash[T] | None:
+    """The first name of ``named`` (``(output name, what writes it)`` pairs) that equals an earlier one
+    ignoring case, with that earlier name's writer; None when all differ.
+
+    A pair given twice (one input planned twice) is a clash too: leave out repeats that are fine.
+    """
+    first: dict[str, tuple[str, T]] = {}
+    for name, holder in named:
+        key = name.casefold()
+        if key in first:
+            return NameClash(first[key][0], first[key][1], name, holder)
+        first[key] = (name, holder)
+    return None
