@@ -186,12 +186,12 @@ class EvaluationMixin(LightningModule):
         targets = row_targets(batch, out.image_index)
         logits = self.frame_logits(out)  # float32, also under bf16 autocast
         frame = self.frame_probabilities(out, logits)  # the sample pictures' (SampleGrid)
-        for image, prob, target in zip(
-            out.image_index.tolist(), self.probabilities(out, batch, logits), targets
-        ):
+        original = self.probabilities(out, batch, logits)
+        for image, prob, target in zip(out.image_index.tolist(), original, targets):
             source = batch.path[image] if batch.path else ""  # per-slide metrics group by it (slide_dice)
             metrics.update(prob, target, source=source)
-        return {"out": out, "ctx": ctx, "probs": frame}
+        # SampleGrid draws ``probs`` (the S x S frame) and scores each row on ``original`` and ``targets``
+        return {"out": out, "ctx": ctx, "probs": frame, "original": original, "targets": targets}
 
     def _finish(self, stage: str) -> dict[str, float]:
         """Reduce the metrics and the loss of every evaluation set over processes, log and return them.

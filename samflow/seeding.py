@@ -1,5 +1,6 @@
 """Seeds: ``derived_seed`` makes independent seeds from integers, ``stable_seed`` from names and
-integers (a sample's id, a stream's name), ``cpu_seeded`` draws on the CPU from one.
+integers (a sample's id, a stream's name), ``image_keys`` gives each image of a batch the key its draws
+are seeded from, ``cpu_seeded`` draws on the CPU from one.
 
 ``cpu_seeded`` leaves every other generator as it was.
 
@@ -13,13 +14,13 @@ generator alone.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-__all__ = ["cpu_seeded", "derived_seed", "stable_seed"]
+__all__ = ["cpu_seeded", "derived_seed", "image_keys", "stable_seed"]
 
 
 def derived_seed(*words: int) -> int:
@@ -35,6 +36,32 @@ def stable_seed(*parts: int | str) -> int:
     different parts. SHA-256 of the parts written out, joined by commas."""
     digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def image_keys(
+    sample_seed: Sequence[int], ids: Sequence[str], count: int, *, training: bool, epoch: int
+) -> list[tuple[int | str, ...]] | None:
+    """The key of each of a batch's ``count`` images, from which its random draws are seeded, so that an
+    image draws alike alone or in any batch, at any place in it, on any DDP rank:
+
+    - ``(sample_seed,)`` when every image has one (``ResumableLoader`` derives it from run seed, epoch
+      and index);
+    - else ``("id", id)`` in evaluation (every epoch, run and batching alike) and
+      ``("id", id, torch.initial_seed(), epoch)`` in training (the run's seed and the epoch: every epoch
+      draws afresh; two images with one id draw alike);
+    - else (neither a seed nor an id per image) None: the caller draws from the global generator.
+
+    ``ForwardContext.rand`` and ``GpuAugment`` take their keys from here; ``stable_seed(*key, stream)``
+    turns a key into a generator seed.
+    """
+    if len(sample_seed) == count:
+        return [(int(seed),) for seed in sample_seed]
+    if len(ids) != count:
+        return None
+    if not training:
+        return [("id", image_id) for image_id in ids]
+    run = torch.initial_seed()
+    return [("id", image_id, run, epoch) for image_id in ids]
 
 
 @contextmanager

@@ -12,8 +12,11 @@ model is frozen SAM exactly. Trainable: r (in + out) per adapted layer, nothing 
 peft's own (``peft.inject_adapter_in_model`` with a ``LoraConfig``): after ``setup`` SAM's
 ``blocks.i.attn.qkv`` is a ``peft.tuners.lora.Linear`` whose ``base_layer`` is SAM's frozen linear, and
 the adapter's parameters are ``...qkv.lora_A.<key>.weight`` and ``...qkv.lora_B.<key>.weight`` (the
-adapter is named after the plugin's key). ``merged_sam_state_dict`` folds the deltas into the weights
-for export (``W + (alpha / r) B A``), giving a plain segment-anything state dict.
+adapter is named after the plugin's key). With ``dropout`` > 0 the layer's ``lora_dropout`` entry is
+``KeyedDropout`` instead of peft's ``nn.Dropout``: each image's mask is drawn from its own key, so an
+image's output and gradients do not depend on its batch (``samflow_plugins/lora/dropout.py``).
+``merged_sam_state_dict`` folds the deltas into the weights for export (``W + (alpha / r) B A``),
+giving a plain segment-anything state dict.
 
 Compared with SAMed: SAMed adds two rank-r deltas to the fused ``qkv`` layer, one on q and one on v
 (delta W_qkv = [B_q A_q; 0; B_v A_v], scale 1), while peft's LoRA on ``qkv`` adds one rank-r delta to
@@ -33,6 +36,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from samflow.plugins import PluginConfigError, SamPlugin
+from samflow_plugins.lora.dropout import KeyedDropout
 from samflow_plugins.lora.merge import merged_sam_state_dict
 
 #: Short names of the linear layers of a SAM encoder block that can be adapted.
@@ -50,8 +54,10 @@ class LoRA(SamPlugin):
     Args:
         rank: r, the rank of each delta B A (SAMed: 4).
         alpha: the delta is scaled by alpha / r; default ``rank`` (scale 1, as SAMed).
-        dropout: dropout on the input of A in training (SAMed: none). peft's dropout module lives inside
-            SAM, which samflow keeps in eval mode, so this plugin switches it with the model's mode.
+        dropout: dropout on the input of A in training (SAMed: none), with a mask per image drawn from the
+            image's key (``KeyedDropout``, in place of peft's ``nn.Dropout``): an image's loss and
+            gradients are the same alone or in any batch, and activation checkpointing redraws the same
+            mask. It lives inside SAM, which samflow keeps in eval mode, and follows the model's mode.
         blocks: encoder blocks to adapt (0-based); default all.
         targets: linear layers of each block to adapt: ``qkv`` (``attn.qkv``), ``proj`` (``attn.proj``),
             ``lin1``, ``lin2`` (``mlp.lin1``, ``mlp.lin2``), short or dotted names.
@@ -157,6 +163,10 @@ class LoRA(SamPlugin):
             if id(param) in requires_grad:
                 param.requires_grad_(requires_grad[id(param)])
         self.adapted = [f"image_encoder.{name}" for name in names]
+        if self.dropout > 0:  # peft's entry, read at every call, takes the per-image dropout
+            for name in names:
+                dropout = KeyedDropout(self.dropout, f"{self.adapter_name}/dropout/{name}")
+                encoder.get_submodule(name).lora_dropout[self.adapter_name] = dropout
 
     def merged_sam_state_dict(self, sam: Sam) -> dict[str, Tensor]:
         """A plain segment-anything state dict of ``sam`` with the LoRA deltas folded in (for export).

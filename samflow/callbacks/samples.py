@@ -8,15 +8,17 @@ panel           what it shows
 prompt          the image with its prompt: box (yellow), positive points (green), negative points
                 (red), the mask prompt's outline (cyan)
 ground truth    the ground truth overlaid in green on the image
-prediction      the prediction (probability > threshold) overlaid in orange on the image
+prediction      the prediction (probability > threshold, by default ``model.threshold``) overlaid in
+                orange on the image
 errors          false positives in red and false negatives in blue on the dimmed grey image
 <key>/<name>    panels plugins add through ``SamPlugin.sample_panels`` (e.g. HQ-SAM's HQ mask)
 ==============  ==================================================================================
 
-A header strip names the panels; above each row a strip gives the image's id and its IoU (prediction
-vs ground truth inside the image, padding excluded, at the input frame's resolution). The pictures
-are drawn with torchvision's ``draw_segmentation_masks``, ``draw_bounding_boxes`` and
-``draw_keypoints``; the text with PIL.
+A header strip names the panels; above each row a strip gives the image's id and its IoU as validation
+scores that row (``EvaluationMixin.probabilities``: the logits resized to the image's original size,
+then thresholded, against the row's ground truth at that size; the ``iou`` metric's kernel
+``binary_iou``). The pictures are drawn with torchvision's ``draw_segmentation_masks``,
+``draw_bounding_boxes`` and ``draw_keypoints``; the text with PIL.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ from typing_extensions import override
 
 from samflow.callbacks.sample_drawing import SampleRow, row_iou, sample_grid, to_uint8
 from samflow.console import local_log_dir
+from samflow.metrics.functional.segmentation import binary_iou
 from samflow.plugins import SamplePanel
+
+#: The threshold of a module that declares none (``SampleGrid(threshold=None)``).
+DEFAULT_THRESHOLD = 0.5
 
 
 def batch_rows(
@@ -43,8 +49,10 @@ def batch_rows(
 ) -> list[SampleRow]:
     """``SampleRow``s of a validation step's prompt rows (all, or those in ``keep``), on the CPU.
 
-    ``outputs``: the step's ``{"out", "probs", "ctx"}`` and ``"model"``, the ``HookedSam`` whose plugins
-    may add panels (``PluginStack.sample_panels``).
+    ``outputs``: the step's ``{"out", "probs", "ctx"}`` (``probs`` in the S x S frame, what is drawn),
+    with ``"original"`` and ``"targets"`` (each row's probabilities and ground truth at the image's
+    original size, what the IoU is computed on; see ``row_ious``), and ``"model"``, the ``HookedSam``
+    whose plugins may add panels (``PluginStack.sample_panels``).
     """
     out, probs = outputs["out"], outputs["probs"]
     ctx = outputs.get("ctx")
@@ -60,7 +68,7 @@ def batch_rows(
         h, w = (int(v) for v in batch.input_size[i])
         prob = probs[n].detach().float().cpu()
         target = row_mask[n].detach().float().cpu()
-        iou = row_iou((prob[0, :h, :w] > threshold), target[0, :h, :w] > 0.5)
+        iou = _row_iou(batch, outputs, n, i, threshold)
         has_box = batch.box is not None and (batch.has_box is None or bool(batch.has_box[n]))
         has_mask = batch.mask_prompt is not None and (
             batch.has_mask_prompt is None or bool(batch.has_mask_prompt[n])
@@ -94,14 +102,22 @@ def _panel_row(panel: SamplePanel, n: int) -> SamplePanel:
 
 
 def row_ious(batch: Any, outputs: dict[str, Any], threshold: float) -> list[float]:
-    """The IoU of each prompt row of a validation step (inside the image, at the input frame)."""
-    out, probs = outputs["out"], outputs["probs"]
-    row_mask = batch.row_mask  # each row's own ground truth (with COCO instances: its instance)
-    ious = []
-    for n, i in enumerate(out.image_index.tolist()):
-        h, w = (int(v) for v in batch.input_size[i])
-        ious.append(row_iou(probs[n, 0, :h, :w] > threshold, row_mask[n, 0, :h, :w] > 0.5))
-    return ious
+    """The IoU of each prompt row of a validation step, as validation's ``iou`` metric scores the row:
+    ``binary_iou`` of its probabilities at the image's original size (``outputs["original"]``, which
+    ``SamflowModule``'s validation step returns) against its ground truth there (``outputs["targets"]``).
+    A step that returns only the S x S frame's ``probs`` gets the IoU inside the image in that frame."""
+    return [
+        _row_iou(batch, outputs, n, i, threshold) for n, i in enumerate(outputs["out"].image_index.tolist())
+    ]
+
+
+def _row_iou(batch: Any, outputs: dict[str, Any], n: int, image: int, threshold: float) -> float:
+    """Row ``n``'s IoU (see ``row_ious``); ``image``: the row's image."""
+    original, targets = outputs.get("original"), outputs.get("targets")
+    if original is not None and targets is not None:
+        return float(binary_iou(original[n].detach(), targets[n], threshold)[0])
+    h, w = (int(v) for v in batch.input_size[image])
+    return row_iou(outputs["probs"][n, 0, :h, :w] > threshold, batch.row_mask[n, 0, :h, :w] > 0.5)
 
 
 class SampleGrid(Callback):
@@ -120,11 +136,13 @@ class SampleGrid(Callback):
     Args:
         num_samples: how many prompt rows of the first validation batches to show (0: none; the best
             and worst grids are still written).
-        threshold: probability above which a predicted pixel is foreground.
+        threshold: probability above which a predicted pixel is foreground, in the pictures and the IoU
+            shown; default: the model's ``model.threshold`` (what ``samflow predict`` and the metrics
+            use; 0.5 for a module without one). A value given here wins.
         num_extremes: rows in the best and worst grids (0 turns them off).
     """
 
-    def __init__(self, num_samples: int = 8, threshold: float = 0.5, num_extremes: int = 4) -> None:
+    def __init__(self, num_samples: int = 8, threshold: float | None = None, num_extremes: int = 4) -> None:
         for name, value in (("num_samples", num_samples), ("num_extremes", num_extremes)):
             if value < 0:
                 raise MisconfigurationException(
@@ -137,6 +155,12 @@ class SampleGrid(Callback):
         self._best: list[tuple[float, int, SampleRow]] = []
         self._worst: list[tuple[float, int, SampleRow]] = []
         self._seen = 0
+
+    def threshold_for(self, pl_module: LightningModule | None) -> float:
+        """The threshold in use: ``threshold`` when given, else ``pl_module.threshold`` (0.5 without one)."""
+        if self.threshold is not None:
+            return self.threshold
+        return float(getattr(pl_module, "threshold", DEFAULT_THRESHOLD))
 
     @override
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -155,18 +179,19 @@ class SampleGrid(Callback):
         if dataloader_idx != 0 or batch.mask is None or not isinstance(outputs, dict):
             return
         outputs = {**outputs, "model": getattr(pl_module, "model", None)}
+        threshold = self.threshold_for(pl_module)
         missing = self.num_samples - len(self._rows)
         if missing > 0:
             rows = min(missing, outputs["out"].image_index.shape[0])
-            self._rows += batch_rows(batch, outputs, self.threshold, list(range(rows)))
+            self._rows += batch_rows(batch, outputs, threshold, list(range(rows)))
         if self.num_extremes > 0:
-            self._track_extremes(batch, outputs)
+            self._track_extremes(batch, outputs, threshold)
 
-    def _track_extremes(self, batch: Any, outputs: dict[str, Any]) -> None:
+    def _track_extremes(self, batch: Any, outputs: dict[str, Any], threshold: float) -> None:
         """Keep the ``num_extremes`` rows of highest and of lowest IoU seen so far (heaps)."""
         k = self.num_extremes
         wanted = []
-        for n, iou in enumerate(row_ious(batch, outputs, self.threshold)):
+        for n, iou in enumerate(row_ious(batch, outputs, threshold)):
             order = self._seen + n  # ties: the earlier row wins
             best = len(self._best) < k or (iou, -order) > (self._best[0][0], -self._best[0][1])
             worst = len(self._worst) < k or (-iou, -order) > (self._worst[0][0], -self._worst[0][1])
@@ -175,7 +200,7 @@ class SampleGrid(Callback):
         self._seen += outputs["out"].image_index.shape[0]
         if not wanted:
             return
-        rows = batch_rows(batch, outputs, self.threshold, [w[0] for w in wanted])
+        rows = batch_rows(batch, outputs, threshold, [w[0] for w in wanted])
         for (_, iou, order, best, worst), row in zip(wanted, rows):
             if best:
                 heapq.heappush(self._best, (iou, -order, row))
@@ -201,16 +226,17 @@ class SampleGrid(Callback):
         stage = "sanity" if trainer.sanity_checking else f"epoch{trainer.current_epoch:03d}"
         folder = Path(log_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
+        threshold = self.threshold_for(pl_module)
         if self._rows:
-            Image.fromarray(sample_grid(self._rows, self.threshold)).save(folder / f"val_{stage}.png")
+            Image.fromarray(sample_grid(self._rows, threshold)).save(folder / f"val_{stage}.png")
         for name, rows in (("best", best), ("worst", worst)):
             if rows:
-                Image.fromarray(sample_grid(rows, self.threshold)).save(folder / f"val_{name}.png")
+                Image.fromarray(sample_grid(rows, threshold)).save(folder / f"val_{name}.png")
         if not self._rows:
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                overlays = [wandb_image(row, self.threshold) for row in self._rows]
+                overlays = [wandb_image(row, threshold) for row in self._rows]
                 logger.experiment.log({"val/samples": overlays, "trainer/global_step": trainer.global_step})
 
 

@@ -375,8 +375,13 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._loader("predict", shuffle=False)
 
     def on_after_batch_transfer(self, batch: SamBatch, dataloader_idx: int) -> SamBatch:
-        """Apply ``augment`` to training batches, on the device."""
+        """Apply ``augment`` to training batches, on the device. An augmentation with ``set_epoch``
+        (``GpuAugment``: the epoch is part of the key of an image without a sample seed) learns the
+        trainer's epoch first, whatever the LightningModule."""
         if self.augment is not None and self.trainer is not None and self.trainer.training:
+            set_epoch = getattr(self.augment, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(self.trainer.current_epoch)
             batch = self.augment(batch)
         return batch
 

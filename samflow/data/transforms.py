@@ -35,7 +35,7 @@ from torch import Tensor
 
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment
-from samflow.seeding import cpu_seeded, derived_seed
+from samflow.seeding import cpu_seeded, derived_seed, image_keys, stable_seed
 
 ResizeMode = Literal["longest", "stretch"]
 #: How images are resized: ``"sam"`` (segment-anything's Pillow resize, the default) or ``"bilinear"``
@@ -178,10 +178,13 @@ def scale_boxes(boxes: Tensor, original_size: Sequence[int], input_size: Sequenc
     return scale_coords(corners, original_size, input_size).reshape(boxes.shape)
 
 
-def _augment_seed(sample_seed: int) -> int:
-    """The seed of a sample's augmentation: a stream of its own, apart from the one its prompt was
-    drawn from while it was read (``SeededSamples`` seeds that with ``sample_seed`` itself)."""
-    return derived_seed(sample_seed, 0x617567)
+def _augment_seed(key: tuple[int | str, ...]) -> int:
+    """The seed of an image's augmentation from its key (``image_keys``): for a sample seed, a stream of
+    its own, apart from the one its prompt was drawn from while it was read (``SeededSamples`` seeds
+    that with ``sample_seed`` itself); for an id key, the key's ``"augment"`` stream."""
+    if len(key) == 1 and isinstance(key[0], int):
+        return derived_seed(key[0], 0x617567)
+    return stable_seed(*key, "augment")
 
 
 class GpuAugment(BatchAugment):
@@ -203,7 +206,10 @@ class GpuAugment(BatchAugment):
     ``ResumableLoader`` gives every training item from (run seed, epoch, index): an image is augmented
     alike alone or in any batch, at any place in it, on any DDP rank (ranks share the process
     generator's state, so one draw per batch would transform every rank's i-th image alike), and in a
-    resumed run. A batch without seeds (another loader) takes one draw from the global generator.
+    resumed run. A batch without seeds (another loader) keys each image's draw by its ``batch.id``, the
+    run's seed (``torch.initial_seed()``) and the epoch (``set_epoch``, which ``SamflowModule`` calls at
+    every training epoch's start), as ``ForwardContext.rand`` does (``samflow.seeding.image_keys``); only a
+    batch with neither seeds nor ids takes one draw from the global generator.
 
     A two-resolution batch (``context_image`` / ``context_mask``, WSI-SAM) gets the same flip and the
     same colour draw on its context view; concentric views stay concentric under flips, so
@@ -253,6 +259,11 @@ class GpuAugment(BatchAugment):
         if len(cj) != 4:
             raise ValueError(f"GpuAugment: color_jitter must be a float or 4 floats, got {color_jitter}.")
         self.color = K.ColorJitter(*cj, p=color_p) if any(v > 0 for v in cj) else None
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch, part of the key of an image without a sample seed (see the class)."""
+        self.epoch = int(epoch)
 
     def forward(self, batch: SamBatch) -> SamBatch:
         """Return an augmented copy of ``batch`` (one prompt row per image)."""
@@ -275,17 +286,19 @@ class GpuAugment(BatchAugment):
         return batch
 
     def _each(self, batch: SamBatch, draw: Any, channels: int) -> list[Any] | None:
-        """``draw(shape)`` of one image for each image of the batch, each from its own sample seed
-        (``SamBatch.sample_seed``, which ``ResumableLoader`` gives training batches): an image's transform
-        then depends on neither its batch, its place in it, the process (DDP ranks share one global
-        generator, so they would all draw alike) nor what ran before. None when the batch carries no
-        seeds (a loader of another kind): one draw for the batch from the global generator then."""
-        if len(batch.sample_seed) != batch.num_images:
+        """``draw(shape)`` of one image for each image of the batch, each from its own seed: its
+        ``SamBatch.sample_seed`` (``ResumableLoader`` gives training batches one), else its id with the
+        run's seed and ``epoch`` (``image_keys``). An image's transform then depends on neither its batch,
+        its place in it, the process (DDP ranks share one global generator, so they would all draw
+        alike) nor what ran before. None when the batch has neither seeds nor ids: one draw for the
+        batch from the global generator then."""
+        keys = image_keys(batch.sample_seed, batch.id, batch.num_images, training=True, epoch=self.epoch)
+        if keys is None:
             return None
         shape = torch.Size([1, channels, *batch.image.shape[2:]])
         drawn = []
-        for seed in batch.sample_seed:
-            with cpu_seeded(_augment_seed(seed)):  # kornia draws its parameters on the CPU
+        for key in keys:
+            with cpu_seeded(_augment_seed(key)):  # kornia draws its parameters on the CPU
                 drawn.append(draw(shape))
         return drawn
 

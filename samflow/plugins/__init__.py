@@ -19,6 +19,7 @@ from samflow.plugins.registry import (
     list_plugins,
 )
 from samflow.plugins.stack import PluginConflictError, PluginStack
+from samflow.sam.types import current_context
 
 __all__ = [
     "DecoderContext",
@@ -34,6 +35,7 @@ __all__ = [
     "SamPlugin",
     "SamplePanel",
     "create_plugin",
+    "current_context",
     "discover",
     "get_plugin_class",
     "list_plugins",

@@ -30,6 +30,7 @@ from samflow.sam.types import (
     HookSites,
     PromptEmbeddings,
     SamOutput,
+    current_context,
     sam_rule,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "build_sam",
     "conv_transpose2x2",
     "count_parameters",
+    "current_context",
     "decomposed_rel_pos_bias",
     "dense_pe",
     "early_feature",

@@ -39,15 +39,21 @@ MLP_TOKENS = 1024
 def _mlp_residual_in_place(block: Block, x: Tensor) -> Tensor:
     """``x + block.mlp(block.norm2(x))`` at inference, written into ``x``.
 
-    For SAM's ``MLPBlock`` with a GELU, with the GELU in place and, on the CPU, in pieces of
-    ``MLP_TOKENS`` tokens: the whole hidden layer (B, h, w, 4C) would be a fresh allocation per block,
+    For SAM's ``MLPBlock`` with a GELU and plain linear layers, with the GELU in place and, on the CPU,
+    in pieces of ``MLP_TOKENS`` tokens: the whole hidden layer (B, h, w, 4C) would be a fresh allocation per block,
     whose page faults cost the CPU about as long as the GELU itself. Every step is per token, so the
     values are the unsplit ones up to float rounding: a matrix product of fewer rows may round
     differently (on this project's CPUs pieces of 512 tokens or more gave the same bits). Any other
-    MLP (a plugin's) runs whole.
+    MLP, or one whose layers a plugin replaced (LoRA's, whose dropout draws per image), runs whole.
     """
     mlp = block.mlp
-    if type(mlp) is not MLPBlock or type(mlp.act) is not nn.GELU or not x.is_contiguous():
+    plain = type(mlp) is MLPBlock and type(mlp.act) is nn.GELU
+    if (
+        not plain
+        or type(mlp.lin1) is not nn.Linear
+        or type(mlp.lin2) is not nn.Linear
+        or not x.is_contiguous()
+    ):
         return x.add_(mlp(block.norm2(x)))
     tokens = x.view(-1, x.shape[-1])
     # pieces on the CPU only: a GPU's caching allocator reuses memory, and small products waste it

@@ -45,6 +45,7 @@ from samflow.sam.types import (
     NoHooks,
     PromptEmbeddings,
     SamOutput,
+    running,
 )
 
 
@@ -232,13 +233,15 @@ class HookedSam(nn.Module):
             )
 
     def _hooked_block(self, i: int, block: Block, x: Tensor, ctx: ForwardContext) -> Tensor:
-        x = self.plugins.block_input(i, x, ctx)
-        enc = self.sam.image_encoder
-        if isinstance(enc, Backbone):
-            x = enc.run_block(i, x, self.plugins, ctx)
-        else:
-            x = vit_block(i, block, x, self.plugins, ctx)
-        return self.plugins.block_output(i, x, ctx)
+        # ctx is current_context() for modules inside the block, in the forward and its recomputation
+        with running(ctx):
+            x = self.plugins.block_input(i, x, ctx)
+            enc = self.sam.image_encoder
+            if isinstance(enc, Backbone):
+                x = enc.run_block(i, x, self.plugins, ctx)
+            else:
+                x = vit_block(i, block, x, self.plugins, ctx)
+            return self.plugins.block_output(i, x, ctx)
 
     # ---- prompts and mask decoder ----
     def encode_prompts(self, batch: SamBatch, dtype: torch.dtype) -> PromptEmbeddings:

@@ -15,8 +15,10 @@ it with plugins. Its methods here are the no-op defaults (SAM alone).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from samflow.batch import SamBatch
-from samflow.seeding import stable_seed
+from samflow.seeding import image_keys, stable_seed
 
 if TYPE_CHECKING:
     from segment_anything.modeling import Sam
@@ -101,18 +103,29 @@ class ForwardContext:
         Name ``stream`` after the plugin's key and the use (``f"{self.key}/mining"``): two streams
         never draw alike.
         """
-        count = self.batch.num_images if per_image else self.batch.num_rows
-        keys = self._image_keys if per_image else self._row_keys
-        if keys is None:
+        seeds = self.seeds(stream, per_image=per_image)
+        if seeds is None:
+            count = self.batch.num_images if per_image else self.batch.num_rows
             return torch.rand(count, *shape, device=device, dtype=dtype)
         target = torch.device(device) if device is not None else torch.device("cpu")
         # drawn on the host; page-locked for a GPU, so that the copy there does not wait for the device
-        drawn = torch.empty(count, *shape, dtype=dtype, pin_memory=target.type == "cuda")
+        drawn = torch.empty(len(seeds), *shape, dtype=dtype, pin_memory=target.type == "cuda")
         generator = torch.Generator()
-        for i, key in enumerate(keys):
-            generator.manual_seed(_stream_seed(key, stream))
+        for i, seed in enumerate(seeds):
+            generator.manual_seed(seed)
             torch.rand(tuple(shape), generator=generator, dtype=dtype, out=drawn[i])  # in place: no copy
         return drawn.to(target, non_blocking=True)
+
+    def seeds(self, stream: str, *, per_image: bool = False) -> list[int] | None:
+        """The generator seed of each prompt row (``per_image``: each image) for ``stream``, the seeds
+        ``rand`` draws from; None when the batch has no key per image (see ``rand``).
+
+        For draws too large to make on the host (a dropout mask the size of an activation), seed a
+        generator on the tensor's device with them: the draws then depend on the device's kind, but
+        still neither on the batch nor on the row's place in it.
+        """
+        keys = self._image_keys if per_image else self._row_keys
+        return None if keys is None else [_stream_seed(key, stream) for key in keys]
 
     @cached_property
     def _row_keys(self) -> list[tuple[int | str, ...]] | None:
@@ -131,16 +144,12 @@ class ForwardContext:
 
     @cached_property
     def _image_keys(self) -> list[tuple[int | str, ...]] | None:
-        """Each image's key (see ``rand``); None when the batch has neither a seed nor an id per image."""
+        """Each image's key (see ``rand``, ``samflow.seeding.image_keys``); None when the batch has
+        neither a seed nor an id per image."""
         batch = self.batch
-        if len(batch.sample_seed) == batch.num_images:
-            return [(seed,) for seed in batch.sample_seed]
-        if len(batch.id) != batch.num_images:
-            return None
-        if not self.training:
-            return [("id", image_id) for image_id in batch.id]
-        run = torch.initial_seed()
-        return [("id", image_id, run, self.epoch) for image_id in batch.id]
+        return image_keys(
+            batch.sample_seed, batch.id, batch.num_images, training=self.training, epoch=self.epoch
+        )
 
 
 def _stream_seed(key: tuple[int | str, ...], stream: str) -> int:
@@ -383,3 +392,27 @@ class HookSites:
 
 class NoHooks(HookSites, nn.Module):
     """SAM alone: every site a no-op (an ``nn.Module`` so the model's structure is the same)."""
+
+
+_RUNNING: ContextVar[ForwardContext | None] = ContextVar("samflow_running_block", default=None)
+
+
+def current_context() -> ForwardContext | None:
+    """The ``ForwardContext`` of the image-encoder block that ``HookedSam`` is running, also while
+    activation checkpointing recomputes it; None outside a block.
+
+    For modules a plugin puts inside SAM's encoder that need the forward's keys without a hook of
+    their own (LoRA's per-image dropout reads ``current_context().seeds(...)``): hooks are what the
+    plugin adds to the computation, and such a module adds nothing at inference.
+    """
+    return _RUNNING.get()
+
+
+@contextlib.contextmanager
+def running(ctx: ForwardContext) -> Iterator[None]:
+    """Make ``ctx`` the ``current_context()`` inside the block."""
+    token = _RUNNING.set(ctx)
+    try:
+        yield
+    finally:
+        _RUNNING.reset(token)

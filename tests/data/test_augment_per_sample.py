@@ -83,19 +83,6 @@ def test_seeded_draws_leave_the_global_generator_and_cuda_alone(monkeypatch):
     assert reseeded == [], "a sample's or SAM's seed went into the process's CUDA generator"
 
 
-def test_without_seeds_the_batch_takes_one_draw_from_the_global_generator():
-    aug = GpuAugment(**STRONG)
-    batch = _seeded(2, [])
-    torch.manual_seed(0)
-    first = aug(batch)
-    torch.manual_seed(0)
-    again = aug(batch)
-    torch.manual_seed(1)
-    other = aug(batch)
-    torch.testing.assert_close(again.image, first.image)
-    assert not torch.allclose(other.image, first.image)
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_batches_carry_each_items_sample_seed(workers):
     items = [{"image": torch.full((3, S, S), float(i)), "input_size": [S, S], "original_size": [S, S],

@@ -225,8 +225,10 @@ def test_dropout_is_active_in_training_only(tiny_sam):
     assert not model.sam.training and dropout.training  # injected modules follow the model's mode
     assert not model.sam.image_encoder.blocks[0].attn.qkv.base_layer.training  # SAM's own layer does not
     with torch.no_grad():
-        first, second = model.run(batch)[1].encoded.embeddings, model.run(batch)[1].encoded.embeddings
-    assert not torch.allclose(first, second)  # a new dropout mask each pass
+        first = model.run(batch, model.context(batch, epoch=0))[1].encoded.embeddings
+        second = model.run(batch, model.context(batch, epoch=1))[1].encoded.embeddings
+    # a new dropout mask each epoch (the image's key: its id, the run's seed and the epoch)
+    assert not torch.allclose(first, second)
     model.eval()
     with torch.no_grad():
         third, fourth = model.run(batch)[1].encoded.embeddings, model.run(batch)[1].encoded.embeddings

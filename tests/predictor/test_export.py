@@ -110,8 +110,9 @@ def test_merged_decoder_tuning_run_is_a_plain_sam_checkpoint(decoder_run, tmp_pa
     np.testing.assert_allclose(got[1], expected[1], atol=1e-5, rtol=0)
 
 
-def test_merged_lora_folds_its_deltas(tiny_sam):
-    model = HookedSam(tiny_sam, PluginStack({"lora": LoRA(rank=2, blocks=[1, 3])}))
+@pytest.mark.parametrize("dropout", [0.0, 0.5])  # the per-image dropout is no hook: merged alike
+def test_merged_lora_folds_its_deltas(tiny_sam, dropout):
+    model = HookedSam(tiny_sam, PluginStack({"lora": LoRA(rank=2, blocks=[1, 3], dropout=dropout)}))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
