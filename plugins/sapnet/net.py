@@ -178,6 +178,7 @@ class SelectionNet(nn.Module):
         image_index: Tensor,
         centre_boxes: Tensor | None = None,
         negative_draws: Tensor | None = None,
+        image_sizes: Tensor | None = None,
     ) -> SapnetResult:
         """Run both stages.
 
@@ -188,7 +189,9 @@ class SelectionNet(nn.Module):
             image_index: (N,) image of each point; centre_boxes: (N, 4), only with ``pdg_box_centres``;
             negative_draws: the U(0, 1) draws (4, B, num_negatives) behind the random negatives
             (``random_negatives``' ``uniforms``; the plugin's come from each image's sample seed), None:
-            drawn from the global generator.
+            drawn from the global generator; image_sizes: (B, 2) each image's (h, w) inside the padded
+            input (``SamBatch.input_size``), over which its random negatives are drawn, as the reference
+            draws them over ``img_shape`` (the image before padding); None: the whole input.
         """
         n, p = proposals.shape[:2]
         first = features if isinstance(features, Tensor) else features[0]
@@ -221,7 +224,10 @@ class SelectionNet(nn.Module):
         weight = d0.sum(1)
         loss_prm = prm_loss(c1, s1, labels, weight)
         num_images = first.shape[0]
-        sizes = torch.full((num_images, 2), image_size, device=proposals.device)
+        if image_sizes is None:
+            sizes = torch.full((num_images, 2), image_size, device=proposals.device)
+        else:
+            sizes = image_sizes.to(proposals.device)
         neg, neg_image, neg_valid = random_negatives(
             proposals, image_index, sizes, self.num_negatives, uniforms=negative_draws
         )

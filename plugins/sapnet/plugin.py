@@ -186,6 +186,7 @@ class SAPNet(SamPlugin):
             batch.image_index,
             centre_boxes=centre_boxes,
             negative_draws=self.negative_draws(ctx, proposals.device),
+            image_sizes=ctx.batch.input_size,  # negatives inside each image, not on its padding
         )
         out.extras["sapnet"] = result
         return result.losses
