@@ -107,8 +107,10 @@ def random_negatives(
     """Random negatives per image (``SAPNet.py`` L15-34): boxes (B*num, 4), their image (B*num,), weights.
 
     x1 ~ U(−0.2w, w), x2 = x1 + U(0, 1)·(1.2w − x1), likewise y; a box has weight 1 only if its IoU
-    with every proposal of its image is below 0.3. ``sizes`` (B, 2) is each image's (h, w);
-    ``uniforms`` (4, B, num), the U(0, 1) draws for x1, y1, x2, y2, replaces drawing (for comparisons).
+    with every proposal of its image is below 0.3, and its image has a point (an image without one,
+    kept by ``empty: keep``, is left out of training, as mmdetection leaves out images without
+    annotations). ``sizes`` (B, 2) is each image's (h, w); ``uniforms`` (4, B, num), the U(0, 1) draws
+    for x1, y1, x2, y2, replaces drawing (for comparisons).
     """
     b = sizes.shape[0]
     dev, dt = proposals.device, proposals.dtype
@@ -124,7 +126,8 @@ def random_negatives(
     neg_image = torch.arange(b, device=dev).repeat_interleave(num)
     iou = box_iou(neg, proposals.reshape(-1, 4))  # (B*num, N*P)
     own = neg_image[:, None] == image_index.repeat_interleave(proposals.shape[1])[None, :]
-    valid = ~((iou >= 0.3) & own).any(-1)
+    has_points = torch.zeros(b, dtype=torch.bool, device=dev).index_fill_(0, image_index, True)
+    valid = ~((iou >= 0.3) & own).any(-1) & has_points[neg_image]
     return neg, neg_image, valid.to(dt)
 
 

@@ -125,6 +125,19 @@ def test_random_negatives_follow_the_rule_and_iou_threshold():
     assert torch.equal(valid, expect) and 0 < valid.sum() < 300
 
 
+def test_random_negatives_of_an_image_without_points_weigh_nothing():
+    """An image kept without instances (``empty: keep``) is left out of training, as mmdetection leaves
+    out images without annotations: its negatives have weight 0, the other image's keep the rule."""
+    g = torch.Generator().manual_seed(0)
+    props = t([10, 10, 40, 40], [0, 0, 64, 64])[None]  # one point, on image 1 of 2
+    sizes = torch.tensor([[64, 64], [64, 64]])
+    neg, img, valid = random_negatives(props, torch.tensor([1]), sizes, 200, generator=g)
+    assert img.tolist() == [0] * 200 + [1] * 200
+    assert valid[:200].sum() == 0
+    expect = (box_iou(neg[200:], props[0]) < 0.3).all(1).float()
+    assert torch.equal(valid[200:], expect) and valid[200:].sum() > 0
+
+
 def test_hard_negatives_are_central_half_boxes_of_large_best_proposals():
     props = t([0, 0, 100, 80], [0, 0, 60, 60])[None].repeat(2, 1, 1)
     box, w = hard_negatives(props, torch.tensor([0, 1]))
