@@ -14,6 +14,7 @@ generator alone.
 from __future__ import annotations
 
 import hashlib
+import operator
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -33,8 +34,12 @@ def derived_seed(*words: int) -> int:
 def stable_seed(*parts: int | str) -> int:
     """A 63-bit seed of ``parts`` (a run's seed, a sample's id, a stream's name, ...): the same in every
     process and every run (Python's ``hash`` of a string is salted per process), and unrelated for
-    different parts. SHA-256 of the parts written out, joined by commas."""
-    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    different parts. SHA-256 of the parts, each written with its kind and length (``s3:a,b``, ``i1:5``),
+    so that no two different sequences of parts are written alike (``("a,b",)`` and ``("a", "b")``,
+    ``5`` and ``"5"``)."""
+    words = (("s", p) if isinstance(p, str) else ("i", str(operator.index(p))) for p in parts)
+    written = "".join(f"{kind}{len(text)}:{text}" for kind, text in words)
+    digest = hashlib.sha256(written.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
