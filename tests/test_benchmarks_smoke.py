@@ -141,3 +141,13 @@ def test_gpu_check_parses_and_times_a_training_step_of_every_built_in_plugin():
             timed.update(re.search(r"--plugins ((?:[a-z_]+ ?)+)", command).group(1).split())
     built_in = {name for name, info in discover().items() if info.target.startswith("samflow_plugins")}
     assert built_in and built_in <= timed, f"no GPU training row for {sorted(built_in - timed)}"
+
+
+def test_window_qkv_compares_both_ways_bit_for_bit(capsys):
+    """At 64 px the tiny SAM's 4 x 4 grid has no padding; at 80 px (5 x 5, windows of 4) it has."""
+    result = load_script(BENCHMARKS / "window_qkv.py").main(
+        ["--variant", "tiny", "--img-size", "80", "--calls", "1"]
+    )
+    assert result["difference"] == [0.0]
+    assert len(result["sam"]) == len(result["samflow"]) == 1
+    assert "largest difference of the embeddings 0.0" in capsys.readouterr().out
