@@ -218,3 +218,29 @@ def tiny_linear_module():
             return torch.utils.data.DataLoader(torch.randn(5, 2), batch_size=1)
 
     return TinyLinear()
+
+
+def crashing_png_saves(monkeypatch) -> Any:
+    """``arm(n)``: the n-th PNG save after it (from 1) writes half of its bytes, then raises, as a full
+    disk or a kill mid-write would leave it; the other saves are real (0: none crashes)."""
+    import io
+
+    from PIL import Image
+
+    real_save = Image.Image.save
+
+    def arm(n: int) -> None:
+        calls: list[Any] = []
+
+        def save(self, fp, format=None, **params):
+            calls.append(fp)
+            if len(calls) != n:
+                return real_save(self, fp, format=format, **params)
+            buffer = io.BytesIO()
+            real_save(self, buffer, format="PNG")
+            Path(fp).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            raise OSError(28, "No space left on device (simulated)")
+
+        monkeypatch.setattr(Image.Image, "save", save)
+
+    return arm

@@ -391,6 +391,14 @@ def _apart(head: SOLOv2Head, masks: Tensor, labels: Tensor, boxes: Tensor | None
     return keep
 
 
+def _reference_targets(head, boxes, labels, masks) -> dict:
+    """The reference head's ``_get_targets_single`` on one image, by name."""
+    targets = _reference_head(head)._get_targets_single(
+        boxes, labels, masks, featmap_size=(SIDE // 8, SIDE // 8)
+    )
+    return dict(zip(("masks", "labels", "pos", "index"), targets, strict=True))
+
+
 def _targets_case(seed: int, sigma: float = 0.2) -> tuple[Tensor, Tensor]:
     """Instances of ``seed`` whose centre regions share no cell on any level (kept in order)."""
     masks, labels = _instances(seed, 16)
@@ -409,15 +417,7 @@ def test_targets_are_the_reference_targets(seed):
     got = REF.get(
         f"targets_{seed}",
         fingerprint(masks, labels, boxes, head.sigma),
-        lambda: dict(
-            zip(
-                ("masks", "labels", "pos", "index"),
-                _reference_head(head)._get_targets_single(
-                    boxes, labels, masks, featmap_size=(SIDE // 8, SIDE // 8)
-                ),
-                strict=True,
-            )
-        ),
+        lambda: _reference_targets(head, boxes, labels, masks),
     )
     small = (F.interpolate(masks[None].double(), size=(SIDE // 8,) * 2, mode="area")[0] >= 0.5).to(
         torch.uint8
@@ -588,15 +588,7 @@ def test_overlaps_are_the_documented_difference():
     got = REF.get(
         "overlap",
         fingerprint(masks, labels, boxes),
-        lambda: dict(
-            zip(
-                ("masks", "labels", "pos", "index"),
-                _reference_head(head)._get_targets_single(
-                    boxes, labels, masks, featmap_size=(SIDE // 8, SIDE // 8)
-                ),
-                strict=True,
-            )
-        ),
+        lambda: _reference_targets(head, boxes, labels, masks),
     )
     levels = head.assign(masks, labels, (SIDE, SIDE))
     shared = [i for i, (_, p, _) in enumerate(levels) if p.any()]

@@ -10,12 +10,12 @@ The model is a stand-in that predicts each prompt's box as the mask, so every fi
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import crashing_png_saves
 from PIL import Image
 
 from samflow import prompted_predict
@@ -64,25 +64,8 @@ def setup(tmp_path, monkeypatch):
 
 @pytest.fixture()
 def crash_on(monkeypatch):
-    """``crash_on(n)``: the n-th PNG save (from 1) writes half of its bytes, then raises, as a full
-    disk would leave it; the saves before it are real (0: no crash)."""
-    real_save = Image.Image.save
-
-    def arm(n: int) -> None:
-        calls = []
-
-        def save(self, fp, format=None, **params):
-            calls.append(fp)
-            if len(calls) != n:
-                return real_save(self, fp, format=format, **params)
-            buffer = io.BytesIO()
-            real_save(self, buffer, format="PNG")
-            Path(fp).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            raise OSError(28, "No space left on device (simulated)")
-
-        monkeypatch.setattr(Image.Image, "save", save)
-
-    return arm
+    """``crash_on(n)``: the n-th PNG save after it writes half of its bytes, then raises (0: none)."""
+    return crashing_png_saves(monkeypatch)
 
 
 def files_in(folder: Path) -> list[str]:

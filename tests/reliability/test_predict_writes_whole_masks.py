@@ -8,13 +8,13 @@ place. A killed run's ``.partial`` leftovers are not outputs: they do not make t
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import crashing_png_saves
 from PIL import Image
 
 from samflow.callbacks import MaskWriter
@@ -69,24 +69,8 @@ def assert_whole(out: Path, stems) -> None:
 
 @pytest.fixture()
 def crash_on(monkeypatch):
-    """``crash_on(n)``: the n-th PNG save (from 1) writes half of its bytes, then raises, as a full
-    disk or a kill mid-write would leave it; the saves before it are real."""
-    real_save = Image.Image.save
-    calls = []
-
-    def arm(n: int) -> None:
-        def save(self, fp, format=None, **params):
-            calls.append(fp)
-            if len(calls) != n:
-                return real_save(self, fp, format=format, **params)
-            buffer = io.BytesIO()
-            real_save(self, buffer, format="PNG")
-            Path(fp).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            raise OSError(28, "No space left on device (simulated)")
-
-        monkeypatch.setattr(Image.Image, "save", save)
-
-    return arm
+    """``crash_on(n)``: the n-th PNG save after it writes half of its bytes, then raises (0: none)."""
+    return crashing_png_saves(monkeypatch)
 
 
 def test_a_crash_mid_write_leaves_no_mask_under_its_final_name_and_a_rerun_works(tmp_path, crash_on):
