@@ -10,7 +10,7 @@ level mmdetection's ``SingleRoIExtractor`` maps it to, ⌊log2(√(wh) / 56)⌋ 
 (``roi_levels``).
 
 One call, for N points with P proposals each (all tensors, no per-point Python loops):
-1. stage 0 (PSM): d⁰ = selection_score on the P proposals, top-1, clamped to the image, then BMS;
+1. stage 0 (PSM): d⁰ = selection_score on the P proposals, top-1, clamped to its image (not the padding), then BMS;
    PDG rescales the stage-0 logits of the loss (after the selection, as the reference);
 2. stage 1 (PRM): the PNPG bag of P + 20 boxes around the parent proposal, QFL MIL loss weighted
    by w_i = Σ_j d⁰_ij, negatives: random boxes (IoU < 0.3 with every SAM proposal of the image) and
@@ -82,6 +82,14 @@ class SapnetResult:
     pseudo_box: Tensor  # (N, 4) final pseudo box
     pseudo_index: Tensor  # (N,) proposal whose mask is the pseudo mask
     mps_index: Tensor  # (N, 3) proposals ranked 2, 4, 6 by d¹ (MPS)
+
+
+def clamp_to_image(boxes: Tensor, sizes: Tensor) -> Tensor:
+    """Boxes (N, 4) clamped to their images, x to [0, w] and y to [0, h], with ``sizes`` (N, 2) each
+    row's (h, w): the reference clamps a stage's box to ``img_shape`` (the image before padding)."""
+    h, w = sizes[:, 0, None].to(boxes.dtype), sizes[:, 1, None].to(boxes.dtype)
+    limit = torch.cat([w, h, w, h], 1)
+    return torch.minimum(boxes.clamp(min=0), limit)
 
 
 class SelectionNet(nn.Module):
@@ -190,8 +198,9 @@ class SelectionNet(nn.Module):
             negative_draws: the U(0, 1) draws (4, B, num_negatives) behind the random negatives
             (``random_negatives``' ``uniforms``; the plugin's come from each image's sample seed), None:
             drawn from the global generator; image_sizes: (B, 2) each image's (h, w) inside the padded
-            input (``SamBatch.input_size``), over which its random negatives are drawn, as the reference
-            draws them over ``img_shape`` (the image before padding); None: the whole input.
+            input (``SamBatch.input_size``), over which its random negatives are drawn and to which its
+            stage boxes are clamped, as the reference does with ``img_shape`` (the image before
+            padding); None: the whole input.
         """
         n, p = proposals.shape[:2]
         first = features if isinstance(features, Tensor) else features[0]
@@ -199,12 +208,18 @@ class SelectionNet(nn.Module):
         # box geometry in at least float32: bf16 would round a 1024 px frame to 4 px and merge PNPG's boxes
         proposals = proposals.detach().to(torch.promote_types(first.dtype, torch.float32))
         idx_p = image_index[:, None].expand(n, p)
+        num_images = first.shape[0]
+        if image_sizes is None:
+            sizes = torch.full((num_images, 2), image_size, device=proposals.device)
+        else:
+            sizes = image_sizes.to(proposals.device)
+        row_sizes = sizes[image_index]  # (N, 2): each row's image (h, w), where its boxes are clamped
 
         # stage 0: PSM with PDG
         c0, s0 = self.head(features, proposals, idx_p, image_size, 0)
         d0 = selection_score(c0, s0, labels).detach()
         top0 = d0.argmax(1)
-        pseudo0 = bms(proposals[rows, top0].clamp(0, image_size), proposals, self.bms_proposals)
+        pseudo0 = bms(clamp_to_image(proposals[rows, top0], row_sizes), proposals, self.bms_proposals)
         if self.pdg_box_centres:
             if centre_boxes is None:
                 raise ValueError(
@@ -223,11 +238,6 @@ class SelectionNet(nn.Module):
         c1, s1 = self.head(features, bag1, image_index[:, None].expand(n, q), image_size, 1)
         weight = d0.sum(1)
         loss_prm = prm_loss(c1, s1, labels, weight)
-        num_images = first.shape[0]
-        if image_sizes is None:
-            sizes = torch.full((num_images, 2), image_size, device=proposals.device)
-        else:
-            sizes = image_sizes.to(proposals.device)
         neg, neg_image, neg_valid = random_negatives(
             proposals, image_index, sizes, self.num_negatives, uniforms=negative_draws
         )
@@ -240,7 +250,7 @@ class SelectionNet(nn.Module):
         # final box, pseudo mask, MPS
         d1 = selection_score(c1, s1, labels).detach()
         top1 = d1.argmax(1)
-        box = bms(bag1[rows, top1].clamp(0, image_size), proposals, self.bms_proposals)
+        box = bms(clamp_to_image(bag1[rows, top1], row_sizes), proposals, self.bms_proposals)
         iou = aligned_iou(box[:, None], proposals)  # (N, P)
         if self.plus_one:  # after the mask matching, as the reference (SAPNet.py L181-185)
             box = box + box.new_tensor([0, 0, 1, 1])

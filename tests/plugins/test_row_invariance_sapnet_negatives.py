@@ -1,4 +1,4 @@
-"""SAPNet's random negatives lie on each image, not on the padding around it.
+"""SAPNet's random negatives and its stage boxes lie on each image, not on the padding around it.
 
 The reference draws an image's 500 random negatives over its ``img_shape`` (mmdetection: the image
 after resizing, before padding): x1 ~ U(-0.2w, w), x2 = x1 + U(0, 1) · (1.2w - x1), likewise y with h.
@@ -42,3 +42,29 @@ def test_each_images_negatives_are_drawn_over_its_own_size(monkeypatch):
         assert torch.equal(image[j * num : (j + 1) * num], torch.full((num,), j))
         torch.testing.assert_close(boxes[j * num : (j + 1) * num], expected, rtol=0, atol=1e-9)
         assert float(boxes[j * num : (j + 1) * num, 3].max()) <= 1.2 * h
+
+
+def test_the_stage_boxes_bms_starts_from_lie_on_their_image(monkeypatch):
+    """Stage 0's and stage 1's top box is clamped to its image (the reference: to ``img_shape``), not
+    to the padded S x S input. Proposals reaching into the padding make the difference visible."""
+    module = make_module("sapnet").train()
+    batch = build(range(7), seeds=True)
+    starts = []
+    original = sapnet_net.bms
+
+    def spy(pseudo, proposals, num):
+        starts.append(pseudo.clone())
+        return original(pseudo, proposals, num)
+
+    monkeypatch.setattr(sapnet_net, "bms", spy)
+    frame = batch.image.shape[-1]
+    grown = batch.proposals.clone()
+    grown[..., 2:] = frame  # every proposal reaches the frame's far corner, deep into the padding
+    batch = batch.replace(proposals=grown)
+    out, ctx = module.model.run(batch, module.model.context(batch, epoch=1))
+    module.compute_losses(out, batch, ctx)
+    assert len(starts) == 2
+    sizes = batch.input_size[batch.image_index].double()  # (N, 2): each row's image (h, w)
+    for boxes in starts:
+        assert (boxes[:, 2] <= sizes[:, 1]).all() and (boxes[:, 3] <= sizes[:, 0]).all()
+        assert (boxes[:, 3] == sizes[:, 0]).any()  # clamped at an image's own height, short of the frame

@@ -125,6 +125,16 @@ def test_random_negatives_follow_the_rule_and_iou_threshold():
     assert torch.equal(valid, expect) and 0 < valid.sum() < 300
 
 
+def test_stage_boxes_are_clamped_to_their_image_not_the_padding():
+    """The reference clamps a stage's box to ``img_shape`` (the image before padding): a 96 x 128 image
+    (h x w) in a 128 x 128 frame clamps y at 96, x at 128; a 128 x 64 image x at 64."""
+    from samflow_plugins.sapnet.net import clamp_to_image
+
+    boxes = t([-5, 10, 140, 120], [20, -3, 100, 127])
+    sizes = torch.tensor([[96, 128], [128, 64]])
+    assert clamp_to_image(boxes, sizes).tolist() == [[0, 10, 128, 96], [20, 0, 64, 127]]
+
+
 def test_random_negatives_of_an_image_without_points_weigh_nothing():
     """An image kept without instances (``empty: keep``) is left out of training, as mmdetection leaves
     out images without annotations: its negatives have weight 0, the other image's keep the rule."""
