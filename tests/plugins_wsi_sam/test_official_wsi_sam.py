@@ -102,7 +102,10 @@ def _timm_stand_in() -> dict[str, types.ModuleType]:
 
 def _import_official(src: Path, mp: pytest.MonkeyPatch) -> types.ModuleType:
     """The official ``inference`` module (importing ``network`` and ``segment_anything_training``)."""
-    for name in ("inference", "network", "transform", "utils", "segment_anything_training"):
+    generic = ("inference", "network", "transform", "utils", "segment_anything_training")
+    # submodules too: PA-SAM's checkout ships a package of the same name, whose cached
+    # ``segment_anything_training.build_sam`` the import below would otherwise find
+    for name in [n for n in sys.modules if n.split(".")[0] in generic]:
         mp.delitem(sys.modules, name, raising=False)
     mp.syspath_prepend(str(src))
     try:
