@@ -322,3 +322,16 @@ class ReferenceOutputs:
             f"record the official outputs again: {RECORD_ENV}=1 {self.env}=path/to/checkout "
             "python -m pytest <this test file> (README: Checked against the official code)"
         )
+
+
+def config_value(node: ast.AST, names: dict[str, Any]) -> Any:
+    """A config expression: literals, ``dict(...)``, lists, tuples, names bound earlier, arithmetic."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+        return {kw.arg: config_value(kw.value, names) for kw in node.keywords}
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [config_value(e, names) for e in node.elts]
+    if isinstance(node, ast.Name):
+        return names[node.id]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+        return config_value(node.left, names) / config_value(node.right, names)
+    return ast.literal_eval(node)

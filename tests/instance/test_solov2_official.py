@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from official_code import ReferenceOutputs, assert_close, fingerprint, official_function
+from official_code import ReferenceOutputs, assert_close, config_value, fingerprint, official_function
 from torch import Tensor, nn
 
 from samflow.instance import SOLOv2Head, matrix_nms
@@ -57,23 +57,13 @@ def src(path: Path) -> Path:
 
 
 # ---- the config and the heads' defaults, read with ast ----
-def _evaluate(node: ast.AST, names: dict[str, Any]) -> Any:
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
-        return {kw.arg: _evaluate(kw.value, names) for kw in node.keywords}
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_evaluate(e, names) for e in node.elts]
-    if isinstance(node, ast.Name):
-        return names[node.id]
-    return ast.literal_eval(node)
-
-
 def _init_default(path: Path, cls: str, arg: str) -> Any:
     tree = ast.parse(path.read_text())
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
     init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     args = [*init.args.args[len(init.args.args) - len(init.args.defaults) :], *init.args.kwonlyargs]
     defaults = [*init.args.defaults, *init.args.kw_defaults]
-    return _evaluate(dict(zip([a.arg for a in args], defaults, strict=True))[arg], {})
+    return config_value(dict(zip([a.arg for a in args], defaults, strict=True))[arg], {})
 
 
 def _config() -> dict[str, Any]:
@@ -83,7 +73,7 @@ def _config() -> dict[str, Any]:
         if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name):
             if stmt.targets[0].id != "model":
                 try:
-                    names[stmt.targets[0].id] = _evaluate(stmt.value, names)
+                    names[stmt.targets[0].id] = config_value(stmt.value, names)
                 except (ValueError, KeyError, TypeError):
                     pass
                 continue
@@ -91,7 +81,7 @@ def _config() -> dict[str, Any]:
                 if isinstance(call, ast.Call):
                     for kw in call.keywords:
                         if kw.arg in ("mask_head", "test_cfg"):
-                            found[kw.arg] = _evaluate(kw.value, names)
+                            found[kw.arg] = config_value(kw.value, names)
     return found
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from official_code import ReferenceOutputs, fingerprint
+from official_code import ReferenceOutputs, config_value, fingerprint
 from torch import nn
 
 from samflow_plugins.sapnet.fpn import FPN, ResNet50FPN
@@ -40,19 +40,6 @@ EXTRACTOR = (
 )
 
 
-def evaluate(node: ast.AST, names: dict[str, Any]) -> Any:
-    """A config expression: literals, ``dict(...)``, lists, tuples, names bound earlier, arithmetic."""
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
-        return {kw.arg: evaluate(kw.value, names) for kw in node.keywords}
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [evaluate(e, names) for e in node.elts]
-    if isinstance(node, ast.Name):
-        return names[node.id]
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
-        return evaluate(node.left, names) / evaluate(node.right, names)
-    return ast.literal_eval(node)
-
-
 def config_dicts(path: Path) -> dict[str, Any]:
     """The ``neck`` and ``bbox_roi_extractor`` dicts of the config's ``model``."""
     names: dict[str, Any] = {}
@@ -63,7 +50,7 @@ def config_dicts(path: Path) -> dict[str, Any]:
         target = stmt.targets[0].id
         if target != "model":
             try:
-                names[target] = evaluate(stmt.value, names)
+                names[target] = config_value(stmt.value, names)
             except (ValueError, KeyError, TypeError):
                 pass  # not a literal (e.g. built from a function call): not needed here
             continue
@@ -71,7 +58,7 @@ def config_dicts(path: Path) -> dict[str, Any]:
             if isinstance(call, ast.Call):
                 for kw in call.keywords:
                     if kw.arg in ("neck", "bbox_roi_extractor"):
-                        found[kw.arg] = evaluate(kw.value, names)
+                        found[kw.arg] = config_value(kw.value, names)
     return found
 
 
@@ -81,7 +68,7 @@ def init_defaults(path: Path, cls: str) -> dict[str, Any]:
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls)
     init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
     positional = init.args.args[len(init.args.args) - len(init.args.defaults) :]
-    return {a.arg: evaluate(d, {}) for a, d in zip(positional, init.args.defaults, strict=True)}
+    return {a.arg: config_value(d, {}) for a, d in zip(positional, init.args.defaults, strict=True)}
 
 
 def official_facts() -> dict[str, Any]:
