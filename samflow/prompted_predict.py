@@ -129,8 +129,7 @@ def earlier_outputs(out: Path, entries: list[ImagePrompts]) -> list[Path]:
     write: an earlier run with more prompts). ``--overwrite`` removes them before anything runs, so no
     stale mask outlives the run and an interrupted run leaves no ``results.json``."""
     stems = {entry.image.stem for entry in entries}
-    found = [out / RESULTS, out / SKIPPED, *(out / "labels" / f"{stem}.png" for stem in sorted(stems))]
-    found += [path for path in _listed(out / "masks") if _is_mask_of(path, stems)]
+    found = _named_outputs(out, stems) + [path for path in _listed(out / "masks") if _is_mask_of(path, stems)]
     return [p for p in found if p.exists() or p.is_symlink()]
 
 
@@ -138,13 +137,17 @@ def leftovers(out: Path, entries: list[ImagePrompts]) -> list[Path]:
     """The temporaries (``partial_path``) of ``earlier_outputs``'s files that a killed run left in
     ``out``: not outputs (they never make a run need ``--overwrite``), removed before the next run writes."""
     stems = {entry.image.stem for entry in entries}
-    finals = [out / RESULTS, out / SKIPPED, *(out / "labels" / f"{stem}.png" for stem in sorted(stems))]
-    found = [partial_path(p) for p in finals]
+    found = [partial_path(p) for p in _named_outputs(out, stems)]
     for path in _listed(out / "masks"):
         final = final_path(path)
         if final is not None and _is_mask_of(final, stems):
             found.append(path)
     return [p for p in found if p.exists() or p.is_symlink()]
+
+
+def _named_outputs(out: Path, stems: set[str]) -> list[Path]:
+    """The outputs whose names the images' stems give (the masks' count depends on the prompts)."""
+    return [out / RESULTS, out / SKIPPED, *(out / "labels" / f"{stem}.png" for stem in sorted(stems))]
 
 
 def _listed(folder: Path) -> list[Path]:

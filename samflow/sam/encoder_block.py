@@ -103,9 +103,7 @@ def _window_qkv(layer: nn.Module, x: Tensor, window: int) -> Tensor | None:
         or (x.shape[1] % window == 0 and x.shape[2] % window == 0)
     ):
         return None
-    out = layer(x)
-    fill = layer.bias if layer.bias is not None else out.new_zeros(out.shape[-1])
-    return window_partition(out, window, fill=fill)
+    return window_partition(layer(x), window, fill=layer.bias)  # no bias: zero padding, as SAM's
 
 
 def _sam_bias(attn: Attention, q: Tensor, size: tuple[int, int]) -> Tensor | None:
