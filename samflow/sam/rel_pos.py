@@ -17,8 +17,8 @@ from samflow.sam.casts import frozen_copies
 from samflow.sam.ops import constant
 
 REL_POS_CHUNK_ELEMENTS = 2**22
-"""Logits per block (whole windows, or queries of one image) of ``rel_pos_attention`` on the CPU without
-gradients (16 MiB in fp32)."""
+"""Logits per block (whole windows, or some heads' queries of one image, per two threads) of
+``rel_pos_attention`` on the CPU without gradients (16 MiB in fp32)."""
 
 
 def rel_pos_table(size: int, rel_pos: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -88,10 +88,10 @@ def rel_pos_attention(
 
     On the CPU without gradients the three-times-wider q' . k' costs more than the term it carries
     (a vit_b global block at 1024 px: 0.61 s against 0.42 s), so there the term is built as a mask for
-    ``chunk_elements`` logits at a time (default ``REL_POS_CHUNK_ELEMENTS``): a block of queries
-    against every key (or whole windows) through SDPA's fused CPU kernel with d-wide rows. The arithmetic is
-    segment-anything's, the memory bounded by the chunk, never (L, L). Both ways equal SAM's
-    attention to rounding.
+    ``chunk_elements`` logits at a time (default ``REL_POS_CHUNK_ELEMENTS``; for blocks of one item,
+    that much per two threads): whole windows, or some heads' queries against every key, through SDPA's
+    fused CPU kernel with d-wide rows. The arithmetic is segment-anything's, the memory bounded by
+    the blocks, never (L, L). Both ways equal SAM's attention to rounding.
 
     q, k, v: (B, heads, h*w, d); ``scale`` a float or a tensor broadcastable to q -> (B, heads, h*w, d).
     """
@@ -134,9 +134,10 @@ def _rel_pos_attention_in_chunks(
     rel_h (B, heads, L, h) and rel_w (B, heads, L, w) -> bias[(i, j), (k, l)] = rel_h[(i, j), k] + rel_w[(i, j), l].
 
     A block is whole items of the batch (windows) when one item's (heads, L, L) logits fit
-    ``chunk_elements``, else a block of queries of one item against all its keys. Whole items keep
-    every query of a window in one SDPA call: query blocks cut to the budget (71 of a window's 196
-    queries at the default) leave SDPA's CPU kernel short tiles, about 1.6x slower for a windowed block.
+    ``chunk_elements``, else some heads of one item, up to ``QUERY_ROWS`` of their queries against
+    all their keys (``_item_blocks``). Whole items keep every query of a window in one SDPA call:
+    query blocks cut to the budget (71 of a window's 196 queries at the default) leave SDPA's CPU
+    kernel short tiles, about 1.6x slower for a windowed block.
     """
     if isinstance(scale, Tensor):
         q, scale = (q * scale).to(q.dtype), 1.0
@@ -145,19 +146,44 @@ def _rel_pos_attention_in_chunks(
     out = q.new_empty(batch, length, heads, v.shape[-1]).transpose(1, 2)
     items = chunk_elements // (heads * length * length)
     if items >= 1:
-        blocks = [(slice(start, start + items), slice(None)) for start in range(0, batch, items)]
+        blocks = [(slice(start, start + items), slice(None), slice(None)) for start in range(0, batch, items)]
         shape = (min(items, batch), heads, length)
     else:
-        rows = max(1, chunk_elements // (heads * length))  # queries per block, item by item
-        blocks = [(slice(i, i + 1), slice(s, s + rows)) for i in range(batch) for s in range(0, length, rows)]
-        shape = (1, heads, min(rows, length))
+        group, rows = _item_blocks(heads, length, chunk_elements)
+        blocks = [
+            (slice(i, i + 1), slice(n, n + group), slice(s, s + rows))
+            for i in range(batch)
+            for n in range(0, heads, group)
+            for s in range(0, length, rows)
+        ]
+        shape = (1, group, rows)
     # one buffer for every block's mask: a fresh one per block costs page faults as large as the adds
     buffer = rel_h.new_empty(*shape, rel_h.shape[-1], rel_w.shape[-1])
-    for part, queries in blocks:
-        q_part = q[part, :, queries]
-        bias = buffer[: q_part.shape[0], :, : q_part.shape[2]]
-        torch.add(rel_h[part, :, queries, :, None], rel_w[part, :, queries, None, :], out=bias)
-        out[part, :, queries] = F.scaled_dot_product_attention(
-            q_part, k[part], v[part], attn_mask=bias.flatten(-2), scale=scale
+    for part, head, queries in blocks:
+        q_part = q[part, head, queries]
+        bias = buffer[: q_part.shape[0], : q_part.shape[1], : q_part.shape[2]]
+        torch.add(rel_h[part, head, queries, :, None], rel_w[part, head, queries, None, :], out=bias)
+        out[part, head, queries] = F.scaled_dot_product_attention(
+            q_part, k[part, head], v[part, head], attn_mask=bias.flatten(-2), scale=scale
         )
     return out
+
+
+QUERY_ROWS = 1024
+"""Most query rows per block of one item's attention in ``rel_pos_attention``'s CPU blocks."""
+
+
+def _item_blocks(heads: int, length: int, chunk_elements: int) -> tuple[int, int]:
+    """(heads, query rows) per block of one item whose (heads, L, L) logits exceed the budget.
+
+    Rows first, up to ``QUERY_ROWS`` (SDPA's CPU kernel cuts the queries into tiles of up to 256
+    rows and runs the tiles of every head in parallel; longer tiles run faster), then as many heads as
+    the budget holds. Against blocks of fewer rows of every head (85 of 4096 rows at the default,
+    tiles of 32), a vit_b global block at 1024 px takes 0.24-0.26 s instead of 0.29-0.32 s on two
+    cores, the same bits. The budget is ``chunk_elements`` per two threads
+    (``torch.get_num_threads()``), so that more threads get more heads per call to work on.
+    """
+    budget = chunk_elements * max(1, torch.get_num_threads() // 2)
+    rows = max(1, min(length, QUERY_ROWS, budget // length))
+    group = max(1, min(heads, budget // (rows * length)))
+    return group, rows

@@ -71,14 +71,26 @@ def test_block_equals_segment_anything_forward_and_backward(dim, heads, window, 
         torch.testing.assert_close(g_ours, g_theirs, atol=2e-6 * scale, rtol=1e-5)
 
 
-CHUNKS = {"one chunk": None, "chunks of 7 rows": 4 * 30 * 7, "two items a chunk": 2 * 4 * 30 * 30}
+@pytest.fixture
+def two_threads(monkeypatch):
+    """The CPU blocks' budget is per two threads: pin the count the block shapes below assume."""
+    monkeypatch.setattr(rel_pos.torch, "get_num_threads", lambda: 2)
+
+
+CHUNKS = {
+    "one chunk": None,
+    "blocks of 28 rows of a head": 28 * 30,
+    "blocks of two heads": 2 * 30 * 30,
+    "two items a chunk": 2 * 4 * 30 * 30,
+}
 
 
 @pytest.mark.parametrize("way", ["augmented", *CHUNKS])
-def test_op_equals_the_dense_bias_with_a_tensor_scale(way):
+def test_op_equals_the_dense_bias_with_a_tensor_scale(way, two_threads):
     """rel_pos_attention == SDPA with the (L, L) bias as a mask, also for a per-head tensor scale,
     by either way: augmented query and key (with gradients) or blocks with a mask (without): blocks of
-    whole items (two of three, then the last alone) or of an item's queries (7, then the last 2)."""
+    whole items (two of three, then the last alone), of one head's queries (28, then the last 2) or
+    of two heads' queries."""
     q, k, v = torch.randn(3, 3, 4, 30, 16).unbind(0)
     rel_h, rel_w = torch.randn(9, 16), torch.randn(11, 16)
     scale = torch.tensor([0.3, 0.7, 0.2, 1.1]).view(1, 4, 1, 1)
@@ -94,9 +106,11 @@ def test_op_equals_the_dense_bias_with_a_tensor_scale(way):
 
 @pytest.mark.parametrize("blocks", ["rows", "items"])
 @pytest.mark.parametrize(("dim", "heads", "window", "grid"), CASES)
-def test_block_equals_segment_anything_without_gradients(dim, heads, window, grid, blocks, monkeypatch):
+def test_block_equals_segment_anything_without_gradients(
+    dim, heads, window, grid, blocks, monkeypatch, two_threads
+):
     """The CPU inference way (blocks with the term as a mask) equals segment-anything's ``Block``, by
-    blocks of query rows (global blocks: two rows a block, a shorter last one on odd grids) and by
+    blocks of query rows (global blocks: 3 * heads - 1 rows of one head a block, a shorter last one) and by
     blocks of whole items (up to three: two images' 8 windows as 3, 3, 2; two global grids as one block)."""
     tokens = window * window if window else grid * grid
     chunk = heads * grid * grid * 3 - 1 if blocks == "rows" else 3 * heads * tokens * tokens
@@ -132,10 +146,10 @@ def test_no_mask_reaches_sdpa_without_logit_plugins(tiny_sam, monkeypatch):
     assert [(m is None, dq, dv) for m, _, dq, dv in calls] == [(True, 40, 40), (True, 48, 48)] * 2
 
 
-def test_cpu_inference_masks_are_bounded_by_the_chunk(tiny_sam, monkeypatch):
+def test_cpu_inference_masks_are_bounded_by_the_chunk(tiny_sam, monkeypatch, two_threads):
     """On the CPU without gradients: SAM's head dim, the term as a mask of at most the chunk's
-    logits (whole windows, or query blocks of one image against its keys), never (L, L) beyond it,
-    and the same embeddings."""
+    logits (whole windows, or query blocks of one image's heads against their keys), never (L, L)
+    beyond it, and the same embeddings."""
     image = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
     hooked = HookedSam(tiny_sam)
     with torch.enable_grad():  # the augmented way: an input that needs a gradient
@@ -149,9 +163,25 @@ def test_cpu_inference_masks_are_bounded_by_the_chunk(tiny_sam, monkeypatch):
     assert all(m is not None and dq == dv == 32 for m, _, dq, dv in calls)
     # windowed blocks: 2 images x 4 windows of 16 tokens, 2 heads: 3 whole windows a block, the last 2
     assert windowed == [((3, 2, 16, 16), 16), ((3, 2, 16, 16), 16), ((2, 2, 16, 16), 16)] * 2
-    # global blocks: each image's 64 tokens in blocks of 1536 // (2 * 64) = 12 rows, the last one 4
-    assert global_ == ([((1, 2, 12, 64), 12)] * 5 + [((1, 2, 4, 64), 4)]) * 2 * 2
+    # global blocks: each image's heads one by one, 64 tokens in blocks of 1536 // 64 = 24 rows, the last 16
+    assert global_ == ([((1, 1, 24, 64), 24)] * 2 + [((1, 1, 16, 64), 16)]) * 2 * 2 * 2
     torch.testing.assert_close(chunked.embeddings, augmented.embeddings.detach(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("heads", "length", "chunk", "threads", "expected"),
+    [
+        (12, 4096, 2**22, 2, (1, 1024)),  # vit_b global block at 1024 px: one head, 1024 rows a call
+        (12, 4096, 2**22, 16, (8, 1024)),  # more threads: more heads a call (the budget is per 2 threads)
+        (12, 4096, 2**22, 1, (1, 1024)),
+        (12, 1024, 2**22, 2, (4, 1024)),  # 512 px: every query of 4 heads
+        (2, 64, 1536, 2, (1, 24)),  # a budget under a head's logits: rows of one head
+        (2, 64, 10, 2, (1, 1)),  # a budget under a row: still one row at a time
+    ],
+)
+def test_item_blocks_fill_the_budget_rows_first(heads, length, chunk, threads, expected, monkeypatch):
+    monkeypatch.setattr(rel_pos.torch, "get_num_threads", lambda: threads)
+    assert rel_pos._item_blocks(heads, length, chunk) == expected
 
 
 class _ShiftLogits(SamPlugin):
