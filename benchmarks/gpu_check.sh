@@ -118,9 +118,12 @@ done
 
 fi
 
-# 7. Tests that need a GPU (kornia augmentation and SAM-Adapter on the device).
+# 7. Tests with a CUDA case (kornia augmentation, SAM-Adapter, keyed draws and no device reads on the
+#    device). tests/test_benchmarks_smoke.py checks that every test file with one is listed here.
 if section 7; then
 echo "=== CUDA tests" | tee -a "$log"
-timeout 120 "$py" -m pytest -q -rs -p no:cacheprovider tests/data/test_gpu_augment.py tests/plugins_sam_adapter 2>&1 |
+timeout 180 "$py" -m pytest -q -rs -p no:cacheprovider tests/data/test_gpu_augment.py tests/plugins_sam_adapter \
+    tests/data/test_augment_keyed_by_id.py tests/plugins_lora/test_lora_dropout.py tests/sam/test_rand_on_device.py \
+    tests/sam/test_no_device_read_of_rows.py tests/test_testing_helpers.py tests/test_readme_claims_api.py 2>&1 |
     tail -15 | tee -a "$log"
 fi

@@ -10,11 +10,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from segment_anything.modeling import Sam
 
 from samflow.batch import SamBatch
 from samflow.testing import random_batch  # noqa: F401  (re-exported for the tests)
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    ),
+]
+"""``pytest.mark.parametrize("device", DEVICES)``: a case on the CPU, and on a CUDA device where there is
+one (``benchmarks/gpu_check.sh`` section 7 runs those on a lent GPU)."""
 
 
 def sam_reference(sam: Sam, batch: SamBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -143,6 +143,23 @@ def test_gpu_check_parses_and_times_a_training_step_of_every_built_in_plugin():
     assert built_in and built_in <= timed, f"no GPU training row for {sorted(built_in - timed)}"
 
 
+def test_gpu_check_runs_every_test_file_with_a_cuda_case():
+    """A test that only runs on a GPU is run where there is one: section 7 of ``gpu_check.sh``."""
+    import re
+
+    text = (BENCHMARKS / "gpu_check.sh").read_text().replace("\\\n", " ")
+    listed = set(re.search(r"pytest [^\n]*", text.split("# 7.")[1]).group(0).split())
+    tests = BENCHMARKS.parent / "tests"
+    marker = re.compile(r"skipif\(not torch\.cuda\.is_available\(\)|parametrize\(\"device\", DEVICES\)")
+    with_cuda = {
+        str(path.relative_to(BENCHMARKS.parent))
+        for path in tests.rglob("test_*.py")
+        if marker.search(path.read_text()) and "def test_" in path.read_text()
+    }
+    covered = {f for f in with_cuda if f in listed or any(f.startswith(d.rstrip("/") + "/") for d in listed)}
+    assert with_cuda and with_cuda == covered, f"not in gpu_check.sh section 7: {sorted(with_cuda - covered)}"
+
+
 def test_window_qkv_compares_both_ways_bit_for_bit(capsys):
     """At 64 px the tiny SAM's 4 x 4 grid has no padding; at 80 px (5 x 5, windows of 4) it has."""
     result = load_script(BENCHMARKS / "window_qkv.py").main(

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
+from helpers import DEVICES
 from test_augment_per_sample import STRONG, _seeded
 from torch.utils.data import DataLoader
 
@@ -128,3 +130,17 @@ def test_the_data_module_hands_the_trainers_epoch_to_the_augmentation():
     aug.forward = lambda batch: seen.append(aug.epoch) or batch  # type: ignore[method-assign]
     dm.on_after_batch_transfer(_seeded(2, [1, 2]), 0)
     assert seen == [3]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_row_is_augmented_alike_alone_and_in_a_batch_on_the_device(device):
+    (pair,) = _loader(2)
+    alone = _loader(1)
+    aug = GpuAugment(**STRONG)
+    together = _rows(aug(pair.to(device)))
+    singles = [_rows(aug(batch.to(device)))[0] for batch in alone]
+    for i in range(2):
+        for name in FIELDS:
+            assert together[i][name].device.type == device, name
+            torch.testing.assert_close(singles[i][name], together[i][name], rtol=1e-6, atol=1e-6, msg=name)
+    assert not torch.equal(together[0]["image"], together[1]["image"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_batch
+from helpers import DEVICES, random_batch
 
 from samflow.module import SamflowModule, SamSpec
 from samflow.plugins import PluginStack
@@ -75,6 +75,22 @@ def test_a_rows_loss_and_gradients_alone_equal_its_part_in_a_batch_of_two():
     # the masks do drop: without dropout the rows come out otherwise
     plain = module_with(0.0).train()
     assert not torch.allclose(step(plain, pair)[0], pred)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_rows_prediction_alone_equals_its_row_in_a_batch_on_the_device(device):
+    """The masks come from a generator on the activation's device (a GPU's draws differ from the CPU's,
+    but still follow the image alone)."""
+    module = module_with(0.5).to(device).train()
+    pair = seeded([11, 12]).to(device)
+    with torch.no_grad():
+        together = module(pair)[0].pred
+        alone = [module(pair.select_images([i]))[0].pred for i in range(2)]
+        plain = module_with(0.0).to(device).train()(pair)[0].pred
+    assert together.device.type == device
+    for i in range(2):
+        torch.testing.assert_close(alone[i][0], together[i], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, together)  # the masks do drop
 
 
 def test_the_mask_follows_the_seed_not_the_global_generator():
