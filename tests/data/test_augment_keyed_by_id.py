@@ -9,6 +9,7 @@ epoch (``GpuAugment.set_epoch``, which the data module calls before it augments 
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -144,3 +145,18 @@ def test_a_row_is_augmented_alike_alone_and_in_a_batch_on_the_device(device):
             assert together[i][name].device.type == device, name
             torch.testing.assert_close(singles[i][name], together[i][name], rtol=1e-6, atol=1e-6, msg=name)
     assert not torch.equal(together[0]["image"], together[1]["image"])
+
+
+def test_a_batch_keyed_by_id_without_set_epoch_warns_once():
+    """Without ``set_epoch`` every epoch would transform an image alike: said once, by name."""
+    (pair,) = _loader(2)
+    aug = GpuAugment(**STRONG)
+    with pytest.warns(UserWarning, match=r"GpuAugment: .*set_epoch was never called"):
+        aug(pair)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aug(pair)  # once per augmentation
+        told = GpuAugment(**STRONG)
+        told.set_epoch(0)
+        told(pair)  # told the epoch: nothing to say
+        GpuAugment(**STRONG)(_seeded(2, [5, 6]))  # sample seeds: the epoch is in them
