@@ -209,7 +209,8 @@ class GpuAugment(BatchAugment):
     generator's state, so one draw per batch would transform every rank's i-th image alike), and in a
     resumed run. A batch without seeds (another loader) keys each image's draw by its ``batch.id``, the
     run's seed (``torch.initial_seed()``) and the epoch (``set_epoch``, which ``SegmentationDataModule``
-    calls before it augments a training batch), as ``ForwardContext.rand`` does (``samflow.seeding.image_keys``); only a
+    calls before it augments a training batch; without it, such a batch gets a warning once), as
+    ``ForwardContext.rand`` does (``samflow.seeding.image_keys``); only a
     batch with neither seeds nor ids takes one draw from the global generator.
 
     A two-resolution batch (``context_image`` / ``context_mask``, WSI-SAM) gets the same flip and the
