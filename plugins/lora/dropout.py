@@ -26,8 +26,9 @@ class KeyedDropout(nn.Module):
 
     In training, inside an encoder block that ``HookedSam`` runs (its ``current_context()`` gives one
     seed per image of the encoder's batch of B images for ``stream``) and with an input
-    (B * m, ...) of m rows per image (m = 1 for a global-attention block's (B, h, w, C), the number of
-    windows for a windowed block's (B * nW, ws, ws, C)): rows [b m, (b + 1) m) keep each value where
+    (B * m, ...) of 3 or more dimensions and m rows per image (m = 1 for a global-attention block's
+    (B, h, w, C) or EfficientSAM's tokens (B, L, C), the number of windows for a windowed block's
+    (B * nW, ws, ws, C) or TinyViT's (B * nW, L, C)): rows [b m, (b + 1) m) keep each value where
     ``u >= p``, u ~ U(0, 1) drawn (m, ...) by a generator on x's device seeded with ``seeds[b]``, and
     are scaled by ``1 / (1 - p)``, as ``nn.Dropout``. Outside such a block, without seeds (a batch with
     neither sample seeds nor ids) or for an input without the image axis first, it is ``nn.Dropout``:
@@ -49,7 +50,7 @@ class KeyedDropout(nn.Module):
             return x
         ctx = current_context()
         seeds = None if ctx is None else ctx.seeds(self.stream, per_image=True)
-        if seeds is None or x.dim() != 4 or x.shape[0] % len(seeds):
+        if seeds is None or x.dim() < 3 or x.shape[0] % len(seeds):
             return F.dropout(x, self.p, training=True)
         rows = x.shape[0] // len(seeds)
         # float32 draws whatever x's dtype (bf16 autocast): the mask does not depend on the precision

@@ -18,6 +18,12 @@ image's output and gradients do not depend on its batch (``samflow_plugins/lora/
 ``merged_sam_state_dict`` folds the deltas into the weights for export (``W + (alpha / r) B A``),
 giving a plain segment-anything state dict.
 
+The other frozen backbones (``samflow/sam/backbones``) take it too, on the same short target names:
+EfficientSAM's ViT blocks have SAM's ``attn.qkv`` and ``attn.proj`` and name the MLP's layers
+``mlp.fc1`` and ``mlp.fc2`` (the official names), which ``lin1`` and ``lin2`` adapt; MobileSAM's
+TinyViT has them in its 10 attention blocks (hook units 2-11, under ``layers.s.blocks.j``), and its
+convolutional blocks 0-1 have no linear layer to adapt.
+
 Compared with SAMed: SAMed adds two rank-r deltas to the fused ``qkv`` layer, one on q and one on v
 (delta W_qkv = [B_q A_q; 0; B_v A_v], scale 1), while peft's LoRA on ``qkv`` adds one rank-r delta to
 q, k and v together. Both train 4 r C values per block (C the encoder width): r (C + 3C) here, 2 r (C + C)
@@ -41,6 +47,8 @@ from samflow_plugins.lora.merge import merged_sam_state_dict
 
 #: Short names of the linear layers of a SAM encoder block that can be adapted.
 TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "lin1": "mlp.lin1", "lin2": "mlp.lin2"}
+#: The same layers' names in the blocks of MobileSAM's TinyViT and EfficientSAM's ViT (official names).
+BACKBONE_NAMES = {"mlp.lin1": "mlp.fc1", "mlp.lin2": "mlp.fc2"}
 
 
 class LoRA(SamPlugin):
@@ -48,8 +56,11 @@ class LoRA(SamPlugin):
 
     Trainable: ``rank * (in + out)`` per adapted layer, owned by this plugin (they live in SAM, under
     ``image_encoder.blocks.i.<target>.lora_A/lora_B``, and are kept in the slim checkpoint). ViT-B with
-    the defaults (rank 4, ``qkv`` of all 12 blocks): 12 * 4 * (768 + 2304) = 147,456. The encoder's
-    output changes with training, so ``model.sam.encoder_cache`` is refused with this plugin.
+    the defaults (rank 4, ``qkv`` of all 12 blocks): 12 * 4 * (768 + 2304) = 147,456. MobileSAM
+    (TinyViT: the 10 attention blocks, its convolutional blocks 0-1 have no linear layer) and EfficientSAM
+    take it too, ``lin1``/``lin2`` adapting their ``mlp.fc1``/``mlp.fc2``; MobileSAM with the defaults:
+    29,696. The encoder's output changes with training, so ``model.sam.encoder_cache`` is refused with
+    this plugin.
 
     Args:
         rank: r, the rank of each delta B A (SAMed: 4).
@@ -58,16 +69,16 @@ class LoRA(SamPlugin):
             image's key (``KeyedDropout``, in place of peft's ``nn.Dropout``): an image's loss and
             gradients are the same alone or in any batch, and activation checkpointing redraws the same
             mask. It lives inside SAM, which samflow keeps in eval mode, and follows the model's mode.
-        blocks: encoder blocks to adapt (0-based); default all.
+        blocks: encoder blocks to adapt (0-based, as the block hooks count them); default all that have
+            the targets (MobileSAM: 2-11).
         targets: linear layers of each block to adapt: ``qkv`` (``attn.qkv``), ``proj`` (``attn.proj``),
-            ``lin1``, ``lin2`` (``mlp.lin1``, ``mlp.lin2``), short or dotted names.
+            ``lin1``, ``lin2`` (``mlp.lin1``, ``mlp.lin2``; ``mlp.fc1``, ``mlp.fc2`` in MobileSAM and
+            EfficientSAM), short or dotted names.
         lr: learning rate of the LoRA parameters (default: the optimizer's).
         weight_decay: their weight decay (default: the optimizer's).
     """
 
     onnx_exportable = True  # samflow export --onnx: encoder side only (embeddings are inputs)
-
-    needs_vit_encoder = True  # its setup reaches into SAM's ViT blocks
 
     def __init__(
         self,
@@ -90,7 +101,7 @@ class LoRA(SamPlugin):
             raise ValueError("lora: `blocks` is empty; leave it out to adapt every encoder block.")
         if not targets:
             raise ValueError(f"lora: `targets` is empty; choose among {sorted(TARGETS)}.")
-        dotted = {v: v for v in TARGETS.values()}
+        dotted = {v: v for v in TARGETS.values()} | {fc: sam for sam, fc in BACKBONE_NAMES.items()}
         unknown = [t for t in targets if t not in TARGETS and t not in dotted]
         if unknown:
             raise ValueError(
@@ -101,7 +112,7 @@ class LoRA(SamPlugin):
         self.alpha = float(rank) if alpha is None else float(alpha)
         self.dropout = dropout
         self.blocks = None if blocks is None else [int(i) for i in blocks]
-        self.targets = list(dict.fromkeys(TARGETS.get(t, t) for t in targets))  # dotted, in order
+        self.targets = list(dict.fromkeys(TARGETS.get(t) or dotted[t] for t in targets))  # SAM's dotted names
         self.adapted: list[str] = []  # set in setup: SAM module names that carry this plugin's LoRA
 
     @property
@@ -114,29 +125,61 @@ class LoRA(SamPlugin):
         """alpha / r, the factor of every delta B A."""
         return self.alpha / self.rank
 
-    def lora_config(self, depth: int) -> LoraConfig:
-        """peft's ``LoraConfig`` of this plugin for an encoder of ``depth`` blocks (names relative to it)."""
-        blocks = range(depth) if self.blocks is None else self.blocks
+    def lora_config(self, depth: int, names: Sequence[str] | None = None) -> LoraConfig:
+        """peft's ``LoraConfig`` of this plugin for SAM's ViT encoder of ``depth`` blocks, or for the
+        layers ``names`` (full names relative to the encoder, as ``setup`` finds them in any backbone)."""
+        if names is None:
+            blocks = range(depth) if self.blocks is None else self.blocks
+            names = [f"blocks.{i}.{t}" for i in blocks for t in self.targets]
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r is all it uses
             lora_dropout=self.dropout,
-            target_modules=[f"blocks.{i}.{t}" for i in blocks for t in self.targets],
+            target_modules=list(names),
             bias="none",
         )
 
-    @override
-    def setup(self, sam: Sam) -> None:
-        encoder = sam.image_encoder
-        depth = len(encoder.blocks)
+    def _layers(self, encoder: nn.Module) -> dict[str, nn.Module]:
+        """The modules to adapt by their names in ``encoder`` (block order, then name): the targets of
+        the chosen blocks, under each block's own path (MobileSAM's blocks live in ``layers.s.blocks``)."""
+        blocks: Sequence[nn.Module] = encoder.blocks  # type: ignore[assignment]
+        depth = len(blocks)
         wrong = [i for i in self.blocks or [] if not 0 <= i < depth]
         if wrong:
             raise PluginConfigError(
                 f"Plugin {self.key!r} (lora): block(s) {wrong} do not exist; the encoder has blocks 0..{depth - 1}."
             )
-        config = self.lora_config(depth)
-        names = sorted(config.target_modules or [], key=_block_order)
-        modules = {name: encoder.get_submodule(name) for name in names}
+        paths = {id(m): name for name, m in encoder.named_modules()}
+        found: dict[int, dict[str, nn.Module]] = {}  # block -> {target's name in the block: module}
+        for i, block in enumerate(blocks):
+            layers = {}
+            for target in self.targets:
+                name = next((n for n in (target, BACKBONE_NAMES.get(target)) if n and _has(block, n)), None)
+                if name is not None:
+                    layers[name] = block.get_submodule(name)
+            if len(layers) == len(self.targets):
+                found[i] = layers
+        chosen = list(found) if self.blocks is None else self.blocks
+        lacking = [i for i in chosen if i not in found]
+        if lacking or not chosen:
+            short = {v: k for k, v in TARGETS.items()}
+            raise PluginConfigError(
+                f"Plugin {self.key!r} (lora): block(s) {lacking or list(range(depth))} of this SAM's "
+                f"{type(encoder).__name__} encoder have no {[short[t] for t in self.targets]} layers to adapt; "
+                f"the blocks that have them: {list(found) or 'none'} (leave `blocks` out to adapt all of them)."
+            )
+        return {
+            f"{paths[id(blocks[i])]}.{name}": found[i][name]
+            for i in sorted(set(chosen))
+            for name in sorted(found[i])
+        }
+
+    @override
+    def setup(self, sam: Sam) -> None:
+        encoder = sam.image_encoder
+        modules = self._layers(encoder)
+        names = list(modules)
+        config = self.lora_config(len(encoder.blocks), names)
         taken = [f"image_encoder.{n}" for n, m in modules.items() if isinstance(m, BaseTunerLayer)]
         if taken:
             raise PluginConfigError(
@@ -192,6 +235,10 @@ class LoRA(SamPlugin):
         return isinstance(layer, LoraLayer) and self.adapter_name in layer.lora_A
 
 
-def _block_order(name: str) -> tuple[int, str]:
-    block, _, rest = name.removeprefix("blocks.").partition(".")
-    return int(block), rest
+def _has(module: nn.Module, name: str) -> bool:
+    """Whether ``module`` has a submodule ``name`` (dotted)."""
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
