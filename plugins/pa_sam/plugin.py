@@ -90,7 +90,8 @@ class PASam(SamPlugin):
             H x W x 3). Needs the ``opencv`` extra (``pip install 'samflow[opencv]'``); the error names
             it when OpenCV is missing. The kornia ``edge_filter`` is the GPU choice.
         reference_trainable: also train SAM's ``output_upscaling``, ``output_hypernetworks_mlps`` and
-            ``mask_tokens``, as the reference code does (1,007,008 parameters in all for SAM).
+            ``mask_tokens``, as the reference code does (634,208 of SAM's parameters; 1,007,008 trainable
+            in all with the plugin's own 372,800).
         band_ratio: width of the uncertainty target's boundary band as a fraction of the image diagonal.
         lr: learning rate of this plugin's parameters (default: the optimizer's).
         weight_decay: their weight decay (default: the optimizer's).
