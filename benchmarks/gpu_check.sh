@@ -81,7 +81,7 @@ if section 3; then
 bench 120 train_vit_b_bf16 --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-forward \
     --plugins sam_adapter hq_sam pa_sam decoder_tuning lora ba_sam
 bench 90 train_vit_b_bf16_more --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-forward \
-    --plugins tokens wsi_sam sapnet
+    --alone --plugins tokens wsi_sam sapnet
 bench 90 train_vit_b_bf16_ckpt --variant vit_b --bf16 --batch 2 --steps 10 --warmup 3 --no-forward \
     --plugins sam_adapter hq_sam lora ba_sam --checkpoint-blocks
 bench 90 train_vit_b_fp32_reference --variant vit_b --batch 2 --steps 10 --warmup 3 --no-forward \

@@ -440,6 +440,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["decoder_tuning"],
         help="plugins (registered names) for the training step: all together, then each alone",
     )
+    p.add_argument(
+        "--alone",
+        action="store_true",
+        help="each plugin of --plugins alone, no case with all of them (for plugins that cannot run together)",
+    )
     p.add_argument("--forward", action=argparse.BooleanOptionalAction, default=True, help="run (a)")
     p.add_argument("--train", action=argparse.BooleanOptionalAction, default=True, help="run (b)")
     p.add_argument(
@@ -548,7 +553,9 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                     )
     if args.train:
         plugins = list(dict.fromkeys(args.plugins))  # keep order, drop repeats
-        sets = [plugins] + ([[p] for p in plugins] if len(plugins) > 1 else [])
+        sets = ([] if args.alone and len(plugins) > 1 else [plugins]) + (
+            [[p] for p in plugins] if len(plugins) > 1 else []
+        )
         for names in sets:
             specs.append(
                 {

@@ -160,6 +160,40 @@ def test_gpu_check_runs_every_test_file_with_a_cuda_case():
     assert with_cuda and with_cuda == covered, f"not in gpu_check.sh section 7: {sorted(with_cuda - covered)}"
 
 
+def test_gpu_check_bench_commands_run_on_a_tiny_sam(capsys):
+    """Every ``bench`` command of ``gpu_check.sh`` (its plugin sets, checkpointing, the reference loop,
+    the other encoders) runs without an error row, on the CPU at a tiny size: a lent GPU's minutes are
+    not spent on a command that cannot run. ``--compile`` rows are left out (minutes of compiling on the
+    CPU); their flags still parse."""
+    import re
+    import shlex
+
+    bench = load_script()
+    text = (BENCHMARKS / "gpu_check.sh").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line)[3:] for line in text.splitlines() if line.startswith("bench ")]
+    # `for NAME in A B C; do` + an indented bench line: one command per value
+    for name, values, line in re.findall(r"for (\w+) in ([^;]+); do\n\s+(bench [^\n]+)", text):
+        commands += [shlex.split(line.replace(f"${name}", value))[3:] for value in values.split()]
+    assert len(commands) >= 17
+    for args in commands:
+        parsed = bench.parse_args(args)
+        if parsed.compile:
+            continue
+        backbone = parsed.variant not in ("vit_b", "vit_l", "vit_h")
+        size = (
+            ["--variant", parsed.variant, "--img-size", "256"]
+            if backbone
+            else ["--variant", "tiny", "--img-size", "64"]
+        )
+        result = bench.main(
+            [*args, *size, "--device", "cpu", "--steps", "1", "--warmup", "0", "--repeat", "1",
+             "--isolation", "none", "--threads", "1", "--device-warmup", "0"]
+        )  # fmt: skip
+        errors = [(r["case"], r["plugins"], r["error"]) for r in result["rows"] if r.get("error")]
+        assert not errors, (args, errors)
+    capsys.readouterr()
+
+
 def test_window_qkv_compares_both_ways_bit_for_bit(capsys):
     """At 64 px the tiny SAM's 4 x 4 grid has no padding; at 80 px (5 x 5, windows of 4) it has."""
     result = load_script(BENCHMARKS / "window_qkv.py").main(
