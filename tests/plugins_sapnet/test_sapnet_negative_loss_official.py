@@ -41,10 +41,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from official_code import ReferenceOutputs, fingerprint, official_function
+from test_official_sapnet import network  # the head with PyTorch's default Linear draws (seed 5)
 
 import samflow_plugins.sapnet.net as sapnet_net
 from samflow_plugins.sapnet.mil import negative_loss, prm_loss
-from samflow_plugins.sapnet.net import SelectionNet
 
 REF = ReferenceOutputs("sapnet_negative_loss", "SAMFLOW_SAPNET_SRC")
 official = pytest.mark.skipif(not REF.available, reason=REF.skip_reason())
@@ -214,21 +214,11 @@ def pass_inputs() -> dict[str, Any]:
     }
 
 
-def pass_network() -> SelectionNet:
-    """The head with PyTorch's default Linear draws (seed 5): logits far from the reference's prior."""
-    net = SelectionNet(in_channels=4, num_classes=CLASSES, hidden=16, num_negatives=NEGATIVES)
-    torch.manual_seed(5)
-    for layer in net.modules():
-        if isinstance(layer, torch.nn.Linear):
-            layer.reset_parameters()
-    return net.double()
-
-
 @official
 def test_selection_pass_negative_term_equals_the_reference_loss_mil(monkeypatch):
     """The ``neg`` loss of a ``SelectionNet`` pass is the reference's on what the pass hands it: stage-1
     logits of its negatives (not stage 0's), the stage-0 instance weights, the number of points."""
-    x, net = pass_inputs(), pass_network()
+    x, net = pass_inputs(), network()
     calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     head = net.head
 
