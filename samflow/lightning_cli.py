@@ -213,6 +213,9 @@ class SamflowCLI(LightningCLI):
         if self.subcommand == "fit":  # training settings into every checkpoint, compared on a resume
             settings = training_settings(self.config.get("fit"))
             callbacks.append(SameExperiment(settings, self._random_seed, checked=self._resume_checked))
+        elif self.subcommand in ("validate", "test", "predict"):  # writes no checkpoint
+            # reads nothing (checked); without it Lightning warns that the checkpoint's callback is missing
+            callbacks.append(SameExperiment({}, checked=True))
         callbacks, config = self._console(config, callbacks)
         trainer = super()._instantiate_trainer(config, callbacks)
         self._name_wandb_run(trainer)
