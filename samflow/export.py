@@ -328,7 +328,7 @@ def load_export(
         message = f"{root}: the adapter was trained on {trained}, but {what}."
         if not force:
             raise ExportError(
-                message + " Pass the SAM checkpoint it was trained on, or force=True (--force)."
+                message + " Pass the SAM checkpoint it was trained on, or force=True (Predictor.from_export)."
             )
         warnings.warn(message + " Loading anyway (forced).", stacklevel=2)
     model = build_model(settings["model"], sam_checkpoint=sam_file)

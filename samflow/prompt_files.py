@@ -254,7 +254,7 @@ def read_mask_prompts(
             )
         try:
             with Image.open(mask_file) as opened:
-                labels = np.asarray(opened)
+                labels = np.array(opened)  # a writable copy (torch.from_numpy warns on a read-only one)
                 turn = orientation(opened)
         except (OSError, ValueError) as err:
             raise PromptFileError(f"{mask_file}: cannot read the mask ({err}).") from None

@@ -46,7 +46,10 @@ def run_files(source: str | Path, checkpoint: str | Path | None = None) -> tuple
     folder = path / "checkpoints"
     if checkpoint is not None:
         given = Path(checkpoint).expanduser()
-        return (given if given.is_absolute() or given.exists() else folder / given), path / "config.yaml"
+        # a name in the run's checkpoints/ is that file, also when the working directory holds one so named
+        inside = folder / given
+        chosen = given if given.is_absolute() or (given.exists() and not inside.is_file()) else inside
+        return chosen, path / "config.yaml"
     if (folder / "last.ckpt").is_file():
         return folder / "last.ckpt", path / "config.yaml"
     found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
@@ -94,6 +97,12 @@ def build_model(model: Mapping[str, Any], *, sam_checkpoint: str | Path | None =
     )
     if sam_checkpoint is not None:
         spec.checkpoint = str(sam_checkpoint)
+    elif spec.checkpoint and not Path(spec.checkpoint).expanduser().is_file():
+        # the run's own path, e.g. from another machine: the flag to name is --sam-checkpoint here
+        raise PredictorError(
+            f"SAM checkpoint {spec.checkpoint!r} (model.sam.checkpoint of the run's config) does not exist; "
+            "pass the SAM file the run was trained on with sam_checkpoint= (--sam-checkpoint)."
+        )
     discover()  # plugins named by their short class name resolve, broken ones are known
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--plugins", type=dict[str, SamPlugin] | None, default=None)

@@ -333,7 +333,12 @@ def main(argv: list[str]) -> int:
     from samflow.commands import build_experiment, rank_and_world
     from samflow.rebuild import load_trained_state, read_checkpoint_state
 
-    opts, overrides = _parser().parse_known_args(argv)
+    parser = _parser()
+    opts, overrides = parser.parse_known_args(argv)
+    if not 0 <= opts.overlap <= opts.tile // 2:  # before anything is read, built or removed
+        parser.error(
+            f"argument --overlap: must lie in [0, --tile/2] = [0, {opts.tile // 2}], got {opts.overlap}"
+        )
     if opts.annotations and len(opts.annotations) != len(opts.slides):
         raise SlideError(
             f"predict-slide: {len(opts.slides)} slides but {len(opts.annotations)} --annotations; give one per slide."

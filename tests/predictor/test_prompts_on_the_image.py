@@ -141,3 +141,22 @@ def test_prompts_and_mask_prompts_are_in_the_frame_of_the_image_as_shown(tmp_pat
     _sideways(label, masks / "a.png")
     (entry,) = read_prompts(masks, folder)
     assert entry.prompts[0].box.tolist() == [20, 4, 34, 8]
+
+
+def test_a_mask_folder_is_read_without_a_warning(tmp_path):
+    """Mask prompts come from a writable copy of the file's pixels: no "non-writable array" warning."""
+    import warnings
+
+    from PIL import Image
+
+    folder, masks = tmp_path / "images", tmp_path / "masks"
+    folder.mkdir()
+    masks.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(folder / "a.png")
+    label = np.zeros((20, 30), np.uint8)
+    label[2:6, 3:9] = 4
+    Image.fromarray(label).save(masks / "a.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (entry,) = read_prompts(masks, folder)
+    assert entry.prompts[0].box.tolist() == [3, 2, 8, 5]
