@@ -270,6 +270,9 @@ class RunHeader(Callback):
             if type(logger).__name__.endswith("WandbLogger") and run is not None:
                 folder = shown(Path(run.dir).parent)  # absolute (SamflowWandbLogger)
                 mode = os.environ.get("WANDB_MODE", "online")
+                if mode == "disabled":  # W&B's stand-in run writes no folder
+                    grid.add_row("W&B", "disabled (WANDB_MODE=disabled): nothing is logged to W&B")
+                    continue
                 where = f"upload: wandb sync {folder}" if mode == "offline" else str(folder)
                 grid.add_row("W&B", f"{mode} run {getattr(run, 'name', '')} ({where})")
         return grid

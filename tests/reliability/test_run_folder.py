@@ -58,6 +58,10 @@ def test_test_and_validate_write_into_the_run_folder(run, monkeypatch, capsys):
         assert (folder / "metrics.csv").is_file() and (folder / "config.yaml").is_file(), name
         assert _wandb_id(folder / "config.yaml") == wandb_id, name  # the run's W&B run, resumed
         assert f"run folder runs/quickstart/version_0/{name}\n" in out
+    # the tests run W&B disabled: the header names no W&B folder, which would not exist
+    shown = [line.rstrip() for line in out.splitlines() if line.startswith("W&B")]
+    assert shown == ["W&B         disabled (WANDB_MODE=disabled): nothing is logged to W&B"] * 3
+    assert "wandb/run-" not in out
     assert json.loads((run / "test" / "test_metrics.json").read_text()).keys() >= {"test/iou"}
     assert "test/iou" in (run / "test_1" / "metrics.csv").read_text()
     assert "val/iou" in (run / "validate" / "metrics.csv").read_text()
