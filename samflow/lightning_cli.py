@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import typing
 from argparse import ArgumentError
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from samflow.argument_errors import first_not_from_jsonargparse, unknown_option
 from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
@@ -181,11 +183,27 @@ class SamflowCLI(LightningCLI):
         optimizer_into_model(config)
         check_plugin_classes(config)
         self.run_folder = place_run(config, self.subcommand or "fit", self.run_name)
+        if self.run_folder is not None and (self.subcommand or "fit") != "fit":
+            self._command_folder = Path(config["trainer.default_root_dir"])
         if (self.subcommand or "fit") == "fit":
             self._resume_checked = check_fit_config(config, self._random_seed)
         self._monitor_main_metric(config)
 
     run_folder: Path | None = None  # the run a --ckpt_path / --resume belongs to (``place_run``)
+    _command_folder: Path | None = None  # validate / test / predict's subfolder of the run (``test_1``, ...)
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the command; a validate / test / predict that fails before writing anything into its
+        subfolder of the run removes it, so the next one takes its name (not ``test_1``)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            folder = self._command_folder
+            if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+                with contextlib.suppress(OSError):  # another rank, or a file written meanwhile
+                    folder.rmdir()
+            raise
 
     def _monitor_main_metric(self, config: Namespace) -> None:
         """``checkpoint.monitor`` defaults to the experiment's main validation metric (``main_metric``)."""

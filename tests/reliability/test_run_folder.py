@@ -103,3 +103,18 @@ def test_resume_names_a_missing_run_on_one_line(run, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-2] == "samflow: error: --resume runs/quickstart/version_9: no such run folder or checkpoint."
     assert err[-1].startswith("samflow: error: --resume continues a fit; give `samflow test` the checkpoint")
+
+
+def test_a_command_that_fails_leaves_no_empty_subfolder(run, monkeypatch, capsys, tmp_path):
+    """A predict that stops before writing (its data folder is missing) removes its ``predict/``, so the
+    next predict of the run writes ``predict``, not ``predict_1``."""
+    root = run.parents[2]
+    monkeypatch.chdir(root)
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    before = {p.name for p in run.iterdir()}
+    missing = str(tmp_path / "no-such-folder")
+    assert (
+        run_tiny("predict", "--ckpt_path", ckpt, "--data.init_args.predict", missing, data=root / "data") == 1
+    )
+    assert missing in capsys.readouterr().err
+    assert {p.name for p in run.iterdir()} == before  # no empty predict/ left
