@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -202,3 +203,16 @@ def test_window_qkv_compares_both_ways_bit_for_bit(capsys):
     assert result["difference"] == [0.0]
     assert len(result["sam"]) == len(result["samflow"]) == 1
     assert "largest difference of the embeddings 0.0" in capsys.readouterr().out
+
+
+def test_rel_pos_blocks_times_both_cuts_of_a_global_block(capsys):
+    """The tiny SAM's global block at 256 px (256 tokens, 2 heads) cut both ways: the same values."""
+    from samflow.sam import rel_pos
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rel_pos, "REL_POS_CHUNK_ELEMENTS", 2 * 256 * 64)  # under one item: blocks of rows
+        result = load_script(BENCHMARKS / "rel_pos_blocks.py").main(
+            ["--variant", "tiny", "--img-size", "256", "--calls", "1"]
+        )
+    assert result["difference"] < 1e-5 and set(result["best"]) == {"earlier", "now"}
+    assert "global block at 256 px" in capsys.readouterr().out
