@@ -385,7 +385,19 @@ class SamflowModule(EvaluationMixin):
                 "trained with other plugin (or SAM) options: pass the options of its run, e.g. --experiment "
                 "<run>/config.yaml, or a checkpoint of this experiment."
             )
+        # only the frozen SAM weights the checkpoint leaves out (``on_save_checkpoint``) come from the built
+        # SAM; a SAM part a plugin trains (``DecoderTuning``'s mask decoder) must be in the checkpoint
+        frozen = {SAM_PREFIX + key for key in self.plugins.frozen_sam_keys}
         for key, value in own.items():
-            if key.startswith(SAM_PREFIX) and key not in state:
+            if key in frozen and key not in state:
                 state[key] = value
+        missing = [key for key in own if key.startswith(SAM_PREFIX) and key not in state]
+        if strict and missing:
+            from samflow.sam.build import CheckpointError
+
+            raise CheckpointError(
+                f"The checkpoint lacks {len(missing)} SAM weight(s) that this experiment's plugins train or put into SAM ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}): it was trained with other plugins; pass the "
+                "experiment (and plugin options) the checkpoint was trained with, or a checkpoint of this experiment."
+            )
         return super().load_state_dict(state, strict=strict, assign=assign)
