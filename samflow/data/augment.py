@@ -8,12 +8,14 @@ samflow's own augmentation is ``samflow.data.GpuAugment`` (kornia). Another one 
       init_args: {p: 0.5}
 
 It runs on the model's device, on training batches only, after the batch reaches the device
-(``SegmentationDataModule.on_after_batch_transfer``).
+(the data modules' ``on_after_batch_transfer``, through ``augment_training_batch``, which first tells
+an augmentation with ``set_epoch`` the trainer's epoch).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 from torch import nn
 
@@ -32,3 +34,16 @@ class BatchAugment(nn.Module, ABC):
     @abstractmethod
     def forward(self, batch: SamBatch) -> SamBatch:
         """Return the augmented batch."""
+
+
+def augment_training_batch(augment: Any, trainer: Any, batch: SamBatch) -> SamBatch:
+    """``augment(batch)`` for a training batch (``trainer.training``), else the batch as it is: what a
+    data module's ``on_after_batch_transfer`` does with ``data.augment``. An augmentation with
+    ``set_epoch`` (``GpuAugment``: the epoch is part of the key of an image without a sample seed)
+    learns the trainer's epoch first."""
+    if augment is None or trainer is None or not trainer.training:
+        return batch
+    set_epoch = getattr(augment, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(trainer.current_epoch)
+    return augment(batch)

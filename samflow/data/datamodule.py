@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from samflow.batch import SamBatch
-from samflow.data.augment import BatchAugment
+from samflow.data.augment import BatchAugment, augment_training_batch
 from samflow.data.augment_spec import build_augment
 from samflow.data.bad_files import OnBadSample, SkippedFiles, check_set_files
 from samflow.data.batch import collate
@@ -375,15 +375,9 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._loader("predict", shuffle=False)
 
     def on_after_batch_transfer(self, batch: SamBatch, dataloader_idx: int) -> SamBatch:
-        """Apply ``augment`` to training batches, on the device. An augmentation with ``set_epoch``
-        (``GpuAugment``: the epoch is part of the key of an image without a sample seed) learns the
-        trainer's epoch first, whatever the LightningModule."""
-        if self.augment is not None and self.trainer is not None and self.trainer.training:
-            set_epoch = getattr(self.augment, "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(self.trainer.current_epoch)
-            batch = self.augment(batch)
-        return batch
+        """Apply ``augment`` to training batches, on the device (``augment_training_batch``: an
+        augmentation with ``set_epoch`` learns the trainer's epoch first, whatever the LightningModule)."""
+        return augment_training_batch(self.augment, self.trainer, batch)
 
     def batch_example(self, split: str = "val", size: int = 2) -> SamBatch:
         """A collated batch of the first ``size`` samples of ``split`` (for tests and logging).

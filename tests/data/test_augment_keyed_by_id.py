@@ -160,3 +160,32 @@ def test_a_batch_keyed_by_id_without_set_epoch_warns_once():
         told.set_epoch(0)
         told(pair)  # told the epoch: nothing to say
         GpuAugment(**STRONG)(_seeded(2, [5, 6]))  # sample seeds: the epoch is in them
+
+
+class _Recording(torch.nn.Module):
+    """An augmentation that records the epochs it is told and marks the batches it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs.append(epoch)
+
+    def forward(self, batch):
+        return batch.replace(id=[f"augmented {i}" for i in batch.id])
+
+
+@pytest.mark.parametrize("kind", ["segmentation", "slide"])
+def test_each_data_module_tells_its_augmentation_the_epoch_before_a_training_batch(kind):
+    from samflow.data import SegmentationDataModule
+    from samflow.data.wsi.datamodule import SlideDataModule
+
+    dm = SegmentationDataModule(img_size=S) if kind == "segmentation" else SlideDataModule(img_size=S)
+    dm.augment = _Recording()
+    (pair,) = _loader(2)
+    dm.trainer = SimpleNamespace(training=True, current_epoch=3)
+    assert dm.on_after_batch_transfer(pair, 0).id == ["augmented item0", "augmented item1"]
+    assert dm.augment.epochs == [3]
+    dm.trainer = SimpleNamespace(training=False, current_epoch=4)  # evaluation: not augmented
+    assert dm.on_after_batch_transfer(pair, 0).id == ["item0", "item1"] and dm.augment.epochs == [3]

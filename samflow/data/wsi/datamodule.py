@@ -26,7 +26,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from samflow.batch import SamBatch
-from samflow.data.augment import BatchAugment
+from samflow.data.augment import BatchAugment, augment_training_batch
 from samflow.data.batch import collate
 from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
 from samflow.data.prompts import PromptSampler
@@ -179,10 +179,9 @@ class SlideDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch: SamBatch, dataloader_idx: int) -> SamBatch:
-        """Apply ``augment`` to training batches, on the device."""
-        if self.augment is not None and self.trainer is not None and self.trainer.training:
-            batch = self.augment(batch)
-        return batch
+        """Apply ``augment`` to training batches, on the device (``augment_training_batch``: an
+        augmentation with ``set_epoch`` learns the trainer's epoch first)."""
+        return augment_training_batch(self.augment, self.trainer, batch)
 
     def batch_example(self, split: str = "val", size: int = 2) -> SamBatch:
         """A collated batch of the first ``size`` patches of ``split``."""
