@@ -395,9 +395,10 @@ class SamflowModule(EvaluationMixin):
         if strict and missing:
             from samflow.sam.build import CheckpointError
 
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
             raise CheckpointError(
-                f"The checkpoint lacks {len(missing)} SAM weight(s) that this experiment's plugins train or put into SAM ({', '.join(missing[:3])}"
-                f"{', ...' if len(missing) > 3 else ''}): it was trained with other plugins; pass the "
-                "experiment (and plugin options) the checkpoint was trained with, or a checkpoint of this experiment."
+                f"The checkpoint lacks {len(missing)} SAM weight(s) that this experiment's plugins train or "
+                f"put into SAM ({shown}): it was trained with other plugins; pass the experiment (and plugin "
+                "options) the checkpoint was trained with, or a checkpoint of this experiment."
             )
         return super().load_state_dict(state, strict=strict, assign=assign)

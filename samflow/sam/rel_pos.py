@@ -180,8 +180,9 @@ def _item_blocks(heads: int, length: int, chunk_elements: int) -> tuple[int, int
     rows and runs the tiles of every head in parallel; longer tiles run faster), then as many heads as
     the budget holds. Against blocks of fewer rows of every head (85 of 4096 rows at the default,
     tiles of 32), a vit_b global block at 1024 px takes 0.24-0.26 s instead of 0.29-0.32 s on two
-    cores, with the same bits (other blocks may round differently: 5e-7 at 512 px). The budget is ``chunk_elements`` per two threads
-    (``torch.get_num_threads()``), so that more threads get more heads per call to work on.
+    cores, with the same bits (other blocks may round differently: 5e-7 at 512 px). The budget is
+    ``chunk_elements`` per two threads (``torch.get_num_threads()``), so that more threads get more
+    heads per call to work on.
     """
     budget = chunk_elements * max(1, torch.get_num_threads() // 2)
     rows = max(1, min(length, QUERY_ROWS, budget // length))
