@@ -24,7 +24,8 @@ from lightning.pytorch.callbacks import Callback
 
 
 class RecordIds(Callback):
-    """Append the ids of every evaluated or predicted batch to <folder>/<stage>-<rank>.txt."""
+    """Append the ids of every evaluated or predicted batch to <folder>/<stage>-<rank>.txt (also used by
+    test_claims_ddp_test_command.py)."""
 
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
@@ -36,6 +37,9 @@ class RecordIds(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._record(trainer, "validate", batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._record(trainer, "test", batch)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._record(trainer, "predict", batch)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_claims_ddp_counts import RECORDER  # the id-recording callback (validate, test, predict)
 
 from samflow.callbacks.sample_drawing import STRIP
 
@@ -34,29 +35,6 @@ SIDE = 128  # the quickstart's img_size: the side of a sample picture's panels
 # launch variables a cluster or an outer launcher would set; not in the commands' process
 LAUNCHED = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "OMP_NUM_THREADS")
 
-RECORDER = '''
-from pathlib import Path
-
-from lightning.pytorch.callbacks import Callback
-
-
-class RecordIds(Callback):
-    """Append the ids of every evaluated batch to <folder>/<stage>-<rank>.txt."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = Path(folder)
-
-    def _record(self, trainer, stage, batch):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with (self.folder / f"{stage}-{trainer.global_rank}.txt").open("a") as f:
-            f.write(" ".join(batch.id) + "\\n")
-
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._record(trainer, "validate", batch)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        self._record(trainer, "test", batch)
-'''
 
 SCRIPT = """
 import json, os, sys
