@@ -182,9 +182,7 @@ class SamflowCLI(LightningCLI):
             )
         optimizer_into_model(config)
         check_plugin_classes(config)
-        self.run_folder = place_run(config, self.subcommand or "fit", self.run_name)
-        if self.run_folder is not None and (self.subcommand or "fit") != "fit":
-            self._command_folder = Path(config["trainer.default_root_dir"])
+        self.run_folder, self._command_folder = place_run(config, self.subcommand or "fit", self.run_name)
         if (self.subcommand or "fit") == "fit":
             self._resume_checked = check_fit_config(config, self._random_seed)
         self._monitor_main_metric(config)

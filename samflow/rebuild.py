@@ -84,6 +84,9 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
     return {"model": model, "predictor": options, "config": config}
 
 
+SAM_CHECKPOINT_FLAG = "sam_checkpoint= (--sam-checkpoint)"  # how a rebuilt model's user gives the SAM file
+
+
 def build_model(model: Mapping[str, Any], *, sam_checkpoint: str | Path | None = None) -> HookedSam:
     """SAM and the plugins of a run's ``model`` section (``sam``, ``plugins``), SAM's weights loaded."""
     from jsonargparse import ArgumentParser
@@ -98,10 +101,10 @@ def build_model(model: Mapping[str, Any], *, sam_checkpoint: str | Path | None =
     if sam_checkpoint is not None:
         spec.checkpoint = str(sam_checkpoint)
     elif spec.checkpoint and not Path(spec.checkpoint).expanduser().is_file():
-        # the run's own path, e.g. from another machine: the flag to name is --sam-checkpoint here
+        # the run's own path, e.g. from another machine, which the user did not type here
         raise PredictorError(
             f"SAM checkpoint {spec.checkpoint!r} (model.sam.checkpoint of the run's config) does not exist; "
-            "pass the SAM file the run was trained on with sam_checkpoint= (--sam-checkpoint)."
+            f"pass the SAM file the run was trained on with {SAM_CHECKPOINT_FLAG}."
         )
     discover()  # plugins named by their short class name resolve, broken ones are known
     parser = ArgumentParser(exit_on_error=False)
@@ -110,7 +113,15 @@ def build_model(model: Mapping[str, Any], *, sam_checkpoint: str | Path | None =
         plugins = parser.instantiate_classes(parser.parse_object({"plugins": model.get("plugins")})).plugins
     except Exception as err:  # jsonargparse reports bad specs in several types
         raise PredictorError(f"model.plugins of the run cannot be built: {err}") from err
-    sam = build_sam(spec.variant, spec.checkpoint, spec.img_size, seed=spec.seed)
+    # the variant is the run's: a file of another one is refused naming the file and the flag
+    sam = build_sam(
+        spec.variant,
+        spec.checkpoint,
+        spec.img_size,
+        seed=spec.seed,
+        flag=SAM_CHECKPOINT_FLAG,
+        variant_flag=None,
+    )
     return HookedSam(sam, PluginStack(plugins or {}), spec.multimask_output)
 
 

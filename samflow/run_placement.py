@@ -55,9 +55,10 @@ def resume_checkpoint(resume: str, config: Namespace, run_name: str) -> Path:
     return path
 
 
-def place_run(config: Namespace, command: str, run_name: str) -> Path | None:
+def place_run(config: Namespace, command: str, run_name: str) -> tuple[Path | None, Path | None]:
     """Point the loggers at the run folder of ``--ckpt_path`` (or ``--resume``), and give W&B its run id;
-    the run folder (None for a new run).
+    the run folder (None for a new run) and the subfolder a validate / test / predict writes into (None
+    for fit).
 
     ``fit`` continues that folder and W&B run; ``validate`` / ``test`` / ``predict`` write into a new
     subfolder of it named after the command (``test``, ``test_1``, ...). A new fit gets a W&B id of
@@ -85,7 +86,7 @@ def place_run(config: Namespace, command: str, run_name: str) -> Path | None:
             for wandb in options("WandbLogger"):
                 if not wandb.get("id"):
                     wandb["id"] = new_wandb_id()
-        return None
+        return None, None
     if command == "fit":  # appending to metrics.csv, which Lightning's CSVLogger would delete
         parent, folder, root = run.parent, run.name, run
         for entry in entries:
@@ -102,4 +103,4 @@ def place_run(config: Namespace, command: str, run_name: str) -> Path | None:
         wandb["resume"] = "allow" if wandb_id else wandb.get("resume")
     config["trainer.default_root_dir"] = str(root)
     rank_zero_info(f"samflow: {command} of run {run} writes into {root}.")
-    return run
+    return run, None if command == "fit" else root

@@ -122,3 +122,30 @@ def test_export_takes_the_sam_file_from_sam_checkpoint(moved, tmp_path, capsys):
     line = one_error_line(capsys)
     assert "sam.pth" in line and "other.pth" in line and "force=True" in line, line
     assert flags_named(line) <= PREDICT_FLAGS, line
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+@pytest.mark.parametrize("bad", ["missing", "empty", "other_variant"])
+def test_a_bad_sam_checkpoint_is_named_with_the_commands_own_flag(moved, tmp_path, capsys, command, bad):
+    """A --sam-checkpoint that is missing, unreadable or of another variant: one line naming the file and
+    --sam-checkpoint, no flag of ``samflow fit`` (was: ``--model.sam.checkpoint``)."""
+    run, images, prompts = moved
+    sam = tmp_path / f"{bad}.pth"
+    if bad == "empty":
+        sam.write_bytes(b"")
+    elif bad == "other_variant":
+        state = build_sam("tiny", seed=0).state_dict()
+        torch.save({k: v for k, v in state.items() if not k.startswith("mask_decoder.")}, sam)
+    if command == "predict":
+        args = ["predict", "--model", str(run), "--images", str(images), "--prompts", str(prompts)]
+        args += ["--device", "cpu", "--out", str(tmp_path / "out"), "--sam-checkpoint", str(sam)]
+        known = PREDICT_FLAGS
+    else:
+        args = ["export", str(run), "--out", str(tmp_path / "out"), "--sam-checkpoint", str(sam)]
+        known = {"--sam-checkpoint", "--out", "--merged", "--onnx", "--single-mask"}
+    capsys.readouterr()
+    assert main(args) == 1
+    line = one_error_line(capsys)
+    assert str(sam) in line and "--sam-checkpoint" in line, line
+    assert flags_named(line) <= known, line
+    assert not (tmp_path / "out").exists()

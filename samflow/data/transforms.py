@@ -261,14 +261,12 @@ class GpuAugment(BatchAugment):
         if len(cj) != 4:
             raise ValueError(f"GpuAugment: color_jitter must be a float or 4 floats, got {color_jitter}.")
         self.color = K.ColorJitter(*cj, p=color_p) if any(v > 0 for v in cj) else None
-        self.epoch = 0
-        self._told_epoch = False  # set_epoch called: an image keyed by its id draws afresh every epoch
+        self.epoch: int | None = None  # None until set_epoch: an image keyed by its id draws alike every epoch
         self._warned_epoch = False
 
     def set_epoch(self, epoch: int) -> None:
         """The training epoch, part of the key of an image without a sample seed (see the class)."""
         self.epoch = int(epoch)
-        self._told_epoch = True
 
     def forward(self, batch: SamBatch) -> SamBatch:
         """Return an augmented copy of ``batch`` (one prompt row per image)."""
@@ -297,16 +295,16 @@ class GpuAugment(BatchAugment):
         its place in it, the process (DDP ranks share one global generator, so they would all draw
         alike) nor what ran before. None when the batch has neither seeds nor ids: one draw for the
         batch from the global generator then."""
-        keys = image_keys(batch.sample_seed, batch.id, batch.num_images, training=True, epoch=self.epoch)
+        keys = image_keys(batch.sample_seed, batch.id, batch.num_images, training=True, epoch=self.epoch or 0)
         if keys is None:
             return None
-        if len(batch.sample_seed) != batch.num_images and not self._told_epoch and not self._warned_epoch:
+        if len(batch.sample_seed) != batch.num_images and self.epoch is None and not self._warned_epoch:
             self._warned_epoch = True
             warnings.warn(
                 "GpuAugment: this batch has no sample seeds, so each image's transform is keyed by its id, "
                 "the run's seed and the epoch, but set_epoch was never called: every epoch would transform "
                 "an image alike. Call augment.set_epoch(trainer.current_epoch) before augmenting a training "
-                "batch (SegmentationDataModule does), or give the batches sample seeds (ResumableLoader).",
+                "batch (samflow's data modules do), or give the batches sample seeds (ResumableLoader).",
                 stacklevel=3,
             )
         shape = torch.Size([1, channels, *batch.image.shape[2:]])

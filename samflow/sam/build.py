@@ -80,6 +80,9 @@ def build_sam(
     checkpoint: str | Path | None = None,
     img_size: int | None = None,
     seed: int | None = 0,
+    *,
+    flag: str = "--model.sam.checkpoint",
+    variant_flag: str | None = "--model.sam.variant",
 ) -> Sam:
     """Build SAM ``variant``, load ``checkpoint`` if given, freeze it and put it in eval mode.
 
@@ -92,6 +95,8 @@ def build_sam(
         img_size: encoder input size (default: the variant's). Position embeddings of a checkpoint are
             resized to it; must be a multiple of the patch size.
         seed: seed for the random initialisation, so a random SAM is the same on every rank and run.
+        flag, variant_flag: the options that gave ``checkpoint`` and ``variant``, named in the errors
+            about the file (None: the variant is no option of the caller's).
     """
     if variant not in VARIANTS and variant not in BACKBONES:
         raise ValueError(f"Unknown SAM variant {variant!r}; choose one of {variant_names()}.")
@@ -105,7 +110,7 @@ def build_sam(
     fast_layer_norms(sam)  # SAM's LayerNorm2d through F.layer_norm: same parameters, one fused pass
     cache_frozen_casts(sam.mask_decoder)  # under autocast, frozen decoder weights are cast once, not per call
     if checkpoint is not None:
-        load_checkpoint(sam, checkpoint, variant)
+        load_checkpoint(sam, checkpoint, variant, flag=flag, variant_flag=variant_flag)
     return freeze(sam)
 
 
@@ -219,22 +224,30 @@ def guess_variant(state_dict: dict[str, torch.Tensor]) -> str:
     return f"unknown (embed_dim {weight.shape[0]}, depth {depth})"
 
 
-def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
-    """Load a SAM state dict from ``path`` into ``sam`` with strict key and shape checks."""
+def load_checkpoint(
+    sam: Sam,
+    path: str | Path,
+    variant: str,
+    *,
+    flag: str = "--model.sam.checkpoint",
+    variant_flag: str | None = "--model.sam.variant",
+) -> None:
+    """Load a SAM state dict from ``path`` into ``sam`` with strict key and shape checks; the errors
+    name the file and ``flag`` (and ``variant_flag``), the options the user gave them with."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"SAM checkpoint {str(path)!r} does not exist. Download it from the segment-anything release "
-            "page and pass its path with --model.sam.checkpoint."
+            f"SAM checkpoint {str(path)!r} does not exist; pass the path of a SAM file with {flag} "
+            "(segment-anything's release page has the official ones)."
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(_unreadable(path, err)) from err
+        raise CheckpointError(_unreadable(path, err, flag)) from err
     if not isinstance(state, dict):
         raise CheckpointError(
             f"SAM checkpoint {str(path)!r} holds a {type(state).__name__}, not a state dict; pass the "
-            "segment-anything .pth file with --model.sam.checkpoint."
+            f"segment-anything .pth file with {flag}."
         )
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
@@ -244,7 +257,7 @@ def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
     if not_tensors:
         raise CheckpointError(
             f"SAM checkpoint {str(path)!r} is not a state dict of tensors: {_short(not_tensors)}; pass the "
-            "segment-anything .pth file with --model.sam.checkpoint."
+            f"segment-anything .pth file with {flag}."
         )
     expected = sam.state_dict()
     in_file = len(state)
@@ -265,7 +278,11 @@ def load_checkpoint(sam: Sam, path: str | Path, variant: str) -> None:
             f"  missing keys ({len(missing)}): {_short(missing)}\n"
             f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}\n"
             f"  wrong shapes ({len(wrong_shape)}): {_short(wrong_shape)}\n"
-            "Pass the matching --model.sam.variant, or the checkpoint of the variant you chose."
+            + (
+                f"Pass the matching {variant_flag}, or a checkpoint of {variant!r} with {flag}."
+                if variant_flag
+                else f"Pass a checkpoint of {variant!r} with {flag}."
+            )
         )
     if len(expected) < len(sam.state_dict()):  # the image encoder alone (``_backbone_state``)
         sam.image_encoder.load_state_dict(
@@ -300,7 +317,7 @@ def _backbone_state(
     return keep, {k: v for k, v in expected.items() if k.startswith("image_encoder.")}
 
 
-def _unreadable(path: Path, err: Exception) -> str:
+def _unreadable(path: Path, err: Exception, flag: str) -> str:
     """One line for a file ``torch.load(weights_only=True)`` refused, naming the file.
 
     torch's own message is not shown: it is many lines, loses the file name, and for a pickle with
@@ -317,7 +334,7 @@ def _unreadable(path: Path, err: Exception) -> str:
     kind = "an empty file" if size == 0 else "truncated, or not written by torch.save"
     return (
         f"Cannot read SAM checkpoint {name!r}: it is not a PyTorch checkpoint ({kind}, {size} bytes); pass the "
-        "segment-anything .pth file (e.g. sam_vit_b_01ec64.pth) with --model.sam.checkpoint, or download it again."
+        f"segment-anything .pth file (e.g. sam_vit_b_01ec64.pth) with {flag}, or download it again."
     )
 
 
