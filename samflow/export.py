@@ -76,8 +76,8 @@ FORMAT = 1
 FOLD = "merged_sam_state_dict"
 
 #: Hooks through which a plugin adds computation of its own (a SAM checkpoint cannot hold them);
-#: ``losses`` only trains.
-_FORWARD_HOOKS = tuple(h for h in HOOKS if h != "losses")
+#: ``losses`` only trains and ``sample_panels`` only draws validation pictures.
+_FORWARD_HOOKS = tuple(h for h in HOOKS if h not in ("losses", "sample_panels"))
 
 
 class ExportError(ValueError):

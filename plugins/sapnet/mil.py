@@ -62,7 +62,12 @@ def prm_loss(c: Tensor, s: Tensor, labels: Tensor, inst_weight: Tensor, weight: 
 def negative_loss(
     c_neg: Tensor, valid: Tensor, inst_weight: Tensor, num_points: int, weight: float = 0.75
 ) -> Tensor:
-    """L_neg = w · mean(w_i) · (1/N) Σ_n v_n Σ_c QFL(σ(c_nc), 0), c_neg (M, C), valid (M,)."""
+    """L_neg = w · mean(w_i) · (1/N) Σ_n v_n Σ_c QFL(σ(c_nc), 0), c_neg (M, C), valid (M,).
+
+    Without instances (``inst_weight`` empty) there is no mean weight: 0, still on ``c_neg``'s graph.
+    """
+    if inst_weight.numel() == 0:
+        return c_neg.sum() * 0.0
     p = c_neg.sigmoid()
     per = qfl(p, torch.zeros_like(p)).sum(-1)
     return weight * inst_weight.mean() * (valid * per).sum() / max(num_points, 1)

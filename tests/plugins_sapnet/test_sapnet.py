@@ -16,7 +16,7 @@ from samflow_plugins.sapnet.boxes import (
     random_negatives,
     select_parent,
 )
-from samflow_plugins.sapnet.mil import mps_ranks, qfl, selection_score
+from samflow_plugins.sapnet.mil import mps_ranks, negative_loss, qfl, selection_score
 from samflow_plugins.sapnet.net import SelectionNet
 from samflow_plugins.sapnet.plugin import masks_to_boxes
 
@@ -373,3 +373,16 @@ def test_a_row_of_another_image_with_a_point_changes_nothing_of_this_image():
     for field in ("phi", "score0", "score1", "bag1", "pseudo_box"):
         torch.testing.assert_close(getattr(both, field)[:2], getattr(alone, field), rtol=0, atol=1e-12)
     assert both.pseudo_index[:2].tolist() == alone.pseudo_index.tolist()
+
+
+def test_negative_loss_without_instances_is_zero_with_a_zero_gradient():
+    """No instance, no mean instance weight: 0 (was NaN from the empty mean), and a finite zero gradient."""
+    c_neg = torch.randn(5, 3, requires_grad=True)
+    loss = negative_loss(c_neg, torch.ones(5), torch.zeros(0), num_points=0)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(c_neg.grad, torch.zeros(5, 3))
+    # with instances it is the formula's value, worked out: w · mean(w_i) · Σ v_n Σ_c QFL(σ(c), 0) / N
+    c = torch.zeros(2, 1)  # σ = 0.5; QFL(0.5, 0) = |0 - 0.5|^2 · BCE(0.5, 0) = 0.25 · ln 2
+    value = negative_loss(c, torch.tensor([1.0, 0.0]), torch.tensor([0.5, 1.5]), num_points=2)
+    assert math.isclose(value.item(), 0.75 * 1.0 * 0.25 * math.log(2) / 2, rel_tol=1e-5)  # float32

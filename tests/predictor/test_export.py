@@ -181,3 +181,26 @@ def test_overwrite_replaces_the_whole_earlier_export(trained_run, decoder_run, t
     assert "exist already; pass --overwrite" in capsys.readouterr().err
     assert main(["export", str(decoder_run), "--out", str(out), "--merged", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["sam_merged.pth"]
+
+
+class _PictureDecoderTuning(DecoderTuning):
+    """Decoder tuning with a validation picture of its own: no hook of the forward pass."""
+
+    def sample_panels(self, out, ctx):
+        return {}
+
+
+def test_merged_export_allows_a_plugin_that_only_adds_validation_pictures(tiny_sam):
+    """``sample_panels`` and ``losses`` change no output: such a plugin merges; a forward hook still refuses."""
+    model = HookedSam(tiny_sam, PluginStack({"decoder": _PictureDecoderTuning()}))
+    with torch.no_grad():
+        model.sam.mask_decoder.iou_token.weight.add_(1.0)  # "trained"
+    merged = merged_sam_state_dict(model)
+    assert all(torch.equal(merged[k], v) for k, v in model.sam.state_dict().items())
+
+    class Hooked(_PictureDecoderTuning):
+        def prompts(self, prompts, ctx):
+            return prompts
+
+    with pytest.raises(ExportError, match=r"'decoder' \(Hooked\) cannot be merged.*hooks prompts"):
+        merged_sam_state_dict(HookedSam(build_sam("tiny"), PluginStack({"decoder": Hooked()})))
