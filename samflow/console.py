@@ -215,16 +215,19 @@ def main_metric(trainer: Trainer, pl_module: LightningModule) -> str | None:
 
 
 class RunHeader(Callback):
-    """samflow's own lines at the start of a run: experiment, SAM, plugins, data, device, run folder.
+    """samflow's own lines at the start of a run: experiment, SAM, plugins, data, device, the checkpoint
+    it starts from, run folder.
 
     Printed once per run on the first process, before the progress bar (not when quiet).
 
     Args:
         experiment: the experiment's name (set by the CLI).
+        checkpoint: the checkpoint the run starts from (``--ckpt_path``, ``--resume``; set by the CLI).
     """
 
-    def __init__(self, experiment: str = "") -> None:
+    def __init__(self, experiment: str = "", checkpoint: str | None = None) -> None:
         self.experiment = experiment
+        self.checkpoint = checkpoint
         self._shown = False
 
     @override
@@ -263,8 +266,10 @@ class RunHeader(Callback):
             f"{trainer.accelerator.__class__.__name__.replace('Accelerator', '').lower()}"
             f" x {trainer.num_devices * trainer.num_nodes}",
         )
+        if self.checkpoint:  # validate / test / predict of a checkpoint, a resumed fit
+            grid.add_row("checkpoint", shown(self.checkpoint))
         if log_dir is not None:
-            grid.add_row("run folder", str(log_dir))
+            grid.add_row("run folder", shown(log_dir))
         for logger in trainer.loggers:
             run = getattr(logger, "_experiment", None)
             if type(logger).__name__.endswith("WandbLogger") and run is not None:

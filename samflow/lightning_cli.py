@@ -225,7 +225,8 @@ class SamflowCLI(LightningCLI):
             AccumulatedGradients(),
             RunInfo(self.run_name),
         ]
-        callbacks.append(RunHeader(self.run_name))
+        checkpoint = (self.config.get(self.subcommand or "fit") or {}).get("ckpt_path")
+        callbacks.append(RunHeader(self.run_name, checkpoint))
         if self.subcommand == "fit":  # training settings into every checkpoint, compared on a resume
             settings = training_settings(self.config.get("fit"))
             callbacks.append(SameExperiment(settings, self._random_seed, checked=self._resume_checked))

@@ -12,7 +12,6 @@ import string
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.utilities import rank_zero_info
 
 from samflow.callbacks.resume import LastCheckpoint
 from samflow.callbacks.run_folder import (
@@ -101,6 +100,5 @@ def place_run(config: Namespace, command: str, run_name: str) -> tuple[Path | No
     for wandb in options("WandbLogger"):
         wandb["id"] = wandb_id or wandb.get("id") or new_wandb_id()
         wandb["resume"] = "allow" if wandb_id else wandb.get("resume")
-    config["trainer.default_root_dir"] = str(root)
-    rank_zero_info(f"samflow: {command} of run {run} writes into {root}.")
+    config["trainer.default_root_dir"] = str(root)  # shown in the run header (``RunHeader``)
     return run, None if command == "fit" else root

@@ -51,7 +51,19 @@ def test_test_and_validate_write_into_the_run_folder(run, monkeypatch, capsys):
     samflow("test", "--ckpt_path", str(ckpt), root=root)
     samflow("test", "--ckpt_path", str(ckpt), root=root)
     samflow("validate", "--ckpt_path", str(ckpt), root=root)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # the header names the checkpoint and the subfolder, relative to the working directory; no line before it
+    header = [line.rstrip() for line in out.splitlines() if line.startswith(("checkpoint  ", "run folder  "))]
+    assert header == [
+        line
+        for name in ("test", "test_1", "validate")
+        for line in (
+            "checkpoint  runs/quickstart/version_0/checkpoints/last.ckpt",
+            f"run folder  runs/quickstart/version_0/{name}",
+        )
+    ]
+    assert "writes into" not in captured.out + captured.err
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # no version_1
     for name in ("test", "test_1", "validate"):
         folder = run / name
