@@ -227,6 +227,9 @@ class SamflowCLI(LightningCLI):
         ]
         checkpoint = (self.config.get(self.subcommand or "fit") or {}).get("ckpt_path")
         callbacks.append(RunHeader(self.run_name, checkpoint))
+        for callback in callbacks:
+            if isinstance(callback, BestCheckpoint):  # a resumed run's folder holds its own checkpoints
+                callback.resuming = bool(checkpoint)
         if self.subcommand == "fit":  # training settings into every checkpoint, compared on a resume
             settings = training_settings(self.config.get("fit"))
             callbacks.append(SameExperiment(settings, self._random_seed, checked=self._resume_checked))

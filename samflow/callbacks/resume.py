@@ -271,6 +271,9 @@ class BestCheckpoint(ModelCheckpoint):
 
     #: checkpoint files in the folder at resume that the restored state does not know (see above)
     _leftovers: frozenset[str] = frozenset()
+    #: the fit starts from a checkpoint: set by samflow's CLI (Lightning tells ``trainer.ckpt_path`` only
+    #: after ``setup``, where the warning is given)
+    resuming: bool = False
 
     @property
     @override
@@ -281,7 +284,7 @@ class BestCheckpoint(ModelCheckpoint):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         with warnings.catch_warnings():
-            if trainer.ckpt_path is not None:
+            if self.resuming or trainer.ckpt_path is not None:
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
         self._strategy = trainer.strategy
