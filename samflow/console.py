@@ -17,7 +17,8 @@ Silenced in ``quiet`` and ``normal``, each at its source and by its exact text, 
 still show:
 
 - Lightning's litlogger advert (``💡 Tip: ...``) and its accelerator lines (``GPU available: ...``,
-  ``TPU available: ...``; samflow's header names the device) and ``Seed set to N``;
+  ``TPU available: ...``; samflow's header names the device), ``Seed set to N``, and its lines on
+  restoring a checkpoint (the header names the checkpoint);
 - Lightning's model summary with its ``Total FLOPs: 0`` row (samflow's header lists what trains;
   ``--trainer.enable_model_summary true`` brings it back);
 - torch's ``isinstance(treespec, LeafSpec)`` deprecation warning, raised in Lightning's ``_pytree``;
@@ -55,6 +56,10 @@ LIGHTNING_NOISE = (
     "HPU available:",
     "Seed set to",
     "`weights_only` was not set",  # said on every checkpoint save (ModelCheckpoint writes full checkpoints)
+    # the run header names the checkpoint a run starts from (a file it cannot read is an error)
+    "Restoring states from the checkpoint path at",
+    "Restored all states from the checkpoint at",
+    "Loaded model weights from the checkpoint at",
 )
 #: Warnings ignored below ``verbose``: (message regex, category).
 WARNING_NOISE: tuple[tuple[str, type[Warning]], ...] = (

@@ -188,6 +188,9 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path, da
     assert "run folder runs/quickstart/version_0\n" in resumed.stdout
     # its own checkpoints are expected in its folder: Lightning's "exists and is not empty" is not shown
     assert "exists and is not empty" not in resumed.stderr, resumed.stderr
+    # the header names the checkpoint; Lightning's own restoring lines are not repeated
+    assert "checkpoint  runs/quickstart/version_0/checkpoints/last.ckpt" in resumed.stdout
+    assert "Restor" not in resumed.stdout + resumed.stderr
     expected, got = _val_rows(expected_run)[-1], _val_rows(run)[-1]
     assert got["epoch"] == expected["epoch"] == "1"
     for key in ("val/iou", "val/dice", "val/mae", "val/loss"):
