@@ -58,6 +58,22 @@ def _parser() -> argparse.ArgumentParser:
 __all__ = ["init_process_group", "main"]
 
 
+def _barrier() -> None:
+    """Wait for every rank; when a rank has stopped (printing its own error), say so in one line.
+
+    A rank that fails exits, and its peers' next wait fails with the process group's error (gloo:
+    "Connection closed by peer"): each of them then stops with one line and exit status 1 as well,
+    keeping the images written so far, not with a traceback that reads as the cause."""
+    try:
+        barrier()
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise EmbeddingStoreError(
+            f"samflow embed: another rank stopped (its error is above) or did not arrive ({detail}); "
+            "the images written so far are kept: run the same command again to finish the store."
+        ) from err
+
+
 def main(argv: list[str]) -> int:
     opts, overrides = _parser().parse_known_args(argv)
     rank, world = rank_and_world()
@@ -78,16 +94,19 @@ def main(argv: list[str]) -> int:
         datamodule.proposals = None
     if rank == 0:
         datamodule.setup(None)  # rank 0 first: it may generate the quickstart data
-    barrier()
+    _barrier()
     if rank != 0:
         datamodule.setup(None)
     model.check_input_size(datamodule)  # the encoder takes the data's frames as they are
     columns = [TextColumn("samflow embed"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    # on rank 0, the whole store's finished images (every rank's, from the shared done flags)
     with Progress(*columns, disable=rank != 0) as bar:
+        task = None
 
         def progress(total: int) -> Callable[[int], object]:
-            task = bar.add_task("embed", total=total)
-            return lambda n: bar.advance(task, n)
+            nonlocal task
+            task = made = bar.add_task("embed", total=total)
+            return lambda n: bar.update(made, completed=n)
 
         manifest, written = write_store(
             out,
@@ -101,11 +120,13 @@ def main(argv: list[str]) -> int:
             world=world,
             overwrite=opts.overwrite,
             progress=progress,
-            barrier=barrier,
+            barrier=_barrier,
         )
-    root = Path(out).expanduser()
-    barrier()
-    complete = completed_rows(root)
+        root = Path(out).expanduser()
+        _barrier()
+        complete = completed_rows(root)
+        if task is not None:
+            bar.update(task, completed=complete)  # the other ranks' last chunks too
     if dist.is_initialized():
         dist.destroy_process_group()
     if complete < manifest.rows:

@@ -35,7 +35,9 @@ from samflow.embed.store import (
 from samflow.outputs import partial_path
 from samflow.sam import HookedSam
 
-Progress = Callable[[int], object]  # advanced by the number of images written
+# called after each of this rank's chunks with the store's finished rows, every rank's: the ranks of
+# one machine share the ``done`` flags' memory map, so rank 0's bar counts the whole store
+Progress = Callable[[int], object]
 
 
 def unique_images(paths: Sequence[str | Path], threads: int = 8) -> tuple[list[str], list[str]]:
@@ -177,8 +179,6 @@ def write_rows(
         if stop_after is not None and count >= stop_after:
             break
         if all(done[r] for r in chunk):
-            if progress is not None:
-                progress(len(chunk))
             continue
         inputs = [_input(manifest.paths[r], key) for r in chunk]
         batch = SamBatch(
@@ -202,7 +202,7 @@ def write_rows(
         done.flush()
         written += len(chunk)
         if progress is not None:
-            progress(len(chunk))
+            progress(int(np.count_nonzero(done)))
     return written
 
 
@@ -241,9 +241,10 @@ def write_store(
 ) -> tuple[Manifest, int]:
     """Write (or finish) the store of a ``SamflowModule`` and its data module at ``root``.
 
-    The data module's datasets must be set up. ``progress(total)`` returns the callback advanced per
-    image (``None``: no bar). Rank 0 creates the files; ``barrier`` separates that from the writing of
-    every rank. Returns (manifest, images encoded by this rank now).
+    The data module's datasets must be set up. ``progress(total)`` (``total``: the store's images)
+    returns the ``Progress`` callback (``None``: no bar), called first with the rows finished before.
+    Rank 0 creates the files; ``barrier`` separates that from the writing of every rank. Returns
+    (manifest, images encoded by this rank now).
     """
     if batch_size < 1 or shard_size < 1:
         raise EmbeddingStoreError(
@@ -262,8 +263,9 @@ def write_store(
     barrier()
     if rank != 0:
         manifest = prepare(folder, key, hashes, paths, shapes, shard_size, False)
-    share = len(range(rank, manifest.rows, world))
-    advance = progress(share) if progress is not None else None
+    advance = progress(manifest.rows) if progress is not None else None
+    if advance is not None:
+        advance(completed_rows(folder))
     store, cache = hooked.embedding_store, hooked.encoder_cache
     hooked.embedding_store = hooked.encoder_cache = None  # the live encoder, whatever the run reads
     try:

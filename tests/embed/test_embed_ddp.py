@@ -1,0 +1,216 @@
+"""`torchrun --nproc_per_node 2 -m samflow embed` on the CPU (gloo), real processes: the ranks split the
+images and write the store one process writes (rank 0's bar counting every rank's images); a run
+killed part way (SIGTERM to torchrun) is finished by a run on 2 processes or on 1 (another world
+size), giving that store again; a rank that fails stops the run with exit status 1 and one line per
+rank (before: the rank left waiting printed gloo's "Connection closed by peer" traceback).
+
+Why the arrays are compared for exact equality: rank r takes rows r, r + 2, ... in chunks of
+``--batch-size``, so the ranks' batches hold other images than one process's. An image's encoder
+output does not depend on its batch-mates' values, but its rounding may depend on the batch *size*:
+the tiny encoder's float32 output of an image encoded alone differs from the same image encoded in a
+batch of 2, 3 or 6 by up to 2.7e-6 (measured, 1 thread; batches of 2, 3 and 6 agree exactly), enough
+to move a float16 value to its neighbour (1 fp16 ulp, 9.8e-4 near 1). With 8 images at
+``--batch-size 2`` every batch of every run here holds 2 images, so each image goes through the same
+arithmetic (same shapes, 1 thread per process) and the files must be equal byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samflow.cli import main
+from samflow.data import SegmentationDataModule
+from samflow.data.quickstart import make_quickstart_data
+from samflow.embed import EmbeddingStoreError, open_for_run
+from samflow.embed.store import DONE
+from samflow.module import SamflowModule, SamSpec
+from samflow_plugins.hq_sam import HQSam
+
+BATCH = ["--batch-size", "2", "--shard-size", "3"]  # 8 images: shards of 3, 3, 2 rows, each rank's
+# share (rows r, r + 2, ...) crosses every shard
+ENV = {"WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+# `samflow embed` whose ranks, past their first chunk (2 images), do {then} when {when}: the test's
+# way to stop a rank at a known point (the product has no such switch)
+WRAPPED = """
+import os, sys, time
+import samflow.embed.writer as writer
+from samflow.cli import main
+read, calls = writer._input, []
+def _input(path, key):
+    calls.append(path)
+    if len(calls) > 2 and {when}:
+        {then}
+    return read(path, key)
+writer._input = _input
+raise SystemExit(main(sys.argv[1:]))
+"""
+# each rank waits (as if its encoder were slow) until the test kills the run
+WAITING = WRAPPED.format(when="True", then="time.sleep(600)")
+# rank 1 fails as if an image of its share had gone
+FAILING = WRAPPED.format(
+    when='os.environ["RANK"] == "1"', then='raise FileNotFoundError(2, "No such file or directory", path)'
+)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    """The tiny SAM with HQ-SAM (the store holds its early block too) on 5 train + 3 val images."""
+    base = tmp_path_factory.mktemp("embed_ddp")
+    root = make_quickstart_data(base / "data", n_train=5, n_val=3, seed=3)
+    path = base / "exp.yaml"
+    path.write_text(
+        "model:\n  sam: {variant: tiny}\n  plugins: {hq: {class_path: HQSam}}\n"
+        "data:\n  class_path: samflow.data.SegmentationDataModule\n"
+        f"  init_args: {{train: {root / 'train'}, val: {root / 'val'}, img_size: 128}}\n"
+        "trainer: {accelerator: cpu, devices: 1}\n"
+    )
+    return path
+
+
+def embed_here(experiment: Path, out: Path) -> None:
+    """`samflow embed` in this process, on one thread as the torchrun workers run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["embed", "--experiment", str(experiment), "--out", str(out), *BATCH]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*TORCHRUN, *args],
+        cwd=cwd,
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def one_process(experiment, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "store"
+    embed_here(experiment, out)
+    return out
+
+
+def assert_same_store(ours: Path, reference: Path) -> None:
+    names = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in ours.iterdir()) == names
+    assert "block01-00002.npy" in names and "embedding-00002.npy" in names  # 3 shards of both parts
+    for name in names:
+        if name.endswith(".npy"):
+            np.testing.assert_array_equal(np.load(ours / name), np.load(reference / name), err_msg=name)
+        assert (ours / name).read_bytes() == (reference / name).read_bytes(), name
+    assert np.load(ours / DONE).tolist() == [1] * 8
+
+
+def bar(stdout: str) -> str:
+    """The count (done/total) of the one progress bar (rank 0's) in a run's output."""
+    lines = [line for line in stdout.splitlines() if line.startswith("samflow embed ")]
+    assert len(lines) == 1, stdout
+    return lines[0].split()[-2]
+
+
+def data_of(experiment: Path) -> SegmentationDataModule:
+    root = experiment.parent / "data"
+    dm = SegmentationDataModule(train=str(root / "train"), val=str(root / "val"), img_size=128)
+    dm.setup("fit")
+    return dm
+
+
+def test_two_processes_write_the_store_of_one(experiment, one_process, tmp_path):
+    two = torchrun(
+        ["-m", "samflow", "embed", "--experiment", str(experiment), "--out", "two", *BATCH], tmp_path
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    # rank 0 reports once, its own share: rows 0, 2, 4, 6
+    lines = [line for line in two.stderr.splitlines() if "samflow embed:" in line]
+    assert len(lines) == 1 and "8 images in two (4 encoded now by rank 0, 2 rank(s))" in lines[0], two.stderr
+    assert bar(two.stdout) == "8/8"  # rank 0's bar counts every rank's images, not its 4
+    assert_same_store(tmp_path / "two", one_process)
+    module = SamflowModule(
+        sam=SamSpec(variant="tiny", embedding_store=str(tmp_path / "two")), plugins={"hq": HQSam()}
+    )
+    store = open_for_run(module, data_of(experiment), "fit")
+    assert len(store) == 8
+
+
+def test_a_killed_two_process_run_is_finished_on_two_or_one(experiment, one_process, tmp_path, caplog):
+    script = tmp_path / "stopping.py"
+    script.write_text(WAITING)
+    store = tmp_path / "store"
+    args = ["embed", "--experiment", str(experiment), "--out", str(store), *BATCH]
+    run = subprocess.Popen(
+        [*TORCHRUN, str(script), *args],
+        cwd=tmp_path,
+        env={**os.environ, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not ((store / DONE).is_file() and np.load(store / DONE).sum() == 4):
+            assert run.poll() is None, run.stdout.read().decode()[-3000:]  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the ranks never wrote their first chunks"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)  # as a scheduler stops a job: torchrun stops its workers
+        assert run.wait(timeout=120) != 0
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    # each rank's first chunk (rank 0: rows 0, 2; rank 1: rows 1, 3), and nothing after it
+    assert np.load(store / DONE).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    module = SamflowModule(sam=SamSpec(variant="tiny", embedding_store=str(store)), plugins={"hq": HQSam()})
+    with pytest.raises(EmbeddingStoreError, match=r"incomplete \(4 of 8 images\)"):
+        open_for_run(module, data_of(experiment), "fit")
+    on_one = tmp_path / "on_one"
+    shutil.copytree(store, on_one)
+
+    again = torchrun(["-m", "samflow", *args], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(2 encoded now by rank 0, 2 rank(s))" in again.stderr, again.stderr
+    assert bar(again.stdout) == "8/8"
+    assert_same_store(store, one_process)
+
+    embed_here(experiment, on_one)
+    assert "(4 encoded now by rank 0, 1 rank(s))" in caplog.text
+    assert_same_store(on_one, one_process)
+
+
+def test_a_failing_rank_stops_the_run_with_one_line_per_rank(experiment, one_process, tmp_path):
+    """Rank 1 fails at its second chunk: the run exits 1, rank 1's error is one line, and rank 0 (whose
+    wait for rank 1 then fails) says so in one line too, not with gloo's traceback; the rows written
+    are kept, and a run in one process finishes the store."""
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING)
+    store = tmp_path / "store"
+    args = ["embed", "--experiment", str(experiment), "--out", str(store), *BATCH]
+    failed = torchrun([str(script), *args], tmp_path)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    out = failed.stdout + failed.stderr
+    assert "samflow: error: [Errno 2] No such file or directory" in out, out[-3000:]
+    # rank 0 either says so or torchrun stops it first; either way no traceback but torchrun's own
+    assert "RuntimeError" not in out and out.count("Traceback (most recent call last)") <= 1, out[-3000:]
+    lines = [line for line in out.splitlines() if "another rank stopped" in line]
+    assert all(line.startswith("samflow: error: samflow embed: another rank stopped") for line in lines)
+    done = np.load(store / DONE)
+    assert done[[0, 2, 1, 3]].all() and not done[[5, 7]].any()  # rank 1: its first chunk alone
+    embed_here(experiment, store)
+    assert_same_store(store, one_process)
