@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -103,7 +104,9 @@ class _DropLines(logging.Filter):
         self.prefixes = tuple(prefixes)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(self.prefixes)
+        # Lightning prefixes some lines with the process's rank under torchrun / DDP: "[rank: 1] Seed set to 0"
+        message = re.sub(r"^\[rank: \d+\] ", "", str(record.getMessage()))
+        return not message.startswith(self.prefixes)
 
 
 def silence_third_party() -> None:

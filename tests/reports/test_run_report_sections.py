@@ -219,6 +219,10 @@ def test_noise_filters_keep_real_warnings(monkeypatch):
     tip = logging.LogRecord("lightning.pytorch.x", logging.INFO, "", 0, "💡 Tip: try litlogger", None, None)
     real = logging.LogRecord("lightning.pytorch.x", logging.WARNING, "", 0, "Your batch is small", None, None)
     assert not handler.filter(tip) and handler.filter(real)
+    # under torchrun / DDP Lightning prefixes the process's rank; the line is the same noise
+    seed = logging.LogRecord("lightning.fabric.x", logging.INFO, "", 0, "[rank: 1] Seed set to 0", None, None)
+    other = logging.LogRecord("lightning.fabric.x", logging.INFO, "", 0, "[rank: 1] Real news", None, None)
+    assert not handler.filter(seed) and handler.filter(other)
 
 
 def test_quiet_prints_results_only_and_no_progress_bar(monkeypatch, capsys):
