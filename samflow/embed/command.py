@@ -74,8 +74,22 @@ def _barrier() -> None:
         ) from err
 
 
+def _one_machine() -> None:
+    """Refuse processes on several machines: the ranks write the store's files (rows side by side in a
+    shard, the ``done`` flags) through memory maps, which only the processes of one machine share."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world > local:
+        raise EmbeddingStoreError(
+            f"samflow embed: {world} processes on {world // max(local, 1)} machines; the ranks write the "
+            "store through memory maps, which only one machine's processes share. Run it on one machine "
+            "(torchrun --nnodes 1 --nproc_per_node N ...) and copy the store where the training runs."
+        )
+
+
 def main(argv: list[str]) -> int:
     opts, overrides = _parser().parse_known_args(argv)
+    _one_machine()
     rank, world = rank_and_world()
     model, datamodule = build_experiment(opts.experiment, overrides)
     require_file_images(datamodule, "samflow embed")

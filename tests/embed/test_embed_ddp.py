@@ -214,3 +214,14 @@ def test_a_failing_rank_stops_the_run_with_one_line_per_rank(experiment, one_pro
     assert done[[0, 2, 1, 3]].all() and not done[[5, 7]].any()  # rank 1: its first chunk alone
     embed_here(experiment, store)
     assert_same_store(store, one_process)
+
+
+def test_processes_on_several_machines_are_refused_before_joining(experiment, tmp_path, monkeypatch, capsys):
+    """torchrun --nnodes 2: one line saying why (memory maps), before any process group is joined."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr("samflow.commands.init_process_group", lambda: pytest.fail("joined a process group"))
+    assert main(["embed", "--experiment", str(experiment), "--out", str(tmp_path / "store")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "4 processes on 2 machines" in err[0] and "--nnodes 1" in err[0], err
+    assert not (tmp_path / "store").exists()
