@@ -186,6 +186,8 @@ class SamflowCLI(LightningCLI):
         if (self.subcommand or "fit") == "fit":
             self._resume_checked = check_fit_config(config, self._random_seed)
         self._monitor_main_metric(config)
+        if self.subcommand == "test" and verbosity() != "verbose":
+            config["verbose"] = False  # TestReport prints the metrics per dataset; not Lightning's table too
 
     run_folder: Path | None = None  # the run a --ckpt_path / --resume belongs to (``place_run``)
     _command_folder: Path | None = None  # validate / test / predict's subfolder of the run (``test_1``, ...)

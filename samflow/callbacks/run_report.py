@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
 from samflow.callbacks.report import TestReport
-from samflow.console import local_log_dir, show
+from samflow.console import local_log_dir, show, shown
 
 SECTIONS = (
     "Configuration",
@@ -72,7 +72,7 @@ class RunReport(Callback):
         for logger in trainer.loggers:
             logger.save()  # metrics.csv up to date
         paths = self.write(Path(log_dir), run_facts(trainer, pl_module))
-        show(f"Run report: {paths['html']}", result=True)
+        show(f"Run report: {shown(paths['html'])}", result=True)
         if self.wandb_artifacts:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):

@@ -64,6 +64,9 @@ def test_test_and_validate_write_into_the_run_folder(run, monkeypatch, capsys):
         )
     ]
     assert "writes into" not in captured.out + captured.err
+    # one table of test metrics (samflow's, per dataset), not Lightning's too; paths relative as above
+    assert out.count("Test metrics per dataset") == 2 and "Test metric " not in out
+    assert "Run report: runs/quickstart/version_0/test/report.html\n" in out
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]  # no version_1
     for name in ("test", "test_1", "validate"):
         folder = run / name
