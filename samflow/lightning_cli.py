@@ -48,6 +48,10 @@ class SaveConfig(SaveConfigCallback):
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
+#: what a command writes into its run folder as it starts (LightningCLI's config, the logger's hparams)
+START_FILES = frozenset({"config.yaml", "hparams.yaml"})
+
+
 class SamflowCLI(LightningCLI):
     """LightningCLI with samflow's defaults.
 
@@ -194,14 +198,17 @@ class SamflowCLI(LightningCLI):
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:
-        """Run the command; a validate / test / predict that fails before writing anything into its
-        subfolder of the run removes it, so the next one takes its name (not ``test_1``)."""
+        """Run the command; a validate / test / predict that fails before writing anything but the
+        config files of its start into its subfolder of the run removes it, so the next one takes its
+        name (not ``test_1``)."""
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
             folder = self._command_folder
-            if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+            if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= START_FILES:
                 with contextlib.suppress(OSError):  # another rank, or a file written meanwhile
+                    for name in START_FILES:
+                        (folder / name).unlink(missing_ok=True)
                     folder.rmdir()
             raise
 

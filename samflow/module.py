@@ -14,6 +14,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from samflow.batch import SamBatch
+from samflow.callbacks.resume import before_training
 from samflow.evaluation import EvalTally, EvaluationMixin
 from samflow.losses import build_loss
 from samflow.metrics.registry import DEFAULT_METRICS, build_metrics
@@ -319,7 +320,8 @@ class SamflowModule(EvaluationMixin):
     def on_validation_epoch_end(self) -> None:
         self.last_val_metrics = self._finish("val")
         self._log_cache("val", "eval")
-        if self._trainer is not None and self.trainer.sanity_checking:
+        # not the sanity check Lightning repeats in a fit resumed at an epoch end (trained weights)
+        if self._trainer is not None and self.trainer.sanity_checking and before_training(self.trainer):
             self.initial_val_metrics = dict(self.last_val_metrics)
 
     def test_step(self, batch: SamBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 from typing_extensions import override
 
+from samflow.callbacks.resume import before_training
 from samflow.console import console, local_log_dir, show
 from samflow.console import table as rich_table
 from samflow.data.coco_file import makes_row
@@ -38,7 +39,8 @@ class ImprovementReport(Callback):
     @override
     def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         before = getattr(pl_module, "initial_val_metrics", {})
-        if not (trainer.is_global_zero and before):
+        # a fit resumed at an epoch end repeats the sanity check (on trained weights); its run logged these
+        if not (trainer.is_global_zero and before and before_training(trainer)):
             return
         values = {f"before/{key}": float(value) for key, value in before.items()}
         for logger in trainer.loggers:

@@ -27,7 +27,24 @@ from typing_extensions import override
 
 from samflow.outputs import partial_path, write_whole
 
-__all__ = ["BestCheckpoint", "LastCheckpoint", "PlateauResume", "RandomState", "capture_rng", "restore_rng"]
+__all__ = [
+    "BestCheckpoint",
+    "LastCheckpoint",
+    "PlateauResume",
+    "RandomState",
+    "before_training",
+    "capture_rng",
+    "restore_rng",
+]
+
+
+def before_training(trainer: Trainer) -> bool:
+    """Whether the fit has not trained yet, so that its sanity check is the validation before training.
+
+    Lightning repeats the sanity check in a fit resumed from a checkpoint of an epoch end (it counts such
+    a fit as not restarting), on the checkpoint's trained weights; the restored progress tells it apart.
+    """
+    return trainer.global_step == 0 and trainer.current_epoch == 0
 
 
 def capture_rng() -> dict[str, Any]:
@@ -60,8 +77,10 @@ class RandomState(Callback):
 
     The states are taken when the checkpoint is written (after the step it follows) and set back at
     ``on_train_start`` of the resumed run, just before its first training step. The module's
-    ``initial_val_metrics`` (the validation before training, which a resumed run does not repeat)
-    travel along so the before/after report stays complete.
+    ``initial_val_metrics`` (the validation before training, which a resumed run does not repeat: the
+    sanity check Lightning runs again in a fit resumed from a checkpoint of an epoch end validates
+    trained weights, ``before_training``) travel along, back in the module as the checkpoint is loaded,
+    so the before/after report stays complete.
     """
 
     def __init__(self) -> None:
@@ -74,10 +93,16 @@ class RandomState(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = dict(state_dict)
+        # the numbers go to the module now (Lightning restores after ``setup``): a resumed fit with no
+        # epoch left never reaches ``on_train_start`` and still reports them; not for validate / test
+        module, saved = getattr(self, "_module", None), self._pending.get("initial_val_metrics")
+        if module is not None and getattr(self, "_stage", None) == "fit" and saved:
+            if not getattr(module, "initial_val_metrics", None):
+                setattr(module, "initial_val_metrics", dict(saved))  # noqa: B010
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._module = pl_module
+        self._module, self._stage = pl_module, stage
 
     @property
     def _initial_metrics(self) -> dict[str, float]:

@@ -35,6 +35,7 @@ from PIL import Image
 from torch import Tensor
 from typing_extensions import override
 
+from samflow.callbacks.resume import before_training
 from samflow.callbacks.sample_drawing import SampleRow, row_iou, sample_grid, to_uint8
 from samflow.console import local_log_dir
 from samflow.metrics.functional.segmentation import binary_iou
@@ -123,7 +124,8 @@ def _row_iou(batch: Any, outputs: dict[str, Any], n: int, image: int, threshold:
 class SampleGrid(Callback):
     """Pictures of validation images after every validation: ``samples/val_<stage>.png`` and W&B.
 
-    - ``samples/val_sanity.png`` (before training) and ``samples/val_epoch<NNN>.png``: the first
+    - ``samples/val_sanity.png`` (before training; the sanity check Lightning repeats in a fit resumed
+      from a checkpoint of an epoch end draws nothing) and ``samples/val_epoch<NNN>.png``: the first
       ``num_samples`` prompt rows of the first validation set (not shuffled: the same images every
       epoch), panels as described in ``samflow/callbacks/samples.py``. Under DDP, of the images the
       first process evaluated (the set's first part), so fewer when that part has fewer rows;
@@ -219,6 +221,8 @@ class SampleGrid(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking and not before_training(trainer):
+            return  # repeated in a fit resumed at an epoch end: those weights were drawn at their validation
         log_dir = local_log_dir(trainer) if trainer.is_global_zero else None
         best, worst = self.extremes()
         if not (self._rows or best or worst) or log_dir is None:

@@ -244,11 +244,11 @@ class SegmentationDataModule(L.LightningDataModule):
         name = self._default_name(split) if name is None else name
         if not sets:
             alternative = f" or data.{split}_sets (named sets)" if split in self.named_sets else ""
-            raise ValueError(
+            raise DataError(
                 f"SegmentationDataModule: no '{split}' data; set data.{split} (a folder root){alternative}."
             )
         if name not in sets:
-            raise ValueError(
+            raise DataError(
                 f"SegmentationDataModule: no {split} set named {name!r}; the sets are {list(sets)}."
             )
         spec = sets[name]

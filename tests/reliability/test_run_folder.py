@@ -133,3 +133,18 @@ def test_a_command_that_fails_leaves_no_empty_subfolder(run, monkeypatch, capsys
     )
     assert missing in capsys.readouterr().err
     assert {p.name for p in run.iterdir()} == before  # no empty predict/ left
+
+
+def test_a_predict_without_predict_data_is_one_line_and_leaves_no_subfolder(run, monkeypatch, capsys):
+    """No ``data.predict`` set: one error line naming the option (was a traceback), and the ``predict/``
+    that held only the config Lightning writes at setup is removed too."""
+    root = run.parents[2]
+    monkeypatch.chdir(root)
+    before = {p.name for p in run.iterdir()}
+    assert run_tiny("predict", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), data=root / "data") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "samflow: error: SegmentationDataModule: no 'predict' data; set data.predict (a folder root)."
+    ), err
+    assert not any(line.startswith("Traceback") for line in err)
+    assert {p.name for p in run.iterdir()} == before

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment, augment_training_batch
 from samflow.data.batch import collate
+from samflow.data.errors import DataError
 from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
 from samflow.data.prompts import PromptSampler
 from samflow.data.resumable import ResumableLoader
@@ -129,7 +130,7 @@ class SlideDataModule(L.LightningDataModule):
         if split not in self.datasets:
             slides, annotations = self.entries[split]
             if not slides:
-                raise ValueError(f"SlideDataModule: no slides for '{split}' (set data.init_args.{split}).")
+                raise DataError(f"SlideDataModule: no slides for '{split}' (set data.init_args.{split}).")
             train = split == "train"
             self.datasets[split] = SlidePatches(
                 slides,
