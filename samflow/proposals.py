@@ -271,6 +271,8 @@ def write_proposals(
     """Write the store (module docstring); return ``OUT/proposals.json`` once complete, else None.
 
     ``max_shards`` stops after computing that many shards (what an interruption leaves).
+    ``progress(total)`` (``total``: the store's shards) returns a callback given the number of finished
+    shards, every rank's, after each of this rank's.
     ``embedding_store``: read the image embeddings from this ``samflow embed`` store (module docstring).
     """
     from samflow.sam.cache import EncoderCache
@@ -304,8 +306,13 @@ def write_proposals(
     n_shards = -(-len(dataset) // shard_size)
     mine = [i for i in range(n_shards) if i % world == rank]
     todo = [i for i in mine if not (root / "shards" / f"{i:06d}.json").exists()]
-    advance = progress(len(mine)) if progress else (lambda n: None)
-    advance(len(mine) - len(todo))
+    # called with the store's finished shards, every rank's (the shard files): rank 0's bar shows the whole
+    finished = progress(n_shards) if progress else (lambda n: None)
+
+    def count() -> int:
+        return sum(1 for _ in (root / "shards").glob("[0-9]*.json"))
+
+    finished(count())
     for done, i in enumerate(todo):
         if max_shards is not None and done >= max_shards:
             return None
@@ -313,8 +320,9 @@ def write_proposals(
         _write_json(
             root / "shards" / f"{i:06d}.json", shard_records(model, dataset, span, batch_size, device)
         )
-        advance(1)
+        finished(count())
     barrier()
+    finished(count())  # the other ranks' last shards too
     final = root / "proposals.json"
     if rank == 0:
         annotations = []
@@ -378,7 +386,7 @@ def main(argv: list[str]) -> int:
 
         def progress(total: int) -> Callable[[int], object]:
             task = bar.add_task("shards", total=total)
-            return lambda n: bar.advance(task, n)
+            return lambda n: bar.update(task, completed=n)
 
         final = write_proposals(
             opts.out,

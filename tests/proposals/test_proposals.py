@@ -89,7 +89,7 @@ def test_resume_after_interruption_is_byte_identical(tiny_sam, data, tmp_path):
     resumed = write_proposals(
         tmp_path / "b", tiny_sam, data, batch_size=1, shard_size=1, progress=lambda total: ticks.append
     )
-    assert ticks == [2, 1]  # two shards found done, one computed
+    assert ticks == [2, 3, 3]  # finished shards: two found done, then the one computed (and at the end)
     assert resumed.read_bytes() == whole.read_bytes()
 
 
@@ -114,7 +114,11 @@ def test_rank_split_gives_the_same_file(tiny_sam, data, tmp_path):
     assert write_proposals(root, tiny_sam, data, shard_size=1, rank=0, world=2, max_shards=0) is None
     write_proposals(root, tiny_sam, data, shard_size=1, rank=1, world=2)
     assert sorted(p.name for p in (root / "shards").glob("*.json")) == ["000001.json"]
-    final = write_proposals(root, tiny_sam, data, shard_size=1, rank=0, world=2)
+    seen: list[tuple[int, int]] = []
+    final = write_proposals(
+        root, tiny_sam, data, shard_size=1, rank=0, world=2, progress=lambda t: lambda n: seen.append((n, t))
+    )
+    assert seen == [(1, 3), (2, 3), (3, 3), (3, 3)]  # rank 0's bar counts rank 1's shard too, of all 3
     assert final.read_bytes() == whole.read_bytes()
 
 
