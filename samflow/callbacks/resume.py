@@ -96,9 +96,9 @@ class RandomState(Callback):
         # the numbers go to the module now (Lightning restores after ``setup``): a resumed fit with no
         # epoch left never reaches ``on_train_start`` and still reports them; not for validate / test
         module, saved = getattr(self, "_module", None), self._pending.get("initial_val_metrics")
-        if module is not None and getattr(self, "_stage", None) == "fit" and saved:
-            if not getattr(module, "initial_val_metrics", None):
-                setattr(module, "initial_val_metrics", dict(saved))  # noqa: B010
+        fitting = module is not None and getattr(self, "_stage", None) == "fit"
+        if fitting and saved and not getattr(module, "initial_val_metrics", None):
+            setattr(module, "initial_val_metrics", dict(saved))  # noqa: B010
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -129,7 +129,7 @@ def test_curves_are_read_from_metrics_csv(tmp_path):
 
 
 def fake_trainer(loggers, **extra):
-    return SimpleNamespace(is_global_zero=True, loggers=loggers, global_step=0, **extra)
+    return SimpleNamespace(is_global_zero=True, loggers=loggers, global_step=0, current_epoch=0, **extra)
 
 
 def wandb_logger(tmp_path) -> SamflowWandbLogger:
