@@ -309,7 +309,8 @@ class BestCheckpoint(ModelCheckpoint):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         with warnings.catch_warnings():
-            if self.resuming or trainer.ckpt_path is not None:
+            # not trainer.ckpt_path: None at setup, or an earlier call's in a reused trainer
+            if self.resuming:
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             super().setup(trainer, pl_module, stage)
         self._strategy = trainer.strategy

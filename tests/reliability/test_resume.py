@@ -387,6 +387,7 @@ def test_only_a_new_run_is_warned_that_its_checkpoint_folder_is_not_empty(tmp_pa
     # samflow's CLI says so: Lightning sets trainer.ckpt_path only after setup (the resumed fit of
     # test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_result shows no warning end to end)
     callback.resuming = resuming
+    trainer.ckpt_path = str(folder / "last.ckpt")  # a reused trainer keeps an earlier call's: no resume
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         callback.setup(trainer, LightningModule(), "fit")
