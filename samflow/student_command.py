@@ -27,6 +27,7 @@ import yaml
 
 from samflow.data.coco import CocoDataModule
 from samflow.data.errors import DataError
+from samflow.instance.solov2 import SOLOv2Head
 from samflow.student import StudentModule
 from samflow.usage import CommandParser
 
@@ -164,12 +165,29 @@ def _earlier_outputs(out: Path, pseudo: Path, overwrite: bool) -> list[Path]:
     return found
 
 
+def _head_options(parser: argparse.ArgumentParser, text: str | None) -> dict[str, Any]:
+    """``--head`` as ``SOLOv2Head`` options; a usage error naming ``--head`` when it is not YAML of a
+    mapping or the head refuses it (an unknown option, levels of different lengths: a head is built)."""
+    if not text:
+        return {}
+    try:
+        head = yaml.safe_load(text)
+        if not isinstance(head, dict):
+            raise TypeError(f"expected a mapping of SOLOv2Head options, got {head!r}")
+        SOLOv2Head(1, **head)
+    except (yaml.YAMLError, TypeError, ValueError) as err:
+        parser.error(f"argument --head {text!r}: {' '.join(str(err).split())}")
+    return head
+
+
 def main(argv: list[str]) -> int:
     from lightning.pytorch import Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    opts, overrides = _parser().parse_known_args(argv)
+    parser = _parser()
+    opts, overrides = parser.parse_known_args(argv)
+    head = _head_options(parser, opts.head)  # before any file is read or model built
     pseudo = Path(opts.pseudo).expanduser()
     if not pseudo.is_file():
         raise DataError(
@@ -209,7 +227,6 @@ def main(argv: list[str]) -> int:
             raise DataError(
                 f"samflow student: data.{split}'s categories differ from those of {pseudo}; the classes would not match."
             )
-    head = yaml.safe_load(opts.head) if opts.head else {}
     student = StudentModule(
         len(ids),
         model.sam_spec,

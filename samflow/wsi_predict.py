@@ -339,6 +339,9 @@ def main(argv: list[str]) -> int:
         parser.error(
             f"argument --overlap: must lie in [0, --tile/2] = [0, {opts.tile // 2}], got {opts.overlap}"
         )
+    for flag, value in (("--mpp", opts.mpp), ("--factor", opts.factor)):
+        if value is not None and not value > 0:  # NaN too; else a traceback once the slide is read
+            parser.error(f"argument {flag}: must be positive, got {value}")
     if opts.annotations and len(opts.annotations) != len(opts.slides):
         raise SlideError(
             f"predict-slide: {len(opts.slides)} slides but {len(opts.annotations)} --annotations; give one per slide."

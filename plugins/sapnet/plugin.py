@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from samflow.batch import SamBatch
-from samflow.plugins import DecoderContext, SamPlugin
+from samflow.plugins import DecoderContext, PluginConfigError, SamPlugin
 from samflow.sam import SamOutput, upcast
 
 from .fpn import resnet50_fpn
@@ -166,10 +166,11 @@ class SAPNet(SamPlugin):
         if labels is None:
             labels = torch.zeros(batch.num_rows, dtype=torch.long, device=proposals.device)
         elif len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.net.num_classes:
-            raise ValueError(
-                f"sapnet ({self.key}): batch.classes holds {int(labels.min())}..{int(labels.max())}, outside "
-                f"[0, {self.net.num_classes}); map category ids to contiguous indices or raise "
-                f"model.plugins.{self.key}.init_args.num_classes."
+            raise PluginConfigError(
+                f"Plugin {self.key!r} (sapnet): the data's class indices (batch.classes) run "
+                f"{int(labels.min())}..{int(labels.max())}, outside [0, {self.net.num_classes}); set "
+                f"model.plugins.{self.key}.init_args.num_classes to the data's number of categories "
+                f"(at least {int(labels.max()) + 1}) or map category ids to contiguous indices."
             )
         points = row_points(batch, proposals)
         centre_boxes = None
@@ -177,6 +178,12 @@ class SAPNet(SamPlugin):
             valid = batch.box_valid()
             assert valid is not None
             centre_boxes = torch.where(valid[:, None], batch.box.to(points.dtype), points.repeat(1, 2))
+        elif self.net.pdg_box_centres:
+            raise PluginConfigError(
+                f"Plugin {self.key!r} (sapnet): pdg_box_centres reads the centres of the rows' boxes, and "
+                f"this data gives no boxes (batch.box); set model.plugins.{self.key}.init_args.pdg_box_centres "
+                "false, or give box prompts (data.init_args.prompt box)."
+            )
         result = self.net(
             self.feature_maps(ctx),
             s,

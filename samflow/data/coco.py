@@ -29,6 +29,8 @@ INSTANCE_OPTIONS = tuple(
     if name not in ("annotations", "images", "proposals", "aux_masks")
 )
 
+CHECKED_OPTIONS = ("points", "points_per_instance", "crowd", "empty", "image_resize")
+
 
 class CocoDataModule(L.LightningDataModule):
     """COCO instances for Lightning: ``train`` / ``val`` / ``test`` / ``predict`` are each
@@ -71,6 +73,13 @@ class CocoDataModule(L.LightningDataModule):
                 f"CocoDataModule: unknown option(s) {unknown}; the options of CocoInstances it takes are "
                 f"{list(INSTANCE_OPTIONS)}."
             )
+        if batch_size < 1:  # else the first data loader refuses it
+            raise ValueError(f"data.init_args.batch_size must be at least 1, got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"data.init_args.num_workers must be 0 or more, got {num_workers}.")
+        # a bad value stops here, not when setup reads the data (the Literal options jsonargparse checks)
+        checked = {k: v for k, v in options.items() if k in CHECKED_OPTIONS}
+        CocoInstances.check_options(**checked, where="data.init_args.")
         self.splits = {"train": train, "val": val, "test": test, "predict": predict}
         self.proposals = proposals
         self.aux_masks = aux_masks

@@ -96,6 +96,27 @@ class CocoInstances(Dataset):
     lists of K RLE dicts).
     """
 
+    @staticmethod
+    def check_options(
+        points: str = "qc",
+        points_per_instance: int = 1,
+        crowd: str = "skip",
+        empty: str = "skip",
+        image_resize: str = "sam",
+        where: str = "CocoInstances: ",
+    ) -> None:
+        """Refuse option values ``CocoInstances`` cannot use, each named after ``where`` (``CocoDataModule``
+        checks its options with this when it is built: a bad value stops the command before any file is
+        read)."""
+        if image_resize not in IMAGE_RESIZES:
+            raise ValueError(f"{where}image_resize must be 'sam' or 'bilinear', got {image_resize!r}.")
+        if points not in ("qc", "annotation"):
+            raise ValueError(f"{where}points must be 'qc' or 'annotation', got {points!r}.")
+        if crowd not in ("skip", "keep") or empty not in ("skip", "keep"):
+            raise ValueError(f"{where}crowd and empty are 'skip' or 'keep', got {crowd!r}, {empty!r}.")
+        if points_per_instance < 1:
+            raise ValueError(f"{where}points_per_instance must be >= 1, got {points_per_instance}.")
+
     def __init__(
         self,
         annotations: str | Path,
@@ -113,21 +134,16 @@ class CocoInstances(Dataset):
         image_resize: ImageResize = "sam",
     ) -> None:
         self.file = Path(annotations).expanduser()
-        if image_resize not in IMAGE_RESIZES:
-            raise ValueError(
-                f"CocoInstances: image_resize must be 'sam' or 'bilinear', got {image_resize!r}."
-            )
+        self.check_options(
+            points=points,
+            points_per_instance=points_per_instance,
+            crowd=crowd,
+            empty=empty,
+            image_resize=image_resize,
+        )
         self.image_resize = image_resize
         self.aux_masks = aux_masks
         self.root = Path(images).expanduser() if images is not None else self.file.parent
-        if points not in ("qc", "annotation"):
-            raise ValueError(f"CocoInstances: points must be 'qc' or 'annotation', got {points!r}.")
-        if crowd not in ("skip", "keep") or empty not in ("skip", "keep"):
-            raise ValueError(
-                f"CocoInstances: crowd and empty are 'skip' or 'keep', got {crowd!r}, {empty!r}."
-            )
-        if points_per_instance < 1:
-            raise ValueError(f"CocoInstances: points_per_instance must be >= 1, got {points_per_instance}.")
         self.img_size, self.points, self.points_per_instance = img_size, points, points_per_instance
         self.point_key, self.seed, self.crowd, self.empty = point_key, seed, crowd, empty
         self.resize_mode = resize_mode

@@ -14,6 +14,7 @@ and one batch, fewer than another, and metrics summed over processes count every
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,27 @@ _STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",
 def default_quickstart_root() -> Path:
     """``$XDG_CACHE_HOME/samflow/quickstart`` (``~/.cache/samflow/quickstart`` by default)."""
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "samflow" / "quickstart"
+
+
+def _check_quickstart(options: dict[str, Any]) -> None:
+    """Refuse ``data.quickstart`` keys or values ``make_quickstart_data`` cannot take, as the config is
+    built (it runs in ``prepare_data``, once the run has started)."""
+    defaults = {k: p.default for k, p in inspect.signature(make_quickstart_data).parameters.items()}
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"data.quickstart: unknown key(s) {unknown}; the keys are {list(defaults)}.")
+    merged = {**defaults, **options}
+    try:
+        low, high = (int(v) for v in merged["size"])
+        counts = int(merged["n_train"]), int(merged["n_val"])
+    except (TypeError, ValueError):
+        low, high, counts = 0, 0, (0, 0)
+    if not 0 < low <= high or min(counts) < 0:
+        raise ValueError(
+            f"data.quickstart: n_train and n_val must be counts (0 or more) and size the smallest and largest "
+            f"image side, 0 < smallest <= largest; got n_train={merged['n_train']!r}, n_val={merged['n_val']!r}, "
+            f"size={merged['size']!r}."
+        )
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -152,6 +174,20 @@ class SegmentationDataModule(L.LightningDataModule):
                 "data.on_bad_sample: skip needs data.check_files: true; without the check a bad file is "
                 "only found when it is read, and stops the run there."
             )
+        if img_size <= 0 or img_size % 4:  # else the first dataset setup builds refuses it
+            raise ValueError(
+                f"data.img_size must be a positive multiple of 4 (mask prompts are S/4), got {img_size}; "
+                "set it to model.sam.img_size (the SAM variant's input side unless set)."
+            )
+        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+            if size < 1:  # else the first data loader refuses it
+                raise ValueError(f"data.{name} must be at least 1, got {size}.")
+        if num_workers < 0:
+            raise ValueError(
+                f"data.num_workers must be 0 (load in the main process) or more, got {num_workers}."
+            )
+        if isinstance(quickstart, dict):
+            _check_quickstart(quickstart)
         self.save_hyperparameters(ignore=["augment"])
         self.splits: dict[str, SplitSpec] = {"train": train, "val": val, "test": test, "predict": predict}
         for split, spec in self.splits.items():

@@ -282,6 +282,7 @@ def test_class_indices_outside_the_head_are_refused_by_name():
     from helpers import random_batch
 
     from samflow.module import SamflowModule, SamSpec
+    from samflow.plugins import PluginConfigError
     from samflow_plugins.sapnet import SAPNet
 
     @dataclasses.dataclass
@@ -295,7 +296,7 @@ def test_class_indices_outside_the_head_are_refused_by_name():
         **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, classes=torch.tensor([0, 3])
     )
     out, ctx = module(batch)
-    with pytest.raises(ValueError, match=r"sapnet \(sap\).*0\.\.3.*init_args.num_classes"):
+    with pytest.raises(PluginConfigError, match=r"'sap' \(sapnet\).*0\.\.3.*init_args.num_classes"):
         module.compute_losses(out, batch, ctx)
     batch.classes = torch.tensor([2, 1])
     assert module.compute_losses(out, batch, ctx)["sap/psm"] > 0
