@@ -95,6 +95,8 @@ class SamflowModule(EvaluationMixin):
         self._tallies: dict[str, EvalTally] = {}
         self.optimizer = optimizer
         self.scheduler = scheduler
+        if not 0 <= threshold < 1:  # else every predicted pixel is one class, silently
+            raise ModelConfigError(f"model.threshold is a probability in [0, 1), got {threshold}.")
         self.threshold = threshold
         self.last_val_metrics: dict[str, float] = {}
         self.initial_val_metrics: dict[str, float] = {}

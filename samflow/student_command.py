@@ -174,6 +174,8 @@ def _head_options(parser: argparse.ArgumentParser, text: str | None) -> dict[str
         head = yaml.safe_load(text)
         if not isinstance(head, dict):
             raise TypeError(f"expected a mapping of SOLOv2Head options, got {head!r}")
+        if "in_channels" in head:  # the student sets it: SAM's embedding width
+            raise ValueError("in_channels is the SAM embedding's width, which the student sets; leave it out")
         SOLOv2Head(1, **head)
     except (yaml.YAMLError, TypeError, ValueError) as err:
         parser.error(f"argument --head {text!r}: {' '.join(str(err).split())}")
@@ -188,6 +190,8 @@ def main(argv: list[str]) -> int:
     parser = _parser()
     opts, overrides = parser.parse_known_args(argv)
     head = _head_options(parser, opts.head)  # before any file is read or model built
+    if not opts.mps_weight >= 0:  # NaN too
+        parser.error(f"argument --mps-weight: must be 0 (off) or more, got {opts.mps_weight}")
     pseudo = Path(opts.pseudo).expanduser()
     if not pseudo.is_file():
         raise DataError(

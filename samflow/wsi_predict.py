@@ -342,6 +342,8 @@ def main(argv: list[str]) -> int:
     for flag, value in (("--mpp", opts.mpp), ("--factor", opts.factor)):
         if value is not None and not value > 0:  # NaN too; else a traceback once the slide is read
             parser.error(f"argument {flag}: must be positive, got {value}")
+    if opts.threshold is not None and not 0 <= opts.threshold < 1:  # else every pixel one class, silently
+        parser.error(f"argument --threshold: a probability in [0, 1), got {opts.threshold}")
     if opts.annotations and len(opts.annotations) != len(opts.slides):
         raise SlideError(
             f"predict-slide: {len(opts.slides)} slides but {len(opts.annotations)} --annotations; give one per slide."

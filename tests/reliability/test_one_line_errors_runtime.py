@@ -209,3 +209,46 @@ def test_predict_slide_resolution_flags_that_are_not_positive_are_one_line(
     line = one_error_line([*args, *tiny, *sizes, *flag], capsys)
     assert f"samflow predict-slide: argument {flag[0]}: must be positive, got {float(flag[1])}" in line
     assert "`samflow predict-slide --help`" in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["1.0", "2", "-0.5"])
+def test_a_model_threshold_outside_a_probability_is_one_line(tmp_path, monkeypatch, capsys, value):
+    """``model.threshold`` 2 gave empty masks and IoU 0 with exit 0; now refused as the model is built."""
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--experiment", "quickstart", *SHORT, "--model.threshold", value]
+    line = one_error_line(args, capsys)
+    assert f"model.threshold is a probability in [0, 1), got {float(value)}" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--mps-weight", "-1"], "argument --mps-weight: must be 0 (off) or more, got -1.0"),
+        (["--head", "{in_channels: 64}"], "in_channels is the SAM embedding's width, which the student sets"),
+    ],
+)
+def test_student_options_the_student_cannot_take_are_one_line(coco_experiment, capsys, flags, expected):
+    """Refused before any file is read: a negative MPS weight (was accepted, a loss rewarding errors) and the
+    head's ``in_channels`` (was a traceback: the student passes it itself)."""
+    pseudo = coco_experiment.parent / "coco" / "instances.json"
+    out = coco_experiment.parent / "student"
+    args = ["student", "--experiment", str(coco_experiment), "--pseudo", str(pseudo), "--out", str(out)]
+    line = one_error_line([*args, *flags], capsys)
+    assert expected in line and "`samflow student --help`" in line and not out.exists()
+
+
+@pytest.mark.parametrize("value", ["1", "1.5", "-0.1"])
+def test_predict_slide_threshold_outside_a_probability_is_one_line(tmp_path, monkeypatch, capsys, value):
+    """``--threshold 2`` predicted no tumour anywhere with exit 0; now refused before the slide is read."""
+    pytest.importorskip("tiffslide")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "wsi"))
+    from synthetic_slide import write_slide
+
+    monkeypatch.chdir(tmp_path)
+    slide, _ = write_slide(tmp_path)
+    args = ["predict-slide", str(slide), "--experiment", "wsi_sam_camelyon16", "--out", str(tmp_path / "out")]
+    tiny = ["--tile", "64", "--overlap", "0", "--model.sam.variant", "tiny", "--model.sam.checkpoint", "null"]
+    line = one_error_line([*args, *tiny, "--threshold", value], capsys)
+    assert f"argument --threshold: a probability in [0, 1), got {float(value)}" in line
+    assert not (tmp_path / "out").exists()
