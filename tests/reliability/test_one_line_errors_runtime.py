@@ -192,11 +192,8 @@ def test_a_slide_option_the_patches_cannot_use_is_one_line_before_a_slide_is_rea
     assert expected in line and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("flag", [["--mpp", "0"], ["--mpp", "-1"], ["--factor", "0"]])
-def test_predict_slide_resolution_flags_that_are_not_positive_are_one_line(
-    tmp_path, monkeypatch, capsys, flag
-):
-    """Refused before the slide is read (was a ZeroDivisionError or numpy's error while it was read)."""
+def predict_slide_args(tmp_path: Path, monkeypatch) -> list[str]:
+    """``predict-slide`` of a synthetic slide in ``tmp_path`` with the tiny SAM, writing ``tmp_path/out``."""
     pytest.importorskip("tiffslide")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "wsi"))
     from synthetic_slide import write_slide
@@ -205,8 +202,16 @@ def test_predict_slide_resolution_flags_that_are_not_positive_are_one_line(
     slide, _ = write_slide(tmp_path)
     args = ["predict-slide", str(slide), "--experiment", "wsi_sam_camelyon16", "--out", str(tmp_path / "out")]
     tiny = ["--tile", "64", "--overlap", "0", "--model.sam.variant", "tiny", "--model.sam.checkpoint", "null"]
+    return [*args, *tiny]
+
+
+@pytest.mark.parametrize("flag", [["--mpp", "0"], ["--mpp", "-1"], ["--factor", "0"]])
+def test_predict_slide_resolution_flags_that_are_not_positive_are_one_line(
+    tmp_path, monkeypatch, capsys, flag
+):
+    """Refused before the slide is read (was a ZeroDivisionError or numpy's error while it was read)."""
     sizes = ["--data.init_args.img_size", "128", "--data.init_args.patch_size", "64"]
-    line = one_error_line([*args, *tiny, *sizes, *flag], capsys)
+    line = one_error_line([*predict_slide_args(tmp_path, monkeypatch), *sizes, *flag], capsys)
     assert f"samflow predict-slide: argument {flag[0]}: must be positive, got {float(flag[1])}" in line
     assert "`samflow predict-slide --help`" in line and not (tmp_path / "out").exists()
 
@@ -241,14 +246,6 @@ def test_student_options_the_student_cannot_take_are_one_line(coco_experiment, c
 @pytest.mark.parametrize("value", ["1", "1.5", "-0.1"])
 def test_predict_slide_threshold_outside_a_probability_is_one_line(tmp_path, monkeypatch, capsys, value):
     """``--threshold 2`` predicted no tumour anywhere with exit 0; now refused before the slide is read."""
-    pytest.importorskip("tiffslide")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "wsi"))
-    from synthetic_slide import write_slide
-
-    monkeypatch.chdir(tmp_path)
-    slide, _ = write_slide(tmp_path)
-    args = ["predict-slide", str(slide), "--experiment", "wsi_sam_camelyon16", "--out", str(tmp_path / "out")]
-    tiny = ["--tile", "64", "--overlap", "0", "--model.sam.variant", "tiny", "--model.sam.checkpoint", "null"]
-    line = one_error_line([*args, *tiny, "--threshold", value], capsys)
+    line = one_error_line([*predict_slide_args(tmp_path, monkeypatch), "--threshold", value], capsys)
     assert f"argument --threshold: a probability in [0, 1), got {float(value)}" in line
     assert not (tmp_path / "out").exists()
