@@ -261,9 +261,8 @@ class GpuAugment(BatchAugment):
         if len(cj) != 4:
             raise ValueError(f"GpuAugment: color_jitter must be a float or 4 floats, got {color_jitter}.")
         self.color = K.ColorJitter(*cj, p=color_p) if any(v > 0 for v in cj) else None
-        self.epoch: int | None = (
-            None  # None until set_epoch: an image keyed by its id draws alike every epoch
-        )
+        # None until set_epoch: an image keyed by its id would draw alike every epoch (warned once)
+        self.epoch: int | None = None
         self._warned_epoch = False
 
     def set_epoch(self, epoch: int) -> None:
