@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from samflow.data.coco_batch import collate_coco
 from samflow.data.coco_instances import CocoInstances
 from samflow.data.coco_proposals import sam_checksum
-from samflow.data.errors import DataError
+from samflow.data.errors import DataError, check_loader_counts
 from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
 from samflow.data.resumable import ResumableLoader
 
@@ -73,10 +73,7 @@ class CocoDataModule(L.LightningDataModule):
                 f"CocoDataModule: unknown option(s) {unknown}; the options of CocoInstances it takes are "
                 f"{list(INSTANCE_OPTIONS)}."
             )
-        if batch_size < 1:  # else the first data loader refuses it
-            raise ValueError(f"data.init_args.batch_size must be at least 1, got {batch_size}.")
-        if num_workers < 0:
-            raise ValueError(f"data.init_args.num_workers must be 0 or more, got {num_workers}.")
+        check_loader_counts("data.init_args.", {"batch_size": batch_size}, num_workers)
         # a bad value stops here, not when setup reads the data (the Literal options jsonargparse checks)
         checked = {k: v for k, v in options.items() if k in CHECKED_OPTIONS}
         CocoInstances.check_options(**checked, where="data.init_args.")

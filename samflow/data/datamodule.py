@@ -28,7 +28,7 @@ from samflow.data.augment import BatchAugment, augment_training_batch
 from samflow.data.augment_spec import build_augment
 from samflow.data.bad_files import OnBadSample, SkippedFiles, check_set_files
 from samflow.data.batch import collate
-from samflow.data.errors import DataError
+from samflow.data.errors import DataError, check_loader_counts
 from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
 from samflow.data.folder import MaskFolderDataset
 from samflow.data.prompts import NoPrompt, PromptSpec, build_prompt
@@ -179,13 +179,8 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"data.img_size must be a positive multiple of 4 (mask prompts are S/4), got {img_size}; "
                 "set it to model.sam.img_size (the SAM variant's input side unless set)."
             )
-        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
-            if size < 1:  # else the first data loader refuses it
-                raise ValueError(f"data.{name} must be at least 1, got {size}.")
-        if num_workers < 0:
-            raise ValueError(
-                f"data.num_workers must be 0 (load in the main process) or more, got {num_workers}."
-            )
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size or 1}
+        check_loader_counts("data.", sizes, num_workers)
         if isinstance(quickstart, dict):
             _check_quickstart(quickstart)
         self.save_hyperparameters(ignore=["augment"])

@@ -152,7 +152,7 @@ def test_coco_batch_size_or_workers_below_what_a_loader_takes_is_one_line_before
     args = ["fit", "--experiment", str(coco_experiment), *SHORT, "--data.init_args.batch_size", "0"]
     assert "data.init_args.batch_size must be at least 1, got 0" in one_error_line(args, capsys)
     args[-2:] = ["--data.init_args.num_workers", "-1"]
-    assert "data.init_args.num_workers must be 0 or more, got -1" in one_error_line(args, capsys)
+    assert "data.init_args.num_workers must be 0 (load in the main process) or more, got -1" in one_error_line(args, capsys)
     assert not (coco_experiment.parent / "runs").exists()
 
 
@@ -164,7 +164,7 @@ def test_coco_batch_size_or_workers_below_what_a_loader_takes_is_one_line_before
         ("factor 0", "data.init_args.factor must be positive, got 0.0"),  # was a ZeroDivisionError
         ("batch_size 0", "data.init_args.batch_size must be at least 1, got 0"),
         ("patches_per_slide 0", "data.init_args.patches_per_slide must be at least 1, got 0"),  # trained nothing
-        ("num_workers -1", "data.init_args.num_workers must be 0 or more, got -1"),
+        ("num_workers -1", "data.init_args.num_workers must be 0 (load in the main process) or more, got -1"),
     ],
 )  # fmt: skip
 def test_a_slide_option_the_patches_cannot_use_is_one_line_before_a_slide_is_read(

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from samflow.batch import SamBatch
 from samflow.data.augment import BatchAugment, augment_training_batch
 from samflow.data.batch import collate
-from samflow.data.errors import DataError
+from samflow.data.errors import DataError, check_loader_counts
 from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
 from samflow.data.prompts import PromptSampler
 from samflow.data.resumable import ResumableLoader
@@ -130,13 +130,11 @@ class SlideDataModule(L.LightningDataModule):
                 "patch_size": patch_size,
                 "patches_per_slide": patches_per_slide,
                 "eval_patches_per_slide": eval_patches_per_slide,
-                "batch_size": batch_size,
-                "eval_batch_size": eval_batch_size,
             },
             tumour_fraction=tumour_fraction,
         )
-        if num_workers < 0:
-            raise ValueError(f"data.init_args.num_workers must be 0 or more, got {num_workers}.")
+        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size}
+        check_loader_counts("data.init_args.", sizes, num_workers)
         self.entries = {
             split: _entries(split, entries)
             for split, entries in (("train", train), ("val", val), ("test", test))
