@@ -3,13 +3,17 @@
 - ``experiment_from_argv``: ``--experiment NAME`` resolved and rewritten to ``--config /abs/path``;
 - ``build_experiment``: the model and data module of an experiment, as ``samflow fit`` builds them;
 - ``init_process_group``, ``rank_and_world``, ``barrier``: torchrun's process group, joined once, for
-  the commands that split their work over ranks (``embed``, ``proposals``, ``predict-slide``).
+  the commands that split their work over ranks (``embed``, ``proposals``, ``predict-slide``), and
+  waits for the other ranks that last as long as their work does (``barrier``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -69,9 +73,16 @@ def build_experiment(experiment: str, overrides: list[str]) -> tuple[Any, Any]:
 
 
 # ---- torchrun's process group ----
+# how long ``barrier`` waits for a rank that is alive but never arrives: no deadline in practice (the
+# ranks' shares may finish hours apart); a rank that stops ends the wait at once
+WAIT_LIMIT = timedelta(days=365)
+_waits: list[tuple[Any, Any]] = []  # (the default group, the gloo group ``barrier`` waits in)
+
+
 def init_process_group() -> None:
     """Join torchrun's process group, once: NCCL on GPUs, each process on its ``LOCAL_RANK``'s GPU (so
-    NCCL's collectives need not guess the device), gloo on the CPU."""
+    NCCL's collectives need not guess the device), gloo on the CPU; then the gloo group that
+    ``barrier`` waits in (made by every rank together, while none is busy)."""
     if dist.is_initialized():
         return
     if torch.cuda.is_available():
@@ -79,6 +90,16 @@ def init_process_group() -> None:
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
+    cpu_group()
+
+
+def cpu_group() -> Any:
+    """A gloo group beside the default one: ``barrier`` waits on the CPU, whatever the default group's
+    backend (NCCL's barrier is a collective on the GPU, aborted by NCCL's watchdog at its timeout)."""
+    world = dist.group.WORLD
+    if not _waits or _waits[0][0] is not world:  # none yet, or one of a destroyed default group
+        _waits[:] = [(world, dist.new_group(backend="gloo"))]
+    return _waits[0][1]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -89,7 +110,39 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def barrier() -> None:
-    """Wait for every rank (a no-op in one process): a step all of them must have finished first."""
-    if dist.is_initialized():
-        dist.barrier()
+def barrier(while_waiting: Callable[[], object] | None = None) -> None:
+    """Wait for every rank (a no-op in one process): a step all of them must have finished first.
+
+    The wait lasts as long as the other ranks' work, without the process group's timeout (gloo 30 min,
+    NCCL 10 min), which would fail a run whose ranks finish hours apart (a resumed run whose rank 0 has
+    nothing left to do, rank 0 generating the data first). It ends at once when another rank has
+    stopped, whatever stopped it (gloo sees its connection close), with gloo's ``RuntimeError``; a rank
+    that hangs keeps the others waiting (``WAIT_LIMIT``). ``while_waiting`` is called about once a
+    second meanwhile (rank 0's progress bar, counting the other ranks' work).
+    """
+    if not dist.is_initialized():
+        return
+    work = dist.barrier(group=cpu_group(), async_op=True, timeout=WAIT_LIMIT)
+    pause = 0.01
+    while not work.is_completed():
+        if while_waiting is not None:
+            while_waiting()
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)
+    work.wait()  # raises the group's error when a rank stopped
+
+
+def wait_for_ranks(
+    error: Callable[[str], Exception],
+    command: str,
+    kept: str,
+    while_waiting: Callable[[], object] | None = None,
+) -> None:
+    """``barrier(while_waiting)``; when another rank has stopped (printing its own error), raise ``error``
+    in one line, ``"<command>: another rank stopped, its error is above (<gloo's words>); <kept>"``, not
+    the process group's traceback, which reads as the cause. Each rank then stops with exit status 1."""
+    try:
+        barrier(while_waiting)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise error(f"{command}: another rank stopped, its error is above ({detail}); {kept}") from err

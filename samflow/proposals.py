@@ -51,8 +51,11 @@ can flip where a logit is near 0 (``tests/proposals/test_proposals_store.py`` me
 records ``embeddings: fp16 store``, so the two kinds never mix in one proposal store.
 
 **DDP.** Launched with ``torchrun --nproc_per_node N -m samflow proposals ...``, shard i goes to rank
-i mod N; rank 0 merges after a barrier. Every rank checks the key before the first barrier, so a stale
-store stops them all. (Tested on one process; the split is by shard index only.)
+i mod N; rank 0 merges after a barrier, and the merged file is the one a single process writes
+(``tests/proposals/test_proposals_ddp.py``). Every rank checks the key before the first barrier, so a
+stale store stops them all. A rank waits for the others however long their shards take (those of a
+resumed run can differ by hours; ``samflow.commands.barrier``), and stops, in one line, as soon as
+another rank has stopped.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -265,14 +269,15 @@ def write_proposals(
     overwrite: bool = False,
     max_shards: int | None = None,
     progress: Callable[[int], Callable[[int], object]] | None = None,
-    barrier: Callable[[], None] = lambda: None,
+    barrier: Callable[..., None] = lambda while_waiting=None: None,
     embedding_store: str | Path | None = None,
 ) -> Path | None:
     """Write the store (module docstring); return ``OUT/proposals.json`` once complete, else None.
 
     ``max_shards`` stops after computing that many shards (what an interruption leaves).
     ``progress(total)`` (``total``: the store's shards) returns a callback given the number of finished
-    shards, every rank's, after each of this rank's.
+    shards, every rank's, after each of this rank's and, while this rank waits for the others' last
+    shards, as ``barrier(while_waiting)`` calls it (``samflow.commands.barrier``).
     ``embedding_store``: read the image embeddings from this ``samflow embed`` store (module docstring).
     """
     from samflow.sam.cache import EncoderCache
@@ -321,7 +326,7 @@ def write_proposals(
             root / "shards" / f"{i:06d}.json", shard_records(model, dataset, span, batch_size, device)
         )
         finished(count())
-    barrier()
+    barrier(lambda: finished(count()))  # as long as the slowest rank's shards take, its shards counted
     finished(count())  # the other ranks' last shards too
     final = root / "proposals.json"
     if rank == 0:
@@ -366,7 +371,7 @@ def main(argv: list[str]) -> int:
     from lightning.pytorch.utilities import rank_zero_info
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from samflow.commands import barrier, build_experiment, rank_and_world
+    from samflow.commands import build_experiment, rank_and_world, wait_for_ranks
     from samflow.data.coco import CocoDataModule
 
     opts, overrides = _parser().parse_known_args(argv)
@@ -399,7 +404,13 @@ def main(argv: list[str]) -> int:
             world=world,
             overwrite=opts.overwrite,
             progress=progress,
-            barrier=barrier,
+            # every wait as long as the other ranks' shards take, one line when one has stopped
+            barrier=partial(
+                wait_for_ranks,
+                ProposalStoreError,
+                "samflow proposals",
+                "the shards written so far are kept: run the same command again to finish the store.",
+            ),
             embedding_store=opts.embedding_store or model.sam_spec.embedding_store,
         )
     rank_zero_info(f"samflow proposals: {len(dataset)} images -> {final}")

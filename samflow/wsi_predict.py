@@ -102,6 +102,10 @@ def predict_slide(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     rank, world = rank_and_world_in(group)
+    if world > 1:  # the group the others wait in for process 0's files, made while no process is busy
+        from samflow.commands import cpu_group
+
+        cpu_group()
     out = Path(out)
     stem = Path(slide_path).stem
     mask_path, geojson_path, dice_path = outputs = _outputs(out, slide_path)
@@ -235,11 +239,16 @@ def _refuse_shared_stems(slides: Sequence[str]) -> None:
 
 
 def _share(score: float | None, group: Any) -> float | None:
-    """Process 0's Dice on every process (and a barrier: process 0 has written the files)."""
+    """Process 0's Dice on every process, once process 0 has written the files: the others wait as long
+    as that takes (a large slide's pyramid and polygons can outlast the process group's timeout) and stop
+    in one line when process 0 has stopped (``samflow.commands.wait_for_ranks``)."""
     import torch.distributed as dist
+
+    from samflow.commands import wait_for_ranks
 
     if rank_and_world_in(group)[1] == 1:
         return score
+    wait_for_ranks(SlideError, "predict-slide", "the slides finished before it are kept.")
     box = [score]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)
     return box[0]
@@ -318,10 +327,10 @@ def _init_distributed() -> Any:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from samflow.commands import init_process_group
+    from samflow.commands import cpu_group, init_process_group
 
     init_process_group()
-    return None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return None if dist.get_backend() == "gloo" else cpu_group()
 
 
 def main(argv: list[str]) -> int:

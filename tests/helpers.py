@@ -254,3 +254,39 @@ def crashing_png_saves(monkeypatch) -> Any:
         monkeypatch.setattr(Image.Image, "save", save)
 
     return arm
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TORCHRUN_ENV = {"WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def run_torchrun(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` in ``cwd`` (a module or a script), one thread per
+    process, with the variables ``env`` added, captured."""
+    return subprocess.run(
+        [*TORCHRUN, *args],
+        cwd=cwd,
+        env={**os.environ, **TORCHRUN_ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+# the start of a torchrun script: every process group's timeout 1 s once made (torchrun's rendezvous
+# keeps its own), as if the ranks' work took longer than gloo's 30 min; a wait for the other ranks that
+# keeps a group's timeout then fails when they are 1 s apart
+SHORT_GROUP_TIMEOUTS = """
+import datetime
+import torch.distributed as dist
+made, made_group = dist.init_process_group, dist.new_group
+def init_process_group(*args, **kwargs):
+    made(*args, **kwargs)
+    dist.set_timeout(datetime.timedelta(seconds=1))
+def new_group(*args, **kwargs):
+    group = made_group(*args, **kwargs)
+    dist.set_timeout(datetime.timedelta(seconds=1), group)
+    return group
+dist.init_process_group, dist.new_group = init_process_group, new_group
+"""

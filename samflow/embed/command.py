@@ -6,8 +6,9 @@ test_sets, predict: whichever are set) to an embedding store (``samflow.embed.st
 samflow's ``SegmentationDataModule`` or ``CocoDataModule`` (one row per image file, framed as the data
 frames it; a COCO experiment's ``data.proposals`` is not read, ``samflow proposals`` can read this store). Launched by
 ``torchrun --nproc_per_node N -m samflow embed ...`` the images are split across the N ranks (DDP
-process group, NCCL on GPUs, Gloo on the CPU); run again after an interruption, it finishes what is
-missing.
+process group, NCCL on GPUs, Gloo on the CPU); a rank waits for the others however long their shares
+take (those of a resumed run can differ by hours; ``samflow.commands.barrier``) and stops, in one line,
+as soon as another rank has stopped. Run again after an interruption, it finishes what is missing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from samflow.commands import barrier, build_experiment, init_process_group, rank_and_world
+from samflow.commands import build_experiment, init_process_group, rank_and_world, wait_for_ranks
 from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
 from samflow.embed.store import EmbeddingStoreError
@@ -58,20 +60,14 @@ def _parser() -> argparse.ArgumentParser:
 __all__ = ["init_process_group", "main"]
 
 
-def _barrier() -> None:
-    """Wait for every rank; when a rank has stopped (printing its own error), say so in one line.
-
-    A rank that fails exits, and its peers' next wait fails with the process group's error (gloo:
-    "Connection closed by peer"): each of them then stops with one line and exit status 1 as well,
-    keeping the images written so far, not with a traceback that reads as the cause."""
-    try:
-        barrier()
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())
-        raise EmbeddingStoreError(
-            f"samflow embed: another rank stopped (its error is above) or did not arrive ({detail}); "
-            "the images written so far are kept: run the same command again to finish the store."
-        ) from err
+# every wait for the other ranks (``samflow.commands.wait_for_ranks``): as long as their shares take,
+# one line when another rank has stopped
+_barrier = partial(
+    wait_for_ranks,
+    EmbeddingStoreError,
+    "samflow embed",
+    "the images written so far are kept: run the same command again to finish the store.",
+)
 
 
 def _one_machine() -> None:
@@ -137,10 +133,15 @@ def main(argv: list[str]) -> int:
             barrier=_barrier,
         )
         root = Path(out).expanduser()
-        _barrier()
-        complete = completed_rows(root)
-        if task is not None:
-            bar.update(task, completed=complete)  # the other ranks' last chunks too
+
+        def count() -> int:
+            complete = completed_rows(root)
+            if task is not None:
+                bar.update(task, completed=complete)  # the other ranks' chunks, as they finish
+            return complete
+
+        _barrier(count if rank == 0 else None)  # as long as the slowest rank's share takes
+        complete = count()
     if dist.is_initialized():
         dist.destroy_process_group()
     if complete < manifest.rows:

@@ -2,7 +2,8 @@
 images and write the store one process writes (rank 0's bar counting every rank's images); a run
 killed part way (SIGTERM to torchrun) is finished by a run on 2 processes or on 1 (another world
 size), giving that store again; a rank that fails stops the run with exit status 1 and one line per
-rank (before: the rank left waiting printed gloo's "Connection closed by peer" traceback).
+rank (before: the rank left waiting printed gloo's "Connection closed by peer" traceback); ranks whose
+work is unbalanced wait for each other past the process group's timeout.
 
 Why the arrays are compared for exact equality: rank r takes rows r, r + 2, ... in chunks of
 ``--batch-size``, so the ranks' batches hold other images than one process's. An image's encoder
@@ -20,13 +21,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import SHORT_GROUP_TIMEOUTS, TORCHRUN, TORCHRUN_ENV, run_torchrun
 
 from samflow.cli import main
 from samflow.data import SegmentationDataModule
@@ -38,8 +39,6 @@ from samflow_plugins.hq_sam import HQSam
 
 BATCH = ["--batch-size", "2", "--shard-size", "3"]  # 8 images: shards of 3, 3, 2 rows, each rank's
 # share (rows r, r + 2, ...) crosses every shard
-ENV = {"WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 # `samflow embed` whose ranks, past their first chunk (2 images), do {then} when {when}: the test's
 # way to stop a rank at a known point (the product has no such switch)
@@ -61,6 +60,22 @@ WAITING = WRAPPED.format(when="True", then="time.sleep(600)")
 # rank 1 fails as if an image of its share had gone
 FAILING = WRAPPED.format(
     when='os.environ["RANK"] == "1"', then='raise FileNotFoundError(2, "No such file or directory", path)'
+)
+# every process group's timeout 1 s (SHORT_GROUP_TIMEOUTS), and the ranks' work unbalanced: rank 0 sets the data up for 3 s (the others wait before theirs), and
+# rank 1 takes 3 s more for its second chunk (rank 0 waits for it once its own share is written)
+UNBALANCED = (
+    SHORT_GROUP_TIMEOUTS
+    + """
+import os, time
+from samflow.data import SegmentationDataModule
+setup = SegmentationDataModule.setup
+def slow_setup(self, stage=None):
+    if os.environ["RANK"] == "0":
+        time.sleep(3)
+    return setup(self, stage)
+SegmentationDataModule.setup = slow_setup
+"""
+    + WRAPPED.format(when='os.environ["RANK"] == "1" and len(calls) == 3', then="time.sleep(3)")
 )
 
 
@@ -87,18 +102,6 @@ def embed_here(experiment: Path, out: Path) -> None:
         assert main(["embed", "--experiment", str(experiment), "--out", str(out), *BATCH]) == 0
     finally:
         torch.set_num_threads(threads)
-
-
-def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*TORCHRUN, *args],
-        cwd=cwd,
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +137,7 @@ def data_of(experiment: Path) -> SegmentationDataModule:
 
 
 def test_two_processes_write_the_store_of_one(experiment, one_process, tmp_path):
-    two = torchrun(
+    two = run_torchrun(
         ["-m", "samflow", "embed", "--experiment", str(experiment), "--out", "two", *BATCH], tmp_path
     )
     assert two.returncode == 0, two.stderr[-3000:]
@@ -158,7 +161,7 @@ def test_a_killed_two_process_run_is_finished_on_two_or_one(experiment, one_proc
     run = subprocess.Popen(
         [*TORCHRUN, str(script), *args],
         cwd=tmp_path,
-        env={**os.environ, **ENV},
+        env={**os.environ, **TORCHRUN_ENV},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -183,7 +186,7 @@ def test_a_killed_two_process_run_is_finished_on_two_or_one(experiment, one_proc
     on_one = tmp_path / "on_one"
     shutil.copytree(store, on_one)
 
-    again = torchrun(["-m", "samflow", *args], tmp_path)
+    again = run_torchrun(["-m", "samflow", *args], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(2 encoded now by rank 0, 2 rank(s))" in again.stderr, again.stderr
     assert bar(again.stdout) == "8/8"
@@ -202,7 +205,7 @@ def test_a_failing_rank_stops_the_run_with_one_line_per_rank(experiment, one_pro
     script.write_text(FAILING)
     store = tmp_path / "store"
     args = ["embed", "--experiment", str(experiment), "--out", str(store), *BATCH]
-    failed = torchrun([str(script), *args], tmp_path)
+    failed = run_torchrun([str(script), *args], tmp_path)
     assert failed.returncode == 1, failed.stderr[-3000:]
     out = failed.stdout + failed.stderr
     assert "samflow: error: [Errno 2] No such file or directory" in out, out[-3000:]
@@ -214,6 +217,20 @@ def test_a_failing_rank_stops_the_run_with_one_line_per_rank(experiment, one_pro
     assert done[[0, 2, 1, 3]].all() and not done[[5, 7]].any()  # rank 1: its first chunk alone
     embed_here(experiment, store)
     assert_same_store(store, one_process)
+
+
+def test_unbalanced_ranks_wait_for_each_other_past_the_groups_timeout(experiment, one_process, tmp_path):
+    """Each rank waits for the others as long as their work takes, not the process group's timeout
+    (gloo 30 min, NCCL 10 min; 1 s here, the ranks 3 s apart twice): a resumed run whose rank 0 had
+    nothing left used to stop with "Timed out waiting" while rank 1 was still encoding."""
+    script = tmp_path / "unbalanced.py"
+    script.write_text(UNBALANCED)
+    run = run_torchrun(
+        [str(script), "embed", "--experiment", str(experiment), "--out", "store", *BATCH], tmp_path
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert bar(run.stdout) == "8/8"
+    assert_same_store(tmp_path / "store", one_process)
 
 
 def test_processes_on_several_machines_are_refused_before_joining(experiment, tmp_path, monkeypatch, capsys):

@@ -27,20 +27,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_torchrun
 
 from samflow.cli import main
 from samflow.data.quickstart import make_quickstart_data
 
-ENV = {"WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 METRICS = ("iou", "dice", "mae", "s_measure", "weighted_f", "loss")
 
 # `python -m samflow ARGS` that records, per rank, the image files decoded and the encoder's calls
@@ -87,15 +83,7 @@ class Runs:
 
 def torchrun(args: list[str], cwd: Path, **env: str) -> None:
     cwd.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        [*TORCHRUN, *args],
-        cwd=cwd,
-        env={**os.environ, **ENV, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_torchrun(args, cwd, **env)
     assert done.returncode == 0, f"{args}:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
 
 
