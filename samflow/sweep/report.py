@@ -2,10 +2,13 @@
 
 ``samflow sweep`` starts each trial as ``samflow fit ... --trainer.callbacks+=<TrialReport spec>``.
 ``TrialReport`` reads the trial's ``trial.json`` (storage URL, study, trial id, metric, the sweep file
-for the pruner), reports the metric of every validation epoch (``trial.report(value, epoch)``) and,
-when the pruner says so, stops training at the end of that epoch. Everything it learns goes to
-``result.json`` beside it, which the sweep reads when the process ends: the values per epoch and
-whether the trial was pruned. Rank 0 talks to the study; the decision is broadcast to every rank.
+for the pruner), reports the metric of every validation (``trial.report(value, n)`` for the run's n-th
+validation: one an epoch by default, several with ``val_check_interval``, each its own step) and, when
+the pruner says so, stops training after that validation. Everything it learns goes to
+``result.json`` beside it, which the sweep reads when the process ends: the values per validation and
+whether the trial was pruned. Rank 0 talks to the study; the decision is broadcast to every rank. The
+pruner does not see the trials that an interruption or a dead worker ended and that run again as
+another trial (``storage.without_replaced``): their values would count twice.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class TrialMetricError(ExperimentError):
 
 
 class TrialReport(Callback):
-    """Report ``metric`` to the Optuna trial after each validation epoch; stop when the pruner prunes it.
+    """Report ``metric`` to the Optuna trial after each validation; stop when the pruner prunes it.
 
     Args:
         trial_file: the ``trial.json`` that ``samflow sweep`` wrote into the trial's folder.
@@ -47,12 +50,11 @@ class TrialReport(Callback):
             import optuna
 
             from samflow.sweep.load import load_sweep
-            from samflow.sweep.storage import open_storage
+            from samflow.sweep.storage import open_storage, without_replaced
 
             pruner = load_sweep(self.info["sweep"]).pruner()
-            study = optuna.load_study(
-                study_name=self.info["study"], storage=open_storage(self.info["storage"]), pruner=pruner
-            )
+            storage = without_replaced(open_storage(self.info["storage"]))
+            study = optuna.load_study(study_name=self.info["study"], storage=storage, pruner=pruner)
             self._trial = optuna.trial.Trial(study, int(self.info["trial_id"]))
         return self._trial
 
@@ -69,7 +71,7 @@ class TrialReport(Callback):
             trainer.should_stop = True
 
     def _report(self, trainer: Trainer) -> tuple[bool, str]:
-        metric, epoch = self.info["metric"], trainer.current_epoch
+        metric, step = self.info["metric"], len(self.values)  # this run's n-th validation
         value = trainer.callback_metrics.get(metric)
         if value is None:
             logged = (
@@ -79,11 +81,11 @@ class TrialReport(Callback):
                 f"sweep {self.info['sweep']}: metric {metric!r} is not logged by this run (logged: {logged}); "
                 "fix metric.name in the sweep file."
             )
-        self.values[epoch] = float(value)
+        self.values[step] = float(value)
         prune = False
-        if math.isfinite(self.values[epoch]):
+        if math.isfinite(self.values[step]):
             trial = self._optuna_trial()
-            trial.report(self.values[epoch], epoch)
+            trial.report(self.values[step], step)
             prune = bool(trial.should_prune())
         self.pruned = prune
         self.result_file.write_text(json.dumps({"values": self.values, "pruned": prune}, indent=1))

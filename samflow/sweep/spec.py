@@ -31,6 +31,7 @@ max); W&B refuses other distributions in a grid, and so does samflow.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ class SweepSpec:
     def sampler(self, seed: int | None = None) -> Any:
         import optuna
 
-        if self.method == "grid":  # one seed for every worker: it orders the grid, trial n takes point n
+        if self.method == "grid":  # one seed for every worker: it orders the grid, place n takes point n
             return _grid_sampler(self.grid(), seed=0 if seed is None else seed)
         if self.method == "random":
             return optuna.samplers.RandomSampler(seed=seed)
@@ -162,15 +163,49 @@ class SweepSpec:
         else:  # max_iter with s brackets: W&B's lowest bracket is max_iter / eta^s
             high = int(et["max_iter"])
             low = max(1, round(high / eta ** int(et.get("s", 0))))
-        return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=high, reduction_factor=eta)
+        return _hyperband_class()(min_resource=low, max_resource=high, reduction_factor=eta)
+
+
+def _hyperband_class() -> Any:
+    import optuna
+
+    from samflow.sweep.storage import PLACE
+
+    class Hyperband(optuna.pruners.HyperbandPruner):
+        """Optuna's HyperbandPruner with a trial's bracket chosen by its place in the sweep (Optuna: by
+        its number), so that a trial run again after an interruption keeps its bracket, and so do the
+        trials after it (``samflow.sweep.storage.places``)."""
+
+        def _get_bracket_id(self, study: Any, trial: Any) -> int:
+            placed = copy.copy(trial)  # Optuna's choice reads the number only
+            placed.number = trial.system_attrs.get(PLACE, trial.number)
+            return int(super()._get_bracket_id(study, placed))
+
+    return Hyperband
 
 
 def _grid_class() -> Any:
     import optuna
 
+    from samflow.sweep.storage import places
+
     class Grid(optuna.samplers.GridSampler):
-        """Optuna's GridSampler, which leaves stopping to samflow's trial loop (it calls ``study.stop()``,
-        valid only inside ``study.optimize``, once the grid is covered)."""
+        """Optuna's GridSampler with a trial's point chosen by its place in the sweep (Optuna: point n
+        for trial number n, so a trial run again after an interruption shifted the points after it),
+        and which leaves stopping to samflow's trial loop (it calls ``study.stop()``, valid only inside
+        ``study.optimize``, once the grid is covered)."""
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+                return  # a trial that runs another's values again
+            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            place = places(trials)[trial.number]
+            taken = {t.system_attrs.get("grid_id") for t in trials if t.number != trial.number}
+            if place >= self._n_min_trials or place in taken:  # past the grid: Optuna's unvisited point
+                super().before_trial(study, trial)
+                return
+            study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+            study._storage.set_trial_system_attr(trial._trial_id, "grid_id", place)
 
         def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
             pass

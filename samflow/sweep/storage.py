@@ -7,7 +7,7 @@ Trial numbers are handed out by the storage, so a grid's points 0..N-1 go to dis
 created; a trial whose worker died (its heartbeats stopped for ``SAMFLOW_SWEEP_GRACE_S`` seconds, 120 by
 default) is marked failed by the next worker that starts a trial, and its values are queued to run
 again (``replaced`` maps the one to the other); so are those of a trial the sweep's interruption
-ended (Ctrl-C, SIGTERM).
+ended (Ctrl-C, SIGTERM). A trial's pruner does not see the trials so replaced (``without_replaced``).
 """
 
 from __future__ import annotations
@@ -79,6 +79,43 @@ def run_again(study: Any, trial: Any) -> None:
 def replaced(trials: list[Any]) -> dict[int, int]:
     """``{number of a trial whose worker died: number of the trial that runs its values again}``."""
     return {t.system_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.system_attrs}
+
+
+PLACE = "place"  # a trial's system attr: its place in the sweep (``places``)
+
+
+def places(trials: list[Any]) -> dict[int, int]:
+    """``{trial number: its place in the sweep}``: the n-th trial that runs new values has place n; one
+    that runs another's values again (``retry_of``) takes that trial's place. A resumed sweep's trials
+    so have the places of an uninterrupted sweep's: the grid point a place runs and its Hyperband
+    bracket follow the place, not the number. A trial's place depends only on the trials numbered
+    before it, so workers asking at once get distinct places."""
+    out: dict[int, int] = {}
+    fresh = 0
+    for t in sorted(trials, key=lambda t: t.number):
+        again = t.system_attrs.get("retry_of")
+        if again in out:
+            out[t.number] = out[again]
+        else:
+            out[t.number], fresh = fresh, fresh + 1
+    return out
+
+
+def without_replaced(storage: Any) -> Any:
+    """``storage`` (an ``RDBStorage``) as a trial's pruner reads it: without the trials that run again as
+    another trial. An interrupted trial's rung values (Hyperband's ``completed_rung_<n>``) would
+    otherwise compete beside those of its rerun, the same values twice, which an uninterrupted sweep
+    never has. Optuna reads a study's trials through ``get_all_trials``; its cache wrapper is the one
+    Optuna puts around an ``RDBStorage`` itself (``optuna.storages.get_storage``)."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    class WithoutReplaced(_CachedStorage):
+        def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[Any]:
+            trials = super().get_all_trials(study_id, deepcopy=deepcopy, states=states)
+            gone = replaced(super().get_all_trials(study_id, deepcopy=False))
+            return [t for t in trials if t.number not in gone]
+
+    return WithoutReplaced(storage)
 
 
 def _schema_race(err: Exception) -> bool:

@@ -1,0 +1,327 @@
+"""A sweep interrupted mid-trial and started again equals an uninterrupted one: the interrupted trial's
+values run again from scratch as a new trial, with the same intermediate and final values (real
+`samflow fit` trials); every validation is its own step for Optuna; the pruner does not count an
+interrupted trial beside its rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+
+from samflow.data.quickstart import make_quickstart_data
+from samflow.sweep import run
+from samflow.sweep.load import load_sweep
+from samflow.sweep.report import RESULT_FILE, TRIAL_FILE, TrialReport
+
+# `samflow sweep FILE --study reference` without the file's check and the summary's plots
+UNINTERRUPTED = """
+import sys
+from samflow.sweep import run
+from samflow.sweep.load import load_sweep
+run.run_optuna(run.Sweep.open(load_sweep(sys.argv[1]), "reference", None), None)
+"""
+
+
+def tiny_sweep(tmp_path: Path) -> Path:
+    """A one-point grid on the quickstart: 2 epochs of one 64 px batch, no sanity check."""
+    data = tmp_path / "data"
+    make_quickstart_data(data, n_train=4, n_val=2)
+    sweep = {
+        "method": "grid",
+        "metric": {"name": "val/iou", "goal": "maximize"},
+        "parameters": {"model.optimizer.init_args.lr": {"values": [5.0e-3]}},
+        "command": [
+            "${env}", "samflow", "fit", "--experiment", "quickstart",
+            "--trainer.max_epochs=2", "--trainer.num_sanity_val_steps=0",
+            "--trainer.enable_progress_bar=false",
+            f"--data.init_args.quickstart={{root: {data}, n_train: 4, n_val: 2}}",
+            "--data.init_args.batch_size=4", "--data.init_args.img_size=64", "--model.sam.img_size=64",
+            "${args}",
+        ],
+    }  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_a_sweep_interrupted_mid_trial_and_started_again_has_the_uninterrupted_sweeps_trials(
+    tmp_path, monkeypatch
+):
+    path = tiny_sweep(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    env.pop("SAMFLOW_DEBUG", None)
+    reference = subprocess.Popen(  # the uninterrupted sweep, beside the interrupted one (2 cores)
+        [sys.executable, "-c", UNINTERRUPTED, str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    sweep = run.Sweep.open(load_sweep(str(path)), None, None)
+    first = sweep.folder / "trial-0" / RESULT_FILE
+
+    def reported() -> bool:
+        try:
+            return bool(json.loads(first.read_text()).get("values"))
+        except (OSError, ValueError):  # not written yet, or half-written
+            return False
+
+    def interrupt_after_the_first_validation():
+        while not reported():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM's time limit would, mid-trial
+
+    threading.Thread(target=interrupt_after_the_first_validation, daemon=True).start()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            run.run_optuna(sweep, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    resumed = run.run_optuna(sweep, None).get_trials()  # started again
+
+    out = reference.communicate(timeout=300)[0]
+    assert reference.returncode == 0, out[-3000:]
+    folder = tmp_path / "runs" / "quickstart" / "sweeps" / "reference"
+    (whole,) = optuna.load_study(
+        study_name="reference", storage=f"sqlite:///{folder / 'study.db'}"
+    ).get_trials()
+    assert whole.state == optuna.trial.TrialState.COMPLETE and list(whole.intermediate_values) == [0, 1]
+
+    interrupted, again = resumed
+    assert interrupted.state == optuna.trial.TrialState.FAIL
+    assert interrupted.user_attrs["error"] == "the sweep was interrupted"
+    steps = len(interrupted.intermediate_values)  # 1, unless its last epoch ended before the signal
+    assert steps >= 1
+    assert interrupted.intermediate_values == {s: whole.intermediate_values[s] for s in range(steps)}
+    # Its values ran again from scratch, as a new trial in a folder of its own: the same trial as the
+    # uninterrupted sweep's, each epoch reported once, result.json holding every epoch.
+    assert again.system_attrs["retry_of"] == interrupted.number and again.params == whole.params
+    assert again.state == whole.state and again.value == whole.value
+    assert again.intermediate_values == whole.intermediate_values
+    result = json.loads((sweep.folder / f"trial-{again.number}" / RESULT_FILE).read_text())
+    assert {int(k): v for k, v in result["values"].items()} == whole.intermediate_values
+    assert again.user_attrs["epochs"] == whole.user_attrs["epochs"] == 2
+
+
+class Counted(LightningModule):
+    """Logs ``val/iou`` = the number of validations run so far; 4 training batches an epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.validations = 0
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum()
+
+    def on_validation_epoch_start(self) -> None:
+        self.validations += 1
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/iou", float(self.validations))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=1)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(1, 1), batch_size=1)
+
+
+class Constant(Counted):
+    """Logs ``val/iou`` = ``value`` every validation."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/iou", self.value)
+
+
+def new_trial(tmp_path: Path, early_terminate: str, done: list[dict]) -> tuple[Path, str]:
+    """A study holding the trials ``done`` (create_trial keywords), a new trial and its trial.json."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        "method: grid\nmetric: {name: val/iou, goal: maximize}\nprogram: quickstart\n"
+        f"{early_terminate}parameters:\n  x: {{values: [1, 2]}}\n"
+    )
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(
+        storage=url, study_name="s", direction="maximize", pruner=load_sweep(str(sweep)).pruner()
+    )
+    for trial in done:
+        study.add_trial(optuna.trial.create_trial(**trial))
+    trial = study.ask()
+    folder = tmp_path / "trial"
+    folder.mkdir()
+    info = {"sweep": str(sweep), "storage": url, "study": "s", "trial_id": trial._trial_id}
+    (folder / TRIAL_FILE).write_text(json.dumps({**info, "number": trial.number, "metric": "val/iou"}))
+    return folder, url
+
+
+def fit(folder: Path, module: LightningModule, **trainer: object) -> Trainer:
+    run_trainer = Trainer(
+        callbacks=[TrialReport(str(folder / TRIAL_FILE))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        **trainer,  # type: ignore[arg-type]
+    )
+    run_trainer.fit(module)
+    return run_trainer
+
+
+def test_several_validations_in_an_epoch_are_each_reported_as_their_own_step(tmp_path):
+    folder, url = new_trial(tmp_path, "", [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(folder, Counted(), max_epochs=2, val_check_interval=0.5)  # 2 validations an epoch
+    assert not [w for w in caught if "already reported" in str(w.message)]
+    (trial,) = optuna.load_study(study_name="s", storage=url).get_trials()
+    assert trial.intermediate_values == {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}  # each validation, in order
+    result = json.loads((folder / RESULT_FILE).read_text())
+    assert result["values"] == {str(k): v for k, v in trial.intermediate_values.items()}
+    # the objective is the last value Optuna holds too
+    assert run.outcome(0, folder, "val/iou") == run.Outcome("complete", 4.0, "", 4)
+
+
+def test_the_pruner_does_not_count_an_interrupted_trial_beside_its_rerun(tmp_path):
+    """Hyperband (one bracket, eta 2, rung 0 at the second validation): the new trial's 0.7 is promoted
+    among the finished trials' rung values 0.9, 0.5, 0.4 (top half); counting the interrupted trial's 0.9
+    a second time beside its rerun's would prune it."""
+
+    def finished(value: float, state: str = "COMPLETE", **system_attrs: object) -> dict:
+        return {
+            "state": optuna.trial.TrialState[state],
+            "value": value if state == "COMPLETE" else None,
+            "intermediate_values": {0: value, 1: value},
+            "system_attrs": {"completed_rung_0": value, **system_attrs},
+        }
+
+    done = [
+        finished(0.9, "FAIL"),  # trial 0: interrupted after its second validation
+        finished(0.9, retry_of=0),  # trial 1: its values run again
+        finished(0.5),
+        finished(0.4),
+    ]
+    hyperband = "early_terminate: {type: hyperband, min_iter: 1, max_iter: 1, eta: 2}\n"
+    folder, url = new_trial(tmp_path, hyperband, done)
+    trainer = fit(folder, Constant(0.7), max_epochs=3)
+    assert trainer.current_epoch == 3  # not pruned: every epoch ran
+    trial = optuna.load_study(study_name="s", storage=url).get_trials()[-1]
+    assert trial.system_attrs["completed_rung_0"] == pytest.approx(0.7)  # the pruner did decide
+    assert json.loads((folder / RESULT_FILE).read_text())["pruned"] is False
+
+
+class InProcessTrial:
+    """A stand-in for a trial's ``samflow fit`` process, run in a thread of the test (no start-up cost):
+    ``TrialReport`` reports 4 validations whose values depend on x, and stops when pruned; the trial
+    ``interrupt`` names blocks after its second validation, until the sweep ends it."""
+
+    interrupt = ""
+    pid = 2**22 + 1  # above any pid_max: nothing to signal
+
+    def __init__(self, command, **kwargs) -> None:
+        self.folder, self.x = Path(command[0]), float(command[1])
+        self.ended = threading.Event()
+        self.returncode: int | None = None
+        self.thread = threading.Thread(target=self.fit, daemon=True)
+        self.thread.start()
+
+    def fit(self) -> None:
+        report = TrialReport(str(self.folder / TRIAL_FILE))
+        for step in range(4):
+            value = self.x if step % 2 else 1 - self.x
+            trainer = SimpleNamespace(callback_metrics={"val/iou": value}, current_epoch=step)
+            prune, _ = report._report(trainer)
+            if self.folder.name == self.interrupt and step == 1:
+                (self.folder / "asleep").touch()
+                self.ended.wait()
+                self.returncode = -signal.SIGTERM
+                return
+            if prune:
+                break
+        self.returncode = 0
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise subprocess.TimeoutExpired("fit", timeout or 0)
+        return self.returncode
+
+    def end(self) -> None:
+        self.ended.set()
+        self.thread.join()
+
+
+def test_a_resumed_sweep_runs_the_grid_in_order_and_prunes_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Grid + Hyperband, trial 2 interrupted after two validations: started again, its values run
+    again right away, the points after it run in the uninterrupted sweep's order, each in the same
+    Hyperband bracket, so every trial gets the same values and the same pruning decision."""
+    xs = ", ".join(str(round(0.1 * i, 1)) for i in range(1, 9))
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "method: grid\nmetric: {name: val/iou, goal: maximize}\nprogram: quickstart\n"
+        "early_terminate: {type: hyperband, min_iter: 1, max_iter: 4, eta: 2}\n"
+        f"parameters:\n  x: {{values: [{xs}]}}\n"
+    )
+    monkeypatch.setattr(run, "trial_command", lambda s, overrides, folder: [str(folder), str(overrides["x"])])
+    monkeypatch.setattr(run.subprocess, "Popen", InProcessTrial)
+    monkeypatch.setattr(run, "_end_group", InProcessTrial.end)
+
+    def trials_of(where: str, interrupt: str = "") -> list:
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)
+        sweep = run.Sweep.open(load_sweep(str(path)), None, None)  # the same study name: same brackets
+        if interrupt:
+            monkeypatch.setattr(InProcessTrial, "interrupt", interrupt)
+            asleep = sweep.folder / interrupt / "asleep"
+
+            def interrupt_when_asleep():
+                while not asleep.is_file():
+                    time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            threading.Thread(target=interrupt_when_asleep, daemon=True).start()
+            previous = signal.getsignal(signal.SIGTERM)
+            try:
+                with pytest.raises(SystemExit):
+                    run.run_optuna(sweep, None)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+            monkeypatch.setattr(InProcessTrial, "interrupt", "")
+        return run.run_optuna(sweep, None).get_trials()
+
+    whole = trials_of("whole")
+    resumed = trials_of("resumed", interrupt="trial-2")
+    assert [t.number for t in resumed if t.state.name == "FAIL"] == [2]
+    assert resumed[3].system_attrs["retry_of"] == 2 and resumed[3].params == resumed[2].params
+
+    def seen(trials: list) -> list:
+        return [(t.params, t.state.name, t.intermediate_values) for t in trials if t.state.name != "FAIL"]
+
+    assert seen(resumed) == seen(whole)
+    assert {t.state.name for t in whole} == {"COMPLETE", "PRUNED"}  # the pruner did decide
