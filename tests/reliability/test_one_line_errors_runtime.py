@@ -152,7 +152,10 @@ def test_coco_batch_size_or_workers_below_what_a_loader_takes_is_one_line_before
     args = ["fit", "--experiment", str(coco_experiment), *SHORT, "--data.init_args.batch_size", "0"]
     assert "data.init_args.batch_size must be at least 1, got 0" in one_error_line(args, capsys)
     args[-2:] = ["--data.init_args.num_workers", "-1"]
-    assert "data.init_args.num_workers must be 0 (load in the main process) or more, got -1" in one_error_line(args, capsys)
+    assert (
+        "data.init_args.num_workers must be 0 (load in the main process) or more, got -1"
+        in one_error_line(args, capsys)
+    )
     assert not (coco_experiment.parent / "runs").exists()
 
 
