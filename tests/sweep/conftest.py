@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -39,3 +44,21 @@ def stub(monkeypatch, tmp_path):
         return [sys.executable, "-c", STUB, str(folder), json.dumps(overrides["x"])]
 
     monkeypatch.setattr(run, "trial_command", command)
+
+
+def run_interrupted(sweep: run.Sweep, ready: Callable[[], bool], poll: float = 0.05) -> None:
+    """Run ``sweep`` and, once ``ready()``, SIGTERM this process, as SLURM's time limit would: the sweep
+    stops with ``SystemExit`` (the process's SIGTERM handler is put back after)."""
+
+    def interrupt() -> None:
+        while not ready():
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            run.run_optuna(sweep, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -92,25 +92,14 @@ def test_target_stops_the_sweep(stub, tmp_path):
 
 def test_a_killed_sweep_ends_its_trial_and_marks_it_failed(stub, tmp_path):
     import os
-    import threading
-    import time
+
+    from conftest import run_interrupted
 
     spec = load_sweep(str(write_sweep(tmp_path, "  x: {values: [sleep]}\n")))
     sweep = run.Sweep.open(spec, None, None)
     pid_file = sweep.folder / "trial-0" / "pid"
 
-    def kill_when_started():
-        while not pid_file.is_file():
-            time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM or `timeout` would
-
-    threading.Thread(target=kill_when_started, daemon=True).start()
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit):
-            run.run_optuna(sweep, None)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    run_interrupted(sweep, pid_file.is_file)  # once the trial started
     trial_pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(trial_pid, 0)  # the trial's process is gone with the sweep

@@ -5,16 +5,12 @@ best trial is chosen by the metric's goal and printed with its run folder; witho
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import STUB
+from conftest import STUB, run_interrupted
 from test_sweep_loop import write_sweep
 
 from samflow.cli import main
@@ -30,18 +26,7 @@ def test_a_trial_the_interruption_ended_runs_again_when_the_sweep_is_started_aga
     sweep = run.Sweep.open(spec, None, None)
     pid_files = [sweep.folder / f"trial-{n}" / "pid" for n in (0, 1)]
 
-    def kill_when_started():
-        while not any(p.is_file() for p in pid_files):
-            time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM's time limit would
-
-    threading.Thread(target=kill_when_started, daemon=True).start()
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit):
-            run.run_optuna(sweep, None)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    run_interrupted(sweep, lambda: any(p.is_file() for p in pid_files))  # once a trial started
 
     # Started again: the interrupted point runs again (here it completes), no point runs twice.
     monkeypatch.setattr(

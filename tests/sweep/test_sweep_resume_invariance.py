@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import run_interrupted
 from lightning.pytorch import LightningModule, Trainer
 
 from samflow.data.quickstart import make_quickstart_data
@@ -82,18 +82,7 @@ def test_a_sweep_interrupted_mid_trial_and_started_again_has_the_uninterrupted_s
         except (OSError, ValueError):  # not written yet, or half-written
             return False
 
-    def interrupt_after_the_first_validation():
-        while not reported():
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)  # as SLURM's time limit would, mid-trial
-
-    threading.Thread(target=interrupt_after_the_first_validation, daemon=True).start()
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit):
-            run.run_optuna(sweep, None)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    run_interrupted(sweep, reported)  # mid-trial, after its first validation
     resumed = run.run_optuna(sweep, None).get_trials()  # started again
 
     out = reference.communicate(timeout=300)[0]
@@ -300,18 +289,7 @@ def test_a_resumed_sweep_runs_the_grid_in_order_and_prunes_as_an_uninterrupted_o
             monkeypatch.setattr(InProcessTrial, "interrupt", interrupt)
             asleep = sweep.folder / interrupt / "asleep"
 
-            def interrupt_when_asleep():
-                while not asleep.is_file():
-                    time.sleep(0.01)
-                os.kill(os.getpid(), signal.SIGTERM)
-
-            threading.Thread(target=interrupt_when_asleep, daemon=True).start()
-            previous = signal.getsignal(signal.SIGTERM)
-            try:
-                with pytest.raises(SystemExit):
-                    run.run_optuna(sweep, None)
-            finally:
-                signal.signal(signal.SIGTERM, previous)
+            run_interrupted(sweep, asleep.is_file, poll=0.01)
             monkeypatch.setattr(InProcessTrial, "interrupt", "")
         return run.run_optuna(sweep, None).get_trials()
 
