@@ -59,7 +59,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "student": (
         "samflow.student_command:main",
-        "--experiment NAME --pseudo FILE --out DIR [--images DIR] [--head YAML] [--mps-weight 0.5] [--overwrite] [overrides ...]",
+        "--experiment NAME --pseudo FILE --out DIR [--images DIR] [--head YAML] [--mps-weight 0.5] [--overwrite | --resume] [overrides ...]",
     ),
     "predict-slide": (
         "samflow.wsi_predict:main",

@@ -31,6 +31,7 @@ from samflow.sam import EncoderCache, HookedSam, build_sam
 __all__ = ["StudentModule"]
 
 ENCODER_PREFIX = "encoder."
+METRICS_KEY = "student_metrics"  # the checkpoint's entry of ``StudentModule.metrics``
 
 
 def _sgd(params: Any) -> torch.optim.Optimizer:
@@ -211,11 +212,16 @@ class StudentModule(LightningModule):
             torch.distributed.all_gather_object(gathered, self.results)
             self.results = [r for part in gathered for r in part]
 
-    # ---- checkpoints hold the head, not the frozen SAM ----
+    # ---- checkpoints hold the head, not the frozen SAM, and the metrics so far ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(ENCODER_PREFIX)]:
             del state[key]
+        # the last validation's AP: a run resumed from its last epoch's end validates no more
+        checkpoint[METRICS_KEY] = {stage: dict(values) for stage, values in self.metrics.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.metrics = {stage: dict(values) for stage, values in checkpoint.get(METRICS_KEY, {}).items()}
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False

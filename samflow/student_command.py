@@ -12,11 +12,24 @@ runs the encoder; ``model.sam.encoder_cache`` works). It writes ``DIR/checkpoint
 only), ``DIR/metrics.csv``, ``DIR/student_metrics.json`` and, with a test split, ``DIR/results.json``
 (COCO results that pycocotools' ``COCO.loadRes`` reads). A ``DIR`` holding an earlier student run's
 files is refused before anything runs; ``--overwrite`` removes them first (other files are left alone).
+
+``--resume`` continues the run in ``DIR`` from its ``checkpoints/last.ckpt`` and ends with the files and
+head weights of the run that was never stopped, as ``samflow fit --resume`` does, with the same pieces:
+``LastCheckpoint`` writes ``last.ckpt`` (whole, by renaming) every ``--last.every_n_train_steps`` optimizer
+steps (default 50; 0: epoch ends only) and at every epoch end, ``RandomState`` saves the generators, the
+train loader (``ResumableLoader``) its position, and ``SameExperiment`` the run's training settings
+(``resume_config``: the experiment's, and the student's own ``--head``, ``--mps-weight`` and the
+pseudo-mask file's content), so that a resume with a setting changed that changes the training is
+refused in one line naming it. On a resume ``metrics.csv`` is cut back to the rows logged before the
+checkpoint (the killed run's later rows are logged again) and continued.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
+import io
 import json
 import os
 import sys
@@ -25,9 +38,19 @@ from typing import Any
 
 import yaml
 
+from samflow.callbacks.resume import LastCheckpoint, RandomState
+from samflow.callbacks.resume_config import (
+    ResumeError,
+    SameExperiment,
+    check_resume,
+    saved_settings,
+    training_settings,
+)
+from samflow.callbacks.run_folder import RunCSVLogger
 from samflow.data.coco import CocoDataModule
 from samflow.data.errors import DataError
 from samflow.instance.solov2 import SOLOv2Head
+from samflow.outputs import write_whole
 from samflow.student import StudentModule
 from samflow.usage import CommandParser
 
@@ -93,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace the outputs of an earlier student run in --out (refused otherwise)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the student run in --out from its checkpoints/last.ckpt (written every "
+        "--last.every_n_train_steps steps, default 50, and at every epoch end); give the run's experiment "
+        "and flags: a changed setting that changes the training is refused",
     )
     p.add_argument(
         "--images",
@@ -165,6 +195,81 @@ def _earlier_outputs(out: Path, pseudo: Path, overwrite: bool) -> list[Path]:
     return found
 
 
+def _resume_checkpoint(out: Path) -> Path:
+    """``out``'s ``checkpoints/last.ckpt`` for ``--resume``; a DataError when ``out`` holds no student run."""
+    ckpt = out / "checkpoints" / LastCheckpoint.FILE
+    if not ckpt.is_file():
+        raise DataError(
+            f"samflow student: --resume: {out} holds no student run to continue ({ckpt} not found); "
+            "start it without --resume."
+        )
+    return ckpt
+
+
+#: the experiment's settings the student trains with, besides seed_everything (its plugins, losses and
+#: metrics are samflow fit's)
+STUDENT_SETTINGS = ("data.", "trainer.", "model.sam.", "model.optimizer.", "model.scheduler.")
+
+
+def _student_settings(
+    cli: Any, pseudo: Path, images: str, head: dict[str, Any], mps_weight: float
+) -> dict[str, str]:
+    """The training settings of this student run, as ``resume_config.training_settings`` gives a fit's
+    (compared by ``check_resume``): the experiment's that the student uses, and its own. The pseudo-mask
+    file counts by its content (a change is refused), its path and the images folder by where they are
+    (a change is said, as a moved data folder of a fit)."""
+    settings = {
+        key: value
+        for key, value in training_settings(cli.config).items()
+        if key == "seed_everything" or key.startswith(STUDENT_SETTINGS)
+    }
+    digest = hashlib.sha256(pseudo.read_bytes()).hexdigest()
+    own: dict[str, Any] = {
+        "model.student.head": head,
+        "model.student.mps_weight": mps_weight,
+        "data.student.pseudo_sha256": digest,
+        "data.student.train.pseudo": str(pseudo.resolve()),
+        "data.student.train.images": str(Path(images).expanduser().resolve()),
+    }
+    settings.update({key: json.dumps(value, sort_keys=True) for key, value in own.items()})
+    return settings
+
+
+def _check_resume(ckpt: Path, settings: dict[str, str], random_seed: bool) -> dict[str, str]:
+    """Refuse a resume from ``ckpt`` that is not a student run's or changes a training setting (one
+    line naming the key and both values, ``check_resume``); the run's seed when it was drawn."""
+    saved = saved_settings(ckpt)
+    if saved is None or "model.student.head" not in saved:
+        raise DataError(
+            f"samflow student: --resume: {ckpt} holds no student run's settings (written by an earlier "
+            "samflow, or not by samflow student), so it cannot be continued exactly; start the run again "
+            "with --overwrite, or choose another --out."
+        )
+    try:
+        return check_resume(saved, settings, random_seed)
+    except ResumeError as err:
+        raise ResumeError(f"samflow student: --resume {ckpt.parent.parent}: {err}") from err
+
+
+def _cut_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``metrics.csv`` logged before a checkpoint of ``step`` optimizer steps (their
+    ``step`` column is below it); the resumed run logs the later ones again. A last row cut short by a
+    kill goes too; the header stays (the resumed run's CSV logger adds new keys to it)."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text))
+    header = list(reader.fieldnames or [])
+    rows = [row for row in reader if not row.get("step") or int(float(row["step"])) < step]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=header, lineterminator="\r\n")  # csv's default, as Lightning's
+    writer.writeheader()
+    writer.writerows(rows)
+    write_whole(path, lambda temp: temp.write_text(out.getvalue(), newline=""))
+
+
 def _head_options(parser: argparse.ArgumentParser, text: str | None) -> dict[str, Any]:
     """``--head`` as ``SOLOv2Head`` options; a usage error naming ``--head`` when it is not YAML of a
     mapping or the head refuses it (an unknown option, levels of different lengths: a head is built)."""
@@ -184,11 +289,12 @@ def _head_options(parser: argparse.ArgumentParser, text: str | None) -> dict[str
 
 def main(argv: list[str]) -> int:
     from lightning.pytorch import Trainer
-    from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     parser = _parser()
     opts, overrides = parser.parse_known_args(argv)
+    if opts.resume and opts.overwrite:
+        parser.error("argument --resume: not allowed with --overwrite (which starts the run again)")
     head = _head_options(parser, opts.head)  # before any file is read or model built
     if not opts.mps_weight >= 0:  # NaN too
         parser.error(f"argument --mps-weight: must be 0 (off) or more, got {opts.mps_weight}")
@@ -198,7 +304,11 @@ def main(argv: list[str]) -> int:
             f"samflow student: --pseudo {pseudo} not found; write it with `samflow pseudo-masks`."
         )
     out = Path(opts.out).expanduser()
-    earlier = _earlier_outputs(out, pseudo, opts.overwrite) if _launching_process() else []
+    # --resume continues the earlier run's files (never the input's: _earlier_outputs checks that)
+    earlier = _earlier_outputs(out, pseudo, opts.overwrite or opts.resume) if _launching_process() else []
+    ckpt = _resume_checkpoint(out) if opts.resume else None
+    if ckpt is not None:
+        earlier = []
     cli = _build_cli(opts.experiment, overrides)
     model, data = cli.model, cli.datamodule
     if model.sam_spec.embedding_store:
@@ -214,6 +324,15 @@ def main(argv: list[str]) -> int:
     images = (
         opts.images or train.get("images") or str(Path(train.get("annotations", pseudo)).expanduser().parent)
     )
+    random_seed = bool(getattr(cli, "_random_seed", False))
+    settings = _student_settings(cli, pseudo, images, head, opts.mps_weight)
+    if ckpt is not None:  # before the data and the student are built: a drawn seed becomes the run's
+        settings = _check_resume(ckpt, settings, random_seed)
+        seed = json.loads(settings["seed_everything"])
+        if random_seed and isinstance(seed, int):
+            from lightning.pytorch import seed_everything
+
+            seed_everything(seed, workers=True)
     first = (json.loads(pseudo.read_text()).get("annotations") or [{}])[0]
     student_data = CocoDataModule(
         train={"annotations": str(pseudo), "images": images},
@@ -247,24 +366,52 @@ def main(argv: list[str]) -> int:
         kwargs["strategy"] = "ddp"  # the student's head uses every parameter
     for path in earlier:  # --overwrite: none of them outlives this run beside its new files
         path.unlink()
+    if ckpt is not None and _launching_process():  # the rows the resumed run logs again go
+        _cut_metrics(out / "metrics.csv", _checkpoint_step(ckpt))
     # the experiment's own trainer.callbacks (e.g. the warm-up) come first; samflow fit's (sample grids,
-    # reports, its checkpointing) are for SamflowModule and are left out
+    # reports, its checkpointing) are for SamflowModule and are left out. last.ckpt as samflow fit's:
+    # every --last.every_n_train_steps steps and each epoch end, with what an exact resume needs
     own = len(cli.config.get("trainer", {}).get("callbacks") or [])
+    last = cli.config_init.get("last")
+    every = last.every_n_train_steps if isinstance(last, LastCheckpoint) else 50
     callbacks = [
         *(config.get("callbacks") or [])[:own],
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0),  # last.ckpt only
+        LastCheckpoint(every, dirpath=str(out / "checkpoints")),
+        RandomState(),
+        SameExperiment(settings, random_seed, checked=True),
     ]
-    trainer = Trainer(
-        **kwargs, callbacks=callbacks, logger=CSVLogger(out, name="", version=""), default_root_dir=out
-    )
-    trainer.fit(student, datamodule=student_data)
-    if student_data.splits.get("test"):
-        trainer.test(student, datamodule=student_data, verbose=False)
+    # metrics.csv continued on a resume (Lightning's CSVLogger would delete it); Lightning writes each
+    # row as it is logged, so a killed run's rows up to its checkpoint are all in the file
+    logger = RunCSVLogger(out, name="", version="")
+    trainer = Trainer(**kwargs, callbacks=callbacks, logger=logger, default_root_dir=out)
+    try:
+        trainer.fit(student, datamodule=student_data, ckpt_path=ckpt)
+        if student_data.splits.get("test"):
+            trainer.test(student, datamodule=student_data, verbose=False)
+    except SIGTERMException:  # Lightning stopped after the batch; last.ckpt is the last one written whole
         if trainer.is_global_zero:
-            (out / "results.json").write_text(json.dumps(student.results))
+            sys.stderr.write(
+                f"samflow student: stopped by SIGTERM at step {trainer.global_step}; continue the run with "
+                f"the same arguments and --resume (from {out / 'checkpoints' / LastCheckpoint.FILE}).\n"
+            )
+        return 1
+    if student_data.splits.get("test") and trainer.is_global_zero:
+        _write(out / "results.json", json.dumps(student.results))
     if trainer.is_global_zero:
-        (out / "student_metrics.json").write_text(json.dumps(student.metrics, indent=2))
+        _write(out / "student_metrics.json", json.dumps(student.metrics, indent=2))
         for stage, values in student.metrics.items():
             print(f"samflow student {stage}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()))
         print(f"samflow student: {out}")
     return 0
+
+
+def _checkpoint_step(ckpt: Path) -> int:
+    """The optimizer steps a checkpoint was written after (memory-mapped: the weights are not read)."""
+    import torch
+
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def _write(path: Path, text: str) -> None:
+    """``path`` whole or not at all (a run killed while writing keeps the earlier file)."""
+    write_whole(path, lambda temp: temp.write_text(text))
