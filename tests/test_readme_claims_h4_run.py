@@ -112,3 +112,23 @@ def test_a_resume_on_other_devices_is_allowed_with_a_warning_naming_them():
         settings = check_resume(training_settings(BASE), training_settings(_changed("trainer.devices", 2)))
     assert settings["trainer.devices"] == "2"
     assert [str(w.message) for w in caught] == ["samflow: resuming with trainer.devices 2 (the run had 1)."]
+
+
+@pytest.mark.parametrize(
+    "sam",
+    [
+        {"encoder_cache": 64},
+        {"encoder_cache": 64, "encoder_cache_stages": ["eval"]},
+        {"checkpoint_blocks": [0, 1]},
+        {"embedding_store": "store"},
+        {"checkpoint": "/elsewhere/sam.pth"},
+    ],
+)
+def test_a_resume_allows_silently_what_only_changes_the_encoders_speed_or_files(sam, recwarn):
+    """The encoder cache (and its stages), activation checkpointing, the store and the SAM file's path do
+    not change the numbers: set or changed on a resume, neither refused nor warned about."""
+    saved = training_settings(_changed("model.sam", {"variant": "tiny"}))
+    settings = check_resume(saved, training_settings(_changed("model.sam", {"variant": "tiny", **sam})))
+    assert settings == saved and not recwarn.list
+    with pytest.raises(ResumeError, match="model.sam.variant"):  # the model itself is still the run's
+        check_resume(saved, training_settings(_changed("model.sam", {"variant": "vit_b", **sam})))

@@ -49,7 +49,13 @@ TRAINER_REFUSED = (
 )
 TRAINER_WARNED = ("devices", "num_nodes", "callbacks")
 #: model options that do not change the numbers (files and the speed of the encoder)
-MODEL_FREE = ("sam.checkpoint", "sam.embedding_store", "sam.encoder_cache", "sam.checkpoint_blocks")
+MODEL_FREE = (
+    "sam.checkpoint",
+    "sam.embedding_store",
+    "sam.encoder_cache",
+    "sam.encoder_cache_stages",
+    "sam.checkpoint_blocks",
+)
 MODEL_WARNED = ("metrics", "threshold")
 #: data options that do not change the numbers, and those that name data a user may have moved
 DATA_FREE = ("num_workers", "pin_memory", "persistent_workers", "test", "predict")
