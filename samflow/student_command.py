@@ -246,7 +246,9 @@ def _check_resume(ckpt: Path, settings: dict[str, str], random_seed: bool) -> di
             "with --overwrite, or choose another --out."
         )
     try:
-        return check_resume(saved, settings, random_seed)
+        return check_resume(
+            saved, settings, random_seed, "start it again with --overwrite, or choose another --out"
+        )
     except ResumeError as err:
         raise ResumeError(f"samflow student: --resume {ckpt.parent.parent}: {err}") from err
 

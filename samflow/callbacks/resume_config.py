@@ -136,12 +136,15 @@ def check_fit_config(config: Any, random_seed: bool = False) -> bool:
 
 
 def check_resume(
-    saved: dict[str, str], settings: dict[str, str], random_seed: bool = False
+    saved: dict[str, str],
+    settings: dict[str, str],
+    random_seed: bool = False,
+    restart: str = "start a new run without --resume / --ckpt_path",
 ) -> dict[str, str]:
     """Refuse a change of a setting that defines the training; warn about one a user may mean.
 
     Returns ``settings``, with the run's seed when the command's ``seed_everything`` was ``true``
-    (``random_seed``); the caller seeds with it.
+    (``random_seed``); the caller seeds with it. ``restart``: the refusal's other way out.
     """
     settings, seed = dict(settings), "seed_everything"
     if random_seed and saved.get(seed, "null") not in ("null", "true", "false"):
@@ -159,7 +162,7 @@ def check_resume(
         raise ResumeError(
             f"the resumed run was trained with other settings ({listed}{more}): an exact resume needs "
             "the run's values (the checkpoint's optimizer and scheduler state would also override new "
-            "ones). Resume with them, or start a new run without --resume / --ckpt_path."
+            f"ones). Resume with them, or {restart}."
         )
     for key, old, new in changed:
         rank_zero_warn(f"samflow: resuming with {key} {new} (the run had {old}).")

@@ -196,6 +196,9 @@ def test_resume_refusals(setup, capsys, monkeypatch):
         assert main([*run, *flags]) == 1
         err = _one_line_error(capsys)
         assert f"--resume {whole}: the resumed run was trained with other settings ({key}" in err, err
+        assert err.rstrip().endswith(
+            "Resume with them, or start it again with --overwrite, or choose another --out."
+        ), err
     # other pseudo masks: refused by their content
     other = root / "other_pseudo.json"
     data = json.loads(pseudo.read_text())
