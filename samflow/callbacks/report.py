@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -15,6 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
+from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from samflow.callbacks.resume import before_training
@@ -22,6 +24,7 @@ from samflow.console import console, local_log_dir, show
 from samflow.console import table as rich_table
 from samflow.data.coco_file import makes_row
 from samflow.data.errors import DataError
+from samflow.data.eval_shard import EvalShardSampler
 from samflow.outputs import case_clash, partial_path, write_whole
 
 
@@ -169,6 +172,36 @@ class TestReport(Callback):
         return "\n".join(lines) + "\n"
 
 
+# the settings of the predict data that change its masks (batch size and workers do not)
+_RECORD_DATA_KEYS = ("eval_prompt", "prompt", "img_size", "resize_mode", "image_resize", "seed")
+
+
+def _checkpoint_sum(checkpoint: Any) -> str | None:
+    return checkpoint.get("sha256") if isinstance(checkpoint, Mapping) else None
+
+
+def _show_checkpoint(checkpoint: Any) -> str:
+    """``<path> (SHA-256 <first 12 digits>)``, or ``none`` (the experiment's weights)."""
+    if not isinstance(checkpoint, Mapping):
+        return "none"
+    return f"{checkpoint.get('path')} (SHA-256 {str(checkpoint.get('sha256'))[:12]})"
+
+
+def _record_differences(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key: earlier -> now`` for each setting of two records that differs (a checkpoint by SHA-256)."""
+    out = []
+    for key in sorted(set(earlier) | set(now)):
+        old, new = earlier.get(key), now.get(key)
+        if key == "checkpoint":
+            if _checkpoint_sum(old) != _checkpoint_sum(new):
+                out.append(f"checkpoint: {_show_checkpoint(old)} -> {_show_checkpoint(new)}")
+        elif isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += [f"{key}.{d}" for d in _record_differences(old, new)]
+        elif old != new:
+            out.append(f"{key}: {json.dumps(old)} -> {json.dumps(new)}")
+    return out
+
+
 class PredictionOutputError(DataError):
     """The predictions folder would overwrite an input, ground truth or earlier outputs (a user error)."""
 
@@ -254,6 +287,15 @@ class MaskWriter(BasePredictionWriter):
     Other files in the folder are left alone. Each file is written as ``<name>.partial`` and renamed into
     place, so a killed run leaves no truncated mask; the next run removes its ``.partial`` leftovers.
 
+    With ``resume`` a run continues an interrupted one: the images whose files are all in the folder
+    are left out of the predict data before the model sees them (on every DDP process: the images left
+    are split among them), the others are predicted (again), so the folder ends as an uninterrupted
+    run's. Such a run records what makes its masks in ``samflow_predict.json`` (``RECORD``) beside
+    them; a continued run with another checkpoint (by SHA-256), threshold, ``save_probabilities``,
+    precision or predict data (folder, prompt, size, seed) is refused naming what differs, and so is a
+    folder holding this run's files without a record (an earlier run without ``resume``, whose run
+    into the folder removes the record).
+
     Args:
         output_dir: folder for the masks (default: ``<run folder>/predictions``). Never the image or
             mask folder of the predict data.
@@ -261,23 +303,185 @@ class MaskWriter(BasePredictionWriter):
         overwrite: replace the files this run writes when ``output_dir`` already holds them (an
             earlier run's masks); by default such a run is refused. A folder holding the predict
             images or masks is refused either way.
+        resume: start, or continue, a run that can be continued: predict only the images whose files
+            are not all in ``output_dir`` yet (a killed run's ``.partial`` leftovers do not count and
+            are removed), after checking ``samflow_predict.json`` against this run's settings. Not
+            with ``overwrite``.
     """
 
     PARTIAL = "{name}.partial"  # a mask being written: ``x.png.partial``, renamed to ``x.png`` when whole
+    RECORD = "samflow_predict.json"  # what makes the masks of a folder written with ``resume``
 
     def __init__(
-        self, output_dir: str | None = None, save_probabilities: bool = False, overwrite: bool = False
+        self,
+        output_dir: str | None = None,
+        save_probabilities: bool = False,
+        overwrite: bool = False,
+        resume: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.save_probabilities = save_probabilities
         self.overwrite = overwrite
+        self.resume = resume
+        self._patched: Any = None  # the data module whose predict_dataloader ``resume`` wraps
+
+    def _output_folder(self, trainer: Trainer) -> Path:
+        # trainer.log_dir is a collective call under DDP: every rank asks
+        base = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+        return Path(base).expanduser()
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict" or not self.resume:
+            return
+        if self.overwrite:
+            raise PredictionOutputError(
+                "--predictions.resume true continues the run in the predictions folder and "
+                "--predictions.overwrite true starts it again: pass one of them."
+            )
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            raise PredictionOutputError(
+                "--predictions.resume true needs the predict data from a data module (--data)."
+            )
+        original = datamodule.predict_dataloader
+
+        def predict_dataloader() -> Any:  # the loader of the images left (every rank calls it)
+            return self.loader_left(trainer, pl_module, original())
+
+        datamodule.predict_dataloader = predict_dataloader  # Lightning asks the data module's attribute
+        self._patched = datamodule
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._patched is not None:
+            vars(self._patched).pop("predict_dataloader", None)  # the class's method again
+            self._patched = None
+
+    def record(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        """What makes this run's files (``RECORD``): checkpoint, threshold, probabilities, precision and
+        the predict data's settings, as JSON values."""
+        ckpt = getattr(trainer, "ckpt_path", None)
+        checkpoint = None
+        if ckpt:
+            digest = hashlib.sha256()
+            with open(ckpt, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            checkpoint = {"path": str(Path(ckpt).resolve()), "sha256": digest.hexdigest()}
+        datamodule = getattr(trainer, "datamodule", None)
+        hparams = dict(getattr(datamodule, "hparams", None) or {})
+        data = {key: hparams[key] for key in _RECORD_DATA_KEYS if key in hparams}
+        splits = getattr(datamodule, "splits", None)
+        if isinstance(splits, Mapping):
+            data["predict"] = splits.get("predict")
+        data.update(
+            {key: getattr(datamodule, key) for key in ("options", "crowd") if hasattr(datamodule, key)}
+        )
+        record = {
+            "checkpoint": checkpoint,
+            "threshold": getattr(pl_module, "threshold", None),
+            "save_probabilities": self.save_probabilities,
+            "precision": str(getattr(trainer, "precision", "")),
+            "predict_data": data,
+        }
+        return json.loads(json.dumps(record, default=str))  # as it reads back from the file
+
+    def check_record(
+        self, folder: Path, record: dict[str, Any], found_outputs: int, planned: int
+    ) -> str | None:
+        """Why the run recorded by ``record`` may not continue in ``folder`` (one line), or None; writes
+        ``RECORD`` into a folder that has none and holds none of the planned files."""
+        path = folder / self.RECORD
+        if not os.path.lexists(path):
+            if found_outputs:
+                return (
+                    f"The predictions folder {folder} holds {found_outputs} of the {planned} files this "
+                    f"run would write but no {self.RECORD}, so what made them is unknown (a run without "
+                    "--predictions.resume true): pass --predictions.overwrite true to predict them "
+                    "again, or choose another folder with --predictions.output_dir."
+                )
+            folder.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(record, indent=2) + "\n"
+            write_whole(path, lambda temp: temp.write_text(text))
+            return None
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            return f"{path} is not a readable record of a predict run ({err}); delete it with the masks."
+        differ = _record_differences(earlier, record)
+        if differ:
+            return (
+                f"The predictions in {folder} were made with other settings ({'; '.join(differ)}); a "
+                "continued run would mix two models' masks. Continue with the same settings, pass "
+                "--predictions.overwrite true to predict them all again, or choose another folder."
+            )
+        return None
+
+    def loader_left(self, trainer: Trainer, pl_module: LightningModule, loader: Any) -> Any:
+        """``loader`` over the images whose files are not all in the folder yet (``resume``)."""
+        folder = self._output_folder(trainer)
+        samples = _dataset_samples(getattr(loader, "dataset", None))
+        if not isinstance(loader, DataLoader) or len(samples) != len(loader.dataset):  # type: ignore[arg-type]
+            raise PredictionOutputError(
+                "--predictions.resume true needs predict data of samflow's data modules "
+                "(SegmentationDataModule, CocoDataModule): the images of this one are not known."
+            )
+        verdict: tuple[str | None, list[int]] = (None, [])
+        if trainer.is_global_zero:  # one look at the folder; every rank gets the same images
+            problem = self.check_output(folder, samples)
+            left: list[int] = []
+            if problem is None:
+                self.remove_partial(folder, samples)
+                for index, sample in enumerate(samples):
+                    if not all((folder / name).is_file() for name in self.output_names(sample)):
+                        left.append(index)
+                found = sum(
+                    (folder / n).is_file() for n in {n for s in samples for n in self.output_names(s)}
+                )
+                planned = len({n for s in samples for n in self.output_names(s)})
+                problem = self.check_record(folder, self.record(trainer, pl_module), found, planned)
+            verdict = (problem, left)
+        problem, left = trainer.strategy.broadcast(verdict, src=0)
+        if problem:
+            raise PredictionOutputError(problem)
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if 0 < len(left) < world:
+            raise PredictionOutputError(
+                f"{len(left)} image(s) of the predict data are left to predict in {folder}, fewer than "
+                f"the {world} processes of this run (each needs one): continue on at most {len(left)} "
+                "device(s)."
+            )
+        if trainer.is_global_zero:
+            done = len(samples) - len(left)
+            console().print(
+                f"samflow: predict: {done} of {len(samples)} images have all their files in {folder} "
+                f"already; {f'predicting the other {len(left)}' if left else 'nothing left to predict'}.",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        dataset = Subset(loader.dataset, left)
+        sampler = loader.sampler
+        shard = (
+            EvalShardSampler(dataset, sampler.num_replicas, sampler.rank, "the images left to predict")
+            if isinstance(sampler, EvalShardSampler) and left
+            else None  # one process, or Lightning splits the images left among the processes
+        )
+        return DataLoader(
+            dataset,
+            batch_size=loader.batch_size,
+            sampler=shard,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            persistent_workers=loader.persistent_workers,
+        )
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # trainer.log_dir is a collective call under DDP: every rank asks, once
-        base = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
-        self._folder = Path(base).expanduser()
+        self._folder = self._output_folder(trainer)  # a collective call under DDP: every rank asks, once
         # Rank 0 checks (and removes a killed run's leftovers), before any rank writes; every rank gets
         # its verdict and stops alike.
         problem = None
@@ -286,6 +490,8 @@ class MaskWriter(BasePredictionWriter):
             problem = self.check_output(self._folder, samples)
             if problem is None:
                 self.remove_partial(self._folder, samples)
+                if not self.resume:  # its masks are replaced: a record would name another run's model
+                    (self._folder / self.RECORD).unlink(missing_ok=True)
         problem = trainer.strategy.broadcast(problem, src=0)
         if problem:
             raise PredictionOutputError(problem)
@@ -350,8 +556,8 @@ class MaskWriter(BasePredictionWriter):
                     f"{where}: the output file {out} is the {found[0]} {found[1]} (a link); writing it "
                     "would overwrite the predict data. Choose another folder with --predictions.output_dir."
                 )
-        # 3. Masks of an earlier run.
-        if existing and not self.overwrite:
+        # 3. Masks of an earlier run (with ``resume``: the images' files are checked as a whole there).
+        if existing and not (self.overwrite or self.resume):
             return (
                 f"{where} already holds {len(existing)} of the {len(planned)} files this run would write "
                 f"(e.g. {existing[0]}). Pass --predictions.overwrite true to replace them, or choose another "
