@@ -27,9 +27,7 @@ checkpoint (the killed run's later rows are logged again) and continued.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import os
 import sys
@@ -253,25 +251,6 @@ def _check_resume(ckpt: Path, settings: dict[str, str], random_seed: bool) -> di
         raise ResumeError(f"samflow student: --resume {ckpt.parent.parent}: {err}") from err
 
 
-def _cut_metrics(path: Path, step: int) -> None:
-    """Keep the rows of ``metrics.csv`` logged before a checkpoint of ``step`` optimizer steps (their
-    ``step`` column is below it); the resumed run logs the later ones again. A last row cut short by a
-    kill goes too; the header stays (the resumed run's CSV logger adds new keys to it)."""
-    if not path.is_file():
-        return
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    reader = csv.DictReader(io.StringIO(text))
-    header = list(reader.fieldnames or [])
-    rows = [row for row in reader if not row.get("step") or int(float(row["step"])) < step]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=header, lineterminator="\r\n")  # csv's default, as Lightning's
-    writer.writeheader()
-    writer.writerows(rows)
-    write_whole(path, lambda temp: temp.write_text(out.getvalue(), newline=""))
-
-
 def _head_options(parser: argparse.ArgumentParser, text: str | None) -> dict[str, Any]:
     """``--head`` as ``SOLOv2Head`` options; a usage error naming ``--head`` when it is not YAML of a
     mapping or the head refuses it (an unknown option, levels of different lengths: a head is built)."""
@@ -368,8 +347,6 @@ def main(argv: list[str]) -> int:
         kwargs["strategy"] = "ddp"  # the student's head uses every parameter
     for path in earlier:  # --overwrite: none of them outlives this run beside its new files
         path.unlink()
-    if ckpt is not None and _launching_process():  # the rows the resumed run logs again go
-        _cut_metrics(out / "metrics.csv", _checkpoint_step(ckpt))
     # the experiment's own trainer.callbacks (e.g. the warm-up) come first; samflow fit's (sample grids,
     # reports, its checkpointing) are for SamflowModule and are left out. last.ckpt as samflow fit's:
     # every --last.every_n_train_steps steps and each epoch end, with what an exact resume needs
@@ -382,9 +359,11 @@ def main(argv: list[str]) -> int:
         RandomState(),
         SameExperiment(settings, random_seed, checked=True),
     ]
-    # metrics.csv continued on a resume (Lightning's CSVLogger would delete it); Lightning writes each
-    # row as it is logged, so a killed run's rows up to its checkpoint are all in the file
-    logger = RunCSVLogger(out, name="", version="")
+    # metrics.csv continued on a resume (Lightning's CSVLogger would delete it) without the rows the
+    # resumed run logs again; Lightning writes each row as it is logged, so a killed run's rows up to
+    # its checkpoint are all in the file
+    step = None if ckpt is None else _checkpoint_step(ckpt)
+    logger = RunCSVLogger(out, name="", version="", drop_from_step=step)
     trainer = Trainer(**kwargs, callbacks=callbacks, logger=logger, default_root_dir=out)
     try:
         trainer.fit(student, datamodule=student_data, ckpt_path=ckpt)

@@ -103,7 +103,12 @@ class RunInfo(Callback):
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer, continuing an existing ``metrics.csv`` under its header."""
+    """Lightning's CSV writer, continuing an existing ``metrics.csv`` under its header; with
+    ``drop_from_step``, without its rows of that step and later."""
+
+    def __init__(self, log_dir: str, drop_from_step: int | None = None) -> None:
+        self.drop_from_step = drop_from_step
+        super().__init__(log_dir=log_dir)  # reads the file (_check_log_dir_exists)
 
     @override
     def _check_log_dir_exists(self) -> None:  # Lightning deletes the file here
@@ -111,12 +116,25 @@ class _AppendingWriter(ExperimentWriter):
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             text = file.read()
-        if text and not text.endswith("\n"):  # a row cut short by a kill
-            text = text[: text.rfind("\n") + 1]
+        kept = text if not text or text.endswith("\n") else text[: text.rfind("\n") + 1]  # a row cut short
+        if self.drop_from_step is not None:
+            lines = kept.splitlines(keepends=True)
+            column = next(csv.reader(lines[:1]), []).index("step") if lines else -1
+            kept = "".join(
+                line
+                for i, line in enumerate(lines)
+                if i == 0 or _step_before(next(csv.reader([line]))[column], self.drop_from_step)
+            )
+        if kept != text:
             with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-                file.write(text)
+                file.write(kept)
         # Lightning's writer adds keys not in the header yet and rewrites the file under all of them
-        self.metrics_keys = next(csv.reader(io.StringIO(text)), [])
+        self.metrics_keys = next(csv.reader(io.StringIO(kept)), [])
+
+
+def _step_before(value: str, step: int) -> bool:
+    """Whether a row's ``step`` cell is empty or below ``step``."""
+    return not value or int(float(value)) < step
 
 
 class RunCSVLogger(CSVLogger):
@@ -126,7 +144,16 @@ class RunCSVLogger(CSVLogger):
     killed run logged after its last checkpoint, which the resumed run logs again), new rows follow,
     and a key the header lacks rewrites the file once under a header of every key, so each row's
     values stay under their keys. A last row cut short by a kill is dropped.
+
+    Args:
+        drop_from_step: also drop the rows logged at this optimizer step or later (``samflow student
+            --resume``: those of the killed run after its checkpoint, which the resumed run logs again).
+        **kwargs: ``CSVLogger``'s.
     """
+
+    def __init__(self, *args: Any, drop_from_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.drop_from_step = drop_from_step
 
     @property
     @override
@@ -134,5 +161,5 @@ class RunCSVLogger(CSVLogger):
     def experiment(self) -> ExperimentWriter:
         if not isinstance(self._experiment, ExperimentWriter):  # None before the first use
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir, drop_from_step=self.drop_from_step)
         return self._experiment
