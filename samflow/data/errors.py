@@ -11,12 +11,13 @@ class DataError(ValueError):
     """A dataset folder or file is missing, unreadable or inconsistent; the message names it."""
 
 
-def check_loader_counts(prefix: str, batch_sizes: dict[str, int], num_workers: int) -> None:
-    """Refuse batch sizes below 1 and a negative ``num_workers``, naming the option (``prefix`` + name),
-    when a data module is built: else the first data loader refuses them with a traceback."""
-    for name, size in batch_sizes.items():
-        if size < 1:
-            raise ValueError(f"{prefix}{name} must be at least 1, got {size}.")
+def check_loader_counts(prefix: str, counts: dict[str, int], num_workers: int) -> None:
+    """Refuse counts below 1 (batch sizes, patch sizes, ...) and a negative ``num_workers``, naming the
+    option (``prefix`` + name), when a data module is built: else the first data loader refuses them
+    with a traceback, or a run samples nothing."""
+    for name, count in counts.items():
+        if count < 1:
+            raise ValueError(f"{prefix}{name} must be at least 1, got {count}.")
     if num_workers < 0:
         raise ValueError(
             f"{prefix}num_workers must be 0 (load in the main process) or more, got {num_workers}."

@@ -49,15 +49,12 @@ def _entries(split: str, entries: Sequence[Mapping[str, Any]] | None) -> tuple[l
     return slides, annotations
 
 
-def _check_options(positive: dict[str, float], at_least_one: dict[str, int], tumour_fraction: float) -> None:
-    """Refuse values the patches or their loaders cannot use, naming the option, when the data module is
-    built (else the first slide read or loader fails with a traceback, or a run samples nothing)."""
+def _check_options(positive: dict[str, float], tumour_fraction: float) -> None:
+    """Refuse values the patches cannot use, naming the option, when the data module is built (else the
+    first slide read fails with a traceback); the counts: ``check_loader_counts``."""
     for name, value in positive.items():
         if not value > 0:  # NaN too
             raise ValueError(f"data.init_args.{name} must be positive, got {value}.")
-    for name, count in at_least_one.items():
-        if count < 1:
-            raise ValueError(f"data.init_args.{name} must be at least 1, got {count}.")
     if not 0 <= tumour_fraction <= 1:
         raise ValueError(
             f"data.init_args.tumour_fraction is a share of the patches, in [0, 1]; got {tumour_fraction}."
@@ -126,15 +123,16 @@ class SlideDataModule(L.LightningDataModule):
                 "label_downsample": label_downsample,
                 **({} if slide_mpp is None else {"slide_mpp": slide_mpp}),
             },
-            at_least_one={
-                "patch_size": patch_size,
-                "patches_per_slide": patches_per_slide,
-                "eval_patches_per_slide": eval_patches_per_slide,
-            },
             tumour_fraction=tumour_fraction,
         )
-        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size}
-        check_loader_counts("data.init_args.", sizes, num_workers)
+        counts = {
+            "patch_size": patch_size,
+            "patches_per_slide": patches_per_slide,
+            "eval_patches_per_slide": eval_patches_per_slide,
+            "batch_size": batch_size,
+            "eval_batch_size": eval_batch_size,
+        }
+        check_loader_counts("data.init_args.", counts, num_workers)
         self.entries = {
             split: _entries(split, entries)
             for split, entries in (("train", train), ("val", val), ("test", test))
