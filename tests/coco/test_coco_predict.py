@@ -55,7 +55,7 @@ def test_every_instance_gets_its_own_files(predicted):
     stems = [f"{image}_{ann}" for image, anns in truth.items() for ann in anns]
     assert len(stems) == 9  # 3 instances on each of images 1-3, none on image 4
     expected = {f"{stem}.png" for stem in stems} | {f"{stem}_prob.png" for stem in stems}
-    assert {p.name for p in out.iterdir()} == expected
+    assert {p.name for p in out.iterdir()} == expected | {"samflow_predict.json"}  # and the run's record
 
 
 def test_each_file_is_the_prediction_of_its_own_row(predicted):

@@ -4,10 +4,11 @@ A run killed at 90% of a large set is continued, not started again: the images w
 the predictions folder are left out before the model sees them (no forward for a finished image, on one
 process and on each DDP process), the others are predicted, and the folder ends byte for byte as an
 uninterrupted run's. A killed run is simulated by deleting some outputs (one image keeps its mask but
-loses its probability PNG) and leaving a ``.partial``. ``samflow_predict.json`` records what made the
-masks; a continued run with another checkpoint, threshold or ``save_probabilities`` is refused in one
-line naming what differs, so two models' masks are never mixed; so is a folder of an earlier run
-without the record, and ``--predictions.resume`` with ``--predictions.overwrite``.
+loses its probability PNG) and leaving a ``.partial``. Every run, with the option or without it, writes
+``samflow_predict.json``, the record of what made the masks, so a killed plain run is continued too; a
+continued run with another checkpoint, threshold or ``save_probabilities`` is refused in one line naming
+what differs, so two models' masks are never mixed; so is a folder of masks without the record, and
+``--predictions.resume`` with ``--predictions.overwrite``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from samflow.callbacks import MaskWriter
-from samflow.callbacks.report import PredictionOutputError
+from samflow.callbacks.mask_writer import PredictionOutputError
 from samflow.data.listing import find_samples
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
@@ -119,6 +120,16 @@ def test_a_continued_run_predicts_only_the_images_left_and_equals_an_uninterrupt
     assert predicted(work, "ids_none") == []
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert "5 of 5 images have all their files" in proc.stdout + proc.stderr
+
+
+def test_a_killed_run_started_without_the_option_is_continued_with_it(work, uninterrupted):
+    out = work / "plain_killed"
+    shutil.copytree(work / "plain", out)  # the plain run's files, with its record
+    assert json.loads((out / "samflow_predict.json").read_text())["save_probabilities"] is True
+    left = kill(out)
+    predict(work, out, "--predictions.resume", "true", ids="ids_plain_continued")
+    assert predicted(work, "ids_plain_continued") == sorted(left)
+    assert pngs(out) == uninterrupted
 
 
 def test_a_continued_run_on_two_ddp_processes_predicts_each_image_left_once(work, uninterrupted):
@@ -235,15 +246,16 @@ def test_a_folder_of_a_run_without_the_record_is_refused(tmp_path):
     assert not (out / "samflow_predict.json").exists()
 
 
-def test_a_plain_run_into_the_folder_removes_the_record(tmp_path):
+def test_a_plain_run_writes_its_record_before_its_first_mask_replacing_an_earlier_one(tmp_path):
     root, out = make_root(tmp_path / "data"), tmp_path / "out"
     assert left(MaskWriter(output_dir=str(out), resume=True), root, out) == ["a", "b", "c"]
-    assert (out / "samflow_predict.json").is_file()
+    assert json.loads((out / "samflow_predict.json").read_text())["threshold"] == 0.5
     plain = MaskWriter(output_dir=str(out), overwrite=True)
     trainer = trainer_on(out)
     trainer.predict_dataloaders = [SimpleNamespace(dataset=Samples(root))]
-    plain.on_predict_start(trainer, None)  # its masks may come from another model
-    assert not (out / "samflow_predict.json").exists()
+    plain.on_predict_start(trainer, SimpleNamespace(threshold=0.7))  # another model's masks follow
+    assert json.loads((out / "samflow_predict.json").read_text())["threshold"] == 0.7
+    assert sorted(p.name for p in out.iterdir()) == ["samflow_predict.json"]  # no mask yet
 
 
 def test_fewer_images_left_than_processes_is_refused(tmp_path):

@@ -30,7 +30,7 @@ from helpers import run_samflow
 from PIL import Image
 
 from samflow.callbacks import MaskWriter
-from samflow.callbacks.report import PredictionOutputError
+from samflow.callbacks.mask_writer import PredictionOutputError
 from samflow.data.listing import find_samples
 
 STEMS = ("a", "b", "c")
@@ -273,5 +273,10 @@ def test_rows_that_would_write_one_file_twice_stop_the_run(tmp_path):
         writer.write_on_batch_end(trainer, None, rows, None, None, 0, 0)
     writer.on_predict_start(trainer, None)
     writer.write_on_batch_end(trainer, None, {**rows, "instance": [7, 8]}, None, None, 0, 0)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "a_7.png", "a_8.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a.png",
+        "a_7.png",
+        "a_8.png",
+        MaskWriter.RECORD,
+    ]
     assert np.asarray(Image.open(tmp_path / "out" / "a_8.png")).min() == 255

@@ -18,7 +18,7 @@ from helpers import crashing_png_saves
 from PIL import Image
 
 from samflow.callbacks import MaskWriter
-from samflow.callbacks.report import PredictionOutputError
+from samflow.callbacks.mask_writer import PredictionOutputError
 from samflow.data.listing import find_samples
 
 STEMS = ("a", "b", "c")
@@ -59,8 +59,9 @@ def run(writer: MaskWriter, trainer: SimpleNamespace) -> None:
 
 
 def assert_whole(out: Path, stems) -> None:
-    """Exactly these masks, each a complete PNG with its own mask, and no ``.partial`` file."""
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.png" for s in stems)
+    """Exactly these masks and the run's record, each mask a complete PNG with its own mask, and no
+    ``.partial`` file."""
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{s}.png" for s in stems), MaskWriter.RECORD])
     for stem in stems:
         with Image.open(out / f"{stem}.png") as image:
             mask = np.asarray(image)  # a truncated PNG fails here
@@ -79,7 +80,7 @@ def test_a_crash_mid_write_leaves_no_mask_under_its_final_name_and_a_rerun_works
     with pytest.raises(OSError, match="simulated"):
         run(MaskWriter(output_dir=str(out)), trainer_on(root, out))
     assert not (out / "a.png").exists()  # the old writer left half a PNG here
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [MaskWriter.RECORD]  # written before the first mask
     crash_on(0)  # no more crashes
     run(MaskWriter(output_dir=str(out)), trainer_on(root, out))  # not refused: nothing was written
     assert_whole(out, STEMS)

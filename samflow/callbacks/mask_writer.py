@@ -1,0 +1,459 @@
+"""Predicted masks written as PNGs: ``MaskWriter``, which never overwrites its inputs and can continue
+a killed run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+from typing_extensions import override
+
+from samflow.console import console
+from samflow.data.coco_file import makes_row
+from samflow.data.errors import DataError
+from samflow.data.eval_shard import EvalShardSampler
+from samflow.outputs import case_clash, partial_path, write_whole
+
+# the settings of the predict data that change its masks (batch size and workers do not)
+_RECORD_DATA_KEYS = ("eval_prompt", "prompt", "img_size", "resize_mode", "image_resize", "seed")
+
+
+def _checkpoint_sum(checkpoint: Any) -> str | None:
+    return checkpoint.get("sha256") if isinstance(checkpoint, Mapping) else None
+
+
+def _show_checkpoint(checkpoint: Any) -> str:
+    """``<path> (SHA-256 <first 12 digits>)``, or ``none`` (the experiment's weights)."""
+    if not isinstance(checkpoint, Mapping):
+        return "none"
+    return f"{checkpoint.get('path')} (SHA-256 {str(checkpoint.get('sha256'))[:12]})"
+
+
+def _record_differences(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key: earlier -> now`` for each setting of two records that differs (a checkpoint by SHA-256)."""
+    out = []
+    for key in sorted(set(earlier) | set(now)):
+        old, new = earlier.get(key), now.get(key)
+        if key == "checkpoint":
+            if _checkpoint_sum(old) != _checkpoint_sum(new):
+                out.append(f"checkpoint: {_show_checkpoint(old)} -> {_show_checkpoint(new)}")
+        elif isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += [f"{key}.{d}" for d in _record_differences(old, new)]
+        elif old != new:
+            out.append(f"{key}: {json.dumps(old)} -> {json.dumps(new)}")
+    return out
+
+
+class PredictionOutputError(DataError):
+    """The predictions folder would overwrite an input, ground truth or earlier outputs (a user error)."""
+
+
+@dataclass(frozen=True)
+class _InstanceImage:
+    """An image of instance data (COCO) as ``MaskWriter`` plans it: one output stem per instance."""
+
+    id: str
+    image: Path
+    stems: tuple[str, ...]
+    mask: Path | None = None
+
+
+def _instance_images(dataset: Any) -> list[_InstanceImage]:
+    """The images of a ``CocoInstances`` dataset with the stems ``<image id>_<annotation id>`` of their
+    instances (the annotations it makes rows of; one with an empty mask, dropped when read, is planned
+    too: a superset, which only matters for the check of earlier outputs)."""
+    out = []
+    for image, anns in zip(dataset.images, dataset.anns, strict=True):
+        rows = [a for a in anns if makes_row(a, dataset.crowd)]
+        stems = tuple(f"{image['id']}_{int(a.get('id', k))}" for k, a in enumerate(rows))
+        out.append(_InstanceImage(str(image["id"]), dataset.root / image["file_name"], stems))
+    return out
+
+
+def _dataset_samples(dataset: Any) -> list[Any]:
+    """The samples (``.image``, ``.mask``, ``.id``) of a ``MaskFolderDataset``, or the images of a
+    ``CocoInstances`` (``_InstanceImage``), also inside a ``ConcatDataset`` or ``Subset``; ``[]`` for a
+    dataset of another kind."""
+    if all(hasattr(dataset, name) for name in ("images", "anns", "root", "crowd")):
+        return _instance_images(dataset)
+    samples = getattr(dataset, "samples", None)
+    if isinstance(samples, list):  # ImageFolder's samples are (path, class) tuples: not ours
+        return [s for s in samples if hasattr(s, "id") and hasattr(s, "image") and hasattr(s, "mask")]
+    parts = getattr(dataset, "datasets", None)  # ConcatDataset
+    if isinstance(parts, Sequence):
+        return [s for part in parts for s in _dataset_samples(part)]
+    base = getattr(dataset, "dataset", None)  # Subset
+    if base is not None:
+        found = _dataset_samples(base)
+        indices = getattr(dataset, "indices", None)
+        return found if indices is None else [found[i] for i in indices]
+    return []
+
+
+def _predict_samples(trainer: Trainer) -> list[Any]:
+    """The samples of every predict data loader (or, without loaders, of the data module's predict sets)."""
+    loaders = trainer.predict_dataloaders
+    if loaders is not None:
+        if isinstance(loaders, Mapping):
+            loaders = list(loaders.values())
+        elif not isinstance(loaders, (list, tuple)):
+            loaders = [loaders]
+        return [s for loader in loaders for s in _dataset_samples(getattr(loader, "dataset", None))]
+    datasets = getattr(getattr(trainer, "datamodule", None), "datasets", None) or {}
+    return [s for key, d in datasets.items() if key.split("/")[0] == "predict" for s in _dataset_samples(d)]
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of an existing path (following links), the identity ``os.path.samefile`` uses."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+class MaskWriter(BasePredictionWriter):
+    """Write one binary mask PNG (0 / 255) per prompt row, at its image's original size.
+
+    The mask of ``<folder>/<stem>.<ext>`` is ``<output_dir>/<stem>.png``. Instance data (COCO, one row
+    per annotation) writes one mask per instance, ``<output_dir>/<image id>_<annotation id>.png``, and
+    nothing for an image without instances; rows that would write one file twice stop the run. Before
+    anything is predicted the run is refused, with one line naming the folder and a conflicting file, when
+
+    - the output folder holds an input image or ground-truth mask of the predict data (compared as
+      files, so links and another spelling of the same folder count), or an output file is an input;
+    - two predict images have the same stem (``a/x.jpg`` and ``b/x.png`` would both write ``x.png``), or
+      stems equal but for case (``X.png`` and ``x.png``: one file on a case-insensitive disk);
+    - the folder already holds a mask this run would write, unless ``overwrite`` is true.
+
+    Other files in the folder are left alone. Each file is written as ``<name>.partial`` and renamed into
+    place, so a killed run leaves no truncated mask; the next run removes its ``.partial`` leftovers.
+
+    Every run records what makes its masks in ``samflow_predict.json`` (``RECORD``) beside them,
+    before the first mask: the checkpoint (by SHA-256), threshold, ``save_probabilities``, precision
+    and predict data (folder, prompt, size, seed); a later run into the folder replaces it. With
+    ``resume`` a run continues an interrupted one (started with or without ``resume``): the images
+    whose files are all in the folder are left out of the predict data before the model sees them (on
+    every DDP process: the images left are split among them), the others are predicted (again), so the
+    folder ends as an uninterrupted run's. A continued run whose settings differ from the record is
+    refused naming what differs, and so is a folder holding this run's files without a record (written
+    by a samflow older than the record, or by another tool).
+
+    Args:
+        output_dir: folder for the masks (default: ``<run folder>/predictions``). Never the image or
+            mask folder of the predict data.
+        save_probabilities: also write the foreground probability as an 8-bit PNG (``<stem>_prob.png``).
+        overwrite: replace the files this run writes when ``output_dir`` already holds them (an
+            earlier run's masks); by default such a run is refused. A folder holding the predict
+            images or masks is refused either way.
+        resume: continue a killed run (or start one): predict only the images whose files are not
+            all in ``output_dir`` yet (a killed run's ``.partial`` leftovers do not count and are
+            removed), after checking ``samflow_predict.json`` against this run's settings. Not with
+            ``overwrite``.
+    """
+
+    PARTIAL = "{name}.partial"  # a mask being written: ``x.png.partial``, renamed to ``x.png`` when whole
+    RECORD = "samflow_predict.json"  # what makes the masks of a folder written with ``resume``
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        save_probabilities: bool = False,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.save_probabilities = save_probabilities
+        self.overwrite = overwrite
+        self.resume = resume
+        self._patched: Any = None  # the data module whose predict_dataloader ``resume`` wraps
+
+    def _output_folder(self, trainer: Trainer) -> Path:
+        # trainer.log_dir is a collective call under DDP: every rank asks
+        base = self.output_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+        return Path(base).expanduser()
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict" or not self.resume:
+            return
+        if self.overwrite:
+            raise PredictionOutputError(
+                "--predictions.resume true continues the run in the predictions folder and "
+                "--predictions.overwrite true starts it again: pass one of them."
+            )
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            raise PredictionOutputError(
+                "--predictions.resume true needs the predict data from a data module (--data)."
+            )
+        original = datamodule.predict_dataloader
+
+        def predict_dataloader() -> Any:  # the loader of the images left (every rank calls it)
+            return self.loader_left(trainer, pl_module, original())
+
+        datamodule.predict_dataloader = predict_dataloader  # Lightning asks the data module's attribute
+        self._patched = datamodule
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._patched is not None:
+            vars(self._patched).pop("predict_dataloader", None)  # the class's method again
+            self._patched = None
+
+    def record(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        """What makes this run's files (``RECORD``): checkpoint, threshold, probabilities, precision and
+        the predict data's settings, as JSON values."""
+        ckpt = getattr(trainer, "ckpt_path", None)
+        checkpoint = None
+        if ckpt:
+            digest = hashlib.sha256()
+            with open(ckpt, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            checkpoint = {"path": str(Path(ckpt).resolve()), "sha256": digest.hexdigest()}
+        datamodule = getattr(trainer, "datamodule", None)
+        hparams = dict(getattr(datamodule, "hparams", None) or {})
+        data = {key: hparams[key] for key in _RECORD_DATA_KEYS if key in hparams}
+        splits = getattr(datamodule, "splits", None)
+        if isinstance(splits, Mapping):
+            data["predict"] = splits.get("predict")
+        data.update(
+            {key: getattr(datamodule, key) for key in ("options", "crowd") if hasattr(datamodule, key)}
+        )
+        record = {
+            "checkpoint": checkpoint,
+            "threshold": getattr(pl_module, "threshold", None),
+            "save_probabilities": self.save_probabilities,
+            "precision": str(getattr(trainer, "precision", "")),
+            "predict_data": data,
+        }
+        return json.loads(json.dumps(record, default=str))  # as it reads back from the file
+
+    def check_record(
+        self, folder: Path, record: dict[str, Any], found_outputs: int, planned: int
+    ) -> str | None:
+        """Why the run recorded by ``record`` may not continue in ``folder``, which holds
+        ``found_outputs`` of its ``planned`` files (one line), or None."""
+        path = folder / self.RECORD
+        if not os.path.lexists(path):
+            if found_outputs:
+                return (
+                    f"The predictions folder {folder} holds {found_outputs} of the {planned} files this "
+                    f"run would write but no {self.RECORD}, so what made them is unknown: pass "
+                    "--predictions.overwrite true to predict them again, or choose another folder with "
+                    "--predictions.output_dir."
+                )
+            return None
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            return f"{path} is not a readable record of a predict run ({err}); delete it with the masks."
+        differ = _record_differences(earlier, record)
+        if differ:
+            return (
+                f"The predictions in {folder} were made with other settings ({'; '.join(differ)}); a "
+                "continued run would mix two models' masks. Continue with the same settings, pass "
+                "--predictions.overwrite true to predict them all again, or choose another folder."
+            )
+        return None
+
+    def write_record(self, folder: Path, record: dict[str, Any]) -> None:
+        """Write ``record`` as ``folder``'s ``RECORD`` (whole or not at all), replacing an earlier one."""
+        folder.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(record, indent=2) + "\n"
+        write_whole(folder / self.RECORD, lambda temp: temp.write_text(text))
+
+    def loader_left(self, trainer: Trainer, pl_module: LightningModule, loader: Any) -> Any:
+        """``loader`` over the images whose files are not all in the folder yet (``resume``)."""
+        folder = self._output_folder(trainer)
+        samples = _dataset_samples(getattr(loader, "dataset", None))
+        if not isinstance(loader, DataLoader) or len(samples) != len(loader.dataset):  # type: ignore[arg-type]
+            raise PredictionOutputError(
+                "--predictions.resume true needs predict data of samflow's data modules "
+                "(SegmentationDataModule, CocoDataModule): the images of this one are not known."
+            )
+        verdict: tuple[str | None, list[int]] = (None, [])
+        if trainer.is_global_zero:  # one look at the folder; every rank gets the same images
+            problem = self.check_output(folder, samples)
+            left: list[int] = []
+            if problem is None:
+                self.remove_partial(folder, samples)
+                names = [self.output_names(sample) for sample in samples]
+                there = {n for ns in names for n in ns if (folder / n).is_file()}
+                left = [index for index, ns in enumerate(names) if not there.issuperset(ns)]
+                planned = len({n for ns in names for n in ns})
+                record = self.record(trainer, pl_module)
+                problem = self.check_record(folder, record, len(there), planned)
+                if problem is None and not os.path.lexists(folder / self.RECORD):
+                    self.write_record(folder, record)  # before the first mask
+            verdict = (problem, left)
+        problem, left = trainer.strategy.broadcast(verdict, src=0)
+        if problem:
+            raise PredictionOutputError(problem)
+        world = int(getattr(trainer, "world_size", 1) or 1)
+        if 0 < len(left) < world:
+            raise PredictionOutputError(
+                f"{len(left)} image(s) of the predict data are left to predict in {folder}, fewer than "
+                f"the {world} processes of this run (each needs one): continue on at most {len(left)} "
+                "device(s)."
+            )
+        if trainer.is_global_zero:
+            done = len(samples) - len(left)
+            console().print(
+                f"samflow: predict: {done} of {len(samples)} images have all their files in {folder} "
+                f"already; {f'predicting the other {len(left)}' if left else 'nothing left to predict'}.",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+        dataset = Subset(loader.dataset, left)
+        sampler = loader.sampler
+        shard = (
+            EvalShardSampler(dataset, sampler.num_replicas, sampler.rank, "the images left to predict")
+            if isinstance(sampler, EvalShardSampler) and left
+            else None  # one process, or Lightning splits the images left among the processes
+        )
+        return DataLoader(
+            dataset,
+            batch_size=loader.batch_size,
+            sampler=shard,
+            num_workers=loader.num_workers,
+            collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory,
+            persistent_workers=loader.persistent_workers,
+        )
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._folder = self._output_folder(trainer)  # a collective call under DDP: every rank asks, once
+        # Rank 0 checks (and removes a killed run's leftovers), before any rank writes; every rank gets
+        # its verdict and stops alike.
+        problem = None
+        if trainer.is_global_zero:
+            samples = _predict_samples(trainer)
+            problem = self.check_output(self._folder, samples)
+            if problem is None:
+                self.remove_partial(self._folder, samples)
+                if not self.resume:  # (a continued run's record was checked, or written, with its loader)
+                    self.write_record(self._folder, self.record(trainer, pl_module))
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise PredictionOutputError(problem)
+        self._folder.mkdir(parents=True, exist_ok=True)
+        self._written: set[str] = set()
+
+    @staticmethod
+    def row_stems(prediction: Mapping[str, Any]) -> list[str]:
+        """The file stem of each row of ``predict_step``'s output: ``<id>``, or ``<id>_<instance>``."""
+        if "instance" not in prediction:
+            return [str(i) for i in prediction["id"]]
+        return [f"{i}_{n}" for i, n in zip(prediction["id"], prediction["instance"], strict=True)]
+
+    def output_names(self, sample: Any) -> list[str]:
+        """The file names written for one image (a sample of ``_dataset_samples``): ``<id>.png``, or one
+        per instance (``stems``), each with its ``_prob.png`` when probabilities are saved."""
+        stems = sample.stems if isinstance(sample, _InstanceImage) else (sample.id,)
+        names = [f"{stem}.png" for stem in stems]
+        return names + [f"{stem}_prob.png" for stem in stems] if self.save_probabilities else names
+
+    def check_output(self, folder: Path, samples: Sequence[Any]) -> str | None:
+        """Why writing the masks of ``samples`` into ``folder`` is refused (one line), or None."""
+        where = f"The predictions folder {folder} (--predictions.output_dir)"
+        # 1. Two images that would write the same file (one image listed twice writes it once).
+        named = dict.fromkeys(
+            (name, sample.image) for sample in samples for name in self.output_names(sample)
+        )
+        clash = case_clash((str(folder / name), image) for name, image in named)
+        if clash is not None:
+            return clash.message(
+                "The predict images",
+                "give them different file names, or predict their folders separately into different "
+                "--predictions.output_dir.",
+            )
+        planned = {name: image for name, image in named}
+        if folder.exists() and not folder.is_dir():
+            return f"{where} is a file, not a folder. Choose a folder with --predictions.output_dir."
+        folder_id = _file_id(folder)
+        if folder_id is None:
+            return None  # a new folder holds nothing yet
+        # 2. The folder holds an input (as given or after links), or an output file is an input.
+        inputs: dict[tuple[int, int], tuple[str, Path]] = {}
+        for sample in samples:
+            for kind, path in (("input image", sample.image), ("ground-truth mask", sample.mask)):
+                if path is None:
+                    continue
+                path = Path(path)
+                for parent in {path.parent, Path(os.path.realpath(path)).parent}:
+                    if _file_id(parent) == folder_id:
+                        return (
+                            f"{where} holds the {kind} {path}; writing masks there would overwrite the "
+                            "predict data. Choose another folder with --predictions.output_dir."
+                        )
+                file_id = _file_id(path)
+                if file_id is not None:
+                    inputs[file_id] = (kind, path)
+        existing = [folder / name for name in planned if os.path.lexists(folder / name)]
+        for out in existing:
+            found = inputs.get(_file_id(out) or (-1, -1))
+            if found is not None:
+                return (
+                    f"{where}: the output file {out} is the {found[0]} {found[1]} (a link); writing it "
+                    "would overwrite the predict data. Choose another folder with --predictions.output_dir."
+                )
+        # 3. Masks of an earlier run (with ``resume``: the images' files are checked as a whole there).
+        if existing and not (self.overwrite or self.resume):
+            return (
+                f"{where} already holds {len(existing)} of the {len(planned)} files this run would write "
+                f"(e.g. {existing[0]}). Pass --predictions.overwrite true to replace them, or choose another "
+                "folder with --predictions.output_dir."
+            )
+        return None
+
+    def remove_partial(self, folder: Path, samples: Sequence[Any]) -> None:
+        """Remove the ``<name>.partial`` files a killed run left for the masks of ``samples`` (never taken
+        for outputs: ``check_output`` looks at the final names only)."""
+        for name in {name for sample in samples for name in self.output_names(sample)}:
+            partial_path(folder / name, self.PARTIAL).unlink(missing_ok=True)
+
+    @override
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        folder = self._folder
+        for name, mask, prob in zip(self.row_stems(prediction), prediction["masks"], prediction["probs"]):
+            if name in self._written:  # several rows of one image without instance ids: never lose one
+                raise PredictionOutputError(
+                    f"Two prompt rows would write the same mask {folder / name}.png; predict data with "
+                    "several rows per image needs instance ids (ann_ids, as CocoDataModule's batches)."
+                )
+            self._written.add(name)
+            self.save_whole(
+                Image.fromarray(mask.cpu().numpy().astype(np.uint8) * 255), folder / f"{name}.png"
+            )
+            if self.save_probabilities:
+                values = (prob.float().cpu().numpy() * 255).round().astype(np.uint8)
+                self.save_whole(Image.fromarray(values), folder / f"{name}_prob.png")
+
+    def save_whole(self, image: Image.Image, path: Path) -> None:
+        """Save ``image`` as the PNG ``path``, whole or not at all (``write_whole``, through
+        ``<name>.partial``: a run killed mid-write leaves at most that file, which the next run removes)."""
+        write_whole(path, lambda temp: image.save(temp, format="PNG"), partial=self.PARTIAL)
