@@ -8,19 +8,24 @@ against the split's annotation masks at the original resolution, crowd regions a
 ``iscrowd`` (``val/ap``, ``val/ap50``, ..., ``test/ap_l``). Test predictions are also kept as COCO
 results (original category ids through the data's ``category_ids``) for ``results.json``.
 
-``samflow student`` (``samflow.student_command``) trains it on a pseudo-mask file.
+``samflow student`` (``samflow.student_command``) trains it on a pseudo-mask file; ``resume_views`` says
+which of a run's settings its ``--resume`` compares.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from samflow.callbacks.resume_config import ResumeError
 from samflow.data.coco_batch import CocoBatch
 from samflow.data.coco_masks import encode_mask
 from samflow.instance import CocoMaskAP, SOLOv2Head
@@ -28,7 +33,7 @@ from samflow.instance.solov2 import mask_boxes
 from samflow.module import SamSpec
 from samflow.sam import EncoderCache, HookedSam, build_sam
 
-__all__ = ["StudentModule"]
+__all__ = ["StudentModule", "resume_views"]
 
 ENCODER_PREFIX = "encoder."
 METRICS_KEY = "student_metrics"  # the checkpoint's entry of ``StudentModule.metrics``
@@ -232,3 +237,64 @@ class StudentModule(LightningModule):
             if key.startswith(ENCODER_PREFIX) and key not in state:
                 state[key] = value
         return super().load_state_dict(state, strict=strict, assign=assign)
+
+
+# ---- what a resume of a student run compares (``samflow student --resume``) ----
+#: the experiment's data options the student never reads: the prompts' (it takes none), ``empty`` (it
+#: keeps empty images), ``proposals``, ``aux_masks`` and ``train`` (the pseudo-mask file replaces them)
+UNUSED_DATA = (
+    "points",
+    "points_per_instance",
+    "point_key",
+    "seed",
+    "empty",
+    "proposals",
+    "aux_masks",
+    "train",
+)
+HEAD_KEY = "model.student.head"
+INFERENCE_KEY = "model.student.head.inference"  # the compared view's: the head's inference options
+
+
+def resume_views(
+    saved: dict[str, str], settings: dict[str, str], validated: bool, restart: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """A run's recorded settings (``saved``) and a resume's, as ``check_resume`` compares them: a resume
+    is refused exactly when a change would make it differ from an uninterrupted run with the new
+    settings (the head's weights, the ``metrics.csv`` rows). Left out: the experiment's ``UNUSED_DATA``;
+    ``--head`` with ``SOLOv2Head``'s defaults (an option given at its default is no change), its
+    inference options (``SOLOv2Head.INFERENCE_OPTIONS``), which never change the weights, apart. Those
+    changed: a ResumeError when the run ``validated`` before its checkpoint (that AP, in
+    ``metrics.csv``, was scored with the run's values; ``restart``: the other way out), else a warning,
+    and the validations and the test after the resume use the new values."""
+    old, new = _resume_view(saved), _resume_view(settings)
+    before, now = old.pop(INFERENCE_KEY, None), new.pop(INFERENCE_KEY, None)
+    if before != now and validated:
+        raise ResumeError(
+            f"the head's inference options changed ({INFERENCE_KEY}: run {before}, now {now}), and the "
+            "run's validations before its checkpoint scored their AP (metrics.csv) with the run's "
+            f"values. Resume with them, or {restart}."
+        )
+    if before != now:
+        rank_zero_warn(
+            f"samflow: resuming with {INFERENCE_KEY} {now} (the run had {before}; no validation had "
+            "run): the validations and the test use the new values."
+        )
+    return old, new
+
+
+def _unused(key: str) -> bool:
+    section, _, rest = key.partition(".")
+    return section == "data" and rest.removeprefix("init_args.").split(".")[0] in UNUSED_DATA
+
+
+def _resume_view(settings: dict[str, str]) -> dict[str, str]:
+    out = {key: value for key, value in settings.items() if not _unused(key)}
+    if HEAD_KEY in out:
+        params = inspect.signature(SOLOv2Head).parameters.values()
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        head = json.loads(json.dumps(defaults)) | json.loads(out[HEAD_KEY])  # tuples as JSON reads them
+        inference = {k: head.pop(k) for k in SOLOv2Head.INFERENCE_OPTIONS if k in head}
+        out[HEAD_KEY] = json.dumps(head, sort_keys=True)
+        out[INFERENCE_KEY] = json.dumps(inference, sort_keys=True)
+    return out

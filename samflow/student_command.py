@@ -17,11 +17,13 @@ files is refused before anything runs; ``--overwrite`` removes them first (other
 head weights of the run that was never stopped, as ``samflow fit --resume`` does, with the same pieces:
 ``LastCheckpoint`` writes ``last.ckpt`` (whole, by renaming) every ``--last.every_n_train_steps`` optimizer
 steps (default 50; 0: epoch ends only) and at every epoch end, ``RandomState`` saves the generators, the
-train loader (``ResumableLoader``) its position, and ``SameExperiment`` the run's training settings
+train loader (``ResumableLoader``) its position, and ``SameExperiment`` the run's settings
 (``resume_config``: the experiment's, and the student's own ``--head``, ``--mps-weight`` and the
-pseudo-mask file's content), so that a resume with a setting changed that changes the training is
-refused in one line naming it. On a resume ``metrics.csv`` is cut back to the rows logged before the
-checkpoint (the killed run's later rows are logged again) and continued.
+pseudo-mask file's content), so that a resume with a setting changed that would make it differ from an
+uninterrupted run with the new settings is refused in one line naming it (``student.resume_views``: an
+experiment data option the student never reads, and the head's thresholds before any validation, are
+taken). On a resume ``metrics.csv`` is cut back to the rows logged before the checkpoint (the killed
+run's later rows are logged again) and continued.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from samflow.data.coco import CocoDataModule
 from samflow.data.errors import DataError
 from samflow.instance.solov2 import SOLOv2Head
 from samflow.outputs import write_whole
-from samflow.student import StudentModule
+from samflow.student import METRICS_KEY, StudentModule, resume_views
 from samflow.usage import CommandParser
 
 # trainer.* keys the student does not take from the experiment: its own logger (metrics.csv in --out),
@@ -234,8 +236,9 @@ def _student_settings(
 
 
 def _check_resume(ckpt: Path, settings: dict[str, str], random_seed: bool) -> dict[str, str]:
-    """Refuse a resume from ``ckpt`` that is not a student run's or changes a training setting (one
-    line naming the key and both values, ``check_resume``); the run's seed when it was drawn."""
+    """Refuse a resume from ``ckpt`` that is not a student run's or changes a setting that would make it
+    differ from an uninterrupted run with the new settings (one line naming the key and both values,
+    ``check_resume``); ``settings`` with the run's seed when it was drawn."""
     saved = saved_settings(ckpt)
     if saved is None or "model.student.head" not in saved:
         raise DataError(
@@ -243,12 +246,13 @@ def _check_resume(ckpt: Path, settings: dict[str, str], random_seed: bool) -> di
             "samflow, or not by samflow student), so it cannot be continued exactly; start the run again "
             "with --overwrite, or choose another --out."
         )
-    try:
-        return check_resume(
-            saved, settings, random_seed, "start it again with --overwrite, or choose another --out"
-        )
+    restart = "start it again with --overwrite, or choose another --out"
+    try:  # as the student compares them (resume_views: what it never reads, the head's thresholds)
+        old, new = resume_views(saved, settings, "val" in _checkpoint_entry(ckpt, METRICS_KEY, {}), restart)
+        seed = check_resume(old, new, random_seed, restart)["seed_everything"]
     except ResumeError as err:
         raise ResumeError(f"samflow student: --resume {ckpt.parent.parent}: {err}") from err
+    return {**settings, "seed_everything": seed}
 
 
 def _head_options(parser: argparse.ArgumentParser, text: str | None) -> dict[str, Any]:
@@ -362,7 +366,7 @@ def main(argv: list[str]) -> int:
     # metrics.csv continued on a resume (Lightning's CSVLogger would delete it) without the rows the
     # resumed run logs again; Lightning writes each row as it is logged, so a killed run's rows up to
     # its checkpoint are all in the file
-    step = None if ckpt is None else _checkpoint_step(ckpt)
+    step = None if ckpt is None else int(_checkpoint_entry(ckpt, "global_step"))
     logger = RunCSVLogger(out, name="", version="", drop_from_step=step)
     trainer = Trainer(**kwargs, callbacks=callbacks, logger=logger, default_root_dir=out)
     try:
@@ -386,11 +390,11 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _checkpoint_step(ckpt: Path) -> int:
-    """The optimizer steps a checkpoint was written after (memory-mapped: the weights are not read)."""
+def _checkpoint_entry(ckpt: Path, key: str, default: Any = None) -> Any:
+    """One entry of a checkpoint (memory-mapped: the weights are not read)."""
     import torch
 
-    return int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get(key, default)
 
 
 def _write(path: Path, text: str) -> None:

@@ -110,6 +110,16 @@ class SOLOv2Head(nn.Module):
     """
 
     mask_stride = 8
+    #: the options that only ``predict`` reads (the validations' and the test's detections, not the loss)
+    INFERENCE_OPTIONS = (
+        "score_thr",
+        "mask_thr",
+        "filter_thr",
+        "nms_pre",
+        "max_per_img",
+        "nms_kernel",
+        "nms_sigma",
+    )
 
     def __init__(
         self,

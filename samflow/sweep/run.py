@@ -32,7 +32,7 @@ from samflow.sweep.agent import run_folder_args
 from samflow.sweep.check import experiment_path
 from samflow.sweep.report import RESULT_FILE, TRIAL_FILE
 from samflow.sweep.spec import SweepError, SweepSpec
-from samflow.sweep.storage import PLACE, heartbeat_interval, open_storage, places, replaced, run_again
+from samflow.sweep.storage import heartbeat_interval, open_storage, place_of, replaced, run_again
 
 DEFAULT_TRIALS = 20  # random and bayes sweeps without --trials or run_cap
 
@@ -192,8 +192,7 @@ def _ask(study: Any, distributions: dict[str, Any]) -> Any:
     found stale); a trial whose values cannot be sampled is failed, and that is the sweep's error."""
     trial = study.ask()
     study._storage.record_heartbeat(trial._trial_id)
-    place = places(study.get_trials(deepcopy=False))[trial.number]  # what Hyperband's bracket follows
-    study._storage.set_trial_system_attr(trial._trial_id, PLACE, place)
+    place_of(study, trial)  # what Hyperband's bracket follows (a grid's sampler may have computed it)
     try:
         for name, distribution in distributions.items():
             trial._suggest(name, distribution)

@@ -187,7 +187,7 @@ def _hyperband_class() -> Any:
 def _grid_class() -> Any:
     import optuna
 
-    from samflow.sweep.storage import places
+    from samflow.sweep.storage import place_of
 
     class Grid(optuna.samplers.GridSampler):
         """Optuna's GridSampler with a trial's point chosen by its place in the sweep (Optuna: point n
@@ -199,7 +199,7 @@ def _grid_class() -> Any:
             if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
                 return  # a trial that runs another's values again
             trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
-            place = places(trials)[trial.number]
+            place = place_of(study, trial, trials)  # kept: the trial loop's ask reads it
             taken = {t.system_attrs.get("grid_id") for t in trials if t.number != trial.number}
             if place >= self._n_min_trials or place in taken:  # past the grid: Optuna's unvisited point
                 super().before_trial(study, trial)

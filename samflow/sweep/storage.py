@@ -101,6 +101,21 @@ def places(trials: list[Any]) -> dict[int, int]:
     return out
 
 
+def place_of(study: Any, trial: Any, trials: list[Any] | None = None) -> int:
+    """``trial``'s place (``places``), computed once, when the trial starts, and kept as its ``PLACE``
+    system attr, which later calls read: a grid's sampler computes it (from ``trials``, the study's
+    trials it has read) for a trial of new values; the trial loop's ask reads it, or computes it where
+    the sampler did not (random, bayes, a trial that runs another's values again)."""
+    storage = study._storage
+    place = storage.get_trial(trial._trial_id).system_attrs.get(PLACE)
+    if place is None:
+        if trials is None:
+            trials = storage.get_all_trials(study._study_id, deepcopy=False)
+        place = places(trials)[trial.number]
+        storage.set_trial_system_attr(trial._trial_id, PLACE, place)
+    return int(place)
+
+
 def without_replaced(storage: Any) -> Any:
     """``storage`` (an ``RDBStorage``) as a trial's pruner reads it: without the trials that run again as
     another trial. An interrupted trial's rung values (Hyperband's ``completed_rung_<n>``) would

@@ -8,9 +8,12 @@ weights, momentum and scheduler equal the uninterrupted run's bit for bit (CPU, 
 ``metrics.csv`` (the rows the stopped run logged after its checkpoint are logged again, not twice),
 ``student_metrics.json`` and ``results.json``. The run trains with momentum, an epoch scheduler, the
 warm-up callback, shuffled batches and MPS masks, so the optimizer, scheduler and loader states all have
-to come back. A run killed in its test resumes with its last validation's AP. The refusals: no run in
-``--out``, a checkpoint without a student's settings, a changed head, MPS weight, learning rate, batch
-size or pseudo-mask file, and ``--overwrite`` with ``--resume``.
+to come back. A run killed in its test resumes with its last validation's AP. Taken: experiment data options
+the student never reads, head options at their defaults, and, before any validation, the head's
+inference thresholds (the run then ends as the uninterrupted run with the new ones). The refusals: no
+run in ``--out``, a checkpoint without a student's settings, a changed head, MPS weight, learning rate,
+batch size, crowd option or pseudo-mask file, the thresholds after a validation, and ``--overwrite``
+with ``--resume``.
 """
 
 from __future__ import annotations
@@ -166,6 +169,66 @@ def test_a_run_stopped_in_its_test_resumes_with_its_validation_metrics(setup, ca
     assert all(torch.equal(got[k], v) for k, v in ref.items())
 
 
+def _stop(monkeypatch, args: list[str], step: int) -> Path:
+    """``samflow student ARGS`` stopped by SIGTERM after optimizer step ``step``; its last.ckpt."""
+    with monkeypatch.context() as patch:
+        patch.setattr(StudentModule, "on_train_batch_end", None, raising=False)
+        _signal_at(step, signal.SIGTERM)
+        assert main(args) == 1
+    return Path(args[args.index("--out") + 1]) / "checkpoints" / "last.ckpt"
+
+
+def _with_head(base: list[str], **options) -> list[str]:
+    """``base`` with ``--head`` HEAD and ``options``."""
+    assert base[-2] == "--head"
+    return [*base[:-1], json.dumps(json.loads(HEAD) | options)]
+
+
+def test_a_resume_takes_changes_of_what_the_student_never_reads(setup, monkeypatch, capsys):
+    """Experiment data options the student never reads (the prompts' points and seed; empty images,
+    which it keeps anyway) and head options given at their defaults are no change: the resume is taken
+    and ends as the uninterrupted run."""
+    root, base, whole, _ = setup
+    args = ["--out", str(root / "unused"), "--last.every_n_train_steps", "2"]
+    assert _checkpoint(_stop(monkeypatch, [*base, *args], step=5))["global_step"] == 4
+    capsys.readouterr()
+    unused = ["--data.init_args.empty", "keep", "--data.init_args.points_per_instance", "2"]
+    unused += ["--data.init_args.seed", "7"]
+    assert main([*_with_head(base, sigma=0.2, nms_pre=500), *args, "--resume", *unused]) == 0
+    _same_run(root / "unused", whole)
+
+
+def test_a_resume_before_any_validation_takes_new_thresholds_for_its_test(setup, monkeypatch, capsys):
+    """The head's inference thresholds never change its weights; before any validation they have scored
+    nothing yet: the resume is taken, and the run (its validations and test) ends as the uninterrupted
+    run with the new thresholds."""
+    root, base, whole, _ = setup
+    new = _with_head(base, mask_thr=0.6)
+    reference = root / "whole_new_thresholds"
+    assert main([*new, "--out", str(reference)]) == 0
+    args = ["--out", str(root / "thresholds"), "--last.every_n_train_steps", "2"]
+    stopped = _checkpoint(_stop(monkeypatch, [*base, *args], step=2))
+    assert stopped["global_step"] == 2 and "val" not in stopped["student_metrics"]  # no validation yet
+    with pytest.warns(UserWarning, match="resuming with model.student.head.inference .*0.6"):
+        assert main([*new, *args, "--resume"]) == 0
+    _same_run(root / "thresholds", reference)
+    assert _student_state(reference)[1].keys() == _student_state(whole)[1].keys()
+    assert all(torch.equal(v, _student_state(whole)[1][k]) for k, v in _student_state(reference)[1].items())
+    assert (reference / "results.json").read_bytes() != (whole / "results.json").read_bytes()  # they matter
+
+
+def _checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _same_run(out: Path, reference: Path) -> None:
+    """``out``'s files and head weights are ``reference``'s."""
+    for name in FILES:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    got, ref = _student_state(out)[1], _student_state(reference)[1]
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], v) for k, v in ref.items())
+
+
 def _one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("samflow: error:"), err
@@ -191,6 +254,7 @@ def test_resume_refusals(setup, capsys, monkeypatch):
         "data.init_args.batch_size: run 1, now 2": ["--data.init_args.batch_size", "2"],
         "model.student.head": ["--head", HEAD.replace('"num_convs": 1', '"num_convs": 2')],
         "model.optimizer.init_args.lr: run 0.01, now 0.02": ["--model.optimizer.init_args.lr", "0.02"],
+        'data.init_args.crowd: run "skip", now "keep"': ["--data.init_args.crowd", "keep"],  # train rows
     }
     for key, flags in changed.items():
         assert main([*run, *flags]) == 1
@@ -199,6 +263,13 @@ def test_resume_refusals(setup, capsys, monkeypatch):
         assert err.rstrip().endswith(
             "Resume with them, or start it again with --overwrite, or choose another --out."
         ), err
+    # other thresholds after a validation: its AP in metrics.csv was scored with the run's
+    assert main([*_with_head(base, mask_thr=0.6), "--out", str(whole), "--resume"]) == 1
+    err = _one_line_error(capsys)
+    assert "the head's inference options changed (model.student.head.inference: run " in err, err
+    assert (
+        '"mask_thr": 0.45' in err and '"mask_thr": 0.6' in err and "validations before its checkpoint" in err
+    )
     # other pseudo masks: refused by their content
     other = root / "other_pseudo.json"
     data = json.loads(pseudo.read_text())
