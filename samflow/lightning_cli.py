@@ -321,6 +321,22 @@ class SamflowCLI(LightningCLI):
         silently ignored.
         """
 
+    @override
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        """LightningCLI's parser of a subcommand; ``predict`` keeps no predictions in memory by default.
+
+        ``Trainer.predict`` returns every batch's output unless told not to, and ``predict_step``'s
+        are the masks and probabilities at each image's original size (5 bytes a pixel): 100k images
+        of 1024 x 1024 would hold 500 GiB. The command never uses them (``predictions``, the
+        ``MaskWriter``, writes each batch's files as it comes); ``--return_predictions true`` keeps them.
+        """
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.set_defaults(return_predictions=False)
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LastCheckpoint, "last")

@@ -46,7 +46,9 @@ def predict_tiled(
     the overlap at a window's inner edges (1 at the image's own edges); outside its windows a
     prompt's logits are ``-inf``. An image no larger than one window is one window: the result is
     then ``predict``'s (to float rounding: the prompts are decoded as one batch). Only one window's
-    encoder state is held at a time; the outputs are N full-size maps.
+    encoder state is held at a time; the outputs are N full-size maps, and the blending holds at most
+    9 bytes per pixel and prompt (the logits' sums and weights, float32, and a flag), 36 GB for 10
+    prompts on a 20k x 20k image.
 
     Args:
         image: H x W x 3 uint8.
@@ -122,9 +124,13 @@ def predict_tiled(
         raise PredictorError(
             f"predict_tiled: prompts {missing[:5].tolist()} fit in no {tile} px window; pass a larger tile."
         )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        blended = np.where(weight > 0, total / np.maximum(weight, 1e-12), -np.inf).astype(np.float32)
-    return (blended if return_logits else blended > predictor.mask_threshold), score_sum / hits[:, None]
+    # blended in place: 9 bytes a pixel and prompt at most (total, weight, outside), never a second map
+    outside = weight == 0  # (N, 1, H, W): no window of the prompt covers the pixel
+    np.divide(total, np.maximum(weight, 1e-12, out=weight), out=total)
+    del weight
+    np.copyto(total, -np.inf, where=outside)
+    del outside
+    return (total if return_logits else total > predictor.mask_threshold), score_sum / hits[:, None]
 
 
 def _tracked(windows: list[tuple[int, int, int, int]], progress: bool) -> Iterator[tuple[int, int, int, int]]:

@@ -273,12 +273,18 @@ def images_section(folder: Path) -> str:
             parts.append(
                 f"**{title} validation images** (by IoU, last validation)\n\n![{title}](samples/{name})\n"
             )
-    grids = sorted(samples.glob("val_epoch*.png")) if samples.is_dir() else []
+    grids = sorted(samples.glob("val_epoch*.png"), key=_epoch_of) if samples.is_dir() else []
     if grids:
         parts.append(
             f"**Fixed samples, last epoch** ([all grids](samples/))\n\n![last](samples/{grids[-1].name})\n"
         )
     return "\n".join(parts) if parts else "No validation images (the `samples` callback wrote none).\n"
+
+
+def _epoch_of(grid: Path) -> tuple[int, str]:
+    """The epoch of ``val_epoch<NNN>.png`` (by number: ``val_epoch1000`` comes after ``val_epoch999``)."""
+    digits = grid.stem.removeprefix("val_epoch")
+    return (int(digits) if digits.isdigit() else -1, grid.name)
 
 
 def test_section(facts: Mapping[str, Any]) -> str:

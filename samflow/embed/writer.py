@@ -198,6 +198,8 @@ def write_rows(
                 touched.add((part, shard))
         for name in touched:
             arrays[name].flush()
+        for name in set(arrays) - touched:  # shards behind: each map holds a descriptor (store.MAX_MAPPED)
+            del arrays[name]
         done[chunk] = 1
         done.flush()
         written += len(chunk)
