@@ -1,6 +1,8 @@
 """The embedding store over many reads: each shard file it maps holds a file descriptor (mmap
 duplicates it), so a reader keeps at most ``MAX_MAPPED`` maps, the most recently read, and nothing
-grows with the number of reads or of shard files.
+grows with the number of reads or of shard files. Its writer (``samflow embed``) keeps only the shard files
+of the chunk it writes mapped: a store of a large data set has thousands of shard files, and ``ulimit -n``
+is often 1024.
 """
 
 from __future__ import annotations
@@ -76,4 +78,29 @@ def test_reads_keep_a_bounded_number_of_shards_mapped(store, reads, monkeypatch)
     assert len(_maps_of(root)) <= 2
     del reader
     gc.collect()
+    assert _descriptors_on(root) == 0
+
+
+def test_writing_a_store_keeps_a_bounded_number_of_shards_mapped(tmp_path):
+    """6 images in shards of 1, 2 parts (embedding, HQ-SAM's block): 12 shard files, written one image
+    a chunk. Open at any time: the ``done`` flags and the 2 shard files of the chunk, not every shard
+    written so far (13 descriptors at the end before); none once written."""
+    data = make_quickstart_data(tmp_path / "data", n_train=5, n_val=1, seed=1)
+    torch.manual_seed(0)
+    module = SamflowModule(sam=SamSpec(variant="tiny"), plugins={"hq": create_plugin("hq_sam")})
+    dm = SegmentationDataModule(train=str(data / "train"), val=str(data / "val"), img_size=128, batch_size=2)
+    dm.setup("fit")
+    root = tmp_path / "store"
+    open_after_chunk: list[int] = []
+    manifest, written = write_store(
+        root,
+        module,
+        dm,
+        batch_size=1,
+        shard_size=1,
+        progress=lambda total: lambda done: open_after_chunk.append(_descriptors_on(root)),
+    )
+    assert (manifest.rows, written, manifest.shards) == (6, 6, 6)
+    assert len(open_after_chunk) == 1 + 6  # the rows done before, then one call per chunk
+    assert max(open_after_chunk) <= 1 + 2
     assert _descriptors_on(root) == 0
