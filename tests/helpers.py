@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -290,3 +291,65 @@ def new_group(*args, **kwargs):
     return group
 dist.init_process_group, dist.new_group = init_process_group, new_group
 """
+
+
+# the script of ``run_samflow_commands``: each command of a plan in its own directory, in one process
+COMMAND_START = "### samflow command: "
+COMMANDS_SCRIPT = """
+import json, os, sys
+from samflow.cli import main
+
+if "LOCAL_RANK" in os.environ:  # rank 1 of a ddp command, started by Lightning with its arguments
+    raise SystemExit(main(sys.argv[1:]))
+
+if __name__ == "__main__":
+    codes = {}
+    for name, args in json.loads(open(sys.argv[1]).read()).items():
+        for stream in (sys.stdout, sys.stderr):  # where the command's output starts
+            print("\\n" + START + name, file=stream, flush=True)
+        os.makedirs(name)
+        os.chdir(name)  # the command's run folder under its own directory (rank 1 starts here too)
+        codes[name] = main(args)
+        os.chdir("..")
+        if codes[name]:
+            break
+    print("CODES " + json.dumps(codes))
+""".replace("START", repr(COMMAND_START))
+# set by a cluster or an outer launcher: not in the commands' process (a command would take itself for
+# a launched rank)
+LAUNCHED = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "OMP_NUM_THREADS")
+
+
+def run_samflow_commands(work: Path, plan: dict[str, list[str]], *, timeout: float = 600) -> dict[str, str]:
+    """The ``samflow`` commands of ``plan`` (name -> arguments), in order, each as ``samflow ARGS`` run in
+    ``work/<name>`` (made here: the run folder goes under it), all in one Python process: the imports
+    are paid once, not once a command (``main`` puts the process back as it found it after each run,
+    ``ddp`` included: ``tests/reliability/test_process_state_ddp.py``). Lightning's ``ddp`` launcher
+    starts rank 1 of a command by running the script again with that command's arguments. W&B disabled,
+    warnings off, default verbosity, no ``SAMFLOW_DEBUG``; asserts that every command exits 0 (it
+    stops at the first that does not). Returns each command's output (its stdout, then its stderr: its
+    ranks' lines)."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "samflow_commands.py").write_text(COMMANDS_SCRIPT)
+    (work / "samflow_commands.json").write_text(json.dumps(plan))
+    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCHED, "SAMFLOW_DEBUG", "SAMFLOW_VERBOSITY")}
+    env.update(WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(work / "samflow_commands.py"), str(work / "samflow_commands.json")],
+        check=False,
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    codes = [line for line in proc.stdout.splitlines() if line.startswith("CODES ")]
+    output = proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0 and codes, output
+    assert json.loads(codes[-1][6:]) == dict.fromkeys(plan, 0), output
+    outputs = dict.fromkeys(plan, "")
+    for stream in (proc.stdout, proc.stderr):
+        for part in stream.split(f"\n{COMMAND_START}")[1:]:
+            name, _, text = part.partition("\n")
+            outputs[name] += text
+    return outputs

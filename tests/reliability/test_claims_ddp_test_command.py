@@ -7,22 +7,20 @@
 - under DDP the sample pictures (``val_epoch000.png``, ``val_best.png``, ``val_worst.png``) show the images
   of the first process's part of the set: pixel for pixel those of one process validating that part.
 
-All five commands run in one Python process (a script of their own, as ``test_process_state_ddp.py``'s:
-Lightning's ``ddp`` launcher starts rank 1 by running the script again with the command's arguments), so
-the imports are paid once for rank 0; a callback records the ids of each batch each process evaluates.
+All five commands run in one Python process (``helpers.run_samflow_commands``: Lightning's ``ddp``
+launcher starts rank 1 by running its script again with the command's arguments), so the imports are paid
+once for rank 0; a callback records the ids of each batch each process evaluates.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_samflow_commands
 from PIL import Image
 from test_claims_ddp_counts import RECORDER  # the id-recording callback (validate, test, predict)
 
@@ -32,28 +30,6 @@ DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.stra
 ONE = ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
 N_VAL = 5  # the quickstart's test set is its validation set: 3 images on rank 0, 2 on rank 1
 SIDE = 128  # the quickstart's img_size: the side of a sample picture's panels
-# launch variables a cluster or an outer launcher would set; not in the commands' process
-LAUNCHED = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "OMP_NUM_THREADS")
-
-
-SCRIPT = """
-import json, os, sys
-from samflow.cli import main
-
-if "LOCAL_RANK" in os.environ:  # rank 1 of a ddp command, started by Lightning with its arguments
-    raise SystemExit(main(sys.argv[1:]))
-
-if __name__ == "__main__":
-    codes = {}
-    for name, args in json.loads(open(sys.argv[1]).read()).items():
-        os.makedirs(name)
-        os.chdir(name)  # each command's run folder under its own directory (rank 1 starts here too)
-        codes[name] = main(args)
-        os.chdir("..")
-        if codes[name]:
-            break
-    print("CODES " + json.dumps(codes))
-"""
 
 
 def command(work: Path, name: str, stage: str, *args: str) -> list[str]:
@@ -72,7 +48,6 @@ def work(tmp_path_factory) -> Path:
     """The five commands, run once for the module; ``work/<name>`` holds each one's run folder and ids."""
     work = tmp_path_factory.mktemp("ddp_test_command")
     (work / "recorder.py").write_text(RECORDER)
-    (work / "commands.py").write_text(SCRIPT)
     plan = {
         # claim 1: the whole set, batches of 2, on 2 processes and on one
         "test_two": command(work, "test_two", "test", *DDP, "--data.init_args.eval_batch_size", "2"),
@@ -89,23 +64,7 @@ def work(tmp_path_factory) -> Path:
             "--trainer.limit_val_batches", "3",
         ),
     }  # fmt: skip
-    (work / "plan.json").write_text(json.dumps(plan))
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHED and k != "SAMFLOW_DEBUG"}
-    env.update(
-        WANDB_MODE="disabled", PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(work), *sys.path])
-    )
-    proc = subprocess.run(
-        [sys.executable, str(work / "commands.py"), str(work / "plan.json")],
-        check=False,
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    codes = [line for line in proc.stdout.splitlines() if line.startswith("CODES ")]
-    assert proc.returncode == 0 and codes, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert json.loads(codes[-1][6:]) == dict.fromkeys(plan, 0), proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_samflow_commands(work, plan, timeout=500)
     return work
 
 

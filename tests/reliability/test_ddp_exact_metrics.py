@@ -4,6 +4,9 @@ Lightning's default ``DistributedSampler`` pads the last round by repeating imag
 ranks were evaluated as 4 (Dice 0.38990 instead of 0.39155). The data module now shards evaluation
 sets without padding (a rank may get one image, and one batch, fewer) and the module sums metric
 states and the loss over ranks, so the reduced numbers are those of one process on the whole set.
+
+Each test's commands run in one Python process (``helpers.run_samflow_commands``): the imports are paid
+once, not once a command.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from test_cli import run
+from helpers import run_samflow_commands
 from torch.utils.data import SequentialSampler
 
 from samflow.data import DataError, SegmentationDataModule
@@ -52,9 +55,7 @@ def assert_same(two: dict[str, float], one: dict[str, float]) -> None:
 def test_validate_three_images_on_two_ranks_equals_one_process(tmp_path):
     """3 images, 2 ranks (2 + 1 images, one batch each): IoU, Dice, MAE and loss equal one process."""
     common = ["validate", "--experiment", "quickstart", *data_args(tmp_path / "data", 3)]
-    for name, devices in (("two", DDP), ("one", ONE)):
-        (tmp_path / name).mkdir()
-        run([*common, *devices], tmp_path / name)
+    run_samflow_commands(tmp_path, {"two": [*common, *DDP], "one": [*common, *ONE]})
     assert_same(last_metrics(tmp_path / "two"), last_metrics(tmp_path / "one"))
 
 
@@ -63,29 +64,25 @@ def test_fit_five_images_uneven_batches_on_two_ranks_equals_one_process(tmp_path
     rank 1 one, through the DDP-wrapped model, without deadlock; the epoch's validation numbers equal a
     one-process ``validate`` of the checkpoint it saved."""
     data = data_args(tmp_path / "data", 5)
-    (tmp_path / "two").mkdir()
     fit = [
         "fit", "--experiment", "quickstart", *data, *DDP, "--data.init_args.batch_size", "2",
         "--data.init_args.eval_batch_size", "2", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "1",
     ]  # fmt: skip
-    run(fit, tmp_path / "two")
-    two = last_metrics(tmp_path / "two")
     version = tmp_path / "two" / "runs" / "quickstart" / "version_0"
+    ckpt = version / "checkpoints" / "last.ckpt"
+    validate = [
+        "validate", "--experiment", "quickstart", *data, *ONE, "--data.init_args.eval_batch_size", "2",
+    ]  # fmt: skip
+    # the quickstart's sanity check covers the whole set (num_sanity_val_steps -1): the numbers before
+    # training equal a one-process validate of the untrained model ("start": the same seed builds the
+    # same one)
+    plan = {"two": fit, "one": [*validate, "--ckpt_path", str(ckpt)], "start": validate}
+    run_samflow_commands(tmp_path, plan)
+    two = last_metrics(tmp_path / "two")
     before = json.loads((version / "val_before_after.json").read_text())["before"]
     assert set(before) >= {"val/iou", "val/dice", "val/mae"}  # the uneven sanity check reduced too
-    ckpt = version / "checkpoints" / "last.ckpt"
-    (tmp_path / "one").mkdir()
-    validate = ["validate", "--experiment", "quickstart", *data, *ONE, "--ckpt_path", str(ckpt)]
-    run([*validate, "--data.init_args.eval_batch_size", "2"], tmp_path / "one")
     assert_same(two, last_metrics(tmp_path / "one", version / "validate"))  # the run's validate/ folder
-    # the quickstart's sanity check covers the whole set (num_sanity_val_steps -1): the numbers before
-    # training equal a one-process validate of the untrained model (the same seed builds the same one)
-    (tmp_path / "start").mkdir()
-    run(
-        ["validate", "--experiment", "quickstart", *data, *ONE, "--data.init_args.eval_batch_size", "2"],
-        tmp_path / "start",
-    )
     start = last_metrics(tmp_path / "start")
     for key in ("val/iou", "val/dice", "val/mae"):
         assert before[key] == pytest.approx(start[key], abs=1e-6), (key, before[key], start[key])

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from test_cli import run
+from helpers import run_samflow_commands
 from test_ddp_exact_metrics import DDP, ONE, data_args
 
 STEP = [
@@ -29,29 +29,31 @@ STEP = [
 ]  # fmt: skip
 
 
-def trained(cwd: Path, data: list[str], *flags: str) -> dict[str, torch.Tensor]:
-    cwd.mkdir()
-    run(["fit", "--experiment", "quickstart", *data, *STEP, *flags], cwd)
-    ckpt = cwd / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+def trained(work: Path, data: list[str], flags: dict[str, list[str]]) -> dict[str, dict[str, torch.Tensor]]:
+    """One ``STEP`` of the quickstart on ``data`` for each entry of ``flags`` (name -> its flags), each
+    fit in ``work/<name>``, all in one Python process (the imports paid once): name -> saved weights."""
+    fit = ["fit", "--experiment", "quickstart", *data, *STEP]
+    run_samflow_commands(work, {name: [*fit, *more] for name, more in flags.items()})
+    ckpt = Path("runs", "quickstart", "version_0", "checkpoints", "last.ckpt")
+    return {
+        name: torch.load(work / name / ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        for name in flags
+    }
 
 
 def test_one_step_on_two_ranks_equals_one_process_and_accumulation(tmp_path):
     data = data_args(tmp_path / "data", 1)
-    one = trained(tmp_path / "one", data, *ONE, "--data.init_args.batch_size", "4")
-    two = trained(tmp_path / "two", data, *DDP, "--data.init_args.batch_size", "2")
-    accumulated = trained(
-        tmp_path / "acc",
+    weights = trained(
+        tmp_path,
         data,
-        *ONE,
-        "--data.init_args.batch_size",
-        "2",
-        "--trainer.accumulate_grad_batches",
-        "2",
+        {
+            "one": [*ONE, "--data.init_args.batch_size", "4"],
+            "two": [*DDP, "--data.init_args.batch_size", "2"],
+            "acc": [*ONE, "--data.init_args.batch_size", "2", "--trainer.accumulate_grad_batches", "2"],
+            "more": [*ONE, "--data.init_args.batch_size", "4", "--trainer.max_steps", "2"],
+        },
     )
-    further = trained(
-        tmp_path / "more", data, *ONE, "--data.init_args.batch_size", "4", "--trainer.max_steps", "2"
-    )
+    one, two, accumulated, further = (weights[name] for name in ("one", "two", "acc", "more"))
     assert one.keys() == two.keys() == accumulated.keys()
     moved = [k for k in one if one[k].is_floating_point() and (one[k] - further[k]).abs().max() > 1e-4]
     assert len(moved) > 20, "the steps hardly move the weights: the comparison below would prove little"

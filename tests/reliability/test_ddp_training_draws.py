@@ -25,8 +25,15 @@ PLUGINS = [
 
 def test_drawing_plugins_step_on_two_ranks_as_on_one_process(tmp_path):
     data = data_args(tmp_path / "data", 1)
-    one = trained(tmp_path / "one", data, *ONE, *PLUGINS, "--data.init_args.batch_size", "4")
-    two = trained(tmp_path / "two", data, *DDP, *PLUGINS, "--data.init_args.batch_size", "2")
+    weights = trained(
+        tmp_path,
+        data,
+        {
+            "one": [*ONE, *PLUGINS, "--data.init_args.batch_size", "4"],
+            "two": [*DDP, *PLUGINS, "--data.init_args.batch_size", "2"],
+        },
+    )
+    one, two = weights["one"], weights["two"]
     assert one.keys() == two.keys()
     assert any(k.startswith("model.plugins.pa.") for k in one) and any(
         k.startswith("model.plugins.hq.") for k in one
