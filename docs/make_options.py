@@ -592,7 +592,9 @@ def plugin_sections() -> list[Section]:
     for name, target in sorted(builtin_plugins().items()):
         module, _, attr = target.partition(":")
         cls = getattr(importlib.import_module(module), attr)
-        section = Section(3, f"{name}: {cls.__name__}", f"`class_path: {name}`. {first_line(cls)}")
+        full = target.replace(":", ".")  # the class path `samflow plugins` lists
+        summary = f"`class_path: {cls.__name__}` (or `{full}`). {first_line(cls)}"
+        section = Section(3, f"{name}: {cls.__name__}", summary)
         section.options = [_code(o) for o in class_options(cls)]
         sections.append(section)
     return sections

@@ -12,17 +12,7 @@ def python_blocks(section: str) -> list[str]:
     text = README.read_text()
     start = text.index(f"## {section}")
     end = text.find("\n## ", start + 1)
-    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
-
-
-def test_writing_a_plugin_example_runs():
-    blocks = python_blocks("Writing a plugin")
-    assert len(blocks) == 2, "the section shows the plugin and its test"
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
-    plugin = namespace["model"].plugins["bias"]
-    assert plugin.bias.requires_grad and namespace["model"].plugins.owned["bias"]
+    return re.findall(r"```python\n(.*?)```", text[start : end if end > 0 else None], flags=re.DOTALL)
 
 
 def test_official_code_checkouts_in_the_readme_are_the_ones_the_tests_read():

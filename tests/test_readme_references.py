@@ -86,6 +86,9 @@ def test_every_flag_the_readme_shows_is_an_option(flag):
         assert plugin.group(1) in options, f"{flag}: no plugin {plugin.group(1)!r} in docs/options.md"
         assert plugin.group(2) in options[plugin.group(1)], f"{flag}: plugin has no such option"
         return
+    if re.fullmatch(r"model\.plugins\.[a-z_]+\.class_path", name):  # a plugin under a key of the user's
+        assert "`model.plugins.<key>` with `class_path`" in OPTIONS, f"{flag}: docs/options.md lost the form"
+        return
     data = re.fullmatch(r"data\.init_args\.([a-z_0-9]+)(?:\.help|\.init_args)?", name)
     if data:  # an option of one of the data modules (a component's: `--data.init_args.prompt.init_args.X`)
         assert data.group(1) in _rows("### Data (`data.*`)"), f"{flag}: no data module has it"

@@ -65,6 +65,12 @@ class SamplePanel:
 class SamPlugin(nn.Module):
     """Base class of every samflow plugin: each hook is a no-op; override what you need.
 
+    A plugin declares what it does with class attributes (documented where they are defined):
+    ``needs_vit_encoder`` (it reaches into SAM's ViT: refused by name on MobileSAM / EfficientSAM),
+    ``reads_image`` (its decoder-side hooks read the pixels), ``predicts`` (its ``select`` gives the
+    prediction), ``onnx_exportable`` and ``conflicts``. ``self.key`` is its key in ``model.plugins``,
+    set before ``setup`` (name it in errors: ``samflow.plugins.PluginConfigError``).
+
     Args:
         lr: learning rate of this plugin's parameters (default: the optimizer's).
         weight_decay: weight decay of this plugin's parameters (default: the optimizer's).
@@ -146,7 +152,8 @@ class SamPlugin(nn.Module):
         return scale, bias
 
     def block_output(self, i: int, x: Tensor, ctx: ForwardContext) -> Tensor:
-        """See or change the output (B, h, w, C) of encoder block ``i`` (e.g. capture early features)."""
+        """Change the output (B, h, w, C) of encoder block ``i``. To only read it, declare the block in
+        ``encoder_features`` instead: this hook makes the encoder's output uncacheable."""
         return x
 
     def prompts(self, prompts: PromptEmbeddings, ctx: DecoderContext) -> PromptEmbeddings:
@@ -170,7 +177,9 @@ class SamPlugin(nn.Module):
         return None
 
     def losses(self, out: SamOutput, batch: SamBatch, ctx: DecoderContext) -> dict[str, Tensor]:
-        """Extra loss terms of this plugin; they are added to the experiment's losses."""
+        """Extra loss terms of this plugin, name -> scalar, each added as it is (weight it yourself) to the
+        experiment's losses: in training (logged as ``train/loss/<key>/<name>``) and in evaluation on
+        batches with a mask (in ``val/loss``); ``ctx.training`` tells which."""
         return {}
 
     # ---- pictures (validation sample grids; not part of the forward pass) ----
