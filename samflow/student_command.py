@@ -168,9 +168,10 @@ OUTPUTS = ("metrics.csv", "hparams.yaml", "student_metrics.json", "results.json"
 
 
 def _launching_process() -> bool:
-    """Whether this is the process the user started (not a DDP rank that Lightning or torchrun started
-    beside it): only that one checks and clears ``--out``."""
-    return all(os.environ.get(key, "0") == "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """Whether this is the process the user started (not a DDP rank that Lightning, torchrun or SLURM's
+    ``srun`` started beside it): only that one checks and clears ``--out``."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all(os.environ.get(key, "0") == "0" for key in ranks)
 
 
 def _earlier_outputs(out: Path, pseudo: Path, overwrite: bool) -> list[Path]:
@@ -350,7 +351,7 @@ def main(argv: list[str]) -> int:
     if str(kwargs.get("strategy", "")).startswith("ddp_find_unused"):
         kwargs["strategy"] = "ddp"  # the student's head uses every parameter
     for path in earlier:  # --overwrite: none of them outlives this run beside its new files
-        path.unlink()
+        path.unlink(missing_ok=True)
     # the experiment's own trainer.callbacks (e.g. the warm-up) come first; samflow fit's (sample grids,
     # reports, its checkpointing) are for SamflowModule and are left out. last.ckpt as samflow fit's:
     # every --last.every_n_train_steps steps and each epoch end, with what an exact resume needs

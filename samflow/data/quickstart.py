@@ -8,14 +8,18 @@ hide the edge a little. The object is findable, as in COD10K or CAMO, but not fr
 Layout: ``root/{train,val}/{images,masks}/<split>_<i>.png`` plus ``root/quickstart.json``, which records
 the parameters. Generation is deterministic for a seed (byte-identical PNGs), fast (about 1 s for 200
 images of 96-160 px) and idempotent: a second call with the same parameters does nothing, one with other
-parameters regenerates.
+parameters regenerates. Processes that call it at once on one root (a DDP run's nodes on a shared disk,
+each of which prepares the data) write it one after the other (``root/.quickstart.lock``): the first
+writes, the others find its marker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ from samflow.data.errors import DataError
 
 _VERSION = 1
 MARKER = "quickstart.json"
+_LOCK = ".quickstart.lock"
 
 
 def _texture(
@@ -128,11 +133,43 @@ def make_quickstart_data(
     params = {"version": _VERSION, "n_train": n_train, "n_val": n_val, "size": list(size), "seed": seed}
     if not (0 < size[0] <= size[1]) or n_train < 0 or n_val < 0:
         raise ValueError(f"make_quickstart_data: bad parameters {params}.")
+    if _written(root, params):  # no lock needed, nor a writable root: the marker is written last
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / _LOCK):
+        _write(root, params)
+    return root
+
+
+def _written(root: Path, params: dict) -> bool:
     marker = root / MARKER
-    splits = {"train": n_train, "val": n_val}
+    return marker.is_file() and json.loads(marker.read_text()) == params
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (made if missing) for the block: the other processes that ask
+    for it, on this machine or another one sharing the disk, wait. No lock where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one writer at a time is the caller's affair
+        yield
+        return
+    with path.open("a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def _write(root: Path, params: dict) -> None:
+    """Write the splits and the marker under ``root`` unless the marker holds ``params`` already."""
+    marker = root / MARKER
+    splits = {"train": params["n_train"], "val": params["n_val"]}
+    if _written(root, params):  # by the process that held the lock before
+        return
     if marker.is_file():
-        if json.loads(marker.read_text()) == params:
-            return root
         marker.unlink()
         for split in splits:
             shutil.rmtree(root / split, ignore_errors=True)
@@ -142,11 +179,9 @@ def make_quickstart_data(
             f"{existing} exist but {marker} does not, so they are not quickstart data; "
             "choose an empty quickstart root or remove them."
         )
-    root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".quickstart-") as tmp:
         for split, count in splits.items():
-            _write_split(Path(tmp) / split, split, count, size, seed)
+            _write_split(Path(tmp) / split, split, count, tuple(params["size"]), params["seed"])
         for split in splits:
             (Path(tmp) / split).rename(root / split)
     marker.write_text(json.dumps(params, indent=2) + "\n")
-    return root

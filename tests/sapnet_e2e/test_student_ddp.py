@@ -51,3 +51,26 @@ def test_ddp_results_equal_one_process(tmp_path):
         assert a["segmentation"] == b["segmentation"] and a["category_id"] == b["category_id"]
         assert a["score"] == pytest.approx(b["score"], abs=1e-6)
     assert ap1 == pytest.approx(ap2, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("env", "launching"),
+    [
+        ({}, True),
+        ({"SLURM_PROCID": "0"}, True),  # the one task of an sbatch script
+        ({"SLURM_PROCID": "1"}, False),  # srun's second task: a rank, not the user's process
+        ({"RANK": "1"}, False),  # torchrun's
+        ({"LOCAL_RANK": "1"}, False),  # Lightning's own launcher
+        ({"NODE_RANK": "1"}, False),  # the same command started on the second node
+    ],
+)
+def test_only_the_process_the_user_started_checks_and_clears_out(monkeypatch, env, launching):
+    """``--out`` is checked, and ``--overwrite`` clears it, in one process: a DDP rank that also did would
+    remove files the first is about to write, or fail on files another rank removed."""
+    from samflow.student_command import _launching_process
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _launching_process() is launching
