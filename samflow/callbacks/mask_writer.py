@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,99 +17,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
+from samflow.callbacks.predict_samples import InstanceImage, dataset_samples, predict_samples
 from samflow.console import console
-from samflow.data.coco_file import makes_row
 from samflow.data.errors import DataError
 from samflow.data.eval_shard import EvalShardSampler
-from samflow.outputs import case_clash, partial_path, write_whole
+from samflow.outputs import case_clash, partial_path, record_differences, write_whole
 
 # the settings of the predict data that change its masks (batch size and workers do not)
 _RECORD_DATA_KEYS = ("eval_prompt", "prompt", "img_size", "resize_mode", "image_resize", "seed")
 
 
-def _checkpoint_sum(checkpoint: Any) -> str | None:
-    return checkpoint.get("sha256") if isinstance(checkpoint, Mapping) else None
-
-
-def _show_checkpoint(checkpoint: Any) -> str:
-    """``<path> (SHA-256 <first 12 digits>)``, or ``none`` (the experiment's weights)."""
-    if not isinstance(checkpoint, Mapping):
-        return "none"
-    return f"{checkpoint.get('path')} (SHA-256 {str(checkpoint.get('sha256'))[:12]})"
-
-
-def _record_differences(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``key: earlier -> now`` for each setting of two records that differs (a checkpoint by SHA-256)."""
-    out = []
-    for key in sorted(set(earlier) | set(now)):
-        old, new = earlier.get(key), now.get(key)
-        if key == "checkpoint":
-            if _checkpoint_sum(old) != _checkpoint_sum(new):
-                out.append(f"checkpoint: {_show_checkpoint(old)} -> {_show_checkpoint(new)}")
-        elif isinstance(old, Mapping) and isinstance(new, Mapping):
-            out += [f"{key}.{d}" for d in _record_differences(old, new)]
-        elif old != new:
-            out.append(f"{key}: {json.dumps(old)} -> {json.dumps(new)}")
-    return out
-
-
 class PredictionOutputError(DataError):
     """The predictions folder would overwrite an input, ground truth or earlier outputs (a user error)."""
-
-
-@dataclass(frozen=True)
-class _InstanceImage:
-    """An image of instance data (COCO) as ``MaskWriter`` plans it: one output stem per instance."""
-
-    id: str
-    image: Path
-    stems: tuple[str, ...]
-    mask: Path | None = None
-
-
-def _instance_images(dataset: Any) -> list[_InstanceImage]:
-    """The images of a ``CocoInstances`` dataset with the stems ``<image id>_<annotation id>`` of their
-    instances (the annotations it makes rows of; one with an empty mask, dropped when read, is planned
-    too: a superset, which only matters for the check of earlier outputs)."""
-    out = []
-    for image, anns in zip(dataset.images, dataset.anns, strict=True):
-        rows = [a for a in anns if makes_row(a, dataset.crowd)]
-        stems = tuple(f"{image['id']}_{int(a.get('id', k))}" for k, a in enumerate(rows))
-        out.append(_InstanceImage(str(image["id"]), dataset.root / image["file_name"], stems))
-    return out
-
-
-def _dataset_samples(dataset: Any) -> list[Any]:
-    """The samples (``.image``, ``.mask``, ``.id``) of a ``MaskFolderDataset``, or the images of a
-    ``CocoInstances`` (``_InstanceImage``), also inside a ``ConcatDataset`` or ``Subset``; ``[]`` for a
-    dataset of another kind."""
-    if all(hasattr(dataset, name) for name in ("images", "anns", "root", "crowd")):
-        return _instance_images(dataset)
-    samples = getattr(dataset, "samples", None)
-    if isinstance(samples, list):  # ImageFolder's samples are (path, class) tuples: not ours
-        return [s for s in samples if hasattr(s, "id") and hasattr(s, "image") and hasattr(s, "mask")]
-    parts = getattr(dataset, "datasets", None)  # ConcatDataset
-    if isinstance(parts, Sequence):
-        return [s for part in parts for s in _dataset_samples(part)]
-    base = getattr(dataset, "dataset", None)  # Subset
-    if base is not None:
-        found = _dataset_samples(base)
-        indices = getattr(dataset, "indices", None)
-        return found if indices is None else [found[i] for i in indices]
-    return []
-
-
-def _predict_samples(trainer: Trainer) -> list[Any]:
-    """The samples of every predict data loader (or, without loaders, of the data module's predict sets)."""
-    loaders = trainer.predict_dataloaders
-    if loaders is not None:
-        if isinstance(loaders, Mapping):
-            loaders = list(loaders.values())
-        elif not isinstance(loaders, (list, tuple)):
-            loaders = [loaders]
-        return [s for loader in loaders for s in _dataset_samples(getattr(loader, "dataset", None))]
-    datasets = getattr(getattr(trainer, "datamodule", None), "datasets", None) or {}
-    return [s for key, d in datasets.items() if key.split("/")[0] == "predict" for s in _dataset_samples(d)]
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
@@ -258,9 +176,11 @@ class MaskWriter(BasePredictionWriter):
             return None
         try:
             earlier = json.loads(path.read_text())
+            if not isinstance(earlier, dict):
+                raise ValueError(f"a JSON {type(earlier).__name__}, not an object")
         except (OSError, ValueError) as err:
             return f"{path} is not a readable record of a predict run ({err}); delete it with the masks."
-        differ = _record_differences(earlier, record)
+        differ = record_differences(earlier, record)
         if differ:
             return (
                 f"The predictions in {folder} were made with other settings ({'; '.join(differ)}); a "
@@ -278,7 +198,7 @@ class MaskWriter(BasePredictionWriter):
     def loader_left(self, trainer: Trainer, pl_module: LightningModule, loader: Any) -> Any:
         """``loader`` over the images whose files are not all in the folder yet (``resume``)."""
         folder = self._output_folder(trainer)
-        samples = _dataset_samples(getattr(loader, "dataset", None))
+        samples = dataset_samples(getattr(loader, "dataset", None))
         if not isinstance(loader, DataLoader) or len(samples) != len(loader.dataset):  # type: ignore[arg-type]
             raise PredictionOutputError(
                 "--predictions.resume true needs predict data of samflow's data modules "
@@ -342,7 +262,7 @@ class MaskWriter(BasePredictionWriter):
         # its verdict and stops alike.
         problem = None
         if trainer.is_global_zero:
-            samples = _predict_samples(trainer)
+            samples = predict_samples(trainer)
             problem = self.check_output(self._folder, samples)
             if problem is None:
                 self.remove_partial(self._folder, samples)
@@ -362,9 +282,9 @@ class MaskWriter(BasePredictionWriter):
         return [f"{i}_{n}" for i, n in zip(prediction["id"], prediction["instance"], strict=True)]
 
     def output_names(self, sample: Any) -> list[str]:
-        """The file names written for one image (a sample of ``_dataset_samples``): ``<id>.png``, or one
+        """The file names written for one image (a sample of ``dataset_samples``): ``<id>.png``, or one
         per instance (``stems``), each with its ``_prob.png`` when probabilities are saved."""
-        stems = sample.stems if isinstance(sample, _InstanceImage) else (sample.id,)
+        stems = sample.stems if isinstance(sample, InstanceImage) else (sample.id,)
         names = [f"{stem}.png" for stem in stems]
         return names + [f"{stem}_prob.png" for stem in stems] if self.save_probabilities else names
 
