@@ -47,7 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "predict --prompts": (
         "samflow.prompted_predict:main",
-        "FILE --model RUN_OR_CKPT --images DIR --out DIR [--format instances|labels] [--skip-bad] [--overwrite]",
+        "FILE --model RUN_OR_CKPT --images DIR --out DIR [--format instances|labels] [--skip-bad] [--overwrite | --resume]",
     ),
     "proposals": (
         "samflow.proposals:main",

@@ -9,16 +9,21 @@ killed run's leftovers by that name (``MaskWriter``).
 
 ``case_clash(named)`` finds two outputs whose names differ only in case (``a.png`` and ``A.png``: one
 file on macOS and Windows, where the second would silently replace the first), or are equal.
+
+``record_differences(earlier, now)`` compares two records of what made a folder's outputs (``samflow
+predict``'s ``samflow_predict.json``, ``predict --prompts``' ``samflow_prompts.json``): a file by its
+SHA-256 (``{"path": ..., "sha256": ...}``; a moved file with the same bytes is no change).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 HIDDEN_PARTIAL = ".{name}.partial"  # the default temporary name: ``.x.png.partial`` for ``x.png``
 
@@ -112,3 +117,34 @@ def case_clash(named: Iterable[tuple[str, T]]) -> NameClash[T] | None:
             return NameClash(first[key][0], first[key][1], name, holder)
         first[key] = (name, holder)
     return None
+
+
+def record_differences(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key: earlier -> now`` for each setting of two records that differs (nested settings as
+    ``key.inner``; a file, ``{"path", "sha256"}``, by its SHA-256, shown as ``path (SHA-256 <12 digits>)``,
+    its absence as ``none``)."""
+    out = []
+    for key in sorted(set(earlier) | set(now)):
+        old, new = earlier.get(key), now.get(key)
+        if _is_file(old) or _is_file(new):
+            if _digest(old) != _digest(new):
+                out.append(f"{key}: {_show_file(old)} -> {_show_file(new)}")
+        elif isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += [f"{key}.{d}" for d in record_differences(old, new)]
+        elif old != new:
+            out.append(f"{key}: {json.dumps(old)} -> {json.dumps(new)}")
+    return out
+
+
+def _is_file(value: Any) -> bool:
+    return isinstance(value, Mapping) and "sha256" in value
+
+
+def _digest(value: Any) -> Any:
+    return value["sha256"] if _is_file(value) else value
+
+
+def _show_file(value: Any) -> str:
+    if not _is_file(value):
+        return "none" if value is None else json.dumps(value)
+    return f"{value.get('path')} (SHA-256 {str(value['sha256'])[:12]})"

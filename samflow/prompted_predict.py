@@ -2,7 +2,8 @@
 
     samflow predict --model RUN_OR_CKPT_OR_EXPORT --images DIR --prompts FILE --out DIR
                     [--format instances|labels] [--derive box|points] [--points N] [--seed N]
-                    [--sam-checkpoint PATH] [--tile N] [--overwrite] [--skip-bad] [--device DEV]
+                    [--sam-checkpoint PATH] [--tile N] [--overwrite | --resume] [--skip-bad]
+                    [--device DEV]
 
 Prompt files (the image is named by its file name, or its stem, inside ``--images``):
 
@@ -20,21 +21,34 @@ Prompt files (the image is named by its file name, or its stem, inside ``--image
 
 Outputs in ``--out``: ``masks/<stem>_<k>.png`` per prompt (``--format instances``, 255 inside) or
 ``labels/<stem>.png`` per image (``--format labels``, 16-bit, prompt k's pixels hold k + 1; where
-prompts overlap the higher score wins), ``results.json``: COCO results (``image_id``,
-``category_id``, ``segmentation`` as RLE, ``score``: the model's IoU prediction), and ``skipped.json``:
-the images skipped as unreadable (``file_name``, ``path``, ``image_id``, ``prompts``, ``error``; an
-empty list when none was). The output folder may not be or hold an input (images, prompt file,
-masks); existing outputs of these images (an earlier or interrupted run's, in either format) are
-refused unless ``--overwrite``, which removes them all before the run (other files are left alone);
-``results.json`` is written last, so a run without it did not finish. Every file is written whole
-(under a hidden temporary name, ``.<name>.partial``, renamed when complete): an interrupted run leaves
-no truncated PNG under an output's name, and the next run on these images removes its temporaries
-(they never count as outputs). Two images whose outputs would
-share a name (``a.png`` and ``a.jpg``, or ``a.png`` and ``A.png``: one file on a case-insensitive disk)
-and a prompt file with no prompt for any image are refused. An unreadable image stops the run naming
-it, or with ``--skip-bad`` is reported, skipped, listed in ``skipped.json`` and counted at the end; a
-run in which every image with prompts was skipped (nothing predicted) ends with one error line naming
-``skipped.json``, exit status 1.
+prompts overlap the higher score wins), ``results/<stem>.json`` per image (its part of
+``results.json``, written after its masks), ``results.json``: COCO results (``image_id``,
+``category_id``, ``segmentation`` as RLE, ``score``: the model's IoU prediction; every image's part in
+the prompt file's order), ``skipped.json``: the images skipped as unreadable (``file_name``, ``path``,
+``image_id``, ``prompts``, ``error``; an empty list when none was), and ``samflow_prompts.json``, the
+record of what makes the outputs, written by every run before its first output: the model (the
+weights file it loads: a run's checkpoint, the checkpoint, an export's adapter, by SHA-256), the
+``--sam-checkpoint`` and prompt file (or mask folder) by SHA-256, ``--format``, ``--derive``,
+``--points``, ``--seed``, ``--tile`` and the images folder. The output folder may not be or hold an
+input (images, prompt file, masks); existing outputs of these images (an earlier or interrupted run's,
+in either format) are refused unless ``--overwrite``, which removes them all before the run (other
+files are left alone), or ``--resume``. ``results.json`` is written last, so a run without it did not
+finish. Every file is written whole (under a hidden temporary name, ``.<name>.partial``, renamed when
+complete): an interrupted run leaves no truncated PNG under an output's name, and the next run on these
+images removes its temporaries (they never count as outputs).
+
+``--resume`` continues a killed run (started with or without it): the images whose outputs are all in
+``--out`` are not predicted again (no forward), the others are, and ``results.json`` and
+``skipped.json`` are written anew, so the folder ends byte for byte as an uninterrupted run's (an image
+skipped as unreadable has no outputs: it is read again). It is refused in one line, exit 1, when the
+record's settings differ from this run's (naming each: ``seed: 0 -> 1``; files compared by SHA-256,
+not by path), when the folder holds outputs of these images but no record, and with ``--overwrite``.
+
+Two images whose outputs would share a name (``a.png`` and ``a.jpg``, or ``a.png`` and ``A.png``: one
+file on a case-insensitive disk) and a prompt file with no prompt for any image are refused. An
+unreadable image stops the run naming it, or with ``--skip-bad`` is reported, skipped, listed in
+``skipped.json`` and counted at the end; a run in which every image with prompts was skipped (nothing
+predicted) ends with one error line naming ``skipped.json``, exit status 1.
 """
 
 from __future__ import annotations
@@ -49,115 +63,26 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from samflow.outputs import case_clash, final_path, partial_path, write_whole
 from samflow.prompt_files import ImagePrompts, Prompt, PromptFileError, read_prompts
+from samflow.prompted_outputs import (
+    PARTS,
+    RECORD,
+    RESULTS,
+    SKIPPED,
+    check_outputs,
+    check_resume,
+    earlier_outputs,
+    images_left,
+    leftovers,
+    mask_to_rle,
+    merged_results,
+    planned_outputs,
+    run_record,
+    write_png,
+    write_record,
+    write_text,
+)
 from samflow.usage import CommandParser, PositiveInt
-
-
-# ---- outputs ----
-def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
-    """COCO's compressed RLE of a boolean (H, W) mask, ``counts`` as text (JSON-ready)."""
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return dict(rle)
-
-
-RESULTS = "results.json"
-SKIPPED = "skipped.json"
-
-
-def planned_outputs(out: Path, entries: list[ImagePrompts], fmt: str) -> list[Path]:
-    """The files the run writes; refused when two entries would write the same ones (their images
-    share a stem, or one image is listed twice)."""
-    files = [out / RESULTS, out / SKIPPED]
-    family = "labels/{}.png" if fmt == "labels" else "masks/{}_<k>.png"
-    clash = case_clash((family.format(entry.image.stem), entry.image) for entry in entries)
-    if clash is not None and clash.first == clash.second:
-        raise PromptFileError(
-            f"the image {str(clash.first)!r} is listed twice in the prompts; give its prompts in one entry."
-        )
-    if clash is not None:
-        raise PromptFileError(
-            clash.message(
-                "the images", "rename one, or predict them into different --out folders.", show=_quoted
-            )
-        )
-    for entry in entries:
-        stem = entry.image.stem
-        if fmt == "labels":
-            files.append(out / "labels" / f"{stem}.png")
-        else:
-            files += [out / "masks" / f"{stem}_{k}.png" for k in range(len(entry.prompts))]
-    return files
-
-
-def _quoted(path: Path) -> str:
-    return repr(str(path))
-
-
-def check_outputs(out: Path, inputs: list[Path], planned: list[Path], overwrite: bool) -> None:
-    """Refuse an output folder that is, lies in or holds an input, and existing outputs unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise PromptFileError(f"--out {str(out)!r} is a file, not a folder; choose a folder.")
-    target = out.resolve()
-    for item in inputs:
-        real = item.resolve()
-        if target == real or real in target.parents or (real.is_dir() and target in real.parents):
-            raise PromptFileError(
-                f"--out {str(out)!r} would write into the input {str(item)!r}; choose another folder."
-            )
-        if not real.is_dir() and target in real.parents:
-            raise PromptFileError(f"--out {str(out)!r} holds the input {str(item)!r}; choose another folder.")
-    existing = list(dict.fromkeys(p for p in planned if p.exists() or p.is_symlink()))
-    if existing and not overwrite:
-        shown = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
-        raise PromptFileError(
-            f"{len(existing)} outputs exist already ({shown}); pass --overwrite to replace them (an earlier "
-            "or interrupted run's, of these images), or another --out."
-        )
-    inputs_real = {p.resolve() for p in inputs}
-    for p in existing:
-        if p.resolve() in inputs_real:
-            raise PromptFileError(f"the output {str(p)!r} is a link to an input; refused.")
-
-
-def earlier_outputs(out: Path, entries: list[ImagePrompts]) -> list[Path]:
-    """The files in ``out`` an earlier run on these images wrote, in either format: ``results.json``,
-    ``skipped.json``, ``labels/<stem>.png`` and every ``masks/<stem>_<k>.png`` (also a k this run does not
-    write: an earlier run with more prompts). ``--overwrite`` removes them before anything runs, so no
-    stale mask outlives the run and an interrupted run leaves no ``results.json``."""
-    stems = {entry.image.stem for entry in entries}
-    found = _named_outputs(out, stems) + [path for path in _listed(out / "masks") if _is_mask_of(path, stems)]
-    return [p for p in found if p.exists() or p.is_symlink()]
-
-
-def leftovers(out: Path, entries: list[ImagePrompts]) -> list[Path]:
-    """The temporaries (``partial_path``) of ``earlier_outputs``'s files that a killed run left in
-    ``out``: not outputs (they never make a run need ``--overwrite``), removed before the next run writes."""
-    stems = {entry.image.stem for entry in entries}
-    found = [partial_path(p) for p in _named_outputs(out, stems)]
-    for path in _listed(out / "masks"):
-        final = final_path(path)
-        if final is not None and _is_mask_of(final, stems):
-            found.append(path)
-    return [p for p in found if p.exists() or p.is_symlink()]
-
-
-def _named_outputs(out: Path, stems: set[str]) -> list[Path]:
-    """The outputs whose names the images' stems give (the masks' count depends on the prompts)."""
-    return [out / RESULTS, out / SKIPPED, *(out / "labels" / f"{stem}.png" for stem in sorted(stems))]
-
-
-def _listed(folder: Path) -> list[Path]:
-    return sorted(folder.iterdir()) if folder.is_dir() else []
-
-
-def _is_mask_of(path: Path, stems: set[str]) -> bool:
-    """Whether ``path`` is named ``<stem>_<k>.png`` for one of ``stems``."""
-    stem, _, k = path.stem.rpartition("_")
-    return path.suffix == ".png" and stem in stems and k.isdigit()
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -211,30 +136,39 @@ def predict_prompts(
     skip_bad: bool = False,
     tile: int | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Predict every prompt of ``entries`` and write the outputs (see the module docstring).
+    """Predict every prompt of ``entries`` (with ``resume``: of those whose outputs are not all in
+    ``out``) and write the outputs (see the module docstring).
 
-    Returns ``{"images": n, "prompts": n, "skipped": [records as in skipped.json], "results": [...],
-    "seconds": s}``.
+    Returns ``{"images": n predicted, "prompts": n predicted, "skipped": [records as in skipped.json],
+    "results": [as in results.json], "seconds": s}``.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    results: list[dict[str, Any]] = []
+    todo = images_left(out, entries, fmt) if resume else entries
+    if resume:
+        done_before = len(entries) - len(todo)
+        rest = f"predicting the other {len(todo)}" if todo else "nothing left to predict"
+        print(
+            f"samflow: {done_before} of {len(entries)} images have all their outputs in {out} already; {rest}."
+        )
     skipped: list[dict[str, Any]] = []
     done = prompts_done = 0
     start = time.perf_counter()
     columns = [TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}")]
     with Progress(*columns, TimeElapsedColumn(), disable=not progress) as bar:
-        task = bar.add_task("images", total=len(entries), rate="")
-        for entry in entries:
+        task = bar.add_task("images", total=len(todo), rate="")
+        for entry in todo:
             before = len(skipped)
-            prompts_done += _one_image(predictor, entry, out, fmt, skip_bad, tile, results, skipped)
+            prompts_done += _one_image(predictor, entry, out, fmt, skip_bad, tile, skipped)
             done += len(skipped) == before
             rate = done / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=1, rate=f"{rate:.2f} images/s")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / SKIPPED, json.dumps(skipped, indent=1) + "\n")
-    _write_text(out / RESULTS, json.dumps(results))  # last: a run without it did not finish
+    # an image skipped is never done, so a continued run reads it again: skipped.json is whole too
+    results = merged_results(out, entries)
+    write_text(out / SKIPPED, json.dumps(skipped, indent=1) + "\n")
+    write_text(out / RESULTS, json.dumps(results))  # last: a run without it did not finish
     return {
         "images": done,
         "prompts": prompts_done,
@@ -244,16 +178,6 @@ def predict_prompts(
     }
 
 
-def _write_text(path: Path, text: str) -> None:
-    write_whole(path, lambda tmp: tmp.write_text(text))
-
-
-def _write_png(path: Path, image: Image.Image) -> None:
-    """The PNG ``path``, whole or not at all: an interrupted run leaves at most its hidden temporary
-    (``leftovers``: the next run removes it), never a truncated PNG under an output's name."""
-    write_whole(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
 def _one_image(
     predictor: Any,
     entry: ImagePrompts,
@@ -261,10 +185,10 @@ def _one_image(
     fmt: str,
     skip_bad: bool,
     tile: int | None,
-    results: list[dict[str, Any]],
     skipped: list[dict[str, Any]],
 ) -> int:
-    """Predict and write one image's prompts; the number of prompts (0 for a skipped image)."""
+    """Predict and write one image's prompts, its part of results.json last; the number of prompts
+    (0 for a skipped image)."""
     try:
         image = _read_rgb(entry.image)
     except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for broken files
@@ -291,23 +215,22 @@ def _one_image(
         for k, (mask, score) in enumerate(predicted):
             win = mask & (score > best)
             label[win], best[win] = k + 1, score
-        (out / "labels").mkdir(parents=True, exist_ok=True)
-        _write_png(out / "labels" / f"{stem}.png", Image.fromarray(label))
+        write_png(out / "labels" / f"{stem}.png", Image.fromarray(label))
     else:
-        (out / "masks").mkdir(parents=True, exist_ok=True)
         for k, (mask, _) in enumerate(predicted):
-            _write_png(out / "masks" / f"{stem}_{k}.png", Image.fromarray(mask.astype(np.uint8) * 255))
-    for prompt, (mask, score) in zip(entry.prompts, predicted, strict=True):
-        results.append(
-            {
-                "image_id": entry.image_id,
-                "file_name": entry.image.name,
-                "instance": prompt.name,
-                "category_id": prompt.category_id,
-                "segmentation": mask_to_rle(mask),
-                "score": score,
-            }
-        )
+            write_png(out / "masks" / f"{stem}_{k}.png", Image.fromarray(mask.astype(np.uint8) * 255))
+    results = [
+        {
+            "image_id": entry.image_id,
+            "file_name": entry.image.name,
+            "instance": prompt.name,
+            "category_id": prompt.category_id,
+            "segmentation": mask_to_rle(mask),
+            "score": score,
+        }
+        for prompt, (mask, score) in zip(entry.prompts, predicted, strict=True)
+    ]
+    write_text(out / PARTS / f"{stem}.json", json.dumps(results))
     return len(predicted)
 
 
@@ -358,8 +281,18 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the best there is)")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist already")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue a killed run in --out: predict only the images whose outputs are not all there "
+        f"(refused when {RECORD} holds other settings)",
+    )
     parser.add_argument("--skip-bad", action="store_true", help="report and skip unreadable images")
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        raise PromptFileError(
+            "--resume continues the run in --out and --overwrite starts it again: pass one of them."
+        )
     images, prompts, out = Path(args.images), Path(args.prompts), Path(args.out)
     entries = read_prompts(prompts, images, derive=args.derive, points=args.points, seed=args.seed)
     if not any(entry.prompts for entry in entries):
@@ -369,19 +302,25 @@ def main(argv: list[str]) -> int:
         )
     inputs = [images, prompts, *(e.image for e in entries)]
     planned = planned_outputs(out, entries, args.format)
-    check_outputs(out, inputs, planned + earlier_outputs(out, entries), args.overwrite)
-    if args.overwrite:
-        for path in earlier_outputs(out, entries):
-            path.unlink()
-    for path in leftovers(out, entries):
-        path.unlink()
+    earlier = earlier_outputs(out, entries)
+    keep = "--overwrite" if args.overwrite else "--resume" if args.resume else None
+    check_outputs(out, inputs, planned + earlier, keep)
+    settings = {k: getattr(args, k) for k in ("derive", "points", "seed", "tile", "sam_checkpoint")}
+    record = run_record(model=Path(args.model), prompts=prompts, images=images, fmt=args.format, **settings)
+    if args.resume:
+        check_resume(out, record, earlier)
     predictor = _load_predictor(Path(args.model), args.sam_checkpoint, args.device)
+    # a continued run's results.json and skipped.json are written again, last
+    gone = earlier if args.overwrite else [out / RESULTS, out / SKIPPED] if args.resume else []
+    for path in [*gone, *leftovers(out, entries)]:
+        path.unlink(missing_ok=True)
+    write_record(out, record)  # before the first output
     summary = predict_prompts(
-        predictor, entries, out, fmt=args.format, skip_bad=args.skip_bad, tile=args.tile
+        predictor, entries, out, fmt=args.format, skip_bad=args.skip_bad, tile=args.tile, resume=args.resume
     )
     rate = summary["images"] / max(summary["seconds"], 1e-9)
     skipped = summary["skipped"]
-    if skipped and not summary["prompts"]:
+    if skipped and not summary["results"]:
         raise PromptFileError(
             f"nothing predicted: every image with prompts was unreadable ({len(skipped)} skipped, listed in "
             f"{out / SKIPPED}); fix or replace them, then run again with --overwrite."

@@ -115,3 +115,25 @@ def test_case_clash_finds_the_first_holder_of_a_name_equal_but_for_case():
     assert case_clash([("x.png", "a"), ("x.png", "a")]) is not None
     assert case_clash([("x.png", "a"), ("xx.png", "b"), ("x.jpg", "c")]) is None
     assert case_clash([]) is None
+
+
+def test_record_differences_compare_files_by_their_bytes_and_name_nested_keys():
+    from samflow.outputs import record_differences
+
+    ckpt = {"path": "/runs/a/last.ckpt", "sha256": "ab" * 32}
+    moved = {"path": "/elsewhere/last.ckpt", "sha256": "ab" * 32}
+    other = {"path": "/runs/a/last.ckpt", "sha256": "cd" * 32}
+    earlier = {"checkpoint": ckpt, "threshold": 0.5, "data": {"img_size": 1024, "seed": 0}}
+    assert record_differences(earlier, {**earlier, "checkpoint": moved}) == []  # the same bytes elsewhere
+    assert record_differences(earlier, {**earlier, "checkpoint": other}) == [
+        f"checkpoint: /runs/a/last.ckpt (SHA-256 {'ab' * 6}) -> /runs/a/last.ckpt (SHA-256 {'cd' * 6})"
+    ]
+    assert record_differences(earlier, {**earlier, "checkpoint": None}) == [
+        f"checkpoint: /runs/a/last.ckpt (SHA-256 {'ab' * 6}) -> none"
+    ]
+    changed = {**earlier, "threshold": 0.6, "data": {"img_size": 512, "seed": 0}, "new": True}
+    assert record_differences(earlier, changed) == [
+        "data.img_size: 1024 -> 512",
+        "new: null -> true",
+        "threshold: 0.5 -> 0.6",
+    ]

@@ -87,7 +87,8 @@ def test_a_crash_mid_png_leaves_no_truncated_mask_under_its_name(setup, crash_on
     with pytest.raises(OSError, match="simulated"):
         prompted_predict.main(argv)
     assert_masks(out, ["a_0.png"])  # the old writer left half of a_1.png here
-    assert files_in(out) == ["masks/a_0.png"]  # no temporary, no results.json: the run did not finish
+    # no temporary, no results.json: the run did not finish (its record is written before any output)
+    assert files_in(out) == ["masks/a_0.png", "samflow_prompts.json"]
     crash_on(0)
     with pytest.raises(PromptFileError, match="pass --overwrite"):  # a_0.png is an earlier run's output
         prompted_predict.main(argv)
@@ -99,6 +100,9 @@ def test_a_crash_mid_png_leaves_no_truncated_mask_under_its_name(setup, crash_on
         "masks/a_2.png",
         "masks/b_0.png",
         "results.json",
+        "results/a.json",
+        "results/b.json",
+        "samflow_prompts.json",
         "skipped.json",
     ]
 
@@ -108,7 +112,7 @@ def test_a_crash_mid_label_image_leaves_no_truncated_label_image(setup, crash_on
     crash_on(1)
     with pytest.raises(OSError, match="simulated"):
         prompted_predict.main([*argv, "--format", "labels"])
-    assert files_in(out) == []  # the old writer left half of labels/a.png
+    assert files_in(out) == ["samflow_prompts.json"]  # the old writer left half of labels/a.png
 
 
 def test_a_killed_runs_temporaries_are_not_outputs_and_the_next_run_removes_them(setup):
