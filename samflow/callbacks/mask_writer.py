@@ -176,10 +176,15 @@ class MaskWriter(BasePredictionWriter):
             return None
         try:
             earlier = json.loads(path.read_text())
-            if not isinstance(earlier, dict):
-                raise ValueError(f"a JSON {type(earlier).__name__}, not an object")
         except (OSError, ValueError) as err:
-            return f"{path} is not a readable record of a predict run ({err}); delete it with the masks."
+            earlier = err
+        if not isinstance(earlier, dict):
+            why = (
+                earlier
+                if isinstance(earlier, Exception)
+                else f"a JSON {type(earlier).__name__}, not an object"
+            )
+            return f"{path} is not a readable record of a predict run ({why}); delete it with the masks."
         differ = record_differences(earlier, record)
         if differ:
             return (
