@@ -15,6 +15,10 @@ without tissue is never predicted, holds 0, and is background at any threshold).
 Each slide's files appear together when it is done (written under hidden ``.partial`` names, then
 renamed), so an interrupted run leaves none of its slide. ``--overwrite`` removes the earlier run's
 files of the slides first (a ``<slide>.json`` Dice included, when this run has no annotations).
+``samflow_slides.json``, written before the first slide's files, records what makes the masks
+(``samflow.wsi_record``); ``--resume`` predicts only the slides whose files are not all there, so a
+killed run continued ends with the files of an uninterrupted one, and is refused naming what differs
+when the settings do.
 
 The command runs at the experiment's ``data.init_args.mpp`` and ``data.init_args.factor`` (the model
 was trained there) with its ``model.threshold``; ``--mpp`` / ``--factor`` / ``--threshold`` override
@@ -52,6 +56,8 @@ from samflow.data.wsi.slide import Slide, SlideError
 from samflow.outputs import case_clash, whole_files
 from samflow.usage import CommandParser, PositiveInt
 from samflow.wsi_mask import feature_collection, halve, stitch_bands, write_pyramid
+from samflow.wsi_record import refuse_existing, run_record, slides_left
+from samflow.wsi_record import slide_outputs as _outputs
 from samflow.wsi_tiles import Chunk, chunk_probabilities, rank_and_world_in, tile_chunks
 
 
@@ -195,12 +201,6 @@ def predict_slide(
     return SlidePrediction(mask_path, geojson_path, (height, width), tiles, score, ran)
 
 
-def _outputs(out: Path, slide_path: str | Path) -> list[Path]:
-    """``<slide>_mask.tif``, ``<slide>.geojson`` and ``<slide>.json`` (Dice) in ``out``."""
-    stem = Path(slide_path).stem
-    return [out / f"{stem}{end}" for end in ("_mask.tif", ".geojson", ".json")]
-
-
 def _refuse_writing_inputs(outputs: Sequence[Path], inputs: Sequence[str | Path | None]) -> None:
     """Refuse outputs that are (or link to) an input: ``--out`` the annotations' folder would replace
     ``<slide>.geojson`` before Dice reads it."""
@@ -214,17 +214,6 @@ def _refuse_writing_inputs(outputs: Sequence[Path], inputs: Sequence[str | Path 
 def _refuse_a_file(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise SlideError(f"predict-slide: --out {out} is a file, not a folder; choose a folder.")
-
-
-def _refuse_existing(outputs: Sequence[Path]) -> None:
-    """Refuse outputs of an earlier run (as ``samflow predict`` does) unless ``--overwrite``."""
-    existing = [str(o) for o in outputs if o.exists()]
-    if existing:
-        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise SlideError(
-            f"predict-slide: {existing[0]}{more} exist(s) already; pass --overwrite to replace them, or "
-            "choose another --out."
-        )
 
 
 def _refuse_shared_stems(slides: Sequence[str]) -> None:
@@ -266,7 +255,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", help="a checkpoint samflow fit wrote (default: the untrained plugins)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--annotations", nargs="*", help="one annotation file per slide: report Dice per slide")
-    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    earlier = p.add_mutually_exclusive_group()
+    earlier.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run")
+    earlier.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed run in --out: predict the slides whose files are not all there (refused "
+        "when a setting differs from the run's samflow_slides.json)",
+    )
     p.add_argument(
         "--mpp",
         type=float,
@@ -367,8 +363,8 @@ def main(argv: list[str]) -> int:
         if truth is not None:
             load_annotations(truth, slide_size=slide.dimensions)
         _refuse_writing_inputs(_outputs(Path(opts.out), path), [*opts.slides, *annotations])
-    if not opts.overwrite:
-        _refuse_existing([o for path in opts.slides for o in _outputs(Path(opts.out), path)])
+    if not opts.overwrite and not opts.resume:
+        refuse_existing([o for path in opts.slides for o in _outputs(Path(opts.out), path)])
     group = _init_distributed()
     rank, world = rank_and_world()  # the process group joined above
     if opts.overwrite and rank == 0:  # the earlier run's files go first: none outlives this run
@@ -383,21 +379,27 @@ def main(argv: list[str]) -> int:
     default = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     device = torch.device(opts.device or default)
     module.to(device).eval()
-    for i, path in enumerate(opts.slides):
+    options: dict[str, Any] = {
+        **settings,
+        "tile": opts.tile,
+        "overlap": opts.overlap,
+        "batch_size": opts.batch_size,
+    }
+    options["slide_mpp"] = opts.slide_mpp
+    record = None  # process 0 reads the checkpoints, and decides the slides left for every process
+    if rank == 0:
+        record = run_record(
+            opts.experiment, overrides, opts.ckpt, module, options, device, opts.slides, annotations
+        )
+    left = slides_left(Path(opts.out), record, opts.slides, opts.resume, group)
+    if opts.resume and rank == 0:
+        print(
+            f"samflow predict-slide: resuming in {opts.out}: {len(left)} of {len(opts.slides)} slides left."
+        )
+    for i in left:
+        path, truth = opts.slides[i], annotations[i]
         result = predict_slide(
-            module,
-            path,
-            opts.out,
-            mpp=settings["mpp"],
-            factor=settings["factor"],
-            tile=opts.tile,
-            overlap=opts.overlap,
-            batch_size=opts.batch_size,
-            threshold=settings["threshold"],
-            slide_mpp=opts.slide_mpp,
-            annotations=opts.annotations[i] if opts.annotations else None,
-            progress=rank == 0,
-            group=group,
+            module, path, opts.out, **options, annotations=truth, progress=rank == 0, group=group
         )
         if rank == 0:
             line = f"{path}: {result.tiles} tiles -> {result.mask_path}, {result.geojson_path}"
