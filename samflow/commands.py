@@ -4,7 +4,8 @@
 - ``build_experiment``: the model and data module of an experiment, as ``samflow fit`` builds them;
 - ``init_process_group``, ``rank_and_world``, ``barrier``: torchrun's process group, joined once, for
   the commands that split their work over ranks (``embed``, ``proposals``, ``predict-slide``), and
-  waits for the other ranks that last as long as their work does (``barrier``).
+  waits for the other ranks that last as long as their work does (``barrier``);
+- ``ranks_from_slurm``: the tasks of ``srun`` (no torchrun) join as torchrun's ranks would.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import torch.distributed as dist
 from samflow.experiment_files import ExperimentError, resolve_experiment
 from samflow.plugin_check import check_plugins
 
-__all__ = ["barrier", "build_experiment", "experiment_from_argv", "init_process_group", "rank_and_world"]
+__all__ = [
+    "barrier",
+    "build_experiment",
+    "experiment_from_argv",
+    "init_process_group",
+    "rank_and_world",
+    "ranks_from_slurm",
+]
 
 
 # ---- experiments ----
@@ -102,9 +110,49 @@ def cpu_group() -> Any:
     return _waits[0][1]
 
 
+def ranks_from_slurm() -> None:
+    """Under ``srun`` without torchrun (SLURM's tasks: ``SLURM_NTASKS`` > 1), set torchrun's variables
+    from SLURM's, as Lightning's ``SLURMEnvironment`` reads them (``samflow fit`` joins the same way):
+    ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (``--ntasks-per-node``), and
+    ``MASTER_ADDR`` / ``MASTER_PORT`` (the node list's first host, a port from the job id, unless set).
+    Else each task took itself for the only process, and all wrote every output into one folder.
+
+    Nothing changes under torchrun (``WORLD_SIZE`` set, also ``srun --ntasks-per-node 1 torchrun``), in
+    one task (an ``sbatch`` script's), or in an interactive job (job name ``bash`` / ``interactive``:
+    Lightning's rule, there the command is one process). Like Lightning, it needs ``--ntasks-per-node``
+    (one line, before anything is written, without it)."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from samflow.usage import UsageError
+
+    if not SLURMEnvironment.detect():
+        return
+    try:
+        slurm = SLURMEnvironment()
+    except RuntimeError as err:  # SLURM_NTASKS_PER_NODE unset: which tasks share a node is unknown
+        tasks = os.environ["SLURM_NTASKS"]
+        raise UsageError(
+            f"{tasks} SLURM tasks without --ntasks-per-node (Lightning's SLURMEnvironment needs it, as "
+            "`samflow fit` does); run `srun --ntasks-per-node N samflow ...` (N tasks on each node) or "
+            "`srun --ntasks-per-node 1 torchrun --nproc_per_node N -m samflow ...`."
+        ) from err
+    world = slurm.world_size()
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(slurm.global_rank()),
+        LOCAL_RANK=str(slurm.local_rank()),
+        LOCAL_WORLD_SIZE=str(min(world, int(os.environ["SLURM_NTASKS_PER_NODE"]))),
+        MASTER_ADDR=slurm.main_address,
+        MASTER_PORT=str(slurm.main_port),
+    )
+
+
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process: under torchrun (``WORLD_SIZE`` > 1) after joining its process
-    group (``init_process_group``), else (0, 1)."""
+    """(rank, world size) of this process: under torchrun (``WORLD_SIZE`` > 1), or SLURM's tasks
+    (``ranks_from_slurm``), after joining its process group (``init_process_group``), else (0, 1)."""
+    ranks_from_slurm()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_process_group()
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

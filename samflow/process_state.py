@@ -25,7 +25,7 @@ RUN_ENVIRONMENT = ("WANDB_MODE", "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WO
 #: before the run (the user's, a cluster's, a launched rank's) is never touched.
 LAUNCH_ENVIRONMENT = (
     "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "OMP_NUM_THREADS",
-    "WANDB_SERVICE",
+    "WANDB_SERVICE", "LOCAL_WORLD_SIZE",
 )  # fmt: skip
 
 

@@ -315,16 +315,18 @@ def _settings(opts: argparse.Namespace, module: Any, data: Any) -> tuple[dict[st
 
 
 def _init_distributed() -> Any:
-    """Join torchrun's processes (``WORLD_SIZE`` > 1): NCCL on GPUs, gloo on CPUs. Returns the group
-    the tiles travel in (a gloo group beside NCCL: probabilities are gathered on the CPU), or None."""
+    """Join torchrun's processes (``WORLD_SIZE`` > 1), or srun's tasks: NCCL on GPUs, gloo on CPUs.
+    Returns the group the tiles travel in (a gloo group beside NCCL: probabilities are gathered on the
+    CPU), or None."""
     import os
 
     import torch.distributed as dist
 
+    from samflow.commands import cpu_group, init_process_group, ranks_from_slurm
+
+    ranks_from_slurm()  # srun's tasks, as torchrun's ranks
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from samflow.commands import cpu_group, init_process_group
-
     init_process_group()
     return None if dist.get_backend() == "gloo" else cpu_group()
 

@@ -5,7 +5,8 @@ plugins declare) for every image of the experiment's datasets (train, val / val_
 test_sets, predict: whichever are set) to an embedding store (``samflow.embed.store``). The data is
 samflow's ``SegmentationDataModule`` or ``CocoDataModule`` (one row per image file, framed as the data
 frames it; a COCO experiment's ``data.proposals`` is not read, ``samflow proposals`` can read this store). Launched by
-``torchrun --nproc_per_node N -m samflow embed ...`` the images are split across the N ranks (DDP
+``torchrun --nproc_per_node N -m samflow embed ...`` (or ``srun --ntasks-per-node N samflow embed ...``:
+``samflow.commands.ranks_from_slurm``) the images are split across the N ranks (DDP
 process group, NCCL on GPUs, Gloo on the CPU); a rank waits for the others however long their shares
 take (those of a resumed run can differ by hours; ``samflow.commands.barrier``) and stops, in one line,
 as soon as another rank has stopped. Run again after an interruption, it finishes what is missing.
@@ -24,7 +25,13 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from samflow.commands import build_experiment, init_process_group, rank_and_world, wait_for_ranks
+from samflow.commands import (
+    build_experiment,
+    init_process_group,
+    rank_and_world,
+    ranks_from_slurm,
+    wait_for_ranks,
+)
 from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
 from samflow.embed.store import EmbeddingStoreError
@@ -85,6 +92,7 @@ def _one_machine() -> None:
 
 def main(argv: list[str]) -> int:
     opts, overrides = _parser().parse_known_args(argv)
+    ranks_from_slurm()  # srun's tasks, as torchrun's ranks: _one_machine counts them too
     _one_machine()
     rank, world = rank_and_world()
     model, datamodule = build_experiment(opts.experiment, overrides)
