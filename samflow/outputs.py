@@ -12,7 +12,8 @@ file on macOS and Windows, where the second would silently replace the first), o
 
 ``record_differences(earlier, now)`` compares two records of what made a folder's outputs (``samflow
 predict``'s ``samflow_predict.json``, ``predict --prompts``' ``samflow_prompts.json``): a file by its
-SHA-256 (``{"path": ..., "sha256": ...}``; a moved file with the same bytes is no change).
+SHA-256 (``{"path": ..., "sha256": ...}``; a moved file with the same bytes is no change), and
+``record_problem`` says, in one line, why a run may not continue beside an earlier run's files.
 """
 
 from __future__ import annotations
@@ -148,3 +149,31 @@ def _show_file(value: Any) -> str:
     if not _is_file(value):
         return "none" if value is None else json.dumps(value)
     return f"{value.get('path')} (SHA-256 {str(value['sha256'])[:12]})"
+
+
+def record_problem(path: Path, record: Mapping[str, Any], held: str | None, redo: str) -> str | None:
+    """Why the run ``record`` describes may not continue beside the files an earlier run left in the
+    folder of ``path`` (the folder's record), in one line, or None. ``held`` tells those files ("3 of
+    the 5 files this run would write"); None when there are none: nothing to mix with, the run starts
+    (and its record replaces an earlier one). Refused: files without a record (what made them is
+    unknown), a record that cannot be read, and a record whose settings differ (each named, as
+    ``record_differences``); ``redo`` says how to start again ("pass --overwrite to predict them
+    again, or choose another --out")."""
+    if held is None:
+        return None
+    if not os.path.lexists(path):
+        return f"{path.parent} holds {held} but no {path.name}, so what made them is unknown: {redo}."
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        earlier = err
+    if not isinstance(earlier, Mapping):
+        why = earlier if isinstance(earlier, Exception) else f"a JSON {type(earlier).__name__}, not an object"
+        return f"{path} is not a readable record of a run ({why}): {redo}."
+    differ = record_differences(earlier, record)
+    if differ:
+        return (
+            f"the files in {path.parent} were made with other settings ({'; '.join(differ)}); a continued "
+            f"run would mix them. Continue with the same settings, or {redo}."
+        )
+    return None

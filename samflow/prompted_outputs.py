@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from samflow.outputs import case_clash, final_path, partial_path, record_differences, write_whole
+from samflow.outputs import case_clash, final_path, partial_path, record_problem, write_whole
 from samflow.prompt_files import ImagePrompts, PromptFileError
 
 RESULTS = "results.json"
@@ -233,27 +233,13 @@ def run_record(
 
 def check_resume(out: Path, record: dict[str, Any], earlier: list[Path]) -> None:
     """Refuse to continue the run in ``out`` (``earlier``: the outputs of these images there) when what
-    made its outputs is unknown (no ``RECORD``) or differs from ``record``; one line."""
-    if not earlier:
-        return  # nothing to mix with: the run starts
-    path = out / RECORD
-    if not path.is_file():
-        raise PromptFileError(
-            f"--out {str(out)!r} holds {len(earlier)} outputs of these images ({_shown(earlier)}) but no "
-            f"{RECORD}, so what made them is unknown; pass --overwrite to predict them again, or another --out."
-        )
-    try:
-        differ = record_differences(json.loads(path.read_text()), record)
-    except (OSError, ValueError, AttributeError) as err:
-        raise PromptFileError(
-            f"{path} is not a readable record of a predict run ({err}); pass --overwrite to predict again."
-        ) from None
-    if differ:
-        raise PromptFileError(
-            f"the outputs in {str(out)!r} were made with other settings ({'; '.join(differ)}); a continued "
-            "run would mix them. Continue with the same settings, pass --overwrite to predict them all "
-            "again, or choose another --out."
-        )
+    made its outputs is unknown (no ``RECORD``) or differs from ``record``; one line (``record_problem``)."""
+    held = f"{len(earlier)} outputs of these images ({_shown(earlier)})" if earlier else None
+    problem = record_problem(
+        out / RECORD, record, held, "pass --overwrite to predict them again, or another --out"
+    )
+    if problem is not None:
+        raise PromptFileError(f"--out: {problem}")
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from samflow.data.wsi.slide import SlideError
-from samflow.outputs import record_differences, write_whole
+from samflow.outputs import record_problem, write_whole
 
 RECORD = "samflow_slides.json"
 
@@ -97,30 +97,13 @@ def done(out: Path, slide: str | Path, annotated: bool) -> bool:
 
 def check_resume(out: Path, record: dict[str, Any], slides: Sequence[str]) -> None:
     """Refuse to continue the run in ``out`` when what made these slides' files there is unknown (no
-    ``RECORD``) or differs from ``record``; one line."""
+    ``RECORD``) or differs from ``record``; one line (``record_problem``)."""
     earlier = [p for s in slides for p in slide_outputs(out, s) if p.exists()]
-    if not earlier:
-        return  # nothing to mix with: the run starts
-    path = out / RECORD
-    if not path.is_file():
-        raise SlideError(
-            f"predict-slide: --out {out} holds {len(earlier)} files of these slides ({earlier[0]} ...) but "
-            f"no {RECORD}, so what made them is unknown; pass --overwrite to predict them again, or "
-            "choose another --out."
-        )
-    try:
-        differ = record_differences(json.loads(path.read_text()), record)
-    except (OSError, ValueError, AttributeError) as err:
-        raise SlideError(
-            f"predict-slide: {path} is not a readable record of a predict-slide run ({err}); pass "
-            "--overwrite to predict the slides again."
-        ) from None
-    if differ:
-        raise SlideError(
-            f"predict-slide: the files in {out} were made with other settings ({'; '.join(differ)}); a "
-            "continued run would mix them. Continue with the same settings, pass --overwrite to predict "
-            "them all again, or choose another --out."
-        )
+    held = f"{len(earlier)} files of these slides ({earlier[0]} ...)" if earlier else None
+    redo = "pass --overwrite to predict the slides again, or choose another --out"
+    problem = record_problem(out / RECORD, record, held, redo)
+    if problem is not None:
+        raise SlideError(f"predict-slide: {problem}")
 
 
 def slides_left(

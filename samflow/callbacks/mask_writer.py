@@ -21,7 +21,7 @@ from samflow.callbacks.predict_samples import InstanceImage, dataset_samples, pr
 from samflow.console import console
 from samflow.data.errors import DataError
 from samflow.data.eval_shard import EvalShardSampler
-from samflow.outputs import case_clash, partial_path, record_differences, write_whole
+from samflow.outputs import case_clash, partial_path, record_problem, write_whole
 
 # the settings of the predict data that change its masks (batch size and workers do not)
 _RECORD_DATA_KEYS = ("eval_prompt", "prompt", "img_size", "resize_mode", "image_resize", "seed")
@@ -163,36 +163,14 @@ class MaskWriter(BasePredictionWriter):
         self, folder: Path, record: dict[str, Any], found_outputs: int, planned: int
     ) -> str | None:
         """Why the run recorded by ``record`` may not continue in ``folder``, which holds
-        ``found_outputs`` of its ``planned`` files (one line), or None."""
-        path = folder / self.RECORD
-        if not os.path.lexists(path):
-            if found_outputs:
-                return (
-                    f"The predictions folder {folder} holds {found_outputs} of the {planned} files this "
-                    f"run would write but no {self.RECORD}, so what made them is unknown: pass "
-                    "--predictions.overwrite true to predict them again, or choose another folder with "
-                    "--predictions.output_dir."
-                )
-            return None
-        try:
-            earlier = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            earlier = err
-        if not isinstance(earlier, dict):
-            why = (
-                earlier
-                if isinstance(earlier, Exception)
-                else f"a JSON {type(earlier).__name__}, not an object"
-            )
-            return f"{path} is not a readable record of a predict run ({why}); delete it with the masks."
-        differ = record_differences(earlier, record)
-        if differ:
-            return (
-                f"The predictions in {folder} were made with other settings ({'; '.join(differ)}); a "
-                "continued run would mix two models' masks. Continue with the same settings, pass "
-                "--predictions.overwrite true to predict them all again, or choose another folder."
-            )
-        return None
+        ``found_outputs`` of its ``planned`` files (one line, ``record_problem``), or None."""
+        held = f"{found_outputs} of the {planned} files this run would write" if found_outputs else None
+        redo = (
+            "pass --predictions.overwrite true to predict them again, or choose another folder with "
+            "--predictions.output_dir"
+        )
+        problem = record_problem(folder / self.RECORD, record, held, redo)
+        return None if problem is None else f"The predictions folder: {problem}"
 
     def write_record(self, folder: Path, record: dict[str, Any]) -> None:
         """Write ``record`` as ``folder``'s ``RECORD`` (whole or not at all), replacing an earlier one."""
@@ -221,7 +199,7 @@ class MaskWriter(BasePredictionWriter):
                 planned = len({n for ns in names for n in ns})
                 record = self.record(trainer, pl_module)
                 problem = self.check_record(folder, record, len(there), planned)
-                if problem is None and not os.path.lexists(folder / self.RECORD):
+                if problem is None and not there:  # nothing to mix with: this run's record
                     self.write_record(folder, record)  # before the first mask
             verdict = (problem, left)
         problem, left = trainer.strategy.broadcast(verdict, src=0)

@@ -320,6 +320,7 @@ def test_coco_instances_continued_on_two_ddp_processes_equal_an_uninterrupted_ru
 def test_a_record_that_is_not_a_json_object_is_refused_as_unreadable(tmp_path, text):
     root, out = make_root(tmp_path / "data"), tmp_path / "out"
     out.mkdir()
+    (out / "a.png").write_bytes(b"an earlier run's mask")  # beside it: so the record is read
     (out / "samflow_predict.json").write_text(text)
     with pytest.raises(PredictionOutputError, match=r"samflow_predict\.json is not a readable record"):
         left(MaskWriter(output_dir=str(out), resume=True), root, out)
