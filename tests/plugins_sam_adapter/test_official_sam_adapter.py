@@ -148,7 +148,9 @@ def test_reference_token_order_equals_the_official_encoder(official, tiny_sam, s
     fft = recorded_fft(official, "fft/normalized_input", x, 0.25)
     with torch.no_grad():
         tokens = tiny_sam.image_encoder.patch_embed(x)
-        assert_close(tokens, expected["tokens"], rtol=0, atol=0)
+        # the same patch embedding: equal bit for bit with the live official code; a recording made on
+        # another CPU differs in the last bits (4e-15)
+        assert_close(tokens, expected["tokens"], rtol=0, atol=ATOL)
         b, h, w, _ = tokens.shape
         assert_close(adapter.high_frequency(x), fft, rtol=0, atol=ATOL)
         # F_hfc + F_pe and every block's prompt P^i

@@ -182,4 +182,6 @@ def test_requires_grad_bn_modes_and_maps_equal_the_reference_resnet_train(weight
     with torch.no_grad():
         for stage, expected in zip(("layer1", "layer2", "layer3", "layer4"), got["maps"], strict=True):
             x = getattr(body, stage)(x)
-            assert_close(x, expected, atol=1e-4, rtol=1e-4)
+            # float32 through ResNet-50's convolutions: the recording, made on another CPU, differs by up
+            # to 6e-4 where values near 100 (AVX2 vs AVX-512 kernels); a wrong BN mode moves them by O(1)
+            assert_close(x, expected, atol=2e-3, rtol=1e-4)
