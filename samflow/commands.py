@@ -150,9 +150,9 @@ def ranks_from_slurm() -> None:
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process: under torchrun (``WORLD_SIZE`` > 1), or SLURM's tasks
-    (``ranks_from_slurm``), after joining its process group (``init_process_group``), else (0, 1)."""
-    ranks_from_slurm()
+    """(rank, world size) of this process: under torchrun (``WORLD_SIZE`` > 1), or SLURM's tasks once
+    ``ranks_from_slurm`` has run (each command calls it first), after joining its process group
+    (``init_process_group``), else (0, 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_process_group()
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

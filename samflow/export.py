@@ -34,7 +34,6 @@ renamed), ``samflow.json`` last, so an interrupted export never loads as a finis
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import shutil
@@ -46,7 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from samflow.outputs import write_whole
+from samflow.outputs import file_sha256, write_whole
 from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.plugins.stack import HOOKS
@@ -82,15 +81,6 @@ _FORWARD_HOOKS = tuple(h for h in HOOKS if h not in ("losses", "sample_panels"))
 
 class ExportError(ValueError):
     """An export cannot be written or loaded as asked; the message names the file or plugin."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def trained_state(model: HookedSam) -> dict[str, Tensor]:

@@ -13,12 +13,15 @@ file on macOS and Windows, where the second would silently replace the first), o
 ``record_differences(earlier, now)`` compares two records of what made a folder's outputs (``samflow
 predict``'s ``samflow_predict.json``, ``predict --prompts``' ``samflow_prompts.json``): a file by its
 SHA-256 (``{"path": ..., "sha256": ...}``; a moved file with the same bytes is no change), and
-``record_problem`` says, in one line, why a run may not continue beside an earlier run's files.
+``record_problem`` says, in one line, why a run may not continue beside an earlier run's files. A
+record names a file with ``file_record`` (its path and SHA-256, ``file_sha256``) and the device with
+``device_kind`` (the GPU model or the CPU: another one computes other last bits).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -118,6 +121,38 @@ def case_clash(named: Iterable[tuple[str, T]]) -> NameClash[T] | None:
             return NameClash(first[key][0], first[key][1], name, holder)
         first[key] = (name, holder)
     return None
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: str | Path | None) -> dict[str, Any] | None:
+    """``{"path", "sha256"}`` of a file, or of a folder's files (their names and bytes, in name order);
+    ``sha256`` None when it is not there (reading it fails later); None for None."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for child in sorted(p for p in path.iterdir() if p.is_file()):
+            digest.update(f"{child.name}\0{file_sha256(child)}\n".encode())
+        sha256: str | None = digest.hexdigest()
+    else:
+        sha256 = file_sha256(path) if path.is_file() else None
+    return {"path": str(path.resolve()), "sha256": sha256}
+
+
+def device_kind(device: Any) -> str:
+    """What computes on ``device`` (a ``torch.device``), for a record: the GPU's model, else the type."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device.type)
 
 
 def record_differences(earlier: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:

@@ -11,7 +11,6 @@ the outputs; a continued run with other settings is refused naming what differs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from samflow.outputs import case_clash, final_path, partial_path, record_problem, write_whole
+from samflow.outputs import (
+    case_clash,
+    device_kind,
+    file_record,
+    final_path,
+    partial_path,
+    record_problem,
+    write_whole,
+)
 from samflow.prompt_files import ImagePrompts, PromptFileError
 
 RESULTS = "results.json"
@@ -170,27 +177,7 @@ def write_png(path: Path, image: Image.Image) -> None:
 
 
 # ---- the record (RECORD) ----
-def _sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes, or of a folder's files (names and bytes, in name order)."""
-    from samflow.export import file_sha256
-
-    if not path.is_dir():
-        return file_sha256(path)
-    digest = hashlib.sha256()
-    for child in sorted(p for p in path.iterdir() if p.is_file()):
-        digest.update(f"{child.name}\0{file_sha256(child)}\n".encode())
-    return digest.hexdigest()
-
-
-def _file(path: Path | None) -> dict[str, Any] | None:
-    """``{"path", "sha256"}`` of a file (``sha256`` None when it is not there: loading it fails later)."""
-    if path is None:
-        return None
-    there = path.exists()
-    return {"path": str(path.resolve()), "sha256": _sha256(path) if there else None}
-
-
-def weights_file(model: Path) -> Path | None:
+def weightsfile_record(model: Path) -> Path | None:
     """The weights file ``--model`` loads: an export's adapter, a checkpoint, a run folder's checkpoint
     (None for a path that is none of these: loading it says why)."""
     from samflow.export import ADAPTER
@@ -216,18 +203,21 @@ def run_record(
     points: int | None,
     seed: int,
     tile: int | None,
+    device: Any,
 ) -> dict[str, Any]:
-    """What makes a run's outputs (``RECORD``), as JSON values: files by SHA-256."""
+    """What makes a run's outputs (``RECORD``), as JSON values: files by SHA-256, the device (a
+    ``torch.device``) by what computes on it."""
     return {
-        "model": _file(weights_file(model)) or {"path": str(model.resolve()), "sha256": None},
-        "sam_checkpoint": _file(Path(sam_checkpoint).expanduser() if sam_checkpoint else None),
-        "prompts": _file(prompts),
+        "model": file_record(weightsfile_record(model)) or {"path": str(model.resolve()), "sha256": None},
+        "sam_checkpoint": file_record(sam_checkpoint),
+        "prompts": file_record(prompts),
         "images": str(images.resolve()),
         "format": fmt,
         "derive": derive or "box",  # the defaults the prompt readers use
         "points": points or 1,
         "seed": seed,
         "tile": tile,
+        "device": device_kind(device),
     }
 
 

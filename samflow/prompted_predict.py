@@ -82,7 +82,7 @@ from samflow.prompted_outputs import (
     write_record,
     write_text,
 )
-from samflow.usage import CommandParser, PositiveInt
+from samflow.usage import CommandParser, PositiveInt, require_extra
 
 
 def _read_rgb(path: Path) -> np.ndarray:
@@ -293,6 +293,7 @@ def main(argv: list[str]) -> int:
         raise PromptFileError(
             "--resume continues the run in --out and --overwrite starts it again: pass one of them."
         )
+    require_extra("pycocotools.mask", "coco", "samflow predict --prompts (results.json holds COCO RLE masks)")
     images, prompts, out = Path(args.images), Path(args.prompts), Path(args.out)
     entries = read_prompts(prompts, images, derive=args.derive, points=args.points, seed=args.seed)
     if not any(entry.prompts for entry in entries):
@@ -306,10 +307,17 @@ def main(argv: list[str]) -> int:
     keep = "--overwrite" if args.overwrite else "--resume" if args.resume else None
     check_outputs(out, inputs, planned + earlier, keep)
     settings = {k: getattr(args, k) for k in ("derive", "points", "seed", "tile", "sam_checkpoint")}
-    record = run_record(model=Path(args.model), prompts=prompts, images=images, fmt=args.format, **settings)
+    predictor = _load_predictor(Path(args.model), args.sam_checkpoint, args.device)
+    record = run_record(
+        model=Path(args.model),
+        prompts=prompts,
+        images=images,
+        fmt=args.format,
+        device=predictor.device,
+        **settings,
+    )
     if args.resume:
         check_resume(out, record, earlier)
-    predictor = _load_predictor(Path(args.model), args.sam_checkpoint, args.device)
     # a continued run's results.json and skipped.json are written again, last
     gone = earlier if args.overwrite else [out / RESULTS, out / SKIPPED] if args.resume else []
     for path in [*gone, *leftovers(out, entries)]:

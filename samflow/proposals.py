@@ -371,10 +371,11 @@ def main(argv: list[str]) -> int:
     from lightning.pytorch.utilities import rank_zero_info
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from samflow.commands import build_experiment, rank_and_world, wait_for_ranks
+    from samflow.commands import build_experiment, rank_and_world, ranks_from_slurm, wait_for_ranks
     from samflow.data.coco import CocoDataModule
 
     opts, overrides = _parser().parse_known_args(argv)
+    ranks_from_slurm()  # srun's tasks, as torchrun's ranks
     rank, world = rank_and_world()
     model, datamodule = build_experiment(opts.experiment, overrides)
     if not isinstance(datamodule, CocoDataModule):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from samflow.data.wsi.slide import SlideError
-from samflow.outputs import record_problem, write_whole
+from samflow.outputs import device_kind, file_record, record_problem, write_whole
 
 RECORD = "samflow_slides.json"
 
@@ -43,16 +43,6 @@ def refuse_existing(outputs: Sequence[Path]) -> None:
         )
 
 
-def _file(path: str | Path | None) -> dict[str, Any] | None:
-    """``{"path", "sha256"}`` of a file (``sha256`` None when it is not there: reading it fails later)."""
-    from samflow.export import file_sha256
-
-    if path is None:
-        return None
-    path = Path(path).expanduser()
-    return {"path": str(path.resolve()), "sha256": file_sha256(path) if path.is_file() else None}
-
-
 def run_record(
     experiment: str,
     overrides: Sequence[str],
@@ -65,24 +55,22 @@ def run_record(
 ) -> dict[str, Any]:
     """What makes a run's masks (``RECORD``), as JSON values: files by SHA-256. ``experiment``: its name
     or YAML; ``settings``: mpp, factor, threshold, tile, overlap, batch_size, slide_mpp."""
-    import torch
 
     from samflow.commands import resolve_experiment
 
     sam = dict(getattr(module, "hparams", None) or {}).get("sam")
-    kind = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {
-        "experiment": _file(resolve_experiment(experiment)),
+        "experiment": file_record(resolve_experiment(experiment)),
         "overrides": list(overrides),
-        "ckpt": _file(ckpt),
-        "sam_checkpoint": _file(getattr(sam, "checkpoint", None)),
+        "ckpt": file_record(ckpt),
+        "sam_checkpoint": file_record(getattr(sam, "checkpoint", None)),
         **{key: settings[key] for key in sorted(settings)},
-        "device": kind,
+        "device": device_kind(device),
         "slides": {
             Path(slide).stem: {
                 "path": str(Path(slide).resolve()),
                 "bytes": Path(slide).stat().st_size,
-                "annotations": _file(truth),
+                "annotations": file_record(truth),
             }
             for slide, truth in zip(slides, annotations, strict=True)
         },

@@ -275,6 +275,28 @@ def run_torchrun(args: list[str], cwd: Path, **env: str) -> subprocess.Completed
     )
 
 
+def run_at_once(
+    commands: list[list[str]], cwd: Path, envs: list[dict[str, str]], timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
+    """Each of ``commands`` started together in ``cwd`` with its environment of ``envs`` (the whole
+    environment, not additions), as the processes of one job on several nodes or tasks: each one's
+    result, its stdout and stderr together. Those still running after ``timeout`` s are killed."""
+    procs = [
+        subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for command, env in zip(commands, envs, strict=True)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outputs)]
+
+
 # the start of a torchrun script: every process group's timeout 1 s once made (torchrun's rendezvous
 # keeps its own), as if the ranks' work took longer than gloo's 30 min; a wait for the other ranks that
 # keeps a group's timeout then fails when they are 1 s apart

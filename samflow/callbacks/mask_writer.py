@@ -3,7 +3,6 @@ a killed run."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -21,7 +20,7 @@ from samflow.callbacks.predict_samples import InstanceImage, dataset_samples, pr
 from samflow.console import console
 from samflow.data.errors import DataError
 from samflow.data.eval_shard import EvalShardSampler
-from samflow.outputs import case_clash, partial_path, record_problem, write_whole
+from samflow.outputs import case_clash, file_record, partial_path, record_problem, write_whole
 
 # the settings of the predict data that change its masks (batch size and workers do not)
 _RECORD_DATA_KEYS = ("eval_prompt", "prompt", "img_size", "resize_mode", "image_resize", "seed")
@@ -134,13 +133,6 @@ class MaskWriter(BasePredictionWriter):
         """What makes this run's files (``RECORD``): checkpoint, threshold, probabilities, precision and
         the predict data's settings, as JSON values."""
         ckpt = getattr(trainer, "ckpt_path", None)
-        checkpoint = None
-        if ckpt:
-            digest = hashlib.sha256()
-            with open(ckpt, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            checkpoint = {"path": str(Path(ckpt).resolve()), "sha256": digest.hexdigest()}
         datamodule = getattr(trainer, "datamodule", None)
         hparams = dict(getattr(datamodule, "hparams", None) or {})
         data = {key: hparams[key] for key in _RECORD_DATA_KEYS if key in hparams}
@@ -151,7 +143,7 @@ class MaskWriter(BasePredictionWriter):
             {key: getattr(datamodule, key) for key in ("options", "crowd") if hasattr(datamodule, key)}
         )
         record = {
-            "checkpoint": checkpoint,
+            "checkpoint": file_record(ckpt) if ckpt else None,
             "threshold": getattr(pl_module, "threshold", None),
             "save_probabilities": self.save_probabilities,
             "precision": str(getattr(trainer, "precision", "")),

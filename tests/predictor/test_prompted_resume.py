@@ -6,7 +6,7 @@ image's ``results/<stem>.json``, ``results.json``, ``skipped.json``, the record 
 ends byte for byte as an uninterrupted run's, in both formats. A killed run is simulated by deleting
 some outputs (one image keeps its part of the results but loses a mask) and leaving a ``.partial``.
 Every run writes the record before its first output, so a killed plain run is continued too; a continued
-run with another model, prompt file, format, seed or tile is refused in one line naming what differs,
+run with another model, prompt file, format, seed, tile or device is refused in one line naming what differs,
 and so are a folder of outputs without a record and ``--resume`` with ``--overwrite``.
 """
 
@@ -166,6 +166,24 @@ def test_a_continued_run_with_other_settings_is_refused_naming_what_differs(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "other settings" in err and named in err, err
     assert files(out) == before  # nothing written, nothing removed
+
+
+def test_a_run_on_another_device_is_continued_only_there(trained_run, setup, tmp_path, capsys):
+    """A GPU model (or the CPU) computes other last bits: the record holds what ran the first images."""
+    images, prompts = setup
+    out = tmp_path / "out"
+    assert run(trained_run, images, prompts, out) == 0
+    capsys.readouterr()
+    record = json.loads((out / "samflow_prompts.json").read_text())
+    assert record["device"] == "cpu"
+    kill(out)
+    record["device"] = "NVIDIA H100 80GB HBM3"  # as a run on that GPU writes it
+    (out / "samflow_prompts.json").write_text(json.dumps(record, indent=2) + "\n")
+    before = files(out)
+    assert run(trained_run, images, prompts, out, "--resume") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'device: "NVIDIA H100 80GB HBM3" -> "cpu"' in err, err
+    assert files(out) == before
 
 
 def test_resume_is_refused_without_a_record_and_with_overwrite(trained_run, setup, tmp_path, capsys):

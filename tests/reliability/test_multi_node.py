@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import LAUNCHED, run_samflow_commands
+from helpers import LAUNCHED, run_at_once, run_samflow_commands
 from test_ddp_exact_metrics import KEYS, data_args, last_metrics
 
 NODES = [
@@ -54,25 +54,8 @@ def two_nodes(args: list[str], cwd: Path, timeout: float = 600) -> list[subproce
     env.update(WANDB_MODE="disabled", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
     where = ["--master_addr", "127.0.0.1", "--master_port", port]
-    procs = [
-        subprocess.Popen(
-            [*launch, "--node_rank", str(node), *where, *args],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in (0, 1)
-    ]
-    try:
-        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outputs)]
+    commands = [[*launch, "--node_rank", str(node), *where, *args] for node in (0, 1)]
+    return run_at_once(commands, cwd, [env, env], timeout)
 
 
 def assert_ok(results: list[subprocess.CompletedProcess]) -> None:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import LAUNCHED
+from helpers import LAUNCHED, run_at_once
 
 from samflow.commands import ranks_from_slurm
 from samflow.data.quickstart import make_quickstart_data
@@ -59,25 +59,8 @@ def slurm_tasks(
     base.update(SLURM_NODELIST="127.0.0.1", SLURM_JOB_ID=job_id_of_a_free_port(), SLURM_JOB_NAME="samflow")
     base.update(extra)
     base = {k: v for k, v in base.items() if v != ""}  # "": the variable unset
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "samflow", *args],
-            cwd=cwd,
-            env={**base, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for task in range(tasks)
-    ]
-    try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outputs)]
+    envs = [{**base, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)} for task in range(tasks)]
+    return run_at_once([[sys.executable, "-m", "samflow", *args]] * tasks, cwd, envs, timeout=300)
 
 
 def ok(results: list[subprocess.CompletedProcess]) -> str:
