@@ -47,6 +47,7 @@ from samflow.plugins import PluginStack
 from samflow.predictor import chosen_masks
 from samflow.predictor_types import one_prompt
 from samflow.sam import DecoderContext, EncodedImages, ForwardContext, HookedSam, dense_pe
+from samflow.usage import require_extra
 
 if TYPE_CHECKING:
     from samflow.predictor import Predictor
@@ -76,7 +77,9 @@ class OnnxExportError(ExportError):
 
 
 def check_onnx_exportable(model: HookedSam) -> None:
-    """Refuse, in one line naming it, the first plugin that does not declare ``onnx_exportable``."""
+    """Refuse, in one line naming it, the first plugin that does not declare ``onnx_exportable``; and an
+    export without the ``onnx`` package (torch.onnx writes the graph with it), naming the ``onnx`` extra."""
+    require_extra("onnx", "onnx", "samflow export --onnx")
     stack = model.plugins if isinstance(model.plugins, PluginStack) else PluginStack()
     for key, plugin in stack.items():
         if not getattr(type(plugin), "onnx_exportable", False):

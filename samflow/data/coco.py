@@ -18,6 +18,7 @@ from samflow.data.coco_proposals import sam_checksum
 from samflow.data.errors import DataError, check_loader_counts
 from samflow.data.eval_shard import EvalShardSampler, eval_shard_sampler
 from samflow.data.resumable import ResumableLoader
+from samflow.usage import require_extra
 
 __all__ = ["CocoDataModule", "CocoInstances"]
 
@@ -67,6 +68,8 @@ class CocoDataModule(L.LightningDataModule):
         **options: Any,
     ) -> None:
         super().__init__()
+        # without the coco extra a run stops here, in one line, not at the first batch (in a loader worker)
+        require_extra("pycocotools.mask", "coco", "COCO data (CocoDataModule)")
         unknown = sorted(set(options) - set(INSTANCE_OPTIONS))
         if unknown:
             raise TypeError(

@@ -9,16 +9,14 @@ from typing import Any
 import numpy as np
 
 from samflow.data.errors import DataError
+from samflow.usage import require_extra
 
 __all__ = ["decode_segmentation", "encode_mask"]
 
 
 def _mask_api() -> Any:
-    try:
-        from pycocotools import mask as mask_api
-    except ImportError as err:  # pragma: no cover - the extra is in the test set
-        raise DataError("COCO data needs pycocotools: pip install 'samflow[coco]'.") from err
-    return mask_api
+    """pycocotools' ``mask`` module, or a one-line ``MissingExtraError`` naming the ``coco`` extra."""
+    return require_extra("pycocotools.mask", "coco", "COCO data (polygons and RLE masks)")
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int, where: str = "") -> np.ndarray:

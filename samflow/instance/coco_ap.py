@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 
+from samflow.usage import require_extra
+
 #: samflow's log names for torchmetrics' keys.
 COCO_KEYS = {
     "map": "ap",
@@ -42,10 +44,7 @@ class CocoMaskAP(MeanAveragePrecision):
     """
 
     def __init__(self, max_detections: int = 100, **kwargs: Any) -> None:
-        try:
-            import pycocotools  # noqa: F401
-        except ImportError as e:  # pragma: no cover - the coco extra is in the test extra
-            raise ImportError('CocoMaskAP needs pycocotools: pip install "samflow[coco]"') from e
+        require_extra("pycocotools", "coco", "CocoMaskAP (COCO mask AP)")  # one line, when it is built
         # COCOeval's own thresholds (float64 linspace): torchmetrics' defaults come from a float32
         # torch.linspace (0.55 -> 0.550000011920929), which moves a match whose IoU equals a threshold
         # exactly (common on small masks) and makes the AP differ from pycocotools run on a results file
