@@ -20,7 +20,7 @@ from samflow.losses import build_loss
 from samflow.metrics.registry import DEFAULT_METRICS, build_metrics
 from samflow.plugins import DecoderContext, PluginStack, SamPlugin
 from samflow.sam import EncoderCache, EncoderCacheError, HookedSam, SamOutput, build_sam
-from samflow.sam_spec import SamSpec
+from samflow.sam_spec import SamSpec, check_trained_on, trained_on
 
 SAM_PREFIX = "model.sam."
 
@@ -80,6 +80,14 @@ class SamflowModule(EvaluationMixin):
             else None
         )
         self.model = HookedSam(frozen, stack, spec.multimask_output, spec.checkpoint_blocks, cache)
+        # which frozen SAM: ``rebuild.load_trained_state`` checks a checkpoint's record against it
+        self.model.built_on = {  # type: ignore[assignment]
+            "variant": spec.variant,
+            "checkpoint": spec.checkpoint,
+            "seed": spec.seed,
+            "flag": "--model.sam.checkpoint",
+            "variant_flag": "--model.sam.variant",
+        }
         if cache is not None:
             self.model.check_encoder_cache()
         if spec.embedding_store:
@@ -356,7 +364,26 @@ class SamflowModule(EvaluationMixin):
         state = checkpoint["state_dict"]
         for key in self.plugins.frozen_sam_keys:
             state.pop(SAM_PREFIX + key, None)
-        checkpoint["samflow"] = {"sam": asdict(self.sam_spec), "frozen_sam_omitted": True}
+        spec = self.sam_spec
+        checkpoint["samflow"] = {
+            "sam": asdict(spec),
+            "frozen_sam_omitted": True,
+            "trained_on": trained_on(spec.variant, spec.checkpoint, spec.seed),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint loads on top of the frozen SAM it was trained on: another variant, SAM file or
+        random seed is refused in one line (``check_trained_on``), before its weights are loaded."""
+        spec = self.sam_spec
+        check_trained_on(
+            checkpoint.get("samflow"),
+            spec.variant,
+            spec.checkpoint,
+            spec.seed,
+            source=f"Checkpoint {ckpt}"
+            if (ckpt := getattr(self._trainer, "ckpt_path", None))
+            else "The checkpoint",
+        )
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
@@ -404,5 +431,20 @@ class SamflowModule(EvaluationMixin):
                 f"The checkpoint lacks {len(missing)} SAM weight(s) that this experiment's plugins train or "
                 f"put into SAM ({shown}): it was trained with other plugins; pass the experiment (and plugin "
                 "options) the checkpoint was trained with, or a checkpoint of this experiment."
+            )
+        extra = [key for key in state if key not in own]
+        lacking = [key for key in own if key not in state]
+        if strict and (extra or lacking):  # e.g. LoRA on more blocks: one line, not torch's key lists
+            from samflow.sam.build import CheckpointError
+
+            def listed(keys: list[str], what: str) -> str:
+                return f"{what} {len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+
+            parts = [listed(extra, "holds weights this experiment lacks:")] if extra else []
+            parts += [listed(lacking, "lacks weights of this experiment:")] if lacking else []
+            raise CheckpointError(
+                f"The checkpoint {' and '.join(parts)}. It was trained with other plugin options "
+                "(e.g. LoRA's blocks or targets): pass the options of its run, e.g. --experiment <run>/config.yaml, "
+                "or a checkpoint of this experiment."
             )
         return super().load_state_dict(state, strict=strict, assign=assign)

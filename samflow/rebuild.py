@@ -23,6 +23,7 @@ from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.predictor_types import PredictorError
 from samflow.sam import CheckpointError, HookedSam, build_sam
+from samflow.sam_spec import check_trained_on
 
 __all__ = ["build_model", "load_trained_state", "read_checkpoint_state", "read_run_config", "run_files"]
 
@@ -122,7 +123,22 @@ def build_model(model: Mapping[str, Any], *, sam_checkpoint: str | Path | None =
         flag=SAM_CHECKPOINT_FLAG,
         variant_flag=None,
     )
-    return HookedSam(sam, PluginStack(plugins or {}), spec.multimask_output)
+    hooked = HookedSam(sam, PluginStack(plugins or {}), spec.multimask_output)
+    # which frozen SAM: ``load_trained_state`` checks a checkpoint's record (``check_trained_on``) against it
+    hooked.built_on = {  # type: ignore[assignment]
+        "variant": spec.variant,
+        "checkpoint": spec.checkpoint,
+        "seed": spec.seed,
+        "flag": SAM_CHECKPOINT_FLAG,
+        "variant_flag": "the run's model.sam.variant (its config.yaml)",
+    }
+    return hooked
+
+
+class TrainedState(dict[str, Tensor]):
+    """A checkpoint's state dict with its ``samflow`` entry (the frozen SAM it was trained on)."""
+
+    samflow: Any = None
 
 
 def read_checkpoint_state(path: Path) -> dict[str, Tensor]:
@@ -139,15 +155,30 @@ def read_checkpoint_state(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state_dict; pass a checkpoint samflow fit wrote.")
     prefix = SAM_PREFIX.split(".")[0] + "."  # "model."
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    trained = TrainedState({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    trained.samflow = checkpoint.get("samflow")
+    return trained
 
 
 def load_trained_state(model: HookedSam, state: Mapping[str, Tensor], source: str) -> None:
     """Load plugin weights and trained SAM parts into ``model``; its frozen SAM weights stay.
 
     Strict: every key the model trains or holds outside the frozen SAM must be in ``state``, and
-    ``state`` may hold nothing the model lacks; otherwise one error names the keys and ``source``.
+    ``state`` may hold nothing the model lacks; otherwise one error names the keys and ``source``. A
+    checkpoint's state (``read_checkpoint_state``) must have been trained on the model's frozen SAM
+    (``check_trained_on``: the variant, the SAM file's SHA-256 or the random seed).
     """
+    built_on = getattr(model, "built_on", None)
+    if isinstance(built_on, dict) and isinstance(state, TrainedState):
+        check_trained_on(
+            state.samflow,
+            built_on["variant"],
+            built_on["checkpoint"],
+            built_on["seed"],
+            source=source,
+            flag=built_on["flag"],
+            variant_flag=built_on["variant_flag"],
+        )
     stack = model.plugins
     frozen = {f"sam.{k}" for k in getattr(stack, "frozen_sam_keys", set())}
     expected = model.state_dict()

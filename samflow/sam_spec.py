@@ -6,11 +6,17 @@ and the student (``samflow.student``) build the same SAM again.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["SamSpec"]
+from samflow.outputs import file_sha256
+
+__all__ = ["SamSpec", "check_trained_on", "trained_on"]
 
 
 @dataclass
@@ -59,3 +65,102 @@ class SamSpec:
 # for the whole process, here where it is defined: torch's ``safe_globals`` context would remove it again
 # from the process's list when its block ends.
 torch.serialization.add_safe_globals([SamSpec])
+
+
+# ---- which frozen SAM a checkpoint was trained on ----
+# A checkpoint leaves out the frozen SAM (``frozen_sam_keys``): it loads on top of the SAM the config builds,
+# which must be the one it was trained on. ``trained_on`` is the record a checkpoint keeps
+# (``checkpoint["samflow"]["trained_on"]``), ``check_trained_on`` refuses, in one line, a SAM of another
+# variant, another checkpoint file (by SHA-256: a moved or copied file is the same) or random weights of
+# another seed. ``img_size`` is not part of it: evaluating at another input size is allowed.
+_FILE_SHA256: dict[str, tuple[int, int, str]] = {}
+
+
+def _file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes, remembered while its size and modification time stay the same
+    (a vit_h file is 2.4 GiB: hashed once per process)."""
+    key = os.path.realpath(os.path.expanduser(path))
+    stat = os.stat(key)
+    known = _FILE_SHA256.get(key)
+    if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
+        return known[2]
+    digest = file_sha256(key)
+    _FILE_SHA256[key] = (stat.st_size, stat.st_mtime_ns, digest)
+    return digest
+
+
+def trained_on(variant: str, checkpoint: str | None, seed: int) -> dict[str, Any]:
+    """The frozen SAM a model is built on: the variant, and the file's name and SHA-256, or the seed of
+    its random weights (no file)."""
+    if checkpoint:
+        name: str | None = Path(checkpoint).name
+        sha256: str | None = _file_sha256(checkpoint) if Path(checkpoint).expanduser().is_file() else None
+    else:
+        name = sha256 = None
+    return {"variant": variant, "checkpoint": name, "sha256": sha256, "seed": None if checkpoint else seed}
+
+
+def _shown(record: Mapping[str, Any]) -> str:
+    if record.get("checkpoint"):
+        sha = record.get("sha256")
+        return f"{record['checkpoint']}" + (f" (SHA-256 {str(sha)[:12]})" if sha else "")
+    return f"random weights (seed {record.get('seed')}, no file)"
+
+
+def check_trained_on(
+    recorded: Any,
+    variant: str,
+    checkpoint: str | None,
+    seed: int,
+    *,
+    source: str,
+    flag: str = "--model.sam.checkpoint",
+    variant_flag: str = "--model.sam.variant",
+) -> None:
+    """Refuse, in one line naming both, a frozen SAM other than the one ``source`` was trained on.
+
+    ``recorded`` is the checkpoint's ``samflow`` entry: ``trained_on`` (written since this check
+    exists), or for an older checkpoint only ``sam`` (its ``SamSpec``: the variant, and whether a
+    file or random weights; the file's bytes were not recorded). Nothing recorded: nothing to check.
+    """
+    from samflow.sam.build import CheckpointError
+
+    if not isinstance(recorded, Mapping):
+        return
+    record = recorded.get("trained_on")
+    spec = recorded.get("sam")
+    if not isinstance(record, Mapping):
+        spec = spec if isinstance(spec, Mapping) else getattr(spec, "__dict__", None)
+        if not isinstance(spec, Mapping):
+            return
+        record = {
+            "variant": spec.get("variant"),
+            "checkpoint": Path(spec["checkpoint"]).name if spec.get("checkpoint") else None,
+            "sha256": None,
+            "seed": None if spec.get("checkpoint") else spec.get("seed"),
+        }
+    if record.get("variant") is not None and record["variant"] != variant:
+        raise CheckpointError(
+            f"{source} was trained on SAM {record['variant']!r}, this model builds {variant!r}; pass "
+            f"{variant_flag} {record['variant']} and {flag} with the SAM file it was trained on."
+        )
+    if checkpoint and record.get("sha256") and not Path(checkpoint).expanduser().is_file():
+        return  # a missing SAM file is refused by name when SAM is built
+    mine = trained_on(variant, checkpoint, seed)
+    if record.get("sha256") is not None:
+        same = mine["sha256"] == record["sha256"]
+    elif record.get("checkpoint") is not None:
+        same = mine["checkpoint"] is not None  # an older checkpoint: a file, bytes unknown
+    else:
+        same = mine["checkpoint"] is None and mine["seed"] == record.get("seed")
+    if not same:
+        todo = (
+            f"pass the SAM file it was trained on ({record['checkpoint']}) with {flag}"
+            if record.get("checkpoint")
+            else f"build SAM as it was trained, without a SAM file and with seed {record.get('seed')} "
+            "(model.sam.checkpoint null, model.sam.seed)"
+        )
+        raise CheckpointError(
+            f"{source} was trained on the frozen SAM {_shown(record)}, but this model's SAM is {_shown(mine)}: "
+            f"its weights would load on other frozen weights; {todo}."
+        )

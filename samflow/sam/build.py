@@ -202,6 +202,13 @@ def freeze(sam: Sam) -> Sam:
     return sam.eval()
 
 
+# the mask decoder's tensors HQ-SAM's released checkpoints (sam_hq_vit_*.pth) add to SAM's
+_HQ_SAM_KEYS = tuple(
+    f"mask_decoder.{name}."
+    for name in ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
+)
+
+
 def guess_variant(state_dict: dict[str, torch.Tensor]) -> str:
     """Name the variant a state dict looks like, from its patch-embedding width and depth."""
     if "image_encoder.layers.0.blocks.0.conv1.c.weight" in state_dict:
@@ -271,6 +278,14 @@ def load_checkpoint(
         for k in set(state) & set(expected)
         if state[k].shape != expected[k].shape
     )
+    hq = [k for k in unexpected if k.startswith(_HQ_SAM_KEYS)]
+    if hq and not missing and not wrong_shape and len(hq) == len(unexpected):
+        raise CheckpointError(
+            f"SAM checkpoint {str(path)!r} is an HQ-SAM release (SAM's weights and {len(hq)} tensors of HQ-SAM's "
+            "decoder: mask_decoder.hf_token, hf_mlp, ...), not a segment-anything file; samflow does not load "
+            "HQ-SAM's released weights (the hq_sam plugin trains its own from the start): pass segment-anything's "
+            f"checkpoint of {variant!r} (e.g. sam_vit_b_01ec64.pth) with {flag}."
+        )
     if missing or unexpected or wrong_shape:
         raise CheckpointError(
             f"SAM checkpoint {str(path)!r} does not match variant {variant!r}; the file looks like "
