@@ -211,6 +211,8 @@ def run_command(name: str, args: list[str]) -> int:
         if os.environ.get("SAMFLOW_DEBUG"):
             raise
         return _error(str(err))
+    except SystemExit as stop:
+        return _stopped(stop, name.split()[0])
 
 
 def _one_line_plugin_warnings() -> None:
@@ -291,7 +293,22 @@ def _run_subcommand(args: list[str]) -> int:
         if os.environ.get("SAMFLOW_DEBUG"):
             raise
         return _error(str(err))
+    except SystemExit as stop:
+        return _stopped(stop, args[0])
     return 0
+
+
+def _stopped(stop: SystemExit, command: str) -> int:
+    """The status of a command that Lightning stopped after a SIGTERM (a scheduler's time limit or
+    ``scancel``, SLURM's preemption): 1 with one line saying so (``LastCheckpoint`` adds where the fit can
+    continue from). Lightning's ``SIGTERMException`` is a ``SystemExit`` without a code, which made the
+    process exit with status 0, as if the run had ended. Any other ``SystemExit`` goes on."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if not isinstance(stop, SIGTERMException):
+        raise stop
+    notes = [note for note in getattr(stop, "__notes__", []) if note]
+    return _error(" ".join(notes) if notes else f"{command} stopped by SIGTERM.")
 
 
 PLUGIN_HELP = "--model.plugins.help"

@@ -21,7 +21,7 @@ from typing_extensions import override
 from samflow.argument_errors import first_not_from_jsonargparse, unknown_option
 from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, SampleGrid, TestReport
 from samflow.callbacks.accumulation import AccumulatedGradients
-from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, PlateauResume, RandomState
+from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, PlateauResume, RandomState, SlurmRequeue
 from samflow.callbacks.resume_config import SameExperiment, check_fit_config, training_settings
 from samflow.callbacks.run_folder import (
     RunInfo,
@@ -233,6 +233,7 @@ class SamflowCLI(LightningCLI):
             PlateauResume(),
             AccumulatedGradients(),
             RunInfo(self.run_name),
+            SlurmRequeue(),
         ]
         checkpoint = (self.config.get(self.subcommand or "fit") or {}).get("ckpt_path")
         callbacks.append(RunHeader(self.run_name, checkpoint))

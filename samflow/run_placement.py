@@ -19,6 +19,7 @@ from samflow.callbacks.run_folder import (
     command_folder,
     last_checkpoint,
     read_run_info,
+    requeued_run,
     run_folder_of,
 )
 from samflow.config_checks import ConfigError
@@ -30,6 +31,24 @@ def new_wandb_id() -> str:
     """A new W&B run id (8 characters of [a-z0-9])."""
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _runs_under_root_dir(config: Namespace, run_name: str, entries: list[Namespace]) -> None:
+    """``--trainer.default_root_dir D``: samflow's own loggers write the runs there (``D/version_N``, the
+    W&B files in ``D/wandb``), where ``--resume last`` and a requeued SLURM job look for them; they wrote
+    to ``runs/<experiment>`` whatever D was (Lightning uses D only without loggers). Loggers the user
+    configured are left as they are."""
+    root = config.get("trainer.default_root_dir")
+    if not root or Path(root) == Path("runs", run_name):
+        return
+    for entry in entries:
+        kind, options = str(entry.get("class_path", "")), entry.get("init_args")
+        if options is None or options.get("save_dir") != "runs":
+            continue
+        if kind.endswith("CSVLogger") and options.get("name") == run_name:
+            options["save_dir"], options["name"] = str(root), ""
+        elif kind.endswith("WandbLogger"):
+            options["save_dir"] = str(root)
 
 
 def resume_checkpoint(resume: str, config: Namespace, run_name: str) -> Path:
@@ -63,6 +82,9 @@ def place_run(config: Namespace, command: str, run_name: str) -> tuple[Path | No
     subfolder of it named after the command (``test``, ``test_1``, ...). A new fit gets a W&B id of
     its own, recorded in ``run.json``.
     """
+    loggers = config.get("trainer.logger")
+    entries = [e for e in (loggers if isinstance(loggers, list) else [loggers]) if isinstance(e, Namespace)]
+    _runs_under_root_dir(config, run_name, entries)
     resume = config.get("resume")
     if resume:
         if command != "fit":
@@ -73,12 +95,15 @@ def place_run(config: Namespace, command: str, run_name: str) -> tuple[Path | No
             raise ConfigError("Give either --resume or --ckpt_path, not both.")
         config["ckpt_path"] = str(resume_checkpoint(str(resume), config, run_name))
         config["resume"] = None
-    loggers = config.get("trainer.logger")
-    entries = [e for e in (loggers if isinstance(loggers, list) else [loggers]) if isinstance(e, Namespace)]
 
     def options(kind: str) -> list[Namespace]:
         return [e.init_args for e in entries if str(e.get("class_path", "")).endswith(kind)]
 
+    if command == "fit" and not config.get("ckpt_path"):  # a SLURM job requeued: its run goes on
+        runs = Path(config.get("trainer.default_root_dir") or f"runs/{run_name}")
+        requeued = requeued_run(runs)
+        if requeued is not None:
+            config["ckpt_path"] = str(requeued / "checkpoints" / LastCheckpoint.FILE)
     run = run_folder_of(config.get("ckpt_path"))
     if run is None:
         if command == "fit":

@@ -358,9 +358,11 @@ def main(argv: list[str]) -> int:
     own = len(cli.config.get("trainer", {}).get("callbacks") or [])
     last = cli.config_init.get("last")
     every = last.every_n_train_steps if isinstance(last, LastCheckpoint) else 50
+    last_ckpt = LastCheckpoint(every, dirpath=str(out / "checkpoints"))
+    last_ckpt.command, last_ckpt.resume_flag = "student", "--resume"  # its line after a Ctrl-C
     callbacks = [
         *(config.get("callbacks") or [])[:own],
-        LastCheckpoint(every, dirpath=str(out / "checkpoints")),
+        last_ckpt,
         RandomState(),
         SameExperiment(settings, random_seed, checked=True),
     ]

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -23,8 +27,12 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from samflow.callbacks.accumulation import AccumulatedGradients, inside_window
+from samflow.callbacks.run_folder import slurm_job
+from samflow.console import shown
 from samflow.outputs import partial_path, write_whole
 
 __all__ = [
@@ -32,9 +40,11 @@ __all__ = [
     "LastCheckpoint",
     "PlateauResume",
     "RandomState",
+    "SlurmRequeue",
     "before_training",
     "capture_rng",
     "restore_rng",
+    "stopping",
 ]
 
 
@@ -70,6 +80,23 @@ def restore_rng(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def stopping(trainer: Trainer) -> bool:
+    """Whether a SIGTERM reached this process or, under DDP, any: then every process stops after the
+    batch, which Lightning does on a process only once it got the signal itself (the others went on to
+    wait in their next step for one that had stopped, and saved no checkpoint with it)."""
+    got = bool(getattr(trainer, "received_sigterm", False))
+    if trainer.world_size > 1:
+        got = trainer.strategy.reduce_boolean_decision(got, all=False)
+        if got:  # Lightning raises SIGTERMException after this batch on every process
+            trainer._signal_connector.received_sigterm = True
+    return got
+
+
+def keeps_gradients(trainer: Trainer) -> bool:
+    """Whether a checkpoint written between two accumulated batches keeps the gradients (``AccumulatedGradients``)."""
+    return any(isinstance(c, AccumulatedGradients) for c in trainer.callbacks)  # type: ignore[attr-defined]
 
 
 class RandomState(Callback):
@@ -211,6 +238,9 @@ class LastCheckpoint(Checkpoint):
     """
 
     FILE = "last.ckpt"
+    #: how the stop line of a signal names the command and the flag that continues it (``on_exception``)
+    command = "fit"
+    resume_flag: str | None = None  # default: ``--resume <run folder>``
 
     def __init__(self, every_n_train_steps: int = 50, dirpath: str | None = None) -> None:
         if every_n_train_steps < 0:
@@ -218,6 +248,7 @@ class LastCheckpoint(Checkpoint):
         self.every_n_train_steps = every_n_train_steps
         self.dirpath = dirpath
         self._saved_step = -1
+        self._written_step: int | None = None  # the step last.ckpt holds, once this process wrote it
 
     @property
     @override
@@ -240,14 +271,13 @@ class LastCheckpoint(Checkpoint):
         else:  # the other ranks join the collectives of saving; rank 0 writes
             trainer.save_checkpoint(partial_path(path))
         trainer.strategy.barrier("LastCheckpoint.save")
-        self._saved_step = trainer.global_step
+        self._saved_step = self._written_step = trainer.global_step
         return path
 
     def _skip(self, trainer: Trainer) -> bool:
         return bool(
             trainer.sanity_checking
             or getattr(trainer, "fast_dev_run", False)
-            or getattr(trainer, "received_sigterm", False)  # the signal handler's own save
             or self._saved_step == trainer.global_step
         )
 
@@ -261,11 +291,48 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if stopping(trainer):  # a SIGTERM: Lightning stops after this batch, and last.ckpt holds it
+            window = inside_window(trainer)  # batches added to the gradients since the optimizer step
+            trained = window or self._saved_step != trainer.global_step
+            ended = trainer.sanity_checking or getattr(trainer, "fast_dev_run", False)
+            if trained and not ended and (not window or keeps_gradients(trainer)):
+                self.save(trainer)
+            return
         # written only when the optimizer has just stepped (global_step moved past the last save): with
         # ``accumulate_grad_batches`` the batches between optimizer steps hold gradients no checkpoint keeps
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not self._skip(trainer):
             self.save(trainer)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Say how to continue a fit stopped by a signal: a SIGTERM's line is the command's error line
+        (``samflow.cli``), a Ctrl-C's is printed here (Lightning exits with status 1 after it)."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        if not trainer.is_global_zero or trainer.state.fn != TrainerFn.FITTING:
+            return
+        path = self.folder(trainer) / self.FILE
+        flag = self.resume_flag or f"--resume {shown(path.parent.parent)}"
+        requeue = any(isinstance(c, SlurmRequeue) and c.requeue for c in trainer.callbacks)  # type: ignore[attr-defined]
+        held = f"{shown(path)}" + (f" (step {self._written_step})" if self._written_step is not None else "")
+        if not path.is_file():
+            where = "no checkpoint was written yet; start the run again"
+        elif requeue:  # SlurmRequeue's note says how the run goes on
+            where = f"{held} holds it"
+        else:
+            where = f"{held} is its last checkpoint; continue with the same command and {flag}"
+        step = trainer.global_step
+        if isinstance(exception, SIGTERMException):
+            cause = "SLURM's requeue signal" if requeue else "SIGTERM"
+            # first: SlurmRequeue (called before the checkpoint callbacks) says whether the job was requeued
+            notes = exception.__dict__.setdefault("__notes__", [])
+            notes.insert(0, f"{self.command} stopped by {cause} at step {step}; {where}.")
+        else:
+            sys.stderr.write(f"samflow: {self.command} interrupted (Ctrl-C) at step {step}; {where}.\n")
+            sys.stderr.flush()
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -376,3 +443,76 @@ class BestCheckpoint(ModelCheckpoint):
             self._leftovers = self._leftovers - {path}
             return False
         return super().file_exists(filepath, trainer)
+
+
+class SlurmRequeue(Callback):
+    """SLURM's requeue signal (``#SBATCH --signal=SIGUSR1@90``) stops the fit as a SIGTERM does, and the
+    job is requeued to continue the same run.
+
+    Lightning's own auto-requeue (``SLURMEnvironment(auto_requeue=True)``, its default under SLURM) saved
+    ``hpc_ckpt_N.ckpt`` from inside the signal handler, part way through a step, into
+    ``runs/<experiment>/`` (outside the run folder), and its restarted job loaded that file into a new
+    ``version_N`` and a new W&B run, without samflow's check of the experiment; a later fit of the
+    experiment in any SLURM job loaded it again. Here it is turned off: the signal stops the fit after the
+    batch it comes in, with ``last.ckpt`` holding that batch (``LastCheckpoint``), then process 0 runs
+    ``scontrol requeue <job>``. The restarted job (``SLURM_RESTART_COUNT``) continues the run whose
+    ``run.json`` names the job (``samflow.run_placement``), in its folder and W&B run, exactly as
+    ``--resume`` does. ``SLURMEnvironment(auto_requeue=False)`` in ``trainer.plugins`` turns both off.
+    """
+
+    def __init__(self) -> None:
+        self.requeue = False
+        self._environment: Any = None
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # before Lightning registers its signal handlers: it leaves the requeue signal to this callback
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and slurm_job():
+            environment.auto_requeue = False
+            self._environment = environment
+        self.requeue = False
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning's handlers are in place; its teardown puts back the ones from before the fit
+        environment = self._environment
+        if environment is None or environment.requeue_signal is None:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def requeue_signal(signum: int, frame: Any) -> None:
+            self.requeue = True
+            trainer._signal_connector.received_sigterm = True  # stop after the batch, as a SIGTERM does
+
+        signal.signal(environment.requeue_signal, requeue_signal)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        environment, self._environment = self._environment, None
+        if environment is not None:
+            environment.auto_requeue = True  # the trainer's environment as it was
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not (self.requeue and isinstance(exception, SIGTERMException)):
+            return
+        self.on_fit_end(trainer, pl_module)
+        job = slurm_job()
+        if not trainer.is_global_zero or job is None:
+            return
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True)
+            failed = done.stderr.strip() if done.returncode else ""
+        except OSError as err:
+            failed = str(err)
+        exception.add_note(
+            f"SLURM job {job} requeued: it continues this run when it starts again."
+            if not failed
+            else f"`scontrol requeue {job}` failed ({' '.join(failed.split())}): resubmit the job with --resume."
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ __all__ = [
     "command_folder",
     "last_checkpoint",
     "read_run_info",
+    "requeued_run",
     "run_folder_of",
+    "slurm_job",
 ]
 
 INFO_FILE = "run.json"
@@ -79,8 +82,31 @@ def last_checkpoint(runs: Path) -> Path | None:
     return max(found, key=_version) / "checkpoints" / "last.ckpt" if found else None
 
 
+def slurm_job() -> str | None:
+    """This SLURM job's id as ``scontrol requeue`` takes it (``<array job>_<task>`` in a job array), or None."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def requeued_run(runs: Path) -> Path | None:
+    """In a SLURM job started again after a requeue (``SLURM_RESTART_COUNT`` 1 or more: by samflow's
+    ``SlurmRequeue``, ``scontrol requeue`` or a preemption), the newest run under ``runs``
+    (``runs/<experiment>``) that this job started and that has ``last.ckpt``; else None."""
+    job = slurm_job()
+    if job is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return None
+    found = [
+        p
+        for p in runs.glob("version_*")
+        if read_run_info(p).get("slurm_job") == job and (p / "checkpoints" / "last.ckpt").is_file()
+    ]
+    return max(found, key=_version) if found else None
+
+
 class RunInfo(Callback):
-    """Write ``run.json`` (the W&B run id, the experiment) into the run folder when a fit starts."""
+    """Write ``run.json`` (the W&B run id, the experiment, the SLURM job) into the run folder when a fit starts."""
 
     def __init__(self, experiment: str) -> None:
         self.experiment = experiment
@@ -98,6 +124,9 @@ class RunInfo(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and logger.version:
                 info["wandb_id"] = logger.version
+        job = slurm_job()
+        if job is not None:  # its restart after a requeue continues this run (``requeued_run``)
+            info["slurm_job"] = job
         run.mkdir(parents=True, exist_ok=True)
         (run / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from quickstart_tiny import samflow as run_tiny
 
@@ -148,3 +149,20 @@ def test_a_predict_without_predict_data_is_one_line_and_leaves_no_subfolder(run,
     ), err
     assert not any(line.startswith("Traceback") for line in err)
     assert {p.name for p in run.iterdir()} == before
+
+
+def test_default_root_dir_holds_the_runs_that_resume_last_finds(run, tmp_path, monkeypatch):
+    """``--trainer.default_root_dir D``: the run is ``D/version_0`` (its checkpoints, metrics, W&B files),
+    and ``--resume last`` with D continues it. The runs were written to ``runs/quickstart`` whatever D
+    was, and ``--resume last`` looked in D: it found nothing."""
+    data = run.parents[2] / "data"
+    monkeypatch.chdir(tmp_path)
+    root = ["--trainer.default_root_dir", "elsewhere/mine"]
+    assert run_tiny("fit", *root, data=data) == 0
+    mine = tmp_path / "elsewhere" / "mine" / "version_0"
+    assert (mine / "checkpoints" / "last.ckpt").is_file() and (mine / "metrics.csv").is_file()
+    assert not (tmp_path / "runs" / "quickstart").exists()
+    assert run_tiny("fit", *root, "--resume", "last", "--trainer.max_epochs", "2", data=data) == 0
+    assert sorted(p.name for p in mine.parent.glob("version_*")) == ["version_0"]
+    assert json.loads((mine / "run.json").read_text())["experiment"] == "quickstart"
+    assert torch.load(mine / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 2

@@ -1,0 +1,45 @@
+"""A callback for tests/reliability/test_signals.py: the run sends itself a signal at the end of a given
+training step, as a scheduler (SIGTERM, SLURM's SIGUSR1) or a user's Ctrl-C (SIGINT) would, at a place
+the test knows. It only sends: weights, generators and metrics are not touched."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class SignalAt(Callback):
+    """Send ``signum`` to this process (on process ``rank``) at the end of the training batch after which
+    the global step is ``step``, or with ``validation_batch`` at the end of that batch of a validation."""
+
+    def __init__(
+        self, step: int = 1, signum: str = "SIGTERM", rank: int = 0, validation_batch: int | None = None
+    ) -> None:
+        self.step, self.signum, self.rank, self.validation_batch = step, signum, rank, validation_batch
+        self.sent = False
+
+    def _send(self, trainer: Trainer) -> None:
+        if not self.sent and trainer.global_rank == self.rank:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.signum))
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.validation_batch is None and trainer.global_step == self.step:
+            self._send(trainer)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx == self.validation_batch:
+            self._send(trainer)

@@ -1,0 +1,189 @@
+"""A fit stopped by a signal: a scheduler's SIGTERM (``scancel``, a time limit) and a user's Ctrl-C.
+
+The run sends itself the signal at the end of a known training step (``signal_at.SignalAt``), in this
+process through ``samflow.cli.main`` as the command runs it. A SIGTERM stops the fit after that batch
+with ``last.ckpt`` holding it, one ``samflow: error:`` line naming the checkpoint and how to continue,
+and exit status 1 (Lightning's ``SIGTERMException`` made it 0); resumed, the fit ends with the
+uninterrupted run's weights and metrics. A Ctrl-C stops it where it lands, exit status 1, with a line
+naming the last complete checkpoint, and the process's SIGINT handler is given back. SLURM's requeue
+signal stops the fit as a SIGTERM does and requeues the job, whose restart continues the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from quickstart_tiny import samflow
+
+STEPS = [  # 3 steps an epoch (batch 1), 2 epochs, last.ckpt only at epoch ends
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.limit_train_batches",
+    "3",
+    "--data.init_args.batch_size",
+    "1",
+    "--last.every_n_train_steps",
+    "0",
+]
+
+
+def _signal_at(step: int, signum: str) -> list[str]:
+    spec = {"class_path": "signal_at.SignalAt", "init_args": {"step": step, "signum": signum}}
+    return ["--trainer.callbacks+", json.dumps(spec)]
+
+
+def _step(ckpt: Path) -> int:
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+
+
+def _last_val_row(run: Path) -> dict[str, str]:
+    with open(run / "metrics.csv") as f:
+        return [row for row in csv.DictReader(f) if row.get("val/iou")][-1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("quickstart") / "data"
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, data) -> Path:
+    """The uninterrupted run's folder."""
+    cwd = tmp_path_factory.mktemp("whole")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(cwd)
+    try:
+        assert samflow("fit", *STEPS, data=data) == 0
+    finally:
+        mp.undo()
+    return cwd / "runs" / "quickstart" / "version_0"
+
+
+@pytest.fixture
+def sigint_restored():
+    """Python's Ctrl-C handler for the test (a shell starting pytest in the background ignores SIGINT),
+    the one found put back after it."""
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield signal.default_int_handler
+    signal.signal(signal.SIGINT, found)
+
+
+def _ends_as(run: Path, whole: Path) -> None:
+    """``run`` ended with the uninterrupted run's last validation numbers and weights, bit for bit."""
+    expected, got = _last_val_row(whole), _last_val_row(run)
+    assert got["epoch"] == expected["epoch"] == "1"
+    assert all(got[k] == expected[k] for k in ("val/iou", "val/dice", "val/loss")), (got, expected)
+    reference = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == reference["global_step"] == 6
+    changed = [k for k, v in reference["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])]
+    assert not changed, changed
+
+
+def test_sigterm_mid_epoch_saves_the_batch_exits_1_and_resumes_to_the_uninterrupted_result(
+    tmp_path, data, whole, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert samflow("fit", *STEPS, *_signal_at(4, "SIGTERM"), data=data) == 1  # was 0
+    err = capsys.readouterr().err
+    run = Path("runs/quickstart/version_0")
+    assert (
+        "samflow: error: fit stopped by SIGTERM at step 4; runs/quickstart/version_0/checkpoints/last.ckpt "
+        "(step 4) is its last checkpoint; continue with the same command and --resume runs/quickstart/version_0.\n"
+    ) in err, err
+    assert (
+        _step(run / "checkpoints" / "last.ckpt") == 4
+    )  # the batch the signal came in (was 3: the epoch end)
+
+    assert samflow("fit", *STEPS, "--resume", str(run), data=data) == 0
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    _ends_as(run, whole)
+
+
+SLURM = {  # one sbatch task as SLURM starts it (Lightning's SLURMEnvironment detects it)
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "train",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_NODELIST": "localhost",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
+
+
+def test_slurm_requeue_signal_saves_requeues_and_the_restarted_job_continues_the_run(
+    tmp_path, data, whole, monkeypatch, capsys
+):
+    """``#SBATCH --signal=SIGUSR1@90``: the fit stops after the batch with last.ckpt, runs ``scontrol
+    requeue <job>`` and exits 1; the job started again (same command, ``SLURM_RESTART_COUNT`` 1) continues
+    the same run folder and W&B run and ends as the uninterrupted run. Lightning's own auto-requeue wrote
+    ``runs/quickstart/hpc_ckpt_1.ckpt`` from inside the handler, trained on (exit 0), and its restart
+    loaded that file into a new ``version_1``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.txt"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in SLURM.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    (tmp_path / "job").mkdir()
+    monkeypatch.chdir(tmp_path / "job")
+    command = ["fit", *STEPS, *_signal_at(4, "SIGUSR1")]  # the job script's command, run twice
+    capsys.readouterr()
+
+    assert samflow(*command, data=data) == 1
+    err = capsys.readouterr().err
+    run = tmp_path / "job" / "runs" / "quickstart" / "version_0"
+    assert (
+        "samflow: error: fit stopped by SLURM's requeue signal at step 4; "
+        "runs/quickstart/version_0/checkpoints/last.ckpt (step 4) holds it. "
+        "SLURM job 4242 requeued: it continues this run when it starts again.\n"
+    ) in err, err
+    assert calls.read_text() == "requeue 4242\n"
+    assert _step(run / "checkpoints" / "last.ckpt") == 4
+    assert not list((tmp_path / "job").rglob("hpc_ckpt*"))
+    info = json.loads((run / "run.json").read_text())
+    assert info["slurm_job"] == "4242"
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert samflow(*command, data=data) == 0
+    assert "checkpoint  runs/quickstart/version_0/checkpoints/last.ckpt" in capsys.readouterr().out
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    assert json.loads((run / "run.json").read_text())["wandb_id"] == info["wandb_id"]
+    assert calls.read_text() == "requeue 4242\n"  # not requeued again
+    _ends_as(run, whole)
+
+
+def test_ctrl_c_exits_1_names_the_last_checkpoint_and_gives_the_sigint_handler_back(
+    tmp_path, data, monkeypatch, capsys, sigint_restored
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:  # Lightning's sys.exit(1) after a KeyboardInterrupt
+        samflow("fit", *STEPS, *_signal_at(4, "SIGINT"), data=data)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert (
+        "samflow: fit interrupted (Ctrl-C) at step 4; runs/quickstart/version_0/checkpoints/last.ckpt (step 3) "
+        "is its last checkpoint; continue with the same command and --resume runs/quickstart/version_0.\n"
+    ) in err, err
+    assert _step(tmp_path / "runs/quickstart/version_0/checkpoints/last.ckpt") == 3  # whole, the epoch end's
+    assert signal.getsignal(signal.SIGINT) is sigint_restored  # Lightning left SIG_IGN
+
+
+def test_a_validate_stopped_by_sigterm_exits_1_in_one_line(tmp_path, data, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    spec = {"class_path": "signal_at.SignalAt", "init_args": {"validation_batch": 0}}
+    args = ["--data.init_args.batch_size", "1", "--trainer.limit_val_batches", "3"]
+    assert samflow("validate", *args, "--trainer.callbacks+", json.dumps(spec), data=data) == 1  # was 0
+    assert "samflow: error: validate stopped by SIGTERM.\n" in capsys.readouterr().err
