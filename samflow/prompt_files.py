@@ -286,8 +286,9 @@ def read_prompts(
     """The prompts of ``source`` (JSON, CSV, COCO annotations or a mask folder) per image of ``images_dir``.
 
     ``derive`` (default ``"box"``) and ``points`` (default 1) apply to COCO and mask prompts; given
-    for a JSON or CSV file, which holds its own boxes and points, they are refused. Every prompt is
-    checked against its image's size (``check_inside``).
+    for a JSON or CSV file, which holds its own boxes and points, they are refused, and so is
+    ``points`` without ``derive="points"`` (boxes have no points to count). Every prompt is checked
+    against its image's size (``check_inside``).
     """
     return check_inside(_read_any(source, images_dir, derive, points, seed))
 
@@ -297,6 +298,7 @@ def _read_any(
 ) -> list[ImagePrompts]:
     images = _find_images(images_dir)
     if source.is_dir():
+        _refuse_points_of_boxes(derive, points)
         return read_mask_prompts(source, images, derive or "box", points or 1, seed)
     if not source.is_file():
         raise PromptFileError(f"--prompts {str(source)!r} does not exist.")
@@ -316,9 +318,21 @@ def _read_any(
             f"{source}: not JSON ({err}); prompts are JSON, CSV, COCO or a mask folder."
         ) from None
     if isinstance(head, dict) and "annotations" in head and "images" in head:
+        _refuse_points_of_boxes(derive, points)
         return read_coco_prompts(source, images, derive or "box", points or 1, seed)
     _refuse_derive(source, "JSON", derive, points)
     return read_json_prompts(source, images)
+
+
+def _refuse_points_of_boxes(derive: str | None, points: int | None) -> None:
+    """``--points N`` counts the points ``--derive points`` draws; with boxes (the default) it would do
+    nothing, so it is refused rather than ignored."""
+    if points is not None and derive != "points":
+        raise PromptFileError(
+            f"--points {points} counts the points drawn with --derive points, but the prompts are "
+            f"{derive or 'box'}es (--derive {derive or 'box'}{'' if derive else ', the default'}): add "
+            "--derive points, or drop --points."
+        )
 
 
 def _refuse_derive(source: Path, kind: str, derive: str | None, points: int | None) -> None:

@@ -45,9 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         help="Optuna storage URL shared by workers (default: sqlite:///runs/<experiment>/sweeps/<study>/study.db)",
     )
     parser.add_argument(
-        "--study", default=None, help="the study's name (default: the file's name: or its stem)"
+        "--study", default=None, help="the Optuna study's name (default: the file's name: or its stem)"
     )
-    parser.add_argument("--summary", action="store_true", help="only print the summary of the study so far")
+    parser.add_argument(
+        "--summary", action="store_true", help="only print the summary of the Optuna study so far"
+    )
     return parser
 
 
@@ -67,6 +69,21 @@ def main(argv: list[str]) -> int:
         ) from None
     if args.trials is not None and args.trials < 1:
         raise ExperimentError(f"samflow sweep: --trials must be at least 1, got {args.trials}.")
+    optuna_only = [
+        flag
+        for flag, given in (
+            ("--summary", args.summary),
+            ("--storage", args.storage is not None),
+            ("--study", args.study is not None),
+        )
+        if given
+    ]
+    if args.backend == "wandb" and optuna_only:  # else ignored: --summary would start W&B's agent
+        raise ExperimentError(
+            f"samflow sweep: {' and '.join(optuna_only)} are for Optuna's study (--backend optuna); with "
+            "--backend wandb the sweep and its results are on W&B's server (its web page): drop "
+            f"{' and '.join(optuna_only)}."
+        )
     spec = load_sweep(args.file)
     if args.backend == "wandb":
         from samflow.sweep.agent import run_wandb
