@@ -66,15 +66,48 @@ def _subfolders_with(folder: Path, suffixes: Sequence[str], skip: Path | None) -
     ]
 
 
-def _check_folder(root: Path, folder: Path, key: str) -> None:
+def _check_folder(root: Path, folder: Path, key: str, image_suffixes: Sequence[str] = ()) -> None:
+    """A DataError saying what to give instead when ``root`` or its ``key`` folder (``images`` /
+    ``masks``) is not a folder: a file given as the root (a list of names such as ``train.txt``), or
+    the images folder itself given as the root."""
+    if root.is_file():
+        raise DataError(
+            f"Dataset root {root} is a file, not a folder. A split is a folder holding images/ and masks/, "
+            "a dict {root: FOLDER, images: NAME, masks: NAME} or a list of those; a file listing the "
+            "split's names is not read: put each split's files (or links to them) in folders of its own."
+        )
     if not root.is_dir():
         raise DataError(f"Dataset root {root} does not exist or is not a folder; check the path.")
     if not folder.is_dir():
+        wanted = {s.lower() for s in image_suffixes}
+        own_images = sum(1 for p in root.iterdir() if p.is_file() and p.suffix.lower() in wanted)
+        if key == "images" and own_images:
+            raise DataError(
+                f"{folder} does not exist, and {root} holds {own_images} image file(s) itself: if it is "
+                f"the images folder, give its parent as the root ({{root: {root.parent}, images: "
+                f"{root.name}, masks: NAME}}); images and masks in one folder are {{root: FOLDER, images: ., "
+                "masks: ., image_suffixes: [...], mask_suffixes: [...]}."
+            )
         subfolders = sorted(p.name for p in root.iterdir() if p.is_dir())
+        held = f"contains the folders {subfolders}" if subfolders else "contains no folders"
         raise DataError(
-            f"{folder} does not exist. {root} contains the folders {subfolders or 'none'}; "
-            f"set {key}= to the right one."
+            f"{folder} does not exist. {root} {held}; set {key}= to the right one "
+            f"({{root: {root}, images: NAME, masks: NAME}})."
         )
+
+
+def _affixed_masks(missing: Sequence[str], mask_files: Mapping[str, Path]) -> list[str]:
+    """``stem -> mask name`` for the masks named like a missing image's stem plus a prefix or suffix
+    after a separator (ISIC's ``x_segmentation.png``, ``x_mask.png``, ``mask_x.png``): the stems must
+    be equal. Linear in the masks' name lengths (each cut at a separator is looked up)."""
+    lost = set(missing)
+    found: set[tuple[str, str]] = set()
+    for other, path in mask_files.items():
+        for i, char in enumerate(other):
+            if char.isalnum():
+                continue
+            found.update((stem, path.name) for stem in (other[:i], other[i + 1 :]) if stem in lost)
+    return [f"{stem} -> {name}" for stem, name in sorted(found)]
 
 
 def find_samples(
@@ -105,7 +138,7 @@ def find_samples(
         mask_dir = None
         if root.is_dir() and not image_dir.is_dir():
             image_dir = root
-    _check_folder(root, image_dir, "images")
+    _check_folder(root, image_dir, "images", image_suffixes)
     same_folder = mask_dir is not None and mask_dir.resolve() == image_dir.resolve()
     shared = sorted({s.lower() for s in image_suffixes} & {s.lower() for s in mask_suffixes})
     if same_folder and shared:
@@ -153,6 +186,12 @@ def find_samples(
         other = sorted(p.name for p in mask_dir.iterdir() if p.is_file() and p.stem in lost)
         if other:
             hint += f" Mask files with other suffixes: {short_listing(other)}; add theirs to mask_suffixes."
+        affixed = _affixed_masks(missing, mask_files)
+        if affixed:
+            hint += (
+                f" Masks named like an image plus a prefix or suffix: {short_listing(affixed)}; an image "
+                "and its mask must have the same stem: rename the masks."
+            )
         raise DataError(
             f"{len(missing)} image(s) in {image_dir} have no mask in {mask_dir} "
             f"(suffixes {tuple(mask_suffixes)}): {short_listing(missing)}. Add the masks or remove those "
