@@ -274,7 +274,12 @@ def _parser() -> argparse.ArgumentParser:
         help="LR mpp / HR mpp (default: the experiment's data.init_args.factor, else 2)",
     )
     p.add_argument("--slide-mpp", type=float, help="level-0 mpp of slides without metadata")
-    p.add_argument("--tile", type=PositiveInt, default=1024, help="tile side in HR px (default 1024)")
+    p.add_argument(
+        "--tile",
+        type=PositiveInt,
+        help="tile side in HR px; each tile is resized to the model's input, as the experiment's patches "
+        "were in training (default: the experiment's data.init_args.patch_size, else 1024)",
+    )
     p.add_argument(
         "--overlap", type=int, default=128, help="tile overlap in HR px, at most tile/2 (default 128)"
     )
@@ -293,25 +298,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(opts: argparse.Namespace, module: Any, data: Any) -> tuple[dict[str, float], list[str]]:
-    """mpp, factor and threshold: each flag given, else the experiment's (``data.init_args.mpp``,
-    ``data.init_args.factor``, ``model.threshold``); and one line per flag that differs from it."""
+def _settings(opts: argparse.Namespace, module: Any, data: Any) -> tuple[dict[str, Any], list[str]]:
+    """mpp, factor, threshold and tile: each flag given, else the experiment's (``data.init_args.mpp``,
+    ``factor``, ``patch_size``, ``model.threshold``); and one line per flag that differs from it. The
+    tissue detection's resolution is the experiment's ``data.init_args.tissue_mpp`` (else 16)."""
     common = getattr(data, "common", None) or {}
     trained = {
         "mpp": ("data.init_args.mpp", common.get("mpp", getattr(data, "mpp", None)), 1.0),
         "factor": ("data.init_args.factor", common.get("factor", getattr(data, "factor", None)), 2.0),
         "threshold": ("model.threshold", getattr(module, "threshold", None), 0.5),
+        "tile": ("data.init_args.patch_size", common.get("patch_size"), 1024),
     }
-    values, notes = {}, []
+    values: dict[str, Any] = {}
+    notes = []
     for name, (key, experiment, fallback) in trained.items():
         flag = getattr(opts, name)
-        values[name] = float(flag if flag is not None else experiment if experiment is not None else fallback)
+        kind = int if name == "tile" else float
+        values[name] = kind(flag if flag is not None else experiment if experiment is not None else fallback)
         if flag is not None and experiment is not None and float(flag) != float(experiment):
+            scale = (
+                ": the tiles reach the model at another scale than its patches in training"
+                if name == "tile"
+                else ""
+            )
             notes.append(
                 f"samflow predict-slide: --{name} {flag:g} differs from the experiment's {key} "
-                f"{float(experiment):g}; using --{name} {flag:g}."
+                f"{float(experiment):g}{scale}; using --{name} {flag:g}."
             )
+    values["tissue_mpp"] = float(common.get("tissue_mpp") or 16.0)
     return values, notes
+
+
+def _check_overlap(parser: argparse.ArgumentParser, overlap: int, tile: int) -> None:
+    if not 0 <= overlap <= tile // 2:
+        parser.error(f"argument --overlap: must lie in [0, --tile/2] = [0, {tile // 2}], got {overlap}")
 
 
 def _init_distributed() -> Any:
@@ -342,10 +362,7 @@ def main(argv: list[str]) -> int:
 
     parser = _parser()
     opts, overrides = parser.parse_known_args(argv)
-    if not 0 <= opts.overlap <= opts.tile // 2:  # before anything is read, built or removed
-        parser.error(
-            f"argument --overlap: must lie in [0, --tile/2] = [0, {opts.tile // 2}], got {opts.overlap}"
-        )
+    _check_overlap(parser, opts.overlap, opts.tile or 2 * opts.overlap)  # before anything is read or built
     for flag, value in (("--mpp", opts.mpp), ("--factor", opts.factor)):
         if value is not None and not value > 0:  # NaN too; else a traceback once the slide is read
             parser.error(f"argument {flag}: must be positive, got {value}")
@@ -369,11 +386,14 @@ def main(argv: list[str]) -> int:
         refuse_existing([o for path in opts.slides for o in _outputs(Path(opts.out), path)])
     group = _init_distributed()
     rank, world = rank_and_world()  # the process group joined above
+    module, data = build_experiment(opts.experiment, overrides)
+    settings, notes = _settings(opts, module, data)
+    _check_overlap(
+        parser, opts.overlap, settings["tile"]
+    )  # the experiment's tile: before anything is removed
     if opts.overwrite and rank == 0:  # the earlier run's files go first: none outlives this run
         for output in (o for path in opts.slides for o in _outputs(Path(opts.out), path)):
             output.unlink(missing_ok=True)
-    module, data = build_experiment(opts.experiment, overrides)
-    settings, notes = _settings(opts, module, data)
     for note in notes if rank == 0 else []:
         print(note)
     if opts.ckpt:
@@ -383,11 +403,10 @@ def main(argv: list[str]) -> int:
     module.to(device).eval()
     options: dict[str, Any] = {
         **settings,
-        "tile": opts.tile,
         "overlap": opts.overlap,
         "batch_size": opts.batch_size,
+        "slide_mpp": opts.slide_mpp,
     }
-    options["slide_mpp"] = opts.slide_mpp
     record = None  # process 0 reads the checkpoints, and decides the slides left for every process
     if rank == 0:
         record = run_record(

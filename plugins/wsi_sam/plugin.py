@@ -13,7 +13,8 @@ two-way transformer (C/8 = 32):
     k    = k_HR + k_LR   (aggregation "sum", the reference code)
          | (k_HR + k_LR) / 2   ("mean", the paper's "average")
     y_HR = k . U_HR,  y_LR = k . U_LR                                (N, 1, 4h, 4w)
-    y    = y_HR + M_sam^HR   ("error correction": SAM's single-mask HR logits, at inference)
+    y    = y_HR + M_sam^HR   ("error correction": SAM's own HR logits, at inference: token 0, or
+                              with model.sam.multimask_output the best of tokens 1..3, as HQ-SAM's)
 
 Each view's token is appended to its own row's sparse prompts (the two-way transformer has no
 token order, so this equals the reference's ``[iou, mask_0..3, token, prompts]``), so an HR row
@@ -52,8 +53,9 @@ class WSISam(SamPlugin):
     Args:
         aggregation: ``"sum"`` (k = k_HR + k_LR, the reference code) or ``"mean"`` (their average,
             the paper's wording; it halves the logits of the sum).
-        error_correction: at inference, predict y_HR + SAM's single-mask HR logits (the reference);
-            False predicts y_HR.
+        error_correction: at inference, predict y_HR + SAM's own HR logits (the reference): token 0,
+            or with ``model.sam.multimask_output`` the token of 1..3 with the highest predicted IoU
+            (``sam_rule``, as HQ-SAM's ``masks_sam``); False predicts y_HR.
         correct_in_training: add SAM's logits in training too (the losses then see the corrected
             masks; the reference trains without them).
         loss: add the loss terms ``<key>/dice_hr``, ``bce_hr``, ``dice_lr``, ``bce_lr`` (squared

@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=PositiveInt,
         default=None,
-        help="images per encoder pass (default: data's eval batch size)",
+        help="images per encoder pass (default: the data's evaluation batch size: eval_batch_size, else batch_size)",
     )
     p.add_argument("--shard-size", type=PositiveInt, default=256, help="images per shard file")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda:LOCAL_RANK when a GPU is there)")
@@ -75,6 +75,12 @@ _barrier = partial(
     "samflow embed",
     "the images written so far are kept: run the same command again to finish the store.",
 )
+
+
+def eval_batch_size(datamodule: object) -> int:
+    """``--batch-size``'s default: the data's evaluation batch size (``eval_batch_size``, else the
+    ``batch_size`` that COCO data evaluates with too)."""
+    return getattr(datamodule, "eval_batch_size", None) or getattr(datamodule, "batch_size", None) or 1
 
 
 def _one_machine() -> None:
@@ -130,9 +136,7 @@ def main(argv: list[str]) -> int:
             out,
             model,
             datamodule,
-            batch_size=opts.batch_size
-            if opts.batch_size is not None
-            else getattr(datamodule, "eval_batch_size", 1),
+            batch_size=opts.batch_size or eval_batch_size(datamodule),
             shard_size=opts.shard_size,
             rank=rank,
             world=world,

@@ -2,7 +2,8 @@
 
 - `samflow embed` runs the encoder over every image of the experiment's datasets (train, val_sets,
   test_sets, predict), each distinct file once;
-- ``--batch-size`` defaults to the data's eval batch size and ``--shard-size`` to 256 images;
+- ``--batch-size`` defaults to the data's eval batch size (COCO data's ``batch_size``, which its
+  evaluation loaders take) and ``--shard-size`` to 256 images;
 - an output that is not finite (not only one beyond 65504) stops `samflow embed`, naming the image.
 """
 
@@ -72,6 +73,19 @@ def test_batch_and_shard_size_defaults(tmp_path, roots, monkeypatch):
     with pytest.raises(Stop):
         command.main(["--experiment", str(experiment(tmp_path, roots)), "--out", str(tmp_path / "s")])
     assert (seen["batch_size"], seen["shard_size"]) == (3, 256)  # the data's eval_batch_size: 3
+
+
+def test_coco_data_is_encoded_in_its_evaluation_batches(tmp_path):
+    """COCO data has no ``eval_batch_size``: its evaluation loaders take ``batch_size`` (was 1 here)."""
+    from samflow.data.coco import CocoDataModule
+
+    coco = CocoDataModule(val={"annotations": str(tmp_path / "instances.json")}, img_size=128, batch_size=5)
+    assert command.eval_batch_size(coco) == 5
+    folders = SegmentationDataModule(train=str(tmp_path), img_size=128, batch_size=4, eval_batch_size=3)
+    assert command.eval_batch_size(folders) == 3
+    assert (
+        command.eval_batch_size(SegmentationDataModule(train=str(tmp_path), img_size=128, batch_size=4)) == 4
+    )
 
 
 def test_a_non_finite_output_is_refused_naming_the_image(tmp_path, roots):

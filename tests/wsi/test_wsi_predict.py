@@ -270,11 +270,13 @@ def test_predict_slide_command(files, tmp_path):
     assert bad.returncode == 1 and "2 slides but 1 --annotations" in bad.stderr + bad.stdout
 
 
-def test_predict_slide_takes_mpp_factor_and_threshold_from_the_experiment(
+def test_predict_slide_takes_mpp_factor_tile_and_threshold_from_the_experiment(
     files, tmp_path, capsys, monkeypatch
 ):
-    """A model trained at 0.5 um/px runs at 0.5 um/px (not the old 1.0 default) with the experiment's
-    threshold; a flag that differs from the experiment wins and says so in one line."""
+    """A model trained at 0.5 um/px on 256 px patches runs at 0.5 um/px (not the old 1.0 default) on
+    256 px tiles (not the old 1024: each tile is resized to the model's input, as its patches were)
+    with the experiment's threshold; a flag that differs from the experiment wins and says so in one
+    line."""
     import sys
 
     import tifffile
@@ -296,7 +298,7 @@ def test_predict_slide_takes_mpp_factor_and_threshold_from_the_experiment(
         "0.5",
         "--model.threshold",
         "0.0",
-        "--tile",
+        "--data.init_args.patch_size",
         "256",
         "--overlap",
         "0",
@@ -310,8 +312,15 @@ def test_predict_slide_takes_mpp_factor_and_threshold_from_the_experiment(
     # (p > t, as every other path thresholds)
     assert mask.shape == (512, 768)
     np.testing.assert_array_equal(mask, covered(files["slide"], 0.5, 256, 0))
-    assert main([*common, "--out", "b", "--mpp", "1.0", "--threshold", "0.5", "--factor", "2"]) == 0
+    record = json.loads((tmp_path / "a" / "samflow_slides.json").read_text())
+    assert (record["tile"], record["tissue_mpp"]) == (256, 16.0)
+    other = ["--mpp", "1.0", "--threshold", "0.5", "--factor", "2", "--tile", "128"]
+    assert main([*common, "--out", "b", *other]) == 0
     out = capsys.readouterr().out
+    assert (
+        "samflow predict-slide: --tile 128 differs from the experiment's data.init_args.patch_size 256: the "
+        "tiles reach the model at another scale than its patches in training; using --tile 128." in out
+    )
     assert (
         "samflow predict-slide: --mpp 1 differs from the experiment's data.init_args.mpp 0.5; using --mpp 1."
         in out
