@@ -80,8 +80,9 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
         "image_resize": data.get("image_resize") or "sam",
     }
     threshold = model.get("threshold")
-    if threshold is not None and 0 < float(threshold) < 1:
-        options["mask_threshold"] = math.log(float(threshold) / (1 - float(threshold)))
+    if threshold is not None and 0 <= float(threshold) < 1:  # p > t as a logit: p > 0 is every finite logit
+        t = float(threshold)
+        options["mask_threshold"] = -math.inf if t == 0 else math.log(t / (1 - t))
     return {"model": model, "predictor": options, "config": config}
 
 

@@ -219,3 +219,19 @@ def test_every_command_flag_in_the_doc_is_read(documented):
                 )
     assert checked > 50
     assert problems == []
+
+
+# ---- model.threshold in a rebuilt model (Predictor, predict --prompts, export) ----
+@pytest.mark.parametrize(
+    ("threshold", "logit"), [(0.0, float("-inf")), (0.3, -0.8472978603872037), (0.5, 0.0)]
+)
+def test_the_run_threshold_is_the_predictors_logit_threshold_zero_included(tmp_path, threshold, logit):
+    """``model.threshold: 0`` is p > 0 in ``samflow predict`` and the metrics; a rebuilt run left SAM's
+    logit 0 (p > 0.5) for it, as it took only 0 < t < 1."""
+    import yaml
+
+    from samflow.rebuild import read_run_config
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": {"threshold": threshold}}))
+    assert read_run_config(config)["predictor"]["mask_threshold"] == pytest.approx(logit)
