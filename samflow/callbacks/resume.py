@@ -43,6 +43,7 @@ __all__ = [
     "SlurmRequeue",
     "before_training",
     "capture_rng",
+    "note_sigterm_only",
     "restore_rng",
     "stopping",
 ]
@@ -92,6 +93,29 @@ def stopping(trainer: Trainer) -> bool:
         if got:  # Lightning raises SIGTERMException after this batch on every process
             trainer._signal_connector.received_sigterm = True
     return got
+
+
+def note_sigterm_only(trainer: Trainer) -> None:
+    """Under DDP, put in place of Lightning's SIGTERM handler one that only notes the signal (and passes it
+    on to the processes Lightning started, as Lightning's does); ``stopping`` shares the note after the
+    batch. Lightning 2.6's handler runs ``dist.broadcast`` inside the handler, on the signalled process
+    alone, at whatever point of the step the signal lands: a SIGTERM reaching one rank, or the ranks at
+    different moments (torchrun passing one on to every worker), left them waiting for each other in
+    collectives that do not match. Lightning's own teardown puts back the handlers from before the fit."""
+    if trainer.world_size <= 1 or threading.current_thread() is not threading.main_thread():
+        return
+    connector = trainer._signal_connector
+    handlers = getattr(signal.getsignal(signal.SIGTERM), "signal_handlers", None)  # Lightning's compose
+    lightnings = getattr(connector, "_sigterm_notifier_fn", None)
+    if not isinstance(handlers, list) or lightnings not in handlers:
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        if not connector.received_sigterm and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)
+        connector.received_sigterm = True
+
+    handlers[handlers.index(lightnings)] = note
 
 
 def keeps_gradients(trainer: Trainer) -> bool:
@@ -286,6 +310,7 @@ class LastCheckpoint(Checkpoint):
         # the step the run starts from (0, or the resumed checkpoint's) counts as saved: a batch that
         # only accumulated gradients ends at that step, and a checkpoint then would lose them
         self._saved_step = trainer.global_step
+        note_sigterm_only(trainer)
 
     @override
     def on_train_batch_end(

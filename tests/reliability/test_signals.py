@@ -15,11 +15,13 @@ import csv
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from quickstart_tiny import samflow
+from helpers import TORCHRUN, TORCHRUN_ENV
+from quickstart_tiny import TINY, samflow
 
 STEPS = [  # 3 steps an epoch (batch 1), 2 epochs, last.ckpt only at epoch ends
     "--trainer.max_epochs",
@@ -179,6 +181,74 @@ def test_ctrl_c_exits_1_names_the_last_checkpoint_and_gives_the_sigint_handler_b
     ) in err, err
     assert _step(tmp_path / "runs/quickstart/version_0/checkpoints/last.ckpt") == 3  # whole, the epoch end's
     assert signal.getsignal(signal.SIGINT) is sigint_restored  # Lightning left SIG_IGN
+
+
+def _torchrun_fit(cwd: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The tiny fit under ``torchrun --nproc_per_node 2`` (CPU, gloo) in ``cwd``, its output captured;
+    the whole process group is killed after 240 s, so a rank left waiting for the other ends the test."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **TORCHRUN_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    args = [*TINY, "--data.init_args.quickstart.root", str(data), *STEPS, *DDP, *extra]
+    proc = subprocess.Popen(
+        [*TORCHRUN, "-m", "samflow", "fit", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the 2-rank fit hung:\n{out[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+
+
+def test_sigterm_to_one_ddp_rank_stops_every_rank_after_the_batch_and_resumes_to_the_uninterrupted_result(
+    tmp_path, data
+):
+    """2 ranks, 2 of the 4 images each: 2 steps an epoch; SIGTERM reaches rank 1 alone, after step 3 (a
+    signal reaches the ranks at different moments also when ``torchrun`` passes one on to every worker).
+    Every rank saves that batch and stops, exit 1, and the resumed run ends with the weights of the
+    uninterrupted one. Before, the ranks waited for each other for good: Lightning 2.6's handler ran a
+    ``dist.broadcast`` on rank 1 alone, inside the handler (``note_sigterm_only``), and without
+    ``stopping``'s reduction rank 1 saves alone while rank 0 goes on."""
+    whole = _torchrun_fit(tmp_path / "whole", data)
+    assert whole.returncode == 0, whole.stdout[-4000:]
+
+    each_rank = [json.dumps({"class_path": "signal_at.SignalAt", "init_args": {"step": 3, "rank": 1}})]
+    stopped = _torchrun_fit(
+        tmp_path / "run", data, *(a for s in each_rank for a in ("--trainer.callbacks+", s))
+    )
+    assert stopped.returncode != 0, stopped.stdout[-4000:]  # was 0
+    out = stopped.stdout
+    assert (
+        "samflow: error: fit stopped by SIGTERM at step 3; runs/quickstart/version_0/checkpoints/last.ckpt "
+        "(step 3) is its last checkpoint; continue with the same command and --resume runs/quickstart/version_0.\n"
+    ) in out, out[-4000:]
+    assert out.count("samflow: error: fit stopped by SIGTERM") == 2, out[-4000:]  # both ranks stopped
+    run = tmp_path / "run" / "runs" / "quickstart" / "version_0"
+    assert _step(run / "checkpoints" / "last.ckpt") == 3  # was 2: the epoch end
+
+    resumed = _torchrun_fit(tmp_path / "run", data, "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    reference = torch.load(
+        tmp_path / "whole/runs/quickstart/version_0/checkpoints/last.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
+    got = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert got["global_step"] == reference["global_step"] == 4
+    changed = [k for k, v in reference["state_dict"].items() if not torch.equal(v, got["state_dict"][k])]
+    assert not changed, changed
 
 
 def test_a_validate_stopped_by_sigterm_exits_1_in_one_line(tmp_path, data, monkeypatch, capsys):
