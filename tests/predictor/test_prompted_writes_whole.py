@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from helpers import crashing_png_saves
 from PIL import Image
@@ -27,6 +28,8 @@ BOXES = [[2, 3, 10, 12], [5, 5, 30, 20], [20, 1, 39, 29]]
 
 class BoxPredictor:
     """``SamPredictor``'s interface: the mask of a prompt is its box (x0 <= x < x1, y0 <= y < y1)."""
+
+    device = torch.device("cpu")  # the run's record names it
 
     def set_image(self, image: np.ndarray) -> None:
         self.shape = image.shape[:2]
