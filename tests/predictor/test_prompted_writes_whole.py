@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from helpers import crashing_png_saves
 from PIL import Image
 

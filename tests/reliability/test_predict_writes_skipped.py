@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from samflow.cli import main
@@ -21,6 +22,8 @@ from samflow.predictor import Predictor
 
 class BoxPredictor:
     """Predicts each box prompt's box as the mask, score 0.5."""
+
+    device = torch.device("cpu")  # as Predictor's: the run's record names it
 
     def set_image(self, image: np.ndarray) -> None:
         self.shape = image.shape[:2]
