@@ -41,13 +41,17 @@ def _runs_under_root_dir(config: Namespace, run_name: str, entries: list[Namespa
     root = config.get("trainer.default_root_dir")
     if not root or Path(root) == Path("runs", run_name):
         return
-    for entry in entries:
-        kind, options = str(entry.get("class_path", "")), entry.get("init_args")
-        if options is None or options.get("save_dir") != "runs":
-            continue
-        if kind.endswith("CSVLogger") and options.get("name") == run_name:
-            options["save_dir"], options["name"] = str(root), ""
-        elif kind.endswith("WandbLogger"):
+    default = [
+        (str(entry.get("class_path", "")), options)
+        for entry in entries
+        if (options := entry.get("init_args")) is not None and options.get("save_dir") == "runs"
+    ]
+    csv = [o for kind, o in default if kind.endswith("CSVLogger") and o.get("name") == run_name]
+    if not csv:  # the loggers are the user's own (a sweep's trial folders among them)
+        return
+    csv[0]["save_dir"], csv[0]["name"] = str(root), ""
+    for kind, options in default:
+        if kind.endswith("WandbLogger"):
             options["save_dir"] = str(root)
 
 
