@@ -50,7 +50,13 @@ from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.plugins.stack import HOOKS
 from samflow.predictor_types import PredictorError
-from samflow.rebuild import build_model, load_trained_state, read_checkpoint_state, read_run_config, run_files
+from samflow.rebuild import (
+    build_model,
+    load_trained_checkpoint,
+    load_trained_state,
+    read_run_config,
+    run_files,
+)
 from samflow.sam import VARIANTS, HookedSam, build_sam
 from samflow.usage import CommandParser
 
@@ -128,7 +134,7 @@ def export(
     ckpt, config_path = run_files(source)
     settings = read_run_config(config_path)
     model = build_model(settings["model"], sam_checkpoint=sam_checkpoint)
-    load_trained_state(model, read_checkpoint_state(ckpt), str(ckpt))
+    load_trained_checkpoint(model, ckpt)
     from samflow.onnx_export import ONNX_FILE, check_onnx_exportable
 
     folder = Path(out).expanduser()

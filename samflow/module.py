@@ -20,7 +20,7 @@ from samflow.losses import build_loss
 from samflow.metrics.registry import DEFAULT_METRICS, build_metrics
 from samflow.plugins import DecoderContext, PluginStack, SamPlugin
 from samflow.sam import EncoderCache, EncoderCacheError, HookedSam, SamOutput, build_sam
-from samflow.sam_spec import SamSpec, check_trained_on, trained_on
+from samflow.sam_spec import BuiltOn, SamSpec, check_trained_on
 
 SAM_PREFIX = "model.sam."
 
@@ -80,14 +80,8 @@ class SamflowModule(EvaluationMixin):
             else None
         )
         self.model = HookedSam(frozen, stack, spec.multimask_output, spec.checkpoint_blocks, cache)
-        # which frozen SAM: ``rebuild.load_trained_state`` checks a checkpoint's record against it
-        self.model.built_on = {  # type: ignore[assignment]
-            "variant": spec.variant,
-            "checkpoint": spec.checkpoint,
-            "seed": spec.seed,
-            "flag": "--model.sam.checkpoint",
-            "variant_flag": "--model.sam.variant",
-        }
+        # which frozen SAM: ``rebuild.load_trained_checkpoint`` checks a checkpoint's record against it
+        self.model.built_on = BuiltOn.of(spec)
         if cache is not None:
             self.model.check_encoder_cache()
         if spec.embedding_store:
@@ -364,22 +358,18 @@ class SamflowModule(EvaluationMixin):
         state = checkpoint["state_dict"]
         for key in self.plugins.frozen_sam_keys:
             state.pop(SAM_PREFIX + key, None)
-        spec = self.sam_spec
         checkpoint["samflow"] = {
-            "sam": asdict(spec),
+            "sam": asdict(self.sam_spec),
             "frozen_sam_omitted": True,
-            "trained_on": trained_on(spec.variant, spec.checkpoint, spec.seed),
+            "trained_on": BuiltOn.of(self.sam_spec).record(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint loads on top of the frozen SAM it was trained on: another variant, SAM file or
         random seed is refused in one line (``check_trained_on``), before its weights are loaded."""
-        spec = self.sam_spec
         check_trained_on(
             checkpoint.get("samflow"),
-            spec.variant,
-            spec.checkpoint,
-            spec.seed,
+            BuiltOn.of(self.sam_spec),
             source=f"Checkpoint {ckpt}"
             if (ckpt := getattr(self._trainer, "ckpt_path", None))
             else "The checkpoint",

@@ -49,7 +49,7 @@ from samflow.data.transforms import (
     stretch,
 )
 from samflow.predictor_types import ImageEncoding, InputTransform, PredictorError, one_prompt, prompt_rows
-from samflow.rebuild import build_model, load_trained_state, read_checkpoint_state, read_run_config, run_files
+from samflow.rebuild import build_model, load_trained_checkpoint, read_run_config, run_files
 from samflow.sam import DecoderContext, ForwardContext, HookedSam, SamOutput
 
 __all__ = ["Predictor", "chosen_masks"]
@@ -136,7 +136,7 @@ class Predictor:
             config = run_files(ckpt)[1]
         settings = read_run_config(config)
         model = build_model(settings["model"], sam_checkpoint=sam_checkpoint)
-        load_trained_state(model, read_checkpoint_state(ckpt), str(ckpt))
+        load_trained_checkpoint(model, ckpt)
         return cls(model, **{**settings["predictor"], **kwargs})
 
     @classmethod

@@ -265,7 +265,7 @@ def main(argv: list[str]) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from samflow.commands import build_experiment
-    from samflow.rebuild import load_trained_state, read_checkpoint_state
+    from samflow.rebuild import load_trained_checkpoint
 
     opts, overrides = _parser().parse_known_args(argv)
     out = Path(opts.out).expanduser()
@@ -287,7 +287,7 @@ def main(argv: list[str]) -> int:
             "the folder `samflow proposals` wrote (the one the fit trained on)."
         )
     dataset = datamodule.dataset("train")
-    load_trained_state(module.model, read_checkpoint_state(ckpt), str(ckpt))
+    load_trained_checkpoint(module.model, ckpt)
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     columns = [TextColumn("samflow pseudo-masks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns) as bar:

@@ -2,8 +2,8 @@
 ``from_checkpoint``, ``samflow.export``, ``samflow predict-slide``, ``samflow pseudo-masks``).
 
 ``run_files`` finds a run's checkpoint and ``config.yaml``; ``read_run_config`` reads the model section
-and the predictor options; ``build_model`` rebuilds SAM and the plugins; ``read_checkpoint_state`` and
-``load_trained_state`` load the trained weights, strictly.
+and the predictor options; ``build_model`` rebuilds SAM and the plugins; ``load_trained_checkpoint`` (``read_checkpoint_state``
+and ``load_trained_state``) loads the trained weights, strictly.
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.predictor_types import PredictorError
 from samflow.sam import CheckpointError, HookedSam, build_sam
-from samflow.sam_spec import check_trained_on
+from samflow.sam_spec import BuiltOn, check_trained_on
 
-__all__ = ["build_model", "load_trained_state", "read_checkpoint_state", "read_run_config", "run_files"]
+__all__ = [
+    "build_model",
+    "load_trained_checkpoint",
+    "load_trained_state",
+    "read_checkpoint_state",
+    "read_run_config",
+    "run_files",
+]
 
 
 def run_files(source: str | Path, checkpoint: str | Path | None = None) -> tuple[Path, Path]:
@@ -125,25 +132,15 @@ def build_model(model: Mapping[str, Any], *, sam_checkpoint: str | Path | None =
         variant_flag=None,
     )
     hooked = HookedSam(sam, PluginStack(plugins or {}), spec.multimask_output)
-    # which frozen SAM: ``load_trained_state`` checks a checkpoint's record (``check_trained_on``) against it
-    hooked.built_on = {  # type: ignore[assignment]
-        "variant": spec.variant,
-        "checkpoint": spec.checkpoint,
-        "seed": spec.seed,
-        "flag": SAM_CHECKPOINT_FLAG,
-        "variant_flag": "the run's model.sam.variant (its config.yaml)",
-    }
+    hooked.built_on = BuiltOn.of(
+        spec, flag=SAM_CHECKPOINT_FLAG, variant_flag="the run's model.sam.variant (its config.yaml)"
+    )
     return hooked
 
 
-class TrainedState(dict[str, Tensor]):
-    """A checkpoint's state dict with its ``samflow`` entry (the frozen SAM it was trained on)."""
-
-    samflow: Any = None
-
-
-def read_checkpoint_state(path: Path) -> dict[str, Tensor]:
-    """The state dict of a Lightning checkpoint, loaded with ``weights_only=True``, keys of ``HookedSam``."""
+def read_checkpoint_state(path: Path) -> tuple[dict[str, Tensor], Any]:
+    """The state dict of a Lightning checkpoint, loaded with ``weights_only=True``, keys of ``HookedSam``,
+    and its ``samflow`` entry (the frozen SAM it was trained on; None in a checkpoint without one)."""
     try:
         # a module built in Python keeps its SamSpec: allowed by samflow.sam_spec for the process
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -156,30 +153,25 @@ def read_checkpoint_state(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state_dict; pass a checkpoint samflow fit wrote.")
     prefix = SAM_PREFIX.split(".")[0] + "."  # "model."
-    trained = TrainedState({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    trained.samflow = checkpoint.get("samflow")
-    return trained
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, checkpoint.get("samflow")
+
+
+def load_trained_checkpoint(model: HookedSam, path: Path | str) -> None:
+    """Load the trained weights of the Lightning checkpoint at ``path`` into ``model``, strictly
+    (``load_trained_state``), after checking that it was trained on the model's frozen SAM
+    (``check_trained_on``: the variant, the SAM file's SHA-256 or the random seed)."""
+    state, recorded = read_checkpoint_state(Path(path))
+    if isinstance(model.built_on, BuiltOn):
+        check_trained_on(recorded, model.built_on, source=str(path))
+    load_trained_state(model, state, str(path))
 
 
 def load_trained_state(model: HookedSam, state: Mapping[str, Tensor], source: str) -> None:
     """Load plugin weights and trained SAM parts into ``model``; its frozen SAM weights stay.
 
     Strict: every key the model trains or holds outside the frozen SAM must be in ``state``, and
-    ``state`` may hold nothing the model lacks; otherwise one error names the keys and ``source``. A
-    checkpoint's state (``read_checkpoint_state``) must have been trained on the model's frozen SAM
-    (``check_trained_on``: the variant, the SAM file's SHA-256 or the random seed).
+    ``state`` may hold nothing the model lacks; otherwise one error names the keys and ``source``.
     """
-    built_on = getattr(model, "built_on", None)
-    if isinstance(built_on, dict) and isinstance(state, TrainedState):
-        check_trained_on(
-            state.samflow,
-            built_on["variant"],
-            built_on["checkpoint"],
-            built_on["seed"],
-            source=source,
-            flag=built_on["flag"],
-            variant_flag=built_on["variant_flag"],
-        )
     stack = model.plugins
     frozen = {f"sam.{k}" for k in getattr(stack, "frozen_sam_keys", set())}
     expected = model.state_dict()

@@ -16,7 +16,7 @@ import torch
 
 from samflow.outputs import file_sha256
 
-__all__ = ["SamSpec", "check_trained_on", "trained_on"]
+__all__ = ["BuiltOn", "SamSpec", "check_trained_on", "trained_on"]
 
 
 @dataclass
@@ -107,17 +107,30 @@ def _shown(record: Mapping[str, Any]) -> str:
     return f"random weights (seed {record.get('seed')}, no file)"
 
 
-def check_trained_on(
-    recorded: Any,
-    variant: str,
-    checkpoint: str | None,
-    seed: int,
-    *,
-    source: str,
-    flag: str = "--model.sam.checkpoint",
-    variant_flag: str = "--model.sam.variant",
-) -> None:
-    """Refuse, in one line naming both, a frozen SAM other than the one ``source`` was trained on.
+@dataclass(frozen=True)
+class BuiltOn:
+    """The frozen SAM a model is built on, and the flags that choose it (named when a checkpoint of
+    another SAM is refused). ``HookedSam.built_on``; ``check_trained_on`` compares a checkpoint's
+    record with it."""
+
+    variant: str
+    checkpoint: str | None
+    seed: int
+    flag: str = "--model.sam.checkpoint"
+    variant_flag: str = "--model.sam.variant"
+
+    @classmethod
+    def of(cls, spec: SamSpec, **flags: str) -> BuiltOn:
+        return cls(spec.variant, spec.checkpoint, spec.seed, **flags)
+
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint keeps as ``samflow.trained_on``."""
+        return trained_on(self.variant, self.checkpoint, self.seed)
+
+
+def check_trained_on(recorded: Any, built_on: BuiltOn, *, source: str) -> None:
+    """Refuse, in one line naming both, a frozen SAM (``built_on``) other than the one ``source`` was
+    trained on.
 
     ``recorded`` is the checkpoint's ``samflow`` entry: ``trained_on`` (written since this check
     exists), or for an older checkpoint only ``sam`` (its ``SamSpec``: the variant, and whether a
@@ -139,14 +152,15 @@ def check_trained_on(
             "sha256": None,
             "seed": None if spec.get("checkpoint") else spec.get("seed"),
         }
+    variant, checkpoint, flag = built_on.variant, built_on.checkpoint, built_on.flag
     if record.get("variant") is not None and record["variant"] != variant:
         raise CheckpointError(
             f"{source} was trained on SAM {record['variant']!r}, this model builds {variant!r}; pass "
-            f"{variant_flag} {record['variant']} and {flag} with the SAM file it was trained on."
+            f"{built_on.variant_flag} {record['variant']} and {flag} with the SAM file it was trained on."
         )
     if checkpoint and record.get("sha256") and not Path(checkpoint).expanduser().is_file():
         return  # a missing SAM file is refused by name when SAM is built
-    mine = trained_on(variant, checkpoint, seed)
+    mine = built_on.record()
     if record.get("sha256") is not None:
         same = mine["sha256"] == record["sha256"]
     elif record.get("checkpoint") is not None:

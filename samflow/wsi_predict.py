@@ -54,7 +54,7 @@ import torch
 from samflow.data.wsi.annotations import load_annotations, mask_to_region
 from samflow.data.wsi.slide import Slide, SlideError
 from samflow.outputs import case_clash, whole_files
-from samflow.usage import CommandParser, PositiveInt
+from samflow.usage import CommandParser, PositiveInt, require_extra
 from samflow.wsi_mask import feature_collection, halve, stitch_bands, write_pyramid
 from samflow.wsi_record import refuse_existing, run_record, slides_left
 from samflow.wsi_record import slide_outputs as _outputs
@@ -351,6 +351,11 @@ def _init_distributed() -> Any:
     return None if dist.get_backend() == "gloo" else cpu_group()
 
 
+#: what ``samflow predict-slide`` imports from the ``wsi`` extra: the slide reader, Otsu's tissue threshold,
+#: the annotation and GeoJSON polygons, the pyramidal mask TIFF
+WSI_EXTRA = ("tiffslide", "skimage", "shapely", "tifffile")
+
+
 def main(argv: list[str]) -> int:
     """``samflow predict-slide`` (module docstring); a slide or annotation that cannot be used is one line."""
     import os
@@ -358,10 +363,12 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from samflow.commands import build_experiment, rank_and_world
-    from samflow.rebuild import load_trained_state, read_checkpoint_state
+    from samflow.rebuild import load_trained_checkpoint
 
     parser = _parser()
     opts, overrides = parser.parse_known_args(argv)
+    for module in WSI_EXTRA:  # all before any slide is read: not one at a time, as each is first used
+        require_extra(module, "wsi", "samflow predict-slide")
     _check_overlap(parser, opts.overlap, opts.tile or 2 * opts.overlap)  # before anything is read or built
     for flag, value in (("--mpp", opts.mpp), ("--factor", opts.factor)):
         if value is not None and not value > 0:  # NaN too; else a traceback once the slide is read
@@ -397,7 +404,7 @@ def main(argv: list[str]) -> int:
     for note in notes if rank == 0 else []:
         print(note)
     if opts.ckpt:
-        load_trained_state(module.model, read_checkpoint_state(Path(opts.ckpt)), opts.ckpt)
+        load_trained_checkpoint(module.model, opts.ckpt)
     default = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     device = torch.device(opts.device or default)
     module.to(device).eval()

@@ -28,6 +28,22 @@ DEVICES = [
 one (``benchmarks/gpu_check.sh`` section 7 runs those on a lent GPU)."""
 
 
+def prompted_predict_args(prompts: Path, run: Path, images: Path, out: Path, *more: str) -> list[str]:
+    """The arguments of ``samflow predict --prompts PROMPTS --model RUN --images IMAGES --out OUT``."""
+    return [
+        "predict",
+        "--prompts",
+        str(prompts),
+        "--model",
+        str(run),
+        "--images",
+        str(images),
+        "--out",
+        str(out),
+        *more,
+    ]
+
+
 def sam_reference(sam: Sam, batch: SamBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """segment-anything's own modules, one row at a time -> (masks (N, 4, h, w), iou (N, 4)).
 

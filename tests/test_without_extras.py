@@ -19,6 +19,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+from helpers import prompted_predict_args
 
 from samflow.cli import main
 from samflow.usage import MissingExtraError, UsageError
@@ -43,7 +44,7 @@ OPTIONAL = {
 
 pytest.importorskip("pycocotools")  # the COCO set is written with it, before it is hidden
 sys.path.insert(0, str(ROOT / "tests" / "sapnet_e2e"))
-from overlap_coco import make_overlap_coco
+from overlap_coco import make_overlap_coco, sapnet_experiment
 
 
 def hide(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
@@ -169,19 +170,6 @@ def test_the_error_names_the_extra_and_is_a_one_line_usage_error(monkeypatch):
 
 
 # ---- coco: the data module, the student's COCO mask AP ----
-def _coco_experiment(tmp_path: Path) -> Path:
-    annotations = make_overlap_coco(tmp_path / "coco", n_images=2)
-    exp = tmp_path / "exp.yaml"
-    exp.write_text(
-        "model:\n  sam: {variant: tiny}\n  plugins:\n    sap: {class_path: SAPNet, init_args: {num_classes: 2}}\n"
-        "  losses: {}\n"
-        f"data:\n  class_path: samflow.data.coco.CocoDataModule\n  init_args:\n    img_size: 128\n"
-        f"    train: {{annotations: {annotations}}}\n    test: {{annotations: {annotations}}}\n"
-        "trainer: {accelerator: cpu, devices: 1, max_epochs: 1}\n"
-    )
-    return exp
-
-
 def test_coco_data_refuses_when_built_not_at_the_first_batch(tmp_path, monkeypatch):
     from samflow.data.coco import CocoDataModule
 
@@ -195,7 +183,7 @@ def test_coco_data_refuses_when_built_not_at_the_first_batch(tmp_path, monkeypat
 def test_coco_commands_stop_in_one_line_before_any_work(tmp_path, monkeypatch, capsys, command):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["samflow"])
-    exp = _coco_experiment(tmp_path)
+    exp = sapnet_experiment(tmp_path, test=True, epochs=1)
     hide(monkeypatch, "pycocotools")
     args = ["--out", str(tmp_path / "store")] if command == "proposals" else []
     assert main([command, "--experiment", str(exp), *args]) == 1
@@ -206,7 +194,7 @@ def test_coco_commands_stop_in_one_line_before_any_work(tmp_path, monkeypatch, c
 def test_student_stops_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["samflow"])
-    exp = _coco_experiment(tmp_path)
+    exp = sapnet_experiment(tmp_path, test=True, epochs=1)
     pseudo = tmp_path / "coco" / "instances.json"
     hide(monkeypatch, "pycocotools")
     args = ["student", "--experiment", str(exp), "--pseudo", str(pseudo), "--out", str(tmp_path / "s")]
@@ -253,17 +241,26 @@ def test_predict_prompts_stops_in_one_line_before_loading_the_model(tmp_path, mo
     prompts.write_text(json.dumps({"a.png": [{"box": [2, 2, 30, 20]}]}))
     hide(monkeypatch, "pycocotools")
     out = tmp_path / "out"
-    args = [
-        "predict",
-        "--prompts",
-        str(prompts),
-        "--model",
-        str(run),
-        "--images",
-        str(images),
-        "--out",
-        str(out),
-    ]
+    args = prompted_predict_args(prompts, run, images, out)
     assert main(args) == 1
     one_line(capsys.readouterr().err, "coco")
     assert not out.exists()  # nothing written
+
+
+# ---- wsi: samflow predict-slide ----
+@pytest.mark.parametrize("package", ["tiffslide", "skimage", "shapely", "tifffile"])
+def test_predict_slide_stops_in_one_line_before_reading_a_slide(tmp_path, monkeypatch, capsys, package):
+    """Only tiffslide was checked first: without scikit-image the slides were read and the model built before
+    tissue detection failed; without tifffile every tile was predicted before the mask could be written."""
+    import samflow.wsi_predict as wsi_predict
+
+    def read(*args, **kwargs):
+        raise AssertionError("a slide was read before the extra was checked")
+
+    monkeypatch.setattr(wsi_predict, "Slide", read)
+    hide(monkeypatch, package)
+    out = tmp_path / "out"
+    args = ["predict-slide", str(tmp_path / "a.tiff"), "--experiment", "x.yaml", "--out", str(out)]
+    assert main(args) == 1
+    assert "samflow predict-slide needs" in one_line(capsys.readouterr().err, "wsi")
+    assert not out.exists()

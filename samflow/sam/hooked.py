@@ -84,6 +84,9 @@ class HookedSam(nn.Module):
         self.checkpoint_blocks = checkpoint_blocks
         self.encoder_cache = encoder_cache
         self.embedding_store = embedding_store
+        # the frozen SAM it is built on (a ``samflow.sam_spec.BuiltOn``, a layer above), set by who builds
+        # it: ``rebuild.load_trained_checkpoint`` checks a checkpoint's record against it
+        self.built_on: object | None = None
 
     @property
     def img_size(self) -> int:

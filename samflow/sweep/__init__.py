@@ -53,20 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what ``samflow sweep`` imports from its extra: Optuna, its RDB storage's SQLAlchemy, matplotlib for the
+#: plots and scikit-learn for Optuna's parameter importances
+SWEEP_EXTRA = ("optuna", "sqlalchemy", "matplotlib", "sklearn")
+
+
 def main(argv: list[str]) -> int:
     """Run ``samflow sweep``; returns the exit status."""
     from samflow.experiment_files import ExperimentError
     from samflow.sweep.check import check_sweep, experiment_path
     from samflow.sweep.load import load_sweep
+    from samflow.usage import require_extra
 
     args = _parser().parse_args(argv)
-    try:
-        import optuna  # noqa: F401
-    except ImportError:
-        raise ExperimentError(
-            "samflow sweep needs Optuna (and matplotlib for its plots), which samflow's `sweep` extra "
-            "installs: pip install 'samflow[sweep]'."
-        ) from None
+    for module in SWEEP_EXTRA:  # all before any trial: a sweep must not fail at its plots
+        require_extra(module, "sweep", "samflow sweep")
     if args.trials is not None and args.trials < 1:
         raise ExperimentError(f"samflow sweep: --trials must be at least 1, got {args.trials}.")
     optuna_only = [

@@ -33,6 +33,7 @@ import pytest
 import torch
 import wandb
 import yaml
+from helpers import prompted_predict_args
 from PIL import Image
 
 import samflow.sam_spec  # noqa: F401  (allows SamSpec in torch.load(weights_only=True))
@@ -146,17 +147,7 @@ def every_path(trained_run: Path, root: Path, threshold: float) -> dict[str, obj
     prompts = root / "prompts.json"
     prompts.write_text(json.dumps({f"{k}.png": [{"box": b}] for k, b in boxes.items()}))
     prompted = root / "prompted"
-    command = [
-        "--prompts",
-        str(prompts),
-        "--model",
-        str(run),
-        "--images",
-        str(images),
-        "--out",
-        str(prompted),
-    ]
-    assert _cli("predict", *command, "--device", "cpu") == 0
+    assert _cli(*prompted_predict_args(prompts, run, images, prompted, "--device", "cpu")) == 0
     # 4. and 5. Predictor of the run, of its export, and the ONNX graph
     onnx = importlib.import_module("samflow.onnx_export") if _has_onnxruntime() else None
     exported = root / "export"

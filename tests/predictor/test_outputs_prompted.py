@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from helpers import prompted_predict_args
 from PIL import Image
 
 from samflow.cli import main
@@ -38,19 +39,7 @@ def _prompts(tmp_path: Path, prompts: dict, name: str = "prompts.json") -> Path:
 
 
 def _args(run: Path, images: Path, prompts: Path, out: Path) -> list[str]:
-    return [
-        "predict",
-        "--prompts",
-        str(prompts),
-        "--model",
-        str(run),
-        "--images",
-        str(images),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    return prompted_predict_args(prompts, run, images, out, "--device", "cpu")
 
 
 def test_names_that_differ_only_in_case_are_refused(trained_run, tmp_path, capsys):

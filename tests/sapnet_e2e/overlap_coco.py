@@ -78,6 +78,24 @@ def make_overlap_coco(
     return path
 
 
+def sapnet_experiment(tmp_path: Path, *, test: bool = False, epochs: int | None = None) -> Path:
+    """``exp.yaml`` in ``tmp_path``: SAPNet (2 classes, no losses) on the tiny SAM, trained (and tested when
+    ``test``) on two images of ``make_overlap_coco`` at 128 px."""
+    annotations = make_overlap_coco(tmp_path / "coco", n_images=2)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        "model:\n  sam: {variant: tiny}\n  plugins:\n    sap: {class_path: SAPNet, init_args: {num_classes: 2}}\n"
+        "  losses: {}\n"
+        f"data:\n  class_path: samflow.data.coco.CocoDataModule\n  init_args:\n    img_size: 128\n"
+        f"    train: {{annotations: {annotations}}}\n"
+        + (f"    test: {{annotations: {annotations}}}\n" if test else "")
+        + "trainer: {accelerator: cpu, devices: 1"
+        + (f", max_epochs: {epochs}" if epochs is not None else "")
+        + "}\n"
+    )
+    return exp
+
+
 def _rle(m: np.ndarray) -> dict:
     r = mask_api.encode(np.asfortranarray(m.astype(np.uint8)))
     return {"size": [int(v) for v in r["size"]], "counts": r["counts"].decode()}

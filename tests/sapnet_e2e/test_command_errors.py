@@ -10,29 +10,16 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overlap_coco import make_overlap_coco
+from overlap_coco import sapnet_experiment
 
 from samflow.cli import main
 from samflow.data.errors import DataError
 from samflow.pseudo_masks import pseudo_index_of
 
 
-def _experiment(tmp_path: Path) -> Path:
-    annotations = make_overlap_coco(tmp_path / "coco", n_images=2)
-    exp = tmp_path / "exp.yaml"
-    exp.write_text(
-        "model:\n  sam: {variant: tiny}\n  plugins:\n    sap: {class_path: SAPNet, init_args: {num_classes: 2}}\n"
-        "  losses: {}\n"
-        f"data:\n  class_path: samflow.data.coco.CocoDataModule\n  init_args:\n    img_size: 128\n"
-        f"    train: {{annotations: {annotations}}}\n"
-        "trainer: {accelerator: cpu, devices: 1}\n"
-    )
-    return exp
-
-
 def test_pseudo_masks_and_student_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["samflow"])
-    exp = _experiment(tmp_path)
+    exp = sapnet_experiment(tmp_path)
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"")
     args = ["pseudo-masks", "--experiment", str(exp), "--ckpt", str(ckpt), "--out", str(tmp_path / "p.json")]
@@ -77,7 +64,7 @@ def test_fit_refuses_proposals_of_another_sam(tmp_path, capsys, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["samflow"])
-    exp = _experiment(tmp_path)
+    exp = sapnet_experiment(tmp_path)
     data = CocoInstances(tmp_path / "coco" / "instances.json", img_size=128)
     write_proposals(tmp_path / "store", build_sam("tiny", seed=0), data)  # the experiment's SAM (seed 0)
     args = ["fit", "--experiment", str(exp), "--data.init_args.proposals", str(tmp_path / "store")]

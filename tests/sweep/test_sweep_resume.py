@@ -83,9 +83,13 @@ def test_a_best_trial_without_its_config_names_its_folder_and_no_command(stub, t
     assert f"has no {Path(sweep.folder / 'trial-0' / 'config.yaml')}" in out
 
 
-def test_without_the_sweep_extra_one_line_says_what_to_install(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "optuna", None)  # as if samflow[sweep] were not installed
+@pytest.mark.parametrize("module", ["optuna", "sqlalchemy", "matplotlib", "sklearn"])
+def test_without_the_sweep_extra_one_line_says_what_to_install(monkeypatch, capsys, tmp_path, module):
+    """Optuna installed alone (without matplotlib or scikit-learn) ran every trial and failed at the plots."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, module, None)  # as if only part of samflow[sweep] were installed
     assert main(["sweep", "quickstart_lr"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("samflow: error: samflow sweep needs Optuna") and "\n" not in err
+    assert err.startswith(f"samflow: error: samflow sweep needs {module}") and "\n" not in err
     assert "pip install 'samflow[sweep]'" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()  # no trial started
