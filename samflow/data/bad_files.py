@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from samflow.data.errors import DataError
-from samflow.data.listing import Sample
+from samflow.data.listing import Sample, broken_link
 from samflow.data.reading import TURNS, orientation, several_frames
 
 if TYPE_CHECKING:
@@ -83,6 +83,8 @@ def check_file(path: Path) -> FileHeader | str:
     not find (a PNG or JPEG whose compressed data are corrupt but complete) fails when the sample is read.
     A file of several frames is refused as a read refuses it (``reading.several_frames``).
     """
+    if broken_link(path):
+        return f"a link to {os.readlink(path)}, which does not exist (is the share it points into mounted?)"
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"

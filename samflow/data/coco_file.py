@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from samflow.data.errors import DataError
+from samflow.data.listing import where_looked
 
 
 def read_coco_file(
@@ -24,7 +25,9 @@ def read_coco_file(
     try:
         data = json.loads(file.read_text())
     except FileNotFoundError:
-        raise DataError(f"COCO annotations {file} not found; check the data's annotations path.") from None
+        raise DataError(
+            f"COCO annotations {file} not found{where_looked(file)}; check the data's annotations path."
+        ) from None
     except json.JSONDecodeError as err:
         raise DataError(f"{file}: not valid JSON ({err}).") from None
     for key in ("images", "annotations"):

@@ -8,6 +8,7 @@ warning) are in ``samflow.data.folder``'s module docstring.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,12 +40,34 @@ def short_listing(paths: Sequence[Any], sep: str = ", ") -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
+def broken_link(path: Path) -> bool:
+    """Whether ``path`` is a symbolic link whose target does not exist (a pool on a share not mounted)."""
+    return path.is_symlink() and not path.exists()
+
+
+def where_looked(path: str | Path) -> str:
+    """What a missing ``path`` (as given, ``~`` expanded) was read as, to append to its error: the working
+    directory for a relative path, and that ``$VARS`` are not expanded; empty for a plain absolute path."""
+    text = str(path)
+    if broken_link(Path(text)):
+        return f" (a link to {os.readlink(text)}, which does not exist: is the share it points into mounted?)"
+    if "$" in text:
+        return " (environment variables such as $HOME are not expanded in config values: write the path out)"
+    if not Path(text).is_absolute():
+        return (
+            f" (relative paths, also those in config files, are read from the working directory {Path.cwd()})"
+        )
+    return ""
+
+
 def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
     """Map stem -> file for the files of ``folder`` with one of ``suffixes`` (case-insensitive), by stem."""
     wanted = {s.lower() for s in suffixes}
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in wanted:
+        if path.name.startswith(".") or path.suffix.lower() not in wanted:
+            continue
+        if not path.is_file() and not broken_link(path):  # a broken link is listed: the file check names it
             continue
         if path.stem in found:
             raise DataError(
@@ -77,7 +100,13 @@ def _check_folder(root: Path, folder: Path, key: str, image_suffixes: Sequence[s
             "split's names is not read: put each split's files (or links to them) in folders of its own."
         )
     if not root.is_dir():
-        raise DataError(f"Dataset root {root} does not exist or is not a folder; check the path.")
+        raise DataError(
+            f"Dataset root {root} does not exist or is not a folder{where_looked(root)}; check the path."
+        )
+    if broken_link(folder):
+        raise DataError(
+            f"{folder} does not exist{where_looked(folder)}; fix the link or give another folder."
+        )
     if not folder.is_dir():
         wanted = {s.lower() for s in image_suffixes}
         own_images = sum(1 for p in root.iterdir() if p.is_file() and p.suffix.lower() in wanted)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from samflow.data.listing import where_looked
 from samflow.data.wsi.slide import SlideError
 
 EXCLUDE = ("_2", "Exclusion")
@@ -58,7 +59,7 @@ def load_label_mask(path: str | Path, downsample: float, labels: Sequence[int] |
     _shapely()
     from PIL import Image
 
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         with Image.open(path) as img:
             label = np.asarray(img)
@@ -97,7 +98,9 @@ def load_annotations(
     shapely = _shapely()
     from shapely.geometry import Polygon, shape
 
-    path = Path(path)
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SlideError(f"{path}: no such annotation file{where_looked(path)}.")
     if path.suffix.lower() in LABEL_SUFFIXES:
         region = load_label_mask(path, label_downsample)
         if slide_size is not None and not region.is_empty:

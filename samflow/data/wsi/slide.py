@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from samflow.data.listing import where_looked
+
 MPP_KEYS = ("tiffslide.mpp-x", "openslide.mpp-x")
 TOLERANCE = 1e-3  # relative: a level within 0.1% of the wanted mpp counts as that mpp
 
@@ -47,9 +49,9 @@ class Slide:
     """
 
     def __init__(self, path: str | Path, mpp: float | None = None) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         if not self.path.is_file():
-            raise SlideError(f"{self.path}: no such slide file.")
+            raise SlideError(f"{self.path}: no such slide file{where_looked(self.path)}.")
         tiffslide = _tiffslide()
         try:
             self._slide = tiffslide.TiffSlide(str(self.path))
