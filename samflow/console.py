@@ -286,9 +286,23 @@ class RunHeader(Callback):
                 if mode == "disabled":  # W&B's stand-in run writes no folder
                     grid.add_row("W&B", "disabled (WANDB_MODE=disabled): nothing is logged to W&B")
                     continue
-                where = f"upload: wandb sync {folder}" if mode == "offline" else str(folder)
+                where = (
+                    f"upload: wandb sync {_offline_parts(Path(run.dir).parent)}"
+                    if mode == "offline"
+                    else folder
+                )
                 grid.add_row("W&B", f"{mode} run {getattr(run, 'name', '')} ({where})")
         return grid
+
+
+def _offline_parts(folder: Path) -> str:
+    """The offline run folder to upload, or, where earlier offline runs of its id lie beside it (a
+    resumed fit, a ``test`` of the run), the pattern of them all: ``wandb sync`` uploads them in order
+    as one run, skipping those uploaded already."""
+    run_id = folder.name.rsplit("-", 1)[-1]
+    if len(list(folder.parent.glob(f"offline-run-*-{run_id}"))) > 1:
+        return f"{shown(folder.parent)}/offline-run-*-{run_id}"
+    return shown(folder)
 
 
 def shown(path: str | Path) -> str:

@@ -133,7 +133,8 @@ class SampleGrid(Callback):
       validation with the highest and the lowest IoU (overwritten every validation; the run report
       shows them). Under DDP, of the images the first process evaluated;
     - W&B: ``val/samples``, the same images with the ground truth and the prediction as mask layers and
-      the prompt as a box layer (points as small boxes).
+      the prompt as a box layer (points as small boxes), at the ``trainer/global_step`` of that
+      validation's metrics.
 
     Args:
         num_samples: how many prompt rows of the first validation batches to show (0: none; the best
@@ -241,7 +242,10 @@ class SampleGrid(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 overlays = [wandb_image(row, threshold) for row in self._rows]
-                logger.experiment.log({"val/samples": overlays, "trainer/global_step": trainer.global_step})
+                # at the step Lightning logs this validation's metrics (the last training batch's), not
+                # trainer.global_step, one later; through the logger, which numbers its rows
+                step = trainer.fit_loop.epoch_loop._batches_that_stepped
+                logger.log_metrics({"val/samples": overlays}, step=step)  # type: ignore[dict-item]
 
 
 def wandb_image(row: SampleRow, threshold: float) -> Any:
