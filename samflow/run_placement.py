@@ -17,12 +17,15 @@ from samflow.callbacks.resume import LastCheckpoint
 from samflow.callbacks.run_folder import (
     RunCSVLogger,
     command_folder,
+    first_process,
     last_checkpoint,
     read_run_info,
     requeued_run,
     run_folder_of,
+    run_in_use,
 )
 from samflow.config_checks import ConfigError
+from samflow.console import shown
 
 __all__ = ["new_wandb_id", "place_run", "resume_checkpoint"]
 
@@ -82,9 +85,10 @@ def place_run(config: Namespace, command: str, run_name: str) -> tuple[Path | No
     the run folder (None for a new run) and the subfolder a validate / test / predict writes into (None
     for fit).
 
-    ``fit`` continues that folder and W&B run; ``validate`` / ``test`` / ``predict`` write into a new
-    subfolder of it named after the command (``test``, ``test_1``, ...). A new fit gets a W&B id of
-    its own, recorded in ``run.json``.
+    ``fit`` continues that folder and W&B run (refused while another live fit trains into it:
+    ``run_in_use``); ``validate`` / ``test`` / ``predict`` write into a new subfolder of it named after
+    the command (``test``, ``test_1``, ...), claimed as it is named. A new fit gets a W&B id of its own,
+    recorded in ``run.json``.
     """
     loggers = config.get("trainer.logger")
     entries = [e for e in (loggers if isinstance(loggers, list) else [loggers]) if isinstance(e, Namespace)]
@@ -116,6 +120,13 @@ def place_run(config: Namespace, command: str, run_name: str) -> tuple[Path | No
                     wandb["id"] = new_wandb_id()
         return None, None
     if command == "fit":  # appending to metrics.csv, which Lightning's CSVLogger would delete
+        holder = run_in_use(run) if first_process() else None
+        if holder is not None:
+            given = f"--resume {resume}" if resume else "--ckpt_path"
+            raise ConfigError(
+                f"{given}: {shown(run)} is being trained by another samflow fit ({holder}); wait until it "
+                "ends, or start a new run without --resume."
+            )
         parent, folder, root = run.parent, run.name, run
         for entry in entries:
             if entry.get("class_path") == "lightning.pytorch.loggers.CSVLogger":

@@ -6,39 +6,54 @@ command given a checkpoint of that folder (``.../version_N/checkpoints/*.ckpt``)
 again: ``fit`` resumes into it and the same W&B run; ``validate``, ``test`` and ``predict`` write into
 a subfolder named after the command (``test/``, then ``test_1/``, ...) and log to the same W&B run.
 ``RunCSVLogger`` appends to the folder's ``metrics.csv`` where Lightning's ``CSVLogger`` deletes it.
+
+Several processes may start runs of one experiment at once (sweep agents, SLURM jobs, a ``test`` beside
+a ``fit``): a new ``version_N`` and a command's subfolder are claimed by creating the folder, which
+fails for all but one process, and the others take the next name. A fit holds its folder's lock file
+(``.fit.lock``) while it trains, so that no second fit continues the same run meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
+import socket
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from typing_extensions import override
 
-from samflow.console import local_log_dir
+from samflow.callbacks.resume_config import ResumeError
+from samflow.console import local_log_dir, shown
 
 __all__ = [
     "INFO_FILE",
+    "LOCK_FILE",
     "RunCSVLogger",
     "RunInfo",
+    "RunLock",
+    "claim_folder",
     "command_folder",
+    "first_process",
     "last_checkpoint",
     "read_run_info",
     "requeued_run",
     "run_folder_of",
+    "run_in_use",
     "slurm_job",
 ]
 
 INFO_FILE = "run.json"
+LOCK_FILE = ".fit.lock"  # held by the fit training into the folder (``RunLock``)
 _MARKERS = (INFO_FILE, "config.yaml", "metrics.csv", "hparams.yaml")
 
 
@@ -62,10 +77,31 @@ def read_run_info(run: Path) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
+def first_process() -> bool:
+    """Whether this process is the first of its run as the environment says before the ranks are set up
+    (torchrun's ``RANK``, ``SLURM_PROCID``, a launched rank's ``LOCAL_RANK``, ``NODE_RANK``): the one
+    that claims the run's folders. A single process is the first."""
+    rank = getattr(rank_zero_only, "rank", 0)
+    return rank == 0 and os.environ.get("NODE_RANK", "0") in ("", "0")
+
+
+def claim_folder(path: Path) -> bool:
+    """Create ``path`` (its parents as needed) as this process's claim; False when it exists already
+    (another process claimed it first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return False
+    return True
+
+
 def command_folder(run: Path, command: str) -> str:
-    """The first free subfolder name for ``command`` in ``run``: ``test``, ``test_1``, ``test_2``, ..."""
+    """The first free subfolder name for ``command`` in ``run``: ``test``, ``test_1``, ``test_2``, ...;
+    the first process of the command claims it (``claim_folder``), so that two commands started at
+    once take two names."""
     name, n = command, 0
-    while (run / name).exists():
+    while (run / name).exists() or (first_process() and not claim_folder(run / name)):
         n += 1
         name = f"{command}_{n}"
     return name
@@ -105,11 +141,85 @@ def requeued_run(runs: Path) -> Path | None:
     return max(found, key=_version) if found else None
 
 
+def _holder(path: Path) -> str:
+    """Who holds the lock file ``path``, as its holder wrote it (``pid N on HOST``)."""
+    with contextlib.suppress(OSError):
+        return path.read_text().strip() or "another process"
+    return "another process"
+
+
+def run_in_use(run: Path) -> str | None:
+    """Who trains into ``run`` now (``pid N on HOST``): a live process holding its ``LOCK_FILE``; else None.
+    A killed fit holds nothing: its lock ended with its process."""
+    lock = RunLock(run)
+    try:
+        if lock.acquire():
+            return None
+        return _holder(run / LOCK_FILE)
+    finally:
+        lock.release()
+
+
+class RunLock:
+    """The lock a fit holds on its run folder while it trains (``LOCK_FILE``, an ``flock``, released by
+    the kernel when the process ends however it ends). A filesystem without ``flock`` (or a folder this
+    process cannot write) locks nothing; NFS and Lustre mounted with ``flock`` lock across machines."""
+
+    def __init__(self, run: Path) -> None:
+        self.path = run / LOCK_FILE
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> bool:
+        """Take the lock; False when another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # no flock on this system
+            return True
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                file = open(self.path, "a+")  # noqa: SIM115 - held open while the lock is held
+            except OSError:  # a folder this process cannot write: nothing to lock
+                return True
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.close()
+                return False
+            except OSError:  # a filesystem without flock
+                file.close()
+                return True
+            try:
+                same = os.fstat(file.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file its last holder removed as we opened it
+                break
+            file.close()
+        file.truncate(0)
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+        return True
+
+    def release(self) -> None:
+        """Remove the lock file and end the lock (nothing when not held)."""
+        if self._file is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        self._file.close()
+        self._file = None
+
+
 class RunInfo(Callback):
-    """Write ``run.json`` (the W&B run id, the experiment, the SLURM job) into the run folder when a fit starts."""
+    """Write ``run.json`` (the W&B run id, the experiment, the SLURM job) into the run folder when a fit
+    starts, and hold the folder's ``RunLock`` until the fit ends; a fit whose folder another live fit
+    holds stops before writing anything there."""
 
     def __init__(self, experiment: str) -> None:
         self.experiment = experiment
+        self._lock: RunLock | None = None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -119,6 +229,14 @@ class RunInfo(Callback):
         if log_dir is None:
             return
         run = Path(log_dir)
+        self._release()
+        lock = RunLock(run)
+        if not lock.acquire():
+            raise ResumeError(
+                f"{shown(run)} is being trained by another samflow fit ({_holder(lock.path)}); wait until it "
+                "ends, or start a new run without --resume."
+            )
+        self._lock = lock
         info = read_run_info(run)
         info["experiment"] = self.experiment
         for logger in trainer.loggers:
@@ -129,6 +247,22 @@ class RunInfo(Callback):
             info["slurm_job"] = job
         run.mkdir(parents=True, exist_ok=True)
         (run / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+        for logger in trainer.loggers:  # a new run stopped before writing anything leaves no folder
+            if isinstance(logger, RunCSVLogger):
+                logger.release_claim()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -183,6 +317,25 @@ class RunCSVLogger(CSVLogger):
     def __init__(self, *args: Any, drop_from_step: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.drop_from_step = drop_from_step
+        self.claimed: Path | None = None  # the new version_N folder this process created
+
+    @override
+    def _get_next_version(self) -> int:
+        """The next ``version_N``; the first process of the run claims it by creating its folder
+        (``claim_folder``), taking the next N while another process's run holds it."""
+        version = super()._get_next_version()
+        if "://" in self.root_dir or not first_process():  # a remote folder; a rank that writes nothing
+            return version
+        while not claim_folder(Path(self.root_dir, f"version_{version}")):
+            version += 1
+        self.claimed = Path(self.root_dir, f"version_{version}")
+        return version
+
+    def release_claim(self) -> None:
+        """Remove the claimed folder while it is empty (a run stopped before writing anything)."""
+        if self.claimed is not None:
+            with contextlib.suppress(OSError):
+                self.claimed.rmdir()
 
     @property
     @override
