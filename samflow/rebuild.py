@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch import Tensor
 
+from samflow.data.listing import where_looked
 from samflow.module import SAM_PREFIX, SamSpec
 from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
@@ -112,7 +113,8 @@ def build_model(model: Mapping[str, Any], *, sam_checkpoint: str | Path | None =
     elif spec.checkpoint and not Path(spec.checkpoint).expanduser().is_file():
         # the run's own path, e.g. from another machine, which the user did not type here
         raise PredictorError(
-            f"SAM checkpoint {spec.checkpoint!r} (model.sam.checkpoint of the run's config) does not exist; "
+            f"SAM checkpoint {spec.checkpoint!r} (model.sam.checkpoint of the run's config) does not exist"
+            f"{where_looked(spec.checkpoint)}; "
             f"pass the SAM file the run was trained on with {SAM_CHECKPOINT_FLAG}."
         )
     discover()  # plugins named by their short class name resolve, broken ones are known

@@ -259,3 +259,18 @@ def test_a_fit_from_the_project_folder_with_the_paths_researchers_have(
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("samflow: error: SAM checkpoint 'sam ckpt/sam tiny.pth' does not exist"), error
     assert f"read from {elsewhere})" in error, error
+
+
+def test_a_rebuilt_runs_missing_relative_sam_checkpoint_names_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Predictor.from_run`` / export / predict-slide rebuild a run whose config.yaml keeps a relative
+    SAM file: read from another folder, the error said only that it does not exist."""
+    from samflow.predictor_types import PredictorError
+    from samflow.rebuild import build_model
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PredictorError) as info:
+        build_model({"sam": {"variant": "tiny", "checkpoint": "ckpt/sam.pth"}})
+    assert "(model.sam.checkpoint of the run's config) does not exist (relative paths" in str(info.value)
+    assert f"read from the working directory {tmp_path})" in str(info.value)
