@@ -245,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args[0], args[1:])
     if args[0] == "predict" and any(a == "--prompts" or a.startswith("--prompts=") for a in args):
         return run_command("predict --prompts", args[1:])  # a trained model on prompts from a file
+    prompted_only = [f for f in ("--images", "--out") if any(a == f or a.startswith(f + "=") for a in args)]
+    if args[0] == "predict" and prompted_only:  # else Lightning's parser reads --model RUN as a model config
+        return _error(
+            f"samflow predict: {' and '.join(prompted_only)} belong to `samflow predict --prompts FILE --model "
+            "RUN --images DIR --out DIR` (a trained model on prompts from a file); add --prompts, or predict an "
+            "experiment's predict data with `samflow predict --experiment X --ckpt_path CKPT`."
+        )
     if args[0] == "plugins":
         return cmd_plugins()
     if args[0] == "experiments":

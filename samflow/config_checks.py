@@ -4,19 +4,31 @@
 (one ``samflow: error:`` line); ``check_plugin_classes``: a plugin entry without its ``class_path``;
 ``several_processes``: whether Lightning's ``auto`` strategy would start DDP (``SamflowCLI`` then makes
 it ``ddp_find_unused_parameters_true``); ``optimizer_into_model``: LightningCLI's ``--optimizer`` and
-``--lr_scheduler`` become the module's.
+``--lr_scheduler`` become the module's; ``check_before_build``: what the config alone shows cannot run
+(data framed at another size than SAM's input, a fit with nothing to train, no loss term), refused
+before SAM is built and before a run folder is made.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Any
 
 from jsonargparse import Namespace
 
+from samflow.module import input_size_error, no_loss_terms, nothing_to_train
 from samflow.plugins.base import SamPlugin
+from samflow.sam.backbones import BACKBONES
+from samflow.sam.build import BACKBONE_DECODER, VARIANTS
 
-__all__ = ["ConfigError", "check_plugin_classes", "optimizer_into_model", "several_processes"]
+__all__ = [
+    "ConfigError",
+    "check_before_build",
+    "check_plugin_classes",
+    "optimizer_into_model",
+    "several_processes",
+]
 
 
 class ConfigError(ValueError):
@@ -72,3 +84,59 @@ def several_processes(config: Any) -> bool:
         )
     count = len(devices) if isinstance(devices, (list, tuple)) else devices
     return count == -1 or (isinstance(count, int) and count > 1) or (config.get("trainer.num_nodes") or 1) > 1
+
+
+def check_before_build(config: Namespace, command: str) -> None:
+    """Refuse what the parsed config alone shows cannot run, before SAM is built (20 s for ``vit_b`` on a
+    CPU) and before a run folder is made: ``SamflowModule`` found these at setup or at the sanity check.
+
+    - ``data.init_args.img_size`` other than SAM's input side (``model.sam.img_size``, else the variant's);
+    - ``fit`` without a plugin (nothing can train; plugins whose parameters all stay frozen are still
+      found at setup);
+    - ``model.losses: {}`` with no plugin that brings loss terms (one overriding ``SamPlugin.losses``):
+      ``fit``, ``validate`` and ``test`` compute the loss; a plugin that can turn its loss off is still
+      checked at the first batch;
+    - ``predict`` with ``--predictions.resume`` and ``--predictions.overwrite``, or without data.
+    """
+    _check_input_size(config)
+    plugins = config.get("model.plugins") or {}
+    if command == "fit" and not plugins:
+        raise ConfigError(nothing_to_train([]))
+    if command == "predict":
+        from samflow.callbacks.mask_writer import check_resume_options
+
+        resume, overwrite = (bool(config.get(f"predictions.{key}")) for key in ("resume", "overwrite"))
+        check_resume_options(resume, overwrite, config.get("data") is not None)
+    losses = config.get("model.losses")
+    evaluates = command in ("fit", "validate", "test")  # the loss of every batch with a mask
+    if evaluates and losses == {} and not any(_may_add_losses(spec) for spec in plugins.values()):
+        raise ConfigError(no_loss_terms(list(plugins)))
+
+
+def _check_input_size(config: Namespace) -> None:
+    data = config.get("data")
+    options = data.get("init_args") if isinstance(data, Namespace) else None
+    size = options.get("img_size") if isinstance(options, Namespace) else None
+    variant = config.get("model.sam.variant") or "vit_b"
+    if not isinstance(size, int) or isinstance(size, bool) or not isinstance(variant, str):
+        return
+    if size <= 0 or size % 4:  # no frame at all: the data module names what it takes
+        return
+    if variant not in VARIANTS and variant not in BACKBONES:  # refused when SAM is built
+        return
+    given = config.get("model.sam.img_size")
+    sam = given if isinstance(given, int) else VARIANTS.get(variant, BACKBONE_DECODER).img_size
+    if size != sam:
+        raise ConfigError(input_size_error(size, sam, variant, isinstance(given, int)))
+
+
+def _may_add_losses(spec: Any) -> bool:
+    """Whether a ``model.plugins`` entry may add loss terms: its class overrides ``SamPlugin.losses``
+    (or cannot be read here: the model then checks the terms at the first batch)."""
+    path = str(spec.get("class_path") or "") if isinstance(spec, Namespace) else ""
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return True
+    return not (isinstance(cls, type) and issubclass(cls, SamPlugin)) or cls.losses is not SamPlugin.losses

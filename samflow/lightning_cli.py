@@ -14,8 +14,8 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from samflow.argument_errors import first_not_from_jsonargparse, unknown_option
@@ -23,12 +23,16 @@ from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, Sam
 from samflow.callbacks.accumulation import AccumulatedGradients
 from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, PlateauResume, RandomState, SlurmRequeue
 from samflow.callbacks.resume_config import SameExperiment, check_fit_config, training_settings
-from samflow.callbacks.run_folder import (
-    RunInfo,
-)
+from samflow.callbacks.run_folder import INFO_FILE, RunInfo, read_run_info, run_folder_of
 from samflow.callbacks.run_report import RunReport
 from samflow.callbacks.wandb_run import SamflowWandbLogger
-from samflow.config_checks import ConfigError, check_plugin_classes, optimizer_into_model, several_processes
+from samflow.config_checks import (
+    ConfigError,
+    check_before_build,
+    check_plugin_classes,
+    optimizer_into_model,
+    several_processes,
+)
 from samflow.console import RunHeader, SamflowProgressBar, local_log_dir, shown, verbosity
 from samflow.keyed_config import KeyedConfigFile
 from samflow.main_metric import checkpoint_filename, main_metric
@@ -40,16 +44,35 @@ from samflow.run_placement import place_run
 
 
 class SaveConfig(SaveConfigCallback):
-    """Write the resolved config to the run folder and attach it to the W&B run."""
+    """Write the resolved config to the run folder and attach it to the W&B run; a validate / test /
+    predict of a fit's checkpoint logs into the fit's W&B run and leaves the fit's config there."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        run = run_folder_of(self.config.get("ckpt_path"))  # trainer.ckpt_path is not set yet
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
+                if (
+                    stage != "fit"
+                    and run is not None
+                    and read_run_info(run).get("wandb_id") == logger.version
+                ):
+                    continue
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
 #: what a command writes into its run folder as it starts (LightningCLI's config, the logger's hparams)
 START_FILES = frozenset({"config.yaml", "hparams.yaml"})
+#: what a fit writes into its run folder before its first training step: the start files, ``run.json``,
+#: a ``metrics.csv`` without rows, the sanity check's sample pictures and an empty ``checkpoints/``
+RUN_START_FILES = START_FILES | {INFO_FILE, "metrics.csv"}
+RUN_START_FOLDERS = frozenset({"samples", "checkpoints"})
+
+
+def _start_file(path: Path) -> bool:
+    """Whether ``path`` (relative to a run folder) is a file a fit writes before its first step."""
+    if len(path.parts) == 1:
+        return path.name in RUN_START_FILES
+    return len(path.parts) == 2 and path.parts[0] == "samples" and path.suffix == ".png"
 
 
 class SamflowCLI(LightningCLI):
@@ -124,6 +147,13 @@ class SamflowCLI(LightningCLI):
         messages; the user needs the outermost one it did not raise, which is samflow's when samflow
         wrapped a cause with the key (``model.losses.dice: ...``), else the constructor's own.
         """
+        try:
+            self._instantiate_classes()
+        except BaseException:  # a model, data or trainer that cannot be built writes nothing
+            self._remove_unwritten_command_folder()
+            raise
+
+    def _instantiate_classes(self) -> None:
         from samflow.cli import user_errors
 
         try:
@@ -186,6 +216,8 @@ class SamflowCLI(LightningCLI):
             )
         optimizer_into_model(config)
         check_plugin_classes(config)
+        if self.subcommand:  # samflow's own commands (embed, student, ...) check what they use themselves
+            check_before_build(config, self.subcommand)
         self.run_folder, self._command_folder = place_run(config, self.subcommand or "fit", self.run_name)
         if (self.subcommand or "fit") == "fit":
             self._resume_checked = check_fit_config(config, self._random_seed)
@@ -200,17 +232,70 @@ class SamflowCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the command; a validate / test / predict that fails before writing anything but the
         config files of its start into its subfolder of the run removes it, so the next one takes its
-        name (not ``test_1``)."""
+        name (not ``test_1``); a new fit that fails before its first training step removes the
+        ``version_N`` it made (``_remove_unstarted_fit``), so the next fit takes its number."""
+        before = self._fit_folders() if subcommand == "fit" else None
         try:
             super()._run_subcommand(subcommand)
-        except BaseException:
-            folder = self._command_folder
-            if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= START_FILES:
-                with contextlib.suppress(OSError):  # another rank, or a file written meanwhile
-                    for name in START_FILES:
-                        (folder / name).unlink(missing_ok=True)
-                    folder.rmdir()
+        except BaseException as err:
+            if isinstance(err, Exception):  # not a SIGTERM / Ctrl-C stop, whose line names the folder
+                self._remove_unstarted_fit(before)
+            self._remove_unwritten_command_folder()
             raise
+
+    def _remove_unwritten_command_folder(self) -> None:
+        """Remove the validate / test / predict subfolder of the run (claimed as it was named) while it
+        holds nothing but the config files of the command's start."""
+        folder = self._command_folder
+        if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= START_FILES:
+            with contextlib.suppress(OSError):  # another rank, or a file written meanwhile
+                for name in START_FILES:
+                    (folder / name).unlink(missing_ok=True)
+                folder.rmdir()
+
+    def _fit_folders(self) -> tuple[CSVLogger, set[str]] | None:
+        """For a new fit whose run folder is samflow's CSV logger's (the first logger): that logger and
+        the folders under its root before the fit; None for a resumed (or requeued) run, whose folder
+        stays whatever happens."""
+        trainer = getattr(self, "trainer", None)
+        first = trainer.loggers[0] if trainer is not None and trainer.loggers else None
+        if self.run_folder is not None or not isinstance(first, CSVLogger):
+            return None
+        root = Path(first.root_dir)
+        return first, ({p.name for p in root.iterdir()} if root.is_dir() else set())
+
+    def _remove_unstarted_fit(self, before: tuple[CSVLogger, set[str]] | None) -> None:
+        """Remove the run folder a new fit made when it failed before its first training step (a data
+        folder missing, a plugin's setup error, the sanity check): it holds no checkpoint and no metric
+        row, only the files of its start (``RUN_START_FILES``); left, it took a version number and looked
+        like a run to ``--resume last``. Process 0 only, which made it; a folder that existed before the
+        fit, or that holds anything else, stays. The W&B run (``runs/wandb``) is W&B's, and stays."""
+        trainer = getattr(self, "trainer", None)
+        if before is None or trainer is None or trainer.global_step or not trainer.is_global_zero:
+            return
+        if getattr(rank_zero_only, "rank", 0) != 0:  # a DDP process that failed before its rank was set
+            return
+        logger, existing = before
+        if logger._version is None:  # never asked for its folder: it made none
+            return
+        folder = Path(logger.log_dir)
+        claimed = getattr(logger, "claimed", None)  # the version_N it created (``RunCSVLogger``)
+        made = (claimed is not None and Path(claimed) == folder) or folder.name not in existing
+        if folder.parent != Path(logger.root_dir) or not made or not folder.is_dir():
+            return
+        files = [p for p in folder.rglob("*") if not p.is_dir()]
+        folders = sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+        if not all(_start_file(p.relative_to(folder)) for p in files) or not all(
+            p.relative_to(folder).as_posix() in RUN_START_FOLDERS for p in folders
+        ):
+            return
+        if any(p.name == "metrics.csv" and len(p.read_text(errors="ignore").splitlines()) > 1 for p in files):
+            return  # metric rows: something ran
+        with contextlib.suppress(OSError):  # a file written meanwhile: the folder stays
+            for path in files:
+                path.unlink()
+            for path in [*folders, folder]:
+                path.rmdir()
 
     def _monitor_main_metric(self, config: Namespace) -> None:
         """``checkpoint.monitor`` defaults to the experiment's main validation metric (``main_metric``)."""
@@ -269,7 +354,8 @@ class SamflowCLI(LightningCLI):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, SamflowWandbLogger)]
         if not loggers or not trainer.is_global_zero:
             return
-        folder = local_log_dir(trainer)  # rank 0 only: trainer.log_dir would wait for the others
+        # a command into a run's subfolder keeps the run's name; rank 0 only: trainer.log_dir would wait
+        folder = self.run_folder or local_log_dir(trainer)
         tags = [type(p).__name__ for p in getattr(self.model, "plugins", {}).values()]
         for logger in loggers:
             logger.name_run(f"{self.run_name}/{Path(folder).name}" if folder else self.run_name, tags)

@@ -35,6 +35,34 @@ class ModelConfigError(ValueError):
     """The experiment's model cannot run as set (nothing to train, another input size than the data's)."""
 
 
+def input_size_error(size: int, sam: int, variant: str, sam_size_given: bool) -> str:
+    """The refusal of data framed at ``size`` for a SAM that takes ``sam`` x ``sam`` inputs."""
+    given = "" if sam_size_given else f", the {variant} variant's default"
+    return (
+        f"data.init_args.img_size is {size} but model.sam.img_size is {sam}{given}: SAM takes the data's "
+        f"{size} x {size} frames as they are and needs {sam} x {sam}. Set both to one size, e.g. "
+        f"--model.sam.img_size {size} --data.init_args.img_size {size} (SAM's position tables are resized)."
+    )
+
+
+def nothing_to_train(plugins: list[str]) -> str:
+    """The refusal of a fit in which no plugin has trainable parameters."""
+    return (
+        f"model.plugins: nothing to train, no plugin has trainable parameters (plugins: {', '.join(plugins) or 'none'}). "
+        "Add a plugin that trains, e.g. --model.plugins.decoder.class_path DecoderTuning "
+        "(`samflow plugins` lists them), or run `samflow validate` to evaluate the frozen SAM."
+    )
+
+
+def no_loss_terms(plugins: list[str]) -> str:
+    """The refusal of an experiment with empty ``model.losses`` and no plugin term."""
+    return (
+        f"model.losses: no loss terms (model.losses is empty and no plugin added a term; plugins: "
+        f"{', '.join(plugins) or 'none'}). Set model.losses, e.g. --model.losses '{{bce: 1.0, dice: 1.0}}', or turn on a "
+        "plugin's own loss."
+    )
+
+
 class SamflowModule(EvaluationMixin):
     """Train, evaluate and predict with a frozen SAM and its plugins.
 
@@ -168,12 +196,7 @@ class SamflowModule(EvaluationMixin):
     def check_trainable(self) -> None:
         """Refuse to fit when no plugin trains a parameter (``model.plugins`` empty or all frozen)."""
         if not any(self.plugins.owned.values()):
-            plugins = ", ".join(self.plugins) or "none"
-            raise ModelConfigError(
-                f"model.plugins: nothing to train, no plugin has trainable parameters (plugins: {plugins}). "
-                "Add a plugin that trains, e.g. --model.plugins.decoder.class_path DecoderTuning "
-                "(`samflow plugins` lists them), or run `samflow validate` to evaluate the frozen SAM."
-            )
+            raise ModelConfigError(nothing_to_train(list(self.plugins)))
 
     def check_input_size(self, datamodule: Any) -> None:
         """Refuse data framed at another size than SAM's input (``data.init_args.img_size`` vs
@@ -195,11 +218,8 @@ class SamflowModule(EvaluationMixin):
         sam = self.model.img_size
         if size == sam:
             return
-        given = "" if self.sam_spec.img_size else f", the {self.sam_spec.variant} variant's default"
         raise ModelConfigError(
-            f"data.init_args.img_size is {size} but model.sam.img_size is {sam}{given}: SAM takes the data's "
-            f"{size} x {size} frames as they are and needs {sam} x {sam}. Set both to one size, e.g. "
-            f"--model.sam.img_size {size} --data.init_args.img_size {size} (SAM's position tables are resized)."
+            input_size_error(size, sam, self.sam_spec.variant, bool(self.sam_spec.img_size))
         )
 
     def setup(self, stage: str) -> None:
@@ -243,12 +263,7 @@ class SamflowModule(EvaluationMixin):
         total = terms.pop("total")
         extra = self.plugins.losses(out, batch, ctx)
         if not terms and not extra:
-            keys = ", ".join(self.plugins) or "none"
-            raise ModelConfigError(
-                f"model.losses: no loss terms (model.losses is empty and no plugin added a term; plugins: "
-                f"{keys}). Set model.losses, e.g. --model.losses '{{bce: 1.0, dice: 1.0}}', or turn on a "
-                "plugin's own loss."
-            )
+            raise ModelConfigError(no_loss_terms(list(self.plugins)))
         for value in extra.values():
             total = total + value
         return {**terms, **extra, "total": total}

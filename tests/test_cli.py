@@ -302,3 +302,17 @@ def test_plugin_help_shows_the_flags_that_set_a_plugins_options(tmp_path):
     assert "--model.plugins.<key>.init_args.parts" in proc.stdout
     assert "--model.plugins.<key>.init_args.lr" in proc.stdout
     assert "--model.plugins.parts" not in proc.stdout
+
+
+def test_predict_with_the_prompted_flags_but_no_prompts_says_what_they_belong_to(tmp_path, capsys):
+    """``samflow predict --model RUN --images X --out Y`` without ``--prompts`` went to Lightning's predict,
+    which read RUN as a model config: "Unable to load config 'RUN'"."""
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    run.mkdir(parents=True)
+    assert (
+        main(["predict", "--model", str(run), "--images", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("samflow: error: samflow predict: --images and --out belong to `samflow predict")
+    assert "add --prompts" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()

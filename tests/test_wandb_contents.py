@@ -207,7 +207,6 @@ def _run_name(path: Path) -> str:
     return ""
 
 
-@pytest.mark.xfail(strict=True, reason="needs the samflow/lightning_cli.py change of session 36 H3's report")
 def test_a_test_of_a_run_keeps_the_runs_name_and_config(fit_then_test):
     """The W&B run of a fit keeps its name (``quickstart/version_0``, not ``quickstart/test``) and the
     fit's config (the test command's, ``trainer.max_epochs`` 20 and no ``limit_train_batches``, replaced

@@ -30,6 +30,22 @@ class PredictionOutputError(DataError):
     """The predictions folder would overwrite an input, ground truth or earlier outputs (a user error)."""
 
 
+def check_resume_options(resume: bool, overwrite: bool, data_module: bool) -> None:
+    """Refuse ``--predictions.resume`` with ``--predictions.overwrite``, or without a data module;
+    ``samflow predict`` checks its config with this before anything is built (``check_before_build``)."""
+    if not resume:
+        return
+    if overwrite:
+        raise PredictionOutputError(
+            "--predictions.resume true continues the run in the predictions folder and "
+            "--predictions.overwrite true starts it again: pass one of them."
+        )
+    if not data_module:
+        raise PredictionOutputError(
+            "--predictions.resume true needs the predict data from a data module (--data)."
+        )
+
+
 def _file_id(path: Path) -> tuple[int, int] | None:
     """``(device, inode)`` of an existing path (following links), the identity ``os.path.samefile`` uses."""
     try:
@@ -105,16 +121,9 @@ class MaskWriter(BasePredictionWriter):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "predict" or not self.resume:
             return
-        if self.overwrite:
-            raise PredictionOutputError(
-                "--predictions.resume true continues the run in the predictions folder and "
-                "--predictions.overwrite true starts it again: pass one of them."
-            )
         datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None:
-            raise PredictionOutputError(
-                "--predictions.resume true needs the predict data from a data module (--data)."
-            )
+        check_resume_options(self.resume, self.overwrite, datamodule is not None)
+        assert datamodule is not None
         original = datamodule.predict_dataloader
 
         def predict_dataloader() -> Any:  # the loader of the images left (every rank calls it)

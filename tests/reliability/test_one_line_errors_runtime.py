@@ -96,7 +96,8 @@ def test_sapnet_pdg_box_centres_on_data_without_boxes_is_one_line(tmp_path, monk
 
 def test_coco_points_per_instance_below_one_is_one_line_before_the_data_is_read(coco_experiment, capsys):
     args = ["fit", "--experiment", str(coco_experiment), *SHORT, "--data.init_args.points_per_instance", "0"]
-    line = one_error_line(args, capsys)
+    # a loss term: the fixture's DecoderTuning with ``losses: {}`` is refused first, before the build
+    line = one_error_line([*args, "--model.losses", "{bce: 1.0}"], capsys)
     assert "data.init_args.points_per_instance must be >= 1, got 0" in line
     assert not (coco_experiment.parent / "runs").exists()  # stopped before a run folder
 
@@ -149,7 +150,8 @@ def test_student_head_options_the_head_refuses_are_one_line_naming_head(
 def test_coco_batch_size_or_workers_below_what_a_loader_takes_is_one_line_before_the_data_is_read(
     coco_experiment, capsys
 ):
-    args = ["fit", "--experiment", str(coco_experiment), *SHORT, "--data.init_args.batch_size", "0"]
+    args = ["fit", "--experiment", str(coco_experiment), *SHORT, "--model.losses", "{bce: 1.0}"]
+    args += ["--data.init_args.batch_size", "0"]  # a loss term: ``losses: {}`` alone is refused first
     assert "data.init_args.batch_size must be at least 1, got 0" in one_error_line(args, capsys)
     args[-2:] = ["--data.init_args.num_workers", "-1"]
     assert (
