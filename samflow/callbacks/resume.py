@@ -83,15 +83,39 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def stopping(trainer: Trainer) -> bool:
-    """Whether a SIGTERM reached this process or, under DDP, any: then every process stops after the
-    batch, which Lightning does on a process only once it got the signal itself (the others went on to
-    wait in their next step for one that had stopped, and saved no checkpoint with it)."""
-    got = bool(getattr(trainer, "received_sigterm", False))
+#: the connector's attribute where, under DDP, a signal is noted until ``stopping`` shares it
+_NOTED = "_samflow_signal_noted"
+
+
+def _note_signal(trainer: Trainer) -> None:
+    """Stop after the batch: at once in one process; under DDP noted, for ``stopping`` to share."""
     if trainer.world_size > 1:
-        got = trainer.strategy.reduce_boolean_decision(got, all=False)
+        setattr(trainer._signal_connector, _NOTED, True)
+    else:
+        trainer._signal_connector.received_sigterm = True
+
+
+def stopping(trainer: Trainer) -> bool:
+    """Whether a SIGTERM (or SLURM's requeue signal, ``SlurmRequeue``) reached this process or, under DDP,
+    any: then every process stops after the batch. Under DDP the signal is only noted where it lands
+    (``note_sigterm_only``) and shared here, at the end of each training batch and each batch of a fit's
+    validation, so that every process stops at the same batch: Lightning stopped a process once it got
+    the signal itself, so that the others went on to wait for it in their next step or the rest of the
+    validation, without a checkpoint. A requeue follows the signal of whichever process got it."""
+    connector = trainer._signal_connector
+    got = bool(getattr(trainer, "received_sigterm", False) or getattr(connector, _NOTED, False))
+    if trainer.world_size > 1:
+        requeues = [c for c in trainer.callbacks if isinstance(c, SlurmRequeue)]  # type: ignore[attr-defined]
+        flags = torch.tensor(
+            [int(got), int(any(c.requeue for c in requeues))], device=trainer.strategy.root_device
+        )
+        flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        got = bool(flags[0].item())
         if got:  # Lightning raises SIGTERMException after this batch on every process
-            trainer._signal_connector.received_sigterm = True
+            connector.received_sigterm = True
+        if flags[1].item():
+            for callback in requeues:
+                callback.requeue = True
     return got
 
 
@@ -105,15 +129,16 @@ def note_sigterm_only(trainer: Trainer) -> None:
     if trainer.world_size <= 1 or threading.current_thread() is not threading.main_thread():
         return
     connector = trainer._signal_connector
+    setattr(connector, _NOTED, False)
     handlers = getattr(signal.getsignal(signal.SIGTERM), "signal_handlers", None)  # Lightning's compose
     lightnings = getattr(connector, "_sigterm_notifier_fn", None)
     if not isinstance(handlers, list) or lightnings not in handlers:
         return
 
     def note(signum: int, frame: Any) -> None:
-        if not connector.received_sigterm and trainer.strategy.launcher is not None:
+        if not getattr(connector, _NOTED, False) and trainer.strategy.launcher is not None:
             trainer.strategy.launcher.kill(signum)
-        connector.received_sigterm = True
+        _note_signal(trainer)
 
     handlers[handlers.index(lightnings)] = note
 
@@ -273,6 +298,9 @@ class LastCheckpoint(Checkpoint):
         self.dirpath = dirpath
         self._saved_step = -1
         self._written_step: int | None = None  # the step last.ckpt holds, once this process wrote it
+        self._generators: dict[str, Any] | None = None  # after the last training batch (``capture_rng``)
+        self._in_validation = False  # saving in a stopped validation (``on_validation_batch_end``)
+        self._validation_batches = (0, 0)  # of this validation: seen here, that every process has
 
     @property
     @override
@@ -316,6 +344,8 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # a validation may follow this batch: a stop in it saves the generators of before it
+        self._generators = capture_rng()
         if stopping(trainer):  # a SIGTERM: Lightning stops after this batch, and last.ckpt holds it
             window = inside_window(trainer)  # batches added to the gradients since the optimizer step
             trained = window or self._saved_step != trainer.global_step
@@ -328,6 +358,73 @@ class LastCheckpoint(Checkpoint):
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not self._skip(trainer):
             self.save(trainer)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """A signal during a fit's validation: Lightning stops after this batch, the validation unfinished.
+        ``last.ckpt`` then holds the training as it was when the validation began, marked as stopped
+        in its first batch, so that the resumed fit runs the whole validation again, then trains on, as
+        the uninterrupted fit did (it was not saved: the steps since the last ``last.ckpt`` were lost).
+        Under DDP every process takes the decision at the same batch (``stopping``), shared here at each
+        batch that every process has: a process stopping alone left the others waiting in the validation."""
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        seen, every = self._validation_batches
+        self._validation_batches = (seen + 1, every)
+        if (trainer.world_size > 1 and seen >= every) or not stopping(trainer):  # a collective under DDP
+            return
+        if inside_window(trainer) and not keeps_gradients(trainer):
+            return
+        self._in_validation = True
+        try:
+            self.save(trainer)
+        finally:
+            self._in_validation = False
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # samflow shards evaluation sets without padding: a process may have a batch fewer, where the
+        # others must not wait for it in ``stopping``; a signal there stops after the next training batch
+        if trainer.world_size <= 1 or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        counts = [n for n in trainer.num_val_batches if n != float("inf")]
+        every = sum(int(n) for n in counts) if len(counts) == len(trainer.num_val_batches) else 0
+        every = int(
+            trainer.strategy.all_gather(torch.tensor(every, device=trainer.strategy.root_device)).min()
+        )
+        self._validation_batches = (0, every)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if not self._in_validation:
+            return
+        # Lightning 2.6 runs a validation again from its start when the checkpoint's validation progress
+        # is that of a batch started and not processed (``_EvaluationLoop.restarted_mid_evaluation``);
+        # saved at the end of a batch it skipped the validation
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+        before = progress["total"]["completed"] - progress["current"]["completed"]  # earlier validations'
+        started = {"ready": before + 1, "started": before + 1}
+        progress["total"] = {**started, "processed": before, "completed": before}
+        progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+        progress["is_last_batch"] = False
+        trained = trainer.fit_loop.epoch_loop.batch_progress
+        if trained.is_last_batch or trained.current.ready >= trainer.num_training_batches:
+            # the validation of an epoch's end: the resumed fit reads no batch of it, and the training
+            # loader's position (every batch handed out) would skip them in the next epoch
+            checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = []
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, RandomState) and self._generators is not None:
+                checkpoint["callbacks"][callback.state_key]["rng"] = self._generators
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -511,7 +608,7 @@ class SlurmRequeue(Callback):
 
         def requeue_signal(signum: int, frame: Any) -> None:
             self.requeue = True
-            trainer._signal_connector.received_sigterm = True  # stop after the batch, as a SIGTERM does
+            _note_signal(trainer)  # stop after the batch, as a SIGTERM does
 
         signal.signal(environment.requeue_signal, requeue_signal)
 

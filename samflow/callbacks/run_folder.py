@@ -22,6 +22,7 @@ import json
 import os
 import re
 import socket
+import sys
 from pathlib import Path
 from typing import IO, Any
 
@@ -126,18 +127,27 @@ def slurm_job() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
+def fit_command() -> list[str]:
+    """This fit's command line as ``samflow.cli.main`` put it in ``sys.argv``: a requeued job runs it again."""
+    return [str(arg) for arg in sys.argv[1:]]
+
+
 def requeued_run(runs: Path) -> Path | None:
     """In a SLURM job started again after a requeue (``SLURM_RESTART_COUNT`` 1 or more: by samflow's
     ``SlurmRequeue``, ``scontrol requeue`` or a preemption), the newest run under ``runs``
-    (``runs/<experiment>``) that this job started and that has ``last.ckpt``; else None."""
+    (``runs/<experiment>``) that this job started with this command line and that has ``last.ckpt``;
+    else None. A job script of several fits of one experiment continues each fit's own run (the
+    newest of the job was another command's, which the first fit took over)."""
     job = slurm_job()
     if job is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
         return None
-    found = [
-        p
-        for p in runs.glob("version_*")
-        if read_run_info(p).get("slurm_job") == job and (p / "checkpoints" / "last.ckpt").is_file()
-    ]
+    command = fit_command()
+    found = []
+    for p in runs.glob("version_*"):
+        info = read_run_info(p)
+        ours = info.get("slurm_job") == job and info.get("slurm_command", command) == command
+        if ours and (p / "checkpoints" / "last.ckpt").is_file():
+            found.append(p)
     return max(found, key=_version) if found else None
 
 
@@ -245,6 +255,7 @@ class RunInfo(Callback):
         job = slurm_job()
         if job is not None:  # its restart after a requeue continues this run (``requeued_run``)
             info["slurm_job"] = job
+            info["slurm_command"] = fit_command()  # and the command: the job may run several fits
         run.mkdir(parents=True, exist_ok=True)
         (run / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 

@@ -13,12 +13,19 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 class SignalAt(Callback):
     """Send ``signum`` to this process (on process ``rank``) at the end of the training batch after which
-    the global step is ``step``, or with ``validation_batch`` at the end of that batch of a validation."""
+    the global step is ``step``, or with ``validation_batch`` at the end of that batch of a validation (with
+    ``in_fit``, of the fit's validation after step ``step``, not of its sanity check)."""
 
     def __init__(
-        self, step: int = 1, signum: str = "SIGTERM", rank: int = 0, validation_batch: int | None = None
+        self,
+        step: int = 1,
+        signum: str = "SIGTERM",
+        rank: int = 0,
+        validation_batch: int | None = None,
+        in_fit: bool = False,
     ) -> None:
         self.step, self.signum, self.rank, self.validation_batch = step, signum, rank, validation_batch
+        self.in_fit = in_fit
         self.sent = False
 
     def _send(self, trainer: Trainer) -> None:
@@ -41,5 +48,7 @@ class SignalAt(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if batch_idx == self.validation_batch:
+        if batch_idx != self.validation_batch:
+            return
+        if not self.in_fit or (not trainer.sanity_checking and trainer.global_step == self.step):
             self._send(trainer)

@@ -23,9 +23,11 @@ import torch
 from helpers import TORCHRUN, TORCHRUN_ENV
 from quickstart_tiny import TINY, samflow
 
-STEPS = [  # 3 steps an epoch (batch 1), 2 epochs, last.ckpt only at epoch ends
+STEPS = [  # 3 steps an epoch (batch 1), 2 epochs, last.ckpt only at epoch ends, 3 validation batches
     "--trainer.max_epochs",
     "2",
+    "--trainer.limit_val_batches",
+    "3",
     "--trainer.limit_train_batches",
     "3",
     "--data.init_args.batch_size",
@@ -81,10 +83,16 @@ def _ends_as(run: Path, whole: Path) -> None:
     expected, got = _last_val_row(whole), _last_val_row(run)
     assert got["epoch"] == expected["epoch"] == "1"
     assert all(got[k] == expected[k] for k in ("val/iou", "val/dice", "val/loss")), (got, expected)
+    _same_last_checkpoint(run, whole, step=6)
+
+
+def _same_last_checkpoint(run: Path, whole: Path, step: int) -> None:
+    """``run``'s ``last.ckpt`` is at ``step`` and holds the weights of ``whole``'s (the uninterrupted
+    run's), bit for bit."""
     reference = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    resumed = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert resumed["global_step"] == reference["global_step"] == 6
-    changed = [k for k, v in reference["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])]
+    got = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert got["global_step"] == reference["global_step"] == step
+    changed = [k for k, v in reference["state_dict"].items() if not torch.equal(v, got["state_dict"][k])]
     assert not changed, changed
 
 
@@ -122,14 +130,9 @@ SLURM = {  # one sbatch task as SLURM starts it (Lightning's SLURMEnvironment de
 }
 
 
-def test_slurm_requeue_signal_saves_requeues_and_the_restarted_job_continues_the_run(
-    tmp_path, data, whole, monkeypatch, capsys
-):
-    """``#SBATCH --signal=SIGUSR1@90``: the fit stops after the batch with last.ckpt, runs ``scontrol
-    requeue <job>`` and exits 1; the job started again (same command, ``SLURM_RESTART_COUNT`` 1) continues
-    the same run folder and W&B run and ends as the uninterrupted run. Lightning's own auto-requeue wrote
-    ``runs/quickstart/hpc_ckpt_1.ckpt`` from inside the handler, trained on (exit 0), and its restart
-    loaded that file into a new ``version_1``."""
+def _slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This process as a task of SLURM job 4242 in ``tmp_path/job`` (not yet restarted), with a stand-in
+    ``scontrol`` on PATH that appends its arguments to the file returned."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.txt"
@@ -141,6 +144,18 @@ def test_slurm_requeue_signal_saves_requeues_and_the_restarted_job_continues_the
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     (tmp_path / "job").mkdir()
     monkeypatch.chdir(tmp_path / "job")
+    return calls
+
+
+def test_slurm_requeue_signal_saves_requeues_and_the_restarted_job_continues_the_run(
+    tmp_path, data, whole, monkeypatch, capsys
+):
+    """``#SBATCH --signal=SIGUSR1@90``: the fit stops after the batch with last.ckpt, runs ``scontrol
+    requeue <job>`` and exits 1; the job started again (same command, ``SLURM_RESTART_COUNT`` 1) continues
+    the same run folder and W&B run and ends as the uninterrupted run. Lightning's own auto-requeue wrote
+    ``runs/quickstart/hpc_ckpt_1.ckpt`` from inside the handler, trained on (exit 0), and its restart
+    loaded that file into a new ``version_1``."""
+    calls = _slurm_job(tmp_path, monkeypatch)
     command = ["fit", *STEPS, *_signal_at(4, "SIGUSR1")]  # the job script's command, run twice
     capsys.readouterr()
 
@@ -165,6 +180,39 @@ def test_slurm_requeue_signal_saves_requeues_and_the_restarted_job_continues_the
     assert json.loads((run / "run.json").read_text())["wandb_id"] == info["wandb_id"]
     assert calls.read_text() == "requeue 4242\n"  # not requeued again
     _ends_as(run, whole)
+
+
+def test_sigterm_during_validation_saves_the_training_before_it_and_the_resumed_fit_validates_again(
+    tmp_path, data, whole, monkeypatch, capsys
+):
+    """SIGTERM in the first of the 3 batches of the validation after step 3 (the first epoch's end):
+    Lightning stops after that batch, and last.ckpt holds the 3 steps, marked so that the resumed fit
+    runs that validation again from its start (the uninterrupted run's rows of both validations), then
+    trains on to the uninterrupted result. Before, the fit stopped with no checkpoint at all ("start
+    the run again"): the steps since the last one were lost, and a checkpoint saved at the end of a
+    validation batch would have resumed without the validation."""
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    spec = {
+        "class_path": "signal_at.SignalAt",
+        "init_args": {"step": 3, "validation_batch": 0, "in_fit": True},
+    }
+    assert samflow("fit", *STEPS, "--trainer.callbacks+", json.dumps(spec), data=data) == 1
+    err = capsys.readouterr().err
+    run = Path("runs/quickstart/version_0")
+    assert (
+        "samflow: error: fit stopped by SIGTERM at step 3; runs/quickstart/version_0/checkpoints/last.ckpt "
+        "(step 3) is its last checkpoint; continue with the same command and --resume runs/quickstart/version_0.\n"
+    ) in err, err  # was "no checkpoint was written yet; start the run again"
+    assert _step(run / "checkpoints" / "last.ckpt") == 3
+
+    assert samflow("fit", *STEPS, "--resume", str(run), data=data) == 0
+    assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
+    _ends_as(run, whole)
+    with open(whole / "metrics.csv") as f, open(run / "metrics.csv") as g:
+        keys = ("epoch", "step", "val/iou", "val/dice", "val/loss")
+        expected = [[r[k] for k in keys] for r in csv.DictReader(f) if r.get("val/iou")]
+        assert [[r[k] for k in keys] for r in csv.DictReader(g) if r.get("val/iou")] == expected
 
 
 def test_ctrl_c_exits_1_names_the_last_checkpoint_and_gives_the_sigint_handler_back(
@@ -240,15 +288,7 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_after_the_batch_and_resumes_to
     resumed = _torchrun_fit(tmp_path / "run", data, "--resume", str(run))
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert sorted(p.name for p in run.parent.iterdir()) == ["version_0"]
-    reference = torch.load(
-        tmp_path / "whole/runs/quickstart/version_0/checkpoints/last.ckpt",
-        map_location="cpu",
-        weights_only=False,
-    )
-    got = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert got["global_step"] == reference["global_step"] == 4
-    changed = [k for k, v in reference["state_dict"].items() if not torch.equal(v, got["state_dict"][k])]
-    assert not changed, changed
+    _same_last_checkpoint(run, tmp_path / "whole/runs/quickstart/version_0", step=4)
 
 
 def test_a_validate_stopped_by_sigterm_exits_1_in_one_line(tmp_path, data, monkeypatch, capsys):
@@ -257,3 +297,34 @@ def test_a_validate_stopped_by_sigterm_exits_1_in_one_line(tmp_path, data, monke
     args = ["--data.init_args.batch_size", "1", "--trainer.limit_val_batches", "3"]
     assert samflow("validate", *args, "--trainer.callbacks+", json.dumps(spec), data=data) == 1  # was 0
     assert "samflow: error: validate stopped by SIGTERM.\n" in capsys.readouterr().err
+
+
+def test_two_fits_of_one_experiment_in_a_requeued_job_each_continue_their_own_run(
+    tmp_path, data, whole, monkeypatch, capsys
+):
+    """A job script of two fits of the quickstart (the second with 3 epochs), the second stopped by the
+    requeue signal: started again, each command continues its own run (the first, ended, ends at once;
+    the second goes on). Before, both took the newest run of the job: the first fit trained the
+    second's run under its own command."""
+    calls = _slurm_job(tmp_path, monkeypatch)
+    first = ["fit", *STEPS]
+    second = ["fit", *STEPS, "--trainer.max_epochs", "3", *_signal_at(4, "SIGUSR1")]
+    assert samflow(*first, data=data) == 0
+    assert samflow(*second, data=data) == 1
+    assert calls.read_text() == "requeue 4242\n"
+    runs = tmp_path / "job" / "runs" / "quickstart"
+    ended = (runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes()
+    capsys.readouterr()
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    status = samflow(*first, data=data)
+    out = capsys.readouterr()
+    print(out.out[-3000:], out.err[-3000:])
+    assert status == 0, out.err[-3000:]
+    assert "checkpoint  runs/quickstart/version_0/checkpoints/last.ckpt" in out.out, out.out[-3000:]
+    assert (runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes() == ended  # nothing left to train
+    assert _step(runs / "version_1" / "checkpoints" / "last.ckpt") == 4  # the second's run untouched
+    assert samflow(*second, data=data) == 0
+    assert "checkpoint  runs/quickstart/version_1/checkpoints/last.ckpt" in capsys.readouterr().out
+    assert _step(runs / "version_1" / "checkpoints" / "last.ckpt") == 9
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
