@@ -151,6 +151,16 @@ class MaskWriter(BasePredictionWriter):
         data.update(
             {key: getattr(datamodule, key) for key in ("options", "crowd") if hasattr(datamodule, key)}
         )
+        # the prompts the masks are made with: a predict set without masks has none, whatever the setting
+        datasets = getattr(datamodule, "datasets", None)
+        if isinstance(datasets, Mapping):
+            used = {
+                key: repr(dataset.prompt)
+                for key, dataset in datasets.items()
+                if key.split("/")[0] == "predict" and hasattr(dataset, "prompt")
+            }
+            if used:
+                data["predicted_with"] = used
         record = {
             "checkpoint": file_record(ckpt) if ckpt else None,
             "threshold": getattr(pl_module, "threshold", None),

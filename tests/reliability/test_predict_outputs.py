@@ -19,6 +19,8 @@ Bad-input matrix, predict outputs:
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,6 +122,21 @@ def first_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_masks(out, root / "images")
     return work, root, out
+
+
+def test_the_record_names_the_prompts_the_masks_were_made_with(first_run, tmp_path):
+    """A predict folder without masks is predicted without prompts (with a warning), but its record held
+    only the data's prompt setting (a box), as if boxes had been drawn."""
+    work, root, out = first_run
+    record = json.loads((out / MaskWriter.RECORD).read_text())["predict_data"]
+    assert list(record["predicted_with"]) == ["predict"]
+    assert record["predicted_with"]["predict"].startswith("BoxPrompt(")
+    bare = tmp_path / "bare"
+    shutil.copytree(root / "images", bare / "images")
+    proc = predict(work, str(bare), tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / MaskWriter.RECORD).read_text())["predict_data"]
+    assert record["predicted_with"] == {"predict": "NoPrompt()"}
 
 
 def test_predict_again_into_the_same_folder_is_refused(first_run):
