@@ -48,14 +48,11 @@ class SaveConfig(SaveConfigCallback):
     predict of a fit's checkpoint logs into the fit's W&B run and leaves the fit's config there."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        run = run_folder_of(self.config.get("ckpt_path"))  # trainer.ckpt_path is not set yet
+        # a validate / test / predict's run folder (trainer.ckpt_path is not set yet)
+        run = run_folder_of(self.config.get("ckpt_path")) if stage != "fit" else None
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                if (
-                    stage != "fit"
-                    and run is not None
-                    and read_run_info(run).get("wandb_id") == logger.version
-                ):
+                if run is not None and read_run_info(run).get("wandb_id") == logger.version:
                     continue
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
