@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,6 +98,7 @@ def test_a_logger_numbers_its_rows_after_the_earlier_offline_runs_of_its_id(offl
         earlier.log({"x": i})
     earlier.finish()
     wandb.teardown()  # its service writes the file out
+    time.sleep(1.1)  # W&B names an offline folder by its start second: the later run's must differ
     assert next_offline_row(offline / "wandb", "abcd1234") == 3
     assert next_offline_row(offline / "wandb", "other123") is None
     logger = SamflowWandbLogger(save_dir=str(offline), id="abcd1234", project="p")
