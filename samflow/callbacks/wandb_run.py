@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
@@ -84,9 +85,7 @@ class SamflowWandbLogger(WandbLogger):
         if self._next_row is None:
             super().log_metrics(metrics, step)
             return
-        row = {
-            f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}" if self._prefix else k: v for k, v in metrics.items()
-        }
+        row = dict(_add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR))  # Lightning's prefixing
         if step is not None:
             row["trainer/global_step"] = step
         run.log(row, step=self._next_row)
