@@ -28,6 +28,21 @@ DEVICES = [
 one (``benchmarks/gpu_check.sh`` section 7 runs those on a lent GPU)."""
 
 
+def samflow_in_process(args: list[str]) -> int:
+    """``samflow ARGS`` in this process, as the console script runs it: the exit status. ``main`` rewrites
+    ``sys.argv`` (put back after), and each command's W&B run ends with it, as in a process of its own."""
+    import wandb
+
+    from samflow.cli import main
+
+    argv = sys.argv
+    try:
+        return main(args)
+    finally:
+        sys.argv = argv
+        wandb.finish()
+
+
 def prompted_predict_args(prompts: Path, run: Path, images: Path, out: Path, *more: str) -> list[str]:
     """The arguments of ``samflow predict --prompts PROMPTS --model RUN --images IMAGES --out OUT``."""
     return [

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import short_run
+from helpers import samflow_in_process, short_run
 from PIL import Image
 
 from samflow.data import DataError, SegmentationDataModule, find_samples
@@ -198,17 +197,6 @@ def _tree(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
-def _main(args: list[str]) -> int:
-    """``samflow ARGS`` in this process (``main`` rewrites ``sys.argv``: put back after)."""
-    from samflow.cli import main
-
-    argv = sys.argv
-    try:
-        return main(args)
-    finally:
-        sys.argv = argv
-
-
 def test_a_fit_from_the_project_folder_with_the_paths_researchers_have(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -244,7 +232,7 @@ def test_a_fit_from_the_project_folder_with_the_paths_researchers_have(
         p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     monkeypatch.chdir(proj)
     try:
-        assert _main(["fit", "--experiment", "exps/my.yaml", *short_run(batch_size=2)]) == 0
+        assert samflow_in_process(["fit", "--experiment", "exps/my.yaml", *short_run(batch_size=2)]) == 0
         assert (scratch / "my" / "version_0" / "checkpoints" / "last.ckpt").is_file()
         assert _tree(data) == before
     finally:
@@ -255,7 +243,7 @@ def test_a_fit_from_the_project_folder_with_the_paths_researchers_have(
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     config = os.path.relpath(proj / "runs" / "my" / "version_0" / "config.yaml", elsewhere)
-    assert _main(["fit", "--experiment", config, "--trainer.max_epochs", "0"]) == 1
+    assert samflow_in_process(["fit", "--experiment", config, "--trainer.max_epochs", "0"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("samflow: error: SAM checkpoint 'sam ckpt/sam tiny.pth' does not exist"), error
     assert f"read from {elsewhere})" in error, error

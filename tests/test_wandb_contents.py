@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import short_run
+from helpers import samflow_in_process, short_run
 
 from samflow.callbacks.wandb_run import SamflowWandbLogger, _records, next_offline_row
 
@@ -73,21 +72,12 @@ def offline(tmp_path, monkeypatch):
 
 
 def _fit(folder: Path, *args: str, quiet: bool = True) -> None:
-    import wandb
-
-    from samflow.cli import main
-
-    argv = sys.argv
     flags = [
         *(a for a in TINY if quiet or a != "--quiet"),
         "--data.init_args.quickstart.root",
         str(folder / "data"),
     ]
-    try:
-        assert main(["fit", *flags, *args]) == 0
-    finally:
-        sys.argv = argv
-        wandb.finish()
+    assert samflow_in_process(["fit", *flags, *args]) == 0
 
 
 def test_a_logger_numbers_its_rows_after_the_earlier_offline_runs_of_its_id(offline):
@@ -152,11 +142,6 @@ def test_a_resumed_offline_fit_continues_its_rows_and_steps(offline, capsys):
 
 
 def _test(folder: Path, checkpoint: Path) -> None:
-    import wandb
-
-    from samflow.cli import main
-
-    argv = sys.argv
     args = [
         "test",
         *TINY,
@@ -165,11 +150,7 @@ def _test(folder: Path, checkpoint: Path) -> None:
         "--ckpt_path",
         str(checkpoint),
     ]
-    try:
-        assert main([*args, "--trainer.limit_test_batches=1"]) == 0
-    finally:
-        sys.argv = argv
-        wandb.finish()
+    assert samflow_in_process([*args, "--trainer.limit_test_batches=1"]) == 0
 
 
 @pytest.fixture(scope="module")

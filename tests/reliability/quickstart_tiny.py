@@ -3,12 +3,9 @@ process (one or two training steps on 4 generated images, no sanity check)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import wandb
-
-from samflow.cli import main
+from helpers import samflow_in_process
 
 TINY = [
     "--experiment",
@@ -37,9 +34,4 @@ TINY = [
 def samflow(command: str, *args: str, data: Path) -> int:
     """``samflow COMMAND`` on the tiny quickstart in this process, as the console script runs it; one
     W&B run per command, as in a process of its own. Returns the exit status."""
-    argv = sys.argv
-    try:
-        return main([command, *TINY, "--data.init_args.quickstart.root", str(data), *args])
-    finally:
-        sys.argv = argv
-        wandb.finish()
+    return samflow_in_process([command, *TINY, "--data.init_args.quickstart.root", str(data), *args])

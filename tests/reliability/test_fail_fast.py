@@ -11,15 +11,12 @@ here ``build_sam`` raises if it is called. A new fit that fails later but before
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-import wandb
+from helpers import samflow_in_process
 from jsonargparse import Namespace
 from quickstart_tiny import TINY
-
-from samflow.cli import main
 
 
 @pytest.fixture
@@ -36,12 +33,7 @@ def no_sam_build(monkeypatch, tmp_path):
 
 def samflow(args: list[str], capsys) -> tuple[int, str]:
     """``samflow ARGS`` in this process: the exit status and stderr."""
-    argv = sys.argv
-    try:
-        status = main(args)
-    finally:
-        sys.argv = argv
-        wandb.finish()
+    status = samflow_in_process(args)
     return status, capsys.readouterr().err
 
 

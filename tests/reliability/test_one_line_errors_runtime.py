@@ -13,9 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import wandb
-
-from samflow.cli import main
+from helpers import samflow_in_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coco"))
 from tiny_coco import make_tiny_coco
@@ -30,12 +28,7 @@ SHORT = [
 def one_error_line(args: list[str], capsys) -> str:
     """``samflow ARGS`` in this process: exit status 1, no traceback, exactly one ``samflow: error:``
     line on stderr and it is the last; returns it."""
-    argv = sys.argv
-    try:
-        status = main(args)
-    finally:
-        sys.argv = argv
-        wandb.finish()
+    status = samflow_in_process(args)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("samflow: error:")]
