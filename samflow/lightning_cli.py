@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import typing
 from argparse import ArgumentError
@@ -14,8 +13,8 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from samflow.argument_errors import first_not_from_jsonargparse, unknown_option
@@ -23,7 +22,7 @@ from samflow.callbacks import ImprovementReport, MaskWriter, NonFiniteCheck, Sam
 from samflow.callbacks.accumulation import AccumulatedGradients
 from samflow.callbacks.resume import BestCheckpoint, LastCheckpoint, PlateauResume, RandomState, SlurmRequeue
 from samflow.callbacks.resume_config import SameExperiment, check_fit_config, training_settings
-from samflow.callbacks.run_folder import INFO_FILE, RunInfo, read_run_info, run_folder_of
+from samflow.callbacks.run_folder import RunCSVLogger, RunInfo, read_run_info, remove_unwritten, run_folder_of
 from samflow.callbacks.run_report import RunReport
 from samflow.callbacks.wandb_run import SamflowWandbLogger
 from samflow.config_checks import (
@@ -55,21 +54,6 @@ class SaveConfig(SaveConfigCallback):
                 if run is not None and read_run_info(run).get("wandb_id") == logger.version:
                     continue
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
-
-
-#: what a command writes into its run folder as it starts (LightningCLI's config, the logger's hparams)
-START_FILES = frozenset({"config.yaml", "hparams.yaml"})
-#: what a fit writes into its run folder before its first training step: the start files, ``run.json``,
-#: a ``metrics.csv`` without rows, the sanity check's sample pictures and an empty ``checkpoints/``
-RUN_START_FILES = START_FILES | {INFO_FILE, "metrics.csv"}
-RUN_START_FOLDERS = frozenset({"samples", "checkpoints"})
-
-
-def _start_file(path: Path) -> bool:
-    """Whether ``path`` (relative to a run folder) is a file a fit writes before its first step."""
-    if len(path.parts) == 1:
-        return path.name in RUN_START_FILES
-    return len(path.parts) == 2 and path.parts[0] == "samples" and path.suffix == ".png"
 
 
 class SamflowCLI(LightningCLI):
@@ -227,72 +211,27 @@ class SamflowCLI(LightningCLI):
 
     @override
     def _run_subcommand(self, subcommand: str) -> None:
-        """Run the command; a validate / test / predict that fails before writing anything but the
-        config files of its start into its subfolder of the run removes it, so the next one takes its
-        name (not ``test_1``); a new fit that fails before its first training step removes the
-        ``version_N`` it made (``_remove_unstarted_fit``), so the next fit takes its number."""
-        before = self._fit_folders() if subcommand == "fit" else None
+        """Run the command; one that stops before it has written anything but the files of its start
+        removes the folder it claimed (``remove_unwritten``), so that the next takes its name: a new
+        fit's ``version_N`` before its first training step (a data folder missing, a plugin's setup, the
+        sanity check, a signal), a validate / test / predict's subfolder of the run. A resumed (or
+        requeued) run's folder claimed nothing, and stays whatever happens; the W&B run is W&B's."""
         try:
             super()._run_subcommand(subcommand)
-        except BaseException as err:
-            if isinstance(err, Exception):  # not a SIGTERM / Ctrl-C stop, whose line names the folder
-                self._remove_unstarted_fit(before)
+        except BaseException:
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and not trainer.global_step:
+                for logger in trainer.loggers:
+                    if isinstance(logger, RunCSVLogger):
+                        logger.release_claim()
             self._remove_unwritten_command_folder()
             raise
 
     def _remove_unwritten_command_folder(self) -> None:
         """Remove the validate / test / predict subfolder of the run (claimed as it was named) while it
         holds nothing but the config files of the command's start."""
-        folder = self._command_folder
-        if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= START_FILES:
-            with contextlib.suppress(OSError):  # another rank, or a file written meanwhile
-                for name in START_FILES:
-                    (folder / name).unlink(missing_ok=True)
-                folder.rmdir()
-
-    def _fit_folders(self) -> tuple[CSVLogger, set[str]] | None:
-        """For a new fit whose run folder is samflow's CSV logger's (the first logger): that logger and
-        the folders under its root before the fit; None for a resumed (or requeued) run, whose folder
-        stays whatever happens."""
-        trainer = getattr(self, "trainer", None)
-        first = trainer.loggers[0] if trainer is not None and trainer.loggers else None
-        if self.run_folder is not None or not isinstance(first, CSVLogger):
-            return None
-        root = Path(first.root_dir)
-        return first, ({p.name for p in root.iterdir()} if root.is_dir() else set())
-
-    def _remove_unstarted_fit(self, before: tuple[CSVLogger, set[str]] | None) -> None:
-        """Remove the run folder a new fit made when it failed before its first training step (a data
-        folder missing, a plugin's setup error, the sanity check): it holds no checkpoint and no metric
-        row, only the files of its start (``RUN_START_FILES``); left, it took a version number and looked
-        like a run to ``--resume last``. Process 0 only, which made it; a folder that existed before the
-        fit, or that holds anything else, stays. The W&B run (``runs/wandb``) is W&B's, and stays."""
-        trainer = getattr(self, "trainer", None)
-        if before is None or trainer is None or trainer.global_step or not trainer.is_global_zero:
-            return
-        if getattr(rank_zero_only, "rank", 0) != 0:  # a DDP process that failed before its rank was set
-            return
-        logger, existing = before
-        if logger._version is None:  # never asked for its folder: it made none
-            return
-        folder = Path(logger.log_dir)
-        claimed = getattr(logger, "claimed", None)  # the version_N it created (``RunCSVLogger``)
-        made = (claimed is not None and Path(claimed) == folder) or folder.name not in existing
-        if folder.parent != Path(logger.root_dir) or not made or not folder.is_dir():
-            return
-        files = [p for p in folder.rglob("*") if not p.is_dir()]
-        folders = sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
-        if not all(_start_file(p.relative_to(folder)) for p in files) or not all(
-            p.relative_to(folder).as_posix() in RUN_START_FOLDERS for p in folders
-        ):
-            return
-        if any(p.name == "metrics.csv" and len(p.read_text(errors="ignore").splitlines()) > 1 for p in files):
-            return  # metric rows: something ran
-        with contextlib.suppress(OSError):  # a file written meanwhile: the folder stays
-            for path in files:
-                path.unlink()
-            for path in [*folders, folder]:
-                path.rmdir()
+        if self._command_folder is not None:
+            remove_unwritten(self._command_folder)
 
     def _monitor_main_metric(self, config: Namespace) -> None:
         """``checkpoint.monitor`` defaults to the experiment's main validation metric (``main_metric``)."""

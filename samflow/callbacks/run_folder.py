@@ -47,6 +47,7 @@ __all__ = [
     "first_process",
     "last_checkpoint",
     "read_run_info",
+    "remove_unwritten",
     "requeued_run",
     "run_folder_of",
     "run_in_use",
@@ -56,6 +57,11 @@ __all__ = [
 INFO_FILE = "run.json"
 LOCK_FILE = ".fit.lock"  # held by the fit training into the folder (``RunLock``)
 _MARKERS = (INFO_FILE, "config.yaml", "metrics.csv", "hparams.yaml")
+#: what a command writes into its folder as it starts (LightningCLI's config, the logger's hparams)
+START_FILES = frozenset({"config.yaml", "hparams.yaml"})
+#: and a fit into its run folder before its first training step: ``run.json``, a ``metrics.csv`` without
+#: rows, the sanity check's sample pictures (``samples/*.png``) and an empty ``checkpoints/``
+_RUN_START_FILES = START_FILES | {INFO_FILE, "metrics.csv"}
 
 
 def run_folder_of(ckpt_path: str | Path | None) -> Path | None:
@@ -95,6 +101,36 @@ def claim_folder(path: Path) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def remove_unwritten(folder: Path, run: bool = False) -> None:
+    """Remove ``folder`` while it holds nothing but what its command wrote as it started
+    (``START_FILES``; with ``run``, a fit's run folder: also ``run.json``, a ``metrics.csv`` without rows,
+    the sanity check's sample pictures and an empty ``checkpoints/``). Left, a command's subfolder took
+    its name from the next one, and a run folder a version number and ``--resume last``'s eye. A folder
+    holding anything else, or written to meanwhile, stays."""
+    if not folder.is_dir():
+        return
+    files = [p for p in folder.rglob("*") if not p.is_dir()]
+    folders = sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts))
+    if not all(_start_file(p.relative_to(folder), run) for p in files):
+        return
+    if not all(run and p.relative_to(folder).as_posix() in ("samples", "checkpoints") for p in folders):
+        return
+    if any(p.name == "metrics.csv" and len(p.read_text(errors="ignore").splitlines()) > 1 for p in files):
+        return  # metric rows: something ran
+    with contextlib.suppress(OSError):  # another rank, or a file written meanwhile: the folder stays
+        for path in files:
+            path.unlink()
+        for path in [*folders, folder]:
+            path.rmdir()
+
+
+def _start_file(path: Path, run: bool) -> bool:
+    """Whether ``path`` (relative to its folder) is a file its command writes as it starts."""
+    if len(path.parts) == 1:
+        return path.name in (_RUN_START_FILES if run else START_FILES)
+    return run and len(path.parts) == 2 and path.parts[0] == "samples" and path.suffix == ".png"
 
 
 def command_folder(run: Path, command: str) -> str:
@@ -266,9 +302,6 @@ class RunInfo(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._release()
-        for logger in trainer.loggers:  # a new run stopped before writing anything leaves no folder
-            if isinstance(logger, RunCSVLogger):
-                logger.release_claim()
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -343,10 +376,10 @@ class RunCSVLogger(CSVLogger):
         return version
 
     def release_claim(self) -> None:
-        """Remove the claimed folder while it is empty (a run stopped before writing anything)."""
+        """Remove the ``version_N`` this process claimed while it holds only what a fit writes before its
+        first training step (``remove_unwritten``): a new run stopped or failed before it trained."""
         if self.claimed is not None:
-            with contextlib.suppress(OSError):
-                self.claimed.rmdir()
+            remove_unwritten(self.claimed, run=True)
 
     @property
     @override

@@ -50,13 +50,22 @@ def test_a_rank_that_writes_nothing_claims_no_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "exp").exists()
 
 
-def test_a_claimed_folder_is_removed_only_while_empty(tmp_path):
-    stopped, running = RunCSVLogger(tmp_path, name="exp"), RunCSVLogger(tmp_path, name="exp")
-    assert (stopped.version, running.version) == (0, 1)
-    (Path(running.log_dir) / "config.yaml").write_text("x")
-    stopped.release_claim()
-    running.release_claim()
-    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["version_1"]
+def test_a_claimed_folder_is_removed_only_while_it_holds_only_what_a_fit_writes_as_it_starts(tmp_path):
+    empty, started, trained, logged = (RunCSVLogger(tmp_path, name="exp") for _ in range(4))
+    assert [logger.version for logger in (empty, started, trained, logged)] == [0, 1, 2, 3]
+    for logger in (started, trained, logged):
+        folder = Path(logger.log_dir)
+        (folder / "samples").mkdir()
+        (folder / "checkpoints").mkdir()
+        for name in ("config.yaml", "hparams.yaml", "run.json", "samples/val_sanity.png"):
+            (folder / name).write_text("x")
+        (folder / "metrics.csv").write_text("epoch,step\n")
+    (Path(trained.log_dir) / "checkpoints" / "last.ckpt").write_text("x")
+    (Path(logged.log_dir) / "metrics.csv").write_text("epoch,step\n0,1\n")
+    for logger in (empty, started, trained, logged):
+        logger.release_claim()
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["version_2", "version_3"]
+    assert (tmp_path / "exp" / "version_2" / "config.yaml").is_file()  # nothing of it removed
 
 
 def test_two_commands_naming_their_subfolder_at_once_get_two(tmp_path):

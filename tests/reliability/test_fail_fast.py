@@ -117,9 +117,14 @@ QUICKSTART = ["--data.init_args.quickstart.root", "data"]
 
 
 def test_a_fit_failing_on_its_data_leaves_no_run_folder(work, capsys):
-    """Was: an empty ``runs/quickstart/version_0`` (the CSV logger's), taking a number."""
-    line = one_error_line(["fit", *TINY, *QUICKSTART, "--data.init_args.train", "missing"], capsys)
-    assert "data.train: Dataset root missing does not exist" in line
+    """Was: an empty ``runs/quickstart/version_0`` (the CSV logger's), taking a number. A bad file is
+    found at the data's setup, after the run folder is made (a missing folder is refused before it)."""
+    bad = work / "bad"
+    for folder in ("images", "masks"):
+        (bad / folder).mkdir(parents=True)
+        (bad / folder / "a.png").write_bytes(b"not a PNG")
+    line = one_error_line(["fit", *TINY, *QUICKSTART, "--data.init_args.train", str(bad)], capsys)
+    assert "data.train: " in line and str(bad / "images" / "a.png") in line
     assert run_folders(work) == []
 
 
@@ -133,6 +138,23 @@ def test_a_fit_failing_at_the_sanity_check_leaves_no_run_folder_and_the_next_tak
     status, err = samflow(["fit", *TINY, *QUICKSTART, "--trainer.limit_val_batches", "0"], capsys)
     assert status == 0, err[-3000:]
     assert run_folders(work) == [work / "runs" / "quickstart" / "version_0"]
+
+
+def test_a_fit_interrupted_before_its_first_step_leaves_no_run_folder(work, capsys, monkeypatch):
+    """Ctrl-C (or a SIGTERM) in the sanity check, after the run's config, hparams and ``run.json`` were
+    written. Was: that ``version_0`` stayed (only an empty claimed folder was removed on a signal)."""
+    from samflow.module import SamflowModule
+
+    def interrupted(*args, **kwargs):
+        assert (work / "runs" / "quickstart" / "version_0" / "run.json").is_file()  # written by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SamflowModule, "validation_step", interrupted)
+    with pytest.raises(SystemExit) as stop:  # Lightning's exit after a Ctrl-C
+        samflow_in_process(["fit", *TINY, *QUICKSTART, "--trainer.num_sanity_val_steps", "1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "no checkpoint was written yet" in err, err[-3000:]
+    assert run_folders(work) == []
 
 
 def test_a_resumed_run_failing_before_its_first_step_keeps_its_folder(work, capsys):
@@ -163,3 +185,72 @@ def test_a_validate_whose_model_cannot_be_built_leaves_no_subfolder_in_the_run(w
     line = one_error_line(["validate", *TINY, *QUICKSTART, *ckpt], capsys)
     assert str(garbage) in line
     assert not list(run.glob("validate*"))
+
+
+PLATEAU = ["--model.scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"]
+
+
+def test_a_plateau_scheduler_ranking_the_checkpoint_metric_the_other_way_is_refused_before_sam_is_built(
+    no_sam_build, capsys
+):
+    """Was: in ``configure_optimizers``, after SAM was built and the run folder made."""
+    line = one_error_line(["fit", *TINY, *PLATEAU], capsys)  # mode min; val/iou is ranked max
+    assert "ReduceLROnPlateau(mode='min') watches val/iou" in line and "init_args.mode max" in line
+    own = ["--model.scheduler.mode", "min", "--checkpoint.monitor", "val/loss", "--checkpoint.mode", "max"]
+    line = one_error_line(["fit", *TINY, *PLATEAU, *own], capsys)
+    assert "watches val/loss, which the checkpoint ranks with mode 'max'" in line
+    assert not (no_sam_build / "runs").exists()
+
+
+def test_a_plateau_scheduler_that_can_run_passes_the_check():
+    from samflow.config_checks import check_before_build
+
+    def config(scheduler: str, **options) -> Namespace:
+        spec = Namespace(class_path=scheduler, init_args=Namespace(mode="max", **options))
+        return Namespace(
+            model=Namespace(plugins={"p": None}, losses=None, scheduler=spec, metrics=None), data=None
+        )
+
+    check_before_build(config("torch.optim.lr_scheduler.ReduceLROnPlateau"), "fit")  # no monitor known here
+    plateau = config("torch.optim.lr_scheduler.ReduceLROnPlateau")
+    plateau["checkpoint"] = Namespace(monitor="val/iou", mode="max")
+    check_before_build(plateau, "fit")
+    plateau["model.scheduler.init_args.mode"] = "min"
+    check_before_build(plateau, "validate")  # configure_optimizers runs in fit only
+    own = config("lightning.pytorch.cli.ReduceLROnPlateau", monitor="val/loss")
+    own["model.scheduler.init_args.mode"] = "min"
+    own["checkpoint"] = Namespace(monitor="val/iou", mode="max")
+    check_before_build(own, "fit")  # its own monitor
+
+
+@pytest.mark.parametrize(
+    ("command", "split", "problem"),
+    [
+        ("fit", "val", "missing"),
+        ("validate", "val", "empty"),
+        ("test", "test", "missing"),
+        ("fit", "test", "empty"),
+    ],
+)
+def test_a_data_folder_setup_would_refuse_is_refused_before_sam_is_built_in_its_words(
+    no_sam_build, capsys, command, split, problem
+):
+    """A missing split folder or an empty one (every split that is set is listed, the command's or not).
+    Was: at the data module's setup, after SAM was built (~10 s for vit_b) and the run folder made."""
+    from samflow.data.datamodule import SegmentationDataModule
+    from samflow.data.errors import DataError
+    from samflow.data.quickstart import make_quickstart_data
+
+    data = make_quickstart_data(no_sam_build / "data", n_train=1, n_val=1, size=(32, 48))
+    folder = no_sam_build / "gone"
+    if problem == "empty":
+        (folder / "images").mkdir(parents=True)
+        (folder / "masks").mkdir()
+    splits = {"train": str(data / "train"), "val": str(data / "val"), split: str(folder)}
+    with pytest.raises(DataError) as setup:  # what the data module's setup says
+        SegmentationDataModule(**splits, img_size=128).setup(command)
+    flags = [f"--data.init_args.{key}={value}" for key, value in splits.items()]
+    line = one_error_line([command, *TINY, "--data.init_args.quickstart", "false", *flags], capsys)
+    assert line == f"samflow: error: {setup.value}"
+    assert f"data.{split}: " in line
+    assert not (no_sam_build / "runs").exists()
