@@ -18,8 +18,8 @@ import torch
 import yaml
 from torch import Tensor
 
-from samflow.data.listing import where_looked
 from samflow.module import SAM_PREFIX, SamSpec
+from samflow.paths import where_looked
 from samflow.plugins import PluginStack, SamPlugin
 from samflow.plugins.registry import discover
 from samflow.predictor_types import PredictorError

@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
     "samflow.batch": {"samflow.seeding"},
     "samflow.seeding": set(),
-    "samflow.sam": {"samflow.batch", "samflow.seeding"},
-    "samflow.plugins": {"samflow.batch", "samflow.seeding", "samflow.sam"},
+    "samflow.paths": set(),
+    "samflow.sam": {"samflow.batch", "samflow.seeding", "samflow.paths"},
+    "samflow.plugins": {"samflow.batch", "samflow.seeding", "samflow.paths", "samflow.sam"},
 }
 #: modules a built-in plugin may import from samflow.
 PUBLIC = {"samflow", "samflow.batch", "samflow.sam", "samflow.plugins", "samflow.testing"}

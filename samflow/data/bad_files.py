@@ -21,8 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from samflow.data.errors import DataError
-from samflow.data.listing import Sample, broken_link
+from samflow.data.listing import Sample
 from samflow.data.reading import TURNS, orientation, several_frames
+from samflow.paths import broken_link, link_gone
 
 if TYPE_CHECKING:
     from samflow.data.folder import MaskFolderDataset
@@ -84,7 +85,7 @@ def check_file(path: Path) -> FileHeader | str:
     A file of several frames is refused as a read refuses it (``reading.several_frames``).
     """
     if broken_link(path):
-        return f"a link to {os.readlink(path)}, which does not exist (is the share it points into mounted?)"
+        return link_gone(path)
     try:
         if path.stat().st_size == 0:
             return "empty file (0 bytes)"

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from samflow.data.errors import DataError
-from samflow.data.listing import where_looked
+from samflow.paths import where_looked
 
 
 def read_coco_file(

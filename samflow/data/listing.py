@@ -8,7 +8,6 @@ warning) are in ``samflow.data.folder``'s module docstring.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from samflow.data.errors import DataError
+from samflow.paths import broken_link, where_looked
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg", ".gif")
@@ -38,26 +38,6 @@ def short_listing(paths: Sequence[Any], sep: str = ", ") -> str:
     shown = sep.join(str(p) for p in list(paths)[:_MAX_LISTED])
     more = len(paths) - _MAX_LISTED
     return shown + (f" and {more} more" if more > 0 else "")
-
-
-def broken_link(path: Path) -> bool:
-    """Whether ``path`` is a symbolic link whose target does not exist (a pool on a share not mounted)."""
-    return path.is_symlink() and not path.exists()
-
-
-def where_looked(path: str | Path) -> str:
-    """What a missing ``path`` (as given, ``~`` expanded) was read as, to append to its error: the working
-    directory for a relative path, and that ``$VARS`` are not expanded; empty for a plain absolute path."""
-    text = str(path)
-    if broken_link(Path(text)):
-        return f" (a link to {os.readlink(text)}, which does not exist: is the share it points into mounted?)"
-    if "$" in text:
-        return " (environment variables such as $HOME are not expanded in config values: write the path out)"
-    if not Path(text).is_absolute():
-        return (
-            f" (relative paths, also those in config files, are read from the working directory {Path.cwd()})"
-        )
-    return ""
 
 
 def _files_by_stem(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:

@@ -17,6 +17,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
+from samflow.paths import where_looked
 from samflow.sam.backbones import BACKBONES, Backbone
 from samflow.sam.casts import cache_frozen_casts
 from samflow.sam.ops import fast_layer_norms
@@ -243,13 +244,8 @@ def load_checkpoint(
     name the file and ``flag`` (and ``variant_flag``), the options the user gave them with."""
     path = Path(path).expanduser()
     if not path.is_file():
-        where = ""
-        if "$" in str(path):
-            where = " (environment variables are not expanded in config values: write the path out)"
-        elif not path.is_absolute():
-            where = f" (relative paths, also those in config files, are read from {Path.cwd()})"
         raise FileNotFoundError(
-            f"SAM checkpoint {str(path)!r} does not exist{where}; pass the path of a SAM file with {flag} "
+            f"SAM checkpoint {str(path)!r} does not exist{where_looked(path)}; pass the path of a SAM file with {flag} "
             "(segment-anything's release page has the official ones)."
         )
     try:

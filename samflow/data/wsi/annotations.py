@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from samflow.data.listing import where_looked
 from samflow.data.wsi.slide import SlideError
+from samflow.paths import where_looked
 
 EXCLUDE = ("_2", "Exclusion")
 

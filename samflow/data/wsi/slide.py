@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from samflow.data.listing import where_looked
+from samflow.paths import where_looked
 
 MPP_KEYS = ("tiffslide.mpp-x", "openslide.mpp-x")
 TOLERANCE = 1e-3  # relative: a level within 0.1% of the wanted mpp counts as that mpp
