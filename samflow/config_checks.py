@@ -5,8 +5,9 @@
 ``several_processes``: whether Lightning's ``auto`` strategy would start DDP (``SamflowCLI`` then makes
 it ``ddp_find_unused_parameters_true``); ``optimizer_into_model``: LightningCLI's ``--optimizer`` and
 ``--lr_scheduler`` become the module's; ``check_before_build``: what the config alone shows cannot run
-(data framed at another size than SAM's input, a fit with nothing to train, no loss term), refused
-before SAM is built and before a run folder is made.
+(data framed at another size than SAM's input, a fit with nothing to train, no loss term, a plateau
+scheduler ranking the checkpoint's metric the other way) and data folders the data module would refuse
+(listed, no file opened), refused before SAM is built and before a run folder is made.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from typing import Any
 
 from jsonargparse import Namespace
 
-from samflow.module import input_size_error, no_loss_terms, nothing_to_train
+from samflow.module import (
+    ModelConfigError,
+    input_size_error,
+    no_loss_terms,
+    nothing_to_train,
+    plateau_monitor,
+)
 from samflow.plugins.base import SamPlugin
 from samflow.sam.backbones import BACKBONES
 from samflow.sam.build import BACKBONE_DECODER, VARIANTS
@@ -96,7 +103,12 @@ def check_before_build(config: Namespace, command: str) -> None:
     - ``model.losses: {}`` with no plugin that brings loss terms (one overriding ``SamPlugin.losses``):
       ``fit``, ``validate`` and ``test`` compute the loss; a plugin that can turn its loss off is still
       checked at the first batch;
-    - ``predict`` with ``--predictions.resume`` and ``--predictions.overwrite``, or without data.
+    - ``predict`` with ``--predictions.resume`` and ``--predictions.overwrite``, or without data;
+    - ``fit`` with a ``ReduceLROnPlateau`` without a monitor of its own, which would watch the checkpoint's
+      monitor ranked in another mode (``plateau_monitor``, asked again by ``configure_optimizers``);
+    - ``fit``, ``validate`` and ``test`` on ``SegmentationDataModule`` data whose folders its ``setup``
+      would refuse (missing, empty, images without masks): listed, no file opened
+      (``SegmentationDataModule.list_before_build``; its ``DataError``).
     """
     _check_input_size(config)
     plugins = config.get("model.plugins") or {}
@@ -111,6 +123,10 @@ def check_before_build(config: Namespace, command: str) -> None:
     evaluates = command in ("fit", "validate", "test")  # the loss of every batch with a mask
     if evaluates and losses == {} and not any(_may_add_losses(spec) for spec in plugins.values()):
         raise ConfigError(no_loss_terms(list(plugins)))
+    if command == "fit":
+        _check_plateau(config)
+    if command in ("fit", "validate", "test"):  # the config's own mistakes first: its data's folders last
+        _list_data(config, command)
 
 
 def _check_input_size(config: Namespace) -> None:
@@ -128,6 +144,65 @@ def _check_input_size(config: Namespace) -> None:
     sam = given if isinstance(given, int) else VARIANTS.get(variant, BACKBONE_DECODER).img_size
     if size != sam:
         raise ConfigError(input_size_error(size, sam, variant, isinstance(given, int)))
+
+
+def _list_data(config: Namespace, command: str) -> None:
+    """``SegmentationDataModule.list_before_build`` of ``data`` when it is that class (a subclass may
+    take other options or list otherwise: its ``setup`` checks its folders)."""
+    from samflow.data.datamodule import SegmentationDataModule
+
+    data = config.get("data")
+    options = data.get("init_args") if isinstance(data, Namespace) else None
+    if _class_of(data) is SegmentationDataModule and isinstance(options, Namespace):
+        stage = "fit" if command == "fit" else command
+        SegmentationDataModule.list_before_build(options.as_dict(), stage)
+
+
+def _check_plateau(config: Namespace) -> None:
+    """``plateau_monitor`` of ``model.scheduler`` when it is a ``ReduceLROnPlateau`` and the checkpoint
+    it would watch is known here: ``checkpoint.monitor`` (else the main metric ``SamflowCLI`` gives it) and
+    ``checkpoint.mode``, with checkpointing on and no checkpoint callback of the user's in
+    ``trainer.callbacks`` (which one the module sees is then known only to the trainer)."""
+    import torch
+
+    from samflow.main_metric import main_metric
+
+    spec = config.get("model.scheduler")
+    options = spec.get("init_args") if isinstance(spec, Namespace) else None
+    cls = _class_of(spec)
+    if not isinstance(cls, type) or not issubclass(cls, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return
+    if not isinstance(options, Namespace) or not isinstance(options.get("mode"), str):
+        return
+    if config.get("trainer.enable_checkpointing") is False:
+        return
+    from lightning.pytorch.callbacks import Checkpoint
+
+    callbacks = config.get("trainer.callbacks") or []
+    if any(not isinstance(c, Namespace) or _class_of(c) is None for c in callbacks):
+        return  # a callback not known here: may be a checkpoint
+    if any(isinstance(_class_of(c), type) and issubclass(_class_of(c), Checkpoint) for c in callbacks):
+        return
+    monitor, mode = config.get("checkpoint.monitor"), config.get("checkpoint.mode")
+    if monitor is None:
+        found = main_metric(config.get("model.metrics"), config.get("data"))
+        if found is None:
+            return  # the run's checkpoint monitor is not known here: configure_optimizers asks
+        monitor, mode = found
+    try:
+        plateau_monitor(options.get("monitor"), options.get("mode"), monitor, mode)
+    except ModelConfigError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _class_of(spec: Any) -> Any:
+    """The class a ``{class_path, init_args}`` entry names, or None when it cannot be imported here."""
+    path = str(spec.get("class_path") or "") if isinstance(spec, Namespace) else ""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _may_add_losses(spec: Any) -> bool:

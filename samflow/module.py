@@ -35,6 +35,26 @@ class ModelConfigError(ValueError):
     """The experiment's model cannot run as set (nothing to train, another input size than the data's)."""
 
 
+def plateau_monitor(own: str | None, mode: str, monitor: str | None, checkpoint_mode: str | None) -> str:
+    """The metric a ``ReduceLROnPlateau`` in ``mode`` watches: its ``own`` monitor (Lightning's subclass),
+    else the checkpoint's ``monitor``, which it must rank in the checkpoint's mode; ``ModelConfigError``
+    otherwise. ``SamflowModule.configure_optimizers`` asks it, and ``check_before_build`` before SAM is built."""
+    if own:
+        return str(own)
+    if not monitor:
+        raise ModelConfigError(
+            "model.scheduler: ReduceLROnPlateau needs a metric to watch and the run has no checkpoint "
+            "monitor; set --checkpoint.monitor, or use lightning.pytorch.cli.ReduceLROnPlateau with "
+            "init_args.monitor."
+        )
+    if checkpoint_mode != mode:
+        raise ModelConfigError(
+            f"model.scheduler: ReduceLROnPlateau(mode={mode!r}) watches {monitor}, which the "
+            f"checkpoint ranks with mode {checkpoint_mode!r}; set model.scheduler.init_args.mode {checkpoint_mode}."
+        )
+    return str(monitor)
+
+
 def input_size_error(size: int, sam: int, variant: str, sam_size_given: bool) -> str:
     """The refusal of data framed at ``size`` for a SAM that takes ``sam`` x ``sam`` inputs."""
     given = "" if sam_size_given else f", the {variant} variant's default"
@@ -161,25 +181,11 @@ class SamflowModule(EvaluationMixin):
 
     def _plateau_monitor(self, scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau) -> str:
         """The metric a ``ReduceLROnPlateau`` watches: its own ``monitor`` (Lightning's subclass), else the
-        checkpoint's (the main validation metric), whose mode it must share."""
-        own = getattr(scheduler, "monitor", None)
-        if own:
-            return str(own)
+        checkpoint's (the main validation metric), whose mode it must share (``plateau_monitor``)."""
         trainer = self._trainer
         best = trainer.checkpoint_callback if trainer is not None else None
-        monitor, mode = getattr(best, "monitor", None), getattr(best, "mode", None)
-        if not monitor:
-            raise ModelConfigError(
-                "model.scheduler: ReduceLROnPlateau needs a metric to watch and the run has no checkpoint "
-                "monitor; set --checkpoint.monitor, or use lightning.pytorch.cli.ReduceLROnPlateau with "
-                "init_args.monitor."
-            )
-        if mode != scheduler.mode:
-            raise ModelConfigError(
-                f"model.scheduler: ReduceLROnPlateau(mode={scheduler.mode!r}) watches {monitor}, which the "
-                f"checkpoint ranks with mode {mode!r}; set model.scheduler.init_args.mode {mode}."
-            )
-        return str(monitor)
+        checkpoint = (getattr(best, "monitor", None), getattr(best, "mode", None))
+        return plateau_monitor(getattr(scheduler, "monitor", None), scheduler.mode, *checkpoint)
 
     def _refuse_unowned_trainable(self) -> None:
         """Refuse parameters that train but belong to no plugin's group: the optimizer would never step them."""

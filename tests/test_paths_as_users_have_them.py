@@ -165,8 +165,13 @@ def test_a_missing_relative_sam_checkpoint_names_the_working_directory(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as info:
         build_sam("tiny", checkpoint="ckpt/sam tiny.pth")
-    assert f"(relative paths, also those in config files, are read from {tmp_path})" in str(info.value)
-    with pytest.raises(FileNotFoundError, match=r"\(environment variables are not expanded in config values"):
+    assert (
+        f"(relative paths, also those in config files, are read from the working directory {tmp_path})"
+        in str(info.value)
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"\(environment variables such as \$HOME are not expanded in config"
+    ):
         build_sam("tiny", checkpoint="$CKPT/sam.pth")
 
 
@@ -245,8 +250,10 @@ def test_a_fit_from_the_project_folder_with_the_paths_researchers_have(
     config = os.path.relpath(proj / "runs" / "my" / "version_0" / "config.yaml", elsewhere)
     assert samflow_in_process(["fit", "--experiment", config, "--trainer.max_epochs", "0"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("samflow: error: SAM checkpoint 'sam ckpt/sam tiny.pth' does not exist"), error
-    assert f"read from {elsewhere})" in error, error
+    # the data's folders are listed before SAM is built (``check_before_build``): its relative root first
+    root = "My Project/ISIC 2018/train"
+    assert error.startswith(f"samflow: error: data.train: Dataset root {root} does not exist"), error
+    assert f"read from the working directory {elsewhere})" in error, error
 
 
 def test_a_rebuilt_runs_missing_relative_sam_checkpoint_names_the_working_directory(

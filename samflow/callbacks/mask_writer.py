@@ -180,8 +180,25 @@ class MaskWriter(BasePredictionWriter):
             "pass --predictions.overwrite true to predict them again, or choose another folder with "
             "--predictions.output_dir"
         )
+        record = self._as_earlier_release(folder / self.RECORD, record)
         problem = record_problem(folder / self.RECORD, record, held, redo)
         return None if problem is None else f"The predictions folder: {problem}"
+
+    @staticmethod
+    def _as_earlier_release(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` as a release before ``predicted_with`` wrote it, when the record at ``path`` is one
+        of theirs (its ``predict_data`` has no ``predicted_with``): those predicted each set with the
+        prompts ``predicted_with`` names (the setting, ``NoPrompt()`` for a folder without masks) but did
+        not write them, so their folders are continued when the rest is equal."""
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return record  # record_problem names it
+        data = record.get("predict_data")
+        old = earlier.get("predict_data") if isinstance(earlier, Mapping) else None
+        if not isinstance(old, Mapping) or "predicted_with" in old or not isinstance(data, Mapping):
+            return record
+        return {**record, "predict_data": {k: v for k, v in data.items() if k != "predicted_with"}}
 
     def write_record(self, folder: Path, record: dict[str, Any]) -> None:
         """Write ``record`` as ``folder``'s ``RECORD`` (whole or not at all), replacing an earlier one."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +328,28 @@ class SegmentationDataModule(L.LightningDataModule):
                 if self._key(split, name) not in self.datasets:
                     self._find(split, name)
         self.skipped.report()
+
+    @classmethod
+    def list_before_build(cls, options: Mapping[str, Any], stage: str) -> None:
+        """List the sets ``setup(stage)`` would, from the data's config ``options`` (``data.init_args``),
+        without opening a file: a missing or empty folder, or images without masks, raise the
+        ``DataError`` ``setup`` would. ``check_before_build`` asks it before SAM is built. The
+        quickstart's own sets are left out (``prepare_data`` makes them once the run starts); options
+        the data module refuses are left to its construction, which names them."""
+        keys = ("train", "val", "test", "predict", "val_sets", "test_sets", "img_size")
+        try:
+            module = SegmentationDataModule(**{key: options[key] for key in keys if key in options})
+        except (ValueError, TypeError):
+            return
+        module.list_sets(stage)
+
+    def list_sets(self, stage: str | None = None) -> None:
+        """List every set that is set, the stage's first (as ``setup``), without keeping or checking them."""
+        every = ("train", "val", "test", "predict")
+        splits = _STAGE_SPLITS.get(stage or "", every)
+        for split in [*splits, *(s for s in every if s not in splits)]:
+            for name in self._sets(split):
+                self._find(split, name)
 
     def _find(self, split: str, name: str) -> None:
         """List a set's samples without keeping or checking them: its paths exist and pair up."""

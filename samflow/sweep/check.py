@@ -7,11 +7,17 @@ the low end of each range (a misspelt key, a misspelt plugin key or a value of t
 ``parameters.<key>``), without building anything; and
 the metric is compared with what the run logs where that is known (``val/<metric>`` for each of the
 experiment's ``model.metrics`` on samflow's data modules, see ``samflow.main_metric.main_metric``).
+What ``samflow fit`` refuses before SAM is built (``samflow.config_checks.check_before_build``) is asked
+of the base and of the values known in advance (``_check_before_build``): a sweep each trial of which
+would fail it, or a listed value each trial of which would, is refused before the first trial.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import itertools
+import json
 import re
 import warnings
 from argparse import ArgumentError
@@ -51,16 +57,94 @@ def check_sweep(spec: SweepSpec, experiment: Path) -> None:
         check_plugin_classes(cli.config["fit"])
     except (ArgumentError, ExperimentError, ConfigError) as err:
         raise SweepError(f"{where}: command: {_reason(err, base)}") from None
+    # the configs of the base and of each value, for check_before_build
+    parsed: dict[Any, Any] = {(): cli.config["fit"]}
     for key, sample in _samples(spec):
         value = spec.params[key].value(sample)
         args = [*base, *_as_fit_reads([flag(key, value)])]
         try:
             check_plugin_args([flag(key, value)])
-            check_plugin_classes(cli.parser.parse_args(["fit", *args])["fit"])
+            parsed[((key, flag(key, value)),)] = config = cli.parser.parse_args(["fit", *args])["fit"]
+            check_plugin_classes(config)
         except (ArgumentError, ExperimentError, ConfigError) as err:
             raise SweepError(f"{where}: parameters.{key}: {_reason(err, args)}") from None
+    _check_before_build(spec, cli, base, parsed)
     if not any(k.startswith(("model.metrics", "data")) for k in spec.params):
         _check_metric(where, spec.metric, cli.config["fit"], experiment.stem)
+
+
+def _check_before_build(spec: SweepSpec, cli: Any, base: list[str], parsed: dict[Any, Any]) -> None:
+    """Refuse a sweep whose trials would each fail ``check_before_build`` (what ``samflow fit`` refuses
+    before SAM is built: data framed at another size than SAM's input, ``losses: {}`` with no plugin loss,
+    a plateau scheduler ranking the checkpoint's metric the other way, ...).
+
+    A parameter whose every value (each of a list, a constant; the low and high end of a range) leaves
+    the base config's verdict as it is (passes, or the same error) is taken to leave it as it is in
+    every trial. The others' values are combined (at most ``_MOST_COMBINED`` combinations): the base is
+    refused (``command``) when every combination fails, else each value every combination of which
+    fails (``parameters.<key>``). A range that changes the verdict is searched: its values cannot be
+    known before the trials, so nothing is refused then (each trial that fails says why). ``parsed``:
+    the configs parsed already, by their ``(key, flag)`` pairs (``()``, the base's)."""
+    from samflow.sweep.run import flag
+
+    verdicts: dict[tuple[tuple[str, str], ...], str | None] = {}
+
+    def verdict(flags: tuple[tuple[str, str], ...]) -> str | None:
+        if flags not in verdicts:
+            args = [*base, *_as_fit_reads([f for _, f in flags])]
+            try:
+                config = parsed.get(flags) or cli.parser.parse_args(["fit", *args])["fit"]
+            except ArgumentError as err:  # a range's high end: the trial that draws it says why
+                verdicts[flags] = f"samflow fit refuses it: {err}"
+            else:
+                verdicts[flags] = _before_build_error(copy.deepcopy(config))
+        return verdicts[flags]
+
+    first = verdict(())
+    varied: dict[str, list[tuple[str, str]]] = {}  # key -> (shown value, flag) of each known value
+    for key, p in spec.params.items():
+        d = p.distribution
+        enumerable = d is None or hasattr(d, "choices")
+        samples = [None] if d is None else list(d.choices) if enumerable else [d.low, d.high]
+        values = [p.value(sample) for sample in samples]
+        flags = [(json.dumps(v, default=str), flag(key, v)) for v in values]
+        if all(verdict(((key, f),)) == first for _, f in flags):
+            continue  # leaves the verdict as it is
+        if not enumerable:
+            return  # a searched value decides: cannot be known before the trials
+        varied[key] = flags
+    combos = [dict(zip(varied, c)) for c in itertools.product(*varied.values())]
+    if len(combos) > _MOST_COMBINED:
+        return
+    failed = {i: verdict(tuple((k, f) for k, (_, f) in c.items())) for i, c in enumerate(combos)}
+    where = str(spec.path)
+    if first is not None and all(failed.values()):
+        also = f" (with every value of parameters.{', parameters.'.join(varied)} too)" if varied else ""
+        raise SweepError(f"{where}: command: every trial would fail before it starts{also}: {first}")
+    for key, flags in varied.items():
+        for shown, f in flags:
+            errors = [failed[i] for i, c in enumerate(combos) if c[key][1] == f]
+            if all(errors):
+                raise SweepError(
+                    f"{where}: parameters.{key}: every trial with the value {shown} would fail before it "
+                    f"starts: {errors[0]}"
+                )
+
+
+_MOST_COMBINED = 64  # combinations of the values that change check_before_build's verdict
+
+
+def _before_build_error(config: Any) -> str | None:
+    """What ``samflow fit``'s ``check_before_build`` refuses in the parsed ``config``, or None."""
+    from samflow.config_checks import ConfigError, check_before_build, optimizer_into_model
+    from samflow.data.errors import DataError
+
+    optimizer_into_model(config)
+    try:
+        check_before_build(config, "fit")
+    except (ConfigError, DataError) as err:
+        return str(err)
+    return None
 
 
 def _as_fit_reads(args: list[str]) -> list[str]:

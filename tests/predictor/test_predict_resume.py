@@ -324,3 +324,40 @@ def test_a_record_that_is_not_a_json_object_is_refused_as_unreadable(tmp_path, t
     (out / "samflow_predict.json").write_text(text)
     with pytest.raises(PredictionOutputError, match=r"samflow_predict\.json is not a readable record"):
         left(MaskWriter(output_dir=str(out), resume=True), root, out)
+
+
+def test_a_folder_of_a_release_before_predicted_with_is_continued_unless_the_rest_differs(tmp_path):
+    """A record written before ``predicted_with`` existed (its ``predict_data`` without the key) is read
+    as that release wrote it: continued when the rest is equal; a record holding another value is not."""
+    from samflow.data.prompts import BoxPrompt
+
+    root, out = make_root(tmp_path / "data"), tmp_path / "out"
+    writer = MaskWriter(output_dir=str(out), resume=True)
+    trainer = trainer_on(out)
+    trainer.datamodule = SimpleNamespace(
+        predict_dataloader=None,
+        hparams={"prompt": "box", "img_size": 1024},
+        splits={"predict": str(root)},
+        datasets={"predict": SimpleNamespace(prompt=BoxPrompt())},
+    )
+    now = writer.record(trainer, SimpleNamespace(threshold=0.5))
+    assert now["predict_data"]["predicted_with"] == {"predict": repr(BoxPrompt())}
+
+    def left_now(earlier: dict) -> list[str]:
+        (out / "samflow_predict.json").write_text(json.dumps(earlier, indent=2) + "\n")
+        loader = writer.loader_left(trainer, SimpleNamespace(threshold=0.5), DataLoader(Samples(root)))
+        return [item for batch in loader for item in batch]
+
+    out.mkdir()
+    (out / "a.png").write_bytes(b"an earlier run's mask")
+    old = json.loads(json.dumps(now))
+    del old["predict_data"]["predicted_with"]  # as the release before wrote it
+    assert left_now(old) == ["b", "c"]
+    with pytest.raises(PredictionOutputError, match=r"threshold: 0\.6 -> 0\.5"):
+        left_now({**old, "threshold": 0.6})  # the rest still compared
+    other = json.loads(json.dumps(now))
+    other["predict_data"]["predicted_with"] = {"predict": "NoPrompt()"}
+    with pytest.raises(
+        PredictionOutputError, match=r"predict_data\.predicted_with\.predict: \"NoPrompt\(\)\""
+    ):
+        left_now(other)

@@ -176,3 +176,24 @@ def test_every_listed_value_and_a_misspelt_plugin_key_are_checked(tmp_path):
         match=rf"q.yaml: parameters.{key}: .*model.plugins.tokenz has no class_path.*model.plugins.tokens\?",
     ):
         checked(quickstart_sweep(tmp_path, {key: {"values": [1e-3]}}))
+
+
+def test_a_sweep_whose_trials_would_each_fail_before_sam_is_built_is_refused(tmp_path, monkeypatch):
+    """What ``samflow fit`` refuses before SAM is built (``check_before_build``) failed each trial alone.
+    Refused here: the base, and a listed value that fails with every value of the others; not what a
+    value fixes, nor what a searched range may fix."""
+
+    def built(*args, **kwargs):
+        raise AssertionError("a trial ran")
+
+    monkeypatch.setattr("samflow.module.build_sam", built)
+    size, small = "data.init_args.img_size", ("--data.init_args.img_size=64",)
+    tokens = {"model.plugins.tokens.init_args.lr": {"min": 1e-4, "max": 1e-2}}
+    with pytest.raises(SweepError, match=rf"q.yaml: command: every trial would fail .*{size} is 64 but"):
+        checked(quickstart_sweep(tmp_path, tokens, flags=small, method="random"))
+    with pytest.raises(SweepError, match=rf"q.yaml: parameters.{size}: every trial with the value 64 would"):
+        checked(quickstart_sweep(tmp_path, {LR: {"values": [1e-3, 1e-2]}, size: {"values": [128, 64]}}))
+    variant = {"model.sam.variant": {"values": ["tiny", "vit_b"]}}
+    checked(quickstart_sweep(tmp_path, {**variant, size: {"values": [128, 1024]}}, flags=small))  # pairs
+    searched = {size: {"distribution": "int_uniform", "min": 64, "max": 1024}}
+    checked(quickstart_sweep(tmp_path, searched, flags=small, method="random"))  # not known in advance
