@@ -125,15 +125,17 @@ def note_sigterm_only(trainer: Trainer) -> None:
     batch. Lightning 2.6's handler runs ``dist.broadcast`` inside the handler, on the signalled process
     alone, at whatever point of the step the signal lands: a SIGTERM reaching one rank, or the ranks at
     different moments (torchrun passing one on to every worker), left them waiting for each other in
-    collectives that do not match. Lightning's own teardown puts back the handlers from before the fit."""
+    collectives that do not match. Lightning's own teardown puts back the handlers from before the fit.
+    Called at the sanity check's start (Lightning registers its handler just before it) and again at
+    ``on_train_start`` (a fit without one), where it leaves a handler in place, and its note, as it is."""
     if trainer.world_size <= 1 or threading.current_thread() is not threading.main_thread():
         return
     connector = trainer._signal_connector
-    setattr(connector, _NOTED, False)
     handlers = getattr(signal.getsignal(signal.SIGTERM), "signal_handlers", None)  # Lightning's compose
     lightnings = getattr(connector, "_sigterm_notifier_fn", None)
     if not isinstance(handlers, list) or lightnings not in handlers:
         return
+    setattr(connector, _NOTED, False)
 
     def note(signum: int, frame: Any) -> None:
         if not getattr(connector, _NOTED, False) and trainer.strategy.launcher is not None:
@@ -141,6 +143,17 @@ def note_sigterm_only(trainer: Trainer) -> None:
         _note_signal(trainer)
 
     handlers[handlers.index(lightnings)] = note
+
+
+def validates_after_batch(trainer: Trainer) -> bool:
+    """At ``on_train_batch_end`` of a fit: whether Lightning's training loop runs a validation after this
+    batch (``val_check_interval``, or the epoch's end), by the loop's own decision
+    (``_TrainingEpochLoop.on_advance_end``)."""
+    loop = trainer.fit_loop.epoch_loop
+    fetcher = trainer.fit_loop._data_fetcher
+    if fetcher is None or trainer.sanity_checking or loop._skip_next_val:
+        return False
+    return bool(loop._should_check_val_fx(fetcher))
 
 
 def keeps_gradients(trainer: Trainer) -> bool:
@@ -300,6 +313,7 @@ class LastCheckpoint(Checkpoint):
         self._written_step: int | None = None  # the step last.ckpt holds, once this process wrote it
         self._generators: dict[str, Any] | None = None  # after the last training batch (``capture_rng``)
         self._in_validation = False  # saving in a stopped validation (``on_validation_batch_end``)
+        self._before_validation = False  # saving at a batch that a validation follows (``_save_batch``)
         self._validation_batches = (0, 0)  # of this validation: seen here, that every process has
 
     @property
@@ -351,13 +365,27 @@ class LastCheckpoint(Checkpoint):
             trained = window or self._saved_step != trainer.global_step
             ended = trainer.sanity_checking or getattr(trainer, "fast_dev_run", False)
             if trained and not ended and (not window or keeps_gradients(trainer)):
-                self.save(trainer)
+                self._save_batch(trainer)
             return
         # written only when the optimizer has just stepped (global_step moved past the last save): with
         # ``accumulate_grad_batches`` the batches between optimizer steps hold gradients no checkpoint keeps
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and not self._skip(trainer):
+            self._save_batch(trainer)
+
+    def _save_batch(self, trainer: Trainer) -> None:
+        """Save at the end of a training batch. When a validation follows it, the checkpoint is marked
+        as stopped in that validation's first batch (``on_save_checkpoint``), so that a fit resumed from
+        it runs the validation, as the uninterrupted fit did: a run killed in it or after it, before the
+        next ``last.ckpt`` (kill -9, out of memory, a lost node: no handler runs), resumed with the next
+        training batch and lost that validation's rows, its best checkpoint, plateau and early-stopping
+        decisions; at an epoch's end Lightning took such a checkpoint for the epoch's end and left the
+        next epoch out."""
+        self._before_validation = validates_after_batch(trainer)
+        try:
             self.save(trainer)
+        finally:
+            self._before_validation = False
 
     @override
     def on_validation_batch_end(
@@ -375,11 +403,13 @@ class LastCheckpoint(Checkpoint):
         the uninterrupted fit did (it was not saved: the steps since the last ``last.ckpt`` were lost).
         Under DDP every process takes the decision at the same batch (``stopping``), shared here at each
         batch that every process has: a process stopping alone left the others waiting in the validation."""
-        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+        if trainer.state.fn != TrainerFn.FITTING:
             return
         seen, every = self._validation_batches
         self._validation_batches = (seen + 1, every)
         if (trainer.world_size > 1 and seen >= every) or not stopping(trainer):  # a collective under DDP
+            return
+        if trainer.sanity_checking:  # every process stops after this batch (``on_sanity_check_start``)
             return
         if inside_window(trainer) and not keeps_gradients(trainer):
             return
@@ -390,13 +420,24 @@ class LastCheckpoint(Checkpoint):
             self._in_validation = False
 
     @override
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A SIGTERM in a fit's sanity check stops it after the batch, with nothing to save: under DDP
+        Lightning's handler, in place until ``on_train_start``, ran ``dist.broadcast`` inside the
+        handler on the signalled process alone, and the processes waited for each other for good (a
+        2-process fit with SIGTERM to process 1 in its sanity check hung); here the signal is noted
+        (``note_sigterm_only``), shared after each batch (``on_validation_batch_end``), and Lightning
+        stops every process after the same batch (or before the first training batch)."""
+        note_sigterm_only(trainer)
+
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # samflow shards evaluation sets without padding: a process may have a batch fewer, where the
         # others must not wait for it in ``stopping``; a signal there stops after the next training batch
-        if trainer.world_size <= 1 or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+        if trainer.world_size <= 1 or trainer.state.fn != TrainerFn.FITTING:
             return
-        counts = [n for n in trainer.num_val_batches if n != float("inf")]
-        every = sum(int(n) for n in counts) if len(counts) == len(trainer.num_val_batches) else 0
+        batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        counts = [n for n in batches if n != float("inf")]
+        every = sum(int(n) for n in counts) if len(counts) == len(batches) else 0
         every = int(
             trainer.strategy.all_gather(torch.tensor(every, device=trainer.strategy.root_device)).min()
         )
@@ -406,13 +447,21 @@ class LastCheckpoint(Checkpoint):
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if not self._in_validation:
+        if not (self._in_validation or self._before_validation):
             return
+        loops = checkpoint["loops"]["fit_loop"]
+        if self._before_validation:
+            # the training batch as it is when its validation starts: completed (Lightning counts it
+            # after ``on_train_batch_end``), as a checkpoint saved in the validation has it
+            for counts in (loops["epoch_loop.batch_progress"][key] for key in ("total", "current")):
+                counts["completed"] = counts["processed"]
         # Lightning 2.6 runs a validation again from its start when the checkpoint's validation progress
         # is that of a batch started and not processed (``_EvaluationLoop.restarted_mid_evaluation``);
         # saved at the end of a batch it skipped the validation
-        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
-        before = progress["total"]["completed"] - progress["current"]["completed"]  # earlier validations'
+        progress = loops["epoch_loop.val_loop.batch_progress"]
+        before = progress["total"]["completed"]  # the batches of the epoch's earlier validations
+        if self._in_validation:  # less this one's ("current" holds the last validation's before it starts)
+            before -= progress["current"]["completed"]
         started = {"ready": before + 1, "started": before + 1}
         progress["total"] = {**started, "processed": before, "completed": before}
         progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
@@ -580,37 +629,46 @@ class SlurmRequeue(Callback):
     ``scontrol requeue <job>``. The restarted job (``SLURM_RESTART_COUNT``) continues the run whose
     ``run.json`` names the job (``samflow.run_placement``), in its folder and W&B run, exactly as
     ``--resume`` does. ``SLURMEnvironment(auto_requeue=False)`` in ``trainer.plugins`` turns both off.
+    Under ``torchrun`` in a SLURM job Lightning takes torchrun's environment: the signal is ``SIGUSR1``,
+    which torchrun passes on to every process only when started with ``--signals-to-handle
+    SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`` (else it dies of it), then waits 30 s for them
+    (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``); before, the processes had no handler and died of it too.
     """
 
     def __init__(self) -> None:
         self.requeue = False
         self._environment: Any = None
+        self._signal: signal.Signals | None = None
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # before Lightning registers its signal handlers: it leaves the requeue signal to this callback
-        from lightning.fabric.plugins.environments import SLURMEnvironment
+        from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
         environment = trainer._accelerator_connector.cluster_environment
+        self._signal = None
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and slurm_job():
             environment.auto_requeue = False
             self._environment = environment
+            self._signal = environment.requeue_signal
+        elif isinstance(environment, TorchElasticEnvironment) and slurm_job():
+            # torchrun in a SLURM job: Lightning takes torchrun's environment and handles no requeue
+            # signal (the process died of it); torchrun passes it on with ``--signals-to-handle``
+            self._signal = signal.SIGUSR1
         self.requeue = False
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Lightning's handlers are in place; its teardown puts back the ones from before the fit
-        environment = self._environment
-        if environment is None or environment.requeue_signal is None:
-            return
-        if threading.current_thread() is not threading.main_thread():
+        requeue = self._signal
+        if requeue is None or threading.current_thread() is not threading.main_thread():
             return
 
         def requeue_signal(signum: int, frame: Any) -> None:
             self.requeue = True
             _note_signal(trainer)  # stop after the batch, as a SIGTERM does
 
-        signal.signal(environment.requeue_signal, requeue_signal)
+        signal.signal(requeue, requeue_signal)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -52,3 +52,32 @@ class SignalAt(Callback):
             return
         if not self.in_fit or (not trainer.sanity_checking and trainer.global_step == self.step):
             self._send(trainer)
+
+
+class Killed(Exception):
+    """``KillAt``'s stand-in for a kill: the fit ends where it is, nothing saved after."""
+
+
+class KillAt(Callback):
+    """End the fit, as a kill -9 (an OOM, a lost node) would, at the end of ``validation_batch`` of the
+    fit's validation after step ``step``: no signal handler runs, so no checkpoint is written; the run
+    folder keeps what the fit wrote before (``last.ckpt`` of an earlier step)."""
+
+    def __init__(self, step: int, validation_batch: int = 0) -> None:
+        self.step, self.validation_batch = step, validation_batch
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if (
+            not trainer.sanity_checking
+            and trainer.global_step == self.step
+            and batch_idx == self.validation_batch
+        ):
+            raise Killed(f"killed in the validation after step {self.step}")

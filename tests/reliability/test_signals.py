@@ -182,6 +182,58 @@ def test_slurm_requeue_signal_saves_requeues_and_the_restarted_job_continues_the
     _ends_as(run, whole)
 
 
+TORCHRUN_TASK = {  # what torchrun sets in the process it starts (one of one)
+    "TORCHELASTIC_RUN_ID": "none",
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+    "GROUP_RANK": "0",
+    "WORLD_SIZE": "1",
+    "LOCAL_WORLD_SIZE": "1",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+}
+
+
+def test_under_torchrun_in_a_slurm_job_the_requeue_signal_stops_saves_and_requeues(tmp_path, monkeypatch):
+    """``srun torchrun --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 -m samflow fit ...``:
+    Lightning takes torchrun's environment (not ``SLURMEnvironment``), and SIGUSR1, which torchrun passes
+    on to every process, stops the fit after the batch with ``last.ckpt`` and requeues the job. Before,
+    ``SlurmRequeue`` acted only in ``SLURMEnvironment``: nothing handled the signal, and the process died
+    of it (here the test's own handler takes it, and the fit trained on)."""
+    import lightning as L
+    from helpers import tiny_linear_module
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+    from signal_at import SignalAt
+
+    from samflow.callbacks.resume import LastCheckpoint, SlurmRequeue
+
+    calls = _slurm_job(tmp_path, monkeypatch)
+    for key, value in TORCHRUN_TASK.items():
+        monkeypatch.setenv(key, value)
+    got: list[int] = []
+    found = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))  # not SIG_DFL's death
+    try:
+        trainer = L.Trainer(
+            max_epochs=1,
+            accelerator="cpu",
+            devices=1,
+            callbacks=[SignalAt(2, "SIGUSR1"), SlurmRequeue(), LastCheckpoint(0, dirpath=str(tmp_path))],
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        assert isinstance(trainer._accelerator_connector.cluster_environment, TorchElasticEnvironment)
+        with pytest.raises(SIGTERMException):  # was: the fit trained on to its end
+            trainer.fit(tiny_linear_module())
+    finally:
+        signal.signal(signal.SIGUSR1, found)
+    assert calls.read_text() == "requeue 4242\n"
+    assert _step(tmp_path / "last.ckpt") == 2
+    assert got == []
+
+
 def test_sigterm_during_validation_saves_the_training_before_it_and_the_resumed_fit_validates_again(
     tmp_path, data, whole, monkeypatch, capsys
 ):

@@ -57,6 +57,28 @@ def test_sigterm_to_one_rank_during_validation_stops_both_and_resumes_to_the_uni
     _same_last_checkpoint(run, tmp_path / "whole/runs/quickstart/version_0", step=4)
 
 
+def test_sigterm_to_one_rank_in_the_sanity_check_stops_both_with_nothing_to_resume(tmp_path, data):
+    """SIGTERM reaches rank 1 alone in the first batch of the sanity check (2 batches): both ranks stop
+    after that batch, exit 1, rank 0 with the line saying that nothing can be resumed, and no run folder
+    is left. Before, Lightning's handler (samflow's took its place only at ``on_train_start``) ran a
+    ``dist.broadcast`` on rank 1 alone, and both ranks waited for each other for good (killed here after
+    240 s; the workers outlived torchrun)."""
+    stopped = _torchrun_fit(
+        tmp_path,
+        data,
+        "--trainer.num_sanity_val_steps",
+        "2",
+        *_callback(validation_batch=0, rank=1),
+    )
+    out = stopped.stdout
+    assert stopped.returncode != 0, out[-4000:]
+    assert (
+        "samflow: error: fit stopped by SIGTERM at step 0; no checkpoint was written yet; start the run again.\n"
+    ) in out, out[-4000:]
+    assert out.count("samflow: error: fit stopped by SIGTERM") == 2, out[-4000:]  # both ranks stopped
+    assert list((tmp_path / "runs" / "quickstart").iterdir()) == []
+
+
 def test_the_requeue_signal_on_task_1_alone_requeues_the_job_once(tmp_path, data):
     """``srun --ntasks-per-node 2`` (Lightning's ``SLURMEnvironment``, which ``SlurmRequeue`` acts in;
     under torchrun Lightning takes torchrun's environment): SIGUSR1 reaches task 1 alone after step 3.
