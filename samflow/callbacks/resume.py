@@ -358,8 +358,8 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # a validation may follow this batch: a stop in it saves the generators of before it
-        self._generators = capture_rng()
+        if validates_after_batch(trainer):  # a stop in that validation saves the generators of before it
+            self._generators = capture_rng()
         if stopping(trainer):  # a SIGTERM: Lightning stops after this batch, and last.ckpt holds it
             window = inside_window(trainer)  # batches added to the gradients since the optimizer step
             trained = window or self._saved_step != trainer.global_step
