@@ -208,10 +208,5 @@ def _class_of(spec: Any) -> Any:
 def _may_add_losses(spec: Any) -> bool:
     """Whether a ``model.plugins`` entry may add loss terms: its class overrides ``SamPlugin.losses``
     (or cannot be read here: the model then checks the terms at the first batch)."""
-    path = str(spec.get("class_path") or "") if isinstance(spec, Namespace) else ""
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return True
+    cls = _class_of(spec)
     return not (isinstance(cls, type) and issubclass(cls, SamPlugin)) or cls.losses is not SamPlugin.losses
