@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -129,6 +130,121 @@ def run_samflow(
         text=True,
         timeout=timeout,
     )
+
+
+@contextmanager
+def _output_to(out: Any, err: Any) -> Iterator[None]:
+    """File descriptors 1 and 2, ``sys.stdout`` / ``sys.stderr`` and the log handlers that write to
+    either (Lightning's, bound at import) into the files ``out`` and ``err``, then put back."""
+    streams = {id(s): out for s in (sys.stdout, sys.__stdout__)} | {
+        id(s): err for s in (sys.stderr, sys.__stderr__)
+    }
+    handlers = [
+        h
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for h in getattr(logger, "handlers", [])
+        if type(h) is logging.StreamHandler and id(h.stream) in streams
+    ]
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+    old = [h.setStream(streams[id(h.stream)]) for h in handlers]
+    # as Lightning sets up its loggers in a process whose root logger has no handlers (pytest's has)
+    fresh = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    fresh = [
+        (logger, logger.propagate, logging.StreamHandler(err)) for logger in fresh if not logger.handlers
+    ]
+    for logger, _, handler in fresh:
+        logger.addHandler(handler)
+        logger.propagate = False
+    os.dup2(out.fileno(), 1)
+    os.dup2(err.fileno(), 2)
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield
+    finally:
+        out.flush()
+        err.flush()
+        sys.stdout, sys.stderr = saved_streams
+        for fd, saved in zip((1, 2), saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        for handler, stream in zip(handlers, old):
+            handler.setStream(stream)
+        for logger, propagate, handler in fresh:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+
+
+def samflow_here(
+    args: list[str],
+    cwd: Path,
+    *,
+    env: dict[str, str] | None = None,
+    pythonpath: Path | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """``run_samflow`` without the process: ``samflow ARGS`` run by ``main`` in this process, in ``cwd``,
+    with the environment ``run_samflow`` gives (W&B disabled, warnings off, no ``SAMFLOW_DEBUG``, the
+    default verbosity, ``env`` added; ``pythonpath`` first on ``sys.path``, its modules and the plugin
+    registry forgotten after), its output taken at the file descriptors (Lightning's log lines too). An
+    exception that escapes ``main`` is printed as the interpreter prints it, exit status 1. Not for
+    ``ddp``: Lightning's launcher would start this test process again, so a command with ``ddp`` in its
+    arguments goes to ``run_samflow``, in a process of its own."""
+    import tempfile
+    import traceback
+    import warnings
+
+    import wandb
+
+    from samflow.cli import main
+    from samflow.plugins import registry
+
+    if any("ddp" in a for a in args):
+        return run_samflow(args, cwd, env=env, pythonpath=pythonpath, timeout=timeout)
+    env = {"WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    if env["PYTHONWARNINGS"] not in ("", "ignore", "default", "always", "error"):
+        raise ValueError(f"samflow_here takes PYTHONWARNINGS as one action, not {env['PYTHONWARNINGS']!r}")
+    environ, where, path, argv = dict(os.environ), os.getcwd(), list(sys.path), sys.argv
+    modules = set(sys.modules)
+    os.environ.update(env)
+    os.environ.pop("SAMFLOW_DEBUG", None)
+    if "SAMFLOW_VERBOSITY" not in env:
+        os.environ.pop("SAMFLOW_VERBOSITY", None)
+    if pythonpath is not None:
+        sys.path.insert(0, str(pythonpath))
+        registry.discover.cache_clear()
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in env:  # read once at start by a process of its own
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    code = 1
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        try:
+            os.chdir(cwd)
+            with warnings.catch_warnings(), _output_to(out, err):
+                warnings.simplefilter(env["PYTHONWARNINGS"] or "default")
+                try:
+                    code = main(list(args))
+                except SystemExit as stop:
+                    code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+                except Exception:  # noqa: BLE001 - as the interpreter: the traceback, exit status 1
+                    traceback.print_exc()
+                finally:
+                    wandb.finish()
+        finally:
+            os.chdir(where)
+            torch.set_num_threads(threads)
+            os.environ.clear()
+            os.environ.update(environ)
+            sys.path[:], sys.argv = path, argv
+            if pythonpath is not None:
+                for name in set(sys.modules) - modules:
+                    if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(pythonpath)):
+                        del sys.modules[name]
+                registry.discover.cache_clear()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(["samflow", *args], code, out.read(), err.read())
 
 
 def run_epoch(loader, epoch: int, key, stop: int | None = None) -> list:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_samflow, short_run
+from helpers import samflow_here, short_run
 from PIL import Image
 
 from samflow.cli import main
@@ -18,7 +18,7 @@ FAST = [*short_run(train=2, val=2, sanity=2), "--trainer.log_every_n_steps", "1"
 
 
 def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = run_samflow(args, cwd)
+    proc = samflow_here(args, cwd)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"samflow {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -295,7 +295,7 @@ def test_extra_commands_take_the_verbosity_and_make_refused_overrides_one_line(m
 def test_plugin_help_shows_the_flags_that_set_a_plugins_options(tmp_path):
     """jsonargparse lists a plugin's options as ``--model.plugins.OPTION``, which no run accepts; samflow
     shows the flags that set them, ``--model.plugins.<key>.init_args.OPTION``."""
-    proc = run_samflow(
+    proc = samflow_here(
         ["fit", "--experiment", "quickstart", "--model.plugins.help", "DecoderTuning"], tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

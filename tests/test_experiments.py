@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_samflow, short_run
+from helpers import samflow_here, short_run
 
 from samflow.cli import main
 from samflow.data import GpuAugment, SegmentationDataModule, build_prompt
@@ -345,7 +345,7 @@ def test_a_missing_dataset_root_fails_the_run_naming_it(tmp_path):
         "--trainer.accelerator",
         "cpu",
     ]
-    proc = run_samflow(args, tmp_path, timeout=300)
+    proc = samflow_here(args, tmp_path, timeout=300)
     assert proc.returncode != 0
     assert f"data.val: Dataset root {missing} does not exist" in proc.stderr, proc.stderr[-3000:]
 
@@ -358,7 +358,7 @@ def test_a_copy_in_the_working_directory_is_found_first_and_run_report_can_be_of
     text = (PACKAGED / "quickstart.yaml").read_text()
     text = text.replace(describe(PACKAGED / "quickstart.yaml"), "my edited quickstart", 1)
     (local / "quickstart.yaml").write_text(text + "\nrun_report:\n  enabled: false\n")
-    listed = run_samflow(["experiments"], tmp_path)
+    listed = samflow_here(["experiments"], tmp_path)
     line = next(row for row in listed.stdout.splitlines() if row.startswith("quickstart "))
     assert "my edited quickstart" in line and str(local / "quickstart.yaml") in line
     data = [
@@ -368,7 +368,7 @@ def test_a_copy_in_the_working_directory_is_found_first_and_run_report_can_be_of
         "2",
     ]
     flags = [*short_run(batch_size=2), *data, "--data.init_args.quickstart.n_val", "2"]
-    proc = run_samflow(["fit", "--experiment", "quickstart", *flags], tmp_path)
+    proc = samflow_here(["fit", "--experiment", "quickstart", *flags], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = tmp_path / "runs" / "quickstart" / "version_0"
     config = yaml.safe_load((run / "config.yaml").read_text())

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_samflow, short_run
+from helpers import samflow_here, short_run
 
 PLUGIN = """
 import torch
@@ -64,7 +64,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 def test_an_error_in_a_plugin_constructor_names_its_key_class_and_distribution(tmp_path, acme):
     args = [*FIT, "--model.plugins.wide.class_path", "acme_plugins.BadInit"]
-    line = error_line(run_samflow(args, tmp_path, pythonpath=acme))
+    line = error_line(samflow_here(args, tmp_path, pythonpath=acme))
     assert line == (
         "samflow: error: model.plugins.wide (BadInit from acme-sam 1.2): ValueError: width must be at most 2, got 4"
     )
@@ -83,7 +83,7 @@ def test_an_error_in_a_plugin_constructor_names_its_key_class_and_distribution(t
 
 def test_an_error_in_a_plugin_setup_is_one_line(tmp_path, acme):
     line = error_line(
-        run_samflow(
+        samflow_here(
             [*FIT, "--model.plugins.bad.class_path", "acme_plugins.BadSetup"], tmp_path, pythonpath=acme
         )
     )
@@ -101,17 +101,17 @@ def test_a_hook_returning_a_wrong_shape_is_one_line_in_a_run(tmp_path, acme):
         "0",
     ]
     args += ["--model.plugins", "{p: {class_path: acme_plugins.Permute}}"]
-    line = error_line(run_samflow(args, tmp_path, pythonpath=acme))
+    line = error_line(samflow_here(args, tmp_path, pythonpath=acme))
     assert "Plugin 'p' (Permute): block_output(i=0) returned a tensor of shape (4, 64, 8, 8)" in line
     assert "expected a tensor of shape (4, 8, 8, 64)" in line
 
 
 def test_a_misspelt_loss_argument_names_the_key_and_the_arguments(tmp_path):
-    line = error_line(run_samflow([*FIT, "--model.losses", "{dice: {weight: 1, smoth: 2}}"], tmp_path))
+    line = error_line(samflow_here([*FIT, "--model.losses", "{dice: {weight: 1, smoth: 2}}"], tmp_path))
     assert "model.losses.dice" in line and "'smoth'" in line and "it takes smooth" in line
 
 
 def test_a_bad_encoder_cache_stage_names_the_key(tmp_path):
     args = [*FIT, "--model.sam.encoder_cache", "8", "--model.sam.encoder_cache_stages", "[training]"]
-    line = error_line(run_samflow(args, tmp_path))
+    line = error_line(samflow_here(args, tmp_path))
     assert "model.sam.encoder_cache_stages" in line and "['training']" in line

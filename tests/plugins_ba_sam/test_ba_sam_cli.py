@@ -7,14 +7,14 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from helpers import run_samflow, short_run
+from helpers import samflow_here, short_run
 
 PLUGIN = "{ba: {class_path: BASam, init_args: {train_decoder: true}}}"
 COMMON = ["--experiment", "quickstart", "--model.plugins", PLUGIN, "--data.init_args.batch_size", "2"]
 
 
 def samflow(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return run_samflow(args, cwd, env={"XDG_CACHE_HOME": str(cwd)})
+    return samflow_here(args, cwd, env={"XDG_CACHE_HOME": str(cwd)})
 
 
 def test_fine_tune_at_one_size_and_evaluate_the_checkpoint_at_another(tmp_path):

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import run_samflow, short_run
+from helpers import samflow_here, short_run
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -70,7 +70,7 @@ def predict(work: Path, out: Path, *args: str, ids: str = "ids", ok: bool = True
     ]  # fmt: skip
     outputs = ["--predictions.output_dir", str(out), "--predictions.save_probabilities", "true"]
     command = ["predict", "--experiment", "quickstart", *data, *outputs, "--trainer.callbacks", callback]
-    proc = run_samflow([*command, *args], work, pythonpath=work)
+    proc = samflow_here([*command, *args], work, pythonpath=work)
     if ok:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -161,7 +161,7 @@ def test_a_continued_run_with_another_checkpoint_is_refused(work):
         "--data.init_args.quickstart.root", str(work / "data"),
         "--data.init_args.quickstart.n_train", "2", "--data.init_args.quickstart.n_val", "5",
     ]  # fmt: skip
-    fit = run_samflow(
+    fit = samflow_here(
         ["fit", "--experiment", "quickstart", *data, *short_run(epochs=1, train=1, val=1, batch_size=2)], work
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
@@ -298,7 +298,7 @@ def test_coco_instances_continued_on_two_ddp_processes_equal_an_uninterrupted_ru
             str(tmp_path / out),
         ]
         options = ["--predictions.save_probabilities", "true", "--trainer.callbacks", callback]
-        proc = run_samflow([*command, *options, *args], tmp_path, pythonpath=tmp_path)
+        proc = samflow_here([*command, *options, *args], tmp_path, pythonpath=tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     run("resumed", "ids_first", "--predictions.resume", "true")  # uninterrupted

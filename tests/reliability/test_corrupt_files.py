@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_samflow
+from helpers import samflow_here
 from PIL import Image
 
 from samflow.data import DataError, SegmentationDataModule, bad_files
@@ -285,7 +285,7 @@ def test_cli_fit_with_a_truncated_image_stops_before_step_zero(tmp_path):
         "--trainer.num_sanity_val_steps", "0",
         "--trainer.log_every_n_steps", "1",
     ]  # fmt: skip
-    proc = run_samflow(args, tmp_path)
+    proc = samflow_here(args, tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("samflow: error:")]

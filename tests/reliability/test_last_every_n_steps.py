@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import run_samflow, tiny_linear_module
+from helpers import samflow_here, tiny_linear_module
 from quickstart_tiny import samflow
 from signal_at import Killed
 
@@ -52,7 +52,7 @@ def test_the_default_is_50_and_negative_is_refused(tmp_path):
     assert LastCheckpoint().every_n_train_steps == 50
     with pytest.raises(ValueError, match="last.every_n_train_steps must be 0 or more"):
         LastCheckpoint(every_n_train_steps=-1)
-    help_text = run_samflow(["fit", "--experiment", "quickstart", "--help"], tmp_path).stdout
+    help_text = samflow_here(["fit", "--experiment", "quickstart", "--help"], tmp_path).stdout
     entry = help_text[help_text.rindex("--last.every_n_train_steps") :]  # its entry, not the usage
     entry = " ".join(entry[: entry.index("--last.dirpath")].split())
     assert "0: only at the end of each epoch" in entry and entry.endswith("default: 50)")

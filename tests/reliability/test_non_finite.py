@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_samflow
+from helpers import samflow_here
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
@@ -40,7 +40,7 @@ class NaNAtSteps(SamPlugin):
 
 
 def samflow(args: list[str], cwd: Path, plugin_dir: Path) -> subprocess.CompletedProcess:
-    return run_samflow(args, cwd, pythonpath=plugin_dir)
+    return samflow_here(args, cwd, pythonpath=plugin_dir)
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_samflow
+from helpers import samflow_here
 
 from samflow.cli import main
 
 
 def samflow(args: list[str], cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
-    return run_samflow(args, cwd, pythonpath=pythonpath)
+    return samflow_here(args, cwd, pythonpath=pythonpath)
 
 
 def error_line(proc: subprocess.CompletedProcess, quiet: bool = True) -> str:

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import run_samflow
+from helpers import samflow_here
 from PIL import Image
 
 from samflow.callbacks import MaskWriter
@@ -76,7 +76,7 @@ def predict(cwd: Path, data: str, output_dir: Path, *extra: str) -> subprocess.C
         str(output_dir),
         *extra,
     ]
-    return run_samflow(args, cwd)
+    return samflow_here(args, cwd)
 
 
 def error_line(proc: subprocess.CompletedProcess, ranks: int = 1) -> str:

@@ -30,7 +30,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import run_samflow
+from helpers import samflow_here
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -66,7 +66,7 @@ ARGS = [
 def _fit(
     cwd: Path, data: Path, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    proc = run_samflow(
+    proc = samflow_here(
         ["fit", *ARGS, "--data.init_args.quickstart.root", str(data), *extra], cwd, timeout=900, env=env
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -8,7 +8,7 @@ import re
 import sys
 
 import pytest
-from helpers import run_samflow
+from helpers import samflow_here
 from test_run_report_sections import make_run, section
 
 from samflow.callbacks.run_report import SECTIONS, RunReport
@@ -24,7 +24,7 @@ def test_before_is_the_whole_validation_set_before_training(tmp_path):
         "--data.init_args.quickstart.n_val", "6", "--model.optimizer.init_args.lr", "0",
         "--model.plugins.tokens.init_args.lr", "0", "--quiet",
     ]  # fmt: skip
-    proc = run_samflow(args, tmp_path)
+    proc = samflow_here(args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "runs" / "quickstart" / "version_0"
     numbers = json.loads((run / "val_before_after.json").read_text())

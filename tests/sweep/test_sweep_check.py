@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from helpers import run_samflow
+from helpers import samflow_here
 from test_sweep_loop import write_sweep
 
 import samflow.sweep
@@ -46,7 +46,7 @@ def checked(path: Path) -> None:
 
 def test_a_misspelt_parameter_fails_before_anything_runs_naming_the_file_and_key(tmp_path):
     path = quickstart_sweep(tmp_path, {"model.optimizer.init_args.lrr": {"values": [1e-3, 5e-3]}})
-    result = run_samflow(["sweep", str(path)], tmp_path, timeout=120)
+    result = samflow_here(["sweep", str(path)], tmp_path, timeout=120)
     assert result.returncode == 1
     key = "parameters.model.optimizer.init_args.lrr"
     assert result.stderr.strip().splitlines() == [

@@ -234,7 +234,7 @@ def test_label_mask_at_level_1_rasterises_exactly(files, tmp_path):
 
 def test_predict_slide_command(files, tmp_path):
     """`samflow predict-slide` from an experiment: the files, the Dice line; a count mismatch is one line."""
-    from helpers import run_samflow
+    from helpers import samflow_here
 
     common = [
         "--experiment",
@@ -245,7 +245,7 @@ def test_predict_slide_command(files, tmp_path):
         "null",
     ]
     slide, ann = str(files["slide"]), str(files["geojson"])
-    done = run_samflow(
+    done = samflow_here(
         [
             "predict-slide",
             slide,
@@ -266,7 +266,7 @@ def test_predict_slide_command(files, tmp_path):
         tmp_path / "preds" / "slide.geojson"
     ).is_file()
     assert "slide.tif: 9 tiles" in done.stdout and "Dice" in done.stdout
-    bad = run_samflow(["predict-slide", slide, slide, *common, "--out", "p", "--annotations", ann], tmp_path)
+    bad = samflow_here(["predict-slide", slide, slide, *common, "--out", "p", "--annotations", ann], tmp_path)
     assert bad.returncode == 1 and "2 slides but 1 --annotations" in bad.stderr + bad.stdout
 
 

@@ -157,9 +157,9 @@ def test_resume_with_overwrite_is_refused_and_existing_files_name_resume(inputs,
 def test_torchrun_processes_continue_the_same_slides(inputs, tmp_path):
     """Under ``torchrun`` process 0 decides the slides left and every process runs those (two gloo
     processes write one process's bytes); a refusal stops every process before any tile runs."""
-    from helpers import run_samflow, run_torchrun
+    from helpers import run_torchrun, samflow_here
 
-    whole = run_samflow(command(inputs, tmp_path / "whole"), tmp_path, env={"OMP_NUM_THREADS": "1"})
+    whole = samflow_here(command(inputs, tmp_path / "whole"), tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert whole.returncode == 0, whole.stderr[-3000:]
     shutil.copytree(tmp_path / "whole", tmp_path / "cut")
     for name in ("other_mask.tif", "other.geojson", "other.json"):
