@@ -132,15 +132,16 @@ EXITS = {
 }
 
 
-def test_plugin_exiting_at_import_is_broken_not_fatal(tmp_path, installed):
+def test_plugin_exiting_at_import_is_broken_not_fatal(tmp_path, installed, monkeypatch):
     installed(
         make_dist(tmp_path, "bad-exit", EXITS, {"bad_exit": "exit_plugin:P", "bad_argv": "argv_plugin:P"})
     )
+    monkeypatch.setattr(sys, "argv", ["samflow", "fit", "--experiment", "quickstart"])  # not the test runner's
     with pytest.warns(PluginWarning, match="'bad_exit' from distribution 'bad-exit' 0.1.*exited at import"):
         plugins = discover()
     assert plugins["bad_exit"].status == "broken: exited at import with sys.exit('exit_plugin needs a GPU')"
     assert plugins["bad_argv"].status.startswith("broken: exited at import with sys.exit(2)")
-    assert "unrecognized arguments" in plugins["bad_argv"].status
+    assert "unrecognized arguments: fit --experiment quickstart" in plugins["bad_argv"].status
     assert get_plugin_class("tokens").__name__ == "ExtraTokens"
     with pytest.raises(PluginError, match="'bad_exit' from distribution 'bad-exit'.*exited at import"):
         get_plugin_class("bad_exit")
