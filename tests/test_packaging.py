@@ -122,3 +122,15 @@ def test_test_module_basenames_are_unique():
     names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
     assert len(names) > 10
     assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
+def test_the_readme_test_command_runs_on_two_workers_each_file_on_one():
+    """README: the test command runs on 2 pytest-xdist worker processes, each test file on one; the
+    ``test`` extra installs pytest-xdist."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    options = project["tool"]["pytest"]["ini_options"]["addopts"].split()
+    assert options[options.index("-n") + 1] == "2"
+    assert options[options.index("--dist") + 1] == "loadfile"
+    assert any(r.startswith("pytest-xdist") for r in project["project"]["optional-dependencies"]["test"])
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "on 2 worker processes (pytest-xdist, each test file on one worker" in readme

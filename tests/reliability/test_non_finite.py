@@ -1,7 +1,7 @@
 """A diverging run (NaN or infinite loss or gradient) stops with one line, or skips and counts the step.
 
 Either way no checkpoint holds non-finite weights. The CLI runs use a tiny plugin, written to a temporary
-folder on the subprocess's PYTHONPATH, whose loss term is NaN at chosen global steps: deterministic and
+folder put first on the import path (the DDP run: its processes' PYTHONPATH), whose loss term is NaN at chosen global steps: deterministic and
 a few steps long on the tiny SAM and the procedural quickstart data.
 """
 
