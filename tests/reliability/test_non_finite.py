@@ -1,8 +1,9 @@
 """A diverging run (NaN or infinite loss or gradient) stops with one line, or skips and counts the step.
 
 Either way no checkpoint holds non-finite weights. The CLI runs use a tiny plugin, written to a temporary
-folder put first on the import path (the DDP run: its processes' PYTHONPATH), whose loss term is NaN at chosen global steps: deterministic and
-a few steps long on the tiny SAM and the procedural quickstart data.
+folder put first on the import path (the DDP run's: on its processes' PYTHONPATH), whose loss term is
+NaN at chosen global steps: deterministic and a few steps long on the tiny SAM and the procedural
+quickstart data.
 """
 
 from __future__ import annotations
