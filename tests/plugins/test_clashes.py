@@ -136,7 +136,9 @@ def test_plugin_exiting_at_import_is_broken_not_fatal(tmp_path, installed, monke
     installed(
         make_dist(tmp_path, "bad-exit", EXITS, {"bad_exit": "exit_plugin:P", "bad_argv": "argv_plugin:P"})
     )
-    monkeypatch.setattr(sys, "argv", ["samflow", "fit", "--experiment", "quickstart"])  # not the test runner's
+    monkeypatch.setattr(
+        sys, "argv", ["samflow", "fit", "--experiment", "quickstart"]
+    )  # not the test runner's
     with pytest.warns(PluginWarning, match="'bad_exit' from distribution 'bad-exit' 0.1.*exited at import"):
         plugins = discover()
     assert plugins["bad_exit"].status == "broken: exited at import with sys.exit('exit_plugin needs a GPU')"
