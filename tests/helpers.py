@@ -105,6 +105,17 @@ def short_run(
     ]  # fmt: skip
 
 
+def user_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment as the tests give it to a user's ``samflow`` command: W&B disabled,
+    warnings off, no SAMFLOW_DEBUG tracebacks, the default verbosity whatever the test process holds
+    (unless ``env`` sets one), ``env`` added."""
+    full = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
+    full.pop("SAMFLOW_DEBUG", None)
+    if "SAMFLOW_VERBOSITY" not in (env or {}):
+        full.pop("SAMFLOW_VERBOSITY", None)
+    return full
+
+
 def run_samflow(
     args: list[str],
     cwd: Path,
@@ -113,12 +124,8 @@ def run_samflow(
     pythonpath: Path | None = None,
     timeout: float = 600,
 ) -> subprocess.CompletedProcess:
-    """``python -m samflow ARGS`` in ``cwd`` as a user runs it (W&B disabled, warnings off, no
-    SAMFLOW_DEBUG tracebacks, default verbosity), captured."""
-    full = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
-    full.pop("SAMFLOW_DEBUG", None)
-    if "SAMFLOW_VERBOSITY" not in (env or {}):
-        full.pop("SAMFLOW_VERBOSITY", None)  # a user's default verbosity, whatever the test process holds
+    """``python -m samflow ARGS`` in ``cwd`` as a user runs it (``user_environment``), captured."""
+    full = user_environment(env)
     if pythonpath is not None:
         full["PYTHONPATH"] = os.pathsep.join([str(pythonpath), full.get("PYTHONPATH", "")])
     return subprocess.run(
@@ -184,10 +191,9 @@ def samflow_here(
     pythonpath: Path | None = None,
     timeout: float = 600,
 ) -> subprocess.CompletedProcess:
-    """``run_samflow`` without the process: ``samflow ARGS`` run by ``main`` in this process, in ``cwd``,
-    with the environment ``run_samflow`` gives (W&B disabled, warnings off, no ``SAMFLOW_DEBUG``, the
-    default verbosity, ``env`` added; ``pythonpath`` first on ``sys.path``, its modules and the plugin
-    registry forgotten after), its output taken at the file descriptors (Lightning's log lines too). An
+    """``run_samflow`` without the process: ``samflow ARGS`` run by ``samflow_in_process`` in ``cwd``, with
+    the environment ``run_samflow`` gives (``user_environment``; ``pythonpath`` first on ``sys.path``, its
+    modules and the plugin registry forgotten after), its output taken at the file descriptors (Lightning's log lines too). An
     exception that escapes ``main`` is printed as the interpreter prints it, exit status 1. Not for
     ``ddp``: Lightning's launcher would start this test process again, so a command with ``ddp`` in its
     arguments goes to ``run_samflow``, in a process of its own."""
@@ -195,48 +201,40 @@ def samflow_here(
     import traceback
     import warnings
 
-    import wandb
-
-    from samflow.cli import main
     from samflow.plugins import registry
 
     if any("ddp" in a for a in args):
         return run_samflow(args, cwd, env=env, pythonpath=pythonpath, timeout=timeout)
-    env = {"WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", **(env or {})}
-    if env["PYTHONWARNINGS"] not in ("", "ignore", "default", "always", "error"):
-        raise ValueError(f"samflow_here takes PYTHONWARNINGS as one action, not {env['PYTHONWARNINGS']!r}")
-    environ, where, path, argv = dict(os.environ), os.getcwd(), list(sys.path), sys.argv
-    modules = set(sys.modules)
-    os.environ.update(env)
-    os.environ.pop("SAMFLOW_DEBUG", None)
-    if "SAMFLOW_VERBOSITY" not in env:
-        os.environ.pop("SAMFLOW_VERBOSITY", None)
+    full = user_environment(env)
+    if full["PYTHONWARNINGS"] not in ("", "ignore", "default", "always", "error"):
+        raise ValueError(f"samflow_here takes PYTHONWARNINGS as one action, not {full['PYTHONWARNINGS']!r}")
+    environ, where, path, modules = dict(os.environ), os.getcwd(), list(sys.path), set(sys.modules)
+    os.environ.clear()
+    os.environ.update(full)
     if pythonpath is not None:
         sys.path.insert(0, str(pythonpath))
         registry.discover.cache_clear()
     threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" in env:  # read once at start by a process of its own
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if "OMP_NUM_THREADS" in (env or {}):  # read once at start by a process of its own
+        torch.set_num_threads(int(full["OMP_NUM_THREADS"]))
     code = 1
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         try:
             os.chdir(cwd)
             with warnings.catch_warnings(), _output_to(out, err):
-                warnings.simplefilter(env["PYTHONWARNINGS"] or "default")
+                warnings.simplefilter(full["PYTHONWARNINGS"] or "default")
                 try:
-                    code = main(list(args))
+                    code = samflow_in_process(list(args))
                 except SystemExit as stop:
                     code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
                 except Exception:  # noqa: BLE001 - as the interpreter: the traceback, exit status 1
                     traceback.print_exc()
-                finally:
-                    wandb.finish()
         finally:
             os.chdir(where)
             torch.set_num_threads(threads)
             os.environ.clear()
             os.environ.update(environ)
-            sys.path[:], sys.argv = path, argv
+            sys.path[:] = path
             if pythonpath is not None:
                 for name in set(sys.modules) - modules:
                     if str(getattr(sys.modules[name], "__file__", "") or "").startswith(str(pythonpath)):
@@ -501,8 +499,7 @@ def run_samflow_commands(work: Path, plan: dict[str, list[str]], *, timeout: flo
     work.mkdir(parents=True, exist_ok=True)
     (work / "samflow_commands.py").write_text(COMMANDS_SCRIPT)
     (work / "samflow_commands.json").write_text(json.dumps(plan))
-    env = {k: v for k, v in os.environ.items() if k not in (*LAUNCHED, "SAMFLOW_DEBUG", "SAMFLOW_VERBOSITY")}
-    env.update(WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    env = {k: v for k, v in user_environment().items() if k not in LAUNCHED}
     proc = subprocess.run(
         [sys.executable, str(work / "samflow_commands.py"), str(work / "samflow_commands.json")],
         check=False,
