@@ -93,6 +93,19 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torc
     return module
 
 
+def new_storage_at_the_same_address(param: torch.Tensor, values: torch.Tensor) -> None:
+    """Give ``param`` new storage holding ``values`` at the address of its current storage, its version
+    counter unmoved: what ``module.half().float()`` does when the allocator hands the freed float32
+    block back (it does, now and then). The memory is shared through DLPack, so the address is the
+    same every time."""
+    alias = torch.from_dlpack(param.detach())  # another storage over the same memory
+    assert alias.data_ptr() == param.data_ptr() and alias.untyped_storage() is not param.untyped_storage()
+    version = param._version
+    alias.copy_(values)  # counted on the alias only
+    param.data = alias
+    assert param._version == version and param.data_ptr() == alias.data_ptr()
+
+
 def short_run(
     *, epochs: int = 1, train: int = 1, val: int = 1, sanity: int = 0, batch_size: int = 4
 ) -> list[str]:

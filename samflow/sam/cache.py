@@ -10,17 +10,17 @@ new every time and only costs a hash.
 The key is a SHA-1 digest of the image's bytes with its dtype and shape, the autocast dtype and the
 feature blocks asked for, so an image under bf16 autocast and the same image in float32 are
 different entries. The outputs are a function of the encoder's weights too: given them
-(``encode(..., weights=)``), the cache empties itself when any of them is replaced, moved or
-changed in place (``load_state_dict`` of another checkpoint, ``copy_``: each bumps the tensor's
-version counter), as ``samflow.sam.casts`` does for its cast copies. Entries live on the CPU (``device``) and are evicted least recently used first;
-each costs ``C * h * w`` values for the embedding (4 MiB for SAM at 1024 in float32) plus the
+(``encode(..., weights=)``), the cache empties itself when any of them is replaced, put on new
+storage (``.to(device)``, ``.half()``) or changed in place (``load_state_dict`` of another
+checkpoint, ``copy_``: each bumps the tensor's version counter), by the rule ``samflow.sam.casts``
+follows for its cast copies (``unchanged``). Entries live on the CPU (``device``) and are evicted
+least recently used first; each costs ``C * h * w`` values for the embedding (4 MiB for SAM at 1024 in float32) plus the
 captured block features.
 """
 
 from __future__ import annotations
 
 import hashlib
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from samflow.sam.casts import autocast_dtype
+from samflow.sam.casts import autocast_dtype, stamp, unchanged
 
 Encoded = tuple[Tensor, dict[int, Tensor]]
 
@@ -76,7 +76,7 @@ class EncoderCache:
         self.device = torch.device(device)
         self.counts: dict[str, list[int]] = {}  # tally -> [hits, misses]
         self._entries: OrderedDict[tuple, tuple[Tensor, dict[int, Tensor]]] = OrderedDict()
-        self._weights: tuple[tuple, tuple] = ((), ())  # (weak references, stamps) of the entries' weights
+        self._weights: tuple = ()  # the entries' weights' stamp (samflow.sam.casts.stamp)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -111,16 +111,13 @@ class EncoderCache:
         """Empty the cache when ``weights`` (the encoder's parameters and buffers) are not the very
         tensors, unchanged, its entries were computed with -> whether it was emptied.
 
-        A tensor counts as changed when it is another object, another storage (``.to(device)``) or its
-        version counter moved (any in-place write: ``load_state_dict``, ``copy_``); a write through
-        ``.data`` is not seen, as in ``samflow.sam.casts``."""
+        A tensor counts as changed when it is another object, on another storage (``.to(device)``,
+        ``.half()``) or its version counter moved (any in-place write: ``load_state_dict``, ``copy_``);
+        an in-place write through ``.data`` is not seen: the rule of ``samflow.sam.casts.unchanged``."""
         tensors = list(weights)
-        stamps = tuple((t.data_ptr(), t.device, t._version) for t in tensors)
-        refs, old = self._weights
-        same = len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors)) and old == stamps
-        if same:
+        if unchanged(self._weights, tensors):
             return False
-        self._weights = (tuple(weakref.ref(t) for t in tensors), stamps)
+        self._weights = stamp(tensors)
         emptied = bool(self._entries)
         self._entries.clear()
         return emptied

@@ -8,10 +8,12 @@ decoder side is bound by kernel launches there, not by arithmetic (``benchmarks/
 GPU").
 
 ``frozen_copies`` keeps the cast copies of a module's frozen parameters beside the module. They are
-computed again when a parameter is replaced, re-allocated (``.to(device)``) or changed in place
-through autograd-visible operations (``load_state_dict``, ``copy_`` under ``no_grad``: each bumps the
-tensor's version counter). A change made through ``.data`` bumps no counter and is not seen; samflow
-never writes frozen weights that way. A parameter that requires a gradient is never cached: autocast
+computed again when a parameter is replaced, given new storage (``.to(device)``, ``.half()``, an
+assignment to ``.data``: each is seen even when the new storage lands at the freed one's address) or
+changed in place through autograd-visible operations (``load_state_dict``, ``copy_`` under
+``no_grad``: each bumps the tensor's version counter); ``stamp`` / ``unchanged`` are that rule. An
+in-place write into ``.data`` bumps no counter and is not seen; samflow never writes frozen weights
+that way. A parameter that requires a gradient is never cached: autocast
 casts it, and its gradient reaches the float32 weight as usual.
 
 The cast is the same rounding autocast applies, so results are bit-equal to autocast's own.
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 _KEPT: WeakIdKeyDictionary = WeakIdKeyDictionary()
-"""owner -> {key: (weak references to the parameters, their stamps, the copies)}."""
+"""owner -> {key: (the parameters' ``stamp``, the copies)}."""
 
 
 def compiling() -> bool:
@@ -64,22 +66,20 @@ def frozen_copies(
     """
     if compiling() or any(p is not None and (p.requires_grad or p.is_inference()) for p in params):
         return None
-    stamp = tuple(None if p is None else (p.data_ptr(), p.device, p._version) for p in params)
     store = _KEPT.get(owner)
     if store is None:
         store = _KEPT[owner] = {}
     hit = store.get(key)
-    if hit is not None and _same(hit[0], params) and hit[1] == stamp:
-        return hit[2]
+    if hit is not None and unchanged(hit[0], params):
+        return hit[1]
     with torch.inference_mode(False), torch.no_grad():
         copies = build(*params)
-    refs = tuple(None if p is None else weakref.ref(p) for p in params)
-    store[key] = (refs, stamp, copies)
+    store[key] = (stamp(params), copies)
     return copies
 
 
 def kept_copies(owner: object) -> dict:
-    """What ``frozen_copies`` keeps for ``owner``: key -> (parameters, their stamps, copies); {} if nothing."""
+    """What ``frozen_copies`` keeps for ``owner``: key -> (the parameters' ``stamp``, copies); {} if nothing."""
     return _KEPT.get(owner, {})
 
 
@@ -100,11 +100,47 @@ def cast_once(
     return kept[0] if kept is not None else build(*params)[0]  # type: ignore[return-value]
 
 
-def _same(refs: tuple, params: Sequence[Tensor | None]) -> bool:
-    """Whether ``params`` are the very tensors ``refs`` (weak references) were taken of."""
-    if len(refs) != len(params):
+def stamp(tensors: Sequence[Tensor | None]) -> tuple:
+    """What ``unchanged`` compares ``tensors`` with later: each tensor and its storage (weakly: a stamp
+    keeps neither alive), where its data starts, its device and its version counter.
+
+    The storage is what tells new storage at a freed one's address apart (``module.half().float()``
+    frees the float32 storage and may get the same address back, with the same parameter object and
+    version counter)."""
+    return tuple(
+        None if t is None else (weakref.ref(t), _storage_ref(t), t.data_ptr(), t.device, t._version)
+        for t in tensors
+    )
+
+
+def unchanged(stamps: tuple, tensors: Sequence[Tensor | None]) -> bool:
+    """Whether ``tensors`` are the very tensors ``stamps`` (``stamp``) were taken of, on the same
+    storage, unwritten since (as far as their version counters tell)."""
+    if len(stamps) != len(tensors):
         return False
-    return all((r is None and p is None) or (r is not None and r() is p) for r, p in zip(refs, params))
+    for s, t in zip(stamps, tensors):
+        if s is None or t is None:
+            if s is not t:
+                return False
+            continue
+        tensor, storage, *where = s
+        if tensor() is not t or where != [t.data_ptr(), t.device, t._version]:
+            return False
+        if storage is not None and storage() is not _storage_of(t):
+            return False
+    return True
+
+
+def _storage_of(t: Tensor) -> object | None:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage of its own (some subclasses)
+        return None
+
+
+def _storage_ref(t: Tensor) -> weakref.ref | None:
+    storage = _storage_of(t)
+    return None if storage is None else weakref.ref(storage)
 
 
 def _cast(dtype: torch.dtype) -> Callable[..., tuple[Tensor | None, ...]]:

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import random_batch
+from helpers import new_storage_at_the_same_address, random_batch
 from segment_anything.modeling.mask_decoder import MLP
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -124,6 +124,22 @@ def test_a_changed_weight_is_cast_again():
     plain.half().float()
     cached.half().float()  # new storage, rounded values
     check()
+
+
+def test_new_storage_at_the_old_address_is_cast_again():
+    """The same parameter object on new storage at the freed storage's address with its version
+    counter unmoved (``module.half().float()`` when the allocator hands the block back): the address
+    and the counter alone would serve the old copies."""
+    plain, cached = _frozen_layers()
+    x = torch.randn(3, 16)
+    with torch.autocast(**BF16):
+        cached(x)  # copies kept
+        for layers in (plain, cached):
+            new_storage_at_the_same_address(
+                layers[0].weight, torch.randn(32, 16, generator=torch.Generator().manual_seed(5))
+            )
+            new_storage_at_the_same_address(layers[3].bias, torch.full((4,), 0.5))
+        assert torch.equal(cached(x), plain(x))
 
 
 def test_trainable_weights_are_not_cached_and_get_autocasts_gradients():
