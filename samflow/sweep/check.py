@@ -78,52 +78,58 @@ def _check_before_build(spec: SweepSpec, cli: Any, base: list[str], parsed: dict
     before SAM is built: data framed at another size than SAM's input, ``losses: {}`` with no plugin loss,
     a plateau scheduler ranking the checkpoint's metric the other way, ...).
 
-    A parameter whose every value (each of a list, a constant; the low and high end of a range) leaves
-    the base config's verdict as it is (passes, or the same error) is taken to leave it as it is in
-    every trial. The others' values are combined (at most ``_MOST_COMBINED`` combinations): the base is
-    refused (``command``) when every combination fails, else each value every combination of which
-    fails (``parameters.<key>``). A range that changes the verdict is searched: its values cannot be
-    known before the trials, so nothing is refused then (each trial that fails says why). ``parsed``:
-    the configs parsed already, by their ``(key, flag)`` pairs (``()``, the base's)."""
+    A trial takes one value of every parameter, so their values are checked together: one parameter's
+    value may mend a fault of the base that hides another, mended by another parameter's. Each known
+    value counts (each of a list, a constant) and, for a searched range, its two ends. With at most
+    ``_MOST_COMBINED`` combinations, all are checked: the base is refused (``command``) when every one
+    fails, else each listed value every combination with which fails (``parameters.<key>``). Nothing is
+    refused when a range's two ends give different verdicts beside the same other values (a searched
+    value decides: it cannot be known before the trials), nor when there are more combinations (each
+    trial that fails says why, before SAM is built). ``parsed``: the configs parsed already, by their
+    ``(key, flag)`` pairs (``()``, the base's)."""
     from samflow.sweep.run import flag
 
-    verdicts: dict[tuple[tuple[str, str], ...], str | None] = {}
-
-    def verdict(flags: tuple[tuple[str, str], ...]) -> str | None:
-        if flags not in verdicts:
-            args = [*base, *_as_fit_reads([f for _, f in flags])]
-            try:
-                config = parsed.get(flags) or cli.parser.parse_args(["fit", *args])["fit"]
-            except ArgumentError as err:  # a range's high end: the trial that draws it says why
-                verdicts[flags] = f"samflow fit refuses it: {err}"
-            else:
-                verdicts[flags] = _before_build_error(copy.deepcopy(config))
-        return verdicts[flags]
-
-    first = verdict(())
-    varied: dict[str, list[tuple[str, str]]] = {}  # key -> (shown value, flag) of each known value
+    known: dict[str, list[tuple[str, str]]] = {}  # key -> (shown value, flag) of each value checked
+    searched: list[str] = []
     for key, p in spec.params.items():
         d = p.distribution
         enumerable = d is None or hasattr(d, "choices")
         samples = [None] if d is None else list(d.choices) if enumerable else [d.low, d.high]
         values = [p.value(sample) for sample in samples]
-        flags = [(json.dumps(v, default=str), flag(key, v)) for v in values]
-        if all(verdict(((key, f),)) == first for _, f in flags):
-            continue  # leaves the verdict as it is
+        known[key] = list(dict.fromkeys((json.dumps(v, default=str), flag(key, v)) for v in values))
         if not enumerable:
-            return  # a searched value decides: cannot be known before the trials
-        varied[key] = flags
-    combos = [dict(zip(varied, c)) for c in itertools.product(*varied.values())]
+            searched.append(key)
+    combos = [dict(zip(known, c)) for c in itertools.product(*known.values())]
     if len(combos) > _MOST_COMBINED:
         return
-    failed = {i: verdict(tuple((k, f) for k, (_, f) in c.items())) for i, c in enumerate(combos)}
+
+    def verdict(combo: dict[str, tuple[str, str]]) -> str | None:
+        flags = tuple((k, f) for k, (_, f) in combo.items())
+        args = [*base, *_as_fit_reads([f for _, f in flags])]
+        try:
+            config = parsed.get(flags) or cli.parser.parse_args(["fit", *args])["fit"]
+        except ArgumentError as err:  # a range's high end: the trial that draws it says why
+            return f"samflow fit refuses it: {err}"
+        return _before_build_error(copy.deepcopy(config))
+
+    failed = [verdict(c) for c in combos]
+    for key in searched:  # do its two ends agree beside every combination of the other values?
+        beside: dict[tuple, set[str | None]] = {}
+        for combo, error in zip(combos, failed):
+            others = tuple(f for k, (_, f) in combo.items() if k != key)
+            beside.setdefault(others, set()).add(error)
+        if any(len(errors) > 1 for errors in beside.values()):
+            return
     where = str(spec.path)
-    if first is not None and all(failed.values()):
-        also = f" (with every value of parameters.{', parameters.'.join(varied)} too)" if varied else ""
-        raise SweepError(f"{where}: command: every trial would fail before it starts{also}: {first}")
-    for key, flags in varied.items():
-        for shown, f in flags:
-            errors = [failed[i] for i, c in enumerate(combos) if c[key][1] == f]
+    if all(failed):
+        several = [key for key, values in known.items() if len(values) > 1]
+        also = f" (with every value of parameters.{', parameters.'.join(several)} too)" if several else ""
+        raise SweepError(f"{where}: command: every trial would fail before it starts{also}: {failed[0]}")
+    for key, values in known.items():
+        if key in searched or len(values) < 2:
+            continue
+        for shown, f in values:
+            errors = [error for combo, error in zip(combos, failed) if combo[key][1] == f]
             if all(errors):
                 raise SweepError(
                     f"{where}: parameters.{key}: every trial with the value {shown} would fail before it "
@@ -131,7 +137,7 @@ def _check_before_build(spec: SweepSpec, cli: Any, base: list[str], parsed: dict
                 )
 
 
-_MOST_COMBINED = 64  # combinations of the values that change check_before_build's verdict
+_MOST_COMBINED = 64  # combinations of the parameters' values checked together (each parsed: ~0.3 s)
 
 
 def _before_build_error(config: Any) -> str | None:

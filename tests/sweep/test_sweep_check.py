@@ -197,3 +197,39 @@ def test_a_sweep_whose_trials_would_each_fail_before_sam_is_built_is_refused(tmp
     checked(quickstart_sweep(tmp_path, {**variant, size: {"values": [128, 1024]}}, flags=small))  # pairs
     searched = {size: {"distribution": "int_uniform", "min": 64, "max": 1024}}
     checked(quickstart_sweep(tmp_path, searched, flags=small, method="random"))  # not known in advance
+
+
+def test_values_that_each_mend_one_of_two_faults_pass_together(tmp_path, monkeypatch):
+    """The base has two faults (the data's size, no loss term); one parameter mends each. Every trial
+    takes both, so every trial passes: checking one parameter at a time against the base (which still
+    shows the other fault) refused these sweeps."""
+    monkeypatch.setattr("samflow.module.build_sam", lambda *a, **k: pytest.fail("a trial ran"))
+    size, losses = "data.init_args.img_size", "model.losses"
+    broken = ("--data.init_args.img_size=64", "--model.losses={}")
+    with pytest.raises(SweepError, match=r"command: every trial would fail .*img_size is 64 but"):
+        checked(quickstart_sweep(tmp_path, {LR: {"value": 1e-3}}, flags=broken))
+    checked(
+        quickstart_sweep(tmp_path, {size: {"value": 128}, losses: {"values": [{"dice": 1.0}]}}, flags=broken)
+    )
+    checked(
+        quickstart_sweep(tmp_path, {size: {"values": [128]}, losses: {"value": {"dice": 1.0}}}, flags=broken)
+    )
+    both = {size: {"values": [128, 64]}, losses: {"values": [{"dice": 1.0}, {"bce": 1.0}]}}
+    with pytest.raises(SweepError, match=rf"parameters.{size}: every trial with the value 64 would fail"):
+        checked(quickstart_sweep(tmp_path, both, flags=broken))
+    with pytest.raises(
+        SweepError,
+        match=r"command: every trial would fail before it starts: model.losses: no loss terms",
+    ):
+        checked(quickstart_sweep(tmp_path, {size: {"value": 128}}, flags=broken))
+
+
+def test_more_combinations_than_are_checked_refuse_nothing(tmp_path, monkeypatch):
+    """Past ``_MOST_COMBINED`` combinations the check cannot know which trials fail: none is refused
+    before it starts (each failing trial says why, before SAM is built)."""
+    flags = ("--data.init_args.img_size=64",)
+    sweep = quickstart_sweep(tmp_path, {LR: {"values": [1e-3, 1e-2, 1e-4]}}, flags=flags)
+    with pytest.raises(SweepError, match=r"command: every trial would fail"):
+        checked(sweep)
+    monkeypatch.setattr(check, "_MOST_COMBINED", 2)
+    checked(sweep)
