@@ -22,7 +22,7 @@ Rules (docs/architecture.md):
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, Mapping, Sequence, ValuesView
+from collections.abc import ItemsView, Iterable, Mapping, Sequence, ValuesView
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -143,7 +143,16 @@ class PluginStack(PluginHooks, nn.ModuleDict):
         do not train; the slim checkpoint leaves exactly those out.
         """
         freeze(sam)
-        original = {id(t) for t in sam.state_dict(keep_vars=True).values()}
+        # every object whose id is taken below stays referenced until the end: a parameter or module a
+        # plugin drops is freed otherwise, and the next new one often gets its memory, hence its id
+        held: list[object] = []
+
+        def ids(objects: Iterable[object]) -> set[int]:
+            objects = list(objects)
+            held.extend(objects)
+            return {id(o) for o in objects}
+
+        original = ids(sam.state_dict(keep_vars=True).values())
         depth = len(sam.image_encoder.blocks)
         claimed: dict[int, str] = {}  # parameter -> key of the plugin that owns it
         injected_by: dict[int, str] = {}  # parameter that appeared in SAM -> key of the plugin that put it
@@ -159,8 +168,8 @@ class PluginStack(PluginHooks, nn.ModuleDict):
                     f"SAM's encoder is {type(sam.image_encoder).__name__}: use a ViT variant (tiny, vit_b, "
                     "vit_l, vit_h) with it, or leave the plugin out."
                 )
-            before = {id(p) for p in sam.parameters()}
-            modules_before = {id(m) for m in sam.modules()}
+            before = ids(sam.parameters())
+            modules_before = ids(sam.modules())
             check_hook_names(plugin)
             torch.set_rng_state(streams[key])
             try:
@@ -185,6 +194,7 @@ class PluginStack(PluginHooks, nn.ModuleDict):
                     owned[f"plugins.{key}.{name}"] = param
             for name, param in sam.named_parameters():
                 if id(param) not in before:
+                    held.append(param)
                     injected_by[id(param)] = key
                     if param.requires_grad and id(param) not in claimed:
                         owned[f"sam.{name}"] = param

@@ -126,3 +126,30 @@ def test_encoder_cache_refusal_names_the_plugin_that_trains_the_encoder(tiny_sam
     model = HookedSam(tiny_sam, PluginStack({"wrap": WrapQkv(0)}), encoder_cache=EncoderCache(2))
     with pytest.raises(EncoderCacheError, match="plugin 'wrap' trains .*blocks.0.attn.qkv"):
         model(random_batch(1))
+
+
+class ReplaceIouToken(SamPlugin):
+    """Replaces the decoder's IoU token with a trainable parameter of its own (``del``, then a new
+    ``nn.Parameter``: the freed parameter's memory, hence its ``id``, usually goes to the new one)."""
+
+    def setup(self, sam):
+        embedding = sam.mask_decoder.iou_token
+        values = embedding.weight.detach() + 1.0
+        del embedding.weight
+        embedding.weight = nn.Parameter(values)
+
+
+def test_a_sam_parameter_a_plugin_replaces_is_its_own_and_is_saved():
+    """Ownership is told by the parameter objects, not by ids a freed parameter leaves for reuse (the
+    new parameter was taken for SAM's frozen one and owned by none: "nothing to train")."""
+    module = module_with({"token": ReplaceIouToken()})
+    key = "sam.mask_decoder.iou_token.weight"
+    assert set(module.plugins.owned["token"]) == {key}
+    assert module.model.sam.mask_decoder.iou_token.weight.requires_grad
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    saved = checkpoint["state_dict"]["model." + key]  # the slim checkpoint keeps it
+    assert torch.equal(saved, module.model.sam.mask_decoder.iou_token.weight)
+    optimizer = module.configure_optimizers()
+    assert [g["name"] for g in optimizer.param_groups] == ["token"]
+    assert optimizer.param_groups[0]["params"] == [module.model.sam.mask_decoder.iou_token.weight]
