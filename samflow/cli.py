@@ -266,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         return _error(
             f"unknown command {args[0]!r}; choose one of {commands} (`samflow --help` shows usage)."
         )
-    with restored_process_state():  # the verbosity and sys.argv are this run's only
+    from samflow.callbacks.resume import requeue_signal_held
+
+    # in a SLURM job, SLURM's requeue signal before the fit's handler stops the fit (SlurmRequeue)
+    with requeue_signal_held(args[0]), restored_process_state():  # the verbosity and sys.argv: this run's
         return _run_subcommand(args)
 
 

@@ -13,6 +13,7 @@ Lightning leaves out at the first epoch end of a resumed run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -20,8 +21,9 @@ import subprocess
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -44,6 +46,7 @@ __all__ = [
     "before_training",
     "capture_rng",
     "note_sigterm_only",
+    "requeue_signal_held",
     "restore_rng",
     "stopping",
 ]
@@ -103,9 +106,10 @@ def stopping(trainer: Trainer) -> bool:
     the signal itself, so that the others went on to wait for it in their next step or the rest of the
     validation, without a checkpoint. A requeue follows the signal of whichever process got it."""
     connector = trainer._signal_connector
+    requeues = [c for c in trainer.callbacks if isinstance(c, SlurmRequeue)]  # type: ignore[attr-defined]
     got = bool(getattr(trainer, "received_sigterm", False) or getattr(connector, _NOTED, False))
+    got = got or any(c.requeue for c in requeues)  # also one noted before ``note_sigterm_only`` reset it
     if trainer.world_size > 1:
-        requeues = [c for c in trainer.callbacks if isinstance(c, SlurmRequeue)]  # type: ignore[attr-defined]
         flags = torch.tensor(
             [int(got), int(any(c.requeue for c in requeues))], device=trainer.strategy.root_device
         )
@@ -489,8 +493,8 @@ class LastCheckpoint(Checkpoint):
         flag = self.resume_flag or f"--resume {shown(path.parent.parent)}"
         requeue = any(isinstance(c, SlurmRequeue) and c.requeue for c in trainer.callbacks)  # type: ignore[attr-defined]
         held = f"{shown(path)}" + (f" (step {self._written_step})" if self._written_step is not None else "")
-        if not path.is_file():
-            where = "no checkpoint was written yet; start the run again"
+        if not path.is_file():  # a requeued job starts the fit again (SlurmRequeue's note)
+            where = "no checkpoint was written yet" + ("" if requeue else "; start the run again")
         elif requeue:  # SlurmRequeue's note says how the run goes on
             where = f"{held} holds it"
         else:
@@ -616,6 +620,62 @@ class BestCheckpoint(ModelCheckpoint):
         return super().file_exists(filepath, trainer)
 
 
+class _HeldSignal:
+    """SLURM's requeue signal held from the start of ``samflow fit`` until ``SlurmRequeue`` takes it over
+    (``requeue_signal_held``): noted, never acted on, where its default action killed the process."""
+
+    #: the hold of the command running in this process
+    current: ClassVar[_HeldSignal | None] = None
+
+    def __init__(self, signum: signal.Signals) -> None:
+        self.signum = signum
+        self.got = False
+        self.given_back = False
+        self.previous = signal.signal(signum, self._hold)
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.got = True
+
+    def take(self) -> bool:
+        """Whether the signal came since the last call."""
+        got, self.got = self.got, False
+        return got
+
+    def give_back(self) -> None:
+        """Put back the handler from before; a signal held and not taken is delivered to it now, as
+        without the hold (the default action ends the process)."""
+        if self.given_back:
+            return
+        self.given_back = True
+        signal.signal(self.signum, self.previous if self.previous is not None else signal.SIG_DFL)
+        if self.take():
+            signal.raise_signal(self.signum)
+
+
+@contextlib.contextmanager
+def requeue_signal_held(command: str) -> Iterator[None]:
+    """Around a ``samflow`` command: in a SLURM job (``slurm_job``), ``fit`` holds SLURM's requeue signal
+    (``SIGUSR1``) from its start until ``SlurmRequeue`` takes it over, so that a signal before the fit's
+    handler (the config, the model, the data listing, a checkpoint loaded) stops the fit and requeues
+    the job instead of killing the process (``SlurmRequeue``). A fit whose ``SlurmRequeue`` does not handle it gives it
+    back at ``on_fit_start``; at the end of the command the handler from before is put back, and a held
+    signal that no fit took is delivered to it. Nothing is held outside SLURM or for another command."""
+    if (
+        command != "fit"
+        or slurm_job() is None
+        or _HeldSignal.current is not None
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    held = _HeldSignal.current = _HeldSignal(signal.SIGUSR1)
+    try:
+        yield
+    finally:
+        _HeldSignal.current = None
+        held.give_back()
+
+
 class SlurmRequeue(Callback):
     """SLURM's requeue signal (``#SBATCH --signal=SIGUSR1@90``) stops the fit as a SIGTERM does, and the
     job is requeued to continue the same run.
@@ -633,6 +693,18 @@ class SlurmRequeue(Callback):
     which torchrun passes on to every process only when started with ``--signals-to-handle
     SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1`` (else it dies of it), then waits 30 s for them
     (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``); before, the processes had no handler and died of it too.
+
+    The signal before the first training batch: ``samflow fit`` holds it from the command's start
+    (``requeue_signal_held``: imports, the model, the data listing, the checkpoint loaded), and this
+    callback's handler is in place from the sanity check on. A signal held, or one in the sanity check's
+    last batch, stops the fit at the sanity check's start or before the first training batch, whichever
+    comes first; one in an earlier batch of the sanity check stops it after that batch (as a SIGTERM).
+    Nothing is trained, so nothing is saved: the job is requeued, and the restarted job starts the fit
+    again (a new fit's folder is removed, as after any stop before its first step) or continues the run
+    from the ``last.ckpt`` it was resumed from, which is left as it was. Before, the signal's default
+    action killed the process: the job ended without being requeued. Every process takes the decision
+    together under DDP. A ``requeue_signal`` other than ``SIGUSR1``, and a signal in the first moments
+    of the process (Python and samflow's imports, before the command starts), are not held.
     """
 
     def __init__(self) -> None:
@@ -656,19 +728,42 @@ class SlurmRequeue(Callback):
             # signal (the process died of it); torchrun passes it on with ``--signals-to-handle``
             self._signal = signal.SIGUSR1
         self.requeue = False
+        held = _HeldSignal.current
+        if held is not None and held.signum != self._signal:  # not this fit's requeue signal
+            held.give_back()
+
+    @override
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._take_over(trainer)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning's handlers are in place; its teardown puts back the ones from before the fit
+        self._take_over(trainer)
+
+    def _take_over(self, trainer: Trainer) -> None:
+        """Put the fit's handler in place (Lightning's are; its teardown puts back the ones from before the
+        fit); a requeue signal held since the command's start (``requeue_signal_held``), or noted in the
+        sanity check, stops the fit now, on every process."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         requeue = self._signal
-        if requeue is None or threading.current_thread() is not threading.main_thread():
+        if requeue is None:
             return
+        if threading.current_thread() is threading.main_thread():
 
-        def requeue_signal(signum: int, frame: Any) -> None:
+            def requeue_signal(signum: int, frame: Any) -> None:
+                self.requeue = True
+                _note_signal(trainer)  # stop after the batch, as a SIGTERM does
+
+            signal.signal(requeue, requeue_signal)
+        held = _HeldSignal.current
+        got = (held is not None and held.signum == requeue and held.take()) or self.requeue
+        if trainer.world_size > 1:  # every process reaches this hook: the same decision on each
+            flag = torch.tensor(int(got), device=trainer.strategy.root_device)
+            got = bool(trainer.strategy.reduce(flag, reduce_op="sum").item())
+        if got:
             self.requeue = True
-            _note_signal(trainer)  # stop after the batch, as a SIGTERM does
-
-        signal.signal(requeue, requeue_signal)
+            raise SIGTERMException
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -691,8 +786,12 @@ class SlurmRequeue(Callback):
             failed = done.stderr.strip() if done.returncode else ""
         except OSError as err:
             failed = str(err)
+        # nothing trained (stopped before the first step of a new fit): the restarted job starts it again
+        trained = bool(trainer.global_step)
+        goes_on = "it continues this run" if trained else "it starts this fit again"
         exception.add_note(
-            f"SLURM job {job} requeued: it continues this run when it starts again."
+            f"SLURM job {job} requeued: {goes_on} when it starts again."
             if not failed
-            else f"`scontrol requeue {job}` failed ({' '.join(failed.split())}): resubmit the job with --resume."
+            else f"`scontrol requeue {job}` failed ({' '.join(failed.split())}): resubmit the job"
+            + (" with --resume." if trained else ".")
         )

@@ -14,7 +14,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 class SignalAt(Callback):
     """Send ``signum`` to this process (on process ``rank``) at the end of the training batch after which
     the global step is ``step``, or with ``validation_batch`` at the end of that batch of a validation (with
-    ``in_fit``, of the fit's validation after step ``step``, not of its sanity check)."""
+    ``in_fit``, of the fit's validation after step ``step``, not of its sanity check), or with
+    ``at_setup`` in the trainer's ``setup`` (before the fit's own signal handlers are in place). With
+    ``restart``, only in that start of a SLURM job (``SLURM_RESTART_COUNT``, 0 when unset): the job
+    script's command line is the same in every start."""
 
     def __init__(
         self,
@@ -23,20 +26,28 @@ class SignalAt(Callback):
         rank: int = 0,
         validation_batch: int | None = None,
         in_fit: bool = False,
+        at_setup: bool = False,
+        restart: int | None = None,
     ) -> None:
         self.step, self.signum, self.rank, self.validation_batch = step, signum, rank, validation_batch
-        self.in_fit = in_fit
+        self.in_fit, self.at_setup, self.restart = in_fit, at_setup, restart
         self.sent = False
 
     def _send(self, trainer: Trainer) -> None:
+        if self.restart is not None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) != self.restart:
+            return
         if not self.sent and trainer.global_rank == self.rank:
             self.sent = True
             os.kill(os.getpid(), getattr(signal, self.signum))
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.at_setup:
+            self._send(trainer)
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.validation_batch is None and trainer.global_step == self.step:
+        if self.validation_batch is None and not self.at_setup and trainer.global_step == self.step:
             self._send(trainer)
 
     def on_validation_batch_end(
