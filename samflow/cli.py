@@ -194,8 +194,13 @@ def run_command(name: str, args: list[str]) -> int:
     from argparse import ArgumentError
 
     module, _, function = COMMANDS[name][0].partition(":")
+    held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if name in ("predict --prompts", "predict-slide"):  # SLURM's requeue signal: noted, the command goes on
+        from samflow.callbacks.resume import requeue_signal_held
+
+        held = requeue_signal_held(name.split()[0])
     try:
-        with restored_process_state():  # the verbosity is this command's only
+        with held, restored_process_state():  # the verbosity is this command's only
             args = _verbosity_from_argv(args)
             return int(getattr(importlib.import_module(module), function)(args) or 0)
     except ArgumentError as err:  # an experiment override jsonargparse refused (the command passed it on)
@@ -268,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     from samflow.callbacks.resume import requeue_signal_held
 
-    # in a SLURM job, SLURM's requeue signal before the fit's handler stops the fit (SlurmRequeue)
+    # in a SLURM job, SLURM's requeue signal before the fit's handler stops the fit; validate, test and
+    # predict go on through it (SlurmRequeue)
     with requeue_signal_held(args[0]), restored_process_state():  # the verbosity and sys.argv: this run's
         return _run_subcommand(args)
 

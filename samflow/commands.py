@@ -67,14 +67,20 @@ def experiment_from_argv(argv: list[str]) -> tuple[list[str], str | None]:
     return configs + out, name
 
 
-def build_experiment(experiment: str, overrides: list[str]) -> tuple[Any, Any]:
-    """The experiment's model and data module, as `samflow fit` builds them (no trainer run)."""
+def build_experiment(
+    experiment: str, overrides: list[str], before_build: Callable[[Any], object] | None = None
+) -> tuple[Any, Any]:
+    """The experiment's model and data module, as `samflow fit` builds them (no trainer run);
+    ``before_build(config)`` is given the parsed config before anything is built (``samflow embed`` takes
+    its store's lock there: ``model.sam.embedding_store``)."""
     from samflow.lightning_cli import SamflowCLI
 
     args, name = experiment_from_argv(["--experiment", experiment, *overrides])
     argv, sys.argv = sys.argv, sys.argv[:1]  # the arguments are given: LightningCLI need not warn
     try:
-        cli = SamflowCLI(name or "embed", args=[*args, "--trainer.logger=false"], run=False)
+        cli = SamflowCLI(
+            name or "embed", args=[*args, "--trainer.logger=false"], run=False, before_build=before_build
+        )
     finally:
         sys.argv = argv
     return cli.model, cli.datamodule

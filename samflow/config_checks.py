@@ -103,7 +103,8 @@ def check_before_build(config: Namespace, command: str) -> None:
     - ``model.losses: {}`` with no plugin that brings loss terms (one overriding ``SamPlugin.losses``):
       ``fit``, ``validate`` and ``test`` compute the loss; a plugin that can turn its loss off is still
       checked at the first batch;
-    - ``predict`` with ``--predictions.resume`` and ``--predictions.overwrite``, or without data;
+    - ``predict`` with ``--predictions.resume`` and ``--predictions.overwrite``, or without data, or into a
+      ``--predictions.output_dir`` that another live samflow process writes into now (``check_output_dir_free``);
     - ``fit`` with a ``ReduceLROnPlateau`` without a monitor of its own, which would watch the checkpoint's
       monitor ranked in another mode (``plateau_monitor``, asked again by ``configure_optimizers``);
     - ``fit``, ``validate`` and ``test`` on ``SegmentationDataModule`` data whose folders its ``setup``
@@ -115,10 +116,11 @@ def check_before_build(config: Namespace, command: str) -> None:
     if command == "fit" and not plugins:
         raise ConfigError(nothing_to_train([]))
     if command == "predict":
-        from samflow.callbacks.mask_writer import check_resume_options
+        from samflow.callbacks.mask_writer import check_output_dir_free, check_resume_options
 
         resume, overwrite = (bool(config.get(f"predictions.{key}")) for key in ("resume", "overwrite"))
         check_resume_options(resume, overwrite, config.get("data") is not None)
+        check_output_dir_free(config.get("predictions.output_dir"))
     losses = config.get("model.losses")
     evaluates = command in ("fit", "validate", "test")  # the loss of every batch with a mask
     if evaluates and losses == {} and not any(_may_add_losses(spec) for spec in plugins.values()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import typing
 from argparse import ArgumentError
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,16 @@ class SamflowCLI(LightningCLI):
     stops the run before the optimizer step, or ``--non_finite.action skip`` skips and counts it).
     """
 
-    def __init__(self, run_name: str, args: list[str] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        run_name: str,
+        args: list[str] | None = None,
+        before_build: Callable[[Namespace], object] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.run_name = run_name
+        # given the parsed config once it is checked, before any class is built (``build_experiment``)
+        self._before_build = before_build
         discover()  # import every working plugin so configs can name plugin classes by their short name
         # A bad option raises jsonargparse's ArgumentError (``samflow.cli.main`` makes it one line)
         # instead of printing the whole usage and exiting with status 2.
@@ -199,6 +208,8 @@ class SamflowCLI(LightningCLI):
         check_plugin_classes(config)
         if self.subcommand:  # samflow's own commands (embed, student, ...) check what they use themselves
             check_before_build(config, self.subcommand)
+        if self._before_build is not None:  # such a command's own check (``build_experiment``)
+            self._before_build(config)
         self.run_folder, self._command_folder = place_run(config, self.subcommand or "fit", self.run_name)
         if (self.subcommand or "fit") == "fit":
             self._resume_checked = check_fit_config(config, self._random_seed)

@@ -16,6 +16,10 @@ SHA-256 (``{"path": ..., "sha256": ...}``; a moved file with the same bytes is n
 ``record_problem`` says, in one line, why a run may not continue beside an earlier run's files. A
 record names a file with ``file_record`` (its path and SHA-256, ``file_sha256``) and the device with
 ``device_kind`` (the GPU model or the CPU: another one computes other last bits).
+
+``PREDICT_LOCK``: the lock file every predict command (``samflow predict``, ``predict --prompts``,
+``predict-slide``) holds in its output folder while it writes there, so that a second run into the
+same folder at the same moment is refused in one line (``samflow.callbacks.run_folder.hold_folder``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+#: held by the predict command writing into the folder; gone when it ends (a killed one's holds nothing)
+PREDICT_LOCK = ".predict.lock"
 HIDDEN_PARTIAL = ".{name}.partial"  # the default temporary name: ``.x.png.partial`` for ``x.png``
 
 T = TypeVar("T")

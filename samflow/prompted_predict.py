@@ -35,7 +35,10 @@ in either format) are refused unless ``--overwrite``, which removes them all bef
 files are left alone), or ``--resume``. ``results.json`` is written last, so a run without it did not
 finish. Every file is written whole (under a hidden temporary name, ``.<name>.partial``, renamed when
 complete): an interrupted run leaves no truncated PNG under an output's name, and the next run on these
-images removes its temporaries (they never count as outputs).
+images removes its temporaries (they never count as outputs). A run holds ``--out``'s lock file
+(``.predict.lock``, ``samflow.outputs.PREDICT_LOCK``) from these checks, before the model is loaded, to its
+end: a second run into the same folder at the same moment is refused in one line naming the process
+(a killed run holds nothing).
 
 ``--resume`` continues a killed run (started with or without it): the images whose outputs are all in
 ``--out`` are not predicted again (no forward), the others are, and ``results.json`` and
@@ -63,6 +66,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from samflow.callbacks.run_folder import hold_folder
+from samflow.outputs import PREDICT_LOCK
 from samflow.prompt_files import ImagePrompts, Prompt, PromptFileError, read_prompts
 from samflow.prompted_outputs import (
     PARTS,
@@ -302,9 +307,32 @@ def main(argv: list[str]) -> int:
             "that the file names its images as they are in that folder."
         )
     inputs = [images, prompts, *(e.image for e in entries)]
+    keep = "--overwrite" if args.overwrite else "--resume" if args.resume else None
+    # no input folder (nor a folder of another run's outputs) gets the lock file; the model is loaded after
+    check_outputs(
+        out, inputs, planned_outputs(out, entries, args.format) + earlier_outputs(out, entries), keep
+    )
+    lock = hold_folder(out, PREDICT_LOCK, lambda holder: PromptFileError(_busy(out, holder)))
+    try:
+        return _predict(args, entries, inputs, keep)
+    finally:
+        lock.release()
+
+
+def _busy(out: Path, holder: str) -> str:
+    """The one line refusing an ``--out`` that another live samflow process writes into now."""
+    return (
+        f"--out {str(out)!r} is being written by another samflow process ({holder}); wait until it ends, "
+        "or choose another --out."
+    )
+
+
+def _predict(args: Any, entries: list[ImagePrompts], inputs: list[Path], keep: str | None) -> int:
+    """``main`` once the output folder's lock (``PREDICT_LOCK``) is held: its outputs checked again
+    (another run may have written some before it ended), the model loaded, the prompts predicted."""
+    images, prompts, out = Path(args.images), Path(args.prompts), Path(args.out)
     planned = planned_outputs(out, entries, args.format)
     earlier = earlier_outputs(out, entries)
-    keep = "--overwrite" if args.overwrite else "--resume" if args.resume else None
     check_outputs(out, inputs, planned + earlier, keep)
     settings = {k: getattr(args, k) for k in ("derive", "points", "seed", "tile", "sam_checkpoint")}
     predictor = _load_predictor(Path(args.model), args.sam_checkpoint, args.device)

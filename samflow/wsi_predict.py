@@ -13,7 +13,10 @@ without tissue is never predicted, holds 0, and is background at any threshold).
 - with ``--annotations``: Dice of the mask against them (per slide), printed and in ``<slide>.json``.
 
 Each slide's files appear together when it is done (written under hidden ``.partial`` names, then
-renamed), so an interrupted run leaves none of its slide. ``--overwrite`` removes the earlier run's
+renamed), so an interrupted run leaves none of its slide. Process 0 holds ``--out``'s lock file
+(``.predict.lock``, ``samflow.outputs.PREDICT_LOCK``) from before the model is built to its end: a second
+run into the same folder at the same moment is refused in one line naming the process (a killed run
+holds nothing). ``--overwrite`` removes the earlier run's
 files of the slides first (a ``<slide>.json`` Dice included, when this run has no annotations).
 ``samflow_slides.json``, written before the first slide's files, records what makes the masks
 (``samflow.wsi_record``); ``--resume`` predicts only the slides whose files are not all there, so a
@@ -51,9 +54,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from samflow.callbacks.run_folder import hold_folder
 from samflow.data.wsi.annotations import load_annotations, mask_to_region
 from samflow.data.wsi.slide import Slide, SlideError
-from samflow.outputs import case_clash, whole_files
+from samflow.outputs import PREDICT_LOCK, case_clash, whole_files
 from samflow.usage import CommandParser, PositiveInt, require_extra
 from samflow.wsi_mask import feature_collection, halve, stitch_bands, write_pyramid
 from samflow.wsi_record import refuse_existing, run_record, slides_left
@@ -358,12 +362,7 @@ WSI_EXTRA = ("tiffslide", "skimage", "shapely", "tifffile")
 
 def main(argv: list[str]) -> int:
     """``samflow predict-slide`` (module docstring); a slide or annotation that cannot be used is one line."""
-    import os
-
-    import torch.distributed as dist
-
-    from samflow.commands import build_experiment, rank_and_world
-    from samflow.rebuild import load_trained_checkpoint
+    from samflow.commands import rank_and_world
 
     parser = _parser()
     opts, overrides = parser.parse_known_args(argv)
@@ -392,7 +391,45 @@ def main(argv: list[str]) -> int:
     if not opts.overwrite and not opts.resume:
         refuse_existing([o for path in opts.slides for o in _outputs(Path(opts.out), path)])
     group = _init_distributed()
-    rank, world = rank_and_world()  # the process group joined above
+    rank, _ = rank_and_world()  # the process group joined above
+    # process 0 writes every output: it holds --out's lock file from here, before the model is built
+    out = Path(opts.out)
+    lock = (
+        hold_folder(out, PREDICT_LOCK, lambda holder: SlideError(_busy(out, holder))) if rank == 0 else None
+    )
+    try:
+        if lock is not None and not opts.overwrite and not opts.resume:  # written before the other run ended
+            refuse_existing([o for path in opts.slides for o in _outputs(out, path)])
+        return _predict_slides(parser, opts, overrides, annotations, group)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _busy(out: Path, holder: str) -> str:
+    """The one line refusing an ``--out`` that another live samflow process writes into now."""
+    return (
+        f"predict-slide: --out {out} is being written by another samflow process ({holder}); wait until it "
+        "ends, or choose another --out."
+    )
+
+
+def _predict_slides(
+    parser: argparse.ArgumentParser,
+    opts: argparse.Namespace,
+    overrides: list[str],
+    annotations: list[str | None],
+    group: Any,
+) -> int:
+    """``main`` once the inputs are checked and ``--out``'s lock is held: build, predict, write."""
+    import os
+
+    import torch.distributed as dist
+
+    from samflow.commands import build_experiment, rank_and_world
+    from samflow.rebuild import load_trained_checkpoint
+
+    rank, world = rank_and_world()
     module, data = build_experiment(opts.experiment, overrides)
     settings, notes = _settings(opts, module, data)
     _check_overlap(

@@ -17,10 +17,18 @@ from torch.utils.data import DataLoader, Subset
 from typing_extensions import override
 
 from samflow.callbacks.predict_samples import InstanceImage, dataset_samples, predict_samples
+from samflow.callbacks.run_folder import RunLock, first_process, folder_in_use, hold_folder
 from samflow.console import console
 from samflow.data.errors import DataError
 from samflow.data.eval_shard import EvalShardSampler
-from samflow.outputs import case_clash, file_record, partial_path, record_problem, write_whole
+from samflow.outputs import (
+    PREDICT_LOCK,
+    case_clash,
+    file_record,
+    partial_path,
+    record_problem,
+    write_whole,
+)
 
 # the settings of the predict data that change its masks (batch size and workers do not)
 _RECORD_DATA_KEYS = ("eval_prompt", "prompt", "img_size", "resize_mode", "image_resize", "seed")
@@ -46,6 +54,26 @@ def check_resume_options(resume: bool, overwrite: bool, data_module: bool) -> No
         )
 
 
+def folder_busy(folder: Path, holder: str) -> str:
+    """The one line refusing a predictions folder that another live samflow process writes into now."""
+    return (
+        f"The predictions folder {folder} (--predictions.output_dir) is being written by another samflow "
+        f"process ({holder}); wait until it ends, or choose another folder with --predictions.output_dir."
+    )
+
+
+def check_output_dir_free(output_dir: str | None) -> None:
+    """Refuse an explicit ``--predictions.output_dir`` that another live samflow process writes into now
+    (its ``PREDICT_LOCK``); ``samflow predict`` asks before anything is built (``check_before_build``),
+    on its first process. The ``MaskWriter`` takes the lock itself before it writes."""
+    if not output_dir or not first_process():
+        return
+    folder = Path(output_dir).expanduser()
+    holder = folder_in_use(folder, PREDICT_LOCK)
+    if holder is not None:
+        raise PredictionOutputError(folder_busy(folder, holder))
+
+
 def _file_id(path: Path) -> tuple[int, int] | None:
     """``(device, inode)`` of an existing path (following links), the identity ``os.path.samefile`` uses."""
     try:
@@ -67,7 +95,10 @@ class MaskWriter(BasePredictionWriter):
       files, so links and another spelling of the same folder count), or an output file is an input;
     - two predict images have the same stem (``a/x.jpg`` and ``b/x.png`` would both write ``x.png``), or
       stems equal but for case (``X.png`` and ``x.png``: one file on a case-insensitive disk);
-    - the folder already holds a mask this run would write, unless ``overwrite`` is true.
+    - the folder already holds a mask this run would write, unless ``overwrite`` is true;
+    - another live samflow process writes into the folder (it holds the folder's ``PREDICT_LOCK``, which
+      the first process of this run holds from its check until every process has written its last mask;
+      a killed run holds nothing).
 
     Other files in the folder are left alone. Each file is written as ``<name>.partial`` and renamed into
     place, so a killed run leaves no truncated mask; the next run removes its ``.partial`` leftovers.
@@ -111,6 +142,7 @@ class MaskWriter(BasePredictionWriter):
         self.overwrite = overwrite
         self.resume = resume
         self._patched: Any = None  # the data module whose predict_dataloader ``resume`` wraps
+        self._lock: RunLock | None = None  # the folder's PREDICT_LOCK, held by the first process
 
     def _output_folder(self, trainer: Trainer) -> Path:
         # trainer.log_dir is a collective call under DDP: every rank asks
@@ -134,9 +166,39 @@ class MaskWriter(BasePredictionWriter):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._release()
         if self._patched is not None:
             vars(self._patched).pop("predict_dataloader", None)  # the class's method again
             self._patched = None
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.strategy.barrier("predictions written")  # every process's last mask is in the folder
+        self._release()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _checked(self, folder: Path, samples: Sequence[Any]) -> str | None:
+        """``check_output``, then the folder's ``PREDICT_LOCK`` (on the first process): why this run may
+        not write into ``folder`` (one line), or None. Once the lock is taken the folder is checked
+        again (files that another run wrote before it ended)."""
+        problem = self.check_output(folder, samples)
+        if problem is not None or self._lock is not None:
+            return problem
+        try:
+            self._lock = hold_folder(
+                folder, PREDICT_LOCK, lambda holder: PredictionOutputError(folder_busy(folder, holder))
+            )
+        except PredictionOutputError as busy:
+            return str(busy)
+        return self.check_output(folder, samples)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def record(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         """What makes this run's files (``RECORD``): checkpoint, threshold, probabilities, precision and
@@ -217,7 +279,7 @@ class MaskWriter(BasePredictionWriter):
             )
         verdict: tuple[str | None, list[int]] = (None, [])
         if trainer.is_global_zero:  # one look at the folder; every rank gets the same images
-            problem = self.check_output(folder, samples)
+            problem = self._checked(folder, samples)
             left: list[int] = []
             if problem is None:
                 self.remove_partial(folder, samples)
@@ -274,7 +336,7 @@ class MaskWriter(BasePredictionWriter):
         problem = None
         if trainer.is_global_zero:
             samples = predict_samples(trainer)
-            problem = self.check_output(self._folder, samples)
+            problem = self._checked(self._folder, samples)
             if problem is None:
                 self.remove_partial(self._folder, samples)
                 if not self.resume:  # (a continued run's record was checked, or written, with its loader)

@@ -33,7 +33,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from samflow.callbacks.accumulation import AccumulatedGradients, inside_window
-from samflow.callbacks.run_folder import slurm_job
+from samflow.callbacks.run_folder import first_process, slurm_job
 from samflow.console import shown
 from samflow.outputs import partial_path, write_whole
 
@@ -45,6 +45,7 @@ __all__ = [
     "SlurmRequeue",
     "before_training",
     "capture_rng",
+    "ignore_hpc_checkpoints",
     "note_sigterm_only",
     "requeue_signal_held",
     "restore_rng",
@@ -621,59 +622,125 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 class _HeldSignal:
-    """SLURM's requeue signal held from the start of ``samflow fit`` until ``SlurmRequeue`` takes it over
-    (``requeue_signal_held``): noted, never acted on, where its default action killed the process."""
+    """SLURM's requeue signal held from the start of a ``samflow`` command (``requeue_signal_held``), or
+    through a validate / test / predict (``SlurmRequeue``): noted, never acted on, where its default
+    action killed the process. A fit's ``SlurmRequeue`` takes it over; for any other command it only
+    says so, in one line on process 0 (``report``)."""
 
     #: the hold of the command running in this process
     current: ClassVar[_HeldSignal | None] = None
 
-    def __init__(self, signum: signal.Signals) -> None:
+    def __init__(self, signum: signal.Signals, command: str = "fit") -> None:
         self.signum = signum
+        self.command = command
         self.got = False
+        self.seen = False  # came at some time (``got`` is reset by ``take``)
+        self.reported = False
         self.given_back = False
         self.previous = signal.signal(signum, self._hold)
 
     def _hold(self, signum: int, frame: Any) -> None:
-        self.got = True
+        self.got = self.seen = True
 
     def take(self) -> bool:
         """Whether the signal came since the last call."""
         got, self.got = self.got, False
         return got
 
-    def give_back(self) -> None:
-        """Put back the handler from before; a signal held and not taken is delivered to it now, as
-        without the hold (the default action ends the process)."""
+    def report(self, first: bool | None = None) -> None:
+        """Once, after the signal came to a command that is not requeued: say so on process 0 (``first``,
+        default ``first_process``), outside the handler (a line written inside it could land within
+        another write to the stream)."""
+        if not self.seen or self.reported:
+            return
+        self.reported = True
+        if first_process() if first is None else first:
+            sys.stderr.write(
+                f"samflow: SLURM's requeue signal: `samflow {self.command}` is not requeued (only a fit is); "
+                "it goes on until it ends or the job's time limit.\n"
+            )
+            sys.stderr.flush()
+
+    def give_back(self, deliver: bool = True) -> None:
+        """Put back the handler from before; a signal held and not taken is delivered to it now with
+        ``deliver`` (a fit's hold: as without the hold, the default action ends the process), else only
+        reported (``report``)."""
         if self.given_back:
             return
         self.given_back = True
         signal.signal(self.signum, self.previous if self.previous is not None else signal.SIG_DFL)
-        if self.take():
+        if not deliver:
+            self.report()
+        elif self.take():
             signal.raise_signal(self.signum)
+
+
+#: the commands whose start ``requeue_signal_held`` covers: ``fit``, which ``SlurmRequeue`` stops and
+#: requeues, and those that go on through the signal (``samflow predict --prompts`` is ``predict``)
+HELD_COMMANDS = ("fit", "validate", "test", "predict", "predict-slide")
 
 
 @contextlib.contextmanager
 def requeue_signal_held(command: str) -> Iterator[None]:
-    """Around a ``samflow`` command: in a SLURM job (``slurm_job``), ``fit`` holds SLURM's requeue signal
-    (``SIGUSR1``) from its start until ``SlurmRequeue`` takes it over, so that a signal before the fit's
-    handler (the config, the model, the data listing, a checkpoint loaded) stops the fit and requeues
-    the job instead of killing the process (``SlurmRequeue``). A fit whose ``SlurmRequeue`` does not handle it gives it
-    back at ``on_fit_start``; at the end of the command the handler from before is put back, and a held
-    signal that no fit took is delivered to it. Nothing is held outside SLURM or for another command."""
+    """Around a ``samflow`` command: in a SLURM job (``slurm_job``), hold SLURM's requeue signal
+    (``SIGUSR1``) from the command's start. ``fit`` holds it until ``SlurmRequeue`` takes it over, so that
+    a signal before the fit's handler (the config, the model, the data listing, a checkpoint loaded) stops
+    the fit and requeues the job instead of killing the process (``SlurmRequeue``); a fit whose
+    ``SlurmRequeue`` does not handle it gives it back at ``on_fit_start``, and at the end of the command
+    the handler from before is put back, and a held signal that no fit took is delivered to it.
+    ``validate``, ``test``, ``predict`` (with or without a trainer: ``--prompts``) and ``predict-slide``
+    hold it to their end: it is noted, reported in one line on process 0, and never delivered, so that
+    the command goes on (it has no run to requeue). Nothing is held outside SLURM or for another command."""
     if (
-        command != "fit"
+        command not in HELD_COMMANDS
         or slurm_job() is None
         or _HeldSignal.current is not None
         or threading.current_thread() is not threading.main_thread()
     ):
         yield
         return
-    held = _HeldSignal.current = _HeldSignal(signal.SIGUSR1)
+    held = _HeldSignal.current = _HeldSignal(signal.SIGUSR1, command)
     try:
         yield
     finally:
         _HeldSignal.current = None
-        held.give_back()
+        held.give_back(deliver=command == "fit")
+
+
+def ignore_hpc_checkpoints() -> None:
+    """A trainer with ``SlurmRequeue`` (every samflow command's) never loads ``hpc_ckpt_N.ckpt`` by
+    Lightning's automatic HPC resume, and says so in one line. Lightning loads the newest such file of
+    ``default_root_dir`` (``runs/<experiment>``) into any fit, validate, test or predict without a
+    ``ckpt_path`` whenever it detects SLURM: a file left by Lightning's own auto-requeue (an older samflow,
+    a validate of one, plain Lightning) made every later new fit of the experiment in a SLURM job resume
+    it, or refuse it as another experiment's. samflow continues a run only with ``--resume`` /
+    ``--ckpt_path`` or in its requeued job (``run.json``, ``samflow.run_placement``). Lightning's
+    ``_CheckpointConnector._hpc_resume_path`` is wrapped once; other trainers keep Lightning's behaviour."""
+    from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+    found = _CheckpointConnector.__dict__.get("_hpc_resume_path")
+    if not isinstance(found, property) or found.fget is None or getattr(found.fget, "samflow", False):
+        return
+    lightnings = found.fget
+
+    def _hpc_resume_path(connector: _CheckpointConnector) -> str | None:
+        path = lightnings(connector)
+        trainer = connector.trainer
+        if path is None or not any(isinstance(c, SlurmRequeue) for c in trainer.callbacks):  # type: ignore[attr-defined]
+            return path
+        warned: set[str] = connector.__dict__.setdefault("_samflow_hpc_warned", set())
+        if path not in warned and trainer.is_global_zero and first_process():
+            sys.stderr.write(
+                f"samflow: warning: {shown(path)} is ignored: Lightning's auto-requeue checkpoint (an older "
+                "samflow's, or plain Lightning's); samflow continues a run only with --resume or in its "
+                "requeued SLURM job. It can be deleted.\n"
+            )
+            sys.stderr.flush()
+        warned.add(path)
+        return None
+
+    _hpc_resume_path.samflow = True  # type: ignore[attr-defined]
+    _CheckpointConnector._hpc_resume_path = property(_hpc_resume_path)  # type: ignore[method-assign,assignment]
 
 
 class SlurmRequeue(Callback):
@@ -705,12 +772,110 @@ class SlurmRequeue(Callback):
     action killed the process: the job ended without being requeued. Every process takes the decision
     together under DDP. A ``requeue_signal`` other than ``SIGUSR1``, and a signal in the first moments
     of the process (Python and samflow's imports, before the command starts), are not held.
+
+    ``samflow validate``, ``test`` and ``predict`` in a SLURM job are not requeued (they have no run to
+    continue): Lightning's auto-requeue is off for them too (it saved ``hpc_ckpt_N.ckpt`` from inside the
+    handler and ran ``scontrol requeue``, and the command finished with status 0; a later new fit of the
+    experiment loaded that file and was refused). The signal is held from the command's start
+    (``requeue_signal_held``) to its end, and noted only: the command goes on to the result and exit
+    status it has without the signal, and process 0 prints one line saying so. ``samflow predict
+    --prompts`` and ``predict-slide`` (no trainer) hold it the same way. A signal held by these commands
+    is never delivered at their end (a fit's is, when no ``SlurmRequeue`` took it: the process ends as
+    it did without the hold). No samflow command loads an ``hpc_ckpt_N.ckpt`` by Lightning's automatic
+    HPC resume (``ignore_hpc_checkpoints``): a fit continues a run only with ``--resume`` /
+    ``--ckpt_path`` or in its requeued job (``run.json``).
     """
 
     def __init__(self) -> None:
         self.requeue = False
         self._environment: Any = None
         self._signal: signal.Signals | None = None
+        self._held: _HeldSignal | None = None  # validate / test / predict: the signal noted (``setup``)
+        self._own_hold = False  # that hold is this callback's, given back at the stage's end
+        ignore_hpc_checkpoints()
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """validate / test / predict in a SLURM job: before Lightning registers its signal handlers, turn
+        its auto-requeue off (it saved ``hpc_ckpt_N.ckpt`` and ran ``scontrol requeue`` from the handler,
+        then let the command finish) and hold the requeue signal (the command's hold,
+        ``requeue_signal_held``, or one of this callback's to the stage's end): the command goes on, with
+        one line on process 0, as without the signal."""
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        self._held, self._own_hold = None, False
+        if trainer.state.fn == TrainerFn.FITTING or slurm_job() is None:
+            return
+        environment = trainer._accelerator_connector.cluster_environment
+        requeue: signal.Signals | None = signal.SIGUSR1  # also under torchrun (its ``--signals-to-handle``)
+        if isinstance(environment, SLURMEnvironment):
+            requeue = environment.requeue_signal
+            if environment.auto_requeue:
+                environment.auto_requeue = False
+                self._environment = environment
+        held = _HeldSignal.current
+        if held is not None and held.signum == requeue:
+            self._held = held
+        elif requeue is not None and threading.current_thread() is threading.main_thread():
+            self._held, self._own_hold = _HeldSignal(requeue, stage), True
+
+    def _report(self, trainer: Trainer) -> None:
+        if self._held is not None:
+            self._held.report(trainer.is_global_zero and first_process())
+
+    def _end_stage(self, trainer: Trainer) -> None:
+        """The end of a validate / test / predict (also by an error): the environment and the signal's
+        handler as they were; a signal held and not yet reported is reported, never delivered."""
+        held, self._held = self._held, None
+        if held is None:
+            return
+        held.report(trainer.is_global_zero and first_process())
+        if self._own_hold:
+            self._own_hold = False
+            held.give_back(deliver=False)
+        environment, self._environment = self._environment, None
+        if environment is not None:
+            environment.auto_requeue = True
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._report(trainer)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._report(trainer)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._report(trainer)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._end_stage(trainer)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -775,6 +940,7 @@ class SlurmRequeue(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+        self._end_stage(trainer)
         if not (self.requeue and isinstance(exception, SIGTERMException)):
             return
         self.on_fit_end(trainer, pl_module)

@@ -10,7 +10,8 @@ a subfolder named after the command (``test/``, then ``test_1/``, ...) and log t
 Several processes may start runs of one experiment at once (sweep agents, SLURM jobs, a ``test`` beside
 a ``fit``): a new ``version_N`` and a command's subfolder are claimed by creating the folder, which
 fails for all but one process, and the others take the next name. A fit holds its folder's lock file
-(``.fit.lock``) while it trains, so that no second fit continues the same run meanwhile.
+(``.fit.lock``) while it trains, so that no second fit continues the same run meanwhile; ``samflow embed``
+and the predict commands hold a lock file of their own in the folder they write (``hold_folder``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,6 +47,8 @@ __all__ = [
     "claim_folder",
     "command_folder",
     "first_process",
+    "folder_in_use",
+    "hold_folder",
     "last_checkpoint",
     "read_run_info",
     "remove_unwritten",
@@ -206,14 +210,49 @@ def run_in_use(run: Path) -> str | None:
         lock.release()
 
 
+def folder_in_use(folder: Path, name: str) -> str | None:
+    """Who holds the lock file ``name`` of ``folder`` now (``pid N on HOST``): a live process; else None.
+    Creates nothing (a missing lock file is held by no one: a holder's file stays at its path until it
+    lets go), so it can be asked before a command has decided to write."""
+    try:
+        import fcntl
+    except ImportError:  # no flock on this system
+        return None
+    path = folder / name
+    try:
+        file = open(path, "rb")  # noqa: SIM115 - closed below, which ends the shared lock
+    except OSError:
+        return None
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: two askers never refuse each other
+        except BlockingIOError:
+            return _holder(path)
+        except OSError:  # a filesystem without flock
+            return None
+    return None
+
+
+def hold_folder(folder: Path, name: str, refusal: Callable[[str], Exception]) -> RunLock:
+    """Take ``folder``'s lock file ``name`` (``RunLock``) for the command about to write there; when a live
+    process holds it, raise ``refusal(holder)`` (``holder``: ``pid N on HOST``) having written nothing."""
+    lock = RunLock(folder, name)
+    if not lock.acquire():
+        raise refusal(_holder(lock.path))
+    return lock
+
+
 class RunLock:
     """The lock a fit holds on its run folder while it trains (``LOCK_FILE``, an ``flock``, released by
-    the kernel when the process ends however it ends). A filesystem without ``flock`` (or a folder this
-    process cannot write) locks nothing; NFS and Lustre mounted with ``flock`` lock across machines."""
+    the kernel when the process ends however it ends); ``name``: another lock file (``samflow embed``'s
+    on its store, the predict commands' on their output folder). A filesystem without ``flock`` (or a
+    folder this process cannot write) locks nothing; NFS and Lustre mounted with ``flock`` lock across
+    machines. The folders ``acquire`` had to create are removed again by ``release`` while empty."""
 
-    def __init__(self, run: Path) -> None:
-        self.path = run / LOCK_FILE
+    def __init__(self, run: Path, name: str = LOCK_FILE) -> None:
+        self.path = run / name
         self._file: IO[str] | None = None
+        self._made: list[Path] = []  # the folders acquire created, innermost first
 
     def acquire(self) -> bool:
         """Take the lock; False when another process holds it."""
@@ -221,6 +260,7 @@ class RunLock:
             import fcntl
         except ImportError:  # no flock on this system
             return True
+        missing = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,16 +286,22 @@ class RunLock:
         file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         file.flush()
         self._file = file
+        self._made = [p for p in missing if p.is_dir()]
         return True
 
     def release(self) -> None:
-        """Remove the lock file and end the lock (nothing when not held)."""
+        """Remove the lock file and end the lock (nothing when not held); then the folders ``acquire``
+        created, while they hold nothing."""
         if self._file is None:
             return
         with contextlib.suppress(OSError):
             self.path.unlink()
         self._file.close()
         self._file = None
+        with contextlib.suppress(OSError):  # a folder something was written into stays, and its parents
+            for folder in self._made:
+                folder.rmdir()
+        self._made = []
 
 
 class RunInfo(Callback):

@@ -10,6 +10,11 @@ frames it; a COCO experiment's ``data.proposals`` is not read, ``samflow proposa
 process group, NCCL on GPUs, Gloo on the CPU); a rank waits for the others however long their shares
 take (those of a resumed run can differ by hours; ``samflow.commands.barrier``) and stops, in one line,
 as soon as another rank has stopped. Run again after an interruption, it finishes what is missing.
+
+The first process holds the store's lock file (``.embed.lock``, an ``flock``: ``samflow.embed.store.LOCK``)
+from before the model is built until every rank has written its share, so a second ``samflow embed`` of
+the same store at the same moment stops in one line naming the process, before it builds or writes
+anything; a killed one holds nothing, and the next run finishes its store.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from samflow.callbacks.run_folder import RunLock, hold_folder
 from samflow.commands import (
     build_experiment,
     init_process_group,
@@ -34,7 +40,7 @@ from samflow.commands import (
 )
 from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
-from samflow.embed.store import EmbeddingStoreError
+from samflow.embed.store import LOCK, EmbeddingStoreError
 from samflow.embed.writer import completed_rows, write_store
 from samflow.usage import CommandParser, PositiveInt
 
@@ -96,18 +102,47 @@ def _one_machine() -> None:
         )
 
 
+def store_busy(root: Path, holder: str) -> str:
+    """The one line refusing a store that another live ``samflow embed`` writes now."""
+    return (
+        f"samflow embed: the store {root} is being written by another samflow embed ({holder}); wait until "
+        "it ends, or choose another store with --out."
+    )
+
+
 def main(argv: list[str]) -> int:
     opts, overrides = _parser().parse_known_args(argv)
     ranks_from_slurm()  # srun's tasks, as torchrun's ranks: _one_machine counts them too
     _one_machine()
     rank, world = rank_and_world()
-    model, datamodule = build_experiment(opts.experiment, overrides)
+    held: list[RunLock] = []  # the store's lock, on rank 0: it waits for every rank's share before letting go
+
+    def hold(out: str | None) -> None:
+        if rank == 0 and out and not held:
+            root = Path(out).expanduser()
+            held.append(hold_folder(root, LOCK, lambda holder: EmbeddingStoreError(store_busy(root, holder))))
+
+    try:
+        return _embed(opts, overrides, rank, world, hold)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _embed(
+    opts: argparse.Namespace, overrides: list[str], rank: int, world: int, hold: Callable[[str | None], None]
+) -> int:
+    # the store is known from --out or the parsed experiment: held before SAM is built
+    model, datamodule = build_experiment(
+        opts.experiment, overrides, lambda config: hold(opts.out or config.get("model.sam.embedding_store"))
+    )
     require_file_images(datamodule, "samflow embed")
     out = opts.out or model.sam_spec.embedding_store
     if not out:
         raise EmbeddingStoreError(
             "samflow embed: where to? Pass --out DIR or set model.sam.embedding_store in the experiment."
         )
+    hold(out)  # held already, unless the experiment set the store as it was built
     device = torch.device(
         opts.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     )

@@ -7,6 +7,7 @@ Layout of a store folder (format 1)::
     embedding-00000.npy      float16 (n, C, h, w): the final image embedding of rows 0 .. n-1
     block02-00000.npy        float16 (n, h, w, C_vit): the output of encoder block 2 (declared by plugins)
     embedding-00001.npy ...  the next shard (``shard_size`` rows each)
+    .embed.lock              held by the ``samflow embed`` writing the store, gone when it ends (``LOCK``)
 
 Every array is a plain ``.npy`` file (numpy's own format, readable without samflow), opened with
 ``numpy.load(mmap_mode="r")``: reading a row touches only its pages.
@@ -44,6 +45,9 @@ from samflow.sam.cache import EncoderCacheError
 FORMAT = 1
 MANIFEST = "manifest.json"
 DONE = "done.npy"
+#: the lock file ``samflow embed`` holds in the store while it writes (a second one at the same moment is
+#: refused; a killed one's holds nothing); never one of the store's files (``samflow.embed.writer.prepare``)
+LOCK = ".embed.lock"
 MAX_MAPPED = 64  # shard files a reader keeps mapped; each map holds a file descriptor (mmap dups it)
 
 

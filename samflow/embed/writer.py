@@ -23,6 +23,7 @@ from samflow.data import read_image, to_input_frame
 from samflow.embed.check import image_paths, store_key_of
 from samflow.embed.store import (
     DONE,
+    LOCK,
     MANIFEST,
     ContentHasher,
     EmbeddingStoreError,
@@ -85,8 +86,8 @@ def prepare(
                 f"{root} holds a store for other inputs ({'; '.join(diffs)}); pass --overwrite to replace "
                 "it, or --out for another folder."
             )
-    elif root.exists() and any(root.iterdir()) and not overwrite:
-        if store_files(root) and len(store_files(root)) == len(list(root.iterdir())):
+    elif _held_files(root) and not overwrite:
+        if store_files(root) and len(store_files(root)) == len(_held_files(root)):
             raise EmbeddingStoreError(
                 f"{root} holds an unfinished store (no {MANIFEST}: stopped while it was being created); pass "
                 "--overwrite to start it again."
@@ -119,6 +120,11 @@ def store_files(root: Path) -> list[Path]:
     # the manifest's temporary name, and ``manifest.json.tmp`` of stores stopped by an earlier samflow
     names = {MANIFEST, partial_path(root / MANIFEST).name, MANIFEST + ".tmp", DONE}
     return sorted(p for p in root.iterdir() if p.name in names or _SHARD.fullmatch(p.name))
+
+
+def _held_files(root: Path) -> list[Path]:
+    """What ``root`` holds but the lock file of the ``samflow embed`` writing it (``LOCK``)."""
+    return [p for p in root.iterdir() if p.name != LOCK] if root.is_dir() else []
 
 
 _SHARD = re.compile(r"(embedding|block\d{2,})-\d{5,}\.npy")

@@ -255,7 +255,10 @@ def test_a_plain_run_writes_its_record_before_its_first_mask_replacing_an_earlie
     trainer.predict_dataloaders = [SimpleNamespace(dataset=Samples(root))]
     plain.on_predict_start(trainer, SimpleNamespace(threshold=0.7))  # another model's masks follow
     assert json.loads((out / "samflow_predict.json").read_text())["threshold"] == 0.7
-    assert sorted(p.name for p in out.iterdir()) == ["samflow_predict.json"]  # no mask yet
+    # no mask yet; the run holds the folder's lock (``PREDICT_LOCK``) until it ends, and removes it then
+    assert sorted(p.name for p in out.iterdir()) == [".predict.lock", "samflow_predict.json"]
+    plain.teardown(trainer, None, "predict")
+    assert sorted(p.name for p in out.iterdir()) == ["samflow_predict.json"]
 
 
 def test_fewer_images_left_than_processes_is_refused(tmp_path):

@@ -290,6 +290,7 @@ def test_rows_that_would_write_one_file_twice_stop_the_run(tmp_path):
         writer.write_on_batch_end(trainer, None, rows, None, None, 0, 0)
     writer.on_predict_start(trainer, None)
     writer.write_on_batch_end(trainer, None, {**rows, "instance": [7, 8]}, None, None, 0, 0)
+    writer.teardown(trainer, None, "predict")  # the run ends: the folder's lock file (held meanwhile) goes
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "a.png",
         "a_7.png",

@@ -54,8 +54,15 @@ def predictions() -> dict:
 
 
 def run(writer: MaskWriter, trainer: SimpleNamespace) -> None:
-    writer.on_predict_start(trainer, None)
-    writer.write_on_batch_end(trainer, None, predictions(), None, None, 0, 0)
+    """The writer's hooks as Lightning calls them: ``on_exception`` on an error, ``teardown`` at the end
+    (each lets go of the folder's lock, ``.predict.lock``)."""
+    try:
+        writer.on_predict_start(trainer, None)
+        writer.write_on_batch_end(trainer, None, predictions(), None, None, 0, 0)
+    except BaseException as err:
+        writer.on_exception(trainer, None, err)
+        raise
+    writer.teardown(trainer, None, "predict")
 
 
 def assert_whole(out: Path, stems) -> None:
