@@ -31,6 +31,10 @@ merged into ``OUT/proposals.json``, COCO-style: ``images``, ``categories``, and 
 per point ``point`` [x, y], ``bbox`` (6 boxes), ``segmentation`` (6 RLEs), ``scores`` (6),
 ``true_bbox`` (the annotation's box), ``category_id``, ``ann_id``, ``point_index``.
 
+**Lock.** Process 0 holds ``OUT/.proposals.lock`` (``LOCK``, an ``flock`` as a fit's ``.fit.lock``) from
+before SAM is built until every rank has written: a second ``samflow proposals`` into the same store at
+the same moment stops in one line naming the process (pid N on HOST); a killed run holds nothing.
+
 **Resume.** A run that stops keeps its complete shards; the next run with the same key computes only
 the missing ones. Shards are fixed image ranges computed in fixed batches, so the merged file is
 byte-identical to that of an uninterrupted run (on the same device and software).
@@ -85,6 +89,7 @@ from samflow.outputs import write_whole
 from samflow.usage import CommandParser, PositiveInt
 
 PROPOSALS_PER_POINT = 6
+LOCK = ".proposals.lock"  # held in the store by the samflow proposals writing it (module docstring)
 KINDS = ("multimask1", "multimask2", "multimask3", "single", "box_of_best", "box_of_largest")
 
 
@@ -368,14 +373,40 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from lightning.pytorch.utilities import rank_zero_info
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from samflow.commands import build_experiment, rank_and_world, ranks_from_slurm, wait_for_ranks
-    from samflow.data.coco import CocoDataModule
+    from samflow.callbacks.run_folder import hold_folder
+    from samflow.commands import rank_and_world, ranks_from_slurm
 
     opts, overrides = _parser().parse_known_args(argv)
     ranks_from_slurm()  # srun's tasks, as torchrun's ranks
+    rank, _ = rank_and_world()
+    # process 0 holds the store's lock file from before SAM is built until every rank has written
+    root = Path(opts.out).expanduser()
+    lock = (
+        hold_folder(root, LOCK, lambda holder: ProposalStoreError(_busy(root, holder))) if rank == 0 else None
+    )
+    try:
+        return _propose(opts, overrides)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _busy(root: Path, holder: str) -> str:
+    """The one line refusing a store that another live ``samflow proposals`` writes now."""
+    return (
+        f"samflow proposals: the store {root} is being written by another samflow proposals ({holder}); wait "
+        "until it ends, or choose another store with --out."
+    )
+
+
+def _propose(opts: argparse.Namespace, overrides: list[str]) -> int:
+    """``main`` once the store's lock is held (on process 0): build, propose, write."""
+    from lightning.pytorch.utilities import rank_zero_info
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from samflow.commands import build_experiment, rank_and_world, wait_for_ranks
+    from samflow.data.coco import CocoDataModule
+
     rank, world = rank_and_world()
     model, datamodule = build_experiment(opts.experiment, overrides)
     if not isinstance(datamodule, CocoDataModule):

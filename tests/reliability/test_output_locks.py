@@ -1,9 +1,11 @@
-"""Two processes writing one embedding store, or one explicit predictions folder, at the same moment.
+"""Two processes writing one embedding store, one proposals store, or one explicit predictions folder, at
+the same moment.
 
 Found here: ``samflow embed`` of one store from two processes at once did the work twice and both wrote
 the store, and two ``samflow predict`` runs into one ``--predictions.output_dir`` (or ``predict
 --prompts`` / ``predict-slide`` into one ``--out``) interleaved their files and records: nothing locked
-the folder. Now the writing process holds a lock file in it (``.embed.lock`` in a store,
+the folder (nor ``samflow proposals`` its store). Now the writing process holds a lock file in it
+(``.embed.lock`` in an embedding store, ``.proposals.lock`` in a proposals store,
 ``.predict.lock`` in a predictions folder: an ``flock``, as a fit's ``.fit.lock``, ended by the kernel
 however the process ends), and a second process is refused in one line naming the folder and the
 process, before SAM is built (the predict writer checks again before its first mask) and without
@@ -362,3 +364,38 @@ def test_predict_slide_into_an_out_another_process_writes_is_refused_before_sam_
             f"{other.pid} on {socket.gethostname()}); wait until it ends, or choose another --out."
         ), proc.stderr[-3000:]
         assert files(out) == before
+
+
+# ---- samflow proposals ----
+def test_proposals_into_a_store_another_process_writes_is_refused_then_written_once_it_is_killed(
+    tmp_path, monkeypatch
+):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coco"))
+    try:
+        from tiny_coco import make_tiny_coco
+    finally:
+        sys.path.pop(0)
+    make_tiny_coco(tmp_path / "coco")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        "model:\n  sam:\n    variant: tiny\n"
+        "data:\n  class_path: samflow.data.coco.CocoDataModule\n  init_args:\n    img_size: 128\n"
+        f"    train: {{annotations: {tmp_path / 'coco' / 'instances.json'}}}\n"
+        "trainer:\n  accelerator: cpu\n  devices: 1\n"
+    )
+    out = tmp_path / "store"
+    args = ["proposals", "--experiment", str(exp), "--out", str(out), "--shard-size", "2"]
+    with holder(out / ".proposals.lock") as other:
+        before = files(out)
+        with monkeypatch.context() as patch:
+            patch.setattr(samflow.module, "build_sam", no_sam_built)
+            proc = samflow_here(args, tmp_path)
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and err[-1] == (
+            f"samflow: error: samflow proposals: the store {out} is being written by another samflow proposals "
+            f"(pid {other.pid} on {socket.gethostname()}); wait until it ends, or choose another store with --out."
+        ), proc.stderr[-3000:]
+        assert files(out) == before
+        killed(other)
+    assert main(args) == 0
+    assert (out / "proposals.json").is_file() and not (out / ".proposals.lock").exists()
