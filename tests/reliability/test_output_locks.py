@@ -95,6 +95,12 @@ def held_by(lock: Path) -> str | None:
     return None
 
 
+def refused(proc: subprocess.CompletedProcess, line: str) -> None:
+    """``proc`` exited 1 with ``line`` as its last line of stderr."""
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and err[-1] == line, proc.stderr[-3000:]
+
+
 def me() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()}"
 
@@ -265,10 +271,7 @@ def test_predict_into_an_output_dir_another_process_writes_is_refused_before_sam
     with holder(out / PREDICT_LOCK) as other:
         before = files(out)
         proc = predict(work, out)
-        err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and err[-1] == predict_busy(
-            out, f"pid {other.pid} on {socket.gethostname()}"
-        ), proc.stderr[-3000:]
+        refused(proc, predict_busy(out, f"pid {other.pid} on {socket.gethostname()}"))
         assert files(out) == before
 
 
@@ -284,10 +287,7 @@ def test_predict_meeting_the_lock_only_at_its_writer_writes_no_mask(
     with holder(out / PREDICT_LOCK) as other:
         before = files(out)
         proc = predict(work, out)
-        err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and err[-1] == predict_busy(
-            out, f"pid {other.pid} on {socket.gethostname()}"
-        ), proc.stderr[-3000:]
+        refused(proc, predict_busy(out, f"pid {other.pid} on {socket.gethostname()}"))
         assert files(out) == before
 
 
@@ -330,11 +330,13 @@ def test_prompted_predict_into_an_out_another_process_writes_is_refused_before_t
         before = files(out)
         args = ["predict", "--model", str(tmp_path / "no_model"), "--images", str(images)]
         proc = samflow_here([*args, "--prompts", str(prompts), "--out", str(out)], tmp_path)
-        err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and err[-1] == (
-            f"samflow: error: --out {str(out)!r} is being written by another samflow process (pid {other.pid} on "
-            f"{socket.gethostname()}); wait until it ends, or choose another --out."
-        ), proc.stderr[-3000:]
+        refused(
+            proc,
+            (
+                f"samflow: error: --out {str(out)!r} is being written by another samflow process (pid {other.pid} on "
+                f"{socket.gethostname()}); wait until it ends, or choose another --out."
+            ),
+        )
         assert files(out) == before
 
 
@@ -358,11 +360,13 @@ def test_predict_slide_into_an_out_another_process_writes_is_refused_before_sam_
             "tiny",
         ]
         proc = samflow_here([*args, "--model.sam.checkpoint", "null", "--out", str(out)], tmp_path)
-        err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and err[-1] == (
-            f"samflow: error: predict-slide: --out {out} is being written by another samflow process (pid "
-            f"{other.pid} on {socket.gethostname()}); wait until it ends, or choose another --out."
-        ), proc.stderr[-3000:]
+        refused(
+            proc,
+            (
+                f"samflow: error: predict-slide: --out {out} is being written by another samflow process (pid "
+                f"{other.pid} on {socket.gethostname()}); wait until it ends, or choose another --out."
+            ),
+        )
         assert files(out) == before
 
 
@@ -390,11 +394,13 @@ def test_proposals_into_a_store_another_process_writes_is_refused_then_written_o
         with monkeypatch.context() as patch:
             patch.setattr(samflow.module, "build_sam", no_sam_built)
             proc = samflow_here(args, tmp_path)
-        err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 1 and err[-1] == (
-            f"samflow: error: samflow proposals: the store {out} is being written by another samflow proposals "
-            f"(pid {other.pid} on {socket.gethostname()}); wait until it ends, or choose another store with --out."
-        ), proc.stderr[-3000:]
+        refused(
+            proc,
+            (
+                f"samflow: error: samflow proposals: the store {out} is being written by another samflow proposals "
+                f"(pid {other.pid} on {socket.gethostname()}); wait until it ends, or choose another store with --out."
+            ),
+        )
         assert files(out) == before
         killed(other)
     assert main(args) == 0
