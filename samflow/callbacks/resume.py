@@ -647,14 +647,15 @@ class _HeldSignal:
         got, self.got = self.got, False
         return got
 
-    def report(self, first: bool | None = None) -> None:
-        """Once, after the signal came to a command that is not requeued: say so on process 0 (``first``,
-        default ``first_process``), outside the handler (a line written inside it could land within
-        another write to the stream)."""
+    def report(self, trainer: Trainer | None = None) -> None:
+        """Once, after the signal came to a command that is not requeued: say so on process 0
+        (``first_process``, and ``trainer``'s global rank 0), outside the handler (a line written inside it
+        could land within another write to the stream). Nothing is asked before the signal came: it runs
+        at every batch's end."""
         if not self.seen or self.reported:
             return
         self.reported = True
-        if first_process() if first is None else first:
+        if (trainer is None or trainer.is_global_zero) and first_process():
             sys.stderr.write(
                 f"samflow: SLURM's requeue signal: `samflow {self.command}` is not requeued (only a fit is); "
                 "it goes on until it ends or the job's time limit.\n"
@@ -821,7 +822,7 @@ class SlurmRequeue(Callback):
 
     def _report(self, trainer: Trainer) -> None:
         if self._held is not None:
-            self._held.report(trainer.is_global_zero and first_process())
+            self._held.report(trainer)
 
     def _end_stage(self, trainer: Trainer) -> None:
         """The end of a validate / test / predict (also by an error): the environment and the signal's
@@ -829,7 +830,7 @@ class SlurmRequeue(Callback):
         held, self._held = self._held, None
         if held is None:
             return
-        held.report(trainer.is_global_zero and first_process())
+        held.report(trainer)
         if self._own_hold:
             self._own_hold = False
             held.give_back(deliver=False)
