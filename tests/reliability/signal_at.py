@@ -4,6 +4,7 @@ the test knows. It only sends: weights, generators and metrics are not touched."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from typing import Any
@@ -92,3 +93,8 @@ class KillAt(Callback):
             and batch_idx == self.validation_batch
         ):
             raise Killed(f"killed in the validation after step {self.step}")
+
+
+def signal_args(**init_args: Any) -> list[str]:
+    """The ``samflow`` arguments that add ``SignalAt(**init_args)`` to the trainer's callbacks."""
+    return ["--trainer.callbacks+", json.dumps({"class_path": "signal_at.SignalAt", "init_args": init_args})]

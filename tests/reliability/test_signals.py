@@ -22,6 +22,7 @@ import pytest
 import torch
 from helpers import TORCHRUN, TORCHRUN_ENV
 from quickstart_tiny import TINY, samflow
+from signal_at import signal_args
 
 STEPS = [  # 3 steps an epoch (batch 1), 2 epochs, last.ckpt only at epoch ends, 3 validation batches
     "--trainer.max_epochs",
@@ -35,11 +36,6 @@ STEPS = [  # 3 steps an epoch (batch 1), 2 epochs, last.ckpt only at epoch ends,
     "--last.every_n_train_steps",
     "0",
 ]
-
-
-def _signal_at(step: int, signum: str) -> list[str]:
-    spec = {"class_path": "signal_at.SignalAt", "init_args": {"step": step, "signum": signum}}
-    return ["--trainer.callbacks+", json.dumps(spec)]
 
 
 def _step(ckpt: Path) -> int:
@@ -101,7 +97,7 @@ def test_sigterm_mid_epoch_saves_the_batch_exits_1_and_resumes_to_the_uninterrup
 ):
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    assert samflow("fit", *STEPS, *_signal_at(4, "SIGTERM"), data=data) == 1  # was 0
+    assert samflow("fit", *STEPS, *signal_args(step=4, signum="SIGTERM"), data=data) == 1  # was 0
     err = capsys.readouterr().err
     run = Path("runs/quickstart/version_0")
     assert (
@@ -156,7 +152,7 @@ def test_slurm_requeue_signal_saves_requeues_and_the_restarted_job_continues_the
     ``runs/quickstart/hpc_ckpt_1.ckpt`` from inside the handler, trained on (exit 0), and its restart
     loaded that file into a new ``version_1``."""
     calls = _slurm_job(tmp_path, monkeypatch)
-    command = ["fit", *STEPS, *_signal_at(4, "SIGUSR1")]  # the job script's command, run twice
+    command = ["fit", *STEPS, *signal_args(step=4, signum="SIGUSR1")]  # the job script's command, run twice
     capsys.readouterr()
 
     assert samflow(*command, data=data) == 1
@@ -245,11 +241,8 @@ def test_sigterm_during_validation_saves_the_training_before_it_and_the_resumed_
     validation batch would have resumed without the validation."""
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    spec = {
-        "class_path": "signal_at.SignalAt",
-        "init_args": {"step": 3, "validation_batch": 0, "in_fit": True},
-    }
-    assert samflow("fit", *STEPS, "--trainer.callbacks+", json.dumps(spec), data=data) == 1
+    in_validation = signal_args(step=3, validation_batch=0, in_fit=True)
+    assert samflow("fit", *STEPS, *in_validation, data=data) == 1
     err = capsys.readouterr().err
     run = Path("runs/quickstart/version_0")
     assert (
@@ -272,7 +265,7 @@ def test_ctrl_c_exits_1_names_the_last_checkpoint_and_gives_the_sigint_handler_b
 ):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stopped:  # Lightning's sys.exit(1) after a KeyboardInterrupt
-        samflow("fit", *STEPS, *_signal_at(4, "SIGINT"), data=data)
+        samflow("fit", *STEPS, *signal_args(step=4, signum="SIGINT"), data=data)
     assert stopped.value.code == 1
     err = capsys.readouterr().err
     assert (
@@ -323,10 +316,7 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_after_the_batch_and_resumes_to
     whole = _torchrun_fit(tmp_path / "whole", data)
     assert whole.returncode == 0, whole.stdout[-4000:]
 
-    each_rank = [json.dumps({"class_path": "signal_at.SignalAt", "init_args": {"step": 3, "rank": 1}})]
-    stopped = _torchrun_fit(
-        tmp_path / "run", data, *(a for s in each_rank for a in ("--trainer.callbacks+", s))
-    )
+    stopped = _torchrun_fit(tmp_path / "run", data, *signal_args(step=3, rank=1))
     assert stopped.returncode != 0, stopped.stdout[-4000:]  # was 0
     out = stopped.stdout
     assert (
@@ -345,9 +335,8 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_after_the_batch_and_resumes_to
 
 def test_a_validate_stopped_by_sigterm_exits_1_in_one_line(tmp_path, data, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    spec = {"class_path": "signal_at.SignalAt", "init_args": {"validation_batch": 0}}
     args = ["--data.init_args.batch_size", "1", "--trainer.limit_val_batches", "3"]
-    assert samflow("validate", *args, "--trainer.callbacks+", json.dumps(spec), data=data) == 1  # was 0
+    assert samflow("validate", *args, *signal_args(validation_batch=0), data=data) == 1  # was 0
     assert "samflow: error: validate stopped by SIGTERM.\n" in capsys.readouterr().err
 
 
@@ -360,7 +349,7 @@ def test_two_fits_of_one_experiment_in_a_requeued_job_each_continue_their_own_ru
     second's run under its own command."""
     calls = _slurm_job(tmp_path, monkeypatch)
     first = ["fit", *STEPS]
-    second = ["fit", *STEPS, "--trainer.max_epochs", "3", *_signal_at(4, "SIGUSR1")]
+    second = ["fit", *STEPS, "--trainer.max_epochs", "3", *signal_args(step=4, signum="SIGUSR1")]
     assert samflow(*first, data=data) == 0
     assert samflow(*second, data=data) == 1
     assert calls.read_text() == "requeue 4242\n"

@@ -7,7 +7,6 @@ as the uninterrupted one, and the job is requeued once, by the first process, wh
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import LAUNCHED, run_at_once
 from quickstart_tiny import TINY
+from signal_at import signal_args
 from test_signals import DDP, STEPS, _same_last_checkpoint, _step, _torchrun_fit
 from test_srun_commands import SLURM, job_id_of_a_free_port
 
@@ -22,10 +22,6 @@ from test_srun_commands import SLURM, job_id_of_a_free_port
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("quickstart") / "data"  # written by the first fit
-
-
-def _callback(**init_args) -> list[str]:
-    return ["--trainer.callbacks+", json.dumps({"class_path": "signal_at.SignalAt", "init_args": init_args})]
 
 
 def test_sigterm_to_one_rank_during_validation_stops_both_and_resumes_to_the_uninterrupted_result(
@@ -40,7 +36,7 @@ def test_sigterm_to_one_rank_during_validation_stops_both_and_resumes_to_the_uni
     assert whole.returncode == 0, whole.stdout[-4000:]
 
     stopped = _torchrun_fit(
-        tmp_path / "run", data, *_callback(step=2, validation_batch=0, in_fit=True, rank=1)
+        tmp_path / "run", data, *signal_args(step=2, validation_batch=0, in_fit=True, rank=1)
     )
     assert stopped.returncode != 0, stopped.stdout[-4000:]
     out = stopped.stdout
@@ -68,7 +64,7 @@ def test_sigterm_to_one_rank_in_the_sanity_check_stops_both_with_nothing_to_resu
         data,
         "--trainer.num_sanity_val_steps",
         "2",
-        *_callback(validation_batch=0, rank=1),
+        *signal_args(validation_batch=0, rank=1),
     )
     out = stopped.stdout
     assert stopped.returncode != 0, out[-4000:]
@@ -98,7 +94,7 @@ def test_the_requeue_signal_on_task_1_alone_requeues_the_job_once(tmp_path, data
     base.update(SLURM_NODELIST="127.0.0.1", SLURM_JOB_ID=job, SLURM_JOB_NAME="samflow")
     envs = [{**base, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task)} for task in range(2)]
     args = [*TINY, "--data.init_args.quickstart.root", str(data), *STEPS, *DDP]
-    command = [sys.executable, "-m", "samflow", "fit", *args, *_callback(step=3, signum="SIGUSR1", rank=1)]
+    command = [sys.executable, "-m", "samflow", "fit", *args, *signal_args(step=3, signum="SIGUSR1", rank=1)]
     results = run_at_once([command] * 2, tmp_path, envs, timeout=300)
 
     out = "".join(r.stdout for r in results)

@@ -13,14 +13,14 @@ this one): the early-signalled command runs as ``python -m samflow``, the others
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 from helpers import run_samflow
 from quickstart_tiny import TINY, samflow
-from test_signals import STEPS, _ends_as, _signal_at, _slurm_job, _step
+from signal_at import signal_args
+from test_signals import STEPS, _ends_as, _slurm_job, _step
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,6 @@ def whole(tmp_path_factory, data) -> Path:
     finally:
         mp.undo()
     return cwd / "runs" / "quickstart" / "version_0"
-
-
-def _signal(**init_args) -> list[str]:
-    spec = {"class_path": "signal_at.SignalAt", "init_args": {"signum": "SIGUSR1", **init_args}}
-    return ["--trainer.callbacks+", json.dumps(spec)]
 
 
 def _in_a_process(command: list[str], data: Path, restart: str | None = None):
@@ -66,7 +61,8 @@ def test_the_requeue_signal_in_the_sanity_check_of_a_new_fit_requeues_the_job_wh
     process died of the signal (status -10) and the job was not requeued."""
     calls = _slurm_job(tmp_path, monkeypatch)
     sanity = ["--trainer.num_sanity_val_steps", "2"]
-    command = ["fit", *STEPS, *sanity, *_signal(validation_batch=0, restart=0)]  # the job script's
+    in_sanity = signal_args(signum="SIGUSR1", validation_batch=0, restart=0)
+    command = ["fit", *STEPS, *sanity, *in_sanity]  # the job script's
 
     stopped = _in_a_process(command, data)
     out = stopped.stdout[-3000:] + stopped.stderr[-3000:]
@@ -96,8 +92,9 @@ def test_the_requeue_signal_while_the_restarted_job_starts_requeues_again_and_th
     again; the next start continues the run to the uninterrupted run's weights. Before, the restart
     died of the signal: not requeued, the run left unfinished."""
     calls = _slurm_job(tmp_path, monkeypatch)
-    early = _signal(at_setup=True, restart=1)  # only in the job's first restart
-    command = ["fit", *STEPS, *_signal_at(4, "SIGUSR1"), *early]  # the job script's, in every start
+    early = signal_args(signum="SIGUSR1", at_setup=True, restart=1)  # only in the job's first restart
+    at_step_4 = signal_args(step=4, signum="SIGUSR1")
+    command = ["fit", *STEPS, *at_step_4, *early]  # the job script's, in every start
     assert samflow(*command, data=data) == 1
     run = tmp_path / "job" / "runs" / "quickstart" / "version_0"
     last = run / "checkpoints" / "last.ckpt"

@@ -15,7 +15,6 @@ in a SLURM job samflow holds it, the old code's Lightning handler took it), SLUR
 from __future__ import annotations
 
 import csv
-import json
 import os
 import signal
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from quickstart_tiny import samflow
+from signal_at import signal_args
 from test_signals import _slurm_job
 
 NOT_REQUEUED = (
@@ -35,11 +35,6 @@ VALIDATE = ["--trainer.limit_val_batches", "3", "--data.init_args.eval_batch_siz
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("quickstart") / "data"  # written by the first command
-
-
-def _usr1_at_validation_batch(batch: int) -> list[str]:
-    spec = {"class_path": "signal_at.SignalAt", "init_args": {"signum": "SIGUSR1", "validation_batch": batch}}
-    return ["--trainer.callbacks+", json.dumps(spec)]
 
 
 def _metrics(run: Path) -> list[dict[str, str]]:
@@ -64,7 +59,7 @@ def test_a_validate_getting_the_requeue_signal_goes_on_to_its_result_without_hpc
     monkeypatch.chdir(tmp_path / "job")
     capsys.readouterr()
 
-    assert samflow("validate", *VALIDATE, *_usr1_at_validation_batch(0), data=data) == 0
+    assert samflow("validate", *VALIDATE, *signal_args(signum="SIGUSR1", validation_batch=0), data=data) == 0
     err = capsys.readouterr().err
     assert not list(tmp_path.rglob("hpc_ckpt*"))  # was runs/quickstart/hpc_ckpt_1.ckpt
     assert not calls.exists()  # was "requeue 4242"
@@ -86,10 +81,9 @@ def test_the_requeue_signal_while_a_test_starts_is_held_and_the_test_goes_on(
     calls = _slurm_job(tmp_path, monkeypatch)
     delivered: list[int] = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: delivered.append(signum))
-    spec = {"class_path": "signal_at.SignalAt", "init_args": {"signum": "SIGUSR1", "at_setup": True}}
     try:
         capsys.readouterr()
-        assert samflow("test", "--trainer.callbacks+", json.dumps(spec), data=data) == 0
+        assert samflow("test", *signal_args(signum="SIGUSR1", at_setup=True), data=data) == 0
         err = capsys.readouterr().err
         assert delivered == []  # was [SIGUSR1]: the process's own handler (the default action: killed)
     finally:
