@@ -826,7 +826,11 @@ class SlurmRequeue(Callback):
 
     def _end_stage(self, trainer: Trainer) -> None:
         """The end of a validate / test / predict (also by an error): the environment and the signal's
-        handler as they were; a signal held and not yet reported is reported, never delivered."""
+        handler as they were; a signal held and not yet reported is reported, never delivered. The
+        environment also when nothing was held (a stage outside the main thread)."""
+        environment, self._environment = self._environment, None
+        if environment is not None:
+            environment.auto_requeue = True
         held, self._held = self._held, None
         if held is None:
             return
@@ -834,9 +838,6 @@ class SlurmRequeue(Callback):
         if self._own_hold:
             self._own_hold = False
             held.give_back(deliver=False)
-        environment, self._environment = self._environment, None
-        if environment is not None:
-            environment.auto_requeue = True
 
     @override
     def on_validation_batch_end(

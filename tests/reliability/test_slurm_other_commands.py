@@ -156,3 +156,55 @@ def test_a_held_requeue_signal_of_a_command_without_a_trainer_is_reported_not_de
         assert delivered == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_validate_outside_the_main_thread_gives_the_trainer_its_auto_requeue_back(monkeypatch):
+    """``SlurmRequeue`` turns Lightning's auto-requeue off for a validate in a SLURM job and puts it back
+    at the stage's end, so that the same ``Trainer`` fits afterwards with its environment as it was. Run
+    outside the main thread (a notebook's worker, a server), the callback holds no signal (handlers belong
+    to the main thread), and it left the environment with auto-requeue off."""
+    import threading
+
+    from lightning import LightningModule, Trainer
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from samflow.callbacks.resume import SlurmRequeue
+
+    class Validated(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.layer(batch[0]).mean())
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2
+            )
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    environment = SLURMEnvironment(auto_requeue=True)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        plugins=[environment],
+        callbacks=[SlurmRequeue()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    seen: dict[str, object] = {}
+
+    def validate() -> None:
+        try:
+            trainer.validate(Validated(), verbose=False)
+        except BaseException as err:  # seen by the assertion below
+            seen["error"] = err
+
+    worker = threading.Thread(target=validate)
+    worker.start()
+    worker.join(120)
+    assert not worker.is_alive() and "error" not in seen, seen
+    assert trainer._accelerator_connector.cluster_environment is environment
+    assert environment.auto_requeue  # was left False
