@@ -26,6 +26,7 @@ from samflow.commands import experiment_from_argv
 from samflow.experiment_files import ExperimentError, list_experiments
 from samflow.plugin_check import check_plugin_args
 from samflow.process_state import restored_process_state
+from samflow.requeue_hold import requeue_signal_held
 from samflow.usage import CommandParser, UsageError
 
 __all__ = ["CommandParser", "UsageError", "experiment_from_argv", "main", "user_errors"]
@@ -196,8 +197,6 @@ def run_command(name: str, args: list[str]) -> int:
     module, _, function = COMMANDS[name][0].partition(":")
     held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if name in ("predict --prompts", "predict-slide"):  # SLURM's requeue signal: noted, the command goes on
-        from samflow.callbacks.resume import requeue_signal_held
-
         held = requeue_signal_held(name.split()[0])
     try:
         with held, restored_process_state():  # the verbosity is this command's only
@@ -271,8 +270,6 @@ def main(argv: list[str] | None = None) -> int:
         return _error(
             f"unknown command {args[0]!r}; choose one of {commands} (`samflow --help` shows usage)."
         )
-    from samflow.callbacks.resume import requeue_signal_held
-
     # in a SLURM job, SLURM's requeue signal before the fit's handler stops the fit; validate, test and
     # predict go on through it (SlurmRequeue)
     with requeue_signal_held(args[0]), restored_process_state():  # the verbosity and sys.argv: this run's

@@ -1,4 +1,5 @@
-"""What samflow's argparse commands (``samflow.cli.COMMANDS``) share with ``samflow fit``.
+"""What samflow's argparse commands (``samflow.cli.COMMANDS``) share with ``samflow fit``; torch is
+imported where it is used, so that the ``samflow`` command starts without it (``samflow.cli``).
 
 - ``experiment_from_argv``: ``--experiment NAME`` resolved and rewritten to ``--config /abs/path``;
 - ``build_experiment``: the model and data module of an experiment, as ``samflow fit`` builds them;
@@ -16,9 +17,6 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
-
-import torch
-import torch.distributed as dist
 
 from samflow.experiment_files import ExperimentError, resolve_experiment
 from samflow.plugin_check import check_plugins
@@ -97,6 +95,9 @@ def init_process_group() -> None:
     """Join torchrun's process group, once: NCCL on GPUs, each process on its ``LOCAL_RANK``'s GPU (so
     NCCL's collectives need not guess the device), gloo on the CPU; then the gloo group that
     ``barrier`` waits in (made by every rank together, while none is busy)."""
+    import torch
+    import torch.distributed as dist
+
     if dist.is_initialized():
         return
     if torch.cuda.is_available():
@@ -110,6 +111,8 @@ def init_process_group() -> None:
 def cpu_group() -> Any:
     """A gloo group beside the default one: ``barrier`` waits on the CPU, whatever the default group's
     backend (NCCL's barrier is a collective on the GPU, aborted by NCCL's watchdog at its timeout)."""
+    import torch.distributed as dist
+
     world = dist.group.WORLD
     if not _waits or _waits[0][0] is not world:  # none yet, or one of a destroyed default group
         _waits[:] = [(world, dist.new_group(backend="gloo"))]
@@ -159,6 +162,8 @@ def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of this process: under torchrun (``WORLD_SIZE`` > 1), or SLURM's tasks once
     ``ranks_from_slurm`` has run (each command calls it first), after joining its process group
     (``init_process_group``), else (0, 1)."""
+    import torch.distributed as dist
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_process_group()
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -174,6 +179,8 @@ def barrier(while_waiting: Callable[[], object] | None = None) -> None:
     that hangs keeps the others waiting (``WAIT_LIMIT``). ``while_waiting`` is called about once a
     second meanwhile (rank 0's progress bar, counting the other ranks' work).
     """
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return
     work = dist.barrier(group=cpu_group(), async_op=True, timeout=WAIT_LIMIT)

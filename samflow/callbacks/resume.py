@@ -13,7 +13,6 @@ Lightning leaves out at the first epoch end of a resumed run.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -21,9 +20,8 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -33,9 +31,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
 from samflow.callbacks.accumulation import AccumulatedGradients, inside_window
-from samflow.callbacks.run_folder import first_process, slurm_job
+from samflow.callbacks.run_folder import first_process
 from samflow.console import shown
 from samflow.outputs import partial_path, write_whole
+from samflow.requeue_hold import HeldSignal, slurm_job
 
 __all__ = [
     "BestCheckpoint",
@@ -47,7 +46,6 @@ __all__ = [
     "capture_rng",
     "ignore_hpc_checkpoints",
     "note_sigterm_only",
-    "requeue_signal_held",
     "restore_rng",
     "stopping",
 ]
@@ -621,93 +619,6 @@ class BestCheckpoint(ModelCheckpoint):
         return super().file_exists(filepath, trainer)
 
 
-class _HeldSignal:
-    """SLURM's requeue signal held from the start of a ``samflow`` command (``requeue_signal_held``), or
-    through a validate / test / predict (``SlurmRequeue``): noted, never acted on, where its default
-    action killed the process. A fit's ``SlurmRequeue`` takes it over; for any other command it only
-    says so, in one line on process 0 (``report``)."""
-
-    #: the hold of the command running in this process
-    current: ClassVar[_HeldSignal | None] = None
-
-    def __init__(self, signum: signal.Signals, command: str = "fit") -> None:
-        self.signum = signum
-        self.command = command
-        self.got = False
-        self.seen = False  # came at some time (``got`` is reset by ``take``)
-        self.reported = False
-        self.given_back = False
-        self.previous = signal.signal(signum, self._hold)
-
-    def _hold(self, signum: int, frame: Any) -> None:
-        self.got = self.seen = True
-
-    def take(self) -> bool:
-        """Whether the signal came since the last call."""
-        got, self.got = self.got, False
-        return got
-
-    def report(self, trainer: Trainer | None = None) -> None:
-        """Once, after the signal came to a command that is not requeued: say so on process 0
-        (``first_process``, and ``trainer``'s global rank 0), outside the handler (a line written inside it
-        could land within another write to the stream). Nothing is asked before the signal came: it runs
-        at every batch's end."""
-        if not self.seen or self.reported:
-            return
-        self.reported = True
-        if (trainer is None or trainer.is_global_zero) and first_process():
-            sys.stderr.write(
-                f"samflow: SLURM's requeue signal: `samflow {self.command}` is not requeued (only a fit is); "
-                "it goes on until it ends or the job's time limit.\n"
-            )
-            sys.stderr.flush()
-
-    def give_back(self, deliver: bool = True) -> None:
-        """Put back the handler from before; a signal held and not taken is delivered to it now with
-        ``deliver`` (a fit's hold: as without the hold, the default action ends the process), else only
-        reported (``report``)."""
-        if self.given_back:
-            return
-        self.given_back = True
-        signal.signal(self.signum, self.previous if self.previous is not None else signal.SIG_DFL)
-        if not deliver:
-            self.report()
-        elif self.take():
-            signal.raise_signal(self.signum)
-
-
-#: the commands whose start ``requeue_signal_held`` covers: ``fit``, which ``SlurmRequeue`` stops and
-#: requeues, and those that go on through the signal (``samflow predict --prompts`` is ``predict``)
-HELD_COMMANDS = ("fit", "validate", "test", "predict", "predict-slide")
-
-
-@contextlib.contextmanager
-def requeue_signal_held(command: str) -> Iterator[None]:
-    """Around a ``samflow`` command: in a SLURM job (``slurm_job``), hold SLURM's requeue signal
-    (``SIGUSR1``) from the command's start. ``fit`` holds it until ``SlurmRequeue`` takes it over, so that
-    a signal before the fit's handler (the config, the model, the data listing, a checkpoint loaded) stops
-    the fit and requeues the job instead of killing the process (``SlurmRequeue``); a fit whose
-    ``SlurmRequeue`` does not handle it gives it back at ``on_fit_start``, and at the end of the command
-    the handler from before is put back, and a held signal that no fit took is delivered to it.
-    ``validate``, ``test``, ``predict`` (with or without a trainer: ``--prompts``) and ``predict-slide``
-    hold it to their end: it is noted, reported in one line on process 0, and never delivered, so that
-    the command goes on (it has no run to requeue). Nothing is held outside SLURM or for another command."""
-    if (
-        command not in HELD_COMMANDS
-        or slurm_job() is None
-        or _HeldSignal.current is not None
-        or threading.current_thread() is not threading.main_thread()
-    ):
-        yield
-        return
-    held = _HeldSignal.current = _HeldSignal(signal.SIGUSR1, command)
-    try:
-        yield
-    finally:
-        _HeldSignal.current = None
-        held.give_back(deliver=command == "fit")
-
-
 def ignore_hpc_checkpoints() -> None:
     """A trainer with ``SlurmRequeue`` (every samflow command's) never loads ``hpc_ckpt_N.ckpt`` by
     Lightning's automatic HPC resume, and says so in one line. Lightning loads the newest such file of
@@ -791,7 +702,7 @@ class SlurmRequeue(Callback):
         self.requeue = False
         self._environment: Any = None
         self._signal: signal.Signals | None = None
-        self._held: _HeldSignal | None = None  # validate / test / predict: the signal noted (``setup``)
+        self._held: HeldSignal | None = None  # validate / test / predict: the signal noted (``setup``)
         self._own_hold = False  # that hold is this callback's, given back at the stage's end
         ignore_hpc_checkpoints()
 
@@ -814,11 +725,11 @@ class SlurmRequeue(Callback):
             if environment.auto_requeue:
                 environment.auto_requeue = False
                 self._environment = environment
-        held = _HeldSignal.current
+        held = HeldSignal.current
         if held is not None and held.signum == requeue:
             self._held = held
         elif requeue is not None and threading.current_thread() is threading.main_thread():
-            self._held, self._own_hold = _HeldSignal(requeue, stage), True
+            self._held, self._own_hold = HeldSignal(requeue, stage), True
 
     def _report(self, trainer: Trainer) -> None:
         if self._held is not None:
@@ -895,7 +806,7 @@ class SlurmRequeue(Callback):
             # signal (the process died of it); torchrun passes it on with ``--signals-to-handle``
             self._signal = signal.SIGUSR1
         self.requeue = False
-        held = _HeldSignal.current
+        held = HeldSignal.current
         if held is not None and held.signum != self._signal:  # not this fit's requeue signal
             held.give_back()
 
@@ -923,7 +834,7 @@ class SlurmRequeue(Callback):
                 _note_signal(trainer)  # stop after the batch, as a SIGTERM does
 
             signal.signal(requeue, requeue_signal)
-        held = _HeldSignal.current
+        held = HeldSignal.current
         got = (held is not None and held.signum == requeue and held.take()) or self.requeue
         if trainer.world_size > 1:  # every process reaches this hook: the same decision on each
             flag = torch.tensor(int(got), device=trainer.strategy.root_device)

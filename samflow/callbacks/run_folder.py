@@ -37,6 +37,7 @@ from typing_extensions import override
 
 from samflow.callbacks.resume_config import ResumeError
 from samflow.console import local_log_dir, shown
+from samflow.requeue_hold import slurm_job
 
 __all__ = [
     "INFO_FILE",
@@ -157,14 +158,6 @@ def last_checkpoint(runs: Path) -> Path | None:
     """``last.ckpt`` of the newest ``version_N`` under ``runs`` (``runs/<experiment>``) that has one."""
     found = [p for p in runs.glob("version_*") if (p / "checkpoints" / "last.ckpt").is_file()]
     return max(found, key=_version) / "checkpoints" / "last.ckpt" if found else None
-
-
-def slurm_job() -> str | None:
-    """This SLURM job's id as ``scontrol requeue`` takes it (``<array job>_<task>`` in a job array), or None."""
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID") or None
 
 
 def fit_command() -> list[str]:

@@ -4,7 +4,7 @@ the command starts (the model, the data, a checkpoint loaded) or in the sanity c
 ``SlurmRequeue`` put its handler in place at ``on_train_start``: before it the signal's default action
 killed the process, and the job ended without being requeued (here: ``python -m samflow fit`` died of
 SIGUSR1). ``samflow fit`` in a SLURM job now holds the signal from the command's start
-(``samflow.callbacks.resume.requeue_signal_held``), and the handler is in place from the sanity check on:
+(``samflow.requeue_hold.requeue_signal_held``), and the handler is in place from the sanity check on:
 the fit stops before training (nothing to save), exits 1 with one line, and the job is requeued. The
 restarted job starts a new fit again, or continues the run it was resuming from the same ``last.ckpt``
 to the uninterrupted run's weights. The signal must reach a real process (the default action would end
@@ -14,10 +14,12 @@ this one): the early-signalled command runs as ``python -m samflow``, the others
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_samflow
+from helpers import run_samflow, user_environment
 from quickstart_tiny import TINY, samflow
 from signal_at import signal_args
 from test_signals import STEPS, _ends_as, _slurm_job, _step
@@ -50,6 +52,52 @@ def _in_a_process(command: list[str], data: Path, restart: str | None = None):
     if restart is not None:
         env["SLURM_RESTART_COUNT"] = restart
     return run_samflow(args, Path.cwd(), env=env, timeout=300)
+
+
+# ``samflow fit`` ARGS with the requeue signal sent as soon as the command holds it, before its heavy imports
+SIGNAL_AT_START = """
+import contextlib, os, signal, sys
+from samflow import cli
+hold = cli.requeue_signal_held
+@contextlib.contextmanager
+def signalled(command):
+    with hold(command):
+        print("imported when the signal came:", sorted(m for m in ("torch", "lightning") if m in sys.modules))
+        os.kill(os.getpid(), signal.SIGUSR1)  # then torch, Lightning and segment-anything are imported
+        yield
+cli.requeue_signal_held = signalled
+sys.argv = ["samflow", *sys.argv[1:]]
+raise SystemExit(cli.main())
+"""
+
+
+def test_the_requeue_signal_while_the_command_imports_torch_and_lightning_requeues_the_job(
+    tmp_path, data, monkeypatch
+):
+    """The signal at the command's start, before torch and Lightning are imported (about 8 s here): held
+    from there (``samflow.requeue_hold``, imported without them), the fit stops before training, exit 1,
+    the job requeued. Before, ``samflow.cli`` imported torch, Lightning and segment-anything (through
+    ``import samflow``) before it held the signal, and a signal then killed the process (status -10)."""
+    calls = _slurm_job(tmp_path, monkeypatch)
+    args = ["fit", *TINY, "--data.init_args.quickstart.root", str(data), *STEPS]
+    stopped = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_START, *args],
+        cwd=Path.cwd(),
+        env=user_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert "imported when the signal came: []\n" in stopped.stdout, out
+    assert stopped.returncode == 1, out
+    assert (
+        "samflow: error: fit stopped by SLURM's requeue signal at step 0; no checkpoint was written yet. "
+        "SLURM job 4242 requeued: it starts this fit again when it starts again.\n"
+    ) in stopped.stderr, out
+    assert calls.read_text() == "requeue 4242\n"
+    assert not list((tmp_path / "job" / "runs" / "quickstart").glob("version_*"))
 
 
 def test_the_requeue_signal_in_the_sanity_check_of_a_new_fit_requeues_the_job_which_starts_it_again(

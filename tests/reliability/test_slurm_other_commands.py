@@ -138,7 +138,7 @@ def test_a_held_requeue_signal_of_a_command_without_a_trainer_is_reported_not_de
     """``samflow predict --prompts`` and ``predict-slide`` run no trainer: the command's hold is all that
     keeps SLURM's requeue signal from killing them. It is noted, one line at the end, and not delivered
     when the hold ends (a fit's hold delivers one no fit took: the process ends as without the hold)."""
-    from samflow.callbacks.resume import requeue_signal_held
+    from samflow.requeue_hold import requeue_signal_held
 
     _slurm_job(tmp_path, monkeypatch)
     delivered: list[int] = []

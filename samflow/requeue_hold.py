@@ -1,0 +1,120 @@
+"""SLURM's requeue signal held from the start of a ``samflow`` command, before its imports.
+
+A SLURM job's ``#SBATCH --signal=SIGUSR1@90`` ends a process whose handler is not in place yet: the
+signal's default action. ``samflow.cli`` enters ``requeue_signal_held`` before it imports torch or
+Lightning (``import samflow`` imports neither), so the signal is held from about the first tenth of a
+second of the command; ``samflow.callbacks.resume.SlurmRequeue`` takes it over in a fit, and reports it
+in the other commands. This module imports nothing of samflow's at its top, and no third-party package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+__all__ = ["HELD_COMMANDS", "HeldSignal", "requeue_signal_held", "slurm_job"]
+
+
+def slurm_job() -> str | None:
+    """This SLURM job's id as ``scontrol requeue`` takes it (``<array job>_<task>`` in a job array), or None."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+class HeldSignal:
+    """SLURM's requeue signal held from the start of a ``samflow`` command (``requeue_signal_held``), or
+    through a validate / test / predict (``SlurmRequeue``): noted, never acted on, where its default
+    action killed the process. A fit's ``SlurmRequeue`` takes it over; for any other command it only
+    says so, in one line on process 0 (``report``)."""
+
+    #: the hold of the command running in this process
+    current: ClassVar[HeldSignal | None] = None
+
+    def __init__(self, signum: signal.Signals, command: str = "fit") -> None:
+        self.signum = signum
+        self.command = command
+        self.got = False
+        self.seen = False  # came at some time (``got`` is reset by ``take``)
+        self.reported = False
+        self.given_back = False
+        self.previous = signal.signal(signum, self._hold)
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.got = self.seen = True
+
+    def take(self) -> bool:
+        """Whether the signal came since the last call."""
+        got, self.got = self.got, False
+        return got
+
+    def report(self, trainer: Trainer | None = None) -> None:
+        """Once, after the signal came to a command that is not requeued: say so on process 0
+        (``first_process``, and ``trainer``'s global rank 0), outside the handler (a line written inside it
+        could land within another write to the stream). Nothing is asked before the signal came: it runs
+        at every batch's end."""
+        if not self.seen or self.reported:
+            return
+        self.reported = True
+        from samflow.callbacks.run_folder import first_process
+
+        if (trainer is None or trainer.is_global_zero) and first_process():
+            sys.stderr.write(
+                f"samflow: SLURM's requeue signal: `samflow {self.command}` is not requeued (only a fit is); "
+                "it goes on until it ends or the job's time limit.\n"
+            )
+            sys.stderr.flush()
+
+    def give_back(self, deliver: bool = True) -> None:
+        """Put back the handler from before; a signal held and not taken is delivered to it now with
+        ``deliver`` (a fit's hold: as without the hold, the default action ends the process), else only
+        reported (``report``)."""
+        if self.given_back:
+            return
+        self.given_back = True
+        signal.signal(self.signum, self.previous if self.previous is not None else signal.SIG_DFL)
+        if not deliver:
+            self.report()
+        elif self.take():
+            signal.raise_signal(self.signum)
+
+
+#: the commands whose start ``requeue_signal_held`` covers: ``fit``, which ``SlurmRequeue`` stops and
+#: requeues, and those that go on through the signal (``samflow predict --prompts`` is ``predict``)
+HELD_COMMANDS = ("fit", "validate", "test", "predict", "predict-slide")
+
+
+@contextlib.contextmanager
+def requeue_signal_held(command: str) -> Iterator[None]:
+    """Around a ``samflow`` command: in a SLURM job (``slurm_job``), hold SLURM's requeue signal
+    (``SIGUSR1``) from the command's start. ``fit`` holds it until ``SlurmRequeue`` takes it over, so that
+    a signal before the fit's handler (the config, the model, the data listing, a checkpoint loaded) stops
+    the fit and requeues the job instead of killing the process (``SlurmRequeue``); a fit whose
+    ``SlurmRequeue`` does not handle it gives it back at ``on_fit_start``, and at the end of the command
+    the handler from before is put back, and a held signal that no fit took is delivered to it.
+    ``validate``, ``test``, ``predict`` (with or without a trainer: ``--prompts``) and ``predict-slide``
+    hold it to their end: it is noted, reported in one line on process 0, and never delivered, so that
+    the command goes on (it has no run to requeue). Nothing is held outside SLURM or for another command."""
+    if (
+        command not in HELD_COMMANDS
+        or slurm_job() is None
+        or HeldSignal.current is not None
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    held = HeldSignal.current = HeldSignal(signal.SIGUSR1, command)
+    try:
+        yield
+    finally:
+        HeldSignal.current = None
+        held.give_back(deliver=command == "fit")
