@@ -196,7 +196,11 @@ def run_command(name: str, args: list[str]) -> int:
 
     module, _, function = COMMANDS[name][0].partition(":")
     held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-    if name in ("predict --prompts", "predict-slide"):  # SLURM's requeue signal: noted, the command goes on
+    if name in (
+        "predict --prompts",
+        "predict-slide",
+        "student",
+    ):  # SLURM's requeue signal held (requeue_hold)
         held = requeue_signal_held(name.split()[0])
     try:
         with held, restored_process_state():  # the verbosity is this command's only

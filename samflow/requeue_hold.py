@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["HELD_COMMANDS", "HeldSignal", "requeue_signal_held", "slurm_job"]
+__all__ = ["HELD_COMMANDS", "REQUEUED_COMMANDS", "HeldSignal", "requeue_signal_held", "slurm_job"]
 
 
 def slurm_job() -> str | None:
@@ -34,7 +34,7 @@ def slurm_job() -> str | None:
 class HeldSignal:
     """SLURM's requeue signal held from the start of a ``samflow`` command (``requeue_signal_held``), or
     through a validate / test / predict (``SlurmRequeue``): noted, never acted on, where its default
-    action killed the process. A fit's ``SlurmRequeue`` takes it over; for any other command it only
+    action killed the process. A fit's (a student's) ``SlurmRequeue`` takes it over; for any other command it only
     says so, in one line on process 0 (``report``)."""
 
     #: the hold of the command running in this process
@@ -69,8 +69,8 @@ class HeldSignal:
 
         if (trainer is None or trainer.is_global_zero) and first_process():
             sys.stderr.write(
-                f"samflow: SLURM's requeue signal: `samflow {self.command}` is not requeued (only a fit is); "
-                "it goes on until it ends or the job's time limit.\n"
+                f"samflow: SLURM's requeue signal: `samflow {self.command}` is not requeued (only fit and "
+                "student are); it goes on until it ends or the job's time limit.\n"
             )
             sys.stderr.flush()
 
@@ -88,15 +88,18 @@ class HeldSignal:
             signal.raise_signal(self.signum)
 
 
-#: the commands whose start ``requeue_signal_held`` covers: ``fit``, which ``SlurmRequeue`` stops and
-#: requeues, and those that go on through the signal (``samflow predict --prompts`` is ``predict``)
-HELD_COMMANDS = ("fit", "validate", "test", "predict", "predict-slide")
+#: the commands whose start ``requeue_signal_held`` covers: ``fit`` and ``student``, which ``SlurmRequeue``
+#: stops and requeues, and those that go on through the signal (``samflow predict --prompts`` is ``predict``)
+HELD_COMMANDS = ("fit", "student", "validate", "test", "predict", "predict-slide")
+#: those of them that ``SlurmRequeue`` stops and requeues (the others go on through the signal)
+REQUEUED_COMMANDS = ("fit", "student")
 
 
 @contextlib.contextmanager
 def requeue_signal_held(command: str) -> Iterator[None]:
     """Around a ``samflow`` command: in a SLURM job (``slurm_job``), hold SLURM's requeue signal
-    (``SIGUSR1``) from the command's start. ``fit`` holds it until ``SlurmRequeue`` takes it over, so that
+    (``SIGUSR1``) from the command's start. ``fit`` (and ``student``, the same way) holds it until
+    ``SlurmRequeue`` takes it over, so that
     a signal before the fit's handler (the config, the model, the data listing, a checkpoint loaded) stops
     the fit and requeues the job instead of killing the process (``SlurmRequeue``); a fit whose
     ``SlurmRequeue`` does not handle it gives it back at ``on_fit_start``, and at the end of the command
@@ -117,4 +120,4 @@ def requeue_signal_held(command: str) -> Iterator[None]:
         yield
     finally:
         HeldSignal.current = None
-        held.give_back(deliver=command == "fit")
+        held.give_back(deliver=command in REQUEUED_COMMANDS)

@@ -38,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from samflow.callbacks.resume import LastCheckpoint, RandomState
+from samflow.callbacks.resume import LastCheckpoint, RandomState, SlurmRequeue
 from samflow.callbacks.resume_config import (
     ResumeError,
     SameExperiment,
@@ -46,11 +46,12 @@ from samflow.callbacks.resume_config import (
     saved_settings,
     training_settings,
 )
-from samflow.callbacks.run_folder import RunCSVLogger
+from samflow.callbacks.run_folder import INFO_FILE, RunCSVLogger, read_run_info
 from samflow.data.coco import CocoDataModule
 from samflow.data.errors import DataError
 from samflow.instance.solov2 import SOLOv2Head
 from samflow.outputs import write_whole
+from samflow.requeue_hold import slurm_job
 from samflow.student import METRICS_KEY, StudentModule, resume_views
 from samflow.usage import CommandParser
 
@@ -164,7 +165,7 @@ def _build_cli(experiment: str, overrides: list[str]) -> Any:
         sys.argv = argv
 
 
-OUTPUTS = ("metrics.csv", "hparams.yaml", "student_metrics.json", "results.json")
+OUTPUTS = ("metrics.csv", "hparams.yaml", "student_metrics.json", "results.json", INFO_FILE)
 
 
 def _launching_process() -> bool:
@@ -194,6 +195,17 @@ def _earlier_outputs(out: Path, pseudo: Path, overwrite: bool) -> list[Path]:
             f"{' ...' if len(found) > 3 else ''}); pass --overwrite to replace it, or choose another --out."
         )
     return found
+
+
+def _requeued_here(out: Path, command: list[str]) -> bool:
+    """Whether this SLURM job, started again after a requeue (``SLURM_RESTART_COUNT`` 1 or more: by
+    ``SlurmRequeue``, ``scontrol requeue`` or a preemption), started the student run in ``out`` with this
+    command line (its ``run.json``): the job script's same command then continues that run."""
+    job = slurm_job()
+    if job is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return False
+    info = read_run_info(out)
+    return info.get("slurm_job") == job and info.get("slurm_command") == command
 
 
 def _resume_checkpoint(out: Path) -> Path:
@@ -290,6 +302,13 @@ def main(argv: list[str]) -> int:
             f"samflow student: --pseudo {pseudo} not found; write it with `samflow pseudo-masks`."
         )
     out = Path(opts.out).expanduser()
+    command = ["student", *argv]
+    if not opts.resume and _requeued_here(out, command):  # its requeued job: the run goes on
+        continues = (out / "checkpoints" / LastCheckpoint.FILE).is_file()
+        opts.resume, opts.overwrite = continues, not continues  # nothing trained yet: it starts again
+        if _launching_process():
+            goes_on = "continues the run in" if continues else "starts again the run it had not trained in"
+            print(f"samflow student: SLURM job {slurm_job()} started again: it {goes_on} {out}.")
     # --resume continues the earlier run's files (never the input's: _earlier_outputs checks that)
     earlier = _earlier_outputs(out, pseudo, opts.overwrite or opts.resume) if _launching_process() else []
     ckpt = _resume_checkpoint(out) if opts.resume else None
@@ -352,6 +371,11 @@ def main(argv: list[str]) -> int:
         kwargs["strategy"] = "ddp"  # the student's head uses every parameter
     for path in earlier:  # --overwrite: none of them outlives this run beside its new files
         path.unlink(missing_ok=True)
+    job = slurm_job()
+    if job is not None and _launching_process():  # its job started again continues it (_requeued_here)
+        out.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"slurm_job": job, "slurm_command": command}, indent=2) + "\n"
+        write_whole(out / INFO_FILE, lambda temp: temp.write_text(record))
     # the experiment's own trainer.callbacks (e.g. the warm-up) come first; samflow fit's (sample grids,
     # reports, its checkpointing) are for SamflowModule and are left out. last.ckpt as samflow fit's:
     # every --last.every_n_train_steps steps and each epoch end, with what an exact resume needs
@@ -360,8 +384,11 @@ def main(argv: list[str]) -> int:
     every = last.every_n_train_steps if isinstance(last, LastCheckpoint) else 50
     last_ckpt = LastCheckpoint(every, dirpath=str(out / "checkpoints"))
     last_ckpt.command, last_ckpt.resume_flag = "student", "--resume"  # its line after a Ctrl-C
+    requeue = SlurmRequeue()  # SLURM's requeue signal: stop after the batch, requeue, continue the run
+    requeue.what = "student run"
     callbacks = [
         *(config.get("callbacks") or [])[:own],
+        requeue,
         last_ckpt,
         RandomState(),
         SameExperiment(settings, random_seed, checked=True),
@@ -376,8 +403,12 @@ def main(argv: list[str]) -> int:
         trainer.fit(student, datamodule=student_data, ckpt_path=ckpt)
         if student_data.splits.get("test"):
             trainer.test(student, datamodule=student_data, verbose=False)
-    except SIGTERMException:  # Lightning stopped after the batch; last.ckpt is the last one written whole
-        if trainer.is_global_zero:
+    except (
+        SIGTERMException
+    ) as err:  # Lightning stopped after the batch; last.ckpt is the last one written whole
+        if trainer.is_global_zero and requeue.requeue:  # LastCheckpoint's and SlurmRequeue's lines
+            sys.stderr.write(f"samflow: error: {' '.join(getattr(err, '__notes__', []))}\n")
+        elif trainer.is_global_zero:
             sys.stderr.write(
                 f"samflow student: stopped by SIGTERM at step {trainer.global_step}; continue the run with "
                 f"the same arguments and --resume (from {out / 'checkpoints' / LastCheckpoint.FILE}).\n"

@@ -682,8 +682,9 @@ class SlurmRequeue(Callback):
     again (a new fit's folder is removed, as after any stop before its first step) or continues the run
     from the ``last.ckpt`` it was resumed from, which is left as it was. Before, the signal's default
     action killed the process: the job ended without being requeued. Every process takes the decision
-    together under DDP. A ``requeue_signal`` other than ``SIGUSR1``, and a signal in the first moments
-    of the process (Python and samflow's imports, before the command starts), are not held.
+    together under DDP. A ``requeue_signal`` other than ``SIGUSR1``, and a signal in the first tenth of a
+    second of the process (Python's start, before ``samflow.cli`` holds it), are not held.
+    ``samflow student`` is requeued the same way (its ``--out`` holds the ``run.json``).
 
     ``samflow validate``, ``test`` and ``predict`` in a SLURM job are not requeued (they have no run to
     continue): Lightning's auto-requeue is off for them too (it saved ``hpc_ckpt_N.ckpt`` from inside the
@@ -700,6 +701,8 @@ class SlurmRequeue(Callback):
 
     def __init__(self) -> None:
         self.requeue = False
+        #: what the restarted job starts again when nothing was trained (``samflow student``: its run)
+        self.what = "fit"
         self._environment: Any = None
         self._signal: signal.Signals | None = None
         self._held: HeldSignal | None = None  # validate / test / predict: the signal noted (``setup``)
@@ -867,7 +870,7 @@ class SlurmRequeue(Callback):
             failed = str(err)
         # nothing trained (stopped before the first step of a new fit): the restarted job starts it again
         trained = bool(trainer.global_step)
-        goes_on = "it continues this run" if trained else "it starts this fit again"
+        goes_on = "it continues this run" if trained else f"it starts this {self.what} again"
         exception.add_note(
             f"SLURM job {job} requeued: {goes_on} when it starts again."
             if not failed
