@@ -43,6 +43,10 @@ class BalancedBCELoss(nn.Module):
         per_image: count ``N_pos``, ``N_neg`` and ``M`` per image and average the images' losses
             (each image balanced on its own; a row's loss does not depend on the rest of its batch, so
             evaluation losses reduce exactly over processes). False (SAM-Adapter's): over the batch.
+            Either way a count that is all one class adds 0: with ``per_image`` an image whose mask
+            is empty (or full) teaches nothing, so a false positive on an empty image costs nothing;
+            with empty masks in the data, add ``dice`` / ``soft_iou`` (they score an empty mask) or
+            use ``bce``.
     """
 
     def __init__(self, *, per_image: bool = False) -> None:
