@@ -58,9 +58,15 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """A public name, imported from its module on first use."""
+    """A public name, imported from its module on first use; or a submodule (``samflow.plugins`` after
+    ``import samflow``, as when this package imported them itself)."""
     module = _PUBLIC.get(name)
     if module is None:
+        try:
+            return importlib.import_module(f"samflow.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"samflow.{name}":  # a submodule whose own import failed
+                raise
         raise AttributeError(f"module 'samflow' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function

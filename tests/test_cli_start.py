@@ -57,3 +57,19 @@ def test_an_unknown_name_is_an_attribute_error_that_names_it():
     with pytest.raises(AttributeError, match="module 'samflow' has no attribute 'SamBatchh'"):
         samflow.SamBatchh  # noqa: B018
     assert not hasattr(samflow, "_no_such_name")
+
+
+def test_the_submodules_are_attributes_of_samflow_as_before():
+    """``import samflow`` then ``samflow.plugins.SamPlugin``, ``samflow.sam.build_sam``: a plugin or script
+    written when ``import samflow`` imported them keeps working."""
+    code = (
+        "import samflow\n"
+        "assert samflow.plugins.SamPlugin is samflow.SamPlugin\n"
+        "assert samflow.sam.build_sam is samflow.build_sam\n"
+        "assert samflow.batch.SamBatch is samflow.SamBatch\n"
+        "print('ok')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.stdout.strip() == "ok", done.stderr[-3000:]
