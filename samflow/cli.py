@@ -195,15 +195,8 @@ def run_command(name: str, args: list[str]) -> int:
     from argparse import ArgumentError
 
     module, _, function = COMMANDS[name][0].partition(":")
-    held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-    if name in (
-        "predict --prompts",
-        "predict-slide",
-        "student",
-    ):  # SLURM's requeue signal held (requeue_hold)
-        held = requeue_signal_held(name.split()[0])
-    try:
-        with held, restored_process_state():  # the verbosity is this command's only
+    try:  # in a SLURM job the requeue signal is held (student, predict --prompts, predict-slide: HELD_COMMANDS)
+        with requeue_signal_held(name.split()[0]), restored_process_state():  # the verbosity: this command's
             args = _verbosity_from_argv(args)
             return int(getattr(importlib.import_module(module), function)(args) or 0)
     except ArgumentError as err:  # an experiment override jsonargparse refused (the command passed it on)

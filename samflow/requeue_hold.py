@@ -34,8 +34,8 @@ def slurm_job() -> str | None:
 class HeldSignal:
     """SLURM's requeue signal held from the start of a ``samflow`` command (``requeue_signal_held``), or
     through a validate / test / predict (``SlurmRequeue``): noted, never acted on, where its default
-    action killed the process. A fit's (a student's) ``SlurmRequeue`` takes it over; for any other command it only
-    says so, in one line on process 0 (``report``)."""
+    action killed the process. The ``SlurmRequeue`` of a fit (or of ``samflow student``) takes it over;
+    for any other command it only says so, in one line on process 0 (``report``)."""
 
     #: the hold of the command running in this process
     current: ClassVar[HeldSignal | None] = None
@@ -99,9 +99,9 @@ REQUEUED_COMMANDS = ("fit", "student")
 def requeue_signal_held(command: str) -> Iterator[None]:
     """Around a ``samflow`` command: in a SLURM job (``slurm_job``), hold SLURM's requeue signal
     (``SIGUSR1``) from the command's start. ``fit`` (and ``student``, the same way) holds it until
-    ``SlurmRequeue`` takes it over, so that
-    a signal before the fit's handler (the config, the model, the data listing, a checkpoint loaded) stops
-    the fit and requeues the job instead of killing the process (``SlurmRequeue``); a fit whose
+    ``SlurmRequeue`` takes it over, so that a signal before the fit's handler (the imports, the config,
+    the model, the data listing, a checkpoint loaded) stops the fit and requeues the job instead of
+    killing the process (``SlurmRequeue``); a fit whose
     ``SlurmRequeue`` does not handle it gives it back at ``on_fit_start``, and at the end of the command
     the handler from before is put back, and a held signal that no fit took is delivered to it.
     ``validate``, ``test``, ``predict`` (with or without a trainer: ``--prompts``) and ``predict-slide``
