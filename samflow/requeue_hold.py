@@ -47,6 +47,8 @@ class HeldSignal:
         self.seen = False  # came at some time (``got`` is reset by ``take``)
         self.reported = False
         self.given_back = False
+        #: a requeued command (fit, student) trained to its end: the signal is then only noted (``report``)
+        self.training_done = False
         self.previous = signal.signal(signum, self._hold)
 
     def _hold(self, signum: int, frame: Any) -> None:
@@ -68,9 +70,10 @@ class HeldSignal:
         from samflow.callbacks.run_folder import first_process
 
         if (trainer is None or trainer.is_global_zero) and first_process():
+            why = "its training is done" if self.training_done else "only fit and student are"
             sys.stderr.write(
-                f"samflow: SLURM's requeue signal: `samflow {self.command}` is not requeued (only fit and "
-                "student are); it goes on until it ends or the job's time limit.\n"
+                f"samflow: SLURM's requeue signal: `samflow {self.command}` is not requeued ({why}); it goes "
+                "on until it ends or the job's time limit.\n"
             )
             sys.stderr.flush()
 
@@ -106,7 +109,8 @@ def requeue_signal_held(command: str) -> Iterator[None]:
     the handler from before is put back, and a held signal that no fit took is delivered to it.
     ``validate``, ``test``, ``predict`` (with or without a trainer: ``--prompts``) and ``predict-slide``
     hold it to their end: it is noted, reported in one line on process 0, and never delivered, so that
-    the command goes on (it has no run to requeue). Nothing is held outside SLURM or for another command."""
+    the command goes on (it has no run to requeue); so does ``student`` once its training ended
+    (``SlurmRequeue.on_fit_end``: in its test). Nothing is held outside SLURM or for another command."""
     if (
         command not in HELD_COMMANDS
         or slurm_job() is None
@@ -120,4 +124,4 @@ def requeue_signal_held(command: str) -> Iterator[None]:
         yield
     finally:
         HeldSignal.current = None
-        held.give_back(deliver=command in REQUEUED_COMMANDS)
+        held.give_back(deliver=command in REQUEUED_COMMANDS and not held.training_done)

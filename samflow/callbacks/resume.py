@@ -848,6 +848,12 @@ class SlurmRequeue(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._give_environment_back()
+        held = HeldSignal.current
+        if held is not None:  # trained to the end: a signal from now on is noted, the command goes on
+            held.training_done = True
+
+    def _give_environment_back(self) -> None:
         environment, self._environment = self._environment, None
         if environment is not None:
             environment.auto_requeue = True  # the trainer's environment as it was
@@ -859,7 +865,7 @@ class SlurmRequeue(Callback):
         self._end_stage(trainer)
         if not (self.requeue and isinstance(exception, SIGTERMException)):
             return
-        self.on_fit_end(trainer, pl_module)
+        self._give_environment_back()
         job = slurm_job()
         if not trainer.is_global_zero or job is None:
             return

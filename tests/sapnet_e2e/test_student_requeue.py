@@ -106,3 +106,29 @@ def test_a_restarted_job_takes_over_no_run_it_did_not_start_with_its_command(
     capsys.readouterr()
     assert main([*base, "--out", str(out), *other]) == 1
     assert "holds an earlier student run" in capsys.readouterr().err
+
+
+def test_the_requeue_signal_in_the_students_test_is_noted_and_the_run_ends_as_without_it(
+    setup, tmp_path, monkeypatch, capsys
+):
+    """Training done, the signal in the test's first batch: nothing to requeue; one line, the test goes
+    on, exit 0 with the uninterrupted run's files, ``scontrol`` never run. (Held from the command's start,
+    it was delivered when the command ended: the process died of it after writing its files.)"""
+    root, base, whole, _ = setup
+    calls = _slurm_job(tmp_path, monkeypatch)
+    out = tmp_path / "in_test"
+
+    def on_test_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            signal.raise_signal(signal.SIGUSR1)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StudentModule, "on_test_batch_end", on_test_batch_end, raising=False)
+        assert main([*base, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "samflow: SLURM's requeue signal: `samflow student` is not requeued (its training is done); it goes on "
+        "until it ends or the job's time limit.\n"
+    ) in err, err
+    assert not calls.exists()
+    _same_run(out, whole)
