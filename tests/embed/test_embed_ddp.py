@@ -153,7 +153,27 @@ def test_two_processes_write_the_store_of_one(experiment, one_process, tmp_path)
     assert len(store) == 8
 
 
-def test_a_killed_two_process_run_is_finished_on_two_or_one(experiment, one_process, tmp_path, caplog):
+def _rank_zero_lines(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The lines Lightning's ``rank_zero_info`` logs from now on in this process, on a handler of the
+    logger it writes to: whatever earlier tests of this worker did to logging (a ``fileConfig`` that
+    disabled the existing loggers, a rank left set, Lightning's loggers not propagating to pytest's)."""
+    import logging
+
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core import rank_zero as rank_zero_module
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = rank_zero_module.log
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, handler])  # the list as it was afterwards
+    return lines
+
+
+def test_a_killed_two_process_run_is_finished_on_two_or_one(experiment, one_process, tmp_path, monkeypatch):
     script = tmp_path / "stopping.py"
     script.write_text(WAITING)
     store = tmp_path / "store"
@@ -192,8 +212,9 @@ def test_a_killed_two_process_run_is_finished_on_two_or_one(experiment, one_proc
     assert bar(again.stdout) == "8/8"
     assert_same_store(store, one_process)
 
+    logged = _rank_zero_lines(monkeypatch)
     embed_here(experiment, on_one)
-    assert "(4 encoded now by rank 0, 1 rank(s))" in caplog.text
+    assert any("(4 encoded now by rank 0, 1 rank(s))" in line for line in logged), logged
     assert_same_store(on_one, one_process)
 
 
