@@ -193,6 +193,19 @@ def barrier(while_waiting: Callable[[], object] | None = None) -> None:
     work.wait()  # raises the group's error when a rank stopped
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on some rank (on the CPU group, ``cpu_group``); every rank calls it at the
+    same point. In one process: ``flag``."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, group=cpu_group())
+    return bool(value.item())
+
+
 def wait_for_ranks(
     error: Callable[[str], Exception],
     command: str,

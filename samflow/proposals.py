@@ -54,6 +54,11 @@ the same batches), not bit-for-bit those of the fp32 encoder: scores move slight
 can flip where a logit is near 0 (``tests/proposals/test_proposals_store.py`` measures both). The key
 records ``embeddings: fp16 store``, so the two kinds never mix in one proposal store.
 
+**SLURM.** In a SLURM job the requeue signal (``#SBATCH --signal=SIGUSR1@90``) is held from the command's
+start (``samflow.requeue_hold``): each rank stops before its next shard, the shards written are kept,
+process 0 requeues the job (``scontrol requeue``) and the command exits 1 in one line; the same command
+in the restarted job finishes the store. A signal once the store is complete is only noted.
+
 **DDP.** Launched with ``torchrun --nproc_per_node N -m samflow proposals ...``, shard i goes to rank
 i mod N; rank 0 merges after a barrier, and the merged file is the one a single process writes
 (``tests/proposals/test_proposals_ddp.py``). Every rank checks the key before the first barrier, so a
@@ -276,10 +281,13 @@ def write_proposals(
     progress: Callable[[int], Callable[[int], object]] | None = None,
     barrier: Callable[..., None] = lambda while_waiting=None: None,
     embedding_store: str | Path | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> Path | None:
     """Write the store (module docstring); return ``OUT/proposals.json`` once complete, else None.
 
-    ``max_shards`` stops after computing that many shards (what an interruption leaves).
+    ``max_shards`` stops after computing that many shards (what an interruption leaves). ``stop()``, asked
+    before each shard, ends the writing early (SLURM's requeue signal:
+    ``samflow.requeue_hold.requeue_requested``): every rank then returns None after the barrier.
     ``progress(total)`` (``total``: the store's shards) returns a callback given the number of finished
     shards, every rank's, after each of this rank's and, while this rank waits for the others' last
     shards, as ``barrier(while_waiting)`` calls it (``samflow.commands.barrier``).
@@ -326,6 +334,8 @@ def write_proposals(
     for done, i in enumerate(todo):
         if max_shards is not None and done >= max_shards:
             return None
+        if stop():
+            break
         span = range(i * shard_size, min((i + 1) * shard_size, len(dataset)))
         _write_json(
             root / "shards" / f"{i:06d}.json", shard_records(model, dataset, span, batch_size, device)
@@ -333,6 +343,8 @@ def write_proposals(
         finished(count())
     barrier(lambda: finished(count()))  # as long as the slowest rank's shards take, its shards counted
     finished(count())  # the other ranks' last shards too
+    if count() < n_shards:  # a rank stopped early (every rank sees the same files after the barrier)
+        return None
     final = root / "proposals.json"
     if rank == 0:
         annotations = []
@@ -404,8 +416,9 @@ def _propose(opts: argparse.Namespace, overrides: list[str]) -> int:
     from lightning.pytorch.utilities import rank_zero_info
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from samflow.commands import build_experiment, rank_and_world, wait_for_ranks
+    from samflow.commands import any_rank, build_experiment, rank_and_world, wait_for_ranks
     from samflow.data.coco import CocoDataModule
+    from samflow.requeue_hold import requeue_requested, store_requeued, work_done
 
     rank, world = rank_and_world()
     model, datamodule = build_experiment(opts.experiment, overrides)
@@ -444,8 +457,19 @@ def _propose(opts: argparse.Namespace, overrides: list[str]) -> int:
                 "the shards written so far are kept: run the same command again to finish the store.",
             ),
             embedding_store=opts.embedding_store or model.sam_spec.embedding_store,
+            stop=requeue_requested,  # SLURM's requeue signal: stop before the next shard
         )
-    rank_zero_info(f"samflow proposals: {len(dataset)} images -> {final}")
+    stopped = final is None and any_rank(requeue_requested())  # None on every rank alike
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    if final is None:
+        shards = sum(1 for _ in (Path(opts.out).expanduser() / "shards").glob("[0-9]*.json"))
+        written = f"{shards} of {-(-len(dataset) // opts.shard_size)} shards written"
+        if stopped:  # process 0 requeues; the restarted job finishes the store
+            raise ProposalStoreError(store_requeued("proposals", written, first=rank == 0))
+        raise ProposalStoreError(
+            f"samflow proposals: {written}; run the same command again to finish the store."
+        )
+    work_done("store")  # a requeue signal from now on is noted only
+    rank_zero_info(f"samflow proposals: {len(dataset)} images -> {final}")
     return 0

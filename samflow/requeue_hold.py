@@ -3,8 +3,10 @@
 A SLURM job's ``#SBATCH --signal=SIGUSR1@90`` ends a process whose handler is not in place yet: the
 signal's default action. ``samflow.cli`` enters ``requeue_signal_held`` before it imports torch or
 Lightning (``import samflow`` imports neither), so the signal is held from about the first tenth of a
-second of the command; ``samflow.callbacks.resume.SlurmRequeue`` takes it over in a fit, and reports it
-in the other commands. This module imports nothing of samflow's at its top, and no third-party package.
+second of the command; ``samflow.callbacks.resume.SlurmRequeue`` takes it over in a fit, the store writers
+(``samflow embed``, ``samflow proposals``) stop at their next chunk and requeue the job
+(``requeue_requested``, ``store_requeued``), and the other commands report it. This module imports
+nothing of samflow's at its top, and no third-party package.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -20,7 +23,18 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["HELD_COMMANDS", "REQUEUED_COMMANDS", "HeldSignal", "requeue_signal_held", "slurm_job"]
+__all__ = [
+    "HELD_COMMANDS",
+    "REQUEUED_COMMANDS",
+    "STORE_COMMANDS",
+    "HeldSignal",
+    "requeue_job",
+    "requeue_requested",
+    "requeue_signal_held",
+    "slurm_job",
+    "store_requeued",
+    "work_done",
+]
 
 
 def slurm_job() -> str | None:
@@ -47,8 +61,9 @@ class HeldSignal:
         self.seen = False  # came at some time (``got`` is reset by ``take``)
         self.reported = False
         self.given_back = False
-        #: a requeued command (fit, student) trained to its end: the signal is then only noted (``report``)
-        self.training_done = False
+        #: what a requeued command (fit, student: "training"; embed, proposals: "store") finished; a signal
+        #: then is only noted (``report``)
+        self.work_done: str | None = None
         self.previous = signal.signal(signum, self._hold)
 
     def _hold(self, signum: int, frame: Any) -> None:
@@ -70,7 +85,7 @@ class HeldSignal:
         from samflow.callbacks.run_folder import first_process
 
         if (trainer is None or trainer.is_global_zero) and first_process():
-            why = "its training is done" if self.training_done else "only fit and student are"
+            why = f"its {self.work_done} is done" if self.work_done else f"only {_REQUEUED_NAMES} are"
             sys.stderr.write(
                 f"samflow: SLURM's requeue signal: `samflow {self.command}` is not requeued ({why}); it goes "
                 "on until it ends or the job's time limit.\n"
@@ -92,10 +107,69 @@ class HeldSignal:
 
 
 #: the commands whose start ``requeue_signal_held`` covers: ``fit`` and ``student``, which ``SlurmRequeue``
-#: stops and requeues, and those that go on through the signal (``samflow predict --prompts`` is ``predict``)
-HELD_COMMANDS = ("fit", "student", "validate", "test", "predict", "predict-slide")
+#: stops and requeues, the store writers (``STORE_COMMANDS``), and those that go on through the signal
+#: (``samflow predict --prompts`` is ``predict``)
+HELD_COMMANDS = (
+    "fit",
+    "student",
+    "embed",
+    "proposals",
+    "validate",
+    "test",
+    "predict",
+    "predict-slide",
+    "pseudo-masks",
+)
 #: those of them that ``SlurmRequeue`` stops and requeues (the others go on through the signal)
 REQUEUED_COMMANDS = ("fit", "student")
+#: the resumable store writers: stopped at their next chunk of images (``requeue_requested``) and requeued
+#: (``store_requeued``); the restarted job's same command finishes the store
+STORE_COMMANDS = ("embed", "proposals")
+_REQUEUED_NAMES = "fit, student, embed and proposals"
+
+
+def requeue_requested() -> bool:
+    """Whether SLURM's requeue signal came to this command's hold (``requeue_signal_held``) at some time:
+    a store writer (``STORE_COMMANDS``) asks before each chunk, and stops."""
+    held = HeldSignal.current
+    return held is not None and held.seen
+
+
+def work_done(what: str) -> None:
+    """A store writer finished its store (``what``): a requeue signal that came is only noted (``report``)."""
+    if HeldSignal.current is not None:
+        HeldSignal.current.work_done = what
+
+
+def requeue_job(job: str) -> str:
+    """Run ``scontrol requeue <job>``; returns why it failed, "" when it did not."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True)
+    except OSError as err:
+        return str(err)
+    if done.returncode == 0:
+        return ""
+    return " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+
+
+def store_requeued(command: str, written: str, first: bool) -> str:
+    """The one line of a store writer (``samflow embed``, ``samflow proposals``) that SLURM's requeue signal
+    stopped before its store was complete (``written``: how much of it is), once every rank has stopped;
+    process 0 (``first``) requeues the job: the same command in the restarted job finishes the store."""
+    if HeldSignal.current is not None:
+        HeldSignal.current.reported = True  # this line says it
+    job = slurm_job()
+    stopped = f"samflow {command}: SLURM's requeue signal: stopped with {written} (kept)"
+    if not first:
+        return f"{stopped}; process 0 requeues SLURM job {job}."
+    failed = requeue_job(job) if job else "not in a SLURM job"
+    if failed:
+        return (
+            f"{stopped}; `scontrol requeue {job}` failed ({failed}): run the same command again to finish it."
+        )
+    return (
+        f"{stopped}; SLURM job {job} requeued: the same command finishes the store when the job starts again."
+    )
 
 
 @contextlib.contextmanager
@@ -107,10 +181,12 @@ def requeue_signal_held(command: str) -> Iterator[None]:
     killing the process (``SlurmRequeue``); a fit whose
     ``SlurmRequeue`` does not handle it gives it back at ``on_fit_start``, and at the end of the command
     the handler from before is put back, and a held signal that no fit took is delivered to it.
-    ``validate``, ``test``, ``predict`` (with or without a trainer: ``--prompts``) and ``predict-slide``
-    hold it to their end: it is noted, reported in one line on process 0, and never delivered, so that
-    the command goes on (it has no run to requeue); so does ``student`` once its training ended
-    (``SlurmRequeue.on_fit_end``: in its test). Nothing is held outside SLURM or for another command."""
+    ``validate``, ``test``, ``predict`` (with or without a trainer: ``--prompts``), ``predict-slide``
+    and ``pseudo-masks`` hold it to their end: it is noted, reported in one line on process 0, and never
+    delivered, so that the command goes on (it has no run to requeue); so does ``student`` once its
+    training ended (``SlurmRequeue.on_fit_end``: in its test). ``embed`` and ``proposals`` hold it to their
+    end too, and stop at their next chunk of images when it came (``requeue_requested``,
+    ``store_requeued``). Nothing is held outside SLURM or for another command."""
     if (
         command not in HELD_COMMANDS
         or slurm_job() is None
@@ -124,4 +200,4 @@ def requeue_signal_held(command: str) -> Iterator[None]:
         yield
     finally:
         HeldSignal.current = None
-        held.give_back(deliver=command in REQUEUED_COMMANDS and not held.training_done)
+        held.give_back(deliver=command in REQUEUED_COMMANDS and not held.work_done)

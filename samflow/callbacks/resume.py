@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import threading
 import warnings
@@ -34,7 +33,7 @@ from samflow.callbacks.accumulation import AccumulatedGradients, inside_window
 from samflow.callbacks.run_folder import first_process
 from samflow.console import shown
 from samflow.outputs import partial_path, write_whole
-from samflow.requeue_hold import HeldSignal, slurm_job
+from samflow.requeue_hold import HeldSignal, requeue_job, slurm_job
 
 __all__ = [
     "BestCheckpoint",
@@ -851,7 +850,7 @@ class SlurmRequeue(Callback):
         self._give_environment_back()
         held = HeldSignal.current
         if held is not None:  # trained to the end: a signal from now on is noted, the command goes on
-            held.training_done = True
+            held.work_done = "training"
 
     def _give_environment_back(self) -> None:
         environment, self._environment = self._environment, None
@@ -869,17 +868,13 @@ class SlurmRequeue(Callback):
         job = slurm_job()
         if not trainer.is_global_zero or job is None:
             return
-        try:
-            done = subprocess.run(["scontrol", "requeue", job], check=False, capture_output=True, text=True)
-            failed = done.stderr.strip() if done.returncode else ""
-        except OSError as err:
-            failed = str(err)
+        failed = requeue_job(job)
         # nothing trained (stopped before the first step of a new fit): the restarted job starts it again
         trained = bool(trainer.global_step)
         goes_on = "it continues this run" if trained else f"it starts this {self.what} again"
         exception.add_note(
             f"SLURM job {job} requeued: {goes_on} when it starts again."
             if not failed
-            else f"`scontrol requeue {job}` failed ({' '.join(failed.split())}): resubmit the job"
+            else f"`scontrol requeue {job}` failed ({failed}): resubmit the job"
             + (" with --resume." if trained else ".")
         )

@@ -15,6 +15,11 @@ The first process holds the store's lock file (``.embed.lock``, an ``flock``: ``
 from before the model is built until every rank has written its share, so a second ``samflow embed`` of
 the same store at the same moment stops in one line naming the process, before it builds or writes
 anything; a killed one holds nothing, and the next run finishes its store.
+
+In a SLURM job, SLURM's requeue signal (``#SBATCH --signal=SIGUSR1@90``) is held from the command's start
+(``samflow.requeue_hold``): each rank stops before its next chunk of images, the chunks written are
+kept, process 0 requeues the job (``scontrol requeue``) and the command exits 1 in one line; the same
+command in the restarted job finishes the store. A signal once the store is complete is only noted.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from samflow.callbacks.run_folder import RunLock, hold_folder
 from samflow.commands import (
+    any_rank,
     build_experiment,
     init_process_group,
     rank_and_world,
@@ -42,6 +48,7 @@ from samflow.data.coco import CocoDataModule
 from samflow.embed.check import require_file_images
 from samflow.embed.store import LOCK, EmbeddingStoreError
 from samflow.embed.writer import completed_rows, write_store
+from samflow.requeue_hold import requeue_requested, store_requeued, work_done
 from samflow.usage import CommandParser, PositiveInt
 
 
@@ -178,6 +185,7 @@ def _embed(
             overwrite=opts.overwrite,
             progress=progress,
             barrier=_barrier,
+            stop=requeue_requested,  # SLURM's requeue signal: stop before the next chunk
         )
         root = Path(out).expanduser()
 
@@ -189,13 +197,19 @@ def _embed(
 
         _barrier(count if rank == 0 else None)  # as long as the slowest rank's share takes
         complete = count()
+    signalled = any_rank(requeue_requested())  # on some rank: every rank has stopped by now
     if dist.is_initialized():
         dist.destroy_process_group()
+    if complete < manifest.rows and signalled:  # process 0 requeues; the restarted job finishes the store
+        raise EmbeddingStoreError(
+            store_requeued("embed", f"{complete} of {manifest.rows} images written", first=rank == 0)
+        )
     if complete < manifest.rows:
         raise EmbeddingStoreError(
             f"samflow embed: {root} is incomplete: {complete} of {manifest.rows} images written "
             f"({written} encoded now by rank {rank}); run the same command again to finish it."
         )
+    work_done("store")  # a requeue signal from now on is noted only
     rank_zero_info(
         f"samflow embed: {complete} images in {root} ({written} encoded now by rank {rank}, {world} "
         f"rank(s)); train with --model.sam.embedding_store {root}"

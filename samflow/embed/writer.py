@@ -163,10 +163,12 @@ def write_rows(
     world: int = 1,
     progress: Progress | None = None,
     stop_after: int | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> int:
     """Encode this rank's unfinished rows and write them; returns the number of images encoded.
 
-    ``stop_after`` (chunks) stops early, as an interruption would (for tests).
+    ``stop_after`` (chunks) stops early, as an interruption would (for tests); so does ``stop()`` once it
+    is true, asked before each chunk (SLURM's requeue signal: ``samflow.requeue_hold.requeue_requested``).
     """
     key = manifest.key
     device = next(model.sam.parameters()).device
@@ -182,7 +184,7 @@ def write_rows(
 
     written = 0
     for count, chunk in enumerate(chunks):
-        if stop_after is not None and count >= stop_after:
+        if (stop_after is not None and count >= stop_after) or stop():
             break
         if all(done[r] for r in chunk):
             continue
@@ -246,13 +248,15 @@ def write_store(
     progress: Callable[[int], Progress | None] | None = None,
     barrier: Callable[[], None] = lambda: None,
     stop_after: int | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> tuple[Manifest, int]:
     """Write (or finish) the store of a ``SamflowModule`` and its data module at ``root``.
 
     The data module's datasets must be set up. ``progress(total)`` (``total``: the store's images)
     returns the ``Progress`` callback (``None``: no bar), called first with the rows finished before.
-    Rank 0 creates the files; ``barrier`` separates that from the writing of every rank. Returns
-    (manifest, images encoded by this rank now).
+    Rank 0 creates the files; ``barrier`` separates that from the writing of every rank. ``stop()``, asked
+    before each chunk, ends the writing early (``write_rows``). Returns (manifest, images encoded by this
+    rank now).
     """
     if batch_size < 1 or shard_size < 1:
         raise EmbeddingStoreError(
@@ -277,7 +281,7 @@ def write_store(
     store, cache = hooked.embedding_store, hooked.encoder_cache
     hooked.embedding_store = hooked.encoder_cache = None  # the live encoder, whatever the run reads
     try:
-        written = write_rows(folder, manifest, hooked, batch_size, rank, world, advance, stop_after)
+        written = write_rows(folder, manifest, hooked, batch_size, rank, world, advance, stop_after, stop)
     finally:
         hooked.embedding_store, hooked.encoder_cache = store, cache
     return manifest, written

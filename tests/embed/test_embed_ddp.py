@@ -254,6 +254,56 @@ def test_unbalanced_ranks_wait_for_each_other_past_the_groups_timeout(experiment
     assert_same_store(tmp_path / "store", one_process)
 
 
+def test_the_requeue_signal_on_one_rank_stops_both_and_rank_0_requeues_the_job(experiment, tmp_path):
+    """A SLURM job (``SLURM_JOB_ID``, a stand-in ``scontrol`` on PATH) whose rank 1 alone gets SLURM's
+    requeue signal while it reads its third image (``--batch-size 1``: rows 1, 3, 5, 7): rank 1 writes
+    that image and stops before row 7, rank 0 writes its share, and once both have stopped rank 0
+    requeues the job (one ``scontrol requeue``, its line saying so; rank 1's saying process 0 does),
+    exit 1, 7 of 8 images kept. The restarted job's same command encodes row 7 and the store is byte for
+    byte one process's. Before, the signal killed rank 1 and the job was not requeued."""
+    script = tmp_path / "signalled.py"
+    script.write_text(
+        WRAPPED.format(
+            when='os.environ["RANK"] == "1" and len(calls) == 3',
+            then="import signal; signal.raise_signal(signal.SIGUSR1)",
+        )
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.txt"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    job = {"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    sizes = ["--batch-size", "1", "--shard-size", "3"]  # each image alone, in shards of 3
+    args = ["embed", "--experiment", str(experiment), "--out", "store", *sizes]
+    stopped = run_torchrun([str(script), *args], tmp_path, **job)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 1, out[-3000:]
+    stop = (
+        "samflow: error: samflow embed: SLURM's requeue signal: stopped with 7 of 8 images written (kept); "
+    )
+    assert (
+        f"{stop}SLURM job 4242 requeued: the same command finishes the store when the job starts again."
+        in out
+    )
+    assert f"{stop}process 0 requeues SLURM job 4242." in out, out[-3000:]
+    assert calls.read_text() == "requeue 4242\n"
+    assert np.load(tmp_path / "store" / DONE).tolist() == [1, 1, 1, 1, 1, 1, 1, 0]
+
+    again = run_torchrun(["-m", "samflow", *args], tmp_path, **job, SLURM_RESTART_COUNT="1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(0 encoded now by rank 0, 2 rank(s))" in again.stderr, again.stderr
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: each image alone, on one thread
+    try:
+        assert main(["embed", "--experiment", str(experiment), "--out", str(tmp_path / "one"), *sizes]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for name in sorted(p.name for p in (tmp_path / "one").iterdir()):
+        assert (tmp_path / "store" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert calls.read_text() == "requeue 4242\n"
+
+
 def test_processes_on_several_machines_are_refused_before_joining(experiment, tmp_path, monkeypatch, capsys):
     """torchrun --nnodes 2: one line saying why (memory maps), before any process group is joined."""
     monkeypatch.setenv("WORLD_SIZE", "4")

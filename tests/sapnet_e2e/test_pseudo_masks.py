@@ -190,3 +190,50 @@ def test_cli_refuses_a_batch_size_below_one(setup, tmp_path, capsys, monkeypatch
         assert not out.exists()
     with pytest.raises(DataError, match=r"batch_size 0 must be >= 1"):
         write_pseudo_masks(setup[2], setup[3], tmp_path / "q.json", batch_size=0)
+
+
+def test_the_requeue_signal_in_a_slurm_job_is_noted_and_the_command_goes_on(
+    setup, tmp_path, monkeypatch, capsys
+):
+    """SLURM's requeue signal (``#SBATCH --signal=SIGUSR1@90``) while ``samflow pseudo-masks`` selects: held
+    from the command's start, one line saying it is not requeued, the same file as without the signal,
+    exit 0, ``scontrol`` never run. Before, nothing held it: its default action killed the process (here a
+    stand-in handler, which must never be called, keeps the test's process alive)."""
+    import signal
+
+    import samflow.pseudo_masks as pseudo_masks
+    import samflow.rebuild
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+    from test_signals import _slurm_job
+
+    _, exp, _, _, _ = setup
+    monkeypatch.setattr(sys, "argv", ["samflow"])
+    monkeypatch.setattr(samflow.rebuild, "load_trained_checkpoint", lambda model, path: None)  # untrained
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"weights")
+    args = ["pseudo-masks", "--experiment", str(exp), "--ckpt", str(ckpt), "--out"]
+    assert main([*args, str(tmp_path / "plain.json")]) == 0  # outside SLURM, no signal
+    calls = _slurm_job(tmp_path, monkeypatch)
+    write = pseudo_masks.write_pseudo_masks
+
+    def signalled(*a, **k):
+        signal.raise_signal(signal.SIGUSR1)
+        return write(*a, **k)
+
+    monkeypatch.setattr(pseudo_masks, "write_pseudo_masks", signalled)
+    delivered: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: delivered.append(signum))
+    try:
+        capsys.readouterr()
+        assert main([*args, str(tmp_path / "job.json")]) == 0
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert delivered == []  # was [SIGUSR1]: the default action, the process killed
+    err = capsys.readouterr().err
+    assert err == (
+        "samflow: SLURM's requeue signal: `samflow pseudo-masks` is not requeued (only fit, student, embed and "
+        "proposals are); it goes on until it ends or the job's time limit.\n"
+    ), err
+    assert (tmp_path / "job.json").read_bytes() == (tmp_path / "plain.json").read_bytes()
+    assert not calls.exists()
