@@ -31,8 +31,8 @@ from test_signals import _slurm_job  # noqa: E402
 from tiny_coco import make_tiny_coco  # noqa: E402
 
 REQUEUED = (
-    "samflow: error: samflow {command}: SLURM's requeue signal: stopped with {written} (kept); SLURM job 4242 "
-    "requeued: the same command finishes the store when the job starts again.\n"
+    "samflow: error: samflow {command}: SLURM's requeue signal: stopped with {written} (kept); SLURM job "
+    "4242 requeued: the same command finishes the store when the job starts again.\n"
 )
 
 
@@ -98,6 +98,38 @@ def same_files(ours: Path, reference: Path) -> None:
         assert (ours / name).read_bytes() == (reference / name).read_bytes(), name
 
 
+def requeued_then_finished(
+    args: list[str],
+    signalled: tuple[object, str],
+    written: str,
+    stopped: Callable[[Path], None],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """``samflow ARGS --out whole`` outside SLURM (uninterrupted), then ``--out store`` in SLURM job 4242
+    with the requeue signal in the first call of ``signalled`` (owner, name): exit 1, the one line saying
+    ``written`` and the requeue, ``scontrol requeue 4242`` once, ``stopped(store)`` true of what is kept;
+    then the restarted job's same command: exit 0, the files of ``whole`` byte for byte, no other requeue."""
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    calls = _slurm_job(tmp_path, monkeypatch)
+    out = tmp_path / "store"
+    capsys.readouterr()
+    with never_delivered() as delivered, monkeypatch.context() as patch:
+        signal_at(patch, *signalled, 0)
+        assert main([*args, "--out", str(out)]) == 1  # was 0, the process killed by the signal
+    assert delivered == []
+    err = capsys.readouterr().err
+    assert err == REQUEUED.format(command=args[0], written=written), err
+    assert calls.read_text() == "requeue 4242\n"
+    stopped(out)
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job started again: the same command
+    assert main([*args, "--out", str(out)]) == 0
+    same_files(out, tmp_path / "whole")
+    assert calls.read_text() == "requeue 4242\n"
+
+
 def test_embed_stops_before_its_next_chunk_requeues_and_the_restart_finishes_the_store(
     experiment, tmp_path, monkeypatch, capsys
 ):
@@ -105,25 +137,14 @@ def test_embed_stops_before_its_next_chunk_requeues_and_the_restart_finishes_the
     written, the command stops before the next, ``scontrol requeue 4242``, exit 1 in one line; the same
     command in the restarted job encodes the other 3 images and the store is byte for byte the
     uninterrupted one's."""
-    args = ["embed", "--experiment", str(experiment), "--batch-size", "2", "--shard-size", "3"]
-    assert main([*args, "--out", str(tmp_path / "whole")]) == 0  # outside SLURM, uninterrupted
-    calls = _slurm_job(tmp_path, monkeypatch)
-    out = tmp_path / "store"
-    capsys.readouterr()
-    with never_delivered() as delivered, monkeypatch.context() as patch:
-        signal_at(patch, writer, "_input", 0)
-        assert main([*args, "--out", str(out)]) == 1  # was 0, the process killed by the signal
-    assert delivered == []
-    err = capsys.readouterr().err
-    assert err == REQUEUED.format(command="embed", written="2 of 5 images written"), err
-    assert calls.read_text() == "requeue 4242\n"
-    assert writer.completed_rows(out) == 2
 
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the job started again: the same command
-    assert main([*args, "--out", str(out)]) == 0
-    assert writer.completed_rows(out) == 5
-    same_files(out, tmp_path / "whole")
-    assert calls.read_text() == "requeue 4242\n"
+    def two_rows(out: Path) -> None:
+        assert writer.completed_rows(out) == 2
+
+    args = ["embed", "--experiment", str(experiment), "--batch-size", "2", "--shard-size", "3"]
+    requeued_then_finished(
+        args, (writer, "_input"), "2 of 5 images written", two_rows, tmp_path, monkeypatch, capsys
+    )
 
 
 def test_embed_noting_a_signal_in_its_last_chunk_ends_with_the_store_complete(
@@ -140,8 +161,8 @@ def test_embed_noting_a_signal_in_its_last_chunk_ends_with_the_store_complete(
     assert delivered == []
     err = capsys.readouterr().err
     assert (
-        "samflow: SLURM's requeue signal: `samflow embed` is not requeued (its store is done); it goes on until "
-        "it ends or the job's time limit.\n"
+        "samflow: SLURM's requeue signal: `samflow embed` is not requeued (its store is done); it goes on "
+        "until it ends or the job's time limit.\n"
     ) in err, err
     assert err.count("SLURM's requeue signal") == 1
     assert writer.completed_rows(out) == 5
@@ -154,25 +175,21 @@ def test_proposals_stop_before_the_next_shard_requeue_and_the_restart_writes_the
     """The signal while the first of 3 shards (one image each) is computed: it is written, the command
     stops, requeues the job, exit 1 in one line; the restarted job's same command writes the other two,
     and ``proposals.json`` is byte for byte the uninterrupted run's."""
-    args = ["proposals", "--experiment", str(coco_experiment), "--shard-size", "1"]
-    assert main([*args, "--out", str(tmp_path / "whole")]) == 0  # outside SLURM, uninterrupted
-    calls = _slurm_job(tmp_path, monkeypatch)
-    out = tmp_path / "store"
-    capsys.readouterr()
-    with never_delivered() as delivered, monkeypatch.context() as patch:
-        signal_at(patch, proposals, "shard_records", 0)
-        assert main([*args, "--out", str(out)]) == 1  # was 0, the process killed by the signal
-    assert delivered == []
-    err = capsys.readouterr().err
-    assert err == REQUEUED.format(command="proposals", written="1 of 3 shards written"), err
-    assert calls.read_text() == "requeue 4242\n"
-    assert [p.name for p in (out / "shards").iterdir()] == ["000000.json"]
-    assert not (out / "proposals.json").exists()
 
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert main([*args, "--out", str(out)]) == 0
-    same_files(out, tmp_path / "whole")
-    assert calls.read_text() == "requeue 4242\n"
+    def first_shard(out: Path) -> None:
+        assert [p.name for p in (out / "shards").iterdir()] == ["000000.json"]
+        assert not (out / "proposals.json").exists()
+
+    args = ["proposals", "--experiment", str(coco_experiment), "--shard-size", "1"]
+    requeued_then_finished(
+        args,
+        (proposals, "shard_records"),
+        "1 of 3 shards written",
+        first_shard,
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
 
 
 def test_a_failed_requeue_says_to_run_the_command_again(experiment, tmp_path, monkeypatch, capsys):
