@@ -192,8 +192,22 @@ def test_report_and_best_checkpoint_are_artifacts(tmp_path):
     assert set(calls[1].args[0].manifest.entries) == {"best.ckpt"} and calls[1].kwargs["aliases"] == ["best"]
 
 
+@pytest.fixture
+def console_put_back():
+    """The Lightning loggers' levels and their handlers' line filters put back after the test, as
+    ``samflow.cli.main`` puts them back after a run (``restored_console``): a test that calls
+    ``_verbosity_from_argv`` or ``silence_third_party`` by itself, outside ``main``, changes them for the
+    whole process. ``--quiet`` left Lightning's loggers at WARNING, so every later test of the worker
+    lost Lightning's info lines (``rank_zero_info``: ``samflow embed``'s summary line, which
+    ``tests/embed/test_embed_ddp.py`` read through ``caplog``)."""
+    from samflow.console import restored_console
+
+    with restored_console():
+        yield
+
+
 @pytest.mark.parametrize("flag", ["--quiet", "--verbose"])
-def test_verbosity_flags_are_taken_out_and_inherited(monkeypatch, flag):
+def test_verbosity_flags_are_taken_out_and_inherited(monkeypatch, console_put_back, flag):
     from samflow.cli import _verbosity_from_argv
     from samflow.console import VERBOSITY_ENV, verbosity
 
@@ -202,7 +216,7 @@ def test_verbosity_flags_are_taken_out_and_inherited(monkeypatch, flag):
     assert verbosity() == flag[2:]
 
 
-def test_noise_filters_keep_real_warnings(monkeypatch):
+def test_noise_filters_keep_real_warnings(monkeypatch, console_put_back):
     import logging
     import warnings
 
