@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -10,6 +11,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest
 import torch
 from helpers import randomize
+from lightning_utilities.core.rank_zero import rank_zero_only
 
 from samflow.sam import build_sam
 
@@ -23,3 +25,30 @@ def tiny_sam():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+
+def _lightning_logging() -> tuple:
+    """What decides whether Lightning's ``rank_zero_info`` lines are logged in this process (and reach
+    ``caplog``): ``rank_zero_only.rank``, ``logging.disable``'s level, and the Lightning loggers' level,
+    ``disabled`` and ``propagate``."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    return (
+        getattr(rank_zero_only, "rank", None),
+        logging.root.manager.disable,
+        [(logger.name, logger.level, logger.disabled, logger.propagate) for logger in loggers],
+    )
+
+
+@pytest.fixture(autouse=True)
+def _lightning_logging_kept():
+    """Fail a test that leaves Lightning's logging changed for the rest of its worker: a test that
+    called ``samflow.cli._verbosity_from_argv`` with ``--quiet`` outside ``main`` left the Lightning
+    loggers at WARNING, and a later test of the same pytest-xdist worker saw none of ``samflow embed``'s
+    ``rank_zero_info`` lines. Put back with ``monkeypatch`` or ``samflow.console.restored_console``."""
+    before = _lightning_logging()
+    yield
+    after = _lightning_logging()
+    assert after == before, f"the test left Lightning's logging changed: {before} -> {after}"
