@@ -52,3 +52,34 @@ def _lightning_logging_kept():
     yield
     after = _lightning_logging()
     assert after == before, f"the test left Lightning's logging changed: {before} -> {after}"
+
+
+# what a process launched by a test inherits or a computation's bits depend on: the torch threads and the
+# launcher's variables (helpers.LAUNCHED)
+_PROCESS_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+)
+
+
+def _process_settings() -> tuple:
+    return torch.get_num_threads(), {name: os.environ.get(name) for name in _PROCESS_VARIABLES}
+
+
+@pytest.fixture(autouse=True)
+def _process_settings_kept():
+    """Fail a test that leaves the worker's torch threads or launcher variables changed: float results
+    depend on the thread count, so a later test comparing a run in a subprocess (which takes
+    ``OMP_NUM_THREADS`` from the environment) with one in the worker bit for bit failed in CI
+    (``test_student_resume.py``'s SIGKILL case: ``head.up.weight``, reproduced by a 1-thread subprocess
+    beside a 2-thread worker). Put back with ``monkeypatch`` or ``try``/``finally``."""
+    before = _process_settings()
+    yield
+    after = _process_settings()
+    assert after == before, (
+        f"the test left the process's threads or launcher variables changed: {before} -> {after}"
+    )

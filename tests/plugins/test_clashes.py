@@ -120,7 +120,7 @@ def test_packaged_experiment_runs_beside_a_clashing_third_party_class(tmp_path):
         {"alt_tokens": "alttok_plugin:ExtraTokens"},
     )
     result = run_samflow(
-        ["fit", "--experiment", "quickstart", "--print_config"], tmp_path, pythonpath=root, timeout=60
+        ["fit", "--experiment", "quickstart", "--print_config"], tmp_path, pythonpath=root, timeout=240
     )
     assert result.returncode == 0, result.stderr
     assert "class_path: samflow_plugins.tokens.ExtraTokens" in result.stdout
@@ -175,7 +175,7 @@ def test_samflow_plugins_survives_a_plugin_exiting_and_warns_in_one_line(tmp_pat
         tmp_path / "site", "bad-exit", EXITS, {"bad_exit": "exit_plugin:P", "bad_argv": "argv_plugin:P"}
     )
     result = run_samflow(
-        ["plugins"], tmp_path, pythonpath=root, env={"PYTHONWARNINGS": "default"}, timeout=60
+        ["plugins"], tmp_path, pythonpath=root, env={"PYTHONWARNINGS": "default"}, timeout=240
     )
     assert result.returncode == 0, result.stderr
     assert "tokens" in result.stdout and "bad_exit" in result.stdout

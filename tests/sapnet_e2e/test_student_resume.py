@@ -94,7 +94,9 @@ def _killed_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         "from test_student_resume import _signal_at; _signal_at(5, signal.SIGKILL); "
         "from samflow.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    # the threads of this process, whose runs it is compared with bit for bit (float sums follow them)
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": threads}
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         check=False,
