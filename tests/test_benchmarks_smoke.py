@@ -14,6 +14,15 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "throughput.py"
 
 
+@pytest.fixture(autouse=True)
+def _threads_put_back():
+    """A script's ``--threads`` sets torch's threads for its process, here the test worker's: put back (a
+    later test of the worker comparing a run in a subprocess with one here bit for bit failed)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_script(path: Path = SCRIPT):
     spec = importlib.util.spec_from_file_location(f"samflow_benchmark_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
