@@ -195,7 +195,7 @@ def run_command(name: str, args: list[str]) -> int:
     from argparse import ArgumentError
 
     module, _, function = COMMANDS[name][0].partition(":")
-    try:  # in a SLURM job the requeue signal is held (student, predict --prompts, predict-slide: HELD_COMMANDS)
+    try:  # in a SLURM job the requeue signal is held for HELD_COMMANDS (samflow.requeue_hold)
         with requeue_signal_held(name.split()[0]), restored_process_state():  # the verbosity: this command's
             args = _verbosity_from_argv(args)
             return int(getattr(importlib.import_module(module), function)(args) or 0)

@@ -266,6 +266,11 @@ def _stale(manifest_path: Path, manifest: dict[str, Any], overwrite: bool) -> bo
     return old != manifest
 
 
+def shards_written(root: Path) -> int:
+    """The store's finished shards, every rank's (the shard files, each written whole)."""
+    return sum(1 for _ in (root / "shards").glob("[0-9]*.json"))
+
+
 def write_proposals(
     out: str | Path,
     sam: torch.nn.Module,
@@ -327,9 +332,7 @@ def write_proposals(
     # called with the store's finished shards, every rank's (the shard files): rank 0's bar shows the whole
     finished = progress(n_shards) if progress else (lambda n: None)
 
-    def count() -> int:
-        return sum(1 for _ in (root / "shards").glob("[0-9]*.json"))
-
+    count = partial(shards_written, root)
     finished(count())
     for done, i in enumerate(todo):
         if max_shards is not None and done >= max_shards:
@@ -463,8 +466,8 @@ def _propose(opts: argparse.Namespace, overrides: list[str]) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if final is None:
-        shards = sum(1 for _ in (Path(opts.out).expanduser() / "shards").glob("[0-9]*.json"))
-        written = f"{shards} of {-(-len(dataset) // opts.shard_size)} shards written"
+        total = -(-len(dataset) // opts.shard_size)
+        written = f"{shards_written(Path(opts.out).expanduser())} of {total} shards written"
         if stopped:  # process 0 requeues; the restarted job finishes the store
             raise ProposalStoreError(store_requeued("proposals", written, first=rank == 0))
         raise ProposalStoreError(

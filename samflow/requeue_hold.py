@@ -125,7 +125,10 @@ REQUEUED_COMMANDS = ("fit", "student")
 #: the resumable store writers: stopped at their next chunk of images (``requeue_requested``) and requeued
 #: (``store_requeued``); the restarted job's same command finishes the store
 STORE_COMMANDS = ("embed", "proposals")
-_REQUEUED_NAMES = "fit, student, embed and proposals"
+*_first, _last = (*REQUEUED_COMMANDS, *STORE_COMMANDS)
+_REQUEUED_NAMES = (
+    f"{', '.join(_first)} and {_last}"  # the report's words: "fit, student, embed and proposals"
+)
 
 
 def requeue_requested() -> bool:

@@ -17,6 +17,8 @@ pytest.importorskip("pycocotools")
 from pycocotools import mask as mask_api
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "coco"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+from test_signals import _slurm_job
 from tiny_coco import make_tiny_coco
 
 from samflow.cli import main
@@ -203,9 +205,6 @@ def test_the_requeue_signal_in_a_slurm_job_is_noted_and_the_command_goes_on(
 
     import samflow.pseudo_masks as pseudo_masks
     import samflow.rebuild
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
-    from test_signals import _slurm_job
 
     _, exp, _, _, _ = setup
     monkeypatch.setattr(sys, "argv", ["samflow"])
