@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Lightning's import sets up its logging (rank_zero_only.rank, the loggers' level): done here, before the
+# first test's _lightning_logging_kept, as when samflow.sam imported Lightning (it no longer does).
+import lightning.pytorch  # noqa: F401
 import pytest
 import torch
 from helpers import randomize

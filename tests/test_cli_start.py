@@ -38,6 +38,33 @@ def test_help_version_and_the_experiment_list_import_neither_torch_nor_lightning
     assert done.stdout.splitlines()[-1] == "[]"
 
 
+#: what listing the plugins needs not: Lightning (with torchmetrics) and peft (with transformers)
+NOT_FOR_THE_LIST = ("lightning", "torchmetrics", "peft", "transformers")
+
+PLUGIN_LIST = """
+import contextlib, io, sys
+from samflow.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    assert main(["plugins"]) == 0
+rows = {line.split()[0]: line.split() for line in out.getvalue().splitlines()[2:]}
+assert rows["lora"][1:] == ["samflow_plugins.lora.LoRA", "samflow", rows["lora"][3], "ok"], rows
+print(sorted(m for m in NOT_FOR_THE_LIST if m in sys.modules))
+"""
+
+
+def test_the_plugin_list_imports_neither_lightning_nor_peft():
+    """``samflow plugins`` imports every plugin class (torch and segment-anything with them) but neither
+    Lightning nor peft: ``samflow.sam.cache`` imports Lightning where it logs and the LoRA plugin imports
+    peft where it builds or reads its layers. Before, both were imported at module level and the list
+    took 6.4-9.1 s on this 2-core machine instead of 3.6-4.1 s (benchmarks/README.md, "Command start-up")."""
+    script = f"NOT_FOR_THE_LIST = {NOT_FOR_THE_LIST!r}\n{PLUGIN_LIST}"
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("name", sorted(set(samflow.__all__) - {"__version__"}))
 def test_each_public_name_is_the_object_of_its_module(name):
     """``samflow.NAME`` and ``from samflow import NAME`` give the defining module's object, and

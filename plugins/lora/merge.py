@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.lora import LoraLayer
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from peft.tuners.lora import Linear as LoraLinear
 
 
 def merged_sam_state_dict(sam: Sam) -> dict[str, Tensor]:
@@ -19,6 +22,9 @@ def merged_sam_state_dict(sam: Sam) -> dict[str, Tensor]:
     weights share storage with ``sam``, as ``state_dict()`` does. This is what an export of a LoRA run
     to a plain SAM checkpoint writes (``torch.save(merged_sam_state_dict(sam), path)``).
     """
+    from peft.tuners.lora import Linear as LoraLinear  # here, not at module level: peft imports transformers
+    from peft.tuners.lora import LoraLayer
+
     layers: dict[str, tuple[LoraLinear, nn.Linear]] = {}  # name -> (peft's layer, SAM's linear in it)
     for name, module in sam.named_modules():
         if isinstance(module, LoraLayer):

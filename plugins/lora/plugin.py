@@ -33,10 +33,8 @@ in SAMed. ``alpha`` defaults to ``rank``, SAMed's scale of 1.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 from typing_extensions import override
@@ -44,6 +42,12 @@ from typing_extensions import override
 from samflow.plugins import PluginConfigError, SamPlugin
 from samflow_plugins.lora.dropout import KeyedDropout
 from samflow_plugins.lora.merge import merged_sam_state_dict
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+# peft (which imports transformers, seconds) is imported where the LoRA layers are built or read, not
+# here: `samflow plugins` and every run without this plugin import this module but need no peft.
 
 #: Short names of the linear layers of a SAM encoder block that can be adapted.
 TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "lin1": "mlp.lin1", "lin2": "mlp.lin2"}
@@ -128,6 +132,8 @@ class LoRA(SamPlugin):
     def lora_config(self, depth: int, names: Sequence[str] | None = None) -> LoraConfig:
         """peft's ``LoraConfig`` of this plugin for SAM's ViT encoder of ``depth`` blocks, or for the
         layers ``names`` (full names relative to the encoder, as ``setup`` finds them in any backbone)."""
+        from peft import LoraConfig
+
         if names is None:
             blocks = range(depth) if self.blocks is None else self.blocks
             names = [f"blocks.{i}.{t}" for i in blocks for t in self.targets]
@@ -176,6 +182,9 @@ class LoRA(SamPlugin):
 
     @override
     def setup(self, sam: Sam) -> None:
+        from peft import inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         encoder = sam.image_encoder
         modules = self._layers(encoder)
         names = list(modules)
@@ -228,6 +237,8 @@ class LoRA(SamPlugin):
 
     def _carries(self, sam: Sam, name: str) -> bool:
         """Whether SAM module ``name`` is a peft LoRA layer with this plugin's adapter."""
+        from peft.tuners.lora import LoraLayer
+
         try:
             layer = sam.get_submodule(name)
         except AttributeError:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from samflow.sam.casts import autocast_dtype, stamp, unchanged
@@ -173,6 +172,9 @@ class EncoderCache:
 
     def _store(self, key: tuple, entry: tuple[Tensor, dict[int, Tensor]]) -> None:
         if not self._entries:
+            # Lightning here, not at module level: `samflow plugins` imports samflow.sam without it.
+            from lightning.pytorch.utilities import rank_zero_info
+
             size = entry[0].nbytes + sum(f.nbytes for f in entry[1].values())
             rank_zero_info(
                 f"Encoder cache: {size / 2**20:.2f} MiB per image on {self.device}, up to "
