@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -419,18 +420,71 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 TORCHRUN_ENV = {"WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
-def run_torchrun(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node 2 ARGS`` in ``cwd`` (a module or a script), one thread per
-    process, with the variables ``env`` added, captured."""
-    return subprocess.run(
-        [*TORCHRUN, *args],
-        cwd=cwd,
-        env={**os.environ, **TORCHRUN_ENV, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+def kill_tree(pid: int) -> None:
+    """SIGKILL every process under the process ``pid`` (found with psutil first, whatever their session:
+    torchrun starts its workers in sessions of their own, out of reach of a ``killpg`` of torchrun), then
+    ``pid`` itself; wait until those under it are gone (the caller waits for ``pid``, its child). Each
+    one found is stopped (SIGSTOP) before the next look, so that none starts another unseen."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    tree: list[psutil.Process] = []
+    found = [root]
+    while found:
+        for process in found:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.suspend()
+        tree += found
+        try:
+            found = [p for p in root.children(recursive=True) if p not in tree]
+        except psutil.NoSuchProcess:  # the command ended meanwhile: those it had started are in the tree
+            found = []
+    for process in reversed(tree):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(tree[1:], timeout=30)
+
+
+def run_reaped(
+    command: list[str], cwd: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)``, but
+    a command still running at ``timeout`` (or interrupted) is killed with every process under it
+    (``kill_tree``): ``subprocess.run`` kills the command alone, and a hung torchrun test left its
+    workers waiting idle until their own timeout. On the timeout, ``subprocess.TimeoutExpired`` carries
+    the output so far."""
+    proc = subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc.pid)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:  # a pipe kept open by a process outside the tree
+                out = err = None
+            raise subprocess.TimeoutExpired(command, timeout, out, err) from None
+        except BaseException:  # Ctrl-C, pytest-timeout
+            kill_tree(proc.pid)
+            raise
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def run_torchrun(
+    args: list[str], cwd: Path, *, timeout: float = 600, **env: str
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` in ``cwd`` (a module or a script), one thread per
+    process, with the variables ``env`` added, captured; after ``timeout`` s torchrun and its workers are
+    killed (``run_reaped``) and ``subprocess.TimeoutExpired`` raised."""
+    return run_reaped([*TORCHRUN, *args], cwd, {**os.environ, **TORCHRUN_ENV, **env}, timeout)
 
 
 def run_at_once(

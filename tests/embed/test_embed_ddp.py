@@ -3,7 +3,8 @@ images and write the store one process writes (rank 0's bar counting every rank'
 killed part way (SIGTERM to torchrun) is finished by a run on 2 processes or on 1 (another world
 size), giving that store again; a rank that fails stops the run with exit status 1 and one line per
 rank (before: the rank left waiting printed gloo's "Connection closed by peer" traceback); ranks whose
-work is unbalanced wait for each other past the process group's timeout.
+work is unbalanced wait for each other past the process group's timeout; a store another process
+holds is refused by rank 0 in one line, torchrun ending rank 1, the store untouched.
 
 Why the arrays are compared for exact equality: rank r takes rows r, r + 2, ... in chunks of
 ``--batch-size``, so the ranks' batches hold other images than one process's. An image's encoder
@@ -17,23 +18,31 @@ arithmetic (same shapes, 1 thread per process) and the files must be equal byte 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
-from helpers import SHORT_GROUP_TIMEOUTS, TORCHRUN, TORCHRUN_ENV, run_torchrun
+from helpers import SHORT_GROUP_TIMEOUTS, TORCHRUN, TORCHRUN_ENV, kill_tree, run_torchrun
 
+import samflow.embed.command as embed_command
 from samflow.cli import main
 from samflow.data import SegmentationDataModule
 from samflow.data.quickstart import make_quickstart_data
 from samflow.embed import EmbeddingStoreError, open_for_run
-from samflow.embed.store import DONE
+from samflow.embed.store import DONE, LOCK
+from samflow.embed.writer import write_store
 from samflow.module import SamflowModule, SamSpec
 from samflow_plugins.hq_sam import HQSam
 
@@ -196,7 +205,7 @@ def test_a_killed_two_process_run_is_finished_on_two_or_one(experiment, one_proc
         assert run.wait(timeout=120) != 0
     finally:
         if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+            kill_tree(run.pid)  # torchrun and its workers (in sessions of their own)
             run.wait()
     # each rank's first chunk (rank 0: rows 0, 2; rank 1: rows 1, 3), and nothing after it
     assert np.load(store / DONE).tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
@@ -302,6 +311,92 @@ def test_the_requeue_signal_on_one_rank_stops_both_and_rank_0_requeues_the_job(e
     for name in sorted(p.name for p in (tmp_path / "one").iterdir()):
         assert (tmp_path / "store" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert calls.read_text() == "requeue 4242\n"
+
+
+# another process holding a lock file as samflow's RunLock does (an flock, "pid N on HOST" written in it)
+HOLD = """
+import fcntl, os, socket, sys, time
+file = open(sys.argv[1], "a+")
+fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+file.truncate(0)
+file.write(f"pid {os.getpid()} on {socket.gethostname()}\\n")
+file.flush()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file under ``folder`` (hidden ones too), by its relative path."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_store_another_process_writes_is_refused_by_rank_0_and_torchrun_ends_rank_1(
+    experiment, tmp_path, monkeypatch
+):
+    """``torchrun ... -m samflow embed --out STORE`` while another process holds ``STORE/.embed.lock``:
+    rank 0, which takes the lock once both ranks have joined the process group, is refused in the one
+    line one process prints (naming the store and the process holding it) and exits 1; torchrun then
+    ends rank 1 (SIGTERM), or rank 1, waiting for rank 0 at its first barrier, stops in its own line.
+    Exit 1, no traceback but torchrun's report of the failed ranks, the store byte for byte as it was,
+    no rank left running. A rank 1 left hanging fails it: past the timeout (``run_torchrun`` then kills
+    every process of the run), or ended by torchrun's SIGKILL (30 s after a SIGTERM it ignored).
+
+    ``samflow proposals`` and ``predict-slide`` refuse a held folder the same way (every rank joins the
+    process group, then rank 0 alone takes the lock; rank 1 writes nothing before its first wait for
+    rank 0): their refusals are tested in one process (tests/reliability/test_output_locks.py)."""
+    store = tmp_path / "store"
+    args = ["embed", "--experiment", str(experiment), "--out", str(store), *BATCH]
+    with monkeypatch.context() as patch:  # a store stopped after its first chunk: 6 of 8 rows to write
+        patch.setattr(embed_command, "write_store", functools.partial(write_store, stop_after=1))
+        assert main(args) == 1
+    assert np.load(store / DONE).tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(store / LOCK)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        before = hashes(store)
+        run = run_torchrun(["-m", "samflow", *args], tmp_path, timeout=240)
+        # torchrun and its ranks: "--out STORE" in their command lines (the holder's names STORE/.embed.lock)
+        left = [
+            p.info
+            for p in psutil.process_iter(["pid", "cmdline", "status"])
+            if str(store) in (p.info["cmdline"] or []) and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
+        after = hashes(store)
+    finally:
+        holder.kill()
+        holder.wait()
+    err = run.stderr
+    assert run.returncode == 1, err[-3000:]
+    assert not left, left
+    assert after == before
+    busy = (
+        f"samflow: error: samflow embed: the store {store} is being written by another samflow embed (pid "
+        f"{holder.pid} on {socket.gethostname()}); wait until it ends, or choose another store with --out."
+    )
+    # what the ranks print comes before torchrun's report (a traceback of its ChildFailedError, torch's
+    # frames alone, and each rank's exit)
+    ranks, _, report = err.partition("Traceback (most recent call last):")
+    frames = [line for line in report.splitlines() if line.startswith('  File "')]
+    assert "Traceback" not in report and "ChildFailedError" in report, err[-3000:]
+    assert all("torch/distributed/" in line or "<frozen runpy>" in line for line in frames), err[-3000:]
+    lines = [line for line in ranks.splitlines() if line.strip() and not re.match(r"[IWE]\d{4} ", line)]
+    assert lines[0] == busy and len(lines) <= 2, err[-3000:]  # torchrun's own log lines left out
+    assert all(line.startswith("samflow: error: samflow embed: another rank stopped") for line in lines[1:])
+    assert run.stdout.strip() == ""
+    exits = dict(re.findall(r"rank\s*: (\d+) \(local_rank: \d+\)\s*exitcode\s*: (-?\d+)", report))
+    # rank 1: torchrun's SIGTERM (-15), or its own line (1); not torchrun's SIGKILL (-9)
+    assert exits["0"] == "1" and exits["1"] in ("-15", "1"), err[-3000:]
+    assert exits["1"] == "-15" or len(lines) == 2, err[-3000:]
 
 
 def test_processes_on_several_machines_are_refused_before_joining(experiment, tmp_path, monkeypatch, capsys):
