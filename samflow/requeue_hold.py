@@ -5,8 +5,10 @@ signal's default action. ``samflow.cli`` enters ``requeue_signal_held`` before i
 Lightning (``import samflow`` imports neither), so the signal is held from about the first tenth of a
 second of the command; ``samflow.callbacks.resume.SlurmRequeue`` takes it over in a fit, the store writers
 (``samflow embed``, ``samflow proposals``) stop at their next chunk and requeue the job
-(``requeue_requested``, ``store_requeued``), and the other commands report it. This module imports
-nothing of samflow's at its top, and no third-party package.
+(``requeue_requested``, ``store_requeued``), ``samflow sweep`` stops its running trial at that trial's
+``last.ckpt`` and requeues the job (``samflow.sweep.run``; the trial's own fit leaves the requeue to
+it: ``SWEEP_REQUEUES``), and the other commands report it. This module imports nothing of samflow's at
+its top, and no third-party package.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ __all__ = [
     "HELD_COMMANDS",
     "REQUEUED_COMMANDS",
     "STORE_COMMANDS",
+    "SWEEP_COMMANDS",
+    "SWEEP_REQUEUES",
     "HeldSignal",
     "requeue_job",
     "requeue_requested",
     "requeue_signal_held",
+    "requeued_by_sweep",
     "slurm_job",
     "store_requeued",
     "work_done",
@@ -61,8 +66,8 @@ class HeldSignal:
         self.seen = False  # came at some time (``got`` is reset by ``take``)
         self.reported = False
         self.given_back = False
-        #: what a requeued command (fit, student: "training"; embed, proposals: "store") finished; a signal
-        #: then is only noted (``report``)
+        #: what a requeued command (fit, student: "training"; embed, proposals: "store"; sweep: "study")
+        #: finished; a signal then is only noted (``report``)
         self.work_done: str | None = None
         self.previous = signal.signal(signum, self._hold)
 
@@ -107,10 +112,11 @@ class HeldSignal:
 
 
 #: the commands whose start ``requeue_signal_held`` covers: ``fit`` and ``student``, which ``SlurmRequeue``
-#: stops and requeues, the store writers (``STORE_COMMANDS``), and those that go on through the signal
-#: (``samflow predict --prompts`` is ``predict``)
+#: stops and requeues, the store writers (``STORE_COMMANDS``), ``sweep`` (its trials' worker), and those
+#: that go on through the signal (``samflow predict --prompts`` is ``predict``)
 HELD_COMMANDS = (
     "fit",
+    "sweep",
     "student",
     "embed",
     "proposals",
@@ -125,10 +131,21 @@ REQUEUED_COMMANDS = ("fit", "student")
 #: the resumable store writers: stopped at their next chunk of images (``requeue_requested``) and requeued
 #: (``store_requeued``); the restarted job's same command finishes the store
 STORE_COMMANDS = ("embed", "proposals")
-*_first, _last = (*REQUEUED_COMMANDS, *STORE_COMMANDS)
+#: ``samflow sweep`` (Optuna's backend) stops its running trial at the trial's ``last.ckpt``, marks it to
+#: continue from there and requeues the job (``samflow.sweep.run``)
+SWEEP_COMMANDS = ("sweep",)
+*_first, _last = (*REQUEUED_COMMANDS, *STORE_COMMANDS, *SWEEP_COMMANDS)
 _REQUEUED_NAMES = (
-    f"{', '.join(_first)} and {_last}"  # the report's words: "fit, student, embed and proposals"
+    f"{', '.join(_first)} and {_last}"  # the report's words: "fit, student, embed, proposals and sweep"
 )
+#: set by ``samflow sweep`` in its trials' environment: a trial's fit stopped by the requeue signal leaves
+#: ``scontrol requeue`` to the sweep, which continues the trial from its ``last.ckpt`` in the restarted job
+SWEEP_REQUEUES = "SAMFLOW_SWEEP_REQUEUES"
+
+
+def requeued_by_sweep() -> bool:
+    """Whether this process is a ``samflow sweep`` trial's (``SWEEP_REQUEUES``): its sweep requeues the job."""
+    return os.environ.get(SWEEP_REQUEUES) == "1"
 
 
 def requeue_requested() -> bool:
@@ -139,7 +156,8 @@ def requeue_requested() -> bool:
 
 
 def work_done(what: str) -> None:
-    """A store writer finished its store (``what``): a requeue signal that came is only noted (``report``)."""
+    """A store writer finished its store, or a sweep its study (``what``): a requeue signal that came is
+    only noted (``report``)."""
     if HeldSignal.current is not None:
         HeldSignal.current.work_done = what
 
@@ -189,7 +207,9 @@ def requeue_signal_held(command: str) -> Iterator[None]:
     delivered, so that the command goes on (it has no run to requeue); so does ``student`` once its
     training ended (``SlurmRequeue.on_fit_end``: in its test). ``embed`` and ``proposals`` hold it to their
     end too, and stop at their next chunk of images when it came (``requeue_requested``,
-    ``store_requeued``). Nothing is held outside SLURM or for another command."""
+    ``store_requeued``). ``sweep`` holds it to its end: its worker passes it on to the running trial, which
+    stops at its ``last.ckpt``, and requeues the job (``samflow.sweep.run``). Nothing is held outside
+    SLURM or for another command."""
     if (
         command not in HELD_COMMANDS
         or slurm_job() is None

@@ -33,7 +33,7 @@ from samflow.callbacks.accumulation import AccumulatedGradients, inside_window
 from samflow.callbacks.run_folder import first_process
 from samflow.console import shown
 from samflow.outputs import partial_path, write_whole
-from samflow.requeue_hold import HeldSignal, requeue_job, slurm_job
+from samflow.requeue_hold import HeldSignal, requeue_job, requeued_by_sweep, slurm_job
 
 __all__ = [
     "BestCheckpoint",
@@ -683,7 +683,9 @@ class SlurmRequeue(Callback):
     action killed the process: the job ended without being requeued. Every process takes the decision
     together under DDP. A ``requeue_signal`` other than ``SIGUSR1``, and a signal in the first tenth of a
     second of the process (Python's start, before ``samflow.cli`` holds it), are not held.
-    ``samflow student`` is requeued the same way (its ``--out`` holds the ``run.json``).
+    ``samflow student`` is requeued the same way (its ``--out`` holds the ``run.json``). A ``samflow
+    sweep`` trial's fit (``SWEEP_REQUEUES`` in its environment) stops the same way and leaves
+    ``scontrol requeue`` to its sweep, which continues the trial from this ``last.ckpt``.
 
     ``samflow validate``, ``test`` and ``predict`` in a SLURM job are not requeued (they have no run to
     continue): Lightning's auto-requeue is off for them too (it saved ``hpc_ckpt_N.ckpt`` from inside the
@@ -867,6 +869,9 @@ class SlurmRequeue(Callback):
         self._give_environment_back()
         job = slurm_job()
         if not trainer.is_global_zero or job is None:
+            return
+        if requeued_by_sweep():  # a sweep's trial: the sweep continues it from last.ckpt and requeues the job
+            exception.add_note(f"samflow sweep requeues SLURM job {job} and continues this trial's run.")
             return
         failed = requeue_job(job)
         # nothing trained (stopped before the first step of a new fit): the restarted job starts it again

@@ -87,7 +87,11 @@ def main(argv: list[str]) -> int:
         )
     spec = load_sweep(args.file)
     if args.backend == "wandb":
+        from samflow.requeue_hold import HeldSignal
         from samflow.sweep.agent import run_wandb
+
+        if HeldSignal.current is not None:  # in a SLURM job: W&B's agent is not requeued, the signal noted
+            HeldSignal.current.command = "sweep --backend wandb"
 
         return run_wandb(spec, args.trials)
     if not args.summary:  # before anything runs or is written

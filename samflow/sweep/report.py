@@ -9,6 +9,11 @@ the pruner says so, stops training after that validation. Everything it learns g
 whether the trial was pruned. Rank 0 talks to the study; the decision is broadcast to every rank. The
 pruner does not see the trials that an interruption or a dead worker ended and that run again as
 another trial (``storage.without_replaced``): their values would count twice.
+
+A trial that continues an interrupted trial's run (``--resume`` of its folder: ``samflow.sweep.run``)
+gets that run's values back from the checkpoint (``state_dict``) and reports them to its own trial at
+the start of training, asking the pruner after each as the interrupted trial did, so that its
+intermediate values, its Hyperband rungs and its pruning equal an uninterrupted trial's.
 """
 
 from __future__ import annotations
@@ -57,6 +62,38 @@ class TrialReport(Callback):
             study = optuna.load_study(study_name=self.info["study"], storage=storage, pruner=pruner)
             self._trial = optuna.trial.Trial(study, int(self.info["trial_id"]))
         return self._trial
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": dict(self.values)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The values of the run this fit continues (its checkpoint's): the next validation is the next step."""
+        self.values = {int(k): float(v) for k, v in state_dict.get("values", {}).items()}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A continued run (``load_state_dict``): its earlier values reported to this trial, step by step
+        with the pruner asked after each, as the interrupted trial reported them; pruned, it stops."""
+        if not self.values:
+            return
+        prune = self._replay() if trainer.is_global_zero else False
+        if trainer.strategy.broadcast(prune):
+            trainer.should_stop = True
+
+    def _replay(self) -> bool:
+        trial = self._optuna_trial()
+        reported = trial.study._storage.get_trial(trial._trial_id).intermediate_values
+        prune = False
+        for step, value in sorted(self.values.items()):
+            if step in reported or not math.isfinite(value):
+                continue
+            trial.report(value, step)
+            if trial.should_prune():  # possible when other workers' trials finished since
+                prune = True
+                self.values = {k: v for k, v in self.values.items() if k <= step}  # as if pruned then
+                break
+        self.pruned = prune
+        self.result_file.write_text(json.dumps({"values": self.values, "pruned": prune}, indent=1))
+        return prune
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:

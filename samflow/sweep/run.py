@@ -11,6 +11,16 @@ Workers: every ``samflow sweep`` with the same ``--storage`` and ``--study`` pul
 study (``storage`` holds it, with the trials' heartbeats and the re-queueing of a dead worker's trial).
 On Linux the trial's process is killed when its worker dies (``PR_SET_PDEATHSIG``), so no trial trains
 on without its worker.
+
+Interruptions: a sweep ended by Ctrl-C or SIGTERM ends its running trial (which saves its
+``last.ckpt``), marks it failed and queues its values again, as a new trial that continues the ended
+trial's run from that ``last.ckpt`` (``--resume`` of its folder) when the sweep is started again. In a
+SLURM job, the requeue signal (``#SBATCH --signal=USR1@90``, held from the command's start:
+``samflow.requeue_hold``) is passed on to the running trial, whose fit stops at its ``last.ckpt``
+without requeuing the job itself (``SWEEP_REQUEUES``); the sweep then marks the trial so, queues it to
+continue, runs ``scontrol requeue`` and exits 1, and the restarted job's same command continues the
+study with that trial. A trial whose worker died starts again from its first epoch, in a folder of its
+own (its folder may be on the dead worker's machine, or still written).
 """
 
 from __future__ import annotations
@@ -22,12 +32,21 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from samflow.requeue_hold import (
+    SWEEP_REQUEUES,
+    HeldSignal,
+    requeue_job,
+    requeue_requested,
+    slurm_job,
+    work_done,
+)
 from samflow.sweep.agent import run_folder_args
 from samflow.sweep.check import experiment_path
 from samflow.sweep.report import RESULT_FILE, TRIAL_FILE
@@ -35,6 +54,9 @@ from samflow.sweep.spec import SweepError, SweepSpec
 from samflow.sweep.storage import heartbeat_interval, open_storage, place_of, replaced, run_again
 
 DEFAULT_TRIALS = 20  # random and bayes sweeps without --trials or run_cap
+POLL_S = 0.5  # how often a running trial's worker looks for SLURM's requeue signal
+LAST_CHECKPOINT = Path("checkpoints", "last.ckpt")  # in a trial's folder (``LastCheckpoint``)
+REQUEUED = "stopped by SLURM's requeue signal"  # the error of a trial the signal stopped
 
 
 @dataclass
@@ -45,6 +67,7 @@ class Outcome:
     value: float | None = None
     error: str = ""
     epochs: int = 0
+    requeued: bool = False  # SLURM's requeue signal stopped it before its end
 
 
 @dataclass
@@ -135,6 +158,7 @@ def run_optuna(sweep: Sweep, trials: int | None) -> Any:
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _run_trials(sweep, study, total)
+        work_done("study")  # SLURM's requeue signal from now on is only noted
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -158,6 +182,8 @@ def _run_trials(sweep: Sweep, study: Any, total: int) -> None:
         grid = sweep.spec.method == "grid"
         if grid and not queued and len(_grid_started(existing)) >= sweep.spec.grid_size():
             break
+        if requeue_requested():  # SLURM's requeue signal came before this trial started
+            raise SweepError(_requeued(sweep, "stopped between trials"))
         trial = _ask(study, distributions)
         if sweep.spec.method == "grid" and _grid_taken(study, trial):
             # another worker took the grid's last point between our count and our ask
@@ -165,15 +191,28 @@ def _run_trials(sweep: Sweep, study: Any, total: int) -> None:
             study.tell(trial, state=TrialState.FAIL)
             break
         overrides = sweep.spec.overrides(trial.params)
-        folder = sweep.folder / f"trial-{trial.number}"
+        resume = continued_run(storage.get_trial(trial._trial_id))
+        folder = resume or sweep.folder / f"trial-{trial.number}"
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("folder", str(folder))
         shown = " ".join(f"{k}={v}" for k, v in overrides.items() if k in distributions)
-        print(f"trial {trial.number}: {shown}", flush=True)
-        outcome = run_trial(sweep, study, trial, overrides, folder, storage)
+        goes_on = f" (continues {folder / LAST_CHECKPOINT})" if resume else ""
+        print(f"trial {trial.number}: {shown}{goes_on}", flush=True)
+        outcome = run_trial(sweep, study, trial, overrides, folder, storage, resume=resume is not None)
         trial.set_user_attr("epochs", outcome.epochs)
         if outcome.error:
             trial.set_user_attr("error", outcome.error)
+        if outcome.requeued:  # stopped at its last.ckpt: its values go on from there in the restarted job
+            study.tell(trial, state=TrialState.FAIL)
+            run_again(study, storage.get_trial(trial._trial_id), resume=folder)
+            kept = (
+                f"at {folder / LAST_CHECKPOINT}"
+                if (folder / LAST_CHECKPOINT).is_file()
+                else "before training"
+            )
+            raise SweepError(
+                _requeued(sweep, f"trial {trial.number} stopped {kept}, and runs on as a new trial")
+            )
         if outcome.state == "complete":
             study.tell(trial, outcome.value)
         elif outcome.state == "pruned":
@@ -204,6 +243,30 @@ def _ask(study: Any, distributions: dict[str, Any]) -> Any:
             f"study {study.study_name!r}: trial {trial.number} got no values: {reason}"
         ) from None
     return trial
+
+
+def continued_run(trial: Any) -> Path | None:
+    """The folder whose run ``trial`` continues: that of the interrupted trial it runs again
+    (``run_again``'s ``resume_from``), when it holds ``checkpoints/last.ckpt``; else None."""
+    folder = trial.system_attrs.get("resume_from")
+    if folder and (Path(folder) / LAST_CHECKPOINT).is_file():
+        return Path(folder)
+    return None
+
+
+def _requeued(sweep: Sweep, stopped: str) -> str:
+    """The line of a sweep that SLURM's requeue signal stopped (``stopped``: where); the job requeued."""
+    if HeldSignal.current is not None:
+        HeldSignal.current.reported = True  # this line says it
+    job = slurm_job()
+    head = f"samflow sweep: SLURM's requeue signal: {stopped}"
+    failed = requeue_job(job) if job else "not in a SLURM job"
+    if failed:
+        return f"{head}; `scontrol requeue {job}` failed ({failed}): run the same command again to go on."
+    return (
+        f"{head}; SLURM job {job} requeued: the same command goes on with study {sweep.study_name!r} when "
+        "the job starts again."
+    )
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -270,9 +333,18 @@ def trial_command(sweep: Sweep, overrides: dict[str, Any], folder: Path) -> list
 
 
 def run_trial(
-    sweep: Sweep, study: Any, trial: Any, overrides: dict[str, Any], folder: Path, storage: Any
+    sweep: Sweep,
+    study: Any,
+    trial: Any,
+    overrides: dict[str, Any],
+    folder: Path,
+    storage: Any,
+    *,
+    resume: bool = False,
 ) -> Outcome:
-    """Run one trial's ``samflow fit`` in its own process group; its output goes to ``folder/fit.log``."""
+    """Run one trial's ``samflow fit`` in its own process group (with ``resume``, continuing the run of
+    ``folder``); its output goes to ``folder/fit.log`` (appended to when it continues a run). SLURM's
+    requeue signal is passed on to the trial's processes, which stop at their ``last.ckpt``."""
     folder.mkdir(parents=True, exist_ok=True)
     info = {
         "sweep": str(sweep.spec.path),
@@ -283,32 +355,54 @@ def run_trial(
         "metric": sweep.spec.metric,
     }
     (folder / TRIAL_FILE).write_text(json.dumps(info, indent=1))
-    (folder / RESULT_FILE).unlink(missing_ok=True)
+    (folder / RESULT_FILE).unlink(missing_ok=True)  # a continued run's TrialReport writes it again
     command = trial_command(sweep, overrides, folder)
+    if resume:
+        command.append(f"--resume={folder}")
     (folder / "command.txt").write_text(" ".join(command) + "\n")
     beat = heartbeat_interval()
-    with open(folder / "fit.log", "w") as log:
+    passed_on = False
+    with open(folder / "fit.log", "a" if resume else "w") as log:
         proc = subprocess.Popen(
             command,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - only prctl and getppid run there
+            env={**os.environ, SWEEP_REQUEUES: "1"},  # its fit leaves the job's requeue to the sweep
         )
         try:
+            beaten = time.monotonic()
             while True:
                 try:
-                    proc.wait(timeout=beat)
+                    proc.wait(timeout=min(beat, POLL_S))
                     break
                 except subprocess.TimeoutExpired:
+                    pass
+                if not passed_on and requeue_requested():  # the trial stops at its last.ckpt
+                    passed_on = True
+                    _signal_group(proc, signal.SIGUSR1)
+                if time.monotonic() - beaten >= beat:
                     storage.record_heartbeat(trial._trial_id)
+                    beaten = time.monotonic()
         except BaseException:  # Ctrl-C or a kill of the sweep: end the trial's whole process group
             _end_group(proc)
             trial.set_user_attr("error", "the sweep was interrupted")
             study.tell(trial, state=_failed())
-            run_again(study, storage.get_trial(trial._trial_id))  # when the sweep is started again
+            # its values run again when the sweep is started again, from its last.ckpt
+            run_again(study, storage.get_trial(trial._trial_id), resume=folder)
             raise
-    return outcome(proc.returncode, folder, sweep.spec.metric)
+    ended = outcome(proc.returncode, folder, sweep.spec.metric)
+    if passed_on and ended.state == "fail":
+        return Outcome("fail", ended.value, REQUEUED, ended.epochs, requeued=True)
+    return ended
+
+
+def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):  # ended already
+        pass
 
 
 def _die_with(worker: int) -> Callable[[], None] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from samflow.sweep.spec import SweepError
@@ -63,13 +64,16 @@ def heartbeat_interval() -> int:
     return max(1, min(30, grace_period() // 4))
 
 
-def run_again(study: Any, trial: Any) -> None:
+def run_again(study: Any, trial: Any, resume: Path | None = None) -> None:
     """Queue a failed trial's values as a new trial (the same grid point), which records the trial it
     replaces (``retry_of``): Optuna's callback for a trial it failed as stale, and the sweep's for a
-    trial its interruption ended."""
+    trial its interruption ended, whose run (``resume``, its folder) the new trial continues
+    (``resume_from``: ``samflow.sweep.run.continued_run``)."""
     from optuna.trial import TrialState, create_trial
 
     attrs: dict[str, Any] = {"fixed_params": trial.params, "retry_of": trial.number}
+    if resume is not None:
+        attrs["resume_from"] = str(resume)
     for key in ("grid_id", "search_space"):
         if key in trial.system_attrs:
             attrs[key] = trial.system_attrs[key]

@@ -26,8 +26,8 @@ from signal_at import signal_args
 from test_signals import _slurm_job
 
 NOT_REQUEUED = (
-    "samflow: SLURM's requeue signal: `samflow {command}` is not requeued (only fit, student, embed and "
-    "proposals are); it goes on until it ends or the job's time limit.\n"
+    "samflow: SLURM's requeue signal: `samflow {command}` is not requeued (only fit, student, embed, "
+    "proposals and sweep are); it goes on until it ends or the job's time limit.\n"
 )
 VALIDATE = ["--trainer.limit_val_batches", "3", "--data.init_args.eval_batch_size", "1"]  # 3 batches
 

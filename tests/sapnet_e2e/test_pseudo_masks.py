@@ -231,8 +231,8 @@ def test_the_requeue_signal_in_a_slurm_job_is_noted_and_the_command_goes_on(
     assert delivered == []  # was [SIGUSR1]: the default action, the process killed
     err = capsys.readouterr().err
     assert err == (
-        "samflow: SLURM's requeue signal: `samflow pseudo-masks` is not requeued (only fit, student, embed "
-        "and proposals are); it goes on until it ends or the job's time limit.\n"
+        "samflow: SLURM's requeue signal: `samflow pseudo-masks` is not requeued (only fit, student, embed, "
+        "proposals and sweep are); it goes on until it ends or the job's time limit.\n"
     ), err
     assert (tmp_path / "job.json").read_bytes() == (tmp_path / "plain.json").read_bytes()
     assert not calls.exists()

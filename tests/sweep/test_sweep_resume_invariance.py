@@ -1,7 +1,8 @@
 """A sweep interrupted mid-trial and started again equals an uninterrupted one: the interrupted trial's
-values run again from scratch as a new trial, with the same intermediate and final values (real
-`samflow fit` trials); every validation is its own step for Optuna; the pruner does not count an
-interrupted trial beside its rerun."""
+run goes on from its last.ckpt as a new trial, with the same intermediate and final values (real
+`samflow fit` trials), whether the interruption was a SIGTERM or SLURM's requeue signal (the job
+requeued); every validation is its own step for Optuna; the pruner does not count an interrupted trial
+beside its rerun, and a continued run's earlier values reach its new trial as they reached the old."""
 
 from __future__ import annotations
 
@@ -23,9 +24,14 @@ from conftest import run_interrupted
 from lightning.pytorch import LightningModule, Trainer
 
 from samflow.data.quickstart import make_quickstart_data
+from samflow.requeue_hold import requeue_signal_held
 from samflow.sweep import run
 from samflow.sweep.load import load_sweep
 from samflow.sweep.report import RESULT_FILE, TRIAL_FILE, TrialReport
+from samflow.sweep.spec import SweepError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
+from test_signals import _slurm_job  # noqa: E402
 
 # `samflow sweep FILE --study reference` without the file's check and the summary's plots
 UNINTERRUPTED = """
@@ -34,10 +40,11 @@ from samflow.sweep import run
 from samflow.sweep.load import load_sweep
 run.run_optuna(run.Sweep.open(load_sweep(sys.argv[1]), "reference", None), None)
 """
+EPOCHS = 3
 
 
 def tiny_sweep(tmp_path: Path) -> Path:
-    """A one-point grid on the quickstart: 2 epochs of one 64 px batch, no sanity check."""
+    """A one-point grid on the quickstart: 3 epochs of four 64 px batches, no sanity check."""
     data = tmp_path / "data"
     make_quickstart_data(data, n_train=4, n_val=2)
     sweep = {
@@ -46,10 +53,10 @@ def tiny_sweep(tmp_path: Path) -> Path:
         "parameters": {"model.optimizer.init_args.lr": {"values": [5.0e-3]}},
         "command": [
             "${env}", "samflow", "fit", "--experiment", "quickstart",
-            "--trainer.max_epochs=2", "--trainer.num_sanity_val_steps=0",
+            f"--trainer.max_epochs={EPOCHS}", "--trainer.num_sanity_val_steps=0",
             "--trainer.enable_progress_bar=false",
             f"--data.init_args.quickstart={{root: {data}, n_train: 4, n_val: 2}}",
-            "--data.init_args.batch_size=4", "--data.init_args.img_size=64", "--model.sam.img_size=64",
+            "--data.init_args.batch_size=1", "--data.init_args.img_size=64", "--model.sam.img_size=64",
             "${args}",
         ],
     }  # fmt: skip
@@ -58,8 +65,9 @@ def tiny_sweep(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("interruption", ["sigterm", "slurm_requeue"])
 def test_a_sweep_interrupted_mid_trial_and_started_again_has_the_uninterrupted_sweeps_trials(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, interruption
 ):
     path = tiny_sweep(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -72,41 +80,71 @@ def test_a_sweep_interrupted_mid_trial_and_started_again_has_the_uninterrupted_s
         stderr=subprocess.STDOUT,
         text=True,
     )
+    reference_folder = tmp_path / "runs" / "quickstart" / "sweeps" / "reference"
+    scontrol = _slurm_job(tmp_path, monkeypatch) if interruption == "slurm_requeue" else None
 
     sweep = run.Sweep.open(load_sweep(str(path)), None, None)
-    first = sweep.folder / "trial-0" / RESULT_FILE
+    folder = sweep.folder / "trial-0"
 
     def reported() -> bool:
         try:
-            return bool(json.loads(first.read_text()).get("values"))
+            return bool(json.loads((folder / RESULT_FILE).read_text()).get("values"))
         except (OSError, ValueError):  # not written yet, or half-written
             return False
 
-    run_interrupted(sweep, reported)  # mid-trial, after its first validation
-    resumed = run.run_optuna(sweep, None).get_trials()  # started again
+    # mid-trial, after its first validation
+    if scontrol is None:
+        run_interrupted(sweep, reported)
+    else:
+        monkeypatch.setattr(run, "POLL_S", 0.05)
+
+        def requeue_signal() -> None:
+            while not reported():
+                threading.Event().wait(0.02)
+            os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM's --signal=B:USR1@90 sends it
+
+        threading.Thread(target=requeue_signal, daemon=True).start()
+        with requeue_signal_held("sweep"), pytest.raises(SweepError, match="SLURM job 4242 requeued"):
+            run.run_optuna(sweep, None)
+        assert scontrol.read_text() == "requeue 4242\n"  # by the sweep; its trial left it to the sweep
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with requeue_signal_held("sweep"):
+        resumed = run.run_optuna(sweep, None).get_trials()  # started again
 
     out = reference.communicate(timeout=300)[0]
     assert reference.returncode == 0, out[-3000:]
-    folder = tmp_path / "runs" / "quickstart" / "sweeps" / "reference"
     (whole,) = optuna.load_study(
-        study_name="reference", storage=f"sqlite:///{folder / 'study.db'}"
+        study_name="reference", storage=f"sqlite:///{reference_folder / 'study.db'}"
     ).get_trials()
-    assert whole.state == optuna.trial.TrialState.COMPLETE and list(whole.intermediate_values) == [0, 1]
+    assert whole.state == optuna.trial.TrialState.COMPLETE
+    assert list(whole.intermediate_values) == list(range(EPOCHS))
 
     interrupted, again = resumed
     assert interrupted.state == optuna.trial.TrialState.FAIL
-    assert interrupted.user_attrs["error"] == "the sweep was interrupted"
-    steps = len(interrupted.intermediate_values)  # 1, unless its last epoch ended before the signal
-    assert steps >= 1
+    error = "the sweep was interrupted" if scontrol is None else run.REQUEUED
+    assert interrupted.user_attrs["error"] == error
+    steps = len(interrupted.intermediate_values)
+    assert 1 <= steps < EPOCHS
     assert interrupted.intermediate_values == {s: whole.intermediate_values[s] for s in range(steps)}
-    # Its values ran again from scratch, as a new trial in a folder of its own: the same trial as the
+    # Its run went on from its last.ckpt, in its folder, as a new trial: the same trial as the
     # uninterrupted sweep's, each epoch reported once, result.json holding every epoch.
     assert again.system_attrs["retry_of"] == interrupted.number and again.params == whole.params
+    assert again.user_attrs["folder"] == str(folder) and not (sweep.folder / "trial-1").exists()
+    assert (folder / "command.txt").read_text().rstrip().endswith(f"--resume={folder}")
     assert again.state == whole.state and again.value == whole.value
     assert again.intermediate_values == whole.intermediate_values
-    result = json.loads((sweep.folder / f"trial-{again.number}" / RESULT_FILE).read_text())
+    result = json.loads((folder / RESULT_FILE).read_text())
     assert {int(k): v for k, v in result["values"].items()} == whole.intermediate_values
-    assert again.user_attrs["epochs"] == whole.user_attrs["epochs"] == 2
+    assert again.user_attrs["epochs"] == whole.user_attrs["epochs"] == EPOCHS
+    # the continued fit trained only what was left: its training rows are the uninterrupted run's, once
+    assert _train_rows(folder / "metrics.csv") == _train_rows(reference_folder / "trial-0" / "metrics.csv")
+
+
+def _train_rows(metrics: Path) -> list[tuple[str, str]]:
+    import csv
+
+    with open(metrics) as f:
+        return [(r["step"], r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
 class Counted(LightningModule):
@@ -223,6 +261,95 @@ def test_the_pruner_does_not_count_an_interrupted_trial_beside_its_rerun(tmp_pat
     trial = optuna.load_study(study_name="s", storage=url).get_trials()[-1]
     assert trial.system_attrs["completed_rung_0"] == pytest.approx(0.7)  # the pruner did decide
     assert json.loads((folder / RESULT_FILE).read_text())["pruned"] is False
+
+
+class ByEpoch(Counted):
+    """Logs ``val/iou`` = ``values[epoch]``: the same values in a run continued from a checkpoint."""
+
+    values = (0.3, 0.7, 0.8, 0.9)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/iou", self.values[self.current_epoch])
+
+
+def _trial_fit(folder: Path, trial: optuna.trial.FrozenTrial | optuna.Trial, url: str, sweep: Path, **kw):
+    """``ByEpoch`` trained up to ``max_epochs`` with the ``TrialReport`` of ``trial`` (its trial.json in
+    ``folder``), from ``ckpt_path`` when given; the trainer."""
+    folder.mkdir(exist_ok=True)
+    info = {"sweep": str(sweep), "storage": url, "study": "s", "trial_id": trial._trial_id}
+    (folder / TRIAL_FILE).write_text(json.dumps({**info, "number": trial.number, "metric": "val/iou"}))
+    ckpt_path = kw.pop("ckpt_path", None)
+    trainer = Trainer(
+        callbacks=[TrialReport(str(folder / TRIAL_FILE))],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+        **kw,
+    )
+    trainer.fit(ByEpoch(), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("competitors", [(0.5, 0.4), (0.9, 0.95, 0.5)], ids=["promoted", "pruned"])
+def test_a_continued_run_reports_its_earlier_values_to_its_new_trial_as_the_old_trial_did(
+    tmp_path, competitors
+):
+    """Hyperband, one bracket, rung 0 at the second validation (value 0.7). A trial interrupted after
+    two validations (past the rung) goes on from its checkpoint as a new trial: that trial is given the
+    values 0.3 and 0.7 first, the pruner asked after each, so its rung holds 0.7 as an uninterrupted
+    trial's does (asked first at the third validation, it would record 0.8 there), and against better
+    competitors it is pruned at that rung, at once, with the values up to it, as the uninterrupted trial."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        "method: grid\nmetric: {name: val/iou, goal: maximize}\nprogram: quickstart\n"
+        "early_terminate: {type: hyperband, min_iter: 1, max_iter: 1, eta: 2}\nparameters:\n"
+        "  x: {values: [1, 2]}\n"
+    )
+
+    def study_in(name: str) -> tuple[optuna.Study, str]:
+        url = f"sqlite:///{tmp_path / name}.db"
+        study = optuna.create_study(
+            storage=url, study_name="s", direction="maximize", pruner=load_sweep(str(sweep)).pruner()
+        )
+        for value in competitors:
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=optuna.trial.TrialState.COMPLETE,
+                    value=value,
+                    intermediate_values={0: value, 1: value},
+                    system_attrs={"completed_rung_0": value},
+                )
+            )
+        return study, url
+
+    study, url = study_in("whole")
+    whole = _trial_fit(tmp_path / "whole", study.ask(), url, sweep, max_epochs=4)
+    (*_, uninterrupted) = study.get_trials()
+
+    study, url = study_in("continued")
+    interrupted = study.ask()  # interrupted after two validations (its rung done), its checkpoint kept
+    first = _trial_fit(tmp_path / "run", interrupted, url, sweep, max_epochs=2)
+    checkpoint = tmp_path / "run" / "last.ckpt"
+    first.save_checkpoint(checkpoint)
+    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    run.run_again(study, study.get_trials()[-1], resume=tmp_path / "run")
+    continued = _trial_fit(tmp_path / "run", study.ask(), url, sweep, max_epochs=4, ckpt_path=checkpoint)
+    (*_, again) = study.get_trials()
+
+    assert again.system_attrs["retry_of"] == interrupted.number
+    assert again.intermediate_values == uninterrupted.intermediate_values
+    rung = again.system_attrs["completed_rung_0"]
+    assert rung == uninterrupted.system_attrs["completed_rung_0"] == pytest.approx(0.7)
+    result = json.loads((tmp_path / "run" / RESULT_FILE).read_text())
+    pruned = competitors == (0.9, 0.95, 0.5)
+    assert result["pruned"] is pruned and whole.should_stop is pruned
+    assert {int(k): v for k, v in result["values"].items()} == uninterrupted.intermediate_values
+    # pruned: it stopped at the rung as the uninterrupted trial did, without training on
+    assert continued.current_epoch == whole.current_epoch == (2 if pruned else 4)
+    assert continued.global_step == whole.global_step
 
 
 class InProcessTrial:
