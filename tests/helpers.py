@@ -586,3 +586,20 @@ def run_samflow_commands(work: Path, plan: dict[str, list[str]], *, timeout: flo
             name, _, text = part.partition("\n")
             outputs[name] += text
     return outputs
+
+
+# another process holding the lock file argv[1] as samflow's locks do (an flock, "pid N on HOST" written
+# in it); it prints "held" once it holds it
+HOLD = """
+import fcntl, os, socket, sys, time
+from pathlib import Path
+path = Path(sys.argv[1])
+path.parent.mkdir(parents=True, exist_ok=True)
+file = open(path, "a+")
+fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+file.truncate(0)
+file.write(f"pid {os.getpid()} on {socket.gethostname()}\\n")
+file.flush()
+print("held", flush=True)
+time.sleep(600)
+"""

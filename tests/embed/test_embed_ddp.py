@@ -34,7 +34,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import SHORT_GROUP_TIMEOUTS, TORCHRUN, TORCHRUN_ENV, kill_tree, run_torchrun
+from helpers import HOLD, SHORT_GROUP_TIMEOUTS, TORCHRUN, TORCHRUN_ENV, kill_tree, run_torchrun
 
 import samflow.embed.command as embed_command
 from samflow.cli import main
@@ -311,19 +311,6 @@ def test_the_requeue_signal_on_one_rank_stops_both_and_rank_0_requeues_the_job(e
     for name in sorted(p.name for p in (tmp_path / "one").iterdir()):
         assert (tmp_path / "store" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     assert calls.read_text() == "requeue 4242\n"
-
-
-# another process holding a lock file as samflow's RunLock does (an flock, "pid N on HOST" written in it)
-HOLD = """
-import fcntl, os, socket, sys, time
-file = open(sys.argv[1], "a+")
-fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-file.truncate(0)
-file.write(f"pid {os.getpid()} on {socket.gethostname()}\\n")
-file.flush()
-print("held", flush=True)
-time.sleep(600)
-"""
 
 
 def hashes(folder: Path) -> dict[str, str]:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import samflow_here
+from helpers import HOLD, samflow_here
 from PIL import Image
 
 import samflow.embed.command as embed_command
@@ -45,20 +45,6 @@ from samflow.data.quickstart import make_quickstart_data
 from samflow.embed.writer import write_store
 
 STORE_LOCK, PREDICT_LOCK = ".embed.lock", ".predict.lock"
-
-HOLD = """
-import fcntl, os, socket, sys, time
-from pathlib import Path
-path = Path(sys.argv[1])
-path.parent.mkdir(parents=True, exist_ok=True)
-file = open(path, "a+")
-fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-file.truncate(0)
-file.write(f"pid {os.getpid()} on {socket.gethostname()}\\n")
-file.flush()
-print("held", flush=True)
-time.sleep(600)
-"""
 
 
 @contextmanager

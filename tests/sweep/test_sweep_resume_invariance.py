@@ -206,7 +206,7 @@ def new_trial(tmp_path: Path, early_terminate: str, done: list[dict]) -> tuple[P
     return folder, url
 
 
-def fit(folder: Path, module: LightningModule, **trainer: object) -> Trainer:
+def fit(folder: Path, module: LightningModule, ckpt_path: Path | None = None, **trainer: object) -> Trainer:
     run_trainer = Trainer(
         callbacks=[TrialReport(str(folder / TRIAL_FILE))],
         logger=False,
@@ -217,7 +217,7 @@ def fit(folder: Path, module: LightningModule, **trainer: object) -> Trainer:
         accelerator="cpu",
         **trainer,  # type: ignore[arg-type]
     )
-    run_trainer.fit(module)
+    run_trainer.fit(module, ckpt_path=ckpt_path)
     return run_trainer
 
 
@@ -272,25 +272,12 @@ class ByEpoch(Counted):
         self.log("val/iou", self.values[self.current_epoch])
 
 
-def _trial_fit(folder: Path, trial: optuna.trial.FrozenTrial | optuna.Trial, url: str, sweep: Path, **kw):
-    """``ByEpoch`` trained up to ``max_epochs`` with the ``TrialReport`` of ``trial`` (its trial.json in
-    ``folder``), from ``ckpt_path`` when given; the trainer."""
+def _trial_fit(folder: Path, trial: optuna.Trial, url: str, sweep: Path, **kw) -> Trainer:
+    """``ByEpoch`` trained with the ``TrialReport`` of ``trial`` (its trial.json in ``folder``)."""
     folder.mkdir(exist_ok=True)
     info = {"sweep": str(sweep), "storage": url, "study": "s", "trial_id": trial._trial_id}
     (folder / TRIAL_FILE).write_text(json.dumps({**info, "number": trial.number, "metric": "val/iou"}))
-    ckpt_path = kw.pop("ckpt_path", None)
-    trainer = Trainer(
-        callbacks=[TrialReport(str(folder / TRIAL_FILE))],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        **kw,
-    )
-    trainer.fit(ByEpoch(), ckpt_path=ckpt_path)
-    return trainer
+    return fit(folder, ByEpoch(), **kw)
 
 
 @pytest.mark.parametrize("competitors", [(0.5, 0.4), (0.9, 0.95, 0.5)], ids=["promoted", "pruned"])
