@@ -197,6 +197,9 @@ def _run_trials(sweep: Sweep, study: Any, total: int) -> None:
         trial.set_user_attr("folder", str(folder))
         shown = " ".join(f"{k}={v}" for k, v in overrides.items() if k in distributions)
         goes_on = f" (continues {folder / LAST_CHECKPOINT})" if resume else ""
+        if resume is None and (gone := storage.get_trial(trial._trial_id).system_attrs.get("resume_from")):
+            retried = storage.get_trial(trial._trial_id).system_attrs["retry_of"]
+            goes_on = f" (trial {retried}'s {Path(gone) / LAST_CHECKPOINT} is gone: it starts over)"
         print(f"trial {trial.number}: {shown}{goes_on}", flush=True)
         outcome = run_trial(sweep, study, trial, overrides, folder, storage, resume=resume is not None)
         trial.set_user_attr("epochs", outcome.epochs)

@@ -26,23 +26,28 @@ from test_signals import _slurm_job  # noqa: E402
 
 # A stand-in for a trial's `samflow fit`: it records its environment and flags; x = "long" trains until
 # SIGUSR1, then writes checkpoints/last.ckpt and exits 1, as a fit stopped by the requeue signal does;
-# continued (--resume=FOLDER), it finishes from there. x = "last" finishes with status 0 at the signal
-# (a trial in its last batch). Values: epoch 0 = 0.1, epoch 1 = 0.2.
+# continued (--resume=FOLDER), it finishes from there; "longer" is stopped so twice. x = "last" finishes
+# with status 0 at the signal (a trial in its last batch). None waits with TRIAL_DOES_NOT_WAIT set, or
+# longer than 2 minutes (then exit 3). Values: epoch 0 = 0.1, epoch 1 = 0.2.
 TRIAL = """
 import json, os, signal, sys, time
 from pathlib import Path
 folder, x, flags = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3:]
 with open(folder / "calls.jsonl", "a") as calls:
     calls.write(json.dumps({"requeues": os.environ.get("SAMFLOW_SWEEP_REQUEUES"), "flags": flags}) + "\\n")
+runs = len((folder / "calls.jsonl").read_text().splitlines())
 stop = []
 signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
 (folder / "pid").write_text(str(os.getpid()))
-if not flags:
+if runs <= {"long": 1, "longer": 2, "last": 1}.get(x, 0) and not os.environ.get("TRIAL_DOES_NOT_WAIT"):
+    deadline = time.monotonic() + 120
     while not stop:
         time.sleep(0.02)
-    if x == "long":
-        (folder / "checkpoints").mkdir()
-        (folder / "checkpoints" / "last.ckpt").write_text("epoch 1")
+        if time.monotonic() > deadline:
+            sys.exit(3)
+    if x != "last":
+        (folder / "checkpoints").mkdir(exist_ok=True)
+        (folder / "checkpoints" / "last.ckpt").write_text(f"run {runs}")
         (folder / "result.json").write_text(json.dumps({"values": {0: 0.1}, "pruned": False}))
         print("samflow: error: fit stopped by SLURM's requeue signal at step 3")
         sys.exit(1)
@@ -87,8 +92,10 @@ def signal_when(ready) -> None:
 
     def send() -> None:
         deadline = time.monotonic() + 60
-        while not ready() and time.monotonic() < deadline:
+        while not ready():
             time.sleep(0.02)
+            if time.monotonic() > deadline:
+                return  # not sent: the test fails on what it finds
         os.kill(os.getpid(), signal.SIGUSR1)
 
     threading.Thread(target=send, daemon=True).start()
@@ -186,3 +193,41 @@ def test_a_trial_ended_by_the_sweeps_interruption_continues_from_its_checkpoint(
     assert trials[1].system_attrs["resume_from"] == str(folder)
     assert trials[1].user_attrs["folder"] == str(folder) and trials[1].value == 0.2
     assert calls_of(folder)[1]["flags"] == [f"--resume={folder}"]
+
+
+def test_a_trial_requeued_twice_goes_on_in_its_first_folder(job, tmp_path, monkeypatch):
+    sweep = sweep_of(tmp_path, "longer")
+    folder = sweep.folder / "trial-0"
+    for restart in range(2):
+        (folder / "pid").unlink(missing_ok=True)
+        signal_when((folder / "pid").is_file)
+        with pytest.raises(SweepError, match=f"trial {restart} stopped at {folder}/checkpoints/last.ckpt"):
+            sweep_command(sweep)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart + 1))
+    trials = sweep_command(sweep).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "COMPLETE"]
+    assert [t.system_attrs.get("retry_of") for t in trials] == [None, 0, 1]
+    assert {t.user_attrs["folder"] for t in trials} == {str(folder)}
+    assert [c["flags"] for c in calls_of(folder)] == [[], [f"--resume={folder}"], [f"--resume={folder}"]]
+    assert job.read_text() == "requeue 4242\n" * 2
+
+
+def test_a_trial_whose_checkpoint_is_gone_starts_over_in_a_folder_of_its_own(
+    job, tmp_path, monkeypatch, capsys
+):
+    sweep = sweep_of(tmp_path, "long")
+    folder = sweep.folder / "trial-0"
+    signal_when((folder / "pid").is_file)
+    with pytest.raises(SweepError):
+        sweep_command(sweep)
+    (folder / "checkpoints" / "last.ckpt").unlink()  # removed by hand before the job started again
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("TRIAL_DOES_NOT_WAIT", "1")
+    trials = sweep_command(sweep).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["folder"] == str(sweep.folder / "trial-1")
+    assert calls_of(sweep.folder / "trial-1") == [{"requeues": "1", "flags": []}]
+    assert (
+        f"trial 1: x=long (trial 0's {folder}/checkpoints/last.ckpt is gone: it starts over)"
+        in capsys.readouterr().out
+    )
