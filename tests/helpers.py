@@ -138,19 +138,13 @@ def run_samflow(
     pythonpath: Path | None = None,
     timeout: float = 600,
 ) -> subprocess.CompletedProcess:
-    """``python -m samflow ARGS`` in ``cwd`` as a user runs it (``user_environment``), captured."""
+    """``python -m samflow ARGS`` in ``cwd`` as a user runs it (``user_environment``), captured; after
+    ``timeout`` s it is killed with every process under it (``run_reaped``: a ``ddp`` command's rank 1,
+    which Lightning starts as its child, too) and ``subprocess.TimeoutExpired`` raised."""
     full = user_environment(env)
     if pythonpath is not None:
         full["PYTHONPATH"] = os.pathsep.join([str(pythonpath), full.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, "-m", "samflow", *args],
-        check=False,
-        cwd=cwd,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_reaped([sys.executable, "-m", "samflow", *args], cwd, full, timeout)
 
 
 @contextmanager
@@ -449,15 +443,28 @@ def kill_tree(pid: int) -> None:
 
 
 def run_reaped(
-    command: list[str], cwd: Path, env: dict[str, str], timeout: float
+    command: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    timeout: float,
+    *,
+    stderr: int = subprocess.PIPE,
+    start_new_session: bool = False,
 ) -> subprocess.CompletedProcess:
     """``subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)``, but
     a command still running at ``timeout`` (or interrupted) is killed with every process under it
     (``kill_tree``): ``subprocess.run`` kills the command alone, and a hung torchrun test left its
     workers waiting idle until their own timeout. On the timeout, ``subprocess.TimeoutExpired`` carries
-    the output so far."""
+    the output so far. ``stderr=subprocess.STDOUT``: both in ``stdout`` (``stderr`` None);
+    ``start_new_session`` as ``Popen``'s."""
     proc = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        start_new_session=start_new_session,
     )
     with proc:
         try:
@@ -492,7 +499,9 @@ def run_at_once(
 ) -> list[subprocess.CompletedProcess]:
     """Each of ``commands`` started together in ``cwd`` with its environment of ``envs`` (the whole
     environment, not additions), as the processes of one job on several nodes or tasks: each one's
-    result, its stdout and stderr together. Those still running after ``timeout`` s are killed."""
+    result, its stdout and stderr together. Those still running after ``timeout`` s (or when interrupted)
+    are killed with every process under them (``kill_tree``: a ``ddp`` task's rank 1, which Lightning
+    starts as its child, too) and ``subprocess.TimeoutExpired`` raised."""
     procs = [
         subprocess.Popen(
             command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -504,8 +513,10 @@ def run_at_once(
     finally:
         for proc in procs:
             if proc.poll() is None:
-                proc.kill()
+                kill_tree(proc.pid)
                 proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
     return [subprocess.CompletedProcess(p.args, p.returncode, out, "") for p, out in zip(procs, outputs)]
 
 
@@ -562,20 +573,14 @@ def run_samflow_commands(work: Path, plan: dict[str, list[str]], *, timeout: flo
     starts rank 1 of a command by running the script again with that command's arguments. W&B disabled,
     warnings off, default verbosity, no ``SAMFLOW_DEBUG``; asserts that every command exits 0 (it
     stops at the first that does not). Returns each command's output (its stdout, then its stderr: its
-    ranks' lines)."""
+    ranks' lines). After ``timeout`` s the process is killed with every process under it (``run_reaped``)
+    and ``subprocess.TimeoutExpired`` raised."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "samflow_commands.py").write_text(COMMANDS_SCRIPT)
     (work / "samflow_commands.json").write_text(json.dumps(plan))
     env = {k: v for k, v in user_environment().items() if k not in LAUNCHED}
-    proc = subprocess.run(
-        [sys.executable, str(work / "samflow_commands.py"), str(work / "samflow_commands.json")],
-        check=False,
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    script = [sys.executable, str(work / "samflow_commands.py"), str(work / "samflow_commands.json")]
+    proc = run_reaped(script, work, env, timeout)  # on a timeout, a ddp command's rank 1 killed too
     codes = [line for line in proc.stdout.splitlines() if line.startswith("CODES ")]
     output = proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.returncode == 0 and codes, output

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import kill_tree
 from lightning.fabric.loggers import csv_logs
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from quickstart_tiny import TINY
@@ -165,7 +166,7 @@ def test_a_fit_holds_its_run_folder_while_it_trains(tmp_path):
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
+            kill_tree(proc.pid)  # the fit and every process under it
             proc.wait()
     assert run_in_use(run) is None and not (run / LOCK_FILE).exists()
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import LAUNCHED, run_at_once, run_samflow_commands
+from helpers import LAUNCHED, kill_tree, run_at_once, run_samflow_commands
 from test_ddp_exact_metrics import KEYS, data_args, last_metrics
 
 NODES = [
@@ -172,12 +172,18 @@ def test_quickstart_data_written_by_two_processes_at_once(tmp_path):
     ]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-    errors = []
-    while not failures.empty():
-        errors.append(failures.get())
-    assert not errors and [proc.exitcode for proc in procs] == [0, 0], errors
+    try:
+        for proc in procs:
+            proc.join(timeout=120)
+        errors = []
+        while not failures.empty():
+            errors.append(failures.get())
+        assert not errors and [proc.exitcode for proc in procs] == [0, 0], errors
+    finally:  # a process still waiting (at the barrier): killed, not joined for good at pytest's exit
+        for proc in procs:
+            if proc.is_alive():
+                kill_tree(proc.pid)
+                proc.join()
     make_quickstart_data(tmp_path / "one", n_train=2, n_val=1)
 
     def files(root: Path) -> dict[str, bytes]:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
+
+from helpers import run_reaped
 
 # set by a cluster or a launcher; not in the fits' process
 LAUNCHED = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK", "OMP_NUM_THREADS")
@@ -67,15 +68,9 @@ def test_a_ddp_fit_leaves_the_process_as_found_and_a_later_fit_runs(tmp_path):
     script.write_text(SCRIPT)
     data = ["--data.init_args.quickstart.root", str(tmp_path / "data")]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHED}
-    proc = subprocess.run(
-        [sys.executable, str(script), *TINY, *data],
-        check=False,
-        cwd=tmp_path,
-        env={**env, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    env = {**env, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    # killed after 400 s with every process under it (rank 1 of a ddp fit, Lightning's child)
+    proc = run_reaped([sys.executable, str(script), *TINY, *data], tmp_path, env, 400)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     report = json.loads(lines[-1].removeprefix("REPORT "))

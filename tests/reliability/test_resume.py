@@ -30,7 +30,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import samflow_here
+from helpers import kill_tree, samflow_here
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -167,7 +167,7 @@ def kill_mid_second_epoch(cwd: Path, data: Path, batches: int, *extra: str) -> i
             time.sleep(0.05)
     finally:
         if proc.poll() is None and killed_at < 0:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)  # every process under it, whatever its session
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-epoch"
     assert batches < killed_at < 2 * batches

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TORCHRUN, TORCHRUN_ENV
+from helpers import TORCHRUN, TORCHRUN_ENV, run_reaped
 from quickstart_tiny import TINY, samflow
 from signal_at import signal_args
 
@@ -278,27 +278,17 @@ def test_ctrl_c_exits_1_names_the_last_checkpoint_and_gives_the_sigint_handler_b
 
 def _torchrun_fit(cwd: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
     """The tiny fit under ``torchrun --nproc_per_node 2`` (CPU, gloo) in ``cwd``, its output captured;
-    the whole process group is killed after 240 s, so a rank left waiting for the other ends the test."""
+    torchrun and its workers (in sessions of their own) are killed after 240 s (``run_reaped``), so a rank
+    left waiting for the other ends the test."""
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **TORCHRUN_ENV}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     args = [*TINY, "--data.init_args.quickstart.root", str(data), *STEPS, *DDP, *extra]
-    proc = subprocess.Popen(
-        [*TORCHRUN, "-m", "samflow", "fit", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    command = [*TORCHRUN, "-m", "samflow", "fit", *args]
     try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the 2-rank fit hung:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+        return run_reaped(command, cwd, env, 240, stderr=subprocess.STDOUT, start_new_session=True)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"the 2-rank fit hung:\n{(hung.stdout or '')[-4000:]}")
 
 
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]

@@ -14,12 +14,11 @@ this one): the early-signalled command runs as ``python -m samflow``, the others
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_samflow, user_environment
+from helpers import run_reaped, run_samflow, user_environment
 from quickstart_tiny import TINY, samflow
 from signal_at import signal_args
 from test_signals import STEPS, _ends_as, _slurm_job, _step
@@ -80,15 +79,8 @@ def test_the_requeue_signal_while_the_command_imports_torch_and_lightning_requeu
     ``import samflow``) before it held the signal, and a signal then killed the process (status -10)."""
     calls = _slurm_job(tmp_path, monkeypatch)
     args = ["fit", *TINY, "--data.init_args.quickstart.root", str(data), *STEPS]
-    stopped = subprocess.run(
-        [sys.executable, "-c", SIGNAL_AT_START, *args],
-        cwd=Path.cwd(),
-        env=user_environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    # killed after 300 s with every process under it
+    stopped = run_reaped([sys.executable, "-c", SIGNAL_AT_START, *args], Path.cwd(), user_environment(), 300)
     out = stopped.stdout[-3000:] + stopped.stderr[-3000:]
     assert "imported when the signal came: []\n" in stopped.stdout, out
     assert stopped.returncode == 1, out
