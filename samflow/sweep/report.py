@@ -13,7 +13,10 @@ another trial (``storage.without_replaced``): their values would count twice.
 A trial that continues an interrupted trial's run (``--resume`` of its folder: ``samflow.sweep.run``)
 gets that run's values back from the checkpoint (``state_dict``) and reports them to its own trial at
 the start of training, asking the pruner after each as the interrupted trial did, so that its
-intermediate values, its Hyperband rungs and its pruning equal an uninterrupted trial's.
+intermediate values, its Hyperband rungs and its pruning equal an uninterrupted trial's. A run whose
+checkpoint is at its end (the interruption came after its training, e.g. while W&B synced) trains
+nothing when continued: Lightning skips its training (no ``on_train_start``), and its values are
+reported at the fit's end instead.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class TrialReport(Callback):
         self.result_file = self.trial_file.with_name(RESULT_FILE)
         self.values: dict[int, float] = {}
         self.pruned = False
+        self._replay_due = False  # a continued run's values, not yet reported to this trial
         self._trial: Any = None
 
     def _optuna_trial(self) -> Any:
@@ -69,15 +73,24 @@ class TrialReport(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The values of the run this fit continues (its checkpoint's): the next validation is the next step."""
         self.values = {int(k): float(v) for k, v in state_dict.get("values", {}).items()}
+        self._replay_due = bool(self.values)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A continued run (``load_state_dict``): its earlier values reported to this trial, step by step
         with the pruner asked after each, as the interrupted trial reported them; pruned, it stops."""
-        if not self.values:
+        if not self._replay_due:
             return
+        self._replay_due = False
         prune = self._replay() if trainer.is_global_zero else False
         if trainer.strategy.broadcast(prune):
             trainer.should_stop = True
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A continued run with nothing left to train (no ``on_train_start``): its values reported now."""
+        if self._replay_due:
+            self._replay_due = False
+            if trainer.is_global_zero:
+                self._replay()
 
     def _replay(self) -> bool:
         trial = self._optuna_trial()

@@ -191,15 +191,16 @@ def _run_trials(sweep: Sweep, study: Any, total: int) -> None:
             study.tell(trial, state=TrialState.FAIL)
             break
         overrides = sweep.spec.overrides(trial.params)
-        resume = continued_run(storage.get_trial(trial._trial_id))
+        attrs = storage.get_trial(trial._trial_id).system_attrs
+        resume = continued_run(attrs)
         folder = resume or sweep.folder / f"trial-{trial.number}"
         trial.set_user_attr("overrides", overrides)
         trial.set_user_attr("folder", str(folder))
         shown = " ".join(f"{k}={v}" for k, v in overrides.items() if k in distributions)
         goes_on = f" (continues {folder / LAST_CHECKPOINT})" if resume else ""
-        if resume is None and (gone := storage.get_trial(trial._trial_id).system_attrs.get("resume_from")):
-            retried = storage.get_trial(trial._trial_id).system_attrs["retry_of"]
-            goes_on = f" (trial {retried}'s {Path(gone) / LAST_CHECKPOINT} is gone: it starts over)"
+        if resume is None and "resume_from" in attrs:
+            gone = Path(attrs["resume_from"]) / LAST_CHECKPOINT
+            goes_on = f" (trial {attrs['retry_of']}'s {gone} is gone: it starts over)"
         print(f"trial {trial.number}: {shown}{goes_on}", flush=True)
         outcome = run_trial(sweep, study, trial, overrides, folder, storage, resume=resume is not None)
         trial.set_user_attr("epochs", outcome.epochs)
@@ -207,7 +208,7 @@ def _run_trials(sweep: Sweep, study: Any, total: int) -> None:
             trial.set_user_attr("error", outcome.error)
         if outcome.requeued:  # stopped at its last.ckpt: its values go on from there in the restarted job
             study.tell(trial, state=TrialState.FAIL)
-            run_again(study, storage.get_trial(trial._trial_id), resume=folder)
+            queue_again(study, storage.get_trial(trial._trial_id), folder)
             kept = (
                 f"at {folder / LAST_CHECKPOINT}"
                 if (folder / LAST_CHECKPOINT).is_file()
@@ -248,10 +249,17 @@ def _ask(study: Any, distributions: dict[str, Any]) -> Any:
     return trial
 
 
-def continued_run(trial: Any) -> Path | None:
-    """The folder whose run ``trial`` continues: that of the interrupted trial it runs again
-    (``run_again``'s ``resume_from``), when it holds ``checkpoints/last.ckpt``; else None."""
-    folder = trial.system_attrs.get("resume_from")
+def queue_again(study: Any, trial: Any, folder: Path) -> None:
+    """Queue the values of ``trial``, which the sweep's interruption or SLURM's requeue signal ended, as a
+    new trial that continues its run from ``folder``'s ``last.ckpt``; one stopped before it saved any
+    (before its first step) starts over, in a folder of its own (``run_again``)."""
+    run_again(study, trial, resume=folder if (folder / LAST_CHECKPOINT).is_file() else None)
+
+
+def continued_run(system_attrs: dict[str, Any]) -> Path | None:
+    """The folder whose run a trial (its ``system_attrs``) continues: that of the interrupted trial it
+    runs again (``run_again``'s ``resume_from``), when it holds ``checkpoints/last.ckpt``; else None."""
+    folder = system_attrs.get("resume_from")
     if folder and (Path(folder) / LAST_CHECKPOINT).is_file():
         return Path(folder)
     return None
@@ -347,7 +355,8 @@ def run_trial(
 ) -> Outcome:
     """Run one trial's ``samflow fit`` in its own process group (with ``resume``, continuing the run of
     ``folder``); its output goes to ``folder/fit.log`` (appended to when it continues a run). SLURM's
-    requeue signal is passed on to the trial's processes, which stop at their ``last.ckpt``."""
+    requeue signal is passed on to the trial's processes, which stop at their ``last.ckpt`` (under
+    ``srun`` SLURM signals them too); a trial that then fails is ``Outcome.requeued``."""
     folder.mkdir(parents=True, exist_ok=True)
     info = {
         "sweep": str(sweep.spec.path),
@@ -365,6 +374,8 @@ def run_trial(
     (folder / "command.txt").write_text(" ".join(command) + "\n")
     beat = heartbeat_interval()
     passed_on = False
+    # a continued run's fit.log holds the interrupted run's lines before its own
+    start = (folder / "fit.log").stat().st_size if resume and (folder / "fit.log").is_file() else 0
     with open(folder / "fit.log", "a" if resume else "w") as log:
         proc = subprocess.Popen(
             command,
@@ -393,10 +404,13 @@ def run_trial(
             trial.set_user_attr("error", "the sweep was interrupted")
             study.tell(trial, state=_failed())
             # its values run again when the sweep is started again, from its last.ckpt
-            run_again(study, storage.get_trial(trial._trial_id), resume=folder)
+            queue_again(study, storage.get_trial(trial._trial_id), folder)
             raise
-    ended = outcome(proc.returncode, folder, sweep.spec.metric)
-    if passed_on and ended.state == "fail":
+    ended = outcome(proc.returncode, folder, sweep.spec.metric, log_start=start)
+    # A failed trial that the signal may have stopped: the worker passed it on, or SLURM signalled the
+    # trial's processes itself (all of an ``srun`` step's) and they ended before the worker looked. One
+    # that ended with status 0 is done.
+    if proc.returncode != 0 and requeue_requested():
         return Outcome("fail", ended.value, REQUEUED, ended.epochs, requeued=True)
     return ended
 
@@ -441,13 +455,14 @@ def _end_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def outcome(returncode: int, folder: Path, metric: str) -> Outcome:
-    """The trial's ``Outcome`` from its exit status, ``result.json`` and ``fit.log``."""
+def outcome(returncode: int, folder: Path, metric: str, log_start: int = 0) -> Outcome:
+    """The trial's ``Outcome`` from its exit status, ``result.json`` and ``fit.log`` (its part from byte
+    ``log_start`` on: a continued run's log is appended to the interrupted run's)."""
     result = json.loads((folder / RESULT_FILE).read_text()) if (folder / RESULT_FILE).is_file() else {}
     values = [v for _, v in sorted((int(k), v) for k, v in result.get("values", {}).items())]
     last = values[-1] if values else None
     if returncode != 0:
-        return Outcome("fail", last, _error_line(returncode, folder / "fit.log"), len(values))
+        return Outcome("fail", last, _error_line(returncode, folder / "fit.log", log_start), len(values))
     if last is None:
         return Outcome("fail", None, f"no validation epoch reported {metric}", 0)
     if not math.isfinite(last):
@@ -455,9 +470,12 @@ def outcome(returncode: int, folder: Path, metric: str) -> Outcome:
     return Outcome("pruned" if result.get("pruned") else "complete", last, "", len(values))
 
 
-def _error_line(returncode: int, log: Path) -> str:
-    """The one line that says why a trial's process failed."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+def _error_line(returncode: int, log: Path, start: int = 0) -> str:
+    """The one line that says why a trial's process failed (its output: ``log`` from byte ``start``)."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = f.read().decode(errors="replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
         if line.startswith("samflow: error:"):
             return line.removeprefix("samflow: error:").strip()

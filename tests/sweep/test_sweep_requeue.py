@@ -26,9 +26,11 @@ from test_signals import _slurm_job  # noqa: E402
 
 # A stand-in for a trial's `samflow fit`: it records its environment and flags; x = "long" trains until
 # SIGUSR1, then writes checkpoints/last.ckpt and exits 1, as a fit stopped by the requeue signal does;
-# continued (--resume=FOLDER), it finishes from there; "longer" is stopped so twice. x = "last" finishes
-# with status 0 at the signal (a trial in its last batch). None waits with TRIAL_DOES_NOT_WAIT set, or
-# longer than 2 minutes (then exit 3). Values: epoch 0 = 0.1, epoch 1 = 0.2.
+# continued (--resume=FOLDER), it finishes from there; "longer" is stopped so twice; "crash" is killed
+# (SIGKILL) when continued. x = "last" finishes with status 0 at the signal (a trial in its last batch),
+# "last-nan" too, its value NaN; "early" stops at the signal before its first step (no last.ckpt). None
+# waits with TRIAL_DOES_NOT_WAIT set, or longer than 2 minutes (then exit 3). Values: epoch 0 = 0.1,
+# epoch 1 = 0.2.
 TRIAL = """
 import json, os, signal, sys, time
 from pathlib import Path
@@ -39,18 +41,25 @@ runs = len((folder / "calls.jsonl").read_text().splitlines())
 stop = []
 signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
 (folder / "pid").write_text(str(os.getpid()))
-if runs <= {"long": 1, "longer": 2, "last": 1}.get(x, 0) and not os.environ.get("TRIAL_DOES_NOT_WAIT"):
+waits = {"long": 1, "longer": 2, "crash": 1, "last": 1, "last-nan": 1, "early": 1}
+if runs <= waits.get(x, 0) and not os.environ.get("TRIAL_DOES_NOT_WAIT"):
     deadline = time.monotonic() + 120
     while not stop:
         time.sleep(0.02)
         if time.monotonic() > deadline:
             sys.exit(3)
+    if x == "last-nan":
+        (folder / "result.json").write_text(json.dumps({"values": {0: float("nan")}, "pruned": False}))
+        sys.exit(0)
     if x != "last":
-        (folder / "checkpoints").mkdir(exist_ok=True)
-        (folder / "checkpoints" / "last.ckpt").write_text(f"run {runs}")
-        (folder / "result.json").write_text(json.dumps({"values": {0: 0.1}, "pruned": False}))
-        print("samflow: error: fit stopped by SLURM's requeue signal at step 3")
+        if x != "early":
+            (folder / "checkpoints").mkdir(exist_ok=True)
+            (folder / "checkpoints" / "last.ckpt").write_text(f"run {runs}")
+            (folder / "result.json").write_text(json.dumps({"values": {0: 0.1}, "pruned": False}))
+        print("samflow: error: fit stopped by SLURM's requeue signal at step 3", flush=True)
         sys.exit(1)
+if x == "crash":
+    os.kill(os.getpid(), signal.SIGKILL)
 (folder / "result.json").write_text(json.dumps({"values": {0: 0.1, 1: 0.2}, "pruned": False}))
 """
 
@@ -231,3 +240,97 @@ def test_a_trial_whose_checkpoint_is_gone_starts_over_in_a_folder_of_its_own(
         f"trial 1: x=long (trial 0's {folder}/checkpoints/last.ckpt is gone: it starts over)"
         in capsys.readouterr().out
     )
+
+
+def test_a_continued_trial_that_fails_is_given_its_own_error_not_the_interrupted_runs(
+    job, tmp_path, monkeypatch
+):
+    """Its fit.log is appended to the interrupted run's, whose last line was the requeue's error."""
+    sweep = sweep_of(tmp_path, "crash")
+    folder = sweep.folder / "trial-0"
+    signal_when((folder / "pid").is_file)
+    with pytest.raises(SweepError):
+        sweep_command(sweep)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    interrupted, again = sweep_command(sweep).get_trials()
+    assert interrupted.user_attrs["error"] == run.REQUEUED
+    assert again.state == optuna.trial.TrialState.FAIL and again.user_attrs["folder"] == str(folder)
+    assert again.user_attrs["error"] == "killed by SIGKILL (out of memory?)"
+    assert "fit stopped by SLURM's requeue signal" in (folder / "fit.log").read_text()  # kept, appended to
+
+
+def test_a_trial_that_ends_with_status_0_after_the_signal_is_not_requeued_even_when_it_failed(
+    job, tmp_path, capsys
+):
+    """Its NaN value is its result: nothing is left to continue, and the job is not requeued for it."""
+    sweep = sweep_of(tmp_path, "last-nan")
+    signal_when((sweep.folder / "trial-0" / "pid").is_file)
+    (trial,) = sweep_command(sweep).get_trials()  # the study's one trial: done, the signal only noted
+    assert trial.state == optuna.trial.TrialState.FAIL
+    assert trial.user_attrs["error"] == "val/iou is nan after epoch 0"
+    assert not job.exists()  # no scontrol requeue
+    assert "is not requeued (its study is done)" in capsys.readouterr().err
+
+
+def test_a_trial_stopped_before_its_first_step_starts_over_in_a_folder_of_its_own(
+    job, tmp_path, monkeypatch, capsys
+):
+    """It saved no last.ckpt: its values run again as a new trial, without a run to continue."""
+    sweep = sweep_of(tmp_path, "early")
+    signal_when((sweep.folder / "trial-0" / "pid").is_file)
+    with pytest.raises(SweepError, match="trial 0 stopped before training, and runs on as a new trial"):
+        sweep_command(sweep)
+    (_, queued) = optuna.load_study(study_name="s", storage=sweep.storage_url).get_trials()
+    assert queued.system_attrs["retry_of"] == 0 and "resume_from" not in queued.system_attrs
+    capsys.readouterr()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("TRIAL_DOES_NOT_WAIT", "1")
+    trials = sweep_command(sweep).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["folder"] == str(sweep.folder / "trial-1")
+    assert "trial 1: x=early\n" in capsys.readouterr().out  # not "its last.ckpt is gone"
+
+
+def test_a_trial_that_slurm_signals_itself_and_that_stops_before_its_worker_looks_goes_on(
+    job, tmp_path, monkeypatch
+):
+    """``srun samflow sweep`` under ``--signal=USR1@90``: SLURM signals every process of the step, the
+    trial's too, which may stop and end before its worker next looks for the signal (``POLL_S``)."""
+    monkeypatch.setattr(run, "POLL_S", 30.0)  # the worker looks only once the trial has ended
+    sweep = sweep_of(tmp_path, "long")
+    folder = sweep.folder / "trial-0"
+
+    def send() -> None:
+        deadline = time.monotonic() + 60
+        while not (folder / "pid").is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(int((folder / "pid").read_text()), signal.SIGUSR1)  # its handler is in place by then
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=send, daemon=True).start()
+    with pytest.raises(SweepError, match=f"trial 0 stopped at {folder}/checkpoints/last.ckpt, and runs on"):
+        sweep_command(sweep)
+    (trial, queued) = optuna.load_study(study_name="s", storage=sweep.storage_url).get_trials()
+    assert trial.user_attrs["error"] == run.REQUEUED
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.system_attrs["resume_from"] == str(
+        folder
+    )
+
+
+def test_the_wandb_backend_notes_the_signal_and_goes_on(job, monkeypatch, capsys):
+    """``--backend wandb``: W&B's agent runs the trials; the signal is held and noted in one line, and the
+    job is not requeued."""
+    from samflow.cli import main
+    from samflow.sweep import agent
+
+    def agent_runs(spec, trials) -> int:  # W&B's agent, its trials running when the signal comes
+        signal.raise_signal(signal.SIGUSR1)
+        return 0
+
+    monkeypatch.setattr(agent, "run_wandb", agent_runs)
+    assert main(["sweep", "quickstart_lr", "--backend", "wandb"]) == 0
+    assert capsys.readouterr().err == (
+        "samflow: SLURM's requeue signal: `samflow sweep --backend wandb` is not requeued (only fit, "
+        "student, embed, proposals and sweep are); it goes on until it ends or the job's time limit.\n"
+    )
+    assert not job.exists()

@@ -339,6 +339,33 @@ def test_a_continued_run_reports_its_earlier_values_to_its_new_trial_as_the_old_
     assert continued.global_step == whole.global_step
 
 
+def test_a_run_continued_from_its_end_reports_its_values_to_its_new_trial(tmp_path):
+    """The interruption came after the trial's training (its last.ckpt is that of its last epoch): the
+    continued fit trains nothing (Lightning skips its training loop, so no on_train_start), and its new
+    trial still gets the run's values and completes with its last value, instead of failing with "no
+    validation epoch reported"."""
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        "method: grid\nmetric: {name: val/iou, goal: maximize}\nprogram: quickstart\n"
+        "parameters:\n  x: {values: [1, 2]}\n"
+    )
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="maximize")
+    interrupted = study.ask()
+    first = _trial_fit(tmp_path / "run", interrupted, url, sweep, max_epochs=2)
+    checkpoint = tmp_path / "run" / "last.ckpt"
+    first.save_checkpoint(checkpoint)  # trained to its end, then ended before its process did
+    study.tell(interrupted, state=optuna.trial.TrialState.FAIL)
+    run.run_again(study, study.get_trials()[-1], resume=tmp_path / "run")
+    (tmp_path / "run" / RESULT_FILE).unlink()  # as the sweep does before it continues the run
+    continued = _trial_fit(tmp_path / "run", study.ask(), url, sweep, max_epochs=2, ckpt_path=checkpoint)
+
+    assert continued.global_step == first.global_step  # nothing trained
+    (*_, again) = study.get_trials()
+    assert again.intermediate_values == pytest.approx({0: 0.3, 1: 0.7})
+    assert run.outcome(0, tmp_path / "run", "val/iou") == run.Outcome("complete", pytest.approx(0.7), "", 2)
+
+
 class InProcessTrial:
     """A stand-in for a trial's ``samflow fit`` process, run in a thread of the test (no start-up cost):
     ``TrialReport`` reports 4 validations whose values depend on x, and stops when pruned; the trial
