@@ -334,3 +334,24 @@ def test_the_wandb_backend_notes_the_signal_and_goes_on(job, monkeypatch, capsys
         "student, embed, proposals and sweep are); it goes on until it ends or the job's time limit.\n"
     )
     assert not job.exists()
+
+
+def test_a_sweep_that_ends_before_its_trial_loop_says_it_did_not_requeue_the_job(job, monkeypatch, capsys):
+    """The signal, then an error before any trial (here the sweep file's): one line that the job was not
+    requeued (a sweep requeues from its trial loop, which never ran), and the error line."""
+    from samflow.cli import main
+    from samflow.sweep import load
+    from samflow.sweep.spec import SweepError
+
+    def unreadable(name):
+        signal.raise_signal(signal.SIGUSR1)
+        raise SweepError(f"{name}: cannot read it (stand-in)")
+
+    monkeypatch.setattr(load, "load_sweep", unreadable)
+    assert main(["sweep", "s.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "samflow: SLURM's requeue signal: `samflow sweep` ended before it could stop a trial and requeue the "
+        "job.\nsamflow: error: s.yaml: cannot read it (stand-in)\n"
+    ), err
+    assert not job.exists()
