@@ -90,13 +90,14 @@ class HeldSignal:
         from samflow.callbacks.run_folder import first_process
 
         if (trainer is None or trainer.is_global_zero) and first_process():
-            why = f"its {self.work_done} is done" if self.work_done else f"only {_REQUEUED_NAMES} are"
-            line = (
-                f"`samflow {self.command}` is not requeued ({why}); it goes on until it ends or the job's "
-                "time limit."
-            )
             if self.command in SWEEP_COMMANDS and not self.work_done:  # a sweep requeues from its trial loop
                 line = f"`samflow {self.command}` ended before it could stop a trial and requeue the job."
+            else:
+                why = f"its {self.work_done} is done" if self.work_done else f"only {_REQUEUED_NAMES} are"
+                line = (
+                    f"`samflow {self.command}` is not requeued ({why}); it goes on until it ends or the "
+                    "job's time limit."
+                )
             sys.stderr.write(f"samflow: SLURM's requeue signal: {line}\n")
             sys.stderr.flush()
 

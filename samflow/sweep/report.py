@@ -105,8 +105,12 @@ class TrialReport(Callback):
                 self.values = {k: v for k, v in self.values.items() if k <= step}  # as if pruned then
                 break
         self.pruned = prune
-        self.result_file.write_text(json.dumps({"values": self.values, "pruned": prune}, indent=1))
+        self._write_result()
         return prune
+
+    def _write_result(self) -> None:
+        """``result.json``: the values so far and whether the trial was pruned (what the sweep reads)."""
+        self.result_file.write_text(json.dumps({"values": self.values, "pruned": self.pruned}, indent=1))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
@@ -138,5 +142,5 @@ class TrialReport(Callback):
             trial.report(self.values[step], step)
             prune = bool(trial.should_prune())
         self.pruned = prune
-        self.result_file.write_text(json.dumps({"values": self.values, "pruned": prune}, indent=1))
+        self._write_result()
         return prune, ""

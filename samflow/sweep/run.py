@@ -208,12 +208,8 @@ def _run_trials(sweep: Sweep, study: Any, total: int) -> None:
             trial.set_user_attr("error", outcome.error)
         if outcome.requeued:  # stopped at its last.ckpt: its values go on from there in the restarted job
             study.tell(trial, state=TrialState.FAIL)
-            queue_again(study, storage.get_trial(trial._trial_id), folder)
-            kept = (
-                f"at {folder / LAST_CHECKPOINT}"
-                if (folder / LAST_CHECKPOINT).is_file()
-                else "before training"
-            )
+            continues = queue_again(study, storage.get_trial(trial._trial_id), folder)
+            kept = f"at {folder / LAST_CHECKPOINT}" if continues else "before training"
             raise SweepError(
                 _requeued(sweep, f"trial {trial.number} stopped {kept}, and runs on as a new trial")
             )
@@ -249,11 +245,13 @@ def _ask(study: Any, distributions: dict[str, Any]) -> Any:
     return trial
 
 
-def queue_again(study: Any, trial: Any, folder: Path) -> None:
+def queue_again(study: Any, trial: Any, folder: Path) -> bool:
     """Queue the values of ``trial``, which the sweep's interruption or SLURM's requeue signal ended, as a
     new trial that continues its run from ``folder``'s ``last.ckpt``; one stopped before it saved any
-    (before its first step) starts over, in a folder of its own (``run_again``)."""
-    run_again(study, trial, resume=folder if (folder / LAST_CHECKPOINT).is_file() else None)
+    (before its first step) starts over, in a folder of its own (``run_again``). Whether it continues."""
+    continues = (folder / LAST_CHECKPOINT).is_file()
+    run_again(study, trial, resume=folder if continues else None)
+    return continues
 
 
 def continued_run(system_attrs: dict[str, Any]) -> Path | None:
