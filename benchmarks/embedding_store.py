@@ -8,6 +8,9 @@ requested size), for the given plugins:
 3. one training epoch reading the store (``model.sam.embedding_store``).
 
 The epoch time is measured between Lightning's ``on_train_epoch_start`` and ``on_train_epoch_end``.
+Freed host memory is kept for reuse as in ``samflow``'s commands (``samflow.host_memory``;
+``SAMFLOW_KEEP_FREED_MEMORY=0`` measures without it); the process's peak resident size (``VmHWM``) is
+reported at the end.
 
 Example::
 
@@ -33,6 +36,7 @@ from throughput import cpu_model  # benchmarks/throughput.py, beside this script
 from samflow.data import SegmentationDataModule
 from samflow.data.quickstart import make_quickstart_data
 from samflow.embed.writer import write_store
+from samflow.host_memory import keep_freed_memory
 from samflow.module import SamflowModule, SamSpec
 from samflow.plugins.registry import create_plugin
 
@@ -46,6 +50,16 @@ class EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seconds.append(time.perf_counter() - self._start)
+
+
+def _peak_rss_mib() -> float | None:
+    """The process's peak resident size so far (Linux ``VmHWM``), MiB."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), None)
+    return None if kib is None else kib / 1024
 
 
 def main() -> None:
@@ -96,6 +110,7 @@ def main() -> None:
     )
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    kept = keep_freed_memory()  # as samflow's commands do
     work = Path(args.work or tempfile.mkdtemp(prefix="samflow-store-bench-"))
 
     def module(store: Path | None = None) -> SamflowModule:
@@ -158,6 +173,8 @@ def main() -> None:
         "epoch_seconds_store": with_store,
         "speedup": min(without) / min(with_store) if without and with_store else None,
         "threads": torch.get_num_threads(),
+        "keep_freed_memory": kept,
+        "peak_rss_mib": _peak_rss_mib(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(result, indent=2))

@@ -195,6 +195,7 @@ def run_command(name: str, args: list[str]) -> int:
     from argparse import ArgumentError
 
     module, _, function = COMMANDS[name][0].partition(":")
+    _keep_freed_memory()
     try:  # in a SLURM job the requeue signal is held for HELD_COMMANDS (samflow.requeue_hold)
         with requeue_signal_held(name.split()[0]), restored_process_state():  # the verbosity: this command's
             args = _verbosity_from_argv(args)
@@ -235,6 +236,14 @@ def _one_line_plugin_warnings() -> None:
     warnings.formatwarning = _format_plugin_warning
 
 
+def _keep_freed_memory() -> None:
+    """The commands that compute keep freed host memory for reuse (``samflow.host_memory``; on glibc,
+    unless ``SAMFLOW_KEEP_FREED_MEMORY=0`` or the user set the allocator up themselves)."""
+    from samflow.host_memory import keep_freed_memory
+
+    keep_freed_memory()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``samflow`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -267,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return _error(
             f"unknown command {args[0]!r}; choose one of {commands} (`samflow --help` shows usage)."
         )
+    _keep_freed_memory()
     # in a SLURM job, SLURM's requeue signal before the fit's handler stops the fit; validate, test and
     # predict go on through it (SlurmRequeue)
     with requeue_signal_held(args[0]), restored_process_state():  # the verbosity and sys.argv: this run's

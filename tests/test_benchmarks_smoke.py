@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -225,3 +226,14 @@ def test_rel_pos_blocks_times_both_cuts_of_a_global_block(capsys):
         )
     assert result["difference"] < 1e-5 and set(result["best"]) == {"earlier", "now"}
     assert "global block at 256 px" in capsys.readouterr().out
+
+
+def test_host_memory_reports_both_patterns_kept_and_not(capsys):
+    """benchmarks/host_memory.py: a row per pattern and setting, each from its own process."""
+    result = load_script(BENCHMARKS / "host_memory.py").main(["--warmup", "2", "--steps", "2"])
+    rows = {(r["pattern"], r["kept"]): r for r in result["rows"]}
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert set(rows) == {("fixed", False), ("fixed", glibc), ("varied", False), ("varied", glibc)}
+    assert rows[("fixed", False)]["most_alive_mib"] == 96
+    assert all(r["ms_per_step"] > 0 and r["faults_per_step"] >= 0 for r in result["rows"])
+    assert "faults/step" in capsys.readouterr().out

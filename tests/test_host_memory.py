@@ -1,0 +1,146 @@
+"""samflow.host_memory: large freed blocks kept for reuse (no page faults at each step), the opt-out and
+the user's own allocator choices respected, and the commands that compute calling it."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from samflow import host_memory
+from samflow.cli import main
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+# A training step's pattern: two large tensors (64 MiB and 32 MiB, over glibc's 32 MiB mmap threshold)
+# written and freed, again and again; the page faults of the last cycles counted.
+CYCLES = r"""
+import json, resource, sys, torch
+from samflow.host_memory import keep_freed_memory
+kept = keep_freed_memory()
+def cycle():
+    a = torch.empty(16 << 20); a.fill_(1.0)
+    b = torch.empty(8 << 20); b.fill_(2.0)
+    del a, b
+for _ in range(15):
+    cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    cycle()
+print(json.dumps({"kept": kept, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+
+def _cycles(**env: str) -> dict:
+    environ = {k: v for k, v in os.environ.items() if k != host_memory.ENV and not k.startswith("MALLOC_")}
+    done = subprocess.run(
+        [sys.executable, "-c", CYCLES],
+        check=False,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc (Linux) only")
+def test_freed_large_blocks_are_reused_without_page_faults() -> None:
+    kept, system = _cycles(), _cycles(**{host_memory.ENV: "0"})
+    assert kept["kept"] is True and system["kept"] is False
+    # kept: the freed blocks' pages are written again without a fault (a few for the interpreter's own)
+    assert kept["faults"] < 200, kept
+    # glibc's default: each 64 + 32 MiB is a fresh mmap, faulted in again page by page (4 KiB pages:
+    # 24,576 a cycle; at least 48 with 2 MiB transparent huge pages)
+    assert system["faults"] >= 5 * 48 and system["faults"] > 10 * kept["faults"], (kept, system)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc (Linux) only")
+def test_the_users_own_malloc_settings_are_left_as_they_are() -> None:
+    assert _cycles(MALLOC_MMAP_MAX_="65536")["kept"] is False
+    assert _cycles(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000")["kept"] is False
+
+
+class _NoMallopt:
+    def __init__(self, *args: object) -> None:
+        raise AssertionError("mallopt must not be looked up")
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {host_memory.ENV: "0"},
+        {host_memory.ENV: "off"},
+        {"MALLOC_TRIM_THRESHOLD_": "131072"},
+        {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"},
+        {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+        {"LD_PRELOAD": "/opt/lib/libtcmalloc_minimal.so.4"},
+    ],
+)
+def test_opted_out_or_chosen_by_the_user_nothing_is_called(
+    environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ctypes, "CDLL", _NoMallopt)
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("glibc", "2.36"))
+    assert host_memory.keep_freed_memory(environ) is False
+
+
+@pytest.mark.parametrize(
+    "system, libc", [("Darwin", ("", "")), ("Windows", ("", "")), ("Linux", ("musl", "1.2"))]
+)
+def test_off_glibc_nothing_is_called(
+    system: str, libc: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ctypes, "CDLL", _NoMallopt)
+    monkeypatch.setattr(platform, "system", lambda: system)
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: libc)
+    assert host_memory.keep_freed_memory({}) is False
+
+
+def test_glibc_is_told_to_keep_freed_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two mallopt calls, the trim threshold first (a heap without mmap would otherwise be trimmed
+    at each free of its top)."""
+    calls: list[tuple[int, int]] = []
+
+    class Libc:
+        def __init__(self, name: object) -> None:
+            def mallopt(param: int, value: int) -> int:
+                calls.append((param, value))
+                return 1
+
+            self.mallopt = mallopt
+
+    monkeypatch.setattr(ctypes, "CDLL", Libc)
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("glibc", "2.36"))
+    assert host_memory.keep_freed_memory({}) is True
+    assert calls == [(-1, 2**31 - 1), (-4, 0)]  # M_TRIM_THRESHOLD, M_MMAP_MAX (glibc's malloc.h)
+
+
+@pytest.mark.parametrize(
+    "argv, called",
+    [
+        (["fit", "--experiment", "no_such_experiment"], 1),
+        (["validate", "--experiment", "no_such_experiment"], 1),
+        (["embed", "--experiment", "no_such_experiment"], 1),
+        (["sweep", "no_such_sweep.yaml"], 1),
+        (["experiments"], 0),
+        (["plugins"], 0),
+        (["--help"], 0),
+    ],
+)
+def test_the_commands_that_compute_keep_freed_memory(
+    argv: list[str], called: int, monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    calls: list[None] = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(None) or True)
+    monkeypatch.chdir(tmp_path)
+    main(argv)
+    assert len(calls) == called
