@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
-__all__ = ["ENV", "TRIM_THRESHOLD", "keep_freed_memory"]
+__all__ = ["ENV", "TRIM_THRESHOLD", "glibc", "keep_freed_memory"]
 
 #: ``SAMFLOW_KEEP_FREED_MEMORY=0`` leaves ``malloc`` as it is.
 ENV = "SAMFLOW_KEEP_FREED_MEMORY"
@@ -37,14 +36,19 @@ _M_MMAP_MAX = -4
 _USER_CHOICES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
+def glibc() -> bool:
+    """Whether this process runs on GNU libc (Linux distributions but Alpine's musl)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # not a name of this platform's confstr, or none at all
+        return False
+
+
 def _user_chose_allocator(environ: dict[str, str] | os._Environ[str]) -> bool:
     if any(name in environ for name in _USER_CHOICES):
         return True
-    if "malloc" in environ.get("GLIBC_TUNABLES", ""):
-        return True
-    return any(
-        name in environ.get("LD_PRELOAD", "") for name in ("malloc", "jemalloc", "tcmalloc", "mimalloc")
-    )
+    # a malloc setting of GLIBC_TUNABLES; another allocator preloaded (jemalloc, tcmalloc, mimalloc)
+    return "malloc" in environ.get("GLIBC_TUNABLES", "") or "malloc" in environ.get("LD_PRELOAD", "")
 
 
 def keep_freed_memory(environ: dict[str, str] | os._Environ[str] | None = None) -> bool:
@@ -58,7 +62,7 @@ def keep_freed_memory(environ: dict[str, str] | os._Environ[str] | None = None) 
     environ = os.environ if environ is None else environ
     if environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or _user_chose_allocator(environ):
+    if not glibc() or _user_chose_allocator(environ):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 from samflow import host_memory
 from samflow.cli import main
 
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC = host_memory.glibc()
 
 # A training step's pattern: two large tensors (64 MiB and 32 MiB, over glibc's 32 MiB mmap threshold)
 # written and freed, again and again; the page faults of the last cycles counted.
@@ -87,20 +86,19 @@ def test_opted_out_or_chosen_by_the_user_nothing_is_called(
     environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ctypes, "CDLL", _NoMallopt)
-    monkeypatch.setattr(platform, "system", lambda: "Linux")
-    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("glibc", "2.36"))
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.36")
     assert host_memory.keep_freed_memory(environ) is False
 
 
-@pytest.mark.parametrize(
-    "system, libc", [("Darwin", ("", "")), ("Windows", ("", "")), ("Linux", ("musl", "1.2"))]
-)
-def test_off_glibc_nothing_is_called(
-    system: str, libc: tuple[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _no_confstr_name(name: str) -> str:
+    raise ValueError("unrecognized configuration name")  # macOS, Windows: CS_GNU_LIBC_VERSION unknown
+
+
+@pytest.mark.parametrize("confstr", [_no_confstr_name, lambda name: None, lambda name: "musl 1.2.4"])
+def test_off_glibc_nothing_is_called(confstr, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ctypes, "CDLL", _NoMallopt)
-    monkeypatch.setattr(platform, "system", lambda: system)
-    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: libc)
+    monkeypatch.setattr(os, "confstr", confstr)
+    assert host_memory.glibc() is False
     assert host_memory.keep_freed_memory({}) is False
 
 
@@ -118,8 +116,7 @@ def test_glibc_is_told_to_keep_freed_blocks(monkeypatch: pytest.MonkeyPatch) -> 
             self.mallopt = mallopt
 
     monkeypatch.setattr(ctypes, "CDLL", Libc)
-    monkeypatch.setattr(platform, "system", lambda: "Linux")
-    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("glibc", "2.36"))
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.36")
     assert host_memory.keep_freed_memory({}) is True
     assert calls == [(-1, 2**31 - 1), (-4, 0)]  # M_TRIM_THRESHOLD, M_MMAP_MAX (glibc's malloc.h)
 
