@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from samflow import host_memory
-from samflow.cli import main
+from samflow.cli import COMMANDS, SUBCOMMANDS, main
 
 GLIBC = host_memory.glibc()
 
@@ -124,20 +124,23 @@ def test_glibc_is_told_to_keep_freed_blocks(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize(
     "argv, called",
     [
-        (["fit", "--experiment", "no_such_experiment"], 1),
-        (["validate", "--experiment", "no_such_experiment"], 1),
-        (["embed", "--experiment", "no_such_experiment"], 1),
-        (["sweep", "no_such_sweep.yaml"], 1),
+        *[([command, "--experiment", "no_such_experiment"], 1) for command in SUBCOMMANDS],
+        *[([*name.split(), "--no-such-option"], 1) for name in COMMANDS],
         (["experiments"], 0),
         (["plugins"], 0),
         (["--help"], 0),
+        (["--version"], 0),
     ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else str(value),
 )
 def test_the_commands_that_compute_keep_freed_memory(
     argv: list[str], called: int, monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture
 ) -> None:
+    """fit, validate, test, predict and every command of ``COMMANDS``; not the listings (here each stops
+    at its bad argument, after the call)."""
     calls: list[None] = []
     monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(None) or True)
     monkeypatch.chdir(tmp_path)
-    main(argv)
+    status = main(argv)
     assert len(calls) == called
+    assert status == (1 if called else 0), capsys.readouterr().err
