@@ -9,10 +9,11 @@ freed, so each such tensor pays one page fault and one zeroing per 4 KiB page of
 
 ``keep_freed_memory`` tells glibc (``mallopt``) to serve large blocks from its heap like small ones and to
 keep up to ``TRIM_THRESHOLD`` of freed memory at the heap's top instead of returning it, so a freed block's
-pages are reused without faults. The price: the process holds the memory it freed, about 3 times the large
-tensors alive at once (``benchmarks/host_memory.py``), until it ends. ``samflow``'s commands call it when they start; ``SAMFLOW_KEEP_FREED_MEMORY=0``
-turns it off, and it is left alone where the user chose the allocator's behaviour (``MALLOC_*_`` or
-``GLIBC_TUNABLES`` set, or another ``malloc`` preloaded: jemalloc, tcmalloc).
+pages are reused without faults. The price: the process holds the memory it freed, about 3 times the
+large tensors alive at once (``benchmarks/host_memory.py``), until it ends. ``samflow``'s commands call it
+when they start; ``SAMFLOW_KEEP_FREED_MEMORY=0`` turns it off, and it is left alone where the user chose
+the allocator's behaviour (``MALLOC_*_`` or ``GLIBC_TUNABLES`` set, or another ``malloc`` preloaded:
+jemalloc, tcmalloc).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ _USER_CHOICES = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRE
 
 
 def glibc() -> bool:
-    """Whether this process runs on GNU libc (Linux distributions but Alpine's musl)."""
+    """Whether this process runs on GNU libc (most Linux distributions; not musl, macOS or Windows)."""
     try:
         return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
     except (ValueError, OSError, AttributeError):  # not a name of this platform's confstr, or none at all
