@@ -31,7 +31,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from throughput import cpu_model  # benchmarks/throughput.py, beside this script
+from throughput import _vm_hwm, cpu_model  # benchmarks/throughput.py, beside this script
 
 from samflow.data import SegmentationDataModule
 from samflow.data.quickstart import make_quickstart_data
@@ -50,16 +50,6 @@ class EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seconds.append(time.perf_counter() - self._start)
-
-
-def _peak_rss_mib() -> float | None:
-    """The process's peak resident size so far (Linux ``VmHWM``), MiB."""
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return None
-    kib = next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), None)
-    return None if kib is None else kib / 1024
 
 
 def main() -> None:
@@ -174,7 +164,7 @@ def main() -> None:
         "speedup": min(without) / min(with_store) if without and with_store else None,
         "threads": torch.get_num_threads(),
         "keep_freed_memory": kept,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": None if (peak := _vm_hwm()) is None else peak / 2**20,  # VmHWM
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(result, indent=2))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Mapping
 
 __all__ = ["ENV", "TRIM_THRESHOLD", "glibc", "keep_freed_memory"]
 
@@ -45,14 +46,14 @@ def glibc() -> bool:
         return False
 
 
-def _user_chose_allocator(environ: dict[str, str] | os._Environ[str]) -> bool:
+def _user_chose_allocator(environ: Mapping[str, str]) -> bool:
     if any(name in environ for name in _USER_CHOICES):
         return True
     # a malloc setting of GLIBC_TUNABLES; another allocator preloaded (jemalloc, tcmalloc, mimalloc)
     return "malloc" in environ.get("GLIBC_TUNABLES", "") or "malloc" in environ.get("LD_PRELOAD", "")
 
 
-def keep_freed_memory(environ: dict[str, str] | os._Environ[str] | None = None) -> bool:
+def keep_freed_memory(environ: Mapping[str, str] | None = None) -> bool:
     """Keep freed host memory for reuse (see the module's docstring); whether it was set.
 
     Nothing is done (False) off glibc (macOS, Windows, musl), with ``SAMFLOW_KEEP_FREED_MEMORY=0``, or
